@@ -190,11 +190,11 @@ impl Merges {
                 }
             }
         }
-        let mut i = 0u32;
-        while i != NIL {
-            let node = nodes[i as usize];
+        // Slot 0 is never absorbed (merges keep the left slot), so the list starts there.
+        let mut i = 0usize;
+        while let Some(node) = nodes.get(i) {
             out.push(node.id);
-            i = node.next;
+            i = node.next as usize;
         }
     }
 }
