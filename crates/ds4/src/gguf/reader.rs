@@ -207,7 +207,7 @@ impl GgufFile {
                 GgufError::Format { msg, .. } => GgufError::format(at, msg),
                 e => e,
             })?;
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 return Err(GgufError::format(
                     c.pos - 8,
                     format!(
@@ -354,7 +354,7 @@ impl GgufFile {
 
 /// Bytes taken by a tensor of this shape and type, with overflow and block checks.
 pub(crate) fn tensor_bytes(name: &str, dims: &[u64], ty: GgmlType) -> Result<u64, GgufError> {
-    if dims[0] % ty.block_elems() as u64 != 0 {
+    if !dims[0].is_multiple_of(ty.block_elems() as u64) {
         return Err(GgufError::format(
             0,
             format!(
