@@ -1,1 +1,58 @@
 //! The DeepSeek V4 Flash model: config, weights, forward pass, sessions (model.md §1-§4).
+
+pub mod config;
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::quant::GgmlType;
+pub use config::Config;
+pub use weights::{ExpertQuant, Weights};
+
+/// A loaded model: the mapped file, its hyperparameters and bound weights.
+pub struct Model {
+    pub file: Arc<GgufFile>,
+    pub cfg: Config,
+    pub weights: Weights,
+}
+
+impl Model {
+    /// Opens (memory-maps) and validates a model file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Model, String> {
+        let path = path.as_ref();
+        let file = GgufFile::open(path).map_err(|e| e.to_string())?;
+        Model::from_gguf(Arc::new(file)).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Validates and binds an already parsed file (e.g. a model generated in memory).
+    pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model, String> {
+        let cfg = Config::from_gguf(&file).map_err(|e| format!("invalid model metadata:\n{e}"))?;
+        let weights = Weights::bind(&cfg, &file)?;
+        Ok(Model { file, cfg, weights })
+    }
+
+    /// The bytes of a bound tensor.
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        self.file.tensor_data(t)
+    }
+
+    /// Bytes per tensor type over the whole file, e.g. for the startup "quant mix" line.
+    pub fn quant_mix(&self) -> BTreeMap<&'static str, (usize, u64)> {
+        let mut m = BTreeMap::new();
+        for t in self.file.tensors() {
+            let e = m.entry(t.ty.name()).or_insert((0usize, 0u64));
+            e.0 += 1;
+            e.1 += t.n_bytes;
+        }
+        m
+    }
+
+    /// Routed-expert type of the first layer (the published files use one type throughout).
+    pub fn expert_types(&self) -> (GgmlType, GgmlType) {
+        let l = &self.weights.layers[0];
+        (l.ffn_gate_exps.ty, l.ffn_down_exps.ty)
+    }
+}
