@@ -1,0 +1,91 @@
+"""KV reuse: live prefix follow-ups, disk checkpoints across restarts, corrupt cache files."""
+from pathlib import Path
+
+import httpx
+
+from scripts import LONG_SYSTEM, PLAIN
+
+MODEL = "deepseek-v4-flash"
+KV_ARGS = ["--kv-cache-min-tokens", "64"]
+
+
+def chat(s, msgs, **kw):
+    return s.openai().chat.completions.create(model="deepseek-chat", messages=msgs, **kw)
+
+
+def test_follow_up_hits_live_prefix(make_server):
+    s = make_server([PLAIN, "Second answer."])
+    msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "first question"}]
+    r1 = chat(s, msgs)
+    assert r1.usage.prompt_tokens_details.cached_tokens == 0
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content}, {"role": "user", "content": "second"}]
+    r2 = chat(s, msgs)
+    assert r2.choices[0].message.content == "Second answer."
+    assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
+    m = s.metrics()
+    assert m['ds4_cache_hits_total{kind="memory-token"}'] == 1
+
+
+def test_restart_then_disk_cache_hit(make_server, tmp_path):
+    kv = tmp_path / "kv"
+    args = KV_ARGS + ["--kv-disk-dir", str(kv)]
+    msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "first question"}]
+    s = make_server([PLAIN], args=args)
+    r1 = chat(s, msgs)
+    assert s.stop() == 0
+    log = s.log_text()
+    assert "stored cold checkpoint" in log and "stored shutdown checkpoint" in log
+    files = list(kv.glob("*.kv"))
+    assert len(files) == 2 and not list(kv.glob("*.tmp.*"))
+    # After a restart the follow-up is served from the shutdown checkpoint (whole first turn).
+    s2 = make_server(["After restart."], args=args)
+    msgs2 = msgs + [{"role": "assistant", "content": PLAIN}, {"role": "user", "content": "again"}]
+    r2 = chat(s2, msgs2)
+    assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
+    assert s2.metrics()['ds4_cache_hits_total{kind="disk-text"}'] == 1
+    # A different conversation with the same system prompt reuses the cold (system) checkpoint,
+    # reported as Anthropic cache_read_input_tokens.
+    s2.stop()
+    s3 = make_server(["x"], args=args)
+    r3 = s3.anthropic().messages.create(model=MODEL, max_tokens=16, system=LONG_SYSTEM,
+                                        messages=[{"role": "user", "content": "another topic"}])
+    assert 64 <= r3.usage.cache_read_input_tokens < r1.usage.prompt_tokens
+
+
+def test_corrupt_truncated_and_foreign_files_are_removed(make_server, tmp_path):
+    kv = tmp_path / "kv"
+    args = KV_ARGS + ["--kv-disk-dir", str(kv)]
+    msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "q"}]
+    s = make_server([PLAIN], args=args)
+    chat(s, msgs)
+    s.stop()
+    files = sorted(kv.glob("*.kv"), key=lambda p: p.stat().st_size)
+    assert len(files) == 2
+    small, big = files
+    b = bytearray(big.read_bytes())
+    b[-10] ^= 0xFF  # payload bit flip: checksum mismatch
+    big.write_bytes(bytes(b))
+    small.write_bytes(small.read_bytes()[:60])  # truncated
+    foreign = kv / ("ab" * 20 + ".kv")
+    foreign.write_bytes(b"this is not a cache file at all, just text")
+    s2 = make_server([PLAIN, PLAIN], args=args)
+    r = chat(s2, msgs + [{"role": "assistant", "content": PLAIN}, {"role": "user", "content": "more"}])
+    assert r.choices[0].message.content == PLAIN
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    log = s2.log_text()
+    assert "removing invalid file" in log and "removing corrupt file" in log
+    assert not foreign.exists() and not big.exists()
+    # The truncated cold checkpoint was removed, then rewritten whole by this request.
+    assert not small.exists() or small.stat().st_size > 60
+    # The server kept working and wrote fresh checkpoints.
+    assert httpx.get(s2.url + "/health").status_code == 200
+
+
+def test_disk_budget_evicts(make_server, tmp_path):
+    kv = tmp_path / "kv"
+    s = make_server([PLAIN] * 6, args=KV_ARGS + ["--kv-disk-dir", str(kv), "--kv-disk-space-mb", "1",
+                                                 "--kv-cache-cold-max-tokens", "100000"])
+    for i in range(6):
+        chat(s, [{"role": "system", "content": f"{i} " + LONG_SYSTEM * 3}, {"role": "user", "content": "q"}])
+    total = sum(p.stat().st_size for p in kv.glob("*.kv"))
+    assert total <= 1 << 20
