@@ -420,11 +420,7 @@ impl Projector for MessagesStream {
                 }
                 out.push_str(&self.delta(json!({"type": "thinking_delta", "thinking": s})));
             }
-            Event::ReasoningDone => {
-                if self.open == Open::Thinking {
-                    self.close(&mut out);
-                }
-            }
+            Event::ReasoningDone if self.open == Open::Thinking => self.close(&mut out),
             Event::Content(s) => {
                 if self.open != Open::Text {
                     self.open(&mut out, Open::Text, json!({"type": "text", "text": ""}));
@@ -440,13 +436,9 @@ impl Projector for MessagesStream {
                 );
                 self.streamed_calls += 1;
             }
-            Event::ToolArgs { fragment, .. } => {
-                if self.open == Open::Tool {
-                    out.push_str(
-                        &self.delta(json!({"type": "input_json_delta", "partial_json": fragment})),
-                    );
-                }
-            }
+            Event::ToolArgs { fragment, .. } if self.open == Open::Tool => out.push_str(
+                &self.delta(json!({"type": "input_json_delta", "partial_json": fragment})),
+            ),
             Event::Done(o) => {
                 self.close(&mut out);
                 if self.streamed_calls == 0 {

@@ -941,8 +941,8 @@ impl Worker {
         if let Some(c) = cold_at {
             cuts.push(c);
         }
-        if step > 0 {
-            let mut k = (cached / step + 1) * step;
+        if let Some(q) = cached.checked_div(step) {
+            let mut k = (q + 1) * step;
             while k <= eff.len() {
                 cuts.push(k);
                 k += step;
@@ -984,7 +984,7 @@ impl Worker {
             pos = cut;
             if Some(cut) == cold_at {
                 self.checkpoint_live(Reason::Cold);
-            } else if step > 0 && cut % step == 0 && cut > self.last_stored {
+            } else if step > 0 && cut.is_multiple_of(step) && cut > self.last_stored {
                 self.checkpoint_live(Reason::Continued);
             }
         }
@@ -1098,7 +1098,7 @@ impl Worker {
             if step > 0 {
                 let n = session.tokens().len();
                 let in_block = parser.as_ref().is_some_and(|pp| pp.in_block());
-                if n % step == 0 && n > self.last_stored && !in_block {
+                if n.is_multiple_of(step) && n > self.last_stored && !in_block {
                     self.checkpoint_live(Reason::Continued);
                 }
             }
