@@ -1,5 +1,7 @@
 //! `ds4`: command line for the DeepSeek V4 Flash engine.
 
+mod tokenize;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -10,9 +12,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Tokenize text from stdin and print the token ids as a JSON array
+    Tokenize(tokenize::TokenizeArgs),
+    /// Read a JSON array of token ids from stdin and write the text they stand for
+    Detokenize(tokenize::DetokenizeArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Tokenize(args) => tokenize::tokenize(args),
+        Command::Detokenize(args) => tokenize::detokenize(args),
+    }
 }
