@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use ds4::gguf::GgufFile;
+use ds4::gguf::{GgufFile, GgufWriter, Value};
 use ds4::tokenizer::{EncodeMode, Tokenizer, STRUCTURAL_SPECIALS};
-use serde_json::Value;
+use serde_json::Value as Json;
 
 fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer")
@@ -16,7 +16,7 @@ fn gguf_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/ds4-tokenizer.gguf")
 }
 
-fn read_jsonl(name: &str) -> Vec<Value> {
+fn read_jsonl(name: &str) -> Vec<Json> {
     let path = data_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     text.lines()
@@ -25,7 +25,7 @@ fn read_jsonl(name: &str) -> Vec<Value> {
         .collect()
 }
 
-fn ids_of(v: &Value) -> Vec<u32> {
+fn ids_of(v: &Json) -> Vec<u32> {
     v.as_array()
         .expect("id array")
         .iter()
@@ -589,5 +589,107 @@ fn encode_speed_english() {
             n,
             text.len() as f64 / n as f64
         );
+    }
+}
+
+#[test]
+fn synthetic_tiny_model_vocab_loads_and_round_trips() {
+    // The tiny test models carry a 320-entry synthetic vocabulary: BOS/EOS/pad, the 256 byte
+    // symbols, a few real merges, and the five chat specials as USER_DEFINED at the end.
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures/tiny-f32/model.gguf");
+    let file = GgufFile::open(&path).expect("tiny model fixture");
+    let tok = Tokenizer::from_gguf(&file).expect("synthetic tokenizer");
+    assert_eq!(tok.vocab_size(), 320);
+    let s = tok.specials();
+    assert_eq!([s.bos, s.eos], [0, 1]);
+    assert_eq!(
+        [s.user, s.assistant, s.think_open, s.think_close, s.dsml],
+        [315, 316, 317, 318, 319]
+    );
+    let text = "<｜begin▁of▁sentence｜><｜User｜>Hello, the world 42!<｜Assistant｜></think>";
+    let ids = tok.encode(text, EncodeMode::Render);
+    assert_eq!(&ids[..2], &[0, 315]);
+    assert_eq!(&ids[ids.len() - 2..], &[316, 318]);
+    assert_eq!(tok.decode(&ids), text.as_bytes());
+    let mut r = Lcg(99);
+    for _ in 0..300 {
+        let len = r.below(60) as usize;
+        let t = random_text(&mut r, len);
+        for mode in [EncodeMode::Hf, EncodeMode::Plain, EncodeMode::Render] {
+            assert_eq!(tok.decode(&tok.encode(&t, mode)), t.as_bytes());
+        }
+    }
+}
+
+fn gguf_with(entries: Vec<(&str, Value)>) -> GgufFile {
+    let mut w = GgufWriter::new();
+    for (k, v) in entries {
+        w.add_metadata(k, v).unwrap();
+    }
+    GgufFile::from_bytes(w.to_bytes(|_, _, _| Ok(())).unwrap()).unwrap()
+}
+
+#[test]
+fn from_gguf_reports_bad_metadata() {
+    let tokens = || {
+        let mut t: Vec<String> = STRUCTURAL_SPECIALS.iter().map(|s| s.to_string()).collect();
+        t.extend(["a", "b", "ab"].map(String::from));
+        Value::string_array(t)
+    };
+    let merges = || Value::string_array(["a b"]);
+    let ok = gguf_with(vec![
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", tokens()),
+        ("tokenizer.ggml.merges", merges()),
+    ]);
+    let tok = Tokenizer::from_gguf(&ok).expect("minimal tokenizer");
+    assert_eq!(tok.encode("ab<think>", EncodeMode::Render), [9, 4]);
+    assert_eq!(tok.added_token_count(), 7);
+
+    let cases: Vec<(Vec<(&str, Value)>, &str)> = vec![
+        (
+            vec![("tokenizer.ggml.merges", merges())],
+            "tokenizer.ggml.tokens",
+        ),
+        (
+            vec![("tokenizer.ggml.tokens", tokens())],
+            "tokenizer.ggml.merges",
+        ),
+        (
+            vec![
+                ("tokenizer.ggml.model", Value::String("llama".into())),
+                ("tokenizer.ggml.tokens", tokens()),
+                ("tokenizer.ggml.merges", merges()),
+            ],
+            "gpt2",
+        ),
+        (
+            vec![
+                ("deepseek4.vocab_size", Value::U32(129280)),
+                ("tokenizer.ggml.tokens", tokens()),
+                ("tokenizer.ggml.merges", merges()),
+            ],
+            "vocab_size",
+        ),
+        (
+            vec![
+                ("tokenizer.ggml.tokens", tokens()),
+                ("tokenizer.ggml.merges", merges()),
+                ("tokenizer.ggml.token_type", Value::U32(1)),
+            ],
+            "token_type",
+        ),
+        (
+            vec![
+                ("tokenizer.ggml.tokens", Value::U32(3)),
+                ("tokenizer.ggml.merges", merges()),
+            ],
+            "tokenizer.ggml.tokens",
+        ),
+    ];
+    for (entries, needle) in cases {
+        let err = Tokenizer::from_gguf(&gguf_with(entries)).unwrap_err();
+        assert!(err.to_string().contains(needle), "{err} lacks {needle}");
     }
 }
