@@ -187,7 +187,8 @@ pub fn quantize_act_q8_0(x: &[f32]) -> Vec<BlockQ8_0Act> {
 }
 
 /// ds4's Q8_K activation quantizer (model.md §5): per 256 elements `iscale = -127/max`
-/// with `max` the signed element of largest |x| (first on ties), `q = clamp(rne(iscale·x))`,
+/// (evaluated as `(1/max)·(-127)`, as the fixture does) with `max` the signed element of
+/// largest |x| (first on ties), `q = clamp(rne(iscale·x))`,
 /// `d = 1/iscale`, `bsums` = sums of 16. Bit-exact against `ops/act_quant.safetensors`.
 ///
 /// # Panics
