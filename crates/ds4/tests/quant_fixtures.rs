@@ -2,27 +2,35 @@
 //! (`tests/data/quant`: gguf-py; `tests/data/ops`: ds4ref's float32 rules).
 
 use ds4::quant::{
-    dequantize_row, fp4sim_inplace, fp8sim_inplace, hadamard_inplace, indexer_qat_inplace, quantize_act_q8_0,
-    quantize_act_q8_k, quantize_row, GgmlType,
+    dequantize_row, fp4sim_inplace, fp8sim_inplace, hadamard_inplace, indexer_qat_inplace,
+    quantize_act_q8_0, quantize_act_q8_k, quantize_row, GgmlType,
 };
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
 fn load(rel: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn raw<'a>(st: &'a SafeTensors<'a>, name: &str) -> &'a [u8] {
-    st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}")).data()
+    st.tensor(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .data()
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn u32s(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Bitwise equality, except that NaN only has to be NaN.
@@ -31,10 +39,17 @@ fn assert_bits(what: &str, got: &[f32], want_bits: &[u32]) {
     let mut bad = 0;
     for (i, (g, &w)) in got.iter().zip(want_bits).enumerate() {
         let wf = f32::from_bits(w);
-        let ok = if wf.is_nan() { g.is_nan() } else { g.to_bits() == w };
+        let ok = if wf.is_nan() {
+            g.is_nan()
+        } else {
+            g.to_bits() == w
+        };
         if !ok {
             if bad < 5 {
-                eprintln!("{what}[{i}]: got {g:e} ({:#010x}), want {wf:e} ({w:#010x})", g.to_bits());
+                eprintln!(
+                    "{what}[{i}]: got {g:e} ({:#010x}), want {wf:e} ({w:#010x})",
+                    g.to_bits()
+                );
             }
             bad += 1;
         }
@@ -130,7 +145,10 @@ fn activation_quantizers_bit_exact() {
     let x = f32s(raw(&st, "q8_k_in"));
     let q = raw(&st, "q8_k_q");
     let d = u32s(raw(&st, "q8_k_d"));
-    let bs: Vec<i16> = raw(&st, "q8_k_bsums").chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
+    let bs: Vec<i16> = raw(&st, "q8_k_bsums")
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect();
     let blocks = quantize_act_q8_k(&x);
     assert_eq!(blocks.len(), d.len());
     for (i, b) in blocks.iter().enumerate() {
@@ -175,12 +193,17 @@ fn qat_hadamard_and_indexer_bit_exact() {
     let bytes = load("ops/qat.safetensors");
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut x = f32s(raw(&st, "idx_in"));
-    let h64: Vec<f64> =
-        raw(&st, "idx_hadamard_f64").chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+    let h64: Vec<f64> = raw(&st, "idx_hadamard_f64")
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     for row in x.chunks_exact_mut(128) {
         hadamard_inplace(row);
     }
     for (g, w) in x.iter().zip(&h64) {
-        assert!((*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        assert!(
+            (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{g} vs {w}"
+        );
     }
 }

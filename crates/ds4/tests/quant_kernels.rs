@@ -27,9 +27,21 @@ impl Rng {
     }
 }
 
-const QTYPES: [GgmlType; 4] = [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::IQ2_XXS];
-const ALL: [GgmlType; 7] =
-    [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::IQ2_XXS];
+const QTYPES: [GgmlType; 4] = [
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q4_K,
+    GgmlType::IQ2_XXS,
+];
+const ALL: [GgmlType; 7] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q4_K,
+    GgmlType::IQ2_XXS,
+];
 
 /// Random weight row: quantized from Gaussian data where a quantizer exists, otherwise
 /// (and for half of the K-quant rows) random block bytes with a sane f16 scale, so the
@@ -42,7 +54,9 @@ fn random_row(ty: GgmlType, n: usize, rng: &mut Rng, raw: bool) -> Vec<u8> {
         let h = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
         for b in w.chunks_exact_mut(ty.block_bytes()) {
             match ty {
-                GgmlType::Q8_0 | GgmlType::IQ2_XXS => b[0..2].copy_from_slice(&h(0.01 + 0.01 * rng.unif())),
+                GgmlType::Q8_0 | GgmlType::IQ2_XXS => {
+                    b[0..2].copy_from_slice(&h(0.01 + 0.01 * rng.unif()))
+                }
                 GgmlType::Q4_K => {
                     b[0..2].copy_from_slice(&h(0.002 * rng.unif()));
                     b[2..4].copy_from_slice(&h(0.002 * rng.unif()));
@@ -54,7 +68,10 @@ fn random_row(ty: GgmlType, n: usize, rng: &mut Rng, raw: bool) -> Vec<u8> {
                 _ => {}
             }
         }
-        if matches!(ty, GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS) {
+        if matches!(
+            ty,
+            GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS
+        ) {
             return w;
         }
     }
@@ -70,7 +87,9 @@ fn dequant(ty: GgmlType, row: &[u8], n: usize) -> Vec<f32> {
 
 /// Σ a_i·b_i in f64 and Σ |a_i·b_i| (the scale of f32 summation error).
 fn dot64(a: &[f32], b: &[f32]) -> (f64, f64) {
-    a.iter().zip(b).fold((0.0, 0.0), |(s, m), (&x, &y)| (s + x as f64 * y as f64, m + (x as f64 * y as f64).abs()))
+    a.iter().zip(b).fold((0.0, 0.0), |(s, m), (&x, &y)| {
+        (s + x as f64 * y as f64, m + (x as f64 * y as f64).abs())
+    })
 }
 
 fn isas() -> Vec<Isa> {
@@ -97,7 +116,10 @@ fn dot_f32_matches_dequant_then_dot() {
                 let (want, mag) = dot64(&dequant(ty, &row, n), &x);
                 for isa in isas() {
                     let got = dot_f32_with(isa, ty, &row, &x) as f64;
-                    assert!((got - want).abs() <= 1e-5 * mag + 1e-30, "{ty} {isa:?} n={n}: {got} vs {want} (mag {mag})");
+                    assert!(
+                        (got - want).abs() <= 1e-5 * mag + 1e-30,
+                        "{ty} {isa:?} n={n}: {got} vs {want} (mag {mag})"
+                    );
                 }
             }
         }
@@ -115,7 +137,10 @@ fn dot_f32_odd_lengths() {
             let (want, mag) = dot64(&dequant(ty, &row, n), &x);
             for isa in isas() {
                 let got = dot_f32_with(isa, ty, &row, &x) as f64;
-                assert!((got - want).abs() <= 1e-5 * mag + 1e-30, "{ty} {isa:?} n={n}");
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag + 1e-30,
+                    "{ty} {isa:?} n={n}"
+                );
             }
         }
     }
@@ -137,12 +162,32 @@ fn quantized_dots_match_dequant_then_dot() {
                 x[3] = 7.5; // an outlier, as real activations have
                 let (got_by_isa, xhat, blk): (Vec<f64>, Vec<f32>, usize) = if ty == GgmlType::Q8_0 {
                     let xq = quantize_act_q8_0(&x);
-                    let xhat = xq.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect();
-                    (isas().into_iter().map(|i| dot_q8_0_with(i, &row, &xq) as f64).collect(), xhat, 32)
+                    let xhat = xq
+                        .iter()
+                        .flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32))
+                        .collect();
+                    (
+                        isas()
+                            .into_iter()
+                            .map(|i| dot_q8_0_with(i, &row, &xq) as f64)
+                            .collect(),
+                        xhat,
+                        32,
+                    )
                 } else {
                     let xq = quantize_act_q8_k(&x);
-                    let xhat = xq.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect();
-                    (isas().into_iter().map(|i| dot_q8_k_with(i, ty, &row, &xq) as f64).collect(), xhat, 256)
+                    let xhat = xq
+                        .iter()
+                        .flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32))
+                        .collect();
+                    (
+                        isas()
+                            .into_iter()
+                            .map(|i| dot_q8_k_with(i, ty, &row, &xq) as f64)
+                            .collect(),
+                        xhat,
+                        256,
+                    )
                 };
                 let (want, mag) = dot64(&w, &xhat);
                 let (exact, _) = dot64(&w, &x);
@@ -155,8 +200,14 @@ fn quantized_dots_match_dequant_then_dot() {
                     })
                     .sum();
                 for (k, got) in got_by_isa.iter().enumerate() {
-                    assert!((got - want).abs() <= 1e-5 * mag + 1e-30, "{ty} isa#{k} n={n} raw={raw}: {got} vs {want}");
-                    assert!((got - exact).abs() <= noise + 1e-5 * mag, "{ty} n={n}: {got} vs exact {exact} (noise {noise})");
+                    assert!(
+                        (got - want).abs() <= 1e-5 * mag + 1e-30,
+                        "{ty} isa#{k} n={n} raw={raw}: {got} vs {want}"
+                    );
+                    assert!(
+                        (got - exact).abs() <= noise + 1e-5 * mag,
+                        "{ty} n={n}: {got} vs exact {exact} (noise {noise})"
+                    );
                 }
             }
         }
@@ -217,10 +268,19 @@ fn simd_q8_0_dot_matches_scalar() {
         let s = dot_q8_0_with(Isa::Scalar, &row, &xq) as f64;
         let v = dot_q8_0_with(Isa::Avx2, &row, &xq) as f64;
         let w = dequant(GgmlType::Q8_0, &row, n);
-        let xhat: Vec<f32> = xq.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32)).collect();
+        let xhat: Vec<f32> = xq
+            .iter()
+            .flat_map(|b| b.qs.iter().map(move |&q| b.d * q as f32))
+            .collect();
         let (want, mag) = dot64(&w, &xhat);
-        assert!((s - v).abs() <= 1e-5 * mag + 1e-30, "trial {trial}: {s} vs {v}");
-        assert!((v - want).abs() <= 1e-5 * mag + 1e-30, "trial {trial}: {v} vs {want}");
+        assert!(
+            (s - v).abs() <= 1e-5 * mag + 1e-30,
+            "trial {trial}: {s} vs {v}"
+        );
+        assert!(
+            (v - want).abs() <= 1e-5 * mag + 1e-30,
+            "trial {trial}: {v} vs {want}"
+        );
     }
 }
 
@@ -231,8 +291,18 @@ fn simd_q8_0_dot_matches_scalar() {
 fn matvec_and_matmul_consistent() {
     let mut rng = Rng(6);
     for ty in ALL {
-        let (n_rows, n_cols, n_tok) = (37, if ty.block_elems() == 32 || ty.block_elems() == 1 { 288 } else { 512 }, 5);
-        let w: Vec<u8> = (0..n_rows).flat_map(|_| random_row(ty, n_cols, &mut rng, false)).collect();
+        let (n_rows, n_cols, n_tok) = (
+            37,
+            if ty.block_elems() == 32 || ty.block_elems() == 1 {
+                288
+            } else {
+                512
+            },
+            5,
+        );
+        let w: Vec<u8> = (0..n_rows)
+            .flat_map(|_| random_row(ty, n_cols, &mut rng, false))
+            .collect();
         let rb = w.len() / n_rows;
         let xs = rng.vec(n_tok * n_cols, 1.0);
         for exact in [true, false] {
@@ -244,15 +314,27 @@ fn matvec_and_matmul_consistent() {
                 matvec(ty, &w, n_rows, n_cols, x, &mut y, exact);
                 for o in 0..n_rows {
                     let row = &w[o * rb..(o + 1) * rb];
-                    let want = if exact || !matches!(ty, GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS) {
+                    let want = if exact
+                        || !matches!(
+                            ty,
+                            GgmlType::Q8_0 | GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS
+                        ) {
                         dot_f32(ty, row, x)
                     } else if ty == GgmlType::Q8_0 {
                         dot_q8_0(row, &quantize_act_q8_0(x))
                     } else {
                         dot_q8_k(ty, row, &quantize_act_q8_k(x))
                     };
-                    assert_eq!(y[o].to_bits(), want.to_bits(), "{ty} exact={exact} matvec row {o}");
-                    assert_eq!(ys[t * n_rows + o].to_bits(), y[o].to_bits(), "{ty} exact={exact} matmul t={t} row {o}");
+                    assert_eq!(
+                        y[o].to_bits(),
+                        want.to_bits(),
+                        "{ty} exact={exact} matvec row {o}"
+                    );
+                    assert_eq!(
+                        ys[t * n_rows + o].to_bits(),
+                        y[o].to_bits(),
+                        "{ty} exact={exact} matmul t={t} row {o}"
+                    );
                 }
             }
         }
@@ -272,7 +354,11 @@ fn k_quantizers_error_bounds() {
         let mut q = vec![0u8; ty.row_bytes(n as u64).unwrap() as usize];
         quantize_row(ty, &x, &mut q).unwrap();
         let y = dequant(ty, &q, n);
-        let num: f64 = x.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let num: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let den: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
         let rel = (num / den).sqrt();
         eprintln!("{ty}: relative RMSE {rel:.4}");
@@ -281,23 +367,36 @@ fn k_quantizers_error_bounds() {
             let lo = xc.iter().fold(0f32, |m, &v| m.min(v));
             let hi = xc.iter().fold(0f32, |m, &v| m.max(v));
             for (a, b) in xc.iter().zip(yc) {
-                assert!((a - b).abs() <= (hi - lo) * 1.01 + 1e-7, "{ty}: {a} -> {b}, range {lo}..{hi}");
+                assert!(
+                    (a - b).abs() <= (hi - lo) * 1.01 + 1e-7,
+                    "{ty}: {a} -> {b}, range {lo}..{hi}"
+                );
             }
         }
         // Requantizing the grid values must land (almost) on the same grid.
         let mut q2 = vec![0u8; q.len()];
         quantize_row(ty, &y, &mut q2).unwrap();
         let y2 = dequant(ty, &q2, n);
-        let num2: f64 = x.iter().zip(&y2).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let num2: f64 = x
+            .iter()
+            .zip(&y2)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         assert!(num2 <= num * 1.5, "{ty}: requantized error {num2} vs {num}");
         // Zeros and a constant negative block.
         let mut z = vec![0f32; 256];
         quantize_row(ty, &z, &mut q[..ty.block_bytes()]).unwrap();
-        assert!(dequant(ty, &q[..ty.block_bytes()], 256).iter().all(|&v| v == 0.0));
+        assert!(dequant(ty, &q[..ty.block_bytes()], 256)
+            .iter()
+            .all(|&v| v == 0.0));
         z.iter_mut().for_each(|v| *v = -0.5);
         quantize_row(ty, &z, &mut q[..ty.block_bytes()]).unwrap();
         let d = dequant(ty, &q[..ty.block_bytes()], 256);
-        assert!(d.iter().all(|&v| (v + 0.5).abs() < 0.01), "{ty}: constant block {:?}", &d[..4]);
+        assert!(
+            d.iter().all(|&v| (v + 0.5).abs() < 0.01),
+            "{ty}: constant block {:?}",
+            &d[..4]
+        );
     }
 }
 
@@ -312,7 +411,11 @@ fn float_encoders_round_trip() {
         quantize_row(ty, &vals, &mut back).unwrap();
         for (i, v) in vals.iter().enumerate() {
             if !v.is_nan() {
-                assert_eq!(&back[2 * i..2 * i + 2], &src[2 * i..2 * i + 2], "{ty} pattern {i:#06x}");
+                assert_eq!(
+                    &back[2 * i..2 * i + 2],
+                    &src[2 * i..2 * i + 2],
+                    "{ty} pattern {i:#06x}"
+                );
             }
         }
     }

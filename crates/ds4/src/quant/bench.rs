@@ -70,7 +70,8 @@ pub struct KernelBench {
 
 impl KernelBench {
     /// CSV header matching [`KernelBench::csv_row`].
-    pub const CSV_HEADER: &'static str = "kernel,type,exact,rows,cols,threads,iters,us_per_call,weight_gb_per_s";
+    pub const CSV_HEADER: &'static str =
+        "kernel,type,exact,rows,cols,threads,iters,us_per_call,weight_gb_per_s";
 
     /// One CSV line.
     pub fn csv_row(&self) -> String {
@@ -100,12 +101,18 @@ impl Rng {
     }
     /// Roughly N(0,1) (sum of uniforms).
     fn normal(&mut self) -> f32 {
-        (0..4).map(|_| (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32).sum::<f32>() * 1.732 - 3.464
+        (0..4)
+            .map(|_| (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+            .sum::<f32>()
+            * 1.732
+            - 3.464
     }
 }
 
 fn random_weights(ty: GgmlType, n_rows: usize, n_cols: usize, rng: &mut Rng) -> Vec<u8> {
-    let rb = ty.row_bytes(n_cols as u64).expect("n_cols is a whole number of blocks") as usize;
+    let rb = ty
+        .row_bytes(n_cols as u64)
+        .expect("n_cols is a whole number of blocks") as usize;
     let mut w = vec![0u8; rb * n_rows];
     if ty == GgmlType::IQ2_XXS {
         // No quantizer: random codes and a small f16 scale per block (timing only).

@@ -34,7 +34,10 @@ impl Acc {
 pub(crate) fn feed_scalar(acc: &mut Acc, w: &[f32], x: &[f32]) {
     debug_assert_eq!(w.len(), x.len());
     let n32 = w.len() / LANES * LANES;
-    for (wc, xc) in w[..n32].chunks_exact(LANES).zip(x[..n32].chunks_exact(LANES)) {
+    for (wc, xc) in w[..n32]
+        .chunks_exact(LANES)
+        .zip(x[..n32].chunks_exact(LANES))
+    {
         for l in 0..LANES {
             acc.0[l] += wc[l] * xc[l];
         }

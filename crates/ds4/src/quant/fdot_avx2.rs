@@ -21,9 +21,21 @@ pub(crate) unsafe fn feed(acc: &mut Acc, w: &[f32], x: &[f32]) {
         let mut i = 0;
         while i < n32 {
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 16)), _mm256_loadu_ps(xp.add(i + 16)), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i + 24)), _mm256_loadu_ps(xp.add(i + 24)), a3);
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 8)),
+                _mm256_loadu_ps(xp.add(i + 8)),
+                a1,
+            );
+            a2 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 16)),
+                _mm256_loadu_ps(xp.add(i + 16)),
+                a2,
+            );
+            a3 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 24)),
+                _mm256_loadu_ps(xp.add(i + 24)),
+                a3,
+            );
             i += LANES;
         }
         _mm256_storeu_ps(a, a0);

@@ -8,7 +8,7 @@ use half::f16;
 
 pub(crate) const BLOCK_BYTES: usize = 66;
 
-#[inline]
+#[inline(always)]
 pub(crate) fn group_words(b: &[u8], ib: usize) -> (u32, u32) {
     let o = 2 + 8 * ib;
     (
@@ -19,7 +19,10 @@ pub(crate) fn group_words(b: &[u8], ib: usize) -> (u32, u32) {
 
 /// `w = ((d·(0.5+ls))·0.25 · grid) · ±1`, in gguf-py's operation order (bit-exact).
 pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+    for (b, out) in src
+        .chunks_exact(BLOCK_BYTES)
+        .zip(dst.chunks_exact_mut(QK_K))
+    {
         let d = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
         for ib in 0..8 {
             let (a, w) = group_words(b, ib);

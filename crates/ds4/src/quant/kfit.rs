@@ -11,7 +11,7 @@ pub(crate) fn fit(x: &[f32], nmax: u8) -> (f32, f32) {
     let nmax_f = nmax as f32;
     let lo = x.iter().fold(0.0f32, |m, &v| m.min(v)); // offset ≥ 0 requires lo ≤ 0
     let hi = x.iter().fold(lo, |m, &v| m.max(v));
-    if !(hi > lo) {
+    if hi <= lo || hi.is_nan() || lo.is_nan() {
         // All zero or all equal to a non-positive value: representable with scale 0.
         return (0.0, -lo);
     }
@@ -40,7 +40,7 @@ pub(crate) fn fit(x: &[f32], nmax: u8) -> (f32, f32) {
             o = 0.0;
             s = if sqq > 0.0 { sqx / sqq } else { 0.0 };
         }
-        if !(s > 0.0) || !s.is_finite() {
+        if s.is_nan() || s <= 0.0 || !s.is_finite() {
             break;
         }
         cur = (s as f32, o as f32);
@@ -82,7 +82,11 @@ pub(crate) fn quantize_scales(vals: &[f32], levels: u8, out: &mut [u8]) -> half:
     let sup = half::f16::from_f32(vmax / levels as f32);
     let s = sup.to_f32();
     for (o, &v) in out.iter_mut().zip(vals) {
-        *o = if s > 0.0 { (v / s).round().clamp(0.0, levels as f32) as u8 } else { 0 };
+        *o = if s > 0.0 {
+            (v / s).round().clamp(0.0, levels as f32) as u8
+        } else {
+            0
+        };
     }
     sup
 }

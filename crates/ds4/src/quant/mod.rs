@@ -14,6 +14,11 @@
 //!
 //! On aarch64 there are no NEON kernels yet: everything runs the scalar twins.
 
+// Block layouts are specified by element index (model.md §5); index loops mirror the spec.
+#![allow(clippy::needless_range_loop)]
+// The workspace's rust-version is 1.85; `usize::is_multiple_of` needs 1.87.
+#![allow(clippy::manual_is_multiple_of)]
+
 mod bench;
 mod f16;
 mod fdot;
@@ -41,7 +46,9 @@ mod q8_0_avx2;
 pub use bench::{bench_kernels, BenchConfig, KernelBench};
 pub use q8_0::{BlockQ8_0Act, QK8_0};
 pub use q8_k::{BlockQ8K, QK_K};
-pub use qat::{fp4sim_inplace, fp8_e4m3_round, fp8sim_inplace, hadamard_inplace, indexer_qat_inplace};
+pub use qat::{
+    fp4sim_inplace, fp8_e4m3_round, fp8sim_inplace, hadamard_inplace, indexer_qat_inplace,
+};
 pub use types::GgmlType;
 
 use rayon::prelude::*;
@@ -69,7 +76,13 @@ impl Isa {
     /// Best instruction set of this CPU, detected once and cached.
     pub fn detect() -> Isa {
         static DETECTED: OnceLock<Isa> = OnceLock::new();
-        *DETECTED.get_or_init(|| if Isa::Avx2.available() { Isa::Avx2 } else { Isa::Scalar })
+        *DETECTED.get_or_init(|| {
+            if Isa::Avx2.available() {
+                Isa::Avx2
+            } else {
+                Isa::Scalar
+            }
+        })
     }
 
     /// Whether this CPU can run kernels of this instruction set.
@@ -115,7 +128,13 @@ fn row_bytes(ty: GgmlType, n: usize) -> usize {
 /// If `dst.len()` is not a whole number of blocks or `src.len()` does not match it.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     let nb = row_bytes(ty, dst.len());
-    assert_eq!(src.len(), nb, "{ty}: {} bytes for {} elements (expected {nb})", src.len(), dst.len());
+    assert_eq!(
+        src.len(),
+        nb,
+        "{ty}: {} bytes for {} elements (expected {nb})",
+        src.len(),
+        dst.len()
+    );
     match ty {
         GgmlType::F32 => f16::dequantize_f32(src, dst),
         GgmlType::F16 => f16::dequantize_f16(src, dst),
@@ -151,7 +170,13 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         return Err(QuantError::Unsupported(ty));
     }
     let nb = row_bytes(ty, src.len());
-    assert_eq!(dst.len(), nb, "{ty}: {} bytes for {} elements (expected {nb})", dst.len(), src.len());
+    assert_eq!(
+        dst.len(),
+        nb,
+        "{ty}: {} bytes for {} elements (expected {nb})",
+        dst.len(),
+        src.len()
+    );
     match ty {
         GgmlType::F32 => f16::quantize_f32(src, dst),
         GgmlType::F16 => f16::quantize_f16(src, dst),
@@ -173,7 +198,10 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
 /// # Panics
 /// If `x.len()` is not a multiple of 32 or `out.len() != x.len() / 32`.
 pub fn quantize_act_q8_0_into(x: &[f32], out: &mut [BlockQ8_0Act]) {
-    assert!(x.len() % QK8_0 == 0 && out.len() == x.len() / QK8_0, "q8_0 activation: bad lengths");
+    assert!(
+        x.len() % QK8_0 == 0 && out.len() == x.len() / QK8_0,
+        "q8_0 activation: bad lengths"
+    );
     for (o, c) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
         *o = q8_0::quantize_act_block(c);
     }
@@ -194,7 +222,10 @@ pub fn quantize_act_q8_0(x: &[f32]) -> Vec<BlockQ8_0Act> {
 /// # Panics
 /// If `x.len()` is not a multiple of 256 or `out.len() != x.len() / 256`.
 pub fn quantize_act_q8_k_into(x: &[f32], out: &mut [BlockQ8K]) {
-    assert!(x.len() % QK_K == 0 && out.len() == x.len() / QK_K, "q8_K activation: bad lengths");
+    assert!(
+        x.len() % QK_K == 0 && out.len() == x.len() / QK_K,
+        "q8_K activation: bad lengths"
+    );
     for (o, c) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
         q8_k::quantize_block(c, o);
     }
@@ -233,7 +264,13 @@ pub fn dot_f32(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
 pub fn dot_f32_with(isa: Isa, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     let isa = isa.usable();
     let nb = row_bytes(ty, x.len());
-    assert_eq!(row.len(), nb, "{ty}: {} bytes for {} elements (expected {nb})", row.len(), x.len());
+    assert_eq!(
+        row.len(),
+        nb,
+        "{ty}: {} bytes for {} elements (expected {nb})",
+        row.len(),
+        x.len()
+    );
     let chunk_bytes = CHUNK / ty.block_elems() * ty.block_bytes();
     let mut acc = fdot::Acc::new();
     let mut buf = [0f32; CHUNK];
@@ -262,7 +299,11 @@ pub fn dot_q8_0(row: &[u8], xq: &[BlockQ8_0Act]) -> f32 {
 
 /// [`dot_q8_0`] with an explicit instruction set (falls back to scalar if unavailable).
 pub fn dot_q8_0_with(isa: Isa, row: &[u8], xq: &[BlockQ8_0Act]) -> f32 {
-    assert_eq!(row.len(), xq.len() * q8_0::BLOCK_BYTES, "Q8_0 dot: row/activation length mismatch");
+    assert_eq!(
+        row.len(),
+        xq.len() * q8_0::BLOCK_BYTES,
+        "Q8_0 dot: row/activation length mismatch"
+    );
     match isa.usable() {
         // SAFETY: CPU features checked by `usable`.
         #[cfg(target_arch = "x86_64")]
@@ -282,7 +323,11 @@ pub fn dot_q8_k(ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32 {
 
 /// [`dot_q8_k`] with an explicit instruction set (falls back to scalar if unavailable).
 pub fn dot_q8_k_with(isa: Isa, ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32 {
-    assert_eq!(row.len(), xq.len() * ty.block_bytes(), "{ty} dot: row/activation length mismatch");
+    assert_eq!(
+        row.len(),
+        xq.len() * ty.block_bytes(),
+        "{ty} dot: row/activation length mismatch"
+    );
     let isa = isa.usable();
     match (isa, ty) {
         // SAFETY (all three): CPU features checked by `usable`.
@@ -335,7 +380,12 @@ const MATMUL_ROWS: usize = 8;
 
 fn check_mat(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize) -> usize {
     let rb = row_bytes(ty, n_cols);
-    assert_eq!(w.len(), rb * n_rows, "{ty}: weight bytes {} != {n_rows} rows × {rb}", w.len());
+    assert_eq!(
+        w.len(),
+        rb * n_rows,
+        "{ty}: weight bytes {} != {n_rows} rows × {rb}",
+        w.len()
+    );
     rb
 }
 
@@ -348,20 +398,42 @@ fn check_mat(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize) -> usize {
 ///
 /// # Panics
 /// If the lengths of `w`, `x`, `y` disagree with `n_rows`, `n_cols` and the block size.
-pub fn matvec(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, x: &[f32], y: &mut [f32], exact: bool) {
+pub fn matvec(
+    ty: GgmlType,
+    w: &[u8],
+    n_rows: usize,
+    n_cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    exact: bool,
+) {
     let rb = check_mat(ty, w, n_rows, n_cols);
-    assert_eq!(x.len(), n_cols, "matvec: x has {} elements, expected {n_cols}", x.len());
-    assert_eq!(y.len(), n_rows, "matvec: y has {} elements, expected {n_rows}", y.len());
+    assert_eq!(
+        x.len(),
+        n_cols,
+        "matvec: x has {} elements, expected {n_cols}",
+        x.len()
+    );
+    assert_eq!(
+        y.len(),
+        n_rows,
+        "matvec: y has {} elements, expected {n_rows}",
+        y.len()
+    );
     let isa = Isa::detect();
     let act = Act::new(ty, x, exact);
     let bpt = n_cols / ty.block_elems();
-    y.par_chunks_mut(MATVEC_ROWS).enumerate().for_each(|(ci, ys)| {
-        for (i, yo) in ys.iter_mut().enumerate() {
-            let o = ci * MATVEC_ROWS + i;
-            let row = &w[o * rb..(o + 1) * rb];
-            *yo = act.dot(isa, ty, row, 0, bpt).unwrap_or_else(|| dot_f32_with(isa, ty, row, x));
-        }
-    });
+    y.par_chunks_mut(MATVEC_ROWS)
+        .enumerate()
+        .for_each(|(ci, ys)| {
+            for (i, yo) in ys.iter_mut().enumerate() {
+                let o = ci * MATVEC_ROWS + i;
+                let row = &w[o * rb..(o + 1) * rb];
+                *yo = act
+                    .dot(isa, ty, row, 0, bpt)
+                    .unwrap_or_else(|| dot_f32_with(isa, ty, row, x));
+            }
+        });
 }
 
 /// Batched product for prefill: `ys[t][o] = row_o(w) · xs[t]` with `xs` `n_tok × n_cols`
@@ -383,8 +455,18 @@ pub fn matmul(
     exact: bool,
 ) {
     let rb = check_mat(ty, w, n_rows, n_cols);
-    assert_eq!(xs.len(), n_tok * n_cols, "matmul: xs has {} elements, expected {n_tok}×{n_cols}", xs.len());
-    assert_eq!(ys.len(), n_tok * n_rows, "matmul: ys has {} elements, expected {n_tok}×{n_rows}", ys.len());
+    assert_eq!(
+        xs.len(),
+        n_tok * n_cols,
+        "matmul: xs has {} elements, expected {n_tok}×{n_cols}",
+        xs.len()
+    );
+    assert_eq!(
+        ys.len(),
+        n_tok * n_rows,
+        "matmul: ys has {} elements, expected {n_tok}×{n_rows}",
+        ys.len()
+    );
     if n_tok == 0 || n_rows == 0 {
         return;
     }
@@ -394,29 +476,31 @@ pub fn matmul(
     // Row-major by weight row (n_rows × n_tok) so each tile writes a contiguous slice;
     // transposed into `ys` afterwards (cheap next to the dots).
     let mut yt = vec![0f32; n_rows * n_tok];
-    yt.par_chunks_mut(MATMUL_ROWS * n_tok).enumerate().for_each(|(ci, out)| {
-        let mut rowbuf = Vec::new();
-        for (i, orow) in out.chunks_exact_mut(n_tok).enumerate() {
-            let o = ci * MATMUL_ROWS + i;
-            let row = &w[o * rb..(o + 1) * rb];
-            if let Act::F32 = act {
-                rowbuf.resize(n_cols, 0.0);
-                dequantize_row(ty, row, &mut rowbuf);
-                for (t, yo) in orow.iter_mut().enumerate() {
-                    let x = &xs[t * n_cols..(t + 1) * n_cols];
-                    let mut acc = fdot::Acc::new();
-                    for (wc, xc) in rowbuf.chunks(CHUNK).zip(x.chunks(CHUNK)) {
-                        feed(isa, &mut acc, wc, xc);
+    yt.par_chunks_mut(MATMUL_ROWS * n_tok)
+        .enumerate()
+        .for_each(|(ci, out)| {
+            let mut rowbuf = Vec::new();
+            for (i, orow) in out.chunks_exact_mut(n_tok).enumerate() {
+                let o = ci * MATMUL_ROWS + i;
+                let row = &w[o * rb..(o + 1) * rb];
+                if let Act::F32 = act {
+                    rowbuf.resize(n_cols, 0.0);
+                    dequantize_row(ty, row, &mut rowbuf);
+                    for (t, yo) in orow.iter_mut().enumerate() {
+                        let x = &xs[t * n_cols..(t + 1) * n_cols];
+                        let mut acc = fdot::Acc::new();
+                        for (wc, xc) in rowbuf.chunks(CHUNK).zip(x.chunks(CHUNK)) {
+                            feed(isa, &mut acc, wc, xc);
+                        }
+                        *yo = acc.finish();
                     }
-                    *yo = acc.finish();
-                }
-            } else {
-                for (t, yo) in orow.iter_mut().enumerate() {
-                    *yo = act.dot(isa, ty, row, t, bpt).unwrap_or(0.0);
+                } else {
+                    for (t, yo) in orow.iter_mut().enumerate() {
+                        *yo = act.dot(isa, ty, row, t, bpt).unwrap_or(0.0);
+                    }
                 }
             }
-        }
-    });
+        });
     ys.par_chunks_mut(n_rows).enumerate().for_each(|(t, yrow)| {
         for (o, v) in yrow.iter_mut().enumerate() {
             *v = yt[o * n_tok + t];

@@ -17,7 +17,10 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 /// `w = (d·sc)·q − (dmin·m)`: the products are formed in this order (as gguf-py does) so the
 /// result is bit-exact against the fixtures.
 pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+    for (b, out) in src
+        .chunks_exact(BLOCK_BYTES)
+        .zip(dst.chunks_exact_mut(QK_K))
+    {
         let d = f16_at(b, 80);
         let dmin = f16_at(b, 82);
         for (e, o) in out.iter_mut().enumerate() {
@@ -57,7 +60,10 @@ pub(crate) fn dot_scalar(row: &[u8], xq: &[BlockQ8K]) -> f32 {
 /// relative to f16 super-scales, then codes re-assigned against the *stored* parameters so
 /// the rounding of the scales is accounted for.
 pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
-    for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+    for (x, b) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+    {
         let mut scales = [0f32; 16];
         let mut offs = [0f32; 16];
         for g in 0..16 {

@@ -24,8 +24,11 @@ pub(crate) unsafe fn dot(row: &[u8], xq: &[BlockQ8K]) -> f32 {
             for half in 0..2 {
                 let q = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * half) as *const __m256i);
                 for j in 0..4 {
-                    let q2 = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j as i32)), m3);
-                    let x8 = _mm256_loadu_si256(x.qs.as_ptr().add(128 * half + 32 * j) as *const __m256i);
+                    let q2 =
+                        _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j as i32)), m3);
+                    let x8 = _mm256_loadu_si256(
+                        x.qs.as_ptr().add(128 * half + 32 * j) as *const __m256i
+                    );
                     let p = _mm256_maddubs_epi16(q2, x8);
                     // Low 128 bits hold group g, high 128 bits group g+1.
                     let g = 8 * half + 2 * j;
@@ -39,7 +42,10 @@ pub(crate) unsafe fn dot(row: &[u8], xq: &[BlockQ8K]) -> f32 {
         }
         let isum = unsafe { hsum_i32(isum) };
         let (dw, dm) = unsafe {
-            (f16_to_f32(u16::from_le_bytes([b[80], b[81]])), f16_to_f32(u16::from_le_bytes([b[82], b[83]])))
+            (
+                f16_to_f32(u16::from_le_bytes([b[80], b[81]])),
+                f16_to_f32(u16::from_le_bytes([b[82], b[83]])),
+            )
         };
         let d = x.d * dw;
         let dmin = x.d * dm;

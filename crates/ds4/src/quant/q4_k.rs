@@ -40,7 +40,10 @@ pub(crate) fn pack_scales(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
 
 /// `w = (d·sc)·q − (dmin·m)`, products in gguf-py's order for bit-exactness.
 pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+    for (b, out) in src
+        .chunks_exact(BLOCK_BYTES)
+        .zip(dst.chunks_exact_mut(QK_K))
+    {
         let d = f16_at(b, 0);
         let dmin = f16_at(b, 2);
         let scales = &b[4..16];
@@ -88,7 +91,10 @@ pub(crate) fn dot_scalar(row: &[u8], xq: &[BlockQ8K]) -> f32 {
 /// Weight quantizer: per-sub-block least-squares fit (see `kfit`), 6-bit scales/mins
 /// relative to f16 super-scales, codes re-assigned against the stored parameters.
 pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
-    for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+    for (x, b) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+    {
         let mut scales = [0f32; 8];
         let mut offs = [0f32; 8];
         for s in 0..8 {

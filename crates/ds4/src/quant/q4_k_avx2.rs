@@ -30,14 +30,22 @@ pub(crate) unsafe fn dot(row: &[u8], xq: &[BlockQ8K]) -> f32 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                 let xl = _mm256_loadu_si256(x.qs.as_ptr().add(64 * c) as *const __m256i);
                 let xh = _mm256_loadu_si256(x.qs.as_ptr().add(64 * c + 32) as *const __m256i);
-                let pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_set1_epi16(sc[2 * c]));
-                let ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), _mm256_set1_epi16(sc[2 * c + 1]));
+                let pl =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_set1_epi16(sc[2 * c]));
+                let ph = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, xh),
+                    _mm256_set1_epi16(sc[2 * c + 1]),
+                );
                 isum = _mm256_add_epi32(isum, _mm256_add_epi32(pl, ph));
             }
         }
         let isum = unsafe { hsum_i32(isum) };
-        let (dw, dm) =
-            unsafe { (f16_to_f32(u16::from_le_bytes([b[0], b[1]])), f16_to_f32(u16::from_le_bytes([b[2], b[3]]))) };
+        let (dw, dm) = unsafe {
+            (
+                f16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+                f16_to_f32(u16::from_le_bytes([b[2], b[3]])),
+            )
+        };
         let d = x.d * dw;
         let dmin = x.d * dm;
         acc += d * isum as f32 - dmin * summs as f32;

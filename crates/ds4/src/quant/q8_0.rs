@@ -22,7 +22,10 @@ pub struct BlockQ8_0Act {
 
 impl Default for BlockQ8_0Act {
     fn default() -> Self {
-        BlockQ8_0Act { d: 0.0, qs: [0; QK8_0] }
+        BlockQ8_0Act {
+            d: 0.0,
+            qs: [0; QK8_0],
+        }
     }
 }
 
@@ -33,7 +36,10 @@ pub(crate) fn block_d(b: &[u8]) -> f32 {
 
 /// `dst[i] = d·q[i]`, one f32 multiply, matching gguf-py bit for bit.
 pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK8_0)) {
+    for (b, out) in src
+        .chunks_exact(BLOCK_BYTES)
+        .zip(dst.chunks_exact_mut(QK8_0))
+    {
         let d = block_d(b);
         for (o, &q) in out.iter_mut().zip(&b[2..]) {
             *o = d * (q as i8) as f32;
@@ -45,7 +51,10 @@ pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
 /// `q = round_half_away(x·(1/d))`, d stored as f16. The reciprocal is multiplied (not
 /// divided) because that is what the reference does and the fixture is bit-exact.
 pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
-    for (x, b) in src.chunks_exact(QK8_0).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+    for (x, b) in src
+        .chunks_exact(QK8_0)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+    {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };

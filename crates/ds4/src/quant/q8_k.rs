@@ -19,7 +19,11 @@ pub struct BlockQ8K {
 
 impl Default for BlockQ8K {
     fn default() -> Self {
-        BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] }
+        BlockQ8K {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16],
+        }
     }
 }
 
@@ -56,7 +60,10 @@ pub(crate) fn quantize_block(x: &[f32], out: &mut BlockQ8K) {
 
 /// Decodes serialized Q8_K blocks: `d·q`.
 pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
-    for (b, out) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(QK_K)) {
+    for (b, out) in src
+        .chunks_exact(BLOCK_BYTES)
+        .zip(dst.chunks_exact_mut(QK_K))
+    {
         let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         for (o, &q) in out.iter_mut().zip(&b[4..4 + QK_K]) {
             *o = d * (q as i8) as f32;
@@ -67,7 +74,10 @@ pub(crate) fn dequantize(src: &[u8], dst: &mut [f32]) {
 /// Serializes blocks in the GGUF layout (`d`, `qs`, `bsums`, little-endian).
 pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
     let mut blk = BlockQ8K::default();
-    for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(BLOCK_BYTES)) {
+    for (x, b) in src
+        .chunks_exact(QK_K)
+        .zip(dst.chunks_exact_mut(BLOCK_BYTES))
+    {
         quantize_block(x, &mut blk);
         b[0..4].copy_from_slice(&blk.d.to_le_bytes());
         for (o, &q) in b[4..4 + QK_K].iter_mut().zip(&blk.qs) {

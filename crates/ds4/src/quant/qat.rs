@@ -14,7 +14,7 @@ const FP4_BLOCK: usize = 32;
 /// `2^ceil(log2(r))` for `r > 0`, computed exactly from the bits. `ceilf(log2f(r))` (what
 /// ds4's C does) can be off by one just above a power of two, which the spec rules out.
 fn pow2_ceil(r: f32) -> f32 {
-    if !(r > 0.0) || !r.is_finite() {
+    if r.is_nan() || r <= 0.0 || !r.is_finite() {
         // NaN, zero, negative or inf: nothing sensible to round to; propagate.
         return r;
     }
@@ -72,7 +72,11 @@ fn block_scale(x: &[f32], floor: f32, max: f32) -> f32 {
 /// # Panics
 /// If `x.len()` is not a multiple of 64 (a caller bug).
 pub fn fp8sim_inplace(x: &mut [f32]) {
-    assert!(x.len() % FP8_BLOCK == 0, "fp8sim: length {} not a multiple of 64", x.len());
+    assert!(
+        x.len() % FP8_BLOCK == 0,
+        "fp8sim: length {} not a multiple of 64",
+        x.len()
+    );
     for blk in x.chunks_exact_mut(FP8_BLOCK) {
         let s = block_scale(blk, FP8_AMAX_FLOOR, E4M3_MAX);
         for v in blk.iter_mut() {
@@ -87,7 +91,11 @@ pub fn fp8sim_inplace(x: &mut [f32]) {
 /// # Panics
 /// If `x.len()` is not a multiple of 32 (a caller bug).
 pub fn fp4sim_inplace(x: &mut [f32]) {
-    assert!(x.len() % FP4_BLOCK == 0, "fp4sim: length {} not a multiple of 32", x.len());
+    assert!(
+        x.len() % FP4_BLOCK == 0,
+        "fp4sim: length {} not a multiple of 32",
+        x.len()
+    );
     for blk in x.chunks_exact_mut(FP4_BLOCK) {
         let s = block_scale(blk, FP4_AMAX_FLOOR, E2M1_MAX);
         for v in blk.iter_mut() {
@@ -104,7 +112,10 @@ pub fn fp4sim_inplace(x: &mut [f32]) {
 /// If `x.len()` is not a power of two (a caller bug).
 pub fn hadamard_inplace(x: &mut [f32]) {
     let n = x.len();
-    assert!(n.is_power_of_two(), "hadamard: length {n} is not a power of two");
+    assert!(
+        n.is_power_of_two(),
+        "hadamard: length {n} is not a power of two"
+    );
     let mut h = 1;
     while h < n {
         for blk in x.chunks_exact_mut(2 * h) {
