@@ -1,5 +1,6 @@
 //! `ds4`: command line for the DeepSeek V4 Flash engine.
 
+mod bench;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -13,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Performance measurements.
+    Bench(bench::BenchArgs),
     /// Tokenize text from stdin and print the token ids as a JSON array
     Tokenize(tokenize::TokenizeArgs),
     /// Read a JSON array of token ids from stdin and write the text they stand for
@@ -22,6 +25,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Detokenize(args) => tokenize::detokenize(args),
     }
