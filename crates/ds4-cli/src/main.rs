@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod chat_cmd;
+
 #[derive(Parser)]
 #[command(name = "ds4", version, about = "DeepSeek V4 Flash inference engine")]
 struct Cli {
@@ -10,9 +12,17 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Render an encoder call (JSON on stdin) to the exact prompt text.
+    Render(chat_cmd::RenderArgs),
+    /// Parse a completion (stdin) into an assistant message (JSON).
+    Parse(chat_cmd::ParseArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Render(args) => chat_cmd::render(args),
+        Command::Parse(args) => chat_cmd::parse(args),
+    }
 }
