@@ -377,3 +377,163 @@ fn stream_parser_on_extra_edge_completions() {
         }
     }
 }
+
+/// Small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+    fn boundary(&mut self, s: &str) -> usize {
+        let b: Vec<usize> = (0..=s.len()).filter(|&i| s.is_char_boundary(i)).collect();
+        b[self.below(b.len())]
+    }
+}
+
+fn random_text(rng: &mut Rng, pieces: &[&str]) -> String {
+    (0..rng.below(6)).map(|_| rng.pick(pieces)).collect()
+}
+
+/// A completion in the official grammar: reasoning, content, optional DSML block.
+fn random_completion(rng: &mut Rng, mode: ThinkingMode) -> String {
+    const TEXT: &[&str] = &[
+        "a", "é", "中", "🎉", "\n", " ", "<", ">", "\"", "\\", "&lt;", "{", "<b>", "\n\n", "</",
+        "<｜", "｜", "/",
+    ];
+    const JSON: &[&str] = &[
+        "1",
+        "[",
+        "]",
+        "{",
+        "}",
+        "\"s\"",
+        ",",
+        " ",
+        "\n",
+        "null",
+        "\"<\\\"\"",
+        ":",
+    ];
+    let mut s = String::new();
+    if mode == ThinkingMode::Thinking {
+        s += &random_text(rng, TEXT);
+        s += "</think>";
+    }
+    s += &random_text(rng, TEXT);
+    if rng.below(10) < 6 {
+        s += "\n\n<｜DSML｜tool_calls>\n";
+        for _ in 0..rng.below(3) {
+            s += &format!(
+                "<｜DSML｜invoke name=\"{}\">\n",
+                rng.pick(&["f", "get_weather", "翻译", "a b"])
+            );
+            for j in 0..rng.below(4) {
+                if rng.below(2) == 0 {
+                    s += &format!(
+                        "<｜DSML｜parameter name=\"p{j}\" string=\"true\">{}</｜DSML｜parameter>\n",
+                        random_text(rng, TEXT)
+                    );
+                } else {
+                    s += &format!("<｜DSML｜parameter name=\"p{j}\" string=\"false\">{}</｜DSML｜parameter>\n", random_text(rng, JSON));
+                }
+            }
+            s += "</｜DSML｜invoke>\n";
+        }
+        s += "</｜DSML｜tool_calls>";
+        if rng.below(3) > 0 {
+            s += "<｜end▁of▁sentence｜>";
+        }
+    } else {
+        s += "<｜end▁of▁sentence｜>";
+    }
+    s
+}
+
+/// Inserts a marker fragment, deletes a span, or truncates.
+fn mutate(rng: &mut Rng, s: &mut String) {
+    const FRAGMENTS: &[&str] = &[
+        "</think>",
+        "<think>",
+        "<｜end▁of▁sentence｜>",
+        "<｜begin▁of▁sentence｜>",
+        "｜DSML｜",
+        "\n\n<｜DSML｜tool_calls",
+        ">\n",
+        "<｜DSML｜invoke",
+        "</｜DSML｜invoke",
+        "<｜DSML｜parameter",
+        "/｜DSML｜parameter",
+        "</｜DSML｜tool_calls>",
+        " string=\"true\">",
+        " name=\"x\"",
+        "\"",
+        "\n",
+        "<",
+    ];
+    match rng.below(3) {
+        0 => {
+            let at = rng.boundary(s);
+            s.insert_str(at, rng.pick(FRAGMENTS));
+        }
+        1 => {
+            let (a, b) = (rng.boundary(s), rng.boundary(s));
+            s.replace_range(a.min(b)..a.max(b), "");
+        }
+        _ => {
+            let at = rng.boundary(s);
+            s.truncate(at);
+        }
+    }
+}
+
+#[test]
+fn stream_parser_agrees_with_one_shot_on_random_completions() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut ok, mut err) = (0, 0);
+    for round in 0..3000 {
+        let mode = if round % 2 == 0 {
+            ThinkingMode::Thinking
+        } else {
+            ThinkingMode::Chat
+        };
+        let mut text = random_completion(&mut rng, mode);
+        for _ in 0..rng.below(3) {
+            mutate(&mut rng, &mut text);
+        }
+        let one_shot = parse_completion(&text, mode);
+        if one_shot.is_ok() {
+            ok += 1
+        } else {
+            err += 1
+        }
+        let mut cuts: Vec<usize> = (0..rng.below(5)).map(|_| rng.boundary(&text)).collect();
+        cuts.sort();
+        let mut pieces = Vec::new();
+        let mut last = 0;
+        for c in cuts.into_iter().chain([text.len()]) {
+            pieces.push(&text[last..c]);
+            last = c;
+        }
+        let (proj, result) = stream(&pieces, mode);
+        assert_eq!(result, one_shot, "{text:?} {pieces:?}");
+        proj.check(&result)
+            .unwrap_or_else(|e| panic!("{text:?} {pieces:?}: {e}"));
+        let chars: Vec<String> = text.chars().map(String::from).collect();
+        let chars: Vec<&str> = chars.iter().map(String::as_str).collect();
+        let (proj, _) = stream(&chars, mode);
+        proj.check(&result)
+            .unwrap_or_else(|e| panic!("{text:?} char by char: {e}"));
+    }
+    // Both outcomes must be well represented for the check to mean anything.
+    assert!(ok > 600 && err > 600, "ok {ok}, err {err}");
+}

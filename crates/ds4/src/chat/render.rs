@@ -310,11 +310,13 @@ pub fn render(messages: &[Message], opts: &EncodeOptions) -> Result<RenderedProm
     if opts.add_default_bos_token && context.is_empty() {
         out.special(BOS);
     }
+    let last_user = last_user_index(&full);
     for i in first..full.len() {
         render_turn(
             &mut out,
             i,
             &full,
+            last_user,
             thinking,
             drop_thinking,
             opts.reasoning_effort,
@@ -327,13 +329,13 @@ fn render_turn(
     out: &mut Out,
     i: usize,
     turns: &[Turn<'_>],
+    last_user: isize,
     thinking: bool,
     drop_thinking: bool,
     effort: Option<ReasoningEffort>,
 ) -> Result<(), RenderError> {
     let turn = &turns[i];
     let msg = turn.msg;
-    let last_user = last_user_index(turns);
     // The encoder converts the tool list of whatever message carries one.
     let tools = turn.tools.unwrap_or(&[]);
     let schemas: Vec<&Value> = tools
