@@ -537,3 +537,24 @@ fn stream_parser_agrees_with_one_shot_on_random_completions() {
     // Both outcomes must be well represented for the check to mean anything.
     assert!(ok > 600 && err > 600, "ok {ok}, err {err}");
 }
+
+#[test]
+fn context_start_follows_the_encoder_arithmetic() {
+    // encode_messages renders from len(_drop_thinking_messages(context)) of the dropped full
+    // list. Here the context alone keeps its trailing developer turn (2 turns), the full list
+    // drops it ([user, user]), so rendering starts past the new user turn: nothing is emitted.
+    let call: EncoderCall = serde_json::from_value(serde_json::json!({
+        "messages": [{"role": "user", "content": "new"}],
+        "kwargs": {"thinking_mode": "thinking", "context": [
+            {"role": "user", "content": "old"}, {"role": "developer", "content": "dev"}]}
+    }))
+    .unwrap();
+    assert_eq!(call.render().unwrap().text, "");
+    // In chat mode nothing is dropped and the new turn renders normally.
+    let mut chat = call.clone();
+    chat.kwargs.thinking_mode = ThinkingMode::Chat;
+    assert_eq!(
+        chat.render().unwrap().text,
+        "<｜User｜>new<｜Assistant｜></think>"
+    );
+}

@@ -155,6 +155,19 @@ struct Turn<'a> {
     tools: Option<&'a [ToolDef]>,
 }
 
+impl Kind {
+    fn of(role: Role) -> Kind {
+        match role {
+            Role::System => Kind::System,
+            Role::Developer => Kind::Developer,
+            // Tool results only ever live inside user turns.
+            Role::User | Role::Tool => Kind::User,
+            Role::Assistant => Kind::Assistant,
+            Role::LatestReminder => Kind::LatestReminder,
+        }
+    }
+}
+
 impl Turn<'_> {
     fn declares_tools(&self) -> bool {
         self.tools.is_some_and(|t| !t.is_empty())
@@ -201,12 +214,7 @@ fn merge(messages: &[Message]) -> Vec<Turn<'_>> {
                 }
             }
             role => turns.push(Turn {
-                kind: match role {
-                    Role::System => Kind::System,
-                    Role::Developer => Kind::Developer,
-                    Role::Assistant => Kind::Assistant,
-                    _ => Kind::LatestReminder,
-                },
+                kind: Kind::of(role),
                 msg: m,
                 blocks: Vec::new(),
                 task: m.task.as_deref(),
@@ -298,8 +306,10 @@ pub fn render(messages: &[Message], opts: &EncodeOptions) -> Result<RenderedProm
 
     let (full, first) = if thinking && drop_thinking {
         let kept = drop_old_developers(&full);
-        // The encoder counts what survives of the context when dropped on its own; that can
-        // differ from its share of the whole list, and then decides where rendering starts.
+        // Rendering starts at the length of the context dropped on its own, as in the
+        // encoder. That is not always the context's share of the dropped list: a developer
+        // turn that ends the context survives alone but is dropped once a later user turn
+        // follows, and then the first new messages are skipped. Kept for parity.
         let first = drop_old_developers(&full[..context_len]).len();
         (kept, first)
     } else {
