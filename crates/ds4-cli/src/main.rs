@@ -5,6 +5,8 @@ mod tokenize;
 
 use clap::{Parser, Subcommand};
 
+mod chat_cmd;
+
 #[derive(Parser)]
 #[command(name = "ds4", version, about = "DeepSeek V4 Flash inference engine")]
 struct Cli {
@@ -20,6 +22,10 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Read a JSON array of token ids from stdin and write the text they stand for
     Detokenize(tokenize::DetokenizeArgs),
+    /// Render an encoder call (JSON on stdin) to the exact prompt text.
+    Render(chat_cmd::RenderArgs),
+    /// Parse a completion (stdin) into an assistant message (JSON).
+    Parse(chat_cmd::ParseArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +34,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Detokenize(args) => tokenize::detokenize(args),
+        Command::Render(args) => chat_cmd::render(args),
+        Command::Parse(args) => chat_cmd::parse(args),
     }
 }
