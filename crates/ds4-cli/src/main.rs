@@ -1,6 +1,7 @@
 //! `ds4`: command line for the DeepSeek V4 Flash engine.
 
 mod bench;
+mod cuda_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -15,11 +16,14 @@ struct Cli {
 enum Command {
     /// Performance measurements.
     Bench(bench::BenchArgs),
+    /// CUDA backend: device info, kernel self-test, kernel benchmarks.
+    Cuda(cuda_cmd::CudaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Cuda(args) => cuda_cmd::run(args),
     }
 }
