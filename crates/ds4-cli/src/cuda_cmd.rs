@@ -37,6 +37,9 @@ pub enum CudaWhat {
         /// Tokens of the prefill measurements.
         #[arg(long, default_value_t = 512)]
         prefill_tokens: usize,
+        /// Parts to run, comma separated: matvec, moe, prefill (default: all).
+        #[arg(long, value_delimiter = ',')]
+        sections: Vec<String>,
     },
 }
 
@@ -94,6 +97,7 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
             iters,
             repeats,
             prefill_tokens,
+            sections,
         } => {
             let be = backend()?;
             if let Some(p) = be.info().peak_bandwidth_gbs() {
@@ -103,6 +107,7 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
                 iters: iters.max(1),
                 repeats: repeats.max(1),
                 prefill_tokens: prefill_tokens.max(1),
+                sections,
             };
             println!("{}", BenchRow::CSV_HEADER);
             bench(&be, &cfg, &mut |r| println!("{}", r.csv()))?;

@@ -191,7 +191,13 @@ mod tests {
         // No temporary files left behind.
         let leftovers = fs::read_dir(&d)
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".tmp"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".tmp")
+            })
             .count();
         assert_eq!(leftovers, 0);
         let _ = fs::remove_dir_all(&d);

@@ -83,7 +83,9 @@ pub fn random_weight(rng: &mut Rng, ty: GgmlType, n_rows: usize, n_cols: usize) 
     let mut w = vec![0u8; rb * n_rows];
     match ty {
         GgmlType::F32 | GgmlType::F16 => {
-            let x: Vec<f32> = (0..n_rows * n_cols).map(|_| (rng.normal() * 0.05) as f32).collect();
+            let x: Vec<f32> = (0..n_rows * n_cols)
+                .map(|_| (rng.normal() * 0.05) as f32)
+                .collect();
             quantize_row(ty, &x, &mut w).expect("float types quantize");
         }
         _ => {
@@ -148,7 +150,8 @@ pub struct CheckRow {
 
 impl CheckRow {
     /// CSV header matching [`CheckRow::csv`].
-    pub const CSV_HEADER: &'static str = "kernel,type,shape,max_abs,max_err_over_l1,rel_l2,tol,pass,note";
+    pub const CSV_HEADER: &'static str =
+        "kernel,type,shape,max_abs,max_err_over_l1,rel_l2,tol,pass,note";
     /// One CSV line.
     pub fn csv(&self) -> String {
         format!(
@@ -197,7 +200,11 @@ fn compare(
         rel_l2: (num / den.max(1e-300)).sqrt(),
         tol,
         pass: !bad && max_err <= tol,
-        note: if bad { "non-finite or missing outputs".into() } else { String::new() },
+        note: if bad {
+            "non-finite or missing outputs".into()
+        } else {
+            String::new()
+        },
     }
 }
 
@@ -251,7 +258,11 @@ fn check_type(
     let mut d32 = poisoned(be, n_rows * n_cols)?;
     be.dequantize_f32(&w, 0, &mut d32.slice_mut(..))?;
     let g32 = be.download(&d32)?;
-    let mism32 = cpu.iter().zip(&g32).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let mism32 = cpu
+        .iter()
+        .zip(&g32)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
     out.push(exact_row("dequant_f32", ty, &shape, mism32));
     let mut d16 = be.stream().alloc_zeros::<u16>(n_rows * n_cols)?;
     be.dequantize_f16(&w, 0, &mut d16.slice_mut(..))?;
@@ -277,7 +288,11 @@ fn check_type(
     let mut row = compare("matvec", ty, shape.clone(), &y1, &refs, TOL_F32);
     let mut ycpu = vec![0f32; n_rows];
     cpu_matvec(ty, &wb, n_rows, n_cols, &x, &mut ycpu, true);
-    let dcpu = y1.iter().zip(&ycpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let dcpu = y1
+        .iter()
+        .zip(&ycpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     row.note = format!("max|gpu-cpu_exact|={dcpu:.2e}");
     out.push(row);
     out.push(det_row("matvec", ty, &shape, same_bits(&y1, &y2)));
@@ -288,7 +303,13 @@ fn check_type(
     let xsd = be.upload_f32(&xs)?;
     let mut refs_t = Vec::with_capacity(n_tok * n_rows);
     for t in 0..n_tok {
-        refs_t.extend(reference(ty, &wb, n_rows, n_cols, &xs[t * n_cols..(t + 1) * n_cols]));
+        refs_t.extend(reference(
+            ty,
+            &wb,
+            n_rows,
+            n_cols,
+            &xs[t * n_cols..(t + 1) * n_cols],
+        ));
     }
     let tshape = format!("{shape}x{n_tok}tok");
     let mut results = Vec::new();
@@ -301,19 +322,43 @@ fn check_type(
         }
         results.push(ys);
     }
-    out.push(det_row("matmul", ty, &tshape, same_bits(&results[0], &results[1])));
+    out.push(det_row(
+        "matmul",
+        ty,
+        &tshape,
+        same_bits(&results[0], &results[1]),
+    ));
     let mut scratch = GemmScratch::default();
     results.clear();
     for rep in 0..2 {
         let mut ys = poisoned(be, n_tok * n_rows)?;
-        be.matmul_gemm(&w, 0, &xsd.slice(..), n_tok, &mut ys.slice_mut(..), &mut scratch)?;
+        be.matmul_gemm(
+            &w,
+            0,
+            &xsd.slice(..),
+            n_tok,
+            &mut ys.slice_mut(..),
+            &mut scratch,
+        )?;
         let ys = be.download(&ys)?;
         if rep == 0 {
-            out.push(compare("gemm_f16", ty, tshape.clone(), &ys, &refs_t, TOL_F16_GEMM));
+            out.push(compare(
+                "gemm_f16",
+                ty,
+                tshape.clone(),
+                &ys,
+                &refs_t,
+                TOL_F16_GEMM,
+            ));
         }
         results.push(ys);
     }
-    out.push(det_row("gemm_f16", ty, &tshape, same_bits(&results[0], &results[1])));
+    out.push(det_row(
+        "gemm_f16",
+        ty,
+        &tshape,
+        same_bits(&results[0], &results[1]),
+    ));
     Ok(())
 }
 
@@ -344,7 +389,13 @@ fn check_moe(be: &CudaBackend, rng: &mut Rng, ty: GgmlType, out: &mut Vec<CheckR
         let mut ys = Vec::new();
         for _ in 0..2 {
             let mut y = poisoned(be, ids.len() * n_rows)?;
-            be.moe_matvec(&w, &idsd.slice(..), &xd.slice(..), stride, &mut y.slice_mut(..))?;
+            be.moe_matvec(
+                &w,
+                &idsd.slice(..),
+                &xd.slice(..),
+                stride,
+                &mut y.slice_mut(..),
+            )?;
             ys.push(be.download(&y)?);
         }
         out.push(compare(kernel, ty, shape.clone(), &ys[0], &refs, TOL_F32));
@@ -377,7 +428,11 @@ fn det_row(kernel: &str, ty: GgmlType, shape: &str, same: bool) -> CheckRow {
         rel_l2: 0.0,
         tol: 0.0,
         pass: same,
-        note: if same { "two runs bit-identical".into() } else { "runs differ".into() },
+        note: if same {
+            "two runs bit-identical".into()
+        } else {
+            "runs differ".into()
+        },
     }
 }
 
@@ -421,7 +476,9 @@ impl BenchRow {
             self.batch,
             self.us,
             self.gbs,
-            self.frac_peak.map(|f| format!("{f:.3}")).unwrap_or_else(|| "-".into()),
+            self.frac_peak
+                .map(|f| format!("{f:.3}"))
+                .unwrap_or_else(|| "-".into()),
             self.tflops
         )
     }
@@ -482,6 +539,14 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// Tokens of the prefill measurements.
     pub prefill_tokens: usize,
+    /// Which parts to run: any of "matvec", "moe", "prefill" (empty = all).
+    pub sections: Vec<String>,
+}
+
+impl BenchConfig {
+    fn wants(&self, s: &str) -> bool {
+        self.sections.is_empty() || self.sections.iter().any(|x| x == s)
+    }
 }
 
 impl Default for BenchConfig {
@@ -490,6 +555,7 @@ impl Default for BenchConfig {
             iters: 200,
             repeats: 5,
             prefill_tokens: 512,
+            sections: Vec::new(),
         }
     }
 }
@@ -528,7 +594,7 @@ pub fn bench(be: &CudaBackend, cfg: &BenchConfig, log: &mut dyn FnMut(&BenchRow)
             (GgmlType::Q8_0, 32768, 1024, "matvec"),
         ])
         .collect();
-    for (ty, rows, cols, kernel) in shapes {
+    for (ty, rows, cols, kernel) in shapes.into_iter().filter(|_| cfg.wants("matvec")) {
         let w = rotating_weight(be, &mut rng, ty, rows, cols, min_bytes)?;
         let x = be.upload_f32(&random_activations(&mut rng, cols))?;
         let mut y = be.alloc_f32(rows)?;
@@ -554,11 +620,15 @@ pub fn bench(be: &CudaBackend, cfg: &BenchConfig, log: &mut dyn FnMut(&BenchRow)
     for (gu, dn, label) in [
         (GgmlType::IQ2_XXS, GgmlType::Q2_K, "IQ2_XXS+Q2_K"),
         (GgmlType::Q4_K, GgmlType::Q4_K, "Q4_K"),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| cfg.wants("moe"))
+    {
         let (d, f, e, k) = (4096usize, 2048usize, 256usize, 6usize);
         let tiled = |rng: &mut Rng, ty, rows, cols| -> Result<GpuWeight> {
             // 8 distinct random experts tiled to 256 (the bytes are what matter).
-            let distinct: Vec<Vec<u8>> = (0..8).map(|_| random_weight(rng, ty, rows, cols)).collect();
+            let distinct: Vec<Vec<u8>> =
+                (0..8).map(|_| random_weight(rng, ty, rows, cols)).collect();
             let mut all = Vec::with_capacity(distinct[0].len() * e);
             for i in 0..e {
                 all.extend_from_slice(&distinct[i % 8]);
@@ -613,7 +683,10 @@ pub fn bench(be: &CudaBackend, cfg: &BenchConfig, log: &mut dyn FnMut(&BenchRow)
         (GgmlType::Q8_0, 4096usize, 4096usize),
         (GgmlType::IQ2_XXS, 2048, 4096),
         (GgmlType::Q2_K, 4096, 2048),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| cfg.wants("prefill"))
+    {
         let wb = random_weight(&mut rng, ty, rows, cols);
         let w = be.upload_weight(ty, &wb, rows, cols, 1, &mut |_, _| {})?;
         let xs = be.upload_f32(&random_activations(&mut rng, nt * cols))?;
@@ -623,12 +696,37 @@ pub fn bench(be: &CudaBackend, cfg: &BenchConfig, log: &mut dyn FnMut(&BenchRow)
         let us = time_us(be, iters, cfg.repeats, &mut |_| {
             be.matmul(&w, 0, &xs.slice(..), nt, &mut ys.slice_mut(..))
         })?;
-        log(&mk("matmul_cuda_cores", ty.to_string(), rows, cols, nt, us, w.matrix_bytes() as f64, flops));
+        log(&mk(
+            "matmul_cuda_cores",
+            ty.to_string(),
+            rows,
+            cols,
+            nt,
+            us,
+            w.matrix_bytes() as f64,
+            flops,
+        ));
         let mut scratch = GemmScratch::default();
         let us = time_us(be, iters, cfg.repeats, &mut |_| {
-            be.matmul_gemm(&w, 0, &xs.slice(..), nt, &mut ys.slice_mut(..), &mut scratch)
+            be.matmul_gemm(
+                &w,
+                0,
+                &xs.slice(..),
+                nt,
+                &mut ys.slice_mut(..),
+                &mut scratch,
+            )
         })?;
-        log(&mk("matmul_dequant_f16_gemm", ty.to_string(), rows, cols, nt, us, w.matrix_bytes() as f64, flops));
+        log(&mk(
+            "matmul_dequant_f16_gemm",
+            ty.to_string(),
+            rows,
+            cols,
+            nt,
+            us,
+            w.matrix_bytes() as f64,
+            flops,
+        ));
     }
     Ok(())
 }

@@ -72,6 +72,16 @@ pub fn kernel_source() -> String {
         }
         let _ = write!(s, "{v}, ");
     }
+    // The same grid as floats, so blocks fill their shared-memory copy with plain loads.
+    s.push_str("\n};\n__device__ const float ds4_iq2_gridf[2048] = {");
+    for (i, g) in grid.iter().enumerate() {
+        if i % 2 == 0 {
+            s.push_str("\n    ");
+        }
+        for k in 0..8 {
+            let _ = write!(s, "{}.f, ", (g >> (8 * k)) & 255);
+        }
+    }
     s.push_str("\n};\n");
     s.push_str(QUANT_CU);
     s
@@ -79,14 +89,23 @@ pub fn kernel_source() -> String {
 
 /// NVRTC options: the device's real architecture (a cubin, not PTX), full optimization.
 /// No fast-math: the dequantize kernels must round like the CPU reference.
+/// With `DS4_CUDA_PTXAS_VERBOSE` set, ptxas reports registers/spills per kernel (printed to
+/// stderr; the option is part of the cache key, so this forces a compile).
 pub fn nvrtc_options(arch: &str) -> Vec<String> {
-    vec![
+    let mut v = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".into(),
         "-default-device".into(),
         "--extra-device-vectorization".into(),
-    ]
+    ];
+    if std::env::var_os(PTXAS_VERBOSE_ENV).is_some() {
+        v.push("--ptxas-options=-v".into());
+    }
+    v
 }
+
+/// Environment variable asking for the ptxas resource report.
+pub const PTXAS_VERBOSE_ENV: &str = "DS4_CUDA_PTXAS_VERBOSE";
 
 /// Where a module's image came from (reported by the self-test).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +129,10 @@ pub fn build_image(
     if let Some(img) = cache.load(&key) {
         return Ok((img, ImageOrigin::Cache, key));
     }
-    let img = compile_cubin(&src, &opts)?;
+    let (img, log) = compile_cubin(&src, &opts)?;
+    if std::env::var_os(PTXAS_VERBOSE_ENV).is_some() {
+        eprintln!("{log}");
+    }
     if let Err(e) = cache.store(&key, &img) {
         // A read-only home must not stop the backend; it only costs a compile next time.
         eprintln!("ds4: cuda: could not write kernel cache ({e}); continuing without it");
@@ -122,8 +144,8 @@ fn nvrtc_check(r: nv::nvrtcResult, what: &str) -> Result<(), String> {
     r.result().map_err(|e| format!("{what}: {e:?}"))
 }
 
-/// NVRTC source -> cubin.
-pub fn compile_cubin(src: &str, opts: &[String]) -> Result<Vec<u8>, String> {
+/// NVRTC source -> (cubin, compiler log).
+pub fn compile_cubin(src: &str, opts: &[String]) -> Result<(Vec<u8>, String), String> {
     let csrc = CString::new(src).map_err(|_| "kernel source contains NUL".to_string())?;
     let name = CString::new("ds4_quant.cu").expect("static name");
     let copts: Vec<CString> = opts
@@ -164,7 +186,7 @@ pub fn compile_cubin(src: &str, opts: &[String]) -> Result<Vec<u8>, String> {
                 nv::nvrtcGetCUBIN(prog, img.as_mut_ptr() as *mut c_char),
                 "nvrtcGetCUBIN",
             )?;
-            Ok(img)
+            Ok((img, program_log(prog)))
         })();
         let _ = nv::nvrtcDestroyProgram(&mut prog);
         res

@@ -8,8 +8,8 @@ use crate::quant::GgmlType;
 use cudarc::cublas::{sys as cb, CudaBlas};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
-    DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -275,12 +275,12 @@ impl CudaBackend {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<GpuWeight> {
         kernel_suffix(ty).ok_or_else(|| CudaError::Invalid(format!("no CUDA kernels for {ty}")))?;
-        if n_rows == 0 || n_experts == 0 || n_cols == 0 || n_cols % 32 != 0 {
+        if n_rows == 0 || n_experts == 0 || n_cols == 0 || !n_cols.is_multiple_of(32) {
             return Err(CudaError::Invalid(format!(
                 "{ty} weight {n_experts}×{n_rows}×{n_cols}: columns must be a positive multiple of 32"
             )));
         }
-        if n_cols % ty.block_elems() != 0 {
+        if !n_cols.is_multiple_of(ty.block_elems()) {
             return Err(CudaError::Invalid(format!(
                 "{ty}: {n_cols} columns is not a whole number of blocks"
             )));
@@ -297,7 +297,9 @@ impl CudaBackend {
             return Err(CudaError::Invalid("matrix too large".into()));
         }
         let stride = mat.next_multiple_of(EXPERT_ALIGN);
-        let mut buf = self.stream.alloc_zeros::<u8>(stride * n_experts + EXPERT_ALIGN)?;
+        let mut buf = self
+            .stream
+            .alloc_zeros::<u8>(stride * n_experts + EXPERT_ALIGN)?;
         // Chunks of whole rows of about 32 MiB: big enough for full PCIe speed, small enough
         // for a smooth progress bar and a small host staging buffer (Q8_0 repacking).
         let rows_per_chunk = ((32usize << 20) / rb).clamp(1, n_rows);
@@ -386,8 +388,10 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        if x_stride % 4 != 0 {
-            return Err(CudaError::Invalid("x_stride must be a multiple of 4".into()));
+        if !x_stride.is_multiple_of(4) {
+            return Err(CudaError::Invalid(
+                "x_stride must be a multiple of 4".into(),
+            ));
         }
         check_len("x", x.len(), (n - 1) * x_stride + w.n_cols)?;
         check_len("y", y.len(), n * w.n_rows)?;
@@ -408,11 +412,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let k = self.kernels(w.ty)?;
         let cfg = LaunchConfig {
-            grid_dim: (
-                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK),
-                slots as u32,
-                1,
-            ),
+            grid_dim: ((w.n_rows as u32).div_ceil(WARPS_PER_BLOCK), slots as u32, 1),
             block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -461,7 +461,12 @@ impl CudaBackend {
         };
         let (n_rows, n_cols, nt) = (w.n_rows as i32, w.n_cols as i32, n_tok as i32);
         let mut b = self.stream.launch_builder(&k.mm);
-        b.arg(&wv).arg(&n_rows).arg(&n_cols).arg(xs).arg(&nt).arg(ys);
+        b.arg(&wv)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(xs)
+            .arg(&nt)
+            .arg(ys);
         // SAFETY: matches mm_<t>; lengths checked above.
         unsafe { b.launch(cfg) }?;
         Ok(())

@@ -193,7 +193,9 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
     }
     // Free memory needs a context; the primary context is shared with the backend later.
     let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| format!("context: {e}"))?;
-    let (free_mem, _) = ctx.mem_get_info().map_err(|e| format!("cuMemGetInfo: {e}"))?;
+    let (free_mem, _) = ctx
+        .mem_get_info()
+        .map_err(|e| format!("cuMemGetInfo: {e}"))?;
     Ok(DeviceInfo {
         ordinal,
         name,

@@ -72,7 +72,7 @@ struct Iq2Smem {
 
 __device__ __forceinline__ void load_iq2_tables(Iq2Smem* s) {
     for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x)
-        s->grid[i] = (float)((ds4_iq2_grid[i >> 3] >> (8 * (i & 7))) & 255);
+        s->grid[i] = ds4_iq2_gridf[i];
     for (int i = threadIdx.x; i < 128; i += blockDim.x) s->signs[i] = ds4_iq2_signs[i];
     __syncthreads();
 }
@@ -84,39 +84,68 @@ __device__ __forceinline__ const float* tok(const float* x, i64 ldx, int t, int 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-type row dot products. `acc[t] += row_o . x_t` for the NT tokens of a tile, over this
-// lane's units. `w` is the matrix base (one expert), `o` the row.
+// Per-type row dot products: `acc[t] += row_o . x_t` for the NT tokens of a tile, over this
+// lane's units. Each type is a struct with `load` (global reads of one unit into registers)
+// and `dot` (decode + FMAs). `dot_row` first issues the loads of UNR units, then computes
+// them: decode matvecs are latency-bound unless a lane has several independent loads in
+// flight (a 4096x4096 IQ2_XXS matrix is only 4.3 MB, about one microsecond of HBM time).
 // ---------------------------------------------------------------------------------------------
 
-// F32: unit = 4 elements (one float4).
-template <int NT>
-__device__ __forceinline__ void dot_f32(const u8* w, int o, int n_rows, int n_cols,
-                                        const float* x, i64 ldx, int nt, float* acc,
-                                        const Iq2Smem*) {
-    const float4* row = (const float4*)(w + (i64)o * n_cols * 4);
-    int units = n_cols >> 2;
-    for (int u = threadIdx.x & 31; u < units; u += 32) {
-        float4 a = row[u];
+struct RowCtx {
+    const u8* w;  // matrix base (one expert)
+    int o;        // row
+    int n_rows;
+    int n_cols;
+};
+
+template <class U, int NT, int UNR>
+__device__ __forceinline__ void dot_row(const RowCtx& c, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem* tb) {
+    const int units = U::units(c.n_cols);
+    for (int u0 = threadIdx.x & 31; u0 < units; u0 += 32 * UNR) {
+        U r[UNR];
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            float4 b = ((const float4*)tok(x, ldx, t, nt))[u];
-            acc[t] = fmaf(a.x, b.x, acc[t]);
-            acc[t] = fmaf(a.y, b.y, acc[t]);
-            acc[t] = fmaf(a.z, b.z, acc[t]);
-            acc[t] = fmaf(a.w, b.w, acc[t]);
-        }
+        for (int k = 0; k < UNR; k++)
+            if (u0 + 32 * k < units) r[k].load(c, u0 + 32 * k);
+#pragma unroll
+        for (int k = 0; k < UNR; k++)
+            if (u0 + 32 * k < units) r[k].template dot<NT>(c, u0 + 32 * k, x, ldx, nt, acc, tb);
     }
 }
 
+// F32: unit = 4 elements (one float4).
+struct UF32 {
+    float4 a;
+    static __device__ __forceinline__ int units(int n_cols) { return n_cols >> 2; }
+    __device__ __forceinline__ void load(const RowCtx& c, int u) {
+        a = ((const float4*)(c.w + (i64)c.o * c.n_cols * 4))[u];
+    }
+    template <int NT>
+    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem*) const {
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float4 b = ((const float4*)tok(x, ldx, t, nt))[u];
+            float s = acc[t];
+            s = fmaf(a.x, b.x, s);
+            s = fmaf(a.y, b.y, s);
+            s = fmaf(a.z, b.z, s);
+            s = fmaf(a.w, b.w, s);
+            acc[t] = s;
+        }
+    }
+};
+
 // F16: unit = 8 elements (one 16-byte load).
-template <int NT>
-__device__ __forceinline__ void dot_f16(const u8* w, int o, int n_rows, int n_cols,
-                                        const float* x, i64 ldx, int nt, float* acc,
-                                        const Iq2Smem*) {
-    const uint4* row = (const uint4*)(w + (i64)o * n_cols * 2);
-    int units = n_cols >> 3;
-    for (int u = threadIdx.x & 31; u < units; u += 32) {
-        uint4 q = row[u];
+struct UF16 {
+    uint4 q;
+    static __device__ __forceinline__ int units(int n_cols) { return n_cols >> 3; }
+    __device__ __forceinline__ void load(const RowCtx& c, int u) {
+        q = ((const uint4*)(c.w + (i64)c.o * c.n_cols * 2))[u];
+    }
+    template <int NT>
+    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem*) const {
         float v[8];
         u32 words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
@@ -140,60 +169,72 @@ __device__ __forceinline__ void dot_f16(const u8* w, int o, int n_rows, int n_co
             acc[t] = s;
         }
     }
-}
+};
 
 // Q8_0 (repacked planes): unit = one 32-element block: 32 code bytes (two 16-byte loads) and
 // one f16 scale.
-template <int NT>
-__device__ __forceinline__ void dot_q8_0(const u8* w, int o, int n_rows, int n_cols,
-                                         const float* x, i64 ldx, int nt, float* acc,
-                                         const Iq2Smem*) {
-    int nb = n_cols >> 5;
-    const uint4* qrow = (const uint4*)(w + (i64)o * n_cols);
-    const u16* drow = (const u16*)(w + (i64)n_rows * n_cols) + (i64)o * nb;
-    for (int b = threadIdx.x & 31; b < nb; b += 32) {
-        uint4 q0 = qrow[2 * b], q1 = qrow[2 * b + 1];
-        float d = h2f(drow[b]);
+struct UQ8_0 {
+    uint4 q0, q1;
+    u16 d;
+    static __device__ __forceinline__ int units(int n_cols) { return n_cols >> 5; }
+    __device__ __forceinline__ void load(const RowCtx& c, int b) {
+        const uint4* qrow = (const uint4*)(c.w + (i64)c.o * c.n_cols);
+        q0 = qrow[2 * b];
+        q1 = qrow[2 * b + 1];
+        d = ((const u16*)(c.w + (i64)c.n_rows * c.n_cols))[(i64)c.o * (c.n_cols >> 5) + b];
+    }
+    template <int NT>
+    __device__ __forceinline__ void dot(const RowCtx&, int b, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem*) const {
+        float df = h2f(d);
         u32 words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const float4* xv = (const float4*)(tok(x, ldx, t, nt) + 32 * b);
-            float s = 0.0f;
+            // Two partial sums halve the dependent FMA chain.
+            float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                float4 xx = xv[i];
-                s = fmaf(sbytef(words[i], 0), xx.x, s);
-                s = fmaf(sbytef(words[i], 1), xx.y, s);
-                s = fmaf(sbytef(words[i], 2), xx.z, s);
-                s = fmaf(sbytef(words[i], 3), xx.w, s);
+            for (int i = 0; i < 8; i += 2) {
+                float4 xa = xv[i], xb = xv[i + 1];
+                s0 = fmaf(sbytef(words[i], 0), xa.x, s0);
+                s0 = fmaf(sbytef(words[i], 1), xa.y, s0);
+                s0 = fmaf(sbytef(words[i], 2), xa.z, s0);
+                s0 = fmaf(sbytef(words[i], 3), xa.w, s0);
+                s1 = fmaf(sbytef(words[i + 1], 0), xb.x, s1);
+                s1 = fmaf(sbytef(words[i + 1], 1), xb.y, s1);
+                s1 = fmaf(sbytef(words[i + 1], 2), xb.z, s1);
+                s1 = fmaf(sbytef(words[i + 1], 3), xb.w, s1);
             }
-            acc[t] = fmaf(d, s, acc[t]);
+            acc[t] = fmaf(df, s0 + s1, acc[t]);
         }
     }
-}
+};
 
 // Q2_K: unit = 64 elements sharing 16 code bytes: half h (elements 128h..128h+127) and
 // l-half lh (l in 16lh..16lh+15); the four 2-bit planes j of those bytes are the elements
 // 128h + 32j + 16lh + i with group scale byte 8h + 2j + lh. Four units per 84-byte block.
-template <int NT>
-__device__ __forceinline__ void dot_q2_k(const u8* w, int o, int n_rows, int n_cols,
-                                         const float* x, i64 ldx, int nt, float* acc,
-                                         const Iq2Smem*) {
-    int nblk = n_cols >> 8;
-    const u8* row = w + (i64)o * nblk * 84;
-    int units = nblk * 4;
-    for (int u = threadIdx.x & 31; u < units; u += 32) {
-        const u8* p = row + (u >> 2) * 84;
+struct UQ2_K {
+    u32 dd, sc0, sc1, q[4];
+    static __device__ __forceinline__ int units(int n_cols) { return (n_cols >> 8) * 4; }
+    __device__ __forceinline__ void load(const RowCtx& c, int u) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + (u >> 2)) * 84;
         int h = (u >> 1) & 1, lh = u & 1;
-        u32 dd = ld32(p + 80);
-        float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
-        u32 scw[2] = {ld32(p + 8 * h), ld32(p + 8 * h + 4)};
+        dd = ld32(p + 80);
+        sc0 = ld32(p + 8 * h);
+        sc1 = ld32(p + 8 * h + 4);
         const u8* qp = p + 16 + 32 * h + 16 * lh;
-        u32 q[4] = {ld32(qp), ld32(qp + 4), ld32(qp + 8), ld32(qp + 12)};
+#pragma unroll
+        for (int i = 0; i < 4; i++) q[i] = ld32(qp + 4 * i);
+    }
+    template <int NT>
+    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem*) const {
+        int h = (u >> 1) & 1, lh = u & 1;
+        float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
         int e0 = (u >> 2) * 256 + 128 * h + 16 * lh;
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            u32 sc = (scw[j >> 1] >> (8 * (2 * (j & 1) + lh))) & 255;
+            u32 sc = ((j < 2 ? sc0 : sc1) >> (8 * (2 * (j & 1) + lh))) & 255;
             float dl = d * (float)(sc & 15);
             float ml = dmin * (float)(sc >> 4);
             u32 m[4];
@@ -216,7 +257,7 @@ __device__ __forceinline__ void dot_q2_k(const u8* w, int o, int n_rows, int n_c
             }
         }
     }
-}
+};
 
 // Q4_K scale/min of sub-block s from the 12 scale bytes held in three words.
 __device__ __forceinline__ u32 sbyte(const u32* s, int i) { return (s[i >> 2] >> (8 * (i & 3))) & 255; }
@@ -233,26 +274,32 @@ __device__ __forceinline__ void q4k_scale_min(const u32* s, int sb, u32* sc, u32
 
 // Q4_K: unit = chunk c of 64 elements = 32 code bytes (two 16-byte loads): low nibbles are
 // sub-block 2c, high nibbles sub-block 2c+1. Four units per 144-byte block.
-template <int NT>
-__device__ __forceinline__ void dot_q4_k(const u8* w, int o, int n_rows, int n_cols,
-                                         const float* x, i64 ldx, int nt, float* acc,
-                                         const Iq2Smem*) {
-    int nblk = n_cols >> 8;
-    const u8* row = w + (i64)o * nblk * 144;
-    int units = nblk * 4;
-    for (int u = threadIdx.x & 31; u < units; u += 32) {
-        const u8* p = row + (u >> 2) * 144;
-        int c = u & 3;
-        u32 dd = ld32(p);
+struct UQ4_K {
+    u32 dd, s[3];
+    uint4 qa, qb;
+    static __device__ __forceinline__ int units(int n_cols) { return (n_cols >> 8) * 4; }
+    __device__ __forceinline__ void load(const RowCtx& c, int u) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + (u >> 2)) * 144;
+        int ch = u & 3;
+        uint4 head = *(const uint4*)p;  // d, dmin, scales[12]
+        dd = head.x;
+        s[0] = head.y;
+        s[1] = head.z;
+        s[2] = head.w;
+        qa = *(const uint4*)(p + 16 + 32 * ch);
+        qb = *(const uint4*)(p + 32 + 32 * ch);
+    }
+    template <int NT>
+    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem*) const {
+        int ch = u & 3;
         float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
-        u32 s[3] = {ld32(p + 4), ld32(p + 8), ld32(p + 12)};
-        uint4 qa = *(const uint4*)(p + 16 + 32 * c), qb = *(const uint4*)(p + 32 + 32 * c);
         u32 q[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-        int e0 = (u >> 2) * 256 + 64 * c;
+        int e0 = (u >> 2) * 256 + 64 * ch;
 #pragma unroll
         for (int hi = 0; hi < 2; hi++) {
             u32 sc, mn;
-            q4k_scale_min(s, 2 * c + hi, &sc, &mn);
+            q4k_scale_min(s, 2 * ch + hi, &sc, &mn);
             float dl = d * (float)sc;
             float ml = dmin * (float)mn;
 #pragma unroll
@@ -273,24 +320,26 @@ __device__ __forceinline__ void dot_q4_k(const u8* w, int o, int n_rows, int n_c
             }
         }
     }
-}
+};
 
 // IQ2_XXS: unit = one group of 32 elements (8 bytes after the block's f16 d). The 66-byte
 // block is only 2-byte aligned, so the group is read as four u16.
-template <int NT>
-__device__ __forceinline__ void dot_iq2_xxs(const u8* w, int o, int n_rows, int n_cols,
-                                            const float* x, i64 ldx, int nt, float* acc,
-                                            const Iq2Smem* tb) {
-    int nblk = n_cols >> 8;
-    const u8* row = w + (i64)o * nblk * 66;
-    int units = nblk * 8;
-    for (int u = threadIdx.x & 31; u < units; u += 32) {
-        const u8* p = row + (u >> 3) * 66;
-        const u8* g = p + 2 + 8 * (u & 7);
-        float d = h2f(ld16(p));
-        u32 a = (u32)ld16(g) | ((u32)ld16(g + 2) << 16);
-        u32 b = (u32)ld16(g + 4) | ((u32)ld16(g + 6) << 16);
-        float db = d * (0.5f + (float)(b >> 28)) * 0.25f;
+struct UIQ2_XXS {
+    u16 d, g[4];
+    static __device__ __forceinline__ int units(int n_cols) { return (n_cols >> 8) * 8; }
+    __device__ __forceinline__ void load(const RowCtx& c, int u) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + (u >> 3)) * 66;
+        const u16* gp = (const u16*)(p + 2 + 8 * (u & 7));
+        d = *(const u16*)p;
+#pragma unroll
+        for (int i = 0; i < 4; i++) g[i] = gp[i];
+    }
+    template <int NT>
+    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem* tb) const {
+        u32 a = (u32)g[0] | ((u32)g[1] << 16);
+        u32 b = (u32)g[2] | ((u32)g[3] << 16);
+        float db = h2f(d) * (0.5f + (float)(b >> 28)) * 0.25f;
         float s[NT];
 #pragma unroll
         for (int t = 0; t < NT; t++) s[t] = 0.0f;
@@ -322,7 +371,7 @@ __device__ __forceinline__ void dot_iq2_xxs(const u8* w, int o, int n_rows, int 
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[t] = fmaf(db, s[t], acc[t]);
     }
-}
+};
 
 // ---------------------------------------------------------------------------------------------
 // Exact dequantization of one unit (same operation order as the CPU reference, no FMA
@@ -419,7 +468,7 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
     const Iq2Smem* tables_ = (const Iq2Smem*)tables_raw_;                                        \
     if (USES_TABLES) load_iq2_tables((Iq2Smem*)tables_raw_);
 
-#define DS4_KERNELS(T, USES_TABLES, DQ_ELEMS)                                                     \
+#define DS4_KERNELS(T, U, USES_TABLES, DQ_ELEMS)                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                            \
         mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,          \
                int n_rows, int n_cols, const float* __restrict__ x, i64 x_stride,                \
@@ -430,7 +479,8 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
         if (o >= n_rows) return;                                                                 \
         const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                            \
         float acc[1] = {0.0f};                                                                   \
-        dot_##T<1>(wb, o, n_rows, n_cols, x + slot * x_stride, 0, 1, acc, tables_);          \
+        RowCtx c = {wb, o, n_rows, n_cols};                                                      \
+        dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_);                            \
         float r = warp_sum(acc[0]);                                                              \
         if ((threadIdx.x & 31) == 0) y[(i64)slot * n_rows + o] = r;                              \
     }                                                                                            \
@@ -444,8 +494,8 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
         int nt = min(MM_TOKENS, n_tok - t0);                                                     \
         float acc[MM_TOKENS];                                                                    \
         _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) acc[t] = 0.0f;                     \
-        dot_##T<MM_TOKENS>(w, o, n_rows, n_cols, x + (i64)t0 * n_cols, n_cols, nt, acc,          \
-                           tables_);                                                         \
+        RowCtx c = {w, o, n_rows, n_cols};                                                       \
+        dot_row<U, MM_TOKENS, 1>(c, x + (i64)t0 * n_cols, n_cols, nt, acc, tables_);             \
         _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) {                                  \
             float r = warp_sum(acc[t]);                                                          \
             if ((threadIdx.x & 31) == 0 && t < nt) y[(i64)(t0 + t) * n_rows + o] = r;            \
@@ -463,12 +513,12 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
         for (int k = 0; k < DQ_ELEMS; k++) dst[k] = f2h(v[k]);                                   \
     }
 
-DS4_KERNELS(f32, 0, 4)
-DS4_KERNELS(f16, 0, 8)
-DS4_KERNELS(q8_0, 0, 32)
-DS4_KERNELS(q2_k, 0, 16)
-DS4_KERNELS(q4_k, 0, 32)
-DS4_KERNELS(iq2_xxs, 1, 32)
+DS4_KERNELS(f32, UF32, 0, 4)
+DS4_KERNELS(f16, UF16, 0, 8)
+DS4_KERNELS(q8_0, UQ8_0, 0, 32)
+DS4_KERNELS(q2_k, UQ2_K, 0, 16)
+DS4_KERNELS(q4_k, UQ4_K, 0, 32)
+DS4_KERNELS(iq2_xxs, UIQ2_XXS, 1, 32)
 
 // f32 -> f16 (round to nearest even), for the activations of the f16 GEMM path.
 extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, i64 n) {
