@@ -6,10 +6,9 @@
 //
 // Conventions shared by every kernel:
 // * A weight matrix is `n_rows x n_cols`, row-major; output `o` is row `o` . x.
-// * Matvec/MoE kernels: one warp per output row, 8 warps (8 rows) per block. Each lane walks
-//   the row's "units" (a fixed slice of a quant block) lane, lane+32, ... so a warp's loads of
-//   one iteration cover a contiguous stretch of the row (coalesced), then a butterfly shuffle
-//   reduction combines the lanes. The summation order depends only on n_cols, never on timing:
+// * Matvec/MoE kernels: one warp per output row, 8 warps (8 rows) per block; the warp walks
+//   the row 256 elements at a time (lane l: elements 8l..8l+7, see dot_row), then a butterfly
+//   shuffle reduction combines the lanes. The summation order depends only on n_cols, never on timing:
 //   results are bit-identical from run to run (no atomics anywhere).
 // * Q8_0 is stored repacked on the GPU (see `repack_q8_0` in device.rs): per matrix, a plane of
 //   int8 codes (n_rows x n_cols) followed by a plane of f16 scales (n_rows x n_cols/32). The
@@ -84,11 +83,19 @@ __device__ __forceinline__ const float* tok(const float* x, i64 ldx, int t, int 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-type row dot products: `acc[t] += row_o . x_t` for the NT tokens of a tile, over this
-// lane's units. Each type is a struct with `load` (global reads of one unit into registers)
-// and `dot` (decode + FMAs). `dot_row` first issues the loads of UNR units, then computes
-// them: decode matvecs are latency-bound unless a lane has several independent loads in
-// flight (a 4096x4096 IQ2_XXS matrix is only 4.3 MB, about one microsecond of HBM time).
+// Per-type row dot products: `acc[t] += row_o . x_t` for the NT tokens of a tile.
+//
+// Mapping: a warp walks the row in steps of 256 elements (one K-quant block); in each step
+// lane l owns elements 8l..8l+7. Consecutive lanes therefore read consecutive activations
+// (two coalesced float4 loads per lane) and consecutive bytes of the weight block. (A first
+// version gave each lane a whole quant group; its activation loads touched 32 cache lines
+// per warp instruction and ran at ~10% of HBM bandwidth.)
+//
+// Each type is a struct with `load` (the lane's global weight reads for one step, into
+// registers) and `dot` (decode + FMAs). `dot_row` issues the loads of UNR steps before
+// computing any of them, so a lane keeps several independent loads in flight: decode
+// matvecs are latency-bound otherwise (a 4096x4096 IQ2_XXS matrix is ~1 us of HBM time).
+// Lanes whose elements lie past n_cols (n_cols not a multiple of 256) sit the step out.
 // ---------------------------------------------------------------------------------------------
 
 struct RowCtx {
@@ -98,164 +105,126 @@ struct RowCtx {
     int n_cols;
 };
 
+// The lane's 8 activations of token t at element e0.
+struct X8 {
+    float4 a, b;
+};
+__device__ __forceinline__ X8 load_x8(const float* x, int e0) {
+    const float4* p = (const float4*)(x + e0);
+    X8 r;
+    r.a = p[0];
+    r.b = p[1];
+    return r;
+}
+
+__device__ __forceinline__ float dot8(const float* v, const X8& x, float s) {
+    s = fmaf(v[0], x.a.x, s);
+    s = fmaf(v[1], x.a.y, s);
+    s = fmaf(v[2], x.a.z, s);
+    s = fmaf(v[3], x.a.w, s);
+    s = fmaf(v[4], x.b.x, s);
+    s = fmaf(v[5], x.b.y, s);
+    s = fmaf(v[6], x.b.z, s);
+    s = fmaf(v[7], x.b.w, s);
+    return s;
+}
+
+__device__ __forceinline__ float sum8(const X8& x) {
+    return ((x.a.x + x.a.y) + (x.a.z + x.a.w)) + ((x.b.x + x.b.y) + (x.b.z + x.b.w));
+}
+
 template <class U, int NT, int UNR>
 __device__ __forceinline__ void dot_row(const RowCtx& c, const float* x, i64 ldx, int nt,
                                         float* acc, const Iq2Smem* tb) {
-    const int units = U::units(c.n_cols);
-    for (int u0 = threadIdx.x & 31; u0 < units; u0 += 32 * UNR) {
+    const int lane = threadIdx.x & 31;
+    const int steps = (c.n_cols + 255) >> 8;
+    for (int s0 = 0; s0 < steps; s0 += UNR) {
         U r[UNR];
+        bool on[UNR];
 #pragma unroll
-        for (int k = 0; k < UNR; k++)
-            if (u0 + 32 * k < units) r[k].load(c, u0 + 32 * k);
+        for (int k = 0; k < UNR; k++) {
+            on[k] = s0 + k < steps && ((s0 + k) << 8) + 8 * lane < c.n_cols;
+            if (on[k]) r[k].load(c, s0 + k, lane);
+        }
 #pragma unroll
-        for (int k = 0; k < UNR; k++)
-            if (u0 + 32 * k < units) r[k].template dot<NT>(c, u0 + 32 * k, x, ldx, nt, acc, tb);
+        for (int k = 0; k < UNR; k++) {
+            if (!on[k]) continue;
+            const int e0 = ((s0 + k) << 8) + 8 * lane;
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                acc[t] = r[k].dot(load_x8(tok(x, ldx, t, nt), e0), lane, acc[t], tb);
+        }
     }
 }
 
-// F32: unit = 4 elements (one float4).
+// F32: the lane's 8 floats (two float4).
 struct UF32 {
-    float4 a;
-    static __device__ __forceinline__ int units(int n_cols) { return n_cols >> 2; }
-    __device__ __forceinline__ void load(const RowCtx& c, int u) {
-        a = ((const float4*)(c.w + (i64)c.o * c.n_cols * 4))[u];
+    float4 a, b;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const float4* p = (const float4*)(c.w + ((i64)c.o * c.n_cols + (s << 8) + 8 * lane) * 4);
+        a = p[0];
+        b = p[1];
     }
-    template <int NT>
-    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
-                                        float* acc, const Iq2Smem*) const {
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            float4 b = ((const float4*)tok(x, ldx, t, nt))[u];
-            float s = acc[t];
-            s = fmaf(a.x, b.x, s);
-            s = fmaf(a.y, b.y, s);
-            s = fmaf(a.z, b.z, s);
-            s = fmaf(a.w, b.w, s);
-            acc[t] = s;
-        }
+    __device__ __forceinline__ float dot(const X8& x, int, float acc, const Iq2Smem*) const {
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        return dot8(v, x, acc);
     }
 };
 
-// F16: unit = 8 elements (one 16-byte load).
+// F16: the lane's 8 halves (one 16-byte load).
 struct UF16 {
     uint4 q;
-    static __device__ __forceinline__ int units(int n_cols) { return n_cols >> 3; }
-    __device__ __forceinline__ void load(const RowCtx& c, int u) {
-        q = ((const uint4*)(c.w + (i64)c.o * c.n_cols * 2))[u];
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        q = *(const uint4*)(c.w + ((i64)c.o * c.n_cols + (s << 8) + 8 * lane) * 2);
     }
-    template <int NT>
-    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
-                                        float* acc, const Iq2Smem*) const {
+    __device__ __forceinline__ float dot(const X8& x, int, float acc, const Iq2Smem*) const {
+        u32 w4[4] = {q.x, q.y, q.z, q.w};
         float v[8];
-        u32 words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            v[2 * i] = h2f((u16)(words[i] & 0xffff));
-            v[2 * i + 1] = h2f((u16)(words[i] >> 16));
+            v[2 * i] = h2f((u16)(w4[i] & 0xffff));
+            v[2 * i + 1] = h2f((u16)(w4[i] >> 16));
         }
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const float4* xv = (const float4*)(tok(x, ldx, t, nt) + 8 * u);
-            float4 b0 = xv[0], b1 = xv[1];
-            float s = acc[t];
-            s = fmaf(v[0], b0.x, s);
-            s = fmaf(v[1], b0.y, s);
-            s = fmaf(v[2], b0.z, s);
-            s = fmaf(v[3], b0.w, s);
-            s = fmaf(v[4], b1.x, s);
-            s = fmaf(v[5], b1.y, s);
-            s = fmaf(v[6], b1.z, s);
-            s = fmaf(v[7], b1.w, s);
-            acc[t] = s;
-        }
+        return dot8(v, x, acc);
     }
 };
 
-// Q8_0 (repacked planes): unit = one 32-element block: 32 code bytes (two 16-byte loads) and
-// one f16 scale.
+// Q8_0 (repacked planes): 8 codes (one 8-byte load) of block (256s + 8l)/32 and its scale.
 struct UQ8_0 {
-    uint4 q0, q1;
+    uint2 q;
     u16 d;
-    static __device__ __forceinline__ int units(int n_cols) { return n_cols >> 5; }
-    __device__ __forceinline__ void load(const RowCtx& c, int b) {
-        const uint4* qrow = (const uint4*)(c.w + (i64)c.o * c.n_cols);
-        q0 = qrow[2 * b];
-        q1 = qrow[2 * b + 1];
-        d = ((const u16*)(c.w + (i64)c.n_rows * c.n_cols))[(i64)c.o * (c.n_cols >> 5) + b];
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        int e0 = (s << 8) + 8 * lane;
+        q = *(const uint2*)(c.w + (i64)c.o * c.n_cols + e0);
+        d = ((const u16*)(c.w + (i64)c.n_rows * c.n_cols))[(i64)c.o * (c.n_cols >> 5) + (e0 >> 5)];
     }
-    template <int NT>
-    __device__ __forceinline__ void dot(const RowCtx&, int b, const float* x, i64 ldx, int nt,
-                                        float* acc, const Iq2Smem*) const {
-        float df = h2f(d);
-        u32 words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-#pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const float4* xv = (const float4*)(tok(x, ldx, t, nt) + 32 * b);
-            // Two partial sums halve the dependent FMA chain.
-            float s0 = 0.0f, s1 = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 8; i += 2) {
-                float4 xa = xv[i], xb = xv[i + 1];
-                s0 = fmaf(sbytef(words[i], 0), xa.x, s0);
-                s0 = fmaf(sbytef(words[i], 1), xa.y, s0);
-                s0 = fmaf(sbytef(words[i], 2), xa.z, s0);
-                s0 = fmaf(sbytef(words[i], 3), xa.w, s0);
-                s1 = fmaf(sbytef(words[i + 1], 0), xb.x, s1);
-                s1 = fmaf(sbytef(words[i + 1], 1), xb.y, s1);
-                s1 = fmaf(sbytef(words[i + 1], 2), xb.z, s1);
-                s1 = fmaf(sbytef(words[i + 1], 3), xb.w, s1);
-            }
-            acc[t] = fmaf(df, s0 + s1, acc[t]);
-        }
+    __device__ __forceinline__ float dot(const X8& x, int, float acc, const Iq2Smem*) const {
+        float v[8] = {sbytef(q.x, 0), sbytef(q.x, 1), sbytef(q.x, 2), sbytef(q.x, 3),
+                      sbytef(q.y, 0), sbytef(q.y, 1), sbytef(q.y, 2), sbytef(q.y, 3)};
+        return fmaf(h2f(d), dot8(v, x, 0.0f), acc);
     }
 };
 
-// Q2_K: unit = 64 elements sharing 16 code bytes: half h (elements 128h..128h+127) and
-// l-half lh (l in 16lh..16lh+15); the four 2-bit planes j of those bytes are the elements
-// 128h + 32j + 16lh + i with group scale byte 8h + 2j + lh. Four units per 84-byte block.
+// Q2_K, block s, lane l: elements e = 8l+i have half l/16, plane j = (l/4)%4, code bytes
+// qs[32(l/16) + 8(l%4) + i] and group (scale byte) l/2.
 struct UQ2_K {
-    u32 dd, sc0, sc1, q[4];
-    static __device__ __forceinline__ int units(int n_cols) { return (n_cols >> 8) * 4; }
-    __device__ __forceinline__ void load(const RowCtx& c, int u) {
-        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + (u >> 2)) * 84;
-        int h = (u >> 1) & 1, lh = u & 1;
+    uint2 q;
+    u32 dd, sc;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 84;
+        q = make_uint2(ld32(p + 16 + 32 * (lane >> 4) + 8 * (lane & 3)),
+                       ld32(p + 20 + 32 * (lane >> 4) + 8 * (lane & 3)));
         dd = ld32(p + 80);
-        sc0 = ld32(p + 8 * h);
-        sc1 = ld32(p + 8 * h + 4);
-        const u8* qp = p + 16 + 32 * h + 16 * lh;
-#pragma unroll
-        for (int i = 0; i < 4; i++) q[i] = ld32(qp + 4 * i);
+        sc = p[lane >> 1];
     }
-    template <int NT>
-    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
-                                        float* acc, const Iq2Smem*) const {
-        int h = (u >> 1) & 1, lh = u & 1;
-        float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
-        int e0 = (u >> 2) * 256 + 128 * h + 16 * lh;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            u32 sc = ((j < 2 ? sc0 : sc1) >> (8 * (2 * (j & 1) + lh))) & 255;
-            float dl = d * (float)(sc & 15);
-            float ml = dmin * (float)(sc >> 4);
-            u32 m[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) m[i] = (q[i] >> (2 * j)) & 0x03030303u;
-#pragma unroll
-            for (int t = 0; t < NT; t++) {
-                const float4* xv = (const float4*)(tok(x, ldx, t, nt) + e0 + 32 * j);
-                float sq = 0.0f, sx = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    float4 xx = xv[i];
-                    sq = fmaf(bytef(m[i], 0), xx.x, sq);
-                    sq = fmaf(bytef(m[i], 1), xx.y, sq);
-                    sq = fmaf(bytef(m[i], 2), xx.z, sq);
-                    sq = fmaf(bytef(m[i], 3), xx.w, sq);
-                    sx += (xx.x + xx.y) + (xx.z + xx.w);
-                }
-                acc[t] = fmaf(dl, sq, fmaf(-ml, sx, acc[t]));
-            }
-        }
+    __device__ __forceinline__ float dot(const X8& x, int lane, float acc, const Iq2Smem*) const {
+        int j = (lane >> 2) & 3;
+        u32 m0 = (q.x >> (2 * j)) & 0x03030303u, m1 = (q.y >> (2 * j)) & 0x03030303u;
+        float v[8] = {bytef(m0, 0), bytef(m0, 1), bytef(m0, 2), bytef(m0, 3),
+                      bytef(m1, 0), bytef(m1, 1), bytef(m1, 2), bytef(m1, 3)};
+        float dl = h2f((u16)(dd & 0xffff)) * (float)(sc & 15);
+        float ml = h2f((u16)(dd >> 16)) * (float)(sc >> 4);
+        return fmaf(dl, dot8(v, x, 0.0f), fmaf(-ml, sum8(x), acc));
     }
 };
 
@@ -272,104 +241,53 @@ __device__ __forceinline__ void q4k_scale_min(const u32* s, int sb, u32* sc, u32
     }
 }
 
-// Q4_K: unit = chunk c of 64 elements = 32 code bytes (two 16-byte loads): low nibbles are
-// sub-block 2c, high nibbles sub-block 2c+1. Four units per 144-byte block.
+// Q4_K, block s, lane l: sub-block l/4, code bytes qs[32(l/8) + 8(l%4) + i], nibble (l/4)%2.
 struct UQ4_K {
-    u32 dd, s[3];
-    uint4 qa, qb;
-    static __device__ __forceinline__ int units(int n_cols) { return (n_cols >> 8) * 4; }
-    __device__ __forceinline__ void load(const RowCtx& c, int u) {
-        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + (u >> 2)) * 144;
-        int ch = u & 3;
-        uint4 head = *(const uint4*)p;  // d, dmin, scales[12]
-        dd = head.x;
-        s[0] = head.y;
-        s[1] = head.z;
-        s[2] = head.w;
-        qa = *(const uint4*)(p + 16 + 32 * ch);
-        qb = *(const uint4*)(p + 32 + 32 * ch);
+    uint4 head;  // d, dmin, scales[12]
+    uint2 q;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 144;
+        head = *(const uint4*)p;
+        q = *(const uint2*)(p + 16 + 32 * (lane >> 3) + 8 * (lane & 3));
     }
-    template <int NT>
-    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
-                                        float* acc, const Iq2Smem*) const {
-        int ch = u & 3;
-        float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
-        u32 q[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-        int e0 = (u >> 2) * 256 + 64 * ch;
-#pragma unroll
-        for (int hi = 0; hi < 2; hi++) {
-            u32 sc, mn;
-            q4k_scale_min(s, 2 * ch + hi, &sc, &mn);
-            float dl = d * (float)sc;
-            float ml = dmin * (float)mn;
-#pragma unroll
-            for (int t = 0; t < NT; t++) {
-                const float4* xv = (const float4*)(tok(x, ldx, t, nt) + e0 + 32 * hi);
-                float sq = 0.0f, sx = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    u32 m = (q[i] >> (4 * hi)) & 0x0f0f0f0fu;
-                    float4 xx = xv[i];
-                    sq = fmaf(bytef(m, 0), xx.x, sq);
-                    sq = fmaf(bytef(m, 1), xx.y, sq);
-                    sq = fmaf(bytef(m, 2), xx.z, sq);
-                    sq = fmaf(bytef(m, 3), xx.w, sq);
-                    sx += (xx.x + xx.y) + (xx.z + xx.w);
-                }
-                acc[t] = fmaf(dl, sq, fmaf(-ml, sx, acc[t]));
-            }
-        }
+    __device__ __forceinline__ float dot(const X8& x, int lane, float acc, const Iq2Smem*) const {
+        u32 scw[3] = {head.y, head.z, head.w};
+        u32 sc, mn;
+        q4k_scale_min(scw, lane >> 2, &sc, &mn);
+        int sh = 4 * ((lane >> 2) & 1);
+        u32 m0 = (q.x >> sh) & 0x0f0f0f0fu, m1 = (q.y >> sh) & 0x0f0f0f0fu;
+        float v[8] = {bytef(m0, 0), bytef(m0, 1), bytef(m0, 2), bytef(m0, 3),
+                      bytef(m1, 0), bytef(m1, 1), bytef(m1, 2), bytef(m1, 3)};
+        float dl = h2f((u16)(head.x & 0xffff)) * (float)sc;
+        float ml = h2f((u16)(head.x >> 16)) * (float)mn;
+        return fmaf(dl, dot8(v, x, 0.0f), fmaf(-ml, sum8(x), acc));
     }
 };
 
-// IQ2_XXS: unit = one group of 32 elements (8 bytes after the block's f16 d). The 66-byte
-// block is only 2-byte aligned, so the group is read as four u16.
+// IQ2_XXS, block s, lane l: group l/4, grid entry l%4 of it = exactly the lane's 8 elements.
+// The 66-byte block is only 2-byte aligned: u16 loads.
 struct UIQ2_XXS {
-    u16 d, g[4];
-    static __device__ __forceinline__ int units(int n_cols) { return (n_cols >> 8) * 8; }
-    __device__ __forceinline__ void load(const RowCtx& c, int u) {
-        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + (u >> 3)) * 66;
-        const u16* gp = (const u16*)(p + 2 + 8 * (u & 7));
-        d = *(const u16*)p;
-#pragma unroll
-        for (int i = 0; i < 4; i++) g[i] = gp[i];
+    u16 d, b0, b1;
+    u8 a;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 66;
+        const u8* g = p + 2 + 8 * (lane >> 2);
+        d = ld16(p);
+        a = g[lane & 3];
+        b0 = ld16(g + 4);
+        b1 = ld16(g + 6);
     }
-    template <int NT>
-    __device__ __forceinline__ void dot(const RowCtx&, int u, const float* x, i64 ldx, int nt,
-                                        float* acc, const Iq2Smem* tb) const {
-        u32 a = (u32)g[0] | ((u32)g[1] << 16);
-        u32 b = (u32)g[2] | ((u32)g[3] << 16);
+    __device__ __forceinline__ float dot(const X8& x, int lane, float acc, const Iq2Smem* tb) const {
+        u32 b = (u32)b0 | ((u32)b1 << 16);
         float db = h2f(d) * (0.5f + (float)(b >> 28)) * 0.25f;
-        float s[NT];
+        const float4* gr = (const float4*)(tb->grid + (u32)a * 8);
+        float4 g0 = gr[0], g1 = gr[1];
+        u32 sg = tb->signs[(b >> (7 * (lane & 3))) & 127];
+        float v[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
 #pragma unroll
-        for (int t = 0; t < NT; t++) s[t] = 0.0f;
-#pragma unroll
-        for (int l = 0; l < 4; l++) {
-            const float4* gr = (const float4*)(tb->grid + ((a >> (8 * l)) & 255) * 8);
-            float4 g0 = gr[0], g1 = gr[1];
-            u32 sg = tb->signs[(b >> (7 * l)) & 127];
-            float v[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                v[k] = __int_as_float(__float_as_int(v[k]) ^ ((sg << (31 - k)) & 0x80000000u));
-#pragma unroll
-            for (int t = 0; t < NT; t++) {
-                const float4* xv = (const float4*)(tok(x, ldx, t, nt) + 32 * u + 8 * l);
-                float4 x0 = xv[0], x1 = xv[1];
-                float z = s[t];
-                z = fmaf(v[0], x0.x, z);
-                z = fmaf(v[1], x0.y, z);
-                z = fmaf(v[2], x0.z, z);
-                z = fmaf(v[3], x0.w, z);
-                z = fmaf(v[4], x1.x, z);
-                z = fmaf(v[5], x1.y, z);
-                z = fmaf(v[6], x1.z, z);
-                z = fmaf(v[7], x1.w, z);
-                s[t] = z;
-            }
-        }
-#pragma unroll
-        for (int t = 0; t < NT; t++) acc[t] = fmaf(db, s[t], acc[t]);
+        for (int k = 0; k < 8; k++)
+            v[k] = __int_as_float(__float_as_int(v[k]) ^ ((sg << (31 - k)) & 0x80000000u));
+        return fmaf(db, dot8(v, x, 0.0f), acc);
     }
 };
 
