@@ -2,6 +2,7 @@
 
 mod bench;
 mod tokenize;
+mod cuda_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     Render(chat_cmd::RenderArgs),
     /// Parse a completion (stdin) into an assistant message (JSON).
     Parse(chat_cmd::ParseArgs),
+    /// CUDA backend: device info, kernel self-test, kernel benchmarks.
+    Cuda(cuda_cmd::CudaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         Command::Detokenize(args) => tokenize::detokenize(args),
         Command::Render(args) => chat_cmd::render(args),
         Command::Parse(args) => chat_cmd::parse(args),
+        Command::Cuda(args) => cuda_cmd::run(args),
     }
 }
