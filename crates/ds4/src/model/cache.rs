@@ -43,7 +43,7 @@ impl Compressor {
         let slot = (self.coff - 1) * r + p % r;
         self.kv[slot * w..(slot + 1) * w].copy_from_slice(kv);
         self.score[slot * w..(slot + 1) * w].copy_from_slice(score);
-        if (p + 1) % r != 0 {
+        if !(p + 1).is_multiple_of(r) {
             return false;
         }
         // Candidates per output dim i: (state row, column). Ratio 4: previous window's

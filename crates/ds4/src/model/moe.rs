@@ -10,8 +10,8 @@ use super::forward::Layer;
 use super::linear::Mat;
 use super::ops::{silu, softplus, top_k};
 
-/// ds4's floor on the router weight sum (model.md §3.4 step 3).
-const WEIGHT_SUM_FLOOR: f32 = 6.103_515_625e-5;
+/// ds4's floor on the router weight sum, 2^-14 = 6.1035e-5 (model.md §3.4 step 3).
+const WEIGHT_SUM_FLOOR: f32 = 1.0 / 16384.0;
 
 #[derive(Default)]
 pub struct MoeScratch {

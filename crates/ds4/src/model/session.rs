@@ -198,7 +198,7 @@ pub(crate) fn check_options(model: &Model, opts: &EngineOptions) -> Result<usize
     }
     if opts.qat_sim {
         let nope = cfg.head_dim - cfg.n_rot;
-        if nope % 64 != 0 {
+        if !nope.is_multiple_of(64) {
             return Err(SessionError::Options(format!(
                 "QAT simulation needs the non-RoPE head dims ({nope}) in blocks of 64"
             )));
