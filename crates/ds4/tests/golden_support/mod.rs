@@ -7,6 +7,8 @@ use std::sync::Arc;
 use ds4::model::Model;
 use safetensors::SafeTensors;
 
+pub mod synth;
+
 pub fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/fixtures")
