@@ -302,6 +302,12 @@ fn init_for(c: &Config, name: &str, dims: &[u64], role: Role) -> Result<Init, St
     })
 }
 
+/// Every metadata entry of the model these options describe (`general.*`, `ds4.synthetic*`,
+/// all `deepseek4.*` keys of model.md §2.2 and the `tokenizer.*` keys), in file order.
+pub fn metadata_for(opts: &SynthOptions) -> Result<Vec<(String, Value)>, String> {
+    metadata(opts, &config_for(opts)?)
+}
+
 fn metadata(opts: &SynthOptions, c: &Config) -> Result<Vec<(String, Value)>, String> {
     let u = |x: usize| -> Result<Value, String> {
         u32::try_from(x)
