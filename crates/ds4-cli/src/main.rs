@@ -1,6 +1,7 @@
 //! `ds4`: command line for the DeepSeek V4 Flash engine.
 
 mod bench;
+mod synth;
 
 use clap::{Parser, Subcommand};
 
@@ -15,11 +16,14 @@ struct Cli {
 enum Command {
     /// Performance measurements.
     Bench(bench::BenchArgs),
+    /// Writes a synthetic model (random weights, exact ds4 layout).
+    Synth(synth::SynthArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Synth(args) => synth::run(args),
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! The generator is SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number
 //! generators", OOPSLA 2014): one add and a 64-bit finaliser per output, about 1 ns for 8
-//! bytes, which is what lets an 80 GB image fill at memory speed. Statistical quality far
+//! bytes; the fill loops use a handful of operations per output on top of that. Statistical quality far
 //! beyond what random test weights need; not cryptographic.
 
 /// The SplitMix64 finaliser: a bijective 64-bit mix with full avalanche.
@@ -56,19 +56,6 @@ impl Rng {
         (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
     }
 
-    /// Approximately standard normal: the sum of four 16-bit uniforms (Irwin-Hall), centred
-    /// and scaled to unit variance. One u64 per value and no transcendental functions, so the
-    /// 1 GB Flash embedding fills in well under a second per core; the tails stop at ±3.46σ,
-    /// which is harmless (even welcome) for random test weights.
-    #[inline]
-    pub(crate) fn normal(&mut self) -> f32 {
-        let r = self.next_u64();
-        let s = (r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48);
-        // Each 16-bit uniform has mean 65535/2 and variance (65536² − 1)/12; four of them:
-        // mean 131070, std sqrt(4 · (65536² − 1)/12) ≈ 37837.23.
-        (s as f32 - 131_070.0) * (1.0 / 37_837.23)
-    }
-
     /// Uniform integer in [0, n), by the multiply-high method (bias below 2⁻⁵⁰ for the
     /// small n used here, irrelevant for test weights).
     #[inline]
@@ -96,22 +83,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normal_has_unit_moments() {
-        let mut r = Rng::stream(1, 2);
-        let n = 200_000;
-        let (mut s, mut s2) = (0.0f64, 0.0f64);
-        for _ in 0..n {
-            let x = r.normal() as f64;
-            s += x;
-            s2 += x * x;
-        }
-        let mean = s / n as f64;
-        let var = s2 / n as f64 - mean * mean;
-        assert!(mean.abs() < 0.01, "mean {mean}");
-        assert!((var - 1.0).abs() < 0.02, "var {var}");
-    }
-
-    #[test]
     fn unit_and_below_stay_in_range() {
         let mut r = Rng::stream(3, 4);
         let mut seen = [false; 7];
@@ -121,7 +92,10 @@ mod tests {
             let k = r.below(7) as usize;
             seen[k] = true;
         }
-        assert!(seen.iter().all(|&s| s), "every value of below(7) should occur");
+        assert!(
+            seen.iter().all(|&s| s),
+            "every value of below(7) should occur"
+        );
     }
 
     #[test]
