@@ -3,6 +3,7 @@
 mod bench;
 mod cuda_cmd;
 mod logits;
+mod synth;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     Parse(chat_cmd::ParseArgs),
     /// CUDA backend: device info, kernel self-test, kernel benchmarks.
     Cuda(cuda_cmd::CudaArgs),
+    /// Writes a synthetic model (random weights, exact ds4 layout).
+    Synth(synth::SynthArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Command::Render(args) => chat_cmd::render(args),
         Command::Parse(args) => chat_cmd::parse(args),
         Command::Cuda(args) => cuda_cmd::run(args),
+        Command::Synth(args) => synth::run(args),
     }
 }
