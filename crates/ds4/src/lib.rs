@@ -14,4 +14,5 @@ pub mod chat;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+pub mod sample;
 pub mod tokenizer;

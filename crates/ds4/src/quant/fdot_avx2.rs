@@ -56,7 +56,7 @@ pub(crate) unsafe fn feed(acc: &mut Acc, w: &[f32], x: &[f32]) {
 /// Requires AVX2, FMA and F16C; `row.len() == 2 * x.len()` and `x.len() % 32 == 0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn feed_f16(acc: &mut Acc, row: &[u8], x: &[f32]) {
-    debug_assert!(row.len() == 2 * x.len() && x.len() % LANES == 0);
+    debug_assert!(row.len() == 2 * x.len() && x.len().is_multiple_of(LANES));
     let a = acc.0.as_mut_ptr();
     let (rp, xp) = (row.as_ptr(), x.as_ptr());
     // SAFETY: offsets stay inside both slices per the preconditions above.

@@ -16,8 +16,6 @@
 
 // Block layouts are specified by element index (model.md §5); index loops mirror the spec.
 #![allow(clippy::needless_range_loop)]
-// The workspace's rust-version is 1.85; `usize::is_multiple_of` needs 1.87.
-#![allow(clippy::manual_is_multiple_of)]
 
 mod bench;
 mod f16;
@@ -113,7 +111,7 @@ impl Isa {
 
 fn row_bytes(ty: GgmlType, n: usize) -> usize {
     assert!(
-        n % ty.block_elems() == 0,
+        n.is_multiple_of(ty.block_elems()),
         "{ty}: {n} elements is not a whole number of {}-element blocks",
         ty.block_elems()
     );
@@ -199,7 +197,7 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
 /// If `x.len()` is not a multiple of 32 or `out.len() != x.len() / 32`.
 pub fn quantize_act_q8_0_into(x: &[f32], out: &mut [BlockQ8_0Act]) {
     assert!(
-        x.len() % QK8_0 == 0 && out.len() == x.len() / QK8_0,
+        x.len().is_multiple_of(QK8_0) && out.len() == x.len() / QK8_0,
         "q8_0 activation: bad lengths"
     );
     for (o, c) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
@@ -223,7 +221,7 @@ pub fn quantize_act_q8_0(x: &[f32]) -> Vec<BlockQ8_0Act> {
 /// If `x.len()` is not a multiple of 256 or `out.len() != x.len() / 256`.
 pub fn quantize_act_q8_k_into(x: &[f32], out: &mut [BlockQ8K]) {
     assert!(
-        x.len() % QK_K == 0 && out.len() == x.len() / QK_K,
+        x.len().is_multiple_of(QK_K) && out.len() == x.len() / QK_K,
         "q8_K activation: bad lengths"
     );
     for (o, c) in out.iter_mut().zip(x.chunks_exact(QK_K)) {

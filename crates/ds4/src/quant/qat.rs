@@ -73,7 +73,7 @@ fn block_scale(x: &[f32], floor: f32, max: f32) -> f32 {
 /// If `x.len()` is not a multiple of 64 (a caller bug).
 pub fn fp8sim_inplace(x: &mut [f32]) {
     assert!(
-        x.len() % FP8_BLOCK == 0,
+        x.len().is_multiple_of(FP8_BLOCK),
         "fp8sim: length {} not a multiple of 64",
         x.len()
     );
@@ -92,7 +92,7 @@ pub fn fp8sim_inplace(x: &mut [f32]) {
 /// If `x.len()` is not a multiple of 32 (a caller bug).
 pub fn fp4sim_inplace(x: &mut [f32]) {
     assert!(
-        x.len() % FP4_BLOCK == 0,
+        x.len().is_multiple_of(FP4_BLOCK),
         "fp4sim: length {} not a multiple of 32",
         x.len()
     );
