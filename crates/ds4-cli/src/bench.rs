@@ -4,12 +4,15 @@
 use clap::{Args, Subcommand};
 use ds4::quant::{bench_kernels, BenchConfig, GgmlType, KernelBench};
 
-/// Arguments of `ds4 bench`.
+/// Arguments of `ds4 bench`: without a subcommand, the model benchmark (CSV per context
+/// frontier); `ds4 bench kernels` times the quant kernels alone.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
-    /// What to benchmark (default: kernels).
     #[command(subcommand)]
     pub what: Option<BenchWhat>,
+    #[command(flatten)]
+    pub model: crate::bench_model::ModelBenchArgs,
 }
 
 /// Benchmark modes.
@@ -55,14 +58,10 @@ fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
 
 /// Runs `ds4 bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.what.unwrap_or(BenchWhat::Kernels {
-        types: None,
-        rows: 4096,
-        cols: 4096,
-        secs: 1.0,
-        threads: vec![1, 0],
-        exact: false,
-    }) {
+    let Some(what) = args.what else {
+        return crate::bench_model::run(args.model);
+    };
+    match what {
         BenchWhat::Kernels {
             types,
             rows,

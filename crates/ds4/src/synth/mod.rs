@@ -451,12 +451,9 @@ pub fn writer(opts: &SynthOptions) -> Result<(GgufWriter, Filler), String> {
 /// Builds the whole model image in memory (no file) and parses it.
 pub fn build_in_memory(opts: &SynthOptions) -> Result<Arc<GgufFile>, String> {
     let (w, f) = writer(opts)?;
-    let bytes = w
-        .to_bytes(|i, spec, buf| f.fill(i, spec, buf))
-        .map_err(|e| e.to_string())?;
-    GgufFile::from_bytes(bytes)
+    w.to_gguf(|i, spec, buf| f.fill(i, spec, buf))
         .map(Arc::new)
-        .map_err(|e| format!("generated image does not parse: {e}"))
+        .map_err(|e| format!("building the synthetic model in memory: {e}"))
 }
 
 /// Writes the model to `path` (atomically). `progress(done, total)` is called after each
