@@ -506,7 +506,6 @@ impl Engine {
 // Worker
 // ---------------------------------------------------------------------------------------
 
-
 const REAL_WEIGHTS_FILE: &str = "DeepSeek-V4-Flash-IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8-chat-v2.gguf";
 
 /// The command that fetches real weights (about 81 GiB) and serves them.
@@ -575,8 +574,8 @@ fn load(shared: &Shared) -> Result<Loaded, String> {
             format!("no model file at {}", path.display())
         };
         format!(
-            "{why}: serving a SYNTHETIC DS4-architecture model with random weights and the \
-             real tokenizer. Its answers are noise; the API, tool calling, KV cache and \
+            "{why}: serving a synthetic DS4-architecture demo model (random weights, the \
+             real tokenizer). Its answers are noise; the API, tool calling, KV cache and \
              streaming are real. Get real weights: {}",
             real_weights_hint()
         )
@@ -584,7 +583,9 @@ fn load(shared: &Shared) -> Result<Loaded, String> {
     if let Some(n) = &note {
         let bar = "=".repeat(78);
         eprintln!("ds4-server: {bar}");
-        eprintln!("ds4-server: SYNTHETIC RANDOM-WEIGHT MODEL: answers are noise (demo / testing only)");
+        eprintln!(
+            "ds4-server: SYNTHETIC RANDOM-WEIGHT MODEL: answers are noise (demo / testing only)"
+        );
         eprintln!("ds4-server: {n}");
         eprintln!("ds4-server: {bar}");
     }
@@ -804,12 +805,10 @@ impl Projection<'_> {
                     self.calls_started += 1;
                     (self.send)(Event::ToolStart { index, id, name });
                 }
-                StreamEvent::ToolCallArgsDelta { index, delta } => {
-                    (self.send)(Event::ToolArgs {
-                        index,
-                        fragment: delta,
-                    })
-                }
+                StreamEvent::ToolCallArgsDelta { index, delta } => (self.send)(Event::ToolArgs {
+                    index,
+                    fragment: delta,
+                }),
                 StreamEvent::ToolCallEnd { .. } => self.calls_ended += 1,
                 StreamEvent::Malformed { .. } => self.malformed = true,
             }
@@ -870,7 +869,10 @@ impl Worker {
     /// Decides how much of the prompt a KV state already holds (protocol.md §5.2) and makes
     /// that state a slot's session. Returns the slot, the effective prompt, the cached
     /// count and the cache source.
-    fn sync_plan(&mut self, p: &Prepared) -> Result<(usize, Vec<u32>, usize, &'static str), String> {
+    fn sync_plan(
+        &mut self,
+        p: &Prepared,
+    ) -> Result<(usize, Vec<u32>, usize, &'static str), String> {
         self.clock += 1;
         // The live session holding the longest prefix (token prefix, then text prefix).
         let mut best: Option<(usize, usize, Option<usize>)> = None; // (slot, tokens, text len)
@@ -1224,8 +1226,11 @@ impl Worker {
                 .parser
                 .as_ref()
                 .map_or(SyntaxState::Outside, |pp| pp.syntax_state());
-            let structural =
-                job.tools_active && matches!(syntax, SyntaxState::Structural | SyntaxState::JsonStructural);
+            let structural = job.tools_active
+                && matches!(
+                    syntax,
+                    SyntaxState::Structural | SyntaxState::JsonStructural
+                );
             let token = {
                 let logits = self.session(si).logits();
                 match script.as_mut() {
@@ -1339,9 +1344,7 @@ impl Worker {
                 Err(e) => {
                     let (r, c, closed) = lenient_split(&raw, p.thinking);
                     if job.tools_active && c.contains(render::BLOCK_START.trim_start()) {
-                        eprintln!(
-                            "ds4-server: invalid tool call returned as assistant text ({e})"
-                        );
+                        eprintln!("ds4-server: invalid tool call returned as assistant text ({e})");
                     }
                     (r, c, Vec::new(), closed)
                 }

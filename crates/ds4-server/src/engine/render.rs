@@ -53,7 +53,10 @@ pub fn render_chat(
             Role::Assistant => {
                 msg.reasoning_content = m.reasoning.clone();
                 if !m.tool_calls.is_empty() {
-                    let replay = m.raw_dsml.as_deref().filter(|_| !m.content.contains(&sentinel));
+                    let replay = m
+                        .raw_dsml
+                        .as_deref()
+                        .filter(|_| !m.content.contains(&sentinel));
                     let calls = m
                         .tool_calls
                         .iter()
@@ -239,9 +242,9 @@ mod tests {
         assert!(r.text.contains(
             "{\"name\": \"get_weather\", \"description\": \"Get the weather for a city.\""
         ));
-        assert!(r.text.ends_with(
-            "tool calls.\n<｜User｜>Weather in Rome?<｜Assistant｜><think>"
-        ));
+        assert!(r
+            .text
+            .ends_with("tool calls.\n<｜User｜>Weather in Rome?<｜Assistant｜><think>"));
         let r = render_chat(&msgs[1..], &[weather_tool()], false, false).unwrap();
         assert!(r.text.starts_with("<｜begin▁of▁sentence｜>\n\n## Tools\n"));
     }
