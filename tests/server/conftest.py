@@ -55,7 +55,10 @@ class Server:
             cmd += ["--test-output", str(p)]
         cmd += self.args
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # Each test server gets its own lock file (the default, /tmp/ds4.lock, allows one
+        # ds4 process per machine).
+        env = dict(os.environ, DS4_LOCK_FILE=str(self.tmp / f"ds4-{self.port}.lock"))
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -113,6 +113,10 @@ struct Args {
     /// summary request) does not destroy the agent's live session; each costs KV memory.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
     kv_slots: u64,
+    /// Lock file that keeps one ds4 process per machine (two would each map the model).
+    /// Default: $DS4_LOCK_FILE, else /tmp/ds4.lock. A second server exits with status 2.
+    #[arg(long, value_name = "FILE")]
+    lock_file: Option<PathBuf>,
     /// Layers of the synthetic demo model served when --model is missing (default: its
     /// full depth, 8). Fewer layers run faster (tests).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -132,6 +136,18 @@ async fn main() {
         eprintln!("ds4-server: --kv-cache-cold-max-tokens must be 0 or >= --kv-cache-min-tokens");
         std::process::exit(2);
     }
+    let lock_path = args
+        .lock_file
+        .clone()
+        .or_else(|| std::env::var_os("DS4_LOCK_FILE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/tmp/ds4.lock"));
+    let _lock = match take_lock(&lock_path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ds4-server: {e}");
+            std::process::exit(2);
+        }
+    };
     let test_output = match &args.test_output {
         None => None,
         Some(p) => {
@@ -272,6 +288,40 @@ async fn main() {
     }
     let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
     eprintln!("ds4-server: bye");
+}
+
+/// Takes the machine-wide lock (protocol.md §4.3): an exclusive `flock` on `path`, with this
+/// process id written inside. Held until the process exits.
+fn take_lock(path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::io::AsRawFd;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let pid = pid.trim();
+        return Err(format!(
+            "another ds4 process{} holds {}: stop it first (or point --lock-file / \
+             DS4_LOCK_FILE elsewhere if it really should run alongside)",
+            if pid.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {pid})")
+            },
+            path.display()
+        ));
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
 }
 
 async fn cors_layer(cors: bool, req: Request, next: Next) -> Response {

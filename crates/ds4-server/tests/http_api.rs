@@ -38,6 +38,7 @@ fn start(outputs: &[&str], extra: &[&str]) -> Server {
         .arg("--test-output")
         .arg(&script)
         .args(extra)
+        .env("DS4_LOCK_FILE", dir.join("ds4.lock"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
