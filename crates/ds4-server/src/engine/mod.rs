@@ -554,6 +554,8 @@ fn load(shared: &Shared) -> Result<Loaded, String> {
     } else {
         2
     };
+    // The CPU backend is the only one the engine runs today; report what it says once
+    // `EngineOptions` can select another (CUDA).
     let backend = "cpu".to_string();
     let engine = format!(
         "ds4-rs {} ({}, {} layers, routed experts {experts}; {backend} backend, {} threads)",
@@ -1118,8 +1120,9 @@ impl Worker {
         let total = eff.len() - cached;
         let mut pos = cached;
         let mut last_progress = Instant::now();
-        // Prefill runs in pieces sized to take ~150 ms, so a client that goes away stops it
-        // quickly (the session keeps what was evaluated: it is still a valid prefix).
+        // Prefill runs in pieces sized to take ~250 ms, so a client that goes away stops it
+        // within about half a second (the session keeps what was evaluated: still a valid
+        // prefix), while pieces stay large enough to batch well (at least 32 tokens).
         let mut piece = 64usize;
         for cut in cuts {
             while pos < cut {
@@ -1139,7 +1142,7 @@ impl Worker {
                 }
                 pos += n;
                 let dt = t0.elapsed().as_secs_f64().max(1e-4);
-                piece = ((n as f64 * 0.15 / dt) as usize).clamp(8, 2048);
+                piece = ((n as f64 * 0.25 / dt) as usize).clamp(32, 2048);
                 if last_progress.elapsed() >= Duration::from_millis(200) {
                     last_progress = Instant::now();
                     send(Event::Prefill {
