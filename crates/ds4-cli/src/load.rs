@@ -141,8 +141,9 @@ fn print_summary(model: &Model, synthetic: bool, took: std::time::Duration) {
 /// Prints the memory plan for a context size.
 pub fn print_memory_plan(model: &Model, ctx: usize) {
     eprintln!(
-        "ds4: memory: weights {:.2} GiB (memory-mapped), KV state up to {:.3} GiB at a context of {ctx} tokens (allocated as used)",
+        "ds4: memory: weights {:.2} GiB ({}), KV state up to {:.3} GiB at a context of {ctx} tokens (allocated as used)",
         gib(model.file.file_size()),
+        if model.file.path().is_some() { "memory-mapped" } else { "in memory" },
         gib(kv_bytes(&model.cfg, ctx))
     );
 }
