@@ -321,6 +321,18 @@ pub fn dot_q8_k(ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32 {
 
 /// [`dot_q8_k`] with an explicit instruction set (falls back to scalar if unavailable).
 pub fn dot_q8_k_with(isa: Isa, ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32 {
+    dot_q8_k_inner(isa, ty, row, xq, false)
+}
+
+/// Whether no q8 value of `xq` is -128 (true for everything [`quantize_act_q8_k`] makes:
+/// the largest |x| maps to exactly ∓127). Lets kernels use the cheaper sign trick.
+fn q8k_no_m128(xq: &[BlockQ8K]) -> bool {
+    xq.iter().all(|b| b.qs.iter().all(|&q| q != -128))
+}
+
+/// [`dot_q8_k_with`]; `no_m128` promises that no q8 value is -128 (see [`q8k_no_m128`]).
+/// The result is the same either way (exact integer sums).
+fn dot_q8_k_inner(isa: Isa, ty: GgmlType, row: &[u8], xq: &[BlockQ8K], no_m128: bool) -> f32 {
     assert_eq!(
         row.len(),
         xq.len() * ty.block_bytes(),
@@ -328,6 +340,8 @@ pub fn dot_q8_k_with(isa: Isa, ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32
     );
     let isa = isa.usable();
     match (isa, ty) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, GgmlType::IQ2_XXS) if no_m128 => unsafe { iq2_xxs_avx2::dot_no_m128(row, xq) },
         // SAFETY (all three): CPU features checked by `usable`.
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, GgmlType::Q2_K) => unsafe { q2_k_avx2::dot(row, xq) },
@@ -347,7 +361,8 @@ enum Act {
     /// Exact path: the f32 activations themselves.
     F32,
     Q8_0(Vec<BlockQ8_0Act>),
-    Q8K(Vec<BlockQ8K>),
+    /// Blocks, and whether no q8 value is -128.
+    Q8K(Vec<BlockQ8K>, bool),
 }
 
 impl Act {
@@ -355,7 +370,11 @@ impl Act {
         match ty {
             _ if exact => Act::F32,
             GgmlType::Q8_0 => Act::Q8_0(quantize_act_q8_0(xs)),
-            GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => Act::Q8K(quantize_act_q8_k(xs)),
+            GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => {
+                let v = quantize_act_q8_k(xs);
+                let no_m128 = q8k_no_m128(&v);
+                Act::Q8K(v, no_m128)
+            }
             _ => Act::F32,
         }
     }
@@ -365,7 +384,13 @@ impl Act {
         match self {
             Act::F32 => None,
             Act::Q8_0(v) => Some(dot_q8_0_with(isa, row, &v[t * bpt..(t + 1) * bpt])),
-            Act::Q8K(v) => Some(dot_q8_k_with(isa, ty, row, &v[t * bpt..(t + 1) * bpt])),
+            Act::Q8K(v, nm) => Some(dot_q8_k_inner(
+                isa,
+                ty,
+                row,
+                &v[t * bpt..(t + 1) * bpt],
+                *nm,
+            )),
         }
     }
 }
