@@ -16,8 +16,8 @@
 //! bit-identical to the scalar twin for every input (no reliance on q8 ≠ -128).
 
 use super::fdot_avx2::{f16_to_f32, hsum_i32};
-use super::iq2_tables::IQ2XXS_GRID;
-use super::iq2_xxs::BLOCK_BYTES;
+use super::iq2_tables::{IQ2XXS_GRID, KSIGNS_IQ2XS};
+use super::iq2_xxs::{group_words, BLOCK_BYTES};
 use super::q8_k::BlockQ8K;
 use std::arch::x86_64::*;
 
@@ -243,4 +243,44 @@ unsafe fn dot_impl<const ANY_Q8: bool>(row: &[u8], xq: &[BlockQ8K]) -> f32 {
         acc += 0.125 * d * x.d * total as f32;
     }
     acc
+}
+
+/// SIMD twin of `iq2_xxs::dequantize`: `db·grid` in f32 with `db` formed exactly as the
+/// scalar code does, then negation as a sign-bit flip (what scalar `-v` is, NaN
+/// included), hence bit-identical.
+///
+/// # Safety
+/// Requires AVX2 and F16C; whole blocks (`src.len() / 66 == dst.len() / 256`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize(src: &[u8], dst: &mut [f32]) {
+    // Lane k shifted left by 31-k moves sign bit k to the f32 sign position.
+    let shifts = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    let sign = _mm256_set1_epi32(i32::MIN);
+    for (b, out) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(256)) {
+        // SAFETY: b has 66 bytes, out 256 floats.
+        unsafe {
+            let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            let o = out.as_mut_ptr();
+            for ib in 0..8 {
+                let (a, w) = group_words(b, ib);
+                let db = _mm256_set1_ps(d * (0.5 + (w >> 28) as f32) * 0.25);
+                for l in 0..4 {
+                    let g = *IQ2XXS_GRID.get_unchecked(((a >> (8 * l)) & 255) as usize);
+                    let s = *KSIGNS_IQ2XS.get_unchecked(((w >> (7 * l)) & 127) as usize);
+                    let v = _mm256_mul_ps(
+                        db,
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(g as i64))),
+                    );
+                    let m = _mm256_and_si256(
+                        _mm256_sllv_epi32(_mm256_set1_epi32(s as i32), shifts),
+                        sign,
+                    );
+                    _mm256_storeu_ps(
+                        o.add(32 * ib + 8 * l),
+                        _mm256_xor_ps(v, _mm256_castsi256_ps(m)),
+                    );
+                }
+            }
+        }
+    }
 }
