@@ -1,6 +1,7 @@
 //! `ds4`: command line for the DeepSeek V4 Flash engine.
 
 mod bench;
+mod logits;
 mod tokenize;
 mod cuda_cmd;
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Performance measurements.
     Bench(bench::BenchArgs),
+    /// Run token ids through the model and write every position's logits as .npy
+    Logits(logits::LogitsArgs),
     /// Tokenize text from stdin and print the token ids as a JSON array
     Tokenize(tokenize::TokenizeArgs),
     /// Read a JSON array of token ids from stdin and write the text they stand for
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Logits(args) => logits::run(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Detokenize(args) => tokenize::detokenize(args),
         Command::Render(args) => chat_cmd::render(args),
