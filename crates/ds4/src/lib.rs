@@ -17,4 +17,5 @@ pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod sample;
+pub mod synth;
 pub mod tokenizer;
