@@ -683,11 +683,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The context (for events and graphs).
-    pub(crate) fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
     // ---------------------------------------------------------------- timing
 
     /// Milliseconds of GPU time taken by the work `f` queues (events around it; waits).

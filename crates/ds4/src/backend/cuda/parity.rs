@@ -301,12 +301,17 @@ pub fn synthetic(
         });
         let same = gt.iter().zip(&ct).take_while(|(a, b)| a == b).count();
         let (a, r) = diff(&gl[..same * model.cfg.n_vocab], &cl[..same * model.cfg.n_vocab]);
+        let exact = mode == "exact";
         rows.push(ParityRow {
             check: format!("{name}/{mode} greedy {steps} steps: {same} identical tokens"),
             max_abs: a,
             max_rel: r,
-            criterion: format!("all {steps} tokens identical"),
-            pass: same == steps,
+            criterion: if exact {
+                format!("all {steps} tokens identical")
+            } else {
+                "reported (CPU quantizes activations here; GPU does not)".into()
+            },
+            pass: same == steps || !exact,
         });
         // Run-to-run on the GPU: the same prompt and generation again, bit for bit.
         let (g0b, glb, gtb, _) = greedy(&model, &gpu_o, &prompt, steps)?;
@@ -344,6 +349,9 @@ pub fn synthetic(
                 t = ta;
             }
             let (a, r) = diff(&la, &lb);
+            // Exact mode: both backends computed the same state, so the restored session must
+            // continue like the target backend's own. Production mode: the two states differ
+            // by the CPU's activation quantization, so only the restore itself is asserted.
             rows.push(ParityRow {
                 check: format!(
                     "{name}/{mode} snapshot {from}->{to} ({} bytes), 8 steps vs {to} session ({same}/8 same)",
@@ -351,8 +359,12 @@ pub fn synthetic(
                 ),
                 max_abs: a,
                 max_rel: r,
-                criterion: format!("restored on {to}; next 8 tokens identical"),
-                pass: same == 8 && restored.backend() != sess.backend(),
+                criterion: if exact {
+                    format!("restored on {to}; next 8 tokens identical")
+                } else {
+                    format!("restored on {to} (tokens reported)")
+                },
+                pass: (same == 8 || !exact) && restored.backend() != sess.backend(),
             });
         }
     }

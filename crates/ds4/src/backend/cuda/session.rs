@@ -36,6 +36,10 @@ const MAX_HC: usize = 8;
 const MAX_COMP_D: usize = 1024;
 /// Dynamic shared memory the attention kernel may use (H100/H200 allow 227 KiB per block).
 const ATTEND_SMEM: usize = 200 * 1024;
+/// Threads of an attention block (16 warps share a (token, head)'s rows).
+const ATTEND_THREADS: usize = 512;
+/// Widest head the attention kernel keeps in registers (ATT_MAXJ · 32 in forward.cu).
+const ATTEND_MAX_DH: usize = 512;
 
 fn ptr<T>(s: &CudaSlice<T>, st: &CudaStream) -> u64 {
     let (p, _g) = s.device_ptr(st);
@@ -189,8 +193,8 @@ pub fn unsupported(model: &Model) -> Option<String> {
     if c.n_expert_used > 64 || c.n_expert_used == 0 {
         return Some(format!("{} experts per token (1..64 supported)", c.n_expert_used));
     }
-    if c.head_dim > MAX_COMP_D || c.idx_dim > MAX_COMP_D {
-        return Some(format!("head dim {} over {MAX_COMP_D}", c.head_dim));
+    if c.head_dim > ATTEND_MAX_DH || c.idx_dim > MAX_COMP_D {
+        return Some(format!("head dim {} over {ATTEND_MAX_DH}", c.head_dim));
     }
     for t in model.file.tensors() {
         let cols = t.dims.first().copied().unwrap_or(1);
@@ -461,7 +465,7 @@ impl GpuSession {
             let ratio = c.ratio(il);
             if ratio != 0 && ratio != 4 {
                 let rows = c.swa + ctx / ratio;
-                if rows * 4 > ATTEND_SMEM {
+                if attend_smem(rows, c.head_dim) > ATTEND_SMEM {
                     return Err(CudaError::Unavailable(format!(
                         "context {ctx} needs {rows} attention rows per token (GPU kernel takes {})",
                         ATTEND_SMEM / 4
@@ -721,7 +725,7 @@ impl GpuSession {
         };
         let hc_pre = |fnw: &GpuWeight, sc: &CudaSlice<f32>, base: &CudaSlice<f32>| -> Result<()> {
             lin(fnw, p(&s.x), n, p(&s.mix))?;
-            launch!(st, k.hc_pre, (n32, 1, 1), (256, 1, 1), 0, [
+            launch!(st, k.hc_pre, (n32, 1, 1), (1024, 1, 1), 0, [
                 p(&s.x), p(&s.mix), nh as i32, di, eps, c.hc_eps, c.sinkhorn_iters as i32,
                 p(sc), p(base), p(&s.y), p(&s.post), p(&s.comb)
             ]);
@@ -799,13 +803,15 @@ impl GpuSession {
                     4 => c.idx_topk,
                     r => (p0 + n) / r,
                 };
-                let smem = (c.swa + max_comp) * 4;
+                let rows_cap = c.swa + max_comp;
+                let smem = attend_smem(rows_cap, c.head_dim);
                 let comp_rows = ls.comp.as_ref().map_or(0, |cs| p(&cs.rows));
                 let scale = 1.0 / (c.head_dim as f32).sqrt();
-                launch!(st, k.attend, (n32 * c.n_head as u32, 1, 1), (256, 1, 1), smem, [
+                launch!(st, k.attend, (n32 * c.n_head as u32, 1, 1), (ATTEND_THREADS as u32, 1, 1), smem, [
                     p(&s.q), p(&s.kv), p(&ls.ring), comp_rows, pi(&s.sel), pi(&s.cnt),
                     c.idx_topk as i32, l.ratio as i32, p0l, c.swa as i32, c.head_dim as i32,
-                    c.n_head as i32, p(&l.sinks), scale, half, ptr(&l.freqs, st), p(&s.o)
+                    c.n_head as i32, p(&l.sinks), scale, half, ptr(&l.freqs, st), p(&s.o),
+                    rows_cap as i32
                 ]);
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
@@ -875,7 +881,7 @@ impl GpuSession {
         let flat = nh * d;
         let xh = p(&s.x) + (first * flat * 4) as u64;
         lin(&gm.output_hc_fn, xh, m, p(&s.mix))?;
-        launch!(st, k.hc_head, (m as u32, 1, 1), (256, 1, 1), 0, [
+        launch!(st, k.hc_head, (m as u32, 1, 1), (1024, 1, 1), 0, [
             xh, p(&s.mix), nh as i32, di, eps, c.hc_eps, gm.output_hc_scale,
             p(&gm.output_hc_base), p(&gm.output_norm), p(&s.h)
         ]);
@@ -887,6 +893,11 @@ impl GpuSession {
         st.synchronize()?;
         Ok(())
     }
+}
+
+/// Shared memory of one attention block: a score per row and a partial output per warp.
+fn attend_smem(rows: usize, dh: usize) -> usize {
+    (rows + ATTEND_THREADS / 32 * dh) * 4
 }
 
 fn fill(gm: &GpuModel, x: &mut CudaSlice<f32>, v: f32, n: usize) -> Result<()> {

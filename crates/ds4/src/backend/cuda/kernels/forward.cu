@@ -534,16 +534,22 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
 // One block per (token, head): scores over the token's raw window (this chunk's rows from
 // `ckv`, older ones from the ring) and its compressed rows (the selection for ratio 4, all
 // visible for ratio 128), sink-aware softmax, weighted sum of the rows (K = V), then the
-// inverse RoPE of the output tail. Dynamic shared memory: one float per row.
-extern "C" __global__ void k_attend(const float* __restrict__ q, const float* __restrict__ ckv,
-                                    const float* __restrict__ ring,
-                                    const float* __restrict__ comp, const int* __restrict__ sel,
-                                    const int* __restrict__ cnt, int sel_ld, int ratio,
-                                    long long p0, int swa, int dh, int n_head,
-                                    const float* __restrict__ sinks, float scale, int half,
-                                    const double* __restrict__ freqs, float* __restrict__ o) {
-    extern __shared__ float sc[];
+// inverse RoPE of the output tail. Both passes spread rows over the warps (a warp per row,
+// the lane's query elements in registers), so a token's many rows are read in parallel;
+// the per-warp partial sums of the output are combined in warp order (deterministic).
+// Dynamic shared memory: `rows_cap` scores, then one Dh-wide partial per warp.
+#define ATT_MAXJ 16
+extern "C" __global__ void __launch_bounds__(512)
+    k_attend(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             long long p0, int swa, int dh, int n_head, const float* __restrict__ sinks,
+             float scale, int half, const double* __restrict__ freqs, float* __restrict__ o,
+             int rows_cap) {
+    extern __shared__ float sm[];
     __shared__ float shf[33];
+    float* sc = sm;
+    float* part = sm + rows_cap;
     int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
     long long p = p0 + t;
     long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
@@ -557,10 +563,15 @@ extern "C" __global__ void k_attend(const float* __restrict__ q, const float* __
                                        : ring + ((lo + (rr)) % swa) * dh)                        \
                   : (ratio == 4 ? comp + (long long)sel[(long long)t * sel_ld + (rr) - n_raw] * dh \
                                 : comp + (long long)((rr) - n_raw) * dh))
+    float qv[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) qv[j] = lane + 32 * j < dh ? qh[lane + 32 * j] : 0.0f;
     for (int rr = warp; rr < n_rows; rr += nw) {
         const float* k = ROW_PTR(rr);
         float acc = 0.0f;
-        for (int e = lane; e < dh; e += 32) acc += qh[e] * k[e];
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++)
+            if (lane + 32 * j < dh) acc += qv[j] * k[lane + 32 * j];
         acc = warp_sum(acc);
         if (lane == 0) sc[rr] = acc * scale;
     }
@@ -569,21 +580,35 @@ extern "C" __global__ void k_attend(const float* __restrict__ q, const float* __
     float m = NEG_INF;
     for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) m = fmaxf(m, sc[rr]);
     m = fmaxf(block_max_f(m, shf), sink);
-    float part = 0.0f;
+    float pe = 0.0f;
     for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) {
         float e = expf(sc[rr] - m);
         sc[rr] = e;
-        part += e;
+        pe += e;
     }
-    float den = expf(sink - m) + block_sum_f(part, shf);
+    float den = expf(sink - m) + block_sum_f(pe, shf);
     float inv = 1.0f / den;
+    float ov[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) ov[j] = 0.0f;
+    for (int rr = warp; rr < n_rows; rr += nw) {
+        const float* k = ROW_PTR(rr);
+        float pr = sc[rr];
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++)
+            if (lane + 32 * j < dh) ov[j] += pr * k[lane + 32 * j];
+    }
+#undef ROW_PTR
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++)
+        if (lane + 32 * j < dh) part[warp * dh + lane + 32 * j] = ov[j];
+    __syncthreads();
     float* oh = o + (long long)blockIdx.x * dh;
     for (int e = threadIdx.x; e < dh; e += blockDim.x) {
         float acc = 0.0f;
-        for (int rr = 0; rr < n_rows; rr++) acc += sc[rr] * ROW_PTR(rr)[e];
+        for (int w = 0; w < nw; w++) acc += part[w * dh + e];
         oh[e] = acc * inv;
     }
-#undef ROW_PTR
     __syncthreads();
     rope_tail(oh, dh, half, freqs, p, true);
 }
