@@ -199,7 +199,13 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
             ctx,
             decode,
             backend,
-        } => model_bench(profile, layers, &ctx, decode, backend.parse().map_err(anyhow::Error::msg)?)?,
+        } => model_bench(
+            profile,
+            layers,
+            &ctx,
+            decode,
+            backend.parse().map_err(anyhow::Error::msg)?,
+        )?,
     }
     Ok(())
 }
@@ -233,7 +239,11 @@ fn model_bench(
         let gm = model
             .upload_cuda(&mut |d, tot| {
                 if d - last > (4 << 30) || d == tot {
-                    eprintln!("# upload {:.1}/{:.1} GiB", d as f64 / 1073741824.0, tot as f64 / 1073741824.0);
+                    eprintln!(
+                        "# upload {:.1}/{:.1} GiB",
+                        d as f64 / 1073741824.0,
+                        tot as f64 / 1073741824.0
+                    );
                     last = d;
                 }
             })

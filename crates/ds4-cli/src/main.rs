@@ -1,9 +1,9 @@
 //! `ds4`: command line for the DeepSeek V4 Flash engine.
 
 mod bench;
+mod cuda_cmd;
 mod logits;
 mod tokenize;
-mod cuda_cmd;
 
 use clap::{Parser, Subcommand};
 

@@ -149,7 +149,10 @@ fn check_moments(g: &GgufFile, o: &SynthOptions, max_elems: usize) {
     }
     // The quantized formats the profile uses were all measured.
     for ty in ["Q8_0", "F16"] {
-        assert!(checked.contains_key(ty), "no {ty} tensor checked: {checked:?}");
+        assert!(
+            checked.contains_key(ty),
+            "no {ty} tensor checked: {checked:?}"
+        );
     }
     let experts = o.profile.experts();
     let want: &[&str] = match experts {
@@ -157,7 +160,10 @@ fn check_moments(g: &GgufFile, o: &SynthOptions, max_elems: usize) {
         ds4::model::ExpertQuant::Q4 => &["Q4_K"],
     };
     for ty in want {
-        assert!(checked.contains_key(ty), "no {ty} tensor checked: {checked:?}");
+        assert!(
+            checked.contains_key(ty),
+            "no {ty} tensor checked: {checked:?}"
+        );
     }
 }
 
@@ -254,7 +260,10 @@ fn tiny_loads_and_matches_the_reference_fixture_layout() {
     ] {
         assert_eq!(g.get(key), fx.get(key), "{key}");
     }
-    let tokens = g.get_string_array("tokenizer.ggml.tokens").unwrap().unwrap();
+    let tokens = g
+        .get_string_array("tokenizer.ggml.tokens")
+        .unwrap()
+        .unwrap();
     for s in SPECIAL_TOKENS {
         assert!(tokens.contains(&s), "{s} missing");
     }
@@ -287,7 +296,10 @@ fn demo_loads_with_the_real_tokenizer_and_stays_small() {
         g.file_size()
     );
     assert_eq!(g.get(SYNTHETIC_KEY), Some(&Value::Bool(true)));
-    assert!(g.get_str("general.name").unwrap().contains("random weights"));
+    assert!(g
+        .get_str("general.name")
+        .unwrap()
+        .contains("random weights"));
     check_values(&g, c);
     check_moments(&g, &o, usize::MAX);
 
@@ -370,7 +382,10 @@ fn write_file_streams_the_same_image() {
         Some((summary.tensor_bytes, summary.tensor_bytes))
     );
     let line = summary.to_string();
-    assert!(line.contains("IQ2_XXS") && line.contains("tensors"), "{line}");
+    assert!(
+        line.contains("IQ2_XXS") && line.contains("tensors"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -538,7 +553,10 @@ fn cut_flash_models_load_with_valid_calibrated_weights() {
         );
         assert_eq!(m.cfg.n_layer, layers);
         assert_eq!(m.expert_types(), types);
-        assert_eq!((m.cfg.n_embd, m.cfg.n_vocab, m.cfg.n_expert), (4096, 129_280, 256));
+        assert_eq!(
+            (m.cfg.n_embd, m.cfg.n_vocab, m.cfg.n_expert),
+            (4096, 129_280, 256)
+        );
         // Cut only in depth: the only difference from Flash is block_count.
         let mism = m.cfg.flash_mismatches();
         assert_eq!(mism.len(), 1, "{mism:?}");

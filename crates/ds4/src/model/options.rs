@@ -55,7 +55,9 @@ impl std::str::FromStr for BackendChoice {
             "auto" => Ok(BackendChoice::Auto),
             "cpu" => Ok(BackendChoice::Cpu),
             "cuda" | "gpu" => Ok(BackendChoice::Cuda),
-            _ => Err(format!("unknown backend '{s}' (expected auto, cpu or cuda)")),
+            _ => Err(format!(
+                "unknown backend '{s}' (expected auto, cpu or cuda)"
+            )),
         }
     }
 }

@@ -48,7 +48,10 @@ pub struct Session {
 }
 
 /// Resolves the backend choice: the GPU model to use, or `None` for the CPU.
-fn choose_backend(model: &Model, opts: &EngineOptions) -> Result<Option<Arc<GpuModel>>, SessionError> {
+fn choose_backend(
+    model: &Model,
+    opts: &EngineOptions,
+) -> Result<Option<Arc<GpuModel>>, SessionError> {
     match opts.backend {
         BackendChoice::Cpu => Ok(None),
         BackendChoice::Cuda => model

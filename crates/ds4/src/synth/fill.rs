@@ -150,7 +150,9 @@ pub(crate) fn fill(
 ) -> Result<(), String> {
     match (ty, init) {
         (GgmlType::F32, _) => {
-            fill_plain(out, 4, key, init, |v, b| b.copy_from_slice(&v.to_le_bytes()));
+            fill_plain(out, 4, key, init, |v, b| {
+                b.copy_from_slice(&v.to_le_bytes())
+            });
             Ok(())
         }
         (GgmlType::F16, _) => {
@@ -171,7 +173,7 @@ pub(crate) fn fill(
         }
         (_, Init::Normal { std, .. }) => {
             let f = block_format(ty).ok_or_else(|| format!("no generator for {ty}"))?;
-            if out.len() % f.bytes != 0 {
+            if !out.len().is_multiple_of(f.bytes) {
                 return Err(format!(
                     "{ty} tensor of {} bytes is not whole blocks",
                     out.len()
@@ -315,25 +317,72 @@ mod tests {
 
     #[test]
     fn rejects_impossible_requests() {
-        let n = Init::Normal { mean: 0.0, std: 1.0 };
+        let n = Init::Normal {
+            mean: 0.0,
+            std: 1.0,
+        };
         assert!(check("t", GgmlType::BF16, n).is_err());
         assert!(check("t", GgmlType::I32, n).is_err());
-        assert!(check("t", GgmlType::Q8_0, Init::Normal { mean: 1.0, std: 1.0 }).is_err());
-        assert!(check("t", GgmlType::Q4_K, Init::Normal { mean: 0.0, std: 1e9 }).is_err());
-        assert!(check("t", GgmlType::Q4_K, Init::Normal { mean: 0.0, std: 1e-12 }).is_err());
-        assert!(check("t", GgmlType::F16, Init::Normal { mean: 0.0, std: 1e5 }).is_err());
+        assert!(check(
+            "t",
+            GgmlType::Q8_0,
+            Init::Normal {
+                mean: 1.0,
+                std: 1.0
+            }
+        )
+        .is_err());
+        assert!(check(
+            "t",
+            GgmlType::Q4_K,
+            Init::Normal {
+                mean: 0.0,
+                std: 1e9
+            }
+        )
+        .is_err());
+        assert!(check(
+            "t",
+            GgmlType::Q4_K,
+            Init::Normal {
+                mean: 0.0,
+                std: 1e-12
+            }
+        )
+        .is_err());
+        assert!(check(
+            "t",
+            GgmlType::F16,
+            Init::Normal {
+                mean: 0.0,
+                std: 1e5
+            }
+        )
+        .is_err());
         assert!(check("t", GgmlType::Q2_K, Init::Uniform { lo: 0.0, hi: 1.0 }).is_err());
         assert!(check("t", GgmlType::Q2_K, n).is_ok());
         let mut out = vec![0u8; 8];
-        let e = fill(GgmlType::I32, &[4, 2], Init::ExpertIds { n_expert: 3 }, 0, &mut out);
-        assert!(e.is_err(), "4 distinct ids out of 3 experts must be refused");
+        let e = fill(
+            GgmlType::I32,
+            &[4, 2],
+            Init::ExpertIds { n_expert: 3 },
+            0,
+            &mut out,
+        );
+        assert!(
+            e.is_err(),
+            "4 distinct ids out of 3 experts must be refused"
+        );
     }
 
     #[test]
     fn plain_values_have_the_requested_moments() {
         let n = 100_000;
         let mut out = vec![0u8; n * 2];
-        let init = Init::Normal { mean: 1.0, std: 0.1 };
+        let init = Init::Normal {
+            mean: 1.0,
+            std: 0.1,
+        };
         fill(GgmlType::F16, &[n as u64], init, 3, &mut out).unwrap();
         let v: Vec<f32> = out
             .chunks_exact(2)
@@ -344,7 +393,14 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.002, "mean {mean}");
         assert!((std - 0.1).abs() < 0.003, "std {std}");
         let mut out = vec![0u8; n * 4];
-        fill(GgmlType::F32, &[n as u64], Init::Uniform { lo: 0.5, hi: 1.5 }, 3, &mut out).unwrap();
+        fill(
+            GgmlType::F32,
+            &[n as u64],
+            Init::Uniform { lo: 0.5, hi: 1.5 },
+            3,
+            &mut out,
+        )
+        .unwrap();
         for b in out.chunks_exact(4) {
             let x = f32::from_le_bytes(b.try_into().unwrap());
             assert!((0.5..1.5).contains(&x));
@@ -354,8 +410,17 @@ mod tests {
     #[test]
     fn q8_0_payload_never_holds_minus_128_and_scales_are_finite() {
         let mut out = vec![0u8; 34 * 10_000];
-        fill(GgmlType::Q8_0, &[320_000], Init::Normal { mean: 0.0, std: 0.02 }, 5, &mut out)
-            .unwrap();
+        fill(
+            GgmlType::Q8_0,
+            &[320_000],
+            Init::Normal {
+                mean: 0.0,
+                std: 0.02,
+            },
+            5,
+            &mut out,
+        )
+        .unwrap();
         let (mut s2, mut n) = (0f64, 0usize);
         for b in out.chunks_exact(34) {
             let d = f16::from_le_bytes([b[0], b[1]]).to_f32();

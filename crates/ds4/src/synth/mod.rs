@@ -357,7 +357,10 @@ fn metadata(opts: &SynthOptions, c: &Config) -> Result<Vec<(String, Value)>, Str
         ("attention.indexer.top_k", c.idx_topk),
         ("hyper_connection.count", c.hc),
         ("hyper_connection.sinkhorn_iterations", c.sinkhorn_iters),
-        ("rope.scaling.original_context_length", c.rope_orig_ctx as usize),
+        (
+            "rope.scaling.original_context_length",
+            c.rope_orig_ctx as usize,
+        ),
     ] {
         m.push((k(key), u(v)?));
     }

@@ -121,7 +121,10 @@ mod tests {
             let k = r.below(7) as usize;
             seen[k] = true;
         }
-        assert!(seen.iter().all(|&s| s), "every value of below(7) should occur");
+        assert!(
+            seen.iter().all(|&s| s),
+            "every value of below(7) should occur"
+        );
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub(crate) fn real_entries() -> Result<Entries, String> {
     let g = real()?;
     let n = strings(&g, "tokenizer.ggml.tokens")?.len();
     if n != 129_280 {
-        return Err(format!("embedded tokenizer has {n} tokens, expected 129280"));
+        return Err(format!(
+            "embedded tokenizer has {n} tokens, expected 129280"
+        ));
     }
     Ok(g.metadata()
         .iter()
@@ -75,9 +77,7 @@ pub(crate) fn small_entries(n_vocab: usize) -> Result<Entries, String> {
     let n_merged = n_vocab
         .checked_sub(BYTE_SYMBOLS_END + tail.len())
         .ok_or_else(|| {
-            format!(
-                "a vocabulary of {n_vocab} cannot hold the 256 byte symbols and 7 specials"
-            )
+            format!("a vocabulary of {n_vocab} cannot hold the 256 byte symbols and 7 specials")
         })?;
     let mut out_tokens: Vec<String> = tokens[..BYTE_SYMBOLS_END]
         .iter()

@@ -656,7 +656,13 @@ impl CudaBackend {
     ///
     /// # Safety
     /// `xs` (`n_tok × n_cols`) and `ys` (`n_tok × n_rows`) must be live device buffers.
-    pub(crate) unsafe fn mm_raw(&self, w: &GpuWeight, xs: u64, n_tok: usize, ys: u64) -> Result<()> {
+    pub(crate) unsafe fn mm_raw(
+        &self,
+        w: &GpuWeight,
+        xs: u64,
+        n_tok: usize,
+        ys: u64,
+    ) -> Result<()> {
         if n_tok == 0 {
             return Ok(());
         }

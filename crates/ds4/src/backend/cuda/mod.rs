@@ -30,8 +30,8 @@
 pub mod cache;
 pub mod check;
 pub mod compile;
-pub mod parity;
 mod device;
+pub mod parity;
 pub mod probe;
 pub mod session;
 

@@ -180,7 +180,10 @@ pub fn golden(dir: &Path, names: &[&str], rows: &mut Vec<ParityRow>) -> Result<(
                 // QAT rounding thresholds amplify f32 differences (README §1 pools rows and
                 // checks top-1 and the median instead); report the same quantities as CPU.
                 let (ca, _) = diff(&cpu[i], &f.expected[i]);
-                (ca.max(1e-3) * 4.0, format!("<= 4x CPU's max_abs ({ca:.3e})"))
+                (
+                    ca.max(1e-3) * 4.0,
+                    format!("<= 4x CPU's max_abs ({ca:.3e})"),
+                )
             } else {
                 (1e-3, "every logit within 1e-3 of expected".to_string())
             };
@@ -207,7 +210,11 @@ pub fn golden(dir: &Path, names: &[&str], rows: &mut Vec<ParityRow>) -> Result<(
                 } else {
                     "max_abs <= 1e-3".into()
                 },
-                pass: if f.qat { top1 * 50 >= n * 49 } else { a <= 1e-3 },
+                pass: if f.qat {
+                    top1 * 50 >= n * 49
+                } else {
+                    a <= 1e-3
+                },
             });
             rows.push(ParityRow {
                 check: format!("{name}/{run} gpu run-to-run"),
@@ -225,12 +232,14 @@ pub fn golden(dir: &Path, names: &[&str], rows: &mut Vec<ParityRow>) -> Result<(
 
 /// Greedy generation of `steps` tokens after `prompt`: (prefill logits, per-step logits,
 /// tokens, the session).
+type Greedy = (Vec<f32>, Vec<f32>, Vec<u32>, Session);
+
 fn greedy(
     model: &Arc<Model>,
     opts: &EngineOptions,
     prompt: &[u32],
     steps: usize,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>, Session), String> {
+) -> Result<Greedy, String> {
     let mut s = Session::new(model.clone(), opts.clone()).map_err(|e| e.to_string())?;
     s.prefill(prompt).map_err(|e| e.to_string())?;
     let first = s.logits().to_vec();
@@ -248,7 +257,9 @@ fn greedy(
 
 /// Pseudo-random prompt (a fixed LCG, so every run and backend sees the same ids).
 pub fn prompt_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x = x
@@ -291,7 +302,11 @@ pub fn synthetic(
         let (a, r) = diff(&g0, &c0);
         // Production mode: the CPU quantizes activations (Q8_0/Q8_K) before each product and
         // the GPU does not, so only the token agreement is asserted there.
-        let tol = if mode == "exact" { rel_tol } else { f32::INFINITY };
+        let tol = if mode == "exact" {
+            rel_tol
+        } else {
+            f32::INFINITY
+        };
         rows.push(ParityRow {
             check: format!("{name}/{mode} prefill({prompt_len}) gpu-vs-cpu"),
             max_abs: a,
@@ -300,7 +315,10 @@ pub fn synthetic(
             pass: r <= tol,
         });
         let same = gt.iter().zip(&ct).take_while(|(a, b)| a == b).count();
-        let (a, r) = diff(&gl[..same * model.cfg.n_vocab], &cl[..same * model.cfg.n_vocab]);
+        let (a, r) = diff(
+            &gl[..same * model.cfg.n_vocab],
+            &cl[..same * model.cfg.n_vocab],
+        );
         let exact = mode == "exact";
         rows.push(ParityRow {
             check: format!("{name}/{mode} greedy {steps} steps: {same} identical tokens"),

@@ -188,10 +188,16 @@ pub struct GpuModel {
 pub fn unsupported(model: &Model) -> Option<String> {
     let c = &model.cfg;
     if c.hc > MAX_HC {
-        return Some(format!("{} HC streams (the GPU kernels take at most {MAX_HC})", c.hc));
+        return Some(format!(
+            "{} HC streams (the GPU kernels take at most {MAX_HC})",
+            c.hc
+        ));
     }
     if c.n_expert_used > 64 || c.n_expert_used == 0 {
-        return Some(format!("{} experts per token (1..64 supported)", c.n_expert_used));
+        return Some(format!(
+            "{} experts per token (1..64 supported)",
+            c.n_expert_used
+        ));
     }
     if c.head_dim > ATTEND_MAX_DH || c.idx_dim > MAX_COMP_D {
         return Some(format!("head dim {} over {ATTEND_MAX_DH}", c.head_dim));
@@ -255,12 +261,19 @@ impl GpuModel {
     /// Uploads every weight of `model` to device 0. `progress(done, total)` gets bytes.
     pub fn new(model: &Model, progress: &mut dyn FnMut(usize, usize)) -> Result<GpuModel> {
         if let Some(why) = unsupported(model) {
-            return Err(CudaError::Unavailable(format!("model not supported on GPU: {why}")));
+            return Err(CudaError::Unavailable(format!(
+                "model not supported on GPU: {why}"
+            )));
         }
         let be = CudaBackend::new(0)?;
         let k = Kernels::load(&be)?;
         let (c, w, p) = (&model.cfg, &model.weights, &model.params);
-        let total: usize = model.file.tensors().iter().map(|t| t.n_bytes as usize).sum();
+        let total: usize = model
+            .file
+            .tensors()
+            .iter()
+            .map(|t| t.n_bytes as usize)
+            .sum();
         let mut up = Uploader {
             be: &be,
             model,
@@ -275,11 +288,11 @@ impl GpuModel {
         let output_hc_base = up.vec(&p.output_hc_base)?;
         let output_norm = up.vec(&p.output_norm)?;
         let mut layers = Vec::with_capacity(c.n_layer);
-        let mut bytes_per_token = embd.n_cols * 4
-            + output.matrix_bytes()
-            + output_hc_fn.matrix_bytes();
+        let mut bytes_per_token =
+            embd.n_cols * 4 + output.matrix_bytes() + output_hc_fn.matrix_bytes();
         for (il, (lw, lp)) in w.layers.iter().zip(&p.layers).enumerate() {
-            let comp = |up: &mut Uploader, cw: &crate::model::weights::CompressorWeights,
+            let comp = |up: &mut Uploader,
+                        cw: &crate::model::weights::CompressorWeights,
                         cp: &crate::model::params::CompressorParams|
              -> Result<GpuComp> {
                 Ok(GpuComp {
@@ -458,7 +471,13 @@ pub struct GpuSession {
 
 impl GpuSession {
     /// An empty session for a context of `ctx` positions.
-    pub fn new(gm: Arc<GpuModel>, model: &Model, ctx: usize, exact: bool, qat: bool) -> Result<GpuSession> {
+    pub fn new(
+        gm: Arc<GpuModel>,
+        model: &Model,
+        ctx: usize,
+        exact: bool,
+        qat: bool,
+    ) -> Result<GpuSession> {
         let c = &model.cfg;
         let be = &gm.be;
         for il in 0..c.n_layer {
@@ -714,27 +733,68 @@ impl GpuSession {
                 GgmlType::F16 => 1,
                 _ => 2,
             };
-            launch!(st, k.embed, (n32, 1, 1), (256, 1, 1), 0, [
-                be.weight_ptr(&gm.embd), ty, gm.embd.n_rows as i32, pi(&s.tokens), di,
-                nh as i32, p(&s.x)
-            ]);
+            launch!(
+                st,
+                k.embed,
+                (n32, 1, 1),
+                (256, 1, 1),
+                0,
+                [
+                    be.weight_ptr(&gm.embd),
+                    ty,
+                    gm.embd.n_rows as i32,
+                    pi(&s.tokens),
+                    di,
+                    nh as i32,
+                    p(&s.x)
+                ]
+            );
         }
         let rms_rows = |x: u64, w: u64, rows: usize, width: usize| -> Result<()> {
-            launch!(st, k.rms_norm, (rows as u32, 1, 1), (256, 1, 1), 0, [x, w, width as i32, eps]);
+            launch!(
+                st,
+                k.rms_norm,
+                (rows as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                [x, w, width as i32, eps]
+            );
             Ok(())
         };
         let hc_pre = |fnw: &GpuWeight, sc: &CudaSlice<f32>, base: &CudaSlice<f32>| -> Result<()> {
             lin(fnw, p(&s.x), n, p(&s.mix))?;
-            launch!(st, k.hc_pre, (n32, 1, 1), (1024, 1, 1), 0, [
-                p(&s.x), p(&s.mix), nh as i32, di, eps, c.hc_eps, c.sinkhorn_iters as i32,
-                p(sc), p(base), p(&s.y), p(&s.post), p(&s.comb)
-            ]);
+            launch!(
+                st,
+                k.hc_pre,
+                (n32, 1, 1),
+                (1024, 1, 1),
+                0,
+                [
+                    p(&s.x),
+                    p(&s.mix),
+                    nh as i32,
+                    di,
+                    eps,
+                    c.hc_eps,
+                    c.sinkhorn_iters as i32,
+                    p(sc),
+                    p(base),
+                    p(&s.y),
+                    p(&s.post),
+                    p(&s.comb)
+                ]
+            );
             Ok(())
         };
         let hc_post = || -> Result<()> {
-            launch!(st, k.hc_post, ((d as u32).div_ceil(256), n32, 1), (256, 1, 1), 0, [
-                p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di
-            ]);
+            launch!(
+                st,
+                k.hc_post,
+                ((d as u32).div_ceil(256), n32, 1),
+                (256, 1, 1),
+                0,
+                [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di]
+            );
             Ok(())
         };
         for (l, ls) in gm.layers.iter().zip(self.layers.iter()) {
@@ -745,25 +805,75 @@ impl GpuSession {
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
             rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
-            launch!(st, k.head_norm_rope, (n32 * c.n_head as u32, 1, 1), (128, 1, 1), 0, [
-                p(&s.q), c.n_head as i32, c.head_dim as i32, half, eps, ptr(&l.freqs, st), p0l
-            ]);
+            launch!(
+                st,
+                k.head_norm_rope,
+                (n32 * c.n_head as u32, 1, 1),
+                (128, 1, 1),
+                0,
+                [
+                    p(&s.q),
+                    c.n_head as i32,
+                    c.head_dim as i32,
+                    half,
+                    eps,
+                    ptr(&l.freqs, st),
+                    p0l
+                ]
+            );
             // KV row.
             lin(&l.kv, p(&s.y), n, p(&s.kv))?;
-            launch!(st, k.kv_finish, (n32, 1, 1), (256, 1, 1), 0, [
-                p(&s.kv), p(&l.kv_a_norm), c.head_dim as i32, half, eps, ptr(&l.freqs, st),
-                p0l, qat, exact
-            ]);
+            launch!(
+                st,
+                k.kv_finish,
+                (n32, 1, 1),
+                (256, 1, 1),
+                0,
+                [
+                    p(&s.kv),
+                    p(&l.kv_a_norm),
+                    c.head_dim as i32,
+                    half,
+                    eps,
+                    ptr(&l.freqs, st),
+                    p0l,
+                    qat,
+                    exact
+                ]
+            );
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
                 lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
                 lin(&w.gate, p(&s.y), n, p(&s.csc))?;
                 let inv_sqrt = (1.0 / (cs.d as f64).sqrt()) as f32;
-                launch!(st, k.compress, (1, 1, 1), (256, 1, 1), 0, [
-                    p(&s.ckv), p(&s.csc), p(&w.ape), p(&cs.kv), p(&cs.sc), p(&cs.rows),
-                    p(&w.norm), ptr(&l.freqs, st), ni, p0l, cs.ratio as i32, cs.d as i32,
-                    cs.coff as i32, half, eps, kind, qat, exact, inv_sqrt
-                ]);
+                launch!(
+                    st,
+                    k.compress,
+                    (1, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.ckv),
+                        p(&s.csc),
+                        p(&w.ape),
+                        p(&cs.kv),
+                        p(&cs.sc),
+                        p(&cs.rows),
+                        p(&w.norm),
+                        ptr(&l.freqs, st),
+                        ni,
+                        p0l,
+                        cs.ratio as i32,
+                        cs.d as i32,
+                        cs.coff as i32,
+                        half,
+                        eps,
+                        kind,
+                        qat,
+                        exact,
+                        inv_sqrt
+                    ]
+                );
                 Ok(())
             };
             if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
@@ -776,25 +886,69 @@ impl GpuSession {
                 if vis_max > c.idx_topk {
                     lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
                     let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
-                    launch!(st, k.idx_q_finish, (n32 * ih as u32, 1, 1), (64, 1, 1), 0, [
-                        p(&s.iq), ih as i32, id as i32, half, ptr(&l.freqs, st), p0l, qat,
-                        inv_sqrt
-                    ]);
+                    launch!(
+                        st,
+                        k.idx_q_finish,
+                        (n32 * ih as u32, 1, 1),
+                        (64, 1, 1),
+                        0,
+                        [
+                            p(&s.iq),
+                            ih as i32,
+                            id as i32,
+                            half,
+                            ptr(&l.freqs, st),
+                            p0l,
+                            qat,
+                            inv_sqrt
+                        ]
+                    );
                     lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
                     let scale = 1.0 / ((id * ih) as f32).sqrt();
                     let cnt = (n * ih) as i32;
-                    launch!(st, k.scale, ((cnt as u32).div_ceil(256), 1, 1), (256, 1, 1), 0, [
-                        p(&s.iw), scale, cnt
-                    ]);
-                    launch!(st, k.idx_scores, ((vis_max as u32).div_ceil(8), n32, 1), (256, 1, 1), 0, [
-                        p(&s.iq), p(&s.iw), p(&cs.rows), ih as i32, id as i32, p0l, 4i32,
-                        p(&s.isc), s.isc_ld as i32
-                    ]);
+                    launch!(
+                        st,
+                        k.scale,
+                        ((cnt as u32).div_ceil(256), 1, 1),
+                        (256, 1, 1),
+                        0,
+                        [p(&s.iw), scale, cnt]
+                    );
+                    launch!(
+                        st,
+                        k.idx_scores,
+                        ((vis_max as u32).div_ceil(8), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            p(&s.iq),
+                            p(&s.iw),
+                            p(&cs.rows),
+                            ih as i32,
+                            id as i32,
+                            p0l,
+                            4i32,
+                            p(&s.isc),
+                            s.isc_ld as i32
+                        ]
+                    );
                 }
-                launch!(st, k.topk_rows, (n32, 1, 1), (1024, 1, 1), 0, [
-                    p(&s.isc), s.isc_ld as i32, p0l, 4i32, c.idx_topk as i32, pi(&s.sel),
-                    pi(&s.cnt)
-                ]);
+                launch!(
+                    st,
+                    k.topk_rows,
+                    (n32, 1, 1),
+                    (1024, 1, 1),
+                    0,
+                    [
+                        p(&s.isc),
+                        s.isc_ld as i32,
+                        p0l,
+                        4i32,
+                        c.idx_topk as i32,
+                        pi(&s.sel),
+                        pi(&s.cnt)
+                    ]
+                );
             }
             // Attention over the raw window and the compressed rows.
             {
@@ -807,12 +961,33 @@ impl GpuSession {
                 let smem = attend_smem(rows_cap, c.head_dim);
                 let comp_rows = ls.comp.as_ref().map_or(0, |cs| p(&cs.rows));
                 let scale = 1.0 / (c.head_dim as f32).sqrt();
-                launch!(st, k.attend, (n32 * c.n_head as u32, 1, 1), (ATTEND_THREADS as u32, 1, 1), smem, [
-                    p(&s.q), p(&s.kv), p(&ls.ring), comp_rows, pi(&s.sel), pi(&s.cnt),
-                    c.idx_topk as i32, l.ratio as i32, p0l, c.swa as i32, c.head_dim as i32,
-                    c.n_head as i32, p(&l.sinks), scale, half, ptr(&l.freqs, st), p(&s.o),
-                    rows_cap as i32
-                ]);
+                launch!(
+                    st,
+                    k.attend,
+                    (n32 * c.n_head as u32, 1, 1),
+                    (ATTEND_THREADS as u32, 1, 1),
+                    smem,
+                    [
+                        p(&s.q),
+                        p(&s.kv),
+                        p(&ls.ring),
+                        comp_rows,
+                        pi(&s.sel),
+                        pi(&s.cnt),
+                        c.idx_topk as i32,
+                        l.ratio as i32,
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32,
+                        c.n_head as i32,
+                        p(&l.sinks),
+                        scale,
+                        half,
+                        ptr(&l.freqs, st),
+                        p(&s.o),
+                        rows_cap as i32
+                    ]
+                );
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
             {
@@ -823,9 +998,21 @@ impl GpuSession {
                 unsafe { be.mv_raw(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))? };
                 lin(&l.out_b, p(&s.low), n, p(&s.f))?;
             }
-            launch!(st, k.ring_push, (n.min(c.swa) as u32, 1, 1), (256, 1, 1), 0, [
-                p(&s.kv), p(&ls.ring), ni, p0l, c.swa as i32, c.head_dim as i32
-            ]);
+            launch!(
+                st,
+                k.ring_push,
+                (n.min(c.swa) as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                [
+                    p(&s.kv),
+                    p(&ls.ring),
+                    ni,
+                    p0l,
+                    c.swa as i32,
+                    c.head_dim as i32
+                ]
+            );
             hc_post()?;
             // §3.2 + §3.4: FFN site.
             hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base)?;
@@ -835,19 +1022,38 @@ impl GpuSession {
                 let ke = c.n_expert_used;
                 let t2e = l.tid2eid.as_ref().map_or(0, pi);
                 let bias = l.exp_bias.as_ref().map_or(0, p);
-                launch!(st, k.route, (n32, 1, 1), (256, 1, 1), c.n_expert * 8, [
-                    p(&s.rl), c.n_expert as i32, ke as i32, pi(&s.tokens), t2e, bias,
-                    c.expert_weights_norm as i32, c.expert_weights_scale, pi(&s.ids),
-                    p(&s.wts)
-                ]);
+                launch!(
+                    st,
+                    k.route,
+                    (n32, 1, 1),
+                    (256, 1, 1),
+                    c.n_expert * 8,
+                    [
+                        p(&s.rl),
+                        c.n_expert as i32,
+                        ke as i32,
+                        pi(&s.tokens),
+                        t2e,
+                        bias,
+                        c.expert_weights_norm as i32,
+                        c.expert_weights_scale,
+                        pi(&s.ids),
+                        p(&s.wts)
+                    ]
+                );
                 let f = c.n_ff_exp;
                 let slots = n * ke;
                 let (x, xs) = if n == 1 {
                     (p(&s.y), 0)
                 } else {
-                    launch!(st, k.expand, ((d as u32).div_ceil(256), slots as u32, 1), (256, 1, 1), 0, [
-                        p(&s.y), ke as i32, di, p(&s.zk)
-                    ]);
+                    launch!(
+                        st,
+                        k.expand,
+                        ((d as u32).div_ceil(256), slots as u32, 1),
+                        (256, 1, 1),
+                        0,
+                        [p(&s.y), ke as i32, di, p(&s.zk)]
+                    );
                     (p(&s.zk), d)
                 };
                 // SAFETY: ids come from the router (< n_expert); buffers hold `slots` rows.
@@ -855,20 +1061,35 @@ impl GpuSession {
                     be.mv_raw(&l.gate_exps, pi(&s.ids), slots, x, xs, p(&s.g))?;
                     be.mv_raw(&l.up_exps, pi(&s.ids), slots, x, xs, p(&s.u))?;
                 }
-                launch!(st, k.swiglu, ((f as u32).div_ceil(256), slots as u32, 1), (256, 1, 1), 0, [
-                    p(&s.g), p(&s.u), p(&s.wts), f as i32, l.clamp
-                ]);
+                launch!(
+                    st,
+                    k.swiglu,
+                    ((f as u32).div_ceil(256), slots as u32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.g), p(&s.u), p(&s.wts), f as i32, l.clamp]
+                );
                 // SAFETY: as above; g holds `slots` activations of F.
                 unsafe { be.mv_raw(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))? };
                 lin(&l.sh_gate, p(&s.y), n, p(&s.shg))?;
                 lin(&l.sh_up, p(&s.y), n, p(&s.shu))?;
-                launch!(st, k.swiglu, ((f as u32).div_ceil(256), n32, 1), (256, 1, 1), 0, [
-                    p(&s.shg), p(&s.shu), 0u64, f as i32, l.clamp
-                ]);
+                launch!(
+                    st,
+                    k.swiglu,
+                    ((f as u32).div_ceil(256), n32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.shg), p(&s.shu), 0u64, f as i32, l.clamp]
+                );
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
-                launch!(st, k.moe_sum, ((d as u32).div_ceil(256), n32, 1), (256, 1, 1), 0, [
-                    p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)
-                ]);
+                launch!(
+                    st,
+                    k.moe_sum,
+                    ((d as u32).div_ceil(256), n32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)]
+                );
             }
             hc_post()?;
         }
@@ -881,10 +1102,25 @@ impl GpuSession {
         let flat = nh * d;
         let xh = p(&s.x) + (first * flat * 4) as u64;
         lin(&gm.output_hc_fn, xh, m, p(&s.mix))?;
-        launch!(st, k.hc_head, (m as u32, 1, 1), (1024, 1, 1), 0, [
-            xh, p(&s.mix), nh as i32, di, eps, c.hc_eps, gm.output_hc_scale,
-            p(&gm.output_hc_base), p(&gm.output_norm), p(&s.h)
-        ]);
+        launch!(
+            st,
+            k.hc_head,
+            (m as u32, 1, 1),
+            (1024, 1, 1),
+            0,
+            [
+                xh,
+                p(&s.mix),
+                nh as i32,
+                di,
+                eps,
+                c.hc_eps,
+                gm.output_hc_scale,
+                p(&gm.output_hc_base),
+                p(&gm.output_norm),
+                p(&s.h)
+            ]
+        );
         lin(&gm.output, p(&s.h), m, p(&s.logits))?;
         let v = c.n_vocab;
         let at = out.len();
@@ -903,9 +1139,14 @@ fn attend_smem(rows: usize, dh: usize) -> usize {
 fn fill(gm: &GpuModel, x: &mut CudaSlice<f32>, v: f32, n: usize) -> Result<()> {
     let st = gm.be.stream();
     let nn = n as i64;
-    launch!(st, gm.k.fill, ((n as u32).div_ceil(256).max(1), 1, 1), (256, 1, 1), 0, [
-        ptr(x, st), v, nn
-    ]);
+    launch!(
+        st,
+        gm.k.fill,
+        ((n as u32).div_ceil(256).max(1), 1, 1),
+        (256, 1, 1),
+        0,
+        [ptr(x, st), v, nn]
+    );
     Ok(())
 }
 
@@ -916,8 +1157,10 @@ fn grow_rows(be: &CudaBackend, cs: &mut CompState, needed: usize) -> Result<()> 
     }
     let cap = (cs.cap * 2).max(needed).min(cs.max_rows.max(needed));
     let mut rows = be.alloc_f32(cap * cs.d)?;
-    be.stream()
-        .memcpy_dtod(&cs.rows.slice(0..cs.cap * cs.d), &mut rows.slice_mut(0..cs.cap * cs.d))?;
+    be.stream().memcpy_dtod(
+        &cs.rows.slice(0..cs.cap * cs.d),
+        &mut rows.slice_mut(0..cs.cap * cs.d),
+    )?;
     cs.rows = rows;
     cs.cap = cap;
     Ok(())
