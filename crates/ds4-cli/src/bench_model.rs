@@ -9,7 +9,7 @@ use clap::Args;
 use ds4::model::{EngineOptions, Session};
 use ds4::tokenizer::EncodeMode;
 
-use crate::load::{load_model, ModelArgs};
+use crate::load::{load_model, prepare_backend, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct ModelBenchArgs {
@@ -71,11 +71,12 @@ pub fn run(args: ModelBenchArgs) -> Result<()> {
     }
     ids.truncate(args.ctx_max);
     let ctx = args.ctx_max + args.gen_tokens + 1;
-    let opts = if args.exact {
+    let mut opts = if args.exact {
         EngineOptions::exact(true)
     } else {
         EngineOptions::production()
     };
+    opts.backend = prepare_backend(&model, args.model.backend)?;
     let mut session = Session::new(model.clone(), opts.clone().with_ctx(ctx))?;
     let eos = tok.specials().eos as usize;
     println!("ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kvcache_bytes");

@@ -3,7 +3,12 @@
 
 use clap::{Args, Subcommand};
 use ds4::backend::cuda::check::{bench, selftest, BenchConfig, BenchRow, CheckRow};
+use ds4::backend::cuda::parity::{self, ParityRow};
 use ds4::backend::cuda::{probe, CudaAvailability, CudaBackend};
+use ds4::model::{BackendChoice, EngineOptions, Model, Session};
+use ds4::synth::{Profile, SynthOptions};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Arguments of `ds4 cuda`.
 #[derive(Args, Debug)]
@@ -40,6 +45,50 @@ pub enum CudaWhat {
         /// Parts to run, comma separated: matvec, moe, prefill (default: all).
         #[arg(long, value_delimiter = ',')]
         sections: Vec<String>,
+    },
+    /// Whole-model parity, GPU vs CPU: golden fixtures, a synthetic model's logits and
+    /// greedy generation, run-to-run bit identity, snapshots across backends (CSV).
+    Parity {
+        /// Folder of the golden fixtures.
+        #[arg(long, default_value = "crates/ds4/tests/data/fixtures")]
+        fixtures: String,
+        /// Synthetic profile of the generation check.
+        #[arg(long, default_value = "demo")]
+        profile: Profile,
+        /// Layers of the synthetic model (default: the profile's).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Prompt tokens before generation.
+        #[arg(long, default_value_t = 200)]
+        prompt: usize,
+        /// Greedy steps compared.
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+        /// Relative tolerance on the synthetic model's logits (max |gpu−cpu| / max |cpu|).
+        #[arg(long, default_value_t = 1e-4)]
+        rel_tol: f32,
+        /// Skip the golden fixtures.
+        #[arg(long)]
+        no_golden: bool,
+    },
+    /// Whole-model speed on a synthetic model: prefill and decode tokens/s at context
+    /// frontiers, weight bandwidth of decode (CSV).
+    Model {
+        /// Synthetic profile.
+        #[arg(long, default_value = "flash-q2")]
+        profile: Profile,
+        /// Layers (default: the profile's).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Context frontiers (prompt lengths) to measure at.
+        #[arg(long, value_delimiter = ',', default_value = "2048,4096")]
+        ctx: Vec<usize>,
+        /// Decode steps timed at each frontier.
+        #[arg(long, default_value_t = 32)]
+        decode: usize,
+        /// Backend (cuda or cpu).
+        #[arg(long, default_value = "cuda")]
+        backend: String,
     },
 }
 
@@ -112,6 +161,131 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
             println!("{}", BenchRow::CSV_HEADER);
             bench(&be, &cfg, &mut |r| println!("{}", r.csv()))?;
         }
+        CudaWhat::Parity {
+            fixtures,
+            profile,
+            layers,
+            prompt,
+            steps,
+            rel_tol,
+            no_golden,
+        } => {
+            let t = Instant::now();
+            let mut rows: Vec<ParityRow> = Vec::new();
+            println!("{}", ParityRow::CSV_HEADER);
+            if !no_golden {
+                let names = ["tiny-f32", "tiny-q2", "tiny-q4", "tiny-q2-qat"];
+                parity::golden(std::path::Path::new(&fixtures), &names, &mut rows)
+                    .map_err(anyhow::Error::msg)?;
+                rows.iter().for_each(|r| println!("{}", r.csv()));
+            }
+            let at = rows.len();
+            parity::synthetic(profile, layers, prompt, steps, rel_tol, &mut rows)
+                .map_err(anyhow::Error::msg)?;
+            rows[at..].iter().for_each(|r| println!("{}", r.csv()));
+            let failed = rows.iter().filter(|r| !r.pass).count();
+            eprintln!(
+                "# parity: {} checks, {failed} failed, {:.1} s",
+                rows.len(),
+                t.elapsed().as_secs_f64()
+            );
+            if failed > 0 {
+                anyhow::bail!("CUDA parity failed");
+            }
+        }
+        CudaWhat::Model {
+            profile,
+            layers,
+            ctx,
+            decode,
+            backend,
+        } => model_bench(
+            profile,
+            layers,
+            &ctx,
+            decode,
+            backend.parse().map_err(anyhow::Error::msg)?,
+        )?,
+    }
+    Ok(())
+}
+
+/// `ds4 cuda model`: builds the synthetic model in memory, uploads it, and for each context
+/// frontier times a fresh session's prefill of that many tokens and the decode steps after.
+fn model_bench(
+    profile: Profile,
+    layers: Option<usize>,
+    ctxs: &[usize],
+    decode: usize,
+    backend: BackendChoice,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let file = ds4::synth::build_in_memory(&SynthOptions {
+        profile,
+        seed: 1,
+        layers,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let model = Arc::new(Model::from_gguf(file).map_err(anyhow::Error::msg)?);
+    let n_layer = model.cfg.n_layer;
+    eprintln!(
+        "# built {profile} ({n_layer} layers) in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut bytes_per_token = 0usize;
+    if backend == BackendChoice::Cuda {
+        let t = Instant::now();
+        let mut last = 0usize;
+        let gm = model
+            .upload_cuda(&mut |d, tot| {
+                if d - last > (4 << 30) || d == tot {
+                    eprintln!(
+                        "# upload {:.1}/{:.1} GiB",
+                        d as f64 / 1073741824.0,
+                        tot as f64 / 1073741824.0
+                    );
+                    last = d;
+                }
+            })
+            .map_err(anyhow::Error::msg)?;
+        let (free, total) = gm.backend().mem_info()?;
+        eprintln!(
+            "# device: {}; weights {:.2} GiB uploaded in {:.1} s; GPU memory used {:.2} of {:.2} GiB",
+            gm.backend().info(),
+            gm.device_bytes as f64 / 1073741824.0,
+            t.elapsed().as_secs_f64(),
+            (total - free) as f64 / 1073741824.0,
+            total as f64 / 1073741824.0
+        );
+        bytes_per_token = gm.bytes_per_token;
+    }
+    let max_ctx = ctxs.iter().copied().max().unwrap_or(0) + decode + 16;
+    let opts = EngineOptions::production()
+        .with_ctx(max_ctx)
+        .with_backend(backend);
+    println!("profile,layers,backend,ctx,prefill_tok_s,decode_tok_s,decode_ms_per_layer,weight_bytes_per_token,decode_weight_gb_s");
+    for &c in ctxs {
+        let mut s = Session::new(model.clone(), opts.clone())?;
+        let prompt = parity::prompt_ids(c, model.cfg.n_vocab, 3);
+        let t = Instant::now();
+        s.prefill(&prompt)?;
+        let pre = c as f64 / t.elapsed().as_secs_f64();
+        let mut tok = ds4::sample::argmax(s.logits());
+        // One untimed step (first-use costs), then the timed ones.
+        s.decode(tok)?;
+        tok = ds4::sample::argmax(s.logits());
+        let t = Instant::now();
+        for _ in 0..decode {
+            s.decode(tok)?;
+            tok = ds4::sample::argmax(s.logits());
+        }
+        let dt = t.elapsed().as_secs_f64() / decode.max(1) as f64;
+        println!(
+            "{profile},{n_layer},{backend},{c},{pre:.1},{:.2},{:.4},{bytes_per_token},{:.1}",
+            1.0 / dt,
+            dt * 1e3 / n_layer as f64,
+            bytes_per_token as f64 / dt / 1e9
+        );
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use ds4::model::{EngineOptions, Model, Session};
 use ds4::sample::{logprobs, Sampler, SamplerConfig};
 use ds4::tokenizer::{EncodeMode, Tokenizer};
 
-use crate::load::{load_model, print_memory_plan, read_text, ModelArgs};
+use crate::load::{load_model, prepare_backend, print_memory_plan, read_text, ModelArgs};
 
 /// Prefix rendered after BOS in Think Max mode (protocol.md §2.1).
 const THINK_MAX_PREFIX: &str = "Reasoning Effort: Absolute maximum with no shortcuts permitted.\nYou MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\nExplicitly write out your entire deliberation process, documenting every intermediate step, considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n";
@@ -116,6 +116,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let model = load_model(&args.model)?;
     let tok = Tokenizer::from_gguf(&model.file).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     print_memory_plan(&model, args.ctx);
+    let backend = prepare_backend(&model, args.model.backend)?;
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
         .context("installing the Ctrl+C handler")?;
     let mut mode = if args.nothink {
@@ -129,7 +130,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("ds4: --think-max needs --ctx >= {THINK_MAX_MIN_CTX}; using normal thinking");
         mode = Mode::Think;
     }
-    let mut chat = Chat::new(model, tok, &args, mode)?;
+    let mut chat = Chat::new(model, tok, &args, mode, backend)?;
     match prompt {
         Some(text) => {
             if let Some(path) = &args.dump_logprobs {
@@ -175,13 +176,20 @@ struct Chat {
 }
 
 impl Chat {
-    fn new(model: Arc<Model>, tok: Tokenizer, args: &RunArgs, mode: Mode) -> Result<Chat> {
+    fn new(
+        model: Arc<Model>,
+        tok: Tokenizer,
+        args: &RunArgs,
+        mode: Mode,
+        backend: ds4::model::BackendChoice,
+    ) -> Result<Chat> {
         let mut opts = if args.exact {
             EngineOptions::exact(!args.no_qat_sim)
         } else {
             EngineOptions::production()
         };
         opts.qat_sim = !args.no_qat_sim;
+        opts.backend = backend;
         opts = opts.with_ctx(args.ctx);
         let session = Session::new(model.clone(), opts.clone())?;
         Ok(Chat {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ds4::model::{Config, Model};
+use ds4::model::{BackendChoice, Config, Model};
 use ds4::synth::{Profile, SynthOptions};
 
 /// Default model path, as ds4.
@@ -26,6 +26,9 @@ pub struct ModelArgs {
     /// Layers of the synthetic model (default: the profile's depth).
     #[arg(long, value_name = "N", requires = "synthetic")]
     pub synthetic_layers: Option<usize>,
+    /// Compute backend: auto (CUDA when a usable GPU is found, else CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(short = 't', long, value_name = "N")]
     pub threads: Option<usize>,
@@ -126,23 +129,60 @@ fn print_summary(model: &Model, synthetic: bool, took: std::time::Duration) {
         .map(|(ty, (n, bytes))| format!("{ty} {n} tensors {:.2} GiB", gib(*bytes)))
         .collect();
     eprintln!("ds4: quant mix: {}", mix.join(", "));
-    eprintln!(
-        "ds4: backend: cpu, {} threads, {}; loaded in {:.2} s",
-        rayon::current_num_threads(),
-        if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
-            "AVX2"
-        } else {
-            "scalar kernels"
-        },
-        took.as_secs_f64()
-    );
+    eprintln!("ds4: loaded in {:.2} s", took.as_secs_f64());
+}
+
+/// Resolves the backend before the first session: with CUDA wanted, uploads the weights to
+/// the GPU with a progress line; `auto` falls back to the CPU with the reason, an explicit
+/// `cuda` without a usable GPU is an error. Prints the backend in use.
+pub fn prepare_backend(model: &Model, choice: BackendChoice) -> Result<BackendChoice> {
+    let resolved = match choice {
+        BackendChoice::Cpu => BackendChoice::Cpu,
+        BackendChoice::Auto | BackendChoice::Cuda => {
+            let started = std::time::Instant::now();
+            let mut last = 0usize;
+            let result = model.upload_cuda(&mut |done, total| {
+                let pct = done * 100 / total.max(1);
+                if pct >= last + 10 || done == total {
+                    last = pct;
+                    eprint!("\rds4: uploading weights to the GPU: {pct}%");
+                }
+            });
+            match result {
+                Ok(_) => {
+                    eprintln!(" ({:.1} s)", started.elapsed().as_secs_f64());
+                    BackendChoice::Cuda
+                }
+                Err(why) if choice == BackendChoice::Auto => {
+                    eprintln!("ds4: CUDA not used ({why}); running on the CPU");
+                    BackendChoice::Cpu
+                }
+                Err(why) => bail!("--backend cuda: {why}"),
+            }
+        }
+    };
+    if resolved == BackendChoice::Cpu {
+        eprintln!(
+            "ds4: backend: cpu, {} threads, {}",
+            rayon::current_num_threads(),
+            if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
+                "AVX2"
+            } else {
+                "scalar kernels"
+            }
+        );
+    } else {
+        eprintln!("ds4: backend: cuda");
+    }
+    Ok(resolved)
 }
 
 /// Prints the memory plan for a context size.
 pub fn print_memory_plan(model: &Model, ctx: usize) {
     eprintln!(
-        "ds4: memory: weights {:.2} GiB (memory-mapped), KV state up to {:.3} GiB at a context of {ctx} tokens (allocated as used)",
+        "ds4: memory: weights {:.2} GiB ({}), KV state up to {:.3} GiB at a context of {ctx} tokens (allocated as used)",
         gib(model.file.file_size()),
+        if model.file.path().is_some() { "memory-mapped" } else { "in memory" },
         gib(kv_bytes(&model.cfg, ctx))
     );
 }

@@ -480,3 +480,172 @@ fn fp8_round_basics() {
         assert_eq!(fp8_e4m3_round(v), v);
     }
 }
+
+/// SIMD dequantizers are bit-identical to the scalar ones on random block bytes (every
+/// scale pattern, NaN/inf/subnormal f16 scales included: NaN bits must match too).
+#[test]
+fn simd_dequant_bit_identical_to_scalar() {
+    if !Isa::Avx2.available() {
+        eprintln!("AVX2 not available: skipped");
+        return;
+    }
+    let mut rng = Rng(9);
+    for ty in QTYPES {
+        for trial in 0..40 {
+            let n = ty.block_elems() * (1 + trial % 9) * if ty == GgmlType::Q8_0 { 8 } else { 1 };
+            let rb = ty.row_bytes(n as u64).unwrap() as usize;
+            let row: Vec<u8> = if trial % 2 == 0 {
+                (0..rb).map(|_| rng.u64() as u8).collect()
+            } else {
+                random_row(ty, n, &mut rng, trial % 4 == 1)
+            };
+            let mut s = vec![0f32; n];
+            let mut v = vec![1f32; n];
+            dequantize_row_with(Isa::Scalar, ty, &row, &mut s);
+            dequantize_row_with(Isa::Avx2, ty, &row, &mut v);
+            for i in 0..n {
+                assert_eq!(
+                    s[i].to_bits(),
+                    v[i].to_bits(),
+                    "{ty} trial {trial} element {i}: {} vs {}",
+                    s[i],
+                    v[i]
+                );
+            }
+        }
+    }
+}
+
+/// The exact dot of a quantized row equals, bit for bit, the exact dot of its dequantized
+/// values stored as an F32 row (same ISA): the SIMD dequantizers feed the same values to
+/// the same 32-lane accumulator in the same order as before.
+#[test]
+fn exact_dot_equals_f32_row_dot() {
+    let mut rng = Rng(10);
+    for ty in QTYPES {
+        for &n in &[256usize, 1024, 4096] {
+            for raw in [false, true] {
+                let row = random_row(ty, n, &mut rng, raw);
+                let w = dequant(ty, &row, n);
+                let wb: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let x = rng.vec(n, 1.0);
+                for isa in isas() {
+                    let a = dot_f32_with(isa, ty, &row, &x);
+                    let b = dot_f32_with(isa, GgmlType::F32, &wb, &x);
+                    assert_eq!(a.to_bits(), b.to_bits(), "{ty} {isa:?} n={n}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
+
+/// IQ2_XXS: every grid index and every sign index, against q8 extremes (-128 included),
+/// scalar vs SIMD bit for bit; and the matvec path (which uses the cheaper sign form when
+/// the activations come from the quantizer) equals the scalar dot.
+#[test]
+fn iq2_xxs_all_grid_and_sign_codes() {
+    if !Isa::Avx2.available() {
+        eprintln!("AVX2 not available: skipped");
+        return;
+    }
+    let mut rng = Rng(11);
+    let n = 4096;
+    let nblk = n / 256;
+    let mut row = vec![0u8; nblk * 66];
+    let mut gi = 0usize; // runs over grid indices
+    let mut si = 0usize; // runs over sign indices
+    for b in row.chunks_exact_mut(66) {
+        b[0..2].copy_from_slice(&half::f16::from_f32(0.013).to_bits().to_le_bytes());
+        for ib in 0..8 {
+            let mut a = 0u32;
+            let mut w = (rng.u64() as u32 & 15) << 28;
+            for l in 0..4 {
+                a |= ((gi % 256) as u32) << (8 * l);
+                w |= ((si % 128) as u32) << (7 * l);
+                gi += 1;
+                si += 1;
+            }
+            b[2 + 8 * ib..6 + 8 * ib].copy_from_slice(&a.to_le_bytes());
+            b[6 + 8 * ib..10 + 8 * ib].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+    assert!(gi >= 256 && si >= 128);
+    for trial in 0..6 {
+        let mut xq = quantize_act_q8_k(&rng.vec(n, 1.0));
+        for b in xq.iter_mut() {
+            for q in b.qs.iter_mut() {
+                *q = match trial {
+                    0 => -128,
+                    1 => 127,
+                    2 => {
+                        if rng.u64() & 1 == 0 {
+                            -128
+                        } else {
+                            127
+                        }
+                    }
+                    3 => (rng.u64() as u8) as i8,
+                    _ => *q,
+                };
+            }
+            for g in 0..16 {
+                b.bsums[g] = b.qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum();
+            }
+        }
+        let s = dot_q8_k_with(Isa::Scalar, GgmlType::IQ2_XXS, &row, &xq);
+        let v = dot_q8_k_with(Isa::Avx2, GgmlType::IQ2_XXS, &row, &xq);
+        assert_eq!(s.to_bits(), v.to_bits(), "trial {trial}: {s} vs {v}");
+    }
+    let x = rng.vec(n, 1.0);
+    let mut y = [0f32; 1];
+    matvec(
+        GgmlType::IQ2_XXS,
+        &row[..66 * nblk],
+        1,
+        n,
+        &x,
+        &mut y,
+        false,
+    );
+    let want = dot_q8_k_with(Isa::Scalar, GgmlType::IQ2_XXS, &row, &quantize_act_q8_k(&x));
+    assert_eq!(y[0].to_bits(), want.to_bits());
+}
+
+/// The Q8_K activation quantizer never emits -128 for blocks whose largest |x| is a normal
+/// number above ~3e-39 (so that 1/max is finite): adversarial blocks with ties, a negative
+/// maximum, values just below the maximum, tiny and huge scales. (With a subnormal maximum
+/// `1/max` overflows and -128 does occur, which is why matvec checks the blocks before
+/// choosing the cheaper sign form instead of assuming this.)
+#[test]
+fn q8_k_quantizer_never_emits_minus_128() {
+    let mut rng = Rng(12);
+    for trial in 0..2000 {
+        let scale = 10f32.powi(trial % 64 - 34);
+        let mut x = rng.vec(256, scale);
+        let m = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        match trial % 4 {
+            0 => x[7] = -m * 1.0000001,
+            1 => {
+                x[0] = m;
+                x[1] = -m;
+                x[2] = -m * 0.99999994;
+            }
+            2 => x.iter_mut().for_each(|v| *v = -v.abs()),
+            _ => x[255] = -m * 3.0,
+        }
+        for b in quantize_act_q8_k(&x) {
+            assert!(b.qs.iter().all(|&q| q != -128), "trial {trial}");
+        }
+    }
+    // The subnormal case: -128 appears, and matvec still equals the exact-form dot.
+    let x: Vec<f32> = (0..256)
+        .map(|i| -1e-40 * (1.0 + i as f32 / 256.0))
+        .collect();
+    let xq = quantize_act_q8_k(&x);
+    assert!(xq[0].qs.contains(&-128));
+    let row = random_row(GgmlType::IQ2_XXS, 256, &mut rng, true);
+    let mut y = [0f32; 1];
+    matvec(GgmlType::IQ2_XXS, &row, 1, 256, &x, &mut y, false);
+    let want = dot_q8_k_with(Isa::Scalar, GgmlType::IQ2_XXS, &row, &xq);
+    assert_eq!(y[0].to_bits(), want.to_bits());
+}

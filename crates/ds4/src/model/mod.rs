@@ -1,7 +1,7 @@
 //! The DeepSeek V4 Flash model: config, weights, forward pass, sessions (model.md §1-§4).
 
 mod attention;
-mod cache;
+pub(crate) mod cache;
 pub mod config;
 mod forward;
 mod hc;
@@ -9,7 +9,7 @@ mod linear;
 mod moe;
 mod ops;
 mod options;
-mod params;
+pub(crate) mod params;
 pub mod rope;
 mod session;
 mod snapshot;
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::GgmlType;
 pub use config::Config;
-pub use options::{EngineOptions, DEFAULT_PREFILL_CHUNK, MAX_CTX};
+pub use options::{BackendChoice, EngineOptions, DEFAULT_PREFILL_CHUNK, MAX_CTX};
 use params::Params;
 pub use session::{Session, SessionError};
 pub use weights::{ExpertQuant, Weights};
@@ -34,6 +34,8 @@ pub struct Model {
     pub weights: Weights,
     /// Small tensors decoded to f32 and RoPE tables, for the forward pass.
     pub(crate) params: Params,
+    /// The weights on the GPU, once a CUDA session asked for them.
+    pub(crate) gpu: crate::backend::GpuSlot,
 }
 
 impl Model {
@@ -54,7 +56,17 @@ impl Model {
             cfg,
             weights,
             params,
+            gpu: Default::default(),
         })
+    }
+
+    /// Uploads the weights to the GPU now (they are otherwise uploaded by the first CUDA
+    /// session), reporting `progress(done, total)` in bytes. Returns why not, if it cannot.
+    pub fn upload_cuda(
+        &self,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Arc<crate::backend::cuda::GpuModel>, String> {
+        self.gpu.get_or_upload(self, progress)
     }
 
     /// The bytes of a bound tensor.

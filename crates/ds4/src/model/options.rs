@@ -15,6 +15,51 @@ pub struct EngineOptions {
     pub ctx: Option<usize>,
     /// Tokens per internal prefill chunk (bounds the prefill scratch memory).
     pub prefill_chunk: usize,
+    /// Compute backend (CPU reference or CUDA GPU).
+    pub backend: BackendChoice,
+}
+
+/// Which compute backend a session runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The GPU when a usable one is found (and the model fits), else the CPU; the reason
+    /// for not using the GPU is printed once per process.
+    #[default]
+    Auto,
+    /// The CPU reference.
+    Cpu,
+    /// The CUDA backend; a session fails to start without a usable GPU.
+    Cuda,
+}
+
+impl BackendChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Cpu => "cpu",
+            BackendChoice::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BackendChoice, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "cpu" => Ok(BackendChoice::Cpu),
+            "cuda" | "gpu" => Ok(BackendChoice::Cuda),
+            _ => Err(format!(
+                "unknown backend '{s}' (expected auto, cpu or cuda)"
+            )),
+        }
+    }
 }
 
 /// Hard upper bound on `ctx` (the model's `max_position_embeddings`, model.md §1).
@@ -31,6 +76,7 @@ impl EngineOptions {
             qat_sim: true,
             ctx: None,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            backend: BackendChoice::Auto,
         }
     }
 
@@ -42,6 +88,12 @@ impl EngineOptions {
             qat_sim,
             ..EngineOptions::production()
         }
+    }
+
+    /// Sets the backend.
+    pub fn with_backend(mut self, backend: BackendChoice) -> EngineOptions {
+        self.backend = backend;
+        self
     }
 
     /// Sets the context size.

@@ -1,12 +1,14 @@
 //! Sessions: one KV state per conversation (model.md §4), prefill in chunks, decode,
 //! logits, snapshot and restore.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::cache::LayerCache;
 use super::forward::{forward, Scratch, Want};
-use super::options::{EngineOptions, MAX_CTX};
+use super::options::{BackendChoice, EngineOptions, MAX_CTX};
 use super::Model;
+use crate::backend::cuda::{GpuModel, GpuSession};
 
 /// Why a session call failed. The session is unchanged by a refused call; a cancelled
 /// prefill keeps the chunks it finished.
@@ -28,6 +30,8 @@ pub enum SessionError {
     Options(String),
     #[error("invalid session snapshot: {0}")]
     Snapshot(String),
+    #[error("GPU backend: {0}")]
+    Backend(String),
 }
 
 /// An inference session over a shared model.
@@ -39,15 +43,53 @@ pub struct Session {
     pub(crate) tokens: Vec<u32>,
     pub(crate) logits: Vec<f32>,
     scratch: Scratch,
+    /// The CUDA state when this session runs on the GPU (`caches` is then unused).
+    gpu: Option<Box<GpuSession>>,
+}
+
+/// Resolves the backend choice: the GPU model to use, or `None` for the CPU.
+fn choose_backend(
+    model: &Model,
+    opts: &EngineOptions,
+) -> Result<Option<Arc<GpuModel>>, SessionError> {
+    match opts.backend {
+        BackendChoice::Cpu => Ok(None),
+        BackendChoice::Cuda => model
+            .upload_cuda(&mut |_, _| {})
+            .map(Some)
+            .map_err(SessionError::Backend),
+        BackendChoice::Auto => match model.upload_cuda(&mut |_, _| {}) {
+            Ok(g) => Ok(Some(g)),
+            Err(why) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| eprintln!("ds4: running on the CPU ({why})"));
+                Ok(None)
+            }
+        },
+    }
+}
+
+fn gpu_err(e: crate::backend::cuda::CudaError) -> SessionError {
+    SessionError::Backend(e.to_string())
 }
 
 impl Session {
     /// An empty session (position 0).
     pub fn new(model: Arc<Model>, opts: EngineOptions) -> Result<Session, SessionError> {
         let ctx = check_options(&model, &opts)?;
-        let caches = (0..model.cfg.n_layer)
-            .map(|il| LayerCache::new(&model.cfg, il, ctx))
-            .collect();
+        let gpu = match choose_backend(&model, &opts)? {
+            Some(gm) => Some(Box::new(
+                GpuSession::new(gm, &model, ctx, opts.exact, opts.qat_sim).map_err(gpu_err)?,
+            )),
+            None => None,
+        };
+        let caches = if gpu.is_some() {
+            Vec::new()
+        } else {
+            (0..model.cfg.n_layer)
+                .map(|il| LayerCache::new(&model.cfg, il, ctx))
+                .collect()
+        };
         Ok(Session {
             model,
             opts,
@@ -56,6 +98,7 @@ impl Session {
             tokens: Vec::new(),
             logits: Vec::new(),
             scratch: Scratch::default(),
+            gpu,
         })
     }
 
@@ -109,6 +152,15 @@ impl Session {
         self.ctx
     }
 
+    /// The backend this session runs on (`Cpu` or `Cuda`, never `Auto`).
+    pub fn backend(&self) -> BackendChoice {
+        if self.gpu.is_some() {
+            BackendChoice::Cuda
+        } else {
+            BackendChoice::Cpu
+        }
+    }
+
     pub fn options(&self) -> &EngineOptions {
         &self.opts
     }
@@ -119,7 +171,21 @@ impl Session {
 
     /// Bytes of KV state currently held (raw windows, compressor frontiers, rows).
     pub fn state_bytes(&self) -> usize {
-        self.caches.iter().map(LayerCache::bytes).sum()
+        match &self.gpu {
+            Some(g) => g.state_bytes(self.pos()),
+            None => self.caches.iter().map(LayerCache::bytes).sum(),
+        }
+    }
+
+    /// The layer caches in host memory (downloaded from the GPU for a CUDA session): the
+    /// common form snapshots are written from, so both backends write the same bytes.
+    pub(crate) fn host_caches(&self) -> Result<Cow<'_, [LayerCache]>, SessionError> {
+        match &self.gpu {
+            Some(g) => Ok(Cow::Owned(
+                g.to_caches(&self.model, self.pos()).map_err(gpu_err)?,
+            )),
+            None => Ok(Cow::Borrowed(&self.caches)),
+        }
     }
 
     /// Checks `tokens` fit and are valid, then runs them chunk by chunk.
@@ -155,17 +221,24 @@ impl Session {
         for chunk in tokens.chunks(self.opts.prefill_chunk.max(1)) {
             let pos = self.pos();
             let want = if all.is_some() { Want::All } else { Want::Last };
-            forward(
-                &model,
-                self.opts.exact,
-                self.opts.qat_sim,
-                &mut self.caches,
-                chunk,
-                pos,
-                want,
-                &mut self.scratch,
-                &mut rows,
-            );
+            match self.gpu.as_mut() {
+                Some(g) => {
+                    rows.clear();
+                    g.forward(&model, chunk, pos, want == Want::All, &mut rows)
+                        .map_err(gpu_err)?;
+                }
+                None => forward(
+                    &model,
+                    self.opts.exact,
+                    self.opts.qat_sim,
+                    &mut self.caches,
+                    chunk,
+                    pos,
+                    want,
+                    &mut self.scratch,
+                    &mut rows,
+                ),
+            }
             self.tokens.extend_from_slice(chunk);
             self.logits.clear();
             self.logits.extend_from_slice(&rows[rows.len() - vocab..]);
@@ -215,7 +288,8 @@ pub(crate) fn check_options(model: &Model, opts: &EngineOptions) -> Result<usize
 }
 
 impl Session {
-    /// Assembles a session from restored parts (used by snapshot restore).
+    /// Assembles a session from restored parts (used by snapshot restore); on the GPU the
+    /// caches are uploaded.
     pub(crate) fn from_parts(
         model: Arc<Model>,
         opts: EngineOptions,
@@ -223,8 +297,24 @@ impl Session {
         caches: Vec<LayerCache>,
         tokens: Vec<u32>,
         logits: Vec<f32>,
-    ) -> Session {
-        Session {
+    ) -> Result<Session, SessionError> {
+        let (gpu, caches) = match choose_backend(&model, &opts)? {
+            Some(gm) => {
+                let g = GpuSession::from_caches(
+                    gm,
+                    &model,
+                    ctx,
+                    opts.exact,
+                    opts.qat_sim,
+                    &caches,
+                    tokens.len(),
+                )
+                .map_err(gpu_err)?;
+                (Some(Box::new(g)), Vec::new())
+            }
+            None => (None, caches),
+        };
+        Ok(Session {
             model,
             opts,
             ctx,
@@ -232,6 +322,7 @@ impl Session {
             tokens,
             logits,
             scratch: Scratch::default(),
-        }
+            gpu,
+        })
     }
 }

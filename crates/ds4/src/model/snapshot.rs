@@ -99,8 +99,19 @@ impl<'a> Reader<'a> {
 }
 
 impl Session {
-    /// Serializes the session state (see the module docs for the format).
+    /// Serializes the session state (see the module docs for the format). A GPU session
+    /// whose state cannot be read back (a device error) reports it on stderr and returns no
+    /// bytes, which [`Session::restore`] refuses; [`Session::try_snapshot`] returns the error.
     pub fn snapshot(&self) -> Vec<u8> {
+        self.try_snapshot().unwrap_or_else(|e| {
+            eprintln!("ds4: snapshot failed: {e}");
+            Vec::new()
+        })
+    }
+
+    /// [`Session::snapshot`] with the device error, if any.
+    pub fn try_snapshot(&self) -> Result<Vec<u8>, SessionError> {
+        let caches = self.host_caches()?;
         let cfg = &self.model.cfg;
         let mut w = Writer(Vec::with_capacity(self.state_bytes() + 1024));
         w.0.extend_from_slice(MAGIC);
@@ -113,7 +124,7 @@ impl Session {
         w.u64(self.logits.len());
         w.f32s(&self.logits);
         let (pos, swa, dh) = (self.pos(), cfg.swa, cfg.head_dim);
-        for cache in &self.caches {
+        for cache in caches.iter() {
             for q in pos.saturating_sub(swa)..pos {
                 let slot = q % swa;
                 w.f32s(&cache.raw[slot * dh..(slot + 1) * dh]);
@@ -125,7 +136,7 @@ impl Session {
                 w.f32s(&c.rows.data);
             }
         }
-        w.0
+        Ok(w.0)
     }
 
     /// Rebuilds a session from [`Session::snapshot`] bytes. The snapshot must come from a
@@ -203,9 +214,7 @@ impl Session {
         if r.at != bytes.len() {
             return Err(err(format!("{} trailing bytes", bytes.len() - r.at)));
         }
-        Ok(Session::from_parts(
-            model, opts, ctx, caches, tokens, logits,
-        ))
+        Session::from_parts(model, opts, ctx, caches, tokens, logits)
     }
 }
 

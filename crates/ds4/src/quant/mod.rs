@@ -125,6 +125,15 @@ fn row_bytes(ty: GgmlType, n: usize) -> usize {
 /// # Panics
 /// If `dst.len()` is not a whole number of blocks or `src.len()` does not match it.
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
+    dequantize_row_with(Isa::detect(), ty, src, dst)
+}
+
+/// [`dequantize_row`] with an explicit instruction set (falls back to scalar if
+/// unavailable). The SIMD decoders are bit-identical to the scalar ones (NaN included).
+///
+/// # Panics
+/// As [`dequantize_row`].
+pub fn dequantize_row_with(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     let nb = row_bytes(ty, dst.len());
     assert_eq!(
         src.len(),
@@ -133,16 +142,25 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         src.len(),
         dst.len()
     );
-    match ty {
-        GgmlType::F32 => f16::dequantize_f32(src, dst),
-        GgmlType::F16 => f16::dequantize_f16(src, dst),
-        GgmlType::BF16 => f16::dequantize_bf16(src, dst),
-        GgmlType::I32 => f16::dequantize_i32(src, dst),
-        GgmlType::Q8_0 => q8_0::dequantize(src, dst),
-        GgmlType::Q2_K => q2_k::dequantize(src, dst),
-        GgmlType::Q4_K => q4_k::dequantize(src, dst),
-        GgmlType::Q8_K => q8_k::dequantize(src, dst),
-        GgmlType::IQ2_XXS => iq2_xxs::dequantize(src, dst),
+    match (isa.usable(), ty) {
+        // SAFETY (all four): CPU features checked by `usable`; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, GgmlType::Q8_0) => unsafe { q8_0_avx2::dequantize(src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, GgmlType::Q2_K) => unsafe { q2_k_avx2::dequantize(src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, GgmlType::Q4_K) => unsafe { q4_k_avx2::dequantize(src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, GgmlType::IQ2_XXS) => unsafe { iq2_xxs_avx2::dequantize(src, dst) },
+        (_, GgmlType::F32) => f16::dequantize_f32(src, dst),
+        (_, GgmlType::F16) => f16::dequantize_f16(src, dst),
+        (_, GgmlType::BF16) => f16::dequantize_bf16(src, dst),
+        (_, GgmlType::I32) => f16::dequantize_i32(src, dst),
+        (_, GgmlType::Q8_0) => q8_0::dequantize(src, dst),
+        (_, GgmlType::Q2_K) => q2_k::dequantize(src, dst),
+        (_, GgmlType::Q4_K) => q4_k::dequantize(src, dst),
+        (_, GgmlType::Q8_K) => q8_k::dequantize(src, dst),
+        (_, GgmlType::IQ2_XXS) => iq2_xxs::dequantize(src, dst),
     }
 }
 
@@ -280,7 +298,7 @@ pub fn dot_f32_with(isa: Isa, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
             continue;
         }
         let w = &mut buf[..xc.len()];
-        dequantize_row(ty, rc, w);
+        dequantize_row_with(isa, ty, rc, w);
         feed(isa, &mut acc, w, xc);
     }
     acc.finish()
@@ -321,6 +339,18 @@ pub fn dot_q8_k(ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32 {
 
 /// [`dot_q8_k`] with an explicit instruction set (falls back to scalar if unavailable).
 pub fn dot_q8_k_with(isa: Isa, ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32 {
+    dot_q8_k_inner(isa, ty, row, xq, false)
+}
+
+/// Whether no q8 value of `xq` is -128 (true for everything [`quantize_act_q8_k`] makes:
+/// the largest |x| maps to exactly ∓127). Lets kernels use the cheaper sign trick.
+fn q8k_no_m128(xq: &[BlockQ8K]) -> bool {
+    xq.iter().all(|b| b.qs.iter().all(|&q| q != -128))
+}
+
+/// [`dot_q8_k_with`]; `no_m128` promises that no q8 value is -128 (see [`q8k_no_m128`]).
+/// The result is the same either way (exact integer sums).
+fn dot_q8_k_inner(isa: Isa, ty: GgmlType, row: &[u8], xq: &[BlockQ8K], no_m128: bool) -> f32 {
     assert_eq!(
         row.len(),
         xq.len() * ty.block_bytes(),
@@ -328,6 +358,8 @@ pub fn dot_q8_k_with(isa: Isa, ty: GgmlType, row: &[u8], xq: &[BlockQ8K]) -> f32
     );
     let isa = isa.usable();
     match (isa, ty) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, GgmlType::IQ2_XXS) if no_m128 => unsafe { iq2_xxs_avx2::dot_no_m128(row, xq) },
         // SAFETY (all three): CPU features checked by `usable`.
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, GgmlType::Q2_K) => unsafe { q2_k_avx2::dot(row, xq) },
@@ -347,7 +379,8 @@ enum Act {
     /// Exact path: the f32 activations themselves.
     F32,
     Q8_0(Vec<BlockQ8_0Act>),
-    Q8K(Vec<BlockQ8K>),
+    /// Blocks, and whether no q8 value is -128.
+    Q8K(Vec<BlockQ8K>, bool),
 }
 
 impl Act {
@@ -355,7 +388,11 @@ impl Act {
         match ty {
             _ if exact => Act::F32,
             GgmlType::Q8_0 => Act::Q8_0(quantize_act_q8_0(xs)),
-            GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => Act::Q8K(quantize_act_q8_k(xs)),
+            GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => {
+                let v = quantize_act_q8_k(xs);
+                let no_m128 = q8k_no_m128(&v);
+                Act::Q8K(v, no_m128)
+            }
             _ => Act::F32,
         }
     }
@@ -365,7 +402,13 @@ impl Act {
         match self {
             Act::F32 => None,
             Act::Q8_0(v) => Some(dot_q8_0_with(isa, row, &v[t * bpt..(t + 1) * bpt])),
-            Act::Q8K(v) => Some(dot_q8_k_with(isa, ty, row, &v[t * bpt..(t + 1) * bpt])),
+            Act::Q8K(v, nm) => Some(dot_q8_k_inner(
+                isa,
+                ty,
+                row,
+                &v[t * bpt..(t + 1) * bpt],
+                *nm,
+            )),
         }
     }
 }
@@ -483,7 +526,7 @@ pub fn matmul(
                 let row = &w[o * rb..(o + 1) * rb];
                 if let Act::F32 = act {
                     rowbuf.resize(n_cols, 0.0);
-                    dequantize_row(ty, row, &mut rowbuf);
+                    dequantize_row_with(isa, ty, row, &mut rowbuf);
                     for (t, yo) in orow.iter_mut().enumerate() {
                         let x = &xs[t * n_cols..(t + 1) * n_cols];
                         let mut acc = fdot::Acc::new();

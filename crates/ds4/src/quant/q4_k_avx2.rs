@@ -52,3 +52,40 @@ pub(crate) unsafe fn dot(row: &[u8], xq: &[BlockQ8K]) -> f32 {
     }
     acc
 }
+
+/// SIMD twin of `q4_k::dequantize`: `(d·sc)·q − (dmin·m)` with the scalar products formed
+/// in f32 exactly as the twin does (one multiply, then one subtract; no FMA), hence
+/// bit-identical.
+///
+/// # Safety
+/// Requires AVX2 and F16C; whole blocks (`src.len() / 144 == dst.len() / 256`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize(src: &[u8], dst: &mut [f32]) {
+    for (b, out) in src.chunks_exact(BLOCK_BYTES).zip(dst.chunks_exact_mut(256)) {
+        // SAFETY: b has 144 bytes, out 256 floats.
+        unsafe {
+            let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            let dmin = f16_to_f32(u16::from_le_bytes([b[2], b[3]]));
+            let scales = &b[4..16];
+            let o = out.as_mut_ptr();
+            let m15 = _mm256_set1_epi32(15);
+            for c in 0..4 {
+                let (s0, m0) = scale_min(scales, 2 * c);
+                let (s1, m1) = scale_min(scales, 2 * c + 1);
+                let dl0 = _mm256_set1_ps(d * s0 as f32);
+                let ml0 = _mm256_set1_ps(dmin * m0 as f32);
+                let dl1 = _mm256_set1_ps(d * s1 as f32);
+                let ml1 = _mm256_set1_ps(dmin * m1 as f32);
+                for k in 0..4 {
+                    let q = _mm_loadl_epi64(b.as_ptr().add(16 + 32 * c + 8 * k) as *const __m128i);
+                    let w = _mm256_cvtepu8_epi32(q);
+                    let lo = _mm256_cvtepi32_ps(_mm256_and_si256(w, m15));
+                    let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(w));
+                    let ol = o.add(64 * c + 8 * k);
+                    _mm256_storeu_ps(ol, _mm256_sub_ps(_mm256_mul_ps(dl0, lo), ml0));
+                    _mm256_storeu_ps(ol.add(32), _mm256_sub_ps(_mm256_mul_ps(dl1, hi), ml1));
+                }
+            }
+        }
+    }
+}

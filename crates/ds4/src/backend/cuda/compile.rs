@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 
 /// The kernel source kept in the repository.
 const QUANT_CU: &str = include_str!("kernels/quant.cu");
+/// The forward-pass kernels (norms, HC, RoPE, QAT, compressor, indexer, attention, router).
+const FORWARD_CU: &str = include_str!("kernels/forward.cu");
 
 /// IQ2_XXS tables (grid magnitudes, sign patterns) read back from the CPU reference
 /// dequantizer rather than restated: a block with `d = 1` and group scale `ls = 0` decodes to
@@ -84,6 +86,7 @@ pub fn kernel_source() -> String {
     }
     s.push_str("\n};\n");
     s.push_str(QUANT_CU);
+    s.push_str(FORWARD_CU);
     s
 }
 
@@ -97,6 +100,10 @@ pub fn nvrtc_options(arch: &str) -> Vec<String> {
         "--std=c++17".into(),
         "-default-device".into(),
         "--extra-device-vectorization".into(),
+        // No contraction of `a*b + c` into FMA: the element-wise forward kernels then round
+        // exactly like the Rust reference (which never contracts); the dot products use
+        // explicit fmaf and are unaffected.
+        "--fmad=false".into(),
     ];
     if std::env::var_os(PTXAS_VERBOSE_ENV).is_some() {
         v.push("--ptxas-options=-v".into());

@@ -129,7 +129,7 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    _module: Arc<CudaModule>,
+    module: Arc<CudaModule>,
     kernels: Vec<(GgmlType, TypeKernels)>,
     f32_to_f16: CudaFunction,
     blas: CudaBlas,
@@ -190,7 +190,7 @@ impl CudaBackend {
             ctx,
             stream,
             info,
-            _module: module,
+            module,
             kernels,
             f32_to_f16,
             blas,
@@ -593,6 +593,99 @@ impl CudaBackend {
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )?;
         }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- raw launches
+    //
+    // The GPU forward pass (session.rs) addresses its many scratch buffers by device pointer;
+    // these launchers take raw pointers so that one call can read one field of a scratch
+    // struct and write another. Callers guarantee the sizes (checked where the buffers are
+    // allocated).
+
+    /// A kernel of the module by name.
+    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+        Ok(self.module.load_function(name)?)
+    }
+
+    /// Device address of a weight's first matrix.
+    pub(crate) fn weight_ptr(&self, w: &GpuWeight) -> u64 {
+        let (p, _g) = w.buf.device_ptr(&self.stream);
+        p
+    }
+
+    /// `mv_<t>` over `slots` slots: slot `s` multiplies matrix `ids[s]` (matrix 0 when
+    /// `ids == 0`) by `x + s·x_stride` into `y + s·n_rows`.
+    ///
+    /// # Safety
+    /// `x`, `y` and `ids` must be live device buffers of the sizes the product needs, ids
+    /// `< n_experts`.
+    pub(crate) unsafe fn mv_raw(
+        &self,
+        w: &GpuWeight,
+        ids: u64,
+        slots: usize,
+        x: u64,
+        x_stride: usize,
+        y: u64,
+    ) -> Result<()> {
+        let k = self.kernels(w.ty)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n_rows as u32).div_ceil(WARPS_PER_BLOCK), slots as u32, 1),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.weight_ptr(w);
+        let expert_bytes = w.expert_stride as i64;
+        let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
+        let xs = x_stride as i64;
+        let mut b = self.stream.launch_builder(&k.mv);
+        b.arg(&wp)
+            .arg(&expert_bytes)
+            .arg(&ids)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(&x)
+            .arg(&xs)
+            .arg(&y);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// `mm_<t>` of matrix 0 over `n_tok` contiguous token rows.
+    ///
+    /// # Safety
+    /// `xs` (`n_tok × n_cols`) and `ys` (`n_tok × n_rows`) must be live device buffers.
+    pub(crate) unsafe fn mm_raw(
+        &self,
+        w: &GpuWeight,
+        xs: u64,
+        n_tok: usize,
+        ys: u64,
+    ) -> Result<()> {
+        if n_tok == 0 {
+            return Ok(());
+        }
+        let k = self.kernels(w.ty)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK),
+                (n_tok as u32).div_ceil(MM_TOKENS),
+                1,
+            ),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.weight_ptr(w);
+        let (n_rows, n_cols, nt) = (w.n_rows as i32, w.n_cols as i32, n_tok as i32);
+        let mut b = self.stream.launch_builder(&k.mm);
+        b.arg(&wp)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(&xs)
+            .arg(&nt)
+            .arg(&ys);
+        b.launch(cfg)?;
         Ok(())
     }
 

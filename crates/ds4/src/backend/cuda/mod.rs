@@ -31,12 +31,15 @@ pub mod cache;
 pub mod check;
 pub mod compile;
 mod device;
+pub mod parity;
 pub mod probe;
+pub mod session;
 
 pub use device::{
     repack_q8_0, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
 };
 pub use probe::{probe, CudaAvailability, DeviceInfo};
+pub use session::{GpuModel, GpuSession};
 
 /// Re-export of the cudarc buffer types used in the launch API, so callers need not depend
 /// on cudarc directly.

@@ -1,0 +1,749 @@
+// ds4 CUDA kernels of the forward pass other than the weight products (model.md §3): token
+// embedding, RMSNorm, hyper-connections (pre with Sinkhorn, post, output head mixing), RoPE
+// with YaRN frequencies, the FP8/FP4 QAT simulations, the KV compressor, the lightning
+// indexer (scores + exact top-k), sink-aware attention, the router and the SwiGLU experts'
+// element-wise parts. Appended to quant.cu by compile.rs (same module, same typedefs).
+//
+// Numerics follow the CPU reference (model/*.rs) operation by operation: f32 everywhere,
+// sums of squares for RMSNorm in f64, RoPE angles in f64, and the module is compiled with
+// --fmad=false so `a*b + c` rounds twice exactly as Rust does. Reductions across threads run
+// in a fixed tree order (no floating-point atomics), so results are bit-identical from run
+// to run; they differ from the CPU's sequential sums only by f32 rounding.
+
+#define FWD_MAX_HC 8
+#define NEG_INF __int_as_float(0xff800000u)
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+    return v;
+}
+
+// Block-wide sum (blockDim a multiple of 32); every thread gets the result. The leading
+// barrier lets callers reuse `sh` back to back.
+__device__ double block_sum_d(double v, double* sh) {
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        double r = l < nw ? sh[l] : 0.0;
+        r = warp_sum_d(r);
+        if (l == 0) sh[32] = r;
+    }
+    __syncthreads();
+    return sh[32];
+}
+
+__device__ float block_sum_f(float v, float* sh) {
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float r = l < nw ? sh[l] : 0.0f;
+        r = warp_sum(r);
+        if (l == 0) sh[32] = r;
+    }
+    __syncthreads();
+    return sh[32];
+}
+
+__device__ float block_max_f(float v, float* sh) {
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float r = l < nw ? sh[l] : NEG_INF;
+        r = warp_max(r);
+        if (l == 0) sh[32] = r;
+    }
+    __syncthreads();
+    return sh[32];
+}
+
+// Exclusive prefix count of `flag` over the block in thread order; *total gets the sum.
+__device__ int block_scan_flag(bool flag, int* sh, int* total) {
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = blockDim.x >> 5;
+    unsigned b = __ballot_sync(0xffffffffu, flag);
+    int in_warp = __popc(b & ((1u << l) - 1u));
+    __syncthreads();
+    if (l == 0) sh[w] = __popc(b);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int i = 0; i < nw; i++) {
+            int c = sh[i];
+            sh[i] = acc;
+            acc += c;
+        }
+        sh[32] = acc;
+    }
+    __syncthreads();
+    *total = sh[32];
+    return sh[w] + in_warp;
+}
+
+// `1/sqrt(mean(x²) + eps)` with the sum of squares in f64, as ops::rms_scale.
+__device__ float rms_scale_block(const float* x, int n, float eps, double* sh) {
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * (double)x[i];
+    ss = block_sum_d(ss, sh);
+    return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// RoPE on the last 2·half dims of `x` (len elements) at position pos with the layer's f64
+// frequencies; angles in f64 like rope.rs, the rotation in f32. Block-wide; caller syncs.
+__device__ void rope_tail(float* x, int len, int half, const double* freqs, long long pos,
+                          bool inverse) {
+    int off = len - 2 * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        double s, c;
+        sincos((double)pos * freqs[i], &s, &c);
+        float cf = (float)c, sf = (float)s;
+        if (inverse) sf = -sf;
+        float a = x[off + 2 * i], b = x[off + 2 * i + 1];
+        x[off + 2 * i] = a * cf - b * sf;
+        x[off + 2 * i + 1] = a * sf + b * cf;
+    }
+}
+
+// ---------------------------------------------------------------- QAT simulations (qat.rs)
+
+__device__ float pow2_ceil_f(float r) {
+    if (isnan(r) || r <= 0.0f || isinf(r)) return r;
+    if (r < 1.17549435e-38f) return (float)exp2(ceil(log2((double)r)));
+    unsigned bits = __float_as_uint(r);
+    unsigned e = bits >> 23;
+    return (bits & 0x7fffffu) == 0 ? r : __uint_as_float((e + 1) << 23);
+}
+
+__device__ float fp8_e4m3_round(float x) {
+    float v = fminf(fmaxf(x, -448.0f), 448.0f);
+    float a = fabsf(v);
+    int e = (int)(__float_as_uint(a) >> 23) - 127;
+    if (e < -6) e = -6;
+    float step = __uint_as_float((unsigned)(e - 3 + 127) << 23);
+    float q = rintf(a / step) * step;
+    return copysignf(q, v);
+}
+
+__device__ float e2m1_round(float v) {
+    const float grid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    float a = fabsf(v);
+    int code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
+               (a >= 3.5f) + (a > 5.0f);
+    return copysignf(grid[code], v);
+}
+
+// FP8 KV simulation on x[0..n) (n a multiple of 64), one thread per 64-block.
+__device__ void fp8sim_row(float* x, int n) {
+    for (int b = threadIdx.x; b < n / 64; b += blockDim.x) {
+        float* blk = x + 64 * b;
+        float amax = 0.0f;
+        for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(blk[i]));
+        float s = pow2_ceil_f(fmaxf(amax, 1e-4f) / 448.0f);
+        for (int i = 0; i < 64; i++) blk[i] = fp8_e4m3_round(blk[i] / s) * s;
+    }
+}
+
+// Indexer QAT on a power-of-two row (Hadamard in natural order, then FP4 in blocks of 32).
+// One thread: rows are 128 wide and the butterfly order fixes the rounding.
+__device__ void indexer_qat_serial(float* x, int n, float inv_sqrt_n) {
+    for (int h = 1; h < n; h *= 2)
+        for (int b = 0; b < n; b += 2 * h)
+            for (int i = b; i < b + h; i++) {
+                float u = x[i], v = x[i + h];
+                x[i] = u + v;
+                x[i + h] = u - v;
+            }
+    for (int i = 0; i < n; i++) x[i] *= inv_sqrt_n;
+    for (int b = 0; b < n; b += 32) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b + i]));
+        float s = pow2_ceil_f(fmaxf(amax, 6.0f * 1.17549435e-38f) / 6.0f);
+        for (int i = 0; i < 32; i++)
+            x[b + i] = e2m1_round(fminf(fmaxf(x[b + i] / s, -6.0f), 6.0f)) * s;
+    }
+}
+
+__device__ __forceinline__ float round_f16(float v) { return h2f(f2h(v)); }
+
+// finish_row (attention.rs): QAT (kind 0 = KV: FP8 on the non-RoPE dims; 1 = indexer) then
+// F16 storage rounding in production mode. Block-wide; ends with a barrier.
+__device__ void finish_row(float* row, int len, int nope, int kind, int qat, int exact,
+                           float inv_sqrt_len) {
+    __syncthreads();
+    if (qat) {
+        if (kind == 0) fp8sim_row(row, nope);
+        else if (threadIdx.x == 0) indexer_qat_serial(row, len, inv_sqrt_len);
+    }
+    __syncthreads();
+    if (!exact)
+        for (int i = threadIdx.x; i < len; i += blockDim.x) row[i] = round_f16(row[i]);
+    __syncthreads();
+}
+
+// ---------------------------------------------------------------- embedding, norms
+
+// x[t] = token_embd[tokens[t]] in all n_hc streams. ty: 0 = F32, 1 = F16, 2 = Q8_0 (GPU
+// repacked planes; n_rows = vocab locates the scale plane).
+extern "C" __global__ void k_embed(const u8* __restrict__ w, int ty, int n_rows,
+                                   const int* __restrict__ tokens, int d, int n_hc,
+                                   float* __restrict__ x) {
+    int t = blockIdx.x;
+    long long tok = tokens[t];
+    float* xt = x + (long long)t * n_hc * d;
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float v;
+        if (ty == 0) v = ((const float*)w)[tok * d + e];
+        else if (ty == 1) v = h2f(((const u16*)w)[tok * d + e]);
+        else {
+            float sc = h2f(((const u16*)(w + (long long)n_rows * d))[tok * (d / 32) + e / 32]);
+            v = sc * (float)((const signed char*)w)[tok * d + e];
+        }
+        for (int j = 0; j < n_hc; j++) xt[j * d + e] = v;
+    }
+}
+
+// In-place RMSNorm of each `width`-wide row (blockIdx.x = row); w null = unweighted.
+extern "C" __global__ void k_rms_norm(float* __restrict__ x, const float* __restrict__ w,
+                                      int width, float eps) {
+    __shared__ double sh[33];
+    float* r = x + (long long)blockIdx.x * width;
+    float s = rms_scale_block(r, width, eps, sh);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) r[i] = w ? r[i] * s * w[i] : r[i] * s;
+}
+
+// Query heads: unweighted RMSNorm then RoPE at the token's position (blockIdx.x = t·H + h).
+extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, int dh, int half,
+                                            float eps, const double* __restrict__ freqs,
+                                            long long p0) {
+    __shared__ double sh[33];
+    float* r = q + (long long)blockIdx.x * dh;
+    float s = rms_scale_block(r, dh, eps, sh);
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = r[i] * s;
+    __syncthreads();
+    rope_tail(r, dh, half, freqs, p0 + blockIdx.x / n_head, false);
+}
+
+// KV rows: RMSNorm(kv_a_norm), RoPE, QAT + storage rounding (blockIdx.x = t).
+extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __restrict__ w,
+                                       int dh, int half, float eps,
+                                       const double* __restrict__ freqs, long long p0, int qat,
+                                       int exact) {
+    __shared__ double sh[33];
+    float* r = kv + (long long)blockIdx.x * dh;
+    float s = rms_scale_block(r, dh, eps, sh);
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = r[i] * s * w[i];
+    __syncthreads();
+    rope_tail(r, dh, half, freqs, p0 + blockIdx.x, false);
+    finish_row(r, dh, dh - 2 * half, 0, qat, exact, 0.0f);
+}
+
+// Indexer query heads: RoPE at the token's position, then the indexer QAT (blockIdx.x =
+// t·iH + h).
+extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int id, int half,
+                                          const double* __restrict__ freqs, long long p0,
+                                          int qat, float inv_sqrt_id) {
+    float* r = q + (long long)blockIdx.x * id;
+    rope_tail(r, id, half, freqs, p0 + blockIdx.x / n_head, false);
+    __syncthreads();
+    if (qat && threadIdx.x == 0) indexer_qat_serial(r, id, inv_sqrt_id);
+}
+
+// y *= a (element-wise over n).
+extern "C" __global__ void k_scale(float* __restrict__ y, float a, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] *= a;
+}
+
+// ---------------------------------------------------------------- hyper-connections (hc.rs)
+
+__device__ void sinkhorn_serial(float* c, int n, int iters, float eps) {
+    for (int j = 0; j < n; j++) {
+        float* row = c + j * n;
+        float m = NEG_INF;
+        for (int k = 0; k < n; k++) m = fmaxf(m, row[k]);
+        float s = 0.0f;
+        for (int k = 0; k < n; k++) {
+            row[k] = expf(row[k] - m);
+            s += row[k];
+        }
+        for (int k = 0; k < n; k++) row[k] = row[k] / s + eps;
+    }
+    // The first column normalisation runs even with iters = 0, as in hc.rs.
+    for (int it = 0; it < (iters > 1 ? iters : 1); it++) {
+        if (it > 0)
+            for (int j = 0; j < n; j++) {
+                float s = 0.0f;
+                for (int k = 0; k < n; k++) s += c[j * n + k];
+                for (int k = 0; k < n; k++) c[j * n + k] /= s + eps;
+            }
+        for (int k = 0; k < n; k++) {
+            float s = 0.0f;
+            for (int j = 0; j < n; j++) s += c[j * n + k];
+            for (int j = 0; j < n; j++) c[j * n + k] /= s + eps;
+        }
+    }
+}
+
+// hc_pre for token blockIdx.x: mix (= fn·flat, unscaled) times the state's RMS scale, the
+// stream weights P_j, post weights Q_k, Sinkhorn-normalised M, and y = Σ_j P_j·X_j.
+extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __restrict__ mix,
+                                    int n, int d, float rms_eps, float hc_eps, int iters,
+                                    const float* __restrict__ scale3,
+                                    const float* __restrict__ base, float* __restrict__ y,
+                                    float* __restrict__ post, float* __restrict__ comb) {
+    __shared__ double sh[33];
+    __shared__ float m[(2 + FWD_MAX_HC) * FWD_MAX_HC];
+    __shared__ float pj[FWD_MAX_HC];
+    __shared__ float c[FWD_MAX_HC * FWD_MAX_HC];
+    int t = blockIdx.x, w = (2 + n) * n;
+    const float* xt = x + (long long)t * n * d;
+    float s = rms_scale_block(xt, n * d, rms_eps, sh);
+    for (int i = threadIdx.x; i < w; i += blockDim.x) m[i] = mix[(long long)t * w + i] * s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < n; j++) pj[j] = sigmoidf_(m[j] * scale3[0] + base[j]) + hc_eps;
+        for (int k = 0; k < n; k++)
+            post[t * n + k] = 2.0f * sigmoidf_(m[n + k] * scale3[1] + base[n + k]);
+        for (int i = 0; i < n * n; i++) c[i] = m[2 * n + i] * scale3[2] + base[2 * n + i];
+        sinkhorn_serial(c, n, iters, hc_eps);
+        for (int i = 0; i < n * n; i++) comb[(long long)t * n * n + i] = c[i];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++) acc += pj[j] * xt[j * d + e];
+        y[(long long)t * d + e] = acc;
+    }
+}
+
+// hc_post in place: X_k ← Q_k·F + Σ_j M[j][k]·X_j (grid: x = element blocks, y = token).
+extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restrict__ f,
+                                     const float* __restrict__ post,
+                                     const float* __restrict__ comb, int n, int d) {
+    int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= d) return;
+    float* xt = x + (long long)t * n * d;
+    const float* q = post + t * n;
+    const float* mm = comb + (long long)t * n * n;
+    float fv = f[(long long)t * d + e];
+    float xs[FWD_MAX_HC], out[FWD_MAX_HC];
+    for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
+    for (int k = 0; k < n; k++) {
+        float o = q[k] * fv;
+        for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
+        out[k] = o;
+    }
+    for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
+// Output head (§3.5): h = Σ_j w_j·X_j with w_j = sigmoid(m_j·s·scale + base_j) + eps, then
+// RMSNorm(h; output_norm). blockIdx.x = token.
+extern "C" __global__ void k_hc_head(const float* __restrict__ x, const float* __restrict__ mix,
+                                     int n, int d, float rms_eps, float hc_eps, float scale,
+                                     const float* __restrict__ base,
+                                     const float* __restrict__ norm, float* __restrict__ h) {
+    __shared__ double sh[33];
+    __shared__ float wj[FWD_MAX_HC];
+    int t = blockIdx.x;
+    const float* xt = x + (long long)t * n * d;
+    float s = rms_scale_block(xt, n * d, rms_eps, sh);
+    if (threadIdx.x < n)
+        wj[threadIdx.x] = sigmoidf_(mix[t * n + threadIdx.x] * s * scale + base[threadIdx.x]) + hc_eps;
+    __syncthreads();
+    float* ht = h + (long long)t * d;
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++) acc += wj[j] * xt[j * d + e];
+        ht[e] = acc;
+    }
+    float s2 = rms_scale_block(ht, d, rms_eps, sh);
+    for (int e = threadIdx.x; e < d; e += blockDim.x) ht[e] = ht[e] * s2 * norm[e];
+}
+
+// ---------------------------------------------------------------- compressor (cache.rs)
+
+// Feeds n tokens (positions p0..) through one compressor, in order, in a single block: adds
+// the position bias to the gate projections, stores both in the frontier, and at each
+// window's last token pools it (softmax over the candidates per dim), normalises, rotates
+// at the window's first position, finishes the row and appends it to `rows`.
+extern "C" __global__ void k_compress(const float* __restrict__ kvp, const float* __restrict__ scp,
+                                      const float* __restrict__ ape, float* __restrict__ skv,
+                                      float* __restrict__ ssc, float* __restrict__ rows,
+                                      const float* __restrict__ norm,
+                                      const double* __restrict__ freqs, int n, long long p0,
+                                      int r, int d, int coff, int half, float eps, int kind,
+                                      int qat, int exact, float inv_sqrt_d) {
+    __shared__ double sh[33];
+    __shared__ float pooled[1024];
+    int wd = coff * d;
+    for (int t = 0; t < n; t++) {
+        long long pos = p0 + t;
+        int slot = (coff - 1) * r + (int)(pos % r);
+        const float* a = ape + (pos % r) * wd;
+        for (int i = threadIdx.x; i < wd; i += blockDim.x) {
+            ssc[slot * wd + i] = scp[(long long)t * wd + i] + a[i];
+            skv[slot * wd + i] = kvp[(long long)t * wd + i];
+        }
+        __syncthreads();
+        if ((pos + 1) % r != 0) continue;
+        int n_cand = coff * r;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float m = NEG_INF;
+            for (int c = 0; c < n_cand; c++) {
+                int k = (coff == 2 && c >= r) ? c * wd + d + i : c * wd + i;
+                m = fmaxf(m, ssc[k]);
+            }
+            float num = 0.0f, den = 0.0f;
+            for (int c = 0; c < n_cand; c++) {
+                int k = (coff == 2 && c >= r) ? c * wd + d + i : c * wd + i;
+                float e = expf(ssc[k] - m);
+                den += e;
+                num += e * skv[k];
+            }
+            pooled[i] = num / den;
+        }
+        __syncthreads();
+        float s = rms_scale_block(pooled, d, eps, sh);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) pooled[i] = pooled[i] * s * norm[i];
+        __syncthreads();
+        rope_tail(pooled, d, half, freqs, pos + 1 - r, false);
+        finish_row(pooled, d, d - 2 * half, kind, qat, exact, inv_sqrt_d);
+        long long row = (pos + 1) / r - 1;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) rows[row * d + i] = pooled[i];
+        if (coff == 2)
+            for (int i = threadIdx.x; i < r * wd; i += blockDim.x) {
+                skv[i] = skv[r * wd + i];
+                ssc[i] = ssc[r * wd + i];
+            }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------- indexer (attention.rs select)
+
+// score[t][row] = Σ_h w_h·max(0, q_h·K_row) for rows visible to token t (one warp per row;
+// grid: x = row blocks of 8, y = token).
+extern "C" __global__ void k_idx_scores(const float* __restrict__ q, const float* __restrict__ w,
+                                        const float* __restrict__ krows, int n_head, int id,
+                                        long long p0, int r, float* __restrict__ scores,
+                                        int ld) {
+    int t = blockIdx.y;
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    long long vis = (p0 + t + 1) / r;
+    if (row >= vis) return;
+    const float* k = krows + (long long)row * id;
+    const float* qt = q + (long long)t * n_head * id;
+    float acc = 0.0f;
+    for (int h = 0; h < n_head; h++) {
+        float dsum = 0.0f;
+        for (int e = lane; e < id; e += 32) dsum += qt[h * id + e] * k[e];
+        dsum = warp_sum(dsum);
+        acc += w[t * n_head + h] * fmaxf(dsum, 0.0f);
+    }
+    if (lane == 0) scores[(long long)t * ld + row] = acc;
+}
+
+// Float as an unsigned key whose order is f32::total_cmp's order.
+__device__ __forceinline__ unsigned okey(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The compressed rows token blockIdx.x attends to (ratio-4 layers): all visible rows when
+// there are at most k, else the k best scores (ties to the lower row) by an exact radix
+// select; written in ascending row order (as the CPU sorts them). 1024 threads.
+extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld, long long p0,
+                                       int r, int k, int* __restrict__ sel,
+                                       int* __restrict__ cnt) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned sh_prefix, sh_rem;
+    __shared__ int shs[33];
+    int t = blockIdx.x;
+    int n_t = (int)((p0 + t + 1) / r);
+    int* out = sel + (long long)t * k;
+    if (n_t <= k) {
+        for (int i = threadIdx.x; i < n_t; i += blockDim.x) out[i] = i;
+        if (threadIdx.x == 0) cnt[t] = n_t;
+        return;
+    }
+    const float* s = scores + (long long)t * ld;
+    unsigned prefix = 0, mask = 0, rem = k;
+    for (int pass = 0; pass < 4; pass++) {
+        int shift = 24 - 8 * pass;
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n_t; i += blockDim.x) {
+            unsigned key = okey(s[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned acc = 0;
+            for (int dg = 255; dg >= 0; dg--) {
+                if (acc + hist[dg] >= rem) {
+                    prefix |= (unsigned)dg << shift;
+                    rem -= acc;
+                    break;
+                }
+                acc += hist[dg];
+            }
+            sh_prefix = prefix;
+            sh_rem = rem;
+        }
+        __syncthreads();
+        prefix = sh_prefix;
+        rem = sh_rem;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    // prefix = the k-th largest key; take every larger key and the first `rem` equal ones.
+    int base = 0, eq_seen = 0;
+    for (int c0 = 0; c0 < n_t; c0 += blockDim.x) {
+        int i = c0 + threadIdx.x;
+        unsigned key = i < n_t ? okey(s[i]) : 0u;
+        bool gt = i < n_t && key > prefix, eq = i < n_t && key == prefix;
+        int eq_tot, take_tot;
+        int eq_rank = block_scan_flag(eq, shs, &eq_tot) + eq_seen;
+        bool take = gt || (eq && eq_rank < (int)rem);
+        int at = block_scan_flag(take, shs, &take_tot) + base;
+        if (take) out[at] = i;
+        base += take_tot;
+        eq_seen += eq_tot;
+    }
+    if (threadIdx.x == 0) cnt[t] = k;
+}
+
+// ---------------------------------------------------------------- attention (§3.3 steps 5-6)
+
+// One block per (token, head): scores over the token's raw window (this chunk's rows from
+// `ckv`, older ones from the ring) and its compressed rows (the selection for ratio 4, all
+// visible for ratio 128), sink-aware softmax, weighted sum of the rows (K = V), then the
+// inverse RoPE of the output tail. Both passes spread rows over the warps (a warp per row,
+// the lane's query elements in registers), so a token's many rows are read in parallel;
+// the per-warp partial sums of the output are combined in warp order (deterministic).
+// Dynamic shared memory: `rows_cap` scores, then one Dh-wide partial per warp.
+#define ATT_MAXJ 16
+extern "C" __global__ void __launch_bounds__(512)
+    k_attend(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             long long p0, int swa, int dh, int n_head, const float* __restrict__ sinks,
+             float scale, int half, const double* __restrict__ freqs, float* __restrict__ o,
+             int rows_cap) {
+    extern __shared__ float sm[];
+    __shared__ float shf[33];
+    float* sc = sm;
+    float* part = sm + rows_cap;
+    int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    long long p = p0 + t;
+    long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
+    int n_raw = (int)(p - lo + 1);
+    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
+    int n_rows = n_raw + n_comp;
+    const float* qh = q + (long long)blockIdx.x * dh;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+#define ROW_PTR(rr)                                                                              \
+    ((rr) < n_raw ? ((lo + (rr)) >= p0 ? ckv + (lo + (rr) - p0) * dh                             \
+                                       : ring + ((lo + (rr)) % swa) * dh)                        \
+                  : (ratio == 4 ? comp + (long long)sel[(long long)t * sel_ld + (rr) - n_raw] * dh \
+                                : comp + (long long)((rr) - n_raw) * dh))
+    float qv[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) qv[j] = lane + 32 * j < dh ? qh[lane + 32 * j] : 0.0f;
+    for (int rr = warp; rr < n_rows; rr += nw) {
+        const float* k = ROW_PTR(rr);
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++)
+            if (lane + 32 * j < dh) acc += qv[j] * k[lane + 32 * j];
+        acc = warp_sum(acc);
+        if (lane == 0) sc[rr] = acc * scale;
+    }
+    __syncthreads();
+    float sink = sinks[h];
+    float m = NEG_INF;
+    for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) m = fmaxf(m, sc[rr]);
+    m = fmaxf(block_max_f(m, shf), sink);
+    float pe = 0.0f;
+    for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) {
+        float e = expf(sc[rr] - m);
+        sc[rr] = e;
+        pe += e;
+    }
+    float den = expf(sink - m) + block_sum_f(pe, shf);
+    float inv = 1.0f / den;
+    float ov[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) ov[j] = 0.0f;
+    for (int rr = warp; rr < n_rows; rr += nw) {
+        const float* k = ROW_PTR(rr);
+        float pr = sc[rr];
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++)
+            if (lane + 32 * j < dh) ov[j] += pr * k[lane + 32 * j];
+    }
+#undef ROW_PTR
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++)
+        if (lane + 32 * j < dh) part[warp * dh + lane + 32 * j] = ov[j];
+    __syncthreads();
+    float* oh = o + (long long)blockIdx.x * dh;
+    for (int e = threadIdx.x; e < dh; e += blockDim.x) {
+        float acc = 0.0f;
+        for (int w = 0; w < nw; w++) acc += part[w * dh + e];
+        oh[e] = acc * inv;
+    }
+    __syncthreads();
+    rope_tail(oh, dh, half, freqs, p, true);
+}
+
+// Stores the last min(n, swa) rows of this chunk in the ring (after attention read it).
+extern "C" __global__ void k_ring_push(const float* __restrict__ ckv, float* __restrict__ ring,
+                                       int n, long long p0, int swa, int dh) {
+    int t = n - 1 - blockIdx.x;  // blockIdx.x < min(n, swa)
+    long long slot = (p0 + t) % swa;
+    for (int e = threadIdx.x; e < dh; e += blockDim.x)
+        ring[slot * dh + e] = ckv[(long long)t * dh + e];
+}
+
+// ---------------------------------------------------------------- MoE (moe.rs)
+
+__device__ __forceinline__ float softplusf_(float x) {
+    return x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
+}
+
+// Router for token blockIdx.x: s_e = sqrt(softplus(logit_e)); selection by the hash table
+// row of the token or top-k of s + bias (ties to the lower id); weights s / Σs · scale.
+// The k slots are then ordered by expert id (stable), the order the CPU sums them in.
+extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, int k,
+                                   const int* __restrict__ tokens,
+                                   const int* __restrict__ tid2eid,
+                                   const float* __restrict__ bias, int norm_on, float wscale,
+                                   int* __restrict__ ids, float* __restrict__ wts) {
+    extern __shared__ float s_e[];  // n_exp scores, then n_exp flags (as float)
+    __shared__ unsigned long long best[32];
+    __shared__ int ch[64];
+    float* taken = s_e + n_exp;
+    int t = blockIdx.x;
+    for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
+        s_e[e] = sqrtf(softplusf_(logits[(long long)t * n_exp + e]));
+        taken[e] = 0.0f;
+    }
+    __syncthreads();
+    if (tid2eid) {
+        if (threadIdx.x < k) ch[threadIdx.x] = tid2eid[(long long)tokens[t] * k + threadIdx.x];
+    } else {
+        for (int j = 0; j < k; j++) {
+            unsigned long long b = 0;
+            for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
+                if (taken[e] != 0.0f) continue;
+                float v = bias ? s_e[e] + bias[e] : s_e[e];
+                unsigned long long key =
+                    ((unsigned long long)okey(v) << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);
+                b = key > b ? key : b;
+            }
+#pragma unroll
+            for (int m = 16; m > 0; m >>= 1) {
+                unsigned long long o = __shfl_xor_sync(0xffffffffu, b, m);
+                b = o > b ? o : b;
+            }
+            __syncthreads();
+            if ((threadIdx.x & 31) == 0) best[threadIdx.x >> 5] = b;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                unsigned long long bb = 0;
+                for (int i = 0; i < (int)(blockDim.x >> 5); i++) bb = best[i] > bb ? best[i] : bb;
+                int e = (int)(0xffffffffu - (unsigned)(bb & 0xffffffffu));
+                ch[j] = e;
+                taken[e] = 1.0f;
+            }
+            __syncthreads();
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int j = 0; j < k; j++) sum += s_e[ch[j]];
+        float nrm = norm_on ? 1.0f / fmaxf(sum, 1.0f / 16384.0f) : 1.0f;
+        float w[64];
+        int id[64];
+        for (int j = 0; j < k; j++) {
+            w[j] = s_e[ch[j]] * nrm * wscale;
+            id[j] = ch[j];
+        }
+        // Insertion sort by id (stable; k is small).
+        for (int a = 1; a < k; a++) {
+            int ia = id[a];
+            float wa = w[a];
+            int b = a - 1;
+            while (b >= 0 && id[b] > ia) {
+                id[b + 1] = id[b];
+                w[b + 1] = w[b];
+                b--;
+            }
+            id[b + 1] = ia;
+            w[b + 1] = wa;
+        }
+        for (int j = 0; j < k; j++) {
+            ids[t * k + j] = id[j];
+            wts[t * k + j] = w[j];
+        }
+    }
+}
+
+// zk[s] = z[s / k] (each token's input repeated for its k expert slots).
+extern "C" __global__ void k_expand(const float* __restrict__ z, int k, int d,
+                                    float* __restrict__ zk) {
+    int s = blockIdx.y;
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < d) zk[(long long)s * d + e] = z[(long long)(s / k) * d + e];
+}
+
+// act[s][i] = silu(min(g, c))·clamp(u, ±c)·w_s (w null: 1), in place over g.
+extern "C" __global__ void k_swiglu(float* __restrict__ g, const float* __restrict__ u,
+                                    const float* __restrict__ w, int f, float c) {
+    int s = blockIdx.y;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= f) return;
+    long long at = (long long)s * f + i;
+    float gv = fminf(g[at], c);
+    float sil = gv * (1.0f / (1.0f + expf(-gv)));
+    float uv = fminf(fmaxf(u[at], -c), c);
+    float r = sil * uv;
+    if (w) r = r * w[s];
+    g[at] = r;
+}
+
+// out[t] = Σ_j dn[t·k + j] (slots in expert order) + shared[t].
+extern "C" __global__ void k_moe_sum(const float* __restrict__ dn, const float* __restrict__ sh,
+                                     int k, int d, float* __restrict__ out) {
+    int t = blockIdx.y;
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= d) return;
+    float acc = 0.0f;
+    for (int j = 0; j < k; j++) acc += dn[((long long)t * k + j) * d + e];
+    acc += sh[(long long)t * d + e];
+    out[(long long)t * d + e] = acc;
+}
+
+// Fills n floats with v (compressor score frontiers start at -inf).
+extern "C" __global__ void k_fill(float* __restrict__ x, float v, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = v;
+}

@@ -1,0 +1,1167 @@
+//! The whole forward pass on one GPU (model.md §3): [`GpuModel`] holds every weight,
+//! uploaded once from the mapped file, and [`GpuSession`] one conversation's state (raw
+//! window ring, compressor frontiers, compressed and indexer rows) plus scratch, all in
+//! device memory. `model::Session` dispatches to it when the CUDA backend is chosen.
+//!
+//! Per chunk of tokens the host only queues launches: the token ids go up, the requested
+//! logits come back, nothing else crosses the bus (router choices, indexer selections and
+//! row counts stay on the device; the host derives every size from the positions alone).
+//!
+//! Numerics: activations are f32 throughout (the CPU's exact mode). Stored rows get the QAT
+//! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
+//! the CPU, so a snapshot means the same thing on both backends. Production mode on the CPU
+//! also quantizes activations before each product; the GPU does not (it is closer to
+//! exact), so production-mode logits differ between the backends by that quantization.
+//!
+//! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
+//! kernel in kernels/forward.cu says which CPU function it stands for.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::device::{CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
+use crate::gguf::TensorInfo;
+use crate::model::cache::LayerCache;
+use crate::model::Model;
+use crate::quant::{self, GgmlType};
+
+/// Largest chunk the GPU processes at once (longer prefills are split; results do not
+/// depend on the split). Bounds the scratch memory.
+pub const GPU_CHUNK: usize = 256;
+/// Most HC streams the kernels support (fixed-size arrays in forward.cu).
+const MAX_HC: usize = 8;
+/// Widest compressed row the compressor kernel supports (its shared buffer).
+const MAX_COMP_D: usize = 1024;
+/// Dynamic shared memory the attention kernel may use (H100/H200 allow 227 KiB per block).
+const ATTEND_SMEM: usize = 200 * 1024;
+/// Threads of an attention block (16 warps share a (token, head)'s rows).
+const ATTEND_THREADS: usize = 512;
+/// Widest head the attention kernel keeps in registers (ATT_MAXJ · 32 in forward.cu).
+const ATTEND_MAX_DH: usize = 512;
+
+fn ptr<T>(s: &CudaSlice<T>, st: &CudaStream) -> u64 {
+    let (p, _g) = s.device_ptr(st);
+    p
+}
+
+/// Queues one launch of `$f` with the listed arguments (each must be a `DeviceRepr` value).
+macro_rules! launch {
+    ($st:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
+        let cfg = LaunchConfig {
+            grid_dim: $grid,
+            block_dim: $block,
+            shared_mem_bytes: $smem as u32,
+        };
+        let mut b = $st.launch_builder(&$f);
+        $( let v = $a; b.arg(&v); )*
+        // SAFETY: the argument list matches the kernel's signature in forward.cu, and every
+        // pointer is a live device buffer sized by the caller for this launch.
+        unsafe { b.launch(cfg) }?;
+    }};
+}
+
+struct Kernels {
+    embed: CudaFunction,
+    rms_norm: CudaFunction,
+    head_norm_rope: CudaFunction,
+    kv_finish: CudaFunction,
+    idx_q_finish: CudaFunction,
+    scale: CudaFunction,
+    hc_pre: CudaFunction,
+    hc_post: CudaFunction,
+    hc_head: CudaFunction,
+    compress: CudaFunction,
+    idx_scores: CudaFunction,
+    topk_rows: CudaFunction,
+    attend: CudaFunction,
+    ring_push: CudaFunction,
+    route: CudaFunction,
+    expand: CudaFunction,
+    swiglu: CudaFunction,
+    moe_sum: CudaFunction,
+    fill: CudaFunction,
+}
+
+impl Kernels {
+    fn load(be: &CudaBackend) -> Result<Kernels> {
+        let f = |n: &str| be.function(n);
+        let k = Kernels {
+            embed: f("k_embed")?,
+            rms_norm: f("k_rms_norm")?,
+            head_norm_rope: f("k_head_norm_rope")?,
+            kv_finish: f("k_kv_finish")?,
+            idx_q_finish: f("k_idx_q_finish")?,
+            scale: f("k_scale")?,
+            hc_pre: f("k_hc_pre")?,
+            hc_post: f("k_hc_post")?,
+            hc_head: f("k_hc_head")?,
+            compress: f("k_compress")?,
+            idx_scores: f("k_idx_scores")?,
+            topk_rows: f("k_topk_rows")?,
+            attend: f("k_attend")?,
+            ring_push: f("k_ring_push")?,
+            route: f("k_route")?,
+            expand: f("k_expand")?,
+            swiglu: f("k_swiglu")?,
+            moe_sum: f("k_moe_sum")?,
+            fill: f("k_fill")?,
+        };
+        // Attention keeps one score per visible row in shared memory; long contexts at ratio
+        // 128 need more than the default 48 KiB.
+        k.attend.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            ATTEND_SMEM as i32,
+        )?;
+        Ok(k)
+    }
+}
+
+struct GpuComp {
+    kv: GpuWeight,
+    gate: GpuWeight,
+    ape: CudaSlice<f32>,
+    norm: CudaSlice<f32>,
+}
+
+struct GpuIndexer {
+    comp: GpuComp,
+    q_b: GpuWeight,
+    proj: GpuWeight,
+}
+
+struct GpuLayer {
+    ratio: usize,
+    freqs: CudaSlice<f64>,
+    hc_attn_fn: GpuWeight,
+    hc_attn_scale: CudaSlice<f32>,
+    hc_attn_base: CudaSlice<f32>,
+    attn_norm: CudaSlice<f32>,
+    q_a: GpuWeight,
+    q_a_norm: CudaSlice<f32>,
+    q_b: GpuWeight,
+    kv: GpuWeight,
+    kv_a_norm: CudaSlice<f32>,
+    sinks: CudaSlice<f32>,
+    /// `attn_output_a` as a stack of `G` matrices (`Lo × H·Dh/G`), one per group.
+    out_a: GpuWeight,
+    out_b: GpuWeight,
+    comp: Option<GpuComp>,
+    indexer: Option<GpuIndexer>,
+    hc_ffn_fn: GpuWeight,
+    hc_ffn_scale: CudaSlice<f32>,
+    hc_ffn_base: CudaSlice<f32>,
+    ffn_norm: CudaSlice<f32>,
+    gate_inp: GpuWeight,
+    exp_bias: Option<CudaSlice<f32>>,
+    tid2eid: Option<CudaSlice<i32>>,
+    gate_exps: GpuWeight,
+    up_exps: GpuWeight,
+    down_exps: GpuWeight,
+    sh_gate: GpuWeight,
+    sh_up: GpuWeight,
+    sh_down: GpuWeight,
+    clamp: f32,
+}
+
+/// Every weight of a model, resident on one GPU.
+pub struct GpuModel {
+    be: CudaBackend,
+    k: Kernels,
+    embd: GpuWeight,
+    output: GpuWeight,
+    output_hc_fn: GpuWeight,
+    output_hc_base: CudaSlice<f32>,
+    output_hc_scale: f32,
+    output_norm: CudaSlice<f32>,
+    layers: Vec<GpuLayer>,
+    /// Serializes sessions' forward calls: they share the backend's one stream.
+    lock: Mutex<()>,
+    /// Bytes of weights one decode step reads (dense + selected experts + head).
+    pub bytes_per_token: usize,
+    /// Device bytes of all weights.
+    pub device_bytes: usize,
+}
+
+/// Why a model cannot run on the GPU (checked before anything is uploaded).
+pub fn unsupported(model: &Model) -> Option<String> {
+    let c = &model.cfg;
+    if c.hc > MAX_HC {
+        return Some(format!(
+            "{} HC streams (the GPU kernels take at most {MAX_HC})",
+            c.hc
+        ));
+    }
+    if c.n_expert_used > 64 || c.n_expert_used == 0 {
+        return Some(format!(
+            "{} experts per token (1..64 supported)",
+            c.n_expert_used
+        ));
+    }
+    if c.head_dim > ATTEND_MAX_DH || c.idx_dim > MAX_COMP_D {
+        return Some(format!("head dim {} over {ATTEND_MAX_DH}", c.head_dim));
+    }
+    for t in model.file.tensors() {
+        let cols = t.dims.first().copied().unwrap_or(1);
+        let small = t.dims.len() == 1 || t.ty == GgmlType::I32;
+        if !small && !cols.is_multiple_of(32) {
+            return Some(format!("{}: {cols} columns (not a multiple of 32)", t.name));
+        }
+    }
+    None
+}
+
+fn f32_of(model: &Model, t: &TensorInfo) -> Vec<f32> {
+    let mut v = vec![0f32; t.n_elements() as usize];
+    quant::dequantize_row(t.ty, model.data(t), &mut v);
+    v
+}
+
+struct Uploader<'a> {
+    be: &'a CudaBackend,
+    model: &'a Model,
+    done: usize,
+    total: usize,
+    progress: &'a mut dyn FnMut(usize, usize),
+    device_bytes: usize,
+}
+
+impl Uploader<'_> {
+    /// Uploads a matrix (or a stack of `n_experts`), converting types without GPU kernels
+    /// (BF16) to F32 on the host.
+    fn weight(&mut self, t: &TensorInfo, n_experts: usize) -> Result<GpuWeight> {
+        let cols = t.dims[0] as usize;
+        let rows = t.dims.iter().skip(1).product::<u64>() as usize / n_experts;
+        let base = self.done;
+        let total = self.total;
+        let progress = &mut *self.progress;
+        let mut cb = |d: usize, _: usize| progress(base + d, total);
+        let w = if SUPPORTED_TYPES.contains(&t.ty) {
+            self.be
+                .upload_weight(t.ty, self.model.data(t), rows, cols, n_experts, &mut cb)?
+        } else {
+            let v = f32_of(self.model, t);
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            self.be
+                .upload_weight(GgmlType::F32, &bytes, rows, cols, n_experts, &mut cb)?
+        };
+        self.done += t.n_bytes as usize;
+        self.device_bytes += w.device_bytes();
+        Ok(w)
+    }
+
+    fn vec(&mut self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.device_bytes += v.len() * 4;
+        self.be.upload_f32(v)
+    }
+}
+
+impl GpuModel {
+    /// Uploads every weight of `model` to device 0. `progress(done, total)` gets bytes.
+    pub fn new(model: &Model, progress: &mut dyn FnMut(usize, usize)) -> Result<GpuModel> {
+        if let Some(why) = unsupported(model) {
+            return Err(CudaError::Unavailable(format!(
+                "model not supported on GPU: {why}"
+            )));
+        }
+        let be = CudaBackend::new(0)?;
+        let k = Kernels::load(&be)?;
+        let (c, w, p) = (&model.cfg, &model.weights, &model.params);
+        let total: usize = model
+            .file
+            .tensors()
+            .iter()
+            .map(|t| t.n_bytes as usize)
+            .sum();
+        let mut up = Uploader {
+            be: &be,
+            model,
+            done: 0,
+            total,
+            progress,
+            device_bytes: 0,
+        };
+        let embd = up.weight(&w.token_embd, 1)?;
+        let output = up.weight(&w.output, 1)?;
+        let output_hc_fn = up.weight(&w.output_hc_fn, 1)?;
+        let output_hc_base = up.vec(&p.output_hc_base)?;
+        let output_norm = up.vec(&p.output_norm)?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        let mut bytes_per_token =
+            embd.n_cols * 4 + output.matrix_bytes() + output_hc_fn.matrix_bytes();
+        for (il, (lw, lp)) in w.layers.iter().zip(&p.layers).enumerate() {
+            let comp = |up: &mut Uploader,
+                        cw: &crate::model::weights::CompressorWeights,
+                        cp: &crate::model::params::CompressorParams|
+             -> Result<GpuComp> {
+                Ok(GpuComp {
+                    kv: up.weight(&cw.kv, 1)?,
+                    gate: up.weight(&cw.gate, 1)?,
+                    ape: up.vec(&cp.ape)?,
+                    norm: up.vec(&cp.norm)?,
+                })
+            };
+            let comp_w = match (&lw.attn_compressor, &lp.compressor) {
+                (Some(cw), Some(cp)) => Some(comp(&mut up, cw, cp)?),
+                _ => None,
+            };
+            let indexer = match (&lw.indexer, &lp.indexer_compressor) {
+                (Some(iw), Some(cp)) => Some(GpuIndexer {
+                    comp: comp(&mut up, &iw.compressor, cp)?,
+                    q_b: up.weight(&iw.attn_q_b, 1)?,
+                    proj: up.weight(&iw.proj, 1)?,
+                }),
+                _ => None,
+            };
+            let freqs: Vec<f64> = lp.rope.freqs().to_vec();
+            let tid2eid = match &lp.tid2eid {
+                Some(t) => {
+                    let v: Vec<i32> = t.iter().map(|&e| e as i32).collect();
+                    Some(be.upload_i32(&v)?)
+                }
+                None => None,
+            };
+            let layer = GpuLayer {
+                ratio: lp.ratio,
+                freqs: be.stream().clone_htod(&freqs)?,
+                hc_attn_fn: up.weight(&lw.hc_attn_fn, 1)?,
+                hc_attn_scale: up.vec(&lp.hc_attn.scale)?,
+                hc_attn_base: up.vec(&lp.hc_attn.base)?,
+                attn_norm: up.vec(&lp.attn_norm)?,
+                q_a: up.weight(&lw.attn_q_a, 1)?,
+                q_a_norm: up.vec(&lp.q_a_norm)?,
+                q_b: up.weight(&lw.attn_q_b, 1)?,
+                kv: up.weight(&lw.attn_kv, 1)?,
+                kv_a_norm: up.vec(&lp.kv_a_norm)?,
+                sinks: up.vec(&lp.sinks)?,
+                out_a: up.weight(&lw.attn_output_a, c.o_groups)?,
+                out_b: up.weight(&lw.attn_output_b, 1)?,
+                comp: comp_w,
+                indexer,
+                hc_ffn_fn: up.weight(&lw.hc_ffn_fn, 1)?,
+                hc_ffn_scale: up.vec(&lp.hc_ffn.scale)?,
+                hc_ffn_base: up.vec(&lp.hc_ffn.base)?,
+                ffn_norm: up.vec(&lp.ffn_norm)?,
+                gate_inp: up.weight(&lw.ffn_gate_inp, 1)?,
+                exp_bias: lp.expert_bias.as_ref().map(|b| up.vec(b)).transpose()?,
+                tid2eid,
+                gate_exps: up.weight(&lw.ffn_gate_exps, c.n_expert)?,
+                up_exps: up.weight(&lw.ffn_up_exps, c.n_expert)?,
+                down_exps: up.weight(&lw.ffn_down_exps, c.n_expert)?,
+                sh_gate: up.weight(&lw.ffn_gate_shexp, 1)?,
+                sh_up: up.weight(&lw.ffn_up_shexp, 1)?,
+                sh_down: up.weight(&lw.ffn_down_shexp, 1)?,
+                clamp: c.swiglu_clamp[il],
+            };
+            let l = &layer;
+            let mut b = l.hc_attn_fn.matrix_bytes()
+                + l.q_a.matrix_bytes()
+                + l.q_b.matrix_bytes()
+                + l.kv.matrix_bytes()
+                + l.out_a.matrix_bytes() * c.o_groups
+                + l.out_b.matrix_bytes()
+                + l.hc_ffn_fn.matrix_bytes()
+                + l.gate_inp.matrix_bytes()
+                + c.n_expert_used
+                    * (l.gate_exps.matrix_bytes()
+                        + l.up_exps.matrix_bytes()
+                        + l.down_exps.matrix_bytes())
+                + l.sh_gate.matrix_bytes()
+                + l.sh_up.matrix_bytes()
+                + l.sh_down.matrix_bytes();
+            for cw in l.comp.iter().chain(l.indexer.as_ref().map(|i| &i.comp)) {
+                b += cw.kv.matrix_bytes() + cw.gate.matrix_bytes();
+            }
+            if let Some(i) = &l.indexer {
+                b += i.q_b.matrix_bytes() + i.proj.matrix_bytes();
+            }
+            bytes_per_token += b;
+            layers.push(layer);
+        }
+        let device_bytes = up.device_bytes;
+        be.synchronize()?;
+        Ok(GpuModel {
+            be,
+            k,
+            embd,
+            output,
+            output_hc_fn,
+            output_hc_base,
+            output_hc_scale: p.output_hc_scale,
+            output_norm,
+            layers,
+            lock: Mutex::new(()),
+            bytes_per_token,
+            device_bytes,
+        })
+    }
+
+    /// The backend (device, stream).
+    pub fn backend(&self) -> &CudaBackend {
+        &self.be
+    }
+}
+
+/// One compressor's device state: frontier (`coff·r × W` values and scores) and its rows.
+struct CompState {
+    ratio: usize,
+    d: usize,
+    coff: usize,
+    kv: CudaSlice<f32>,
+    sc: CudaSlice<f32>,
+    rows: CudaSlice<f32>,
+    /// Rows `rows` can hold.
+    cap: usize,
+    max_rows: usize,
+}
+
+struct LayerState {
+    ring: CudaSlice<f32>,
+    comp: Option<CompState>,
+    index: Option<CompState>,
+}
+
+/// Scratch of one session, sized for [`GPU_CHUNK`] tokens.
+struct Scratch {
+    tokens: CudaSlice<i32>,
+    x: CudaSlice<f32>,
+    mix: CudaSlice<f32>,
+    y: CudaSlice<f32>,
+    f: CudaSlice<f32>,
+    post: CudaSlice<f32>,
+    comb: CudaSlice<f32>,
+    qr: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    kv: CudaSlice<f32>,
+    ckv: CudaSlice<f32>,
+    csc: CudaSlice<f32>,
+    iq: CudaSlice<f32>,
+    iw: CudaSlice<f32>,
+    isc: CudaSlice<f32>,
+    isc_ld: usize,
+    sel: CudaSlice<i32>,
+    cnt: CudaSlice<i32>,
+    o: CudaSlice<f32>,
+    low: CudaSlice<f32>,
+    gids: CudaSlice<i32>,
+    rl: CudaSlice<f32>,
+    ids: CudaSlice<i32>,
+    wts: CudaSlice<f32>,
+    zk: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+    u: CudaSlice<f32>,
+    shg: CudaSlice<f32>,
+    shu: CudaSlice<f32>,
+    dn: CudaSlice<f32>,
+    sh: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+}
+
+/// One conversation's state on the GPU.
+pub struct GpuSession {
+    gm: Arc<GpuModel>,
+    ctx: usize,
+    exact: bool,
+    qat: bool,
+    layers: Vec<LayerState>,
+    s: Scratch,
+}
+
+impl GpuSession {
+    /// An empty session for a context of `ctx` positions.
+    pub fn new(
+        gm: Arc<GpuModel>,
+        model: &Model,
+        ctx: usize,
+        exact: bool,
+        qat: bool,
+    ) -> Result<GpuSession> {
+        let c = &model.cfg;
+        let be = &gm.be;
+        for il in 0..c.n_layer {
+            let ratio = c.ratio(il);
+            if ratio != 0 && ratio != 4 {
+                let rows = c.swa + ctx / ratio;
+                if attend_smem(rows, c.head_dim) > ATTEND_SMEM {
+                    return Err(CudaError::Unavailable(format!(
+                        "context {ctx} needs {rows} attention rows per token (GPU kernel takes {})",
+                        ATTEND_SMEM / 4
+                    )));
+                }
+            }
+        }
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for il in 0..c.n_layer {
+            let ratio = c.ratio(il);
+            let comp = |d: usize, width: usize| -> Result<CompState> {
+                let coff = width / d;
+                let n = coff * ratio * width;
+                let mut sc = be.alloc_f32(n)?;
+                fill(&gm, &mut sc, f32::NEG_INFINITY, n)?;
+                Ok(CompState {
+                    ratio,
+                    d,
+                    coff,
+                    kv: be.alloc_f32(n)?,
+                    sc,
+                    rows: be.alloc_f32(64 * d)?,
+                    cap: 64,
+                    max_rows: ctx / ratio,
+                })
+            };
+            layers.push(LayerState {
+                ring: be.alloc_f32(c.swa * c.head_dim)?,
+                comp: if ratio != 0 {
+                    Some(comp(c.head_dim, c.compressor_width(ratio))?)
+                } else {
+                    None
+                },
+                index: if ratio == 4 {
+                    Some(comp(c.idx_dim, 2 * c.idx_dim)?)
+                } else {
+                    None
+                },
+            });
+        }
+        let m = GPU_CHUNK;
+        let any4 = (0..c.n_layer).any(|il| c.ratio(il) == 4);
+        let isc_ld = if any4 { ctx / 4 + 1 } else { 1 };
+        let hd = c.n_head * c.head_dim;
+        let cw = (0..c.n_layer)
+            .map(|il| match c.ratio(il) {
+                0 => 0,
+                r => c.compressor_width(r),
+            })
+            .chain([2 * c.idx_dim])
+            .max()
+            .unwrap_or(1);
+        let (k, f, d) = (c.n_expert_used, c.n_ff_exp, c.n_embd);
+        let a = |n: usize| be.alloc_f32(n);
+        let gids: Vec<i32> = (0..m * c.o_groups)
+            .map(|i| (i % c.o_groups) as i32)
+            .collect();
+        let s = Scratch {
+            tokens: be.upload_i32(&vec![0; m])?,
+            x: a(m * c.hc * d)?,
+            mix: a(m * c.hc_mix().max(c.hc))?,
+            y: a(m * d)?,
+            f: a(m * d)?,
+            post: a(m * c.hc)?,
+            comb: a(m * c.hc * c.hc)?,
+            qr: a(m * c.q_lora_rank)?,
+            q: a(m * hd)?,
+            kv: a(m * c.head_dim)?,
+            ckv: a(m * cw)?,
+            csc: a(m * cw)?,
+            iq: a(m * c.idx_heads * c.idx_dim)?,
+            iw: a(m * c.idx_heads)?,
+            isc: a(if any4 { m * isc_ld } else { 1 })?,
+            isc_ld,
+            sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
+            cnt: be.upload_i32(&vec![0; m])?,
+            o: a(m * hd)?,
+            low: a(m * c.o_groups * c.o_lora_rank)?,
+            gids: be.upload_i32(&gids)?,
+            rl: a(m * c.n_expert)?,
+            ids: be.upload_i32(&vec![0; m * k])?,
+            wts: a(m * k)?,
+            zk: a(m * k * d)?,
+            g: a(m * k * f)?,
+            u: a(m * k * f)?,
+            shg: a(m * f)?,
+            shu: a(m * f)?,
+            dn: a(m * k * d)?,
+            sh: a(m * d)?,
+            h: a(m * d)?,
+            logits: a(m * c.n_vocab)?,
+        };
+        Ok(GpuSession {
+            gm,
+            ctx,
+            exact,
+            qat,
+            layers,
+            s,
+        })
+    }
+
+    /// A session holding the state of CPU-format layer caches (snapshot restore).
+    pub fn from_caches(
+        gm: Arc<GpuModel>,
+        model: &Model,
+        ctx: usize,
+        exact: bool,
+        qat: bool,
+        caches: &[LayerCache],
+        pos: usize,
+    ) -> Result<GpuSession> {
+        let mut g = GpuSession::new(gm, model, ctx, exact, qat)?;
+        let be = &g.gm.be;
+        for (ls, lc) in g.layers.iter_mut().zip(caches) {
+            be.write_f32(&mut ls.ring, &lc.raw)?;
+            for (st, hc) in [(&mut ls.comp, &lc.comp), (&mut ls.index, &lc.index)] {
+                if let (Some(st), Some(hc)) = (st.as_mut(), hc.as_ref()) {
+                    be.write_f32(&mut st.kv, &hc.state.kv)?;
+                    be.write_f32(&mut st.sc, &hc.state.score)?;
+                    let n = pos / st.ratio;
+                    grow_rows(be, st, n)?;
+                    if n > 0 {
+                        let mut v = st.rows.slice_mut(0..n * st.d);
+                        be.stream().memcpy_htod(&hc.rows.data[..n * st.d], &mut v)?;
+                    }
+                }
+            }
+        }
+        be.synchronize()?;
+        Ok(g)
+    }
+
+    /// The state in the CPU's layer-cache form (for snapshots), after `pos` positions.
+    pub fn to_caches(&self, model: &Model, pos: usize) -> Result<Vec<LayerCache>> {
+        let c = &model.cfg;
+        let be = &self.gm.be;
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (il, ls) in self.layers.iter().enumerate() {
+            let mut lc = LayerCache::new(c, il, self.ctx);
+            lc.raw = be.download(&ls.ring)?;
+            for (st, hc) in [(&ls.comp, &mut lc.comp), (&ls.index, &mut lc.index)] {
+                if let (Some(st), Some(hc)) = (st.as_ref(), hc.as_mut()) {
+                    hc.state.kv = be.download(&st.kv)?;
+                    hc.state.score = be.download(&st.sc)?;
+                    let n = pos / st.ratio;
+                    let mut rows = vec![0f32; n * st.d];
+                    if n > 0 {
+                        be.stream()
+                            .memcpy_dtoh(&st.rows.slice(0..n * st.d), &mut rows)?;
+                    }
+                    be.synchronize()?;
+                    hc.rows.data = rows;
+                }
+            }
+            out.push(lc);
+        }
+        Ok(out)
+    }
+
+    /// Device bytes of the KV state in use after `pos` positions.
+    pub fn state_bytes(&self, pos: usize) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.ring.len() * 4
+                    + [&l.comp, &l.index]
+                        .into_iter()
+                        .flatten()
+                        .map(|c| (c.kv.len() + c.sc.len() + pos / c.ratio * c.d) * 4)
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Runs `tokens` at positions `p0..`; appends the logits of every position (`all`) or of
+    /// the last one to `out`.
+    pub fn forward(
+        &mut self,
+        model: &Model,
+        tokens: &[u32],
+        p0: usize,
+        all: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let gm = Arc::clone(&self.gm);
+        let _guard = gm.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let n_chunks = tokens.len().div_ceil(GPU_CHUNK);
+        for (i, chunk) in tokens.chunks(GPU_CHUNK).enumerate() {
+            let head = all || i + 1 == n_chunks;
+            self.chunk(&gm, model, chunk, p0 + i * GPU_CHUNK, head, all, out)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(
+        &mut self,
+        gm: &GpuModel,
+        model: &Model,
+        tokens: &[u32],
+        p0: usize,
+        head: bool,
+        all: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = &model.cfg;
+        let be = &gm.be;
+        let st = be.stream();
+        let n = tokens.len();
+        let k = &gm.k;
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        {
+            let mut v = self.s.tokens.slice_mut(0..n);
+            st.memcpy_htod(&ids, &mut v)?;
+        }
+        for ls in self.layers.iter_mut() {
+            for cs in [&mut ls.comp, &mut ls.index].into_iter().flatten() {
+                grow_rows(be, cs, (p0 + n) / cs.ratio)?;
+            }
+        }
+        let s = &self.s;
+        let p = |b: &CudaSlice<f32>| ptr(b, st);
+        let pi = |b: &CudaSlice<i32>| ptr(b, st);
+        let (d, nh) = (c.n_embd, c.hc);
+        let (ni, di) = (n as i32, d as i32);
+        let eps = c.rms_eps;
+        let half = (c.n_rot / 2) as i32;
+        let p0l = p0 as i64;
+        let (exact, qat) = (self.exact as i32, self.qat as i32);
+        let n32 = n as u32;
+        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
+            // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
+            unsafe {
+                if nt == 1 {
+                    be.mv_raw(w, 0, 1, x, 0, y)
+                } else {
+                    be.mm_raw(w, x, nt, y)
+                }
+            }
+        };
+        // §3.1 embedding.
+        {
+            let ty = match gm.embd.ty {
+                GgmlType::F32 => 0i32,
+                GgmlType::F16 => 1,
+                _ => 2,
+            };
+            launch!(
+                st,
+                k.embed,
+                (n32, 1, 1),
+                (256, 1, 1),
+                0,
+                [
+                    be.weight_ptr(&gm.embd),
+                    ty,
+                    gm.embd.n_rows as i32,
+                    pi(&s.tokens),
+                    di,
+                    nh as i32,
+                    p(&s.x)
+                ]
+            );
+        }
+        let rms_rows = |x: u64, w: u64, rows: usize, width: usize| -> Result<()> {
+            launch!(
+                st,
+                k.rms_norm,
+                (rows as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                [x, w, width as i32, eps]
+            );
+            Ok(())
+        };
+        let hc_pre = |fnw: &GpuWeight, sc: &CudaSlice<f32>, base: &CudaSlice<f32>| -> Result<()> {
+            lin(fnw, p(&s.x), n, p(&s.mix))?;
+            launch!(
+                st,
+                k.hc_pre,
+                (n32, 1, 1),
+                (1024, 1, 1),
+                0,
+                [
+                    p(&s.x),
+                    p(&s.mix),
+                    nh as i32,
+                    di,
+                    eps,
+                    c.hc_eps,
+                    c.sinkhorn_iters as i32,
+                    p(sc),
+                    p(base),
+                    p(&s.y),
+                    p(&s.post),
+                    p(&s.comb)
+                ]
+            );
+            Ok(())
+        };
+        let hc_post = || -> Result<()> {
+            launch!(
+                st,
+                k.hc_post,
+                ((d as u32).div_ceil(256), n32, 1),
+                (256, 1, 1),
+                0,
+                [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di]
+            );
+            Ok(())
+        };
+        for (l, ls) in gm.layers.iter().zip(self.layers.iter()) {
+            // §3.2 + §3.3: attention site.
+            hc_pre(&l.hc_attn_fn, &l.hc_attn_scale, &l.hc_attn_base)?;
+            rms_rows(p(&s.y), p(&l.attn_norm), n, d)?;
+            // Query.
+            lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
+            rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
+            lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
+            launch!(
+                st,
+                k.head_norm_rope,
+                (n32 * c.n_head as u32, 1, 1),
+                (128, 1, 1),
+                0,
+                [
+                    p(&s.q),
+                    c.n_head as i32,
+                    c.head_dim as i32,
+                    half,
+                    eps,
+                    ptr(&l.freqs, st),
+                    p0l
+                ]
+            );
+            // KV row.
+            lin(&l.kv, p(&s.y), n, p(&s.kv))?;
+            launch!(
+                st,
+                k.kv_finish,
+                (n32, 1, 1),
+                (256, 1, 1),
+                0,
+                [
+                    p(&s.kv),
+                    p(&l.kv_a_norm),
+                    c.head_dim as i32,
+                    half,
+                    eps,
+                    ptr(&l.freqs, st),
+                    p0l,
+                    qat,
+                    exact
+                ]
+            );
+            // Compressors.
+            let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
+                lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
+                lin(&w.gate, p(&s.y), n, p(&s.csc))?;
+                let inv_sqrt = (1.0 / (cs.d as f64).sqrt()) as f32;
+                launch!(
+                    st,
+                    k.compress,
+                    (1, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.ckv),
+                        p(&s.csc),
+                        p(&w.ape),
+                        p(&cs.kv),
+                        p(&cs.sc),
+                        p(&cs.rows),
+                        p(&w.norm),
+                        ptr(&l.freqs, st),
+                        ni,
+                        p0l,
+                        cs.ratio as i32,
+                        cs.d as i32,
+                        cs.coff as i32,
+                        half,
+                        eps,
+                        kind,
+                        qat,
+                        exact,
+                        inv_sqrt
+                    ]
+                );
+                Ok(())
+            };
+            if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
+                compress(w, cs, 0)?;
+            }
+            if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
+                compress(&iw.comp, cs, 1)?;
+                let (ih, id) = (c.idx_heads, c.idx_dim);
+                let vis_max = (p0 + n) / 4;
+                if vis_max > c.idx_topk {
+                    lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
+                    let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
+                    launch!(
+                        st,
+                        k.idx_q_finish,
+                        (n32 * ih as u32, 1, 1),
+                        (64, 1, 1),
+                        0,
+                        [
+                            p(&s.iq),
+                            ih as i32,
+                            id as i32,
+                            half,
+                            ptr(&l.freqs, st),
+                            p0l,
+                            qat,
+                            inv_sqrt
+                        ]
+                    );
+                    lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
+                    let scale = 1.0 / ((id * ih) as f32).sqrt();
+                    let cnt = (n * ih) as i32;
+                    launch!(
+                        st,
+                        k.scale,
+                        ((cnt as u32).div_ceil(256), 1, 1),
+                        (256, 1, 1),
+                        0,
+                        [p(&s.iw), scale, cnt]
+                    );
+                    launch!(
+                        st,
+                        k.idx_scores,
+                        ((vis_max as u32).div_ceil(8), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            p(&s.iq),
+                            p(&s.iw),
+                            p(&cs.rows),
+                            ih as i32,
+                            id as i32,
+                            p0l,
+                            4i32,
+                            p(&s.isc),
+                            s.isc_ld as i32
+                        ]
+                    );
+                }
+                launch!(
+                    st,
+                    k.topk_rows,
+                    (n32, 1, 1),
+                    (1024, 1, 1),
+                    0,
+                    [
+                        p(&s.isc),
+                        s.isc_ld as i32,
+                        p0l,
+                        4i32,
+                        c.idx_topk as i32,
+                        pi(&s.sel),
+                        pi(&s.cnt)
+                    ]
+                );
+            }
+            // Attention over the raw window and the compressed rows.
+            {
+                let max_comp = match l.ratio {
+                    0 => 0,
+                    4 => c.idx_topk,
+                    r => (p0 + n) / r,
+                };
+                let rows_cap = c.swa + max_comp;
+                let smem = attend_smem(rows_cap, c.head_dim);
+                let comp_rows = ls.comp.as_ref().map_or(0, |cs| p(&cs.rows));
+                let scale = 1.0 / (c.head_dim as f32).sqrt();
+                launch!(
+                    st,
+                    k.attend,
+                    (n32 * c.n_head as u32, 1, 1),
+                    (ATTEND_THREADS as u32, 1, 1),
+                    smem,
+                    [
+                        p(&s.q),
+                        p(&s.kv),
+                        p(&ls.ring),
+                        comp_rows,
+                        pi(&s.sel),
+                        pi(&s.cnt),
+                        c.idx_topk as i32,
+                        l.ratio as i32,
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32,
+                        c.n_head as i32,
+                        p(&l.sinks),
+                        scale,
+                        half,
+                        ptr(&l.freqs, st),
+                        p(&s.o),
+                        rows_cap as i32
+                    ]
+                );
+            }
+            // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
+            {
+                let g = c.o_groups;
+                let gw = c.n_head * c.head_dim / g;
+                // SAFETY: o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
+                // repeated for GPU_CHUNK tokens.
+                unsafe { be.mv_raw(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))? };
+                lin(&l.out_b, p(&s.low), n, p(&s.f))?;
+            }
+            launch!(
+                st,
+                k.ring_push,
+                (n.min(c.swa) as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                [
+                    p(&s.kv),
+                    p(&ls.ring),
+                    ni,
+                    p0l,
+                    c.swa as i32,
+                    c.head_dim as i32
+                ]
+            );
+            hc_post()?;
+            // §3.2 + §3.4: FFN site.
+            hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base)?;
+            rms_rows(p(&s.y), p(&l.ffn_norm), n, d)?;
+            lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
+            {
+                let ke = c.n_expert_used;
+                let t2e = l.tid2eid.as_ref().map_or(0, pi);
+                let bias = l.exp_bias.as_ref().map_or(0, p);
+                launch!(
+                    st,
+                    k.route,
+                    (n32, 1, 1),
+                    (256, 1, 1),
+                    c.n_expert * 8,
+                    [
+                        p(&s.rl),
+                        c.n_expert as i32,
+                        ke as i32,
+                        pi(&s.tokens),
+                        t2e,
+                        bias,
+                        c.expert_weights_norm as i32,
+                        c.expert_weights_scale,
+                        pi(&s.ids),
+                        p(&s.wts)
+                    ]
+                );
+                let f = c.n_ff_exp;
+                let slots = n * ke;
+                let (x, xs) = if n == 1 {
+                    (p(&s.y), 0)
+                } else {
+                    launch!(
+                        st,
+                        k.expand,
+                        ((d as u32).div_ceil(256), slots as u32, 1),
+                        (256, 1, 1),
+                        0,
+                        [p(&s.y), ke as i32, di, p(&s.zk)]
+                    );
+                    (p(&s.zk), d)
+                };
+                // SAFETY: ids come from the router (< n_expert); buffers hold `slots` rows.
+                unsafe {
+                    be.mv_raw(&l.gate_exps, pi(&s.ids), slots, x, xs, p(&s.g))?;
+                    be.mv_raw(&l.up_exps, pi(&s.ids), slots, x, xs, p(&s.u))?;
+                }
+                launch!(
+                    st,
+                    k.swiglu,
+                    ((f as u32).div_ceil(256), slots as u32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.g), p(&s.u), p(&s.wts), f as i32, l.clamp]
+                );
+                // SAFETY: as above; g holds `slots` activations of F.
+                unsafe { be.mv_raw(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))? };
+                lin(&l.sh_gate, p(&s.y), n, p(&s.shg))?;
+                lin(&l.sh_up, p(&s.y), n, p(&s.shu))?;
+                launch!(
+                    st,
+                    k.swiglu,
+                    ((f as u32).div_ceil(256), n32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.shg), p(&s.shu), 0u64, f as i32, l.clamp]
+                );
+                lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
+                launch!(
+                    st,
+                    k.moe_sum,
+                    ((d as u32).div_ceil(256), n32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)]
+                );
+            }
+            hc_post()?;
+        }
+        if !head {
+            return Ok(());
+        }
+        // §3.5 output head.
+        let first = if all { 0 } else { n - 1 };
+        let m = n - first;
+        let flat = nh * d;
+        let xh = p(&s.x) + (first * flat * 4) as u64;
+        lin(&gm.output_hc_fn, xh, m, p(&s.mix))?;
+        launch!(
+            st,
+            k.hc_head,
+            (m as u32, 1, 1),
+            (1024, 1, 1),
+            0,
+            [
+                xh,
+                p(&s.mix),
+                nh as i32,
+                di,
+                eps,
+                c.hc_eps,
+                gm.output_hc_scale,
+                p(&gm.output_hc_base),
+                p(&gm.output_norm),
+                p(&s.h)
+            ]
+        );
+        lin(&gm.output, p(&s.h), m, p(&s.logits))?;
+        let v = c.n_vocab;
+        let at = out.len();
+        out.resize(at + m * v, 0.0);
+        st.memcpy_dtoh(&s.logits.slice(0..m * v), &mut out[at..])?;
+        st.synchronize()?;
+        Ok(())
+    }
+}
+
+/// Shared memory of one attention block: a score per row and a partial output per warp.
+fn attend_smem(rows: usize, dh: usize) -> usize {
+    (rows + ATTEND_THREADS / 32 * dh) * 4
+}
+
+fn fill(gm: &GpuModel, x: &mut CudaSlice<f32>, v: f32, n: usize) -> Result<()> {
+    let st = gm.be.stream();
+    let nn = n as i64;
+    launch!(
+        st,
+        gm.k.fill,
+        ((n as u32).div_ceil(256).max(1), 1, 1),
+        (256, 1, 1),
+        0,
+        [ptr(x, st), v, nn]
+    );
+    Ok(())
+}
+
+/// Makes room for `needed` rows (geometric growth, capped at the context's rows).
+fn grow_rows(be: &CudaBackend, cs: &mut CompState, needed: usize) -> Result<()> {
+    if needed <= cs.cap {
+        return Ok(());
+    }
+    let cap = (cs.cap * 2).max(needed).min(cs.max_rows.max(needed));
+    let mut rows = be.alloc_f32(cap * cs.d)?;
+    be.stream().memcpy_dtod(
+        &cs.rows.slice(0..cs.cap * cs.d),
+        &mut rows.slice_mut(0..cs.cap * cs.d),
+    )?;
+    cs.rows = rows;
+    cs.cap = cap;
+    Ok(())
+}
