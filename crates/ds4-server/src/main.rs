@@ -51,6 +51,9 @@ struct Args {
     /// the context that remains.
     #[arg(short = 'n', long, default_value_t = 393216, value_parser = clap::value_parser!(u64).range(1..))]
     tokens: u64,
+    /// Compute backend: auto (CUDA when a usable GPU is found, else CPU), cpu or cuda.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda")]
+    backend: ds4::model::BackendChoice,
     /// CPU threads for the engine (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
@@ -196,6 +199,7 @@ async fn main() {
         test_delay: Duration::from_millis(args.test_delay_ms),
         kv_slots: args.kv_slots as usize,
         demo_layers: args.demo_layers.map(|n| n as usize),
+        backend: args.backend,
     });
     let app: App = Arc::new(AppState {
         engine: engine.clone(),

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use ds4::chat::{StreamEvent, StreamParser, SyntaxState, ThinkingMode};
-use ds4::model::{EngineOptions, Model, Session};
+use ds4::model::{BackendChoice, EngineOptions, Model, Session};
 use ds4::sample::{argmax, Sampler, SamplerConfig};
 use ds4::tokenizer::{EncodeMode, Tokenizer};
 use serde_json::Value;
@@ -223,6 +223,8 @@ pub struct EngineConfig {
     pub kv_slots: usize,
     /// Layers of the synthetic demo model (None = its full depth).
     pub demo_layers: Option<usize>,
+    /// Compute backend wanted (auto = CUDA when usable, else CPU).
+    pub backend: BackendChoice,
 }
 
 /// What /v1/models and the startup banner say about the model.
@@ -520,10 +522,39 @@ struct Loaded {
     model: Arc<Model>,
     tok: Arc<Tokenizer>,
     info: ModelInfo,
+    /// Session options with the backend resolved (cpu or cuda).
+    opts: EngineOptions,
 }
 
-fn session_options(cfg: &EngineConfig) -> EngineOptions {
-    EngineOptions::production().with_ctx(cfg.ctx)
+/// Resolves the backend once: with CUDA wanted, uploads the weights (progress logged);
+/// `auto` falls back to the CPU with the reason, an explicit `cuda` fails startup.
+fn resolve_backend(model: &Model, choice: BackendChoice) -> Result<BackendChoice, String> {
+    if choice == BackendChoice::Cpu {
+        return Ok(BackendChoice::Cpu);
+    }
+    let t0 = Instant::now();
+    let mut last = 0usize;
+    let r = model.upload_cuda(&mut |done, total| {
+        let pct = done * 100 / total.max(1);
+        if pct >= last + 10 || done == total {
+            last = pct;
+            eprintln!("ds4-server: uploading weights to the GPU: {pct}%");
+        }
+    });
+    match r {
+        Ok(_) => {
+            eprintln!(
+                "ds4-server: weights on the GPU ({:.1} s)",
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(BackendChoice::Cuda)
+        }
+        Err(why) if choice == BackendChoice::Auto => {
+            eprintln!("ds4-server: CUDA not used ({why}); running on the CPU");
+            Ok(BackendChoice::Cpu)
+        }
+        Err(why) => Err(format!("--backend cuda: {why}")),
+    }
 }
 
 fn load(shared: &Shared) -> Result<Loaded, String> {
@@ -546,23 +577,30 @@ fn load(shared: &Shared) -> Result<Loaded, String> {
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
     let tok = Tokenizer::from_gguf(&model.file).map_err(|e| format!("tokenizer: {e}"))?;
-    // Validates the context against the model before the server says it is ready.
-    Session::new(model.clone(), session_options(cfg)).map_err(|e| e.to_string())?;
+    let opts = EngineOptions::production()
+        .with_ctx(cfg.ctx)
+        .with_backend(resolve_backend(&model, cfg.backend)?);
+    // Validates the context (and the backend) before the server says it is ready; the
+    // backend reported in /v1/models is the one this session runs on.
+    let probe = Session::new(model.clone(), opts.clone()).map_err(|e| e.to_string())?;
+    let backend = probe.backend().name().to_string();
+    drop(probe);
     let experts = model.expert_types().0.name();
     let quant_bits = if experts.to_ascii_lowercase().contains("q4") {
         4
     } else {
         2
     };
-    // The CPU backend is the only one the engine runs today; report what it says once
-    // `EngineOptions` can select another (CUDA).
-    let backend = "cpu".to_string();
     let engine = format!(
-        "ds4-rs {} ({}, {} layers, routed experts {experts}; {backend} backend, {} threads)",
+        "ds4-rs {} ({}, {} layers, routed experts {experts}; {backend} backend{})",
         env!("CARGO_PKG_VERSION"),
         model.cfg.profile_name(),
         model.cfg.n_layer,
-        rayon_threads(),
+        if backend == "cpu" {
+            format!(", {} threads", rayon_threads())
+        } else {
+            String::new()
+        },
     );
     eprintln!(
         "ds4-server: model ready in {:.1} s: {engine}; context {} tokens",
@@ -601,6 +639,7 @@ fn load(shared: &Shared) -> Result<Loaded, String> {
             note,
             quant_bits,
         },
+        opts,
     })
 }
 
@@ -649,7 +688,7 @@ fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
     let mut w = Worker {
         eos: loaded.tok.specials().eos,
         tok: loaded.tok,
-        opts: session_options(&shared.cfg),
+        opts: loaded.opts,
         model: loaded.model,
         slots: (0..shared.cfg.kv_slots.max(1)).map(|_| None).collect(),
         disk,
