@@ -74,6 +74,18 @@ fn dq_elems(ty: GgmlType) -> usize {
 /// must match WARPS_PER_BLOCK / MM_TOKENS in quant.cu.
 const WARPS_PER_BLOCK: u32 = 8;
 const MM_TOKENS: u32 = 8;
+/// Warps per output row of a matvec: rows are split between 2, 4 or 8 warps of a block when
+/// the launch has few rows in all (under 8192 warps otherwise), as long as each warp keeps
+/// at least 4 steps of 256 columns (one round of the kernel's loads in flight).
+fn mv_split(n_rows: usize, n_cols: usize, slots: usize) -> u32 {
+    let (total, steps) = (n_rows * slots, n_cols.div_ceil(256));
+    let mut split = 1;
+    while split < WARPS_PER_BLOCK as usize && total * split < 8192 && steps >= 8 * split {
+        split *= 2;
+    }
+    split as u32
+}
+
 /// Device stride of one expert (and the tail padding of every weight buffer): keeps each
 /// expert's base aligned for the 16-byte loads.
 const EXPERT_ALIGN: usize = 256;
@@ -165,7 +177,7 @@ impl CudaBackend {
         // records to every launch and is switched off before any buffer exists.
         // SAFETY: no CudaSlice exists yet, and the backend never uses a second stream.
         unsafe { ctx.disable_event_tracking() };
-        // A created (non-default) stream: CUDA graph capture, which the decode loop will use,
+        // A created (non-default) stream: CUDA graph capture, which the decode loop uses,
         // is not allowed on the legacy default stream.
         let stream = ctx.new_stream()?;
         let (image, origin, cache_key) =
@@ -411,8 +423,13 @@ impl CudaBackend {
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         let k = self.kernels(w.ty)?;
+        let split = mv_split(w.n_rows, w.n_cols, slots);
         let cfg = LaunchConfig {
-            grid_dim: ((w.n_rows as u32).div_ceil(WARPS_PER_BLOCK), slots as u32, 1),
+            grid_dim: (
+                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                slots as u32,
+                1,
+            ),
             block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -426,7 +443,13 @@ impl CudaBackend {
             Some(v) => b.arg(v),
             None => b.arg(&null),
         };
-        b.arg(&n_rows).arg(&n_cols).arg(x).arg(&xs).arg(y);
+        let split_i = split as i32;
+        b.arg(&n_rows)
+            .arg(&n_cols)
+            .arg(x)
+            .arg(&xs)
+            .arg(y)
+            .arg(&split_i);
         // SAFETY: argument list matches mv_<t> in quant.cu; lengths checked by the callers.
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -630,8 +653,13 @@ impl CudaBackend {
         y: u64,
     ) -> Result<()> {
         let k = self.kernels(w.ty)?;
+        let split = mv_split(w.n_rows, w.n_cols, slots);
         let cfg = LaunchConfig {
-            grid_dim: ((w.n_rows as u32).div_ceil(WARPS_PER_BLOCK), slots as u32, 1),
+            grid_dim: (
+                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                slots as u32,
+                1,
+            ),
             block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -639,6 +667,7 @@ impl CudaBackend {
         let expert_bytes = w.expert_stride as i64;
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
+        let split_i = split as i32;
         let mut b = self.stream.launch_builder(&k.mv);
         b.arg(&wp)
             .arg(&expert_bytes)
@@ -647,7 +676,8 @@ impl CudaBackend {
             .arg(&n_cols)
             .arg(&x)
             .arg(&xs)
-            .arg(&y);
+            .arg(&y)
+            .arg(&split_i);
         b.launch(cfg)?;
         Ok(())
     }

@@ -3,9 +3,12 @@
 //! window ring, compressor frontiers, compressed and indexer rows) plus scratch, all in
 //! device memory. `model::Session` dispatches to it when the CUDA backend is chosen.
 //!
-//! Per chunk of tokens the host only queues launches: the token ids go up, the requested
-//! logits come back, nothing else crosses the bus (router choices, indexer selections and
-//! row counts stay on the device; the host derives every size from the positions alone).
+//! Per chunk of tokens the host only queues launches: the token ids and the first position
+//! go up, the requested logits come back, nothing else crosses the bus (router choices,
+//! indexer selections and row counts stay on the device; the host derives every size from
+//! the positions alone). Kernels read the position from device memory, so a decode step is
+//! captured once as a CUDA graph and replayed (recaptured when the position passes a
+//! multiple of `DECODE_BUCKET` or a rows buffer grows; `DS4_CUDA_GRAPH=0` turns it off).
 //!
 //! Numerics: activations are f32 throughout (the CPU's exact mode). Stored rows get the QAT
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
@@ -18,8 +21,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 
 use super::device::{CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
 use crate::gguf::TensorInfo;
@@ -40,6 +45,25 @@ const ATTEND_SMEM: usize = 200 * 1024;
 const ATTEND_THREADS: usize = 512;
 /// Widest head the attention kernel keeps in registers (ATT_MAXJ · 32 in forward.cu).
 const ATTEND_MAX_DH: usize = 512;
+/// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
+/// position-dependent kernels), so one graph serves this many steps.
+const DECODE_BUCKET: usize = 1024;
+
+/// Whether decode steps replay CUDA graphs (`DS4_CUDA_GRAPH=0` turns them off, for
+/// comparisons).
+fn use_graphs() -> bool {
+    std::env::var("DS4_CUDA_GRAPH").map_or(true, |v| v != "0")
+}
+
+/// A captured decode step and the key it was captured for.
+struct DecodeGraph {
+    key: Vec<u64>,
+    g: CudaGraph,
+}
+
+// SAFETY: a CUDA graph exec may be launched from any thread as long as calls on it are
+// serialized; it is only used through `&mut GpuSession` under the model's lock.
+unsafe impl Send for DecodeGraph {}
 
 fn ptr<T>(s: &CudaSlice<T>, st: &CudaStream) -> u64 {
     let (p, _g) = s.device_ptr(st);
@@ -425,6 +449,8 @@ struct LayerState {
 /// Scratch of one session, sized for [`GPU_CHUNK`] tokens.
 struct Scratch {
     tokens: CudaSlice<i32>,
+    /// Position of the chunk's first token (read by the kernels, so graphs can replay).
+    pos: CudaSlice<i64>,
     x: CudaSlice<f32>,
     mix: CudaSlice<f32>,
     y: CudaSlice<f32>,
@@ -467,6 +493,7 @@ pub struct GpuSession {
     qat: bool,
     layers: Vec<LayerState>,
     s: Scratch,
+    graph: Option<DecodeGraph>,
 }
 
 impl GpuSession {
@@ -544,6 +571,7 @@ impl GpuSession {
             .collect();
         let s = Scratch {
             tokens: be.upload_i32(&vec![0; m])?,
+            pos: be.stream().clone_htod(&[0i64])?,
             x: a(m * c.hc * d)?,
             mix: a(m * c.hc_mix().max(c.hc))?,
             y: a(m * d)?,
@@ -584,6 +612,7 @@ impl GpuSession {
             qat,
             layers,
             s,
+            graph: None,
         })
     }
 
@@ -695,17 +724,74 @@ impl GpuSession {
         let be = &gm.be;
         let st = be.stream();
         let n = tokens.len();
-        let k = &gm.k;
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         {
             let mut v = self.s.tokens.slice_mut(0..n);
             st.memcpy_htod(&ids, &mut v)?;
+            st.memcpy_htod(&[p0 as i64], &mut self.s.pos)?;
         }
         for ls in self.layers.iter_mut() {
             for cs in [&mut ls.comp, &mut ls.index].into_iter().flatten() {
                 grow_rows(be, cs, (p0 + n) / cs.ratio)?;
             }
         }
+        // Decode steps replay a captured graph: the kernels read the position from `s.pos`,
+        // and everything else a launch depends on (grid sizes, shared memory, the rows
+        // buffers) is a function of the key: positions rounded up to DECODE_BUCKET and the
+        // rows buffers' addresses. A new key (every DECODE_BUCKET tokens, or after a rows
+        // buffer grew) captures again.
+        if n == 1 && head && use_graphs() {
+            let pb = (p0 + 1)
+                .next_multiple_of(DECODE_BUCKET)
+                .min(self.ctx.max(p0 + 1));
+            let mut key = vec![pb as u64];
+            for ls in &self.layers {
+                for cs in [&ls.comp, &ls.index].into_iter().flatten() {
+                    key.push(ptr(&cs.rows, st));
+                }
+            }
+            if self.graph.as_ref().is_none_or(|g| g.key != key) {
+                self.graph = None;
+                st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                let r = self.queue(gm, model, n, pb, true, all);
+                let g = st.end_capture(CUgraphInstantiate_flags(0));
+                r?;
+                let g = g?.ok_or_else(|| CudaError::Invalid("empty decode graph".into()))?;
+                g.upload()?;
+                self.graph = Some(DecodeGraph { key, g });
+            }
+            self.graph.as_ref().expect("captured").g.launch()?;
+        } else {
+            self.queue(gm, model, n, p0 + n, head, all)?;
+        }
+        if !head {
+            return Ok(());
+        }
+        let m = if all { n } else { 1 };
+        let v = c.n_vocab;
+        let at = out.len();
+        out.resize(at + m * v, 0.0);
+        st.memcpy_dtoh(&self.s.logits.slice(0..m * v), &mut out[at..])?;
+        st.synchronize()?;
+        Ok(())
+    }
+
+    /// Queues every launch of one chunk of `n` tokens (positions from `s.pos`). `pb` bounds
+    /// the chunk's end position (`p0 + n ≤ pb`): grids and shared memory are sized for it,
+    /// and the kernels skip what lies past the true position.
+    fn queue(
+        &self,
+        gm: &GpuModel,
+        model: &Model,
+        n: usize,
+        pb: usize,
+        head: bool,
+        all: bool,
+    ) -> Result<()> {
+        let c = &model.cfg;
+        let be = &gm.be;
+        let st = be.stream();
+        let k = &gm.k;
         let s = &self.s;
         let p = |b: &CudaSlice<f32>| ptr(b, st);
         let pi = |b: &CudaSlice<i32>| ptr(b, st);
@@ -713,7 +799,7 @@ impl GpuSession {
         let (ni, di) = (n as i32, d as i32);
         let eps = c.rms_eps;
         let half = (c.n_rot / 2) as i32;
-        let p0l = p0 as i64;
+        let p0l = ptr(&s.pos, st);
         let (exact, qat) = (self.exact as i32, self.qat as i32);
         let n32 = n as u32;
         let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
@@ -761,7 +847,12 @@ impl GpuSession {
             );
             Ok(())
         };
-        let hc_pre = |fnw: &GpuWeight, sc: &CudaSlice<f32>, base: &CudaSlice<f32>| -> Result<()> {
+        // hc_pre with the site's RMSNorm (`norm`) fused.
+        let hc_pre = |fnw: &GpuWeight,
+                      sc: &CudaSlice<f32>,
+                      base: &CudaSlice<f32>,
+                      norm: &CudaSlice<f32>|
+         -> Result<()> {
             lin(fnw, p(&s.x), n, p(&s.mix))?;
             launch!(
                 st,
@@ -781,7 +872,8 @@ impl GpuSession {
                     p(base),
                     p(&s.y),
                     p(&s.post),
-                    p(&s.comb)
+                    p(&s.comb),
+                    p(norm)
                 ]
             );
             Ok(())
@@ -799,8 +891,12 @@ impl GpuSession {
         };
         for (l, ls) in gm.layers.iter().zip(self.layers.iter()) {
             // §3.2 + §3.3: attention site.
-            hc_pre(&l.hc_attn_fn, &l.hc_attn_scale, &l.hc_attn_base)?;
-            rms_rows(p(&s.y), p(&l.attn_norm), n, d)?;
+            hc_pre(
+                &l.hc_attn_fn,
+                &l.hc_attn_scale,
+                &l.hc_attn_base,
+                &l.attn_norm,
+            )?;
             // Query.
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
             rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
@@ -882,7 +978,7 @@ impl GpuSession {
             if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
                 compress(&iw.comp, cs, 1)?;
                 let (ih, id) = (c.idx_heads, c.idx_dim);
-                let vis_max = (p0 + n) / 4;
+                let vis_max = pb / 4;
                 if vis_max > c.idx_topk {
                     lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
                     let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
@@ -955,7 +1051,7 @@ impl GpuSession {
                 let max_comp = match l.ratio {
                     0 => 0,
                     4 => c.idx_topk,
-                    r => (p0 + n) / r,
+                    r => pb / r,
                 };
                 let rows_cap = c.swa + max_comp;
                 let smem = attend_smem(rows_cap, c.head_dim);
@@ -1015,8 +1111,7 @@ impl GpuSession {
             );
             hc_post()?;
             // §3.2 + §3.4: FFN site.
-            hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base)?;
-            rms_rows(p(&s.y), p(&l.ffn_norm), n, d)?;
+            hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
             lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
             {
                 let ke = c.n_expert_used;
@@ -1122,11 +1217,6 @@ impl GpuSession {
             ]
         );
         lin(&gm.output, p(&s.h), m, p(&s.logits))?;
-        let v = c.n_vocab;
-        let at = out.len();
-        out.resize(at + m * v, 0.0);
-        st.memcpy_dtoh(&s.logits.slice(0..m * v), &mut out[at..])?;
-        st.synchronize()?;
         Ok(())
     }
 }

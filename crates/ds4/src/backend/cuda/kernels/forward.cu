@@ -148,35 +148,53 @@ __device__ float e2m1_round(float v) {
     return copysignf(grid[code], v);
 }
 
-// FP8 KV simulation on x[0..n) (n a multiple of 64), one thread per 64-block.
+// FP8 KV simulation on x[0..n) (n a multiple of 64, at most 2048), block-wide: a thread
+// per 64-block finds its scale, then a thread per element rounds (the same operations per
+// element as qat.rs). Every thread of the block must call it.
 __device__ void fp8sim_row(float* x, int n) {
+    __shared__ float fs[32];
     for (int b = threadIdx.x; b < n / 64; b += blockDim.x) {
-        float* blk = x + 64 * b;
+        const float* blk = x + 64 * b;
         float amax = 0.0f;
         for (int i = 0; i < 64; i++) amax = fmaxf(amax, fabsf(blk[i]));
-        float s = pow2_ceil_f(fmaxf(amax, 1e-4f) / 448.0f);
-        for (int i = 0; i < 64; i++) blk[i] = fp8_e4m3_round(blk[i] / s) * s;
+        fs[b] = pow2_ceil_f(fmaxf(amax, 1e-4f) / 448.0f);
     }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float sc = fs[i / 64];
+        x[i] = fp8_e4m3_round(x[i] / sc) * sc;
+    }
+    __syncthreads();
 }
 
-// Indexer QAT on a power-of-two row (Hadamard in natural order, then FP4 in blocks of 32).
-// One thread: rows are 128 wide and the butterfly order fixes the rounding.
-__device__ void indexer_qat_serial(float* x, int n, float inv_sqrt_n) {
-    for (int h = 1; h < n; h *= 2)
-        for (int b = 0; b < n; b += 2 * h)
-            for (int i = b; i < b + h; i++) {
-                float u = x[i], v = x[i + h];
-                x[i] = u + v;
-                x[i + h] = u - v;
-            }
-    for (int i = 0; i < n; i++) x[i] *= inv_sqrt_n;
-    for (int b = 0; b < n; b += 32) {
-        float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b + i]));
-        float s = pow2_ceil_f(fmaxf(amax, 6.0f * 1.17549435e-38f) / 6.0f);
-        for (int i = 0; i < 32; i++)
-            x[b + i] = e2m1_round(fminf(fmaxf(x[b + i] / s, -6.0f), 6.0f)) * s;
+// Indexer QAT on a power-of-two row of at most 1024 (Hadamard in natural order, then FP4 in
+// blocks of 32), block-wide: the butterflies of one stage are independent, so threads share
+// each stage and the stages run in the serial order (qat.rs); each element sees exactly the
+// serial operations. Every thread of the block must call it.
+__device__ void indexer_qat_row(float* x, int n, float inv_sqrt_n) {
+    __shared__ float fs[32];
+    for (int h = 1; h < n; h *= 2) {
+        for (int q = threadIdx.x; q < n / 2; q += blockDim.x) {
+            int i = (q / h) * 2 * h + (q % h);
+            float u = x[i], v = x[i + h];
+            x[i] = u + v;
+            x[i + h] = u - v;
+        }
+        __syncthreads();
     }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] *= inv_sqrt_n;
+    __syncthreads();
+    for (int b = threadIdx.x; b < n / 32; b += blockDim.x) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * b + i]));
+        fs[b] = pow2_ceil_f(fmaxf(amax, 6.0f * 1.17549435e-38f) / 6.0f);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float sc = fs[i / 32];
+        x[i] = e2m1_round(fminf(fmaxf(x[i] / sc, -6.0f), 6.0f)) * sc;
+    }
+    __syncthreads();
 }
 
 __device__ __forceinline__ float round_f16(float v) { return h2f(f2h(v)); }
@@ -188,7 +206,7 @@ __device__ void finish_row(float* row, int len, int nope, int kind, int qat, int
     __syncthreads();
     if (qat) {
         if (kind == 0) fp8sim_row(row, nope);
-        else if (threadIdx.x == 0) indexer_qat_serial(row, len, inv_sqrt_len);
+        else indexer_qat_row(row, len, inv_sqrt_len);
     }
     __syncthreads();
     if (!exact)
@@ -230,7 +248,8 @@ extern "C" __global__ void k_rms_norm(float* __restrict__ x, const float* __rest
 // Query heads: unweighted RMSNorm then RoPE at the token's position (blockIdx.x = t·H + h).
 extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, int dh, int half,
                                             float eps, const double* __restrict__ freqs,
-                                            long long p0) {
+                                            const long long* __restrict__ p0p) {
+    const long long p0 = *p0p;
     __shared__ double sh[33];
     float* r = q + (long long)blockIdx.x * dh;
     float s = rms_scale_block(r, dh, eps, sh);
@@ -242,8 +261,9 @@ extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, i
 // KV rows: RMSNorm(kv_a_norm), RoPE, QAT + storage rounding (blockIdx.x = t).
 extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __restrict__ w,
                                        int dh, int half, float eps,
-                                       const double* __restrict__ freqs, long long p0, int qat,
+                                       const double* __restrict__ freqs, const long long* __restrict__ p0p, int qat,
                                        int exact) {
+    const long long p0 = *p0p;
     __shared__ double sh[33];
     float* r = kv + (long long)blockIdx.x * dh;
     float s = rms_scale_block(r, dh, eps, sh);
@@ -256,12 +276,13 @@ extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __re
 // Indexer query heads: RoPE at the token's position, then the indexer QAT (blockIdx.x =
 // t·iH + h).
 extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int id, int half,
-                                          const double* __restrict__ freqs, long long p0,
+                                          const double* __restrict__ freqs, const long long* __restrict__ p0p,
                                           int qat, float inv_sqrt_id) {
+    const long long p0 = *p0p;
     float* r = q + (long long)blockIdx.x * id;
     rope_tail(r, id, half, freqs, p0 + blockIdx.x / n_head, false);
     __syncthreads();
-    if (qat && threadIdx.x == 0) indexer_qat_serial(r, id, inv_sqrt_id);
+    if (qat) indexer_qat_row(r, id, inv_sqrt_id);
 }
 
 // y *= a (element-wise over n).
@@ -272,63 +293,96 @@ extern "C" __global__ void k_scale(float* __restrict__ y, float a, int n) {
 
 // ---------------------------------------------------------------- hyper-connections (hc.rs)
 
-__device__ void sinkhorn_serial(float* c, int n, int iters, float eps) {
-    for (int j = 0; j < n; j++) {
-        float* row = c + j * n;
+// Sinkhorn normalisation of the n×n matrix c (shared memory) by one warp, lane i owning
+// elements i, i+32, ... Every sum runs over the same elements in the same order as the
+// serial loops of hc.rs, and each element is written only by its lane
+// after all lanes have read what they need, so the result is bit-identical to it.
+__device__ void sinkhorn_warp(float* c, float* e, int n, int iters, float eps) {
+    int lane = threadIdx.x & 31, nn = n * n;
+    for (int i = lane; i < nn; i += 32) {
+        int j = i / n;
         float m = NEG_INF;
-        for (int k = 0; k < n; k++) m = fmaxf(m, row[k]);
-        float s = 0.0f;
-        for (int k = 0; k < n; k++) {
-            row[k] = expf(row[k] - m);
-            s += row[k];
-        }
-        for (int k = 0; k < n; k++) row[k] = row[k] / s + eps;
+        for (int k = 0; k < n; k++) m = fmaxf(m, c[j * n + k]);
+        e[i] = expf(c[i] - m);
     }
+    __syncwarp();
+    for (int i = lane; i < nn; i += 32) {
+        int j = i / n;
+        float s = 0.0f;
+        for (int k = 0; k < n; k++) s += e[j * n + k];
+        c[i] = e[i] / s + eps;
+    }
+    __syncwarp();
     // The first column normalisation runs even with iters = 0, as in hc.rs.
     for (int it = 0; it < (iters > 1 ? iters : 1); it++) {
-        if (it > 0)
-            for (int j = 0; j < n; j++) {
+        if (it > 0) {
+            float sv[2];
+            for (int i = lane, q = 0; i < nn; i += 32, q++) {
+                int j = i / n;
                 float s = 0.0f;
                 for (int k = 0; k < n; k++) s += c[j * n + k];
-                for (int k = 0; k < n; k++) c[j * n + k] /= s + eps;
+                sv[q] = s;
             }
-        for (int k = 0; k < n; k++) {
+            __syncwarp();
+            for (int i = lane, q = 0; i < nn; i += 32, q++) c[i] /= sv[q] + eps;
+            __syncwarp();
+        }
+        float sv[2];
+        for (int i = lane, q = 0; i < nn; i += 32, q++) {
+            int k = i % n;
             float s = 0.0f;
             for (int j = 0; j < n; j++) s += c[j * n + k];
-            for (int j = 0; j < n; j++) c[j * n + k] /= s + eps;
+            sv[q] = s;
         }
+        __syncwarp();
+        for (int i = lane, q = 0; i < nn; i += 32, q++) c[i] /= sv[q] + eps;
+        __syncwarp();
     }
 }
 
 // hc_pre for token blockIdx.x: mix (= fn·flat, unscaled) times the state's RMS scale, the
-// stream weights P_j, post weights Q_k, Sinkhorn-normalised M, and y = Σ_j P_j·X_j.
+// stream weights P_j (warp 0), post weights Q_k (warp 0), Sinkhorn-normalised M (warp 1),
+// and y = Σ_j P_j·X_j, then (norm not null) the site's RMSNorm of y in place, which the
+// CPU runs next (forward.rs), fused here to save a launch and a pass.
 extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __restrict__ mix,
                                     int n, int d, float rms_eps, float hc_eps, int iters,
                                     const float* __restrict__ scale3,
                                     const float* __restrict__ base, float* __restrict__ y,
-                                    float* __restrict__ post, float* __restrict__ comb) {
+                                    float* __restrict__ post, float* __restrict__ comb,
+                                    const float* __restrict__ norm) {
     __shared__ double sh[33];
     __shared__ float m[(2 + FWD_MAX_HC) * FWD_MAX_HC];
     __shared__ float pj[FWD_MAX_HC];
     __shared__ float c[FWD_MAX_HC * FWD_MAX_HC];
+    __shared__ float ex[FWD_MAX_HC * FWD_MAX_HC];
     int t = blockIdx.x, w = (2 + n) * n;
     const float* xt = x + (long long)t * n * d;
     float s = rms_scale_block(xt, n * d, rms_eps, sh);
     for (int i = threadIdx.x; i < w; i += blockDim.x) m[i] = mix[(long long)t * w + i] * s;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int j = 0; j < n; j++) pj[j] = sigmoidf_(m[j] * scale3[0] + base[j]) + hc_eps;
-        for (int k = 0; k < n; k++)
-            post[t * n + k] = 2.0f * sigmoidf_(m[n + k] * scale3[1] + base[n + k]);
-        for (int i = 0; i < n * n; i++) c[i] = m[2 * n + i] * scale3[2] + base[2 * n + i];
-        sinkhorn_serial(c, n, iters, hc_eps);
-        for (int i = 0; i < n * n; i++) comb[(long long)t * n * n + i] = c[i];
+    if (threadIdx.x < 32) {
+        int l = threadIdx.x;
+        if (l < n) pj[l] = sigmoidf_(m[l] * scale3[0] + base[l]) + hc_eps;
+        else if (l >= 16 && l - 16 < n)
+            post[t * n + l - 16] = 2.0f * sigmoidf_(m[n + l - 16] * scale3[1] + base[n + l - 16]);
+    } else if (threadIdx.x < 64) {
+        int l = threadIdx.x - 32;
+        for (int i = l; i < n * n; i += 32) c[i] = m[2 * n + i] * scale3[2] + base[2 * n + i];
+        __syncwarp();
+        sinkhorn_warp(c, ex, n, iters, hc_eps);
+        for (int i = l; i < n * n; i += 32) comb[(long long)t * n * n + i] = c[i];
     }
     __syncthreads();
+    float* yt = y + (long long)t * d;
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float acc = 0.0f;
         for (int j = 0; j < n; j++) acc += pj[j] * xt[j * d + e];
-        y[(long long)t * d + e] = acc;
+        yt[e] = acc;
+    }
+    if (norm) {
+        // Each thread reads back only the elements it wrote.
+        float s2 = rms_scale_block(yt, d, rms_eps, sh);
+        for (int e = threadIdx.x; e < d; e += blockDim.x) yt[e] = yt[e] * s2 * norm[e];
     }
 }
 
@@ -386,9 +440,10 @@ extern "C" __global__ void k_compress(const float* __restrict__ kvp, const float
                                       const float* __restrict__ ape, float* __restrict__ skv,
                                       float* __restrict__ ssc, float* __restrict__ rows,
                                       const float* __restrict__ norm,
-                                      const double* __restrict__ freqs, int n, long long p0,
+                                      const double* __restrict__ freqs, int n, const long long* __restrict__ p0p,
                                       int r, int d, int coff, int half, float eps, int kind,
                                       int qat, int exact, float inv_sqrt_d) {
+    const long long p0 = *p0p;
     __shared__ double sh[33];
     __shared__ float pooled[1024];
     int wd = coff * d;
@@ -441,8 +496,9 @@ extern "C" __global__ void k_compress(const float* __restrict__ kvp, const float
 // grid: x = row blocks of 8, y = token).
 extern "C" __global__ void k_idx_scores(const float* __restrict__ q, const float* __restrict__ w,
                                         const float* __restrict__ krows, int n_head, int id,
-                                        long long p0, int r, float* __restrict__ scores,
+                                        const long long* __restrict__ p0p, int r, float* __restrict__ scores,
                                         int ld) {
+    const long long p0 = *p0p;
     int t = blockIdx.y;
     int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     long long vis = (p0 + t + 1) / r;
@@ -468,9 +524,10 @@ __device__ __forceinline__ unsigned okey(float f) {
 // The compressed rows token blockIdx.x attends to (ratio-4 layers): all visible rows when
 // there are at most k, else the k best scores (ties to the lower row) by an exact radix
 // select; written in ascending row order (as the CPU sorts them). 1024 threads.
-extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld, long long p0,
+extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld, const long long* __restrict__ p0p,
                                        int r, int k, int* __restrict__ sel,
                                        int* __restrict__ cnt) {
+    const long long p0 = *p0p;
     __shared__ unsigned hist[256];
     __shared__ unsigned sh_prefix, sh_rem;
     __shared__ int shs[33];
@@ -543,9 +600,10 @@ extern "C" __global__ void __launch_bounds__(512)
     k_attend(const float* __restrict__ q, const float* __restrict__ ckv,
              const float* __restrict__ ring, const float* __restrict__ comp,
              const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
-             long long p0, int swa, int dh, int n_head, const float* __restrict__ sinks,
+             const long long* __restrict__ p0p, int swa, int dh, int n_head, const float* __restrict__ sinks,
              float scale, int half, const double* __restrict__ freqs, float* __restrict__ o,
              int rows_cap) {
+    const long long p0 = *p0p;
     extern __shared__ float sm[];
     __shared__ float shf[33];
     float* sc = sm;
@@ -615,7 +673,8 @@ extern "C" __global__ void __launch_bounds__(512)
 
 // Stores the last min(n, swa) rows of this chunk in the ring (after attention read it).
 extern "C" __global__ void k_ring_push(const float* __restrict__ ckv, float* __restrict__ ring,
-                                       int n, long long p0, int swa, int dh) {
+                                       int n, const long long* __restrict__ p0p, int swa, int dh) {
+    const long long p0 = *p0p;
     int t = n - 1 - blockIdx.x;  // blockIdx.x < min(n, swa)
     long long slot = (p0 + t) % swa;
     for (int e = threadIdx.x; e < dh; e += blockDim.x)

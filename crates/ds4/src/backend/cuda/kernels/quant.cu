@@ -6,9 +6,11 @@
 //
 // Conventions shared by every kernel:
 // * A weight matrix is `n_rows x n_cols`, row-major; output `o` is row `o` . x.
-// * Matvec/MoE kernels: one warp per output row, 8 warps (8 rows) per block; the warp walks
-//   the row 256 elements at a time (lane l: elements 8l..8l+7, see dot_row), then a butterfly
-//   shuffle reduction combines the lanes. The summation order depends only on n_cols, never on timing:
+// * Matvec/MoE kernels: `split` warps per output row (1, 2, 4 or 8; the host picks more for
+//   matrices with few rows, so enough loads are in flight), 8 warps per block; a warp walks
+//   its share of the row 256 elements at a time (lane l: elements 8l..8l+7, see dot_row), a
+//   butterfly shuffle reduction combines the lanes, and the split parts are added in warp
+//   order. The summation order depends only on n_cols, never on timing:
 //   results are bit-identical from run to run (no atomics anywhere).
 // * Q8_0 is stored repacked on the GPU (see `repack_q8_0` in device.rs): per matrix, a plane of
 //   int8 codes (n_rows x n_cols) followed by a plane of f16 scales (n_rows x n_cols/32). The
@@ -133,23 +135,26 @@ __device__ __forceinline__ float sum8(const X8& x) {
     return ((x.a.x + x.a.y) + (x.a.z + x.a.w)) + ((x.b.x + x.b.y) + (x.b.z + x.b.w));
 }
 
+// The warp takes steps first, first + stride, ... (stride > 1: the row is split between
+// `stride` warps of the block, see mv_<t>).
 template <class U, int NT, int UNR>
 __device__ __forceinline__ void dot_row(const RowCtx& c, const float* x, i64 ldx, int nt,
-                                        float* acc, const Iq2Smem* tb) {
+                                        float* acc, const Iq2Smem* tb, int first, int stride) {
     const int lane = threadIdx.x & 31;
     const int steps = (c.n_cols + 255) >> 8;
-    for (int s0 = 0; s0 < steps; s0 += UNR) {
+    for (int s0 = first; s0 < steps; s0 += UNR * stride) {
         U r[UNR];
         bool on[UNR];
 #pragma unroll
         for (int k = 0; k < UNR; k++) {
-            on[k] = s0 + k < steps && ((s0 + k) << 8) + 8 * lane < c.n_cols;
-            if (on[k]) r[k].load(c, s0 + k, lane);
+            const int sk = s0 + k * stride;
+            on[k] = sk < steps && (sk << 8) + 8 * lane < c.n_cols;
+            if (on[k]) r[k].load(c, sk, lane);
         }
 #pragma unroll
         for (int k = 0; k < UNR; k++) {
             if (!on[k]) continue;
-            const int e0 = ((s0 + k) << 8) + 8 * lane;
+            const int e0 = ((s0 + k * stride) << 8) + 8 * lane;
 #pragma unroll
             for (int t = 0; t < NT; t++)
                 acc[t] = r[k].dot(load_x8(tok(x, ldx, t, nt), e0), lane, acc[t], tb);
@@ -390,17 +395,32 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
     extern "C" __global__ void __launch_bounds__(256)                                            \
         mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,          \
                int n_rows, int n_cols, const float* __restrict__ x, i64 x_stride,                \
-               float* __restrict__ y) {                                                          \
+               float* __restrict__ y, int split) {                                               \
         DS4_TABLES(USES_TABLES)                                                                  \
-        int slot = blockIdx.y;                                                                   \
-        int o = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);                               \
-        if (o >= n_rows) return;                                                                 \
-        const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                            \
-        float acc[1] = {0.0f};                                                                   \
-        RowCtx c = {wb, o, n_rows, n_cols};                                                      \
-        dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_);                            \
-        float r = warp_sum(acc[0]);                                                              \
-        if ((threadIdx.x & 31) == 0) y[(i64)slot * n_rows + o] = r;                              \
+        __shared__ float part_[WARPS_PER_BLOCK];                                                 \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
+        float r = 0.0f;                                                                          \
+        if (o < n_rows) {                                                                        \
+            const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
+            float acc[1] = {0.0f};                                                               \
+            RowCtx c = {wb, o, n_rows, n_cols};                                                  \
+            if (split == 1) /* constant stride: the prefill MoE path's code */                 \
+                dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_, 0, 1);              \
+            else                                                                                 \
+                dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_, part, split);       \
+            r = warp_sum(acc[0]);                                                                \
+        }                                                                                        \
+        if (split == 1) {                                                                        \
+            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;            \
+            return;                                                                              \
+        }                                                                                        \
+        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                            \
+        __syncthreads();                                                                         \
+        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                \
+            for (int i = 1; i < split; i++) r += part_[warp + i];                                \
+            y[(i64)slot * n_rows + o] = r;                                                       \
+        }                                                                                        \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                            \
         mm_##T(const u8* __restrict__ w, int n_rows, int n_cols, const float* __restrict__ x,    \
@@ -413,7 +433,7 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
         float acc[MM_TOKENS];                                                                    \
         _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) acc[t] = 0.0f;                     \
         RowCtx c = {w, o, n_rows, n_cols};                                                       \
-        dot_row<U, MM_TOKENS, 1>(c, x + (i64)t0 * n_cols, n_cols, nt, acc, tables_);             \
+        dot_row<U, MM_TOKENS, 1>(c, x + (i64)t0 * n_cols, n_cols, nt, acc, tables_, 0, 1);       \
         _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) {                                  \
             float r = warp_sum(acc[t]);                                                          \
             if ((threadIdx.x & 31) == 0 && t < nt) y[(i64)(t0 + t) * n_rows + o] = r;            \
