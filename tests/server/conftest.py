@@ -35,8 +35,10 @@ def free_port():
 class Server:
     """One server process. `outputs` becomes the --test-output script."""
 
-    def __init__(self, outputs=None, args=(), tmp=None):
+    def __init__(self, outputs=None, args=(), tmp=None, layers=None):
         self.tmp = Path(tmp or tempfile.mkdtemp(prefix="ds4srv-"))
+        # The demo model is real (synthetic weights); fewer layers keep the suite fast on 2 cores.
+        self.layers = layers or int(os.environ.get("DS4_TEST_DEMO_LAYERS", "1"))
         self.outputs = outputs
         self.args = list(args)
         self.port = None
@@ -45,7 +47,8 @@ class Server:
 
     def start(self):
         self.port = free_port()
-        cmd = [server_bin(), "--port", str(self.port), "-m", str(self.tmp / "no-model.gguf")]
+        cmd = [server_bin(), "--port", str(self.port), "-m", str(self.tmp / "no-model.gguf"),
+               "--demo-layers", str(self.layers)]
         if self.outputs is not None:
             p = self.tmp / "outputs.json"
             p.write_text(json.dumps(self.outputs))
@@ -117,8 +120,8 @@ class Server:
 def make_server(tmp_path):
     servers = []
 
-    def make(outputs=None, args=(), tmp=None):
-        s = Server(outputs, args, tmp or tmp_path)
+    def make(outputs=None, args=(), tmp=None, layers=None):
+        s = Server(outputs, args, tmp or tmp_path, layers)
         servers.append(s)
         return s.start()
 

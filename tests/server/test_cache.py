@@ -7,6 +7,9 @@ from scripts import LONG_SYSTEM, PLAIN
 
 MODEL = "deepseek-v4-flash"
 KV_ARGS = ["--kv-cache-min-tokens", "64"]
+# Three layers: the third is a compressed (ratio 4) layer with an indexer, so checkpoints
+# carry compressor and indexer state through snapshot/restore.
+LAYERS = 3
 
 
 def chat(s, msgs, **kw):
@@ -14,7 +17,7 @@ def chat(s, msgs, **kw):
 
 
 def test_follow_up_hits_live_prefix(make_server):
-    s = make_server([PLAIN, "Second answer."])
+    s = make_server([PLAIN, "Second answer."], layers=LAYERS)
     msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "first question"}]
     r1 = chat(s, msgs)
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
@@ -30,7 +33,7 @@ def test_restart_then_disk_cache_hit(make_server, tmp_path):
     kv = tmp_path / "kv"
     args = KV_ARGS + ["--kv-disk-dir", str(kv)]
     msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "first question"}]
-    s = make_server([PLAIN], args=args)
+    s = make_server([PLAIN], args=args, layers=LAYERS)
     r1 = chat(s, msgs)
     assert s.stop() == 0
     log = s.log_text()
@@ -38,7 +41,7 @@ def test_restart_then_disk_cache_hit(make_server, tmp_path):
     files = list(kv.glob("*.kv"))
     assert len(files) == 2 and not list(kv.glob("*.tmp.*"))
     # After a restart the follow-up is served from the shutdown checkpoint (whole first turn).
-    s2 = make_server(["After restart."], args=args)
+    s2 = make_server(["After restart."], args=args, layers=LAYERS)
     msgs2 = msgs + [{"role": "assistant", "content": PLAIN}, {"role": "user", "content": "again"}]
     r2 = chat(s2, msgs2)
     assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
@@ -46,7 +49,7 @@ def test_restart_then_disk_cache_hit(make_server, tmp_path):
     # A different conversation with the same system prompt reuses the cold (system) checkpoint,
     # reported as Anthropic cache_read_input_tokens.
     s2.stop()
-    s3 = make_server(["x"], args=args)
+    s3 = make_server(["x"], args=args, layers=LAYERS)
     r3 = s3.anthropic().messages.create(model=MODEL, max_tokens=16, system=LONG_SYSTEM,
                                         messages=[{"role": "user", "content": "another topic"}])
     assert 64 <= r3.usage.cache_read_input_tokens < r1.usage.prompt_tokens
@@ -56,7 +59,7 @@ def test_corrupt_truncated_and_foreign_files_are_removed(make_server, tmp_path):
     kv = tmp_path / "kv"
     args = KV_ARGS + ["--kv-disk-dir", str(kv)]
     msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "q"}]
-    s = make_server([PLAIN], args=args)
+    s = make_server([PLAIN], args=args, layers=LAYERS)
     chat(s, msgs)
     s.stop()
     files = sorted(kv.glob("*.kv"), key=lambda p: p.stat().st_size)
@@ -68,7 +71,7 @@ def test_corrupt_truncated_and_foreign_files_are_removed(make_server, tmp_path):
     small.write_bytes(small.read_bytes()[:60])  # truncated
     foreign = kv / ("ab" * 20 + ".kv")
     foreign.write_bytes(b"this is not a cache file at all, just text")
-    s2 = make_server([PLAIN, PLAIN], args=args)
+    s2 = make_server([PLAIN, PLAIN], args=args, layers=LAYERS)
     r = chat(s2, msgs + [{"role": "assistant", "content": PLAIN}, {"role": "user", "content": "more"}])
     assert r.choices[0].message.content == PLAIN
     assert r.usage.prompt_tokens_details.cached_tokens == 0

@@ -163,6 +163,9 @@ pub fn submit_error(e: SubmitError, api: Api) -> ApiError {
             2,
         ),
         SubmitError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "server shutting down", 5),
+        SubmitError::BadRequest(m) => {
+            return ApiError::bad(api, format!("invalid request: {m}"));
+        }
     };
     let mut err = ApiError::new(status, api, msg);
     err.retry_after = Some(retry);

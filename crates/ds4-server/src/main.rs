@@ -36,7 +36,9 @@ use http::{check_auth, json_response, Api, ApiError, App, AppState};
     about = "OpenAI / Anthropic / Responses compatible server for DeepSeek V4 Flash",
     after_help = "Endpoints: GET /health /metrics /v1/models /v1/models/{id}; POST /v1/chat/completions \
 /v1/completions /v1/responses /v1/messages /v1/messages/count_tokens.\n\
-With no model file at --model the server runs the synthetic demo model (random weights)."
+With no model file at --model the server runs a SYNTHETIC demo model (random weights, real\n\
+tokenizer: answers are noise). Real weights: huggingface-cli download antirez/deepseek-v4-gguf\n\
+DeepSeek-V4-Flash-IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8-chat-v2.gguf --local-dir . and pass it with -m."
 )]
 struct Args {
     /// Model file (GGUF). If it does not exist, the synthetic demo model is served.
@@ -103,10 +105,18 @@ struct Args {
     /// random-weight model cannot produce tool calls or reasoning on demand.
     #[arg(long, value_name = "FILE")]
     test_output: Option<PathBuf>,
-    /// TEST-ONLY: add N ms of simulated compute per generated token (and per 8 prefilled
-    /// tokens), to test disconnects, queueing and keep-alives with a fast engine.
+    /// TEST-ONLY: add N ms of extra delay per generated token (and per 8 prefilled tokens),
+    /// to test disconnects, queueing and keep-alives deterministically.
     #[arg(long, default_value_t = 0, value_name = "N")]
     test_delay_ms: u64,
+    /// Live KV sessions kept in memory. With 2 or more, a side request (an agent's title or
+    /// summary request) does not destroy the agent's live session; each costs KV memory.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
+    kv_slots: u64,
+    /// Layers of the synthetic demo model served when --model is missing (default: its
+    /// full depth, 8). Fewer layers run faster (tests).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    demo_layers: Option<u64>,
 }
 
 pub fn count_request(app: &App, kind: &str) {
@@ -168,6 +178,8 @@ async fn main() {
         exact_dsml_replay: !args.disable_exact_dsml_tool_replay,
         test_output,
         test_delay: Duration::from_millis(args.test_delay_ms),
+        kv_slots: args.kv_slots as usize,
+        demo_layers: args.demo_layers.map(|n| n as usize),
     });
     let app: App = Arc::new(AppState {
         engine: engine.clone(),

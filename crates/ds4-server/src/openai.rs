@@ -6,9 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use crate::engine::{
-    json_spaced, Event, Msg, Outcome, PromptInput, Role, ToolCall, Usage, MODEL_ID,
-};
+use crate::engine::{Event, Msg, Outcome, PromptInput, Role, ToolCall, Usage, MODEL_ID};
 use crate::http::{
     arguments_text, check_auth, collect, content_text, json_response, prepare, read_json, sse_data,
     sse_response, submit, thinking_mode, Api, ApiError, App, Fields, GenParams, Projector,
@@ -25,12 +23,12 @@ pub fn usage_json(u: &Usage) -> Value {
     })
 }
 
-/// Tool schema text for the renderer from any tool shape: OpenAI chat `{type, function}`,
-/// Responses/flat `{type:"function", name, description, parameters}`, Anthropic
-/// `{name, description, input_schema}`. Serialised like the official encoder (`json.dumps`).
-pub fn schema_text(t: &Map<String, Value>) -> Option<String> {
-    if let Some(Value::Object(f)) = t.get("function") {
-        return Some(json_spaced(&Value::Object(f.clone())));
+/// The function object the encoder renders (`json.dumps(function)`) from any tool shape:
+/// OpenAI chat `{type, function}`, Responses/flat `{type:"function", name, description,
+/// parameters}`, Anthropic `{name, description, input_schema}`. Client key order is kept.
+pub fn schema_text(t: &Map<String, Value>) -> Option<Value> {
+    if let Some(f @ Value::Object(_)) = t.get("function") {
+        return Some(f.clone());
     }
     let name = t.get("name")?.as_str()?;
     let mut f = Map::new();
@@ -44,10 +42,10 @@ pub fn schema_text(t: &Map<String, Value>) -> Option<String> {
         .cloned()
         .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
     f.insert("parameters".into(), params);
-    Some(json_spaced(&Value::Object(f)))
+    Some(Value::Object(f))
 }
 
-fn parse_tools(f: &Fields) -> Result<(Vec<String>, bool), ApiError> {
+fn parse_tools(f: &Fields) -> Result<(Vec<Value>, bool), ApiError> {
     let tools = match f.get("tools") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
 use crate::engine::{
-    json_spaced, new_item_id, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
+    new_item_id, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
 };
 use crate::http::{
     check_auth, collect, content_text, json_response, prepare, read_json, sse_data, sse_response,
@@ -35,7 +35,7 @@ enum ToolKind {
 
 #[derive(Default)]
 struct ToolSet {
-    schemas: Vec<String>,
+    schemas: Vec<Value>,
     kinds: HashMap<String, ToolKind>,
 }
 
@@ -89,7 +89,7 @@ fn parse_tools(v: Option<&Value>, ts: &mut ToolSet) -> Result<(), ApiError> {
                     "type": "object",
                     "properties": {"input": {"type": "string", "description": "raw tool input"}},
                     "required": ["input"]}});
-                ts.schemas.push(json_spaced(&f));
+                ts.schemas.push(f);
                 ts.kinds
                     .insert(name.into(), ToolKind::Custom { name: name.into() });
             }
@@ -115,7 +115,7 @@ fn parse_tools(v: Option<&Value>, ts: &mut ToolSet) -> Result<(), ApiError> {
                                 .cloned()
                                 .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
                         );
-                        ts.schemas.push(json_spaced(&Value::Object(f)));
+                        ts.schemas.push(Value::Object(f));
                         ts.kinds.insert(
                             full,
                             ToolKind::Function {
@@ -130,7 +130,7 @@ fn parse_tools(v: Option<&Value>, ts: &mut ToolSet) -> Result<(), ApiError> {
                 let f = json!({"name": "tool_search",
                     "description": o.get("description").cloned().unwrap_or(json!("Search available tools.")),
                     "parameters": o.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object", "properties": {}}))});
-                ts.schemas.push(json_spaced(&f));
+                ts.schemas.push(f);
                 ts.kinds.insert(
                     "tool_search".into(),
                     ToolKind::Function {

@@ -19,10 +19,11 @@ impl Drop for Server {
 }
 
 fn start(outputs: &[&str], extra: &[&str]) -> Server {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "ds4-server-it-{}-{}",
         std::process::id(),
-        outputs.len()
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let script = dir.join("outputs.json");
@@ -32,7 +33,7 @@ fn start(outputs: &[&str], extra: &[&str]) -> Server {
         l.local_addr().unwrap().port()
     };
     let child = Command::new(env!("CARGO_BIN_EXE_ds4-server"))
-        .args(["--port", &port.to_string(), "-m"])
+        .args(["--port", &port.to_string(), "--demo-layers", "1", "-m"])
         .arg(dir.join("absent.gguf"))
         .arg("--test-output")
         .arg(&script)

@@ -7,12 +7,15 @@
 //! * [`tokenizer`]: byte-level BPE with the DeepSeek V4 pre-tokenizer.
 //! * [`chat`]: DeepSeek V4 chat rendering and DSML output parsing.
 //! * [`model`]: config from GGUF metadata, weight binding, forward pass, sessions.
+//! * [`backend`]: GPU backends (CUDA), loaded at run time; absent GPUs mean a clean fallback.
 //!
 //! The library has no HTTP or async code; `ds4` (CLI) and `ds4-server` are thin layers.
 
+pub mod backend;
 pub mod chat;
 pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod sample;
+pub mod synth;
 pub mod tokenizer;

@@ -90,6 +90,14 @@ fn round_trip_in_memory_and_file() {
     for t in g.tensors() {
         assert_eq!((g.data_start() + t.offset) % g.alignment, 0);
     }
+    // The anonymous-map image parses to the same directory and data, page-aligned.
+    let anon = w.to_gguf(fill_pattern).unwrap();
+    assert_eq!(anon.file_size(), bytes.len() as u64);
+    for t in g.tensors() {
+        let a = anon.tensor(&t.name).unwrap().1;
+        assert_eq!(a, g.tensor_data(t));
+        assert_eq!(a.as_ptr() as usize % 32, 0, "tensor data aligned in memory");
+    }
     // Streaming writer produces the same bytes.
     let dir = std::env::temp_dir().join(format!("ds4-gguf-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

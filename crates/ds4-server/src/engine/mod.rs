@@ -2,14 +2,13 @@
 //! cache, fed by a bounded queue. The HTTP layer talks to it only through the types of this
 //! module ([`Engine`], [`PromptInput`], [`Job`], [`Event`]); it never sees engine types.
 //!
-//! Wiring status (see README "Engine wiring"): tokenizer = `ds4::tokenizer` (real), sampler =
-//! `ds4::sample` (real); session = [`stub::Session`] and chat rendering/parsing =
-//! [`chat_shim`] are stand-ins until `ds4::model::Session` and `ds4::chat` land. Only this
-//! module changes when they do.
+//! The engine is the real one: `ds4::model::Session` (live KV reuse by token prefix, snapshot /
+//! restore for the disk cache), prompts rendered by `ds4::chat::render` (the official encoder,
+//! mapped from API requests in [`render`]) and tokenized with `encode_with_specials`, output
+//! projected by `ds4::chat::StreamParser`, sampling by `ds4::sample`.
 
-pub mod chat_shim;
 pub mod kvdisk;
-pub mod stub;
+pub mod render;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -19,13 +18,14 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use ds4::chat::{StreamEvent, StreamParser, SyntaxState, ThinkingMode};
+use ds4::model::{EngineOptions, Model, Session};
 use ds4::sample::{argmax, Sampler, SamplerConfig};
 use ds4::tokenizer::{EncodeMode, Tokenizer};
+use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
-use chat_shim::{RenderOptions, Rendered, StreamEvent, SyntaxState};
 use kvdisk::{DiskCache, Reason};
-use stub::Session;
 
 pub const MODEL_ID: &str = "deepseek-v4-flash";
 /// Think Max is applied only with at least this much context (protocol.md §2.1).
@@ -82,8 +82,8 @@ impl Msg {
 pub enum PromptInput {
     Chat {
         messages: Vec<Msg>,
-        /// Tool schema JSON texts (function objects), in order.
-        tools: Vec<String>,
+        /// Tool function objects (`{name, description, parameters}`), in order.
+        tools: Vec<Value>,
         thinking: bool,
         think_max: bool,
     },
@@ -192,6 +192,8 @@ pub enum Event {
 #[derive(Debug)]
 pub enum SubmitError {
     Loading,
+    /// The prompt cannot be rendered (input the official encoder rejects).
+    BadRequest(String),
     QueueFull,
     ShuttingDown,
 }
@@ -217,6 +219,10 @@ pub struct EngineConfig {
     pub exact_dsml_replay: bool,
     pub test_output: Option<Vec<String>>,
     pub test_delay: Duration,
+    /// Live KV sessions kept in memory (an agent's session survives a side request).
+    pub kv_slots: usize,
+    /// Layers of the synthetic demo model (None = its full depth).
+    pub demo_layers: Option<usize>,
 }
 
 /// What /v1/models and the startup banner say about the model.
@@ -378,14 +384,8 @@ impl Engine {
                     self.apply_tool_memory(&mut messages);
                 }
                 let think_max = think_max && self.shared.cfg.ctx >= THINK_MAX_MIN_CTX;
-                let r = chat_shim::render(
-                    &messages,
-                    &RenderOptions {
-                        thinking,
-                        think_max,
-                        tools,
-                    },
-                );
+                let r = render::render_chat(&messages, &tools, thinking, think_max)
+                    .map_err(SubmitError::BadRequest)?;
                 (r, thinking, true)
             }
             PromptInput::Completion {
@@ -394,22 +394,12 @@ impl Engine {
                 think_max,
             } => {
                 let think_max = think_max && self.shared.cfg.ctx >= THINK_MAX_MIN_CTX;
-                let msgs = [
-                    Msg::text(Role::System, "You are a helpful assistant"),
-                    Msg::text(Role::User, prompt),
-                ];
-                let r = chat_shim::render(
-                    &msgs,
-                    &RenderOptions {
-                        thinking,
-                        think_max,
-                        tools: Vec::new(),
-                    },
-                );
+                let r = render::render_completion(&prompt, thinking, think_max)
+                    .map_err(SubmitError::BadRequest)?;
                 (r, thinking, false)
             }
         };
-        let Rendered { text, specials } = rendered;
+        let ds4::chat::RenderedPrompt { text, specials } = rendered;
         let tokens = tok.encode_with_specials(&text, &specials);
         Ok(Prepared {
             text,
@@ -516,106 +506,116 @@ impl Engine {
 // Worker
 // ---------------------------------------------------------------------------------------
 
-const REAL_WEIGHTS_HINT: &str = "huggingface-cli download antirez/deepseek-v4-gguf DeepSeek-V4-Flash-IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8-chat-v2.gguf --local-dir . && ln -s DeepSeek-V4-Flash-IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8-chat-v2.gguf ds4flash.gguf";
+const REAL_WEIGHTS_FILE: &str = "DeepSeek-V4-Flash-IQ2XXS-w2Q2K-AProjQ8-SExpQ8-OutQ8-chat-v2.gguf";
 
-fn tokenizer_from_gguf(g: &ds4::gguf::GgufFile) -> Result<Tokenizer, String> {
-    let tokens = g
-        .get_string_array("tokenizer.ggml.tokens")
-        .map_err(|e| e.to_string())?
-        .ok_or("no tokenizer.ggml.tokens")?;
-    let merges = g
-        .get_string_array("tokenizer.ggml.merges")
-        .map_err(|e| e.to_string())?
-        .ok_or("no tokenizer.ggml.merges")?;
-    let tokens: Vec<String> = tokens.into_iter().map(str::to_string).collect();
-    let merges: Vec<String> = merges.into_iter().map(str::to_string).collect();
-    let types: Option<Vec<i32>> = g
-        .get("tokenizer.ggml.token_type")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().map(|x| x.as_i64().unwrap_or(1) as i32).collect());
-    match types {
-        Some(t) => Tokenizer::with_token_types(tokens, &merges, &t),
-        None => Tokenizer::new(tokens, &merges),
-    }
-    .map_err(|e| e.to_string())
+/// The command that fetches real weights (about 81 GiB) and serves them.
+pub fn real_weights_hint() -> String {
+    format!(
+        "huggingface-cli download antirez/deepseek-v4-gguf {REAL_WEIGHTS_FILE} --local-dir . \
+         && ds4-server -m {REAL_WEIGHTS_FILE}"
+    )
 }
 
-/// The shipped tokenizer (data/ds4-tokenizer.gguf), found next to the binary, in the current
-/// directory or in the source tree.
-fn find_shipped_tokenizer() -> Option<PathBuf> {
-    let mut cands = vec![PathBuf::from("data/ds4-tokenizer.gguf")];
-    if let Ok(exe) = std::env::current_exe() {
-        for anc in exe.ancestors().skip(1).take(4) {
-            cands.push(anc.join("data/ds4-tokenizer.gguf"));
-        }
-    }
-    cands.push(PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../data/ds4-tokenizer.gguf"
-    )));
-    cands.into_iter().find(|p| p.is_file())
+struct Loaded {
+    model: Arc<Model>,
+    tok: Arc<Tokenizer>,
+    info: ModelInfo,
 }
 
-fn load(shared: &Shared) -> Result<(Arc<Tokenizer>, ModelInfo), String> {
-    let path = &shared.cfg.model_path;
-    let engine = "stub (forward pass not wired yet: ds4::model::Session pending)".to_string();
-    if path.exists() {
-        let g = ds4::gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let g = Arc::new(g);
-        let tok = tokenizer_from_gguf(&g)?;
-        let model = ds4::model::Model::from_gguf(g)?;
-        let quant_bits = match model.expert_types().0.name() {
-            n if n.contains("q4") || n.contains("Q4") => 4,
-            _ => 2,
-        };
-        eprintln!(
-            "ds4-server: model {} (experts {}), {} tokens context",
-            path.display(),
-            model.expert_types().0.name(),
-            shared.cfg.ctx
-        );
-        Ok((
-            Arc::new(tok),
-            ModelInfo {
-                backend: "cpu".into(),
-                engine,
-                demo: false,
-                note: Some(
-                    "engine forward pass not wired yet; outputs are placeholder tokens".into(),
-                ),
-                quant_bits,
-            },
-        ))
+fn session_options(cfg: &EngineConfig) -> EngineOptions {
+    EngineOptions::production().with_ctx(cfg.ctx)
+}
+
+fn load(shared: &Shared) -> Result<Loaded, String> {
+    let cfg = &shared.cfg;
+    let path = &cfg.model_path;
+    let t0 = Instant::now();
+    let model = if path.exists() {
+        eprintln!("ds4-server: loading {}", path.display());
+        Model::open(path)?
     } else {
-        let tp = find_shipped_tokenizer().ok_or_else(|| {
-            format!(
-                "no model at {} and the shipped tokenizer data/ds4-tokenizer.gguf was not found",
-                path.display()
-            )
-        })?;
-        let g = ds4::gguf::GgufFile::open(&tp).map_err(|e| format!("{}: {e}", tp.display()))?;
-        let tok = tokenizer_from_gguf(&g)?;
-        let note = format!(
-            "no model file at {}: serving the synthetic DS4 demo model (random weights, real \
-             tokenizer); its output is noise. Get real weights: {REAL_WEIGHTS_HINT}",
-            path.display()
+        let mut o = ds4::synth::SynthOptions::new(ds4::synth::Profile::Demo);
+        o.layers = cfg.demo_layers;
+        let file = ds4::synth::build_in_memory(&o)?;
+        Model::from_gguf(file)?
+    };
+    let model = Arc::new(model);
+    let synthetic = model
+        .file
+        .get(ds4::synth::SYNTHETIC_KEY)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let tok = Tokenizer::from_gguf(&model.file).map_err(|e| format!("tokenizer: {e}"))?;
+    // Validates the context against the model before the server says it is ready.
+    Session::new(model.clone(), session_options(cfg)).map_err(|e| e.to_string())?;
+    let experts = model.expert_types().0.name();
+    let quant_bits = if experts.to_ascii_lowercase().contains("q4") {
+        4
+    } else {
+        2
+    };
+    let backend = "cpu".to_string();
+    let engine = format!(
+        "ds4-rs {} ({}, {} layers, routed experts {experts}; {backend} backend, {} threads)",
+        env!("CARGO_PKG_VERSION"),
+        model.cfg.profile_name(),
+        model.cfg.n_layer,
+        rayon_threads(),
+    );
+    eprintln!(
+        "ds4-server: model ready in {:.1} s: {engine}; context {} tokens",
+        t0.elapsed().as_secs_f64(),
+        cfg.ctx
+    );
+    let note = synthetic.then(|| {
+        let why = if path.exists() {
+            format!("{} is a synthetic model", path.display())
+        } else {
+            format!("no model file at {}", path.display())
+        };
+        format!(
+            "{why}: serving a synthetic DS4-architecture demo model (random weights, the \
+             real tokenizer). Its answers are noise; the API, tool calling, KV cache and \
+             streaming are real. Get real weights: {}",
+            real_weights_hint()
+        )
+    });
+    if let Some(n) = &note {
+        let bar = "=".repeat(78);
+        eprintln!("ds4-server: {bar}");
+        eprintln!(
+            "ds4-server: SYNTHETIC RANDOM-WEIGHT MODEL: answers are noise (demo / testing only)"
         );
-        eprintln!("ds4-server: {note}");
-        Ok((
-            Arc::new(tok),
-            ModelInfo {
-                backend: "cpu".into(),
-                engine,
-                demo: true,
-                note: Some(note),
-                quant_bits: 2,
-            },
-        ))
+        eprintln!("ds4-server: {n}");
+        eprintln!("ds4-server: {bar}");
     }
+    Ok(Loaded {
+        model,
+        tok: Arc::new(tok),
+        info: ModelInfo {
+            backend,
+            engine,
+            demo: synthetic,
+            note,
+            quant_bits,
+        },
+    })
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }
 
 fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
-    let (tok, info) = match load(&shared) {
+    let loaded = match load(&shared) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("ds4-server: failed to load the model: {e}");
@@ -624,7 +624,7 @@ fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
         }
     };
     let disk = shared.cfg.kv_disk_dir.as_ref().and_then(|d| {
-        match DiskCache::open(d, shared.cfg.kv_disk_space_mb, info.quant_bits) {
+        match DiskCache::open(d, shared.cfg.kv_disk_space_mb, loaded.info.quant_bits) {
             Ok(c) => {
                 let (bytes, n) = c.usage();
                 eprintln!(
@@ -641,17 +641,17 @@ fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
         }
     });
     let _ = shared.disk.set(disk.clone());
-    let _ = shared.tokenizer.set(tok.clone());
-    *shared.info.write().unwrap() = info;
+    let _ = shared.tokenizer.set(loaded.tok.clone());
+    *shared.info.write().unwrap() = loaded.info;
     *shared.status.write().unwrap() = Status::Ready;
-    eprintln!("ds4-server: model ready");
     let mut w = Worker {
-        vocab: tok.vocab_size(),
-        eos: tok.specials().eos,
-        tok,
-        session: None,
+        eos: loaded.tok.specials().eos,
+        tok: loaded.tok,
+        opts: session_options(&shared.cfg),
+        model: loaded.model,
+        slots: (0..shared.cfg.kv_slots.max(1)).map(|_| None).collect(),
         disk,
-        last_stored: 0,
+        clock: 0,
         shared: shared.clone(),
     };
     while let Ok(msg) = rx.recv() {
@@ -662,7 +662,7 @@ fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
                 let events = job.events.clone();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(*job)));
                 if r.is_err() {
-                    w.session = None;
+                    w.slots.iter_mut().for_each(|s| *s = None);
                     let _ = events.send(Event::Failed("internal error in the engine".into()));
                 }
                 shared.metrics.running.fetch_sub(1, Ordering::SeqCst);
@@ -670,25 +670,36 @@ fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
             WorkerMsg::Shutdown => break,
         }
     }
-    // Fail whatever is still queued, then write the shutdown checkpoint.
+    // Fail whatever is still queued, then write the shutdown checkpoints.
     while let Ok(WorkerMsg::Job(job)) = rx.try_recv() {
         shared.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
         let _ = job
             .events
             .send(Event::Failed("server shutting down".into()));
     }
-    w.checkpoint_live(Reason::Shutdown);
+    for i in 0..w.slots.len() {
+        w.checkpoint(i, Reason::Shutdown);
+    }
+}
+
+/// One live KV session.
+struct Slot {
+    session: Session,
+    /// Token count of the last checkpoint of this session written to disk.
+    last_stored: usize,
+    /// Worker clock of the last request served (least recently used is replaced first).
+    used: u64,
 }
 
 struct Worker {
     shared: Arc<Shared>,
+    model: Arc<Model>,
+    opts: EngineOptions,
     tok: Arc<Tokenizer>,
-    vocab: usize,
     eos: u32,
-    session: Option<Session>,
+    slots: Vec<Option<Slot>>,
     disk: Option<Arc<DiskCache>>,
-    /// Token count of the last continued/cold store of the live session.
-    last_stored: usize,
+    clock: u64,
 }
 
 fn random_hex(n_bytes: usize) -> String {
@@ -722,13 +733,111 @@ pub fn new_item_id(prefix: &str) -> String {
     format!("{prefix}{}", random_hex(12))
 }
 
+/// Turns parser events into job events, and remembers what was streamed.
+struct Projection<'a> {
+    parser: Option<StreamParser>,
+    thinking: bool,
+    send: &'a dyn Fn(Event),
+    call_prefix: &'static str,
+    /// Ids given to calls streamed live, by call index.
+    ids: Vec<String>,
+    reasoning_closed: bool,
+    streamed_reasoning: String,
+    streamed_content: String,
+    calls_started: usize,
+    calls_ended: usize,
+    malformed: bool,
+    /// Where to look for the block end tag next.
+    scan_from: usize,
+}
+
+impl Projection<'_> {
+    fn close_reasoning(&mut self) {
+        if self.thinking && !self.reasoning_closed {
+            self.reasoning_closed = true;
+            (self.send)(Event::ReasoningDone);
+        }
+    }
+
+    /// Feeds generated text; true when a complete tool-call block has been generated.
+    fn push(&mut self, text: &str) -> bool {
+        let Some(pp) = self.parser.as_mut() else {
+            if !text.is_empty() {
+                self.streamed_content.push_str(text);
+                (self.send)(Event::Content(text.to_string()));
+            }
+            return false;
+        };
+        let before = pp.text().len();
+        let evs = pp.push(text);
+        self.handle(evs);
+        if self.calls_ended == 0 || self.calls_started != self.calls_ended {
+            return false;
+        }
+        let pp = self.parser.as_ref().unwrap();
+        let t = pp.text();
+        let mut from = self
+            .scan_from
+            .max(before.saturating_sub(render::BLOCK_END.len()));
+        while !t.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.scan_from = from;
+        t[from..].contains(render::BLOCK_END)
+    }
+
+    fn handle(&mut self, evs: Vec<StreamEvent>) {
+        for e in evs {
+            match e {
+                StreamEvent::ReasoningDelta(s) => {
+                    self.streamed_reasoning.push_str(&s);
+                    (self.send)(Event::Reasoning(s));
+                }
+                StreamEvent::ContentDelta(s) => {
+                    self.close_reasoning();
+                    self.streamed_content.push_str(&s);
+                    (self.send)(Event::Content(s));
+                }
+                StreamEvent::ToolCallStart { index, name } => {
+                    self.close_reasoning();
+                    let id = new_call_id(self.call_prefix);
+                    self.ids.push(id.clone());
+                    self.calls_started += 1;
+                    (self.send)(Event::ToolStart { index, id, name });
+                }
+                StreamEvent::ToolCallArgsDelta { index, delta } => (self.send)(Event::ToolArgs {
+                    index,
+                    fragment: delta,
+                }),
+                StreamEvent::ToolCallEnd { .. } => self.calls_ended += 1,
+                StreamEvent::Malformed { .. } => self.malformed = true,
+            }
+        }
+    }
+}
+
+/// What a generation that does not parse under the official grammar still says (protocol.md
+/// §3.1/§3.3): reasoning up to the first `</think>`, the rest as content, no calls.
+fn lenient_split(raw: &str, thinking: bool) -> (Option<String>, String, bool) {
+    let t = if thinking {
+        raw.strip_prefix(ds4::chat::THINK_START).unwrap_or(raw)
+    } else {
+        raw
+    };
+    match t.find(ds4::chat::THINK_END) {
+        Some(i) => (
+            Some(t[..i].to_string()),
+            t[i + ds4::chat::THINK_END.len()..].to_string(),
+            true,
+        ),
+        None if thinking => (Some(t.to_string()), String::new(), false),
+        None => (None, t.to_string(), false),
+    }
+}
+
 impl Worker {
     fn cfg(&self) -> &EngineConfig {
         &self.shared.cfg
-    }
-
-    fn new_session(&self) -> Session {
-        Session::new(self.vocab, self.cfg().ctx, self.cfg().test_delay)
     }
 
     fn hit(&self, kind: &'static str) {
@@ -753,73 +862,112 @@ impl Worker {
         self.tok.encode_with_specials(&p.text[from..], &specials)
     }
 
-    /// Decides how much of the prompt the KV state already holds (protocol.md §5.2) and
-    /// makes the live session that state. Returns the effective prompt and the cached count.
-    fn sync_plan(&mut self, p: &Prepared) -> (Vec<u32>, usize, &'static str) {
-        if let Some(s) = &self.session {
-            let live = s.tokens();
-            if !live.is_empty() && live.len() <= p.tokens.len() && p.tokens.starts_with(live) {
-                return (p.tokens.clone(), live.len(), "memory-token");
+    fn new_session(&self) -> Result<Session, String> {
+        Session::new(self.model.clone(), self.opts.clone()).map_err(|e| e.to_string())
+    }
+
+    /// Decides how much of the prompt a KV state already holds (protocol.md §5.2) and makes
+    /// that state a slot's session. Returns the slot, the effective prompt, the cached
+    /// count and the cache source.
+    fn sync_plan(
+        &mut self,
+        p: &Prepared,
+    ) -> Result<(usize, Vec<u32>, usize, &'static str), String> {
+        self.clock += 1;
+        // The live session holding the longest prefix (token prefix, then text prefix).
+        let mut best: Option<(usize, usize, Option<usize>)> = None; // (slot, tokens, text len)
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(sl) = slot else { continue };
+            let live = sl.session.tokens();
+            if live.is_empty() || best.is_some_and(|b| b.1 >= live.len()) {
+                continue;
             }
-            if !live.is_empty() {
-                let bytes = self.tok.decode(live);
-                if bytes.len() <= p.text.len()
-                    && p.text.is_char_boundary(bytes.len())
-                    && p.text.as_bytes().starts_with(&bytes)
-                {
-                    let mut eff = live.to_vec();
-                    eff.extend(self.encode_suffix(p, bytes.len()));
-                    let n = live.len();
-                    return (eff, n, "memory-text");
-                }
+            if live.len() <= p.tokens.len() && p.tokens.starts_with(live) {
+                best = Some((i, live.len(), None));
+                continue;
+            }
+            let bytes = self.tok.decode(live);
+            if bytes.len() <= p.text.len()
+                && p.text.is_char_boundary(bytes.len())
+                && p.text.as_bytes().starts_with(&bytes)
+            {
+                best = Some((i, live.len(), Some(bytes.len())));
             }
         }
-        // Miss: keep the live state on disk before replacing it.
-        self.checkpoint_live(Reason::Evict);
-        self.session = None;
-        self.last_stored = 0;
+        if let Some((i, n, text_len)) = best {
+            let sl = self.slots[i].as_mut().unwrap();
+            sl.used = self.clock;
+            return Ok(match text_len {
+                None => (i, p.tokens.clone(), n, "memory-token"),
+                Some(b) => {
+                    let mut eff = sl.session.tokens().to_vec();
+                    eff.extend(self.encode_suffix(p, b));
+                    (i, eff, n, "memory-text")
+                }
+            });
+        }
+        // Miss: an empty slot, else the least recently used one, checkpointed first.
+        let i = match self.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                let i = (0..self.slots.len())
+                    .min_by_key(|&i| self.slots[i].as_ref().map_or(0, |s| s.used))
+                    .unwrap_or(0);
+                self.checkpoint(i, Reason::Evict);
+                i
+            }
+        };
+        self.slots[i] = None;
         if let Some(disk) = self.disk.clone() {
-            let min = self.cfg().kv_min_tokens as u32;
-            if let Some(hit) = disk.lookup(p.text.as_bytes(), self.cfg().ctx as u32, min) {
-                if p.text.is_char_boundary(hit.text_len) {
-                    let c = self.cfg();
-                    match Session::restore(self.vocab, c.ctx, c.test_delay, &hit.payload) {
-                        Ok(s) if s.tokens().len() == hit.tokens as usize => {
-                            let mut eff = s.tokens().to_vec();
-                            let n = eff.len();
-                            eff.extend(self.encode_suffix(p, hit.text_len));
-                            {
-                                let mut mem = self.shared.tool_memory.lock().unwrap();
-                                for (id, dsml) in hit.tool_map.iter().cloned() {
-                                    mem.insert(id, dsml.into(), c.tool_memory_max_ids);
-                                }
+            let c = self.cfg().clone();
+            let hit = disk.lookup(p.text.as_bytes(), c.ctx as u32, c.kv_min_tokens as u32);
+            if let Some(hit) = hit.filter(|h| p.text.is_char_boundary(h.text_len)) {
+                match Session::restore(self.model.clone(), self.opts.clone(), &hit.payload) {
+                    Ok(s) if s.pos() == hit.tokens as usize => {
+                        let n = s.pos();
+                        let mut eff = s.tokens().to_vec();
+                        eff.extend(self.encode_suffix(p, hit.text_len));
+                        {
+                            let mut mem = self.shared.tool_memory.lock().unwrap();
+                            for (id, dsml) in hit.tool_map.iter().cloned() {
+                                mem.insert(id, dsml.into(), c.tool_memory_max_ids);
                             }
-                            disk.touch(&hit, n > c.kv_cold_max_tokens);
-                            eprintln!(
-                                "ds4-server: kv cache: disk hit {} tokens ({})",
-                                n,
-                                hit.path.display()
-                            );
-                            self.last_stored = n;
-                            self.session = Some(s);
-                            return (eff, n, "disk-text");
                         }
-                        Ok(_) | Err(_) => {
-                            eprintln!(
-                                "ds4-server: kv cache: removing unusable checkpoint {}",
-                                hit.path.display()
-                            );
-                            let _ = std::fs::remove_file(&hit.path);
-                        }
+                        disk.touch(&hit, n > c.kv_cold_max_tokens);
+                        eprintln!(
+                            "ds4-server: kv cache: disk hit {n} tokens ({})",
+                            hit.path.display()
+                        );
+                        self.slots[i] = Some(Slot {
+                            session: s,
+                            last_stored: n,
+                            used: self.clock,
+                        });
+                        return Ok((i, eff, n, "disk-text"));
+                    }
+                    r => {
+                        eprintln!(
+                            "ds4-server: kv cache: removing unusable checkpoint {}: {}",
+                            hit.path.display(),
+                            match r {
+                                Err(e) => e.to_string(),
+                                Ok(_) => "token count mismatch".into(),
+                            }
+                        );
+                        let _ = std::fs::remove_file(&hit.path);
                     }
                 }
             }
         }
-        self.session = Some(self.new_session());
-        (p.tokens.clone(), 0, "cold")
+        self.slots[i] = Some(Slot {
+            session: self.new_session()?,
+            last_stored: 0,
+            used: self.clock,
+        });
+        Ok((i, p.tokens.clone(), 0, "cold"))
     }
 
-    /// Where a cold prompt of `n` tokens is checkpointed (protocol.md §5.6), if at all.
+    /// Where a cold prompt is checkpointed (protocol.md §5.6), if at all.
     fn cold_store_len(&self, tokens: &[u32]) -> Option<usize> {
         let c = self.cfg();
         let n = tokens.len();
@@ -855,20 +1003,24 @@ impl Worker {
         c.kv_continued_interval.div_ceil(a) * a
     }
 
-    /// Stores the live session to disk (if enabled and long enough).
-    fn checkpoint_live(&mut self, reason: Reason) {
-        let (Some(disk), Some(s)) = (self.disk.clone(), self.session.as_ref()) else {
+    /// Stores slot `i`'s session to disk (if enabled and long enough).
+    fn checkpoint(&mut self, i: usize, reason: Reason) {
+        let Some(disk) = self.disk.clone() else {
             return;
         };
-        let n = s.tokens().len();
-        if n < self.cfg().kv_min_tokens || n == 0 {
+        let (min, ctx) = (self.cfg().kv_min_tokens, self.cfg().ctx);
+        let Some(sl) = self.slots[i].as_mut() else {
+            return;
+        };
+        let n = sl.session.pos();
+        if n < min || n == 0 {
             return;
         }
-        if matches!(reason, Reason::Evict | Reason::Shutdown) && n == self.last_stored {
+        if matches!(reason, Reason::Evict | Reason::Shutdown) && n == sl.last_stored {
             // Already on disk at this exact length.
             return;
         }
-        let text = self.tok.decode(s.tokens());
+        let text = self.tok.decode(sl.session.tokens());
         let tool_map: Vec<(String, String)> = {
             let mem = self.shared.tool_memory.lock().unwrap();
             mem.map
@@ -880,13 +1032,13 @@ impl Worker {
         match disk.store(
             &text,
             n as u32,
-            self.cfg().ctx as u32,
+            ctx as u32,
             reason,
-            &s.snapshot(),
+            &sl.session.snapshot(),
             &tool_map,
         ) {
             Ok(path) => {
-                self.last_stored = n;
+                sl.last_stored = n;
                 self.shared
                     .metrics
                     .disk_stores
@@ -905,6 +1057,10 @@ impl Worker {
         }
     }
 
+    fn session(&mut self, i: usize) -> &mut Session {
+        &mut self.slots[i].as_mut().expect("live slot").session
+    }
+
     fn run(&mut self, job: Job) {
         let shared = self.shared.clone();
         let cancelled = || {
@@ -920,9 +1076,16 @@ impl Worker {
         }
         let p = &job.prepared;
         let ctx = self.cfg().ctx;
+        let delay = self.cfg().test_delay;
 
         // ---- prefill (with reuse and checkpoints)
-        let (eff, cached, source) = self.sync_plan(p);
+        let (si, eff, cached, source) = match self.sync_plan(p) {
+            Ok(x) => x,
+            Err(e) => {
+                send(Event::Failed(format!("engine error: {e}")));
+                return;
+            }
+        };
         self.hit(source);
         if eff.len() >= ctx {
             send(Event::Failed(format!(
@@ -955,37 +1118,41 @@ impl Worker {
         let total = eff.len() - cached;
         let mut pos = cached;
         let mut last_progress = Instant::now();
+        // Prefill runs in pieces sized to take ~150 ms, so a client that goes away stops it
+        // quickly (the session keeps what was evaluated: it is still a valid prefix).
+        let mut piece = 64usize;
         for cut in cuts {
-            if cut <= pos {
-                continue;
-            }
-            let base = pos - cached;
-            let piece = &eff[pos..cut];
-            let session = self.session.as_mut().expect("session after sync");
-            let mut cb = |done: usize, _n: usize| {
-                if last_progress.elapsed() >= Duration::from_millis(200) {
-                    last_progress = Instant::now();
-                    send(Event::Prefill {
-                        done: base + done,
-                        total,
-                    });
-                }
-                !cancelled()
-            };
-            if let Err(e) = session.prefill_with(piece, &mut cb) {
+            while pos < cut {
                 if cancelled() {
                     eprintln!("ds4-server: prefill cancelled (client gone)");
                     return;
                 }
-                self.session = None;
-                send(Event::Failed(format!("prefill failed: {e}")));
-                return;
+                let n = piece.min(cut - pos);
+                let t0 = Instant::now();
+                if let Err(e) = self.session(si).prefill(&eff[pos..pos + n]) {
+                    self.slots[si] = None;
+                    send(Event::Failed(format!("prefill failed: {e}")));
+                    return;
+                }
+                if !delay.is_zero() {
+                    std::thread::sleep(delay * n as u32 / 8);
+                }
+                pos += n;
+                let dt = t0.elapsed().as_secs_f64().max(1e-4);
+                piece = ((n as f64 * 0.15 / dt) as usize).clamp(8, 2048);
+                if last_progress.elapsed() >= Duration::from_millis(200) {
+                    last_progress = Instant::now();
+                    send(Event::Prefill {
+                        done: pos - cached,
+                        total,
+                    });
+                }
             }
-            pos = cut;
+            let last_stored = self.slots[si].as_ref().map_or(0, |s| s.last_stored);
             if Some(cut) == cold_at {
-                self.checkpoint_live(Reason::Cold);
-            } else if step > 0 && cut.is_multiple_of(step) && cut > self.last_stored {
-                self.checkpoint_live(Reason::Continued);
+                self.checkpoint(si, Reason::Cold);
+            } else if step > 0 && cut.is_multiple_of(step) && cut > last_stored {
+                self.checkpoint(si, Reason::Continued);
             }
         }
         let m = &self.shared.metrics;
@@ -1021,92 +1188,77 @@ impl Worker {
             t.push_back(self.eos);
             t
         });
-        let mut parser = p.chat.then(|| chat_shim::StreamParser::new(p.thinking));
+        let mode = if p.thinking {
+            ThinkingMode::Thinking
+        } else {
+            ThinkingMode::Chat
+        };
+        let mut proj = Projection {
+            parser: p.chat.then(|| StreamParser::new(mode)),
+            thinking: p.chat && p.thinking,
+            send: &send,
+            call_prefix: job.call_id_prefix,
+            ids: Vec::new(),
+            reasoning_closed: false,
+            streamed_reasoning: String::new(),
+            streamed_content: String::new(),
+            calls_started: 0,
+            calls_ended: 0,
+            malformed: false,
+            scan_from: 0,
+        };
         let mut decoder = self.tok.stream_decoder();
+        let eos = self.eos;
         let stops: Vec<&String> = job.stop.iter().filter(|s| !s.is_empty()).collect();
         let max_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut raw = String::new();
         let mut fed = 0usize;
         let mut generated = 0usize;
         let mut finish = Finish::Length;
-        let mut ids: Vec<String> = Vec::new();
-        let mut reasoning_closed = false;
         let t_decode = Instant::now();
-
-        let mut forward = |text: &str,
-                           parser: &mut Option<chat_shim::StreamParser>,
-                           ids: &mut Vec<String>,
-                           eof: bool|
-         -> bool {
-            let evs = match parser {
-                Some(pp) => {
-                    let mut v = pp.push(text);
-                    if eof {
-                        v.extend(pp.finish());
-                    }
-                    v
-                }
-                None => {
-                    if !text.is_empty() {
-                        send(Event::Content(text.to_string()));
-                    }
-                    return false;
-                }
-            };
-            let mut block_done = false;
-            for e in evs {
-                match e {
-                    StreamEvent::Reasoning(s) => send(Event::Reasoning(s)),
-                    StreamEvent::ReasoningDone => {
-                        reasoning_closed = true;
-                        send(Event::ReasoningDone)
-                    }
-                    StreamEvent::Content(s) => send(Event::Content(s)),
-                    StreamEvent::ToolStart { index, name } => {
-                        let id = new_call_id(job.call_id_prefix);
-                        ids.push(id.clone());
-                        send(Event::ToolStart { index, id, name })
-                    }
-                    StreamEvent::ToolArgs { index, fragment } => {
-                        send(Event::ToolArgs { index, fragment })
-                    }
-                    StreamEvent::BlockDone => block_done = true,
-                }
-            }
-            block_done
-        };
 
         while generated < budget {
             if cancelled() {
                 finish = Finish::Error;
                 break;
             }
-            let session = self.session.as_mut().expect("session");
+            let syntax = proj
+                .parser
+                .as_ref()
+                .map_or(SyntaxState::Outside, |pp| pp.syntax_state());
             let structural = job.tools_active
-                && parser
-                    .as_ref()
-                    .is_some_and(|pp| pp.syntax_state() == SyntaxState::Structural);
-            let token = match script.as_mut() {
-                Some(s) => s.pop_front().unwrap_or(self.eos),
-                None if structural => argmax(session.logits()),
-                None => sampler.sample(session.logits()),
+                && matches!(
+                    syntax,
+                    SyntaxState::Structural | SyntaxState::JsonStructural
+                );
+            let token = {
+                let logits = self.session(si).logits();
+                match script.as_mut() {
+                    Some(s) => s.pop_front().unwrap_or(eos),
+                    None if structural => argmax(logits),
+                    None => sampler.sample(logits),
+                }
             };
-            if token == self.eos {
+            if token == eos {
                 finish = Finish::Stop;
                 break;
             }
-            if step > 0 {
-                let n = session.tokens().len();
-                let in_block = parser.as_ref().is_some_and(|pp| pp.in_block());
-                if n.is_multiple_of(step) && n > self.last_stored && !in_block {
-                    self.checkpoint_live(Reason::Continued);
+            if step > 0 && syntax == SyntaxState::Outside {
+                let (n, last) = {
+                    let sl = self.slots[si].as_ref().unwrap();
+                    (sl.session.pos(), sl.last_stored)
+                };
+                if n.is_multiple_of(step) && n > last {
+                    self.checkpoint(si, Reason::Continued);
                 }
             }
-            let session = self.session.as_mut().expect("session");
-            if let Err(e) = session.decode(token) {
+            if let Err(e) = self.session(si).decode(token) {
                 eprintln!("ds4-server: decode failed: {e}");
                 finish = Finish::Error;
                 break;
+            }
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
             }
             generated += 1;
             raw.push_str(&decoder.push(&self.tok, token));
@@ -1136,7 +1288,7 @@ impl Worker {
             if safe > fed {
                 let chunk = raw[fed..safe].to_string();
                 fed = safe;
-                if forward(&chunk, &mut parser, &mut ids, false) {
+                if proj.push(&chunk) {
                     finish = Finish::ToolCalls;
                     break;
                 }
@@ -1150,7 +1302,7 @@ impl Worker {
             raw.push_str(&decoder.flush());
         }
         let rest = raw[fed.min(raw.len())..].to_string();
-        forward(&rest, &mut parser, &mut ids, true);
+        proj.push(&rest);
         let m = &self.shared.metrics;
         m.decode_tokens
             .fetch_add(generated as u64, Ordering::Relaxed);
@@ -1171,31 +1323,72 @@ impl Worker {
             calls: Vec::new(),
             finish,
             usage,
-            reasoning_closed,
+            reasoning_closed: false,
         };
-        if p.chat {
-            let parsed = chat_shim::parse_completion(&raw, p.thinking);
-            out.reasoning = parsed.reasoning;
-            out.content = parsed.content;
-            if parsed.malformed && finish != Finish::Error {
-                eprintln!("ds4-server: invalid tool call returned as assistant text");
-                if finish == Finish::ToolCalls {
-                    out.finish = Finish::Stop;
-                }
+        if let Some(mut pp) = proj.parser.take() {
+            // The official grammar ends a message with EOS: a turn that stopped for any other
+            // reason than a tool-call block is parsed as if it ended there.
+            if !matches!(finish, Finish::ToolCalls | Finish::Error) {
+                let evs = pp.push(ds4::chat::EOS);
+                proj.handle(evs);
             }
-            if !parsed.calls.is_empty() && finish != Finish::Error {
-                let block: Arc<str> = parsed.raw_dsml.unwrap_or_default().into();
+            let (evs, result) = pp.finish();
+            proj.handle(evs);
+            let (reasoning, content, calls, closed) = match result {
+                Ok(pm) => (
+                    p.thinking.then_some(pm.reasoning_content),
+                    pm.content,
+                    pm.tool_calls,
+                    p.thinking,
+                ),
+                Err(e) => {
+                    let (r, c, closed) = lenient_split(&raw, p.thinking);
+                    if job.tools_active && c.contains(render::BLOCK_START.trim_start()) {
+                        eprintln!("ds4-server: invalid tool call returned as assistant text ({e})");
+                    }
+                    (r, c, Vec::new(), closed)
+                }
+            };
+            // Whatever the live projection held back (or dropped when the text stopped
+            // parsing) is sent now, so the stream adds up to the final message.
+            if let Some(tail) = reasoning
+                .as_deref()
+                .and_then(|r| r.strip_prefix(proj.streamed_reasoning.as_str()))
+                .filter(|t| !t.is_empty() && !proj.reasoning_closed)
+            {
+                send(Event::Reasoning(tail.to_string()));
+            }
+            if closed {
+                proj.close_reasoning();
+            }
+            if let Some(tail) = content
+                .strip_prefix(proj.streamed_content.as_str())
+                .filter(|t| !t.is_empty() && !t.contains(ds4::chat::DSML))
+            {
+                proj.close_reasoning();
+                send(Event::Content(tail.to_string()));
+            }
+            out.reasoning = reasoning;
+            out.content = content;
+            out.reasoning_closed = closed;
+            if !calls.is_empty() && finish != Finish::Error {
+                let block: Arc<str> = render::raw_block(&raw, p.thinking)
+                    .unwrap_or_default()
+                    .into();
                 let mut mem = self.shared.tool_memory.lock().unwrap();
-                for (i, c) in parsed.calls.into_iter().enumerate() {
-                    let id = ids
+                for (i, c) in calls.into_iter().enumerate() {
+                    let id = proj
+                        .ids
                         .get(i)
                         .cloned()
                         .unwrap_or_else(|| new_call_id(job.call_id_prefix));
-                    mem.insert(id.clone(), block.clone(), self.cfg().tool_memory_max_ids);
+                    if !block.is_empty() {
+                        mem.insert(id.clone(), block.clone(), self.cfg().tool_memory_max_ids);
+                    }
                     out.calls.push(ToolCall {
                         id,
                         name: c.name,
-                        arguments: c.arguments,
+                        arguments: render::compact_arguments(&c.arguments),
                     });
                 }
                 out.finish = Finish::ToolCalls;
@@ -1204,28 +1397,5 @@ impl Worker {
             }
         }
         send(Event::Done(Box::new(out)));
-    }
-}
-
-/// `json.dumps`-style serialisation (", " and ": " separators) used for canonical DSML.
-pub fn json_spaced(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(json_spaced).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Object(o) => format!(
-            "{{{}}}",
-            o.iter()
-                .map(|(k, v)| format!(
-                    "{}: {}",
-                    serde_json::to_string(k).unwrap_or_default(),
-                    json_spaced(v)
-                ))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        other => other.to_string(),
     }
 }

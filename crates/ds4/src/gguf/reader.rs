@@ -105,9 +105,16 @@ impl GgufFile {
         Ok(g)
     }
 
-    /// Parses a GGUF image held in memory (used for models generated in-process).
+    /// Parses a GGUF image held in memory. Tensor data is only as aligned as the vector's
+    /// allocation; [`GgufWriter::to_gguf`](super::GgufWriter::to_gguf) builds page-aligned
+    /// images for in-process models.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
         GgufFile::parse(Storage::Owned(bytes))
+    }
+
+    /// Parses an image built in an anonymous memory map (page-aligned).
+    pub(crate) fn from_anon(map: memmap2::Mmap) -> Result<GgufFile, GgufError> {
+        GgufFile::parse(Storage::Mmap(map))
     }
 
     fn parse(storage: Storage) -> Result<GgufFile, GgufError> {

@@ -197,6 +197,26 @@ impl GgufWriter {
         Ok(image)
     }
 
+    /// Builds the image in an anonymous memory map and parses it: the model lives in memory
+    /// with no file, tensor data is page-aligned, and pages are zeroed lazily by the kernel
+    /// (an 80 GB image is not zero-filled by one thread before `fill` runs).
+    pub fn to_gguf(
+        &self,
+        mut fill: impl FnMut(usize, &TensorSpec, &mut [u8]) -> Result<(), GgufError>,
+    ) -> Result<super::GgufFile, GgufError> {
+        let (offsets, data_len) = self.data_layout();
+        let header = self.header(&offsets);
+        let total = header.len() + data_len as usize;
+        let anon = |e| GgufError::io(Path::new("<anonymous memory>"), e);
+        let mut map = memmap2::MmapMut::map_anon(total).map_err(anon)?;
+        map[..header.len()].copy_from_slice(&header);
+        for (i, t) in self.tensors.iter().enumerate() {
+            let s = header.len() + offsets[i] as usize;
+            fill(i, t, &mut map[s..s + self.sizes[i] as usize])?;
+        }
+        super::GgufFile::from_anon(map.make_read_only().map_err(anon)?)
+    }
+
     /// Writes to `path` atomically: a temporary file in the same directory, fsync, rename.
     pub fn write_file(
         &self,

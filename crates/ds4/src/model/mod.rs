@@ -1,6 +1,18 @@
 //! The DeepSeek V4 Flash model: config, weights, forward pass, sessions (model.md §1-§4).
 
+mod attention;
+mod cache;
 pub mod config;
+mod forward;
+mod hc;
+mod linear;
+mod moe;
+mod ops;
+mod options;
+mod params;
+pub mod rope;
+mod session;
+mod snapshot;
 pub mod weights;
 
 use std::collections::BTreeMap;
@@ -10,6 +22,9 @@ use std::sync::Arc;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::GgmlType;
 pub use config::Config;
+pub use options::{EngineOptions, DEFAULT_PREFILL_CHUNK, MAX_CTX};
+use params::Params;
+pub use session::{Session, SessionError};
 pub use weights::{ExpertQuant, Weights};
 
 /// A loaded model: the mapped file, its hyperparameters and bound weights.
@@ -17,6 +32,8 @@ pub struct Model {
     pub file: Arc<GgufFile>,
     pub cfg: Config,
     pub weights: Weights,
+    /// Small tensors decoded to f32 and RoPE tables, for the forward pass.
+    pub(crate) params: Params,
 }
 
 impl Model {
@@ -31,7 +48,13 @@ impl Model {
     pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model, String> {
         let cfg = Config::from_gguf(&file).map_err(|e| format!("invalid model metadata:\n{e}"))?;
         let weights = Weights::bind(&cfg, &file)?;
-        Ok(Model { file, cfg, weights })
+        let params = Params::load(&cfg, &file, &weights)?;
+        Ok(Model {
+            file,
+            cfg,
+            weights,
+            params,
+        })
     }
 
     /// The bytes of a bound tensor.

@@ -49,9 +49,12 @@ impl Hasher for FastHasher {
     fn write_usize(&mut self, x: usize) {
         self.add(x as u64);
     }
+    /// A product's low bits depend only on the factors' low bits, and hashbrown picks buckets
+    /// from the low bits: fold the well-mixed high half down so that, e.g., pair keys do not
+    /// collide whenever their right ids share low bits.
     #[inline]
     fn finish(&self) -> u64 {
-        self.0
+        self.0 ^ (self.0 >> 32)
     }
 }
 
@@ -144,7 +147,11 @@ impl Merges {
         nodes.clear();
         for (i, &id) in syms.iter().enumerate() {
             let next = if i + 1 < n { i as u32 + 1 } else { NIL };
-            nodes.push(Node { id, next, alive: true });
+            nodes.push(Node {
+                id,
+                next,
+                alive: true,
+            });
         }
         let heap = &mut scratch.heap;
         heap.clear();
@@ -233,7 +240,9 @@ mod tests {
         for len in 0..200 {
             let mut syms = Vec::new();
             for _ in 0..len {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 syms.push(((seed >> 33) % 3) as u32);
             }
             let mut scratch = Scratch::default();

@@ -90,16 +90,6 @@ pub(crate) fn vocab_string_bytes(s: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// True when `s` is exactly one code point of the byte alphabet (a single-byte BPE symbol).
-pub(crate) fn single_byte_symbol(s: &str) -> Option<u8> {
-    let mut it = s.chars();
-    let c = it.next()?;
-    if it.next().is_some() {
-        return None;
-    }
-    char_to_byte(c)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@
 mod bpe;
 mod bytes;
 mod decode;
+mod gguf;
 mod pretok;
 
 use std::ops::Range;
@@ -379,9 +380,13 @@ impl Tokenizer {
         let mut ws = self.workspace();
         match mode {
             EncodeMode::Plain => self.encode_plain(text, &mut ws, &mut out),
-            EncodeMode::Hf => {
-                self.encode_matched(text, &self.added_matcher, &self.added_ids, &mut ws, &mut out)
-            }
+            EncodeMode::Hf => self.encode_matched(
+                text,
+                &self.added_matcher,
+                &self.added_ids,
+                &mut ws,
+                &mut out,
+            ),
             EncodeMode::Render => self.encode_matched(
                 text,
                 &self.render_matcher,
@@ -505,8 +510,11 @@ impl Tokenizer {
         ws.syms.clear();
         // Bytes without a single-byte symbol are dropped, as HF's BPE does without an
         // unknown token (cannot happen with a complete byte-level vocabulary).
-        ws.syms
-            .extend(piece.iter().filter_map(|&byte| self.byte_ids[byte as usize]));
+        ws.syms.extend(
+            piece
+                .iter()
+                .filter_map(|&byte| self.byte_ids[byte as usize]),
+        );
         let start = out.len();
         self.merges.apply(&mut ws.syms, &mut ws.scratch, out);
         if cacheable {

@@ -1,0 +1,745 @@
+//! GPU-vs-CPU verification and bandwidth benchmarks of the kernels, shared by
+//! `ds4 cuda selftest` / `ds4 cuda bench` and the `tests/cuda*.rs` integration tests.
+//!
+//! References are computed on the CPU from `quant::dequantize_row` (bit-exact GGML decoding)
+//! with f64 sums. The error of an output is reported relative to its *L1 mass*
+//! `Σ_i |w_i·x_i|`, the natural scale of f32 summation error (a plain relative error is
+//! meaningless for outputs that cancel to near zero).
+
+use super::device::{CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES};
+use crate::quant::{dequantize_row, matvec as cpu_matvec, quantize_row, GgmlType};
+use cudarc::driver::CudaSlice;
+use half::f16;
+
+/// Tolerance (max error / L1 mass) of the f32-activation kernels. f32 sums of a few thousand
+/// terms stay near 1e-7 of the mass; an indexing bug gives O(1).
+pub const TOL_F32: f64 = 1e-5;
+/// Tolerance of the f16-GEMM path: weights and activations rounded to f16 (2^-11 relative
+/// each), f32 accumulation.
+pub const TOL_F16_GEMM: f64 = 2e-3;
+
+/// Small deterministic PRNG (SplitMix64): test data must be reproducible from a seed and the
+/// library has no `rand` dependency.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = self.uniform().max(1e-300);
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+    fn fill(&mut self, b: &mut [u8]) {
+        for c in b.chunks_mut(8) {
+            let r = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&r[..c.len()]);
+        }
+    }
+    /// f16 bits of a random scale with magnitude in [lo, hi), random sign if `signed`.
+    fn scale(&mut self, lo: f64, hi: f64, signed: bool) -> [u8; 2] {
+        let mut v = lo + (hi - lo) * self.uniform();
+        if signed && self.next_u64() & 1 == 1 {
+            v = -v;
+        }
+        f16::from_f64(v).to_bits().to_le_bytes()
+    }
+}
+
+/// Random activations: normal, with a few large outliers (real hidden states have them).
+pub fn random_activations(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let v = rng.normal();
+            if rng.uniform() < 0.01 {
+                (v * 20.0) as f32
+            } else {
+                v as f32
+            }
+        })
+        .collect()
+}
+
+/// Random weight bytes of type `ty`: valid blocks with random payload and sane f16 scales
+/// (every code, scale and grid index is exercised), or quantized random floats for F32/F16.
+pub fn random_weight(rng: &mut Rng, ty: GgmlType, n_rows: usize, n_cols: usize) -> Vec<u8> {
+    let rb = n_cols / ty.block_elems() * ty.block_bytes();
+    let mut w = vec![0u8; rb * n_rows];
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => {
+            let x: Vec<f32> = (0..n_rows * n_cols)
+                .map(|_| (rng.normal() * 0.05) as f32)
+                .collect();
+            quantize_row(ty, &x, &mut w).expect("float types quantize");
+        }
+        _ => {
+            rng.fill(&mut w);
+            for b in w.chunks_exact_mut(ty.block_bytes()) {
+                match ty {
+                    GgmlType::Q8_0 => b[0..2].copy_from_slice(&rng.scale(1e-3, 2e-2, true)),
+                    GgmlType::Q2_K => {
+                        b[80..82].copy_from_slice(&rng.scale(1e-3, 2e-2, false));
+                        b[82..84].copy_from_slice(&rng.scale(1e-3, 2e-2, false));
+                    }
+                    GgmlType::Q4_K => {
+                        b[0..2].copy_from_slice(&rng.scale(1e-4, 2e-3, false));
+                        b[2..4].copy_from_slice(&rng.scale(1e-4, 2e-3, false));
+                    }
+                    GgmlType::IQ2_XXS => b[0..2].copy_from_slice(&rng.scale(1e-3, 2e-2, true)),
+                    _ => unreachable!("no random generator for {ty}"),
+                }
+            }
+        }
+    }
+    w
+}
+
+/// CPU reference of one matrix: per output, (Σ w·x, Σ |w·x|) in f64.
+fn reference(ty: GgmlType, w: &[u8], n_rows: usize, n_cols: usize, x: &[f32]) -> Vec<(f64, f64)> {
+    let rb = n_cols / ty.block_elems() * ty.block_bytes();
+    let mut row = vec![0f32; n_cols];
+    (0..n_rows)
+        .map(|o| {
+            dequantize_row(ty, &w[o * rb..(o + 1) * rb], &mut row);
+            row.iter().zip(x).fold((0.0, 0.0), |(s, a), (&wv, &xv)| {
+                let p = wv as f64 * xv as f64;
+                (s + p, a + p.abs())
+            })
+        })
+        .collect()
+}
+
+/// One line of the self-test report.
+#[derive(Clone, Debug)]
+pub struct CheckRow {
+    /// Kernel name (matvec, matmul, gemm_f16, moe_shared_x, moe_per_x, dequant_f32, …).
+    pub kernel: String,
+    /// Weight type.
+    pub ty: GgmlType,
+    /// Shape description.
+    pub shape: String,
+    /// Max |gpu − ref|.
+    pub max_abs: f64,
+    /// Max |gpu − ref| / Σ|w·x| (for dequant: mismatching elements).
+    pub max_err: f64,
+    /// ‖gpu − ref‖₂ / ‖ref‖₂.
+    pub rel_l2: f64,
+    /// Pass threshold on `max_err`.
+    pub tol: f64,
+    /// Outcome.
+    pub pass: bool,
+    /// Extra information (e.g. deviation from the CPU `quant::matvec`).
+    pub note: String,
+}
+
+impl CheckRow {
+    /// CSV header matching [`CheckRow::csv`].
+    pub const CSV_HEADER: &'static str =
+        "kernel,type,shape,max_abs,max_err_over_l1,rel_l2,tol,pass,note";
+    /// One CSV line.
+    pub fn csv(&self) -> String {
+        format!(
+            "{},{},{},{:.3e},{:.3e},{:.3e},{:.0e},{},{}",
+            self.kernel,
+            self.ty,
+            self.shape,
+            self.max_abs,
+            self.max_err,
+            self.rel_l2,
+            self.tol,
+            if self.pass { "PASS" } else { "FAIL" },
+            self.note
+        )
+    }
+}
+
+fn compare(
+    kernel: &str,
+    ty: GgmlType,
+    shape: String,
+    gpu: &[f32],
+    refs: &[(f64, f64)],
+    tol: f64,
+) -> CheckRow {
+    let (mut max_abs, mut max_err, mut num, mut den) = (0f64, 0f64, 0f64, 0f64);
+    let mut bad = false;
+    for (&g, &(r, l1)) in gpu.iter().zip(refs) {
+        if !g.is_finite() {
+            bad = true;
+            continue;
+        }
+        let d = (g as f64 - r).abs();
+        max_abs = max_abs.max(d);
+        max_err = max_err.max(d / l1.max(1e-30));
+        num += d * d;
+        den += r * r;
+    }
+    bad |= gpu.len() != refs.len();
+    CheckRow {
+        kernel: kernel.into(),
+        ty,
+        shape,
+        max_abs,
+        max_err,
+        rel_l2: (num / den.max(1e-300)).sqrt(),
+        tol,
+        pass: !bad && max_err <= tol,
+        note: if bad {
+            "non-finite or missing outputs".into()
+        } else {
+            String::new()
+        },
+    }
+}
+
+/// Poisoned (NaN) output buffer, so unwritten elements are caught.
+fn poisoned(be: &CudaBackend, n: usize) -> Result<CudaSlice<f32>> {
+    be.upload_f32(&vec![f32::NAN; n])
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Runs every kernel for every type on random data against the CPU reference.
+/// `quick` shrinks the shapes (for the integration tests).
+pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow>> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    let shapes: &[(usize, usize)] = if quick {
+        &[(77, 512)]
+    } else {
+        &[(300, 1024), (2048, 4096)]
+    };
+    for ty in SUPPORTED_TYPES {
+        for &(n_rows, n_cols) in shapes {
+            check_type(be, &mut rng, ty, n_rows, n_cols, quick, &mut out)?;
+        }
+        check_moe(be, &mut rng, ty, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn check_type(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    ty: GgmlType,
+    n_rows: usize,
+    n_cols: usize,
+    quick: bool,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    let shape = format!("{n_rows}x{n_cols}");
+    let wb = random_weight(rng, ty, n_rows, n_cols);
+    let w = be.upload_weight(ty, &wb, n_rows, n_cols, 1, &mut |_, _| {})?;
+
+    // Dequantization, bit for bit (f32) and as rounded f16.
+    let rb = n_cols / ty.block_elems() * ty.block_bytes();
+    let mut cpu = vec![0f32; n_rows * n_cols];
+    for (o, r) in cpu.chunks_exact_mut(n_cols).enumerate() {
+        dequantize_row(ty, &wb[o * rb..(o + 1) * rb], r);
+    }
+    let mut d32 = poisoned(be, n_rows * n_cols)?;
+    be.dequantize_f32(&w, 0, &mut d32.slice_mut(..))?;
+    let g32 = be.download(&d32)?;
+    let mism32 = cpu
+        .iter()
+        .zip(&g32)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    out.push(exact_row("dequant_f32", ty, &shape, mism32));
+    let mut d16 = be.stream().alloc_zeros::<u16>(n_rows * n_cols)?;
+    be.dequantize_f16(&w, 0, &mut d16.slice_mut(..))?;
+    let g16 = be.download(&d16)?;
+    let mism16 = cpu
+        .iter()
+        .zip(&g16)
+        .filter(|(a, &b)| f16::from_f32(**a).to_bits() != b)
+        .count();
+    out.push(exact_row("dequant_f16", ty, &shape, mism16));
+
+    // Matvec against the f64 reference, plus the CPU engine's own exact matvec for scale.
+    let x = random_activations(rng, n_cols);
+    let refs = reference(ty, &wb, n_rows, n_cols, &x);
+    let xd = be.upload_f32(&x)?;
+    let run_mv = |be: &CudaBackend| -> Result<Vec<f32>> {
+        let mut y = poisoned(be, n_rows)?;
+        be.matvec(&w, 0, &xd.slice(..), &mut y.slice_mut(..))?;
+        be.download(&y)
+    };
+    let y1 = run_mv(be)?;
+    let y2 = run_mv(be)?;
+    let mut row = compare("matvec", ty, shape.clone(), &y1, &refs, TOL_F32);
+    let mut ycpu = vec![0f32; n_rows];
+    cpu_matvec(ty, &wb, n_rows, n_cols, &x, &mut ycpu, true);
+    let dcpu = y1
+        .iter()
+        .zip(&ycpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    row.note = format!("max|gpu-cpu_exact|={dcpu:.2e}");
+    out.push(row);
+    out.push(det_row("matvec", ty, &shape, same_bits(&y1, &y2)));
+
+    // Prefill: CUDA-core tiles and the f16 GEMM path. n_tok not a multiple of the tile.
+    let n_tok = if quick { 11 } else { 37 };
+    let xs: Vec<f32> = random_activations(rng, n_tok * n_cols);
+    let xsd = be.upload_f32(&xs)?;
+    let mut refs_t = Vec::with_capacity(n_tok * n_rows);
+    for t in 0..n_tok {
+        refs_t.extend(reference(
+            ty,
+            &wb,
+            n_rows,
+            n_cols,
+            &xs[t * n_cols..(t + 1) * n_cols],
+        ));
+    }
+    let tshape = format!("{shape}x{n_tok}tok");
+    let mut results = Vec::new();
+    for rep in 0..2 {
+        let mut ys = poisoned(be, n_tok * n_rows)?;
+        be.matmul(&w, 0, &xsd.slice(..), n_tok, &mut ys.slice_mut(..))?;
+        let ys = be.download(&ys)?;
+        if rep == 0 {
+            out.push(compare("matmul", ty, tshape.clone(), &ys, &refs_t, TOL_F32));
+        }
+        results.push(ys);
+    }
+    out.push(det_row(
+        "matmul",
+        ty,
+        &tshape,
+        same_bits(&results[0], &results[1]),
+    ));
+    let mut scratch = GemmScratch::default();
+    results.clear();
+    for rep in 0..2 {
+        let mut ys = poisoned(be, n_tok * n_rows)?;
+        be.matmul_gemm(
+            &w,
+            0,
+            &xsd.slice(..),
+            n_tok,
+            &mut ys.slice_mut(..),
+            &mut scratch,
+        )?;
+        let ys = be.download(&ys)?;
+        if rep == 0 {
+            out.push(compare(
+                "gemm_f16",
+                ty,
+                tshape.clone(),
+                &ys,
+                &refs_t,
+                TOL_F16_GEMM,
+            ));
+        }
+        results.push(ys);
+    }
+    out.push(det_row(
+        "gemm_f16",
+        ty,
+        &tshape,
+        same_bits(&results[0], &results[1]),
+    ));
+    Ok(())
+}
+
+fn check_moe(be: &CudaBackend, rng: &mut Rng, ty: GgmlType, out: &mut Vec<CheckRow>) -> Result<()> {
+    let (n_exp, n_rows, n_cols) = (8usize, 96usize, 512usize);
+    let wb = random_weight(rng, ty, n_exp * n_rows, n_cols);
+    let w = be.upload_weight(ty, &wb, n_rows, n_cols, n_exp, &mut |_, _| {})?;
+    // Repeated ids on purpose: the router never repeats, but the kernel must not care.
+    let ids = [5i32, 1, 7, 1, 0, 3];
+    let idsd = be.upload_i32(&ids)?;
+    let mat = n_rows * (n_cols / ty.block_elems() * ty.block_bytes());
+    let shape = format!("{n_exp}exp,{}sel,{n_rows}x{n_cols}", ids.len());
+    for (kernel, stride) in [("moe_shared_x", 0usize), ("moe_per_x", n_cols)] {
+        let xn = (ids.len() - 1) * stride + n_cols;
+        let x = random_activations(rng, xn);
+        let xd = be.upload_f32(&x)?;
+        let mut refs = Vec::new();
+        for (k, &e) in ids.iter().enumerate() {
+            let e = e as usize;
+            refs.extend(reference(
+                ty,
+                &wb[e * mat..(e + 1) * mat],
+                n_rows,
+                n_cols,
+                &x[k * stride..k * stride + n_cols],
+            ));
+        }
+        let mut ys = Vec::new();
+        for _ in 0..2 {
+            let mut y = poisoned(be, ids.len() * n_rows)?;
+            be.moe_matvec(
+                &w,
+                &idsd.slice(..),
+                &xd.slice(..),
+                stride,
+                &mut y.slice_mut(..),
+            )?;
+            ys.push(be.download(&y)?);
+        }
+        out.push(compare(kernel, ty, shape.clone(), &ys[0], &refs, TOL_F32));
+        out.push(det_row(kernel, ty, &shape, same_bits(&ys[0], &ys[1])));
+    }
+    Ok(())
+}
+
+fn exact_row(kernel: &str, ty: GgmlType, shape: &str, mismatches: usize) -> CheckRow {
+    CheckRow {
+        kernel: kernel.into(),
+        ty,
+        shape: shape.into(),
+        max_abs: 0.0,
+        max_err: mismatches as f64,
+        rel_l2: 0.0,
+        tol: 0.0,
+        pass: mismatches == 0,
+        note: format!("{mismatches} elements differ in bits from quant::dequantize_row"),
+    }
+}
+
+fn det_row(kernel: &str, ty: GgmlType, shape: &str, same: bool) -> CheckRow {
+    CheckRow {
+        kernel: format!("{kernel}_determinism"),
+        ty,
+        shape: shape.into(),
+        max_abs: 0.0,
+        max_err: if same { 0.0 } else { 1.0 },
+        rel_l2: 0.0,
+        tol: 0.0,
+        pass: same,
+        note: if same {
+            "two runs bit-identical".into()
+        } else {
+            "runs differ".into()
+        },
+    }
+}
+
+// ------------------------------------------------------------------------------------ bench
+
+/// One line of `ds4 cuda bench`.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    /// What was timed.
+    pub kernel: String,
+    /// Weight type(s).
+    pub ty: String,
+    /// Matrix rows.
+    pub rows: usize,
+    /// Matrix columns.
+    pub cols: usize,
+    /// Tokens (prefill) or selected experts (MoE); 1 for a matvec.
+    pub batch: usize,
+    /// Microseconds per call (median of repeats).
+    pub us: f64,
+    /// Weight bytes read per call / time.
+    pub gbs: f64,
+    /// `gbs` over the card's datasheet peak, if known.
+    pub frac_peak: Option<f64>,
+    /// Arithmetic rate (2·rows·cols·batch / time), TFLOP/s.
+    pub tflops: f64,
+}
+
+impl BenchRow {
+    /// CSV header matching [`BenchRow::csv`].
+    pub const CSV_HEADER: &'static str =
+        "kernel,type,rows,cols,batch,us_per_call,weight_GBps,frac_peak,TFLOPs";
+    /// One CSV line.
+    pub fn csv(&self) -> String {
+        format!(
+            "{},{},{},{},{},{:.2},{:.1},{},{:.2}",
+            self.kernel,
+            self.ty,
+            self.rows,
+            self.cols,
+            self.batch,
+            self.us,
+            self.gbs,
+            self.frac_peak
+                .map(|f| format!("{f:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            self.tflops
+        )
+    }
+}
+
+/// Median over `repeats` of the mean time of `iters` back-to-back calls, in µs.
+fn time_us(
+    be: &CudaBackend,
+    iters: usize,
+    repeats: usize,
+    f: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    for i in 0..3 {
+        f(i)?;
+    }
+    be.synchronize()?;
+    let mut v = Vec::new();
+    let mut k = 0usize;
+    for _ in 0..repeats {
+        let ms = be.time_ms(&mut || {
+            for _ in 0..iters {
+                f(k)?;
+                k += 1;
+            }
+            Ok(())
+        })?;
+        v.push(ms * 1000.0 / iters as f64);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+/// A weight of `copies` identical random matrices, so timing loops can rotate through more
+/// bytes than the L2 holds (otherwise small matrices would be served from cache).
+fn rotating_weight(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    ty: GgmlType,
+    n_rows: usize,
+    n_cols: usize,
+    min_bytes: usize,
+) -> Result<GpuWeight> {
+    let one = random_weight(rng, ty, n_rows, n_cols);
+    let copies = min_bytes.div_ceil(one.len()).max(2);
+    let mut all = Vec::with_capacity(one.len() * copies);
+    for _ in 0..copies {
+        all.extend_from_slice(&one);
+    }
+    be.upload_weight(ty, &all, n_rows, n_cols, copies, &mut |_, _| {})
+}
+
+/// Bench configuration.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Back-to-back calls per timed repeat.
+    pub iters: usize,
+    /// Timed repeats (median taken).
+    pub repeats: usize,
+    /// Tokens of the prefill measurements.
+    pub prefill_tokens: usize,
+    /// Which parts to run: any of "matvec", "moe", "prefill" (empty = all).
+    pub sections: Vec<String>,
+}
+
+impl BenchConfig {
+    fn wants(&self, s: &str) -> bool {
+        self.sections.is_empty() || self.sections.iter().any(|x| x == s)
+    }
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            iters: 200,
+            repeats: 5,
+            prefill_tokens: 512,
+            sections: Vec::new(),
+        }
+    }
+}
+
+/// Kernel bandwidth at Flash shapes: dense 4096×4096 matvec per type, expert slices, the
+/// full 6-expert MoE decode of one layer (q2 and q4 files), and prefill products.
+pub fn bench(be: &CudaBackend, cfg: &BenchConfig, log: &mut dyn FnMut(&BenchRow)) -> Result<()> {
+    let mut rng = Rng::new(7);
+    let peak = be.info().peak_bandwidth_gbs();
+    // Rotate through at least 4× the L2 so every call streams from HBM.
+    let min_bytes = (be.info().l2_bytes as usize * 4).max(256 << 20);
+    let mk = |kernel: &str, ty: String, rows, cols, batch, us: f64, bytes: f64, flops: f64| {
+        let gbs = bytes / us / 1e3;
+        BenchRow {
+            kernel: kernel.into(),
+            ty,
+            rows,
+            cols,
+            batch,
+            us,
+            gbs,
+            frac_peak: peak.map(|p| gbs / p),
+            tflops: flops / us / 1e6,
+        }
+    };
+
+    // Decode matvecs: dense 4096×4096 of every type, then expert-shaped slices.
+    let shapes: Vec<(GgmlType, usize, usize, &str)> = SUPPORTED_TYPES
+        .iter()
+        .map(|&t| (t, 4096, 4096, "matvec"))
+        .chain([
+            (GgmlType::IQ2_XXS, 2048, 4096, "matvec_expert"),
+            (GgmlType::Q2_K, 4096, 2048, "matvec_expert"),
+            (GgmlType::Q4_K, 2048, 4096, "matvec_expert"),
+            (GgmlType::Q4_K, 4096, 2048, "matvec_expert"),
+            (GgmlType::Q8_0, 32768, 1024, "matvec"),
+        ])
+        .collect();
+    for (ty, rows, cols, kernel) in shapes.into_iter().filter(|_| cfg.wants("matvec")) {
+        let w = rotating_weight(be, &mut rng, ty, rows, cols, min_bytes)?;
+        let x = be.upload_f32(&random_activations(&mut rng, cols))?;
+        let mut y = be.alloc_f32(rows)?;
+        let n = w.n_experts;
+        let us = time_us(be, cfg.iters, cfg.repeats, &mut |i| {
+            be.matvec(&w, i % n, &x.slice(..), &mut y.slice_mut(..))
+        })?;
+        let r = mk(
+            kernel,
+            ty.to_string(),
+            rows,
+            cols,
+            1,
+            us,
+            w.matrix_bytes() as f64,
+            2.0 * (rows * cols) as f64,
+        );
+        log(&r);
+    }
+
+    // One layer's routed MoE at decode: 6 of 256 experts, gate + up (shared input) then down
+    // (per-expert input), random ids per call, full-size expert tensors.
+    for (gu, dn, label) in [
+        (GgmlType::IQ2_XXS, GgmlType::Q2_K, "IQ2_XXS+Q2_K"),
+        (GgmlType::Q4_K, GgmlType::Q4_K, "Q4_K"),
+    ]
+    .into_iter()
+    .filter(|_| cfg.wants("moe"))
+    {
+        let (d, f, e, k) = (4096usize, 2048usize, 256usize, 6usize);
+        let tiled = |rng: &mut Rng, ty, rows, cols| -> Result<GpuWeight> {
+            // 8 distinct random experts tiled to 256 (the bytes are what matter).
+            let distinct: Vec<Vec<u8>> =
+                (0..8).map(|_| random_weight(rng, ty, rows, cols)).collect();
+            let mut all = Vec::with_capacity(distinct[0].len() * e);
+            for i in 0..e {
+                all.extend_from_slice(&distinct[i % 8]);
+            }
+            be.upload_weight(ty, &all, rows, cols, e, &mut |_, _| {})
+        };
+        let gate = tiled(&mut rng, gu, f, d)?;
+        let up = tiled(&mut rng, gu, f, d)?;
+        let down = tiled(&mut rng, dn, d, f)?;
+        let sets = 64usize;
+        let mut ids = Vec::with_capacity(sets * k);
+        for _ in 0..sets {
+            let mut sel: Vec<i32> = Vec::new();
+            while sel.len() < k {
+                let c = (rng.next_u64() % e as u64) as i32;
+                if !sel.contains(&c) {
+                    sel.push(c);
+                }
+            }
+            ids.extend(sel);
+        }
+        let idsd = be.upload_i32(&ids)?;
+        let z = be.upload_f32(&random_activations(&mut rng, d))?;
+        let mut g = be.alloc_f32(k * f)?;
+        let mut u = be.alloc_f32(k * f)?;
+        let h = be.upload_f32(&random_activations(&mut rng, k * f))?;
+        let mut o = be.alloc_f32(k * d)?;
+        let us = time_us(be, cfg.iters, cfg.repeats, &mut |i| {
+            let s = i % sets;
+            let idv = idsd.slice(s * k..(s + 1) * k);
+            be.moe_matvec(&gate, &idv, &z.slice(..), 0, &mut g.slice_mut(..))?;
+            be.moe_matvec(&up, &idv, &z.slice(..), 0, &mut u.slice_mut(..))?;
+            be.moe_matvec(&down, &idv, &h.slice(..), f, &mut o.slice_mut(..))
+        })?;
+        let bytes = (k * (gate.matrix_bytes() + up.matrix_bytes() + down.matrix_bytes())) as f64;
+        let r = mk(
+            "moe_decode_layer",
+            label.into(),
+            f,
+            d,
+            k,
+            us,
+            bytes,
+            2.0 * 3.0 * (k * f * d) as f64,
+        );
+        log(&r);
+    }
+
+    // Prefill: CUDA-core tiles vs dequantize-to-f16 + cuBLAS GEMM.
+    let nt = cfg.prefill_tokens;
+    for (ty, rows, cols) in [
+        (GgmlType::Q8_0, 4096usize, 4096usize),
+        (GgmlType::IQ2_XXS, 2048, 4096),
+        (GgmlType::Q2_K, 4096, 2048),
+    ]
+    .into_iter()
+    .filter(|_| cfg.wants("prefill"))
+    {
+        let wb = random_weight(&mut rng, ty, rows, cols);
+        let w = be.upload_weight(ty, &wb, rows, cols, 1, &mut |_, _| {})?;
+        let xs = be.upload_f32(&random_activations(&mut rng, nt * cols))?;
+        let mut ys = be.alloc_f32(nt * rows)?;
+        let flops = 2.0 * (rows * cols * nt) as f64;
+        let iters = (cfg.iters / 20).max(3);
+        let us = time_us(be, iters, cfg.repeats, &mut |_| {
+            be.matmul(&w, 0, &xs.slice(..), nt, &mut ys.slice_mut(..))
+        })?;
+        log(&mk(
+            "matmul_cuda_cores",
+            ty.to_string(),
+            rows,
+            cols,
+            nt,
+            us,
+            w.matrix_bytes() as f64,
+            flops,
+        ));
+        let mut scratch = GemmScratch::default();
+        let us = time_us(be, iters, cfg.repeats, &mut |_| {
+            be.matmul_gemm(
+                &w,
+                0,
+                &xs.slice(..),
+                nt,
+                &mut ys.slice_mut(..),
+                &mut scratch,
+            )
+        })?;
+        log(&mk(
+            "matmul_dequant_f16_gemm",
+            ty.to_string(),
+            rows,
+            cols,
+            nt,
+            us,
+            w.matrix_bytes() as f64,
+            flops,
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a GPU test should run: `Some(backend)`, or `None` after printing why it is skipped
+/// (no GPU / libraries). A backend that is present but fails to start is an error, not a skip.
+pub fn backend_for_tests() -> std::result::Result<Option<CudaBackend>, CudaError> {
+    match CudaBackend::new(0) {
+        Ok(b) => Ok(Some(b)),
+        Err(CudaError::Unavailable(why)) => {
+            eprintln!("skipping CUDA test: {why}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}

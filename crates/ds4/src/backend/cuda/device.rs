@@ -1,0 +1,654 @@
+//! The CUDA backend object: one device, one stream, the compiled kernel module, a cuBLAS
+//! handle; weight upload and the kernel launches.
+
+use super::cache::KernelCache;
+use super::compile::{build_image, ImageOrigin};
+use super::probe::{panic_text, probe, CudaAvailability, DeviceInfo};
+use crate::quant::GgmlType;
+use cudarc::cublas::{sys as cb, CudaBlas};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+/// Errors of the CUDA backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// No usable device or library (the reason is meant for the user).
+    #[error("CUDA unavailable: {0}")]
+    Unavailable(String),
+    /// A driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    /// NVRTC failed (the message carries the compiler log).
+    #[error("CUDA kernel build: {0}")]
+    Compile(String),
+    /// cuBLAS failed.
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
+    /// Bad arguments (shapes, types) from the caller.
+    #[error("CUDA backend: {0}")]
+    Invalid(String),
+}
+
+/// Result type of the CUDA backend.
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+/// Weight types with GPU kernels.
+pub const SUPPORTED_TYPES: [GgmlType; 6] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q4_K,
+    GgmlType::IQ2_XXS,
+];
+
+fn kernel_suffix(ty: GgmlType) -> Option<&'static str> {
+    Some(match ty {
+        GgmlType::F32 => "f32",
+        GgmlType::F16 => "f16",
+        GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q2_K => "q2_k",
+        GgmlType::Q4_K => "q4_k",
+        GgmlType::IQ2_XXS => "iq2_xxs",
+        _ => return None,
+    })
+}
+
+/// Elements each thread of a dequantize kernel writes (its "unit"; see quant.cu).
+fn dq_elems(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::F32 => 4,
+        GgmlType::F16 => 8,
+        GgmlType::Q2_K => 16,
+        _ => 32,
+    }
+}
+
+/// Rows per block of the matvec/matmul kernels (one warp per row) and tokens per matmul tile;
+/// must match WARPS_PER_BLOCK / MM_TOKENS in quant.cu.
+const WARPS_PER_BLOCK: u32 = 8;
+const MM_TOKENS: u32 = 8;
+/// Device stride of one expert (and the tail padding of every weight buffer): keeps each
+/// expert's base aligned for the 16-byte loads.
+const EXPERT_ALIGN: usize = 256;
+
+struct TypeKernels {
+    mv: CudaFunction,
+    mm: CudaFunction,
+    dq: CudaFunction,
+    dq32: CudaFunction,
+}
+
+/// A weight tensor resident on the GPU: one matrix (`n_experts == 1`) or a stack of expert
+/// matrices, each `n_rows × n_cols`, in the device layout of its type (GGML blocks as in the
+/// file, except Q8_0, which is split into a code plane and a scale plane, see quant.cu).
+pub struct GpuWeight {
+    buf: CudaSlice<u8>,
+    /// Element type.
+    pub ty: GgmlType,
+    /// Output rows per matrix.
+    pub n_rows: usize,
+    /// Input columns.
+    pub n_cols: usize,
+    /// Matrices in the stack.
+    pub n_experts: usize,
+    /// Device bytes from one expert to the next.
+    pub expert_stride: usize,
+}
+
+impl GpuWeight {
+    /// Bytes of one matrix as stored in the GGUF file (= bytes a full matvec must read).
+    pub fn matrix_bytes(&self) -> usize {
+        self.n_rows * row_bytes(self.ty, self.n_cols)
+    }
+    /// Device bytes held.
+    pub fn device_bytes(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+fn row_bytes(ty: GgmlType, n_cols: usize) -> usize {
+    n_cols / ty.block_elems() * ty.block_bytes()
+}
+
+/// Scratch buffers of the f16-GEMM prefill path, grown on demand.
+#[derive(Default)]
+pub struct GemmScratch {
+    w16: Option<CudaSlice<u16>>,
+    x16: Option<CudaSlice<u16>>,
+}
+
+/// One CUDA device with the ds4 kernels loaded.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    _module: Arc<CudaModule>,
+    kernels: Vec<(GgmlType, TypeKernels)>,
+    f32_to_f16: CudaFunction,
+    blas: CudaBlas,
+    origin: ImageOrigin,
+    cache_key: String,
+}
+
+impl CudaBackend {
+    /// Probes device `ordinal`, builds (or loads from the disk cache) the kernels, creates the
+    /// stream and cuBLAS handle. Never panics: every failure is a [`CudaError`].
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        Self::with_cache(ordinal, &KernelCache::from_env())
+    }
+
+    /// [`CudaBackend::new`] with an explicit kernel cache.
+    pub fn with_cache(ordinal: usize, cache: &KernelCache) -> Result<CudaBackend> {
+        let info = match probe(ordinal) {
+            CudaAvailability::Available(i) => i,
+            CudaAvailability::Unavailable(why) => return Err(CudaError::Unavailable(why)),
+        };
+        catch_unwind(AssertUnwindSafe(|| Self::init(info, cache))).unwrap_or_else(|p| {
+            Err(CudaError::Unavailable(format!(
+                "CUDA library failure during start-up ({})",
+                panic_text(&p)
+            )))
+        })
+    }
+
+    fn init(info: DeviceInfo, cache: &KernelCache) -> Result<CudaBackend> {
+        let ctx = CudaContext::new(info.ordinal)?;
+        // One stream carries all work, so stream order is the only synchronization needed;
+        // cudarc's per-buffer event tracking (made for multi-stream use) would add event
+        // records to every launch and is switched off before any buffer exists.
+        // SAFETY: no CudaSlice exists yet, and the backend never uses a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        // A created (non-default) stream: CUDA graph capture, which the decode loop will use,
+        // is not allowed on the legacy default stream.
+        let stream = ctx.new_stream()?;
+        let (image, origin, cache_key) =
+            build_image(cache, &info.arch(), info.nvrtc_version).map_err(CudaError::Compile)?;
+        let module = ctx.load_module(Ptx::from_binary(image))?;
+        let mut kernels = Vec::new();
+        for ty in SUPPORTED_TYPES {
+            let s = kernel_suffix(ty).expect("supported type");
+            kernels.push((
+                ty,
+                TypeKernels {
+                    mv: module.load_function(&format!("mv_{s}"))?,
+                    mm: module.load_function(&format!("mm_{s}"))?,
+                    dq: module.load_function(&format!("dq_{s}"))?,
+                    dq32: module.load_function(&format!("dq32_{s}"))?,
+                },
+            ));
+        }
+        let f32_to_f16 = module.load_function("f32_to_f16")?;
+        let blas = CudaBlas::new(stream.clone())?;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            info,
+            _module: module,
+            kernels,
+            f32_to_f16,
+            blas,
+            origin,
+            cache_key,
+        })
+    }
+
+    /// The device.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Whether the kernel image came from the disk cache or was compiled now, and its key.
+    pub fn kernel_origin(&self) -> (ImageOrigin, &str) {
+        (self.origin, &self.cache_key)
+    }
+
+    /// The stream all work is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    fn kernels(&self, ty: GgmlType) -> Result<&TypeKernels> {
+        self.kernels
+            .iter()
+            .find(|(t, _)| *t == ty)
+            .map(|(_, k)| k)
+            .ok_or_else(|| CudaError::Invalid(format!("no CUDA kernels for {ty}")))
+    }
+
+    // ---------------------------------------------------------------- buffers
+
+    /// Zeroed f32 device buffer.
+    pub fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.stream.alloc_zeros::<f32>(n.max(1))?)
+    }
+
+    /// Copies host f32 data to a new device buffer.
+    pub fn upload_f32(&self, x: &[f32]) -> Result<CudaSlice<f32>> {
+        Ok(self.stream.clone_htod(x)?)
+    }
+
+    /// Copies host i32 data (e.g. expert ids) to a new device buffer.
+    pub fn upload_i32(&self, x: &[i32]) -> Result<CudaSlice<i32>> {
+        Ok(self.stream.clone_htod(x)?)
+    }
+
+    /// Overwrites a device f32 buffer from the host.
+    pub fn write_f32(&self, dst: &mut CudaSlice<f32>, x: &[f32]) -> Result<()> {
+        Ok(self.stream.memcpy_htod(x, dst)?)
+    }
+
+    /// Copies a device buffer back (waits for queued work).
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        x: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(x)?)
+    }
+
+    /// Uploads a weight tensor from its GGUF bytes (e.g. a slice of the mmap): `n_experts`
+    /// matrices of `n_rows × n_cols`, contiguous (model.md §2.3). `progress(done, total)` is
+    /// called after each chunk with bytes uploaded so far.
+    pub fn upload_weight(
+        &self,
+        ty: GgmlType,
+        data: &[u8],
+        n_rows: usize,
+        n_cols: usize,
+        n_experts: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<GpuWeight> {
+        kernel_suffix(ty).ok_or_else(|| CudaError::Invalid(format!("no CUDA kernels for {ty}")))?;
+        if n_rows == 0 || n_experts == 0 || n_cols == 0 || !n_cols.is_multiple_of(32) {
+            return Err(CudaError::Invalid(format!(
+                "{ty} weight {n_experts}×{n_rows}×{n_cols}: columns must be a positive multiple of 32"
+            )));
+        }
+        if !n_cols.is_multiple_of(ty.block_elems()) {
+            return Err(CudaError::Invalid(format!(
+                "{ty}: {n_cols} columns is not a whole number of blocks"
+            )));
+        }
+        let rb = row_bytes(ty, n_cols);
+        let mat = rb * n_rows;
+        if data.len() != mat * n_experts {
+            return Err(CudaError::Invalid(format!(
+                "{ty} weight: {} bytes given, {n_experts}×{n_rows}×{rb} expected",
+                data.len()
+            )));
+        }
+        if n_rows > i32::MAX as usize || n_cols > i32::MAX as usize {
+            return Err(CudaError::Invalid("matrix too large".into()));
+        }
+        let stride = mat.next_multiple_of(EXPERT_ALIGN);
+        let mut buf = self
+            .stream
+            .alloc_zeros::<u8>(stride * n_experts + EXPERT_ALIGN)?;
+        // Chunks of whole rows of about 32 MiB: big enough for full PCIe speed, small enough
+        // for a smooth progress bar and a small host staging buffer (Q8_0 repacking).
+        let rows_per_chunk = ((32usize << 20) / rb).clamp(1, n_rows);
+        let total = data.len();
+        let mut done = 0usize;
+        let mut staging = Vec::new();
+        for e in 0..n_experts {
+            let src = &data[e * mat..(e + 1) * mat];
+            let base = e * stride;
+            let mut r0 = 0;
+            while r0 < n_rows {
+                let r1 = (r0 + rows_per_chunk).min(n_rows);
+                let chunk = &src[r0 * rb..r1 * rb];
+                if ty == GgmlType::Q8_0 {
+                    let nb = n_cols / 32;
+                    staging.clear();
+                    staging.resize(chunk.len(), 0);
+                    let (qs, ds) = staging.split_at_mut((r1 - r0) * n_cols);
+                    repack_q8_0(chunk, n_cols, qs, ds);
+                    let qoff = base + r0 * n_cols;
+                    self.stream
+                        .memcpy_htod(&*qs, &mut buf.slice_mut(qoff..qoff + qs.len()))?;
+                    let doff = base + n_rows * n_cols + r0 * nb * 2;
+                    self.stream
+                        .memcpy_htod(&*ds, &mut buf.slice_mut(doff..doff + ds.len()))?;
+                } else {
+                    let off = base + r0 * rb;
+                    self.stream
+                        .memcpy_htod(chunk, &mut buf.slice_mut(off..off + chunk.len()))?;
+                }
+                done += chunk.len();
+                progress(done, total);
+                r0 = r1;
+            }
+        }
+        Ok(GpuWeight {
+            buf,
+            ty,
+            n_rows,
+            n_cols,
+            n_experts,
+            expert_stride: stride,
+        })
+    }
+
+    fn expert_view<'a>(&self, w: &'a GpuWeight, expert: usize) -> Result<CudaView<'a, u8>> {
+        if expert >= w.n_experts {
+            return Err(CudaError::Invalid(format!(
+                "expert {expert} of {}",
+                w.n_experts
+            )));
+        }
+        Ok(w.buf.slice(expert * w.expert_stride..))
+    }
+
+    // ---------------------------------------------------------------- kernels
+
+    /// `y[0..n_rows] = W_expert · x` (decode).
+    pub fn matvec(
+        &self,
+        w: &GpuWeight,
+        expert: usize,
+        x: &CudaView<f32>,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        check_len("x", x.len(), w.n_cols)?;
+        check_len("y", y.len(), w.n_rows)?;
+        let wv = self.expert_view(w, expert)?;
+        self.launch_mv(w, &wv, None, 1, x, 0, y)
+    }
+
+    /// Grouped MoE matvec, one launch for all selected experts:
+    /// `y[k·n_rows..(k+1)·n_rows] = W_{ids[k]} · x_k` for `k < ids.len()`, with
+    /// `x_k = x[k·x_stride..]` (`x_stride = 0`: every expert reads the same `x`, as gate/up
+    /// do; `x_stride = n_cols`: one input per expert, as down does). Ids must be
+    /// `< n_experts` (they are produced on the GPU by the router, so they are not checked).
+    pub fn moe_matvec(
+        &self,
+        w: &GpuWeight,
+        ids: &CudaView<i32>,
+        x: &CudaView<f32>,
+        x_stride: usize,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let n = ids.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if !x_stride.is_multiple_of(4) {
+            return Err(CudaError::Invalid(
+                "x_stride must be a multiple of 4".into(),
+            ));
+        }
+        check_len("x", x.len(), (n - 1) * x_stride + w.n_cols)?;
+        check_len("y", y.len(), n * w.n_rows)?;
+        let wv = w.buf.slice(..);
+        self.launch_mv(w, &wv, Some(ids), n, x, x_stride, y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_mv(
+        &self,
+        w: &GpuWeight,
+        wv: &CudaView<u8>,
+        ids: Option<&CudaView<i32>>,
+        slots: usize,
+        x: &CudaView<f32>,
+        x_stride: usize,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let k = self.kernels(w.ty)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n_rows as u32).div_ceil(WARPS_PER_BLOCK), slots as u32, 1),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let expert_bytes = w.expert_stride as i64;
+        let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
+        let xs = x_stride as i64;
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(&k.mv);
+        b.arg(wv).arg(&expert_bytes);
+        match ids {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&n_rows).arg(&n_cols).arg(x).arg(&xs).arg(y);
+        // SAFETY: argument list matches mv_<t> in quant.cu; lengths checked by the callers.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Prefill product on CUDA cores, exact f32 activations:
+    /// `ys[t][o] = row_o(W_expert) · xs[t]`, `xs` `n_tok × n_cols`, `ys` `n_tok × n_rows`
+    /// (row-major, as the CPU `quant::matmul`).
+    pub fn matmul(
+        &self,
+        w: &GpuWeight,
+        expert: usize,
+        xs: &CudaView<f32>,
+        n_tok: usize,
+        ys: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        check_len("xs", xs.len(), n_tok * w.n_cols)?;
+        check_len("ys", ys.len(), n_tok * w.n_rows)?;
+        if n_tok == 0 {
+            return Ok(());
+        }
+        let k = self.kernels(w.ty)?;
+        let wv = self.expert_view(w, expert)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK),
+                (n_tok as u32).div_ceil(MM_TOKENS),
+                1,
+            ),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_rows, n_cols, nt) = (w.n_rows as i32, w.n_cols as i32, n_tok as i32);
+        let mut b = self.stream.launch_builder(&k.mm);
+        b.arg(&wv)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(xs)
+            .arg(&nt)
+            .arg(ys);
+        // SAFETY: matches mm_<t>; lengths checked above.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    fn launch_dq<T>(
+        &self,
+        f: &CudaFunction,
+        w: &GpuWeight,
+        expert: usize,
+        out: &mut CudaViewMut<T>,
+    ) -> Result<()> {
+        check_len("out", out.len(), w.n_rows * w.n_cols)?;
+        let wv = self.expert_view(w, expert)?;
+        let units = (w.n_rows * w.n_cols / dq_elems(w.ty)) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&wv).arg(&n_rows).arg(&n_cols).arg(out);
+        // SAFETY: matches dq_<t>/dq32_<t>; output length checked.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Dequantizes matrix `expert` to f16 bits (row-major `n_rows × n_cols`).
+    pub fn dequantize_f16(
+        &self,
+        w: &GpuWeight,
+        expert: usize,
+        out: &mut CudaViewMut<u16>,
+    ) -> Result<()> {
+        let k = self.kernels(w.ty)?;
+        self.launch_dq(&k.dq, w, expert, out)
+    }
+
+    /// Dequantizes matrix `expert` to f32, bit-exact with `quant::dequantize_row`.
+    pub fn dequantize_f32(
+        &self,
+        w: &GpuWeight,
+        expert: usize,
+        out: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let k = self.kernels(w.ty)?;
+        self.launch_dq(&k.dq32, w, expert, out)
+    }
+
+    /// Prefill product through cuBLAS: the matrix is dequantized to f16, the activations are
+    /// rounded to f16, and a tensor-core GEMM accumulates in f32. Same layout as
+    /// [`CudaBackend::matmul`]; less exact (f16 operands), far faster for large `n_tok`.
+    pub fn matmul_gemm(
+        &self,
+        w: &GpuWeight,
+        expert: usize,
+        xs: &CudaView<f32>,
+        n_tok: usize,
+        ys: &mut CudaViewMut<f32>,
+        scratch: &mut GemmScratch,
+    ) -> Result<()> {
+        check_len("xs", xs.len(), n_tok * w.n_cols)?;
+        check_len("ys", ys.len(), n_tok * w.n_rows)?;
+        if n_tok == 0 {
+            return Ok(());
+        }
+        let nw = w.n_rows * w.n_cols;
+        let nx = n_tok * w.n_cols;
+        if scratch.w16.as_ref().is_none_or(|b| b.len() < nw) {
+            scratch.w16 = Some(self.stream.alloc_zeros::<u16>(nw)?);
+        }
+        if scratch.x16.as_ref().is_none_or(|b| b.len() < nx) {
+            scratch.x16 = Some(self.stream.alloc_zeros::<u16>(nx)?);
+        }
+        let (w16, x16) = (
+            scratch.w16.as_mut().expect("allocated"),
+            scratch.x16.as_mut().expect("allocated"),
+        );
+        self.dequantize_f16(w, expert, &mut w16.slice_mut(..nw))?;
+        {
+            let n = nx as i64;
+            let cfg = LaunchConfig {
+                grid_dim: ((nx as u32).div_ceil(256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut xv = x16.slice_mut(..nx);
+            let mut b = self.stream.launch_builder(&self.f32_to_f16);
+            b.arg(xs).arg(&mut xv).arg(&n);
+            // SAFETY: matches f32_to_f16; both buffers hold nx elements.
+            unsafe { b.launch(cfg) }?;
+        }
+        // Column-major view: C (n_rows × n_tok, ld n_rows) = Wᵀᵀ · X, where the row-major
+        // weight is a column-major n_cols × n_rows matrix (transposed by op A) and the
+        // row-major activations a column-major n_cols × n_tok matrix.
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (m, n, k) = (w.n_rows as i32, n_tok as i32, w.n_cols as i32);
+        let (pa, _ga) = w16.device_ptr(&self.stream);
+        let (pb, _gb) = x16.device_ptr(&self.stream);
+        let (pc, _gc) = ys.device_ptr_mut(&self.stream);
+        // SAFETY: pointers are live device buffers of at least m·k, k·n, m·n elements of the
+        // stated types, on the handle's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cb::cublasOperation_t::CUBLAS_OP_T,
+                cb::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                &alpha as *const f32 as *const _,
+                pa as *const _,
+                cb::cudaDataType::CUDA_R_16F,
+                k,
+                pb as *const _,
+                cb::cudaDataType::CUDA_R_16F,
+                k,
+                &beta as *const f32 as *const _,
+                pc as *mut _,
+                cb::cudaDataType::CUDA_R_32F,
+                m,
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- timing
+
+    /// Milliseconds of GPU time taken by the work `f` queues (events around it; waits).
+    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let a = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let b = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        a.record(&self.stream)?;
+        f()?;
+        b.record(&self.stream)?;
+        b.synchronize()?;
+        Ok(a.elapsed_ms(&b)? as f64)
+    }
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got < want {
+        return Err(CudaError::Invalid(format!(
+            "{what} has {got} elements, needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Splits GGML Q8_0 rows (34-byte blocks `[f16 d][i8 q; 32]`) into the GPU layout: the codes
+/// (`n_cols` bytes per row) into `qs` and the scales (f16, `n_cols/32` per row) into `ds`.
+pub fn repack_q8_0(src: &[u8], n_cols: usize, qs: &mut [u8], ds: &mut [u8]) {
+    let nb = n_cols / 32;
+    for (bi, b) in src.chunks_exact(34).enumerate() {
+        let (row, blk) = (bi / nb, bi % nb);
+        ds[2 * bi..2 * bi + 2].copy_from_slice(&b[0..2]);
+        let o = row * n_cols + 32 * blk;
+        qs[o..o + 32].copy_from_slice(&b[2..34]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_repack_splits_codes_and_scales() {
+        // 2 rows × 64 columns = 4 blocks; block i has d bytes (i, 0x3c) and codes i*32+k.
+        let mut src = Vec::new();
+        for i in 0..4u8 {
+            src.extend_from_slice(&[i, 0x3c]);
+            src.extend((0..32u8).map(|k| i.wrapping_mul(32).wrapping_add(k)));
+        }
+        let mut qs = vec![0u8; 128];
+        let mut ds = vec![0u8; 8];
+        repack_q8_0(&src, 64, &mut qs, &mut ds);
+        assert_eq!(ds, [0, 0x3c, 1, 0x3c, 2, 0x3c, 3, 0x3c]);
+        for (i, &q) in qs.iter().enumerate() {
+            assert_eq!(q, i as u8);
+        }
+    }
+}

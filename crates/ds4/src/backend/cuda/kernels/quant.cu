@@ -1,0 +1,466 @@
+// ds4 CUDA kernels: quantized matrix-vector (decode), matrix-matrix (prefill), grouped MoE
+// matvec and dequantization, for weights stored as F32, F16, Q8_0 (repacked), Q2_K, Q4_K and
+// IQ2_XXS (model.md §5). Compiled at run time by NVRTC (backend/cuda/compile.rs); the host
+// prepends a generated prelude that defines `ds4_iq2_grid` / `ds4_iq2_signs` (derived from the
+// CPU reference dequantizer, so CPU and GPU share one source of truth for the tables).
+//
+// Conventions shared by every kernel:
+// * A weight matrix is `n_rows x n_cols`, row-major; output `o` is row `o` . x.
+// * Matvec/MoE kernels: one warp per output row, 8 warps (8 rows) per block; the warp walks
+//   the row 256 elements at a time (lane l: elements 8l..8l+7, see dot_row), then a butterfly
+//   shuffle reduction combines the lanes. The summation order depends only on n_cols, never on timing:
+//   results are bit-identical from run to run (no atomics anywhere).
+// * Q8_0 is stored repacked on the GPU (see `repack_q8_0` in device.rs): per matrix, a plane of
+//   int8 codes (n_rows x n_cols) followed by a plane of f16 scales (n_rows x n_cols/32). The
+//   GGML block of 34 bytes is only 2-byte aligned, which would force 2-byte loads; the planes
+//   allow 16-byte loads.
+// * Activations are f32 (the engine's exact mode); dequantized weights are formed exactly as the
+//   CPU reference does (`__fmul_rn` etc. stop FMA contraction) where bit-exactness matters (the
+//   dequantize kernels); the dot kernels factor the block scale out of the inner sums, which is
+//   the same function up to f32 rounding.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define WARPS_PER_BLOCK 8
+#define MM_TOKENS 8
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
+__device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
+
+// Byte k of v (0..255) as an exact float without the int->float converter (quarter rate on
+// Hopper): place the byte under the exponent of 2^23 and subtract 2^23.
+__device__ __forceinline__ float bytef(u32 v, int k) {
+    return __int_as_float(__byte_perm(v, 0x4B000000u, 0x7440 | k)) - 8388608.0f;
+}
+
+// Signed byte k of v (int8) as an exact float: flip the sign bit so the byte is q+128, then
+// subtract 2^23 + 128.
+__device__ __forceinline__ float sbytef(u32 v, int k) {
+    return __int_as_float(__byte_perm(v ^ 0x80808080u, 0x4B000000u, 0x7440 | k)) - 8388736.0f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    return v;
+}
+
+// Load of the IQ2_XXS tables into shared memory: the grid as floats (8 per entry, read as two
+// float4) and the 128 sign patterns. Done once per block; every kernel that uses them calls it
+// before any early return so that __syncthreads is reached by all threads.
+struct Iq2Smem {
+    float grid[256 * 8];
+    u8 signs[128];
+};
+
+__device__ __forceinline__ void load_iq2_tables(Iq2Smem* s) {
+    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x)
+        s->grid[i] = ds4_iq2_gridf[i];
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) s->signs[i] = ds4_iq2_signs[i];
+    __syncthreads();
+}
+
+// x pointer of token t of a tile with nt valid tokens: tokens past the end re-read the last
+// valid one (their results are discarded), which keeps the inner loops branch-free.
+__device__ __forceinline__ const float* tok(const float* x, i64 ldx, int t, int nt) {
+    return x + (i64)(t < nt ? t : nt - 1) * ldx;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-type row dot products: `acc[t] += row_o . x_t` for the NT tokens of a tile.
+//
+// Mapping: a warp walks the row in steps of 256 elements (one K-quant block); in each step
+// lane l owns elements 8l..8l+7. Consecutive lanes therefore read consecutive activations
+// (two coalesced float4 loads per lane) and consecutive bytes of the weight block. (A first
+// version gave each lane a whole quant group; its activation loads touched 32 cache lines
+// per warp instruction and ran at ~10% of HBM bandwidth.)
+//
+// Each type is a struct with `load` (the lane's global weight reads for one step, into
+// registers) and `dot` (decode + FMAs). `dot_row` issues the loads of UNR steps before
+// computing any of them, so a lane keeps several independent loads in flight: decode
+// matvecs are latency-bound otherwise (a 4096x4096 IQ2_XXS matrix is ~1 us of HBM time).
+// Lanes whose elements lie past n_cols (n_cols not a multiple of 256) sit the step out.
+// ---------------------------------------------------------------------------------------------
+
+struct RowCtx {
+    const u8* w;  // matrix base (one expert)
+    int o;        // row
+    int n_rows;
+    int n_cols;
+};
+
+// The lane's 8 activations of token t at element e0.
+struct X8 {
+    float4 a, b;
+};
+__device__ __forceinline__ X8 load_x8(const float* x, int e0) {
+    const float4* p = (const float4*)(x + e0);
+    X8 r;
+    r.a = p[0];
+    r.b = p[1];
+    return r;
+}
+
+__device__ __forceinline__ float dot8(const float* v, const X8& x, float s) {
+    s = fmaf(v[0], x.a.x, s);
+    s = fmaf(v[1], x.a.y, s);
+    s = fmaf(v[2], x.a.z, s);
+    s = fmaf(v[3], x.a.w, s);
+    s = fmaf(v[4], x.b.x, s);
+    s = fmaf(v[5], x.b.y, s);
+    s = fmaf(v[6], x.b.z, s);
+    s = fmaf(v[7], x.b.w, s);
+    return s;
+}
+
+__device__ __forceinline__ float sum8(const X8& x) {
+    return ((x.a.x + x.a.y) + (x.a.z + x.a.w)) + ((x.b.x + x.b.y) + (x.b.z + x.b.w));
+}
+
+template <class U, int NT, int UNR>
+__device__ __forceinline__ void dot_row(const RowCtx& c, const float* x, i64 ldx, int nt,
+                                        float* acc, const Iq2Smem* tb) {
+    const int lane = threadIdx.x & 31;
+    const int steps = (c.n_cols + 255) >> 8;
+    for (int s0 = 0; s0 < steps; s0 += UNR) {
+        U r[UNR];
+        bool on[UNR];
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            on[k] = s0 + k < steps && ((s0 + k) << 8) + 8 * lane < c.n_cols;
+            if (on[k]) r[k].load(c, s0 + k, lane);
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            if (!on[k]) continue;
+            const int e0 = ((s0 + k) << 8) + 8 * lane;
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                acc[t] = r[k].dot(load_x8(tok(x, ldx, t, nt), e0), lane, acc[t], tb);
+        }
+    }
+}
+
+// F32: the lane's 8 floats (two float4).
+struct UF32 {
+    float4 a, b;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const float4* p = (const float4*)(c.w + ((i64)c.o * c.n_cols + (s << 8) + 8 * lane) * 4);
+        a = p[0];
+        b = p[1];
+    }
+    __device__ __forceinline__ float dot(const X8& x, int, float acc, const Iq2Smem*) const {
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        return dot8(v, x, acc);
+    }
+};
+
+// F16: the lane's 8 halves (one 16-byte load).
+struct UF16 {
+    uint4 q;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        q = *(const uint4*)(c.w + ((i64)c.o * c.n_cols + (s << 8) + 8 * lane) * 2);
+    }
+    __device__ __forceinline__ float dot(const X8& x, int, float acc, const Iq2Smem*) const {
+        u32 w4[4] = {q.x, q.y, q.z, q.w};
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[2 * i] = h2f((u16)(w4[i] & 0xffff));
+            v[2 * i + 1] = h2f((u16)(w4[i] >> 16));
+        }
+        return dot8(v, x, acc);
+    }
+};
+
+// Q8_0 (repacked planes): 8 codes (one 8-byte load) of block (256s + 8l)/32 and its scale.
+struct UQ8_0 {
+    uint2 q;
+    u16 d;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        int e0 = (s << 8) + 8 * lane;
+        q = *(const uint2*)(c.w + (i64)c.o * c.n_cols + e0);
+        d = ((const u16*)(c.w + (i64)c.n_rows * c.n_cols))[(i64)c.o * (c.n_cols >> 5) + (e0 >> 5)];
+    }
+    __device__ __forceinline__ float dot(const X8& x, int, float acc, const Iq2Smem*) const {
+        float v[8] = {sbytef(q.x, 0), sbytef(q.x, 1), sbytef(q.x, 2), sbytef(q.x, 3),
+                      sbytef(q.y, 0), sbytef(q.y, 1), sbytef(q.y, 2), sbytef(q.y, 3)};
+        return fmaf(h2f(d), dot8(v, x, 0.0f), acc);
+    }
+};
+
+// Q2_K, block s, lane l: elements e = 8l+i have half l/16, plane j = (l/4)%4, code bytes
+// qs[32(l/16) + 8(l%4) + i] and group (scale byte) l/2.
+struct UQ2_K {
+    uint2 q;
+    u32 dd, sc;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 84;
+        q = make_uint2(ld32(p + 16 + 32 * (lane >> 4) + 8 * (lane & 3)),
+                       ld32(p + 20 + 32 * (lane >> 4) + 8 * (lane & 3)));
+        dd = ld32(p + 80);
+        sc = p[lane >> 1];
+    }
+    __device__ __forceinline__ float dot(const X8& x, int lane, float acc, const Iq2Smem*) const {
+        int j = (lane >> 2) & 3;
+        u32 m0 = (q.x >> (2 * j)) & 0x03030303u, m1 = (q.y >> (2 * j)) & 0x03030303u;
+        float v[8] = {bytef(m0, 0), bytef(m0, 1), bytef(m0, 2), bytef(m0, 3),
+                      bytef(m1, 0), bytef(m1, 1), bytef(m1, 2), bytef(m1, 3)};
+        float dl = h2f((u16)(dd & 0xffff)) * (float)(sc & 15);
+        float ml = h2f((u16)(dd >> 16)) * (float)(sc >> 4);
+        return fmaf(dl, dot8(v, x, 0.0f), fmaf(-ml, sum8(x), acc));
+    }
+};
+
+// Q4_K scale/min of sub-block s from the 12 scale bytes held in three words.
+__device__ __forceinline__ u32 sbyte(const u32* s, int i) { return (s[i >> 2] >> (8 * (i & 3))) & 255; }
+
+__device__ __forceinline__ void q4k_scale_min(const u32* s, int sb, u32* sc, u32* m) {
+    if (sb < 4) {
+        *sc = sbyte(s, sb) & 63;
+        *m = sbyte(s, sb + 4) & 63;
+    } else {
+        *sc = (sbyte(s, sb + 4) & 15) | ((sbyte(s, sb - 4) >> 6) << 4);
+        *m = (sbyte(s, sb + 4) >> 4) | ((sbyte(s, sb) >> 6) << 4);
+    }
+}
+
+// Q4_K, block s, lane l: sub-block l/4, code bytes qs[32(l/8) + 8(l%4) + i], nibble (l/4)%2.
+struct UQ4_K {
+    uint4 head;  // d, dmin, scales[12]
+    uint2 q;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 144;
+        head = *(const uint4*)p;
+        q = *(const uint2*)(p + 16 + 32 * (lane >> 3) + 8 * (lane & 3));
+    }
+    __device__ __forceinline__ float dot(const X8& x, int lane, float acc, const Iq2Smem*) const {
+        u32 scw[3] = {head.y, head.z, head.w};
+        u32 sc, mn;
+        q4k_scale_min(scw, lane >> 2, &sc, &mn);
+        int sh = 4 * ((lane >> 2) & 1);
+        u32 m0 = (q.x >> sh) & 0x0f0f0f0fu, m1 = (q.y >> sh) & 0x0f0f0f0fu;
+        float v[8] = {bytef(m0, 0), bytef(m0, 1), bytef(m0, 2), bytef(m0, 3),
+                      bytef(m1, 0), bytef(m1, 1), bytef(m1, 2), bytef(m1, 3)};
+        float dl = h2f((u16)(head.x & 0xffff)) * (float)sc;
+        float ml = h2f((u16)(head.x >> 16)) * (float)mn;
+        return fmaf(dl, dot8(v, x, 0.0f), fmaf(-ml, sum8(x), acc));
+    }
+};
+
+// IQ2_XXS, block s, lane l: group l/4, grid entry l%4 of it = exactly the lane's 8 elements.
+// The 66-byte block is only 2-byte aligned: u16 loads.
+struct UIQ2_XXS {
+    u16 d, b0, b1;
+    u8 a;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 66;
+        const u8* g = p + 2 + 8 * (lane >> 2);
+        d = ld16(p);
+        a = g[lane & 3];
+        b0 = ld16(g + 4);
+        b1 = ld16(g + 6);
+    }
+    __device__ __forceinline__ float dot(const X8& x, int lane, float acc, const Iq2Smem* tb) const {
+        u32 b = (u32)b0 | ((u32)b1 << 16);
+        float db = h2f(d) * (0.5f + (float)(b >> 28)) * 0.25f;
+        const float4* gr = (const float4*)(tb->grid + (u32)a * 8);
+        float4 g0 = gr[0], g1 = gr[1];
+        u32 sg = tb->signs[(b >> (7 * (lane & 3))) & 127];
+        float v[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            v[k] = __int_as_float(__float_as_int(v[k]) ^ ((sg << (31 - k)) & 0x80000000u));
+        return fmaf(db, dot8(v, x, 0.0f), acc);
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Exact dequantization of one unit (same operation order as the CPU reference, no FMA
+// contraction), used by the dequantize kernels. `out` receives `unit_elems` values.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void deq_f32(const u8* w, int o, int n_rows, int n_cols, int u, float* out) {
+    float4 a = ((const float4*)(w + (i64)o * n_cols * 4))[u];
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+}
+
+__device__ __forceinline__ void deq_f16(const u8* w, int o, int n_rows, int n_cols, int u, float* out) {
+    const u16* row = (const u16*)(w + (i64)o * n_cols * 2);
+    for (int i = 0; i < 8; i++) out[i] = h2f(row[8 * u + i]);
+}
+
+__device__ __forceinline__ void deq_q8_0(const u8* w, int o, int n_rows, int n_cols, int u, float* out) {
+    int nb = n_cols >> 5;
+    const signed char* q = (const signed char*)(w + (i64)o * n_cols + 32 * u);
+    float d = h2f(((const u16*)(w + (i64)n_rows * n_cols))[(i64)o * nb + u]);
+    for (int i = 0; i < 32; i++) out[i] = __fmul_rn(d, (float)q[i]);
+}
+
+__device__ __forceinline__ void deq_q2_k(const u8* w, int o, int n_rows, int n_cols, int u, float* out) {
+    // unit = one 16-element group g of block u/16
+    int nblk = n_cols >> 8;
+    const u8* p = w + ((i64)o * nblk + (u >> 4)) * 84;
+    int g = u & 15;
+    float d = h2f(ld16(p + 80)), dmin = h2f(ld16(p + 82));
+    u32 sc = p[g];
+    float dl = __fmul_rn(d, (float)(sc & 15));
+    float ml = __fmul_rn(dmin, (float)(sc >> 4));
+    for (int i = 0; i < 16; i++) {
+        int e = 16 * g + i;
+        u32 q = (p[16 + 32 * (e >> 7) + (e & 31)] >> (2 * ((e & 127) >> 5))) & 3;
+        out[i] = __fsub_rn(__fmul_rn(dl, (float)q), ml);
+    }
+}
+
+__device__ __forceinline__ void deq_q4_k(const u8* w, int o, int n_rows, int n_cols, int u, float* out) {
+    // unit = one 32-element sub-block s of block u/8
+    int nblk = n_cols >> 8;
+    const u8* p = w + ((i64)o * nblk + (u >> 3)) * 144;
+    int sb = u & 7;
+    float d = h2f(ld16(p)), dmin = h2f(ld16(p + 2));
+    u32 s[3] = {ld32(p + 4), ld32(p + 8), ld32(p + 12)};
+    u32 sc, mn;
+    q4k_scale_min(s, sb, &sc, &mn);
+    float dl = __fmul_rn(d, (float)sc);
+    float ml = __fmul_rn(dmin, (float)mn);
+    const u8* qs = p + 16 + 32 * (sb >> 1);
+    for (int l = 0; l < 32; l++) {
+        u32 q = (qs[l] >> (4 * (sb & 1))) & 15;
+        out[l] = __fsub_rn(__fmul_rn(dl, (float)q), ml);
+    }
+}
+
+__device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int n_cols, int u, float* out) {
+    int nblk = n_cols >> 8;
+    const u8* p = w + ((i64)o * nblk + (u >> 3)) * 66;
+    const u8* g = p + 2 + 8 * (u & 7);
+    float d = h2f(ld16(p));
+    u32 a = (u32)ld16(g) | ((u32)ld16(g + 2) << 16);
+    u32 b = (u32)ld16(g + 4) | ((u32)ld16(g + 6) << 16);
+    float db = __fmul_rn(__fmul_rn(d, __fadd_rn(0.5f, (float)(b >> 28))), 0.25f);
+    for (int l = 0; l < 4; l++) {
+        u64 grid = ds4_iq2_grid[(a >> (8 * l)) & 255];
+        u32 sg = ds4_iq2_signs[(b >> (7 * l)) & 127];
+        for (int k = 0; k < 8; k++) {
+            float v = __fmul_rn(db, (float)((grid >> (8 * k)) & 255));
+            out[8 * l + k] = (sg >> k) & 1 ? -v : v;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels, instantiated per type by a macro (extern "C" names: mv_<t>, mm_<t>, dq_<t>).
+// ---------------------------------------------------------------------------------------------
+
+// mv_<t>: grouped matvec. blockIdx.y = slot; the slot's matrix is expert ids[slot] (expert 0
+// when ids is null) at `expert_bytes` stride; its input is x + slot*x_stride (x_stride 0 =
+// all slots share x) and its output y + slot*n_rows. A plain matvec is the one-slot case.
+//
+// mm_<t>: y[t][o] = row_o . x[t] for n_tok tokens (x: n_tok x n_cols, y: n_tok x n_rows,
+// row-major like the CPU `matmul`); blockIdx.y = tile of MM_TOKENS tokens, so each weight
+// unit is decoded once per tile.
+//
+// dq_<t>: dequantize the matrix to f16 (row-major n_rows x n_cols) for library GEMMs; one
+// thread per dequantization unit.
+// Shared memory for the IQ2_XXS tables only in the kernels that use them (a 16-byte dummy
+// otherwise): unused shared memory would come out of the L1 that caches the activations.
+#define DS4_TABLES(USES_TABLES)                                                                  \
+    __shared__ float4 tables_raw_[USES_TABLES ? (sizeof(Iq2Smem) + 15) / 16 : 1];                \
+    const Iq2Smem* tables_ = (const Iq2Smem*)tables_raw_;                                        \
+    if (USES_TABLES) load_iq2_tables((Iq2Smem*)tables_raw_);
+
+#define DS4_KERNELS(T, U, USES_TABLES, DQ_ELEMS)                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,          \
+               int n_rows, int n_cols, const float* __restrict__ x, i64 x_stride,                \
+               float* __restrict__ y) {                                                          \
+        DS4_TABLES(USES_TABLES)                                                                  \
+        int slot = blockIdx.y;                                                                   \
+        int o = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);                               \
+        if (o >= n_rows) return;                                                                 \
+        const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                            \
+        float acc[1] = {0.0f};                                                                   \
+        RowCtx c = {wb, o, n_rows, n_cols};                                                      \
+        dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_);                            \
+        float r = warp_sum(acc[0]);                                                              \
+        if ((threadIdx.x & 31) == 0) y[(i64)slot * n_rows + o] = r;                              \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        mm_##T(const u8* __restrict__ w, int n_rows, int n_cols, const float* __restrict__ x,    \
+               int n_tok, float* __restrict__ y) {                                               \
+        DS4_TABLES(USES_TABLES)                                                                  \
+        int o = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);                               \
+        if (o >= n_rows) return;                                                                 \
+        int t0 = blockIdx.y * MM_TOKENS;                                                         \
+        int nt = min(MM_TOKENS, n_tok - t0);                                                     \
+        float acc[MM_TOKENS];                                                                    \
+        _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) acc[t] = 0.0f;                     \
+        RowCtx c = {w, o, n_rows, n_cols};                                                       \
+        dot_row<U, MM_TOKENS, 1>(c, x + (i64)t0 * n_cols, n_cols, nt, acc, tables_);             \
+        _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) {                                  \
+            float r = warp_sum(acc[t]);                                                          \
+            if ((threadIdx.x & 31) == 0 && t < nt) y[(i64)(t0 + t) * n_rows + o] = r;            \
+        }                                                                                        \
+    }                                                                                            \
+    extern "C" __global__ void dq_##T(const u8* __restrict__ w, int n_rows, int n_cols,          \
+                                      u16* __restrict__ out) {                                   \
+        i64 upr = n_cols / DQ_ELEMS;                                                             \
+        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                      \
+        if (i >= upr * n_rows) return;                                                           \
+        int o = (int)(i / upr), u = (int)(i % upr);                                              \
+        float v[DQ_ELEMS];                                                                       \
+        deq_##T(w, o, n_rows, n_cols, u, v);                                                     \
+        u16* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                    \
+        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = f2h(v[k]);                                   \
+    }
+
+DS4_KERNELS(f32, UF32, 0, 4)
+DS4_KERNELS(f16, UF16, 0, 8)
+DS4_KERNELS(q8_0, UQ8_0, 0, 32)
+DS4_KERNELS(q2_k, UQ2_K, 0, 16)
+DS4_KERNELS(q4_k, UQ4_K, 0, 32)
+DS4_KERNELS(iq2_xxs, UIQ2_XXS, 1, 32)
+
+// f32 -> f16 (round to nearest even), for the activations of the f16 GEMM path.
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, i64 n) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = f2h(x[i]);
+}
+
+// Dequantize to f32 (exact, used by the self-test to compare against the CPU bit for bit).
+#define DS4_DQ32(T, DQ_ELEMS)                                                                    \
+    extern "C" __global__ void dq32_##T(const u8* __restrict__ w, int n_rows, int n_cols,        \
+                                        float* __restrict__ out) {                               \
+        i64 upr = n_cols / DQ_ELEMS;                                                             \
+        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                      \
+        if (i >= upr * n_rows) return;                                                           \
+        int o = (int)(i / upr), u = (int)(i % upr);                                              \
+        float v[DQ_ELEMS];                                                                       \
+        deq_##T(w, o, n_rows, n_cols, u, v);                                                     \
+        float* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                  \
+        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = v[k];                                        \
+    }
+
+DS4_DQ32(f32, 4)
+DS4_DQ32(f16, 8)
+DS4_DQ32(q8_0, 32)
+DS4_DQ32(q2_k, 16)
+DS4_DQ32(q4_k, 32)
+DS4_DQ32(iq2_xxs, 32)

@@ -1,0 +1,112 @@
+//! AVX2/FMA twin of `fdot::feed_scalar` (same lane mapping, fused multiply-add), plus the
+//! fused F16 row dot (F16C conversion is exact, so it equals dequantize-then-feed).
+
+use super::fdot::{Acc, LANES};
+use std::arch::x86_64::*;
+
+/// # Safety
+/// Requires AVX2 and FMA (checked by the dispatcher).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn feed(acc: &mut Acc, w: &[f32], x: &[f32]) {
+    debug_assert_eq!(w.len(), x.len());
+    let n32 = w.len() / LANES * LANES;
+    let a = acc.0.as_mut_ptr();
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    // SAFETY: all offsets are < n32 ≤ len of both slices; unaligned loads/stores.
+    unsafe {
+        let mut a0 = _mm256_loadu_ps(a);
+        let mut a1 = _mm256_loadu_ps(a.add(8));
+        let mut a2 = _mm256_loadu_ps(a.add(16));
+        let mut a3 = _mm256_loadu_ps(a.add(24));
+        let mut i = 0;
+        while i < n32 {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 8)),
+                _mm256_loadu_ps(xp.add(i + 8)),
+                a1,
+            );
+            a2 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 16)),
+                _mm256_loadu_ps(xp.add(i + 16)),
+                a2,
+            );
+            a3 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(wp.add(i + 24)),
+                _mm256_loadu_ps(xp.add(i + 24)),
+                a3,
+            );
+            i += LANES;
+        }
+        _mm256_storeu_ps(a, a0);
+        _mm256_storeu_ps(a.add(8), a1);
+        _mm256_storeu_ps(a.add(16), a2);
+        _mm256_storeu_ps(a.add(24), a3);
+    }
+    // Tail (last piece of a row only): same lanes as the scalar twin.
+    for (l, (p, q)) in w[n32..].iter().zip(&x[n32..]).enumerate() {
+        acc.0[l] += p * q;
+    }
+}
+
+/// Fused F16 row · f32 vector for a piece whose length is a multiple of 32, equal to
+/// dequantizing to f32 and calling [`feed`] (F16C widening is exact).
+///
+/// # Safety
+/// Requires AVX2, FMA and F16C; `row.len() == 2 * x.len()` and `x.len() % 32 == 0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn feed_f16(acc: &mut Acc, row: &[u8], x: &[f32]) {
+    debug_assert!(row.len() == 2 * x.len() && x.len().is_multiple_of(LANES));
+    let a = acc.0.as_mut_ptr();
+    let (rp, xp) = (row.as_ptr(), x.as_ptr());
+    // SAFETY: offsets stay inside both slices per the preconditions above.
+    unsafe {
+        let mut acc4 = [
+            _mm256_loadu_ps(a),
+            _mm256_loadu_ps(a.add(8)),
+            _mm256_loadu_ps(a.add(16)),
+            _mm256_loadu_ps(a.add(24)),
+        ];
+        let mut i = 0;
+        while i < x.len() {
+            for (k, ak) in acc4.iter_mut().enumerate() {
+                let h = _mm_loadu_si128(rp.add(2 * (i + 8 * k)) as *const __m128i);
+                *ak = _mm256_fmadd_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(xp.add(i + 8 * k)), *ak);
+            }
+            i += LANES;
+        }
+        for (k, ak) in acc4.iter().enumerate() {
+            _mm256_storeu_ps(a.add(8 * k), *ak);
+        }
+    }
+}
+
+/// f16 → f32 of one value via F16C (faster than the software conversion in hot loops).
+///
+/// # Safety
+/// Requires F16C.
+#[target_feature(enable = "f16c")]
+#[inline]
+pub(crate) unsafe fn f16_to_f32(bits: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Horizontal sum of 8 i32 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Horizontal sum of 8 f32 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn hsum_f32(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
