@@ -86,6 +86,36 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_OPTIONS = _proxy
 
 
+class Trap(BaseHTTPRequestHandler):
+    """Set as HTTP(S)_PROXY for the clients (with NO_PROXY=127.0.0.1,localhost): any attempt to
+    reach the internet lands here, is logged and refused."""
+
+    protocol_version = "HTTP/1.1"
+    log_path = ""
+
+    def log_message(self, *a):
+        pass
+
+    def _trap(self):
+        with LOCK, open(self.log_path, "a") as f:
+            f.write(json.dumps({"t": round(time.time(), 3), "method": self.command, "target": self.path}) + "\n")
+        self.send_response(403)
+        self.send_header("content-length", "0")
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    do_CONNECT = do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_OPTIONS = _trap
+
+
+def start_trap(log_path):
+    handler = type("T", (Trap,), {"log_path": str(log_path)})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
 def start(listen, upstream, log_path):
     """Serves in a background thread; returns the server (call .shutdown() to stop)."""
     handler = type("H", (Handler,), {"upstream": upstream, "log_path": str(log_path)})
