@@ -110,3 +110,83 @@ pub(crate) unsafe fn hsum_f32(v: __m256) -> f32 {
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
 }
+
+/// [`feed`] of one weight row into `T` accumulators, one per token (`xs[t]`: `w.len()`
+/// values): each weight vector is loaded once for all tokens. Per token the FMAs into each
+/// lane happen in the same order as [`feed`] (and the tail uses the same separate multiply
+/// and add), so every `accs[t]` ends bit-identical to feeding that token alone.
+///
+/// # Safety
+/// Requires AVX2 and FMA; every `xs[t]` valid for `w.len()` reads.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn feed_multi<const T: usize>(accs: &mut [Acc], w: &[f32], xs: [*const f32; T]) {
+    let n32 = w.len() / LANES * LANES;
+    let wp = w.as_ptr();
+    // SAFETY: offsets < w.len(); accs has ≥ T entries (checked by the slice indexing).
+    unsafe {
+        let mut a: [[__m256; 4]; T] = std::array::from_fn(|t| {
+            std::array::from_fn(|k| _mm256_loadu_ps(accs[t].0.as_ptr().add(8 * k)))
+        });
+        let mut i = 0;
+        while i < n32 {
+            for k in 0..4 {
+                let wv = _mm256_loadu_ps(wp.add(i + 8 * k));
+                for t in 0..T {
+                    a[t][k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].add(i + 8 * k)), a[t][k]);
+                }
+            }
+            i += LANES;
+        }
+        for t in 0..T {
+            for k in 0..4 {
+                _mm256_storeu_ps(accs[t].0.as_mut_ptr().add(8 * k), a[t][k]);
+            }
+            for (l, i) in (n32..w.len()).enumerate() {
+                accs[t].0[l] += w[i] * *xs[t].add(i);
+            }
+        }
+    }
+}
+
+/// [`feed_multi`] straight from an F16 row (`row`: `2·n` bytes, `n` elements), widening
+/// with F16C (exact), so it equals dequantizing the row and calling [`feed_multi`].
+///
+/// # Safety
+/// Requires AVX2, FMA and F16C; `row.len() == 2·n`; every `xs[t]` valid for `n` reads.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn feed_f16_multi<const T: usize>(
+    accs: &mut [Acc],
+    row: &[u8],
+    n: usize,
+    xs: [*const f32; T],
+) {
+    debug_assert_eq!(row.len(), 2 * n);
+    let n32 = n / LANES * LANES;
+    let rp = row.as_ptr();
+    // SAFETY: offsets < n (elements) / 2n (bytes).
+    unsafe {
+        let mut a: [[__m256; 4]; T] = std::array::from_fn(|t| {
+            std::array::from_fn(|k| _mm256_loadu_ps(accs[t].0.as_ptr().add(8 * k)))
+        });
+        let mut i = 0;
+        while i < n32 {
+            for k in 0..4 {
+                let h = _mm_loadu_si128(rp.add(2 * (i + 8 * k)) as *const __m128i);
+                let wv = _mm256_cvtph_ps(h);
+                for t in 0..T {
+                    a[t][k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].add(i + 8 * k)), a[t][k]);
+                }
+            }
+            i += LANES;
+        }
+        for t in 0..T {
+            for k in 0..4 {
+                _mm256_storeu_ps(accs[t].0.as_mut_ptr().add(8 * k), a[t][k]);
+            }
+            for (l, i) in (n32..n).enumerate() {
+                let wv = f16_to_f32(u16::from_le_bytes([*rp.add(2 * i), *rp.add(2 * i + 1)]));
+                accs[t].0[l] += wv * *xs[t].add(i);
+            }
+        }
+    }
+}
