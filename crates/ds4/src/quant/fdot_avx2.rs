@@ -1,5 +1,6 @@
-//! AVX2/FMA twin of `fdot::feed_scalar` (same lane mapping, fused multiply-add), plus the
-//! fused F16 row dot (F16C conversion is exact, so it equals dequantize-then-feed).
+//! AVX2/FMA twin of `fdot::feed_scalar` (same lane mapping, fused multiply-add), its
+//! multi-token forms (one weight load for several tokens' accumulators), and the fused F16
+//! forms (F16C conversion is exact, so they equal dequantize-then-feed).
 
 use super::fdot::{Acc, LANES};
 use std::arch::x86_64::*;
@@ -46,38 +47,6 @@ pub(crate) unsafe fn feed(acc: &mut Acc, w: &[f32], x: &[f32]) {
     // Tail (last piece of a row only): same lanes as the scalar twin.
     for (l, (p, q)) in w[n32..].iter().zip(&x[n32..]).enumerate() {
         acc.0[l] += p * q;
-    }
-}
-
-/// Fused F16 row · f32 vector for a piece whose length is a multiple of 32, equal to
-/// dequantizing to f32 and calling [`feed`] (F16C widening is exact).
-///
-/// # Safety
-/// Requires AVX2, FMA and F16C; `row.len() == 2 * x.len()` and `x.len() % 32 == 0`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn feed_f16(acc: &mut Acc, row: &[u8], x: &[f32]) {
-    debug_assert!(row.len() == 2 * x.len() && x.len().is_multiple_of(LANES));
-    let a = acc.0.as_mut_ptr();
-    let (rp, xp) = (row.as_ptr(), x.as_ptr());
-    // SAFETY: offsets stay inside both slices per the preconditions above.
-    unsafe {
-        let mut acc4 = [
-            _mm256_loadu_ps(a),
-            _mm256_loadu_ps(a.add(8)),
-            _mm256_loadu_ps(a.add(16)),
-            _mm256_loadu_ps(a.add(24)),
-        ];
-        let mut i = 0;
-        while i < x.len() {
-            for (k, ak) in acc4.iter_mut().enumerate() {
-                let h = _mm_loadu_si128(rp.add(2 * (i + 8 * k)) as *const __m128i);
-                *ak = _mm256_fmadd_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(xp.add(i + 8 * k)), *ak);
-            }
-            i += LANES;
-        }
-        for (k, ak) in acc4.iter().enumerate() {
-            _mm256_storeu_ps(a.add(8 * k), *ak);
-        }
     }
 }
 
@@ -187,6 +156,30 @@ pub(crate) unsafe fn feed_f16_multi<const T: usize>(
                 let wv = f16_to_f32(u16::from_le_bytes([*rp.add(2 * i), *rp.add(2 * i + 1)]));
                 accs[t].0[l] += wv * *xs[t].add(i);
             }
+        }
+    }
+}
+
+/// F16 → f32 of a whole row with F16C (the same conversion the `half` crate performs on
+/// this CPU, so bit-identical to the scalar decoder).
+///
+/// # Safety
+/// Requires AVX2 and F16C; `src.len() == 2·dst.len()`.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), 2 * dst.len());
+    let n8 = dst.len() / 8 * 8;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: offsets < dst.len() elements / src.len() bytes.
+    unsafe {
+        let mut i = 0;
+        while i < n8 {
+            let h = _mm_loadu_si128(sp.add(2 * i) as *const __m128i);
+            _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        for i in n8..dst.len() {
+            *dp.add(i) = f16_to_f32(u16::from_le_bytes([*sp.add(2 * i), *sp.add(2 * i + 1)]));
         }
     }
 }

@@ -317,9 +317,10 @@ unsafe fn group_multi<const G: usize, const T: usize>(
 /// Requires AVX2 and F16C; `row.len() == 66·nb`, each `xs[t]` valid for `nb` blocks,
 /// `out.len() >= T`; the q8 range precondition of [`dot_no_m128`].
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_no_m128_multi<const T: usize>(
+#[inline]
+unsafe fn dot_no_m128_multi_row<const T: usize>(
     row: &[u8],
-    xs: [*const BlockQ8K; T],
+    xs: &[*const BlockQ8K; T],
     out: &mut [f32],
 ) {
     let nb = row.len() / BLOCK_BYTES;
@@ -347,4 +348,22 @@ pub(crate) unsafe fn dot_no_m128_multi<const T: usize>(
         }
     }
     out[..T].copy_from_slice(&acc);
+}
+
+/// [`dot_no_m128_multi_row`] over consecutive rows of `rb` bytes in `rows`: `out[r·T + t]`.
+///
+/// # Safety
+/// As [`dot_no_m128_multi_row`] for every row; `rows.len()` a multiple of `rb`,
+/// `out.len() >= T·rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_no_m128_multi<const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    xs: [*const BlockQ8K; T],
+    out: &mut [f32],
+) {
+    for (r, row) in rows.chunks_exact(rb).enumerate() {
+        // SAFETY: forwarded preconditions.
+        unsafe { dot_no_m128_multi_row::<T>(row, &xs, &mut out[r * T..(r + 1) * T]) }
+    }
 }

@@ -153,6 +153,8 @@ pub fn dequantize_row_with(isa: Isa, ty: GgmlType, src: &[u8], dst: &mut [f32]) 
         (Isa::Avx2, GgmlType::Q4_K) => unsafe { q4_k_avx2::dequantize(src, dst) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, GgmlType::IQ2_XXS) => unsafe { iq2_xxs_avx2::dequantize(src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, GgmlType::F16) => unsafe { fdot_avx2::dequantize_f16(src, dst) },
         (_, GgmlType::F32) => f16::dequantize_f32(src, dst),
         (_, GgmlType::F16) => f16::dequantize_f16(src, dst),
         (_, GgmlType::BF16) => f16::dequantize_bf16(src, dst),
@@ -284,16 +286,19 @@ pub fn dot_f32_with(isa: Isa, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         row.len(),
         x.len()
     );
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && ty == GgmlType::F16 {
+        // The whole row in one pass (F16C widening is exact): the same per-lane FMAs and
+        // scalar tail as feeding it chunk by chunk.
+        let mut acc = [fdot::Acc::new(); 1];
+        // SAFETY: AVX2+FMA+F16C checked by `usable`; row has 2·x.len() bytes.
+        unsafe { fdot_avx2::feed_f16_multi::<1>(&mut acc, row, x.len(), [x.as_ptr()]) };
+        return acc[0].finish();
+    }
     let chunk_bytes = CHUNK / ty.block_elems() * ty.block_bytes();
     let mut acc = fdot::Acc::new();
     let mut buf = [0f32; CHUNK];
     for (xc, rc) in x.chunks(CHUNK).zip(row.chunks(chunk_bytes)) {
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 && ty == GgmlType::F16 && xc.len() == CHUNK {
-            // SAFETY: AVX2+FMA+F16C checked by `usable`; rc has 2·CHUNK bytes.
-            unsafe { fdot_avx2::feed_f16(&mut acc, rc, xc) };
-            continue;
-        }
         let w = &mut buf[..xc.len()];
         dequantize_row_with(isa, ty, rc, w);
         feed(isa, &mut acc, w, xc);
@@ -600,28 +605,32 @@ impl Act {
         }
     }
 
-    /// Quantized dots of `row` with tokens `t0..t0+nt` (1 ≤ nt ≤ [`TOK`]) into `out[..nt]`;
-    /// `false` in f32 mode. Each value equals the single-token kernel's bit for bit.
+    /// Quantized dots of the consecutive rows in `rows` (`rb` bytes each) with tokens
+    /// `t0..t0+nt` (1 ≤ nt ≤ [`TOK`]) into `out[r·nt + j]`; `false` in f32 mode. Each
+    /// value equals the single-token kernel's bit for bit.
     #[allow(clippy::too_many_arguments)]
-    fn dot_tokens(
+    fn dot_rows(
         &self,
         isa: Isa,
         ty: GgmlType,
-        row: &[u8],
+        rows: &[u8],
+        rb: usize,
         t0: usize,
         nt: usize,
         bpt: usize,
         out: &mut [f32],
     ) -> bool {
-        debug_assert!((1..=TOK).contains(&nt));
-        assert_eq!(row.len(), bpt * ty.block_bytes(), "{ty}: row length");
-        let _ = isa;
+        assert!((1..=TOK).contains(&nt));
+        assert_eq!(rb, bpt * ty.block_bytes(), "{ty}: row length");
+        assert!(rows.len().is_multiple_of(rb) && out.len() >= rows.len() / rb * nt);
         match self {
             Act::F32 => return false,
             Act::Q8_0(v) => {
-                for j in 0..nt {
-                    let t = t0 + j;
-                    out[j] = dot_q8_0_with(isa, row, &v[t * bpt..(t + 1) * bpt]);
+                for (r, row) in rows.chunks_exact(rb).enumerate() {
+                    for j in 0..nt {
+                        let t = t0 + j;
+                        out[r * nt + j] = dot_q8_0_with(isa, row, &v[t * bpt..(t + 1) * bpt]);
+                    }
                 }
             }
             #[cfg(target_arch = "x86_64")]
@@ -629,12 +638,13 @@ impl Act {
                 let n_cols = bpt * QK8_0;
                 assert!((t0 + nt) * n_cols <= q16.len() && (t0 + nt) * bpt <= d.len());
                 let (qp, dp) = (q16.as_ptr(), d.as_ptr());
-                // SAFETY: built only when AVX2 is usable; token ranges checked above, row
-                // length checked above.
+                // SAFETY: built only when AVX2 is usable; token ranges, row length and
+                // output length checked above.
                 unsafe {
                     with_const_nt!(nt, T, {
                         q8_0_avx2::dot_i16_multi::<T>(
-                            row,
+                            rows,
+                            rb,
                             std::array::from_fn(|j| qp.add((t0 + j) * n_cols)),
                             std::array::from_fn(|j| dp.add((t0 + j) * bpt)),
                             out,
@@ -649,13 +659,14 @@ impl Act {
                 #[cfg(target_arch = "x86_64")]
                 if isa.usable() == Isa::Avx2 {
                     let xp = |j: usize| v[(t0 + j) * bpt..].as_ptr();
-                    // SAFETY: AVX2 usable; token ranges and row length checked above.
+                    // SAFETY: AVX2 usable; token ranges, row and output lengths checked.
                     unsafe {
                         match ty {
                             GgmlType::IQ2_XXS if *nm => {
                                 with_const_nt!(nt, T, {
                                     iq2_xxs_avx2::dot_no_m128_multi::<T>(
-                                        row,
+                                        rows,
+                                        rb,
                                         std::array::from_fn(xp),
                                         out,
                                     )
@@ -664,13 +675,23 @@ impl Act {
                             }
                             GgmlType::Q2_K => {
                                 with_const_nt!(nt, T, {
-                                    q2_k_avx2::dot_multi::<T>(row, std::array::from_fn(xp), out)
+                                    q2_k_avx2::dot_multi::<T>(
+                                        rows,
+                                        rb,
+                                        std::array::from_fn(xp),
+                                        out,
+                                    )
                                 });
                                 return true;
                             }
                             GgmlType::Q4_K => {
                                 with_const_nt!(nt, T, {
-                                    q4_k_avx2::dot_multi::<T>(row, std::array::from_fn(xp), out)
+                                    q4_k_avx2::dot_multi::<T>(
+                                        rows,
+                                        rb,
+                                        std::array::from_fn(xp),
+                                        out,
+                                    )
                                 });
                                 return true;
                             }
@@ -678,9 +699,12 @@ impl Act {
                         }
                     }
                 }
-                for j in 0..nt {
-                    let t = t0 + j;
-                    out[j] = dot_q8_k_inner(isa, ty, row, &v[t * bpt..(t + 1) * bpt], *nm);
+                for (r, row) in rows.chunks_exact(rb).enumerate() {
+                    for j in 0..nt {
+                        let t = t0 + j;
+                        out[r * nt + j] =
+                            dot_q8_k_inner(isa, ty, row, &v[t * bpt..(t + 1) * bpt], *nm);
+                    }
                 }
             }
         }
@@ -769,15 +793,11 @@ pub fn matvec(
     let act = Act::new(isa, ty, x, n_cols, exact);
     let bpt = n_cols / ty.block_elems();
     let rows = |ys: &mut [f32], r0: usize| {
-        let mut one = [0f32; 1];
-        for (i, yo) in ys.iter_mut().enumerate() {
-            let o = r0 + i;
-            let row = &w[o * rb..(o + 1) * rb];
-            *yo = if act.dot_tokens(isa, ty, row, 0, 1, bpt, &mut one) {
-                one[0]
-            } else {
-                dot_f32_with(isa, ty, row, x)
-            };
+        let r1 = r0 + ys.len();
+        if !act.dot_rows(isa, ty, &w[r0 * rb..r1 * rb], rb, 0, 1, bpt, ys) {
+            for (yo, row) in ys.iter_mut().zip(w[r0 * rb..r1 * rb].chunks_exact(rb)) {
+                *yo = dot_f32_with(isa, ty, row, x);
+            }
         }
     };
     let chunk = task_rows(n_rows, n_cols, 1, usize::MAX, 32);
@@ -857,16 +877,24 @@ pub fn matmul(
     let cap = (64 * 1024 / rb.max(1)).max(1);
     let tile = task_rows(n_rows, n_cols, n_tok, cap, 4);
     for_row_tiles(n_rows, tile, |r0, r1| {
-        let mut tmp = [0f32; TOK];
+        // Rows per kernel call: one call covers a batch of rows (short rows would
+        // otherwise pay the call overhead per row); results land in `tmp`, row-major.
+        const BATCH: usize = 32;
+        let mut tmp = [0f32; BATCH * TOK];
         let mut t0 = 0;
         while t0 < n_tok {
             let nt = TOK.min(n_tok - t0);
-            for o in r0..r1 {
-                act.dot_tokens(isa, ty, &w[o * rb..(o + 1) * rb], t0, nt, bpt, &mut tmp);
-                for (j, &v) in tmp[..nt].iter().enumerate() {
-                    // SAFETY: (t0+j, o) is inside ys and only this task owns row o.
-                    unsafe { out.write((t0 + j) * n_rows + o, v) };
+            let mut b0 = r0;
+            while b0 < r1 {
+                let b1 = (b0 + BATCH).min(r1);
+                act.dot_rows(isa, ty, &w[b0 * rb..b1 * rb], rb, t0, nt, bpt, &mut tmp);
+                for (r, o) in (b0..b1).enumerate() {
+                    for (j, &v) in tmp[r * nt..(r + 1) * nt].iter().enumerate() {
+                        // SAFETY: (t0+j, o) is inside ys and only this task owns row o.
+                        unsafe { out.write((t0 + j) * n_rows + o, v) };
+                    }
                 }
+                b0 = b1;
             }
             t0 += nt;
         }

@@ -175,11 +175,8 @@ unsafe fn step_multi<const H: usize, const J: i32, const G: i8, const T: usize>(
 /// Requires AVX2 and F16C; `row.len() == 84·nb`, each `xs[t]` valid for `nb` blocks,
 /// `out.len() >= T`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_multi<const T: usize>(
-    row: &[u8],
-    xs: [*const BlockQ8K; T],
-    out: &mut [f32],
-) {
+#[inline]
+unsafe fn dot_multi_row<const T: usize>(row: &[u8], xs: &[*const BlockQ8K; T], out: &mut [f32]) {
     let nb = row.len() / BLOCK_BYTES;
     let mut acc = [0f32; T];
     let m4 = _mm_set1_epi8(15);
@@ -217,4 +214,22 @@ pub(crate) unsafe fn dot_multi<const T: usize>(
         }
     }
     out[..T].copy_from_slice(&acc);
+}
+
+/// [`dot_multi_row`] over consecutive rows of `rb` bytes in `rows`: `out[r·T + t]`.
+///
+/// # Safety
+/// As [`dot_multi_row`] for every row; `rows.len()` a multiple of `rb`,
+/// `out.len() >= T·rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_multi<const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    xs: [*const BlockQ8K; T],
+    out: &mut [f32],
+) {
+    for (r, row) in rows.chunks_exact(rb).enumerate() {
+        // SAFETY: forwarded preconditions.
+        unsafe { dot_multi_row::<T>(row, &xs, &mut out[r * T..(r + 1) * T]) }
+    }
 }

@@ -64,10 +64,11 @@ pub(crate) unsafe fn dequantize(src: &[u8], dst: &mut [f32]) {
 /// Requires AVX2, FMA and F16C; `row.len() == 34·nb`, every `x16[t]` valid for `32·nb`
 /// reads and every `xd[t]` for `nb`; `out.len() >= T`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_i16_multi<const T: usize>(
+#[inline]
+unsafe fn dot_i16_row<const T: usize>(
     row: &[u8],
-    x16: [*const i16; T],
-    xd: [*const f32; T],
+    x16: &[*const i16; T],
+    xd: &[*const f32; T],
     out: &mut [f32],
 ) {
     let nb = row.len() / BLOCK_BYTES;
@@ -93,5 +94,24 @@ pub(crate) unsafe fn dot_i16_multi<const T: usize>(
         for t in 0..T {
             out[t] = hsum_f32(acc[t]);
         }
+    }
+}
+
+/// [`dot_i16_row`] over consecutive rows of `rb` bytes in `rows` (one call per batch of
+/// rows keeps the per-row overhead out of short rows): `out[r·T + t]`.
+///
+/// # Safety
+/// As [`dot_i16_row`] for every row; `rows.len()` a multiple of `rb`, `out.len() >= T·rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_i16_multi<const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    x16: [*const i16; T],
+    xd: [*const f32; T],
+    out: &mut [f32],
+) {
+    for (r, row) in rows.chunks_exact(rb).enumerate() {
+        // SAFETY: forwarded preconditions.
+        unsafe { dot_i16_row::<T>(row, &x16, &xd, &mut out[r * T..(r + 1) * T]) }
     }
 }
