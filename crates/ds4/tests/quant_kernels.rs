@@ -649,3 +649,50 @@ fn q8_k_quantizer_never_emits_minus_128() {
     let want = dot_q8_k_with(Isa::Scalar, GgmlType::IQ2_XXS, &row, &xq);
     assert_eq!(y[0].to_bits(), want.to_bits());
 }
+
+/// The register-tiled `matmul` kernels (several tokens per weight block, token counts that
+/// leave every remainder, row counts that split into uneven parallel tiles, float rows
+/// whose length is not a multiple of 32) equal `matvec` per token bit for bit, in both
+/// modes.
+#[test]
+fn matmul_tiles_equal_matvec_many_shapes() {
+    let mut rng = Rng(61);
+    for ty in ALL {
+        let col_opts: &[usize] = match ty.block_elems() {
+            1 => &[100, 1024],
+            32 => &[64, 4096],
+            _ => &[256, 4096],
+        };
+        for &n_cols in col_opts {
+            for &(n_rows, n_tok) in &[(1usize, 9usize), (19, 6), (300, 7), (40, 2)] {
+                let w: Vec<u8> = (0..n_rows)
+                    .flat_map(|_| random_row(ty, n_cols, &mut rng, n_rows % 2 == 0))
+                    .collect();
+                let xs = rng.vec(n_tok * n_cols, 1.0);
+                for exact in [true, false] {
+                    let mut ys = vec![f32::NAN; n_tok * n_rows];
+                    matmul(ty, &w, n_rows, n_cols, &xs, n_tok, &mut ys, exact);
+                    for t in 0..n_tok {
+                        let mut y = vec![0f32; n_rows];
+                        matvec(
+                            ty,
+                            &w,
+                            n_rows,
+                            n_cols,
+                            &xs[t * n_cols..(t + 1) * n_cols],
+                            &mut y,
+                            exact,
+                        );
+                        for o in 0..n_rows {
+                            assert_eq!(
+                                ys[t * n_rows + o].to_bits(),
+                                y[o].to_bits(),
+                                "{ty} {n_rows}x{n_cols} n_tok={n_tok} exact={exact} t={t} row {o}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

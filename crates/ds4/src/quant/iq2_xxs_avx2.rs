@@ -284,3 +284,86 @@ pub(crate) unsafe fn dequantize(src: &[u8], dst: &mut [f32]) {
         }
     }
 }
+
+/// [`group`] (no -128 form) for `T` tokens: grid, signs and scale are formed once.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn group_multi<const G: usize, const T: usize>(
+    b: *const u8,
+    xs: &[*const i8; T],
+    ss: &SignScale,
+    tot: &mut [__m256i; T],
+) {
+    // SAFETY: as in `grid`; every xs[t] has 256 bytes.
+    unsafe {
+        let neg = ss.neg_mask::<G>();
+        let g = grid::<G>(b);
+        let s = _mm256_or_si256(neg, _mm256_set1_epi8(1));
+        let sc = ss.scale::<G>();
+        for t in 0..T {
+            let x8 = _mm256_loadu_si256(xs[t].add(32 * G) as *const __m256i);
+            let p = _mm256_maddubs_epi16(g, _mm256_sign_epi8(x8, s));
+            tot[t] = _mm256_add_epi32(tot[t], _mm256_madd_epi16(p, sc));
+        }
+    }
+}
+
+/// One IQ2_XXS row against `T` tokens whose q8 values all lie in [-127, 127] (`xs[t]`:
+/// `nb` Q8_K blocks each). The block's grid rows, signs and scales are decoded once for
+/// all tokens; per token the integer total is the exact sum of [`dot_no_m128`] and the f32
+/// expression is the same, so each `out[t]` is bit-identical to it.
+///
+/// # Safety
+/// Requires AVX2 and F16C; `row.len() == 66·nb`, each `xs[t]` valid for `nb` blocks,
+/// `out.len() >= T`; the q8 range precondition of [`dot_no_m128`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_no_m128_multi_row<const T: usize>(
+    row: &[u8],
+    xs: &[*const BlockQ8K; T],
+    out: &mut [f32],
+) {
+    let nb = row.len() / BLOCK_BYTES;
+    let mut acc = [0f32; T];
+    // SAFETY: per the preconditions.
+    unsafe {
+        for i in 0..nb {
+            let bp = row.as_ptr().add(i * BLOCK_BYTES);
+            let ss = SignScale::new(bp);
+            let xq: [*const i8; T] = std::array::from_fn(|t| (*xs[t].add(i)).qs.as_ptr());
+            let mut tot = [_mm256_setzero_si256(); T];
+            group_multi::<0, T>(bp, &xq, &ss, &mut tot);
+            group_multi::<1, T>(bp, &xq, &ss, &mut tot);
+            group_multi::<2, T>(bp, &xq, &ss, &mut tot);
+            group_multi::<3, T>(bp, &xq, &ss, &mut tot);
+            group_multi::<4, T>(bp, &xq, &ss, &mut tot);
+            group_multi::<5, T>(bp, &xq, &ss, &mut tot);
+            group_multi::<6, T>(bp, &xq, &ss, &mut tot);
+            group_multi::<7, T>(bp, &xq, &ss, &mut tot);
+            let d = f16_to_f32(u16::from_le_bytes([*bp, *bp.add(1)]));
+            for t in 0..T {
+                let x = &*xs[t].add(i);
+                acc[t] += 0.125 * d * x.d * hsum_i32(tot[t]) as f32;
+            }
+        }
+    }
+    out[..T].copy_from_slice(&acc);
+}
+
+/// [`dot_no_m128_multi_row`] over consecutive rows of `rb` bytes in `rows`: `out[r·T + t]`.
+///
+/// # Safety
+/// As [`dot_no_m128_multi_row`] for every row; `rows.len()` a multiple of `rb`,
+/// `out.len() >= T·rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_no_m128_multi<const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    xs: [*const BlockQ8K; T],
+    out: &mut [f32],
+) {
+    for (r, row) in rows.chunks_exact(rb).enumerate() {
+        // SAFETY: forwarded preconditions.
+        unsafe { dot_no_m128_multi_row::<T>(row, &xs, &mut out[r * T..(r + 1) * T]) }
+    }
+}

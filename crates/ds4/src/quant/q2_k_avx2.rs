@@ -136,3 +136,100 @@ pub(crate) unsafe fn dequantize(src: &[u8], dst: &mut [f32]) {
         }
     }
 }
+
+/// [`step`] for `T` tokens: the codes and the scale broadcast are formed once.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn step_multi<const H: usize, const J: i32, const G: i8, const T: usize>(
+    q: __m256i,
+    sc: __m256i,
+    xs: &[*const i8; T],
+    isum: &mut [__m256i; T],
+) {
+    // SAFETY: every xs[t] has 256 bytes; offset 128H + 32J + 32 ≤ 256.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let q2 = _mm256_and_si256(
+            match J {
+                0 => q,
+                1 => _mm256_srli_epi16::<2>(q),
+                2 => _mm256_srli_epi16::<4>(q),
+                _ => _mm256_srli_epi16::<6>(q),
+            },
+            m3,
+        );
+        let s = _mm256_shuffle_epi8(sc, pair_pattern::<G>());
+        for t in 0..T {
+            let x8 = _mm256_loadu_si256(xs[t].add(128 * H + 32 * J as usize) as *const __m256i);
+            let p = _mm256_maddubs_epi16(q2, x8);
+            isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p, s));
+        }
+    }
+}
+
+/// One Q2_K row against `T` tokens (`xs[t]`: `nb` Q8_K blocks each). Per token the integer
+/// sums are the exact sums of [`dot`] and the per-block f32 expression is the same, so
+/// each `out[t]` is bit-identical to `dot(row, token t)`.
+///
+/// # Safety
+/// Requires AVX2 and F16C; `row.len() == 84·nb`, each `xs[t]` valid for `nb` blocks,
+/// `out.len() >= T`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_multi_row<const T: usize>(row: &[u8], xs: &[*const BlockQ8K; T], out: &mut [f32]) {
+    let nb = row.len() / BLOCK_BYTES;
+    let mut acc = [0f32; T];
+    let m4 = _mm_set1_epi8(15);
+    // SAFETY: per the preconditions.
+    unsafe {
+        for i in 0..nb {
+            let bp = row.as_ptr().add(i * BLOCK_BYTES);
+            let s16 = _mm_loadu_si128(bp as *const __m128i);
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(s16), m4));
+            let sc128 = _mm_and_si128(s16, m4);
+            let sc = _mm256_set_m128i(sc128, sc128);
+            let q0 = _mm256_loadu_si256(bp.add(16) as *const __m256i);
+            let q1 = _mm256_loadu_si256(bp.add(48) as *const __m256i);
+            let xq: [*const i8; T] = std::array::from_fn(|t| (*xs[t].add(i)).qs.as_ptr());
+            let mut isum = [_mm256_setzero_si256(); T];
+            step_multi::<0, 0, 0, T>(q0, sc, &xq, &mut isum);
+            step_multi::<0, 1, 2, T>(q0, sc, &xq, &mut isum);
+            step_multi::<0, 2, 4, T>(q0, sc, &xq, &mut isum);
+            step_multi::<0, 3, 6, T>(q0, sc, &xq, &mut isum);
+            step_multi::<1, 0, 8, T>(q1, sc, &xq, &mut isum);
+            step_multi::<1, 1, 10, T>(q1, sc, &xq, &mut isum);
+            step_multi::<1, 2, 12, T>(q1, sc, &xq, &mut isum);
+            step_multi::<1, 3, 14, T>(q1, sc, &xq, &mut isum);
+            let dw = f16_to_f32(u16::from_le_bytes([*bp.add(80), *bp.add(81)]));
+            let dm = f16_to_f32(u16::from_le_bytes([*bp.add(82), *bp.add(83)]));
+            for t in 0..T {
+                let x = &*xs[t].add(i);
+                let bs = _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i);
+                let summs = hsum_i32(_mm256_madd_epi16(mins, bs));
+                let isum = hsum_i32(isum[t]);
+                let d = x.d * dw;
+                let dmin = x.d * dm;
+                acc[t] += d * isum as f32 - dmin * summs as f32;
+            }
+        }
+    }
+    out[..T].copy_from_slice(&acc);
+}
+
+/// [`dot_multi_row`] over consecutive rows of `rb` bytes in `rows`: `out[r·T + t]`.
+///
+/// # Safety
+/// As [`dot_multi_row`] for every row; `rows.len()` a multiple of `rb`,
+/// `out.len() >= T·rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_multi<const T: usize>(
+    rows: &[u8],
+    rb: usize,
+    xs: [*const BlockQ8K; T],
+    out: &mut [f32],
+) {
+    for (r, row) in rows.chunks_exact(rb).enumerate() {
+        // SAFETY: forwarded preconditions.
+        unsafe { dot_multi_row::<T>(row, &xs, &mut out[r * T..(r + 1) * T]) }
+    }
+}

@@ -67,6 +67,7 @@ pub(crate) fn quantize(src: &[f32], dst: &mut [u8]) {
 }
 
 /// ds4's activation quantizer for one block (model.md §5, `quantize_q8_0_activation`).
+#[inline(always)]
 pub(crate) fn quantize_act_block(x: &[f32]) -> BlockQ8_0Act {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;

@@ -31,6 +31,7 @@ impl Default for BlockQ8K {
 /// |x| (the first one on ties), `iscale = -127/max`, `q = clamp(rne(iscale·x), -128, 127)`,
 /// `d = 1/iscale`. The sign flip means the largest element maps to exactly -127, which is
 /// why `q` never reaches -128 for finite input.
+#[inline(always)]
 pub(crate) fn quantize_block(x: &[f32], out: &mut BlockQ8K) {
     let mut amax = 0.0f32;
     let mut max = 0.0f32;
