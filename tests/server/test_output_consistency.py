@@ -127,3 +127,25 @@ def test_anthropic_message_start_reports_cached_split(make_server):
     assert starts[0]["cache_read_input_tokens"] == 0
     assert starts[1]["cache_read_input_tokens"] > 0
     assert starts[1]["input_tokens"] < starts[0]["input_tokens"]
+
+
+def test_anthropic_queued_stream_keeps_alive_before_message_start(make_server):
+    """While a stream waits in the queue it gets SSE comments (no event may precede
+    `message_start`), then `message_start` once its prefix lookup is done."""
+    import threading
+
+    s = make_server([PLAIN], args=["--test-delay-ms", "10", "--keepalive-secs", "1"])
+    long = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "word " * 2000}]}
+    t = threading.Thread(target=lambda: httpx.post(s.url + "/v1/messages", json=long, timeout=120))
+    t.start()
+    import time
+
+    time.sleep(0.5)
+    body = {"model": MODEL, "stream": True, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", s.url + "/v1/messages", json=body, timeout=120) as r:
+        text = "".join(r.iter_text())
+    t.join()
+    before, sep, _ = text.partition("event: message_start")
+    assert sep and before.startswith(": keep-alive"), text[:300]
+    assert "event:" not in before and "data:" not in before
+    assert text.rstrip().endswith('{"type":"message_stop"}')

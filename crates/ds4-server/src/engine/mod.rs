@@ -920,11 +920,11 @@ impl Projection<'_> {
                 // Choice: if it is the block's first call, the whole block is returned as
                 // text (as with no tools); a later one is dropped (its block-mates were
                 // already streamed as calls) and logged. Never sent as a call.
-                StreamEvent::ToolCallStart { index, name }
-                    if !self.offered.iter().any(|n| *n == name) =>
-                {
+                StreamEvent::ToolCallStart { index, name } if !self.offered.contains(&name) => {
                     if self.calls_started == 0 {
-                        eprintln!("ds4-server: call to tool {name:?} not offered: returned as text");
+                        eprintln!(
+                            "ds4-server: call to tool {name:?} not offered: returned as text"
+                        );
                         self.close_reasoning();
                         self.verbatim = true;
                     } else {
@@ -1508,9 +1508,10 @@ impl Worker {
             let result = match result {
                 // Reached only if the block completed in the final flush (not streamed live).
                 Ok(pm)
-                    if pm.tool_calls.first().is_some_and(|c| {
-                        !job.tools_active || !p.tool_names.iter().any(|n| *n == c.name)
-                    }) =>
+                    if pm
+                        .tool_calls
+                        .first()
+                        .is_some_and(|c| !job.tools_active || !p.tool_names.contains(&c.name)) =>
                 {
                     Err("tool-call block without the tool offered".to_string())
                 }
@@ -1562,7 +1563,7 @@ impl Worker {
                     .into();
                 let mut mem = self.shared.tool_memory.lock().unwrap();
                 for (i, c) in calls.into_iter().enumerate() {
-                    if !p.tool_names.iter().any(|n| *n == c.name) {
+                    if !p.tool_names.contains(&c.name) {
                         continue;
                     }
                     let id = proj
@@ -1585,5 +1586,94 @@ impl Worker {
             }
         }
         send(Event::Done(Box::new(out)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn lenient_split_never_splits_with_thinking_off() {
+        assert_eq!(
+            lenient_split("a</think>b", false),
+            (None, "a</think>b".to_string(), false)
+        );
+        assert_eq!(
+            lenient_split("<think>a</think>b", true),
+            (Some("a".to_string()), "b".to_string(), true)
+        );
+    }
+
+    fn project(chunks: &[&str], thinking: bool, tools: &[&str]) -> (String, String, Vec<String>) {
+        let events = RefCell::new(Vec::new());
+        let send = |e: Event| events.borrow_mut().push(e);
+        let offered: Vec<String> = tools.iter().map(|s| s.to_string()).collect();
+        let mode = if thinking {
+            ThinkingMode::Thinking
+        } else {
+            ThinkingMode::Chat
+        };
+        let mut proj = Projection {
+            parser: Some(StreamParser::new(mode)),
+            thinking,
+            send: &send,
+            call_prefix: "call_",
+            ids: Vec::new(),
+            reasoning_closed: false,
+            streamed_reasoning: String::new(),
+            streamed_content: String::new(),
+            calls_started: 0,
+            calls_ended: 0,
+            malformed: false,
+            scan_from: 0,
+            tools: !tools.is_empty(),
+            verbatim: false,
+            strip_think_end: !thinking,
+            held: String::new(),
+            offered: &offered,
+            skipped: HashSet::new(),
+        };
+        for (i, c) in chunks.iter().enumerate() {
+            proj.push(c, i + 1 == chunks.len());
+        }
+        let (mut r, mut c, mut calls) = (String::new(), String::new(), Vec::new());
+        drop(proj);
+        for e in events.into_inner() {
+            match e {
+                Event::Reasoning(s) => r.push_str(&s),
+                Event::Content(s) => c.push_str(&s),
+                Event::ToolStart { name, .. } => calls.push(name),
+                _ => {}
+            }
+        }
+        (r, c, calls)
+    }
+
+    const BLOCK: &str = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" string=\"true\">x</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+
+    #[test]
+    fn stray_think_end_is_dropped_even_split_across_chunks() {
+        let (r, c, calls) = project(&["Hi</th", "ink> there"], false, &[]);
+        assert_eq!((r.as_str(), c.as_str(), calls.len()), ("", "Hi there", 0));
+        let text = format!("Hi</think>{BLOCK}");
+        let (r, c, calls) = project(&[&text[..5], &text[5..]], false, &["f"]);
+        assert_eq!((r.as_str(), c.as_str()), ("", "Hi"));
+        assert_eq!(calls, ["f"]);
+    }
+
+    #[test]
+    fn dsml_is_text_without_the_tool_offered() {
+        let text = format!("Title{BLOCK}");
+        for tools in [&[][..], &["g"][..]] {
+            let (_, c, calls) = project(&[&text[..20], &text[20..]], false, tools);
+            assert!(calls.is_empty());
+            assert_eq!(c, text);
+        }
+        let text = format!("hm</think>Title{BLOCK}");
+        let (r, c, calls) = project(&[&text], true, &[]);
+        assert_eq!((r.as_str(), c.as_str()), ("hm", &text[10..]));
+        assert!(calls.is_empty());
     }
 }
