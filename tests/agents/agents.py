@@ -319,6 +319,10 @@ def sc_claude_tool():
         final = [d["usage"] for e, d in ev if e == "message_delta"]
         cached = final[-1].get("cache_read_input_tokens", 0) if final else 0
         ck(cached > 0, "turn 2 did not reuse the turn-1 KV prefix (message_delta cache_read_input_tokens == 0)")
+        # message_start is sent after the engine's prefix lookup: it must already carry the split.
+        ck(bool(start) and start[0].get("cache_read_input_tokens") == cached
+           and start[0].get("input_tokens") == final[-1].get("input_tokens"),
+           f"message_start usage {start[:1]} != message_delta usage {final[-1:]}")
         ctx["notes"].append(f"turn2 cache_read_input_tokens={cached} (message_start said "
                             f"{start[0].get('cache_read_input_tokens') if start else None})")
 
@@ -419,6 +423,11 @@ def oc_concurrency(ck, ctx, log):
         t, a = title[0], agent[0]
         overlap = t["t"] < a["t"] + a["elapsed_s"] and a["t"] < t["t"] + t["elapsed_s"]
         ctx["notes"].append(f"title+agent requests overlapped: {overlap}")
+    # A request that offered no tools never gets tool calls back (a DSML block is text then).
+    for r in title:
+        resp = r.get("response") or ""
+        ck('"tool_calls"' not in resp and '"tool_use"' not in resp,
+           f"title request (no tools) got tool calls back: {resp[:300]}")
     return title, agent
 
 

@@ -284,6 +284,7 @@ async fn messages_inner(app: App, headers: HeaderMap, body: Body) -> Result<Resp
                 any_text: false,
                 any_thinking: false,
                 streamed_calls: 0,
+                started: false,
             },
         ));
     }
@@ -350,6 +351,8 @@ struct MessagesStream {
     any_text: bool,
     any_thinking: bool,
     streamed_calls: usize,
+    /// `message_start` was sent.
+    started: bool,
 }
 
 impl MessagesStream {
@@ -389,25 +392,55 @@ impl MessagesStream {
     }
 }
 
-impl Projector for MessagesStream {
-    fn start(&mut self) -> String {
+impl MessagesStream {
+    /// `message_start` with the prompt's real cached / uncached split (known once the engine
+    /// has looked up the KV prefix: `Event::Prompt`).
+    fn message_start(&mut self, prompt_tokens: usize, cached: usize) -> String {
+        self.started = true;
         sse_event(
             "message_start",
             &json!({"type": "message_start", "message": {
                 "id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0,
-                          "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+                "usage": {"input_tokens": prompt_tokens - cached.min(prompt_tokens), "output_tokens": 0,
+                          "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0},
             }}),
         )
     }
+}
+
+impl Projector for MessagesStream {
+    /// Nothing yet: `message_start` waits for the prefix lookup (`Event::Prompt`), so its
+    /// usage is the real split. Until then keep-alives are SSE comments.
+    fn start(&mut self) -> String {
+        String::new()
+    }
 
     fn keepalive(&self) -> String {
-        sse_event("ping", &json!({"type": "ping"}))
+        if self.started {
+            sse_event("ping", &json!({"type": "ping"}))
+        } else {
+            ": keep-alive\n\n".into()
+        }
     }
 
     fn event(&mut self, ev: Event) -> (String, bool) {
         let mut out = String::new();
+        if let Event::Prompt {
+            prompt_tokens,
+            cached,
+        } = ev
+        {
+            if !self.started {
+                out = self.message_start(prompt_tokens, cached);
+            }
+            return (out, false);
+        }
+        if !self.started && !matches!(ev, Event::Failed(_) | Event::Prefill { .. }) {
+            // Not expected (the engine sends `Prompt` first); keep the event order valid.
+            let n = self.prompt_tokens;
+            out = self.message_start(n, 0);
+        }
         match ev {
             Event::Reasoning(s) => {
                 if self.open != Open::Thinking {

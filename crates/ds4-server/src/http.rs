@@ -588,7 +588,9 @@ pub fn sse_response<P: Projector>(app: &App, run: Running, proj: P) -> Response 
             st.started = true;
             st.last_write = Instant::now();
             let s = st.proj.start();
-            return Some((Ok::<Bytes, Infallible>(Bytes::from(s)), st));
+            if !s.is_empty() {
+                return Some((Ok::<Bytes, Infallible>(Bytes::from(s)), st));
+            }
         }
         loop {
             let wait = st.keepalive.saturating_sub(st.last_write.elapsed());
