@@ -26,7 +26,7 @@ use cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::device::{CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
+use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
 use crate::model::Model;
@@ -53,6 +53,12 @@ const DECODE_BUCKET: usize = 1024;
 /// comparisons).
 fn use_graphs() -> bool {
     std::env::var("DS4_CUDA_GRAPH").map_or(true, |v| v != "0")
+}
+
+/// Whether production-mode decode uses int8 activations (`DS4_CUDA_INT8=0` keeps f32, for
+/// comparisons).
+fn use_int8() -> bool {
+    std::env::var("DS4_CUDA_INT8").map_or(true, |v| v != "0")
 }
 
 /// A captured decode step and the key it was captured for.
@@ -483,6 +489,12 @@ struct Scratch {
     sh: CudaSlice<f32>,
     h: CudaSlice<f32>,
     logits: CudaSlice<f32>,
+    /// Production-mode decode: int8 activation codes and scales for Q8_0 weights (`q0`,
+    /// `d0`) and for Q8_K-activation weights (`qk`, `dk`); codes are bytes held in f32 words.
+    q0: CudaSlice<f32>,
+    d0: CudaSlice<f32>,
+    qk: CudaSlice<f32>,
+    dk: CudaSlice<f32>,
 }
 
 /// One conversation's state on the GPU.
@@ -566,6 +578,20 @@ impl GpuSession {
             .unwrap_or(1);
         let (k, f, d) = (c.n_expert_used, c.n_ff_exp, c.n_embd);
         let a = |n: usize| be.alloc_f32(n);
+        // Widest input of a decode product (all slots of a grouped one together).
+        let qn = [
+            d,
+            c.q_lora_rank,
+            hd,
+            c.o_groups * c.o_lora_rank,
+            k * f,
+            cw,
+            c.idx_heads * c.idx_dim,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(256)
+        .next_multiple_of(256);
         let gids: Vec<i32> = (0..m * c.o_groups)
             .map(|i| (i % c.o_groups) as i32)
             .collect();
@@ -604,6 +630,10 @@ impl GpuSession {
             sh: a(m * d)?,
             h: a(m * d)?,
             logits: a(m * c.n_vocab)?,
+            q0: a(qn.div_ceil(4))?,
+            d0: a(qn / 32)?,
+            qk: a(qn.div_ceil(4))?,
+            dk: a(qn / 256)?,
         };
         Ok(GpuSession {
             gm,
@@ -802,14 +832,52 @@ impl GpuSession {
         let p0l = ptr(&s.pos, st);
         let (exact, qat) = (self.exact as i32, self.qat as i32);
         let n32 = n as u32;
-        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
-            // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
-            unsafe {
-                if nt == 1 {
-                    be.mv_raw(w, 0, 1, x, 0, y)
-                } else {
-                    be.mm_raw(w, x, nt, y)
+        // Production-mode decode quantizes each product's input once (the CPU's rule for the
+        // weight type) and takes int8 dots; `memo` remembers which buffer each activation
+        // scratch holds, so products sharing an input quantize it once. Every write to a
+        // remembered buffer clears it: product outputs here, `hc_pre` (rewrites `y`) below.
+        let int8 = !self.exact && n == 1 && use_int8();
+        let memo = std::cell::Cell::new([0u64; 2]);
+        let mvq =
+            |w: &GpuWeight, ids: u64, slots: usize, x: u64, xs: usize, y: u64| -> Result<()> {
+                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product, the
+                // activation scratch for the widest decode input (`qn`).
+                unsafe {
+                    match ActQuant::of(w.ty).filter(|_| int8) {
+                        Some(kind) => {
+                            let (i, q, dd) = match kind {
+                                ActQuant::Q8_0 => (0, p(&s.q0), p(&s.d0)),
+                                ActQuant::Q8K => (1, p(&s.qk), p(&s.dk)),
+                            };
+                            let mut m = memo.get();
+                            if m[i] != x {
+                                let elems = if xs == 0 {
+                                    w.n_cols
+                                } else {
+                                    (slots - 1) * xs + w.n_cols
+                                };
+                                be.quant_act_raw(kind, x, elems, q, dd)?;
+                                m[i] = x;
+                            }
+                            be.mv8_raw(w, ids, slots, q, dd, xs, y)?;
+                            m.iter_mut().for_each(|v| {
+                                if *v == y {
+                                    *v = 0
+                                }
+                            });
+                            memo.set(m);
+                            Ok(())
+                        }
+                        None => be.mv_raw(w, ids, slots, x, xs, y),
+                    }
                 }
+            };
+        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
+            if nt == 1 {
+                mvq(w, 0, 1, x, 0, y)
+            } else {
+                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
+                unsafe { be.mm_raw(w, x, nt, y) }
             }
         };
         // §3.1 embedding.
@@ -853,6 +921,7 @@ impl GpuSession {
                       base: &CudaSlice<f32>,
                       norm: &CudaSlice<f32>|
          -> Result<()> {
+            memo.set([0; 2]);
             lin(fnw, p(&s.x), n, p(&s.mix))?;
             launch!(
                 st,
@@ -1089,9 +1158,9 @@ impl GpuSession {
             {
                 let g = c.o_groups;
                 let gw = c.n_head * c.head_dim / g;
-                // SAFETY: o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
+                // o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
                 // repeated for GPU_CHUNK tokens.
-                unsafe { be.mv_raw(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))? };
+                mvq(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))?;
                 lin(&l.out_b, p(&s.low), n, p(&s.f))?;
             }
             launch!(
@@ -1151,11 +1220,9 @@ impl GpuSession {
                     );
                     (p(&s.zk), d)
                 };
-                // SAFETY: ids come from the router (< n_expert); buffers hold `slots` rows.
-                unsafe {
-                    be.mv_raw(&l.gate_exps, pi(&s.ids), slots, x, xs, p(&s.g))?;
-                    be.mv_raw(&l.up_exps, pi(&s.ids), slots, x, xs, p(&s.u))?;
-                }
+                // Ids come from the router (< n_expert); buffers hold `slots` rows.
+                mvq(&l.gate_exps, pi(&s.ids), slots, x, xs, p(&s.g))?;
+                mvq(&l.up_exps, pi(&s.ids), slots, x, xs, p(&s.u))?;
                 launch!(
                     st,
                     k.swiglu,
@@ -1164,8 +1231,8 @@ impl GpuSession {
                     0,
                     [p(&s.g), p(&s.u), p(&s.wts), f as i32, l.clamp]
                 );
-                // SAFETY: as above; g holds `slots` activations of F.
-                unsafe { be.mv_raw(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))? };
+                // As above; g holds `slots` activations of F.
+                mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
                 lin(&l.sh_gate, p(&s.y), n, p(&s.shg))?;
                 lin(&l.sh_up, p(&s.y), n, p(&s.shu))?;
                 launch!(

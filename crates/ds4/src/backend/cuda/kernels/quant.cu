@@ -484,3 +484,224 @@ DS4_DQ32(q8_0, 32)
 DS4_DQ32(q2_k, 16)
 DS4_DQ32(q4_k, 32)
 DS4_DQ32(iq2_xxs, 32)
+
+// ---------------------------------------------------------------------------------------------
+// Production-mode decode products with int8 activations (the CPU's `exact = false` path):
+// the input vector is quantized once with the CPU's rules (qa_<kind>), then `mv8_<t>` takes
+// integer dots with __dp4a. Integer partial sums are exact; each lane scales its partial by
+// the block scales in f32, so results match the CPU's quantized dot up to f32 accumulation
+// order (not bit for bit). Exact mode keeps the f32 kernels above.
+//
+// Activation buffers: `q` int8 codes (same element layout as x) and `d` f32 scales, one per
+// 32 elements (Q8_0 activations) or per 256 (Q8_K); slot s of a grouped product reads
+// q + s·x_stride and the scales of those elements.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_max_first(float a, int idx, float v, int* best_idx, float* best_v) {
+    // Reduce (|v|, index): larger |v| wins, equal |v| keeps the smaller index (CPU: first).
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) {
+        float oa = __shfl_xor_sync(0xffffffffu, a, m);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, m);
+        float ov = __shfl_xor_sync(0xffffffffu, v, m);
+        if (oa > a || (oa == a && oi < idx)) {
+            a = oa;
+            idx = oi;
+            v = ov;
+        }
+    }
+    *best_idx = idx;
+    *best_v = v;
+    return a;
+}
+
+// Q8_K (CPU `q8_k::quantize_block`): one warp per 256 elements, lane l holds 8l..8l+7.
+// max = signed element of largest |x| (first on ties), iscale = (1/max)·(-127),
+// q = clamp(rne(iscale·x), -128, 127), d = 1/iscale (0 for an all-zero block).
+extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, signed char* __restrict__ q,
+                                   float* __restrict__ d) {
+    int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (blk >= n_blocks) return;
+    int lane = threadIdx.x & 31;
+    const float* xb = x + (i64)blk * 256 + 8 * lane;
+    float4 a = ((const float4*)xb)[0], b = ((const float4*)xb)[1];
+    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float am = 0.0f, mv = 0.0f;
+    int mi = 0x7fffffff;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        if (fabsf(v[k]) > am) {
+            am = fabsf(v[k]);
+            mv = v[k];
+            mi = 8 * lane + k;
+        }
+    }
+    int bi;
+    float max;
+    am = warp_max_first(am, mi, mv, &bi, &max);
+    u32 w0 = 0, w1 = 0;
+    float dd = 0.0f;
+    if (am != 0.0f) {
+        float iscale = __fmul_rn(__fdiv_rn(1.0f, max), -127.0f);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float r = fminf(fmaxf(rintf(__fmul_rn(iscale, v[k])), -128.0f), 127.0f);
+            u32 c = (u32)(int)r & 255u;
+            if (k < 4) w0 |= c << (8 * k);
+            else w1 |= c << (8 * (k - 4));
+        }
+        dd = __fdiv_rn(1.0f, iscale);
+    }
+    ((uint2*)(q + (i64)blk * 256))[lane] = make_uint2(w0, w1);
+    if (lane == 0) d[blk] = dd;
+}
+
+// Q8_0 activations (CPU `q8_0::quantize_act_block`): per 32 elements d = amax/127,
+// q = clamp(rne(x·(1/d)), -128, 127). One warp per 256 elements (4 lanes per block);
+// `n` (a multiple of 32) elements in all.
+extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed char* __restrict__ q,
+                                   float* __restrict__ d) {
+    i64 e0 = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 256 + 8 * (threadIdx.x & 31);
+    bool on = e0 < n;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (on) {
+        float4 a = ((const float4*)(x + e0))[0], b = ((const float4*)(x + e0))[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+    float am = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) am = fmaxf(am, fabsf(v[k]));
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+    if (!on) return;
+    float dd = __fdiv_rn(am, 127.0f);
+    float id = dd == 0.0f ? 0.0f : __fdiv_rn(1.0f, dd);
+    u32 w0 = 0, w1 = 0;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        float r = fminf(fmaxf(rintf(__fmul_rn(v[k], id)), -128.0f), 127.0f);
+        u32 c = (u32)(int)r & 255u;
+        if (k < 4) w0 |= c << (8 * k);
+        else w1 |= c << (8 * (k - 4));
+    }
+    *(uint2*)(q + e0) = make_uint2(w0, w1);
+    if ((threadIdx.x & 3) == 0) d[e0 >> 5] = dd;
+}
+
+// IQ2_XXS tables for the int8 path: the grid as bytes (2 KB instead of 8 KB of floats).
+struct Iq2Smem8 {
+    u64 grid[256];
+    u8 signs[128];
+};
+
+// The lane's 8 int8 activations and their block scale.
+struct XQ8 {
+    uint2 q;
+    float d;
+};
+
+// Sign bits 0..3 of s as byte masks (0x00 / 0xff per byte).
+__device__ __forceinline__ u32 sign_mask4(u32 s) { return ((s * 0x00204081u) & 0x01010101u) * 0xffu; }
+
+// g with the bytes selected by mask negated (g bytes are < 128).
+__device__ __forceinline__ int neg_bytes(u32 g, u32 mask) { return (int)__vsub4(g ^ mask, mask); }
+
+struct I8Q8_0 : UQ8_0 {
+    __device__ __forceinline__ float idot(const XQ8& x, int, float acc, const Iq2Smem8*) const {
+        int s = __dp4a((int)q.x, (int)x.q.x, 0);
+        s = __dp4a((int)q.y, (int)x.q.y, s);
+        return fmaf(h2f(d) * x.d, (float)s, acc);
+    }
+};
+
+struct I8Q2_K : UQ2_K {
+    __device__ __forceinline__ float idot(const XQ8& x, int lane, float acc, const Iq2Smem8*) const {
+        int j = (lane >> 2) & 3;
+        u32 m0 = (q.x >> (2 * j)) & 0x03030303u, m1 = (q.y >> (2 * j)) & 0x03030303u;
+        int s = __dp4a((int)m0, (int)x.q.x, __dp4a((int)m1, (int)x.q.y, 0));
+        int bs = __dp4a(0x01010101, (int)x.q.x, __dp4a(0x01010101, (int)x.q.y, 0));
+        float dl = x.d * h2f((u16)(dd & 0xffff));
+        float ml = x.d * h2f((u16)(dd >> 16));
+        return fmaf(dl, (float)((int)(sc & 15) * s), fmaf(-ml, (float)((int)(sc >> 4) * bs), acc));
+    }
+};
+
+struct I8IQ2_XXS : UIQ2_XXS {
+    __device__ __forceinline__ float idot(const XQ8& x, int lane, float acc, const Iq2Smem8* tb) const {
+        u32 b = (u32)b0 | ((u32)b1 << 16);
+        u64 g = tb->grid[a];
+        u32 sg = tb->signs[(b >> (7 * (lane & 3))) & 127];
+        int w0 = neg_bytes((u32)g, sign_mask4(sg & 15));
+        int w1 = neg_bytes((u32)(g >> 32), sign_mask4(sg >> 4));
+        int s = __dp4a(w0, (int)x.q.x, __dp4a(w1, (int)x.q.y, 0));
+        int tot = (2 * (int)(b >> 28) + 1) * s;
+        return fmaf(0.125f * h2f(d) * x.d, (float)tot, acc);
+    }
+};
+
+template <class U, int UNR, int DSH>
+__device__ __forceinline__ float dot_row8(const RowCtx& c, const signed char* xq, const float* xd,
+                                          const Iq2Smem8* tb, int first, int stride) {
+    const int lane = threadIdx.x & 31;
+    const int steps = (c.n_cols + 255) >> 8;
+    float acc = 0.0f;
+    for (int s0 = first; s0 < steps; s0 += UNR * stride) {
+        U r[UNR];
+        XQ8 xv[UNR];
+        bool on[UNR];
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            const int sk = s0 + k * stride;
+            const int e0 = (sk << 8) + 8 * lane;
+            on[k] = sk < steps && e0 < c.n_cols;
+            if (on[k]) {
+                r[k].load(c, sk, lane);
+                xv[k].q = *(const uint2*)(xq + e0);
+                xv[k].d = xd[e0 >> DSH];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++)
+            if (on[k]) acc = r[k].idot(xv[k], lane, acc, tb);
+    }
+    return acc;
+}
+
+#define DS4_MV8(T, U, USES_TABLES, DSH)                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        mv8_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,         \
+                int n_rows, int n_cols, const signed char* __restrict__ xq,                      \
+                const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {  \
+        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
+        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
+        if (USES_TABLES) {                                                                       \
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            __syncthreads();                                                                     \
+        }                                                                                        \
+        __shared__ float part_[WARPS_PER_BLOCK];                                                 \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
+        float r = 0.0f;                                                                          \
+        if (o < n_rows) {                                                                        \
+            const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
+            RowCtx c = {wb, o, n_rows, n_cols};                                                  \
+            i64 xo = (i64)slot * x_stride;                                                       \
+            r = warp_sum(dot_row8<U, 4, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));   \
+        }                                                                                        \
+        if (split == 1) {                                                                        \
+            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;            \
+            return;                                                                              \
+        }                                                                                        \
+        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                            \
+        __syncthreads();                                                                         \
+        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                \
+            for (int i = 1; i < split; i++) r += part_[warp + i];                                \
+            y[(i64)slot * n_rows + o] = r;                                                       \
+        }                                                                                        \
+    }
+
+DS4_MV8(q8_0, I8Q8_0, 0, 5)
+DS4_MV8(q2_k, I8Q2_K, 0, 8)
+DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
