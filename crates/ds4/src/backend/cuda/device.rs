@@ -97,6 +97,8 @@ struct TypeKernels {
     dq32: CudaFunction,
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
+    /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
+    mv8glu: Option<CudaFunction>,
 }
 
 /// Activation quantization a weight type's int8 product needs (production mode, as the
@@ -228,6 +230,10 @@ impl CudaBackend {
                     dq32: module.load_function(&format!("dq32_{s}"))?,
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
+                        None => None,
+                    },
+                    mv8glu: match ActQuant::of(ty) {
+                        Some(_) => Some(module.load_function(&format!("mv8glu_{s}"))?),
                         None => None,
                     },
                 },
@@ -807,6 +813,73 @@ impl CudaBackend {
             .arg(&xd)
             .arg(&xs)
             .arg(&y)
+            .arg(&split_i);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// `mv8glu_<t>`: `h[s] = silu(min(Wg·x, c))·clamp(Wu·x, ±c)·wts[s]` for every slot `s`
+    /// (matrices `ids[s]` of `wg`/`wu`, `ids == 0`: matrix 0; `wts == 0`: weight 1), over
+    /// activations quantized by [`CudaBackend::quant_act_raw`]. `wg` and `wu` must have the
+    /// same type, shape and expert stride.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::mv8_raw`]; `h` holds `slots · n_rows` floats, `wts` `slots`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn mv8glu_raw(
+        &self,
+        wg: &GpuWeight,
+        wu: &GpuWeight,
+        ids: u64,
+        slots: usize,
+        xq: u64,
+        xd: u64,
+        wts: u64,
+        clamp: f32,
+        h: u64,
+    ) -> Result<()> {
+        if wg.ty != wu.ty
+            || wg.n_rows != wu.n_rows
+            || wg.n_cols != wu.n_cols
+            || wg.expert_stride != wu.expert_stride
+        {
+            return Err(CudaError::Invalid(
+                "gate/up weights differ in layout".into(),
+            ));
+        }
+        let k = self.kernels(wg.ty)?;
+        let f = k
+            .mv8glu
+            .as_ref()
+            .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
+        let split = mv_split(wg.n_rows, wg.n_cols, 2 * slots);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (wg.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                slots as u32,
+                1,
+            ),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pg, pu) = (self.weight_ptr(wg), self.weight_ptr(wu));
+        let expert_bytes = wg.expert_stride as i64;
+        let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
+        let xs = 0i64;
+        let split_i = split as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&pg)
+            .arg(&pu)
+            .arg(&expert_bytes)
+            .arg(&ids)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(&xq)
+            .arg(&xd)
+            .arg(&xs)
+            .arg(&wts)
+            .arg(&clamp)
+            .arg(&h)
             .arg(&split_i);
         b.launch(cfg)?;
         Ok(())

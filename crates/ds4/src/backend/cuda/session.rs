@@ -838,34 +838,46 @@ impl GpuSession {
         // remembered buffer clears it: product outputs here, `hc_pre` (rewrites `y`) below.
         let int8 = !self.exact && n == 1 && use_int8();
         let memo = std::cell::Cell::new([0u64; 2]);
+        // Quantized form of `elems` inputs at `x` for `kind`: (codes, scales), from the memo
+        // when that scratch already holds `x`.
+        let qx = |kind: ActQuant, x: u64, elems: usize| -> Result<(u64, u64)> {
+            let (i, q, dd) = match kind {
+                ActQuant::Q8_0 => (0, p(&s.q0), p(&s.d0)),
+                ActQuant::Q8K => (1, p(&s.qk), p(&s.dk)),
+            };
+            let mut m = memo.get();
+            if m[i] != x {
+                // SAFETY: the activation scratch holds the widest decode input (`qn`).
+                unsafe { be.quant_act_raw(kind, x, elems, q, dd)? };
+                m[i] = x;
+                memo.set(m);
+            }
+            Ok((q, dd))
+        };
+        // A product wrote `y`: forget it in the memo.
+        let wrote = |y: u64| {
+            let mut m = memo.get();
+            m.iter_mut().for_each(|v| {
+                if *v == y {
+                    *v = 0
+                }
+            });
+            memo.set(m);
+        };
         let mvq =
             |w: &GpuWeight, ids: u64, slots: usize, x: u64, xs: usize, y: u64| -> Result<()> {
-                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product, the
-                // activation scratch for the widest decode input (`qn`).
+                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
                 unsafe {
                     match ActQuant::of(w.ty).filter(|_| int8) {
                         Some(kind) => {
-                            let (i, q, dd) = match kind {
-                                ActQuant::Q8_0 => (0, p(&s.q0), p(&s.d0)),
-                                ActQuant::Q8K => (1, p(&s.qk), p(&s.dk)),
+                            let elems = if xs == 0 {
+                                w.n_cols
+                            } else {
+                                (slots - 1) * xs + w.n_cols
                             };
-                            let mut m = memo.get();
-                            if m[i] != x {
-                                let elems = if xs == 0 {
-                                    w.n_cols
-                                } else {
-                                    (slots - 1) * xs + w.n_cols
-                                };
-                                be.quant_act_raw(kind, x, elems, q, dd)?;
-                                m[i] = x;
-                            }
+                            let (q, dd) = qx(kind, x, elems)?;
                             be.mv8_raw(w, ids, slots, q, dd, xs, y)?;
-                            m.iter_mut().for_each(|v| {
-                                if *v == y {
-                                    *v = 0
-                                }
-                            });
-                            memo.set(m);
+                            wrote(y);
                             Ok(())
                         }
                         None => be.mv_raw(w, ids, slots, x, xs, y),
@@ -879,6 +891,46 @@ impl GpuSession {
                 // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
                 unsafe { be.mm_raw(w, x, nt, y) }
             }
+        };
+        // Gate + up + SwiGLU into `g` (weights `wts`, 0: none): fused over int8 activations
+        // where both matrices have an int8 kernel, else two products and k_swiglu.
+        #[allow(clippy::too_many_arguments)]
+        let glu = |wg: &GpuWeight,
+                   wu: &GpuWeight,
+                   ids: u64,
+                   slots: usize,
+                   x: u64,
+                   xs: usize,
+                   g: u64,
+                   u: u64,
+                   wts: u64,
+                   clamp: f32|
+         -> Result<()> {
+            let kind = ActQuant::of(wg.ty).filter(|_| int8 && xs == 0 && wg.ty == wu.ty);
+            if let Some(kind) = kind {
+                let (q, dd) = qx(kind, x, wg.n_cols)?;
+                // SAFETY: g holds `slots` rows of F; ids < n_expert (router) or 0.
+                unsafe { be.mv8glu_raw(wg, wu, ids, slots, q, dd, wts, clamp, g)? };
+                wrote(g);
+                return Ok(());
+            }
+            if ids == 0 {
+                lin(wg, x, n, g)?;
+                lin(wu, x, n, u)?;
+            } else {
+                mvq(wg, ids, slots, x, xs, g)?;
+                mvq(wu, ids, slots, x, xs, u)?;
+            }
+            let rows = if ids == 0 { n } else { slots };
+            launch!(
+                st,
+                k.swiglu,
+                ((wg.n_rows as u32).div_ceil(256), rows as u32, 1),
+                (256, 1, 1),
+                0,
+                [g, u, wts, wg.n_rows as i32, clamp]
+            );
+            Ok(())
         };
         // §3.1 embedding.
         {
@@ -1221,28 +1273,32 @@ impl GpuSession {
                     (p(&s.zk), d)
                 };
                 // Ids come from the router (< n_expert); buffers hold `slots` rows.
-                mvq(&l.gate_exps, pi(&s.ids), slots, x, xs, p(&s.g))?;
-                mvq(&l.up_exps, pi(&s.ids), slots, x, xs, p(&s.u))?;
-                launch!(
-                    st,
-                    k.swiglu,
-                    ((f as u32).div_ceil(256), slots as u32, 1),
-                    (256, 1, 1),
-                    0,
-                    [p(&s.g), p(&s.u), p(&s.wts), f as i32, l.clamp]
-                );
+                glu(
+                    &l.gate_exps,
+                    &l.up_exps,
+                    pi(&s.ids),
+                    slots,
+                    x,
+                    xs,
+                    p(&s.g),
+                    p(&s.u),
+                    p(&s.wts),
+                    l.clamp,
+                )?;
                 // As above; g holds `slots` activations of F.
                 mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
-                lin(&l.sh_gate, p(&s.y), n, p(&s.shg))?;
-                lin(&l.sh_up, p(&s.y), n, p(&s.shu))?;
-                launch!(
-                    st,
-                    k.swiglu,
-                    ((f as u32).div_ceil(256), n32, 1),
-                    (256, 1, 1),
+                glu(
+                    &l.sh_gate,
+                    &l.sh_up,
                     0,
-                    [p(&s.shg), p(&s.shu), 0u64, f as i32, l.clamp]
-                );
+                    1,
+                    p(&s.y),
+                    0,
+                    p(&s.shg),
+                    p(&s.shu),
+                    0,
+                    l.clamp,
+                )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
                 launch!(
                     st,

@@ -705,3 +705,58 @@ __device__ __forceinline__ float dot_row8(const RowCtx& c, const signed char* xq
 DS4_MV8(q8_0, I8Q8_0, 0, 5)
 DS4_MV8(q2_k, I8Q2_K, 0, 8)
 DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
+
+// Fused gate + up + clamped SwiGLU (production decode, int8 activations): warp(s) of row o
+// take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
+// h[s][o] = silu(min(g, c))·clamp(u, ±c)·wts[s] (wts null: 1), the same expressions as
+// k_swiglu in forward.cu. Saves the up launch, the SwiGLU launch and the g/u round trip.
+#define DS4_MV8_GLU(T, U, USES_TABLES, DSH)                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        mv8glu_##T(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,       \
+                   const int* __restrict__ ids, int n_rows, int n_cols,                          \
+                   const signed char* __restrict__ xq, const float* __restrict__ xd,             \
+                   i64 x_stride, const float* __restrict__ wts, float clampc,                    \
+                   float* __restrict__ h, int split) {                                           \
+        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
+        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
+        if (USES_TABLES) {                                                                       \
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            __syncthreads();                                                                     \
+        }                                                                                        \
+        __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                       \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
+        float rg = 0.0f, ru = 0.0f;                                                              \
+        if (o < n_rows) {                                                                        \
+            i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                  \
+            RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};         \
+            i64 xo = (i64)slot * x_stride;                                                       \
+            rg = warp_sum(dot_row8<U, 4, DSH>(cg, xq + xo, xd + (xo >> DSH), tb_, part, split)); \
+            ru = warp_sum(dot_row8<U, 4, DSH>(cu, xq + xo, xd + (xo >> DSH), tb_, part, split)); \
+        }                                                                                        \
+        if (split > 1) {                                                                         \
+            if ((threadIdx.x & 31) == 0) {                                                       \
+                partg_[warp] = rg;                                                               \
+                partu_[warp] = ru;                                                               \
+            }                                                                                    \
+            __syncthreads();                                                                     \
+            if (part != 0) return;                                                               \
+            for (int i = 1; i < split; i++) {                                                    \
+                rg += partg_[warp + i];                                                          \
+                ru += partu_[warp + i];                                                          \
+            }                                                                                    \
+        }                                                                                        \
+        if ((threadIdx.x & 31) == 0 && o < n_rows) {                                             \
+            float gv = fminf(rg, clampc);                                                        \
+            float sil = gv * (1.0f / (1.0f + expf(-gv)));                                        \
+            float uv = fminf(fmaxf(ru, -clampc), clampc);                                        \
+            float r = sil * uv;                                                                  \
+            if (wts) r = r * wts[slot];                                                          \
+            h[(i64)slot * n_rows + o] = r;                                                       \
+        }                                                                                        \
+    }
+
+DS4_MV8_GLU(q8_0, I8Q8_0, 0, 5)
+DS4_MV8_GLU(q2_k, I8Q2_K, 0, 8)
+DS4_MV8_GLU(iq2_xxs, I8IQ2_XXS, 1, 8)
