@@ -627,9 +627,24 @@ struct I8Q2_K : UQ2_K {
     }
 };
 
-struct I8IQ2_XXS : UIQ2_XXS {
+// IQ2_XXS for the int8 path, loaded cooperatively: lane l reads the block's bytes
+// 2+2l, 2+2l+1 (the warp reads the 64 group bytes as one coalesced 64-byte row) plus the
+// broadcast scale; `idot` moves each lane's grid byte and sign word over with shuffles
+// (n_cols is a multiple of 256, so every lane of the warp takes part in every step).
+struct I8IQ2_XXS {
+    u16 d, w;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 66;
+        d = ld16(p);
+        w = ld16(p + 2 + 2 * lane);
+    }
     __device__ __forceinline__ float idot(const XQ8& x, int lane, float acc, const Iq2Smem8* tb) const {
-        u32 b = (u32)b0 | ((u32)b1 << 16);
+        const int g0 = lane & ~3;
+        u32 av = __shfl_sync(0xffffffffu, (u32)w, g0 | ((lane & 3) >> 1));
+        u32 blo = __shfl_sync(0xffffffffu, (u32)w, g0 | 2);
+        u32 bhi = __shfl_sync(0xffffffffu, (u32)w, g0 | 3);
+        u32 a = (av >> (8 * (lane & 1))) & 255u;
+        u32 b = blo | (bhi << 16);
         u64 g = tb->grid[a];
         u32 sg = tb->signs[(b >> (7 * (lane & 3))) & 127];
         int w0 = neg_bytes((u32)g, sign_mask4(sg & 15));
@@ -666,6 +681,42 @@ __device__ __forceinline__ float dot_row8(const RowCtx& c, const signed char* xq
             if (on[k]) acc = r[k].idot(xv[k], lane, acc, tb);
     }
     return acc;
+}
+
+// Both rows (gate, up) of one output in the same loop: twice the loads in flight, one
+// activation load per step.
+template <class U, int UNR, int DSH>
+__device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, const signed char* xq,
+                                           const float* xd, const Iq2Smem8* tb, int first, int stride,
+                                           float* ra, float* rb) {
+    const int lane = threadIdx.x & 31;
+    const int steps = (ca.n_cols + 255) >> 8;
+    float acca = 0.0f, accb = 0.0f;
+    for (int s0 = first; s0 < steps; s0 += UNR * stride) {
+        U r[UNR], q[UNR];
+        XQ8 xv[UNR];
+        bool on[UNR];
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            const int sk = s0 + k * stride;
+            const int e0 = (sk << 8) + 8 * lane;
+            on[k] = sk < steps && e0 < ca.n_cols;
+            if (on[k]) {
+                r[k].load(ca, sk, lane);
+                q[k].load(cb, sk, lane);
+                xv[k].q = *(const uint2*)(xq + e0);
+                xv[k].d = xd[e0 >> DSH];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++)
+            if (on[k]) {
+                acca = r[k].idot(xv[k], lane, acca, tb);
+                accb = q[k].idot(xv[k], lane, accb, tb);
+            }
+    }
+    *ra = acca;
+    *rb = accb;
 }
 
 #define DS4_MV8(T, U, USES_TABLES, DSH)                                                          \
@@ -732,8 +783,9 @@ DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
             i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                  \
             RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};         \
             i64 xo = (i64)slot * x_stride;                                                       \
-            rg = warp_sum(dot_row8<U, 4, DSH>(cg, xq + xo, xd + (xo >> DSH), tb_, part, split)); \
-            ru = warp_sum(dot_row8<U, 4, DSH>(cu, xq + xo, xd + (xo >> DSH), tb_, part, split)); \
+            dot_row8x2<U, 4, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru);  \
+            rg = warp_sum(rg);                                                                   \
+            ru = warp_sum(ru);                                                                   \
         }                                                                                        \
         if (split > 1) {                                                                         \
             if ((threadIdx.x & 31) == 0) {                                                       \
