@@ -1020,6 +1020,7 @@ impl GpuSession {
             )?;
             // Query.
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
+            lin(&l.kv, p(&s.y), n, p(&s.kv))?;
             rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
             launch!(
@@ -1038,8 +1039,7 @@ impl GpuSession {
                     p0l
                 ]
             );
-            // KV row.
-            lin(&l.kv, p(&s.y), n, p(&s.kv))?;
+            // KV row (its product was queued with q_a's, which reads the same input).
             launch!(
                 st,
                 k.kv_finish,

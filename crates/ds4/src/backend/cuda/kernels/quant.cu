@@ -615,10 +615,24 @@ struct I8Q8_0 : UQ8_0 {
     }
 };
 
-struct I8Q2_K : UQ2_K {
+// Q2_K for the int8 path, loaded cooperatively: lanes 0..20 read the block's 21 words (one
+// coalesced 84-byte row); `idot` fetches each lane's two code words, scale byte and (d, dmin)
+// with shuffles (n_cols is a multiple of 256: all lanes take part in every step).
+struct I8Q2_K {
+    u32 v;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u32* p = (const u32*)(c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 84);
+        v = lane < 21 ? p[lane] : 0u;
+    }
     __device__ __forceinline__ float idot(const XQ8& x, int lane, float acc, const Iq2Smem8*) const {
+        const int qw = 4 + 8 * (lane >> 4) + 2 * (lane & 3);
+        u32 q0 = __shfl_sync(0xffffffffu, v, qw);
+        u32 q1 = __shfl_sync(0xffffffffu, v, qw + 1);
+        u32 scw = __shfl_sync(0xffffffffu, v, lane >> 3);
+        u32 dd = __shfl_sync(0xffffffffu, v, 20);
+        u32 sc = (scw >> (8 * ((lane >> 1) & 3))) & 255u;
         int j = (lane >> 2) & 3;
-        u32 m0 = (q.x >> (2 * j)) & 0x03030303u, m1 = (q.y >> (2 * j)) & 0x03030303u;
+        u32 m0 = (q0 >> (2 * j)) & 0x03030303u, m1 = (q1 >> (2 * j)) & 0x03030303u;
         int s = __dp4a((int)m0, (int)x.q.x, __dp4a((int)m1, (int)x.q.y, 0));
         int bs = __dp4a(0x01010101, (int)x.q.x, __dp4a(0x01010101, (int)x.q.y, 0));
         float dl = x.d * h2f((u16)(dd & 0xffff));
