@@ -10,11 +10,14 @@
 //! captured once as a CUDA graph and replayed (recaptured when the position passes a
 //! multiple of `DECODE_BUCKET` or a rows buffer grows; `DS4_CUDA_GRAPH=0` turns it off).
 //!
-//! Numerics: activations are f32 throughout (the CPU's exact mode). Stored rows get the QAT
+//! Numerics: activations are f32 (the CPU's exact mode), except the inputs of production-mode
+//! decode products with Q8_0, Q2_K or IQ2_XXS weights: those are quantized once per input
+//! with the CPU's rules (Q8_0 activations per 32, Q8_K per 256; bit-identical codes and
+//! scales) and multiplied with integer dots (`mv8_*`, `mv8glu_*` in quant.cu), so production
+//! decode matches the CPU's quantized path up to f32 summation order (`DS4_CUDA_INT8=0` keeps
+//! f32 activations). Production prefill still uses f32 activations. Stored rows get the QAT
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
-//! the CPU, so a snapshot means the same thing on both backends. Production mode on the CPU
-//! also quantizes activations before each product; the GPU does not (it is closer to
-//! exact), so production-mode logits differ between the backends by that quantization.
+//! the CPU, so a snapshot means the same thing on both backends.
 //!
 //! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
 //! kernel in kernels/forward.cu says which CPU function it stands for.
