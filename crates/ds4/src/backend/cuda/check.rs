@@ -6,9 +6,14 @@
 //! `Σ_i |w_i·x_i|`, the natural scale of f32 summation error (a plain relative error is
 //! meaningless for outputs that cancel to near zero).
 
-use super::device::{CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES};
-use crate::quant::{dequantize_row, matvec as cpu_matvec, quantize_row, GgmlType};
-use cudarc::driver::CudaSlice;
+use super::device::{
+    ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
+};
+use crate::quant::{
+    dequantize_row, matvec as cpu_matvec, quantize_act_q8_0, quantize_act_q8_k, quantize_row,
+    GgmlType,
+};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::f16;
 
 /// Tolerance (max error / L1 mass) of the f32-activation kernels. f32 sums of a few thousand
@@ -296,6 +301,76 @@ fn check_type(
     row.note = format!("max|gpu-cpu_exact|={dcpu:.2e}");
     out.push(row);
     out.push(det_row("matvec", ty, &shape, same_bits(&y1, &y2)));
+
+    // Production mode: int8 activations quantized on the GPU (codes and scales bit for bit
+    // against the CPU quantizers) and the dp4a matvec against the CPU's quantized matvec.
+    if let Some(kind) = ActQuant::of(ty) {
+        let st = be.stream();
+        let qb = be.alloc_f32(n_cols.div_ceil(4))?;
+        let db = be.alloc_f32(n_cols / kind.block())?;
+        let (xp, _g0) = xd.device_ptr(st);
+        let (qp, _g1) = qb.device_ptr(st);
+        let (dp, _g2) = db.device_ptr(st);
+        // SAFETY: x holds n_cols floats, qb n_cols bytes, db n_cols/block scales.
+        unsafe { be.quant_act_raw(kind, xp, n_cols, qp, dp)? };
+        let gq: Vec<u8> = be
+            .download(&qb)?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .take(n_cols)
+            .collect();
+        let gd = be.download(&db)?;
+        let (cq, cd): (Vec<u8>, Vec<f32>) = match kind {
+            ActQuant::Q8_0 => {
+                let v = quantize_act_q8_0(&x);
+                (
+                    v.iter().flat_map(|b| b.qs.map(|q| q as u8)).collect(),
+                    v.iter().map(|b| b.d).collect(),
+                )
+            }
+            ActQuant::Q8K => {
+                let v = quantize_act_q8_k(&x);
+                (
+                    v.iter().flat_map(|b| b.qs.map(|q| q as u8)).collect(),
+                    v.iter().map(|b| b.d).collect(),
+                )
+            }
+        };
+        let mism = cq.iter().zip(&gq).filter(|(a, b)| a != b).count()
+            + cd.iter()
+                .zip(&gd)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+        out.push(exact_row("quant_act", ty, &shape, mism));
+        let y = poisoned(be, n_rows)?;
+        let (yp, _g3) = y.device_ptr(st);
+        // SAFETY: as above; y holds n_rows floats.
+        unsafe { be.mv8_raw(&w, 0, 1, qp, dp, 0, yp)? };
+        let g8 = be.download(&y)?;
+        let mut yq = vec![0f32; n_rows];
+        cpu_matvec(ty, &wb, n_rows, n_cols, &x, &mut yq, false);
+        let (mut m, mut r) = (0f32, 0f32);
+        for (a, b) in g8.iter().zip(&yq) {
+            m = m.max(if a.is_finite() {
+                (a - b).abs()
+            } else {
+                f32::INFINITY
+            });
+            r = r.max(b.abs());
+        }
+        let rel = m / r.max(1e-30);
+        out.push(CheckRow {
+            kernel: "matvec_int8".into(),
+            ty,
+            shape: shape.clone(),
+            max_abs: m as f64,
+            max_err: rel as f64,
+            rel_l2: 0.0,
+            tol: 1e-5,
+            pass: rel <= 1e-5,
+            note: "vs CPU quantized matvec; max_err = max|d| / max|cpu|".into(),
+        });
+    }
 
     // Prefill: CUDA-core tiles and the f16 GEMM path. n_tok not a multiple of the tile.
     let n_tok = if quick { 11 } else { 37 };

@@ -95,6 +95,39 @@ struct TypeKernels {
     mm: CudaFunction,
     dq: CudaFunction,
     dq32: CudaFunction,
+    /// Int8-activation matvec (production mode), for the types with an integer dot.
+    mv8: Option<CudaFunction>,
+    /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
+    mv8glu: Option<CudaFunction>,
+}
+
+/// Activation quantization a weight type's int8 product needs (production mode, as the
+/// CPU's `quant::matvec` with `exact = false`): Q8_0 weights take Q8_0 activations (scale per
+/// 32), Q2_K and IQ2_XXS take Q8_K (scale per 256). `None`: the type keeps f32 activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActQuant {
+    /// Per 32 elements, `d = amax/127`.
+    Q8_0,
+    /// Per 256 elements, `d = 1/iscale`, `iscale = -127/max`.
+    Q8K,
+}
+
+impl ActQuant {
+    /// The activation form `ty`'s int8 kernel reads, if it has one.
+    pub fn of(ty: GgmlType) -> Option<ActQuant> {
+        match ty {
+            GgmlType::Q8_0 => Some(ActQuant::Q8_0),
+            GgmlType::Q2_K | GgmlType::IQ2_XXS => Some(ActQuant::Q8K),
+            _ => None,
+        }
+    }
+    /// Elements per scale.
+    pub fn block(self) -> usize {
+        match self {
+            ActQuant::Q8_0 => 32,
+            ActQuant::Q8K => 256,
+        }
+    }
 }
 
 /// A weight tensor resident on the GPU: one matrix (`n_experts == 1`) or a stack of expert
@@ -144,6 +177,8 @@ pub struct CudaBackend {
     module: Arc<CudaModule>,
     kernels: Vec<(GgmlType, TypeKernels)>,
     f32_to_f16: CudaFunction,
+    qa_q8_0: CudaFunction,
+    qa_q8_k: CudaFunction,
     blas: CudaBlas,
     origin: ImageOrigin,
     cache_key: String,
@@ -193,10 +228,20 @@ impl CudaBackend {
                     mm: module.load_function(&format!("mm_{s}"))?,
                     dq: module.load_function(&format!("dq_{s}"))?,
                     dq32: module.load_function(&format!("dq32_{s}"))?,
+                    mv8: match ActQuant::of(ty) {
+                        Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
+                        None => None,
+                    },
+                    mv8glu: match ActQuant::of(ty) {
+                        Some(_) => Some(module.load_function(&format!("mv8glu_{s}"))?),
+                        None => None,
+                    },
                 },
             ));
         }
         let f32_to_f16 = module.load_function("f32_to_f16")?;
+        let qa_q8_0 = module.load_function("qa_q8_0")?;
+        let qa_q8_k = module.load_function("qa_q8_k")?;
         let blas = CudaBlas::new(stream.clone())?;
         Ok(CudaBackend {
             ctx,
@@ -205,6 +250,8 @@ impl CudaBackend {
             module,
             kernels,
             f32_to_f16,
+            qa_q8_0,
+            qa_q8_k,
             blas,
             origin,
             cache_key,
@@ -677,6 +724,162 @@ impl CudaBackend {
             .arg(&x)
             .arg(&xs)
             .arg(&y)
+            .arg(&split_i);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// Quantizes `n` contiguous f32 activations at `x` into int8 codes `q` (`n` bytes) and
+    /// f32 scales `d` (`n / kind.block()`) with the CPU's rule for `kind` (`qa_<kind>` in
+    /// quant.cu). `n` must be a multiple of `kind.block()`.
+    ///
+    /// # Safety
+    /// `x`, `q` and `d` must be live device buffers of those sizes.
+    pub(crate) unsafe fn quant_act_raw(
+        &self,
+        kind: ActQuant,
+        x: u64,
+        n: usize,
+        q: u64,
+        d: u64,
+    ) -> Result<()> {
+        let warps = n.div_ceil(256) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (warps.div_ceil(8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match kind {
+            ActQuant::Q8_0 => {
+                let nn = n as i64;
+                let mut b = self.stream.launch_builder(&self.qa_q8_0);
+                b.arg(&x).arg(&nn).arg(&q).arg(&d);
+                b.launch(cfg)?;
+            }
+            ActQuant::Q8K => {
+                let nb = (n / 256) as i32;
+                let mut b = self.stream.launch_builder(&self.qa_q8_k);
+                b.arg(&x).arg(&nb).arg(&q).arg(&d);
+                b.launch(cfg)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `mv8_<t>`: [`CudaBackend::mv_raw`] with activations already quantized by
+    /// [`CudaBackend::quant_act_raw`] (codes `xq`, scales `xd`; slot `s` reads elements from
+    /// `s·x_stride`). Only for types with [`ActQuant::of`].
+    ///
+    /// # Safety
+    /// As [`CudaBackend::mv_raw`]; `xq`/`xd` hold the quantized inputs of every slot.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn mv8_raw(
+        &self,
+        w: &GpuWeight,
+        ids: u64,
+        slots: usize,
+        xq: u64,
+        xd: u64,
+        x_stride: usize,
+        y: u64,
+    ) -> Result<()> {
+        let k = self.kernels(w.ty)?;
+        let f = k
+            .mv8
+            .as_ref()
+            .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", w.ty)))?;
+        let split = mv_split(w.n_rows, w.n_cols, slots);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                slots as u32,
+                1,
+            ),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.weight_ptr(w);
+        let expert_bytes = w.expert_stride as i64;
+        let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
+        let xs = x_stride as i64;
+        let split_i = split as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&wp)
+            .arg(&expert_bytes)
+            .arg(&ids)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(&xq)
+            .arg(&xd)
+            .arg(&xs)
+            .arg(&y)
+            .arg(&split_i);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// `mv8glu_<t>`: `h[s] = silu(min(Wg·x, c))·clamp(Wu·x, ±c)·wts[s]` for every slot `s`
+    /// (matrices `ids[s]` of `wg`/`wu`, `ids == 0`: matrix 0; `wts == 0`: weight 1), over
+    /// activations quantized by [`CudaBackend::quant_act_raw`]. `wg` and `wu` must have the
+    /// same type, shape and expert stride.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::mv8_raw`]; `h` holds `slots · n_rows` floats, `wts` `slots`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn mv8glu_raw(
+        &self,
+        wg: &GpuWeight,
+        wu: &GpuWeight,
+        ids: u64,
+        slots: usize,
+        xq: u64,
+        xd: u64,
+        wts: u64,
+        clamp: f32,
+        h: u64,
+    ) -> Result<()> {
+        if wg.ty != wu.ty
+            || wg.n_rows != wu.n_rows
+            || wg.n_cols != wu.n_cols
+            || wg.expert_stride != wu.expert_stride
+        {
+            return Err(CudaError::Invalid(
+                "gate/up weights differ in layout".into(),
+            ));
+        }
+        let k = self.kernels(wg.ty)?;
+        let f = k
+            .mv8glu
+            .as_ref()
+            .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
+        let split = mv_split(wg.n_rows, wg.n_cols, 2 * slots);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (wg.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                slots as u32,
+                1,
+            ),
+            block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pg, pu) = (self.weight_ptr(wg), self.weight_ptr(wu));
+        let expert_bytes = wg.expert_stride as i64;
+        let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
+        let xs = 0i64;
+        let split_i = split as i32;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&pg)
+            .arg(&pu)
+            .arg(&expert_bytes)
+            .arg(&ids)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(&xq)
+            .arg(&xd)
+            .arg(&xs)
+            .arg(&wts)
+            .arg(&clamp)
+            .arg(&h)
             .arg(&split_i);
         b.launch(cfg)?;
         Ok(())

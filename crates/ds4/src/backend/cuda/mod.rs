@@ -36,7 +36,7 @@ pub mod probe;
 pub mod session;
 
 pub use device::{
-    repack_q8_0, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
+    repack_q8_0, ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
 };
 pub use probe::{probe, CudaAvailability, DeviceInfo};
 pub use session::{GpuModel, GpuSession};

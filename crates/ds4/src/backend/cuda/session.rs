@@ -10,11 +10,14 @@
 //! captured once as a CUDA graph and replayed (recaptured when the position passes a
 //! multiple of `DECODE_BUCKET` or a rows buffer grows; `DS4_CUDA_GRAPH=0` turns it off).
 //!
-//! Numerics: activations are f32 throughout (the CPU's exact mode). Stored rows get the QAT
+//! Numerics: activations are f32 (the CPU's exact mode), except the inputs of production-mode
+//! decode products with Q8_0, Q2_K or IQ2_XXS weights: those are quantized once per input
+//! with the CPU's rules (Q8_0 activations per 32, Q8_K per 256; bit-identical codes and
+//! scales) and multiplied with integer dots (`mv8_*`, `mv8glu_*` in quant.cu), so production
+//! decode matches the CPU's quantized path up to f32 summation order (`DS4_CUDA_INT8=0` keeps
+//! f32 activations). Production prefill still uses f32 activations. Stored rows get the QAT
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
-//! the CPU, so a snapshot means the same thing on both backends. Production mode on the CPU
-//! also quantizes activations before each product; the GPU does not (it is closer to
-//! exact), so production-mode logits differ between the backends by that quantization.
+//! the CPU, so a snapshot means the same thing on both backends.
 //!
 //! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
 //! kernel in kernels/forward.cu says which CPU function it stands for.
@@ -26,7 +29,7 @@ use cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::device::{CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
+use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
 use crate::model::Model;
@@ -53,6 +56,12 @@ const DECODE_BUCKET: usize = 1024;
 /// comparisons).
 fn use_graphs() -> bool {
     std::env::var("DS4_CUDA_GRAPH").map_or(true, |v| v != "0")
+}
+
+/// Whether production-mode decode uses int8 activations (`DS4_CUDA_INT8=0` keeps f32, for
+/// comparisons).
+fn use_int8() -> bool {
+    std::env::var("DS4_CUDA_INT8").map_or(true, |v| v != "0")
 }
 
 /// A captured decode step and the key it was captured for.
@@ -483,6 +492,12 @@ struct Scratch {
     sh: CudaSlice<f32>,
     h: CudaSlice<f32>,
     logits: CudaSlice<f32>,
+    /// Production-mode decode: int8 activation codes and scales for Q8_0 weights (`q0`,
+    /// `d0`) and for Q8_K-activation weights (`qk`, `dk`); codes are bytes held in f32 words.
+    q0: CudaSlice<f32>,
+    d0: CudaSlice<f32>,
+    qk: CudaSlice<f32>,
+    dk: CudaSlice<f32>,
 }
 
 /// One conversation's state on the GPU.
@@ -566,6 +581,20 @@ impl GpuSession {
             .unwrap_or(1);
         let (k, f, d) = (c.n_expert_used, c.n_ff_exp, c.n_embd);
         let a = |n: usize| be.alloc_f32(n);
+        // Widest input of a decode product (all slots of a grouped one together).
+        let qn = [
+            d,
+            c.q_lora_rank,
+            hd,
+            c.o_groups * c.o_lora_rank,
+            k * f,
+            cw,
+            c.idx_heads * c.idx_dim,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(256)
+        .next_multiple_of(256);
         let gids: Vec<i32> = (0..m * c.o_groups)
             .map(|i| (i % c.o_groups) as i32)
             .collect();
@@ -604,6 +633,10 @@ impl GpuSession {
             sh: a(m * d)?,
             h: a(m * d)?,
             logits: a(m * c.n_vocab)?,
+            q0: a(qn.div_ceil(4))?,
+            d0: a(qn / 32)?,
+            qk: a(qn.div_ceil(4))?,
+            dk: a(qn / 256)?,
         };
         Ok(GpuSession {
             gm,
@@ -802,15 +835,105 @@ impl GpuSession {
         let p0l = ptr(&s.pos, st);
         let (exact, qat) = (self.exact as i32, self.qat as i32);
         let n32 = n as u32;
-        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
-            // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
-            unsafe {
-                if nt == 1 {
-                    be.mv_raw(w, 0, 1, x, 0, y)
-                } else {
-                    be.mm_raw(w, x, nt, y)
-                }
+        // Production-mode decode quantizes each product's input once (the CPU's rule for the
+        // weight type) and takes int8 dots; `memo` remembers which buffer each activation
+        // scratch holds, so products sharing an input quantize it once. Every write to a
+        // remembered buffer clears it: product outputs here, `hc_pre` (rewrites `y`) below.
+        let int8 = !self.exact && n == 1 && use_int8();
+        let memo = std::cell::Cell::new([0u64; 2]);
+        // Quantized form of `elems` inputs at `x` for `kind`: (codes, scales), from the memo
+        // when that scratch already holds `x`.
+        let qx = |kind: ActQuant, x: u64, elems: usize| -> Result<(u64, u64)> {
+            let (i, q, dd) = match kind {
+                ActQuant::Q8_0 => (0, p(&s.q0), p(&s.d0)),
+                ActQuant::Q8K => (1, p(&s.qk), p(&s.dk)),
+            };
+            let mut m = memo.get();
+            if m[i] != x {
+                // SAFETY: the activation scratch holds the widest decode input (`qn`).
+                unsafe { be.quant_act_raw(kind, x, elems, q, dd)? };
+                m[i] = x;
+                memo.set(m);
             }
+            Ok((q, dd))
+        };
+        // A product wrote `y`: forget it in the memo.
+        let wrote = |y: u64| {
+            let mut m = memo.get();
+            m.iter_mut().for_each(|v| {
+                if *v == y {
+                    *v = 0
+                }
+            });
+            memo.set(m);
+        };
+        let mvq =
+            |w: &GpuWeight, ids: u64, slots: usize, x: u64, xs: usize, y: u64| -> Result<()> {
+                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
+                unsafe {
+                    match ActQuant::of(w.ty).filter(|_| int8) {
+                        Some(kind) => {
+                            let elems = if xs == 0 {
+                                w.n_cols
+                            } else {
+                                (slots - 1) * xs + w.n_cols
+                            };
+                            let (q, dd) = qx(kind, x, elems)?;
+                            be.mv8_raw(w, ids, slots, q, dd, xs, y)?;
+                            wrote(y);
+                            Ok(())
+                        }
+                        None => be.mv_raw(w, ids, slots, x, xs, y),
+                    }
+                }
+            };
+        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
+            if nt == 1 {
+                mvq(w, 0, 1, x, 0, y)
+            } else {
+                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
+                unsafe { be.mm_raw(w, x, nt, y) }
+            }
+        };
+        // Gate + up + SwiGLU into `g` (weights `wts`, 0: none): fused over int8 activations
+        // where both matrices have an int8 kernel, else two products and k_swiglu.
+        #[allow(clippy::too_many_arguments)]
+        let glu = |wg: &GpuWeight,
+                   wu: &GpuWeight,
+                   ids: u64,
+                   slots: usize,
+                   x: u64,
+                   xs: usize,
+                   g: u64,
+                   u: u64,
+                   wts: u64,
+                   clamp: f32|
+         -> Result<()> {
+            let kind = ActQuant::of(wg.ty).filter(|_| int8 && xs == 0 && wg.ty == wu.ty);
+            if let Some(kind) = kind {
+                let (q, dd) = qx(kind, x, wg.n_cols)?;
+                // SAFETY: g holds `slots` rows of F; ids < n_expert (router) or 0.
+                unsafe { be.mv8glu_raw(wg, wu, ids, slots, q, dd, wts, clamp, g)? };
+                wrote(g);
+                return Ok(());
+            }
+            if ids == 0 {
+                lin(wg, x, n, g)?;
+                lin(wu, x, n, u)?;
+            } else {
+                mvq(wg, ids, slots, x, xs, g)?;
+                mvq(wu, ids, slots, x, xs, u)?;
+            }
+            let rows = if ids == 0 { n } else { slots };
+            launch!(
+                st,
+                k.swiglu,
+                ((wg.n_rows as u32).div_ceil(256), rows as u32, 1),
+                (256, 1, 1),
+                0,
+                [g, u, wts, wg.n_rows as i32, clamp]
+            );
+            Ok(())
         };
         // §3.1 embedding.
         {
@@ -853,6 +976,7 @@ impl GpuSession {
                       base: &CudaSlice<f32>,
                       norm: &CudaSlice<f32>|
          -> Result<()> {
+            memo.set([0; 2]);
             lin(fnw, p(&s.x), n, p(&s.mix))?;
             launch!(
                 st,
@@ -899,6 +1023,7 @@ impl GpuSession {
             )?;
             // Query.
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
+            lin(&l.kv, p(&s.y), n, p(&s.kv))?;
             rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
             launch!(
@@ -917,8 +1042,7 @@ impl GpuSession {
                     p0l
                 ]
             );
-            // KV row.
-            lin(&l.kv, p(&s.y), n, p(&s.kv))?;
+            // KV row (its product was queued with q_a's, which reads the same input).
             launch!(
                 st,
                 k.kv_finish,
@@ -1089,9 +1213,9 @@ impl GpuSession {
             {
                 let g = c.o_groups;
                 let gw = c.n_head * c.head_dim / g;
-                // SAFETY: o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
+                // o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
                 // repeated for GPU_CHUNK tokens.
-                unsafe { be.mv_raw(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))? };
+                mvq(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))?;
                 lin(&l.out_b, p(&s.low), n, p(&s.f))?;
             }
             launch!(
@@ -1151,31 +1275,33 @@ impl GpuSession {
                     );
                     (p(&s.zk), d)
                 };
-                // SAFETY: ids come from the router (< n_expert); buffers hold `slots` rows.
-                unsafe {
-                    be.mv_raw(&l.gate_exps, pi(&s.ids), slots, x, xs, p(&s.g))?;
-                    be.mv_raw(&l.up_exps, pi(&s.ids), slots, x, xs, p(&s.u))?;
-                }
-                launch!(
-                    st,
-                    k.swiglu,
-                    ((f as u32).div_ceil(256), slots as u32, 1),
-                    (256, 1, 1),
+                // Ids come from the router (< n_expert); buffers hold `slots` rows.
+                glu(
+                    &l.gate_exps,
+                    &l.up_exps,
+                    pi(&s.ids),
+                    slots,
+                    x,
+                    xs,
+                    p(&s.g),
+                    p(&s.u),
+                    p(&s.wts),
+                    l.clamp,
+                )?;
+                // As above; g holds `slots` activations of F.
+                mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
+                glu(
+                    &l.sh_gate,
+                    &l.sh_up,
                     0,
-                    [p(&s.g), p(&s.u), p(&s.wts), f as i32, l.clamp]
-                );
-                // SAFETY: as above; g holds `slots` activations of F.
-                unsafe { be.mv_raw(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))? };
-                lin(&l.sh_gate, p(&s.y), n, p(&s.shg))?;
-                lin(&l.sh_up, p(&s.y), n, p(&s.shu))?;
-                launch!(
-                    st,
-                    k.swiglu,
-                    ((f as u32).div_ceil(256), n32, 1),
-                    (256, 1, 1),
+                    1,
+                    p(&s.y),
                     0,
-                    [p(&s.shg), p(&s.shu), 0u64, f as i32, l.clamp]
-                );
+                    p(&s.shg),
+                    p(&s.shu),
+                    0,
+                    l.clamp,
+                )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
                 launch!(
                     st,

@@ -484,3 +484,345 @@ DS4_DQ32(q8_0, 32)
 DS4_DQ32(q2_k, 16)
 DS4_DQ32(q4_k, 32)
 DS4_DQ32(iq2_xxs, 32)
+
+// ---------------------------------------------------------------------------------------------
+// Production-mode decode products with int8 activations (the CPU's `exact = false` path):
+// the input vector is quantized once with the CPU's rules (qa_<kind>), then `mv8_<t>` takes
+// integer dots with __dp4a. Integer partial sums are exact; each lane scales its partial by
+// the block scales in f32, so results match the CPU's quantized dot up to f32 accumulation
+// order (not bit for bit). Exact mode keeps the f32 kernels above.
+//
+// Activation buffers: `q` int8 codes (same element layout as x) and `d` f32 scales, one per
+// 32 elements (Q8_0 activations) or per 256 (Q8_K); slot s of a grouped product reads
+// q + s·x_stride and the scales of those elements.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_max_first(float a, int idx, float v, int* best_idx, float* best_v) {
+    // Reduce (|v|, index): larger |v| wins, equal |v| keeps the smaller index (CPU: first).
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) {
+        float oa = __shfl_xor_sync(0xffffffffu, a, m);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, m);
+        float ov = __shfl_xor_sync(0xffffffffu, v, m);
+        if (oa > a || (oa == a && oi < idx)) {
+            a = oa;
+            idx = oi;
+            v = ov;
+        }
+    }
+    *best_idx = idx;
+    *best_v = v;
+    return a;
+}
+
+// Q8_K (CPU `q8_k::quantize_block`): one warp per 256 elements, lane l holds 8l..8l+7.
+// max = signed element of largest |x| (first on ties), iscale = (1/max)·(-127),
+// q = clamp(rne(iscale·x), -128, 127), d = 1/iscale (0 for an all-zero block).
+extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, signed char* __restrict__ q,
+                                   float* __restrict__ d) {
+    int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (blk >= n_blocks) return;
+    int lane = threadIdx.x & 31;
+    const float* xb = x + (i64)blk * 256 + 8 * lane;
+    float4 a = ((const float4*)xb)[0], b = ((const float4*)xb)[1];
+    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    float am = 0.0f, mv = 0.0f;
+    int mi = 0x7fffffff;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        if (fabsf(v[k]) > am) {
+            am = fabsf(v[k]);
+            mv = v[k];
+            mi = 8 * lane + k;
+        }
+    }
+    int bi;
+    float max;
+    am = warp_max_first(am, mi, mv, &bi, &max);
+    u32 w0 = 0, w1 = 0;
+    float dd = 0.0f;
+    if (am != 0.0f) {
+        float iscale = __fmul_rn(__fdiv_rn(1.0f, max), -127.0f);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float r = fminf(fmaxf(rintf(__fmul_rn(iscale, v[k])), -128.0f), 127.0f);
+            u32 c = (u32)(int)r & 255u;
+            if (k < 4) w0 |= c << (8 * k);
+            else w1 |= c << (8 * (k - 4));
+        }
+        dd = __fdiv_rn(1.0f, iscale);
+    }
+    ((uint2*)(q + (i64)blk * 256))[lane] = make_uint2(w0, w1);
+    if (lane == 0) d[blk] = dd;
+}
+
+// Q8_0 activations (CPU `q8_0::quantize_act_block`): per 32 elements d = amax/127,
+// q = clamp(rne(x·(1/d)), -128, 127). One warp per 256 elements (4 lanes per block);
+// `n` (a multiple of 32) elements in all.
+extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed char* __restrict__ q,
+                                   float* __restrict__ d) {
+    i64 e0 = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 256 + 8 * (threadIdx.x & 31);
+    bool on = e0 < n;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (on) {
+        float4 a = ((const float4*)(x + e0))[0], b = ((const float4*)(x + e0))[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+    float am = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) am = fmaxf(am, fabsf(v[k]));
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+    if (!on) return;
+    float dd = __fdiv_rn(am, 127.0f);
+    float id = dd == 0.0f ? 0.0f : __fdiv_rn(1.0f, dd);
+    u32 w0 = 0, w1 = 0;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        float r = fminf(fmaxf(rintf(__fmul_rn(v[k], id)), -128.0f), 127.0f);
+        u32 c = (u32)(int)r & 255u;
+        if (k < 4) w0 |= c << (8 * k);
+        else w1 |= c << (8 * (k - 4));
+    }
+    *(uint2*)(q + e0) = make_uint2(w0, w1);
+    if ((threadIdx.x & 3) == 0) d[e0 >> 5] = dd;
+}
+
+// IQ2_XXS tables for the int8 path: the grid as bytes (2 KB instead of 8 KB of floats).
+struct Iq2Smem8 {
+    u64 grid[256];
+    u8 signs[128];
+};
+
+// The lane's 8 int8 activations and their block scale.
+struct XQ8 {
+    uint2 q;
+    float d;
+};
+
+// Sign bits 0..3 of s as byte masks (0x00 / 0xff per byte).
+__device__ __forceinline__ u32 sign_mask4(u32 s) { return ((s * 0x00204081u) & 0x01010101u) * 0xffu; }
+
+// g with the bytes selected by mask negated (g bytes are < 128).
+__device__ __forceinline__ int neg_bytes(u32 g, u32 mask) { return (int)__vsub4(g ^ mask, mask); }
+
+struct I8Q8_0 : UQ8_0 {
+    __device__ __forceinline__ float idot(const XQ8& x, int, float acc, const Iq2Smem8*) const {
+        int s = __dp4a((int)q.x, (int)x.q.x, 0);
+        s = __dp4a((int)q.y, (int)x.q.y, s);
+        return fmaf(h2f(d) * x.d, (float)s, acc);
+    }
+};
+
+// Q2_K for the int8 path, loaded cooperatively: lanes 0..20 read the block's 21 words (one
+// coalesced 84-byte row); `idot` fetches each lane's two code words, scale byte and (d, dmin)
+// with shuffles (n_cols is a multiple of 256: all lanes take part in every step).
+struct I8Q2_K {
+    u32 v;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u32* p = (const u32*)(c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 84);
+        v = lane < 21 ? p[lane] : 0u;
+    }
+    __device__ __forceinline__ float idot(const XQ8& x, int lane, float acc, const Iq2Smem8*) const {
+        const int qw = 4 + 8 * (lane >> 4) + 2 * (lane & 3);
+        u32 q0 = __shfl_sync(0xffffffffu, v, qw);
+        u32 q1 = __shfl_sync(0xffffffffu, v, qw + 1);
+        u32 scw = __shfl_sync(0xffffffffu, v, lane >> 3);
+        u32 dd = __shfl_sync(0xffffffffu, v, 20);
+        u32 sc = (scw >> (8 * ((lane >> 1) & 3))) & 255u;
+        int j = (lane >> 2) & 3;
+        u32 m0 = (q0 >> (2 * j)) & 0x03030303u, m1 = (q1 >> (2 * j)) & 0x03030303u;
+        int s = __dp4a((int)m0, (int)x.q.x, __dp4a((int)m1, (int)x.q.y, 0));
+        int bs = __dp4a(0x01010101, (int)x.q.x, __dp4a(0x01010101, (int)x.q.y, 0));
+        float dl = x.d * h2f((u16)(dd & 0xffff));
+        float ml = x.d * h2f((u16)(dd >> 16));
+        return fmaf(dl, (float)((int)(sc & 15) * s), fmaf(-ml, (float)((int)(sc >> 4) * bs), acc));
+    }
+};
+
+// IQ2_XXS for the int8 path, loaded cooperatively: lane l reads the block's bytes
+// 2+2l, 2+2l+1 (the warp reads the 64 group bytes as one coalesced 64-byte row) plus the
+// broadcast scale; `idot` moves each lane's grid byte and sign word over with shuffles
+// (n_cols is a multiple of 256, so every lane of the warp takes part in every step).
+struct I8IQ2_XXS {
+    u16 d, w;
+    __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
+        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 66;
+        d = ld16(p);
+        w = ld16(p + 2 + 2 * lane);
+    }
+    __device__ __forceinline__ float idot(const XQ8& x, int lane, float acc, const Iq2Smem8* tb) const {
+        const int g0 = lane & ~3;
+        u32 av = __shfl_sync(0xffffffffu, (u32)w, g0 | ((lane & 3) >> 1));
+        u32 blo = __shfl_sync(0xffffffffu, (u32)w, g0 | 2);
+        u32 bhi = __shfl_sync(0xffffffffu, (u32)w, g0 | 3);
+        u32 a = (av >> (8 * (lane & 1))) & 255u;
+        u32 b = blo | (bhi << 16);
+        u64 g = tb->grid[a];
+        u32 sg = tb->signs[(b >> (7 * (lane & 3))) & 127];
+        int w0 = neg_bytes((u32)g, sign_mask4(sg & 15));
+        int w1 = neg_bytes((u32)(g >> 32), sign_mask4(sg >> 4));
+        int s = __dp4a(w0, (int)x.q.x, __dp4a(w1, (int)x.q.y, 0));
+        int tot = (2 * (int)(b >> 28) + 1) * s;
+        return fmaf(0.125f * h2f(d) * x.d, (float)tot, acc);
+    }
+};
+
+template <class U, int UNR, int DSH>
+__device__ __forceinline__ float dot_row8(const RowCtx& c, const signed char* xq, const float* xd,
+                                          const Iq2Smem8* tb, int first, int stride) {
+    const int lane = threadIdx.x & 31;
+    const int steps = (c.n_cols + 255) >> 8;
+    float acc = 0.0f;
+    for (int s0 = first; s0 < steps; s0 += UNR * stride) {
+        U r[UNR];
+        XQ8 xv[UNR];
+        bool on[UNR];
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            const int sk = s0 + k * stride;
+            const int e0 = (sk << 8) + 8 * lane;
+            on[k] = sk < steps && e0 < c.n_cols;
+            if (on[k]) {
+                r[k].load(c, sk, lane);
+                xv[k].q = *(const uint2*)(xq + e0);
+                xv[k].d = xd[e0 >> DSH];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++)
+            if (on[k]) acc = r[k].idot(xv[k], lane, acc, tb);
+    }
+    return acc;
+}
+
+// Both rows (gate, up) of one output in the same loop: twice the loads in flight, one
+// activation load per step.
+template <class U, int UNR, int DSH>
+__device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, const signed char* xq,
+                                           const float* xd, const Iq2Smem8* tb, int first, int stride,
+                                           float* ra, float* rb) {
+    const int lane = threadIdx.x & 31;
+    const int steps = (ca.n_cols + 255) >> 8;
+    float acca = 0.0f, accb = 0.0f;
+    for (int s0 = first; s0 < steps; s0 += UNR * stride) {
+        U r[UNR], q[UNR];
+        XQ8 xv[UNR];
+        bool on[UNR];
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            const int sk = s0 + k * stride;
+            const int e0 = (sk << 8) + 8 * lane;
+            on[k] = sk < steps && e0 < ca.n_cols;
+            if (on[k]) {
+                r[k].load(ca, sk, lane);
+                q[k].load(cb, sk, lane);
+                xv[k].q = *(const uint2*)(xq + e0);
+                xv[k].d = xd[e0 >> DSH];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++)
+            if (on[k]) {
+                acca = r[k].idot(xv[k], lane, acca, tb);
+                accb = q[k].idot(xv[k], lane, accb, tb);
+            }
+    }
+    *ra = acca;
+    *rb = accb;
+}
+
+#define DS4_MV8(T, U, USES_TABLES, DSH)                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        mv8_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,         \
+                int n_rows, int n_cols, const signed char* __restrict__ xq,                      \
+                const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {  \
+        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
+        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
+        if (USES_TABLES) {                                                                       \
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            __syncthreads();                                                                     \
+        }                                                                                        \
+        __shared__ float part_[WARPS_PER_BLOCK];                                                 \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
+        float r = 0.0f;                                                                          \
+        if (o < n_rows) {                                                                        \
+            const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
+            RowCtx c = {wb, o, n_rows, n_cols};                                                  \
+            i64 xo = (i64)slot * x_stride;                                                       \
+            r = warp_sum(dot_row8<U, 4, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));   \
+        }                                                                                        \
+        if (split == 1) {                                                                        \
+            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;            \
+            return;                                                                              \
+        }                                                                                        \
+        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                            \
+        __syncthreads();                                                                         \
+        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                \
+            for (int i = 1; i < split; i++) r += part_[warp + i];                                \
+            y[(i64)slot * n_rows + o] = r;                                                       \
+        }                                                                                        \
+    }
+
+DS4_MV8(q8_0, I8Q8_0, 0, 5)
+DS4_MV8(q2_k, I8Q2_K, 0, 8)
+DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
+
+// Fused gate + up + clamped SwiGLU (production decode, int8 activations): warp(s) of row o
+// take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
+// h[s][o] = silu(min(g, c))·clamp(u, ±c)·wts[s] (wts null: 1), the same expressions as
+// k_swiglu in forward.cu. Saves the up launch, the SwiGLU launch and the g/u round trip.
+#define DS4_MV8_GLU(T, U, USES_TABLES, DSH)                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        mv8glu_##T(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,       \
+                   const int* __restrict__ ids, int n_rows, int n_cols,                          \
+                   const signed char* __restrict__ xq, const float* __restrict__ xd,             \
+                   i64 x_stride, const float* __restrict__ wts, float clampc,                    \
+                   float* __restrict__ h, int split) {                                           \
+        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
+        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
+        if (USES_TABLES) {                                                                       \
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            __syncthreads();                                                                     \
+        }                                                                                        \
+        __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                       \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
+        float rg = 0.0f, ru = 0.0f;                                                              \
+        if (o < n_rows) {                                                                        \
+            i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                  \
+            RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};         \
+            i64 xo = (i64)slot * x_stride;                                                       \
+            dot_row8x2<U, 4, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru);  \
+            rg = warp_sum(rg);                                                                   \
+            ru = warp_sum(ru);                                                                   \
+        }                                                                                        \
+        if (split > 1) {                                                                         \
+            if ((threadIdx.x & 31) == 0) {                                                       \
+                partg_[warp] = rg;                                                               \
+                partu_[warp] = ru;                                                               \
+            }                                                                                    \
+            __syncthreads();                                                                     \
+            if (part != 0) return;                                                               \
+            for (int i = 1; i < split; i++) {                                                    \
+                rg += partg_[warp + i];                                                          \
+                ru += partu_[warp + i];                                                          \
+            }                                                                                    \
+        }                                                                                        \
+        if ((threadIdx.x & 31) == 0 && o < n_rows) {                                             \
+            float gv = fminf(rg, clampc);                                                        \
+            float sil = gv * (1.0f / (1.0f + expf(-gv)));                                        \
+            float uv = fminf(fmaxf(ru, -clampc), clampc);                                        \
+            float r = sil * uv;                                                                  \
+            if (wts) r = r * wts[slot];                                                          \
+            h[(i64)slot * n_rows + o] = r;                                                       \
+        }                                                                                        \
+    }
+
+DS4_MV8_GLU(q8_0, I8Q8_0, 0, 5)
+DS4_MV8_GLU(q2_k, I8Q2_K, 0, 8)
+DS4_MV8_GLU(iq2_xxs, I8IQ2_XXS, 1, 8)
