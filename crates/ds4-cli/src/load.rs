@@ -150,7 +150,10 @@ pub fn prepare_backend(model: &Model, choice: BackendChoice) -> Result<BackendCh
             });
             match result {
                 Ok(_) => {
-                    eprintln!(" ({:.1} s)", started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "\rds4: uploading weights to the GPU: 100% ({:.1} s)",
+                        started.elapsed().as_secs_f64()
+                    );
                     BackendChoice::Cuda
                 }
                 Err(why) if choice == BackendChoice::Auto => {
