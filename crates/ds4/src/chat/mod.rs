@@ -38,5 +38,4 @@ pub const DSML: &str = "｜DSML｜";
 pub const LATEST_REMINDER: &str = "<｜latest_reminder｜>";
 
 /// The structural special-token strings that [`RenderedPrompt::specials`] ranges cover.
-pub const STRUCTURAL_SPECIALS: [&str; 7] =
-    [BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML];
+pub use crate::tokenizer::STRUCTURAL_SPECIALS;

@@ -12,15 +12,7 @@ use crate::gguf::{GgufFile, Value, ValueType};
 static REAL_TOKENIZER: &[u8] = include_bytes!("../../../../data/ds4-tokenizer.gguf");
 
 /// The strings ds4 looks up in the token table (model.md §2.2); the first two are BOS/EOS.
-pub const SPECIAL_TOKENS: [&str; 7] = [
-    "<｜begin▁of▁sentence｜>",
-    "<｜end▁of▁sentence｜>",
-    "<｜User｜>",
-    "<｜Assistant｜>",
-    "<think>",
-    "</think>",
-    "｜DSML｜",
-];
+pub use crate::tokenizer::STRUCTURAL_SPECIALS as SPECIAL_TOKENS;
 
 /// Ids 0..3 of the real vocabulary are BOS, EOS and pad; 3..259 are the 256 byte symbols.
 const BYTE_SYMBOLS_END: usize = 259;
