@@ -172,12 +172,16 @@ pub fn run(args: ModelBenchArgs) -> Result<()> {
         let snapshot = session.snapshot();
         let t1 = Instant::now();
         for _ in 0..args.gen_tokens {
-            // Greedy, never EOS: the benchmark always decodes the full count.
-            let logits = session.logits();
-            let mut best = if eos == 0 { 1 } else { 0 };
-            for (i, &l) in logits.iter().enumerate() {
-                if i != eos && l > logits[best] {
-                    best = i;
+            // Greedy, never EOS: the benchmark always decodes the full count. The device's
+            // argmax serves unless it is EOS; then the host scans the row without it.
+            let mut best = session.argmax() as usize;
+            if best == eos {
+                let logits = session.logits();
+                best = if eos == 0 { 1 } else { 0 };
+                for (i, &l) in logits.iter().enumerate() {
+                    if i != eos && l > logits[best] {
+                        best = i;
+                    }
                 }
             }
             session.decode(best as u32)?;

@@ -270,14 +270,14 @@ fn model_bench(
         let t = Instant::now();
         s.prefill(&prompt)?;
         let pre = c as f64 / t.elapsed().as_secs_f64();
-        let mut tok = ds4::sample::argmax(s.logits());
+        let mut tok = s.argmax();
         // One untimed step (first-use costs), then the timed ones.
         s.decode(tok)?;
-        tok = ds4::sample::argmax(s.logits());
+        tok = s.argmax();
         let t = Instant::now();
         for _ in 0..decode {
             s.decode(tok)?;
-            tok = ds4::sample::argmax(s.logits());
+            tok = s.argmax();
         }
         let dt = t.elapsed().as_secs_f64() / decode.max(1) as f64;
         println!(
