@@ -95,6 +95,8 @@ struct TypeKernels {
     mm: CudaFunction,
     dq: CudaFunction,
     dq32: CudaFunction,
+    /// Batched dequantization to f16 (production prefill, prefill.cu).
+    pfdq: CudaFunction,
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -228,6 +230,7 @@ impl CudaBackend {
                     mm: module.load_function(&format!("mm_{s}"))?,
                     dq: module.load_function(&format!("dq_{s}"))?,
                     dq32: module.load_function(&format!("dq32_{s}"))?,
+                    pfdq: module.load_function(&format!("pf_dq_{s}"))?,
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
                         None => None,
@@ -616,54 +619,23 @@ impl CudaBackend {
             scratch.w16.as_mut().expect("allocated"),
             scratch.x16.as_mut().expect("allocated"),
         );
-        self.dequantize_f16(w, expert, &mut w16.slice_mut(..nw))?;
-        {
-            let n = nx as i64;
-            let cfg = LaunchConfig {
-                grid_dim: ((nx as u32).div_ceil(256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut xv = x16.slice_mut(..nx);
-            let mut b = self.stream.launch_builder(&self.f32_to_f16);
-            b.arg(xs).arg(&mut xv).arg(&n);
-            // SAFETY: matches f32_to_f16; both buffers hold nx elements.
-            unsafe { b.launch(cfg) }?;
+        let (pw, _g1) = w16.device_ptr(&self.stream);
+        let (px16, _g2) = x16.device_ptr(&self.stream);
+        let (px, _g3) = xs.device_ptr(&self.stream);
+        let (py, _g4) = ys.device_ptr_mut(&self.stream);
+        // SAFETY: w16 holds n_rows·n_cols halves, x16 n_tok·n_cols; xs and ys were checked
+        // above; the expert index is checked here.
+        if expert >= w.n_experts {
+            return Err(CudaError::Invalid(format!(
+                "expert {expert} of {}",
+                w.n_experts
+            )));
         }
-        // Column-major view: C (n_rows × n_tok, ld n_rows) = Wᵀᵀ · X, where the row-major
-        // weight is a column-major n_cols × n_rows matrix (transposed by op A) and the
-        // row-major activations a column-major n_cols × n_tok matrix.
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (m, n, k) = (w.n_rows as i32, n_tok as i32, w.n_cols as i32);
-        let (pa, _ga) = w16.device_ptr(&self.stream);
-        let (pb, _gb) = x16.device_ptr(&self.stream);
-        let (pc, _gc) = ys.device_ptr_mut(&self.stream);
-        // SAFETY: pointers are live device buffers of at least m·k, k·n, m·n elements of the
-        // stated types, on the handle's stream.
         unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cb::cublasOperation_t::CUBLAS_OP_T,
-                cb::cublasOperation_t::CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                &alpha as *const f32 as *const _,
-                pa as *const _,
-                cb::cudaDataType::CUDA_R_16F,
-                k,
-                pb as *const _,
-                cb::cudaDataType::CUDA_R_16F,
-                k,
-                &beta as *const f32 as *const _,
-                pc as *mut _,
-                cb::cudaDataType::CUDA_R_32F,
-                m,
-                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )?;
+            super::prefill::dense_gemm(
+                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16,
+            )
         }
-        Ok(())
     }
 
     // ---------------------------------------------------------------- raw launches
@@ -882,6 +854,160 @@ impl CudaBackend {
             .arg(&h)
             .arg(&split_i);
         b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// `pf_dq_<t>`: dequantizes `nb` matrices of `w` to f16 (row-major, matrix `b` at
+    /// `out + b·out_stride` elements): matrices `experts[e0 + b]` (device ints), or `e0 + b`
+    /// when `experts == 0`. Same rounding as [`CudaBackend::dequantize_f16`].
+    ///
+    /// # Safety
+    /// `out` must hold `nb · out_stride` halves (`out_stride ≥ n_rows·n_cols`); expert ids
+    /// `< n_experts`.
+    pub(crate) unsafe fn dq_f16_raw(
+        &self,
+        w: &GpuWeight,
+        experts: u64,
+        e0: usize,
+        nb: usize,
+        out: u64,
+        out_stride: usize,
+    ) -> Result<()> {
+        if nb == 0 {
+            return Ok(());
+        }
+        let k = self.kernels(w.ty)?;
+        let units = (w.n_rows * w.n_cols / dq_elems(w.ty)) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(256), nb as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.weight_ptr(w);
+        let eb = w.expert_stride as i64;
+        let (e0, n_rows, n_cols) = (e0 as i32, w.n_rows as i32, w.n_cols as i32);
+        let os = out_stride as i64;
+        let mut b = self.stream.launch_builder(&k.pfdq);
+        b.arg(&wp)
+            .arg(&eb)
+            .arg(&experts)
+            .arg(&e0)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(&out)
+            .arg(&os);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// `y[i] = f16(x[i])` for `n` elements (round to nearest even).
+    ///
+    /// # Safety
+    /// `x` (f32) and `y` (f16) must hold `n` elements.
+    pub(crate) unsafe fn to_f16_raw(&self, x: u64, y: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(&self.f32_to_f16);
+        b.arg(&x).arg(&y).arg(&nn);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// Tensor-core GEMM over f16 operands with f32 accumulation and output, in the row-major
+    /// terms of the engine: for `b < batch`, `c_b[t][o] = Σ_i a_b[o][i] · x_b[t][i]`, `o <
+    /// m` (weight rows, `a` row-major with row stride `lda`), `t < n` (tokens, `x` rows of
+    /// stride `ldx`), `i < k`; `c` rows of stride `ldc`. Matrix `b` of each operand starts
+    /// `b·stride_*` elements after the first. (cuBLAS column-major: C = op_T(A) · X.)
+    ///
+    /// # Safety
+    /// Every operand must be a live device buffer covering the addressed elements.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_f16_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        x: u64,
+        ldx: usize,
+        c: u64,
+        ldc: usize,
+        batch: usize,
+        strides: [usize; 3],
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        let (la, lx, lc) = (lda as i32, ldx as i32, ldc as i32);
+        let h = *self.blas.handle();
+        let (t, nn) = (
+            cb::cublasOperation_t::CUBLAS_OP_T,
+            cb::cublasOperation_t::CUBLAS_OP_N,
+        );
+        let (f16t, f32t) = (cb::cudaDataType::CUDA_R_16F, cb::cudaDataType::CUDA_R_32F);
+        let ct = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        let al = &alpha as *const f32 as *const _;
+        let be = &beta as *const f32 as *const _;
+        if batch == 1 {
+            cudarc::cublas::result::gemm_ex(
+                h,
+                t,
+                nn,
+                mi,
+                ni,
+                ki,
+                al,
+                a as *const _,
+                f16t,
+                la,
+                x as *const _,
+                f16t,
+                lx,
+                be,
+                c as *mut _,
+                f32t,
+                lc,
+                ct,
+                algo,
+            )?;
+        } else {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                h,
+                t,
+                nn,
+                mi,
+                ni,
+                ki,
+                al,
+                a as *const _,
+                f16t,
+                la,
+                strides[0] as i64,
+                x as *const _,
+                f16t,
+                lx,
+                strides[1] as i64,
+                be,
+                c as *mut _,
+                f32t,
+                lc,
+                strides[2] as i64,
+                batch as i32,
+                ct,
+                algo,
+            )?;
+        }
         Ok(())
     }
 
