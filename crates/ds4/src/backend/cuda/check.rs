@@ -529,114 +529,132 @@ fn check_moe_grouped(
     let kf = PfKernels::load(be)?;
     let sc = MoeScratch::new(be, slots, n_exp, d, f)?;
     let st = be.stream();
-    let mut runs = Vec::new();
-    for _ in 0..2 {
-        let dn = poisoned(be, slots * d)?;
-        {
-            let (pi, _a) = idsd.device_ptr(st);
-            let (pw, _b) = wtsd.device_ptr(st);
-            let (py, _c) = yd.device_ptr(st);
-            let (pd, _d) = dn.device_ptr(st);
-            // SAFETY: buffers sized for `slots` pairs of n_tok tokens; ids < n_exp.
-            unsafe { moe_grouped(be, &kf, &sc, &gw, &uw, &dw, pi, pw, py, n_tok, k, clamp, pd)? };
-        }
-        runs.push(be.download(&dn)?);
-    }
-    // Grouping: stable counting sort on the CPU.
-    let (meta, perm, inv) = sc.grouping(be)?;
-    let mut want_perm = Vec::with_capacity(slots);
-    let mut want_meta = vec![0i32; 2 * n_exp];
-    let mut nu = 0;
-    for e in 0..n_exp as i32 {
-        let before = want_perm.len();
-        want_perm.extend((0..slots as i32).filter(|&s| ids[s as usize] == e));
-        let c = (want_perm.len() - before) as i32;
-        want_meta[e as usize] = c;
-        if c > 0 {
-            want_meta[n_exp + nu] = e;
-            nu += 1;
-        }
-    }
-    want_meta[n_exp + nu..].fill(-1);
-    let mut want_inv = vec![0i32; slots];
-    for (r, &s) in want_perm.iter().enumerate() {
-        want_inv[s as usize] = r as i32;
-    }
-    let mism = meta.iter().zip(&want_meta).filter(|(a, b)| a != b).count()
-        + perm[..slots]
-            .iter()
-            .zip(&want_perm)
-            .filter(|(a, b)| a != b)
-            .count()
-        + inv[..slots]
-            .iter()
-            .zip(&want_inv)
-            .filter(|(a, b)| a != b)
-            .count();
-    let shape = format!("{n_exp}exp,{n_tok}tok x{k},{f}x{d}");
-    out.push(CheckRow {
-        note: format!("{mism} of counts/used/perm/inv differ from a CPU stable counting sort"),
-        ..exact_row("moe_group", tg, &shape, mism)
-    });
-    // Routed outputs: CPU dequantized weights, f64 sums, k_swiglu's f32 expressions.
-    let deq = |ty: GgmlType, b: &[u8], rows: usize, cols: usize| {
-        let mut v = vec![0f32; rows * cols];
-        let rb = cols / ty.block_elems() * ty.block_bytes();
-        for (o, r) in v.chunks_exact_mut(cols).enumerate() {
-            dequantize_row(ty, &b[o * rb..(o + 1) * rb], r);
-        }
-        v
-    };
-    let (gf, uf, df) = (
-        deq(tg, &gb, n_exp * f, d),
-        deq(tg, &ub, n_exp * f, d),
-        deq(td, &db, n_exp * d, f),
-    );
-    let mut refs = Vec::with_capacity(slots * d);
-    for s in 0..slots {
-        let e = ids[s] as usize;
-        let x = &y[(s / k) * d..(s / k + 1) * d];
-        let dot = |w: &[f32]| {
-            w.iter()
-                .zip(x)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum::<f64>()
-        };
-        let h: Vec<f32> = (0..f)
-            .map(|o| {
-                let r = (e * f + o) * d;
-                let g = dot(&gf[r..r + d]) as f32;
-                let u = dot(&uf[r..r + d]) as f32;
-                let gv = g.min(clamp);
-                let sil = gv * (1.0 / (1.0 + (-gv).exp()));
-                sil * u.clamp(-clamp, clamp) * wts[s]
-            })
-            .collect();
-        for j in 0..d {
-            let r = (e * d + j) * f;
-            let (mut sum, mut l1) = (0f64, 0f64);
-            for (&w, &hv) in df[r..r + f].iter().zip(&h) {
-                let pr = w as f64 * hv as f64;
-                sum += pr;
-                l1 += pr.abs();
+    for fused in [true, false] {
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let dn = poisoned(be, slots * d)?;
+            {
+                let (pi, _a) = idsd.device_ptr(st);
+                let (pw, _b) = wtsd.device_ptr(st);
+                let (py, _c) = yd.device_ptr(st);
+                let (pd, _d) = dn.device_ptr(st);
+                // SAFETY: buffers sized for `slots` pairs of n_tok tokens; ids < n_exp.
+                unsafe {
+                    moe_grouped(
+                        be, &kf, &sc, &gw, &uw, &dw, pi, pw, py, n_tok, k, clamp, pd, fused,
+                    )?
+                };
             }
-            refs.push((sum, l1));
+            runs.push(be.download(&dn)?);
         }
+        // Grouping: stable counting sort on the CPU, tiles of 64 rows per expert.
+        let (meta, perm, inv, tiles) = sc.grouping(be)?;
+        let mut want_perm = Vec::with_capacity(slots);
+        let mut want_meta = vec![0i32; 2 * n_exp + 1];
+        let mut want_tiles = Vec::new();
+        let mut nu = 0;
+        for e in 0..n_exp as i32 {
+            let before = want_perm.len();
+            want_perm.extend((0..slots as i32).filter(|&s| ids[s as usize] == e));
+            let c = (want_perm.len() - before) as i32;
+            want_meta[e as usize] = c;
+            for r in (0..c).step_by(64) {
+                want_tiles.extend([e, before as i32 + r, (c - r).min(64)]);
+            }
+            if c > 0 {
+                want_meta[n_exp + nu] = e;
+                nu += 1;
+            }
+        }
+        want_meta[n_exp + nu..2 * n_exp].fill(-1);
+        want_meta[2 * n_exp] = (want_tiles.len() / 3) as i32;
+        let mut want_inv = vec![0i32; slots];
+        for (r, &s) in want_perm.iter().enumerate() {
+            want_inv[s as usize] = r as i32;
+        }
+        let mism = meta.iter().zip(&want_meta).filter(|(a, b)| a != b).count()
+            + perm[..slots]
+                .iter()
+                .zip(&want_perm)
+                .filter(|(a, b)| a != b)
+                .count()
+            + inv[..slots]
+                .iter()
+                .zip(&want_inv)
+                .filter(|(a, b)| a != b)
+                .count()
+            + tiles[..want_tiles.len()]
+                .iter()
+                .zip(&want_tiles)
+                .filter(|(a, b)| a != b)
+                .count();
+        let shape = format!("{n_exp}exp,{n_tok}tok x{k},{f}x{d}");
+        let kname = if fused {
+            "moe_grouped_mma"
+        } else {
+            "moe_grouped_cublas"
+        };
+        out.push(CheckRow {
+            note: format!(
+                "{mism} of counts/used/tiles/perm/inv differ from a CPU stable counting sort"
+            ),
+            ..exact_row("moe_group", tg, &shape, mism)
+        });
+        // Routed outputs: CPU dequantized weights, f64 sums, k_swiglu's f32 expressions.
+        let deq = |ty: GgmlType, b: &[u8], rows: usize, cols: usize| {
+            let mut v = vec![0f32; rows * cols];
+            let rb = cols / ty.block_elems() * ty.block_bytes();
+            for (o, r) in v.chunks_exact_mut(cols).enumerate() {
+                dequantize_row(ty, &b[o * rb..(o + 1) * rb], r);
+            }
+            v
+        };
+        let (gf, uf, df) = (
+            deq(tg, &gb, n_exp * f, d),
+            deq(tg, &ub, n_exp * f, d),
+            deq(td, &db, n_exp * d, f),
+        );
+        let mut refs = Vec::with_capacity(slots * d);
+        for s in 0..slots {
+            let e = ids[s] as usize;
+            let x = &y[(s / k) * d..(s / k + 1) * d];
+            let dot = |w: &[f32]| {
+                w.iter()
+                    .zip(x)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            };
+            let h: Vec<f32> = (0..f)
+                .map(|o| {
+                    let r = (e * f + o) * d;
+                    let g = dot(&gf[r..r + d]) as f32;
+                    let u = dot(&uf[r..r + d]) as f32;
+                    let gv = g.min(clamp);
+                    let sil = gv * (1.0 / (1.0 + (-gv).exp()));
+                    sil * u.clamp(-clamp, clamp) * wts[s]
+                })
+                .collect();
+            for j in 0..d {
+                let r = (e * d + j) * f;
+                let (mut sum, mut l1) = (0f64, 0f64);
+                for (&w, &hv) in df[r..r + f].iter().zip(&h) {
+                    let pr = w as f64 * hv as f64;
+                    sum += pr;
+                    l1 += pr.abs();
+                }
+                refs.push((sum, l1));
+            }
+        }
+        out.push(compare(
+            kname,
+            td,
+            shape.clone(),
+            &runs[0],
+            &refs,
+            TOL_MOE_GROUPED,
+        ));
+        out.push(det_row(kname, td, &shape, same_bits(&runs[0], &runs[1])));
     }
-    out.push(compare(
-        "moe_grouped_f16",
-        td,
-        shape.clone(),
-        &runs[0],
-        &refs,
-        TOL_MOE_GROUPED,
-    ));
-    out.push(det_row(
-        "moe_grouped_f16",
-        td,
-        &shape,
-        same_bits(&runs[0], &runs[1]),
-    ));
     Ok(())
 }
 

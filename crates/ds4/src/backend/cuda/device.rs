@@ -97,6 +97,8 @@ struct TypeKernels {
     dq32: CudaFunction,
     /// Batched dequantization to f16 (production prefill, prefill.cu).
     pfdq: CudaFunction,
+    /// Grouped expert product on tensor cores (production prefill, prefill.cu).
+    pfmm: CudaFunction,
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -231,6 +233,7 @@ impl CudaBackend {
                     dq: module.load_function(&format!("dq_{s}"))?,
                     dq32: module.load_function(&format!("dq32_{s}"))?,
                     pfdq: module.load_function(&format!("pf_dq_{s}"))?,
+                    pfmm: module.load_function(&format!("pf_mm_{s}"))?,
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
                         None => None,
@@ -898,6 +901,72 @@ impl CudaBackend {
             .arg(&os);
         b.launch(cfg)?;
         Ok(())
+    }
+
+    /// `pf_mm_<t>`: the grouped expert product over the row tiles written by `pf_group`
+    /// (`n_tiles` device int, `tiles` device triples, at most `max_tiles`): for each tile's
+    /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]`, with rows `m < wa.n_rows`
+    /// from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16 rows of
+    /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone).
+    ///
+    /// # Safety
+    /// Buffers live and covering every tile's rows; expert ids `< n_experts`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn pf_mm_raw(
+        &self,
+        wa: &GpuWeight,
+        wb: Option<&GpuWeight>,
+        n_tiles: u64,
+        tiles: u64,
+        max_tiles: usize,
+        xs: u64,
+        out: u64,
+    ) -> Result<()> {
+        let m_total = wa.n_rows + wb.map_or(0, |w| w.n_rows);
+        if let Some(w) = wb {
+            if w.ty != wa.ty || w.n_cols != wa.n_cols || w.expert_stride != wa.expert_stride {
+                return Err(CudaError::Invalid(
+                    "pf_mm: matrices differ in layout".into(),
+                ));
+            }
+        }
+        if !Self::pf_mm_fits(wa, wb) {
+            return Err(CudaError::Invalid("pf_mm: shape not supported".into()));
+        }
+        if max_tiles == 0 {
+            return Ok(());
+        }
+        let k = self.kernels(wa.ty)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((m_total / 128) as u32, max_tiles as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let pa = self.weight_ptr(wa);
+        let pb = wb.map_or(pa, |w| self.weight_ptr(w));
+        let eb = wa.expert_stride as i64;
+        let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
+        let mut b = self.stream.launch_builder(&k.pfmm);
+        b.arg(&pa)
+            .arg(&pb)
+            .arg(&eb)
+            .arg(&ra)
+            .arg(&mt)
+            .arg(&kd)
+            .arg(&n_tiles)
+            .arg(&tiles)
+            .arg(&xs)
+            .arg(&out);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// Whether [`CudaBackend::pf_mm_raw`] takes these shapes (rows multiples of its 128-row
+    /// tile, columns of its 32-column step).
+    pub(crate) fn pf_mm_fits(wa: &GpuWeight, wb: Option<&GpuWeight>) -> bool {
+        wa.n_rows.is_multiple_of(128)
+            && wb.is_none_or(|w| w.n_rows.is_multiple_of(128))
+            && wa.n_cols.is_multiple_of(32)
     }
 
     /// `y[i] = f16(x[i])` for `n` elements (round to nearest even).

@@ -55,6 +55,14 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
+/// Rows of one `pf_mm` tile (PF_BN in prefill.cu).
+const PF_BN: usize = 64;
+
+/// Most row tiles `slots` pairs over `n_exp` experts can need (`Σ_e ⌈c_e/PF_BN⌉`).
+fn max_tiles(slots: usize, n_exp: usize) -> usize {
+    slots / PF_BN + n_exp.min(slots)
+}
+
 /// Scratch of the grouped MoE for up to `slots` (token, expert) pairs.
 pub struct MoeScratch {
     slots: usize,
@@ -73,8 +81,10 @@ pub struct MoeScratch {
     h: CudaSlice<u16>,
     /// down outputs of the sorted rows (`slots × D`, f32).
     dns: CudaSlice<f32>,
-    /// Counts per expert, then the used experts.
+    /// Counts per expert, the used experts, the number of row tiles.
     meta: CudaSlice<i32>,
+    /// Row tiles of `pf_mm` (expert, first sorted row, rows).
+    tiles: CudaSlice<i32>,
     perm: CudaSlice<i32>,
     inv: CudaSlice<i32>,
 }
@@ -95,7 +105,8 @@ impl MoeScratch {
             gu: st.alloc_zeros::<f32>(slots * 2 * f)?,
             h: st.alloc_zeros::<u16>(slots * f)?,
             dns: st.alloc_zeros::<f32>(slots * d)?,
-            meta: st.alloc_zeros::<i32>(2 * n_exp)?,
+            meta: st.alloc_zeros::<i32>(2 * n_exp + 1)?,
+            tiles: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp))?,
             perm: st.alloc_zeros::<i32>(slots)?,
             inv: st.alloc_zeros::<i32>(slots)?,
         })
@@ -105,15 +116,17 @@ impl MoeScratch {
     pub fn bytes(&self) -> usize {
         (self.e16.len() + self.d16.len() + self.xs.len() + self.h.len()) * 2
             + (self.gu.len() + self.dns.len()) * 4
-            + (self.meta.len() + self.perm.len() + self.inv.len()) * 4
+            + (self.meta.len() + self.tiles.len() + self.perm.len() + self.inv.len()) * 4
     }
 
-    /// The last grouping (counts per expert, perm, inv), for the self-test.
-    pub fn grouping(&self, be: &CudaBackend) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
+    /// The last grouping (meta, perm, inv, tiles), for the self-test.
+    #[allow(clippy::type_complexity)]
+    pub fn grouping(&self, be: &CudaBackend) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>)> {
         Ok((
             be.download(&self.meta)?,
             be.download(&self.perm)?,
             be.download(&self.inv)?,
+            be.download(&self.tiles)?,
         ))
     }
 }
@@ -140,6 +153,7 @@ pub unsafe fn moe_grouped(
     k: usize,
     clamp: f32,
     dn: u64,
+    fused: bool,
 ) -> Result<()> {
     let (d, f) = (sc.d, sc.f);
     let slots = n_tok * k;
@@ -162,6 +176,7 @@ pub unsafe fn moe_grouped(
     let st = be.stream();
     let n_exp = gate.n_experts;
     let (meta, perm, inv) = (ptr(&sc.meta, be), ptr(&sc.perm, be), ptr(&sc.inv, be));
+    let tiles = ptr(&sc.tiles, be);
     {
         let (si, ne) = (slots as i32, n_exp as i32);
         let mut b = st.launch_builder(&kf.group);
@@ -170,7 +185,8 @@ pub unsafe fn moe_grouped(
             .arg(&ne)
             .arg(&meta)
             .arg(&perm)
-            .arg(&inv);
+            .arg(&inv)
+            .arg(&tiles);
         b.launch(cfg((1, 1, 1), 1024))?;
     }
     let (xs, gu, h, dns) = (
@@ -184,6 +200,39 @@ pub unsafe fn moe_grouped(
         let mut b = st.launch_builder(&kf.gather);
         b.arg(&y).arg(&perm).arg(&ki).arg(&di).arg(&xs);
         b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
+    }
+    let scatter = || -> Result<()> {
+        let di = d as i32;
+        let mut b = st.launch_builder(&kf.scatter);
+        b.arg(&dns).arg(&inv).arg(&di).arg(&dn);
+        b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
+        Ok(())
+    };
+    if fused
+        && gate.ty == up.ty
+        && gate.expert_stride == up.expert_stride
+        && CudaBackend::pf_mm_fits(gate, Some(up))
+        && CudaBackend::pf_mm_fits(down, None)
+    {
+        // All on the device, no host read: grids cover the most tiles `slots` can need, and
+        // blocks past the tile count pf_group wrote return at once.
+        let mt = max_tiles(slots, n_exp);
+        let nt = meta + (2 * n_exp * 4) as u64;
+        be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, gu)?;
+        {
+            let (r0i, fi) = (0i32, f as i32);
+            let mut b = st.launch_builder(&kf.swiglu);
+            b.arg(&gu)
+                .arg(&perm)
+                .arg(&wts)
+                .arg(&r0i)
+                .arg(&fi)
+                .arg(&clamp)
+                .arg(&h);
+            b.launch(cfg(((f as u32).div_ceil(256), slots as u32, 1), 256))?;
+        }
+        be.pf_mm_raw(down, None, nt, tiles, mt, h, dns)?;
+        return scatter();
     }
     // The one host read of the layer: how many rows each expert has.
     let mut counts = vec![0i32; n_exp];
@@ -250,13 +299,7 @@ pub unsafe fn moe_grouped(
             )?;
         }
     }
-    {
-        let di = d as i32;
-        let mut b = st.launch_builder(&kf.scatter);
-        b.arg(&dns).arg(&inv).arg(&di).arg(&dn);
-        b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
-    }
-    Ok(())
+    scatter()
 }
 
 /// Dense prefill product on tensor cores: `y[t] = W_e · x[t]` for `nt` tokens (row-major

@@ -77,6 +77,13 @@ fn use_gemm() -> bool {
     std::env::var("DS4_CUDA_GEMM").map_or(true, |v| v != "0")
 }
 
+/// Whether the production prefill's routed experts use the fused tensor-core kernel
+/// (`pf_mm_<t>`, dequantizing in the kernel); `DS4_CUDA_PF_MM=0` takes the per-expert
+/// f16-dequantize + cuBLAS path instead, for comparisons.
+fn use_pf_mm() -> bool {
+    std::env::var("DS4_CUDA_PF_MM").map_or(true, |v| v != "0")
+}
+
 /// A captured decode step and the key it was captured for.
 struct DecodeGraph {
     key: Vec<u64>,
@@ -1393,6 +1400,7 @@ impl GpuSession {
                             ke,
                             l.clamp,
                             p(&s.dn),
+                            use_pf_mm(),
                         )?
                     };
                 } else {

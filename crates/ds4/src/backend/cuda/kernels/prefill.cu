@@ -16,14 +16,21 @@
 // Appended after quant.cu (uses f2h, the deq_<t> unit dequantizers and the IQ2 tables).
 
 #define PF_GROUP_TILE 1024
+// Tile of the grouped expert product pf_mm_<t>: PF_BM weight rows x PF_BN sorted rows
+// (tokens of one expert), PF_BK columns per step; shared rows padded to PF_SA halves.
+#define PF_BM 128
+#define PF_BN 64
+#define PF_BK 32
+#define PF_SA 40
 
 // One block of PF_GROUP_TILE threads; thread e < n_exp owns expert e. `meta` receives the
-// per-expert counts (n_exp ints) then the used experts in increasing id (n_exp ints, -1
-// after the last). perm[r] = slot at sorted row r; inv[slot] = its sorted row. Rows of one
-// expert keep slot order (stable): the result is a pure function of `ids`.
+// per-expert counts (n_exp ints), the used experts in increasing id (n_exp ints, -1 after
+// the last), then the number of row tiles; `tiles` the tiles of pf_mm (expert, first sorted
+// row, rows ≤ PF_BN) in expert order. perm[r] = slot at sorted row r; inv[slot] = its sorted
+// row. Rows of one expert keep slot order (stable): the result is a pure function of `ids`.
 extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
     pf_group(const int* __restrict__ ids, int slots, int n_exp, int* __restrict__ meta,
-             int* __restrict__ perm, int* __restrict__ inv) {
+             int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles) {
     __shared__ int tile[PF_GROUP_TILE];
     __shared__ int off[PF_GROUP_TILE + 1];
     __shared__ int used_at[PF_GROUP_TILE];
@@ -47,6 +54,15 @@ extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
             off[i + 1] += off[i];
         }
         for (int i = u; i < n_exp; i++) meta[n_exp + i] = -1;
+        int nt = 0;
+        for (int i = 0; i < n_exp; i++)
+            for (int r = off[i]; r < off[i + 1]; r += PF_BN) {
+                tiles[3 * nt] = i;
+                tiles[3 * nt + 1] = r;
+                tiles[3 * nt + 2] = min(PF_BN, off[i + 1] - r);
+                nt++;
+            }
+        meta[2 * n_exp] = nt;
     }
     __syncthreads();
     if (e < n_exp) {
@@ -135,3 +151,103 @@ DS4_PF_DQ(q8_0, 32)
 DS4_PF_DQ(q2_k, 16)
 DS4_PF_DQ(q4_k, 32)
 DS4_PF_DQ(iq2_xxs, 32)
+
+// ---------------------------------------------------------------------------------------------
+// pf_mm_<t>: grouped expert product on tensor cores, weights dequantized in the kernel (each
+// expert's quantized bytes are read once per row tile of its tokens; no f16 weight copy).
+// out[r][m] = Σ_k W_e[m][k] · xs[r][k] for the sorted rows r of tile blockIdx.y (expert e),
+// m in the PF_BM rows of blockIdx.x; rows m < rows_a come from `wa`, the rest from `wb` (row
+// m − rows_a: gate|up as one 2F-row product). xs: f16 rows of k_dim; out: f32 rows of m_total.
+// Dequantization as dq_<t> (f32, rounded to f16); mma.sync m16n8k16 f16 x f16 -> f32.
+// Needs rows_a, m_total multiples of PF_BM and k_dim of PF_BK (the host checks).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+#define DS4_PF_MM(T, DQ_ELEMS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        pf_mm_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
+                  int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
+                  const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
+                  float* __restrict__ out) {                                                     \
+        __shared__ __align__(16) u16 As[PF_BM * PF_SA];                                          \
+        __shared__ __align__(16) u16 Bs[PF_BN * PF_SA];                                          \
+        int tile = blockIdx.y;                                                                   \
+        if (tile >= *n_tiles) return;                                                            \
+        int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];            \
+        int m0 = blockIdx.x * PF_BM;                                                             \
+        const u8* w = m0 < rows_a ? wa : wb;                                                     \
+        int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;                                              \
+        int nrows = m0 < rows_a ? rows_a : m_total - rows_a;                                     \
+        w += (i64)e * expert_bytes;                                                              \
+        int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;                                 \
+        int g = lane >> 2, t4 = lane & 3;                                                        \
+        int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;                                         \
+        float acc[2][4][4];                                                                      \
+        _Pragma("unroll") for (int a = 0; a < 2; a++)                                            \
+            _Pragma("unroll") for (int b = 0; b < 4; b++)                                        \
+                _Pragma("unroll") for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;               \
+        const int upr = PF_BK / DQ_ELEMS;                                                        \
+        for (int k0 = 0; k0 < k_dim; k0 += PF_BK) {                                              \
+            __syncthreads();                                                                     \
+            for (int i = tid; i < PF_BM * upr; i += 256) {                                       \
+                int r = i / upr, uu = i % upr;                                                   \
+                float v[DQ_ELEMS];                                                               \
+                deq_##T(w, wrow0 + r, nrows, k_dim, k0 / DQ_ELEMS + uu, v);                      \
+                u32* dst = (u32*)(As + r * PF_SA + uu * DQ_ELEMS);                               \
+                _Pragma("unroll") for (int q = 0; q < DQ_ELEMS; q += 2) dst[q >> 1] =            \
+                    (u32)f2h(v[q]) | ((u32)f2h(v[q + 1]) << 16);                                 \
+            }                                                                                    \
+            {                                                                                    \
+                int n = tid >> 2, c8 = (tid & 3) * 8;                                            \
+                uint4 val = make_uint4(0u, 0u, 0u, 0u);                                          \
+                if (n < cnt) val = *(const uint4*)(xs + (i64)(r0 + n) * k_dim + k0 + c8);        \
+                *(uint4*)(Bs + n * PF_SA + c8) = val;                                            \
+            }                                                                                    \
+            __syncthreads();                                                                     \
+            _Pragma("unroll") for (int kk = 0; kk < PF_BK; kk += 16) {                           \
+                u32 af[2][4], bf[4][2];                                                          \
+                _Pragma("unroll") for (int mi = 0; mi < 2; mi++) {                               \
+                    const u16* p = As + (wm + mi * 16 + g) * PF_SA + kk + t4 * 2;                \
+                    af[mi][0] = *(const u32*)p;                                                  \
+                    af[mi][1] = *(const u32*)(p + 8 * PF_SA);                                    \
+                    af[mi][2] = *(const u32*)(p + 8);                                            \
+                    af[mi][3] = *(const u32*)(p + 8 * PF_SA + 8);                                \
+                }                                                                                \
+                _Pragma("unroll") for (int ni = 0; ni < 4; ni++) {                               \
+                    const u16* p = Bs + (wn + ni * 8 + g) * PF_SA + kk + t4 * 2;                 \
+                    bf[ni][0] = *(const u32*)p;                                                  \
+                    bf[ni][1] = *(const u32*)(p + 8);                                            \
+                }                                                                                \
+                _Pragma("unroll") for (int mi = 0; mi < 2; mi++)                                 \
+                    _Pragma("unroll") for (int ni = 0; ni < 4; ni++)                             \
+                        mma16816(acc[mi][ni], af[mi], bf[ni]);                                   \
+            }                                                                                    \
+        }                                                                                        \
+        _Pragma("unroll") for (int mi = 0; mi < 2; mi++)                                         \
+            _Pragma("unroll") for (int ni = 0; ni < 4; ni++) {                                   \
+                int row = m0 + wm + mi * 16 + g;                                                 \
+                int n = wn + ni * 8 + t4 * 2;                                                    \
+                if (n < cnt) {                                                                   \
+                    out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];                         \
+                    out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];                     \
+                }                                                                                \
+                if (n + 1 < cnt) {                                                               \
+                    out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];                     \
+                    out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];                 \
+                }                                                                                \
+            }                                                                                    \
+    }
+
+DS4_PF_MM(f32, 4)
+DS4_PF_MM(f16, 8)
+DS4_PF_MM(q8_0, 32)
+DS4_PF_MM(q2_k, 16)
+DS4_PF_MM(q4_k, 32)
+DS4_PF_MM(iq2_xxs, 32)
