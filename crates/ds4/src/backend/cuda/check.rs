@@ -246,6 +246,8 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     for (tg, td) in [
         (GgmlType::IQ2_XXS, GgmlType::Q2_K),
         (GgmlType::Q8_0, GgmlType::Q8_0),
+        (GgmlType::F16, GgmlType::Q4_K),
+        (GgmlType::F32, GgmlType::Q2_K),
     ] {
         check_moe_grouped(be, &mut rng, tg, td, quick, &mut out)?;
     }

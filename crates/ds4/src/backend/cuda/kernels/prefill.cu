@@ -170,84 +170,228 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-#define DS4_PF_MM(T, DQ_ELEMS)                                                                   \
+// Two f32 -> one f16x2 word (lo in the low half), round to nearest even like f2h.
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Tile loaders of pf_mm: `load` fetches the raw bytes of 16 consecutive weights (row o,
+// columns c0..c0+15, c0 % 16 == 0) into registers (issued before the MMAs of the previous
+// step, so the loads are in flight meanwhile); `store` decodes them into 8 f16x2 words.
+// Every value equals f2h of the deq_<t> value (same f32 operations, then one rounding).
+struct PfIq2 {
+    u32 a, b, half;
+    float d;
+    __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
+        const u8* p = w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 66;
+        const u8* g = p + 2 + 8 * ((c0 >> 5) & 7);
+        d = h2f(ld16(p));
+        a = (u32)ld16(g) | ((u32)ld16(g + 2) << 16);
+        b = (u32)ld16(g + 4) | ((u32)ld16(g + 6) << 16);
+        half = (c0 >> 4) & 1;
+    }
+    __device__ __forceinline__ void store(u32* dst) const {
+        float db = __fmul_rn(__fmul_rn(d, __fadd_rn(0.5f, (float)(b >> 28))), 0.25f);
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            int l = 2 * half + j;
+            u64 grid = ds4_iq2_grid[(a >> (8 * l)) & 255];
+            u32 sg = ds4_iq2_signs[(b >> (7 * l)) & 127];
+            u32 lo = (u32)grid, hi = (u32)(grid >> 32);
+#pragma unroll
+            for (int k = 0; k < 8; k += 2) {
+                u32 src = k < 4 ? lo : hi;
+                u32 h = pack_h2(__fmul_rn(db, bytef(src, k & 3)), __fmul_rn(db, bytef(src, (k & 3) + 1)));
+                // deq_iq2_xxs negates before rounding; RNE is symmetric, so flip the f16 sign.
+                h ^= (((sg >> k) & 1u) << 15) | (((sg >> (k + 1)) & 1u) << 31);
+                dst[4 * j + k / 2] = h;
+            }
+        }
+    }
+};
+
+struct PfQ2K {
+    u32 q[4], dd, sc, shift;
+    __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
+        const u8* p = w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 84;
+        int g = (c0 >> 4) & 15;
+        dd = ld32(p + 80);
+        sc = p[g];
+        // Elements 16g..16g+15 of the block: bytes 16 + 32(g/8) + 16(g%2) .., bit pair (g%8)/2.
+        const u8* qs = p + 16 + 32 * (g >> 3) + 16 * (g & 1);
+#pragma unroll
+        for (int i = 0; i < 4; i++) q[i] = ld32(qs + 4 * i);
+        shift = 2 * ((g & 7) >> 1);
+    }
+    __device__ __forceinline__ void store(u32* dst) const {
+        float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
+        float dl = __fmul_rn(d, (float)(sc & 15));
+        float ml = __fmul_rn(dmin, (float)(sc >> 4));
+        // The four possible values (codes 0..3) as f16, bytes 2c..2c+1 of (t01, t23).
+        u32 t01 = pack_h2(__fsub_rn(__fmul_rn(dl, 0.0f), ml), __fsub_rn(__fmul_rn(dl, 1.0f), ml));
+        u32 t23 = pack_h2(__fsub_rn(__fmul_rn(dl, 2.0f), ml), __fsub_rn(__fmul_rn(dl, 3.0f), ml));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u32 c = (q[i] >> shift) & 0x03030303u;
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                u32 c0 = (c >> (16 * j)) & 3u, c1 = (c >> (16 * j + 8)) & 3u;
+                u32 sel = (2 * c0) | ((2 * c0 + 1) << 4) | ((2 * c1) << 8) | ((2 * c1 + 1) << 12);
+                dst[2 * i + j] = __byte_perm(t01, t23, sel);
+            }
+        }
+    }
+};
+
+struct PfQ80 {
+    uint4 q;
+    u16 dh;
+    __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
+        q = *(const uint4*)(w + (i64)o * n_cols + c0);
+        dh = ((const u16*)(w + (i64)n_rows * n_cols))[(i64)o * (n_cols >> 5) + (c0 >> 5)];
+    }
+    __device__ __forceinline__ void store(u32* dst) const {
+        float d = h2f(dh);
+        u32 v[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            dst[2 * i] = pack_h2(__fmul_rn(d, sbytef(v[i], 0)), __fmul_rn(d, sbytef(v[i], 1)));
+            dst[2 * i + 1] = pack_h2(__fmul_rn(d, sbytef(v[i], 2)), __fmul_rn(d, sbytef(v[i], 3)));
+        }
+    }
+};
+
+// Other types: the deq_<t> unit decoders themselves (decoded in `store`).
+#define DS4_PF_GEN(T, DQ_ELEMS)                                                                  \
+    struct PfGen_##T {                                                                           \
+        const u8* w;                                                                             \
+        int o, n_rows, n_cols, c0;                                                               \
+        __device__ __forceinline__ void load(const u8* w_, int o_, int nr, int nc, int c0_) {    \
+            w = w_; o = o_; n_rows = nr; n_cols = nc; c0 = c0_;                                  \
+        }                                                                                        \
+        __device__ __forceinline__ void store(u32* dst) const {                                  \
+            float v[DQ_ELEMS > 16 ? DQ_ELEMS : 16];                                              \
+            int skip = 0;                                                                        \
+            if (DQ_ELEMS > 16) {                                                                 \
+                deq_##T(w, o, n_rows, n_cols, c0 / DQ_ELEMS, v);                                 \
+                skip = c0 % DQ_ELEMS;                                                            \
+            } else {                                                                             \
+                _Pragma("unroll") for (int j = 0; j < 16 / DQ_ELEMS; j++)                        \
+                    deq_##T(w, o, n_rows, n_cols, c0 / DQ_ELEMS + j, v + j * DQ_ELEMS);          \
+            }                                                                                    \
+            _Pragma("unroll") for (int i = 0; i < 8; i++)                                        \
+                dst[i] = pack_h2(v[skip + 2 * i], v[skip + 2 * i + 1]);                          \
+        }                                                                                        \
+    };
+
+DS4_PF_GEN(f32, 4)
+DS4_PF_GEN(f16, 8)
+DS4_PF_GEN(q4_k, 32)
+
+template <class L>
+__device__ __forceinline__ void pf_mm_body(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                           i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                           const int* __restrict__ n_tiles,
+                                           const int* __restrict__ tiles,
+                                           const u16* __restrict__ xs, float* __restrict__ out) {
+    __shared__ __align__(16) u16 As[PF_BM * PF_SA];
+    __shared__ __align__(16) u16 Bs[PF_BN * PF_SA];
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PF_BM;
+    const u8* w = m0 < rows_a ? wa : wb;
+    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
+    int nrows = m0 < rows_a ? rows_a : m_total - rows_a;
+    w += (i64)e * expert_bytes;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+    int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+    // This thread decodes weights (row ar, columns ac..ac+15 of each step) and copies 8
+    // inputs (row bn, columns bc..bc+7).
+    int ar = tid >> 1, ac = (tid & 1) * 16;
+    int bn = tid >> 2, bc = (tid & 3) * 8;
+    float acc[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    L ld;
+    ld.load(w, wrow0 + ar, nrows, k_dim, ac);
+    const u16* xrow = xs + (i64)(r0 + bn) * k_dim + bc;
+    uint4 xb = make_uint4(0u, 0u, 0u, 0u);
+    if (bn < cnt) xb = *(const uint4*)xrow;
+    for (int k0 = 0; k0 < k_dim; k0 += PF_BK) {
+        {
+            u32 hw[8];
+            ld.store(hw);
+            uint4* dst = (uint4*)(As + ar * PF_SA + ac);
+            dst[0] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+            dst[1] = make_uint4(hw[4], hw[5], hw[6], hw[7]);
+            *(uint4*)(Bs + bn * PF_SA + bc) = xb;
+        }
+        __syncthreads();
+        if (k0 + PF_BK < k_dim) {
+            ld.load(w, wrow0 + ar, nrows, k_dim, k0 + PF_BK + ac);
+            if (bn < cnt) xb = *(const uint4*)(xrow + k0 + PF_BK);
+        }
+#pragma unroll
+        for (int kk = 0; kk < PF_BK; kk += 16) {
+            u32 af[2][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                const u16* p = As + (wm + mi * 16 + g) * PF_SA + kk + t4 * 2;
+                af[mi][0] = *(const u32*)p;
+                af[mi][1] = *(const u32*)(p + 8 * PF_SA);
+                af[mi][2] = *(const u32*)(p + 8);
+                af[mi][3] = *(const u32*)(p + 8 * PF_SA + 8);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                const u16* p = Bs + (wn + ni * 8 + g) * PF_SA + kk + t4 * 2;
+                bf[ni][0] = *(const u32*)p;
+                bf[ni][1] = *(const u32*)(p + 8);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) mma16816(acc[mi][ni], af[mi], bf[ni]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            int row = m0 + wm + mi * 16 + g;
+            int n = wn + ni * 8 + t4 * 2;
+            if (n < cnt) {
+                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
+                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
+            }
+            if (n + 1 < cnt) {
+                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
+                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
+            }
+        }
+}
+
+#define DS4_PF_MM(T, L)                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                            \
         pf_mm_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
                   const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
                   float* __restrict__ out) {                                                     \
-        __shared__ __align__(16) u16 As[PF_BM * PF_SA];                                          \
-        __shared__ __align__(16) u16 Bs[PF_BN * PF_SA];                                          \
-        int tile = blockIdx.y;                                                                   \
-        if (tile >= *n_tiles) return;                                                            \
-        int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];            \
-        int m0 = blockIdx.x * PF_BM;                                                             \
-        const u8* w = m0 < rows_a ? wa : wb;                                                     \
-        int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;                                              \
-        int nrows = m0 < rows_a ? rows_a : m_total - rows_a;                                     \
-        w += (i64)e * expert_bytes;                                                              \
-        int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;                                 \
-        int g = lane >> 2, t4 = lane & 3;                                                        \
-        int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;                                         \
-        float acc[2][4][4];                                                                      \
-        _Pragma("unroll") for (int a = 0; a < 2; a++)                                            \
-            _Pragma("unroll") for (int b = 0; b < 4; b++)                                        \
-                _Pragma("unroll") for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;               \
-        const int upr = PF_BK / DQ_ELEMS;                                                        \
-        for (int k0 = 0; k0 < k_dim; k0 += PF_BK) {                                              \
-            __syncthreads();                                                                     \
-            for (int i = tid; i < PF_BM * upr; i += 256) {                                       \
-                int r = i / upr, uu = i % upr;                                                   \
-                float v[DQ_ELEMS];                                                               \
-                deq_##T(w, wrow0 + r, nrows, k_dim, k0 / DQ_ELEMS + uu, v);                      \
-                u32* dst = (u32*)(As + r * PF_SA + uu * DQ_ELEMS);                               \
-                _Pragma("unroll") for (int q = 0; q < DQ_ELEMS; q += 2) dst[q >> 1] =            \
-                    (u32)f2h(v[q]) | ((u32)f2h(v[q + 1]) << 16);                                 \
-            }                                                                                    \
-            {                                                                                    \
-                int n = tid >> 2, c8 = (tid & 3) * 8;                                            \
-                uint4 val = make_uint4(0u, 0u, 0u, 0u);                                          \
-                if (n < cnt) val = *(const uint4*)(xs + (i64)(r0 + n) * k_dim + k0 + c8);        \
-                *(uint4*)(Bs + n * PF_SA + c8) = val;                                            \
-            }                                                                                    \
-            __syncthreads();                                                                     \
-            _Pragma("unroll") for (int kk = 0; kk < PF_BK; kk += 16) {                           \
-                u32 af[2][4], bf[4][2];                                                          \
-                _Pragma("unroll") for (int mi = 0; mi < 2; mi++) {                               \
-                    const u16* p = As + (wm + mi * 16 + g) * PF_SA + kk + t4 * 2;                \
-                    af[mi][0] = *(const u32*)p;                                                  \
-                    af[mi][1] = *(const u32*)(p + 8 * PF_SA);                                    \
-                    af[mi][2] = *(const u32*)(p + 8);                                            \
-                    af[mi][3] = *(const u32*)(p + 8 * PF_SA + 8);                                \
-                }                                                                                \
-                _Pragma("unroll") for (int ni = 0; ni < 4; ni++) {                               \
-                    const u16* p = Bs + (wn + ni * 8 + g) * PF_SA + kk + t4 * 2;                 \
-                    bf[ni][0] = *(const u32*)p;                                                  \
-                    bf[ni][1] = *(const u32*)(p + 8);                                            \
-                }                                                                                \
-                _Pragma("unroll") for (int mi = 0; mi < 2; mi++)                                 \
-                    _Pragma("unroll") for (int ni = 0; ni < 4; ni++)                             \
-                        mma16816(acc[mi][ni], af[mi], bf[ni]);                                   \
-            }                                                                                    \
-        }                                                                                        \
-        _Pragma("unroll") for (int mi = 0; mi < 2; mi++)                                         \
-            _Pragma("unroll") for (int ni = 0; ni < 4; ni++) {                                   \
-                int row = m0 + wm + mi * 16 + g;                                                 \
-                int n = wn + ni * 8 + t4 * 2;                                                    \
-                if (n < cnt) {                                                                   \
-                    out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];                         \
-                    out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];                     \
-                }                                                                                \
-                if (n + 1 < cnt) {                                                               \
-                    out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];                     \
-                    out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];                 \
-                }                                                                                \
-            }                                                                                    \
+        pf_mm_body<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);    \
     }
 
-DS4_PF_MM(f32, 4)
-DS4_PF_MM(f16, 8)
-DS4_PF_MM(q8_0, 32)
-DS4_PF_MM(q2_k, 16)
-DS4_PF_MM(q4_k, 32)
-DS4_PF_MM(iq2_xxs, 32)
+DS4_PF_MM(f32, PfGen_f32)
+DS4_PF_MM(f16, PfGen_f16)
+DS4_PF_MM(q8_0, PfQ80)
+DS4_PF_MM(q2_k, PfQ2K)
+DS4_PF_MM(q4_k, PfGen_q4_k)
+DS4_PF_MM(iq2_xxs, PfIq2)
