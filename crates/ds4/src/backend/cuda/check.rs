@@ -447,6 +447,37 @@ fn check_type(
         &tshape,
         same_bits(&results[0], &results[1]),
     ));
+    // The production prefill's f32 cuBLAS path (router product): exact decode + SGEMM.
+    if matches!(ty, GgmlType::F16 | GgmlType::F32 | GgmlType::Q8_0) {
+        let st = be.stream();
+        let w32 = be.alloc_f32(n_rows * n_cols)?;
+        results.clear();
+        for _ in 0..2 {
+            let ys = poisoned(be, n_tok * n_rows)?;
+            {
+                let (px, _a) = xsd.device_ptr(st);
+                let (py, _b) = ys.device_ptr(st);
+                let (pw, _c) = w32.device_ptr(st);
+                // SAFETY: xs n_tok × n_cols, ys n_tok × n_rows, w32 n_rows × n_cols floats.
+                unsafe { super::prefill::dense_sgemm(be, &w, px, n_tok, py, pw)? };
+            }
+            results.push(be.download(&ys)?);
+        }
+        out.push(compare(
+            "sgemm_f32",
+            ty,
+            tshape.clone(),
+            &results[0],
+            &refs_t,
+            TOL_F32,
+        ));
+        out.push(det_row(
+            "sgemm_f32",
+            ty,
+            &tshape,
+            same_bits(&results[0], &results[1]),
+        ));
+    }
     Ok(())
 }
 

@@ -99,6 +99,8 @@ struct TypeKernels {
     pfdq: CudaFunction,
     /// Grouped expert product on tensor cores (production prefill, prefill.cu).
     pfmm: CudaFunction,
+    /// Its 64- and 128-column-step variants (ldmatrix, dynamic shared memory).
+    pfmmb: [CudaFunction; 2],
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -234,6 +236,10 @@ impl CudaBackend {
                     dq32: module.load_function(&format!("dq32_{s}"))?,
                     pfdq: module.load_function(&format!("pf_dq_{s}"))?,
                     pfmm: module.load_function(&format!("pf_mm_{s}"))?,
+                    pfmmb: [
+                        pf_mmb_function(&module, &format!("pf_mmb64_{s}"), 64)?,
+                        pf_mmb_function(&module, &format!("pf_mmb128_{s}"), 128)?,
+                    ],
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
                         None => None,
@@ -937,16 +943,23 @@ impl CudaBackend {
             return Ok(());
         }
         let k = self.kernels(wa.ty)?;
+        let bk = pf_bk();
+        let (f, smem) = match bk {
+            64 | 128 if wa.n_cols.is_multiple_of(bk) => {
+                (&k.pfmmb[(bk == 128) as usize], pf_mmb_smem(bk) as u32)
+            }
+            _ => (&k.pfmm, 0),
+        };
         let cfg = LaunchConfig {
             grid_dim: ((m_total / 128) as u32, max_tiles as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         let pa = self.weight_ptr(wa);
         let pb = wb.map_or(pa, |w| self.weight_ptr(w));
         let eb = wa.expert_stride as i64;
         let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
-        let mut b = self.stream.launch_builder(&k.pfmm);
+        let mut b = self.stream.launch_builder(f);
         b.arg(&pa)
             .arg(&pb)
             .arg(&eb)
@@ -967,6 +980,74 @@ impl CudaBackend {
         wa.n_rows.is_multiple_of(128)
             && wb.is_none_or(|w| w.n_rows.is_multiple_of(128))
             && wa.n_cols.is_multiple_of(32)
+    }
+
+    /// `dq32_<t>`: matrix 0 of `w` to f32 at `out` (`n_rows·n_cols` floats), bit-exact with
+    /// `quant::dequantize_row`.
+    ///
+    /// # Safety
+    /// `out` must hold `n_rows·n_cols` floats.
+    pub(crate) unsafe fn dq_f32_raw(&self, w: &GpuWeight, out: u64) -> Result<()> {
+        let k = self.kernels(w.ty)?;
+        let units = (w.n_rows * w.n_cols / dq_elems(w.ty)) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.weight_ptr(w);
+        let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
+        let mut b = self.stream.launch_builder(&k.dq32);
+        b.arg(&wp).arg(&n_rows).arg(&n_cols).arg(&out);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// f32 GEMM (cuBLAS, f32 operands, f32 compute, no TF32): `c[t][o] = Σ_i a[o][i]·x[t][i]`,
+    /// `o < m`, `t < n`, `i < k`, row-major with strides `lda`, `ldx`, `ldc`.
+    ///
+    /// # Safety
+    /// Every operand must be a live device buffer covering the addressed elements.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_f32_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        x: u64,
+        ldx: usize,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let f32t = cb::cudaDataType::CUDA_R_32F;
+        cudarc::cublas::result::gemm_ex(
+            *self.blas.handle(),
+            cb::cublasOperation_t::CUBLAS_OP_T,
+            cb::cublasOperation_t::CUBLAS_OP_N,
+            m as i32,
+            n as i32,
+            k as i32,
+            &alpha as *const f32 as *const _,
+            a as *const _,
+            f32t,
+            lda as i32,
+            x as *const _,
+            f32t,
+            ldx as i32,
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            f32t,
+            ldc as i32,
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )?;
+        Ok(())
     }
 
     /// `y[i] = f16(x[i])` for `n` elements (round to nearest even).
@@ -1129,6 +1210,30 @@ impl CudaBackend {
         b.synchronize()?;
         Ok(a.elapsed_ms(&b)? as f64)
     }
+}
+
+/// Columns per step of the grouped expert kernel: 32 (`pf_mm_<t>`, the default) or 64 / 128
+/// (`pf_mmb<BK>_<t>`), from `DS4_CUDA_PF_BK`.
+fn pf_bk() -> usize {
+    std::env::var("DS4_CUDA_PF_BK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|b| [32, 64, 128].contains(b))
+        .unwrap_or(32)
+}
+
+/// Dynamic shared memory of `pf_mmb<bk>`: 128 weight rows + 64 input rows of `bk + 8` halves.
+fn pf_mmb_smem(bk: usize) -> usize {
+    (128 + 64) * (bk + 8) * 2
+}
+
+fn pf_mmb_function(module: &Arc<CudaModule>, name: &str, bk: usize) -> Result<CudaFunction> {
+    let f = module.load_function(name)?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        pf_mmb_smem(bk) as i32,
+    )?;
+    Ok(f)
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {

@@ -341,3 +341,24 @@ pub unsafe fn dense_gemm(
         [mat, w.n_cols, w.n_rows],
     )
 }
+
+/// Prefill product in plain f32 on cuBLAS (f32 operands and accumulation: the exact kernels'
+/// numerics up to summation order), for products whose inputs must not be rounded to f16
+/// (the router's logits): matrix 0 of `w` is decoded exactly to f32 into `w32`
+/// (`n_rows·n_cols` floats), then `y[t] = W · x[t]` for `nt` rows.
+///
+/// # Safety
+/// `x` (`nt × n_cols`), `y` (`nt × n_rows`) and `w32` live and large enough.
+pub unsafe fn dense_sgemm(
+    be: &CudaBackend,
+    w: &GpuWeight,
+    x: u64,
+    nt: usize,
+    y: u64,
+    w32: u64,
+) -> Result<()> {
+    be.dq_f32_raw(w, w32)?;
+    be.gemm_f32_raw(
+        w.n_rows, nt, w.n_cols, w32, w.n_cols, x, w.n_cols, y, w.n_rows,
+    )
+}

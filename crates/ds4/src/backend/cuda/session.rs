@@ -30,7 +30,7 @@ use cudarc::driver::{
 };
 
 use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
-use super::prefill::{dense_gemm, moe_grouped, MoeScratch, PfKernels};
+use super::prefill::{dense_gemm, dense_sgemm, moe_grouped, MoeScratch, PfKernels};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
 use crate::model::Model;
@@ -82,6 +82,12 @@ fn use_gemm() -> bool {
 /// f16-dequantize + cuBLAS path instead, for comparisons.
 fn use_pf_mm() -> bool {
     std::env::var("DS4_CUDA_PF_MM").map_or(true, |v| v != "0")
+}
+
+/// Whether the production prefill's router product runs as a cuBLAS f32 GEMM
+/// (`DS4_CUDA_ROUTER_SGEMM=1`; default: the f32 CUDA-core `mm_<t>` kernel).
+fn use_router_sgemm() -> bool {
+    std::env::var("DS4_CUDA_ROUTER_SGEMM").is_ok_and(|v| v == "1")
 }
 
 /// A captured decode step and the key it was captured for.
@@ -530,6 +536,8 @@ struct PfScratch {
     w16: CudaSlice<u16>,
     /// A dense product's input as f16.
     x16: CudaSlice<u16>,
+    /// The router's weight decoded to f32 (its product stays f32, see `queue`).
+    w32: CudaSlice<f32>,
     moe: MoeScratch,
 }
 
@@ -697,6 +705,13 @@ impl GpuSession {
                 Some(PfScratch {
                     w16: be.stream().alloc_zeros::<u16>(wmax.max(1))?,
                     x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
+                    w32: be.alloc_f32(
+                        gm.layers
+                            .iter()
+                            .map(|l| l.gate_inp.n_rows * l.gate_inp.n_cols)
+                            .max()
+                            .unwrap_or(1),
+                    )?,
                     moe: MoeScratch::new(be, m * k, c.n_expert, d, f)?,
                 })
             },
@@ -1353,6 +1368,11 @@ impl GpuSession {
             hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
+            } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
+                // Expert choice: f32 inputs and products (cuBLAS SGEMM on the exactly decoded
+                // weight), not f16 operands.
+                // SAFETY: y holds n rows of D, rl n rows of n_expert, w32 the weight.
+                unsafe { dense_sgemm(be, &l.gate_inp, p(&s.y), n, p(&s.rl), p(&ps.w32))? };
             } else {
                 // SAFETY: y holds n rows of D, rl n rows of n_expert.
                 unsafe { be.mm_raw(&l.gate_inp, p(&s.y), n, p(&s.rl))? };

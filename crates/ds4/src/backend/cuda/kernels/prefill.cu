@@ -395,3 +395,140 @@ DS4_PF_MM(q8_0, PfQ80)
 DS4_PF_MM(q2_k, PfQ2K)
 DS4_PF_MM(q4_k, PfGen_q4_k)
 DS4_PF_MM(iq2_xxs, PfIq2)
+
+// ---------------------------------------------------------------------------------------------
+// pf_mmb<BK>_<t>: pf_mm with BK columns per step (64 or 128: fewer barriers and longer
+// prefetch distance per step), fragments read with ldmatrix, tiles in dynamic shared memory
+// ((PF_BM + PF_BN) · (BK + 8) halves). Same products and rounding as pf_mm_<t>; only the
+// f32 summation order over k differs (the MMA chain per 16 columns is the same).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void ldsm_x4(u32* r, const u16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+template <class L, int BK>
+__device__ __forceinline__ void pf_mmb_body(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                            i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                            const int* __restrict__ n_tiles,
+                                            const int* __restrict__ tiles,
+                                            const u16* __restrict__ xs, float* __restrict__ out) {
+    constexpr int SA = BK + 8;   // padded row (halves): 16-byte rows, conflict-free ldmatrix
+    constexpr int NS = BK / 32;  // 16-weight segments per thread per step
+    extern __shared__ __align__(16) u16 pf_smem[];
+    u16* As = pf_smem;
+    u16* Bs = pf_smem + PF_BM * SA;
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PF_BM;
+    const u8* w = m0 < rows_a ? wa : wb;
+    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
+    int nrows = m0 < rows_a ? rows_a : m_total - rows_a;
+    w += (i64)e * expert_bytes;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+    // Decoding: row ar, columns ac + 32j (16 each); inputs: row bn, columns bc + 32j (8 each).
+    int ar = tid >> 1, ac = (tid & 1) * 16;
+    int bn = tid >> 2, bc = (tid & 3) * 8;
+    // ldmatrix row addresses of this lane: A (16 rows x 16 k) and B (two 8-token groups).
+    int a_row = lane & 15, a_k = (lane >> 4) * 8;
+    int b_row = (lane & 7) + ((lane >> 4) << 3), b_k = ((lane >> 3) & 1) * 8;
+    float acc[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    L ld[NS];
+    uint4 xb[NS];
+    const u16* xrow = xs + (i64)(r0 + bn) * k_dim + bc;
+#pragma unroll
+    for (int j = 0; j < NS; j++) {
+        ld[j].load(w, wrow0 + ar, nrows, k_dim, ac + 32 * j);
+        xb[j] = make_uint4(0u, 0u, 0u, 0u);
+        if (bn < cnt) xb[j] = *(const uint4*)(xrow + 32 * j);
+    }
+    for (int k0 = 0; k0 < k_dim; k0 += BK) {
+#pragma unroll
+        for (int j = 0; j < NS; j++) {
+            u32 hw[8];
+            ld[j].store(hw);
+            uint4* dst = (uint4*)(As + ar * SA + ac + 32 * j);
+            dst[0] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+            dst[1] = make_uint4(hw[4], hw[5], hw[6], hw[7]);
+            *(uint4*)(Bs + bn * SA + bc + 32 * j) = xb[j];
+        }
+        __syncthreads();
+        if (k0 + BK < k_dim) {
+#pragma unroll
+            for (int j = 0; j < NS; j++) {
+                ld[j].load(w, wrow0 + ar, nrows, k_dim, k0 + BK + ac + 32 * j);
+                if (bn < cnt) xb[j] = *(const uint4*)(xrow + k0 + BK + 32 * j);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            u32 af[2][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) ldsm_x4(af[mi], As + (wm + mi * 16 + a_row) * SA + kk + a_k);
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {
+                u32 r[4];
+                ldsm_x4(r, Bs + (wn + nj * 16 + b_row) * SA + kk + b_k);
+                bf[2 * nj][0] = r[0];
+                bf[2 * nj][1] = r[1];
+                bf[2 * nj + 1][0] = r[2];
+                bf[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) mma16816(acc[mi][ni], af[mi], bf[ni]);
+        }
+        __syncthreads();
+    }
+    int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            int row = m0 + wm + mi * 16 + g;
+            int n = wn + ni * 8 + t4 * 2;
+            if (n < cnt) {
+                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
+                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
+            }
+            if (n + 1 < cnt) {
+                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
+                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
+            }
+        }
+}
+
+#define DS4_PF_MMB(T, L, BK)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        pf_mmb##BK##_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes, \
+                         int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,    \
+                         const int* __restrict__ tiles, const u16* __restrict__ xs,              \
+                         float* __restrict__ out) {                                              \
+        pf_mmb_body<L, BK>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs,     \
+                           out);                                                                 \
+    }
+
+DS4_PF_MMB(f32, PfGen_f32, 64)
+DS4_PF_MMB(f16, PfGen_f16, 64)
+DS4_PF_MMB(q8_0, PfQ80, 64)
+DS4_PF_MMB(q2_k, PfQ2K, 64)
+DS4_PF_MMB(q4_k, PfGen_q4_k, 64)
+DS4_PF_MMB(iq2_xxs, PfIq2, 64)
+DS4_PF_MMB(f32, PfGen_f32, 128)
+DS4_PF_MMB(f16, PfGen_f16, 128)
+DS4_PF_MMB(q8_0, PfQ80, 128)
+DS4_PF_MMB(q2_k, PfQ2K, 128)
+DS4_PF_MMB(q4_k, PfGen_q4_k, 128)
+DS4_PF_MMB(iq2_xxs, PfIq2, 128)
