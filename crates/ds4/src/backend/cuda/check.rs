@@ -560,7 +560,7 @@ fn check_moe_grouped(
         be.upload_f32(&y)?,
     );
     let kf = PfKernels::load(be)?;
-    let sc = MoeScratch::new(be, slots, n_exp, d, f)?;
+    let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
     let st = be.stream();
     for fused in [true, false] {
         let mut runs = Vec::new();

@@ -99,8 +99,6 @@ struct TypeKernels {
     pfdq: CudaFunction,
     /// Grouped expert product on tensor cores (production prefill, prefill.cu).
     pfmm: CudaFunction,
-    /// Its 64- and 128-column-step variants (ldmatrix, dynamic shared memory).
-    pfmmb: [CudaFunction; 2],
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -236,10 +234,6 @@ impl CudaBackend {
                     dq32: module.load_function(&format!("dq32_{s}"))?,
                     pfdq: module.load_function(&format!("pf_dq_{s}"))?,
                     pfmm: module.load_function(&format!("pf_mm_{s}"))?,
-                    pfmmb: [
-                        pf_mmb_function(&module, &format!("pf_mmb64_{s}"), 64)?,
-                        pf_mmb_function(&module, &format!("pf_mmb128_{s}"), 128)?,
-                    ],
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
                         None => None,
@@ -943,23 +937,16 @@ impl CudaBackend {
             return Ok(());
         }
         let k = self.kernels(wa.ty)?;
-        let bk = pf_bk();
-        let (f, smem) = match bk {
-            64 | 128 if wa.n_cols.is_multiple_of(bk) => {
-                (&k.pfmmb[(bk == 128) as usize], pf_mmb_smem(bk) as u32)
-            }
-            _ => (&k.pfmm, 0),
-        };
         let cfg = LaunchConfig {
             grid_dim: ((m_total / 128) as u32, max_tiles as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: smem,
+            shared_mem_bytes: 0,
         };
         let pa = self.weight_ptr(wa);
         let pb = wb.map_or(pa, |w| self.weight_ptr(w));
         let eb = wa.expert_stride as i64;
         let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.stream.launch_builder(&k.pfmm);
         b.arg(&pa)
             .arg(&pb)
             .arg(&eb)
@@ -1210,30 +1197,6 @@ impl CudaBackend {
         b.synchronize()?;
         Ok(a.elapsed_ms(&b)? as f64)
     }
-}
-
-/// Columns per step of the grouped expert kernel: 32 (`pf_mm_<t>`, the default) or 64 / 128
-/// (`pf_mmb<BK>_<t>`), from `DS4_CUDA_PF_BK`.
-fn pf_bk() -> usize {
-    std::env::var("DS4_CUDA_PF_BK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|b| [32, 64, 128].contains(b))
-        .unwrap_or(32)
-}
-
-/// Dynamic shared memory of `pf_mmb<bk>`: 128 weight rows + 64 input rows of `bk + 8` halves.
-fn pf_mmb_smem(bk: usize) -> usize {
-    (128 + 64) * (bk + 8) * 2
-}
-
-fn pf_mmb_function(module: &Arc<CudaModule>, name: &str, bk: usize) -> Result<CudaFunction> {
-    let f = module.load_function(name)?;
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        pf_mmb_smem(bk) as i32,
-    )?;
-    Ok(f)
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {

@@ -90,17 +90,26 @@ pub struct MoeScratch {
 }
 
 impl MoeScratch {
-    /// Scratch for `slots` pairs over `n_exp` experts of `F × D` (gate, up) and `D × F`.
-    pub fn new(be: &CudaBackend, slots: usize, n_exp: usize, d: usize, f: usize) -> Result<Self> {
+    /// Scratch for `slots` pairs over `n_exp` experts of `F × D` (gate, up) and `D × F`;
+    /// `per_expert`: also the f16 expert copies of the per-expert cuBLAS path (384 MiB for
+    /// the flash shapes; the fused `pf_mm` path needs none).
+    pub fn new(
+        be: &CudaBackend,
+        slots: usize,
+        n_exp: usize,
+        d: usize,
+        f: usize,
+        per_expert: bool,
+    ) -> Result<Self> {
         let st = be.stream();
-        let b = PF_EXPERT_BATCH;
+        let b = if per_expert { PF_EXPERT_BATCH } else { 0 };
         Ok(MoeScratch {
             slots,
             n_exp,
             d,
             f,
-            e16: st.alloc_zeros::<u16>(b * 2 * f * d)?,
-            d16: st.alloc_zeros::<u16>(b * d * f)?,
+            e16: st.alloc_zeros::<u16>((b * 2 * f * d).max(1))?,
+            d16: st.alloc_zeros::<u16>((b * d * f).max(1))?,
             xs: st.alloc_zeros::<u16>(slots * d)?,
             gu: st.alloc_zeros::<f32>(slots * 2 * f)?,
             h: st.alloc_zeros::<u16>(slots * f)?,
@@ -129,6 +138,15 @@ impl MoeScratch {
             be.download(&self.tiles)?,
         ))
     }
+}
+
+/// Whether the fused `pf_mm` path takes these expert weights (gate and up alike, rows
+/// multiples of 128, columns of 32).
+pub fn fused_fits(gate: &GpuWeight, up: &GpuWeight, down: &GpuWeight) -> bool {
+    gate.ty == up.ty
+        && gate.expert_stride == up.expert_stride
+        && CudaBackend::pf_mm_fits(gate, Some(up))
+        && CudaBackend::pf_mm_fits(down, None)
 }
 
 /// Routed experts of a chunk: `dn[s] = W_down[ids[s]] · h_s` with
@@ -208,12 +226,7 @@ pub unsafe fn moe_grouped(
         b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
         Ok(())
     };
-    if fused
-        && gate.ty == up.ty
-        && gate.expert_stride == up.expert_stride
-        && CudaBackend::pf_mm_fits(gate, Some(up))
-        && CudaBackend::pf_mm_fits(down, None)
-    {
+    if fused && fused_fits(gate, up, down) {
         // All on the device, no host read: grids cover the most tiles `slots` can need, and
         // blocks past the tile count pf_group wrote return at once.
         let mt = max_tiles(slots, n_exp);
@@ -233,6 +246,11 @@ pub unsafe fn moe_grouped(
         }
         be.pf_mm_raw(down, None, nt, tiles, mt, h, dns)?;
         return scatter();
+    }
+    if sc.e16.len() < PF_EXPERT_BATCH * 2 * f * d {
+        return Err(super::device::CudaError::Invalid(
+            "grouped MoE: no scratch for the per-expert path".into(),
+        ));
     }
     // The one host read of the layer: how many rows each expert has.
     let mut counts = vec![0i32; n_exp];

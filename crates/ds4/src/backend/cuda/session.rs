@@ -15,7 +15,10 @@
 //! with the CPU's rules (Q8_0 activations per 32, Q8_K per 256; bit-identical codes and
 //! scales) and multiplied with integer dots (`mv8_*`, `mv8glu_*` in quant.cu), so production
 //! decode matches the CPU's quantized path up to f32 summation order (`DS4_CUDA_INT8=0` keeps
-//! f32 activations). Production prefill still uses f32 activations. Stored rows get the QAT
+//! f32 activations). Production prefill (chunks of n > 1 tokens) runs its weight products on
+//! tensor cores with f16 operands and f32 accumulation (prefill.rs: routed experts grouped
+//! by expert, dense products through cuBLAS), except the HC `fn` products (f32 kernel), the
+//! router (f32 cuBLAS GEMM) and the output head (f32 kernel). Stored rows get the QAT
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
 //! the CPU, so a snapshot means the same thing on both backends.
 //!
@@ -30,17 +33,20 @@ use cudarc::driver::{
 };
 
 use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
-use super::prefill::{dense_gemm, dense_sgemm, moe_grouped, MoeScratch, PfKernels};
+use super::prefill::{dense_gemm, dense_sgemm, fused_fits, moe_grouped, MoeScratch, PfKernels};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
 use crate::model::Model;
 use crate::quant::{self, GgmlType};
 
 /// Largest chunk the GPU processes at once (longer prefills are split). Bounds the scratch
-/// memory (about 0.9 MB per token of f32 scratch, plus the production GEMM scratch: see
-/// `GpuSession::scratch_bytes`). Exact-mode results do not depend on the split; production
-/// prefill's f16 GEMMs may round differently for another chunk length (cuBLAS picks its
-/// kernels by shape), never from run to run.
+/// memory: for the flash shapes 0.74 MB of f32 activations per token (1.5 GB at 2048) plus
+/// `4·(ctx/4 + 1)` bytes of indexer scores per token (128 MB at 2048 tokens and a 64k
+/// context), the head's `LOGITS_CHUNK` rows (130 MB) and, in production mode, 0.72 GB of
+/// f16/GEMM scratch (prefill.rs): about 2.4 GB per session at a 64k context (0.33 GB when
+/// this was 256). Exact-mode results do not depend on the split; production prefill's dense
+/// cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
+/// shape), never from run to run.
 pub const GPU_CHUNK: usize = 2048;
 /// Chunk length when the logits of every position are requested (bounds the logits
 /// scratch: `LOGITS_CHUNK × n_vocab` floats).
@@ -84,10 +90,10 @@ fn use_pf_mm() -> bool {
     std::env::var("DS4_CUDA_PF_MM").map_or(true, |v| v != "0")
 }
 
-/// Whether the production prefill's router product runs as a cuBLAS f32 GEMM
-/// (`DS4_CUDA_ROUTER_SGEMM=1`; default: the f32 CUDA-core `mm_<t>` kernel).
+/// Whether the production prefill's router product runs as a cuBLAS f32 GEMM (default;
+/// `DS4_CUDA_ROUTER_SGEMM=0` keeps the f32 CUDA-core `mm_<t>` kernel, for comparisons).
 fn use_router_sgemm() -> bool {
-    std::env::var("DS4_CUDA_ROUTER_SGEMM").is_ok_and(|v| v == "1")
+    std::env::var("DS4_CUDA_ROUTER_SGEMM").map_or(true, |v| v != "0")
 }
 
 /// A captured decode step and the key it was captured for.
@@ -712,7 +718,18 @@ impl GpuSession {
                             .max()
                             .unwrap_or(1),
                     )?,
-                    moe: MoeScratch::new(be, m * k, c.n_expert, d, f)?,
+                    moe: MoeScratch::new(
+                        be,
+                        m * k,
+                        c.n_expert,
+                        d,
+                        f,
+                        !use_pf_mm()
+                            || gm
+                                .layers
+                                .iter()
+                                .any(|l| !fused_fits(&l.gate_exps, &l.up_exps, &l.down_exps)),
+                    )?,
                 })
             },
         };
