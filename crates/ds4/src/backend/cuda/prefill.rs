@@ -4,11 +4,18 @@
 //!   rounding as `dq_<t>`), the activations are rounded to f16, and cuBLAS multiplies with
 //!   f32 accumulation.
 //! * Routed experts ([`moe_grouped`]): the chunk's (token, slot) pairs are sorted by expert
-//!   on the GPU (`pf_group`, a stable counting sort: a pure function of the router's ids),
-//!   the host reads the per-expert counts once (one sync per layer), and each used expert's
-//!   gate|up and down matrices are dequantized once per chunk and multiplied with all of its
-//!   rows as two GEMMs. The clamped SwiGLU × routing weight uses k_swiglu's expressions; the
-//!   rows go back to slot order for the ordinary `k_moe_sum`.
+//!   on the GPU (`pf_group`, a stable counting sort: a pure function of the router's ids,
+//!   which also lists row tiles of up to 64 rows per expert), the sorted rows' inputs are
+//!   gathered as f16, and one launch of `pf_mm_<t>` per product multiplies every used
+//!   expert's gate|up (one 2F-row product) and then down with all of its rows: each block
+//!   decodes a 128-row × 32-column slice of the quantized weight into shared memory as f16
+//!   and runs `mma.sync` m16n8k16 (f32 accumulation), so the quantized bytes are read once
+//!   per 64-row tile and no f16 weight copy exists; no host read, no per-expert launches.
+//!   The clamped SwiGLU × routing weight uses k_swiglu's expressions (result rounded to
+//!   f16); the rows go back to slot order for the ordinary `k_moe_sum`. A second path
+//!   (`DS4_CUDA_PF_MM=0`, or shapes `pf_mm` does not take) dequantizes batches of experts
+//!   to f16 and runs one cuBLAS GEMM per expert after one host read of the counts.
+//! * The router's product stays f32 ([`dense_sgemm`]: exact decode + cuBLAS SGEMM).
 //!
 //! Numerics: weights and activations are rounded to f16 (relative 2^-11 each) and products
 //! accumulate in f32; no atomics, so repeated runs are bit-identical. Exact mode never comes
