@@ -432,88 +432,11 @@ extern "C" __global__ void k_hc_head(const float* __restrict__ x, const float* _
 
 // ---------------------------------------------------------------- compressor (cache.rs)
 
-// Feeds n tokens (positions p0..) through one compressor, in order, in a single block: adds
-// the position bias to the gate projections, stores both in the frontier, and at each
-// window's last token pools it (softmax over the candidates per dim), normalises, rotates
-// at the window's first position, finishes the row and appends it to `rows`.
-extern "C" __global__ void k_compress(const float* __restrict__ kvp, const float* __restrict__ scp,
-                                      const float* __restrict__ ape, float* __restrict__ skv,
-                                      float* __restrict__ ssc, float* __restrict__ rows,
-                                      const float* __restrict__ norm,
-                                      const double* __restrict__ freqs, int n, const long long* __restrict__ p0p,
-                                      int r, int d, int coff, int half, float eps, int kind,
-                                      int qat, int exact, float inv_sqrt_d) {
-    const long long p0 = *p0p;
-    __shared__ double sh[33];
-    __shared__ float pooled[1024];
-    int wd = coff * d;
-    for (int t = 0; t < n; t++) {
-        long long pos = p0 + t;
-        int slot = (coff - 1) * r + (int)(pos % r);
-        const float* a = ape + (pos % r) * wd;
-        for (int i = threadIdx.x; i < wd; i += blockDim.x) {
-            ssc[slot * wd + i] = scp[(long long)t * wd + i] + a[i];
-            skv[slot * wd + i] = kvp[(long long)t * wd + i];
-        }
-        __syncthreads();
-        if ((pos + 1) % r != 0) continue;
-        int n_cand = coff * r;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) {
-            float m = NEG_INF;
-            for (int c = 0; c < n_cand; c++) {
-                int k = (coff == 2 && c >= r) ? c * wd + d + i : c * wd + i;
-                m = fmaxf(m, ssc[k]);
-            }
-            float num = 0.0f, den = 0.0f;
-            for (int c = 0; c < n_cand; c++) {
-                int k = (coff == 2 && c >= r) ? c * wd + d + i : c * wd + i;
-                float e = expf(ssc[k] - m);
-                den += e;
-                num += e * skv[k];
-            }
-            pooled[i] = num / den;
-        }
-        __syncthreads();
-        float s = rms_scale_block(pooled, d, eps, sh);
-        for (int i = threadIdx.x; i < d; i += blockDim.x) pooled[i] = pooled[i] * s * norm[i];
-        __syncthreads();
-        rope_tail(pooled, d, half, freqs, pos + 1 - r, false);
-        finish_row(pooled, d, d - 2 * half, kind, qat, exact, inv_sqrt_d);
-        long long row = (pos + 1) / r - 1;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) rows[row * d + i] = pooled[i];
-        if (coff == 2)
-            for (int i = threadIdx.x; i < r * wd; i += blockDim.x) {
-                skv[i] = skv[r * wd + i];
-                ssc[i] = ssc[r * wd + i];
-            }
-        __syncthreads();
-    }
-}
+// k_comp_pool / k_comp_state in attn.cu.
 
 // ---------------------------------------------------------------- indexer (attention.rs select)
 
-// score[t][row] = Σ_h w_h·max(0, q_h·K_row) for rows visible to token t (one warp per row;
-// grid: x = row blocks of 8, y = token).
-extern "C" __global__ void k_idx_scores(const float* __restrict__ q, const float* __restrict__ w,
-                                        const float* __restrict__ krows, int n_head, int id,
-                                        const long long* __restrict__ p0p, int r, float* __restrict__ scores,
-                                        int ld) {
-    const long long p0 = *p0p;
-    int t = blockIdx.y;
-    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    long long vis = (p0 + t + 1) / r;
-    if (row >= vis) return;
-    const float* k = krows + (long long)row * id;
-    const float* qt = q + (long long)t * n_head * id;
-    float acc = 0.0f;
-    for (int h = 0; h < n_head; h++) {
-        float dsum = 0.0f;
-        for (int e = lane; e < id; e += 32) dsum += qt[h * id + e] * k[e];
-        dsum = warp_sum(dsum);
-        acc += w[t * n_head + h] * fmaxf(dsum, 0.0f);
-    }
-    if (lane == 0) scores[(long long)t * ld + row] = acc;
-}
+// k_idx_scores in attn.cu.
 
 // Float as an unsigned key whose order is f32::total_cmp's order.
 __device__ __forceinline__ unsigned okey(float f) {
@@ -530,6 +453,7 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
     const long long p0 = *p0p;
     __shared__ unsigned hist[256];
     __shared__ unsigned sh_prefix, sh_rem;
+    __shared__ unsigned wsum[8];
     __shared__ int shs[33];
     int t = blockIdx.x;
     int n_t = (int)((p0 + t + 1) / r);
@@ -550,18 +474,28 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
             if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            unsigned acc = 0;
-            for (int dg = 255; dg >= 0; dg--) {
-                if (acc + hist[dg] >= rem) {
-                    prefix |= (unsigned)dg << shift;
-                    rem -= acc;
-                    break;
-                }
-                acc += hist[dg];
+        // The digit holding the rem-th largest key: the one bin whose suffix count (keys
+        // with this digit or a higher one) reaches rem while the bins above it do not. A
+        // thread per bin takes its suffix count from a warp scan plus the warps above.
+        unsigned hv = 0, suf = 0;
+        if (threadIdx.x < 256) {
+            int l = threadIdx.x & 31;
+            hv = hist[threadIdx.x];
+            suf = hv;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                unsigned u = __shfl_down_sync(0xffffffffu, suf, o);
+                if (l + o < 32) suf += u;
             }
-            sh_prefix = prefix;
-            sh_rem = rem;
+            if (l == 0) wsum[threadIdx.x >> 5] = suf;
+        }
+        __syncthreads();
+        if (threadIdx.x < 256) {
+            for (int w2 = (threadIdx.x >> 5) + 1; w2 < 8; w2++) suf += wsum[w2];
+            if (suf >= rem && suf - hv < rem) {
+                sh_prefix = prefix | ((unsigned)threadIdx.x << shift);
+                sh_rem = rem - (suf - hv);
+            }
         }
         __syncthreads();
         prefix = sh_prefix;
@@ -588,88 +522,7 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
 
 // ---------------------------------------------------------------- attention (§3.3 steps 5-6)
 
-// One block per (token, head): scores over the token's raw window (this chunk's rows from
-// `ckv`, older ones from the ring) and its compressed rows (the selection for ratio 4, all
-// visible for ratio 128), sink-aware softmax, weighted sum of the rows (K = V), then the
-// inverse RoPE of the output tail. Both passes spread rows over the warps (a warp per row,
-// the lane's query elements in registers), so a token's many rows are read in parallel;
-// the per-warp partial sums of the output are combined in warp order (deterministic).
-// Dynamic shared memory: `rows_cap` scores, then one Dh-wide partial per warp.
-#define ATT_MAXJ 16
-extern "C" __global__ void __launch_bounds__(512)
-    k_attend(const float* __restrict__ q, const float* __restrict__ ckv,
-             const float* __restrict__ ring, const float* __restrict__ comp,
-             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
-             const long long* __restrict__ p0p, int swa, int dh, int n_head, const float* __restrict__ sinks,
-             float scale, int half, const double* __restrict__ freqs, float* __restrict__ o,
-             int rows_cap) {
-    const long long p0 = *p0p;
-    extern __shared__ float sm[];
-    __shared__ float shf[33];
-    float* sc = sm;
-    float* part = sm + rows_cap;
-    int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
-    long long p = p0 + t;
-    long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
-    int n_raw = (int)(p - lo + 1);
-    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
-    int n_rows = n_raw + n_comp;
-    const float* qh = q + (long long)blockIdx.x * dh;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-#define ROW_PTR(rr)                                                                              \
-    ((rr) < n_raw ? ((lo + (rr)) >= p0 ? ckv + (lo + (rr) - p0) * dh                             \
-                                       : ring + ((lo + (rr)) % swa) * dh)                        \
-                  : (ratio == 4 ? comp + (long long)sel[(long long)t * sel_ld + (rr) - n_raw] * dh \
-                                : comp + (long long)((rr) - n_raw) * dh))
-    float qv[ATT_MAXJ];
-#pragma unroll
-    for (int j = 0; j < ATT_MAXJ; j++) qv[j] = lane + 32 * j < dh ? qh[lane + 32 * j] : 0.0f;
-    for (int rr = warp; rr < n_rows; rr += nw) {
-        const float* k = ROW_PTR(rr);
-        float acc = 0.0f;
-#pragma unroll
-        for (int j = 0; j < ATT_MAXJ; j++)
-            if (lane + 32 * j < dh) acc += qv[j] * k[lane + 32 * j];
-        acc = warp_sum(acc);
-        if (lane == 0) sc[rr] = acc * scale;
-    }
-    __syncthreads();
-    float sink = sinks[h];
-    float m = NEG_INF;
-    for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) m = fmaxf(m, sc[rr]);
-    m = fmaxf(block_max_f(m, shf), sink);
-    float pe = 0.0f;
-    for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) {
-        float e = expf(sc[rr] - m);
-        sc[rr] = e;
-        pe += e;
-    }
-    float den = expf(sink - m) + block_sum_f(pe, shf);
-    float inv = 1.0f / den;
-    float ov[ATT_MAXJ];
-#pragma unroll
-    for (int j = 0; j < ATT_MAXJ; j++) ov[j] = 0.0f;
-    for (int rr = warp; rr < n_rows; rr += nw) {
-        const float* k = ROW_PTR(rr);
-        float pr = sc[rr];
-#pragma unroll
-        for (int j = 0; j < ATT_MAXJ; j++)
-            if (lane + 32 * j < dh) ov[j] += pr * k[lane + 32 * j];
-    }
-#undef ROW_PTR
-#pragma unroll
-    for (int j = 0; j < ATT_MAXJ; j++)
-        if (lane + 32 * j < dh) part[warp * dh + lane + 32 * j] = ov[j];
-    __syncthreads();
-    float* oh = o + (long long)blockIdx.x * dh;
-    for (int e = threadIdx.x; e < dh; e += blockDim.x) {
-        float acc = 0.0f;
-        for (int w = 0; w < nw; w++) acc += part[w * dh + e];
-        oh[e] = acc * inv;
-    }
-    __syncthreads();
-    rope_tail(oh, dh, half, freqs, p, true);
-}
+// k_att_scores / k_att_softmax / k_att_out in attn.cu.
 
 // Stores the last min(n, swa) rows of this chunk in the ring (after attention read it).
 extern "C" __global__ void k_ring_push(const float* __restrict__ ckv, float* __restrict__ ring,
