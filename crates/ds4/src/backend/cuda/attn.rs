@@ -35,6 +35,7 @@ pub struct AttnKernels {
     scores: CudaFunction,
     softmax: CudaFunction,
     out: CudaFunction,
+    combine: CudaFunction,
     idx_scores: CudaFunction,
     topk: CudaFunction,
     comp_pool: CudaFunction,
@@ -49,6 +50,7 @@ impl AttnKernels {
             scores: f("k_att_scores")?,
             softmax: f("k_att_softmax")?,
             out: f("k_att_out")?,
+            combine: f("k_att_combine")?,
             idx_scores: f("k_idx_scores")?,
             topk: f("k_topk_rows")?,
             comp_pool: f("k_comp_pool")?,
@@ -85,25 +87,44 @@ pub struct Attend {
     pub freqs: u64,
     /// Output, `n × n_head × dh`.
     pub o: u64,
-    /// Scratch: `n × n_head × rows_cap` scores and `n × n_head` inverse denominators.
+    /// Scratch: `nsplit × n × n_head × rows_cap` scores, `n × n_head` inverse denominators,
+    /// and (`nsplit > 1`) `nsplit × n × n_head × dh` partial outputs.
     pub sc: u64,
     pub inv: u64,
+    pub part: u64,
+    /// Split of the dims (scores) and of the rows (output) over more blocks: 1 for chunks,
+    /// [`DECODE_SPLIT`] for a few tokens.
+    pub nsplit: usize,
     /// Most rows any token of the launch attends to (`swa` + most compressed rows).
     pub rows_cap: usize,
 }
 
-/// Queues the three attention passes.
+/// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU).
+pub fn split_for(n: usize) -> usize {
+    if n <= 8 {
+        DECODE_SPLIT
+    } else {
+        1
+    }
+}
+
+/// Split of a decode step's attention passes.
+pub const DECODE_SPLIT: usize = 4;
+
+/// Queues the attention passes (scores, softmax, weighted sum, and the combine of the
+/// splits when `nsplit > 1`).
 ///
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
 pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
     let ht = a.n_head.div_ceil(AT_T) as u32;
-    let (n32, ld) = (a.n as u32, a.rows_cap as i32);
+    let (ns, ld) = (a.nsplit.max(1), a.rows_cap as i32);
+    let nz = (a.n * ns) as u32;
     let (ratio, swa, dh, nh) = (a.ratio as i32, a.swa as i32, a.dh as i32, a.n_head as i32);
     launch!(
         st,
         k.scores,
-        (a.rows_cap.div_ceil(AT_T) as u32, ht, n32),
+        (a.rows_cap.div_ceil(AT_T) as u32, ht, nz),
         (256, 1, 1),
         [
             a.q,
@@ -118,9 +139,9 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             swa,
             dh,
             nh,
-            a.scale,
             a.sc,
-            ld
+            ld,
+            ns as i32
         ]
     );
     launch!(
@@ -128,12 +149,12 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
         k.softmax,
         ((a.n * a.n_head).div_ceil(8) as u32, 1, 1),
         (256, 1, 1),
-        [a.sc, a.inv, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld]
+        [a.sc, a.inv, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld, a.scale, ns as i32]
     );
     launch!(
         st,
         k.out,
-        ((a.dh / AT_T) as u32, ht, n32),
+        ((a.dh / AT_T) as u32, ht, nz),
         (256, 1, 1),
         [
             a.sc,
@@ -152,9 +173,31 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             a.half as i32,
             a.freqs,
             a.o,
-            ld
+            ld,
+            ns as i32,
+            a.part
         ]
     );
+    if ns > 1 {
+        launch!(
+            st,
+            k.combine,
+            ((a.n * a.n_head) as u32, 1, 1),
+            (256, 1, 1),
+            [
+                a.part,
+                a.inv,
+                a.n as i32,
+                nh,
+                dh,
+                ns as i32,
+                a.half as i32,
+                a.freqs,
+                a.p0,
+                a.o
+            ]
+        );
+    }
     Ok(())
 }
 
@@ -257,19 +300,23 @@ pub struct Compress {
     pub exact: bool,
 }
 
+/// Most candidates a pooled window has (`coff · ratio`, the kernel's table).
+pub const MAX_COMP_CAND: usize = 256;
+
 /// Queues the windows' pooling (one block per window closing in the chunk) and the frontier
-/// update.
+/// update. `coff · ratio` must not exceed [`MAX_COMP_CAND`], nor `d` 1024.
 ///
 /// # Safety
 /// Every pointer of `c` must be a live device buffer of the size its field states.
 pub unsafe fn compress(st: &CudaStream, k: &AttnKernels, c: &Compress) -> Result<()> {
     let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
     let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
+    let threads = c.d.next_multiple_of(32).min(1024) as u32;
     launch!(
         st,
         k.comp_pool,
         ((c.n / c.ratio + 1) as u32, 1, 1),
-        (256, 1, 1),
+        (threads, 1, 1),
         [
             c.kvp,
             c.scp,

@@ -287,8 +287,18 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
     use super::attn::{attend, Attend, AttnKernels};
     let k = AttnKernels::load(be)?;
     let st = be.stream();
-    let (h_n, dh, half, swa, topk) = (64usize, 512usize, 32usize, 128usize, 40usize);
-    for (ratio, p0, n) in [(0usize, 300usize, 3usize), (4, 261, 5), (128, 700, 2)] {
+    // (H, Dh, RoPE pairs, window, top-k): flash-sized, and small heads (tiny fixtures).
+    let cases = [
+        (
+            64usize, 512usize, 32usize, 128usize, 40usize, 0usize, 300usize, 3usize,
+        ),
+        (64, 512, 32, 128, 40, 4, 261, 5),
+        (64, 512, 32, 128, 40, 128, 700, 2),
+        (64, 512, 32, 128, 40, 4, 1000, 1),
+        (6, 128, 16, 16, 8, 4, 90, 37),
+        (6, 128, 16, 16, 8, 128, 300, 2),
+    ];
+    for (h_n, dh, half, swa, topk, ratio, p0, n) in cases {
         let n_comp_rows = (p0 + n) / ratio.max(1);
         let q = random_activations(rng, n * h_n * dh);
         let ckv = random_activations(rng, n * dh);
@@ -327,11 +337,13 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let d_cnt = be.upload_i32(&cnt)?;
         let d_p0 = st.clone_htod(&[p0 as i64])?;
         let d_o = poisoned(be, n * h_n * dh)?;
-        let d_sc = be.alloc_f32(n * h_n * rows_cap)?;
+        let ns_max = super::attn::DECODE_SPLIT;
+        let d_sc = be.alloc_f32(ns_max * n * h_n * rows_cap)?;
         let d_inv = be.alloc_f32(n * h_n)?;
+        let d_part = be.alloc_f32(ns_max * n * h_n * dh)?;
         let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
         let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
-        let args = Attend {
+        let mut args = Attend {
             n,
             q: pp(&d_q),
             ckv: pp(&d_ckv),
@@ -352,6 +364,8 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             o: pp(&d_o),
             sc: pp(&d_sc),
             inv: pp(&d_inv),
+            part: pp(&d_part),
+            nsplit: 1,
             rows_cap,
         };
         // SAFETY: every buffer above is sized as `Attend` documents.
@@ -359,6 +373,10 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let gpu = be.download(&d_o)?;
         unsafe { attend(st, &k, &args)? };
         let gpu2 = be.download(&d_o)?;
+        args.nsplit = ns_max;
+        // SAFETY: as above (the scratch holds ns_max splits).
+        unsafe { attend(st, &k, &args)? };
+        let gpu3 = be.download(&d_o)?;
         // Reference in f64.
         let scale = 1.0 / (dh as f64).sqrt();
         let mut refs = vec![0f64; n * h_n * dh];
@@ -422,6 +440,14 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             &refs,
             1e-5,
             "vs f64 reference",
+        ));
+        out.push(fwd_row(
+            "attend_split4",
+            shape.clone(),
+            &gpu3,
+            &refs,
+            1e-5,
+            "decode split (4 dim / row ranges) vs f64 reference",
         ));
         out.push(det_row(
             "attend",

@@ -220,6 +220,15 @@ pub fn unsupported(model: &Model) -> Option<String> {
     if c.head_dim > ATTEND_MAX_DH || c.idx_dim > MAX_COMP_D {
         return Some(format!("head dim {} over {ATTEND_MAX_DH}", c.head_dim));
     }
+    for il in 0..c.n_layer {
+        let r = c.ratio(il);
+        if r != 0 && r * c.compressor_width(r) / c.head_dim > attn::MAX_COMP_CAND {
+            return Some(format!(
+                "compress ratio {r} (the GPU compressor pools at most {} candidates)",
+                attn::MAX_COMP_CAND
+            ));
+        }
+    }
     if !c.head_dim.is_multiple_of(32) || !c.idx_dim.is_multiple_of(32) {
         return Some(format!(
             "head dims {} / {} (the attention tiles need multiples of 32)",
@@ -473,6 +482,8 @@ struct Scratch {
     /// denominators `GPU_CHUNK × n_head`.
     att_sc: CudaSlice<f32>,
     att_inv: CudaSlice<f32>,
+    /// Partial outputs of a split attention pass, `DECODE_SPLIT × 8 × n_head × Dh`.
+    att_part: CudaSlice<f32>,
     /// Most rows a token attends to in any layer at this context.
     att_rows: usize,
     low: CudaSlice<f32>,
@@ -613,8 +624,9 @@ impl GpuSession {
             sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
             cnt: be.upload_i32(&vec![0; m])?,
             o: a(m * hd)?,
-            att_sc: a(m * c.n_head * att_rows)?,
+            att_sc: a(m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows)?,
             att_inv: a(m * c.n_head)?,
+            att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
             att_rows,
             low: a(m * c.o_groups * c.o_lora_rank)?,
             gids: be.upload_i32(&gids)?,
@@ -1196,6 +1208,8 @@ impl GpuSession {
                     o: p(&s.o),
                     sc: p(&s.att_sc),
                     inv: p(&s.att_inv),
+                    part: p(&s.att_part),
+                    nsplit: attn::split_for(n),
                     rows_cap,
                 };
                 // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed

@@ -54,19 +54,23 @@ __device__ __forceinline__ const float* att_row(const AttRows& a, int rr) {
     return a.comp + c * a.dh;
 }
 
-// Pass 1: sc[(t·H + h)·ld + r] = scale · q_{t,h}·K_r for the token's rows.
-// grid: x = row tiles, y = head tiles, z = token; 256 threads = 4 groups (each a quarter of
-// the dims, 32-dim chunks round robin) of 64 threads (4 heads × 4 rows each).
+// Pass 1: sc[s][(t·H + h)·ld + r] = q_{t,h}·K_r over the s-th of `nsplit` ranges of the
+// dims (pass 2 adds the ranges in order and scales), for the token's rows. grid: x = row
+// tiles, y = head tiles, z = token·nsplit + s; 256 threads = 4 groups (32-dim chunks of the
+// range round robin) of 64 threads (4 heads × 4 rows each). nsplit > 1 gives a decode step
+// more blocks with shorter chains.
 extern "C" __global__ void __launch_bounds__(256)
     k_att_scores(const float* __restrict__ q, const float* __restrict__ ckv,
                  const float* __restrict__ ring, const float* __restrict__ comp,
                  const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld,
                  int ratio, const long long* __restrict__ p0p, int swa, int dh, int n_head,
-                 float scale, float* __restrict__ sc, int ld) {
+                 float* __restrict__ sc, int ld, int nsplit) {
     __shared__ float sm[4 * 2 * AT_T * AT_P];
-    const int t = blockIdx.z, r0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
+    const int t = blockIdx.z / nsplit, sp = blockIdx.z % nsplit;
+    const int n = gridDim.z / nsplit, r0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
     AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, *p0p, t, swa, dh);
     if (r0 >= a.n_rows) return;
+    sc += (long long)sp * n * n_head * ld;
     const int g = threadIdx.x >> 6, lt = threadIdx.x & 63;
     const int ty = lt >> 3, tx = lt & 7;
     float* qs = sm + g * 2 * AT_T * AT_P;
@@ -86,13 +90,14 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     const int nch = dh / AT_T;
-    for (int it = 0; it < (nch + 3) / 4; it++) {
-        int ch = it * 4 + g;
+    const int c_lo = sp * nch / nsplit, c_hi = (sp + 1) * nch / nsplit;
+    for (int it = 0; it < (c_hi - c_lo + 3) / 4; it++) {
+        int ch = c_lo + it * 4 + g;
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             float4 qv = make_float4(0.f, 0.f, 0.f, 0.f), kv = qv;
-            if (ch < nch) {
+            if (ch < c_hi) {
                 if (qrow[i]) qv = *(const float4*)(qrow[i] + ch * AT_T + 4 * tx);
                 if (krow[i]) kv = *(const float4*)(krow[i] + ch * AT_T + 4 * tx);
             }
@@ -128,17 +133,18 @@ extern "C" __global__ void __launch_bounds__(256)
         if (hh >= n_head || rr >= a.n_rows) continue;
         float v = ((red[o] + red[AT_T * AT_T + o]) + red[2 * AT_T * AT_T + o]) +
                   red[3 * AT_T * AT_T + o];
-        sc[((long long)t * n_head + hh) * ld + rr] = v * scale;
+        sc[((long long)t * n_head + hh) * ld + rr] = v;
     }
 }
 
-// Pass 2, one warp per (token, head): m = max(sink, max_r s_r), s_r ← e^{s_r−m} in place,
+// Pass 2, one warp per (token, head): s_r = scale · Σ_split partial_r (in split order),
+// m = max(sink, max_r s_r), s_r ← e^{s_r−m} in place (split 0's buffer),
 // inv[t·H + h] = 1 / (e^{sink−m} + Σ_r e^{s_r−m}).
 extern "C" __global__ void k_att_softmax(float* __restrict__ sc, float* __restrict__ inv,
                                          const int* __restrict__ cnt, int ratio,
                                          const long long* __restrict__ p0p, int swa,
                                          int n_head, int n, const float* __restrict__ sinks,
-                                         int ld) {
+                                         int ld, float scale, int nsplit) {
     const long long p0 = *p0p;
     int wi = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (wi >= n * n_head) return;
@@ -149,8 +155,15 @@ extern "C" __global__ void k_att_softmax(float* __restrict__ sc, float* __restri
     int n_rows = (int)(p - lo + 1) + n_comp;
     float* s = sc + (long long)wi * ld;
     float sink = sinks[h];
+    const long long stride = (long long)n * n_head * ld;
     float m = NEG_INF;
-    for (int r = lane; r < n_rows; r += 32) m = fmaxf(m, s[r]);
+    for (int r = lane; r < n_rows; r += 32) {
+        float v = s[r];
+        for (int k = 1; k < nsplit; k++) v += s[k * stride + r];
+        v = v * scale;
+        s[r] = v;
+        m = fmaxf(m, v);
+    }
     m = fmaxf(warp_max(m), sink);
     float sum = 0.0f;
     for (int r = lane; r < n_rows; r += 32) {
@@ -163,18 +176,22 @@ extern "C" __global__ void k_att_softmax(float* __restrict__ sc, float* __restri
 }
 
 // Pass 3: o[t][h][e] = inv_{t,h} · Σ_r w_{t,h,r}·K_r[e], then the inverse RoPE of the tail at
-// the token's position. grid: x = dim tiles, y = head tiles, z = token; 256 threads = 4
-// groups (32-row chunks round robin) of 64 threads (4 heads × 4 dims each).
+// the token's position. grid: x = dim tiles, y = head tiles, z = token·nsplit + s; 256
+// threads = 4 groups (32-row chunks of the s-th of nsplit row ranges, round robin) of 64
+// threads (4 heads × 4 dims each). With nsplit > 1 the block stores its range's sum in
+// `part` and k_att_combine finishes.
 extern "C" __global__ void __launch_bounds__(256)
     k_att_out(const float* __restrict__ sc, const float* __restrict__ inv,
               const float* __restrict__ ckv, const float* __restrict__ ring,
               const float* __restrict__ comp, const int* __restrict__ sel,
               const int* __restrict__ cnt, int sel_ld, int ratio,
               const long long* __restrict__ p0p, int swa, int dh, int n_head, int half,
-              const double* __restrict__ freqs, float* __restrict__ o, int ld) {
+              const double* __restrict__ freqs, float* __restrict__ o, int ld, int nsplit,
+              float* __restrict__ part) {
     __shared__ float sm[4 * 2 * AT_T * AT_P];
     __shared__ float rc[AT_T / 2], rs[AT_T / 2];
-    const int t = blockIdx.z, d0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
+    const int t = blockIdx.z / nsplit, sp = blockIdx.z % nsplit, n = gridDim.z / nsplit;
+    const int d0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
     const long long p0 = *p0p;
     AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
     const int g = threadIdx.x >> 6, lt = threadIdx.x & 63;
@@ -186,9 +203,10 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-    const int nch = (a.n_rows + AT_T - 1) / AT_T;
-    for (int it = 0; it < (nch + 3) / 4; it++) {
-        int ch = it * 4 + g;
+    const int nall = (a.n_rows + AT_T - 1) / AT_T;
+    const int c_lo = sp * nall / nsplit, nch = (sp + 1) * nall / nsplit;
+    for (int it = 0; it < (nch - c_lo + 3) / 4; it++) {
+        int ch = c_lo + it * 4 + g;
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -229,6 +247,17 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int j = 0; j < 4; j++)
             red[g * AT_T * AT_T + (ty + 8 * i) * AT_T + tx + 8 * j] = acc[i][j];
+    if (nsplit > 1) {
+        __syncthreads();
+        for (int x = threadIdx.x; x < AT_T * AT_T; x += blockDim.x) {
+            int hh = h0 + x / AT_T;
+            if (hh >= n_head) continue;
+            float v = ((red[x] + red[AT_T * AT_T + x]) + red[2 * AT_T * AT_T + x]) +
+                      red[3 * AT_T * AT_T + x];
+            part[(((long long)sp * n + t) * n_head + hh) * dh + d0 + x % AT_T] = v;
+        }
+        return;
+    }
     // Rotation of the tail pairs inside this tile (the tail starts at an even dim and
     // tiles are 32-aligned, so no pair straddles two tiles).
     const int off = dh - 2 * half;
@@ -268,6 +297,42 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
+// Finishes a split pass 3: o = inv · Σ_split part (in split order), then the inverse RoPE
+// of the tail. blockIdx.x = t·H + h; a thread per pair of dims.
+extern "C" __global__ void k_att_combine(const float* __restrict__ part,
+                                         const float* __restrict__ inv, int n, int n_head,
+                                         int dh, int nsplit, int half,
+                                         const double* __restrict__ freqs,
+                                         const long long* __restrict__ p0p,
+                                         float* __restrict__ o) {
+    const int th = blockIdx.x, t = th / n_head;
+    const long long stride = (long long)n * n_head * dh;
+    const float iv = inv[th];
+    const int off = dh - 2 * half;
+    for (int pr = threadIdx.x; pr < dh / 2; pr += blockDim.x) {
+        int e = 2 * pr;
+        const float* pp = part + (long long)th * dh + e;
+        float va = pp[0], vb = pp[1];
+        for (int k = 1; k < nsplit; k++) {
+            va += pp[k * stride];
+            vb += pp[k * stride + 1];
+        }
+        va = va * iv;
+        vb = vb * iv;
+        if (e >= off) {
+            double s, c;
+            sincos((double)(*p0p + t) * freqs[(e - off) / 2], &s, &c);
+            float cf = (float)c, sf = -(float)s;
+            float na = va * cf - vb * sf;
+            float nb = va * sf + vb * cf;
+            va = na;
+            vb = nb;
+        }
+        o[(long long)th * dh + e] = va;
+        o[(long long)th * dh + e + 1] = vb;
+    }
+}
+
 // Lightning indexer: score[t][row] = Σ_h w_{t,h}·max(0, q_{t,h}·K_row) for the rows visible
 // to token t, the head sum in head order (as the CPU's iterator sum, from −0.0). grid: x =
 // row tiles of 64, y = token; 256 threads, each 4 heads × 4 rows of a 64-head × 64-row tile
@@ -278,8 +343,10 @@ extern "C" __global__ void __launch_bounds__(256)
                  const float* __restrict__ krows, int n_head, int id,
                  const long long* __restrict__ p0p, int r, float* __restrict__ scores,
                  int ld) {
-    __shared__ float qs[IX_T * AT_P];
-    __shared__ float ks[IX_T * AT_P];
+    __shared__ float sm[2 * IX_T * AT_P];
+    float* qs = sm;
+    float* ks = sm + IX_T * AT_P;
+    float* vs = sm;  // after the products: [head][row], IX_T + 1 apart
     const long long p0 = *p0p;
     const int t = blockIdx.y, r0 = blockIdx.x * IX_T;
     const int vis = (int)((p0 + t + 1) / r);
@@ -323,19 +390,19 @@ extern "C" __global__ void __launch_bounds__(256)
             }
         }
         __syncthreads();
-        // Weighted ReLU terms into qs as [head][row], then a thread per row sums them.
+        // Weighted ReLU terms into vs as [head][row], then a thread per row sums them.
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             int hh = hb + ty + 16 * i;
             float wh = hh < n_head ? w[(long long)t * n_head + hh] : 0.0f;
 #pragma unroll
             for (int j = 0; j < 4; j++)
-                qs[(ty + 16 * i) * AT_P + tx + 16 * j] = wh * fmaxf(acc[i][j], 0.0f);
+                vs[(ty + 16 * i) * (IX_T + 1) + tx + 16 * j] = wh * fmaxf(acc[i][j], 0.0f);
         }
         __syncthreads();
         if (threadIdx.x < IX_T) {
             int hn = n_head - hb < IX_T ? n_head - hb : IX_T;
-            for (int hl = 0; hl < hn; hl++) tot += qs[hl * AT_P + threadIdx.x];
+            for (int hl = 0; hl < hn; hl++) tot += vs[hl * (IX_T + 1) + threadIdx.x];
         }
     }
     if (threadIdx.x < IX_T && r0 + threadIdx.x < vis)
@@ -344,32 +411,16 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---------------------------------------------------------------- compressor (cache.rs)
 
-// Score and value of candidate position q, column col, as the compressor state holds them
-// when the window closing at or after p0 pools: positions of this chunk from the
-// projections (score + position bias), earlier ones from the frontier (the window W0 = p0/r
-// in progress at the chunk's start in the current lane rows, the one before it in rows 0..r).
-__device__ __forceinline__ void comp_cand(const float* kvp, const float* scp, const float* ape,
-                                          const float* skv, const float* ssc, long long q,
-                                          long long p0, int r, int wd, int coff, int col,
-                                          float* s, float* v) {
-    if (q >= p0) {
-        long long t = q - p0;
-        *s = scp[t * wd + col] + ape[(q % r) * wd + col];
-        *v = kvp[t * wd + col];
-        return;
-    }
-    long long w0 = p0 / r;
-    int slot = (int)(((q % r) + r) % r);
-    int row = q >= w0 * r ? (coff - 1) * r + slot : slot;
-    *s = ssc[(long long)row * wd + col];
-    *v = skv[(long long)row * wd + col];
-}
-
 // Pools every window closing in this chunk (block b: the b-th one at or after p0), each as
 // cache.rs Compressor::push does (max, then Σe·v and Σe over the candidates in order), then
 // RMSNorm, RoPE at the window's first position, the row finishing, and stores the row. Reads
 // the frontier as it was at the chunk's start (k_comp_state updates it afterwards), so the
 // windows are independent and every value is bit-identical to the sequential walk.
+// Candidate c is position q = P + 1 − coff·r + c: this chunk's projections (score + position
+// bias) when q ≥ p0, else the frontier (the window p0/r in progress at the chunk's start in
+// the current lane rows, the one before it in rows 0..r). A table in shared memory holds
+// each candidate's source; a thread per output dim (blockDim ≥ d or striding).
+#define COMP_MAX_CAND 256
 extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const float* __restrict__ scp,
                                        const float* __restrict__ ape, const float* __restrict__ skv,
                                        const float* __restrict__ ssc, float* __restrict__ rows,
@@ -381,22 +432,47 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
     const long long p0 = *p0p;
     __shared__ double sh[33];
     __shared__ float pooled[1024];
+    // src >= 0: chunk token (ape row in aro); src < 0: frontier row −1 − src.
+    __shared__ int src[COMP_MAX_CAND], aro[COMP_MAX_CAND];
     const long long first = ((p0 + r) / r) * r - 1;  // first P >= p0 with (P+1) % r == 0
     const long long P = first + (long long)blockIdx.x * r;
     if (P >= p0 + n) return;
     const int wd = coff * d, n_cand = coff * r;
-    const long long q0 = P + 1 - (long long)n_cand;  // candidate c is position q0 + c
+    const long long q0 = P + 1 - (long long)n_cand;
+    const long long w0 = p0 / r;
+    for (int c = threadIdx.x; c < n_cand; c += blockDim.x) {
+        long long q = q0 + c;
+        int slot = (int)(((q % r) + r) % r);
+        if (q >= p0) {
+            src[c] = (int)(q - p0);
+            aro[c] = slot;
+        } else {
+            src[c] = -1 - (q >= w0 * r ? (coff - 1) * r + slot : slot);
+            aro[c] = 0;
+        }
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float m = NEG_INF, s, v;
+        float m = NEG_INF;
         for (int c = 0; c < n_cand; c++) {
             int col = (coff == 2 && c >= r) ? d + i : i;
-            comp_cand(kvp, scp, ape, skv, ssc, q0 + c, p0, r, wd, coff, col, &s, &v);
+            int sr = src[c];
+            float s = sr >= 0 ? scp[(long long)sr * wd + col] + ape[aro[c] * wd + col]
+                              : ssc[(long long)(-1 - sr) * wd + col];
             m = fmaxf(m, s);
         }
         float num = 0.0f, den = 0.0f;
         for (int c = 0; c < n_cand; c++) {
             int col = (coff == 2 && c >= r) ? d + i : i;
-            comp_cand(kvp, scp, ape, skv, ssc, q0 + c, p0, r, wd, coff, col, &s, &v);
+            int sr = src[c];
+            float s, v;
+            if (sr >= 0) {
+                s = scp[(long long)sr * wd + col] + ape[aro[c] * wd + col];
+                v = kvp[(long long)sr * wd + col];
+            } else {
+                s = ssc[(long long)(-1 - sr) * wd + col];
+                v = skv[(long long)(-1 - sr) * wd + col];
+            }
             float e = expf(s - m);
             den += e;
             num += e * v;
