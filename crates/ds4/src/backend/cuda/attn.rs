@@ -33,7 +33,6 @@ macro_rules! launch {
 /// The kernels of kernels/attn.cu (and the top-k of forward.cu).
 pub struct AttnKernels {
     scores: CudaFunction,
-    softmax: CudaFunction,
     out: CudaFunction,
     combine: CudaFunction,
     idx_scores: CudaFunction,
@@ -48,7 +47,6 @@ impl AttnKernels {
         let f = |n: &str| be.function(n);
         Ok(AttnKernels {
             scores: f("k_att_scores")?,
-            softmax: f("k_att_softmax")?,
             out: f("k_att_out")?,
             combine: f("k_att_combine")?,
             idx_scores: f("k_idx_scores")?,
@@ -87,11 +85,11 @@ pub struct Attend {
     pub freqs: u64,
     /// Output, `n × n_head × dh`.
     pub o: u64,
-    /// Scratch: `nsplit × n × n_head × rows_cap` scores, `n × n_head` inverse denominators,
-    /// and (`nsplit > 1`) `nsplit × n × n_head × dh` partial outputs.
+    /// Scratch: `nsplit × n × n_head × rows_cap` scores, and (`nsplit > 1`) `nsplit × n ×
+    /// n_head × dh` partial outputs and `nsplit × n × n_head × 2` (max, sum) pairs.
     pub sc: u64,
-    pub inv: u64,
     pub part: u64,
+    pub ml: u64,
     /// Split of the dims (scores) and of the rows (output) over more blocks: 1 for chunks,
     /// [`DECODE_SPLIT`] for a few tokens.
     pub nsplit: usize,
@@ -111,8 +109,8 @@ pub fn split_for(n: usize) -> usize {
 /// Split of a decode step's attention passes.
 pub const DECODE_SPLIT: usize = 4;
 
-/// Queues the attention passes (scores, softmax, weighted sum, and the combine of the
-/// splits when `nsplit > 1`).
+/// Queues the attention passes (scores, softmax + weighted sum, and the combine of the
+/// splits when `nsplit > 1`). `nsplit` is at most 8.
 ///
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
@@ -146,19 +144,11 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
     );
     launch!(
         st,
-        k.softmax,
-        ((a.n * a.n_head).div_ceil(8) as u32, 1, 1),
-        (256, 1, 1),
-        [a.sc, a.inv, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld, a.scale, ns as i32]
-    );
-    launch!(
-        st,
         k.out,
         ((a.dh / AT_T) as u32, ht, nz),
         (256, 1, 1),
         [
             a.sc,
-            a.inv,
             a.ckv,
             a.ring,
             a.comp,
@@ -170,12 +160,16 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             swa,
             dh,
             nh,
+            a.sinks,
+            a.scale,
             a.half as i32,
             a.freqs,
             a.o,
             ld,
             ns as i32,
-            a.part
+            ns as i32,
+            a.part,
+            a.ml
         ]
     );
     if ns > 1 {
@@ -186,7 +180,8 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             (256, 1, 1),
             [
                 a.part,
-                a.inv,
+                a.ml,
+                a.sinks,
                 a.n as i32,
                 nh,
                 dh,

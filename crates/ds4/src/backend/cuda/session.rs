@@ -24,7 +24,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -43,11 +43,27 @@ pub const GPU_CHUNK: usize = 256;
 const MAX_HC: usize = 8;
 /// Widest compressed row the compressor kernel supports (its shared buffer).
 const MAX_COMP_D: usize = 1024;
-/// Widest head the attention kernels take (any multiple of 32 works; this bounds scratch).
-const ATTEND_MAX_DH: usize = 1024;
+/// Dynamic shared memory the exact-mode attention kernel may use (H100/H200 allow 227 KiB
+/// per block).
+const ATTEND_SMEM: usize = 200 * 1024;
+/// Threads of an exact-mode attention block (16 warps share a (token, head)'s rows).
+const ATTEND_THREADS: usize = 512;
+/// Widest head the exact-mode attention kernel keeps in registers (ATT_MAXJ · 32 in
+/// forward.cu).
+const ATTEND_MAX_DH: usize = 512;
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
 /// position-dependent kernels), so one graph serves this many steps.
 const DECODE_BUCKET: usize = 1024;
+
+/// Sessions created while set use the tiled (production-mode) attention and indexer kernels
+/// in exact mode too; parity.rs sets it to measure their drift on the golden fixtures.
+static FORCE_TILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes GPU sessions created from now on use the tiled attention and indexer kernels
+/// whatever the numerics mode (see [`FORCE_TILED`]).
+pub fn force_tiled_attention(on: bool) {
+    FORCE_TILED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Whether decode steps replay CUDA graphs (`DS4_CUDA_GRAPH=0` turns them off, for
 /// comparisons).
@@ -103,6 +119,8 @@ struct Kernels {
     hc_post: CudaFunction,
     hc_head: CudaFunction,
     at: AttnKernels,
+    attend_ref: CudaFunction,
+    idx_scores_ref: CudaFunction,
     ring_push: CudaFunction,
     route: CudaFunction,
     expand: CudaFunction,
@@ -125,6 +143,8 @@ impl Kernels {
             hc_post: f("k_hc_post")?,
             hc_head: f("k_hc_head")?,
             at: AttnKernels::load(be)?,
+            attend_ref: f("k_attend")?,
+            idx_scores_ref: f("k_idx_scores_ref")?,
             ring_push: f("k_ring_push")?,
             route: f("k_route")?,
             expand: f("k_expand")?,
@@ -132,6 +152,12 @@ impl Kernels {
             moe_sum: f("k_moe_sum")?,
             fill: f("k_fill")?,
         };
+        // Exact-mode attention keeps one score per visible row in shared memory; long
+        // contexts at ratio 128 need more than the default 48 KiB.
+        k.attend_ref.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            ATTEND_SMEM as i32,
+        )?;
         Ok(k)
     }
 }
@@ -478,12 +504,12 @@ struct Scratch {
     sel: CudaSlice<i32>,
     cnt: CudaSlice<i32>,
     o: CudaSlice<f32>,
-    /// Attention scores then weights, `GPU_CHUNK × n_head × att_rows`, and inverse
-    /// denominators `GPU_CHUNK × n_head`.
+    /// Production-mode attention: scores `GPU_CHUNK × n_head × att_rows` (decode: split
+    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh` and their
+    /// (max, sum) pairs.
     att_sc: CudaSlice<f32>,
-    att_inv: CudaSlice<f32>,
-    /// Partial outputs of a split attention pass, `DECODE_SPLIT × 8 × n_head × Dh`.
     att_part: CudaSlice<f32>,
+    att_ml: CudaSlice<f32>,
     /// Most rows a token attends to in any layer at this context.
     att_rows: usize,
     low: CudaSlice<f32>,
@@ -514,6 +540,9 @@ pub struct GpuSession {
     ctx: usize,
     exact: bool,
     qat: bool,
+    /// Tiled attention and indexer kernels (production mode, or forced); else the
+    /// reference-order kernels, whose rounding the QAT golden fixture needs.
+    tiled: bool,
     layers: Vec<LayerState>,
     s: Scratch,
     graph: Option<DecodeGraph>,
@@ -530,6 +559,20 @@ impl GpuSession {
     ) -> Result<GpuSession> {
         let c = &model.cfg;
         let be = &gm.be;
+        let tiled = !exact || FORCE_TILED.load(std::sync::atomic::Ordering::Relaxed);
+        for il in 0..c.n_layer {
+            let ratio = c.ratio(il);
+            if !tiled && ratio != 0 && ratio != 4 {
+                let rows = c.swa + ctx / ratio;
+                if attend_smem(rows, c.head_dim) > ATTEND_SMEM {
+                    return Err(CudaError::Unavailable(format!(
+                        "context {ctx} needs {rows} attention rows per token (exact-mode GPU \
+                         kernel takes {})",
+                        ATTEND_SMEM / 4
+                    )));
+                }
+            }
+        }
         let mut layers = Vec::with_capacity(c.n_layer);
         for il in 0..c.n_layer {
             let ratio = c.ratio(il);
@@ -624,9 +667,13 @@ impl GpuSession {
             sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
             cnt: be.upload_i32(&vec![0; m])?,
             o: a(m * hd)?,
-            att_sc: a(m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows)?,
-            att_inv: a(m * c.n_head)?,
+            att_sc: a(if !tiled {
+                1
+            } else {
+                m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
+            })?,
             att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
+            att_ml: a(attn::DECODE_SPLIT * 8 * c.n_head * 2)?,
             att_rows,
             low: a(m * c.o_groups * c.o_lora_rank)?,
             gids: be.upload_i32(&gids)?,
@@ -652,6 +699,7 @@ impl GpuSession {
             ctx,
             exact,
             qat,
+            tiled,
             layers,
             s,
             graph: None,
@@ -1136,25 +1184,46 @@ impl GpuSession {
                         0,
                         [p(&s.iw), scale, cnt]
                     );
-                    // SAFETY: iq/iw hold n tokens of ih heads; the indexer rows hold
-                    // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.
-                    unsafe {
-                        attn::idx_scores(
+                    if !self.tiled {
+                        launch!(
                             st,
-                            &k.at,
-                            n,
-                            p(&s.iq),
-                            p(&s.iw),
-                            p(&cs.rows),
-                            ih,
-                            id,
-                            p0l,
-                            4,
-                            vis_max,
-                            p(&s.isc),
-                            s.isc_ld,
-                        )?
-                    };
+                            k.idx_scores_ref,
+                            ((vis_max as u32).div_ceil(8), n32, 1),
+                            (256, 1, 1),
+                            0,
+                            [
+                                p(&s.iq),
+                                p(&s.iw),
+                                p(&cs.rows),
+                                ih as i32,
+                                id as i32,
+                                p0l,
+                                4i32,
+                                p(&s.isc),
+                                s.isc_ld as i32
+                            ]
+                        );
+                    } else {
+                        // SAFETY: iq/iw hold n tokens of ih heads; the indexer rows hold
+                        // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.
+                        unsafe {
+                            attn::idx_scores(
+                                st,
+                                &k.at,
+                                n,
+                                p(&s.iq),
+                                p(&s.iw),
+                                p(&cs.rows),
+                                ih,
+                                id,
+                                p0l,
+                                4,
+                                vis_max,
+                                p(&s.isc),
+                                s.isc_ld,
+                            )?
+                        };
+                    }
                 }
                 // SAFETY: sel is GPU_CHUNK × idx_topk, cnt GPU_CHUNK; scores are read only
                 // for tokens with more than idx_topk visible rows (written above).
@@ -1181,40 +1250,74 @@ impl GpuSession {
                     r => pb / r,
                 };
                 let rows_cap = c.swa + max_comp;
-                if rows_cap > s.att_rows {
-                    return Err(CudaError::Invalid(format!(
-                        "position {pb} past the session's context ({} attention rows)",
-                        s.att_rows
-                    )));
+                let comp_rows = ls.comp.as_ref().map_or(0, |cs| p(&cs.rows));
+                if !self.tiled {
+                    // Exact mode: the reference-order kernel (one block per (token, head)).
+                    let smem = attend_smem(rows_cap, c.head_dim);
+                    let scale = 1.0 / (c.head_dim as f32).sqrt();
+                    launch!(
+                        st,
+                        k.attend_ref,
+                        (n32 * c.n_head as u32, 1, 1),
+                        (ATTEND_THREADS as u32, 1, 1),
+                        smem,
+                        [
+                            p(&s.q),
+                            p(&s.kv),
+                            p(&ls.ring),
+                            comp_rows,
+                            pi(&s.sel),
+                            pi(&s.cnt),
+                            c.idx_topk as i32,
+                            l.ratio as i32,
+                            p0l,
+                            c.swa as i32,
+                            c.head_dim as i32,
+                            c.n_head as i32,
+                            p(&l.sinks),
+                            scale,
+                            half,
+                            ptr(&l.freqs, st),
+                            p(&s.o),
+                            rows_cap as i32
+                        ]
+                    );
+                } else {
+                    if rows_cap > s.att_rows {
+                        return Err(CudaError::Invalid(format!(
+                            "position {pb} past the session's context ({} attention rows)",
+                            s.att_rows
+                        )));
+                    }
+                    let args = attn::Attend {
+                        n,
+                        q: p(&s.q),
+                        ckv: p(&s.kv),
+                        ring: p(&ls.ring),
+                        comp: comp_rows,
+                        sel: pi(&s.sel),
+                        cnt: pi(&s.cnt),
+                        sel_ld: c.idx_topk,
+                        ratio: l.ratio,
+                        p0: p0l,
+                        swa: c.swa,
+                        dh: c.head_dim,
+                        n_head: c.n_head,
+                        sinks: p(&l.sinks),
+                        scale: 1.0 / (c.head_dim as f32).sqrt(),
+                        half: half as usize,
+                        freqs: ptr(&l.freqs, st),
+                        o: p(&s.o),
+                        sc: p(&s.att_sc),
+                        part: p(&s.att_part),
+                        ml: p(&s.att_ml),
+                        nsplit: attn::split_for(n),
+                        rows_cap,
+                    };
+                    // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
+                    // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
+                    unsafe { attn::attend(st, &k.at, &args)? };
                 }
-                let args = attn::Attend {
-                    n,
-                    q: p(&s.q),
-                    ckv: p(&s.kv),
-                    ring: p(&ls.ring),
-                    comp: ls.comp.as_ref().map_or(0, |cs| p(&cs.rows)),
-                    sel: pi(&s.sel),
-                    cnt: pi(&s.cnt),
-                    sel_ld: c.idx_topk,
-                    ratio: l.ratio,
-                    p0: p0l,
-                    swa: c.swa,
-                    dh: c.head_dim,
-                    n_head: c.n_head,
-                    sinks: p(&l.sinks),
-                    scale: 1.0 / (c.head_dim as f32).sqrt(),
-                    half: half as usize,
-                    freqs: ptr(&l.freqs, st),
-                    o: p(&s.o),
-                    sc: p(&s.att_sc),
-                    inv: p(&s.att_inv),
-                    part: p(&s.att_part),
-                    nsplit: attn::split_for(n),
-                    rows_cap,
-                };
-                // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
-                // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
-                unsafe { attn::attend(st, &k.at, &args)? };
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
             {
@@ -1352,6 +1455,12 @@ impl GpuSession {
         lin(&gm.output, p(&s.h), m, p(&s.logits))?;
         Ok(())
     }
+}
+
+/// Shared memory of one exact-mode attention block: a score per row and a partial output per
+/// warp.
+fn attend_smem(rows: usize, dh: usize) -> usize {
+    (rows + ATTEND_THREADS / 32 * dh) * 4
 }
 
 fn fill(gm: &GpuModel, x: &mut CudaSlice<f32>, v: f32, n: usize) -> Result<()> {

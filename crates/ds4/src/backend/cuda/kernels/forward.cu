@@ -436,7 +436,30 @@ extern "C" __global__ void k_hc_head(const float* __restrict__ x, const float* _
 
 // ---------------------------------------------------------------- indexer (attention.rs select)
 
-// k_idx_scores in attn.cu.
+// Exact mode (the reference order: a warp per row, lane-strided dots, butterfly sums, heads
+// in order); production mode uses the tiled k_idx_scores of attn.cu.
+// score[t][row] = Σ_h w_h·max(0, q_h·K_row) for rows visible to token t (one warp per row;
+// grid: x = row blocks of 8, y = token).
+extern "C" __global__ void k_idx_scores_ref(const float* __restrict__ q, const float* __restrict__ w,
+                                        const float* __restrict__ krows, int n_head, int id,
+                                        const long long* __restrict__ p0p, int r, float* __restrict__ scores,
+                                        int ld) {
+    const long long p0 = *p0p;
+    int t = blockIdx.y;
+    int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    long long vis = (p0 + t + 1) / r;
+    if (row >= vis) return;
+    const float* k = krows + (long long)row * id;
+    const float* qt = q + (long long)t * n_head * id;
+    float acc = 0.0f;
+    for (int h = 0; h < n_head; h++) {
+        float dsum = 0.0f;
+        for (int e = lane; e < id; e += 32) dsum += qt[h * id + e] * k[e];
+        dsum = warp_sum(dsum);
+        acc += w[t * n_head + h] * fmaxf(dsum, 0.0f);
+    }
+    if (lane == 0) scores[(long long)t * ld + row] = acc;
+}
 
 // Float as an unsigned key whose order is f32::total_cmp's order.
 __device__ __forceinline__ unsigned okey(float f) {
@@ -522,7 +545,90 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
 
 // ---------------------------------------------------------------- attention (§3.3 steps 5-6)
 
-// k_att_scores / k_att_softmax / k_att_out in attn.cu.
+// Exact mode (kept for its summation order: the QAT fixture's FP8 rounding amplifies any
+// other order; see bench/RESULTS.md, branch pa); production mode uses attn.cu's tiled passes.
+// One block per (token, head): scores over the token's raw window (this chunk's rows from
+// `ckv`, older ones from the ring) and its compressed rows (the selection for ratio 4, all
+// visible for ratio 128), sink-aware softmax, weighted sum of the rows (K = V), then the
+// inverse RoPE of the output tail. Both passes spread rows over the warps (a warp per row,
+// the lane's query elements in registers), so a token's many rows are read in parallel;
+// the per-warp partial sums of the output are combined in warp order (deterministic).
+// Dynamic shared memory: `rows_cap` scores, then one Dh-wide partial per warp.
+#define ATT_MAXJ 16
+extern "C" __global__ void __launch_bounds__(512)
+    k_attend(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             const long long* __restrict__ p0p, int swa, int dh, int n_head, const float* __restrict__ sinks,
+             float scale, int half, const double* __restrict__ freqs, float* __restrict__ o,
+             int rows_cap) {
+    const long long p0 = *p0p;
+    extern __shared__ float sm[];
+    __shared__ float shf[33];
+    float* sc = sm;
+    float* part = sm + rows_cap;
+    int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    long long p = p0 + t;
+    long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
+    int n_raw = (int)(p - lo + 1);
+    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
+    int n_rows = n_raw + n_comp;
+    const float* qh = q + (long long)blockIdx.x * dh;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+#define ROW_PTR(rr)                                                                              \
+    ((rr) < n_raw ? ((lo + (rr)) >= p0 ? ckv + (lo + (rr) - p0) * dh                             \
+                                       : ring + ((lo + (rr)) % swa) * dh)                        \
+                  : (ratio == 4 ? comp + (long long)sel[(long long)t * sel_ld + (rr) - n_raw] * dh \
+                                : comp + (long long)((rr) - n_raw) * dh))
+    float qv[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) qv[j] = lane + 32 * j < dh ? qh[lane + 32 * j] : 0.0f;
+    for (int rr = warp; rr < n_rows; rr += nw) {
+        const float* k = ROW_PTR(rr);
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++)
+            if (lane + 32 * j < dh) acc += qv[j] * k[lane + 32 * j];
+        acc = warp_sum(acc);
+        if (lane == 0) sc[rr] = acc * scale;
+    }
+    __syncthreads();
+    float sink = sinks[h];
+    float m = NEG_INF;
+    for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) m = fmaxf(m, sc[rr]);
+    m = fmaxf(block_max_f(m, shf), sink);
+    float pe = 0.0f;
+    for (int rr = threadIdx.x; rr < n_rows; rr += blockDim.x) {
+        float e = expf(sc[rr] - m);
+        sc[rr] = e;
+        pe += e;
+    }
+    float den = expf(sink - m) + block_sum_f(pe, shf);
+    float inv = 1.0f / den;
+    float ov[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) ov[j] = 0.0f;
+    for (int rr = warp; rr < n_rows; rr += nw) {
+        const float* k = ROW_PTR(rr);
+        float pr = sc[rr];
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++)
+            if (lane + 32 * j < dh) ov[j] += pr * k[lane + 32 * j];
+    }
+#undef ROW_PTR
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++)
+        if (lane + 32 * j < dh) part[warp * dh + lane + 32 * j] = ov[j];
+    __syncthreads();
+    float* oh = o + (long long)blockIdx.x * dh;
+    for (int e = threadIdx.x; e < dh; e += blockDim.x) {
+        float acc = 0.0f;
+        for (int w = 0; w < nw; w++) acc += part[w * dh + e];
+        oh[e] = acc * inv;
+    }
+    __syncthreads();
+    rope_tail(oh, dh, half, freqs, p, true);
+}
 
 // Stores the last min(n, swa) rows of this chunk in the ring (after attention read it).
 extern "C" __global__ void k_ring_push(const float* __restrict__ ckv, float* __restrict__ ring,
