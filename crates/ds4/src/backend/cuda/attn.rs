@@ -33,6 +33,7 @@ macro_rules! launch {
 /// The kernels of kernels/attn.cu (and the top-k of forward.cu).
 pub struct AttnKernels {
     scores: CudaFunction,
+    softmax: CudaFunction,
     out: CudaFunction,
     combine: CudaFunction,
     idx_scores: CudaFunction,
@@ -47,6 +48,7 @@ impl AttnKernels {
         let f = |n: &str| be.function(n);
         Ok(AttnKernels {
             scores: f("k_att_scores")?,
+            softmax: f("k_att_softmax")?,
             out: f("k_att_out")?,
             combine: f("k_att_combine")?,
             idx_scores: f("k_idx_scores")?,
@@ -85,8 +87,9 @@ pub struct Attend {
     pub freqs: u64,
     /// Output, `n × n_head × dh`.
     pub o: u64,
-    /// Scratch: `nsplit × n × n_head × rows_cap` scores, and (`nsplit > 1`) `nsplit × n ×
-    /// n_head × dh` partial outputs and `nsplit × n × n_head × 2` (max, sum) pairs.
+    /// Scratch: `nsplit × n × n_head × rows_cap` scores; `nsplit × n × n_head × 2` floats
+    /// (`nsplit = 1`: inverse denominators; else (max, sum) pairs) and (`nsplit > 1`)
+    /// `nsplit × n × n_head × dh` partial outputs.
     pub sc: u64,
     pub part: u64,
     pub ml: u64,
@@ -142,6 +145,15 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             ns as i32
         ]
     );
+    if ns == 1 {
+        launch!(
+            st,
+            k.softmax,
+            ((a.n * a.n_head).div_ceil(8) as u32, 1, 1),
+            (256, 1, 1),
+            [a.sc, a.ml, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld, a.scale]
+        );
+    }
     launch!(
         st,
         k.out,

@@ -505,8 +505,8 @@ struct Scratch {
     cnt: CudaSlice<i32>,
     o: CudaSlice<f32>,
     /// Production-mode attention: scores `GPU_CHUNK × n_head × att_rows` (decode: split
-    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh` and their
-    /// (max, sum) pairs.
+    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh`, and the
+    /// inverse denominators of a chunk or a split's (max, sum) pairs.
     att_sc: CudaSlice<f32>,
     att_part: CudaSlice<f32>,
     att_ml: CudaSlice<f32>,
@@ -673,7 +673,7 @@ impl GpuSession {
                 m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
             })?,
             att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
-            att_ml: a(attn::DECODE_SPLIT * 8 * c.n_head * 2)?,
+            att_ml: a(m.max(attn::DECODE_SPLIT * 8 * 2) * c.n_head)?,
             att_rows,
             low: a(m * c.o_groups * c.o_lora_rank)?,
             gids: be.upload_i32(&gids)?,

@@ -146,13 +146,48 @@ __device__ __forceinline__ float att_score(const float* sc, long long stride, in
     return v * scale;
 }
 
+// Softmax of a chunk (nsplit = 1), one warp per (token, head): s_r ← e^{s_r−m} in place
+// (scaled first), inv[t·H + h] = 1 / (e^{sink−m} + Σ_r e^{s_r−m}), m = max(sink, max_r s_r).
+extern "C" __global__ void k_att_softmax(float* __restrict__ sc, float* __restrict__ inv,
+                                         const int* __restrict__ cnt, int ratio,
+                                         const long long* __restrict__ p0p, int swa,
+                                         int n_head, int n, const float* __restrict__ sinks,
+                                         int ld, float scale) {
+    const long long p0 = *p0p;
+    int wi = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (wi >= n * n_head) return;
+    int t = wi / n_head, h = wi % n_head;
+    long long p = p0 + t;
+    long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
+    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
+    int n_rows = (int)(p - lo + 1) + n_comp;
+    float* s = sc + (long long)wi * ld;
+    float sink = sinks[h];
+    float m = NEG_INF;
+    for (int r = lane; r < n_rows; r += 32) {
+        float v = s[r] * scale;
+        s[r] = v;
+        m = fmaxf(m, v);
+    }
+    m = fmaxf(warp_max(m), sink);
+    float sum = 0.0f;
+    for (int r = lane; r < n_rows; r += 32) {
+        float e = expf(s[r] - m);
+        s[r] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) inv[wi] = 1.0f / (expf(sink - m) + sum);
+}
+
 // Pass 2: o[t][h][e] = Σ_r e^{s_r−m}·K_r[e] / (e^{sink−m} + Σ_r e^{s_r−m}), then the inverse
 // RoPE of the tail at the token's position (model.md §3.0, attention.rs attend_head).
 // grid: x = dim tiles, y = head tiles, z = token·nsplit + s; 256 threads. The block first
 // takes, for each of its 32 heads, the max and the sum of e^{s_r−m} over its rows (a warp
 // per head), then the weighted sum as a tile product: 4 groups (32-row chunks round robin)
 // of 64 threads (4 heads × 4 dims each), the weights e^{s_r−m} made as the tile is staged.
-// nsplit = 1: the block has every row and finishes. nsplit > 1 (decode): the block has the
+// nsplit = 1 (chunks): k_att_softmax already made the weights and `ml` holds the inverse
+// denominators; the block has every row and finishes. nsplit > 1 (decode): the block has the
 // s-th range of row chunks and stores its unnormalised sum in `part` and (m_s, l_s) in `ml`
 // (m without the sink); k_att_combine merges the ranges.
 extern "C" __global__ void __launch_bounds__(256)
@@ -174,7 +209,11 @@ extern "C" __global__ void __launch_bounds__(256)
     const int nall = (a.n_rows + AT_T - 1) / AT_T;
     const int c_lo = sp * nall / nsplit, nch = (sp + 1) * nall / nsplit;
     const int r_lo = c_lo * AT_T, r_hi = min(nch * AT_T, a.n_rows);
-    {
+    if (nsplit == 1) {
+        if (threadIdx.x < AT_T)
+            lh[threadIdx.x] =
+                h0 + threadIdx.x < n_head ? ml[(long long)t * n_head + h0 + threadIdx.x] : 0.0f;
+    } else {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
         for (int hl = warp; hl < AT_T; hl += 8) {
             int hh = h0 + hl;
@@ -187,15 +226,13 @@ extern "C" __global__ void __launch_bounds__(256)
             for (int r = r_lo + lane; r < r_hi; r += 32)
                 m = fmaxf(m, att_score(sc, sstride, ssplit, row0 + r, scale));
             m = warp_max(m);
-            float sink = sinks[hh];
-            if (nsplit == 1) m = fmaxf(m, sink);
             float l = 0.0f;
             for (int r = r_lo + lane; r < r_hi; r += 32)
                 l += expf(att_score(sc, sstride, ssplit, row0 + r, scale) - m);
             l = warp_sum(l);
             if (lane == 0) {
                 mh[hl] = m;
-                lh[hl] = nsplit == 1 ? 1.0f / (expf(sink - m) + l) : l;
+                lh[hl] = l;
             }
         }
     }
@@ -225,9 +262,11 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 int r2 = ch * AT_T + 4 * tx + k;
-                pd[k] = (ch < nch && hh < n_head && r2 < a.n_rows)
-                            ? expf(att_score(sc, sstride, ssplit, row0 + r2, scale) - mh[row])
-                            : 0.0f;
+                bool ok = ch < nch && hh < n_head && r2 < a.n_rows;
+                pd[k] = !ok ? 0.0f
+                            : (nsplit == 1 ? sc[row0 + r2]
+                                           : expf(att_score(sc, sstride, ssplit, row0 + r2, scale) -
+                                                  mh[row]));
             }
         }
         __syncthreads();
