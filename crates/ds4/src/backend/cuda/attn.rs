@@ -87,12 +87,11 @@ pub struct Attend {
     pub freqs: u64,
     /// Output, `n × n_head × dh`.
     pub o: u64,
-    /// Scratch: `nsplit × n × n_head × rows_cap` scores; `nsplit × n × n_head × 2` floats
-    /// (`nsplit = 1`: inverse denominators; else (max, sum) pairs) and (`nsplit > 1`)
-    /// `nsplit × n × n_head × dh` partial outputs.
+    /// Scratch: `nsplit × n × n_head × rows_cap` scores, `n × n_head` inverse denominators
+    /// and (`nsplit > 1`) `nsplit × n × n_head × dh` partial outputs.
     pub sc: u64,
+    pub inv: u64,
     pub part: u64,
-    pub ml: u64,
     /// Split of the dims (scores) and of the rows (output) over more blocks: 1 for chunks,
     /// [`DECODE_SPLIT`] for a few tokens.
     pub nsplit: usize,
@@ -100,10 +99,19 @@ pub struct Attend {
     pub rows_cap: usize,
 }
 
-/// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU).
+/// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
+/// [`DECODE_SPLIT`] up to 8 tokens (`DS4_CUDA_ATT_SPLIT=1..4` overrides it, for
+/// measurements), 1 for chunks.
 pub fn split_for(n: usize) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let o = OVERRIDE.get_or_init(|| {
+        std::env::var("DS4_CUDA_ATT_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| (1..=DECODE_SPLIT).contains(v))
+    });
     if n <= 8 {
-        DECODE_SPLIT
+        o.unwrap_or(DECODE_SPLIT)
     } else {
         1
     }
@@ -112,8 +120,8 @@ pub fn split_for(n: usize) -> usize {
 /// Split of a decode step's attention passes.
 pub const DECODE_SPLIT: usize = 4;
 
-/// Queues the attention passes (scores, softmax + weighted sum, and the combine of the
-/// splits when `nsplit > 1`). `nsplit` is at most 8.
+/// Queues the attention passes (scores, softmax, weighted sum, and the combine of the splits
+/// when `nsplit > 1`).
 ///
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
@@ -145,15 +153,13 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             ns as i32
         ]
     );
-    if ns == 1 {
-        launch!(
-            st,
-            k.softmax,
-            ((a.n * a.n_head).div_ceil(8) as u32, 1, 1),
-            (256, 1, 1),
-            [a.sc, a.ml, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld, a.scale]
-        );
-    }
+    launch!(
+        st,
+        k.softmax,
+        ((a.n * a.n_head) as u32, 1, 1),
+        (128, 1, 1),
+        [a.sc, a.inv, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld, a.scale, ns as i32]
+    );
     launch!(
         st,
         k.out,
@@ -161,6 +167,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
         (256, 1, 1),
         [
             a.sc,
+            a.inv,
             a.ckv,
             a.ring,
             a.comp,
@@ -172,16 +179,12 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             swa,
             dh,
             nh,
-            a.sinks,
-            a.scale,
             a.half as i32,
             a.freqs,
             a.o,
             ld,
             ns as i32,
-            ns as i32,
-            a.part,
-            a.ml
+            a.part
         ]
     );
     if ns > 1 {
@@ -192,8 +195,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             (256, 1, 1),
             [
                 a.part,
-                a.ml,
-                a.sinks,
+                a.inv,
                 a.n as i32,
                 nh,
                 dh,

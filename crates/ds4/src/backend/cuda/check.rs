@@ -339,7 +339,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let d_o = poisoned(be, n * h_n * dh)?;
         let ns_max = super::attn::DECODE_SPLIT;
         let d_sc = be.alloc_f32(ns_max * n * h_n * rows_cap)?;
-        let d_ml = be.alloc_f32(ns_max * n * h_n * 2)?;
+        let d_inv = be.alloc_f32(n * h_n)?;
         let d_part = be.alloc_f32(ns_max * n * h_n * dh)?;
         let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
         let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
@@ -364,7 +364,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             o: pp(&d_o),
             sc: pp(&d_sc),
             part: pp(&d_part),
-            ml: pp(&d_ml),
+            inv: pp(&d_inv),
             nsplit: 1,
             rows_cap,
         };

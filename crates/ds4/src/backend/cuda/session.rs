@@ -505,11 +505,11 @@ struct Scratch {
     cnt: CudaSlice<i32>,
     o: CudaSlice<f32>,
     /// Production-mode attention: scores `GPU_CHUNK × n_head × att_rows` (decode: split
-    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh`, and the
-    /// inverse denominators of a chunk or a split's (max, sum) pairs.
+    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh`, inverse
+    /// denominators `GPU_CHUNK × n_head`.
     att_sc: CudaSlice<f32>,
     att_part: CudaSlice<f32>,
-    att_ml: CudaSlice<f32>,
+    att_inv: CudaSlice<f32>,
     /// Most rows a token attends to in any layer at this context.
     att_rows: usize,
     low: CudaSlice<f32>,
@@ -673,7 +673,7 @@ impl GpuSession {
                 m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
             })?,
             att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
-            att_ml: a(m.max(attn::DECODE_SPLIT * 8 * 2) * c.n_head)?,
+            att_inv: a(m * c.n_head)?,
             att_rows,
             low: a(m * c.o_groups * c.o_lora_rank)?,
             gids: be.upload_i32(&gids)?,
@@ -1310,7 +1310,7 @@ impl GpuSession {
                         o: p(&s.o),
                         sc: p(&s.att_sc),
                         part: p(&s.att_part),
-                        ml: p(&s.att_ml),
+                        inv: p(&s.att_inv),
                         nsplit: attn::split_for(n),
                         rows_cap,
                     };

@@ -137,105 +137,62 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// Score of (token t, head hh, row r): the `ssplit` dim-range partials of pass 1 added in
-// order, times the scale.
-__device__ __forceinline__ float att_score(const float* sc, long long stride, int ssplit,
-                                           long long at, float scale) {
-    float v = sc[at];
-    for (int k = 1; k < ssplit; k++) v += sc[k * stride + at];
-    return v * scale;
-}
-
-// Softmax of a chunk (nsplit = 1), one warp per (token, head): s_r ← e^{s_r−m} in place
-// (scaled first), inv[t·H + h] = 1 / (e^{sink−m} + Σ_r e^{s_r−m}), m = max(sink, max_r s_r).
+// Pass 2, a block per (token, head): s_r = scale · Σ_split partial_r (the pass-1 dim ranges
+// in order), m = max(sink, max_r s_r), s_r ← e^{s_r−m} in place (split 0's buffer),
+// inv[t·H + h] = 1 / (e^{sink−m} + Σ_r e^{s_r−m}). Fixed-tree block reductions.
 extern "C" __global__ void k_att_softmax(float* __restrict__ sc, float* __restrict__ inv,
                                          const int* __restrict__ cnt, int ratio,
                                          const long long* __restrict__ p0p, int swa,
                                          int n_head, int n, const float* __restrict__ sinks,
-                                         int ld, float scale) {
+                                         int ld, float scale, int ssplit) {
+    __shared__ float shf[33];
     const long long p0 = *p0p;
-    int wi = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (wi >= n * n_head) return;
-    int t = wi / n_head, h = wi % n_head;
+    const int th = blockIdx.x, t = th / n_head, h = th % n_head;
     long long p = p0 + t;
     long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
     int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
     int n_rows = (int)(p - lo + 1) + n_comp;
-    float* s = sc + (long long)wi * ld;
+    float* s = sc + (long long)th * ld;
+    const long long stride = (long long)n * n_head * ld;
     float sink = sinks[h];
     float m = NEG_INF;
-    for (int r = lane; r < n_rows; r += 32) {
-        float v = s[r] * scale;
+    for (int r = threadIdx.x; r < n_rows; r += blockDim.x) {
+        float v = s[r];
+        for (int k = 1; k < ssplit; k++) v += s[k * stride + r];
+        v = v * scale;
         s[r] = v;
         m = fmaxf(m, v);
     }
-    m = fmaxf(warp_max(m), sink);
+    m = fmaxf(block_max_f(m, shf), sink);
     float sum = 0.0f;
-    for (int r = lane; r < n_rows; r += 32) {
+    for (int r = threadIdx.x; r < n_rows; r += blockDim.x) {
         float e = expf(s[r] - m);
         s[r] = e;
         sum += e;
     }
-    sum = warp_sum(sum);
-    if (lane == 0) inv[wi] = 1.0f / (expf(sink - m) + sum);
+    sum = block_sum_f(sum, shf);
+    if (threadIdx.x == 0) inv[th] = 1.0f / (expf(sink - m) + sum);
 }
 
-// Pass 2: o[t][h][e] = Σ_r e^{s_r−m}·K_r[e] / (e^{sink−m} + Σ_r e^{s_r−m}), then the inverse
-// RoPE of the tail at the token's position (model.md §3.0, attention.rs attend_head).
-// grid: x = dim tiles, y = head tiles, z = token·nsplit + s; 256 threads. The block first
-// takes, for each of its 32 heads, the max and the sum of e^{s_r−m} over its rows (a warp
-// per head), then the weighted sum as a tile product: 4 groups (32-row chunks round robin)
-// of 64 threads (4 heads × 4 dims each), the weights e^{s_r−m} made as the tile is staged.
-// nsplit = 1 (chunks): k_att_softmax already made the weights and `ml` holds the inverse
-// denominators; the block has every row and finishes. nsplit > 1 (decode): the block has the
-// s-th range of row chunks and stores its unnormalised sum in `part` and (m_s, l_s) in `ml`
-// (m without the sink); k_att_combine merges the ranges.
+// Pass 3: o[t][h][e] = inv_{t,h} · Σ_r w_{t,h,r}·K_r[e] (weights from pass 2), then the
+// inverse RoPE of the tail at the token's position. grid: x = dim tiles, y = head tiles, z =
+// token·nsplit + s; 256 threads = 4 groups (32-row chunks of the s-th of nsplit row ranges,
+// round robin) of 64 threads (4 heads × 4 dims each). nsplit > 1 (decode): the block stores
+// its range's sum in `part` and k_att_combine finishes.
 extern "C" __global__ void __launch_bounds__(256)
-    k_att_out(const float* __restrict__ sc, const float* __restrict__ ckv,
-              const float* __restrict__ ring, const float* __restrict__ comp,
-              const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
-              const long long* __restrict__ p0p, int swa, int dh, int n_head,
-              const float* __restrict__ sinks, float scale, int half,
-              const double* __restrict__ freqs, float* __restrict__ o, int ld, int ssplit,
-              int nsplit, float* __restrict__ part, float* __restrict__ ml) {
+    k_att_out(const float* __restrict__ sc, const float* __restrict__ inv,
+              const float* __restrict__ ckv, const float* __restrict__ ring,
+              const float* __restrict__ comp, const int* __restrict__ sel,
+              const int* __restrict__ cnt, int sel_ld, int ratio,
+              const long long* __restrict__ p0p, int swa, int dh, int n_head, int half,
+              const double* __restrict__ freqs, float* __restrict__ o, int ld, int nsplit,
+              float* __restrict__ part) {
     __shared__ float sm[4 * 2 * AT_T * AT_P];
     __shared__ float rc[AT_T / 2], rs[AT_T / 2];
-    __shared__ float mh[AT_T], lh[AT_T];
     const int t = blockIdx.z / nsplit, sp = blockIdx.z % nsplit, n = gridDim.z / nsplit;
     const int d0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
     const long long p0 = *p0p;
     AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
-    const long long sstride = (long long)n * n_head * ld;
-    const int nall = (a.n_rows + AT_T - 1) / AT_T;
-    const int c_lo = sp * nall / nsplit, nch = (sp + 1) * nall / nsplit;
-    const int r_lo = c_lo * AT_T, r_hi = min(nch * AT_T, a.n_rows);
-    if (nsplit == 1) {
-        if (threadIdx.x < AT_T)
-            lh[threadIdx.x] =
-                h0 + threadIdx.x < n_head ? ml[(long long)t * n_head + h0 + threadIdx.x] : 0.0f;
-    } else {
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        for (int hl = warp; hl < AT_T; hl += 8) {
-            int hh = h0 + hl;
-            if (hh >= n_head) {
-                if (lane == 0) mh[hl] = 0.0f, lh[hl] = 0.0f;
-                continue;
-            }
-            const long long row0 = ((long long)t * n_head + hh) * ld;
-            float m = NEG_INF;
-            for (int r = r_lo + lane; r < r_hi; r += 32)
-                m = fmaxf(m, att_score(sc, sstride, ssplit, row0 + r, scale));
-            m = warp_max(m);
-            float l = 0.0f;
-            for (int r = r_lo + lane; r < r_hi; r += 32)
-                l += expf(att_score(sc, sstride, ssplit, row0 + r, scale) - m);
-            l = warp_sum(l);
-            if (lane == 0) {
-                mh[hl] = m;
-                lh[hl] = l;
-            }
-        }
-    }
     const int g = threadIdx.x >> 6, lt = threadIdx.x & 63;
     const int ty = lt >> 3, tx = lt & 7;
     float* ps = sm + g * 2 * AT_T * AT_P;
@@ -245,6 +202,8 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const int nall = (a.n_rows + AT_T - 1) / AT_T;
+    const int c_lo = sp * nall / nsplit, nch = (sp + 1) * nall / nsplit;
     for (int it = 0; it < (nch - c_lo + 3) / 4; it++) {
         int ch = c_lo + it * 4 + g;
         __syncthreads();
@@ -258,15 +217,12 @@ extern "C" __global__ void __launch_bounds__(256)
             kd[0] = kv.x, kd[1] = kv.y, kd[2] = kv.z, kd[3] = kv.w;
             int hh = h0 + row;
             float* pd = ps + row * AT_P + 4 * tx;
-            const long long row0 = ((long long)t * n_head + hh) * ld;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 int r2 = ch * AT_T + 4 * tx + k;
-                bool ok = ch < nch && hh < n_head && r2 < a.n_rows;
-                pd[k] = !ok ? 0.0f
-                            : (nsplit == 1 ? sc[row0 + r2]
-                                           : expf(att_score(sc, sstride, ssplit, row0 + r2, scale) -
-                                                  mh[row]));
+                pd[k] = (ch < nch && hh < n_head && r2 < a.n_rows)
+                            ? sc[((long long)t * n_head + hh) * ld + r2]
+                            : 0.0f;
             }
         }
         __syncthreads();
@@ -299,11 +255,6 @@ extern "C" __global__ void __launch_bounds__(256)
                       red[3 * AT_T * AT_T + x];
             part[(((long long)sp * n + t) * n_head + hh) * dh + d0 + x % AT_T] = v;
         }
-        if (blockIdx.x == 0 && threadIdx.x < AT_T && h0 + threadIdx.x < n_head) {
-            long long at = (((long long)sp * n + t) * n_head + h0 + threadIdx.x) * 2;
-            ml[at] = mh[threadIdx.x];
-            ml[at + 1] = lh[threadIdx.x];
-        }
         return;
     }
     // Rotation of the tail pairs inside this tile (the tail starts at an even dim and
@@ -321,9 +272,10 @@ extern "C" __global__ void __launch_bounds__(256)
     __syncthreads();
     float* fin = sm + 4 * AT_T * AT_T;
     for (int x = threadIdx.x; x < AT_T * AT_T; x += blockDim.x) {
+        int hh = h0 + x / AT_T;
         float v = ((red[x] + red[AT_T * AT_T + x]) + red[2 * AT_T * AT_T + x]) +
                   red[3 * AT_T * AT_T + x];
-        fin[x] = v * lh[x / AT_T];
+        fin[x] = hh < n_head ? v * inv[(long long)t * n_head + hh] : 0.0f;
     }
     __syncthreads();
     for (int x = threadIdx.x; x < AT_T * AT_T / 2; x += blockDim.x) {
@@ -344,38 +296,25 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// Merges a split pass 2 (flash-decoding): M = max(sink, max_s m_s), f_s = e^{m_s−M},
-// o = Σ_s f_s·part_s / (e^{sink−M} + Σ_s f_s·l_s) (splits in order), then the inverse RoPE
+// Finishes a split pass 3: o = inv · Σ_split part (in split order), then the inverse RoPE
 // of the tail. blockIdx.x = t·H + h; a thread per pair of dims.
-#define ATT_MAX_SPLIT 8
 extern "C" __global__ void k_att_combine(const float* __restrict__ part,
-                                         const float* __restrict__ ml,
-                                         const float* __restrict__ sinks, int n, int n_head,
+                                         const float* __restrict__ inv, int n, int n_head,
                                          int dh, int nsplit, int half,
                                          const double* __restrict__ freqs,
                                          const long long* __restrict__ p0p,
                                          float* __restrict__ o) {
-    const int th = blockIdx.x, t = th / n_head, h = th % n_head;
+    const int th = blockIdx.x, t = th / n_head;
     const long long stride = (long long)n * n_head * dh;
-    const long long mstride = (long long)n * n_head * 2;
-    float sink = sinks[h];
-    float mx = sink;
-    for (int k = 0; k < nsplit; k++) mx = fmaxf(mx, ml[k * mstride + 2 * th]);
-    float f[ATT_MAX_SPLIT];
-    float den = expf(sink - mx);
-    for (int k = 0; k < nsplit; k++) {
-        f[k] = expf(ml[k * mstride + 2 * th] - mx);
-        den += f[k] * ml[k * mstride + 2 * th + 1];
-    }
-    const float iv = 1.0f / den;
+    const float iv = inv[th];
     const int off = dh - 2 * half;
     for (int pr = threadIdx.x; pr < dh / 2; pr += blockDim.x) {
         int e = 2 * pr;
         const float* pp = part + (long long)th * dh + e;
-        float va = 0.0f, vb = 0.0f;
-        for (int k = 0; k < nsplit; k++) {
-            va += f[k] * pp[k * stride];
-            vb += f[k] * pp[k * stride + 1];
+        float va = pp[0], vb = pp[1];
+        for (int k = 1; k < nsplit; k++) {
+            va += pp[k * stride];
+            vb += pp[k * stride + 1];
         }
         va = va * iv;
         vb = vb * iv;
@@ -514,6 +453,7 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
     __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float m = NEG_INF;
+#pragma unroll 8
         for (int c = 0; c < n_cand; c++) {
             int col = (coff == 2 && c >= r) ? d + i : i;
             int sr = src[c];
@@ -522,6 +462,7 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
             m = fmaxf(m, s);
         }
         float num = 0.0f, den = 0.0f;
+#pragma unroll 8
         for (int c = 0; c < n_cand; c++) {
             int col = (coff == 2 && c >= r) ? d + i : i;
             int sr = src[c];
