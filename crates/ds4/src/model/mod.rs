@@ -7,7 +7,7 @@ mod forward;
 mod hc;
 mod linear;
 mod moe;
-mod ops;
+pub(crate) mod ops;
 mod options;
 pub(crate) mod params;
 pub mod rope;
