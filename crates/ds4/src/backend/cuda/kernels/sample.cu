@@ -14,6 +14,18 @@ __device__ __forceinline__ bool sample_better(float v, int i, float bv, int bi) 
     return v > bv || (v == bv && i < bi);
 }
 
+// Lane 0 ends with the warp's best (value, index); index −1 means none yet.
+__device__ __forceinline__ void sample_warp_best(float& bv, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_down_sync(0xffffffffu, bv, o);
+        int oi = __shfl_down_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && sample_better(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 // One block over one logits row of `n`:
 //   head[0] = argmax id, head[1] = max value (float bits), head[2] = candidate count;
 //   ids/vals[0..count) = every (i, l_i) with (l_i − max)·inv_t ≥ cut, in index order, when
@@ -41,14 +53,7 @@ k_sample_prep(const float* __restrict__ logits, int n, float inv_t, float cut, i
             bi = i;
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_down_sync(0xffffffffu, bv, o);
-        int oi = __shfl_down_sync(0xffffffffu, bi, o);
-        if (oi >= 0 && sample_better(ov, oi, bv, bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
+    sample_warp_best(bv, bi);
     if (lane == 0) {
         sv[warp] = bv;
         si[warp] = bi;
@@ -57,14 +62,7 @@ k_sample_prep(const float* __restrict__ logits, int n, float inv_t, float cut, i
     if (warp == 0) {
         bv = sv[lane];
         bi = si[lane];
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_down_sync(0xffffffffu, bv, o);
-            int oi = __shfl_down_sync(0xffffffffu, bi, o);
-            if (oi >= 0 && sample_better(ov, oi, bv, bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        sample_warp_best(bv, bi);
         if (lane == 0) {
             sbest = bi < 0 ? 0 : bi;
             smax = bi < 0 ? logits[0] : bv;
