@@ -99,6 +99,15 @@ struct TypeKernels {
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
     mv8glu: Option<CudaFunction>,
+    /// Q8_0 only: int8 matvecs with 16-byte loads (`mv8w2_q8_0`, 2 rows per warp;
+    /// `mv8w4_q8_0`, 4 rows per warp for short rows), for `n_cols` a multiple of 512.
+    mv8w: Option<(CudaFunction, CudaFunction)>,
+}
+
+/// Whether Q8_0 int8 products use the 16-byte-load kernels (`DS4_CUDA_MV8W=0` keeps
+/// `mv8_q8_0`, for comparisons).
+fn use_mv8w() -> bool {
+    std::env::var("DS4_CUDA_MV8W").map_or(true, |v| v != "0")
 }
 
 /// Activation quantization a weight type's int8 product needs (production mode, as the
@@ -235,6 +244,14 @@ impl CudaBackend {
                     mv8glu: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8glu_{s}"))?),
                         None => None,
+                    },
+                    mv8w: if ty == GgmlType::Q8_0 {
+                        Some((
+                            module.load_function("mv8w2_q8_0")?,
+                            module.load_function("mv8w4_q8_0")?,
+                        ))
+                    } else {
+                        None
                     },
                 },
             ));
@@ -788,10 +805,23 @@ impl CudaBackend {
             .mv8
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", w.ty)))?;
-        let split = mv_split(w.n_rows, w.n_cols, slots);
+        // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp (4 when a row has
+        // fewer than 4 steps of 512, so 8 loads per lane stay in flight; else 2).
+        let (f, rw) = match &k.mv8w {
+            Some((w2, w4)) if w.n_cols.is_multiple_of(512) && use_mv8w() => {
+                if w.n_cols < 4 * 512 {
+                    (w4, 4)
+                } else {
+                    (w2, 2)
+                }
+            }
+            _ => (f, 1),
+        };
+        let groups = w.n_rows.div_ceil(rw);
+        let split = mv_split(groups, w.n_cols, slots);
         let cfg = LaunchConfig {
             grid_dim: (
-                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                (groups as u32).div_ceil(WARPS_PER_BLOCK / split),
                 slots as u32,
                 1,
             ),

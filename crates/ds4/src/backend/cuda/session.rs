@@ -64,6 +64,13 @@ fn use_int8() -> bool {
     std::env::var("DS4_CUDA_INT8").map_or(true, |v| v != "0")
 }
 
+/// Whether decode uses the multi-block hc_pre with fused activation quantization
+/// (`DS4_CUDA_HC1=0` keeps the one-block `k_hc_pre` and separate quantize launches, for
+/// comparisons).
+fn use_hc1() -> bool {
+    std::env::var("DS4_CUDA_HC1").map_or(true, |v| v != "0")
+}
+
 /// A captured decode step and the key it was captured for.
 struct DecodeGraph {
     key: Vec<u64>,
@@ -103,6 +110,9 @@ struct Kernels {
     idx_q_finish: CudaFunction,
     scale: CudaFunction,
     hc_pre: CudaFunction,
+    hc_mix_part: CudaFunction,
+    hc_pre1: CudaFunction,
+    rms_norm_q8: CudaFunction,
     hc_post: CudaFunction,
     hc_head: CudaFunction,
     compress: CudaFunction,
@@ -128,6 +138,9 @@ impl Kernels {
             idx_q_finish: f("k_idx_q_finish")?,
             scale: f("k_scale")?,
             hc_pre: f("k_hc_pre")?,
+            hc_mix_part: f("k_hc_mix_part")?,
+            hc_pre1: f("k_hc_pre1")?,
+            rms_norm_q8: f("k_rms_norm_q8")?,
             hc_post: f("k_hc_post")?,
             hc_head: f("k_hc_head")?,
             compress: f("k_compress")?,
@@ -466,6 +479,9 @@ struct Scratch {
     f: CudaSlice<f32>,
     post: CudaSlice<f32>,
     comb: CudaSlice<f32>,
+    /// Decode hc_pre: per-block partial control products and sums of squares.
+    hcpart: CudaSlice<f32>,
+    hcss: CudaSlice<f64>,
     qr: CudaSlice<f32>,
     q: CudaSlice<f32>,
     kv: CudaSlice<f32>,
@@ -607,6 +623,8 @@ impl GpuSession {
             f: a(m * d)?,
             post: a(m * c.hc)?,
             comb: a(m * c.hc * c.hc)?,
+            hcpart: a((c.hc * d).div_ceil(256) * c.hc_mix())?,
+            hcss: be.stream().alloc_zeros::<f64>((c.hc * d).div_ceil(256))?,
             qr: a(m * c.q_lora_rank)?,
             q: a(m * hd)?,
             kv: a(m * c.head_dim)?,
@@ -977,6 +995,73 @@ impl GpuSession {
                       norm: &CudaSlice<f32>|
          -> Result<()> {
             memo.set([0; 2]);
+            // Decode: the control product and the state's sum of squares over many blocks,
+            // then one block for the rest, which also writes y's int8 forms (production).
+            let wty = match fnw.ty {
+                GgmlType::F32 => Some(0i32),
+                GgmlType::F16 => Some(1),
+                _ => None,
+            };
+            if let Some(wty) = wty.filter(|_| {
+                n == 1 && use_hc1() && d.is_multiple_of(256) && fnw.n_rows == c.hc_mix()
+            }) {
+                let width = nh * d;
+                let nb = width / 256;
+                launch!(
+                    st,
+                    k.hc_mix_part,
+                    (nb as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        be.weight_ptr(fnw),
+                        wty,
+                        fnw.n_rows as i32,
+                        width as i32,
+                        p(&s.hcpart),
+                        ptr(&s.hcss, st)
+                    ]
+                );
+                let (q0, d0, qk, dk) = if int8 {
+                    (p(&s.q0), p(&s.d0), p(&s.qk), p(&s.dk))
+                } else {
+                    (0, 0, 0, 0)
+                };
+                launch!(
+                    st,
+                    k.hc_pre1,
+                    (1, 1, 1),
+                    (512, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        p(&s.hcpart),
+                        ptr(&s.hcss, st),
+                        nb as i32,
+                        nh as i32,
+                        di,
+                        eps,
+                        c.hc_eps,
+                        c.sinkhorn_iters as i32,
+                        p(sc),
+                        p(base),
+                        p(&s.y),
+                        p(&s.post),
+                        p(&s.comb),
+                        p(norm),
+                        q0,
+                        d0,
+                        qk,
+                        dk
+                    ]
+                );
+                if int8 {
+                    // Both scratches now hold y's codes (Q8_0 and Q8_K).
+                    memo.set([p(&s.y); 2]);
+                }
+                return Ok(());
+            }
             lin(fnw, p(&s.x), n, p(&s.mix))?;
             launch!(
                 st,
@@ -1024,7 +1109,34 @@ impl GpuSession {
             // Query.
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
             lin(&l.kv, p(&s.y), n, p(&s.kv))?;
-            rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
+            if int8
+                && n == 1
+                && use_hc1()
+                && l.q_b.ty == GgmlType::Q8_0
+                && c.q_lora_rank.is_multiple_of(256)
+            {
+                // Norm + the Q8_0 codes q_b reads, in one launch (q_b is Q8_0).
+                launch!(
+                    st,
+                    k.rms_norm_q8,
+                    (1, 1, 1),
+                    ((c.q_lora_rank / 8).min(512) as u32, 1, 1),
+                    0,
+                    [
+                        p(&s.qr),
+                        p(&l.q_a_norm),
+                        c.q_lora_rank as i32,
+                        eps,
+                        p(&s.q0),
+                        p(&s.d0)
+                    ]
+                );
+                let mut m = memo.get();
+                m[0] = p(&s.qr);
+                memo.set(m);
+            } else {
+                rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
+            }
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
             launch!(
                 st,

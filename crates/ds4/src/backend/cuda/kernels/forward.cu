@@ -386,6 +386,179 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
     }
 }
 
+// ---- decode (one token) forms of hc_pre, spread over blocks, with the input quantization
+// of the next products fused.
+
+#define FWD_MAX_MIX ((2 + FWD_MAX_HC) * FWD_MAX_HC)
+
+// hc_pre's control product for one token: block b takes elements 256b..256b+255 of the flat
+// state (`width` = n·d), writes its partial dot with every fn row (part[b·rows + r], lanes
+// then warps added in a fixed order) and its partial sum of squares in f64 (ss[b]).
+// k_hc_pre1 adds the partials in block order. wty: 0 = F32, 1 = F16 fn (row-major).
+extern "C" __global__ void __launch_bounds__(256)
+    k_hc_mix_part(const float* __restrict__ x, const u8* __restrict__ w, int wty, int rows,
+                  int width, float* __restrict__ part, double* __restrict__ ss) {
+    __shared__ float red[FWD_MAX_MIX][8];
+    __shared__ double sh[33];
+    int e = blockIdx.x * 256 + threadIdx.x;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float xv = e < width ? x[e] : 0.0f;
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int r = r0 + k;
+            float wv = 0.0f;
+            if (r < rows && e < width) {
+                i64 at = (i64)r * width + e;
+                wv = wty == 0 ? ((const float*)w)[at] : h2f(((const u16*)w)[at]);
+            }
+            v[k] = wv * xv;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float s = warp_sum(v[k]);
+            if (lane == 0 && r0 + k < rows) red[r0 + k][warp] = s;
+        }
+    }
+    // block_sum_d's barriers also publish `red`.
+    double q = block_sum_d((double)xv * (double)xv, sh);
+    if (threadIdx.x == 0) ss[blockIdx.x] = q;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        float s = 0.0f;
+        for (int i = 0; i < 8; i++) s += red[r][i];
+        part[(i64)blockIdx.x * rows + r] = s;
+    }
+}
+
+// hc_pre for one token from k_hc_mix_part's nb partials: mix and the state's RMS scale
+// (the partials added in block order), then the same P_j / Q_k / Sinkhorn steps as
+// k_hc_pre, y = Σ_j P_j·X_j (j in order, as hc.rs), the site's RMSNorm (norm not null), and
+// the int8 forms of y the next products read (q0/d0: Q8_0 per 32, qk/dk: Q8_K per 256; null:
+// skipped) from the same registers that are stored, with the qa_* kernels' functions, so the
+// codes equal quantizing the stored y. d must be a multiple of 256; lane l of warp w holds
+// elements 256(w + i·nw) + 8l..+7, the qa_* kernels' layout.
+extern "C" __global__ void __launch_bounds__(512)
+    k_hc_pre1(const float* __restrict__ x, const float* __restrict__ part,
+              const double* __restrict__ ss, int nb, int n, int d, float rms_eps, float hc_eps,
+              int iters, const float* __restrict__ scale3, const float* __restrict__ base,
+              float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
+              const float* __restrict__ norm, signed char* __restrict__ q0,
+              float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk) {
+    __shared__ double sh[33];
+    __shared__ double ssum;
+    __shared__ float mx[FWD_MAX_MIX];
+    __shared__ float pj[FWD_MAX_HC];
+    __shared__ float c[FWD_MAX_HC * FWD_MAX_HC];
+    __shared__ float ex[FWD_MAX_HC * FWD_MAX_HC];
+    int w = (2 + n) * n, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = warp; r <= w; r += nw) {
+        if (r < w) {
+            float a = 0.0f;
+            for (int b = lane; b < nb; b += 32) a += part[(i64)b * w + r];
+            a = warp_sum(a);
+            if (lane == 0) mx[r] = a;
+        } else {
+            double a = 0.0;
+            for (int b = lane; b < nb; b += 32) a += ss[b];
+            a = warp_sum_d(a);
+            if (lane == 0) ssum = a;
+        }
+    }
+    __syncthreads();
+    float s = (float)(1.0 / sqrt(ssum / (double)(n * d) + (double)rms_eps));
+    if (threadIdx.x < 32) {
+        int l = threadIdx.x;
+        if (l < n) pj[l] = sigmoidf_(mx[l] * s * scale3[0] + base[l]) + hc_eps;
+        else if (l >= 16 && l - 16 < n)
+            post[l - 16] = 2.0f * sigmoidf_(mx[n + l - 16] * s * scale3[1] + base[n + l - 16]);
+    } else if (threadIdx.x < 64) {
+        int l = threadIdx.x - 32;
+        for (int i = l; i < n * n; i += 32) c[i] = mx[2 * n + i] * s * scale3[2] + base[2 * n + i];
+        __syncwarp();
+        sinkhorn_warp(c, ex, n, iters, hc_eps);
+        for (int i = l; i < n * n; i += 32) comb[i] = c[i];
+    }
+    __syncthreads();
+    double acc2 = 0.0;
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * blockDim.x) {
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j = 0; j < n; j++) {
+            const float4* px = (const float4*)(x + (i64)j * d + e0);
+            float4 a = px[0], b = px[1];
+            float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            float p = pj[j];
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] += p * xs[k];
+        }
+        float4* py = (float4*)(y + e0);
+        py[0] = make_float4(v[0], v[1], v[2], v[3]);
+        py[1] = make_float4(v[4], v[5], v[6], v[7]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc2 += (double)v[k] * (double)v[k];
+    }
+    float s2 = 1.0f;
+    if (norm) s2 = (float)(1.0 / sqrt(block_sum_d(acc2, sh) / (double)d + (double)rms_eps));
+    if (!norm && !q0 && !qk) return;
+    // Each thread reads back only the elements it wrote; whole warps are in or out of range.
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * blockDim.x) {
+        float4* py = (float4*)(y + e0);
+        float4 a = py[0], b = py[1];
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        if (norm) {
+            const float4* pn = (const float4*)(norm + e0);
+            float4 na = pn[0], nb4 = pn[1];
+            float ns[8] = {na.x, na.y, na.z, na.w, nb4.x, nb4.y, nb4.z, nb4.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = v[k] * s2 * ns[k];
+            py[0] = make_float4(v[0], v[1], v[2], v[3]);
+            py[1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+        u32 w0, w1;
+        if (q0) {
+            float dd = q8_0_lane(v, &w0, &w1);
+            *(uint2*)(q0 + e0) = make_uint2(w0, w1);
+            if ((lane & 3) == 0) d0[e0 >> 5] = dd;
+        }
+        if (qk) {
+            float dd = q8k_lane(v, lane, &w0, &w1);
+            *(uint2*)(qk + e0) = make_uint2(w0, w1);
+            if (lane == 0) dk[e0 >> 8] = dd;
+        }
+    }
+}
+
+// k_rms_norm of one row (decode) plus its Q8_0 codes/scales for the next product (q8_0_lane,
+// as qa_q8_0 on the stored values). width a multiple of 256; lane layout as k_hc_pre1.
+extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __restrict__ w,
+                                         int width, float eps, signed char* __restrict__ q0,
+                                         float* __restrict__ d0) {
+    __shared__ double sh[33];
+    int lane = threadIdx.x & 31;
+    double a2 = 0.0;
+    for (int e0 = 8 * threadIdx.x; e0 < width; e0 += 8 * blockDim.x) {
+        const float4* px = (const float4*)(x + e0);
+        float4 a = px[0], b = px[1];
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) a2 += (double)v[k] * (double)v[k];
+    }
+    float s = (float)(1.0 / sqrt(block_sum_d(a2, sh) / (double)width + (double)eps));
+    for (int e0 = 8 * threadIdx.x; e0 < width; e0 += 8 * blockDim.x) {
+        float4* px = (float4*)(x + e0);
+        float4 a = px[0], b = px[1];
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = w ? v[k] * s * w[e0 + k] : v[k] * s;
+        px[0] = make_float4(v[0], v[1], v[2], v[3]);
+        px[1] = make_float4(v[4], v[5], v[6], v[7]);
+        u32 w0, w1;
+        float dd = q8_0_lane(v, &w0, &w1);
+        *(uint2*)(q0 + e0) = make_uint2(w0, w1);
+        if ((lane & 3) == 0) d0[e0 >> 5] = dd;
+    }
+}
+
 // hc_post in place: X_k ← Q_k·F + Σ_j M[j][k]·X_j (grid: x = element blocks, y = token).
 extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restrict__ f,
                                      const float* __restrict__ post,
