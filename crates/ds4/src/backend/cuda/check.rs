@@ -245,7 +245,85 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     for width in [1024usize, 4096] {
         check_rms_norm_q8(be, &mut rng, width, &mut out)?;
     }
+    check_hc_post_moe(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// `k_hc_post_moe` (decode expert sum + hc_post) against the CPU: f = Σ_j dn_j + sh in
+/// slot order (as moe.rs), then `hc::post`.
+fn check_hc_post_moe(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use crate::model::hc;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (n, d, k) = (4usize, 4096usize, 6usize);
+    let x = random_activations(rng, n * d);
+    let dn = random_activations(rng, k * d);
+    let sh = random_activations(rng, d);
+    let post: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 * 2.0).collect();
+    let comb: Vec<f32> = (0..n * n).map(|_| rng.uniform() as f32).collect();
+    let mut f = vec![0f32; d];
+    for (e, fe) in f.iter_mut().enumerate() {
+        let mut a = 0f32;
+        for j in 0..k {
+            a += dn[j * d + e];
+        }
+        *fe = a + sh[e];
+    }
+    let dims = hc::HcDims {
+        n,
+        d,
+        rms_eps: 1e-6,
+        hc_eps: 1e-6,
+        sinkhorn_iters: 20,
+    };
+    let split = hc::HcSplit {
+        post: post.clone(),
+        comb: comb.clone(),
+    };
+    let mut cpu = x.clone();
+    hc::post(&dims, &mut cpu, &f, &split, &mut Vec::new());
+    let xd = be.upload_f32(&x)?;
+    let bufs = [
+        be.upload_f32(&dn)?,
+        be.upload_f32(&sh)?,
+        be.upload_f32(&post)?,
+        be.upload_f32(&comb)?,
+    ];
+    let st = be.stream();
+    let xp = xd.device_ptr(st).0;
+    let pp: Vec<u64> = bufs.iter().map(|b| b.device_ptr(st).0).collect();
+    let (ki, ni, di) = (k as i32, n as i32, d as i32);
+    let fun = be.function("k_hc_post_moe")?;
+    let mut b = st.launch_builder(&fun);
+    b.arg(&xp)
+        .arg(&pp[0])
+        .arg(&pp[1])
+        .arg(&ki)
+        .arg(&pp[2])
+        .arg(&pp[3])
+        .arg(&ni)
+        .arg(&di);
+    let cfg = LaunchConfig {
+        grid_dim: ((d as u32).div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument list matches k_hc_post_moe; buffers sized above.
+    unsafe { b.launch(cfg) }?;
+    let g = be.download(&xd)?;
+    let mism = g
+        .iter()
+        .zip(&cpu)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let mut row = exact_row(
+        "hc_post_moe",
+        GgmlType::F32,
+        &format!("n{n}xd{d}xk{k}"),
+        mism,
+    );
+    row.note = format!("{mism} elements differ in bits from CPU moe sum + hc::post");
+    out.push(row);
+    Ok(())
 }
 
 /// Bytes `q` (codes) and f32 `d` (scales) downloaded from f32-typed scratch.
@@ -414,7 +492,7 @@ fn check_hc_pre1(
     hc::pre(&dims, &params, &x, &mix, &mut ycpu, &mut split);
     ops::rms_norm(&mut ycpu, Some(&norm), eps);
     // GPU.
-    let nb = width / 256;
+    let nb = width / 512;
     let xd = be.upload_f32(&x)?;
     let part = be.alloc_f32(nb * rows)?;
     let ss = be.stream().alloc_zeros::<f64>(nb)?;
@@ -433,10 +511,12 @@ fn check_hc_pre1(
     let st = be.stream();
     let wp = be.weight_ptr(&w);
     let (fm, fp) = (be.function("k_hc_mix_part")?, be.function("k_hc_pre1")?);
-    let ptrs: Vec<u64> = [&xd, &part, &sc, &bs, &y, &post, &comb, &nm, &q0, &d0, &qk, &dk]
-        .iter()
-        .map(|b| b.device_ptr(st).0)
-        .collect();
+    let ptrs: Vec<u64> = [
+        &xd, &part, &sc, &bs, &y, &post, &comb, &nm, &q0, &d0, &qk, &dk,
+    ]
+    .iter()
+    .map(|b| b.device_ptr(st).0)
+    .collect();
     let ssp = ss.device_ptr(st).0;
     let (wty, ri, wi, nbi, ni, di, it) = (
         1i32,
@@ -461,7 +541,13 @@ fn check_hc_pre1(
         .arg(&ptrs[1])
         .arg(&ssp);
     // SAFETY: argument list matches k_hc_mix_part; buffers sized above.
-    unsafe { b.launch(cfg(nb as u32, 256)) }?;
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (nb as u32, rows.div_ceil(8) as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }?;
     let mut b = st.launch_builder(&fp);
     b.arg(&ptrs[0])
         .arg(&ptrs[1])
@@ -519,7 +605,12 @@ fn check_hc_pre1(
         &download_codes(be, &qk, d)?,
         &be.download(&dk)?,
     );
-    out.push(exact_row("hc_pre1_q8_k_codes", GgmlType::IQ2_XXS, &shape, mk));
+    out.push(exact_row(
+        "hc_pre1_q8_k_codes",
+        GgmlType::IQ2_XXS,
+        &shape,
+        mk,
+    ));
     Ok(())
 }
 

@@ -113,6 +113,8 @@ struct Kernels {
     hc_mix_part: CudaFunction,
     hc_pre1: CudaFunction,
     rms_norm_q8: CudaFunction,
+    qkv_finish1: CudaFunction,
+    hc_post_moe: CudaFunction,
     hc_post: CudaFunction,
     hc_head: CudaFunction,
     compress: CudaFunction,
@@ -141,6 +143,8 @@ impl Kernels {
             hc_mix_part: f("k_hc_mix_part")?,
             hc_pre1: f("k_hc_pre1")?,
             rms_norm_q8: f("k_rms_norm_q8")?,
+            qkv_finish1: f("k_qkv_finish1")?,
+            hc_post_moe: f("k_hc_post_moe")?,
             hc_post: f("k_hc_post")?,
             hc_head: f("k_hc_head")?,
             compress: f("k_compress")?,
@@ -1003,15 +1007,19 @@ impl GpuSession {
                 _ => None,
             };
             if let Some(wty) = wty.filter(|_| {
-                n == 1 && use_hc1() && d.is_multiple_of(256) && fnw.n_rows == c.hc_mix()
+                n == 1
+                    && use_hc1()
+                    && d.is_multiple_of(256)
+                    && (nh * d).is_multiple_of(512)
+                    && fnw.n_rows == c.hc_mix()
             }) {
                 let width = nh * d;
-                let nb = width / 256;
+                let nb = width / 512;
                 launch!(
                     st,
                     k.hc_mix_part,
-                    (nb as u32, 1, 1),
-                    (256, 1, 1),
+                    (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1),
+                    (64, 1, 1),
                     0,
                     [
                         p(&s.x),
@@ -1138,41 +1146,65 @@ impl GpuSession {
                 rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             }
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
-            launch!(
-                st,
-                k.head_norm_rope,
-                (n32 * c.n_head as u32, 1, 1),
-                (128, 1, 1),
-                0,
-                [
-                    p(&s.q),
-                    c.n_head as i32,
-                    c.head_dim as i32,
-                    half,
-                    eps,
-                    ptr(&l.freqs, st),
-                    p0l
-                ]
-            );
-            // KV row (its product was queued with q_a's, which reads the same input).
-            launch!(
-                st,
-                k.kv_finish,
-                (n32, 1, 1),
-                (256, 1, 1),
-                0,
-                [
-                    p(&s.kv),
-                    p(&l.kv_a_norm),
-                    c.head_dim as i32,
-                    half,
-                    eps,
-                    ptr(&l.freqs, st),
-                    p0l,
-                    qat,
-                    exact
-                ]
-            );
+            if n == 1 && use_hc1() {
+                // Query heads and the KV row in one launch (decode).
+                launch!(
+                    st,
+                    k.qkv_finish1,
+                    (c.n_head as u32 + 1, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.q),
+                        p(&s.kv),
+                        p(&l.kv_a_norm),
+                        c.n_head as i32,
+                        c.head_dim as i32,
+                        half,
+                        eps,
+                        ptr(&l.freqs, st),
+                        p0l,
+                        qat,
+                        exact
+                    ]
+                );
+            } else {
+                launch!(
+                    st,
+                    k.head_norm_rope,
+                    (n32 * c.n_head as u32, 1, 1),
+                    (128, 1, 1),
+                    0,
+                    [
+                        p(&s.q),
+                        c.n_head as i32,
+                        c.head_dim as i32,
+                        half,
+                        eps,
+                        ptr(&l.freqs, st),
+                        p0l
+                    ]
+                );
+                // KV row (its product was queued with q_a's, which reads the same input).
+                launch!(
+                    st,
+                    k.kv_finish,
+                    (n32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.kv),
+                        p(&l.kv_a_norm),
+                        c.head_dim as i32,
+                        half,
+                        eps,
+                        ptr(&l.freqs, st),
+                        p0l,
+                        qat,
+                        exact
+                    ]
+                );
+            }
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
                 lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
@@ -1415,16 +1447,37 @@ impl GpuSession {
                     l.clamp,
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
-                launch!(
-                    st,
-                    k.moe_sum,
-                    ((d as u32).div_ceil(256), n32, 1),
-                    (256, 1, 1),
-                    0,
-                    [p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)]
-                );
+                if n == 1 && use_hc1() {
+                    // Expert sum and hc_post in one pass (decode).
+                    launch!(
+                        st,
+                        k.hc_post_moe,
+                        ((d as u32).div_ceil(256), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            p(&s.x),
+                            p(&s.dn),
+                            p(&s.sh),
+                            ke as i32,
+                            p(&s.post),
+                            p(&s.comb),
+                            nh as i32,
+                            di
+                        ]
+                    );
+                } else {
+                    launch!(
+                        st,
+                        k.moe_sum,
+                        ((d as u32).div_ceil(256), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)]
+                    );
+                    hc_post()?;
+                }
             }
-            hc_post()?;
         }
         if !head {
             return Ok(());
