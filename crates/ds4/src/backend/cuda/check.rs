@@ -246,7 +246,97 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
         check_rms_norm_q8(be, &mut rng, width, &mut out)?;
     }
     check_hc_post_moe(be, &mut rng, &mut out)?;
+    for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::IQ2_XXS] {
+        check_glu_int8(be, &mut rng, ty, &mut out)?;
+    }
     Ok(out)
+}
+
+/// Fused gate+up+SwiGLU over int8 activations (`mv8glu_raw`, the routed-expert form: ids,
+/// routing weights, clamp) against the CPU's quantized matvecs and the SwiGLU of moe.rs
+/// (`silu(min(g, c))·clamp(u, ±c)·w`).
+fn check_glu_int8(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    ty: GgmlType,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use crate::model::ops;
+    let kind = ActQuant::of(ty).expect("int8 type");
+    for (n_rows, n_cols) in [(96usize, 2048usize), (40, 4096)] {
+        let n_exp = 4;
+        let wgb = random_weight(rng, ty, n_exp * n_rows, n_cols);
+        let wub = random_weight(rng, ty, n_exp * n_rows, n_cols);
+        let wg = be.upload_weight(ty, &wgb, n_rows, n_cols, n_exp, &mut |_, _| {})?;
+        let wu = be.upload_weight(ty, &wub, n_rows, n_cols, n_exp, &mut |_, _| {})?;
+        let ids = [3i32, 0, 2];
+        let wts: Vec<f32> = ids.iter().map(|_| rng.uniform() as f32).collect();
+        let clamp = 10.0f32;
+        let x = random_activations(rng, n_cols);
+        let (idsd, wtsd, xd) = (
+            be.upload_i32(&ids)?,
+            be.upload_f32(&wts)?,
+            be.upload_f32(&x)?,
+        );
+        let qb = be.alloc_f32(n_cols / 4)?;
+        let db = be.alloc_f32(n_cols / kind.block())?;
+        let h = poisoned(be, ids.len() * n_rows)?;
+        let st = be.stream();
+        let (xp, qp, dp, hp, ip, wp) = (
+            xd.device_ptr(st).0,
+            qb.device_ptr(st).0,
+            db.device_ptr(st).0,
+            h.device_ptr(st).0,
+            idsd.device_ptr(st).0,
+            wtsd.device_ptr(st).0,
+        );
+        // SAFETY: buffers sized above (one shared input, slots outputs of n_rows).
+        unsafe {
+            be.quant_act_raw(kind, xp, n_cols, qp, dp)?;
+            be.mv8glu_raw(&wg, &wu, ip, ids.len(), qp, dp, wp, clamp, hp)?;
+        }
+        let gpu = be.download(&h)?;
+        let mat = n_rows * (n_cols / ty.block_elems() * ty.block_bytes());
+        let mut cpu = vec![0f32; ids.len() * n_rows];
+        let (mut g, mut u) = (vec![0f32; n_rows], vec![0f32; n_rows]);
+        for (sl, &e) in ids.iter().enumerate() {
+            let e = e as usize;
+            cpu_matvec(
+                ty,
+                &wgb[e * mat..(e + 1) * mat],
+                n_rows,
+                n_cols,
+                &x,
+                &mut g,
+                false,
+            );
+            cpu_matvec(
+                ty,
+                &wub[e * mat..(e + 1) * mat],
+                n_rows,
+                n_cols,
+                &x,
+                &mut u,
+                false,
+            );
+            for o in 0..n_rows {
+                let gv = g[o].min(clamp);
+                let uv = u[o].clamp(-clamp, clamp);
+                cpu[sl * n_rows + o] = ops::silu(gv) * uv * wts[sl];
+            }
+        }
+        let mut row = rel_row(
+            "glu_int8",
+            &format!("{n_exp}exp,{}sel,{n_rows}x{n_cols}", ids.len()),
+            &gpu,
+            &cpu,
+            1e-5,
+            "vs CPU quantized matvecs + SwiGLU; max_err = max|d| / max|cpu|",
+        );
+        row.ty = ty;
+        out.push(row);
+    }
+    Ok(())
 }
 
 /// `k_hc_post_moe` (decode expert sum + hc_post) against the CPU: f = Σ_j dn_j + sh in

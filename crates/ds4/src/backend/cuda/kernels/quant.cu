@@ -755,9 +755,9 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
     *rb = accb;
 }
 
-#define DS4_MV8(T, U, USES_TABLES, DSH)                                                          \
+#define DS4_MV8(NAME, U, USES_TABLES, DSH, UNR)                                                       \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-        mv8_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,         \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
                 int n_rows, int n_cols, const signed char* __restrict__ xq,                      \
                 const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {  \
         __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
@@ -775,7 +775,7 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
             const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
             RowCtx c = {wb, o, n_rows, n_cols};                                                  \
             i64 xo = (i64)slot * x_stride;                                                       \
-            r = warp_sum(dot_row8<U, 4, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));   \
+            r = warp_sum(dot_row8<U, UNR, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));   \
         }                                                                                        \
         if (split == 1) {                                                                        \
             if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;            \
@@ -789,17 +789,21 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
         }                                                                                        \
     }
 
-DS4_MV8(q8_0, I8Q8_0, 0, 5)
-DS4_MV8(q2_k, I8Q2_K, 0, 8)
-DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
+DS4_MV8(mv8_q8_0, I8Q8_0, 0, 5, 4)
+DS4_MV8(mv8_q2_k, I8Q2_K, 0, 8, 4)
+DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
+// 8 steps of loads in flight per lane (the expert products: a Q2_K/IQ2_XXS step is only
+// 66–84 bytes per warp, so 4 steps leave too few bytes in flight).
+DS4_MV8(mv8u8_q2_k, I8Q2_K, 0, 8, 8)
+DS4_MV8(mv8u8_iq2_xxs, I8IQ2_XXS, 1, 8, 8)
 
 // Fused gate + up + clamped SwiGLU (production decode, int8 activations): warp(s) of row o
 // take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
 // h[s][o] = silu(min(g, c))·clamp(u, ±c)·wts[s] (wts null: 1), the same expressions as
 // k_swiglu in forward.cu. Saves the up launch, the SwiGLU launch and the g/u round trip.
-#define DS4_MV8_GLU(T, U, USES_TABLES, DSH)                                                      \
+#define DS4_MV8_GLU(NAME, U, USES_TABLES, DSH, UNR)                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-        mv8glu_##T(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,       \
+        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
                    const int* __restrict__ ids, int n_rows, int n_cols,                          \
                    const signed char* __restrict__ xq, const float* __restrict__ xd,             \
                    i64 x_stride, const float* __restrict__ wts, float clampc,                    \
@@ -819,7 +823,7 @@ DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
             i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                  \
             RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};         \
             i64 xo = (i64)slot * x_stride;                                                       \
-            dot_row8x2<U, 4, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru);  \
+            dot_row8x2<U, UNR, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru);  \
             rg = warp_sum(rg);                                                                   \
             ru = warp_sum(ru);                                                                   \
         }                                                                                        \
@@ -845,9 +849,11 @@ DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
         }                                                                                        \
     }
 
-DS4_MV8_GLU(q8_0, I8Q8_0, 0, 5)
-DS4_MV8_GLU(q2_k, I8Q2_K, 0, 8)
-DS4_MV8_GLU(iq2_xxs, I8IQ2_XXS, 1, 8)
+DS4_MV8_GLU(mv8glu_q8_0, I8Q8_0, 0, 5, 4)
+DS4_MV8_GLU(mv8glu_q2_k, I8Q2_K, 0, 8, 4)
+DS4_MV8_GLU(mv8glu_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
+DS4_MV8_GLU(mv8glu8_q2_k, I8Q2_K, 0, 8, 8)
+DS4_MV8_GLU(mv8glu8_iq2_xxs, I8IQ2_XXS, 1, 8, 8)
 
 // Q8_0 int8 matvec with 16-byte loads (production decode; n_cols a multiple of 512): lane l
 // takes elements 16l..16l+15 of each 512-element step (one 16-byte code load and its
