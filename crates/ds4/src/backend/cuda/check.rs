@@ -659,7 +659,7 @@ fn check_hc_pre1(
         .arg(&ptrs[10])
         .arg(&ptrs[11]);
     // SAFETY: argument list matches k_hc_pre1; buffers sized above.
-    unsafe { b.launch(cfg(1, 512)) }?;
+    unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
     let gy = be.download(&y)?;
     // The control product is a 16384-term f32 sum on the GPU (f64 here): ~1e-7 of its L1
     // mass, ~1e-5 of the (cancelling) sum itself, which exp/sigmoid pass on.

@@ -102,15 +102,6 @@ struct TypeKernels {
     /// Q8_0 only: int8 matvecs with 16-byte loads (`mv8w2_q8_0`, 2 rows per warp;
     /// `mv8w4_q8_0`, 4 rows per warp for short rows), for `n_cols` a multiple of 512.
     mv8w: Option<(CudaFunction, CudaFunction)>,
-    /// Q2_K and IQ2_XXS: `mv8`/`mv8glu` with 8 steps of loads in flight per lane
-    /// (`mv8u8_<t>`, `mv8glu8_<t>`).
-    unr8: Option<(CudaFunction, CudaFunction)>,
-}
-
-/// Whether Q2_K/IQ2_XXS int8 products use the 8-step kernels (`DS4_CUDA_UNR8=0` keeps the
-/// 4-step ones, for comparisons).
-fn use_unr8() -> bool {
-    std::env::var("DS4_CUDA_UNR8").map_or(true, |v| v != "0")
 }
 
 /// Whether Q8_0 int8 products use the 16-byte-load kernels (`DS4_CUDA_MV8W=0` keeps
@@ -253,14 +244,6 @@ impl CudaBackend {
                     mv8glu: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8glu_{s}"))?),
                         None => None,
-                    },
-                    unr8: if matches!(ty, GgmlType::Q2_K | GgmlType::IQ2_XXS) {
-                        Some((
-                            module.load_function(&format!("mv8u8_{s}"))?,
-                            module.load_function(&format!("mv8glu8_{s}"))?,
-                        ))
-                    } else {
-                        None
                     },
                     mv8w: if ty == GgmlType::Q8_0 {
                         Some((
@@ -832,10 +815,7 @@ impl CudaBackend {
                     (w2, 2)
                 }
             }
-            _ => match &k.unr8 {
-                Some((u8k, _)) if use_unr8() => (u8k, 1),
-                _ => (f, 1),
-            },
+            _ => (f, 1),
         };
         let groups = w.n_rows.div_ceil(rw);
         let split = mv_split(groups, w.n_cols, slots);
@@ -902,10 +882,7 @@ impl CudaBackend {
             .mv8glu
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
-        let f = match &k.unr8 {
-            Some((_, g8)) if use_unr8() => g8,
-            _ => f,
-        };
+
         let split = mv_split(wg.n_rows, wg.n_cols, 2 * slots);
         let cfg = LaunchConfig {
             grid_dim: (

@@ -48,6 +48,9 @@ const ATTEND_SMEM: usize = 200 * 1024;
 const ATTEND_THREADS: usize = 512;
 /// Widest head the attention kernel keeps in registers (ATT_MAXJ · 32 in forward.cu).
 const ATTEND_MAX_DH: usize = 512;
+/// Threads of `k_hc_pre1` (HC_PRE1_THREADS in forward.cu): 16 warps form y, one runs
+/// Sinkhorn.
+pub(crate) const HC_PRE1_THREADS: u32 = 544;
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
 /// position-dependent kernels), so one graph serves this many steps.
 const DECODE_BUCKET: usize = 1024;
@@ -1040,7 +1043,7 @@ impl GpuSession {
                     st,
                     k.hc_pre1,
                     (1, 1, 1),
-                    (512, 1, 1),
+                    (HC_PRE1_THREADS, 1, 1),
                     0,
                     [
                         p(&s.x),

@@ -544,9 +544,11 @@ extern "C" __global__ void __launch_bounds__(64)
 // k_hc_pre, y = Σ_j P_j·X_j (j in order, as hc.rs), the site's RMSNorm (norm not null), and
 // the int8 forms of y the next products read (q0/d0: Q8_0 per 32, qk/dk: Q8_K per 256; null:
 // skipped) from the same registers that are stored, with the qa_* kernels' functions, so the
-// codes equal quantizing the stored y. d must be a multiple of 256; lane l of warp w holds
-// elements 256(w + i·nw) + 8l..+7, the qa_* kernels' layout.
-extern "C" __global__ void __launch_bounds__(512)
+// codes equal quantizing the stored y. d must be a multiple of 256; lane l of warp w < 16
+// holds elements 256(w + 16i) + 8l..+7, the qa_* kernels' layout; warp 16 runs Sinkhorn
+// meanwhile. HC_PRE1_THREADS threads.
+#define HC_PRE1_THREADS 544
+extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
     k_hc_pre1(const float* __restrict__ x, const float* __restrict__ part,
               const double* __restrict__ ss, int nb, int n, int d, float rms_eps, float hc_eps,
               int iters, const float* __restrict__ scale3, const float* __restrict__ base,
@@ -580,22 +582,24 @@ extern "C" __global__ void __launch_bounds__(512)
         if (l < n) pj[l] = sigmoidf_(mx[l] * s * scale3[0] + base[l]) + hc_eps;
         else if (l >= 16 && l - 16 < n)
             post[l - 16] = 2.0f * sigmoidf_(mx[n + l - 16] * s * scale3[1] + base[n + l - 16]);
-    } else if (threadIdx.x < 64) {
-        int l = threadIdx.x - 32;
-        if (n * n <= 32) {
-            float cv = l < n * n ? mx[2 * n + l] * s * scale3[2] + base[2 * n + l] : 0.0f;
-            cv = sinkhorn_reg(cv, n, iters, hc_eps);
-            if (l < n * n) comb[l] = cv;
-        } else {
-            for (int i = l; i < n * n; i += 32) c[i] = mx[2 * n + i] * s * scale3[2] + base[2 * n + i];
-            __syncwarp();
-            sinkhorn_warp(c, ex, n, iters, hc_eps);
-            for (int i = l; i < n * n; i += 32) comb[i] = c[i];
-        }
     }
     __syncthreads();
+    // The last warp runs Sinkhorn (only hc_post needs it) while the others form y.
+    const int ny = blockDim.x - 32;
     double acc2 = 0.0;
-    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * blockDim.x) {
+    if (warp == nw - 1) {
+        if (n * n <= 32) {
+            float cv = lane < n * n ? mx[2 * n + lane] * s * scale3[2] + base[2 * n + lane] : 0.0f;
+            cv = sinkhorn_reg(cv, n, iters, hc_eps);
+            if (lane < n * n) comb[lane] = cv;
+        } else {
+            for (int i = lane; i < n * n; i += 32) c[i] = mx[2 * n + i] * s * scale3[2] + base[2 * n + i];
+            __syncwarp();
+            sinkhorn_warp(c, ex, n, iters, hc_eps);
+            for (int i = lane; i < n * n; i += 32) comb[i] = c[i];
+        }
+    } else
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         // All streams' loads first (fixed bound: unrolled, in flight together).
         float4 xa[FWD_MAX_HC], xb[FWD_MAX_HC];
@@ -624,7 +628,8 @@ extern "C" __global__ void __launch_bounds__(512)
     if (norm) s2 = (float)(1.0 / sqrt(block_sum_d(acc2, sh) / (double)d + (double)rms_eps));
     if (!norm && !q0 && !qk) return;
     // Each thread reads back only the elements it wrote; whole warps are in or out of range.
-    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * blockDim.x) {
+    if (warp == nw - 1) return;
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
         float4* py = (float4*)(y + e0);
         float4 a = py[0], b = py[1];
         float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};

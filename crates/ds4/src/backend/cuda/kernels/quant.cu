@@ -614,7 +614,9 @@ extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed ch
 // IQ2_XXS tables for the int8 path: the grid as bytes (2 KB instead of 8 KB of floats).
 struct Iq2Smem8 {
     u64 grid[256];
-    u8 signs[128];
+    // Sign pattern i as a byte mask (0xff where the element is negated): one lookup instead
+    // of the pattern byte and two sign_mask4 expansions per step.
+    u64 smask[128];
 };
 
 // The lane's 8 int8 activations and their block scale.
@@ -625,6 +627,12 @@ struct XQ8 {
 
 // Sign bits 0..3 of s as byte masks (0x00 / 0xff per byte).
 __device__ __forceinline__ u32 sign_mask4(u32 s) { return ((s * 0x00204081u) & 0x01010101u) * 0xffu; }
+
+// Byte mask of sign pattern i (bytes 0..7 = elements 0..7).
+__device__ __forceinline__ u64 iq2_smask(int i) {
+    u32 sg = ds4_iq2_signs[i];
+    return (u64)sign_mask4(sg & 15) | ((u64)sign_mask4(sg >> 4) << 32);
+}
 
 // g with the bytes selected by mask negated (g bytes are < 128).
 __device__ __forceinline__ int neg_bytes(u32 g, u32 mask) { return (int)__vsub4(g ^ mask, mask); }
@@ -682,9 +690,9 @@ struct I8IQ2_XXS {
         u32 a = (av >> (8 * (lane & 1))) & 255u;
         u32 b = blo | (bhi << 16);
         u64 g = tb->grid[a];
-        u32 sg = tb->signs[(b >> (7 * (lane & 3))) & 127];
-        int w0 = neg_bytes((u32)g, sign_mask4(sg & 15));
-        int w1 = neg_bytes((u32)(g >> 32), sign_mask4(sg >> 4));
+        u64 m = tb->smask[(b >> (7 * (lane & 3))) & 127];
+        int w0 = neg_bytes((u32)g, (u32)m);
+        int w1 = neg_bytes((u32)(g >> 32), (u32)(m >> 32));
         int s = __dp4a(w0, (int)x.q.x, __dp4a(w1, (int)x.q.y, 0));
         int tot = (2 * (int)(b >> 28) + 1) * s;
         return fmaf(0.125f * h2f(d) * x.d, (float)tot, acc);
@@ -764,7 +772,7 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
             for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
-            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
             __syncthreads();                                                                     \
         }                                                                                        \
         __shared__ float part_[WARPS_PER_BLOCK];                                                 \
@@ -792,10 +800,6 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
 DS4_MV8(mv8_q8_0, I8Q8_0, 0, 5, 4)
 DS4_MV8(mv8_q2_k, I8Q2_K, 0, 8, 4)
 DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
-// 8 steps of loads in flight per lane (the expert products: a Q2_K/IQ2_XXS step is only
-// 66–84 bytes per warp, so 4 steps leave too few bytes in flight).
-DS4_MV8(mv8u8_q2_k, I8Q2_K, 0, 8, 8)
-DS4_MV8(mv8u8_iq2_xxs, I8IQ2_XXS, 1, 8, 8)
 
 // Fused gate + up + clamped SwiGLU (production decode, int8 activations): warp(s) of row o
 // take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
@@ -812,7 +816,7 @@ DS4_MV8(mv8u8_iq2_xxs, I8IQ2_XXS, 1, 8, 8)
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
             for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
-            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
             __syncthreads();                                                                     \
         }                                                                                        \
         __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                       \
@@ -852,8 +856,6 @@ DS4_MV8(mv8u8_iq2_xxs, I8IQ2_XXS, 1, 8, 8)
 DS4_MV8_GLU(mv8glu_q8_0, I8Q8_0, 0, 5, 4)
 DS4_MV8_GLU(mv8glu_q2_k, I8Q2_K, 0, 8, 4)
 DS4_MV8_GLU(mv8glu_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
-DS4_MV8_GLU(mv8glu8_q2_k, I8Q2_K, 0, 8, 8)
-DS4_MV8_GLU(mv8glu8_iq2_xxs, I8IQ2_XXS, 1, 8, 8)
 
 // Q8_0 int8 matvec with 16-byte loads (production decode; n_cols a multiple of 512): lane l
 // takes elements 16l..16l+15 of each 512-element step (one 16-byte code load and its
