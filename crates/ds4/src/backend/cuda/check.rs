@@ -249,7 +249,55 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::IQ2_XXS] {
         check_glu_int8(be, &mut rng, ty, &mut out)?;
     }
+    check_pdl_chain(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// Programmatic dependent launch: a chain of 24 dependent launches (quantize, int8 matvec,
+/// quantize, ... each reading the previous output) run with PDL on must give the same bits
+/// as with it off; a missing wait would let a kernel read its input before it is written.
+fn check_pdl_chain(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    let (ty, n) = (GgmlType::Q8_0, 2048usize);
+    let wb = random_weight(rng, ty, n, n);
+    let w = be.upload_weight(ty, &wb, n, n, 1, &mut |_, _| {})?;
+    let x = random_activations(rng, n);
+    let run = |pdl: bool| -> Result<Vec<f32>> {
+        let bufs = [be.upload_f32(&x)?, be.alloc_f32(n)?];
+        let qb = be.alloc_f32(n / 4)?;
+        let db = be.alloc_f32(n / 32)?;
+        let st = be.stream();
+        let p: Vec<u64> = bufs.iter().map(|b| b.device_ptr(st).0).collect();
+        let (qp, dp) = (qb.device_ptr(st).0, db.device_ptr(st).0);
+        be.set_pdl(pdl);
+        let mut r = Ok(());
+        for i in 0..12 {
+            // SAFETY: every buffer holds n values (codes: n bytes, scales: n/32).
+            r = unsafe {
+                be.quant_act_raw(ActQuant::Q8_0, p[i % 2], n, qp, dp)
+                    .and_then(|_| be.mv8_raw(&w, 0, 1, qp, dp, 0, p[(i + 1) % 2]))
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        be.set_pdl(false);
+        r?;
+        be.download(&bufs[0])
+    };
+    let (a, b) = (run(false)?, run(true)?);
+    let same = same_bits(&a, &b) && a.iter().all(|v| v.is_finite());
+    out.push(CheckRow {
+        kernel: "pdl_chain".into(),
+        ty,
+        shape: format!("24 launches, {n}x{n}"),
+        max_abs: 0.0,
+        max_err: if same { 0.0 } else { 1.0 },
+        rel_l2: 0.0,
+        tol: 0.0,
+        pass: same,
+        note: "programmatic dependent launch vs plain launches, bit for bit".into(),
+    });
+    Ok(())
 }
 
 /// Fused gate+up+SwiGLU over int8 activations (`mv8glu_raw`, the routed-expert form: ids,

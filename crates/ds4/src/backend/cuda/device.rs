@@ -13,6 +13,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Errors of the CUDA backend.
@@ -191,6 +192,41 @@ pub struct CudaBackend {
     blas: CudaBlas,
     origin: ImageOrigin,
     cache_key: String,
+    /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
+    /// session around the capture of a decode graph; see `pdl_enter` in quant.cu).
+    pdl: AtomicBool,
+}
+
+/// A kernel argument as the 8-byte slot `cuLaunchKernelEx` reads it from (the driver reads
+/// the parameter's own size from the slot's start; little-endian).
+pub(crate) trait Slot {
+    /// The value's bytes in the low end of a u64.
+    fn slot(self) -> u64;
+}
+impl Slot for u64 {
+    fn slot(self) -> u64 {
+        self
+    }
+}
+impl Slot for i64 {
+    fn slot(self) -> u64 {
+        self as u64
+    }
+}
+impl Slot for i32 {
+    fn slot(self) -> u64 {
+        self as u32 as u64
+    }
+}
+impl Slot for u32 {
+    fn slot(self) -> u64 {
+        self as u64
+    }
+}
+impl Slot for f32 {
+    fn slot(self) -> u64 {
+        self.to_bits() as u64
+    }
 }
 
 impl CudaBackend {
@@ -272,6 +308,7 @@ impl CudaBackend {
             blas,
             origin,
             cache_key,
+            pdl: AtomicBool::new(false),
         })
     }
 
@@ -695,6 +732,62 @@ impl CudaBackend {
         Ok(self.module.load_function(name)?)
     }
 
+    /// Whether PDL-ready kernels are launched with programmatic stream serialization.
+    pub(crate) fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Turns programmatic dependent launch of the PDL-ready kernels on or off (the session
+    /// turns it on while it captures a decode graph).
+    pub(crate) fn set_pdl(&self, on: bool) {
+        self.pdl.store(on, Ordering::Relaxed);
+    }
+
+    /// Launches `f` on the stream through `cuLaunchKernelEx` with programmatic stream
+    /// serialization allowed: the kernel may start before its predecessor ends, so it must
+    /// begin with `pdl_enter()` (quant.cu). `args` holds the kernel's parameters in order,
+    /// each as a [`Slot`].
+    ///
+    /// # Safety
+    /// `args` must match the kernel's signature, and every pointer in it must be a live
+    /// device buffer sized for this launch.
+    pub(crate) unsafe fn launch_pdl(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [u64],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let mut ptrs: Vec<*mut std::ffi::c_void> = args
+            .iter_mut()
+            .map(|a| a as *mut u64 as *mut std::ffi::c_void)
+            .collect();
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let conf = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread()?;
+        sys::cuLaunchKernelEx(
+            &conf,
+            f.cu_function(),
+            ptrs.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()?;
+        Ok(())
+    }
+
     /// Device address of a weight's first matrix.
     pub(crate) fn weight_ptr(&self, w: &GpuWeight) -> u64 {
         let (p, _g) = w.buf.device_ptr(&self.stream);
@@ -732,6 +825,20 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
+        if self.pdl() {
+            let mut a = [
+                wp,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                x,
+                xs.slot(),
+                y,
+                split_i.slot(),
+            ];
+            return self.launch_pdl(&k.mv, cfg, &mut a);
+        }
         let mut b = self.stream.launch_builder(&k.mv);
         b.arg(&wp)
             .arg(&expert_bytes)
@@ -767,6 +874,14 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         match kind {
+            ActQuant::Q8_0 if self.pdl() => {
+                let mut a = [x, (n as i64).slot(), q, d];
+                self.launch_pdl(&self.qa_q8_0, cfg, &mut a)?;
+            }
+            ActQuant::Q8K if self.pdl() => {
+                let mut a = [x, ((n / 256) as i32).slot(), q, d];
+                self.launch_pdl(&self.qa_q8_k, cfg, &mut a)?;
+            }
             ActQuant::Q8_0 => {
                 let nn = n as i64;
                 let mut b = self.stream.launch_builder(&self.qa_q8_0);
@@ -833,6 +948,21 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
+        if self.pdl() {
+            let mut a = [
+                wp,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                xq,
+                xd,
+                xs.slot(),
+                y,
+                split_i.slot(),
+            ];
+            return self.launch_pdl(f, cfg, &mut a);
+        }
         let mut b = self.stream.launch_builder(f);
         b.arg(&wp)
             .arg(&expert_bytes)
@@ -898,6 +1028,24 @@ impl CudaBackend {
         let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
         let xs = 0i64;
         let split_i = split as i32;
+        if self.pdl() {
+            let mut a = [
+                pg,
+                pu,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                xq,
+                xd,
+                xs.slot(),
+                wts,
+                clamp.slot(),
+                h,
+                split_i.slot(),
+            ];
+            return self.launch_pdl(f, cfg, &mut a);
+        }
         let mut b = self.stream.launch_builder(f);
         b.arg(&pg)
             .arg(&pu)

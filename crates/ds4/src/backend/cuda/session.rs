@@ -29,7 +29,7 @@ use cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
+use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
 use crate::model::Model;
@@ -74,6 +74,12 @@ fn use_hc1() -> bool {
     std::env::var("DS4_CUDA_HC1").map_or(true, |v| v != "0")
 }
 
+/// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
+/// for comparisons).
+fn use_pdl() -> bool {
+    std::env::var("DS4_CUDA_PDL").map_or(true, |v| v != "0")
+}
+
 /// A captured decode step and the key it was captured for.
 struct DecodeGraph {
     key: Vec<u64>,
@@ -102,6 +108,25 @@ macro_rules! launch {
         // SAFETY: the argument list matches the kernel's signature in forward.cu, and every
         // pointer is a live device buffer sized by the caller for this launch.
         unsafe { b.launch(cfg) }?;
+    }};
+}
+
+/// [`launch!`] for a kernel that begins with `pdl_enter()` (quant.cu): while the backend's
+/// PDL switch is on (decode graph capture), launched with programmatic stream serialization.
+macro_rules! launchp {
+    ($be:expr, $st:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
+        if $be.pdl() {
+            let cfg = LaunchConfig {
+                grid_dim: $grid,
+                block_dim: $block,
+                shared_mem_bytes: $smem as u32,
+            };
+            let mut a = [$(Slot::slot($a)),*];
+            // SAFETY: as launch!; the kernel starts with pdl_enter().
+            unsafe { $be.launch_pdl(&$f, cfg, &mut a) }?;
+        } else {
+            launch!($st, $f, $grid, $block, $smem, [$($a),*]);
+        }
     }};
 }
 
@@ -811,7 +836,9 @@ impl GpuSession {
             if self.graph.as_ref().is_none_or(|g| g.key != key) {
                 self.graph = None;
                 st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                be.set_pdl(use_pdl());
                 let r = self.queue(gm, model, n, pb, true, all);
+                be.set_pdl(false);
                 let g = st.end_capture(CUgraphInstantiate_flags(0));
                 r?;
                 let g = g?.ok_or_else(|| CudaError::Invalid("empty decode graph".into()))?;
@@ -1018,7 +1045,8 @@ impl GpuSession {
             }) {
                 let width = nh * d;
                 let nb = width / 512;
-                launch!(
+                launchp!(
+                    be,
                     st,
                     k.hc_mix_part,
                     (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1),
@@ -1039,7 +1067,8 @@ impl GpuSession {
                 } else {
                     (0, 0, 0, 0)
                 };
-                launch!(
+                launchp!(
+                    be,
                     st,
                     k.hc_pre1,
                     (1, 1, 1),
@@ -1099,7 +1128,8 @@ impl GpuSession {
             Ok(())
         };
         let hc_post = || -> Result<()> {
-            launch!(
+            launchp!(
+                be,
                 st,
                 k.hc_post,
                 ((d as u32).div_ceil(256), n32, 1),
@@ -1127,7 +1157,8 @@ impl GpuSession {
                 && c.q_lora_rank.is_multiple_of(256)
             {
                 // Norm + the Q8_0 codes q_b reads, in one launch (q_b is Q8_0).
-                launch!(
+                launchp!(
+                    be,
                     st,
                     k.rms_norm_q8,
                     (1, 1, 1),
@@ -1151,7 +1182,8 @@ impl GpuSession {
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
             if n == 1 && use_hc1() {
                 // Query heads and the KV row in one launch (decode).
-                launch!(
+                launchp!(
+                    be,
                     st,
                     k.qkv_finish1,
                     (c.n_head as u32 + 1, 1, 1),
@@ -1452,7 +1484,8 @@ impl GpuSession {
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
                 if n == 1 && use_hc1() {
                     // Expert sum and hc_post in one pass (decode).
-                    launch!(
+                    launchp!(
+                        be,
                         st,
                         k.hc_post_moe,
                         ((d as u32).div_ceil(256), n32, 1),

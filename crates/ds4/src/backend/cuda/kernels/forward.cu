@@ -292,6 +292,7 @@ extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restric
                                          const float* __restrict__ w, int n_head, int dh, int half,
                                          float eps, const double* __restrict__ freqs,
                                          const long long* __restrict__ p0p, int qat, int exact) {
+    pdl_enter();
     const long long p0 = *p0p;
     __shared__ double sh[33];
     if ((int)blockIdx.x < n_head)
@@ -478,6 +479,7 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
 extern "C" __global__ void __launch_bounds__(64)
     k_hc_mix_part(const float* __restrict__ x, const u8* __restrict__ w, int wty, int rows,
                   int width, float* __restrict__ part, double* __restrict__ ss) {
+    pdl_enter();
     __shared__ float red[8][2];
     __shared__ double sh[33];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -555,6 +557,7 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
               float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
               const float* __restrict__ norm, signed char* __restrict__ q0,
               float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk) {
+    pdl_enter();
     __shared__ double sh[33];
     __shared__ double ssum;
     __shared__ float mx[FWD_MAX_MIX];
@@ -661,6 +664,7 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
 extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __restrict__ w,
                                          int width, float eps, signed char* __restrict__ q0,
                                          float* __restrict__ d0) {
+    pdl_enter();
     __shared__ double sh[33];
     int lane = threadIdx.x & 31;
     double a2 = 0.0;
@@ -691,6 +695,7 @@ extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __r
 extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restrict__ f,
                                      const float* __restrict__ post,
                                      const float* __restrict__ comb, int n, int d) {
+    pdl_enter();
     int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= d) return;
     float* xt = x + (long long)t * n * d;
@@ -714,6 +719,7 @@ extern "C" __global__ void k_hc_post_moe(float* __restrict__ x, const float* __r
                                          const float* __restrict__ sh, int kx,
                                          const float* __restrict__ post,
                                          const float* __restrict__ comb, int n, int d) {
+    pdl_enter();
     int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= d) return;
     float fv = 0.0f;

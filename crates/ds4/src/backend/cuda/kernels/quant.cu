@@ -42,6 +42,18 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+// Programmatic dependent launch (production decode graph, see CudaBackend::set_pdl): a
+// kernel launched with programmatic stream serialization may start before the previous
+// kernel of the stream has finished. Every kernel that can be launched so calls this first,
+// in every thread, before touching memory: it lets the next kernel's launch begin
+// (`launch_dependents`) and then waits until the previous grid has completed and its writes
+// are visible (`wait`; a no-op for an ordinary launch). Since each such kernel waits for its
+// predecessor before it can finish, completion stays ordered along the whole stream.
+__device__ __forceinline__ void pdl_enter() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
 __device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
 __device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
 
@@ -396,6 +408,7 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
         mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,          \
                int n_rows, int n_cols, const float* __restrict__ x, i64 x_stride,                \
                float* __restrict__ y, int split) {                                               \
+        pdl_enter();                                                                             \
         DS4_TABLES(USES_TABLES)                                                                  \
         __shared__ float part_[WARPS_PER_BLOCK];                                                 \
         int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
@@ -581,6 +594,7 @@ __device__ __forceinline__ float q8_0_lane(const float* v, u32* w0p, u32* w1p) {
 // Q8_K activations: one warp per 256 elements (q8k_lane).
 extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, signed char* __restrict__ q,
                                    float* __restrict__ d) {
+    pdl_enter();
     int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (blk >= n_blocks) return;
     int lane = threadIdx.x & 31;
@@ -596,6 +610,7 @@ extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, si
 // Q8_0 activations: one warp per 256 elements (q8_0_lane); `n` (a multiple of 32) in all.
 extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed char* __restrict__ q,
                                    float* __restrict__ d) {
+    pdl_enter();
     i64 e0 = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 256 + 8 * (threadIdx.x & 31);
     bool on = e0 < n;
     float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -768,6 +783,7 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
                 int n_rows, int n_cols, const signed char* __restrict__ xq,                      \
                 const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {  \
+        pdl_enter();                                                                             \
         __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
@@ -812,6 +828,7 @@ DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
                    const signed char* __restrict__ xq, const float* __restrict__ xd,             \
                    i64 x_stride, const float* __restrict__ wts, float clampc,                    \
                    float* __restrict__ h, int split) {                                           \
+        pdl_enter();                                                                             \
         __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
@@ -918,6 +935,7 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
              const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {     \
+        pdl_enter();                                                                             \
         __shared__ float part_[WARPS_PER_BLOCK][RW];                                             \
         int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;                 \
         int o = (blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split) * RW;                    \
