@@ -649,8 +649,10 @@ __device__ __forceinline__ u64 iq2_smask(int i) {
     return (u64)sign_mask4(sg & 15) | ((u64)sign_mask4(sg >> 4) << 32);
 }
 
-// g with the bytes selected by mask negated (g bytes are < 128).
-__device__ __forceinline__ int neg_bytes(u32 g, u32 mask) { return (int)__vsub4(g ^ mask, mask); }
+// g with the bytes selected by mask negated. Each byte of g lies in 1..127 (IQ2_XXS grid values 8, 25, 43), so (g ^ 0xff) + 1 = 256 - g
+// stays inside its byte (at most 255): a plain 32-bit add does the four byte negations, with
+// no carry between bytes and without the multi-instruction __vsub4.
+__device__ __forceinline__ int neg_bytes(u32 g, u32 mask) { return (int)((g ^ mask) + (mask & 0x01010101u)); }
 
 struct I8Q8_0 : UQ8_0 {
     __device__ __forceinline__ float idot(const XQ8& x, int, float acc, const Iq2Smem8*) const {
