@@ -77,9 +77,11 @@ pub enum CudaWhat {
         /// Synthetic profile.
         #[arg(long, default_value = "flash-q2")]
         profile: Profile,
-        /// Layers (default: the profile's).
-        #[arg(long)]
-        layers: Option<usize>,
+        /// Layers (default: the profile's). Two or more counts (e.g. `4,12`) also print the
+        /// marginal cost of one layer, (t(L2) − t(L1)) / (L2 − L1), free of the embedding and
+        /// output head.
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<usize>,
         /// Context frontiers (prompt lengths) to measure at.
         #[arg(long, value_delimiter = ',', default_value = "2048,4096")]
         ctx: Vec<usize>,
@@ -199,13 +201,19 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
             ctx,
             decode,
             backend,
-        } => model_bench(
-            profile,
-            layers,
-            &ctx,
-            decode,
-            backend.parse().map_err(anyhow::Error::msg)?,
-        )?,
+        } => {
+            let backend = backend.parse().map_err(anyhow::Error::msg)?;
+            let counts: Vec<Option<usize>> = if layers.is_empty() {
+                vec![None]
+            } else {
+                layers.iter().map(|&l| Some(l)).collect()
+            };
+            let mut runs = Vec::new();
+            for (i, &l) in counts.iter().enumerate() {
+                runs.push(model_bench(profile, l, &ctx, decode, backend, i == 0)?);
+            }
+            per_layer(&runs);
+        }
     }
     Ok(())
 }
@@ -218,7 +226,8 @@ fn model_bench(
     ctxs: &[usize],
     decode: usize,
     backend: BackendChoice,
-) -> anyhow::Result<()> {
+    header: bool,
+) -> anyhow::Result<ModelRun> {
     let t = Instant::now();
     let file = ds4::synth::build_in_memory(&SynthOptions {
         profile,
@@ -263,21 +272,27 @@ fn model_bench(
     let opts = EngineOptions::production()
         .with_ctx(max_ctx)
         .with_backend(backend);
-    println!("profile,layers,backend,ctx,prefill_tok_s,decode_tok_s,decode_ms_per_layer,weight_bytes_per_token,decode_weight_gb_s");
+    if header {
+        println!("profile,layers,backend,ctx,prefill_tok_s,decode_tok_s,decode_ms_per_layer,weight_bytes_per_token,decode_weight_gb_s");
+    }
+    let mut run = ModelRun {
+        layers: n_layer,
+        points: Vec::new(),
+    };
     for &c in ctxs {
         let mut s = Session::new(model.clone(), opts.clone())?;
         let prompt = parity::prompt_ids(c, model.cfg.n_vocab, 3);
         let t = Instant::now();
         s.prefill(&prompt)?;
         let pre = c as f64 / t.elapsed().as_secs_f64();
-        let mut tok = ds4::sample::argmax(s.logits());
+        let mut tok = s.argmax();
         // One untimed step (first-use costs), then the timed ones.
         s.decode(tok)?;
-        tok = ds4::sample::argmax(s.logits());
+        tok = s.argmax();
         let t = Instant::now();
         for _ in 0..decode {
             s.decode(tok)?;
-            tok = ds4::sample::argmax(s.logits());
+            tok = s.argmax();
         }
         let dt = t.elapsed().as_secs_f64() / decode.max(1) as f64;
         println!(
@@ -286,6 +301,40 @@ fn model_bench(
             dt * 1e3 / n_layer as f64,
             bytes_per_token as f64 / dt / 1e9
         );
+        run.points.push((c, c as f64 / pre, dt));
     }
-    Ok(())
+    Ok(run)
+}
+
+/// One `model_bench` run: per context, (ctx, prefill seconds, decode seconds per token).
+struct ModelRun {
+    layers: usize,
+    points: Vec<(usize, f64, f64)>,
+}
+
+/// The marginal cost of one layer between consecutive layer counts (same contexts), as a
+/// second CSV table after a `#` line.
+fn per_layer(runs: &[ModelRun]) {
+    if runs.len() < 2 {
+        return;
+    }
+    println!("# marginal cost of one layer");
+    println!("layers_from,layers_to,ctx,prefill_us_per_token_per_layer,decode_us_per_layer");
+    for w in runs.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        if b.layers == a.layers {
+            continue;
+        }
+        let dl = b.layers as f64 - a.layers as f64;
+        for (pa, pb) in a.points.iter().zip(&b.points) {
+            let c = pa.0;
+            println!(
+                "{},{},{c},{:.2},{:.2}",
+                a.layers,
+                b.layers,
+                (pb.1 - pa.1) / c as f64 / dl * 1e6,
+                (pb.2 - pa.2) / dl * 1e6
+            );
+        }
+    }
 }

@@ -319,7 +319,7 @@ impl Chat {
                 eprintln!("\nds4: interrupted");
                 break;
             }
-            let id = sampler.sample(self.session.logits());
+            let id = self.session.sample(&mut sampler);
             n += 1;
             if id == sp.eos {
                 break;

@@ -142,28 +142,8 @@ impl Sampler {
         }
         let inv_t = 1.0 / c.temperature;
         if c.top_k == 0 && c.top_p >= 1.0 {
-            // Weights relative to the best token (best = 1), so min_p compares directly.
-            let mut sum = 0.0f64;
-            for &l in logits {
-                let w = ((l - max) * inv_t).exp();
-                if w >= c.min_p {
-                    sum += w as f64;
-                }
-            }
-            let target = self.rng.uniform() as f64 * sum;
-            let mut acc = 0.0f64;
-            let mut last = argmax(logits);
-            for (i, &l) in logits.iter().enumerate() {
-                let w = ((l - max) * inv_t).exp();
-                if w >= c.min_p {
-                    acc += w as f64;
-                    last = i as u32;
-                    if acc > target {
-                        return i as u32;
-                    }
-                }
-            }
-            return last;
+            let all = logits.iter().enumerate().map(|(i, &l)| (i as u32, l));
+            return self.draw_min_p(all, max, argmax(logits));
         }
         // Sorted path: top_k and/or top_p.
         let cand = &mut self.scratch;
@@ -209,6 +189,62 @@ impl Sampler {
             }
         }
         cand.last().map_or(0, |x| x.0)
+    }
+}
+
+impl Sampler {
+    /// The min-p rule alone (no top-k / top-p cap): weights relative to the best token
+    /// (best = 1), so min_p compares directly; `tokens` in index order, `best` the argmax.
+    fn draw_min_p(
+        &mut self,
+        tokens: impl Iterator<Item = (u32, f32)> + Clone,
+        max: f32,
+        best: u32,
+    ) -> u32 {
+        let c = self.cfg;
+        let inv_t = 1.0 / c.temperature;
+        let mut sum = 0.0f64;
+        for (_, l) in tokens.clone() {
+            let w = ((l - max) * inv_t).exp();
+            if w >= c.min_p {
+                sum += w as f64;
+            }
+        }
+        let target = self.rng.uniform() as f64 * sum;
+        let mut acc = 0.0f64;
+        let mut last = best;
+        for (i, l) in tokens {
+            let w = ((l - max) * inv_t).exp();
+            if w >= c.min_p {
+                acc += w as f64;
+                last = i;
+                if acc > target {
+                    return i;
+                }
+            }
+        }
+        last
+    }
+
+    /// When this sampler's draw depends only on the tokens whose scaled logit
+    /// `(l − max)/temperature` is at least the returned cut (a little below ln(min_p)), a
+    /// device may send just those: see [`Sampler::sample_sparse`]. `None` for greedy
+    /// decoding and for top-k / top-p, which need the whole row.
+    pub fn sparse_cut(&self) -> Option<f32> {
+        let c = self.cfg;
+        (c.temperature > 0.0 && c.top_k == 0 && c.top_p >= 1.0 && c.min_p > 0.0)
+            .then(|| c.min_p.min(1.0).ln() - 0.01)
+    }
+
+    /// [`Sampler::sample`] from a narrowed row: `best` and `max` are the row's argmax and its
+    /// value, `cands` (index order) every token with `(l − max)/temperature ≥`
+    /// [`Sampler::sparse_cut`]. Draws the same token, from the same random stream, as
+    /// `sample` on the full row.
+    pub fn sample_sparse(&mut self, best: u32, max: f32, cands: &[(u32, f32)]) -> u32 {
+        if self.cfg.temperature <= 0.0 || !max.is_finite() {
+            return best;
+        }
+        self.draw_min_p(cands.iter().copied(), max, best)
     }
 }
 
@@ -274,6 +310,73 @@ mod tests {
         let mut s = Sampler::new(SamplerConfig::greedy());
         assert_eq!(s.sample(&logits()), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0, 1.0]), 1);
+    }
+
+    /// What a device sends for a narrowed row: argmax, max, and the tokens at or above the cut.
+    pub(crate) fn narrow(row: &[f32], cut: f32, inv_t: f32) -> (u32, f32, Vec<(u32, f32)>) {
+        let best = argmax(row);
+        let max = row[best as usize];
+        let cands = row
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| (l - max) * inv_t >= cut)
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        (best, max, cands)
+    }
+
+    #[test]
+    fn sparse_sampling_draws_what_the_full_row_draws() {
+        // Rows with ties, a wide spread and values right at the min-p boundary.
+        let mut r = Rng::new(9);
+        for case in 0..60 {
+            let n = 50 + case * 37;
+            let mut row: Vec<f32> = (0..n).map(|_| r.uniform() * 12.0 - 6.0).collect();
+            row[case % n] = row[(case * 7) % n];
+            let temperature = [0.3f32, 0.7, 1.0, 1.6][case % 4];
+            let min_p = [0.05f32, 0.2, 0.01, 1.0, 3.0][case % 5];
+            // A token exactly at the boundary w = min_p (for min_p <= 1).
+            let best = argmax(&row) as usize;
+            if min_p <= 1.0 {
+                row[(case * 13 + 1) % n] = row[best] + min_p.ln() * temperature;
+            }
+            let cfg = SamplerConfig {
+                temperature,
+                min_p,
+                seed: 1 + case as u64,
+                ..Default::default()
+            };
+            let mut full = Sampler::new(cfg);
+            let mut sparse = Sampler::new(cfg);
+            let cut = sparse.sparse_cut().expect("min-p only config narrows");
+            let (b, m, c) = narrow(&row, cut, 1.0 / temperature);
+            assert!(c.len() < n || min_p <= 0.01, "the cut narrows the row");
+            for step in 0..50 {
+                assert_eq!(
+                    full.sample(&row),
+                    sparse.sample_sparse(b, m, &c),
+                    "case {case} step {step}"
+                );
+            }
+        }
+        // Configs that need the whole row do not narrow.
+        for cfg in [
+            SamplerConfig::greedy(),
+            SamplerConfig {
+                top_k: 40,
+                ..Default::default()
+            },
+            SamplerConfig {
+                top_p: 0.9,
+                ..Default::default()
+            },
+            SamplerConfig {
+                min_p: 0.0,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(Sampler::new(cfg).sparse_cut(), None, "{cfg:?}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use ds4::chat::{StreamEvent, StreamParser, SyntaxState, ThinkingMode};
 use ds4::model::{BackendChoice, EngineOptions, Model, Session};
-use ds4::sample::{argmax, Sampler, SamplerConfig};
+use ds4::sample::{Sampler, SamplerConfig};
 use ds4::tokenizer::{EncodeMode, Tokenizer};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
@@ -1388,13 +1388,10 @@ impl Worker {
                     syntax,
                     SyntaxState::Structural | SyntaxState::JsonStructural
                 );
-            let token = {
-                let logits = self.session(si).logits();
-                match script.as_mut() {
-                    Some(s) => s.pop_front().unwrap_or(eos),
-                    None if structural => argmax(logits),
-                    None => sampler.sample(logits),
-                }
+            let token = match script.as_mut() {
+                Some(s) => s.pop_front().unwrap_or(eos),
+                None if structural => self.session(si).argmax(),
+                None => self.session(si).sample(&mut sampler),
             };
             if token == eos {
                 finish = Finish::Stop;

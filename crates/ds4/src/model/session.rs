@@ -2,6 +2,7 @@
 //! logits, snapshot and restore.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use super::cache::LayerCache;
@@ -9,6 +10,7 @@ use super::forward::{forward, Scratch, Want};
 use super::options::{BackendChoice, EngineOptions, MAX_CTX};
 use super::Model;
 use crate::backend::cuda::{GpuModel, GpuSession};
+use crate::sample::{argmax, Sampler};
 
 /// Why a session call failed. The session is unchanged by a refused call; a cancelled
 /// prefill keeps the chunks it finished.
@@ -41,10 +43,12 @@ pub struct Session {
     pub(crate) ctx: usize,
     pub(crate) caches: Vec<LayerCache>,
     pub(crate) tokens: Vec<u32>,
-    pub(crate) logits: Vec<f32>,
+    /// Logits of the last position on the host. A GPU session leaves them on the device after
+    /// each step (only the sampled token needs to cross the bus) and fills this on first use.
+    pub(crate) logits: OnceCell<Vec<f32>>,
     scratch: Scratch,
     /// The CUDA state when this session runs on the GPU (`caches` is then unused).
-    gpu: Option<Box<GpuSession>>,
+    pub(crate) gpu: Option<Box<GpuSession>>,
 }
 
 /// Resolves the backend choice: the GPU model to use, or `None` for the CPU.
@@ -96,7 +100,7 @@ impl Session {
             ctx,
             caches,
             tokens: Vec::new(),
-            logits: Vec::new(),
+            logits: OnceCell::from(Vec::new()),
             scratch: Scratch::default(),
             gpu,
         })
@@ -132,9 +136,62 @@ impl Session {
         self.run(&[token], None, &mut |_, _| true)
     }
 
-    /// Logits of the last processed position (empty before the first token).
+    /// Logits of the last processed position (empty before the first token). On the GPU
+    /// this downloads them on first use after a step; [`Session::sample`] and
+    /// [`Session::argmax`] usually need not.
     pub fn logits(&self) -> &[f32] {
-        &self.logits
+        self.logits.get_or_init(|| match &self.gpu {
+            Some(g) => g.last_logits().unwrap_or_else(|e| {
+                eprintln!("ds4: reading the logits from the GPU failed: {e}");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        })
+    }
+
+    /// [`Session::logits`] with the device error, if any.
+    pub(crate) fn try_logits(&self) -> Result<&[f32], SessionError> {
+        if let (Some(g), None) = (&self.gpu, self.logits.get()) {
+            let row = g.last_logits().map_err(gpu_err)?;
+            return Ok(self.logits.get_or_init(|| row));
+        }
+        Ok(self.logits())
+    }
+
+    /// The most likely next token (lowest id on ties), as [`crate::sample::argmax`] of
+    /// [`Session::logits`]; on the GPU only the id comes back.
+    pub fn argmax(&self) -> u32 {
+        if let (Some(g), None) = (&self.gpu, self.logits.get()) {
+            match g.narrow(f32::INFINITY, 1.0, 0) {
+                Ok(n) => return n.best,
+                Err(e) => eprintln!("ds4: GPU argmax failed, using the host logits: {e}"),
+            }
+        }
+        argmax(self.logits())
+    }
+
+    /// Draws the next token with `sampler`, exactly as `sampler.sample(self.logits())`. On
+    /// the GPU, greedy decoding and the min-p-only rule (ds4's defaults) bring back only the
+    /// tokens that can be drawn; other settings read the whole row.
+    pub fn sample(&self, sampler: &mut Sampler) -> u32 {
+        if let (Some(g), None) = (&self.gpu, self.logits.get()) {
+            if sampler.cfg.temperature <= 0.0 {
+                return self.argmax();
+            }
+            if let Some(cut) = sampler.sparse_cut() {
+                // Enough for any min-p set of a real model; more falls back to the row.
+                const CAP: usize = 16384;
+                match g.narrow(cut, 1.0 / sampler.cfg.temperature, CAP) {
+                    Ok(n) => {
+                        if let Some(c) = &n.candidates {
+                            return sampler.sample_sparse(n.best, n.max, c);
+                        }
+                    }
+                    Err(e) => eprintln!("ds4: GPU sampling failed, using the host logits: {e}"),
+                }
+            }
+        }
+        sampler.sample(self.logits())
     }
 
     /// Number of positions processed (the next token's position).
@@ -240,8 +297,12 @@ impl Session {
                 ),
             }
             self.tokens.extend_from_slice(chunk);
-            self.logits.clear();
-            self.logits.extend_from_slice(&rows[rows.len() - vocab..]);
+            // A GPU step without `all` returns no rows: the logits stay on the device.
+            self.logits = if rows.len() >= vocab {
+                OnceCell::from(rows[rows.len() - vocab..].to_vec())
+            } else {
+                OnceCell::new()
+            };
             if let Some(all) = all.as_deref_mut() {
                 all.extend_from_slice(&rows);
             }
@@ -320,7 +381,7 @@ impl Session {
             ctx,
             caches,
             tokens,
-            logits,
+            logits: OnceCell::from(logits),
             scratch: Scratch::default(),
             gpu,
         })

@@ -121,8 +121,9 @@ impl Session {
         w.0.push(self.opts.qat_sim as u8);
         w.u64(self.tokens.len());
         self.tokens.iter().for_each(|&t| w.u32(t));
-        w.u64(self.logits.len());
-        w.f32s(&self.logits);
+        let logits = self.try_logits()?;
+        w.u64(logits.len());
+        w.f32s(logits);
         let (pos, swa, dh) = (self.pos(), cfg.swa, cfg.head_dim);
         for cache in caches.iter() {
             for q in pos.saturating_sub(swa)..pos {

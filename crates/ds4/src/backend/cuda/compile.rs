@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 const QUANT_CU: &str = include_str!("kernels/quant.cu");
 /// The forward-pass kernels (norms, HC, RoPE, QAT, compressor, indexer, attention, router).
 const FORWARD_CU: &str = include_str!("kernels/forward.cu");
+/// Narrowing of the logits row for sampling (argmax, min-p candidates).
+const SAMPLE_CU: &str = include_str!("kernels/sample.cu");
 
 /// IQ2_XXS tables (grid magnitudes, sign patterns) read back from the CPU reference
 /// dequantizer rather than restated: a block with `d = 1` and group scale `ls = 0` decodes to
@@ -87,6 +89,7 @@ pub fn kernel_source() -> String {
     s.push_str("\n};\n");
     s.push_str(QUANT_CU);
     s.push_str(FORWARD_CU);
+    s.push_str(SAMPLE_CU);
     s
 }
 

@@ -39,7 +39,7 @@ pub use device::{
     repack_q8_0, ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
 };
 pub use probe::{probe, CudaAvailability, DeviceInfo};
-pub use session::{GpuModel, GpuSession};
+pub use session::{GpuModel, GpuSession, Narrowed, NARROW_CAP};
 
 /// Re-export of the cudarc buffer types used in the launch API, so callers need not depend
 /// on cudarc directly.

@@ -155,6 +155,7 @@ struct Kernels {
     swiglu: CudaFunction,
     moe_sum: CudaFunction,
     fill: CudaFunction,
+    sample_prep: CudaFunction,
 }
 
 impl Kernels {
@@ -185,6 +186,7 @@ impl Kernels {
             swiglu: f("k_swiglu")?,
             moe_sum: f("k_moe_sum")?,
             fill: f("k_fill")?,
+            sample_prep: f("k_sample_prep")?,
         };
         // Attention keeps one score per visible row in shared memory; long contexts at ratio
         // 128 need more than the default 48 KiB.
@@ -546,6 +548,24 @@ struct Scratch {
     d0: CudaSlice<f32>,
     qk: CudaSlice<f32>,
     dk: CudaSlice<f32>,
+    /// Sampling: argmax, max bits, candidate count; then the candidates (`narrow`).
+    nhead: CudaSlice<i32>,
+    nids: CudaSlice<i32>,
+    nvals: CudaSlice<f32>,
+}
+
+/// Most candidates [`GpuSession::narrow`] returns.
+pub const NARROW_CAP: usize = 16384;
+
+/// A logits row narrowed on the device for sampling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Narrowed {
+    /// Argmax (lowest id on ties, NaN never wins) and its logit.
+    pub best: u32,
+    pub max: f32,
+    /// `(id, logit)` of every token at or above the cut, in id order; `None` when more
+    /// than the cap passed (the caller then reads the whole row).
+    pub candidates: Option<Vec<(u32, f32)>>,
 }
 
 /// One conversation's state on the GPU.
@@ -557,6 +577,7 @@ pub struct GpuSession {
     layers: Vec<LayerState>,
     s: Scratch,
     graph: Option<DecodeGraph>,
+    vocab: usize,
 }
 
 impl GpuSession {
@@ -687,6 +708,9 @@ impl GpuSession {
             d0: a(qn / 32)?,
             qk: a(qn.div_ceil(4))?,
             dk: a(qn / 256)?,
+            nhead: be.upload_i32(&[0; 3])?,
+            nids: be.upload_i32(&vec![0; NARROW_CAP])?,
+            nvals: a(NARROW_CAP)?,
         };
         Ok(GpuSession {
             gm,
@@ -696,6 +720,7 @@ impl GpuSession {
             layers,
             s,
             graph: None,
+            vocab: c.n_vocab,
         })
     }
 
@@ -849,16 +874,77 @@ impl GpuSession {
         } else {
             self.queue(gm, model, n, p0 + n, head, all)?;
         }
-        if !head {
-            return Ok(());
+        if head && all {
+            let v = c.n_vocab;
+            let at = out.len();
+            out.resize(at + n * v, 0.0);
+            st.memcpy_dtoh(&self.s.logits.slice(0..n * v), &mut out[at..])?;
         }
-        let m = if all { n } else { 1 };
-        let v = c.n_vocab;
-        let at = out.len();
-        out.resize(at + m * v, 0.0);
-        st.memcpy_dtoh(&self.s.logits.slice(0..m * v), &mut out[at..])?;
+        // Otherwise the last position's logits stay on the device for `narrow` and
+        // `last_logits`. Synchronizing here surfaces errors and keeps prefill timings honest.
         st.synchronize()?;
         Ok(())
+    }
+
+    /// The last position's logits (after a forward call without `all`).
+    pub fn last_logits(&self) -> Result<Vec<f32>> {
+        let _guard = self.gm.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.gm.be.stream();
+        let mut out = vec![0.0f32; self.vocab];
+        st.memcpy_dtoh(&self.s.logits.slice(0..self.vocab), &mut out)?;
+        st.synchronize()?;
+        Ok(out)
+    }
+
+    /// Narrows the last position's logits on the device (kernels/sample.cu): the argmax and
+    /// its value, and, when at most `cap` (≤ [`NARROW_CAP`]) tokens have
+    /// `(l − max)·inv_t ≥ cut`, those tokens in index order. Only these bytes are copied back.
+    pub fn narrow(&self, cut: f32, inv_t: f32, cap: usize) -> Result<Narrowed> {
+        let gm = &self.gm;
+        let _guard = gm.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let st = gm.be.stream();
+        let s = &self.s;
+        let v = self.vocab as i32;
+        let cap = cap.min(NARROW_CAP);
+        let p = |b: &CudaSlice<f32>| ptr(b, st);
+        let pi = |b: &CudaSlice<i32>| ptr(b, st);
+        launch!(
+            st,
+            gm.k.sample_prep,
+            (1, 1, 1),
+            (1024, 1, 1),
+            0,
+            [
+                p(&s.logits),
+                v,
+                inv_t,
+                cut,
+                cap as i32,
+                pi(&s.nhead),
+                pi(&s.nids),
+                p(&s.nvals)
+            ]
+        );
+        let mut head = vec![0i32; 3];
+        st.memcpy_dtoh(&s.nhead, &mut head)?;
+        st.synchronize()?;
+        let count = head[2].max(0) as usize;
+        let candidates = if count <= cap && cap > 0 {
+            let (mut ids, mut vals) = (vec![0i32; count], vec![0f32; count]);
+            if count > 0 {
+                st.memcpy_dtoh(&s.nids.slice(0..count), &mut ids)?;
+                st.memcpy_dtoh(&s.nvals.slice(0..count), &mut vals)?;
+                st.synchronize()?;
+            }
+            Some(ids.into_iter().map(|i| i as u32).zip(vals).collect())
+        } else {
+            None
+        };
+        Ok(Narrowed {
+            best: head[0] as u32,
+            max: f32::from_bits(head[1] as u32),
+            candidates,
+        })
     }
 
     /// Queues every launch of one chunk of `n` tokens (positions from `s.pos`). `pb` bounds
