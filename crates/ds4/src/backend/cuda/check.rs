@@ -23,6 +23,11 @@ pub const TOL_F32: f64 = 1e-5;
 /// each), f32 accumulation.
 pub const TOL_F16_GEMM: f64 = 2e-3;
 
+/// Tolerance of the grouped MoE (gate|up GEMM, SwiGLU, down GEMM, all with f16 operands):
+/// the f16 rounding of the SwiGLU output adds to the two products' (max error over the down
+/// product's L1 mass). An indexing or grouping bug gives O(1).
+pub const TOL_MOE_GROUPED: f64 = 1e-2;
+
 /// Small deterministic PRNG (SplitMix64): test data must be reproducible from a seed and the
 /// library has no `rand` dependency.
 #[derive(Clone, Debug)]
@@ -237,6 +242,14 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
             check_type(be, &mut rng, ty, n_rows, n_cols, quick, &mut out)?;
         }
         check_moe(be, &mut rng, ty, &mut out)?;
+    }
+    for (tg, td) in [
+        (GgmlType::IQ2_XXS, GgmlType::Q2_K),
+        (GgmlType::Q8_0, GgmlType::Q8_0),
+        (GgmlType::F16, GgmlType::Q4_K),
+        (GgmlType::F32, GgmlType::Q2_K),
+    ] {
+        check_moe_grouped(be, &mut rng, tg, td, quick, &mut out)?;
     }
     check_mv8_grouped(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
@@ -1004,6 +1017,37 @@ fn check_type(
         &tshape,
         same_bits(&results[0], &results[1]),
     ));
+    // The production prefill's f32 cuBLAS path (router product): exact decode + SGEMM.
+    if matches!(ty, GgmlType::F16 | GgmlType::F32 | GgmlType::Q8_0) {
+        let st = be.stream();
+        let w32 = be.alloc_f32(n_rows * n_cols)?;
+        results.clear();
+        for _ in 0..2 {
+            let ys = poisoned(be, n_tok * n_rows)?;
+            {
+                let (px, _a) = xsd.device_ptr(st);
+                let (py, _b) = ys.device_ptr(st);
+                let (pw, _c) = w32.device_ptr(st);
+                // SAFETY: xs n_tok × n_cols, ys n_tok × n_rows, w32 n_rows × n_cols floats.
+                unsafe { super::prefill::dense_sgemm(be, &w, px, n_tok, py, pw)? };
+            }
+            results.push(be.download(&ys)?);
+        }
+        out.push(compare(
+            "sgemm_f32",
+            ty,
+            tshape.clone(),
+            &results[0],
+            &refs_t,
+            TOL_F32,
+        ));
+        out.push(det_row(
+            "sgemm_f32",
+            ty,
+            &tshape,
+            same_bits(&results[0], &results[1]),
+        ));
+    }
     Ok(())
 }
 
@@ -1045,6 +1089,174 @@ fn check_moe(be: &CudaBackend, rng: &mut Rng, ty: GgmlType, out: &mut Vec<CheckR
         }
         out.push(compare(kernel, ty, shape.clone(), &ys[0], &refs, TOL_F32));
         out.push(det_row(kernel, ty, &shape, same_bits(&ys[0], &ys[1])));
+    }
+    Ok(())
+}
+
+/// The production prefill's grouped MoE (prefill.rs) against a CPU scalar reference: the
+/// expert grouping bit for bit (stable counting sort), the routed-expert outputs within
+/// [`TOL_MOE_GROUPED`], and two runs bit-identical.
+fn check_moe_grouped(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    tg: GgmlType,
+    td: GgmlType,
+    quick: bool,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use super::prefill::{moe_grouped, MoeScratch, PfKernels};
+    let (n_exp, d, f, k) = (8usize, 512usize, 256usize, 3usize);
+    let n_tok = if quick { 13 } else { 75 };
+    let slots = n_tok * k;
+    let gb = random_weight(rng, tg, n_exp * f, d);
+    let ub = random_weight(rng, tg, n_exp * f, d);
+    let db = random_weight(rng, td, n_exp * d, f);
+    let gw = be.upload_weight(tg, &gb, f, d, n_exp, &mut |_, _| {})?;
+    let uw = be.upload_weight(tg, &ub, f, d, n_exp, &mut |_, _| {})?;
+    let dw = be.upload_weight(td, &db, d, f, n_exp, &mut |_, _| {})?;
+    // Expert n_exp-1 never chosen (an unused expert); the rest skewed towards low ids.
+    let ids: Vec<i32> = (0..slots)
+        .map(|_| {
+            let u = rng.uniform();
+            ((u * u) * (n_exp - 1) as f64) as i32
+        })
+        .collect();
+    let wts: Vec<f32> = (0..slots).map(|_| 0.1 + rng.uniform() as f32).collect();
+    let y = random_activations(rng, n_tok * d);
+    let clamp = 10.0f32;
+    let (idsd, wtsd, yd) = (
+        be.upload_i32(&ids)?,
+        be.upload_f32(&wts)?,
+        be.upload_f32(&y)?,
+    );
+    let kf = PfKernels::load(be)?;
+    let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
+    let st = be.stream();
+    for fused in [true, false] {
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let dn = poisoned(be, slots * d)?;
+            {
+                let (pi, _a) = idsd.device_ptr(st);
+                let (pw, _b) = wtsd.device_ptr(st);
+                let (py, _c) = yd.device_ptr(st);
+                let (pd, _d) = dn.device_ptr(st);
+                // SAFETY: buffers sized for `slots` pairs of n_tok tokens; ids < n_exp.
+                unsafe {
+                    moe_grouped(
+                        be, &kf, &sc, &gw, &uw, &dw, pi, pw, py, n_tok, k, clamp, pd, fused,
+                    )?
+                };
+            }
+            runs.push(be.download(&dn)?);
+        }
+        // Grouping: stable counting sort on the CPU, tiles of 64 rows per expert.
+        let (meta, perm, inv, tiles) = sc.grouping(be)?;
+        let mut want_perm = Vec::with_capacity(slots);
+        let mut want_meta = vec![0i32; 2 * n_exp + 1];
+        let mut want_tiles = Vec::new();
+        let mut nu = 0;
+        for e in 0..n_exp as i32 {
+            let before = want_perm.len();
+            want_perm.extend((0..slots as i32).filter(|&s| ids[s as usize] == e));
+            let c = (want_perm.len() - before) as i32;
+            want_meta[e as usize] = c;
+            for r in (0..c).step_by(64) {
+                want_tiles.extend([e, before as i32 + r, (c - r).min(64)]);
+            }
+            if c > 0 {
+                want_meta[n_exp + nu] = e;
+                nu += 1;
+            }
+        }
+        want_meta[n_exp + nu..2 * n_exp].fill(-1);
+        want_meta[2 * n_exp] = (want_tiles.len() / 3) as i32;
+        let mut want_inv = vec![0i32; slots];
+        for (r, &s) in want_perm.iter().enumerate() {
+            want_inv[s as usize] = r as i32;
+        }
+        let mism = meta.iter().zip(&want_meta).filter(|(a, b)| a != b).count()
+            + perm[..slots]
+                .iter()
+                .zip(&want_perm)
+                .filter(|(a, b)| a != b)
+                .count()
+            + inv[..slots]
+                .iter()
+                .zip(&want_inv)
+                .filter(|(a, b)| a != b)
+                .count()
+            + tiles[..want_tiles.len()]
+                .iter()
+                .zip(&want_tiles)
+                .filter(|(a, b)| a != b)
+                .count();
+        let shape = format!("{n_exp}exp,{n_tok}tok x{k},{f}x{d}");
+        let kname = if fused {
+            "moe_grouped_mma"
+        } else {
+            "moe_grouped_cublas"
+        };
+        out.push(CheckRow {
+            note: format!(
+                "{mism} of counts/used/tiles/perm/inv differ from a CPU stable counting sort"
+            ),
+            ..exact_row("moe_group", tg, &shape, mism)
+        });
+        // Routed outputs: CPU dequantized weights, f64 sums, k_swiglu's f32 expressions.
+        let deq = |ty: GgmlType, b: &[u8], rows: usize, cols: usize| {
+            let mut v = vec![0f32; rows * cols];
+            let rb = cols / ty.block_elems() * ty.block_bytes();
+            for (o, r) in v.chunks_exact_mut(cols).enumerate() {
+                dequantize_row(ty, &b[o * rb..(o + 1) * rb], r);
+            }
+            v
+        };
+        let (gf, uf, df) = (
+            deq(tg, &gb, n_exp * f, d),
+            deq(tg, &ub, n_exp * f, d),
+            deq(td, &db, n_exp * d, f),
+        );
+        let mut refs = Vec::with_capacity(slots * d);
+        for s in 0..slots {
+            let e = ids[s] as usize;
+            let x = &y[(s / k) * d..(s / k + 1) * d];
+            let dot = |w: &[f32]| {
+                w.iter()
+                    .zip(x)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            };
+            let h: Vec<f32> = (0..f)
+                .map(|o| {
+                    let r = (e * f + o) * d;
+                    let g = dot(&gf[r..r + d]) as f32;
+                    let u = dot(&uf[r..r + d]) as f32;
+                    let gv = g.min(clamp);
+                    let sil = gv * (1.0 / (1.0 + (-gv).exp()));
+                    sil * u.clamp(-clamp, clamp) * wts[s]
+                })
+                .collect();
+            for j in 0..d {
+                let r = (e * d + j) * f;
+                let (mut sum, mut l1) = (0f64, 0f64);
+                for (&w, &hv) in df[r..r + f].iter().zip(&h) {
+                    let pr = w as f64 * hv as f64;
+                    sum += pr;
+                    l1 += pr.abs();
+                }
+                refs.push((sum, l1));
+            }
+        }
+        out.push(compare(
+            kname,
+            td,
+            shape.clone(),
+            &runs[0],
+            &refs,
+            TOL_MOE_GROUPED,
+        ));
+        out.push(det_row(kname, td, &shape, same_bits(&runs[0], &runs[1])));
     }
     Ok(())
 }

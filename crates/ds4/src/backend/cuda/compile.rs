@@ -13,6 +13,8 @@ const QUANT_CU: &str = include_str!("kernels/quant.cu");
 const FORWARD_CU: &str = include_str!("kernels/forward.cu");
 /// Narrowing of the logits row for sampling (argmax, min-p candidates).
 const SAMPLE_CU: &str = include_str!("kernels/sample.cu");
+/// The production prefill path's kernels (expert grouping, batched f16 dequantization).
+const PREFILL_CU: &str = include_str!("kernels/prefill.cu");
 
 /// IQ2_XXS tables (grid magnitudes, sign patterns) read back from the CPU reference
 /// dequantizer rather than restated: a block with `d = 1` and group scale `ls = 0` decodes to
@@ -88,6 +90,7 @@ pub fn kernel_source() -> String {
     }
     s.push_str("\n};\n");
     s.push_str(QUANT_CU);
+    s.push_str(PREFILL_CU);
     s.push_str(FORWARD_CU);
     s.push_str(SAMPLE_CU);
     s

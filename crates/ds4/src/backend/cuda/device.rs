@@ -96,6 +96,10 @@ struct TypeKernels {
     mm: CudaFunction,
     dq: CudaFunction,
     dq32: CudaFunction,
+    /// Batched dequantization to f16 (production prefill, prefill.cu).
+    pfdq: CudaFunction,
+    /// Grouped expert product on tensor cores (production prefill, prefill.cu).
+    pfmm: CudaFunction,
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -274,6 +278,8 @@ impl CudaBackend {
                     mm: module.load_function(&format!("mm_{s}"))?,
                     dq: module.load_function(&format!("dq_{s}"))?,
                     dq32: module.load_function(&format!("dq32_{s}"))?,
+                    pfdq: module.load_function(&format!("pf_dq_{s}"))?,
+                    pfmm: module.load_function(&format!("pf_mm_{s}"))?,
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
                         None => None,
@@ -672,54 +678,23 @@ impl CudaBackend {
             scratch.w16.as_mut().expect("allocated"),
             scratch.x16.as_mut().expect("allocated"),
         );
-        self.dequantize_f16(w, expert, &mut w16.slice_mut(..nw))?;
-        {
-            let n = nx as i64;
-            let cfg = LaunchConfig {
-                grid_dim: ((nx as u32).div_ceil(256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut xv = x16.slice_mut(..nx);
-            let mut b = self.stream.launch_builder(&self.f32_to_f16);
-            b.arg(xs).arg(&mut xv).arg(&n);
-            // SAFETY: matches f32_to_f16; both buffers hold nx elements.
-            unsafe { b.launch(cfg) }?;
+        let (pw, _g1) = w16.device_ptr(&self.stream);
+        let (px16, _g2) = x16.device_ptr(&self.stream);
+        let (px, _g3) = xs.device_ptr(&self.stream);
+        let (py, _g4) = ys.device_ptr_mut(&self.stream);
+        // SAFETY: w16 holds n_rows·n_cols halves, x16 n_tok·n_cols; xs and ys were checked
+        // above; the expert index is checked here.
+        if expert >= w.n_experts {
+            return Err(CudaError::Invalid(format!(
+                "expert {expert} of {}",
+                w.n_experts
+            )));
         }
-        // Column-major view: C (n_rows × n_tok, ld n_rows) = Wᵀᵀ · X, where the row-major
-        // weight is a column-major n_cols × n_rows matrix (transposed by op A) and the
-        // row-major activations a column-major n_cols × n_tok matrix.
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (m, n, k) = (w.n_rows as i32, n_tok as i32, w.n_cols as i32);
-        let (pa, _ga) = w16.device_ptr(&self.stream);
-        let (pb, _gb) = x16.device_ptr(&self.stream);
-        let (pc, _gc) = ys.device_ptr_mut(&self.stream);
-        // SAFETY: pointers are live device buffers of at least m·k, k·n, m·n elements of the
-        // stated types, on the handle's stream.
         unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *self.blas.handle(),
-                cb::cublasOperation_t::CUBLAS_OP_T,
-                cb::cublasOperation_t::CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                &alpha as *const f32 as *const _,
-                pa as *const _,
-                cb::cudaDataType::CUDA_R_16F,
-                k,
-                pb as *const _,
-                cb::cudaDataType::CUDA_R_16F,
-                k,
-                &beta as *const f32 as *const _,
-                pc as *mut _,
-                cb::cudaDataType::CUDA_R_32F,
-                m,
-                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )?;
+            super::prefill::dense_gemm(
+                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16,
+            )
         }
-        Ok(())
     }
 
     // ---------------------------------------------------------------- raw launches
@@ -1067,6 +1042,294 @@ impl CudaBackend {
             .arg(&h)
             .arg(&split_i);
         b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// `pf_dq_<t>`: dequantizes `nb` matrices of `w` to f16 (row-major, matrix `b` at
+    /// `out + b·out_stride` elements): matrices `experts[e0 + b]` (device ints), or `e0 + b`
+    /// when `experts == 0`. Same rounding as [`CudaBackend::dequantize_f16`].
+    ///
+    /// # Safety
+    /// `out` must hold `nb · out_stride` halves (`out_stride ≥ n_rows·n_cols`); expert ids
+    /// `< n_experts`.
+    pub(crate) unsafe fn dq_f16_raw(
+        &self,
+        w: &GpuWeight,
+        experts: u64,
+        e0: usize,
+        nb: usize,
+        out: u64,
+        out_stride: usize,
+    ) -> Result<()> {
+        if nb == 0 {
+            return Ok(());
+        }
+        let k = self.kernels(w.ty)?;
+        let units = (w.n_rows * w.n_cols / dq_elems(w.ty)) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(256), nb as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.weight_ptr(w);
+        let eb = w.expert_stride as i64;
+        let (e0, n_rows, n_cols) = (e0 as i32, w.n_rows as i32, w.n_cols as i32);
+        let os = out_stride as i64;
+        let mut b = self.stream.launch_builder(&k.pfdq);
+        b.arg(&wp)
+            .arg(&eb)
+            .arg(&experts)
+            .arg(&e0)
+            .arg(&n_rows)
+            .arg(&n_cols)
+            .arg(&out)
+            .arg(&os);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// `pf_mm_<t>`: the grouped expert product over the row tiles written by `pf_group`
+    /// (`n_tiles` device int, `tiles` device triples, at most `max_tiles`): for each tile's
+    /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]`, with rows `m < wa.n_rows`
+    /// from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16 rows of
+    /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone).
+    ///
+    /// # Safety
+    /// Buffers live and covering every tile's rows; expert ids `< n_experts`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn pf_mm_raw(
+        &self,
+        wa: &GpuWeight,
+        wb: Option<&GpuWeight>,
+        n_tiles: u64,
+        tiles: u64,
+        max_tiles: usize,
+        xs: u64,
+        out: u64,
+    ) -> Result<()> {
+        let m_total = wa.n_rows + wb.map_or(0, |w| w.n_rows);
+        if let Some(w) = wb {
+            if w.ty != wa.ty || w.n_cols != wa.n_cols || w.expert_stride != wa.expert_stride {
+                return Err(CudaError::Invalid(
+                    "pf_mm: matrices differ in layout".into(),
+                ));
+            }
+        }
+        if !Self::pf_mm_fits(wa, wb) {
+            return Err(CudaError::Invalid("pf_mm: shape not supported".into()));
+        }
+        if max_tiles == 0 {
+            return Ok(());
+        }
+        let k = self.kernels(wa.ty)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((m_total / 128) as u32, max_tiles as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let pa = self.weight_ptr(wa);
+        let pb = wb.map_or(pa, |w| self.weight_ptr(w));
+        let eb = wa.expert_stride as i64;
+        let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
+        let mut b = self.stream.launch_builder(&k.pfmm);
+        b.arg(&pa)
+            .arg(&pb)
+            .arg(&eb)
+            .arg(&ra)
+            .arg(&mt)
+            .arg(&kd)
+            .arg(&n_tiles)
+            .arg(&tiles)
+            .arg(&xs)
+            .arg(&out);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// Whether [`CudaBackend::pf_mm_raw`] takes these shapes (rows multiples of its 128-row
+    /// tile, columns of its 32-column step).
+    pub(crate) fn pf_mm_fits(wa: &GpuWeight, wb: Option<&GpuWeight>) -> bool {
+        wa.n_rows.is_multiple_of(128)
+            && wb.is_none_or(|w| w.n_rows.is_multiple_of(128))
+            && wa.n_cols.is_multiple_of(32)
+    }
+
+    /// `dq32_<t>`: matrix 0 of `w` to f32 at `out` (`n_rows·n_cols` floats), bit-exact with
+    /// `quant::dequantize_row`.
+    ///
+    /// # Safety
+    /// `out` must hold `n_rows·n_cols` floats.
+    pub(crate) unsafe fn dq_f32_raw(&self, w: &GpuWeight, out: u64) -> Result<()> {
+        let k = self.kernels(w.ty)?;
+        let units = (w.n_rows * w.n_cols / dq_elems(w.ty)) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (units.div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let wp = self.weight_ptr(w);
+        let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
+        let mut b = self.stream.launch_builder(&k.dq32);
+        b.arg(&wp).arg(&n_rows).arg(&n_cols).arg(&out);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// f32 GEMM (cuBLAS, f32 operands, f32 compute, no TF32): `c[t][o] = Σ_i a[o][i]·x[t][i]`,
+    /// `o < m`, `t < n`, `i < k`, row-major with strides `lda`, `ldx`, `ldc`.
+    ///
+    /// # Safety
+    /// Every operand must be a live device buffer covering the addressed elements.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_f32_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        x: u64,
+        ldx: usize,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let f32t = cb::cudaDataType::CUDA_R_32F;
+        cudarc::cublas::result::gemm_ex(
+            *self.blas.handle(),
+            cb::cublasOperation_t::CUBLAS_OP_T,
+            cb::cublasOperation_t::CUBLAS_OP_N,
+            m as i32,
+            n as i32,
+            k as i32,
+            &alpha as *const f32 as *const _,
+            a as *const _,
+            f32t,
+            lda as i32,
+            x as *const _,
+            f32t,
+            ldx as i32,
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            f32t,
+            ldc as i32,
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )?;
+        Ok(())
+    }
+
+    /// `y[i] = f16(x[i])` for `n` elements (round to nearest even).
+    ///
+    /// # Safety
+    /// `x` (f32) and `y` (f16) must hold `n` elements.
+    pub(crate) unsafe fn to_f16_raw(&self, x: u64, y: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(&self.f32_to_f16);
+        b.arg(&x).arg(&y).arg(&nn);
+        b.launch(cfg)?;
+        Ok(())
+    }
+
+    /// Tensor-core GEMM over f16 operands with f32 accumulation and output, in the row-major
+    /// terms of the engine: for `b < batch`, `c_b[t][o] = Σ_i a_b[o][i] · x_b[t][i]`, `o <
+    /// m` (weight rows, `a` row-major with row stride `lda`), `t < n` (tokens, `x` rows of
+    /// stride `ldx`), `i < k`; `c` rows of stride `ldc`. Matrix `b` of each operand starts
+    /// `b·stride_*` elements after the first. (cuBLAS column-major: C = op_T(A) · X.)
+    ///
+    /// # Safety
+    /// Every operand must be a live device buffer covering the addressed elements.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_f16_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        x: u64,
+        ldx: usize,
+        c: u64,
+        ldc: usize,
+        batch: usize,
+        strides: [usize; 3],
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        let (la, lx, lc) = (lda as i32, ldx as i32, ldc as i32);
+        let h = *self.blas.handle();
+        let (t, nn) = (
+            cb::cublasOperation_t::CUBLAS_OP_T,
+            cb::cublasOperation_t::CUBLAS_OP_N,
+        );
+        let (f16t, f32t) = (cb::cudaDataType::CUDA_R_16F, cb::cudaDataType::CUDA_R_32F);
+        let ct = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        let al = &alpha as *const f32 as *const _;
+        let be = &beta as *const f32 as *const _;
+        if batch == 1 {
+            cudarc::cublas::result::gemm_ex(
+                h,
+                t,
+                nn,
+                mi,
+                ni,
+                ki,
+                al,
+                a as *const _,
+                f16t,
+                la,
+                x as *const _,
+                f16t,
+                lx,
+                be,
+                c as *mut _,
+                f32t,
+                lc,
+                ct,
+                algo,
+            )?;
+        } else {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                h,
+                t,
+                nn,
+                mi,
+                ni,
+                ki,
+                al,
+                a as *const _,
+                f16t,
+                la,
+                strides[0] as i64,
+                x as *const _,
+                f16t,
+                lx,
+                strides[1] as i64,
+                be,
+                c as *mut _,
+                f32t,
+                lc,
+                strides[2] as i64,
+                batch as i32,
+                ct,
+                algo,
+            )?;
+        }
         Ok(())
     }
 

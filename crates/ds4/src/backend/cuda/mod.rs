@@ -32,6 +32,7 @@ pub mod check;
 pub mod compile;
 mod device;
 pub mod parity;
+pub mod prefill;
 pub mod probe;
 pub mod session;
 

@@ -270,6 +270,11 @@ pub fn prompt_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// Tolerance (max |Δlogit| / max |logit|) of production-mode prefill, GPU (f16 tensor-core
+/// products) vs CPU (int8 activations): measured 4.3e-2 on the demo model (3.7e-2 before,
+/// with f32 GPU products).
+pub const PROD_PREFILL_REL_TOL: f32 = 1e-1;
+
 /// Synthetic-model parity: GPU vs CPU prefill logits (relative tolerance `rel_tol`), greedy
 /// generation of `steps` tokens (identical token sequences), GPU run-to-run bit identity,
 /// and snapshots across backends (CPU → GPU and GPU → CPU, then `8` more greedy steps on
@@ -300,12 +305,15 @@ pub fn synthetic(
         let (g0, gl, gt, gs) = greedy(&model, &gpu_o, &prompt, steps)?;
         let (c0, cl, ct, cs) = greedy(&model, &cpu_o, &prompt, steps)?;
         let (a, r) = diff(&g0, &c0);
-        // Production mode: the CPU quantizes activations (Q8_0/Q8_K) before each product; the
-        // GPU does so in decode only (prefill keeps f32), so only agreement is reported there.
+        // Production mode: the CPU quantizes activations (Q8_0/Q8_K, int8) before each
+        // product; GPU prefill multiplies f16 weights by f16 activations on tensor cores
+        // (f32 accumulation). Both approximate the exact products; on the random demo model
+        // their difference was 3.7e-2 with f32 GPU products and 4.3e-2 with f16 operands
+        // (the CPU's int8 rounding dominates), so the row asserts PROD_PREFILL_REL_TOL.
         let tol = if mode == "exact" {
             rel_tol
         } else {
-            f32::INFINITY
+            PROD_PREFILL_REL_TOL
         };
         rows.push(ParityRow {
             check: format!("{name}/{mode} prefill({prompt_len}) gpu-vs-cpu"),
@@ -327,7 +335,7 @@ pub fn synthetic(
             criterion: if exact {
                 format!("all {steps} tokens identical")
             } else {
-                "reported (GPU prefill keeps f32 activations; CPU quantizes)".into()
+                "reported (GPU prefill: f16 operands; CPU: int8 activations)".into()
             },
             pass: same == steps || !exact,
         });

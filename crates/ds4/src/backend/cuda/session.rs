@@ -15,7 +15,10 @@
 //! with the CPU's rules (Q8_0 activations per 32, Q8_K per 256; bit-identical codes and
 //! scales) and multiplied with integer dots (`mv8_*`, `mv8glu_*` in quant.cu), so production
 //! decode matches the CPU's quantized path up to f32 summation order (`DS4_CUDA_INT8=0` keeps
-//! f32 activations). Production prefill still uses f32 activations. Stored rows get the QAT
+//! f32 activations). Production prefill (chunks of n > 1 tokens) runs its weight products on
+//! tensor cores with f16 operands and f32 accumulation (prefill.rs: routed experts grouped
+//! by expert, dense products through cuBLAS), except the HC `fn` products (f32 kernel), the
+//! router (f32 cuBLAS GEMM) and the output head (f32 kernel). Stored rows get the QAT
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
 //! the CPU, so a snapshot means the same thing on both backends.
 //!
@@ -30,14 +33,24 @@ use cudarc::driver::{
 };
 
 use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES};
+use super::prefill::{dense_gemm, dense_sgemm, fused_fits, moe_grouped, MoeScratch, PfKernels};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
 use crate::model::Model;
 use crate::quant::{self, GgmlType};
 
-/// Largest chunk the GPU processes at once (longer prefills are split; results do not
-/// depend on the split). Bounds the scratch memory.
-pub const GPU_CHUNK: usize = 256;
+/// Largest chunk the GPU processes at once (longer prefills are split). Bounds the scratch
+/// memory: for the flash shapes 0.74 MB of f32 activations per token (1.5 GB at 2048) plus
+/// `4·(ctx/4 + 1)` bytes of indexer scores per token (128 MB at 2048 tokens and a 64k
+/// context), the head's `LOGITS_CHUNK` rows (130 MB) and, in production mode, 0.72 GB of
+/// f16/GEMM scratch (prefill.rs): about 2.4 GB per session at a 64k context (0.33 GB when
+/// this was 256). Exact-mode results do not depend on the split; production prefill's dense
+/// cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
+/// shape), never from run to run.
+pub const GPU_CHUNK: usize = 2048;
+/// Chunk length when the logits of every position are requested (bounds the logits
+/// scratch: `LOGITS_CHUNK × n_vocab` floats).
+pub const LOGITS_CHUNK: usize = 256;
 /// Most HC streams the kernels support (fixed-size arrays in forward.cu).
 const MAX_HC: usize = 8;
 /// Widest compressed row the compressor kernel supports (its shared buffer).
@@ -78,6 +91,25 @@ fn use_hc1() -> bool {
 /// for comparisons).
 fn use_pdl() -> bool {
     std::env::var("DS4_CUDA_PDL").map_or(true, |v| v != "0")
+}
+
+/// Whether production-mode prefill runs its weight products as f16 tensor-core GEMMs
+/// (`DS4_CUDA_GEMM=0` keeps the f32 CUDA-core kernels, for comparisons).
+fn use_gemm() -> bool {
+    std::env::var("DS4_CUDA_GEMM").map_or(true, |v| v != "0")
+}
+
+/// Whether the production prefill's routed experts use the fused tensor-core kernel
+/// (`pf_mm_<t>`, dequantizing in the kernel); `DS4_CUDA_PF_MM=0` takes the per-expert
+/// f16-dequantize + cuBLAS path instead, for comparisons.
+fn use_pf_mm() -> bool {
+    std::env::var("DS4_CUDA_PF_MM").map_or(true, |v| v != "0")
+}
+
+/// Whether the production prefill's router product runs as a cuBLAS f32 GEMM (default;
+/// `DS4_CUDA_ROUTER_SGEMM=0` keeps the f32 CUDA-core `mm_<t>` kernel, for comparisons).
+fn use_router_sgemm() -> bool {
+    std::env::var("DS4_CUDA_ROUTER_SGEMM").map_or(true, |v| v != "0")
 }
 
 /// A captured decode step and the key it was captured for.
@@ -156,6 +188,7 @@ struct Kernels {
     moe_sum: CudaFunction,
     fill: CudaFunction,
     sample_prep: CudaFunction,
+    pf: PfKernels,
 }
 
 impl Kernels {
@@ -187,6 +220,7 @@ impl Kernels {
             moe_sum: f("k_moe_sum")?,
             fill: f("k_fill")?,
             sample_prep: f("k_sample_prep")?,
+            pf: PfKernels::load(be)?,
         };
         // Attention keeps one score per visible row in shared memory; long contexts at ratio
         // 128 need more than the default 48 KiB.
@@ -552,6 +586,8 @@ struct Scratch {
     nhead: CudaSlice<i32>,
     nids: CudaSlice<i32>,
     nvals: CudaSlice<f32>,
+    /// Production prefill on tensor cores (absent in exact mode).
+    pf: Option<PfScratch>,
 }
 
 /// Most candidates [`GpuSession::narrow`] returns.
@@ -566,6 +602,17 @@ pub struct Narrowed {
     /// `(id, logit)` of every token at or above the cut, in id order; `None` when more
     /// than the cap passed (the caller then reads the whole row).
     pub candidates: Option<Vec<(u32, f32)>>,
+}
+
+/// Scratch of the production prefill GEMMs.
+struct PfScratch {
+    /// One dense weight (or the stacked `attn_output_a`) as f16.
+    w16: CudaSlice<u16>,
+    /// A dense product's input as f16.
+    x16: CudaSlice<u16>,
+    /// The router's weight decoded to f32 (its product stays f32, see `queue`).
+    w32: CudaSlice<f32>,
+    moe: MoeScratch,
 }
 
 /// One conversation's state on the GPU.
@@ -702,8 +749,8 @@ impl GpuSession {
             shu: a(m * f)?,
             dn: a(m * k * d)?,
             sh: a(m * d)?,
-            h: a(m * d)?,
-            logits: a(m * c.n_vocab)?,
+            h: a(LOGITS_CHUNK * d)?,
+            logits: a(LOGITS_CHUNK * c.n_vocab)?,
             q0: a(qn.div_ceil(4))?,
             d0: a(qn / 32)?,
             qk: a(qn.div_ceil(4))?,
@@ -711,6 +758,54 @@ impl GpuSession {
             nhead: be.upload_i32(&[0; 3])?,
             nids: be.upload_i32(&vec![0; NARROW_CAP])?,
             nvals: a(NARROW_CAP)?,
+            pf: if exact {
+                None
+            } else {
+                // Widest dense weight of a layer (stacked out_a counts whole) and widest
+                // dense input; the output head (vocab rows) stays on the f32 kernel.
+                let mut wmax = 0usize;
+                let mut xmax = hd;
+                for l in &gm.layers {
+                    let mut ws = vec![
+                        &l.q_a, &l.q_b, &l.kv, &l.out_a, &l.out_b, &l.sh_gate, &l.sh_up, &l.sh_down,
+                    ];
+                    for cw in l.comp.iter().chain(l.indexer.as_ref().map(|i| &i.comp)) {
+                        ws.push(&cw.kv);
+                        ws.push(&cw.gate);
+                    }
+                    if let Some(i) = &l.indexer {
+                        ws.push(&i.q_b);
+                        ws.push(&i.proj);
+                    }
+                    for w in ws {
+                        wmax = wmax.max(w.n_rows * w.n_cols * w.n_experts);
+                        xmax = xmax.max(w.n_cols);
+                    }
+                }
+                Some(PfScratch {
+                    w16: be.stream().alloc_zeros::<u16>(wmax.max(1))?,
+                    x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
+                    w32: be.alloc_f32(
+                        gm.layers
+                            .iter()
+                            .map(|l| l.gate_inp.n_rows * l.gate_inp.n_cols)
+                            .max()
+                            .unwrap_or(1),
+                    )?,
+                    moe: MoeScratch::new(
+                        be,
+                        m * k,
+                        c.n_expert,
+                        d,
+                        f,
+                        !use_pf_mm()
+                            || gm
+                                .layers
+                                .iter()
+                                .any(|l| !fused_fits(&l.gate_exps, &l.up_exps, &l.down_exps)),
+                    )?,
+                })
+            },
         };
         Ok(GpuSession {
             gm,
@@ -809,10 +904,11 @@ impl GpuSession {
     ) -> Result<()> {
         let gm = Arc::clone(&self.gm);
         let _guard = gm.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let n_chunks = tokens.len().div_ceil(GPU_CHUNK);
-        for (i, chunk) in tokens.chunks(GPU_CHUNK).enumerate() {
+        let step = if all { LOGITS_CHUNK } else { GPU_CHUNK };
+        let n_chunks = tokens.len().div_ceil(step);
+        for (i, chunk) in tokens.chunks(step).enumerate() {
             let head = all || i + 1 == n_chunks;
-            self.chunk(&gm, model, chunk, p0 + i * GPU_CHUNK, head, all, out)?;
+            self.chunk(&gm, model, chunk, p0 + i * step, head, all, out)?;
         }
         Ok(())
     }
@@ -966,6 +1062,7 @@ impl GpuSession {
         let s = &self.s;
         let p = |b: &CudaSlice<f32>| ptr(b, st);
         let pi = |b: &CudaSlice<i32>| ptr(b, st);
+        let p16 = |b: &CudaSlice<u16>| ptr(b, st);
         let (d, nh) = (c.n_embd, c.hc);
         let (ni, di) = (n as i32, d as i32);
         let eps = c.rms_eps;
@@ -1025,9 +1122,38 @@ impl GpuSession {
                     }
                 }
             };
+        // Production prefill: weight products as f16 tensor-core GEMMs (prefill.rs), except
+        // F32 weights (the HC `fn` products, whose input is the raw residual stream), the
+        // router's logits (expert choice) and the output head, which keep the f32 kernel.
+        let pf = s.pf.as_ref().filter(|_| !self.exact && n > 1 && use_gemm());
+        let gemm_ok = |w: &GpuWeight, nt: usize| -> Option<&PfScratch> {
+            pf.filter(|ps| {
+                w.ty != GgmlType::F32
+                    && nt > 1
+                    && w.n_rows * w.n_cols * w.n_experts <= ps.w16.len()
+                    && nt * w.n_cols <= ps.x16.len()
+            })
+        };
         let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
             if nt == 1 {
                 mvq(w, 0, 1, x, 0, y)
+            } else if let Some(ps) = gemm_ok(w, nt) {
+                // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows.
+                unsafe {
+                    dense_gemm(
+                        be,
+                        w,
+                        0,
+                        1,
+                        x,
+                        w.n_cols,
+                        nt,
+                        y,
+                        w.n_rows,
+                        p16(&ps.w16),
+                        p16(&ps.x16),
+                    )
+                }
             } else {
                 // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
                 unsafe { be.mm_raw(w, x, nt, y) }
@@ -1477,10 +1603,31 @@ impl GpuSession {
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
             {
                 let g = c.o_groups;
-                let gw = c.n_head * c.head_dim / g;
+                let hd = c.n_head * c.head_dim;
+                let gw = hd / g;
                 // o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
                 // repeated for GPU_CHUNK tokens.
-                mvq(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))?;
+                match gemm_ok(&l.out_a, n * g) {
+                    // One strided-batched GEMM over the G groups: group g reads columns
+                    // g·gw.. of each token's o row and writes columns g·Lo.. of its low row.
+                    // SAFETY: w16 holds the G stacked matrices, x16 n·hd halves (gemm_ok).
+                    Some(ps) if n > 1 => unsafe {
+                        dense_gemm(
+                            be,
+                            &l.out_a,
+                            0,
+                            g,
+                            p(&s.o),
+                            hd,
+                            n,
+                            p(&s.low),
+                            g * c.o_lora_rank,
+                            p16(&ps.w16),
+                            p16(&ps.x16),
+                        )?
+                    },
+                    _ => mvq(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))?,
+                }
                 lin(&l.out_b, p(&s.low), n, p(&s.f))?;
             }
             launch!(
@@ -1501,7 +1648,17 @@ impl GpuSession {
             hc_post()?;
             // §3.2 + §3.4: FFN site.
             hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
-            lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
+            if n == 1 {
+                lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
+            } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
+                // Expert choice: f32 inputs and products (cuBLAS SGEMM on the exactly decoded
+                // weight), not f16 operands.
+                // SAFETY: y holds n rows of D, rl n rows of n_expert, w32 the weight.
+                unsafe { dense_sgemm(be, &l.gate_inp, p(&s.y), n, p(&s.rl), p(&ps.w32))? };
+            } else {
+                // SAFETY: y holds n rows of D, rl n rows of n_expert.
+                unsafe { be.mm_raw(&l.gate_inp, p(&s.y), n, p(&s.rl))? };
+            }
             {
                 let ke = c.n_expert_used;
                 let t2e = l.tid2eid.as_ref().map_or(0, pi);
@@ -1527,34 +1684,57 @@ impl GpuSession {
                 );
                 let f = c.n_ff_exp;
                 let slots = n * ke;
-                let (x, xs) = if n == 1 {
-                    (p(&s.y), 0)
+                if let Some(ps) = pf {
+                    // SAFETY: ids/wts hold `slots` entries from the router (ids < n_expert),
+                    // y n rows of D, dn `slots` rows of D; the scratch holds GPU_CHUNK·k slots.
+                    unsafe {
+                        moe_grouped(
+                            be,
+                            &k.pf,
+                            &ps.moe,
+                            &l.gate_exps,
+                            &l.up_exps,
+                            &l.down_exps,
+                            pi(&s.ids),
+                            p(&s.wts),
+                            p(&s.y),
+                            n,
+                            ke,
+                            l.clamp,
+                            p(&s.dn),
+                            use_pf_mm(),
+                        )?
+                    };
                 } else {
-                    launch!(
-                        st,
-                        k.expand,
-                        ((d as u32).div_ceil(256), slots as u32, 1),
-                        (256, 1, 1),
-                        0,
-                        [p(&s.y), ke as i32, di, p(&s.zk)]
-                    );
-                    (p(&s.zk), d)
-                };
-                // Ids come from the router (< n_expert); buffers hold `slots` rows.
-                glu(
-                    &l.gate_exps,
-                    &l.up_exps,
-                    pi(&s.ids),
-                    slots,
-                    x,
-                    xs,
-                    p(&s.g),
-                    p(&s.u),
-                    p(&s.wts),
-                    l.clamp,
-                )?;
-                // As above; g holds `slots` activations of F.
-                mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
+                    let (x, xs) = if n == 1 {
+                        (p(&s.y), 0)
+                    } else {
+                        launch!(
+                            st,
+                            k.expand,
+                            ((d as u32).div_ceil(256), slots as u32, 1),
+                            (256, 1, 1),
+                            0,
+                            [p(&s.y), ke as i32, di, p(&s.zk)]
+                        );
+                        (p(&s.zk), d)
+                    };
+                    // Ids come from the router (< n_expert); buffers hold `slots` rows.
+                    glu(
+                        &l.gate_exps,
+                        &l.up_exps,
+                        pi(&s.ids),
+                        slots,
+                        x,
+                        xs,
+                        p(&s.g),
+                        p(&s.u),
+                        p(&s.wts),
+                        l.clamp,
+                    )?;
+                    // As above; g holds `slots` activations of F.
+                    mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
+                }
                 glu(
                     &l.sh_gate,
                     &l.sh_up,

@@ -1,0 +1,389 @@
+//! Production-mode prefill products on tensor cores (kernels/prefill.cu + cuBLAS).
+//!
+//! * Dense products ([`dense_gemm`]): the weight is dequantized to an f16 scratch (same
+//!   rounding as `dq_<t>`), the activations are rounded to f16, and cuBLAS multiplies with
+//!   f32 accumulation.
+//! * Routed experts ([`moe_grouped`]): the chunk's (token, slot) pairs are sorted by expert
+//!   on the GPU (`pf_group`, a stable counting sort: a pure function of the router's ids,
+//!   which also lists row tiles of up to 64 rows per expert), the sorted rows' inputs are
+//!   gathered as f16, and one launch of `pf_mm_<t>` per product multiplies every used
+//!   expert's gate|up (one 2F-row product) and then down with all of its rows: each block
+//!   decodes a 128-row × 32-column slice of the quantized weight into shared memory as f16
+//!   and runs `mma.sync` m16n8k16 (f32 accumulation), so the quantized bytes are read once
+//!   per 64-row tile and no f16 weight copy exists; no host read, no per-expert launches.
+//!   The clamped SwiGLU × routing weight uses k_swiglu's expressions (result rounded to
+//!   f16); the rows go back to slot order for the ordinary `k_moe_sum`. A second path
+//!   (`DS4_CUDA_PF_MM=0`, or shapes `pf_mm` does not take) dequantizes batches of experts
+//!   to f16 and runs one cuBLAS GEMM per expert after one host read of the counts.
+//! * The router's product stays f32 ([`dense_sgemm`]: exact decode + cuBLAS SGEMM).
+//!
+//! Numerics: weights and activations are rounded to f16 (relative 2^-11 each) and products
+//! accumulate in f32; no atomics, so repeated runs are bit-identical. Exact mode never comes
+//! here.
+
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::device::{CudaBackend, GpuWeight, Result};
+
+/// Experts dequantized per batch (bounds the f16 expert scratch: `PF_EXPERT_BATCH · 3·F·D`
+/// halves, 384 MiB for the flash shapes).
+pub const PF_EXPERT_BATCH: usize = 8;
+
+/// The kernels of prefill.cu used by the grouped MoE.
+pub struct PfKernels {
+    group: CudaFunction,
+    gather: CudaFunction,
+    swiglu: CudaFunction,
+    scatter: CudaFunction,
+}
+
+impl PfKernels {
+    /// Loads the kernels from the backend's module.
+    pub fn load(be: &CudaBackend) -> Result<PfKernels> {
+        Ok(PfKernels {
+            group: be.function("pf_group")?,
+            gather: be.function("pf_gather")?,
+            swiglu: be.function("pf_swiglu")?,
+            scatter: be.function("pf_scatter")?,
+        })
+    }
+}
+
+fn ptr<T>(s: &CudaSlice<T>, be: &CudaBackend) -> u64 {
+    let (p, _g) = s.device_ptr(be.stream());
+    p
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Rows of one `pf_mm` tile (PF_BN in prefill.cu).
+const PF_BN: usize = 64;
+
+/// Most row tiles `slots` pairs over `n_exp` experts can need (`Σ_e ⌈c_e/PF_BN⌉`).
+fn max_tiles(slots: usize, n_exp: usize) -> usize {
+    slots / PF_BN + n_exp.min(slots)
+}
+
+/// Scratch of the grouped MoE for up to `slots` (token, expert) pairs.
+pub struct MoeScratch {
+    slots: usize,
+    n_exp: usize,
+    d: usize,
+    f: usize,
+    /// gate|up of a batch of experts (`2F × D` each, f16).
+    e16: CudaSlice<u16>,
+    /// down of a batch of experts (`D × F` each, f16).
+    d16: CudaSlice<u16>,
+    /// Sorted rows' inputs (`slots × D`, f16).
+    xs: CudaSlice<u16>,
+    /// gate|up outputs of the sorted rows (`slots × 2F`, f32).
+    gu: CudaSlice<f32>,
+    /// SwiGLU outputs (`slots × F`, f16).
+    h: CudaSlice<u16>,
+    /// down outputs of the sorted rows (`slots × D`, f32).
+    dns: CudaSlice<f32>,
+    /// Counts per expert, the used experts, the number of row tiles.
+    meta: CudaSlice<i32>,
+    /// Row tiles of `pf_mm` (expert, first sorted row, rows).
+    tiles: CudaSlice<i32>,
+    perm: CudaSlice<i32>,
+    inv: CudaSlice<i32>,
+}
+
+impl MoeScratch {
+    /// Scratch for `slots` pairs over `n_exp` experts of `F × D` (gate, up) and `D × F`;
+    /// `per_expert`: also the f16 expert copies of the per-expert cuBLAS path (384 MiB for
+    /// the flash shapes; the fused `pf_mm` path needs none).
+    pub fn new(
+        be: &CudaBackend,
+        slots: usize,
+        n_exp: usize,
+        d: usize,
+        f: usize,
+        per_expert: bool,
+    ) -> Result<Self> {
+        let st = be.stream();
+        let b = if per_expert { PF_EXPERT_BATCH } else { 0 };
+        Ok(MoeScratch {
+            slots,
+            n_exp,
+            d,
+            f,
+            e16: st.alloc_zeros::<u16>((b * 2 * f * d).max(1))?,
+            d16: st.alloc_zeros::<u16>((b * d * f).max(1))?,
+            xs: st.alloc_zeros::<u16>(slots * d)?,
+            gu: st.alloc_zeros::<f32>(slots * 2 * f)?,
+            h: st.alloc_zeros::<u16>(slots * f)?,
+            dns: st.alloc_zeros::<f32>(slots * d)?,
+            meta: st.alloc_zeros::<i32>(2 * n_exp + 1)?,
+            tiles: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp))?,
+            perm: st.alloc_zeros::<i32>(slots)?,
+            inv: st.alloc_zeros::<i32>(slots)?,
+        })
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> usize {
+        (self.e16.len() + self.d16.len() + self.xs.len() + self.h.len()) * 2
+            + (self.gu.len() + self.dns.len()) * 4
+            + (self.meta.len() + self.tiles.len() + self.perm.len() + self.inv.len()) * 4
+    }
+
+    /// The last grouping (meta, perm, inv, tiles), for the self-test.
+    #[allow(clippy::type_complexity)]
+    pub fn grouping(&self, be: &CudaBackend) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>)> {
+        Ok((
+            be.download(&self.meta)?,
+            be.download(&self.perm)?,
+            be.download(&self.inv)?,
+            be.download(&self.tiles)?,
+        ))
+    }
+}
+
+/// Whether the fused `pf_mm` path takes these expert weights (gate and up alike, rows
+/// multiples of 128, columns of 32).
+pub fn fused_fits(gate: &GpuWeight, up: &GpuWeight, down: &GpuWeight) -> bool {
+    gate.ty == up.ty
+        && gate.expert_stride == up.expert_stride
+        && CudaBackend::pf_mm_fits(gate, Some(up))
+        && CudaBackend::pf_mm_fits(down, None)
+}
+
+/// Routed experts of a chunk: `dn[s] = W_down[ids[s]] · h_s` with
+/// `h_s = silu(min(g, c))·clamp(u, ±c)·wts[s]`, `g|u = W_gate|up[ids[s]] · y[s / k]`, for
+/// every slot `s < n_tok·k`, f16 operands and f32 accumulation (see the module doc).
+///
+/// # Safety
+/// `ids` (`n_tok·k` ints `< n_experts`), `wts` (`n_tok·k` floats), `y` (`n_tok × D`) and `dn`
+/// (`n_tok·k × D`) must be live device buffers; `n_tok·k ≤` the scratch's slots.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn moe_grouped(
+    be: &CudaBackend,
+    kf: &PfKernels,
+    sc: &MoeScratch,
+    gate: &GpuWeight,
+    up: &GpuWeight,
+    down: &GpuWeight,
+    ids: u64,
+    wts: u64,
+    y: u64,
+    n_tok: usize,
+    k: usize,
+    clamp: f32,
+    dn: u64,
+    fused: bool,
+) -> Result<()> {
+    let (d, f) = (sc.d, sc.f);
+    let slots = n_tok * k;
+    if slots == 0 {
+        return Ok(());
+    }
+    if slots > sc.slots
+        || gate.n_experts > sc.n_exp
+        || gate.n_rows != f
+        || up.n_rows != f
+        || gate.n_cols != d
+        || up.n_cols != d
+        || down.n_rows != d
+        || down.n_cols != f
+    {
+        return Err(super::device::CudaError::Invalid(
+            "grouped MoE: shapes do not match the scratch".into(),
+        ));
+    }
+    let st = be.stream();
+    let n_exp = gate.n_experts;
+    let (meta, perm, inv) = (ptr(&sc.meta, be), ptr(&sc.perm, be), ptr(&sc.inv, be));
+    let tiles = ptr(&sc.tiles, be);
+    {
+        let (si, ne) = (slots as i32, n_exp as i32);
+        let mut b = st.launch_builder(&kf.group);
+        b.arg(&ids)
+            .arg(&si)
+            .arg(&ne)
+            .arg(&meta)
+            .arg(&perm)
+            .arg(&inv)
+            .arg(&tiles);
+        b.launch(cfg((1, 1, 1), 1024))?;
+    }
+    let (xs, gu, h, dns) = (
+        ptr(&sc.xs, be),
+        ptr(&sc.gu, be),
+        ptr(&sc.h, be),
+        ptr(&sc.dns, be),
+    );
+    {
+        let (ki, di) = (k as i32, d as i32);
+        let mut b = st.launch_builder(&kf.gather);
+        b.arg(&y).arg(&perm).arg(&ki).arg(&di).arg(&xs);
+        b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
+    }
+    let scatter = || -> Result<()> {
+        let di = d as i32;
+        let mut b = st.launch_builder(&kf.scatter);
+        b.arg(&dns).arg(&inv).arg(&di).arg(&dn);
+        b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
+        Ok(())
+    };
+    if fused && fused_fits(gate, up, down) {
+        // All on the device, no host read: grids cover the most tiles `slots` can need, and
+        // blocks past the tile count pf_group wrote return at once.
+        let mt = max_tiles(slots, n_exp);
+        let nt = meta + (2 * n_exp * 4) as u64;
+        be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, gu)?;
+        {
+            let (r0i, fi) = (0i32, f as i32);
+            let mut b = st.launch_builder(&kf.swiglu);
+            b.arg(&gu)
+                .arg(&perm)
+                .arg(&wts)
+                .arg(&r0i)
+                .arg(&fi)
+                .arg(&clamp)
+                .arg(&h);
+            b.launch(cfg(((f as u32).div_ceil(256), slots as u32, 1), 256))?;
+        }
+        be.pf_mm_raw(down, None, nt, tiles, mt, h, dns)?;
+        return scatter();
+    }
+    if sc.e16.len() < PF_EXPERT_BATCH * 2 * f * d {
+        return Err(super::device::CudaError::Invalid(
+            "grouped MoE: no scratch for the per-expert path".into(),
+        ));
+    }
+    // The one host read of the layer: how many rows each expert has.
+    let mut counts = vec![0i32; n_exp];
+    st.memcpy_dtoh(&sc.meta.slice(0..n_exp), &mut counts[..])?;
+    st.synchronize()?;
+    let mut offs = vec![0usize; n_exp + 1];
+    for e in 0..n_exp {
+        offs[e + 1] = offs[e] + counts[e].max(0) as usize;
+    }
+    // Same order as the device's used list (increasing expert id).
+    let used: Vec<usize> = (0..n_exp).filter(|&e| counts[e] > 0).collect();
+    let used_dev = meta + (n_exp * 4) as u64;
+    let (e16, d16) = (ptr(&sc.e16, be), ptr(&sc.d16, be));
+    let (fd, gud) = (f * d, 2 * f * d);
+    for (bi, batch) in used.chunks(PF_EXPERT_BATCH).enumerate() {
+        let j0 = bi * PF_EXPERT_BATCH;
+        let nb = batch.len();
+        be.dq_f16_raw(gate, used_dev, j0, nb, e16, gud)?;
+        be.dq_f16_raw(up, used_dev, j0, nb, e16 + (fd * 2) as u64, gud)?;
+        be.dq_f16_raw(down, used_dev, j0, nb, d16, fd)?;
+        for (b, &e) in batch.iter().enumerate() {
+            let (c, o) = (counts[e] as usize, offs[e]);
+            be.gemm_f16_raw(
+                2 * f,
+                c,
+                d,
+                e16 + (b * gud * 2) as u64,
+                d,
+                xs + (o * d * 2) as u64,
+                d,
+                gu + (o * 2 * f * 4) as u64,
+                2 * f,
+                1,
+                [0; 3],
+            )?;
+        }
+        let (r0, r1) = (offs[batch[0]], offs[batch[nb - 1] + 1]);
+        {
+            let (r0i, fi) = (r0 as i32, f as i32);
+            let mut b = st.launch_builder(&kf.swiglu);
+            b.arg(&gu)
+                .arg(&perm)
+                .arg(&wts)
+                .arg(&r0i)
+                .arg(&fi)
+                .arg(&clamp)
+                .arg(&h);
+            b.launch(cfg(((f as u32).div_ceil(256), (r1 - r0) as u32, 1), 256))?;
+        }
+        for (b, &e) in batch.iter().enumerate() {
+            let (c, o) = (counts[e] as usize, offs[e]);
+            be.gemm_f16_raw(
+                d,
+                c,
+                f,
+                d16 + (b * fd * 2) as u64,
+                f,
+                h + (o * f * 2) as u64,
+                f,
+                dns + (o * d * 4) as u64,
+                d,
+                1,
+                [0; 3],
+            )?;
+        }
+    }
+    scatter()
+}
+
+/// Dense prefill product on tensor cores: `y[t] = W_e · x[t]` for `nt` tokens (row-major
+/// `x`: `nt × n_cols`, `y`: `nt × n_rows`), matrices `e0..e0+batch` of `w` at once when
+/// `batch > 1` (input `b` at column `b·n_cols` of rows of stride `ldx`, output `b` at column
+/// `b·n_rows` of rows of stride `ldy`), through `w16` (`batch·n_rows·n_cols` halves) and
+/// `x16` (`nt·ldx` halves).
+///
+/// # Safety
+/// All buffers live and large enough as stated.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dense_gemm(
+    be: &CudaBackend,
+    w: &GpuWeight,
+    e0: usize,
+    batch: usize,
+    x: u64,
+    ldx: usize,
+    nt: usize,
+    y: u64,
+    ldy: usize,
+    w16: u64,
+    x16: u64,
+) -> Result<()> {
+    let mat = w.n_rows * w.n_cols;
+    be.dq_f16_raw(w, 0, e0, batch, w16, mat)?;
+    be.to_f16_raw(x, x16, nt * ldx)?;
+    be.gemm_f16_raw(
+        w.n_rows,
+        nt,
+        w.n_cols,
+        w16,
+        w.n_cols,
+        x16,
+        ldx,
+        y,
+        ldy,
+        batch,
+        [mat, w.n_cols, w.n_rows],
+    )
+}
+
+/// Prefill product in plain f32 on cuBLAS (f32 operands and accumulation: the exact kernels'
+/// numerics up to summation order), for products whose inputs must not be rounded to f16
+/// (the router's logits): matrix 0 of `w` is decoded exactly to f32 into `w32`
+/// (`n_rows·n_cols` floats), then `y[t] = W · x[t]` for `nt` rows.
+///
+/// # Safety
+/// `x` (`nt × n_cols`), `y` (`nt × n_rows`) and `w32` live and large enough.
+pub unsafe fn dense_sgemm(
+    be: &CudaBackend,
+    w: &GpuWeight,
+    x: u64,
+    nt: usize,
+    y: u64,
+    w32: u64,
+) -> Result<()> {
+    be.dq_f32_raw(w, w32)?;
+    be.gemm_f32_raw(
+        w.n_rows, nt, w.n_cols, w32, w.n_cols, x, w.n_cols, y, w.n_rows,
+    )
+}
