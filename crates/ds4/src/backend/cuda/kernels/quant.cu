@@ -933,8 +933,8 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
 }
 
 // Grid: x = groups of (8/split)·RW rows, y = slot (matrix ids[slot], input slot·x_stride).
-#define DS4_MV8W(NAME, RW, UNR)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
+#define DS4_MV8W(NAME, RW, UNR, MINB)                                                           \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
              const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {     \
@@ -972,8 +972,12 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
         }                                                                                        \
     }
 
-DS4_MV8W(mv8w2_q8_0, 2, 4)
-DS4_MV8W(mv8w4_q8_0, 4, 2)
+DS4_MV8W(mv8w2_q8_0, 2, 4, 1)
+DS4_MV8W(mv8w4_q8_0, 4, 2, 1)
+// The same with registers capped for 4 blocks (32 warps) per SM instead of 3 (78 registers
+// uncapped); `DS4_CUDA_MV8W_OCC=1` selects them (measurement).
+DS4_MV8W(mv8w2o_q8_0, 2, 4, 4)
+DS4_MV8W(mv8w4o_q8_0, 4, 2, 4)
 
 // Fused gate + up + clamped SwiGLU for Q8_0 with 16-byte loads (the shared expert; n_cols a
 // multiple of 512): as mv8glu_q8_0, but row o of both matrices is walked like a two-row
