@@ -175,6 +175,7 @@ struct Kernels {
     rms_norm_q8: CudaFunction,
     qkv_finish1: CudaFunction,
     hc_post_moe: CudaFunction,
+    hc_post_ring: CudaFunction,
     hc_post: CudaFunction,
     hc_head: CudaFunction,
     compress: CudaFunction,
@@ -207,6 +208,7 @@ impl Kernels {
             rms_norm_q8: f("k_rms_norm_q8")?,
             qkv_finish1: f("k_qkv_finish1")?,
             hc_post_moe: f("k_hc_post_moe")?,
+            hc_post_ring: f("k_hc_post_ring")?,
             hc_post: f("k_hc_post")?,
             hc_head: f("k_hc_head")?,
             compress: f("k_compress")?,
@@ -1630,22 +1632,47 @@ impl GpuSession {
                 }
                 lin(&l.out_b, p(&s.low), n, p(&s.f))?;
             }
-            launch!(
-                st,
-                k.ring_push,
-                (n.min(c.swa) as u32, 1, 1),
-                (256, 1, 1),
-                0,
-                [
-                    p(&s.kv),
-                    p(&ls.ring),
-                    ni,
-                    p0l,
-                    c.swa as i32,
-                    c.head_dim as i32
-                ]
-            );
-            hc_post()?;
+            if n == 1 && use_hc1() {
+                // Ring push and hc_post in one launch (decode).
+                launchp!(
+                    be,
+                    st,
+                    k.hc_post_ring,
+                    ((d as u32).div_ceil(256), 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        p(&s.f),
+                        p(&s.post),
+                        p(&s.comb),
+                        nh as i32,
+                        di,
+                        p(&s.kv),
+                        p(&ls.ring),
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32
+                    ]
+                );
+            } else {
+                launch!(
+                    st,
+                    k.ring_push,
+                    (n.min(c.swa) as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.kv),
+                        p(&ls.ring),
+                        ni,
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32
+                    ]
+                );
+                hc_post()?;
+            }
             // §3.2 + §3.4: FFN site.
             hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
             if n == 1 {

@@ -712,6 +712,36 @@ extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restr
     for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
 }
 
+// Decode attention site: k_ring_push of the token's KV row (n = 1: ring slot pos % swa, done
+// by block (0, 0)) and k_hc_post in one launch; the same copies and the same per-element
+// operations as the two kernels, in the same place in the stream (after attention has read
+// the ring).
+extern "C" __global__ void k_hc_post_ring(float* __restrict__ x, const float* __restrict__ f,
+                                          const float* __restrict__ post,
+                                          const float* __restrict__ comb, int n, int d,
+                                          const float* __restrict__ kv, float* __restrict__ ring,
+                                          const long long* __restrict__ p0p, int swa, int dh) {
+    pdl_enter();
+    if (blockIdx.x == 0 && blockIdx.y == 0) {
+        long long slot = *p0p % swa;
+        for (int e = threadIdx.x; e < dh; e += blockDim.x) ring[slot * dh + e] = kv[e];
+    }
+    int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= d) return;
+    float* xt = x + (long long)t * n * d;
+    const float* q = post + t * n;
+    const float* mm = comb + (long long)t * n * n;
+    float fv = f[(long long)t * d + e];
+    float xs[FWD_MAX_HC], out[FWD_MAX_HC];
+    for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
+    for (int k = 0; k < n; k++) {
+        float o = q[k] * fv;
+        for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
+        out[k] = o;
+    }
+    for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
 // Decode FFN site: k_moe_sum then k_hc_post in one pass (t = blockIdx.y): the sublayer
 // output f = Σ_j dn[t·k + j] + sh[t] is formed per element with k_moe_sum's operations and
 // used directly (f is not stored), then X_k ← Q_k·f + Σ_j M[j][k]·X_j as k_hc_post.
