@@ -105,17 +105,8 @@ struct TypeKernels {
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
     mv8glu: Option<CudaFunction>,
     /// Q8_0 only: int8 matvecs with 16-byte loads (`mv8w2_q8_0`, 2 rows per warp;
-    /// `mv8w4_q8_0`, 4 rows per warp for short rows; `mv8wglu_q8_0`, fused gate+up), for
-    /// `n_cols` a multiple of 512.
-    mv8w: Option<(CudaFunction, CudaFunction, CudaFunction)>,
-    /// `mv8w2o_q8_0`, `mv8w4o_q8_0`: the same with registers capped for 4 blocks per SM.
-    mv8w_occ: Option<(CudaFunction, CudaFunction)>,
-}
-
-/// Whether the Q8_0 16-byte-load matvecs use the register-capped forms
-/// (`DS4_CUDA_MV8W_OCC=1`; off by default until measured).
-fn use_mv8w_occ() -> bool {
-    std::env::var("DS4_CUDA_MV8W_OCC").is_ok_and(|v| v == "1")
+    /// `mv8w4_q8_0`, 4 rows per warp for short rows), for `n_cols` a multiple of 512.
+    mv8w: Option<(CudaFunction, CudaFunction)>,
 }
 
 /// Whether Q8_0 int8 products use the 16-byte-load kernels (`DS4_CUDA_MV8W=0` keeps
@@ -296,19 +287,10 @@ impl CudaBackend {
                         Some(_) => Some(module.load_function(&format!("mv8glu_{s}"))?),
                         None => None,
                     },
-                    mv8w_occ: if ty == GgmlType::Q8_0 {
-                        Some((
-                            module.load_function("mv8w2o_q8_0")?,
-                            module.load_function("mv8w4o_q8_0")?,
-                        ))
-                    } else {
-                        None
-                    },
                     mv8w: if ty == GgmlType::Q8_0 {
                         Some((
                             module.load_function("mv8w2_q8_0")?,
                             module.load_function("mv8w4_q8_0")?,
-                            module.load_function("mv8wglu_q8_0")?,
                         ))
                     } else {
                         None
@@ -916,11 +898,7 @@ impl CudaBackend {
         // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp (4 when a row has
         // fewer than 4 steps of 512, so 8 loads per lane stay in flight; else 2).
         let (f, rw) = match &k.mv8w {
-            Some((w2, w4, _)) if w.n_cols.is_multiple_of(512) && use_mv8w() => {
-                let (w2, w4) = match &k.mv8w_occ {
-                    Some((o2, o4)) if use_mv8w_occ() => (o2, o4),
-                    _ => (w2, w4),
-                };
+            Some((w2, w4)) if w.n_cols.is_multiple_of(512) && use_mv8w() => {
                 if w.n_cols < 4 * 512 {
                     (w4, 4)
                 } else {
@@ -1009,11 +987,6 @@ impl CudaBackend {
             .mv8glu
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
-        // Q8_0 with 512-multiple rows: the 16-byte-load form (same arguments).
-        let f = match &k.mv8w {
-            Some((_, _, g)) if wg.n_cols.is_multiple_of(512) && use_mv8w() => g,
-            _ => f,
-        };
         let split = mv_split(wg.n_rows, wg.n_cols, 2 * slots);
         let cfg = LaunchConfig {
             grid_dim: (

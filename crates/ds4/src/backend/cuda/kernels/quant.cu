@@ -933,8 +933,8 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
 }
 
 // Grid: x = groups of (8/split)·RW rows, y = slot (matrix ids[slot], input slot·x_stride).
-#define DS4_MV8W(NAME, RW, UNR, MINB)                                                           \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
+#define DS4_MV8W(NAME, RW, UNR)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
              const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {     \
@@ -972,95 +972,5 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
         }                                                                                        \
     }
 
-DS4_MV8W(mv8w2_q8_0, 2, 4, 1)
-DS4_MV8W(mv8w4_q8_0, 4, 2, 1)
-// The same with registers capped for 4 blocks (32 warps) per SM instead of 3 (78 registers
-// uncapped); `DS4_CUDA_MV8W_OCC=1` selects them (measurement).
-DS4_MV8W(mv8w2o_q8_0, 2, 4, 4)
-DS4_MV8W(mv8w4o_q8_0, 4, 2, 4)
-
-// Fused gate + up + clamped SwiGLU for Q8_0 with 16-byte loads (the shared expert; n_cols a
-// multiple of 512): as mv8glu_q8_0, but row o of both matrices is walked like a two-row
-// group of mv8w2_q8_0 (UNR steps of 512 elements, 2·UNR 16-byte loads per lane in flight).
-// Same epilogue expressions as DS4_MV8_GLU.
-extern "C" __global__ void __launch_bounds__(256)
-    mv8wglu_q8_0(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,
-                 const int* __restrict__ ids, int n_rows, int n_cols,
-                 const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,
-                 const float* __restrict__ wts, float clampc, float* __restrict__ h, int split) {
-    pdl_enter();
-    __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];
-    const int UNR = 4;
-    int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;
-    float rg = 0.0f, ru = 0.0f;
-    if (o < n_rows) {
-        i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;
-        const u8* m[2] = {wg + eo, wu + eo};
-        const signed char* xqs = xq + (i64)slot * x_stride;
-        const float* xds = xd + (((i64)slot * x_stride) >> 5);
-        const int steps = n_cols >> 9, nb = n_cols >> 5;
-        float acc[2] = {0.0f, 0.0f};
-        for (int s0 = part; s0 < steps; s0 += UNR * split) {
-            uint4 q[2][UNR];
-            u16 dw[2][UNR];
-            uint4 xv[UNR];
-            float xs[UNR];
-            bool on[UNR];
-#pragma unroll
-            for (int k = 0; k < UNR; k++) {
-                const int sk = s0 + k * split;
-                on[k] = sk < steps;
-                const int e0 = (sk << 9) + 16 * lane;
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    if (on[k]) {
-                        q[r][k] = *(const uint4*)(m[r] + (i64)o * n_cols + e0);
-                        dw[r][k] = ((const u16*)(m[r] + (i64)n_rows * n_cols))[(i64)o * nb + (e0 >> 5)];
-                    } else {
-                        q[r][k] = make_uint4(0u, 0u, 0u, 0u);
-                        dw[r][k] = 0;
-                    }
-                }
-                if (on[k]) {
-                    xv[k] = *(const uint4*)(xqs + e0);
-                    xs[k] = xds[e0 >> 5];
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < UNR; k++) {
-                if (!on[k]) continue;
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    int s = __dp4a((int)q[r][k].x, (int)xv[k].x, 0);
-                    s = __dp4a((int)q[r][k].y, (int)xv[k].y, s);
-                    s = __dp4a((int)q[r][k].z, (int)xv[k].z, s);
-                    s = __dp4a((int)q[r][k].w, (int)xv[k].w, s);
-                    acc[r] = fmaf(h2f(dw[r][k]) * xs[k], (float)s, acc[r]);
-                }
-            }
-        }
-        rg = warp_sum(acc[0]);
-        ru = warp_sum(acc[1]);
-    }
-    if (split > 1) {
-        if (lane == 0) {
-            partg_[warp] = rg;
-            partu_[warp] = ru;
-        }
-        __syncthreads();
-        if (part != 0) return;
-        for (int i = 1; i < split; i++) {
-            rg += partg_[warp + i];
-            ru += partu_[warp + i];
-        }
-    }
-    if (lane == 0 && o < n_rows) {
-        float gv = fminf(rg, clampc);
-        float sil = gv * (1.0f / (1.0f + expf(-gv)));
-        float uv = fminf(fmaxf(ru, -clampc), clampc);
-        float r = sil * uv;
-        if (wts) r = r * wts[slot];
-        h[(i64)slot * n_rows + o] = r;
-    }
-}
+DS4_MV8W(mv8w2_q8_0, 2, 4)
+DS4_MV8W(mv8w4_q8_0, 4, 2)
