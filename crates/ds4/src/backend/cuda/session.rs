@@ -22,6 +22,15 @@
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
 //! the CPU, so a snapshot means the same thing on both backends.
 //!
+//! Decode (one token) has its own launch forms (`DS4_CUDA_HC1=0` turns them off, for
+//! comparisons): hc_pre as a many-block control product (`k_hc_mix_part`) plus one block
+//! (`k_hc_pre1`) that also writes y's int8 codes for the next products (with the quantizers'
+//! own device functions, so the codes equal `qa_*` on the stored y), the q_b input's RMSNorm
+//! with its codes (`k_rms_norm_q8`), query heads and KV row in one launch, ring push + hc_post
+//! and expert sum + hc_post fused. While a decode graph is captured, the kernels that begin
+//! with `pdl_enter()` are launched with programmatic stream serialization, so each one's
+//! launch overlaps its predecessor's tail (`DS4_CUDA_PDL=0` turns it off).
+//!
 //! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
 //! kernel in kernels/forward.cu says which CPU function it stands for.
 
