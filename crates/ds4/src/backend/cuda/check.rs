@@ -387,12 +387,15 @@ fn check_glu_int8(
                 cpu[sl * n_rows + o] = ops::silu(gv) * uv * wts[sl];
             }
         }
+        // Random Q8_0 gate/up sums cancel (their L1 mass is ~100x the result), so f32
+        // summation order moves them by up to ~1e-5 of the largest output (7e-6 seen): the
+        // bound is looser than the plain matvec rows'.
         let mut row = rel_row(
             "glu_int8",
             &format!("{n_exp}exp,{}sel,{n_rows}x{n_cols}", ids.len()),
             &gpu,
             &cpu,
-            1e-5,
+            5e-5,
             "vs CPU quantized matvecs + SwiGLU; max_err = max|d| / max|cpu|",
         );
         row.ty = ty;
