@@ -251,6 +251,9 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     ] {
         check_moe_grouped(be, &mut rng, tg, td, quick, &mut out)?;
     }
+    check_attn(be, &mut rng, &mut out)?;
+    check_indexer(be, &mut rng, &mut out)?;
+    check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
         check_hc_pre1(be, &mut rng, n, d, &mut out)?;
@@ -265,6 +268,429 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     }
     check_pdl_chain(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// A self-test row of a forward kernel: max |gpu − ref| over max |ref| against `tol`.
+fn fwd_row(
+    kernel: &str,
+    shape: String,
+    gpu: &[f32],
+    refs: &[f64],
+    tol: f64,
+    note: &str,
+) -> CheckRow {
+    let (mut max_abs, mut scale, mut num, mut den) = (0f64, 0f64, 0f64, 0f64);
+    let mut bad = gpu.len() != refs.len();
+    for (&g, &r) in gpu.iter().zip(refs) {
+        if !g.is_finite() {
+            bad = true;
+            continue;
+        }
+        let d = (g as f64 - r).abs();
+        max_abs = max_abs.max(d);
+        scale = scale.max(r.abs());
+        num += d * d;
+        den += r * r;
+    }
+    let max_err = max_abs / scale.max(1e-30);
+    CheckRow {
+        kernel: kernel.into(),
+        ty: GgmlType::F32,
+        shape,
+        max_abs,
+        max_err,
+        rel_l2: (num / den.max(1e-300)).sqrt(),
+        tol,
+        pass: !bad && max_err <= tol,
+        note: note.into(),
+    }
+}
+
+/// Attention (attn.cu: scores, softmax, weighted sum + inverse RoPE) for a few tokens past
+/// the raw window, at ratios 0, 4 (random selections) and 128, against an f64 reference of
+/// attention.rs `attend_head` + the inverse rotation.
+fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use super::attn::{attend, Attend, AttnKernels};
+    let k = AttnKernels::load(be)?;
+    let st = be.stream();
+    // (H, Dh, RoPE pairs, window, top-k): flash-sized, and small heads (tiny fixtures).
+    let cases = [
+        (
+            64usize, 512usize, 32usize, 128usize, 40usize, 0usize, 300usize, 3usize,
+        ),
+        (64, 512, 32, 128, 40, 4, 261, 5),
+        (64, 512, 32, 128, 40, 128, 700, 2),
+        (64, 512, 32, 128, 40, 4, 1000, 1),
+        (6, 128, 16, 16, 8, 4, 90, 37),
+        (6, 128, 16, 16, 8, 128, 300, 2),
+    ];
+    for (h_n, dh, half, swa, topk, ratio, p0, n) in cases {
+        let n_comp_rows = (p0 + n) / ratio.max(1);
+        let q = random_activations(rng, n * h_n * dh);
+        let ckv = random_activations(rng, n * dh);
+        let ring = random_activations(rng, swa * dh);
+        let comp = random_activations(rng, (n_comp_rows * dh).max(1));
+        let sinks: Vec<f32> = (0..h_n).map(|_| rng.normal() as f32).collect();
+        let freqs: Vec<f64> = (0..half).map(|_| rng.uniform()).collect();
+        // Ratio 4: each token's selection, ascending, `topk` of its visible rows.
+        let mut sel = vec![0i32; n * topk];
+        let mut cnt = vec![0i32; n];
+        for t in 0..n {
+            let vis = (p0 + t + 1) / 4;
+            let mut pick: Vec<i32> = (0..vis as i32).collect();
+            for i in 0..topk.min(vis) {
+                let j = i + (rng.next_u64() as usize) % (vis - i);
+                pick.swap(i, j);
+            }
+            pick.truncate(topk.min(vis));
+            pick.sort_unstable();
+            cnt[t] = pick.len() as i32;
+            sel[t * topk..t * topk + pick.len()].copy_from_slice(&pick);
+        }
+        let max_comp = match ratio {
+            0 => 0,
+            4 => topk,
+            r => (p0 + n) / r,
+        };
+        let rows_cap = swa + max_comp;
+        let d_q = be.upload_f32(&q)?;
+        let d_ckv = be.upload_f32(&ckv)?;
+        let d_ring = be.upload_f32(&ring)?;
+        let d_comp = be.upload_f32(&comp)?;
+        let d_sinks = be.upload_f32(&sinks)?;
+        let d_freqs = st.clone_htod(&freqs)?;
+        let d_sel = be.upload_i32(&sel)?;
+        let d_cnt = be.upload_i32(&cnt)?;
+        let d_p0 = st.clone_htod(&[p0 as i64])?;
+        let d_o = poisoned(be, n * h_n * dh)?;
+        let ns_max = super::attn::DECODE_SPLIT;
+        let d_sc = be.alloc_f32(ns_max * n * h_n * rows_cap)?;
+        let d_inv = be.alloc_f32(n * h_n)?;
+        let d_part = be.alloc_f32(ns_max * n * h_n * dh)?;
+        let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+        let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
+        let mut args = Attend {
+            n,
+            q: pp(&d_q),
+            ckv: pp(&d_ckv),
+            ring: pp(&d_ring),
+            comp: if ratio == 0 { 0 } else { pp(&d_comp) },
+            sel: pi(&d_sel),
+            cnt: pi(&d_cnt),
+            sel_ld: topk,
+            ratio,
+            p0: d_p0.device_ptr(st).0,
+            swa,
+            dh,
+            n_head: h_n,
+            sinks: pp(&d_sinks),
+            scale: 1.0 / (dh as f32).sqrt(),
+            half,
+            freqs: d_freqs.device_ptr(st).0,
+            o: pp(&d_o),
+            sc: pp(&d_sc),
+            part: pp(&d_part),
+            inv: pp(&d_inv),
+            nsplit: 1,
+            rows_cap,
+        };
+        // SAFETY: every buffer above is sized as `Attend` documents.
+        unsafe { attend(st, &k, &args)? };
+        let gpu = be.download(&d_o)?;
+        unsafe { attend(st, &k, &args)? };
+        let gpu2 = be.download(&d_o)?;
+        args.nsplit = ns_max;
+        // SAFETY: as above (the scratch holds ns_max splits).
+        unsafe { attend(st, &k, &args)? };
+        let gpu3 = be.download(&d_o)?;
+        // Reference in f64.
+        let scale = 1.0 / (dh as f64).sqrt();
+        let mut refs = vec![0f64; n * h_n * dh];
+        for t in 0..n {
+            let p = p0 + t;
+            let mut rows: Vec<&[f32]> = Vec::new();
+            for qp in (p + 1).saturating_sub(swa)..=p {
+                rows.push(if qp >= p0 {
+                    &ckv[(qp - p0) * dh..(qp - p0 + 1) * dh]
+                } else {
+                    &ring[(qp % swa) * dh..(qp % swa + 1) * dh]
+                });
+            }
+            let comp_ids: Vec<usize> = match ratio {
+                0 => vec![],
+                4 => sel[t * topk..t * topk + cnt[t] as usize]
+                    .iter()
+                    .map(|&c| c as usize)
+                    .collect(),
+                r => (0..(p + 1) / r).collect(),
+            };
+            for c in comp_ids {
+                rows.push(&comp[c * dh..(c + 1) * dh]);
+            }
+            for h in 0..h_n {
+                let qh = &q[(t * h_n + h) * dh..(t * h_n + h + 1) * dh];
+                let s: Vec<f64> = rows
+                    .iter()
+                    .map(|k| {
+                        qh.iter()
+                            .zip(*k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let sink = sinks[h] as f64;
+                let m = s.iter().fold(sink, |a, &b| a.max(b));
+                let den = (sink - m).exp() + s.iter().map(|v| (v - m).exp()).sum::<f64>();
+                let o = &mut refs[(t * h_n + h) * dh..(t * h_n + h + 1) * dh];
+                for (v, k) in s.iter().zip(&rows) {
+                    let w = (v - m).exp() / den;
+                    for (oe, &ke) in o.iter_mut().zip(*k) {
+                        *oe += w * ke as f64;
+                    }
+                }
+                let off = dh - 2 * half;
+                for (i, f) in freqs.iter().enumerate() {
+                    let (sn, cs) = (p as f64 * f).sin_cos();
+                    let (a, b) = (o[off + 2 * i], o[off + 2 * i + 1]);
+                    o[off + 2 * i] = a * cs + b * sn;
+                    o[off + 2 * i + 1] = -a * sn + b * cs;
+                }
+            }
+        }
+        let shape = format!("ratio{ratio} p0={p0} n={n} H={h_n} Dh={dh}");
+        out.push(fwd_row(
+            "attend",
+            shape.clone(),
+            &gpu,
+            &refs,
+            1e-5,
+            "vs f64 reference",
+        ));
+        out.push(fwd_row(
+            "attend_split4",
+            shape.clone(),
+            &gpu3,
+            &refs,
+            1e-5,
+            "decode split (4 dim / row ranges) vs f64 reference",
+        ));
+        out.push(det_row(
+            "attend",
+            GgmlType::F32,
+            &shape,
+            same_bits(&gpu, &gpu2),
+        ));
+    }
+    Ok(())
+}
+
+/// Indexer scores (attn.cu) against an f64 reference, and the exact top-k against
+/// `ops::top_k` (ascending), on the GPU's own scores and on scores full of ties.
+fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use super::attn::{idx_scores, topk, AttnKernels};
+    use crate::model::ops::top_k;
+    let k = AttnKernels::load(be)?;
+    let st = be.stream();
+    let (ih, id, kk, r) = (64usize, 128usize, 512usize, 4usize);
+    let (p0, n) = (4090usize, 6usize);
+    let vis_max = (p0 + n) / r;
+    let ld = vis_max + 1;
+    let q = random_activations(rng, n * ih * id);
+    let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
+    let rows = random_activations(rng, vis_max * id);
+    let d_q = be.upload_f32(&q)?;
+    let d_w = be.upload_f32(&w)?;
+    let d_rows = be.upload_f32(&rows)?;
+    let d_p0 = st.clone_htod(&[p0 as i64])?;
+    let d_sc = poisoned(be, n * ld)?;
+    let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+    let p0p = d_p0.device_ptr(st).0;
+    // SAFETY: buffers sized as `idx_scores` documents.
+    unsafe {
+        idx_scores(
+            st,
+            &k,
+            n,
+            pp(&d_q),
+            pp(&d_w),
+            pp(&d_rows),
+            ih,
+            id,
+            p0p,
+            r,
+            vis_max,
+            pp(&d_sc),
+            ld,
+        )?
+    };
+    let sc = be.download(&d_sc)?;
+    let (mut gpu, mut refs, mut l1s) = (Vec::new(), Vec::new(), Vec::new());
+    for t in 0..n {
+        for row in 0..(p0 + t + 1) / r {
+            let kr = &rows[row * id..(row + 1) * id];
+            let (mut s, mut l1) = (0f64, 0f64);
+            for h in 0..ih {
+                let qh = &q[(t * ih + h) * id..(t * ih + h + 1) * id];
+                let d: f64 = qh.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let da: f64 = qh
+                    .iter()
+                    .zip(kr)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                s += w[t * ih + h] as f64 * d.max(0.0);
+                l1 += (w[t * ih + h] as f64).abs() * da;
+            }
+            gpu.push(sc[t * ld + row]);
+            refs.push(s);
+            l1s.push(l1);
+        }
+    }
+    let pairs: Vec<(f64, f64)> = refs.iter().copied().zip(l1s).collect();
+    let shape = format!("p0={p0} n={n} iH={ih} iD={id}");
+    out.push(compare(
+        "idx_scores",
+        GgmlType::F32,
+        shape,
+        &gpu,
+        &pairs,
+        TOL_F32,
+    ));
+    // Top-k: the GPU's scores, then scores with many ties (8 levels).
+    let tied: Vec<f32> = (0..n * ld)
+        .map(|_| (rng.next_u64() % 8) as f32 * 0.5 - 1.0)
+        .collect();
+    for (name, scores) in [("topk_rows", sc), ("topk_rows_ties", tied)] {
+        let d_s = be.upload_f32(&scores)?;
+        let d_sel = be.upload_i32(&vec![-1; n * kk])?;
+        let d_cnt = be.upload_i32(&vec![-1; n])?;
+        let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
+        // SAFETY: buffers sized as `topk` documents.
+        unsafe { topk(st, &k, n, pp(&d_s), ld, p0p, r, kk, pi(&d_sel), pi(&d_cnt))? };
+        let sel = be.download(&d_sel)?;
+        let cnt = be.download(&d_cnt)?;
+        let mut bad = 0usize;
+        let mut idx = Vec::new();
+        for t in 0..n {
+            let vis = (p0 + t + 1) / r;
+            top_k(&scores[t * ld..t * ld + vis], kk, &mut idx);
+            idx.sort_unstable();
+            let want: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
+            if cnt[t] as usize != want.len() || sel[t * kk..t * kk + want.len()] != want[..] {
+                bad += 1;
+            }
+        }
+        let mut row = exact_row(name, GgmlType::F32, &format!("p0={p0} n={n} k={kk}"), bad);
+        row.note = format!("{bad} tokens' selections differ from ops::top_k");
+        out.push(row);
+    }
+    Ok(())
+}
+
+/// The windowed compressor (attn.cu k_comp_pool + k_comp_state) fed a sequence in uneven
+/// chunks, against cache.rs `Compressor::push` + RMSNorm + RoPE (exact mode, no QAT): rows
+/// to f32 rounding of the RMS scale, frontier bit for bit.
+fn check_compress(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use super::attn::{compress, AttnKernels, Compress};
+    use crate::model::cache::Compressor;
+    use crate::model::ops::rms_norm;
+    let k = AttnKernels::load(be)?;
+    let st = be.stream();
+    let (half, eps) = (16usize, 1e-6f32);
+    for (ratio, d, coff) in [(4usize, 128usize, 2usize), (128, 64, 1)] {
+        let wd = coff * d;
+        let chunks: &[usize] = if ratio == 4 {
+            &[1, 6, 3, 1, 1, 17, 40, 2]
+        } else {
+            &[5, 200, 1, 130, 1, 64]
+        };
+        let total: usize = chunks.iter().sum();
+        let kvp = random_activations(rng, total * wd);
+        let scp: Vec<f32> = (0..total * wd).map(|_| rng.normal() as f32).collect();
+        let ape: Vec<f32> = (0..ratio * wd)
+            .map(|_| (rng.normal() * 0.5) as f32)
+            .collect();
+        let norm: Vec<f32> = (0..d).map(|_| 1.0 + (rng.normal() * 0.1) as f32).collect();
+        let freqs: Vec<f64> = (0..half).map(|_| rng.uniform()).collect();
+        // CPU reference.
+        let mut cpu = Compressor::new(ratio, d, wd);
+        let mut want = Vec::new();
+        let mut pooled = vec![0f32; d];
+        for pos in 0..total {
+            let score: Vec<f32> = (0..wd)
+                .map(|i| scp[pos * wd + i] + ape[(pos % ratio) * wd + i])
+                .collect();
+            if cpu.push(pos, &kvp[pos * wd..(pos + 1) * wd], &score, &mut pooled) {
+                rms_norm(&mut pooled, Some(&norm), eps);
+                let ang: Vec<(f32, f32)> = freqs
+                    .iter()
+                    .map(|&f| {
+                        let (s, c) = ((pos + 1 - ratio) as f64 * f).sin_cos();
+                        (c as f32, s as f32)
+                    })
+                    .collect();
+                crate::model::rope::Rope::rotate_tail(&mut pooled, &ang, false);
+                want.extend_from_slice(&pooled);
+            }
+        }
+        // GPU, chunk by chunk.
+        let n_state = coff * ratio * wd;
+        let d_kv = be.alloc_f32(n_state)?;
+        let d_sc = be.upload_f32(&vec![f32::NEG_INFINITY; n_state])?;
+        let n_rows = total / ratio;
+        let d_rows = poisoned(be, (n_rows * d).max(1))?;
+        let d_ape = be.upload_f32(&ape)?;
+        let d_norm = be.upload_f32(&norm)?;
+        let d_freqs = st.clone_htod(&freqs)?;
+        let mut p0 = 0;
+        for &n in chunks {
+            let d_kvp = be.upload_f32(&kvp[p0 * wd..(p0 + n) * wd])?;
+            let d_scp = be.upload_f32(&scp[p0 * wd..(p0 + n) * wd])?;
+            let d_p0 = st.clone_htod(&[p0 as i64])?;
+            let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+            let c = Compress {
+                n,
+                kvp: pp(&d_kvp),
+                scp: pp(&d_scp),
+                ape: pp(&d_ape),
+                skv: pp(&d_kv),
+                ssc: pp(&d_sc),
+                rows: pp(&d_rows),
+                norm: pp(&d_norm),
+                freqs: d_freqs.device_ptr(st).0,
+                p0: d_p0.device_ptr(st).0,
+                ratio,
+                d,
+                coff,
+                half,
+                eps,
+                kind: 0,
+                qat: false,
+                exact: true,
+            };
+            // SAFETY: buffers sized as `Compress` documents.
+            unsafe { compress(st, &k, &c)? };
+            be.synchronize()?;
+            p0 += n;
+        }
+        let rows = be.download(&d_rows)?;
+        let refs: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        let shape = format!("r={ratio} d={d} chunks={chunks:?}");
+        out.push(fwd_row(
+            "compress_rows",
+            shape.clone(),
+            &rows[..want.len()],
+            &refs,
+            1e-6,
+            "vs Compressor::push + RMSNorm + RoPE",
+        ));
+        let (gkv, gsc) = (be.download(&d_kv)?, be.download(&d_sc)?);
+        let mism = !same_bits(&gkv, &cpu.kv) as usize + !same_bits(&gsc, &cpu.score) as usize;
+        let mut row = exact_row("compress_state", GgmlType::F32, &shape, mism);
+        row.note = format!("{mism} of 2 frontier buffers differ in bits from Compressor");
+        out.push(row);
+    }
+    Ok(())
 }
 
 /// Programmatic dependent launch: a chain of 24 dependent launches (quantize, int8 matvec,

@@ -15,6 +15,9 @@ const FORWARD_CU: &str = include_str!("kernels/forward.cu");
 const SAMPLE_CU: &str = include_str!("kernels/sample.cu");
 /// The production prefill path's kernels (expert grouping, batched f16 dequantization).
 const PREFILL_CU: &str = include_str!("kernels/prefill.cu");
+/// Attention-side kernels (tiled attention, indexer scores, windowed compressor); uses
+/// forward.cu's helpers.
+const ATTN_CU: &str = include_str!("kernels/attn.cu");
 
 /// IQ2_XXS tables (grid magnitudes, sign patterns) read back from the CPU reference
 /// dequantizer rather than restated: a block with `d = 1` and group scale `ls = 0` decodes to
@@ -93,6 +96,7 @@ pub fn kernel_source() -> String {
     s.push_str(PREFILL_CU);
     s.push_str(FORWARD_CU);
     s.push_str(SAMPLE_CU);
+    s.push_str(ATTN_CU);
     s
 }
 

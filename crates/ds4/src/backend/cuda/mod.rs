@@ -27,6 +27,7 @@
 //! Determinism: every kernel reduces in a fixed order (warp shuffles, no atomics), so the same
 //! inputs give bit-identical outputs from run to run; the self-test checks it.
 
+pub mod attn;
 pub mod cache;
 pub mod check;
 pub mod compile;

@@ -41,6 +41,7 @@ use cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
+use super::attn::{self, AttnKernels};
 use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES};
 use super::prefill::{dense_gemm, dense_sgemm, fused_fits, moe_grouped, MoeScratch, PfKernels};
 use crate::gguf::TensorInfo;
@@ -64,11 +65,13 @@ pub const LOGITS_CHUNK: usize = 256;
 const MAX_HC: usize = 8;
 /// Widest compressed row the compressor kernel supports (its shared buffer).
 const MAX_COMP_D: usize = 1024;
-/// Dynamic shared memory the attention kernel may use (H100/H200 allow 227 KiB per block).
+/// Dynamic shared memory the exact-mode attention kernel may use (H100/H200 allow 227 KiB
+/// per block).
 const ATTEND_SMEM: usize = 200 * 1024;
-/// Threads of an attention block (16 warps share a (token, head)'s rows).
+/// Threads of an exact-mode attention block (16 warps share a (token, head)'s rows).
 const ATTEND_THREADS: usize = 512;
-/// Widest head the attention kernel keeps in registers (ATT_MAXJ · 32 in forward.cu).
+/// Widest head the exact-mode attention kernel keeps in registers (ATT_MAXJ · 32 in
+/// forward.cu).
 const ATTEND_MAX_DH: usize = 512;
 /// Threads of `k_hc_pre1` (HC_PRE1_THREADS in forward.cu): 16 warps form y, one runs
 /// Sinkhorn.
@@ -76,6 +79,16 @@ pub(crate) const HC_PRE1_THREADS: u32 = 544;
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
 /// position-dependent kernels), so one graph serves this many steps.
 const DECODE_BUCKET: usize = 1024;
+
+/// Sessions created while set use the tiled (production-mode) attention and indexer kernels
+/// in exact mode too; parity.rs sets it to measure their drift on the golden fixtures.
+static FORCE_TILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes GPU sessions created from now on use the tiled attention and indexer kernels
+/// whatever the numerics mode (see [`FORCE_TILED`]).
+pub fn force_tiled_attention(on: bool) {
+    FORCE_TILED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Whether decode steps replay CUDA graphs (`DS4_CUDA_GRAPH=0` turns them off, for
 /// comparisons).
@@ -187,10 +200,9 @@ struct Kernels {
     hc_post_ring: CudaFunction,
     hc_post: CudaFunction,
     hc_head: CudaFunction,
-    compress: CudaFunction,
-    idx_scores: CudaFunction,
-    topk_rows: CudaFunction,
-    attend: CudaFunction,
+    at: AttnKernels,
+    attend_ref: CudaFunction,
+    idx_scores_ref: CudaFunction,
     ring_push: CudaFunction,
     route: CudaFunction,
     expand: CudaFunction,
@@ -220,10 +232,9 @@ impl Kernels {
             hc_post_ring: f("k_hc_post_ring")?,
             hc_post: f("k_hc_post")?,
             hc_head: f("k_hc_head")?,
-            compress: f("k_compress")?,
-            idx_scores: f("k_idx_scores")?,
-            topk_rows: f("k_topk_rows")?,
-            attend: f("k_attend")?,
+            at: AttnKernels::load(be)?,
+            attend_ref: f("k_attend")?,
+            idx_scores_ref: f("k_idx_scores_ref")?,
             ring_push: f("k_ring_push")?,
             route: f("k_route")?,
             expand: f("k_expand")?,
@@ -233,9 +244,9 @@ impl Kernels {
             sample_prep: f("k_sample_prep")?,
             pf: PfKernels::load(be)?,
         };
-        // Attention keeps one score per visible row in shared memory; long contexts at ratio
-        // 128 need more than the default 48 KiB.
-        k.attend.set_attribute(
+        // Exact-mode attention keeps one score per visible row in shared memory; long
+        // contexts at ratio 128 need more than the default 48 KiB.
+        k.attend_ref.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             ATTEND_SMEM as i32,
         )?;
@@ -326,6 +337,21 @@ pub fn unsupported(model: &Model) -> Option<String> {
     }
     if c.head_dim > ATTEND_MAX_DH || c.idx_dim > MAX_COMP_D {
         return Some(format!("head dim {} over {ATTEND_MAX_DH}", c.head_dim));
+    }
+    for il in 0..c.n_layer {
+        let r = c.ratio(il);
+        if r != 0 && r * c.compressor_width(r) / c.head_dim > attn::MAX_COMP_CAND {
+            return Some(format!(
+                "compress ratio {r} (the GPU compressor pools at most {} candidates)",
+                attn::MAX_COMP_CAND
+            ));
+        }
+    }
+    if !c.head_dim.is_multiple_of(32) || !c.idx_dim.is_multiple_of(32) {
+        return Some(format!(
+            "head dims {} / {} (the attention tiles need multiples of 32)",
+            c.head_dim, c.idx_dim
+        ));
     }
     for t in model.file.tensors() {
         let cols = t.dims.first().copied().unwrap_or(1);
@@ -573,6 +599,14 @@ struct Scratch {
     sel: CudaSlice<i32>,
     cnt: CudaSlice<i32>,
     o: CudaSlice<f32>,
+    /// Production-mode attention: scores `GPU_CHUNK × n_head × att_rows` (decode: split
+    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh`, inverse
+    /// denominators `GPU_CHUNK × n_head`.
+    att_sc: CudaSlice<f32>,
+    att_part: CudaSlice<f32>,
+    att_inv: CudaSlice<f32>,
+    /// Most rows a token attends to in any layer at this context.
+    att_rows: usize,
     low: CudaSlice<f32>,
     gids: CudaSlice<i32>,
     rl: CudaSlice<f32>,
@@ -632,6 +666,9 @@ pub struct GpuSession {
     ctx: usize,
     exact: bool,
     qat: bool,
+    /// Tiled attention and indexer kernels (production mode, or forced); else the
+    /// reference-order kernels, whose rounding the QAT golden fixture needs.
+    tiled: bool,
     layers: Vec<LayerState>,
     s: Scratch,
     graph: Option<DecodeGraph>,
@@ -649,13 +686,15 @@ impl GpuSession {
     ) -> Result<GpuSession> {
         let c = &model.cfg;
         let be = &gm.be;
+        let tiled = !exact || FORCE_TILED.load(std::sync::atomic::Ordering::Relaxed);
         for il in 0..c.n_layer {
             let ratio = c.ratio(il);
-            if ratio != 0 && ratio != 4 {
+            if !tiled && ratio != 0 && ratio != 4 {
                 let rows = c.swa + ctx / ratio;
                 if attend_smem(rows, c.head_dim) > ATTEND_SMEM {
                     return Err(CudaError::Unavailable(format!(
-                        "context {ctx} needs {rows} attention rows per token (GPU kernel takes {})",
+                        "context {ctx} needs {rows} attention rows per token (exact-mode GPU \
+                         kernel takes {})",
                         ATTEND_SMEM / 4
                     )));
                 }
@@ -722,6 +761,15 @@ impl GpuSession {
         .max()
         .unwrap_or(256)
         .next_multiple_of(256);
+        let att_rows = c.swa
+            + (0..c.n_layer)
+                .map(|il| match c.ratio(il) {
+                    0 => 0,
+                    4 => c.idx_topk,
+                    r => ctx / r,
+                })
+                .max()
+                .unwrap_or(0);
         let gids: Vec<i32> = (0..m * c.o_groups)
             .map(|i| (i % c.o_groups) as i32)
             .collect();
@@ -748,6 +796,14 @@ impl GpuSession {
             sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
             cnt: be.upload_i32(&vec![0; m])?,
             o: a(m * hd)?,
+            att_sc: a(if !tiled {
+                1
+            } else {
+                m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
+            })?,
+            att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
+            att_inv: a(m * c.n_head)?,
+            att_rows,
             low: a(m * c.o_groups * c.o_lora_rank)?,
             gids: be.upload_i32(&gids)?,
             rl: a(m * c.n_expert)?,
@@ -823,6 +879,7 @@ impl GpuSession {
             ctx,
             exact,
             qat,
+            tiled,
             layers,
             s,
             graph: None,
@@ -1467,36 +1524,29 @@ impl GpuSession {
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
                 lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
                 lin(&w.gate, p(&s.y), n, p(&s.csc))?;
-                let inv_sqrt = (1.0 / (cs.d as f64).sqrt()) as f32;
-                launch!(
-                    st,
-                    k.compress,
-                    (1, 1, 1),
-                    (256, 1, 1),
-                    0,
-                    [
-                        p(&s.ckv),
-                        p(&s.csc),
-                        p(&w.ape),
-                        p(&cs.kv),
-                        p(&cs.sc),
-                        p(&cs.rows),
-                        p(&w.norm),
-                        ptr(&l.freqs, st),
-                        ni,
-                        p0l,
-                        cs.ratio as i32,
-                        cs.d as i32,
-                        cs.coff as i32,
-                        half,
-                        eps,
-                        kind,
-                        qat,
-                        exact,
-                        inv_sqrt
-                    ]
-                );
-                Ok(())
+                let args = attn::Compress {
+                    n,
+                    kvp: p(&s.ckv),
+                    scp: p(&s.csc),
+                    ape: p(&w.ape),
+                    skv: p(&cs.kv),
+                    ssc: p(&cs.sc),
+                    rows: p(&cs.rows),
+                    norm: p(&w.norm),
+                    freqs: ptr(&l.freqs, st),
+                    p0: p0l,
+                    ratio: cs.ratio,
+                    d: cs.d,
+                    coff: cs.coff,
+                    half: half as usize,
+                    eps,
+                    kind,
+                    qat: self.qat,
+                    exact: self.exact,
+                };
+                // SAFETY: ckv/csc hold n rows of the widest compressor; the frontier is
+                // coff·r × W; rows were grown to (p0 + n) / r before queueing.
+                unsafe { attn::compress(st, &k.at, &args) }
             };
             if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
                 compress(w, cs, 0)?;
@@ -1536,41 +1586,63 @@ impl GpuSession {
                         0,
                         [p(&s.iw), scale, cnt]
                     );
-                    launch!(
-                        st,
-                        k.idx_scores,
-                        ((vis_max as u32).div_ceil(8), n32, 1),
-                        (256, 1, 1),
-                        0,
-                        [
-                            p(&s.iq),
-                            p(&s.iw),
-                            p(&cs.rows),
-                            ih as i32,
-                            id as i32,
-                            p0l,
-                            4i32,
-                            p(&s.isc),
-                            s.isc_ld as i32
-                        ]
-                    );
+                    if !self.tiled {
+                        launch!(
+                            st,
+                            k.idx_scores_ref,
+                            ((vis_max as u32).div_ceil(8), n32, 1),
+                            (256, 1, 1),
+                            0,
+                            [
+                                p(&s.iq),
+                                p(&s.iw),
+                                p(&cs.rows),
+                                ih as i32,
+                                id as i32,
+                                p0l,
+                                4i32,
+                                p(&s.isc),
+                                s.isc_ld as i32
+                            ]
+                        );
+                    } else {
+                        // SAFETY: iq/iw hold n tokens of ih heads; the indexer rows hold
+                        // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.
+                        unsafe {
+                            attn::idx_scores(
+                                st,
+                                &k.at,
+                                n,
+                                p(&s.iq),
+                                p(&s.iw),
+                                p(&cs.rows),
+                                ih,
+                                id,
+                                p0l,
+                                4,
+                                vis_max,
+                                p(&s.isc),
+                                s.isc_ld,
+                            )?
+                        };
+                    }
                 }
-                launch!(
-                    st,
-                    k.topk_rows,
-                    (n32, 1, 1),
-                    (1024, 1, 1),
-                    0,
-                    [
+                // SAFETY: sel is GPU_CHUNK × idx_topk, cnt GPU_CHUNK; scores are read only
+                // for tokens with more than idx_topk visible rows (written above).
+                unsafe {
+                    attn::topk(
+                        st,
+                        &k.at,
+                        n,
                         p(&s.isc),
-                        s.isc_ld as i32,
+                        s.isc_ld,
                         p0l,
-                        4i32,
-                        c.idx_topk as i32,
+                        4,
+                        c.idx_topk,
                         pi(&s.sel),
-                        pi(&s.cnt)
-                    ]
-                );
+                        pi(&s.cnt),
+                    )?
+                };
             }
             // Attention over the raw window and the compressed rows.
             {
@@ -1580,36 +1652,74 @@ impl GpuSession {
                     r => pb / r,
                 };
                 let rows_cap = c.swa + max_comp;
-                let smem = attend_smem(rows_cap, c.head_dim);
                 let comp_rows = ls.comp.as_ref().map_or(0, |cs| p(&cs.rows));
-                let scale = 1.0 / (c.head_dim as f32).sqrt();
-                launch!(
-                    st,
-                    k.attend,
-                    (n32 * c.n_head as u32, 1, 1),
-                    (ATTEND_THREADS as u32, 1, 1),
-                    smem,
-                    [
-                        p(&s.q),
-                        p(&s.kv),
-                        p(&ls.ring),
-                        comp_rows,
-                        pi(&s.sel),
-                        pi(&s.cnt),
-                        c.idx_topk as i32,
-                        l.ratio as i32,
-                        p0l,
-                        c.swa as i32,
-                        c.head_dim as i32,
-                        c.n_head as i32,
-                        p(&l.sinks),
-                        scale,
-                        half,
-                        ptr(&l.freqs, st),
-                        p(&s.o),
-                        rows_cap as i32
-                    ]
-                );
+                if !self.tiled {
+                    // Exact mode: the reference-order kernel (one block per (token, head)).
+                    let smem = attend_smem(rows_cap, c.head_dim);
+                    let scale = 1.0 / (c.head_dim as f32).sqrt();
+                    launch!(
+                        st,
+                        k.attend_ref,
+                        (n32 * c.n_head as u32, 1, 1),
+                        (ATTEND_THREADS as u32, 1, 1),
+                        smem,
+                        [
+                            p(&s.q),
+                            p(&s.kv),
+                            p(&ls.ring),
+                            comp_rows,
+                            pi(&s.sel),
+                            pi(&s.cnt),
+                            c.idx_topk as i32,
+                            l.ratio as i32,
+                            p0l,
+                            c.swa as i32,
+                            c.head_dim as i32,
+                            c.n_head as i32,
+                            p(&l.sinks),
+                            scale,
+                            half,
+                            ptr(&l.freqs, st),
+                            p(&s.o),
+                            rows_cap as i32
+                        ]
+                    );
+                } else {
+                    if rows_cap > s.att_rows {
+                        return Err(CudaError::Invalid(format!(
+                            "position {pb} past the session's context ({} attention rows)",
+                            s.att_rows
+                        )));
+                    }
+                    let args = attn::Attend {
+                        n,
+                        q: p(&s.q),
+                        ckv: p(&s.kv),
+                        ring: p(&ls.ring),
+                        comp: comp_rows,
+                        sel: pi(&s.sel),
+                        cnt: pi(&s.cnt),
+                        sel_ld: c.idx_topk,
+                        ratio: l.ratio,
+                        p0: p0l,
+                        swa: c.swa,
+                        dh: c.head_dim,
+                        n_head: c.n_head,
+                        sinks: p(&l.sinks),
+                        scale: 1.0 / (c.head_dim as f32).sqrt(),
+                        half: half as usize,
+                        freqs: ptr(&l.freqs, st),
+                        o: p(&s.o),
+                        sc: p(&s.att_sc),
+                        part: p(&s.att_part),
+                        inv: p(&s.att_inv),
+                        nsplit: attn::split_for(n),
+                        rows_cap,
+                    };
+                    // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
+                    // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
+                    unsafe { attn::attend(st, &k.at, &args)? };
+                }
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
             {
@@ -1850,7 +1960,8 @@ impl GpuSession {
     }
 }
 
-/// Shared memory of one attention block: a score per row and a partial output per warp.
+/// Shared memory of one exact-mode attention block: a score per row and a partial output per
+/// warp.
 fn attend_smem(rows: usize, dh: usize) -> usize {
     (rows + ATTEND_THREADS / 32 * dh) * 4
 }

@@ -794,69 +794,15 @@ extern "C" __global__ void k_hc_head(const float* __restrict__ x, const float* _
 
 // ---------------------------------------------------------------- compressor (cache.rs)
 
-// Feeds n tokens (positions p0..) through one compressor, in order, in a single block: adds
-// the position bias to the gate projections, stores both in the frontier, and at each
-// window's last token pools it (softmax over the candidates per dim), normalises, rotates
-// at the window's first position, finishes the row and appends it to `rows`.
-extern "C" __global__ void k_compress(const float* __restrict__ kvp, const float* __restrict__ scp,
-                                      const float* __restrict__ ape, float* __restrict__ skv,
-                                      float* __restrict__ ssc, float* __restrict__ rows,
-                                      const float* __restrict__ norm,
-                                      const double* __restrict__ freqs, int n, const long long* __restrict__ p0p,
-                                      int r, int d, int coff, int half, float eps, int kind,
-                                      int qat, int exact, float inv_sqrt_d) {
-    const long long p0 = *p0p;
-    __shared__ double sh[33];
-    __shared__ float pooled[1024];
-    int wd = coff * d;
-    for (int t = 0; t < n; t++) {
-        long long pos = p0 + t;
-        int slot = (coff - 1) * r + (int)(pos % r);
-        const float* a = ape + (pos % r) * wd;
-        for (int i = threadIdx.x; i < wd; i += blockDim.x) {
-            ssc[slot * wd + i] = scp[(long long)t * wd + i] + a[i];
-            skv[slot * wd + i] = kvp[(long long)t * wd + i];
-        }
-        __syncthreads();
-        if ((pos + 1) % r != 0) continue;
-        int n_cand = coff * r;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) {
-            float m = NEG_INF;
-            for (int c = 0; c < n_cand; c++) {
-                int k = (coff == 2 && c >= r) ? c * wd + d + i : c * wd + i;
-                m = fmaxf(m, ssc[k]);
-            }
-            float num = 0.0f, den = 0.0f;
-            for (int c = 0; c < n_cand; c++) {
-                int k = (coff == 2 && c >= r) ? c * wd + d + i : c * wd + i;
-                float e = expf(ssc[k] - m);
-                den += e;
-                num += e * skv[k];
-            }
-            pooled[i] = num / den;
-        }
-        __syncthreads();
-        float s = rms_scale_block(pooled, d, eps, sh);
-        for (int i = threadIdx.x; i < d; i += blockDim.x) pooled[i] = pooled[i] * s * norm[i];
-        __syncthreads();
-        rope_tail(pooled, d, half, freqs, pos + 1 - r, false);
-        finish_row(pooled, d, d - 2 * half, kind, qat, exact, inv_sqrt_d);
-        long long row = (pos + 1) / r - 1;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) rows[row * d + i] = pooled[i];
-        if (coff == 2)
-            for (int i = threadIdx.x; i < r * wd; i += blockDim.x) {
-                skv[i] = skv[r * wd + i];
-                ssc[i] = ssc[r * wd + i];
-            }
-        __syncthreads();
-    }
-}
+// k_comp_pool / k_comp_state in attn.cu.
 
 // ---------------------------------------------------------------- indexer (attention.rs select)
 
+// Exact mode (the reference order: a warp per row, lane-strided dots, butterfly sums, heads
+// in order); production mode uses the tiled k_idx_scores of attn.cu.
 // score[t][row] = Σ_h w_h·max(0, q_h·K_row) for rows visible to token t (one warp per row;
 // grid: x = row blocks of 8, y = token).
-extern "C" __global__ void k_idx_scores(const float* __restrict__ q, const float* __restrict__ w,
+extern "C" __global__ void k_idx_scores_ref(const float* __restrict__ q, const float* __restrict__ w,
                                         const float* __restrict__ krows, int n_head, int id,
                                         const long long* __restrict__ p0p, int r, float* __restrict__ scores,
                                         int ld) {
@@ -892,6 +838,7 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
     const long long p0 = *p0p;
     __shared__ unsigned hist[256];
     __shared__ unsigned sh_prefix, sh_rem;
+    __shared__ unsigned wsum[8];
     __shared__ int shs[33];
     int t = blockIdx.x;
     int n_t = (int)((p0 + t + 1) / r);
@@ -912,18 +859,28 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
             if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            unsigned acc = 0;
-            for (int dg = 255; dg >= 0; dg--) {
-                if (acc + hist[dg] >= rem) {
-                    prefix |= (unsigned)dg << shift;
-                    rem -= acc;
-                    break;
-                }
-                acc += hist[dg];
+        // The digit holding the rem-th largest key: the one bin whose suffix count (keys
+        // with this digit or a higher one) reaches rem while the bins above it do not. A
+        // thread per bin takes its suffix count from a warp scan plus the warps above.
+        unsigned hv = 0, suf = 0;
+        if (threadIdx.x < 256) {
+            int l = threadIdx.x & 31;
+            hv = hist[threadIdx.x];
+            suf = hv;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                unsigned u = __shfl_down_sync(0xffffffffu, suf, o);
+                if (l + o < 32) suf += u;
             }
-            sh_prefix = prefix;
-            sh_rem = rem;
+            if (l == 0) wsum[threadIdx.x >> 5] = suf;
+        }
+        __syncthreads();
+        if (threadIdx.x < 256) {
+            for (int w2 = (threadIdx.x >> 5) + 1; w2 < 8; w2++) suf += wsum[w2];
+            if (suf >= rem && suf - hv < rem) {
+                sh_prefix = prefix | ((unsigned)threadIdx.x << shift);
+                sh_rem = rem - (suf - hv);
+            }
         }
         __syncthreads();
         prefix = sh_prefix;
@@ -950,6 +907,8 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
 
 // ---------------------------------------------------------------- attention (§3.3 steps 5-6)
 
+// Exact mode (kept for its summation order: the QAT fixture's FP8 rounding amplifies any
+// other order; see bench/RESULTS.md, branch pa); production mode uses attn.cu's tiled passes.
 // One block per (token, head): scores over the token's raw window (this chunk's rows from
 // `ckv`, older ones from the ring) and its compressed rows (the selection for ratio 4, all
 // visible for ratio 128), sink-aware softmax, weighted sum of the rows (K = V), then the

@@ -1,0 +1,359 @@
+//! Launches of the attention-side kernels (kernels/attn.cu): tiled sink-aware attention
+//! (scores, softmax, weighted sum + inverse RoPE), the lightning indexer's scores and exact
+//! top-k, and the KV compressor parallel over windows. Shared by the GPU session and the
+//! self-test (`check.rs`), which runs them on random data against CPU references.
+//!
+//! Every pointer argument is a raw device address (`u64`); the caller guarantees the buffers
+//! are live and sized as each function states.
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::device::{CudaBackend, Result};
+
+/// Tile edge of the attention kernels (heads × rows, heads × dims).
+const AT_T: usize = 32;
+/// Row tile of the indexer scores kernel.
+const IX_T: usize = 64;
+
+macro_rules! launch {
+    ($st:expr, $f:expr, $grid:expr, $block:expr, [$($a:expr),* $(,)?]) => {{
+        let cfg = LaunchConfig {
+            grid_dim: $grid,
+            block_dim: $block,
+            shared_mem_bytes: 0,
+        };
+        let mut b = $st.launch_builder(&$f);
+        $( let v = $a; b.arg(&v); )*
+        // SAFETY: the argument list matches the kernel's signature in attn.cu / forward.cu;
+        // the caller of the enclosing unsafe function vouches for the buffers.
+        unsafe { b.launch(cfg) }?;
+    }};
+}
+
+/// The kernels of kernels/attn.cu (and the top-k of forward.cu).
+pub struct AttnKernels {
+    scores: CudaFunction,
+    softmax: CudaFunction,
+    out: CudaFunction,
+    combine: CudaFunction,
+    idx_scores: CudaFunction,
+    topk: CudaFunction,
+    comp_pool: CudaFunction,
+    comp_state: CudaFunction,
+}
+
+impl AttnKernels {
+    /// Looks the kernels up in the backend's module.
+    pub fn load(be: &CudaBackend) -> Result<AttnKernels> {
+        let f = |n: &str| be.function(n);
+        Ok(AttnKernels {
+            scores: f("k_att_scores")?,
+            softmax: f("k_att_softmax")?,
+            out: f("k_att_out")?,
+            combine: f("k_att_combine")?,
+            idx_scores: f("k_idx_scores")?,
+            topk: f("k_topk_rows")?,
+            comp_pool: f("k_comp_pool")?,
+            comp_state: f("k_comp_state")?,
+        })
+    }
+}
+
+/// Attention of `n` tokens at positions `*p0..` (model.md §3.3 steps 5–6).
+pub struct Attend {
+    pub n: usize,
+    /// Rotated queries, `n × n_head × dh`.
+    pub q: u64,
+    /// This chunk's KV rows, `n × dh`.
+    pub ckv: u64,
+    /// Raw window ring, `swa × dh` (position p in row p mod swa).
+    pub ring: u64,
+    /// Compressed rows (`dh` wide), 0 when `ratio == 0`.
+    pub comp: u64,
+    /// Ratio 4: selected compressed rows per token (`sel_ld` apart) and their counts.
+    pub sel: u64,
+    pub cnt: u64,
+    pub sel_ld: usize,
+    pub ratio: usize,
+    /// Device i64: position of the chunk's first token.
+    pub p0: u64,
+    pub swa: usize,
+    pub dh: usize,
+    pub n_head: usize,
+    pub sinks: u64,
+    pub scale: f32,
+    /// RoPE pairs of the tail and the layer's f64 frequencies.
+    pub half: usize,
+    pub freqs: u64,
+    /// Output, `n × n_head × dh`.
+    pub o: u64,
+    /// Scratch: `nsplit × n × n_head × rows_cap` scores, `n × n_head` inverse denominators
+    /// and (`nsplit > 1`) `nsplit × n × n_head × dh` partial outputs.
+    pub sc: u64,
+    pub inv: u64,
+    pub part: u64,
+    /// Split of the dims (scores) and of the rows (output) over more blocks: 1 for chunks,
+    /// [`DECODE_SPLIT`] for a few tokens.
+    pub nsplit: usize,
+    /// Most rows any token of the launch attends to (`swa` + most compressed rows).
+    pub rows_cap: usize,
+}
+
+/// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
+/// [`DECODE_SPLIT`] up to 8 tokens (`DS4_CUDA_ATT_SPLIT=1..4` overrides it, for
+/// measurements), 1 for chunks.
+pub fn split_for(n: usize) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let o = OVERRIDE.get_or_init(|| {
+        std::env::var("DS4_CUDA_ATT_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| (1..=DECODE_SPLIT).contains(v))
+    });
+    if n <= 8 {
+        o.unwrap_or(DECODE_SPLIT)
+    } else {
+        1
+    }
+}
+
+/// Split of a decode step's attention passes.
+pub const DECODE_SPLIT: usize = 4;
+
+/// Queues the attention passes (scores, softmax, weighted sum, and the combine of the splits
+/// when `nsplit > 1`).
+///
+/// # Safety
+/// Every pointer of `a` must be a live device buffer of the size its field states.
+pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
+    let ht = a.n_head.div_ceil(AT_T) as u32;
+    let (ns, ld) = (a.nsplit.max(1), a.rows_cap as i32);
+    let nz = (a.n * ns) as u32;
+    let (ratio, swa, dh, nh) = (a.ratio as i32, a.swa as i32, a.dh as i32, a.n_head as i32);
+    launch!(
+        st,
+        k.scores,
+        (a.rows_cap.div_ceil(AT_T) as u32, ht, nz),
+        (256, 1, 1),
+        [
+            a.q,
+            a.ckv,
+            a.ring,
+            a.comp,
+            a.sel,
+            a.cnt,
+            a.sel_ld as i32,
+            ratio,
+            a.p0,
+            swa,
+            dh,
+            nh,
+            a.sc,
+            ld,
+            ns as i32
+        ]
+    );
+    launch!(
+        st,
+        k.softmax,
+        ((a.n * a.n_head) as u32, 1, 1),
+        (128, 1, 1),
+        [a.sc, a.inv, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld, a.scale, ns as i32]
+    );
+    launch!(
+        st,
+        k.out,
+        ((a.dh / AT_T) as u32, ht, nz),
+        (256, 1, 1),
+        [
+            a.sc,
+            a.inv,
+            a.ckv,
+            a.ring,
+            a.comp,
+            a.sel,
+            a.cnt,
+            a.sel_ld as i32,
+            ratio,
+            a.p0,
+            swa,
+            dh,
+            nh,
+            a.half as i32,
+            a.freqs,
+            a.o,
+            ld,
+            ns as i32,
+            a.part
+        ]
+    );
+    if ns > 1 {
+        launch!(
+            st,
+            k.combine,
+            ((a.n * a.n_head) as u32, 1, 1),
+            (256, 1, 1),
+            [
+                a.part,
+                a.inv,
+                a.n as i32,
+                nh,
+                dh,
+                ns as i32,
+                a.half as i32,
+                a.freqs,
+                a.p0,
+                a.o
+            ]
+        );
+    }
+    Ok(())
+}
+
+/// Indexer scores of `n` tokens over the rows visible to each (`(p+1) / ratio`), at most
+/// `vis_max` for any token: `scores[t·ld + row]`.
+///
+/// # Safety
+/// `q`: `n × n_head × id`; `w`: `n × n_head`; `krows`: `vis_max × id`; `scores`: `n × ld`
+/// with `ld ≥ vis_max`; `p0` a device i64.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn idx_scores(
+    st: &CudaStream,
+    k: &AttnKernels,
+    n: usize,
+    q: u64,
+    w: u64,
+    krows: u64,
+    n_head: usize,
+    id: usize,
+    p0: u64,
+    ratio: usize,
+    vis_max: usize,
+    scores: u64,
+    ld: usize,
+) -> Result<()> {
+    launch!(
+        st,
+        k.idx_scores,
+        (vis_max.div_ceil(IX_T).max(1) as u32, n as u32, 1),
+        (256, 1, 1),
+        [
+            q,
+            w,
+            krows,
+            n_head as i32,
+            id as i32,
+            p0,
+            ratio as i32,
+            scores,
+            ld as i32
+        ]
+    );
+    Ok(())
+}
+
+/// Per token, the `topk` best visible rows by score (all of them when at most `topk` are
+/// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`.
+///
+/// # Safety
+/// `scores`: `n × ld` (read only where more than `topk` rows are visible); `sel`:
+/// `n × topk` i32; `cnt`: `n` i32; `p0` a device i64.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn topk(
+    st: &CudaStream,
+    k: &AttnKernels,
+    n: usize,
+    scores: u64,
+    ld: usize,
+    p0: u64,
+    ratio: usize,
+    topk: usize,
+    sel: u64,
+    cnt: u64,
+) -> Result<()> {
+    launch!(
+        st,
+        k.topk,
+        (n as u32, 1, 1),
+        (1024, 1, 1),
+        [scores, ld as i32, p0, ratio as i32, topk as i32, sel, cnt]
+    );
+    Ok(())
+}
+
+/// One compressor fed `n` tokens at positions `*p0..` (cache.rs `Compressor::push` per token,
+/// then the row finishing of attention.rs `compress`).
+pub struct Compress {
+    pub n: usize,
+    /// Projections of the chunk, `n × coff·d` (values and gate scores without the bias).
+    pub kvp: u64,
+    pub scp: u64,
+    /// Position bias, `r × coff·d`.
+    pub ape: u64,
+    /// Frontier, `coff·r × coff·d` values and scores.
+    pub skv: u64,
+    pub ssc: u64,
+    /// Rows (`d` wide), room for `(p0 + n) / r`.
+    pub rows: u64,
+    pub norm: u64,
+    pub freqs: u64,
+    pub p0: u64,
+    pub ratio: usize,
+    pub d: usize,
+    pub coff: usize,
+    pub half: usize,
+    pub eps: f32,
+    /// Row finishing: 0 = KV (FP8 QAT), 1 = indexer (Hadamard + FP4).
+    pub kind: i32,
+    pub qat: bool,
+    pub exact: bool,
+}
+
+/// Most candidates a pooled window has (`coff · ratio`, the kernel's table).
+pub const MAX_COMP_CAND: usize = 256;
+
+/// Queues the windows' pooling (one block per window closing in the chunk) and the frontier
+/// update. `coff · ratio` must not exceed [`MAX_COMP_CAND`], nor `d` 1024.
+///
+/// # Safety
+/// Every pointer of `c` must be a live device buffer of the size its field states.
+pub unsafe fn compress(st: &CudaStream, k: &AttnKernels, c: &Compress) -> Result<()> {
+    let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
+    let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
+    let threads = c.d.next_multiple_of(32).min(1024) as u32;
+    launch!(
+        st,
+        k.comp_pool,
+        ((c.n / c.ratio + 1) as u32, 1, 1),
+        (threads, 1, 1),
+        [
+            c.kvp,
+            c.scp,
+            c.ape,
+            c.skv,
+            c.ssc,
+            c.rows,
+            c.norm,
+            c.freqs,
+            n,
+            c.p0,
+            r,
+            d,
+            coff,
+            c.half as i32,
+            c.eps,
+            c.kind,
+            c.qat as i32,
+            c.exact as i32,
+            inv_sqrt
+        ]
+    );
+    launch!(
+        st,
+        k.comp_state,
+        (c.ratio as u32, 1, 1),
+        (256, 1, 1),
+        [c.kvp, c.scp, c.ape, c.skv, c.ssc, n, c.p0, r, d, coff]
+    );
+    Ok(())
+}

@@ -1,0 +1,532 @@
+// ds4 CUDA kernels of the attention side (model.md §3.3): sink-aware attention as three
+// tiled passes (scores, softmax, weighted sum + inverse RoPE), the lightning indexer's
+// scores as a tiled product, and the KV compressor parallel over windows. Appended after
+// forward.cu by compile.rs (same module; uses its helpers).
+//
+// Attention: every row a token attends to is one shared Dh-wide K = V row (MQA-like), so a
+// block computes a tile of 32 heads × 32 rows (scores) or 32 heads × 32 dims (output) and
+// stages the rows in shared memory once for all 32 heads, instead of every head re-reading
+// them. Arithmetic is f32 (`fmaf` dots); only the summation order differs from the CPU's
+// (each dot or row sum is split in four fixed parts added in a fixed order: deterministic).
+
+#define AT_T 32  // tile edge (heads, rows, dims)
+#define AT_P 33  // padded shared row
+
+// The rows token t attends to, as in attention.rs RowSource: raw positions lo..=p (this
+// chunk's from `ckv`, older ones from the ring), then the compressed rows (the selection for
+// ratio 4, all visible for other ratios).
+struct AttRows {
+    const float* ckv;
+    const float* ring;
+    const float* comp;
+    const int* sel;
+    long long p0, lo;
+    int n_raw, n_rows, ratio, swa, dh;
+};
+
+__device__ __forceinline__ AttRows att_rows(const float* ckv, const float* ring,
+                                            const float* comp, const int* sel,
+                                            const int* cnt, int sel_ld, int ratio,
+                                            long long p0, int t, int swa, int dh) {
+    AttRows a;
+    long long p = p0 + t;
+    a.ckv = ckv;
+    a.ring = ring;
+    a.comp = comp;
+    a.sel = sel + (long long)t * sel_ld;
+    a.p0 = p0;
+    a.lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
+    a.n_raw = (int)(p - a.lo + 1);
+    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
+    a.n_rows = a.n_raw + n_comp;
+    a.ratio = ratio;
+    a.swa = swa;
+    a.dh = dh;
+    return a;
+}
+
+__device__ __forceinline__ const float* att_row(const AttRows& a, int rr) {
+    if (rr < a.n_raw) {
+        long long q = a.lo + rr;
+        return q >= a.p0 ? a.ckv + (q - a.p0) * a.dh : a.ring + (q % a.swa) * a.dh;
+    }
+    long long c = a.ratio == 4 ? (long long)a.sel[rr - a.n_raw] : (long long)(rr - a.n_raw);
+    return a.comp + c * a.dh;
+}
+
+// Pass 1: sc[s][(t·H + h)·ld + r] = q_{t,h}·K_r over the s-th of `nsplit` ranges of the
+// dims (pass 2 adds the ranges in order and scales), for the token's rows. grid: x = row
+// tiles, y = head tiles, z = token·nsplit + s; 256 threads = 4 groups (32-dim chunks of the
+// range round robin) of 64 threads (4 heads × 4 rows each). nsplit > 1 gives a decode step
+// more blocks with shorter chains.
+extern "C" __global__ void __launch_bounds__(256)
+    k_att_scores(const float* __restrict__ q, const float* __restrict__ ckv,
+                 const float* __restrict__ ring, const float* __restrict__ comp,
+                 const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld,
+                 int ratio, const long long* __restrict__ p0p, int swa, int dh, int n_head,
+                 float* __restrict__ sc, int ld, int nsplit) {
+    __shared__ float sm[4 * 2 * AT_T * AT_P];
+    const int t = blockIdx.z / nsplit, sp = blockIdx.z % nsplit;
+    const int n = gridDim.z / nsplit, r0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, *p0p, t, swa, dh);
+    if (r0 >= a.n_rows) return;
+    sc += (long long)sp * n * n_head * ld;
+    const int g = threadIdx.x >> 6, lt = threadIdx.x & 63;
+    const int ty = lt >> 3, tx = lt & 7;
+    float* qs = sm + g * 2 * AT_T * AT_P;
+    float* ks = qs + AT_T * AT_P;
+    // Each of the group's threads loads rows lt/8 + 8i, float4 column lt%8 of a chunk.
+    const float* qrow[4];
+    const float* krow[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int hh = h0 + ty + 8 * i, rr = r0 + ty + 8 * i;
+        qrow[i] = hh < n_head ? q + ((long long)t * n_head + hh) * dh : nullptr;
+        krow[i] = rr < a.n_rows ? att_row(a, rr) : nullptr;
+    }
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const int nch = dh / AT_T;
+    const int c_lo = sp * nch / nsplit, c_hi = (sp + 1) * nch / nsplit;
+    for (int it = 0; it < (c_hi - c_lo + 3) / 4; it++) {
+        int ch = c_lo + it * 4 + g;
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float4 qv = make_float4(0.f, 0.f, 0.f, 0.f), kv = qv;
+            if (ch < c_hi) {
+                if (qrow[i]) qv = *(const float4*)(qrow[i] + ch * AT_T + 4 * tx);
+                if (krow[i]) kv = *(const float4*)(krow[i] + ch * AT_T + 4 * tx);
+            }
+            float* qd = qs + (ty + 8 * i) * AT_P + 4 * tx;
+            float* kd = ks + (ty + 8 * i) * AT_P + 4 * tx;
+            qd[0] = qv.x, qd[1] = qv.y, qd[2] = qv.z, qd[3] = qv.w;
+            kd[0] = kv.x, kd[1] = kv.y, kd[2] = kv.z, kd[3] = kv.w;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int e = 0; e < AT_T; e++) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) av[i] = qs[(ty + 8 * i) * AT_P + e];
+#pragma unroll
+            for (int j = 0; j < 4; j++) bv[j] = ks[(tx + 8 * j) * AT_P + e];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+    }
+    __syncthreads();
+    float* red = sm;  // 4 × 32 × 32 partials
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            red[g * AT_T * AT_T + (ty + 8 * i) * AT_T + tx + 8 * j] = acc[i][j];
+    __syncthreads();
+    for (int o = threadIdx.x; o < AT_T * AT_T; o += blockDim.x) {
+        int hh = h0 + o / AT_T, rr = r0 + o % AT_T;
+        if (hh >= n_head || rr >= a.n_rows) continue;
+        float v = ((red[o] + red[AT_T * AT_T + o]) + red[2 * AT_T * AT_T + o]) +
+                  red[3 * AT_T * AT_T + o];
+        sc[((long long)t * n_head + hh) * ld + rr] = v;
+    }
+}
+
+// Pass 2, a block per (token, head): s_r = scale · Σ_split partial_r (the pass-1 dim ranges
+// in order), m = max(sink, max_r s_r), s_r ← e^{s_r−m} in place (split 0's buffer),
+// inv[t·H + h] = 1 / (e^{sink−m} + Σ_r e^{s_r−m}). Fixed-tree block reductions.
+extern "C" __global__ void k_att_softmax(float* __restrict__ sc, float* __restrict__ inv,
+                                         const int* __restrict__ cnt, int ratio,
+                                         const long long* __restrict__ p0p, int swa,
+                                         int n_head, int n, const float* __restrict__ sinks,
+                                         int ld, float scale, int ssplit) {
+    __shared__ float shf[33];
+    const long long p0 = *p0p;
+    const int th = blockIdx.x, t = th / n_head, h = th % n_head;
+    long long p = p0 + t;
+    long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
+    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
+    int n_rows = (int)(p - lo + 1) + n_comp;
+    float* s = sc + (long long)th * ld;
+    const long long stride = (long long)n * n_head * ld;
+    float sink = sinks[h];
+    float m = NEG_INF;
+    for (int r = threadIdx.x; r < n_rows; r += blockDim.x) {
+        float v = s[r];
+        for (int k = 1; k < ssplit; k++) v += s[k * stride + r];
+        v = v * scale;
+        s[r] = v;
+        m = fmaxf(m, v);
+    }
+    m = fmaxf(block_max_f(m, shf), sink);
+    float sum = 0.0f;
+    for (int r = threadIdx.x; r < n_rows; r += blockDim.x) {
+        float e = expf(s[r] - m);
+        s[r] = e;
+        sum += e;
+    }
+    sum = block_sum_f(sum, shf);
+    if (threadIdx.x == 0) inv[th] = 1.0f / (expf(sink - m) + sum);
+}
+
+// Pass 3: o[t][h][e] = inv_{t,h} · Σ_r w_{t,h,r}·K_r[e] (weights from pass 2), then the
+// inverse RoPE of the tail at the token's position. grid: x = dim tiles, y = head tiles, z =
+// token·nsplit + s; 256 threads = 4 groups (32-row chunks of the s-th of nsplit row ranges,
+// round robin) of 64 threads (4 heads × 4 dims each). nsplit > 1 (decode): the block stores
+// its range's sum in `part` and k_att_combine finishes.
+extern "C" __global__ void __launch_bounds__(256)
+    k_att_out(const float* __restrict__ sc, const float* __restrict__ inv,
+              const float* __restrict__ ckv, const float* __restrict__ ring,
+              const float* __restrict__ comp, const int* __restrict__ sel,
+              const int* __restrict__ cnt, int sel_ld, int ratio,
+              const long long* __restrict__ p0p, int swa, int dh, int n_head, int half,
+              const double* __restrict__ freqs, float* __restrict__ o, int ld, int nsplit,
+              float* __restrict__ part) {
+    __shared__ float sm[4 * 2 * AT_T * AT_P];
+    __shared__ float rc[AT_T / 2], rs[AT_T / 2];
+    const int t = blockIdx.z / nsplit, sp = blockIdx.z % nsplit, n = gridDim.z / nsplit;
+    const int d0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
+    const long long p0 = *p0p;
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
+    const int g = threadIdx.x >> 6, lt = threadIdx.x & 63;
+    const int ty = lt >> 3, tx = lt & 7;
+    float* ps = sm + g * 2 * AT_T * AT_P;
+    float* ks = ps + AT_T * AT_P;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    const int nall = (a.n_rows + AT_T - 1) / AT_T;
+    const int c_lo = sp * nall / nsplit, nch = (sp + 1) * nall / nsplit;
+    for (int it = 0; it < (nch - c_lo + 3) / 4; it++) {
+        int ch = c_lo + it * 4 + g;
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = ty + 8 * i;  // head (weights) / row (K) inside the tile
+            int rr = ch * AT_T + row;
+            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (ch < nch && rr < a.n_rows) kv = *(const float4*)(att_row(a, rr) + d0 + 4 * tx);
+            float* kd = ks + row * AT_P + 4 * tx;
+            kd[0] = kv.x, kd[1] = kv.y, kd[2] = kv.z, kd[3] = kv.w;
+            int hh = h0 + row;
+            float* pd = ps + row * AT_P + 4 * tx;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int r2 = ch * AT_T + 4 * tx + k;
+                pd[k] = (ch < nch && hh < n_head && r2 < a.n_rows)
+                            ? sc[((long long)t * n_head + hh) * ld + r2]
+                            : 0.0f;
+            }
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int r = 0; r < AT_T; r++) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) av[i] = ps[(ty + 8 * i) * AT_P + r];
+#pragma unroll
+            for (int j = 0; j < 4; j++) bv[j] = ks[r * AT_P + tx + 8 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+    }
+    __syncthreads();
+    float* red = sm;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            red[g * AT_T * AT_T + (ty + 8 * i) * AT_T + tx + 8 * j] = acc[i][j];
+    if (nsplit > 1) {
+        __syncthreads();
+        for (int x = threadIdx.x; x < AT_T * AT_T; x += blockDim.x) {
+            int hh = h0 + x / AT_T;
+            if (hh >= n_head) continue;
+            float v = ((red[x] + red[AT_T * AT_T + x]) + red[2 * AT_T * AT_T + x]) +
+                      red[3 * AT_T * AT_T + x];
+            part[(((long long)sp * n + t) * n_head + hh) * dh + d0 + x % AT_T] = v;
+        }
+        return;
+    }
+    // Rotation of the tail pairs inside this tile (the tail starts at an even dim and
+    // tiles are 32-aligned, so no pair straddles two tiles).
+    const int off = dh - 2 * half;
+    if (threadIdx.x < AT_T / 2) {
+        int e = d0 + 2 * threadIdx.x;
+        if (e >= off) {
+            double s, c;
+            sincos((double)(p0 + t) * freqs[(e - off) / 2], &s, &c);
+            rc[threadIdx.x] = (float)c;
+            rs[threadIdx.x] = -(float)s;
+        }
+    }
+    __syncthreads();
+    float* fin = sm + 4 * AT_T * AT_T;
+    for (int x = threadIdx.x; x < AT_T * AT_T; x += blockDim.x) {
+        int hh = h0 + x / AT_T;
+        float v = ((red[x] + red[AT_T * AT_T + x]) + red[2 * AT_T * AT_T + x]) +
+                  red[3 * AT_T * AT_T + x];
+        fin[x] = hh < n_head ? v * inv[(long long)t * n_head + hh] : 0.0f;
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < AT_T * AT_T / 2; x += blockDim.x) {
+        int hl = x / (AT_T / 2), pr = x % (AT_T / 2);
+        int hh = h0 + hl, e = d0 + 2 * pr;
+        if (hh >= n_head) continue;
+        float va = fin[hl * AT_T + 2 * pr], vb = fin[hl * AT_T + 2 * pr + 1];
+        if (e >= off) {
+            float cf = rc[pr], sf = rs[pr];
+            float na = va * cf - vb * sf;
+            float nb = va * sf + vb * cf;
+            va = na;
+            vb = nb;
+        }
+        float* oh = o + ((long long)t * n_head + hh) * dh + e;
+        oh[0] = va;
+        oh[1] = vb;
+    }
+}
+
+// Finishes a split pass 3: o = inv · Σ_split part (in split order), then the inverse RoPE
+// of the tail. blockIdx.x = t·H + h; a thread per pair of dims.
+extern "C" __global__ void k_att_combine(const float* __restrict__ part,
+                                         const float* __restrict__ inv, int n, int n_head,
+                                         int dh, int nsplit, int half,
+                                         const double* __restrict__ freqs,
+                                         const long long* __restrict__ p0p,
+                                         float* __restrict__ o) {
+    const int th = blockIdx.x, t = th / n_head;
+    const long long stride = (long long)n * n_head * dh;
+    const float iv = inv[th];
+    const int off = dh - 2 * half;
+    for (int pr = threadIdx.x; pr < dh / 2; pr += blockDim.x) {
+        int e = 2 * pr;
+        const float* pp = part + (long long)th * dh + e;
+        float va = pp[0], vb = pp[1];
+        for (int k = 1; k < nsplit; k++) {
+            va += pp[k * stride];
+            vb += pp[k * stride + 1];
+        }
+        va = va * iv;
+        vb = vb * iv;
+        if (e >= off) {
+            double s, c;
+            sincos((double)(*p0p + t) * freqs[(e - off) / 2], &s, &c);
+            float cf = (float)c, sf = -(float)s;
+            float na = va * cf - vb * sf;
+            float nb = va * sf + vb * cf;
+            va = na;
+            vb = nb;
+        }
+        o[(long long)th * dh + e] = va;
+        o[(long long)th * dh + e + 1] = vb;
+    }
+}
+
+// Lightning indexer: score[t][row] = Σ_h w_{t,h}·max(0, q_{t,h}·K_row) for the rows visible
+// to token t, the head sum in head order (as the CPU's iterator sum, from −0.0). grid: x =
+// row tiles of 64, y = token; 256 threads, each 4 heads × 4 rows of a 64-head × 64-row tile
+// (more heads loop over head tiles).
+#define IX_T 64
+extern "C" __global__ void __launch_bounds__(256)
+    k_idx_scores(const float* __restrict__ q, const float* __restrict__ w,
+                 const float* __restrict__ krows, int n_head, int id,
+                 const long long* __restrict__ p0p, int r, float* __restrict__ scores,
+                 int ld) {
+    __shared__ float sm[2 * IX_T * AT_P];
+    float* qs = sm;
+    float* ks = sm + IX_T * AT_P;
+    float* vs = sm;  // after the products: [head][row], IX_T + 1 apart
+    const long long p0 = *p0p;
+    const int t = blockIdx.y, r0 = blockIdx.x * IX_T;
+    const int vis = (int)((p0 + t + 1) / r);
+    if (r0 >= vis) return;
+    const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+    float tot = -0.0f;  // threads < 64: row r0 + threadIdx.x
+    for (int hb = 0; hb < n_head; hb += IX_T) {
+        float acc[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+        for (int ch = 0; ch < id / AT_T; ch++) {
+            __syncthreads();
+            // 64 head rows and 64 K rows of a 32-float chunk: 512 float4 each.
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                int f = threadIdx.x + 256 * k, row = f >> 3, c4 = f & 7;
+                int hh = hb + row, rr = r0 + row;
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f), u = v;
+                if (hh < n_head)
+                    v = *(const float4*)(q + ((long long)t * n_head + hh) * id + ch * AT_T + 4 * c4);
+                if (rr < vis) u = *(const float4*)(krows + (long long)rr * id + ch * AT_T + 4 * c4);
+                float* d = qs + row * AT_P + 4 * c4;
+                d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+                d = ks + row * AT_P + 4 * c4;
+                d[0] = u.x, d[1] = u.y, d[2] = u.z, d[3] = u.w;
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int e = 0; e < AT_T; e++) {
+                float av[4], bv[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) av[i] = qs[(ty + 16 * i) * AT_P + e];
+#pragma unroll
+                for (int j = 0; j < 4; j++) bv[j] = ks[(tx + 16 * j) * AT_P + e];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+            }
+        }
+        __syncthreads();
+        // Weighted ReLU terms into vs as [head][row], then a thread per row sums them.
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int hh = hb + ty + 16 * i;
+            float wh = hh < n_head ? w[(long long)t * n_head + hh] : 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+                vs[(ty + 16 * i) * (IX_T + 1) + tx + 16 * j] = wh * fmaxf(acc[i][j], 0.0f);
+        }
+        __syncthreads();
+        if (threadIdx.x < IX_T) {
+            int hn = n_head - hb < IX_T ? n_head - hb : IX_T;
+            for (int hl = 0; hl < hn; hl++) tot += vs[hl * (IX_T + 1) + threadIdx.x];
+        }
+    }
+    if (threadIdx.x < IX_T && r0 + threadIdx.x < vis)
+        scores[(long long)t * ld + r0 + threadIdx.x] = tot;
+}
+
+// ---------------------------------------------------------------- compressor (cache.rs)
+
+// Pools every window closing in this chunk (block b: the b-th one at or after p0), each as
+// cache.rs Compressor::push does (max, then Σe·v and Σe over the candidates in order), then
+// RMSNorm, RoPE at the window's first position, the row finishing, and stores the row. Reads
+// the frontier as it was at the chunk's start (k_comp_state updates it afterwards), so the
+// windows are independent and every value is bit-identical to the sequential walk.
+// Candidate c is position q = P + 1 − coff·r + c: this chunk's projections (score + position
+// bias) when q ≥ p0, else the frontier (the window p0/r in progress at the chunk's start in
+// the current lane rows, the one before it in rows 0..r). A table in shared memory holds
+// each candidate's source; a thread per output dim (blockDim ≥ d or striding).
+#define COMP_MAX_CAND 256
+extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const float* __restrict__ scp,
+                                       const float* __restrict__ ape, const float* __restrict__ skv,
+                                       const float* __restrict__ ssc, float* __restrict__ rows,
+                                       const float* __restrict__ norm,
+                                       const double* __restrict__ freqs, int n,
+                                       const long long* __restrict__ p0p, int r, int d, int coff,
+                                       int half, float eps, int kind, int qat, int exact,
+                                       float inv_sqrt_d) {
+    const long long p0 = *p0p;
+    __shared__ double sh[33];
+    __shared__ float pooled[1024];
+    // src >= 0: chunk token (ape row in aro); src < 0: frontier row −1 − src.
+    __shared__ int src[COMP_MAX_CAND], aro[COMP_MAX_CAND];
+    const long long first = ((p0 + r) / r) * r - 1;  // first P >= p0 with (P+1) % r == 0
+    const long long P = first + (long long)blockIdx.x * r;
+    if (P >= p0 + n) return;
+    const int wd = coff * d, n_cand = coff * r;
+    const long long q0 = P + 1 - (long long)n_cand;
+    const long long w0 = p0 / r;
+    for (int c = threadIdx.x; c < n_cand; c += blockDim.x) {
+        long long q = q0 + c;
+        int slot = (int)(((q % r) + r) % r);
+        if (q >= p0) {
+            src[c] = (int)(q - p0);
+            aro[c] = slot;
+        } else {
+            src[c] = -1 - (q >= w0 * r ? (coff - 1) * r + slot : slot);
+            aro[c] = 0;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float m = NEG_INF;
+#pragma unroll 8
+        for (int c = 0; c < n_cand; c++) {
+            int col = (coff == 2 && c >= r) ? d + i : i;
+            int sr = src[c];
+            float s = sr >= 0 ? scp[(long long)sr * wd + col] + ape[aro[c] * wd + col]
+                              : ssc[(long long)(-1 - sr) * wd + col];
+            m = fmaxf(m, s);
+        }
+        float num = 0.0f, den = 0.0f;
+#pragma unroll 8
+        for (int c = 0; c < n_cand; c++) {
+            int col = (coff == 2 && c >= r) ? d + i : i;
+            int sr = src[c];
+            float s, v;
+            if (sr >= 0) {
+                s = scp[(long long)sr * wd + col] + ape[aro[c] * wd + col];
+                v = kvp[(long long)sr * wd + col];
+            } else {
+                s = ssc[(long long)(-1 - sr) * wd + col];
+                v = skv[(long long)(-1 - sr) * wd + col];
+            }
+            float e = expf(s - m);
+            den += e;
+            num += e * v;
+        }
+        pooled[i] = num / den;
+    }
+    __syncthreads();
+    float sc = rms_scale_block(pooled, d, eps, sh);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) pooled[i] = pooled[i] * sc * norm[i];
+    __syncthreads();
+    rope_tail(pooled, d, half, freqs, P + 1 - r, false);
+    finish_row(pooled, d, d - 2 * half, kind, qat, exact, inv_sqrt_d);
+    long long row = (P + 1) / r - 1;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) rows[row * d + i] = pooled[i];
+}
+
+// The frontier after this chunk's tokens (after k_comp_pool read it): slot s of the current
+// lane rows holds the chunk's last position ≡ s (mod r), if any; for ratio 4 (coff 2) rows
+// 0..r hold the current rows as they were when the chunk's last window closed. blockIdx.x =
+// slot s; threads over the W columns.
+extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const float* __restrict__ scp,
+                                        const float* __restrict__ ape, float* __restrict__ skv,
+                                        float* __restrict__ ssc, int n,
+                                        const long long* __restrict__ p0p, int r, int d,
+                                        int coff) {
+    const long long p0 = *p0p;
+    const int s = blockIdx.x, wd = coff * d;
+    const long long end = p0 + n;  // exclusive
+    // Last position < end that is ≡ s (mod r).
+    long long ql = end - 1 - (((end - 1 - s) % r) + r) % r;
+    bool cur = ql >= p0;
+    // Last window close in the chunk, and the position its slot s held.
+    long long pl = (end / r) * r - 1;
+    bool shift = coff == 2 && pl >= p0;
+    long long qs = pl + 1 - r + s;
+    if (!cur && !shift) return;
+    const int crow = (coff - 1) * r + s;
+    for (int col = threadIdx.x; col < wd; col += blockDim.x) {
+        float old_s = ssc[(long long)crow * wd + col], old_v = skv[(long long)crow * wd + col];
+        if (shift) {
+            float ns = old_s, nv = old_v;
+            if (qs >= p0) {
+                long long t = qs - p0;
+                ns = scp[t * wd + col] + ape[(long long)s * wd + col];
+                nv = kvp[t * wd + col];
+            }
+            ssc[(long long)s * wd + col] = ns;
+            skv[(long long)s * wd + col] = nv;
+        }
+        if (cur) {
+            long long t = ql - p0;
+            ssc[(long long)crow * wd + col] = scp[t * wd + col] + ape[(long long)s * wd + col];
+            skv[(long long)crow * wd + col] = kvp[t * wd + col];
+        }
+    }
+}
