@@ -4,7 +4,7 @@ mod attention;
 pub(crate) mod cache;
 pub mod config;
 mod forward;
-mod hc;
+pub(crate) mod hc;
 mod linear;
 mod moe;
 pub(crate) mod ops;

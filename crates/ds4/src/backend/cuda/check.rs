@@ -254,6 +254,19 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
+    check_mv8_grouped(be, &mut rng, &mut out)?;
+    for (n, d) in [(4usize, 4096usize), (2, 256)] {
+        check_hc_pre1(be, &mut rng, n, d, &mut out)?;
+    }
+    for width in [1024usize, 4096] {
+        check_rms_norm_q8(be, &mut rng, width, &mut out)?;
+    }
+    check_hc_post_moe(be, &mut rng, &mut out)?;
+    check_hc_post_ring(be, &mut rng, &mut out)?;
+    for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::IQ2_XXS] {
+        check_glu_int8(be, &mut rng, ty, &mut out)?;
+    }
+    check_pdl_chain(be, &mut rng, &mut out)?;
     Ok(out)
 }
 
@@ -677,6 +690,651 @@ fn check_compress(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> R
         row.note = format!("{mism} of 2 frontier buffers differ in bits from Compressor");
         out.push(row);
     }
+    Ok(())
+}
+
+/// Programmatic dependent launch: a chain of 24 dependent launches (quantize, int8 matvec,
+/// quantize, ... each reading the previous output) run with PDL on must give the same bits
+/// as with it off; a missing wait would let a kernel read its input before it is written.
+fn check_pdl_chain(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    let (ty, n) = (GgmlType::Q8_0, 2048usize);
+    let wb = random_weight(rng, ty, n, n);
+    let w = be.upload_weight(ty, &wb, n, n, 1, &mut |_, _| {})?;
+    let x = random_activations(rng, n);
+    let run = |pdl: bool| -> Result<Vec<f32>> {
+        let bufs = [be.upload_f32(&x)?, be.alloc_f32(n)?];
+        let qb = be.alloc_f32(n / 4)?;
+        let db = be.alloc_f32(n / 32)?;
+        let st = be.stream();
+        let p: Vec<u64> = bufs.iter().map(|b| b.device_ptr(st).0).collect();
+        let (qp, dp) = (qb.device_ptr(st).0, db.device_ptr(st).0);
+        be.set_pdl(pdl);
+        let mut r = Ok(());
+        for i in 0..12 {
+            // SAFETY: every buffer holds n values (codes: n bytes, scales: n/32).
+            r = unsafe {
+                be.quant_act_raw(ActQuant::Q8_0, p[i % 2], n, qp, dp)
+                    .and_then(|_| be.mv8_raw(&w, 0, 1, qp, dp, 0, p[(i + 1) % 2]))
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        be.set_pdl(false);
+        r?;
+        be.download(&bufs[0])
+    };
+    let (a, b) = (run(false)?, run(true)?);
+    let same = same_bits(&a, &b) && a.iter().all(|v| v.is_finite());
+    out.push(CheckRow {
+        kernel: "pdl_chain".into(),
+        ty,
+        shape: format!("24 launches, {n}x{n}"),
+        max_abs: 0.0,
+        max_err: if same { 0.0 } else { 1.0 },
+        rel_l2: 0.0,
+        tol: 0.0,
+        pass: same,
+        note: "programmatic dependent launch vs plain launches, bit for bit".into(),
+    });
+    Ok(())
+}
+
+/// Fused gate+up+SwiGLU over int8 activations (`mv8glu_raw`, the routed-expert form: ids,
+/// routing weights, clamp) against the CPU's quantized matvecs and the SwiGLU of moe.rs
+/// (`silu(min(g, c))·clamp(u, ±c)·w`).
+fn check_glu_int8(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    ty: GgmlType,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use crate::model::ops;
+    let kind = ActQuant::of(ty).expect("int8 type");
+    for (n_rows, n_cols) in [(96usize, 2048usize), (40, 4096)] {
+        let n_exp = 4;
+        let wgb = random_weight(rng, ty, n_exp * n_rows, n_cols);
+        let wub = random_weight(rng, ty, n_exp * n_rows, n_cols);
+        let wg = be.upload_weight(ty, &wgb, n_rows, n_cols, n_exp, &mut |_, _| {})?;
+        let wu = be.upload_weight(ty, &wub, n_rows, n_cols, n_exp, &mut |_, _| {})?;
+        let ids = [3i32, 0, 2];
+        let wts: Vec<f32> = ids.iter().map(|_| rng.uniform() as f32).collect();
+        let clamp = 10.0f32;
+        let x = random_activations(rng, n_cols);
+        let (idsd, wtsd, xd) = (
+            be.upload_i32(&ids)?,
+            be.upload_f32(&wts)?,
+            be.upload_f32(&x)?,
+        );
+        let qb = be.alloc_f32(n_cols / 4)?;
+        let db = be.alloc_f32(n_cols / kind.block())?;
+        let h = poisoned(be, ids.len() * n_rows)?;
+        let st = be.stream();
+        let (xp, qp, dp, hp, ip, wp) = (
+            xd.device_ptr(st).0,
+            qb.device_ptr(st).0,
+            db.device_ptr(st).0,
+            h.device_ptr(st).0,
+            idsd.device_ptr(st).0,
+            wtsd.device_ptr(st).0,
+        );
+        // SAFETY: buffers sized above (one shared input, slots outputs of n_rows).
+        unsafe {
+            be.quant_act_raw(kind, xp, n_cols, qp, dp)?;
+            be.mv8glu_raw(&wg, &wu, ip, ids.len(), qp, dp, wp, clamp, hp)?;
+        }
+        let gpu = be.download(&h)?;
+        let mat = n_rows * (n_cols / ty.block_elems() * ty.block_bytes());
+        let mut cpu = vec![0f32; ids.len() * n_rows];
+        let (mut g, mut u) = (vec![0f32; n_rows], vec![0f32; n_rows]);
+        for (sl, &e) in ids.iter().enumerate() {
+            let e = e as usize;
+            cpu_matvec(
+                ty,
+                &wgb[e * mat..(e + 1) * mat],
+                n_rows,
+                n_cols,
+                &x,
+                &mut g,
+                false,
+            );
+            cpu_matvec(
+                ty,
+                &wub[e * mat..(e + 1) * mat],
+                n_rows,
+                n_cols,
+                &x,
+                &mut u,
+                false,
+            );
+            for o in 0..n_rows {
+                let gv = g[o].min(clamp);
+                let uv = u[o].clamp(-clamp, clamp);
+                cpu[sl * n_rows + o] = ops::silu(gv) * uv * wts[sl];
+            }
+        }
+        // Random Q8_0 gate/up sums cancel (their L1 mass is ~100x the result), so f32
+        // summation order moves them by up to ~1e-5 of the largest output (7e-6 seen): the
+        // bound is looser than the plain matvec rows'.
+        let mut row = rel_row(
+            "glu_int8",
+            &format!("{n_exp}exp,{}sel,{n_rows}x{n_cols}", ids.len()),
+            &gpu,
+            &cpu,
+            5e-5,
+            "vs CPU quantized matvecs + SwiGLU; max_err = max|d| / max|cpu|",
+        );
+        row.ty = ty;
+        out.push(row);
+    }
+    Ok(())
+}
+
+/// `k_hc_post_ring` (decode ring push + hc_post) against the CPU: `hc::post` bit for bit, and
+/// the KV row copied into ring slot `pos % swa`, every other slot untouched.
+fn check_hc_post_ring(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use crate::model::hc;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (n, d, swa, dh, pos) = (4usize, 4096usize, 128usize, 512usize, 1234i64);
+    let x = random_activations(rng, n * d);
+    let f = random_activations(rng, d);
+    let kv = random_activations(rng, dh);
+    let ring0 = random_activations(rng, swa * dh);
+    let post: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 * 2.0).collect();
+    let comb: Vec<f32> = (0..n * n).map(|_| rng.uniform() as f32).collect();
+    let dims = hc::HcDims {
+        n,
+        d,
+        rms_eps: 1e-6,
+        hc_eps: 1e-6,
+        sinkhorn_iters: 20,
+    };
+    let split = hc::HcSplit {
+        post: post.clone(),
+        comb: comb.clone(),
+    };
+    let mut cpu = x.clone();
+    hc::post(&dims, &mut cpu, &f, &split, &mut Vec::new());
+    let mut ring_cpu = ring0.clone();
+    let slot = pos as usize % swa;
+    ring_cpu[slot * dh..(slot + 1) * dh].copy_from_slice(&kv);
+    let xd = be.upload_f32(&x)?;
+    let ringd = be.upload_f32(&ring0)?;
+    let bufs = [
+        be.upload_f32(&f)?,
+        be.upload_f32(&post)?,
+        be.upload_f32(&comb)?,
+        be.upload_f32(&kv)?,
+    ];
+    let posd = be.stream().clone_htod(&[pos])?;
+    let st = be.stream();
+    let (xp, rp, pp) = (
+        xd.device_ptr(st).0,
+        ringd.device_ptr(st).0,
+        posd.device_ptr(st).0,
+    );
+    let bp: Vec<u64> = bufs.iter().map(|b| b.device_ptr(st).0).collect();
+    let (ni, di, si, hi) = (n as i32, d as i32, swa as i32, dh as i32);
+    let fun = be.function("k_hc_post_ring")?;
+    let mut b = st.launch_builder(&fun);
+    b.arg(&xp)
+        .arg(&bp[0])
+        .arg(&bp[1])
+        .arg(&bp[2])
+        .arg(&ni)
+        .arg(&di)
+        .arg(&bp[3])
+        .arg(&rp)
+        .arg(&pp)
+        .arg(&si)
+        .arg(&hi);
+    let cfg = LaunchConfig {
+        grid_dim: ((d as u32).div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument list matches k_hc_post_ring; buffers sized above.
+    unsafe { b.launch(cfg) }?;
+    let g = be.download(&xd)?;
+    let gr = be.download(&ringd)?;
+    let mism = g
+        .iter()
+        .zip(&cpu)
+        .chain(gr.iter().zip(&ring_cpu))
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let mut row = exact_row(
+        "hc_post_ring",
+        GgmlType::F32,
+        &format!("n{n}xd{d},ring{swa}x{dh}"),
+        mism,
+    );
+    row.note = format!("{mism} elements differ in bits from CPU hc::post + ring copy");
+    out.push(row);
+    Ok(())
+}
+
+/// `k_hc_post_moe` (decode expert sum + hc_post) against the CPU: f = Σ_j dn_j + sh in
+/// slot order (as moe.rs), then `hc::post`.
+fn check_hc_post_moe(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use crate::model::hc;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (n, d, k) = (4usize, 4096usize, 6usize);
+    let x = random_activations(rng, n * d);
+    let dn = random_activations(rng, k * d);
+    let sh = random_activations(rng, d);
+    let post: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 * 2.0).collect();
+    let comb: Vec<f32> = (0..n * n).map(|_| rng.uniform() as f32).collect();
+    let mut f = vec![0f32; d];
+    for (e, fe) in f.iter_mut().enumerate() {
+        let mut a = 0f32;
+        for j in 0..k {
+            a += dn[j * d + e];
+        }
+        *fe = a + sh[e];
+    }
+    let dims = hc::HcDims {
+        n,
+        d,
+        rms_eps: 1e-6,
+        hc_eps: 1e-6,
+        sinkhorn_iters: 20,
+    };
+    let split = hc::HcSplit {
+        post: post.clone(),
+        comb: comb.clone(),
+    };
+    let mut cpu = x.clone();
+    hc::post(&dims, &mut cpu, &f, &split, &mut Vec::new());
+    let xd = be.upload_f32(&x)?;
+    let bufs = [
+        be.upload_f32(&dn)?,
+        be.upload_f32(&sh)?,
+        be.upload_f32(&post)?,
+        be.upload_f32(&comb)?,
+    ];
+    let st = be.stream();
+    let xp = xd.device_ptr(st).0;
+    let pp: Vec<u64> = bufs.iter().map(|b| b.device_ptr(st).0).collect();
+    let (ki, ni, di) = (k as i32, n as i32, d as i32);
+    let fun = be.function("k_hc_post_moe")?;
+    let mut b = st.launch_builder(&fun);
+    b.arg(&xp)
+        .arg(&pp[0])
+        .arg(&pp[1])
+        .arg(&ki)
+        .arg(&pp[2])
+        .arg(&pp[3])
+        .arg(&ni)
+        .arg(&di);
+    let cfg = LaunchConfig {
+        grid_dim: ((d as u32).div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument list matches k_hc_post_moe; buffers sized above.
+    unsafe { b.launch(cfg) }?;
+    let g = be.download(&xd)?;
+    let mism = g
+        .iter()
+        .zip(&cpu)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let mut row = exact_row(
+        "hc_post_moe",
+        GgmlType::F32,
+        &format!("n{n}xd{d}xk{k}"),
+        mism,
+    );
+    row.note = format!("{mism} elements differ in bits from CPU moe sum + hc::post");
+    out.push(row);
+    Ok(())
+}
+
+/// Bytes `q` (codes) and f32 `d` (scales) downloaded from f32-typed scratch.
+fn download_codes(be: &CudaBackend, q: &CudaSlice<f32>, n: usize) -> Result<Vec<u8>> {
+    Ok(be
+        .download(q)?
+        .iter()
+        .flat_map(|v| v.to_bits().to_le_bytes())
+        .take(n)
+        .collect())
+}
+
+/// Mismatching codes + scales of GPU int8 activations against the CPU quantizer of `x`.
+fn code_mismatches(kind: ActQuant, x: &[f32], gq: &[u8], gd: &[f32]) -> usize {
+    let (cq, cd): (Vec<u8>, Vec<f32>) = match kind {
+        ActQuant::Q8_0 => {
+            let v = quantize_act_q8_0(x);
+            (
+                v.iter().flat_map(|b| b.qs.map(|q| q as u8)).collect(),
+                v.iter().map(|b| b.d).collect(),
+            )
+        }
+        ActQuant::Q8K => {
+            let v = quantize_act_q8_k(x);
+            (
+                v.iter().flat_map(|b| b.qs.map(|q| q as u8)).collect(),
+                v.iter().map(|b| b.d).collect(),
+            )
+        }
+    };
+    cq.iter().zip(gq).filter(|(a, b)| a != b).count()
+        + cd.iter()
+            .zip(gd)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count()
+        + cq.len().abs_diff(gq.len())
+        + cd.len().abs_diff(gd.len())
+}
+
+/// max |gpu − cpu| / max |cpu| as a check row.
+fn rel_row(kernel: &str, shape: &str, gpu: &[f32], cpu: &[f32], tol: f64, note: &str) -> CheckRow {
+    let (mut m, mut r) = (0f64, 0f64);
+    let mut bad = gpu.len() != cpu.len();
+    for (a, b) in gpu.iter().zip(cpu) {
+        if !a.is_finite() {
+            bad = true;
+        }
+        m = m.max((*a as f64 - *b as f64).abs());
+        r = r.max((*b as f64).abs());
+    }
+    let rel = m / r.max(1e-30);
+    CheckRow {
+        kernel: kernel.into(),
+        ty: GgmlType::F32,
+        shape: shape.into(),
+        max_abs: m,
+        max_err: rel,
+        rel_l2: 0.0,
+        tol,
+        pass: !bad && rel <= tol,
+        note: note.into(),
+    }
+}
+
+/// Grouped Q8_0 int8 matvec (the out_a form: slot s multiplies matrix ids[s] by its own
+/// input) against the CPU's quantized matvec, for both 16-byte-load kernels (512 and 2048
+/// columns) and a row count that leaves partial row groups.
+fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    let ty = GgmlType::Q8_0;
+    for (n_rows, n_cols) in [(98usize, 512usize), (66, 2048)] {
+        let n_exp = 4;
+        let wb = random_weight(rng, ty, n_exp * n_rows, n_cols);
+        let w = be.upload_weight(ty, &wb, n_rows, n_cols, n_exp, &mut |_, _| {})?;
+        let ids = [2i32, 0, 3, 2, 1];
+        let idsd = be.upload_i32(&ids)?;
+        let slots = ids.len();
+        let x = random_activations(rng, slots * n_cols);
+        let xd = be.upload_f32(&x)?;
+        let qb = be.alloc_f32((slots * n_cols).div_ceil(4))?;
+        let db = be.alloc_f32(slots * n_cols / 32)?;
+        let y = poisoned(be, slots * n_rows)?;
+        let st = be.stream();
+        let (xp, _g0) = xd.device_ptr(st);
+        let (qp, _g1) = qb.device_ptr(st);
+        let (dp, _g2) = db.device_ptr(st);
+        let (yp, _g3) = y.device_ptr(st);
+        let (ip, _g4) = idsd.device_ptr(st);
+        // SAFETY: buffers sized above (slots inputs of n_cols, slots outputs of n_rows).
+        unsafe {
+            be.quant_act_raw(ActQuant::Q8_0, xp, slots * n_cols, qp, dp)?;
+            be.mv8_raw(&w, ip, slots, qp, dp, n_cols, yp)?;
+        }
+        let g = be.download(&y)?;
+        let mat = n_rows * n_cols / 32 * 34;
+        let mut cpu = vec![0f32; slots * n_rows];
+        for (sl, &e) in ids.iter().enumerate() {
+            let e = e as usize;
+            cpu_matvec(
+                ty,
+                &wb[e * mat..(e + 1) * mat],
+                n_rows,
+                n_cols,
+                &x[sl * n_cols..(sl + 1) * n_cols],
+                &mut cpu[sl * n_rows..(sl + 1) * n_rows],
+                false,
+            );
+        }
+        let mut row = rel_row(
+            "matvec_int8_grouped",
+            &format!("{n_exp}exp,{slots}sel,{n_rows}x{n_cols}"),
+            &g,
+            &cpu,
+            1e-5,
+            "vs CPU quantized matvec; max_err = max|d| / max|cpu|",
+        );
+        row.ty = ty;
+        out.push(row);
+    }
+    Ok(())
+}
+
+/// Decode hc_pre (`k_hc_mix_part` + `k_hc_pre1`, F16 fn) against the CPU's `hc::control`
+/// maths (fn·flat in f64, times `rms_scale`), `hc::pre` and `ops::rms_norm`; the fused int8
+/// forms of y bit for bit against the CPU quantizers applied to the GPU's y.
+fn check_hc_pre1(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    n: usize,
+    d: usize,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use crate::model::{hc, ops, params::HcParams};
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (rows, width) = ((2 + n) * n, n * d);
+    let shape = format!("n{n}xd{d}");
+    let (eps, hc_eps, iters) = (1e-6f32, 1e-6f32, 20usize);
+    let wb = random_weight(rng, GgmlType::F16, rows, width);
+    let w = be.upload_weight(GgmlType::F16, &wb, rows, width, 1, &mut |_, _| {})?;
+    let x = random_activations(rng, width);
+    let scale3: Vec<f32> = (0..3).map(|_| (0.5 + rng.uniform()) as f32).collect();
+    let base: Vec<f32> = (0..rows).map(|_| (rng.normal() * 0.5) as f32).collect();
+    let norm: Vec<f32> = (0..d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect();
+    // CPU.
+    let mut wf = vec![0f32; rows * width];
+    dequantize_row(GgmlType::F16, &wb, &mut wf);
+    let s = ops::rms_scale(&x, eps);
+    let mix: Vec<f32> = wf
+        .chunks_exact(width)
+        .map(|r| {
+            let v: f64 = r.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            v as f32 * s
+        })
+        .collect();
+    let dims = hc::HcDims {
+        n,
+        d,
+        rms_eps: eps,
+        hc_eps,
+        sinkhorn_iters: iters,
+    };
+    let params = HcParams {
+        scale: [scale3[0], scale3[1], scale3[2]],
+        base: base.clone(),
+    };
+    let (mut ycpu, mut split) = (Vec::new(), hc::HcSplit::new());
+    hc::pre(&dims, &params, &x, &mix, &mut ycpu, &mut split);
+    ops::rms_norm(&mut ycpu, Some(&norm), eps);
+    // GPU.
+    let nb = width / 512;
+    let xd = be.upload_f32(&x)?;
+    let part = be.alloc_f32(nb * rows)?;
+    let ss = be.stream().alloc_zeros::<f64>(nb)?;
+    let (sc, bs, nm) = (
+        be.upload_f32(&scale3)?,
+        be.upload_f32(&base)?,
+        be.upload_f32(&norm)?,
+    );
+    let y = poisoned(be, d)?;
+    let post = poisoned(be, n)?;
+    let comb = poisoned(be, n * n)?;
+    let q0 = be.alloc_f32(d / 4)?;
+    let d0 = be.alloc_f32(d / 32)?;
+    let qk = be.alloc_f32(d / 4)?;
+    let dk = be.alloc_f32(d / 256)?;
+    let st = be.stream();
+    let wp = be.weight_ptr(&w);
+    let (fm, fp) = (be.function("k_hc_mix_part")?, be.function("k_hc_pre1")?);
+    let ptrs: Vec<u64> = [
+        &xd, &part, &sc, &bs, &y, &post, &comb, &nm, &q0, &d0, &qk, &dk,
+    ]
+    .iter()
+    .map(|b| b.device_ptr(st).0)
+    .collect();
+    let ssp = ss.device_ptr(st).0;
+    let (wty, ri, wi, nbi, ni, di, it) = (
+        1i32,
+        rows as i32,
+        width as i32,
+        nb as i32,
+        n as i32,
+        d as i32,
+        iters as i32,
+    );
+    let cfg = |g: u32, b: u32| LaunchConfig {
+        grid_dim: (g, 1, 1),
+        block_dim: (b, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = st.launch_builder(&fm);
+    b.arg(&ptrs[0])
+        .arg(&wp)
+        .arg(&wty)
+        .arg(&ri)
+        .arg(&wi)
+        .arg(&ptrs[1])
+        .arg(&ssp);
+    // SAFETY: argument list matches k_hc_mix_part; buffers sized above.
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (nb as u32, rows.div_ceil(8) as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }?;
+    let mut b = st.launch_builder(&fp);
+    b.arg(&ptrs[0])
+        .arg(&ptrs[1])
+        .arg(&ssp)
+        .arg(&nbi)
+        .arg(&ni)
+        .arg(&di)
+        .arg(&eps)
+        .arg(&hc_eps)
+        .arg(&it)
+        .arg(&ptrs[2])
+        .arg(&ptrs[3])
+        .arg(&ptrs[4])
+        .arg(&ptrs[5])
+        .arg(&ptrs[6])
+        .arg(&ptrs[7])
+        .arg(&ptrs[8])
+        .arg(&ptrs[9])
+        .arg(&ptrs[10])
+        .arg(&ptrs[11]);
+    // SAFETY: argument list matches k_hc_pre1; buffers sized above.
+    unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
+    let gy = be.download(&y)?;
+    // The control product is a 16384-term f32 sum on the GPU (f64 here): ~1e-7 of its L1
+    // mass, ~1e-5 of the (cancelling) sum itself, which exp/sigmoid pass on.
+    let note = "vs CPU hc::pre + rms_norm (mix in f64); max_err = max|d| / max|cpu|";
+    let tol = 1e-4;
+    out.push(rel_row("hc_pre1_y", &shape, &gy, &ycpu, tol, note));
+    out.push(rel_row(
+        "hc_pre1_post",
+        &shape,
+        &be.download(&post)?,
+        &split.post,
+        tol,
+        note,
+    ));
+    out.push(rel_row(
+        "hc_pre1_comb",
+        &shape,
+        &be.download(&comb)?,
+        &split.comb,
+        tol,
+        note,
+    ));
+    let m0 = code_mismatches(
+        ActQuant::Q8_0,
+        &gy,
+        &download_codes(be, &q0, d)?,
+        &be.download(&d0)?,
+    );
+    out.push(exact_row("hc_pre1_q8_0_codes", GgmlType::Q8_0, &shape, m0));
+    let mk = code_mismatches(
+        ActQuant::Q8K,
+        &gy,
+        &download_codes(be, &qk, d)?,
+        &be.download(&dk)?,
+    );
+    out.push(exact_row(
+        "hc_pre1_q8_k_codes",
+        GgmlType::IQ2_XXS,
+        &shape,
+        mk,
+    ));
+    Ok(())
+}
+
+/// `k_rms_norm_q8` against `ops::rms_norm`; its codes bit for bit against the CPU Q8_0
+/// activation quantizer applied to the GPU's output.
+fn check_rms_norm_q8(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    width: usize,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use crate::model::ops;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let eps = 1e-6f32;
+    let x = random_activations(rng, width);
+    let w: Vec<f32> = (0..width)
+        .map(|_| (1.0 + 0.2 * rng.normal()) as f32)
+        .collect();
+    let mut cpu = x.clone();
+    ops::rms_norm(&mut cpu, Some(&w), eps);
+    let xd = be.upload_f32(&x)?;
+    let wd = be.upload_f32(&w)?;
+    let q0 = be.alloc_f32(width / 4)?;
+    let d0 = be.alloc_f32(width / 32)?;
+    let st = be.stream();
+    let f = be.function("k_rms_norm_q8")?;
+    let (xp, wp, qp, dp) = (
+        xd.device_ptr(st).0,
+        wd.device_ptr(st).0,
+        q0.device_ptr(st).0,
+        d0.device_ptr(st).0,
+    );
+    let wi = width as i32;
+    let mut b = st.launch_builder(&f);
+    b.arg(&xp).arg(&wp).arg(&wi).arg(&eps).arg(&qp).arg(&dp);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: ((width / 8).min(512) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument list matches k_rms_norm_q8; buffers sized above.
+    unsafe { b.launch(cfg) }?;
+    let g = be.download(&xd)?;
+    let shape = format!("{width}");
+    out.push(rel_row(
+        "rms_norm_q8",
+        &shape,
+        &g,
+        &cpu,
+        1e-6,
+        "vs CPU ops::rms_norm; max_err = max|d| / max|cpu|",
+    ));
+    let m = code_mismatches(
+        ActQuant::Q8_0,
+        &g,
+        &download_codes(be, &q0, width)?,
+        &be.download(&d0)?,
+    );
+    out.push(exact_row("rms_norm_q8_codes", GgmlType::Q8_0, &shape, m));
     Ok(())
 }
 

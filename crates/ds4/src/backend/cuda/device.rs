@@ -13,6 +13,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Errors of the CUDA backend.
@@ -103,6 +104,15 @@ struct TypeKernels {
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
     mv8glu: Option<CudaFunction>,
+    /// Q8_0 only: int8 matvecs with 16-byte loads (`mv8w2_q8_0`, 2 rows per warp;
+    /// `mv8w4_q8_0`, 4 rows per warp for short rows), for `n_cols` a multiple of 512.
+    mv8w: Option<(CudaFunction, CudaFunction)>,
+}
+
+/// Whether Q8_0 int8 products use the 16-byte-load kernels (`DS4_CUDA_MV8W=0` keeps
+/// `mv8_q8_0`, for comparisons).
+fn use_mv8w() -> bool {
+    std::env::var("DS4_CUDA_MV8W").map_or(true, |v| v != "0")
 }
 
 /// Activation quantization a weight type's int8 product needs (production mode, as the
@@ -186,6 +196,41 @@ pub struct CudaBackend {
     blas: CudaBlas,
     origin: ImageOrigin,
     cache_key: String,
+    /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
+    /// session around the capture of a decode graph; see `pdl_enter` in quant.cu).
+    pdl: AtomicBool,
+}
+
+/// A kernel argument as the 8-byte slot `cuLaunchKernelEx` reads it from (the driver reads
+/// the parameter's own size from the slot's start; little-endian).
+pub(crate) trait Slot {
+    /// The value's bytes in the low end of a u64.
+    fn slot(self) -> u64;
+}
+impl Slot for u64 {
+    fn slot(self) -> u64 {
+        self
+    }
+}
+impl Slot for i64 {
+    fn slot(self) -> u64 {
+        self as u64
+    }
+}
+impl Slot for i32 {
+    fn slot(self) -> u64 {
+        self as u32 as u64
+    }
+}
+impl Slot for u32 {
+    fn slot(self) -> u64 {
+        self as u64
+    }
+}
+impl Slot for f32 {
+    fn slot(self) -> u64 {
+        self.to_bits() as u64
+    }
 }
 
 impl CudaBackend {
@@ -242,6 +287,14 @@ impl CudaBackend {
                         Some(_) => Some(module.load_function(&format!("mv8glu_{s}"))?),
                         None => None,
                     },
+                    mv8w: if ty == GgmlType::Q8_0 {
+                        Some((
+                            module.load_function("mv8w2_q8_0")?,
+                            module.load_function("mv8w4_q8_0")?,
+                        ))
+                    } else {
+                        None
+                    },
                 },
             ));
         }
@@ -261,6 +314,7 @@ impl CudaBackend {
             blas,
             origin,
             cache_key,
+            pdl: AtomicBool::new(false),
         })
     }
 
@@ -653,6 +707,62 @@ impl CudaBackend {
         Ok(self.module.load_function(name)?)
     }
 
+    /// Whether PDL-ready kernels are launched with programmatic stream serialization.
+    pub(crate) fn pdl(&self) -> bool {
+        self.pdl.load(Ordering::Relaxed)
+    }
+
+    /// Turns programmatic dependent launch of the PDL-ready kernels on or off (the session
+    /// turns it on while it captures a decode graph).
+    pub(crate) fn set_pdl(&self, on: bool) {
+        self.pdl.store(on, Ordering::Relaxed);
+    }
+
+    /// Launches `f` on the stream through `cuLaunchKernelEx` with programmatic stream
+    /// serialization allowed: the kernel may start before its predecessor ends, so it must
+    /// begin with `pdl_enter()` (quant.cu). `args` holds the kernel's parameters in order,
+    /// each as a [`Slot`].
+    ///
+    /// # Safety
+    /// `args` must match the kernel's signature, and every pointer in it must be a live
+    /// device buffer sized for this launch.
+    pub(crate) unsafe fn launch_pdl(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [u64],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let mut ptrs: Vec<*mut std::ffi::c_void> = args
+            .iter_mut()
+            .map(|a| a as *mut u64 as *mut std::ffi::c_void)
+            .collect();
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let conf = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread()?;
+        sys::cuLaunchKernelEx(
+            &conf,
+            f.cu_function(),
+            ptrs.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()?;
+        Ok(())
+    }
+
     /// Device address of a weight's first matrix.
     pub(crate) fn weight_ptr(&self, w: &GpuWeight) -> u64 {
         let (p, _g) = w.buf.device_ptr(&self.stream);
@@ -690,6 +800,20 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
+        if self.pdl() {
+            let mut a = [
+                wp,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                x,
+                xs.slot(),
+                y,
+                split_i.slot(),
+            ];
+            return self.launch_pdl(&k.mv, cfg, &mut a);
+        }
         let mut b = self.stream.launch_builder(&k.mv);
         b.arg(&wp)
             .arg(&expert_bytes)
@@ -725,6 +849,14 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         match kind {
+            ActQuant::Q8_0 if self.pdl() => {
+                let mut a = [x, (n as i64).slot(), q, d];
+                self.launch_pdl(&self.qa_q8_0, cfg, &mut a)?;
+            }
+            ActQuant::Q8K if self.pdl() => {
+                let mut a = [x, ((n / 256) as i32).slot(), q, d];
+                self.launch_pdl(&self.qa_q8_k, cfg, &mut a)?;
+            }
             ActQuant::Q8_0 => {
                 let nn = n as i64;
                 let mut b = self.stream.launch_builder(&self.qa_q8_0);
@@ -763,10 +895,23 @@ impl CudaBackend {
             .mv8
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", w.ty)))?;
-        let split = mv_split(w.n_rows, w.n_cols, slots);
+        // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp (4 when a row has
+        // fewer than 4 steps of 512, so 8 loads per lane stay in flight; else 2).
+        let (f, rw) = match &k.mv8w {
+            Some((w2, w4)) if w.n_cols.is_multiple_of(512) && use_mv8w() => {
+                if w.n_cols < 4 * 512 {
+                    (w4, 4)
+                } else {
+                    (w2, 2)
+                }
+            }
+            _ => (f, 1),
+        };
+        let groups = w.n_rows.div_ceil(rw);
+        let split = mv_split(groups, w.n_cols, slots);
         let cfg = LaunchConfig {
             grid_dim: (
-                (w.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                (groups as u32).div_ceil(WARPS_PER_BLOCK / split),
                 slots as u32,
                 1,
             ),
@@ -778,6 +923,21 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
+        if self.pdl() {
+            let mut a = [
+                wp,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                xq,
+                xd,
+                xs.slot(),
+                y,
+                split_i.slot(),
+            ];
+            return self.launch_pdl(f, cfg, &mut a);
+        }
         let mut b = self.stream.launch_builder(f);
         b.arg(&wp)
             .arg(&expert_bytes)
@@ -842,6 +1002,24 @@ impl CudaBackend {
         let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
         let xs = 0i64;
         let split_i = split as i32;
+        if self.pdl() {
+            let mut a = [
+                pg,
+                pu,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                xq,
+                xd,
+                xs.slot(),
+                wts,
+                clamp.slot(),
+                h,
+                split_i.slot(),
+            ];
+            return self.launch_pdl(f, cfg, &mut a);
+        }
         let mut b = self.stream.launch_builder(f);
         b.arg(&pg)
             .arg(&pu)

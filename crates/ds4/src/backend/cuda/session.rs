@@ -22,6 +22,15 @@
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
 //! the CPU, so a snapshot means the same thing on both backends.
 //!
+//! Decode (one token) has its own launch forms (`DS4_CUDA_HC1=0` turns them off, for
+//! comparisons): hc_pre as a many-block control product (`k_hc_mix_part`) plus one block
+//! (`k_hc_pre1`) that also writes y's int8 codes for the next products (with the quantizers'
+//! own device functions, so the codes equal `qa_*` on the stored y), the q_b input's RMSNorm
+//! with its codes (`k_rms_norm_q8`), query heads and KV row in one launch, ring push + hc_post
+//! and expert sum + hc_post fused. While a decode graph is captured, the kernels that begin
+//! with `pdl_enter()` are launched with programmatic stream serialization, so each one's
+//! launch overlaps its predecessor's tail (`DS4_CUDA_PDL=0` turns it off).
+//!
 //! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
 //! kernel in kernels/forward.cu says which CPU function it stands for.
 
@@ -33,7 +42,7 @@ use cudarc::driver::{
 };
 
 use super::attn::{self, AttnKernels};
-use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, SUPPORTED_TYPES};
+use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES};
 use super::prefill::{dense_gemm, dense_sgemm, fused_fits, moe_grouped, MoeScratch, PfKernels};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
@@ -64,6 +73,9 @@ const ATTEND_THREADS: usize = 512;
 /// Widest head the exact-mode attention kernel keeps in registers (ATT_MAXJ · 32 in
 /// forward.cu).
 const ATTEND_MAX_DH: usize = 512;
+/// Threads of `k_hc_pre1` (HC_PRE1_THREADS in forward.cu): 16 warps form y, one runs
+/// Sinkhorn.
+pub(crate) const HC_PRE1_THREADS: u32 = 544;
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
 /// position-dependent kernels), so one graph serves this many steps.
 const DECODE_BUCKET: usize = 1024;
@@ -88,6 +100,19 @@ fn use_graphs() -> bool {
 /// comparisons).
 fn use_int8() -> bool {
     std::env::var("DS4_CUDA_INT8").map_or(true, |v| v != "0")
+}
+
+/// Whether decode uses the multi-block hc_pre with fused activation quantization
+/// (`DS4_CUDA_HC1=0` keeps the one-block `k_hc_pre` and separate quantize launches, for
+/// comparisons).
+fn use_hc1() -> bool {
+    std::env::var("DS4_CUDA_HC1").map_or(true, |v| v != "0")
+}
+
+/// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
+/// for comparisons).
+fn use_pdl() -> bool {
+    std::env::var("DS4_CUDA_PDL").map_or(true, |v| v != "0")
 }
 
 /// Whether production-mode prefill runs its weight products as f16 tensor-core GEMMs
@@ -140,6 +165,25 @@ macro_rules! launch {
     }};
 }
 
+/// [`launch!`] for a kernel that begins with `pdl_enter()` (quant.cu): while the backend's
+/// PDL switch is on (decode graph capture), launched with programmatic stream serialization.
+macro_rules! launchp {
+    ($be:expr, $st:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
+        if $be.pdl() {
+            let cfg = LaunchConfig {
+                grid_dim: $grid,
+                block_dim: $block,
+                shared_mem_bytes: $smem as u32,
+            };
+            let mut a = [$(Slot::slot($a)),*];
+            // SAFETY: as launch!; the kernel starts with pdl_enter().
+            unsafe { $be.launch_pdl(&$f, cfg, &mut a) }?;
+        } else {
+            launch!($st, $f, $grid, $block, $smem, [$($a),*]);
+        }
+    }};
+}
+
 struct Kernels {
     embed: CudaFunction,
     rms_norm: CudaFunction,
@@ -148,6 +192,12 @@ struct Kernels {
     idx_q_finish: CudaFunction,
     scale: CudaFunction,
     hc_pre: CudaFunction,
+    hc_mix_part: CudaFunction,
+    hc_pre1: CudaFunction,
+    rms_norm_q8: CudaFunction,
+    qkv_finish1: CudaFunction,
+    hc_post_moe: CudaFunction,
+    hc_post_ring: CudaFunction,
     hc_post: CudaFunction,
     hc_head: CudaFunction,
     at: AttnKernels,
@@ -174,6 +224,12 @@ impl Kernels {
             idx_q_finish: f("k_idx_q_finish")?,
             scale: f("k_scale")?,
             hc_pre: f("k_hc_pre")?,
+            hc_mix_part: f("k_hc_mix_part")?,
+            hc_pre1: f("k_hc_pre1")?,
+            rms_norm_q8: f("k_rms_norm_q8")?,
+            qkv_finish1: f("k_qkv_finish1")?,
+            hc_post_moe: f("k_hc_post_moe")?,
+            hc_post_ring: f("k_hc_post_ring")?,
             hc_post: f("k_hc_post")?,
             hc_head: f("k_hc_head")?,
             at: AttnKernels::load(be)?,
@@ -528,6 +584,9 @@ struct Scratch {
     f: CudaSlice<f32>,
     post: CudaSlice<f32>,
     comb: CudaSlice<f32>,
+    /// Decode hc_pre: per-block partial control products and sums of squares.
+    hcpart: CudaSlice<f32>,
+    hcss: CudaSlice<f64>,
     qr: CudaSlice<f32>,
     q: CudaSlice<f32>,
     kv: CudaSlice<f32>,
@@ -723,6 +782,8 @@ impl GpuSession {
             f: a(m * d)?,
             post: a(m * c.hc)?,
             comb: a(m * c.hc * c.hc)?,
+            hcpart: a((c.hc * d).div_ceil(256) * c.hc_mix())?,
+            hcss: be.stream().alloc_zeros::<f64>((c.hc * d).div_ceil(256))?,
             qr: a(m * c.q_lora_rank)?,
             q: a(m * hd)?,
             kv: a(m * c.head_dim)?,
@@ -964,7 +1025,9 @@ impl GpuSession {
             if self.graph.as_ref().is_none_or(|g| g.key != key) {
                 self.graph = None;
                 st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                be.set_pdl(use_pdl());
                 let r = self.queue(gm, model, n, pb, true, all);
+                be.set_pdl(false);
                 let g = st.end_capture(CUgraphInstantiate_flags(0));
                 r?;
                 let g = g?.ok_or_else(|| CudaError::Invalid("empty decode graph".into()))?;
@@ -1246,6 +1309,79 @@ impl GpuSession {
                       norm: &CudaSlice<f32>|
          -> Result<()> {
             memo.set([0; 2]);
+            // Decode: the control product and the state's sum of squares over many blocks,
+            // then one block for the rest, which also writes y's int8 forms (production).
+            let wty = match fnw.ty {
+                GgmlType::F32 => Some(0i32),
+                GgmlType::F16 => Some(1),
+                _ => None,
+            };
+            if let Some(wty) = wty.filter(|_| {
+                n == 1
+                    && use_hc1()
+                    && d.is_multiple_of(256)
+                    && (nh * d).is_multiple_of(512)
+                    && fnw.n_rows == c.hc_mix()
+            }) {
+                let width = nh * d;
+                let nb = width / 512;
+                launchp!(
+                    be,
+                    st,
+                    k.hc_mix_part,
+                    (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1),
+                    (64, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        be.weight_ptr(fnw),
+                        wty,
+                        fnw.n_rows as i32,
+                        width as i32,
+                        p(&s.hcpart),
+                        ptr(&s.hcss, st)
+                    ]
+                );
+                let (q0, d0, qk, dk) = if int8 {
+                    (p(&s.q0), p(&s.d0), p(&s.qk), p(&s.dk))
+                } else {
+                    (0, 0, 0, 0)
+                };
+                launchp!(
+                    be,
+                    st,
+                    k.hc_pre1,
+                    (1, 1, 1),
+                    (HC_PRE1_THREADS, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        p(&s.hcpart),
+                        ptr(&s.hcss, st),
+                        nb as i32,
+                        nh as i32,
+                        di,
+                        eps,
+                        c.hc_eps,
+                        c.sinkhorn_iters as i32,
+                        p(sc),
+                        p(base),
+                        p(&s.y),
+                        p(&s.post),
+                        p(&s.comb),
+                        p(norm),
+                        q0,
+                        d0,
+                        qk,
+                        dk
+                    ]
+                );
+                if int8 {
+                    // Both scratches now hold y's codes (Q8_0 and Q8_K).
+                    memo.set([p(&s.y); 2]);
+                }
+                return Ok(());
+            }
             lin(fnw, p(&s.x), n, p(&s.mix))?;
             launch!(
                 st,
@@ -1272,7 +1408,8 @@ impl GpuSession {
             Ok(())
         };
         let hc_post = || -> Result<()> {
-            launch!(
+            launchp!(
+                be,
                 st,
                 k.hc_post,
                 ((d as u32).div_ceil(256), n32, 1),
@@ -1293,43 +1430,96 @@ impl GpuSession {
             // Query.
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
             lin(&l.kv, p(&s.y), n, p(&s.kv))?;
-            rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
+            if int8
+                && n == 1
+                && use_hc1()
+                && l.q_b.ty == GgmlType::Q8_0
+                && c.q_lora_rank.is_multiple_of(256)
+            {
+                // Norm + the Q8_0 codes q_b reads, in one launch (q_b is Q8_0).
+                launchp!(
+                    be,
+                    st,
+                    k.rms_norm_q8,
+                    (1, 1, 1),
+                    ((c.q_lora_rank / 8).min(512) as u32, 1, 1),
+                    0,
+                    [
+                        p(&s.qr),
+                        p(&l.q_a_norm),
+                        c.q_lora_rank as i32,
+                        eps,
+                        p(&s.q0),
+                        p(&s.d0)
+                    ]
+                );
+                let mut m = memo.get();
+                m[0] = p(&s.qr);
+                memo.set(m);
+            } else {
+                rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
+            }
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
-            launch!(
-                st,
-                k.head_norm_rope,
-                (n32 * c.n_head as u32, 1, 1),
-                (128, 1, 1),
-                0,
-                [
-                    p(&s.q),
-                    c.n_head as i32,
-                    c.head_dim as i32,
-                    half,
-                    eps,
-                    ptr(&l.freqs, st),
-                    p0l
-                ]
-            );
-            // KV row (its product was queued with q_a's, which reads the same input).
-            launch!(
-                st,
-                k.kv_finish,
-                (n32, 1, 1),
-                (256, 1, 1),
-                0,
-                [
-                    p(&s.kv),
-                    p(&l.kv_a_norm),
-                    c.head_dim as i32,
-                    half,
-                    eps,
-                    ptr(&l.freqs, st),
-                    p0l,
-                    qat,
-                    exact
-                ]
-            );
+            if n == 1 && use_hc1() {
+                // Query heads and the KV row in one launch (decode).
+                launchp!(
+                    be,
+                    st,
+                    k.qkv_finish1,
+                    (c.n_head as u32 + 1, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.q),
+                        p(&s.kv),
+                        p(&l.kv_a_norm),
+                        c.n_head as i32,
+                        c.head_dim as i32,
+                        half,
+                        eps,
+                        ptr(&l.freqs, st),
+                        p0l,
+                        qat,
+                        exact
+                    ]
+                );
+            } else {
+                launch!(
+                    st,
+                    k.head_norm_rope,
+                    (n32 * c.n_head as u32, 1, 1),
+                    (128, 1, 1),
+                    0,
+                    [
+                        p(&s.q),
+                        c.n_head as i32,
+                        c.head_dim as i32,
+                        half,
+                        eps,
+                        ptr(&l.freqs, st),
+                        p0l
+                    ]
+                );
+                // KV row (its product was queued with q_a's, which reads the same input).
+                launch!(
+                    st,
+                    k.kv_finish,
+                    (n32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.kv),
+                        p(&l.kv_a_norm),
+                        c.head_dim as i32,
+                        half,
+                        eps,
+                        ptr(&l.freqs, st),
+                        p0l,
+                        qat,
+                        exact
+                    ]
+                );
+            }
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
                 lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
@@ -1561,22 +1751,47 @@ impl GpuSession {
                 }
                 lin(&l.out_b, p(&s.low), n, p(&s.f))?;
             }
-            launch!(
-                st,
-                k.ring_push,
-                (n.min(c.swa) as u32, 1, 1),
-                (256, 1, 1),
-                0,
-                [
-                    p(&s.kv),
-                    p(&ls.ring),
-                    ni,
-                    p0l,
-                    c.swa as i32,
-                    c.head_dim as i32
-                ]
-            );
-            hc_post()?;
+            if n == 1 && use_hc1() {
+                // Ring push and hc_post in one launch (decode).
+                launchp!(
+                    be,
+                    st,
+                    k.hc_post_ring,
+                    ((d as u32).div_ceil(256), 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        p(&s.f),
+                        p(&s.post),
+                        p(&s.comb),
+                        nh as i32,
+                        di,
+                        p(&s.kv),
+                        p(&ls.ring),
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32
+                    ]
+                );
+            } else {
+                launch!(
+                    st,
+                    k.ring_push,
+                    (n.min(c.swa) as u32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.kv),
+                        p(&ls.ring),
+                        ni,
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32
+                    ]
+                );
+                hc_post()?;
+            }
             // §3.2 + §3.4: FFN site.
             hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
             if n == 1 {
@@ -1679,16 +1894,38 @@ impl GpuSession {
                     l.clamp,
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
-                launch!(
-                    st,
-                    k.moe_sum,
-                    ((d as u32).div_ceil(256), n32, 1),
-                    (256, 1, 1),
-                    0,
-                    [p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)]
-                );
+                if n == 1 && use_hc1() {
+                    // Expert sum and hc_post in one pass (decode).
+                    launchp!(
+                        be,
+                        st,
+                        k.hc_post_moe,
+                        ((d as u32).div_ceil(256), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            p(&s.x),
+                            p(&s.dn),
+                            p(&s.sh),
+                            ke as i32,
+                            p(&s.post),
+                            p(&s.comb),
+                            nh as i32,
+                            di
+                        ]
+                    );
+                } else {
+                    launch!(
+                        st,
+                        k.moe_sum,
+                        ((d as u32).div_ceil(256), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)]
+                    );
+                    hc_post()?;
+                }
             }
-            hc_post()?;
         }
         if !head {
             return Ok(());

@@ -245,17 +245,34 @@ extern "C" __global__ void k_rms_norm(float* __restrict__ x, const float* __rest
     for (int i = threadIdx.x; i < width; i += blockDim.x) r[i] = w ? r[i] * s * w[i] : r[i] * s;
 }
 
+// Query head row r: unweighted RMSNorm then RoPE at `pos`. Block-wide.
+__device__ void head_norm_rope_row(float* r, int dh, int half, float eps, const double* freqs,
+                                   long long pos, double* sh) {
+    float s = rms_scale_block(r, dh, eps, sh);
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = r[i] * s;
+    __syncthreads();
+    rope_tail(r, dh, half, freqs, pos, false);
+}
+
+// KV row r: RMSNorm(kv_a_norm), RoPE at `pos`, QAT + storage rounding. Block-wide.
+__device__ void kv_finish_row(float* r, const float* w, int dh, int half, float eps,
+                              const double* freqs, long long pos, int qat, int exact,
+                              double* sh) {
+    float s = rms_scale_block(r, dh, eps, sh);
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = r[i] * s * w[i];
+    __syncthreads();
+    rope_tail(r, dh, half, freqs, pos, false);
+    finish_row(r, dh, dh - 2 * half, 0, qat, exact, 0.0f);
+}
+
 // Query heads: unweighted RMSNorm then RoPE at the token's position (blockIdx.x = t·H + h).
 extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, int dh, int half,
                                             float eps, const double* __restrict__ freqs,
                                             const long long* __restrict__ p0p) {
     const long long p0 = *p0p;
     __shared__ double sh[33];
-    float* r = q + (long long)blockIdx.x * dh;
-    float s = rms_scale_block(r, dh, eps, sh);
-    for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = r[i] * s;
-    __syncthreads();
-    rope_tail(r, dh, half, freqs, p0 + blockIdx.x / n_head, false);
+    head_norm_rope_row(q + (long long)blockIdx.x * dh, dh, half, eps, freqs,
+                       p0 + blockIdx.x / n_head, sh);
 }
 
 // KV rows: RMSNorm(kv_a_norm), RoPE, QAT + storage rounding (blockIdx.x = t).
@@ -265,12 +282,23 @@ extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __re
                                        int exact) {
     const long long p0 = *p0p;
     __shared__ double sh[33];
-    float* r = kv + (long long)blockIdx.x * dh;
-    float s = rms_scale_block(r, dh, eps, sh);
-    for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = r[i] * s * w[i];
-    __syncthreads();
-    rope_tail(r, dh, half, freqs, p0 + blockIdx.x, false);
-    finish_row(r, dh, dh - 2 * half, 0, qat, exact, 0.0f);
+    kv_finish_row(kv + (long long)blockIdx.x * dh, w, dh, half, eps, freqs, p0 + blockIdx.x, qat,
+                  exact, sh);
+}
+
+// Decode (one token): k_head_norm_rope's n_head blocks and k_kv_finish's block in one launch
+// (blockIdx.x < n_head: query head; = n_head: the KV row). Same row functions.
+extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restrict__ kv,
+                                         const float* __restrict__ w, int n_head, int dh, int half,
+                                         float eps, const double* __restrict__ freqs,
+                                         const long long* __restrict__ p0p, int qat, int exact) {
+    pdl_enter();
+    const long long p0 = *p0p;
+    __shared__ double sh[33];
+    if ((int)blockIdx.x < n_head)
+        head_norm_rope_row(q + (long long)blockIdx.x * dh, dh, half, eps, freqs, p0, sh);
+    else
+        kv_finish_row(kv, w, dh, half, eps, freqs, p0, qat, exact, sh);
 }
 
 // Indexer query heads: RoPE at the token's position, then the indexer QAT (blockIdx.x =
@@ -340,6 +368,51 @@ __device__ void sinkhorn_warp(float* c, float* e, int n, int iters, float eps) {
     }
 }
 
+// Sinkhorn of an n×n matrix (n·n ≤ 32) held in registers, lane i owning element i (row
+// i/n, column i%n; lanes ≥ n·n compute throw-away values). Row and column sums gather the
+// elements with shuffles and add them in the serial order of hc.rs (from 0, k or j
+// ascending), then divide exactly as sinkhorn_warp: the same operations on the same values,
+// so the result is bit-identical to it, without its shared-memory round trips, integer
+// divisions and local arrays in the 2·iters dependent steps. All 32 lanes must call it.
+__device__ float sinkhorn_reg(float cv, int n, int iters, float eps) {
+    const int lane = threadIdx.x & 31;
+    const int j = lane / n, k = lane - (lane / n) * n;
+    const int rb = min(j, n - 1) * n;
+    float m = NEG_INF;
+#pragma unroll
+    for (int q = 0; q < FWD_MAX_HC; q++) {
+        float o = __shfl_sync(0xffffffffu, cv, (rb + q) & 31);
+        if (q < n) m = fmaxf(m, o);
+    }
+    float e = expf(cv - m);
+    float s = 0.0f;
+#pragma unroll
+    for (int q = 0; q < FWD_MAX_HC; q++) {
+        float o = __shfl_sync(0xffffffffu, e, (rb + q) & 31);
+        if (q < n) s += o;
+    }
+    cv = e / s + eps;
+    for (int it = 0; it < (iters > 1 ? iters : 1); it++) {
+        if (it > 0) {
+            float r = 0.0f;
+#pragma unroll
+            for (int q = 0; q < FWD_MAX_HC; q++) {
+                float o = __shfl_sync(0xffffffffu, cv, (rb + q) & 31);
+                if (q < n) r += o;
+            }
+            cv /= r + eps;
+        }
+        float cs = 0.0f;
+#pragma unroll
+        for (int q = 0; q < FWD_MAX_HC; q++) {
+            float o = __shfl_sync(0xffffffffu, cv, (q * n + k) & 31);
+            if (q < n) cs += o;
+        }
+        cv /= cs + eps;
+    }
+    return cv;
+}
+
 // hc_pre for token blockIdx.x: mix (= fn·flat, unscaled) times the state's RMS scale, the
 // stream weights P_j (warp 0), post weights Q_k (warp 0), Sinkhorn-normalised M (warp 1),
 // and y = Σ_j P_j·X_j, then (norm not null) the site's RMSNorm of y in place, which the
@@ -367,10 +440,16 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
             post[t * n + l - 16] = 2.0f * sigmoidf_(m[n + l - 16] * scale3[1] + base[n + l - 16]);
     } else if (threadIdx.x < 64) {
         int l = threadIdx.x - 32;
-        for (int i = l; i < n * n; i += 32) c[i] = m[2 * n + i] * scale3[2] + base[2 * n + i];
-        __syncwarp();
-        sinkhorn_warp(c, ex, n, iters, hc_eps);
-        for (int i = l; i < n * n; i += 32) comb[(long long)t * n * n + i] = c[i];
+        if (n * n <= 32) {
+            float cv = l < n * n ? m[2 * n + l] * scale3[2] + base[2 * n + l] : 0.0f;
+            cv = sinkhorn_reg(cv, n, iters, hc_eps);
+            if (l < n * n) comb[(long long)t * n * n + l] = cv;
+        } else {
+            for (int i = l; i < n * n; i += 32) c[i] = m[2 * n + i] * scale3[2] + base[2 * n + i];
+            __syncwarp();
+            sinkhorn_warp(c, ex, n, iters, hc_eps);
+            for (int i = l; i < n * n; i += 32) comb[(long long)t * n * n + i] = c[i];
+        }
     }
     __syncthreads();
     float* yt = y + (long long)t * d;
@@ -386,16 +465,299 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
     }
 }
 
+// ---- decode (one token) forms of hc_pre, spread over blocks, with the input quantization
+// of the next products fused.
+
+#define FWD_MAX_MIX ((2 + FWD_MAX_HC) * FWD_MAX_HC)
+
+// hc_pre's control product for one token: block (b, g) takes elements 512b..512b+511 of
+// the flat state (`width` = n·d, a multiple of 512; thread t: 8t..8t+7, one 16-byte F16 or
+// two F32 loads per row) and fn rows 8g..8g+7, and writes the partial dots
+// part[b·rows + r] (each thread's 8 products in order, then lanes, then the 2 warps, in a
+// fixed order); blocks (b, 0) also write the state's partial sum of squares in f64 (ss[b]).
+// k_hc_pre1 adds the partials in b order. wty: 0 = F32, 1 = F16 fn (row-major). 64 threads.
+extern "C" __global__ void __launch_bounds__(64)
+    k_hc_mix_part(const float* __restrict__ x, const u8* __restrict__ w, int wty, int rows,
+                  int width, float* __restrict__ part, double* __restrict__ ss) {
+    pdl_enter();
+    __shared__ float red[8][2];
+    __shared__ double sh[33];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int e0 = blockIdx.x * 512 + 8 * threadIdx.x, r0 = blockIdx.y * 8;
+    const float4* px = (const float4*)(x + e0);
+    float4 xa = px[0], xb = px[1];
+    float xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    float acc[8];
+    if (wty == 1) {
+        uint4 q[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            if (r0 + k < rows) q[k] = *(const uint4*)(w + ((i64)(r0 + k) * width + e0) * 2);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float a = 0.0f;
+            if (r0 + k < rows) {
+                u32 h[4] = {q[k].x, q[k].y, q[k].z, q[k].w};
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    a += h2f((u16)(h[i] & 0xffff)) * xs[2 * i];
+                    a += h2f((u16)(h[i] >> 16)) * xs[2 * i + 1];
+                }
+            }
+            acc[k] = a;
+        }
+    } else {
+        float4 qa[8], qb[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            if (r0 + k < rows) {
+                const float4* pw = (const float4*)(w + ((i64)(r0 + k) * width + e0) * 4);
+                qa[k] = pw[0];
+                qb[k] = pw[1];
+            }
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float a = 0.0f;
+            if (r0 + k < rows) {
+                float ws[8] = {qa[k].x, qa[k].y, qa[k].z, qa[k].w, qb[k].x, qb[k].y, qb[k].z, qb[k].w};
+#pragma unroll
+                for (int i = 0; i < 8; i++) a += ws[i] * xs[i];
+            }
+            acc[k] = a;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        float v = warp_sum(acc[k]);
+        if (lane == 0) red[k][warp] = v;
+    }
+    double q2 = 0.0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) q2 += (double)xs[i] * (double)xs[i];
+    // block_sum_d's barriers also publish `red`.
+    q2 = block_sum_d(q2, sh);
+    if (blockIdx.y == 0 && threadIdx.x == 0) ss[blockIdx.x] = q2;
+    if (threadIdx.x < 8 && r0 + threadIdx.x < rows)
+        part[(i64)blockIdx.x * rows + r0 + threadIdx.x] = red[threadIdx.x][0] + red[threadIdx.x][1];
+}
+
+// hc_pre for one token from k_hc_mix_part's nb partials: mix and the state's RMS scale
+// (the partials added in block order), then the same P_j / Q_k / Sinkhorn steps as
+// k_hc_pre, y = Σ_j P_j·X_j (j in order, as hc.rs), the site's RMSNorm (norm not null), and
+// the int8 forms of y the next products read (q0/d0: Q8_0 per 32, qk/dk: Q8_K per 256; null:
+// skipped) from the same registers that are stored, with the qa_* kernels' functions, so the
+// codes equal quantizing the stored y. d must be a multiple of 256; lane l of warp w < 16
+// holds elements 256(w + 16i) + 8l..+7, the qa_* kernels' layout; warp 16 runs Sinkhorn
+// meanwhile. HC_PRE1_THREADS threads.
+#define HC_PRE1_THREADS 544
+extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
+    k_hc_pre1(const float* __restrict__ x, const float* __restrict__ part,
+              const double* __restrict__ ss, int nb, int n, int d, float rms_eps, float hc_eps,
+              int iters, const float* __restrict__ scale3, const float* __restrict__ base,
+              float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
+              const float* __restrict__ norm, signed char* __restrict__ q0,
+              float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk) {
+    pdl_enter();
+    __shared__ double sh[33];
+    __shared__ double ssum;
+    __shared__ float mx[FWD_MAX_MIX];
+    __shared__ float pj[FWD_MAX_HC];
+    __shared__ float c[FWD_MAX_HC * FWD_MAX_HC];
+    __shared__ float ex[FWD_MAX_HC * FWD_MAX_HC];
+    int w = (2 + n) * n, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int r = warp; r <= w; r += nw) {
+        if (r < w) {
+            float a = 0.0f;
+            for (int b = lane; b < nb; b += 32) a += part[(i64)b * w + r];
+            a = warp_sum(a);
+            if (lane == 0) mx[r] = a;
+        } else {
+            double a = 0.0;
+            for (int b = lane; b < nb; b += 32) a += ss[b];
+            a = warp_sum_d(a);
+            if (lane == 0) ssum = a;
+        }
+    }
+    __syncthreads();
+    float s = (float)(1.0 / sqrt(ssum / (double)(n * d) + (double)rms_eps));
+    if (threadIdx.x < 32) {
+        int l = threadIdx.x;
+        if (l < n) pj[l] = sigmoidf_(mx[l] * s * scale3[0] + base[l]) + hc_eps;
+        else if (l >= 16 && l - 16 < n)
+            post[l - 16] = 2.0f * sigmoidf_(mx[n + l - 16] * s * scale3[1] + base[n + l - 16]);
+    }
+    __syncthreads();
+    // The last warp runs Sinkhorn (only hc_post needs it) while the others form y.
+    const int ny = blockDim.x - 32;
+    double acc2 = 0.0;
+    if (warp == nw - 1) {
+        if (n * n <= 32) {
+            float cv = lane < n * n ? mx[2 * n + lane] * s * scale3[2] + base[2 * n + lane] : 0.0f;
+            cv = sinkhorn_reg(cv, n, iters, hc_eps);
+            if (lane < n * n) comb[lane] = cv;
+        } else {
+            for (int i = lane; i < n * n; i += 32) c[i] = mx[2 * n + i] * s * scale3[2] + base[2 * n + i];
+            __syncwarp();
+            sinkhorn_warp(c, ex, n, iters, hc_eps);
+            for (int i = lane; i < n * n; i += 32) comb[i] = c[i];
+        }
+    } else
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        // All streams' loads first (fixed bound: unrolled, in flight together).
+        float4 xa[FWD_MAX_HC], xb[FWD_MAX_HC];
+#pragma unroll
+        for (int j = 0; j < FWD_MAX_HC; j++)
+            if (j < n) {
+                const float4* px = (const float4*)(x + (i64)j * d + e0);
+                xa[j] = px[0];
+                xb[j] = px[1];
+            }
+#pragma unroll
+        for (int j = 0; j < FWD_MAX_HC; j++)
+            if (j < n) {
+                float xs[8] = {xa[j].x, xa[j].y, xa[j].z, xa[j].w, xb[j].x, xb[j].y, xb[j].z, xb[j].w};
+                float p = pj[j];
+#pragma unroll
+                for (int k = 0; k < 8; k++) v[k] += p * xs[k];
+            }
+        float4* py = (float4*)(y + e0);
+        py[0] = make_float4(v[0], v[1], v[2], v[3]);
+        py[1] = make_float4(v[4], v[5], v[6], v[7]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc2 += (double)v[k] * (double)v[k];
+    }
+    float s2 = 1.0f;
+    if (norm) s2 = (float)(1.0 / sqrt(block_sum_d(acc2, sh) / (double)d + (double)rms_eps));
+    if (!norm && !q0 && !qk) return;
+    // Each thread reads back only the elements it wrote; whole warps are in or out of range.
+    if (warp == nw - 1) return;
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
+        float4* py = (float4*)(y + e0);
+        float4 a = py[0], b = py[1];
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        if (norm) {
+            const float4* pn = (const float4*)(norm + e0);
+            float4 na = pn[0], nb4 = pn[1];
+            float ns[8] = {na.x, na.y, na.z, na.w, nb4.x, nb4.y, nb4.z, nb4.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = v[k] * s2 * ns[k];
+            py[0] = make_float4(v[0], v[1], v[2], v[3]);
+            py[1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+        u32 w0, w1;
+        if (q0) {
+            float dd = q8_0_lane(v, &w0, &w1);
+            *(uint2*)(q0 + e0) = make_uint2(w0, w1);
+            if ((lane & 3) == 0) d0[e0 >> 5] = dd;
+        }
+        if (qk) {
+            float dd = q8k_lane(v, lane, &w0, &w1);
+            *(uint2*)(qk + e0) = make_uint2(w0, w1);
+            if (lane == 0) dk[e0 >> 8] = dd;
+        }
+    }
+}
+
+// k_rms_norm of one row (decode) plus its Q8_0 codes/scales for the next product (q8_0_lane,
+// as qa_q8_0 on the stored values). width a multiple of 256; lane layout as k_hc_pre1.
+extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __restrict__ w,
+                                         int width, float eps, signed char* __restrict__ q0,
+                                         float* __restrict__ d0) {
+    pdl_enter();
+    __shared__ double sh[33];
+    int lane = threadIdx.x & 31;
+    double a2 = 0.0;
+    for (int e0 = 8 * threadIdx.x; e0 < width; e0 += 8 * blockDim.x) {
+        const float4* px = (const float4*)(x + e0);
+        float4 a = px[0], b = px[1];
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) a2 += (double)v[k] * (double)v[k];
+    }
+    float s = (float)(1.0 / sqrt(block_sum_d(a2, sh) / (double)width + (double)eps));
+    for (int e0 = 8 * threadIdx.x; e0 < width; e0 += 8 * blockDim.x) {
+        float4* px = (float4*)(x + e0);
+        float4 a = px[0], b = px[1];
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = w ? v[k] * s * w[e0 + k] : v[k] * s;
+        px[0] = make_float4(v[0], v[1], v[2], v[3]);
+        px[1] = make_float4(v[4], v[5], v[6], v[7]);
+        u32 w0, w1;
+        float dd = q8_0_lane(v, &w0, &w1);
+        *(uint2*)(q0 + e0) = make_uint2(w0, w1);
+        if ((lane & 3) == 0) d0[e0 >> 5] = dd;
+    }
+}
+
 // hc_post in place: X_k ← Q_k·F + Σ_j M[j][k]·X_j (grid: x = element blocks, y = token).
 extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restrict__ f,
                                      const float* __restrict__ post,
                                      const float* __restrict__ comb, int n, int d) {
+    pdl_enter();
     int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= d) return;
     float* xt = x + (long long)t * n * d;
     const float* q = post + t * n;
     const float* mm = comb + (long long)t * n * n;
     float fv = f[(long long)t * d + e];
+    float xs[FWD_MAX_HC], out[FWD_MAX_HC];
+    for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
+    for (int k = 0; k < n; k++) {
+        float o = q[k] * fv;
+        for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
+        out[k] = o;
+    }
+    for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
+// Decode attention site: k_ring_push of the token's KV row (n = 1: ring slot pos % swa, done
+// by block (0, 0)) and k_hc_post in one launch; the same copies and the same per-element
+// operations as the two kernels, in the same place in the stream (after attention has read
+// the ring).
+extern "C" __global__ void k_hc_post_ring(float* __restrict__ x, const float* __restrict__ f,
+                                          const float* __restrict__ post,
+                                          const float* __restrict__ comb, int n, int d,
+                                          const float* __restrict__ kv, float* __restrict__ ring,
+                                          const long long* __restrict__ p0p, int swa, int dh) {
+    pdl_enter();
+    if (blockIdx.x == 0 && blockIdx.y == 0) {
+        long long slot = *p0p % swa;
+        for (int e = threadIdx.x; e < dh; e += blockDim.x) ring[slot * dh + e] = kv[e];
+    }
+    int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= d) return;
+    float* xt = x + (long long)t * n * d;
+    const float* q = post + t * n;
+    const float* mm = comb + (long long)t * n * n;
+    float fv = f[(long long)t * d + e];
+    float xs[FWD_MAX_HC], out[FWD_MAX_HC];
+    for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
+    for (int k = 0; k < n; k++) {
+        float o = q[k] * fv;
+        for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
+        out[k] = o;
+    }
+    for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
+// Decode FFN site: k_moe_sum then k_hc_post in one pass (t = blockIdx.y): the sublayer
+// output f = Σ_j dn[t·k + j] + sh[t] is formed per element with k_moe_sum's operations and
+// used directly (f is not stored), then X_k ← Q_k·f + Σ_j M[j][k]·X_j as k_hc_post.
+extern "C" __global__ void k_hc_post_moe(float* __restrict__ x, const float* __restrict__ dn,
+                                         const float* __restrict__ sh, int kx,
+                                         const float* __restrict__ post,
+                                         const float* __restrict__ comb, int n, int d) {
+    pdl_enter();
+    int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= d) return;
+    float fv = 0.0f;
+    for (int j = 0; j < kx; j++) fv += dn[((long long)t * kx + j) * d + e];
+    fv += sh[(long long)t * d + e];
+    float* xt = x + (long long)t * n * d;
+    const float* q = post + t * n;
+    const float* mm = comb + (long long)t * n * n;
     float xs[FWD_MAX_HC], out[FWD_MAX_HC];
     for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
     for (int k = 0; k < n; k++) {

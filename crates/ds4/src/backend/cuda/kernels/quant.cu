@@ -42,6 +42,18 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+// Programmatic dependent launch (production decode graph, see CudaBackend::set_pdl): a
+// kernel launched with programmatic stream serialization may start before the previous
+// kernel of the stream has finished. Every kernel that can be launched so calls this first,
+// in every thread, before touching memory: it lets the next kernel's launch begin
+// (`launch_dependents`) and then waits until the previous grid has completed and its writes
+// are visible (`wait`; a no-op for an ordinary launch). Since each such kernel waits for its
+// predecessor before it can finish, completion stays ordered along the whole stream.
+__device__ __forceinline__ void pdl_enter() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
 __device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
 __device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
 
@@ -396,6 +408,7 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
         mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,          \
                int n_rows, int n_cols, const float* __restrict__ x, i64 x_stride,                \
                float* __restrict__ y, int split) {                                               \
+        pdl_enter();                                                                             \
         DS4_TABLES(USES_TABLES)                                                                  \
         __shared__ float part_[WARPS_PER_BLOCK];                                                 \
         int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
@@ -515,17 +528,13 @@ __device__ __forceinline__ float warp_max_first(float a, int idx, float v, int* 
     return a;
 }
 
-// Q8_K (CPU `q8_k::quantize_block`): one warp per 256 elements, lane l holds 8l..8l+7.
-// max = signed element of largest |x| (first on ties), iscale = (1/max)·(-127),
-// q = clamp(rne(iscale·x), -128, 127), d = 1/iscale (0 for an all-zero block).
-extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, signed char* __restrict__ q,
-                                   float* __restrict__ d) {
-    int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (blk >= n_blocks) return;
-    int lane = threadIdx.x & 31;
-    const float* xb = x + (i64)blk * 256 + 8 * lane;
-    float4 a = ((const float4*)xb)[0], b = ((const float4*)xb)[1];
-    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+// Q8_K (CPU `q8_k::quantize_block`) of one 256-element block held by a warp, lane l holding
+// elements 8l..8l+7 in v: max = signed element of largest |x| (first on ties),
+// iscale = (1/max)·(-127), q = clamp(rne(iscale·x), -128, 127), d = 1/iscale (0 for an
+// all-zero block). The lane's 8 codes go to *w0/*w1 (bytes in element order); every lane
+// gets d. All 32 lanes must call it. Shared by qa_q8_k and the fused producers (k_hc_pre1,
+// k_rms_norm_q8 in forward.cu), so their codes are the same function of the same values.
+__device__ __forceinline__ float q8k_lane(const float* v, int lane, u32* w0p, u32* w1p) {
     float am = 0.0f, mv = 0.0f;
     int mi = 0x7fffffff;
 #pragma unroll
@@ -552,29 +561,21 @@ extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, si
         }
         dd = __fdiv_rn(1.0f, iscale);
     }
-    ((uint2*)(q + (i64)blk * 256))[lane] = make_uint2(w0, w1);
-    if (lane == 0) d[blk] = dd;
+    *w0p = w0;
+    *w1p = w1;
+    return dd;
 }
 
-// Q8_0 activations (CPU `q8_0::quantize_act_block`): per 32 elements d = amax/127,
-// q = clamp(rne(x·(1/d)), -128, 127). One warp per 256 elements (4 lanes per block);
-// `n` (a multiple of 32) elements in all.
-extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed char* __restrict__ q,
-                                   float* __restrict__ d) {
-    i64 e0 = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 256 + 8 * (threadIdx.x & 31);
-    bool on = e0 < n;
-    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (on) {
-        float4 a = ((const float4*)(x + e0))[0], b = ((const float4*)(x + e0))[1];
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    }
+// Q8_0 activations (CPU `q8_0::quantize_act_block`) of 8 elements per lane, 4 lanes per
+// 32-element block (lanes 4b..4b+3 hold block b of the warp's 256 elements): d = amax/127,
+// q = clamp(rne(x·(1/d)), -128, 127). Codes to *w0/*w1, returns d. All 32 lanes must call
+// it (lanes past the end pass zeros). Shared by qa_q8_0 and the fused producers.
+__device__ __forceinline__ float q8_0_lane(const float* v, u32* w0p, u32* w1p) {
     float am = 0.0f;
 #pragma unroll
     for (int k = 0; k < 8; k++) am = fmaxf(am, fabsf(v[k]));
     am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
     am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
-    if (!on) return;
     float dd = __fdiv_rn(am, 127.0f);
     float id = dd == 0.0f ? 0.0f : __fdiv_rn(1.0f, dd);
     u32 w0 = 0, w1 = 0;
@@ -585,6 +586,42 @@ extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed ch
         if (k < 4) w0 |= c << (8 * k);
         else w1 |= c << (8 * (k - 4));
     }
+    *w0p = w0;
+    *w1p = w1;
+    return dd;
+}
+
+// Q8_K activations: one warp per 256 elements (q8k_lane).
+extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, signed char* __restrict__ q,
+                                   float* __restrict__ d) {
+    pdl_enter();
+    int blk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (blk >= n_blocks) return;
+    int lane = threadIdx.x & 31;
+    const float* xb = x + (i64)blk * 256 + 8 * lane;
+    float4 a = ((const float4*)xb)[0], b = ((const float4*)xb)[1];
+    float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    u32 w0, w1;
+    float dd = q8k_lane(v, lane, &w0, &w1);
+    ((uint2*)(q + (i64)blk * 256))[lane] = make_uint2(w0, w1);
+    if (lane == 0) d[blk] = dd;
+}
+
+// Q8_0 activations: one warp per 256 elements (q8_0_lane); `n` (a multiple of 32) in all.
+extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed char* __restrict__ q,
+                                   float* __restrict__ d) {
+    pdl_enter();
+    i64 e0 = ((i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 256 + 8 * (threadIdx.x & 31);
+    bool on = e0 < n;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (on) {
+        float4 a = ((const float4*)(x + e0))[0], b = ((const float4*)(x + e0))[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    }
+    u32 w0, w1;
+    float dd = q8_0_lane(v, &w0, &w1);
+    if (!on) return;
     *(uint2*)(q + e0) = make_uint2(w0, w1);
     if ((threadIdx.x & 3) == 0) d[e0 >> 5] = dd;
 }
@@ -592,7 +629,9 @@ extern "C" __global__ void qa_q8_0(const float* __restrict__ x, i64 n, signed ch
 // IQ2_XXS tables for the int8 path: the grid as bytes (2 KB instead of 8 KB of floats).
 struct Iq2Smem8 {
     u64 grid[256];
-    u8 signs[128];
+    // Sign pattern i as a byte mask (0xff where the element is negated): one lookup instead
+    // of the pattern byte and two sign_mask4 expansions per step.
+    u64 smask[128];
 };
 
 // The lane's 8 int8 activations and their block scale.
@@ -604,8 +643,17 @@ struct XQ8 {
 // Sign bits 0..3 of s as byte masks (0x00 / 0xff per byte).
 __device__ __forceinline__ u32 sign_mask4(u32 s) { return ((s * 0x00204081u) & 0x01010101u) * 0xffu; }
 
-// g with the bytes selected by mask negated (g bytes are < 128).
-__device__ __forceinline__ int neg_bytes(u32 g, u32 mask) { return (int)__vsub4(g ^ mask, mask); }
+// Byte mask of sign pattern i (bytes 0..7 = elements 0..7).
+__device__ __forceinline__ u64 iq2_smask(int i) {
+    u32 sg = ds4_iq2_signs[i];
+    return (u64)sign_mask4(sg & 15) | ((u64)sign_mask4(sg >> 4) << 32);
+}
+
+// g with the bytes selected by mask negated. Each byte of g lies in 1..127 (IQ2_XXS grid
+// values 8, 25, 43), so (g ^ 0xff) + 1 = 256 - g stays inside its byte (at most 255): a plain
+// 32-bit add does the four byte negations, with no carry between bytes and without the
+// multi-instruction __vsub4.
+__device__ __forceinline__ int neg_bytes(u32 g, u32 mask) { return (int)((g ^ mask) + (mask & 0x01010101u)); }
 
 struct I8Q8_0 : UQ8_0 {
     __device__ __forceinline__ float idot(const XQ8& x, int, float acc, const Iq2Smem8*) const {
@@ -660,9 +708,9 @@ struct I8IQ2_XXS {
         u32 a = (av >> (8 * (lane & 1))) & 255u;
         u32 b = blo | (bhi << 16);
         u64 g = tb->grid[a];
-        u32 sg = tb->signs[(b >> (7 * (lane & 3))) & 127];
-        int w0 = neg_bytes((u32)g, sign_mask4(sg & 15));
-        int w1 = neg_bytes((u32)(g >> 32), sign_mask4(sg >> 4));
+        u64 m = tb->smask[(b >> (7 * (lane & 3))) & 127];
+        int w0 = neg_bytes((u32)g, (u32)m);
+        int w1 = neg_bytes((u32)(g >> 32), (u32)(m >> 32));
         int s = __dp4a(w0, (int)x.q.x, __dp4a(w1, (int)x.q.y, 0));
         int tot = (2 * (int)(b >> 28) + 1) * s;
         return fmaf(0.125f * h2f(d) * x.d, (float)tot, acc);
@@ -733,16 +781,17 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
     *rb = accb;
 }
 
-#define DS4_MV8(T, U, USES_TABLES, DSH)                                                          \
+#define DS4_MV8(NAME, U, USES_TABLES, DSH, UNR)                                                       \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-        mv8_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,         \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
                 int n_rows, int n_cols, const signed char* __restrict__ xq,                      \
                 const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {  \
+        pdl_enter();                                                                             \
         __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
             for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
-            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
             __syncthreads();                                                                     \
         }                                                                                        \
         __shared__ float part_[WARPS_PER_BLOCK];                                                 \
@@ -753,7 +802,7 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
             const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
             RowCtx c = {wb, o, n_rows, n_cols};                                                  \
             i64 xo = (i64)slot * x_stride;                                                       \
-            r = warp_sum(dot_row8<U, 4, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));   \
+            r = warp_sum(dot_row8<U, UNR, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));   \
         }                                                                                        \
         if (split == 1) {                                                                        \
             if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;            \
@@ -767,26 +816,27 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
         }                                                                                        \
     }
 
-DS4_MV8(q8_0, I8Q8_0, 0, 5)
-DS4_MV8(q2_k, I8Q2_K, 0, 8)
-DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
+DS4_MV8(mv8_q8_0, I8Q8_0, 0, 5, 4)
+DS4_MV8(mv8_q2_k, I8Q2_K, 0, 8, 4)
+DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
 
 // Fused gate + up + clamped SwiGLU (production decode, int8 activations): warp(s) of row o
 // take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
 // h[s][o] = silu(min(g, c))·clamp(u, ±c)·wts[s] (wts null: 1), the same expressions as
 // k_swiglu in forward.cu. Saves the up launch, the SwiGLU launch and the g/u round trip.
-#define DS4_MV8_GLU(T, U, USES_TABLES, DSH)                                                      \
+#define DS4_MV8_GLU(NAME, U, USES_TABLES, DSH, UNR)                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-        mv8glu_##T(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,       \
+        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
                    const int* __restrict__ ids, int n_rows, int n_cols,                          \
                    const signed char* __restrict__ xq, const float* __restrict__ xd,             \
                    i64 x_stride, const float* __restrict__ wts, float clampc,                    \
                    float* __restrict__ h, int split) {                                           \
+        pdl_enter();                                                                             \
         __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
             for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
-            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->signs[i] = ds4_iq2_signs[i];\
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
             __syncthreads();                                                                     \
         }                                                                                        \
         __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                       \
@@ -797,7 +847,7 @@ DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
             i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                  \
             RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};         \
             i64 xo = (i64)slot * x_stride;                                                       \
-            dot_row8x2<U, 4, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru);  \
+            dot_row8x2<U, UNR, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru);  \
             rg = warp_sum(rg);                                                                   \
             ru = warp_sum(ru);                                                                   \
         }                                                                                        \
@@ -823,6 +873,104 @@ DS4_MV8(iq2_xxs, I8IQ2_XXS, 1, 8)
         }                                                                                        \
     }
 
-DS4_MV8_GLU(q8_0, I8Q8_0, 0, 5)
-DS4_MV8_GLU(q2_k, I8Q2_K, 0, 8)
-DS4_MV8_GLU(iq2_xxs, I8IQ2_XXS, 1, 8)
+DS4_MV8_GLU(mv8glu_q8_0, I8Q8_0, 0, 5, 4)
+DS4_MV8_GLU(mv8glu_q2_k, I8Q2_K, 0, 8, 4)
+DS4_MV8_GLU(mv8glu_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
+
+// Q8_0 int8 matvec with 16-byte loads (production decode; n_cols a multiple of 512): lane l
+// takes elements 16l..16l+15 of each 512-element step (one 16-byte code load and its
+// block's scale; the activation codes likewise), a warp takes RW consecutive rows and UNR
+// steps of each before any dot, so RW·UNR 16-byte weight loads per lane are in flight
+// (mv8_q8_0 has 4 of 8 bytes). Rows split between `split` warps as in mv8_<t>, partials
+// added in warp order; per lane, per row the dots are added in step order: deterministic.
+// Same per-block expression as I8Q8_0 (fmaf(d_w·d_x, Σq·q, acc)).
+template <int RW, int UNR>
+__device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_cols,
+                                         const signed char* xq, const float* xd, int first,
+                                         int stride, float* acc) {
+    const int lane = threadIdx.x & 31;
+    const int steps = n_cols >> 9, nb = n_cols >> 5;
+    const u16* scp = (const u16*)(w + (i64)n_rows * n_cols);
+    for (int s0 = first; s0 < steps; s0 += UNR * stride) {
+        uint4 q[RW][UNR];
+        u16 dw[RW][UNR];
+        uint4 xv[UNR];
+        float xs[UNR];
+        bool on[UNR];
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            const int sk = s0 + k * stride;
+            on[k] = sk < steps;
+            const int e0 = (sk << 9) + 16 * lane;
+            if (on[k]) {
+                xv[k] = *(const uint4*)(xq + e0);
+                xs[k] = xd[e0 >> 5];
+            }
+#pragma unroll
+            for (int r = 0; r < RW; r++) {
+                if (on[k] && o + r < n_rows) {
+                    q[r][k] = *(const uint4*)(w + (i64)(o + r) * n_cols + e0);
+                    dw[r][k] = scp[(i64)(o + r) * nb + (e0 >> 5)];
+                } else {
+                    q[r][k] = make_uint4(0u, 0u, 0u, 0u);
+                    dw[r][k] = 0;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            if (!on[k]) continue;
+#pragma unroll
+            for (int r = 0; r < RW; r++) {
+                int s = __dp4a((int)q[r][k].x, (int)xv[k].x, 0);
+                s = __dp4a((int)q[r][k].y, (int)xv[k].y, s);
+                s = __dp4a((int)q[r][k].z, (int)xv[k].z, s);
+                s = __dp4a((int)q[r][k].w, (int)xv[k].w, s);
+                acc[r] = fmaf(h2f(dw[r][k]) * xs[k], (float)s, acc[r]);
+            }
+        }
+    }
+}
+
+// Grid: x = groups of (8/split)·RW rows, y = slot (matrix ids[slot], input slot·x_stride).
+#define DS4_MV8W(NAME, RW, UNR)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
+             int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
+             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {     \
+        pdl_enter();                                                                             \
+        __shared__ float part_[WARPS_PER_BLOCK][RW];                                             \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;                 \
+        int o = (blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split) * RW;                    \
+        int part = warp % split;                                                                 \
+        float acc[RW];                                                                           \
+        _Pragma("unroll") for (int r = 0; r < RW; r++) acc[r] = 0.0f;                            \
+        if (o < n_rows) {                                                                        \
+            const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
+            i64 xo = (i64)slot * x_stride;                                                       \
+            q8w_rows<RW, UNR>(wb, o, n_rows, n_cols, xq + xo, xd + (xo >> 5), part, split, acc); \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) acc[r] = warp_sum(acc[r]);            \
+        }                                                                                        \
+        if (split == 1) {                                                                        \
+            if (lane == 0) {                                                                     \
+                _Pragma("unroll") for (int r = 0; r < RW; r++) {                                 \
+                    if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = acc[r];                  \
+                }                                                                                \
+            }                                                                                    \
+            return;                                                                              \
+        }                                                                                        \
+        if (lane == 0) {                                                                         \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) part_[warp][r] = acc[r];              \
+        }                                                                                        \
+        __syncthreads();                                                                         \
+        if (lane == 0 && part == 0) {                                                            \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) {                                     \
+                float v = acc[r];                                                                \
+                for (int i = 1; i < split; i++) v += part_[warp + i][r];                         \
+                if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = v;                           \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+DS4_MV8W(mv8w2_q8_0, 2, 4)
+DS4_MV8W(mv8w4_q8_0, 4, 2)
