@@ -738,7 +738,17 @@ impl GpuSession {
             att_sc: a(if !tiled {
                 1
             } else {
-                m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
+                // Production chunks of more than 8 tokens run on tensor cores (no scores
+                // buffer); the f32 passes then only serve decode steps (split partials).
+                let chunk_rows = if !exact
+                    && attn::use_tc()
+                    && attn::tc_supported(c.n_head, c.head_dim, c.n_rot / 2)
+                {
+                    0
+                } else {
+                    m
+                };
+                chunk_rows.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
             })?,
             att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
             att_inv: a(m * c.n_head)?,
@@ -1525,6 +1535,7 @@ impl GpuSession {
                         inv: p(&s.att_inv),
                         nsplit: attn::split_for(n),
                         rows_cap,
+                        tc: !self.exact && n > 8 && attn::use_tc(),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.

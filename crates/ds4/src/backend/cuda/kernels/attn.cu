@@ -530,3 +530,249 @@ extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const flo
         }
     }
 }
+
+// ------------------------------------------------- production prefill attention, tensor cores
+
+// One block per token runs its whole attention on tensor cores (production mode, chunks of
+// more than 8 tokens): the token's (up to) 64 heads are the M dimension of mma.sync m16n8k16
+// (f16 operands, f32 accumulation), its rows are staged as f16 in shared memory 32 at a time
+// and used for both products (K = V), with an online softmax started at the sink (m = sink,
+// l = e^0 = 1), so no score ever leaves the block. Rounding versus the f32 passes: the
+// queries and the weights e^{s−m} are rounded to f16 (the rows are F16-exact in production,
+// storage rounding); the weights' sum l adds the rounded values, so numerator and denominator
+// see the same weights. Needs n_head ≤ 64, dh % 64 == 0, dh ≤ 512, half ≤ 64 (host checks).
+// 16 warps: warp w handles heads 16(w%4).. and, for the scores, rows 8(w/4).. of the tile,
+// for the output dims (w/4)·dh/4.. (64 f32 accumulators a thread at dh = 512). The next
+// tile's rows are loaded into registers while the current one is used.
+#define TC_BR 32   // rows per tile
+#define TC_SP 33   // f32 score row stride
+#define TC_PP 40   // f16 weight row stride
+
+__device__ __forceinline__ void at_mma(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two f32 -> one f16x2 word (lo in the low half), round to nearest even.
+__device__ __forceinline__ u32 at_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float at_f(u32 w, int hi) {
+    unsigned short h = (unsigned short)(hi ? (w >> 16) : (w & 0xffffu));
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Four 8×8 f16 matrices, transposed (the B operand of P·V from row-major rows).
+__device__ __forceinline__ void at_ldm_x4t(u32* r, const unsigned short* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+#define TC_PF 8  // float4 loads a thread makes per tile (TC_BR · 512 / 4 / 512)
+
+__device__ __forceinline__ void tc_load(float4* pf, const AttRows& a, int tile, int nd4,
+                                        int tid) {
+#pragma unroll
+    for (int i = 0; i < TC_PF; i++) {
+        int x = tid + 512 * i;
+        pf[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (x < TC_BR * nd4) {
+            int rr = tile * TC_BR + x / nd4;
+            if (rr < a.n_rows) pf[i] = *(const float4*)(att_row(a, rr) + 4 * (x % nd4));
+        }
+    }
+}
+
+__device__ __forceinline__ void tc_store(const float4* pf, unsigned short* ks, int kst, int nd4,
+                                         int tid) {
+#pragma unroll
+    for (int i = 0; i < TC_PF; i++) {
+        int x = tid + 512 * i;
+        if (x < TC_BR * nd4) {
+            u32* d = (u32*)(ks + (x / nd4) * kst + 4 * (x % nd4));
+            d[0] = at_h2(pf[i].x, pf[i].y);
+            d[1] = at_h2(pf[i].z, pf[i].w);
+        }
+    }
+}
+
+// Dynamic shared memory: Qs [64][dh+8] f16 | Ks [TC_BR][dh+8] f16 | Ss [64][TC_SP] f32 |
+// Ps [64][TC_PP] f16 | m, l, corr [64] f32 | cos, −sin [half] f32 (att.rs: tc_smem).
+extern "C" __global__ void __launch_bounds__(512, 1)
+    k_att_tc(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             const long long* __restrict__ p0p, int swa, int dh, int n_head,
+             const float* __restrict__ sinks, float scale, int half,
+             const double* __restrict__ freqs, float* __restrict__ o) {
+    extern __shared__ __align__(16) unsigned char tc_sm[];
+    const int kst = dh + 8;
+    unsigned short* Qs = (unsigned short*)tc_sm;
+    unsigned short* Ks = Qs + 64 * kst;
+    float* Ss = (float*)(Ks + TC_BR * kst);
+    unsigned short* Ps = (unsigned short*)(Ss + 64 * TC_SP);
+    float* mrow = (float*)(Ps + 64 * TC_PP);
+    float* lrow = mrow + 64;
+    float* corr = lrow + 64;
+    float* rc = corr + 64;
+    float* rs = rc + half;
+    const int t = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int hg = warp & 3, sub = warp >> 2;
+    const long long p0 = *p0p;
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
+    const int nd4 = dh / 4;
+    for (int x = tid; x < 64 * nd4; x += 512) {
+        int hh = x / nd4, c = x % nd4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (hh < n_head) v = *(const float4*)(q + ((long long)t * n_head + hh) * dh + 4 * c);
+        u32* d = (u32*)(Qs + hh * kst + 4 * c);
+        d[0] = at_h2(v.x, v.y);
+        d[1] = at_h2(v.z, v.w);
+    }
+    if (tid < 64) {
+        mrow[tid] = tid < n_head ? sinks[tid] : 0.0f;
+        lrow[tid] = 1.0f;
+    }
+    if (tid < half) {
+        double s, c;
+        sincos((double)(p0 + t) * freqs[tid], &s, &c);
+        rc[tid] = (float)c;
+        rs[tid] = -(float)s;
+    }
+    float acc[16][4];
+#pragma unroll
+    for (int j = 0; j < 16; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    const int nq = dh / 32;  // n8 tiles of this warp's dims (dh/4 wide)
+    const int dq0 = sub * (dh / 4);
+    const int ntile = (a.n_rows + TC_BR - 1) / TC_BR;
+    float4 pf[TC_PF];
+    tc_load(pf, a, 0, nd4, tid);
+    for (int it = 0; it < ntile; it++) {
+        tc_store(pf, Ks, kst, nd4, tid);
+        __syncthreads();
+        if (it + 1 < ntile) tc_load(pf, a, it + 1, nd4, tid);
+        // Scores: heads 16hg.., rows 8sub.. of the tile.
+        {
+            float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const unsigned short* qa = Qs + (16 * hg + gid) * kst + 2 * tig;
+            const unsigned short* kb = Ks + (8 * sub + gid) * kst + 2 * tig;
+#pragma unroll 8
+            for (int k0 = 0; k0 < dh; k0 += 16) {
+                u32 af[4], bf[2];
+                af[0] = *(const u32*)(qa + k0);
+                af[1] = *(const u32*)(qa + 8 * kst + k0);
+                af[2] = *(const u32*)(qa + k0 + 8);
+                af[3] = *(const u32*)(qa + 8 * kst + k0 + 8);
+                bf[0] = *(const u32*)(kb + k0);
+                bf[1] = *(const u32*)(kb + k0 + 8);
+                at_mma(s4, af, bf);
+            }
+            int h = 16 * hg + gid, r = 8 * sub + 2 * tig, rg = it * TC_BR + r;
+            bool v0 = rg < a.n_rows, v1 = rg + 1 < a.n_rows;
+            Ss[h * TC_SP + r] = v0 ? s4[0] * scale : NEG_INF;
+            Ss[h * TC_SP + r + 1] = v1 ? s4[1] * scale : NEG_INF;
+            Ss[(h + 8) * TC_SP + r] = v0 ? s4[2] * scale : NEG_INF;
+            Ss[(h + 8) * TC_SP + r + 1] = v1 ? s4[3] * scale : NEG_INF;
+        }
+        __syncthreads();
+        // Online softmax: 8 threads per head, 4 rows each.
+        {
+            int h = tid >> 3, j = tid & 7;
+            float v[4], mt = NEG_INF;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                v[k] = Ss[h * TC_SP + 4 * j + k];
+                mt = fmaxf(mt, v[k]);
+            }
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 4));
+            float mo = mrow[h];
+            float mn = fmaxf(mo, mt);
+            u32 w0 = at_h2(expf(v[0] - mn), expf(v[1] - mn));
+            u32 w1 = at_h2(expf(v[2] - mn), expf(v[3] - mn));
+            *(u32*)(Ps + h * TC_PP + 4 * j) = w0;
+            *(u32*)(Ps + h * TC_PP + 4 * j + 2) = w1;
+            float sum = (at_f(w0, 0) + at_f(w0, 1)) + (at_f(w1, 0) + at_f(w1, 1));
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+            if (j == 0) {
+                float c = expf(mo - mn);
+                corr[h] = c;
+                lrow[h] = lrow[h] * c + sum;
+                mrow[h] = mn;
+            }
+        }
+        __syncthreads();
+        // Output: heads 16hg.., dims dq0.. (nq n8 tiles, two per ldmatrix).
+        {
+            float c0 = corr[16 * hg + gid], c1 = corr[16 * hg + gid + 8];
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                acc[j][0] *= c0;
+                acc[j][1] *= c0;
+                acc[j][2] *= c1;
+                acc[j][3] *= c1;
+            }
+            const unsigned short* pa = Ps + (16 * hg + gid) * TC_PP + 2 * tig;
+            const unsigned short* kb =
+                Ks + (((lane >> 3) & 1) * 8 + (lane & 7)) * kst + dq0 + (lane >> 4) * 8;
+#pragma unroll
+            for (int k0 = 0; k0 < TC_BR; k0 += 16) {
+                u32 af[4];
+                af[0] = *(const u32*)(pa + k0);
+                af[1] = *(const u32*)(pa + 8 * TC_PP + k0);
+                af[2] = *(const u32*)(pa + k0 + 8);
+                af[3] = *(const u32*)(pa + 8 * TC_PP + k0 + 8);
+#pragma unroll
+                for (int j = 0; j < 16; j += 2) {
+                    if (j < nq) {
+                        u32 b[4];
+                        at_ldm_x4t(b, kb + k0 * kst + 8 * j);
+                        at_mma(acc[j], af, b);
+                        at_mma(acc[j + 1], af, b + 2);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // o = acc / l, then the inverse RoPE of the tail (pairs (e, e+1) sit in one thread).
+    const int off = dh - 2 * half;
+#pragma unroll
+    for (int hi = 0; hi < 2; hi++) {
+        int h = 16 * hg + gid + 8 * hi;
+        if (h >= n_head) continue;
+        float il = 1.0f / lrow[h];
+        float* oh = o + ((long long)t * n_head + h) * dh;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            if (j < nq) {
+                int e = dq0 + 8 * j + 2 * tig;
+                float va = acc[j][2 * hi] * il, vb = acc[j][2 * hi + 1] * il;
+                if (e >= off) {
+                    float cf = rc[(e - off) / 2], sf = rs[(e - off) / 2];
+                    float na = va * cf - vb * sf;
+                    float nb = va * sf + vb * cf;
+                    va = na;
+                    vb = nb;
+                }
+                *(float2*)(oh + e) = make_float2(va, vb);
+            }
+        }
+    }
+}
