@@ -45,6 +45,17 @@ pub struct AttnKernels {
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
+    tc1: CudaFunction,
+}
+
+/// A tensor-core attention kernel, allowed the dynamic shared memory of the widest shapes.
+fn tc_fn(be: &CudaBackend, name: &str) -> Result<CudaFunction> {
+    let f = be.function(name)?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        tc_smem(TC_MAX_DH, TC_MAX_HALF) as i32,
+    )?;
+    Ok(f)
 }
 
 impl AttnKernels {
@@ -60,14 +71,8 @@ impl AttnKernels {
             topk: f("k_topk_rows")?,
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
-            tc: {
-                let tc = f("k_att_tc")?;
-                tc.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    tc_smem(TC_MAX_DH, TC_MAX_HALF) as i32,
-                )?;
-                tc
-            },
+            tc: tc_fn(be, "k_att_tc")?,
+            tc1: tc_fn(be, "k_att_tc1")?,
         })
     }
 }
@@ -80,13 +85,20 @@ const TC_MAX_HALF: usize = 64;
 /// Most heads a tensor-core attention block holds (4 warps' 16-row MMA tiles).
 const TC_MAX_HEADS: usize = 64;
 
-/// Dynamic shared memory of `k_att_tc` (attn.cu's layout): f16 queries (64 heads) and one
-/// tile of rows, each `dh + 8` wide; f32 scores 64 × 33; f16 weights 64 × 40; m, l and the
+/// Ratio-4 selections a tensor-core attention block copies into shared memory (attn.cu
+/// `TC_SEL`; longer ones are read from global memory).
+const TC_SEL: usize = 1024;
+
+/// Dynamic shared memory of `k_att_tc` (attn.cu's layout; `k_att_tc1` needs less): f16
+/// queries (64 heads) and one tile of rows, each `dh + 8` wide; f32 score partials 4 × 64 ×
+/// 33; f16 weights 64 × 40; the f32 staging of the next tile; the selection; m, l and the
 /// rescale factors (64 each); cos and −sin of the tail pairs.
 pub fn tc_smem(dh: usize, half: usize) -> usize {
     (TC_MAX_HEADS + TC_BR) * (dh + 8) * 2
-        + TC_MAX_HEADS * 33 * 4
+        + 4 * TC_MAX_HEADS * 33 * 4
         + TC_MAX_HEADS * 40 * 2
+        + TC_BR * dh * 4
+        + TC_SEL * 4
         + 3 * TC_MAX_HEADS * 4
         + 2 * half * 4
 }
@@ -100,11 +112,16 @@ pub fn tc_supported(n_head: usize, dh: usize, half: usize) -> bool {
         && 2 * half <= dh
 }
 
-/// Whether production prefill attention (chunks of more than 8 tokens) runs on tensor cores
-/// (`DS4_CUDA_ATT_TC=0` keeps the f32 tiled passes, for comparisons).
-pub fn use_tc() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DS4_CUDA_ATT_TC").map_or(true, |v| v != "0"))
+/// Which kernel production prefill attention (chunks of more than 8 tokens) uses: 2 = tensor
+/// cores with cp.async staging (default), 1 = tensor cores with register staging
+/// (`DS4_CUDA_ATT_TC=1`), 0 = the f32 tiled passes (`DS4_CUDA_ATT_TC=0`), for comparisons.
+pub fn tc_version() -> u8 {
+    static V: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("DS4_CUDA_ATT_TC").as_deref() {
+        Ok("0") => 0,
+        Ok("1") => 1,
+        _ => 2,
+    })
 }
 
 /// Attention of `n` tokens at positions `*p0..` (model.md §3.3 steps 5–6).
@@ -146,8 +163,9 @@ pub struct Attend {
     /// Most rows any token of the launch attends to (`swa` + most compressed rows).
     pub rows_cap: usize,
     /// Production chunk: one tensor-core block per token ([`tc_supported`] shapes; `sc`,
-    /// `inv`, `part` and `nsplit` unused), f16 queries and weights.
-    pub tc: bool,
+    /// `inv`, `part` and `nsplit` unused), f16 queries and weights; 2 = `k_att_tc`, 1 =
+    /// `k_att_tc1`, 0 = the f32 passes.
+    pub tc: u8,
 }
 
 /// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
@@ -177,10 +195,11 @@ pub const DECODE_SPLIT: usize = 4;
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
 pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
-    if a.tc && tc_supported(a.n_head, a.dh, a.half) {
+    if a.tc > 0 && tc_supported(a.n_head, a.dh, a.half) {
+        let f = if a.tc == 1 { &k.tc1 } else { &k.tc };
         launch!(
             st,
-            k.tc,
+            *f,
             (a.n as u32, 1, 1),
             (512, 1, 1),
             tc_smem(a.dh, a.half) as u32,
