@@ -45,7 +45,6 @@ pub struct AttnKernels {
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
-    tc1: CudaFunction,
 }
 
 /// A tensor-core attention kernel, allowed the dynamic shared memory of the widest shapes.
@@ -72,7 +71,6 @@ impl AttnKernels {
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
             tc: tc_fn(be, "k_att_tc")?,
-            tc1: tc_fn(be, "k_att_tc1")?,
         })
     }
 }
@@ -89,7 +87,7 @@ const TC_MAX_HEADS: usize = 64;
 /// `TC_SEL`; longer ones are read from global memory).
 const TC_SEL: usize = 1024;
 
-/// Dynamic shared memory of `k_att_tc` (attn.cu's layout; `k_att_tc1` needs less): f16
+/// Dynamic shared memory of `k_att_tc` (attn.cu's layout): f16
 /// queries (64 heads) and one tile of rows, each `dh + 8` wide; f32 score partials 4 × 64 ×
 /// 33; f16 weights 64 × 40; the f32 staging of the next tile; the selection; m, l and the
 /// rescale factors (64 each); cos and −sin of the tail pairs.
@@ -112,16 +110,11 @@ pub fn tc_supported(n_head: usize, dh: usize, half: usize) -> bool {
         && 2 * half <= dh
 }
 
-/// Which kernel production prefill attention (chunks of more than 8 tokens) uses: 2 = tensor
-/// cores with cp.async staging (default), 1 = tensor cores with register staging
-/// (`DS4_CUDA_ATT_TC=1`), 0 = the f32 tiled passes (`DS4_CUDA_ATT_TC=0`), for comparisons.
-pub fn tc_version() -> u8 {
-    static V: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *V.get_or_init(|| match std::env::var("DS4_CUDA_ATT_TC").as_deref() {
-        Ok("0") => 0,
-        Ok("1") => 1,
-        _ => 2,
-    })
+/// Whether production prefill attention (chunks of more than 8 tokens) runs on tensor cores
+/// (`DS4_CUDA_ATT_TC=0` keeps the f32 tiled passes, for comparisons).
+pub fn use_tc() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DS4_CUDA_ATT_TC").map_or(true, |v| v != "0"))
 }
 
 /// Attention of `n` tokens at positions `*p0..` (model.md §3.3 steps 5–6).
@@ -162,10 +155,9 @@ pub struct Attend {
     pub nsplit: usize,
     /// Most rows any token of the launch attends to (`swa` + most compressed rows).
     pub rows_cap: usize,
-    /// Production chunk: one tensor-core block per token ([`tc_supported`] shapes; `sc`,
-    /// `inv`, `part` and `nsplit` unused), f16 queries and weights; 2 = `k_att_tc`, 1 =
-    /// `k_att_tc1`, 0 = the f32 passes.
-    pub tc: u8,
+    /// Production chunk: one tensor-core block per token (`k_att_tc`, [`tc_supported`]
+    /// shapes; `sc`, `inv`, `part` and `nsplit` unused), f16 queries and weights.
+    pub tc: bool,
 }
 
 /// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
@@ -195,11 +187,10 @@ pub const DECODE_SPLIT: usize = 4;
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
 pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
-    if a.tc > 0 && tc_supported(a.n_head, a.dh, a.half) {
-        let f = if a.tc == 1 { &k.tc1 } else { &k.tc };
+    if a.tc && tc_supported(a.n_head, a.dh, a.half) {
         launch!(
             st,
-            *f,
+            k.tc,
             (a.n as u32, 1, 1),
             (512, 1, 1),
             tc_smem(a.dh, a.half) as u32,

@@ -741,7 +741,7 @@ impl GpuSession {
                 // Production chunks of more than 8 tokens run on tensor cores (no scores
                 // buffer); the f32 passes then only serve decode steps (split partials).
                 let chunk_rows = if !exact
-                    && attn::tc_version() > 0
+                    && attn::use_tc()
                     && attn::tc_supported(c.n_head, c.head_dim, c.n_rot / 2)
                 {
                     0
@@ -1535,11 +1535,7 @@ impl GpuSession {
                         inv: p(&s.att_inv),
                         nsplit: attn::split_for(n),
                         rows_cap,
-                        tc: if !self.exact && n > 8 {
-                            attn::tc_version()
-                        } else {
-                            0
-                        },
+                        tc: !self.exact && n > 8 && attn::use_tc(),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
