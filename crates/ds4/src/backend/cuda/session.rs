@@ -540,9 +540,11 @@ struct Scratch {
     sel: CudaSlice<i32>,
     cnt: CudaSlice<i32>,
     o: CudaSlice<f32>,
-    /// Production-mode attention: scores `GPU_CHUNK × n_head × att_rows` (decode: split
-    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh`, inverse
-    /// denominators `GPU_CHUNK × n_head`.
+    /// Production-mode attention: scores `DECODE_SPLIT × 8 × n_head × att_rows` (decode
+    /// steps' split partials; `GPU_CHUNK × …` when chunks take the f32 passes too, i.e.
+    /// `DS4_CUDA_ATT_TC=0` or the tiled passes forced in exact mode — tensor-core chunks keep
+    /// their scores in shared memory), partial outputs of a split pass `DECODE_SPLIT × 8 ×
+    /// n_head × Dh`, inverse denominators `GPU_CHUNK × n_head`.
     att_sc: CudaSlice<f32>,
     att_part: CudaSlice<f32>,
     att_inv: CudaSlice<f32>,
