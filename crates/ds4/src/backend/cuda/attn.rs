@@ -6,6 +6,7 @@
 //! Every pointer argument is a raw device address (`u64`); the caller guarantees the buffers
 //! are live and sized as each function states.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::device::{CudaBackend, Result};
@@ -16,11 +17,14 @@ const AT_T: usize = 32;
 const IX_T: usize = 64;
 
 macro_rules! launch {
-    ($st:expr, $f:expr, $grid:expr, $block:expr, [$($a:expr),* $(,)?]) => {{
+    ($st:expr, $f:expr, $grid:expr, $block:expr, [$($a:expr),* $(,)?]) => {
+        launch!($st, $f, $grid, $block, 0u32, [$($a),*])
+    };
+    ($st:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
         let cfg = LaunchConfig {
             grid_dim: $grid,
             block_dim: $block,
-            shared_mem_bytes: 0,
+            shared_mem_bytes: $smem,
         };
         let mut b = $st.launch_builder(&$f);
         $( let v = $a; b.arg(&v); )*
@@ -40,6 +44,17 @@ pub struct AttnKernels {
     topk: CudaFunction,
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
+    tc: CudaFunction,
+}
+
+/// A tensor-core attention kernel, allowed the dynamic shared memory of the widest shapes.
+fn tc_fn(be: &CudaBackend, name: &str) -> Result<CudaFunction> {
+    let f = be.function(name)?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        tc_smem(TC_MAX_DH, TC_MAX_HALF) as i32,
+    )?;
+    Ok(f)
 }
 
 impl AttnKernels {
@@ -55,8 +70,51 @@ impl AttnKernels {
             topk: f("k_topk_rows")?,
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
+            tc: tc_fn(be, "k_att_tc")?,
         })
     }
+}
+
+/// Rows a tensor-core attention block stages at a time (attn.cu `TC_BR`).
+const TC_BR: usize = 32;
+/// Largest head width and RoPE tail (pairs) the tensor-core attention kernel takes.
+const TC_MAX_DH: usize = 512;
+const TC_MAX_HALF: usize = 64;
+/// Most heads a tensor-core attention block holds (4 warps' 16-row MMA tiles).
+const TC_MAX_HEADS: usize = 64;
+
+/// Ratio-4 selections a tensor-core attention block copies into shared memory (attn.cu
+/// `TC_SEL`; longer ones are read from global memory).
+const TC_SEL: usize = 1024;
+
+/// Dynamic shared memory of `k_att_tc` (attn.cu's layout): f16
+/// queries (64 heads) and one tile of rows, each `dh + 8` wide; f32 score partials 4 × 64 ×
+/// 33; f16 weights 64 × 40; the f32 staging of the next tile; the selection; m, l and the
+/// rescale factors (64 each); cos and −sin of the tail pairs.
+pub fn tc_smem(dh: usize, half: usize) -> usize {
+    (TC_MAX_HEADS + TC_BR) * (dh + 8) * 2
+        + 4 * TC_MAX_HEADS * 33 * 4
+        + TC_MAX_HEADS * 40 * 2
+        + TC_BR * dh * 4
+        + TC_SEL * 4
+        + 3 * TC_MAX_HEADS * 4
+        + 2 * half * 4
+}
+
+/// Whether the tensor-core attention kernel takes these shapes (else the f32 passes run).
+pub fn tc_supported(n_head: usize, dh: usize, half: usize) -> bool {
+    n_head <= TC_MAX_HEADS
+        && dh.is_multiple_of(64)
+        && dh <= TC_MAX_DH
+        && half <= TC_MAX_HALF
+        && 2 * half <= dh
+}
+
+/// Whether production prefill attention (chunks of more than 8 tokens) runs on tensor cores
+/// (`DS4_CUDA_ATT_TC=0` keeps the f32 tiled passes, for comparisons).
+pub fn use_tc() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DS4_CUDA_ATT_TC").map_or(true, |v| v != "0"))
 }
 
 /// Attention of `n` tokens at positions `*p0..` (model.md §3.3 steps 5–6).
@@ -97,6 +155,9 @@ pub struct Attend {
     pub nsplit: usize,
     /// Most rows any token of the launch attends to (`swa` + most compressed rows).
     pub rows_cap: usize,
+    /// Production chunk: one tensor-core block per token (`k_att_tc`, [`tc_supported`]
+    /// shapes; `sc`, `inv`, `part` and `nsplit` unused), f16 queries and weights.
+    pub tc: bool,
 }
 
 /// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
@@ -126,6 +187,35 @@ pub const DECODE_SPLIT: usize = 4;
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
 pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
+    if a.tc && tc_supported(a.n_head, a.dh, a.half) {
+        launch!(
+            st,
+            k.tc,
+            (a.n as u32, 1, 1),
+            (512, 1, 1),
+            tc_smem(a.dh, a.half) as u32,
+            [
+                a.q,
+                a.ckv,
+                a.ring,
+                a.comp,
+                a.sel,
+                a.cnt,
+                a.sel_ld as i32,
+                a.ratio as i32,
+                a.p0,
+                a.swa as i32,
+                a.dh as i32,
+                a.n_head as i32,
+                a.sinks,
+                a.scale,
+                a.half as i32,
+                a.freqs,
+                a.o
+            ]
+        );
+        return Ok(());
+    }
     let ht = a.n_head.div_ceil(AT_T) as u32;
     let (ns, ld) = (a.nsplit.max(1), a.rows_cap as i32);
     let nz = (a.n * ns) as u32;

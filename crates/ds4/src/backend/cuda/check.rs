@@ -323,6 +323,9 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         (64, 512, 32, 128, 40, 4, 1000, 1),
         (6, 128, 16, 16, 8, 4, 90, 37),
         (6, 128, 16, 16, 8, 128, 300, 2),
+        // Prefill-sized: the flash top-k (640 rows a token) and a 4k-context ratio 128.
+        (64, 512, 32, 128, 512, 4, 3000, 12),
+        (64, 512, 32, 128, 512, 128, 4000, 10),
     ];
     for (h_n, dh, half, swa, topk, ratio, p0, n) in cases {
         let n_comp_rows = (p0 + n) / ratio.max(1);
@@ -393,6 +396,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             inv: pp(&d_inv),
             nsplit: 1,
             rows_cap,
+            tc: false,
         };
         // SAFETY: every buffer above is sized as `Attend` documents.
         unsafe { attend(st, &k, &args)? };
@@ -403,6 +407,15 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         // SAFETY: as above (the scratch holds ns_max splits).
         unsafe { attend(st, &k, &args)? };
         let gpu3 = be.download(&d_o)?;
+        // Production chunks: the tensor-core kernel (f16 queries and weights).
+        args.nsplit = 1;
+        args.tc = true;
+        let tc_ok = super::attn::tc_supported(h_n, dh, half);
+        // SAFETY: as above (the tensor-core kernel reads q, the rows, sinks and freqs).
+        unsafe { attend(st, &k, &args)? };
+        let gpu4 = be.download(&d_o)?;
+        unsafe { attend(st, &k, &args)? };
+        let gpu5 = be.download(&d_o)?;
         // Reference in f64.
         let scale = 1.0 / (dh as f64).sqrt();
         let mut refs = vec![0f64; n * h_n * dh];
@@ -481,6 +494,23 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             &shape,
             same_bits(&gpu, &gpu2),
         ));
+        if tc_ok {
+            out.push(fwd_row(
+                "attend_tc",
+                shape.clone(),
+                &gpu4,
+                &refs,
+                1e-2,
+                "tensor cores vs f64 reference (f16 q and weights; these random K rows are \
+                 rounded too, production's are F16-exact)",
+            ));
+            out.push(det_row(
+                "attend_tc",
+                GgmlType::F32,
+                &shape,
+                same_bits(&gpu4, &gpu5),
+            ));
+        }
     }
     Ok(())
 }

@@ -599,9 +599,11 @@ struct Scratch {
     sel: CudaSlice<i32>,
     cnt: CudaSlice<i32>,
     o: CudaSlice<f32>,
-    /// Production-mode attention: scores `GPU_CHUNK × n_head × att_rows` (decode: split
-    /// partials), partial outputs of a split pass `DECODE_SPLIT × 8 × n_head × Dh`, inverse
-    /// denominators `GPU_CHUNK × n_head`.
+    /// Production-mode attention: scores `DECODE_SPLIT × 8 × n_head × att_rows` (decode
+    /// steps' split partials; `GPU_CHUNK × …` when chunks take the f32 passes too, i.e.
+    /// `DS4_CUDA_ATT_TC=0` or the tiled passes forced in exact mode — tensor-core chunks keep
+    /// their scores in shared memory), partial outputs of a split pass `DECODE_SPLIT × 8 ×
+    /// n_head × Dh`, inverse denominators `GPU_CHUNK × n_head`.
     att_sc: CudaSlice<f32>,
     att_part: CudaSlice<f32>,
     att_inv: CudaSlice<f32>,
@@ -799,7 +801,17 @@ impl GpuSession {
             att_sc: a(if !tiled {
                 1
             } else {
-                m.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
+                // Production chunks of more than 8 tokens run on tensor cores (no scores
+                // buffer); the f32 passes then only serve decode steps (split partials).
+                let chunk_rows = if !exact
+                    && attn::use_tc()
+                    && attn::tc_supported(c.n_head, c.head_dim, c.n_rot / 2)
+                {
+                    0
+                } else {
+                    m
+                };
+                chunk_rows.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
             })?,
             att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
             att_inv: a(m * c.n_head)?,
@@ -1715,6 +1727,7 @@ impl GpuSession {
                         inv: p(&s.att_inv),
                         nsplit: attn::split_for(n),
                         rows_cap,
+                        tc: !self.exact && n > 8 && attn::use_tc(),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.

@@ -530,3 +530,286 @@ extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const flo
         }
     }
 }
+
+// ------------------------------------------------- production prefill attention, tensor cores
+
+// One block per token runs its whole attention on tensor cores (production mode, chunks of
+// more than 8 tokens): the token's (up to) 64 heads are the M dimension of mma.sync m16n8k16
+// (f16 operands, f32 accumulation), its rows are staged as f16 in shared memory 32 at a time
+// and used for both products (K = V), with an online softmax started at the sink (m = sink,
+// l = e^0 = 1), so no score ever leaves the block. Rounding versus the f32 passes: the
+// queries and the weights e^{s−m} are rounded to f16 (the rows are F16-exact in production,
+// storage rounding); the weights' sum l adds the rounded values, so numerator and denominator
+// see the same weights. Needs n_head ≤ 64, dh % 64 == 0, dh ≤ 512, half ≤ 64 (host checks).
+// 16 warps: warp w handles heads 16(w%4).. and dims (w/4)·dh/4.. (the score partials over
+// those dims for all the tile's rows, then the output over those dims: 64 f32 accumulators a
+// thread at dh = 512). The next tile's rows are copied (cp.async) while the current one is
+// used. (A first version staging through registers, every warp scoring 8 rows over all the
+// dims, measured the same; branch pt, bench/RESULTS.md.)
+#define TC_BR 32   // rows per tile
+#define TC_SP 33   // f32 score row stride
+#define TC_PP 40   // f16 weight row stride
+
+__device__ __forceinline__ void at_mma(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two f32 -> one f16x2 word (lo in the low half), round to nearest even.
+__device__ __forceinline__ u32 at_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ float at_f(u32 w, int hi) {
+    unsigned short h = (unsigned short)(hi ? (w >> 16) : (w & 0xffffu));
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Four 8×8 f16 matrices, transposed (the B operand of P·V from row-major rows).
+__device__ __forceinline__ void at_ldm_x4t(u32* r, const unsigned short* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+#define TC_PF 8  // 16-byte pieces of a tile a thread moves (TC_BR · 512 / 4 / 512)
+
+// ---- k_att_tc: rows staged with cp.async into an f32 area (each thread converts
+// the pieces it copied itself, so it only waits for its own copies; rows past the token's
+// last are zero-filled); the scores split the dims over the 4 warps of a head group (each
+// warp: 16 heads × all TC_BR rows × dh/4 dims, so every query and row value is read from
+// shared memory once per tile), and the softmax adds the 4 partials in order.
+#define TC_SEL 1024  // ratio-4 selections up to this many are read from shared memory
+
+__device__ __forceinline__ u32 at_smem(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void tc_put(float4 v, unsigned short* ks, int kst, int nd4, int x) {
+    u32* d = (u32*)(ks + (x / nd4) * kst + 4 * (x % nd4));
+    d[0] = at_h2(v.x, v.y);
+    d[1] = at_h2(v.z, v.w);
+}
+
+__device__ __forceinline__ void tc_issue(float* stg, const AttRows& a, int tile, int nd4,
+                                         int tid) {
+#pragma unroll
+    for (int i = 0; i < TC_PF; i++) {
+        int x = tid + 512 * i;
+        if (x < TC_BR * nd4) {
+            int rr = tile * TC_BR + x / nd4;
+            bool ok = rr < a.n_rows;
+            const float* src = ok ? att_row(a, rr) + 4 * (x % nd4) : a.ckv;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at_smem(stg + 4 * x)),
+                         "l"(src), "r"(ok ? 16 : 0)
+                         : "memory");
+        }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Dynamic shared memory: Qs [64][dh+8] f16 | Ks [TC_BR][dh+8] f16 | Sp [4][64][TC_SP] f32 |
+// Ps [64][TC_PP] f16 | staging [TC_BR·dh] f32 | selection [TC_SEL] i32 | m, l, corr [64] f32
+// | cos, −sin [half] f32 (attn.rs: tc_smem).
+extern "C" __global__ void __launch_bounds__(512, 1)
+    k_att_tc(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             const long long* __restrict__ p0p, int swa, int dh, int n_head,
+             const float* __restrict__ sinks, float scale, int half,
+             const double* __restrict__ freqs, float* __restrict__ o) {
+    extern __shared__ __align__(16) unsigned char tc_sm[];
+    const int kst = dh + 8;
+    unsigned short* Qs = (unsigned short*)tc_sm;
+    unsigned short* Ks = Qs + 64 * kst;
+    float* Sp = (float*)(Ks + TC_BR * kst);
+    unsigned short* Ps = (unsigned short*)(Sp + 4 * 64 * TC_SP);
+    float* stg = (float*)(Ps + 64 * TC_PP);
+    int* selS = (int*)(stg + TC_BR * dh);
+    float* mrow = (float*)(selS + TC_SEL);
+    float* lrow = mrow + 64;
+    float* corr = lrow + 64;
+    float* rc = corr + 64;
+    float* rs = rc + half;
+    const int t = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int hg = warp & 3, sub = warp >> 2;
+    const long long p0 = *p0p;
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
+    const int nd4 = dh / 4;
+    const int ntile = (a.n_rows + TC_BR - 1) / TC_BR;
+    // The first tile's copies are in flight while the queries are converted.
+    tc_issue(stg, a, 0, nd4, tid);
+    if (ratio == 4 && a.n_rows - a.n_raw <= TC_SEL) {
+        for (int i = tid; i < a.n_rows - a.n_raw; i += 512) selS[i] = a.sel[i];
+        a.sel = selS;
+    }
+#pragma unroll 8
+    for (int x = tid; x < 64 * nd4; x += 512) {
+        int hh = x / nd4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (hh < n_head)
+            v = *(const float4*)(q + ((long long)t * n_head + hh) * dh + 4 * (x % nd4));
+        tc_put(v, Qs, kst, nd4, x);
+    }
+    if (tid < 64) {
+        mrow[tid] = tid < n_head ? sinks[tid] : 0.0f;
+        lrow[tid] = 1.0f;
+    }
+    if (tid < half) {
+        double s, c;
+        sincos((double)(p0 + t) * freqs[tid], &s, &c);
+        rc[tid] = (float)c;
+        rs[tid] = -(float)s;
+    }
+    float acc[16][4];
+#pragma unroll
+    for (int j = 0; j < 16; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    const int nq = dh / 32;  // n8 tiles of this warp's output dims (dh/4 wide)
+    const int dq0 = sub * (dh / 4);
+    for (int it = 0; it < ntile; it++) {
+        asm volatile("cp.async.wait_all;" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < TC_PF; i++) {
+            int x = tid + 512 * i;
+            if (x < TC_BR * nd4) tc_put(*(const float4*)(stg + 4 * x), Ks, kst, nd4, x);
+        }
+        __syncthreads();  // Ks (and, the first time, Qs, the selection, m, l, cos/sin)
+        if (it + 1 < ntile) tc_issue(stg, a, it + 1, nd4, tid);
+        // Score partials: heads 16hg.., rows 0..TC_BR (4 n8 tiles), dims dq0..dq0+dh/4.
+        {
+            float s[4][4];
+#pragma unroll
+            for (int n = 0; n < 4; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            const unsigned short* qa = Qs + (16 * hg + gid) * kst + dq0 + 2 * tig;
+            const unsigned short* kb = Ks + gid * kst + dq0 + 2 * tig;
+#pragma unroll 4
+            for (int k0 = 0; k0 < dh / 4; k0 += 16) {
+                u32 af[4];
+                af[0] = *(const u32*)(qa + k0);
+                af[1] = *(const u32*)(qa + 8 * kst + k0);
+                af[2] = *(const u32*)(qa + k0 + 8);
+                af[3] = *(const u32*)(qa + 8 * kst + k0 + 8);
+#pragma unroll
+                for (int n = 0; n < 4; n++) {
+                    u32 bf[2];
+                    bf[0] = *(const u32*)(kb + 8 * n * kst + k0);
+                    bf[1] = *(const u32*)(kb + 8 * n * kst + k0 + 8);
+                    at_mma(s[n], af, bf);
+                }
+            }
+            float* sp = Sp + sub * 64 * TC_SP;
+            int h = 16 * hg + gid;
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+                int r = 8 * n + 2 * tig;
+                sp[h * TC_SP + r] = s[n][0];
+                sp[h * TC_SP + r + 1] = s[n][1];
+                sp[(h + 8) * TC_SP + r] = s[n][2];
+                sp[(h + 8) * TC_SP + r + 1] = s[n][3];
+            }
+        }
+        __syncthreads();
+        // Online softmax: 8 threads per head, 4 rows each; the partials added in dim order.
+        {
+            int h = tid >> 3, j = tid & 7;
+            float v[4], mt = NEG_INF;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int r = 4 * j + k, x = h * TC_SP + r;
+                float sv = ((Sp[x] + Sp[64 * TC_SP + x]) + Sp[2 * 64 * TC_SP + x]) +
+                           Sp[3 * 64 * TC_SP + x];
+                v[k] = it * TC_BR + r < a.n_rows ? sv * scale : NEG_INF;
+                mt = fmaxf(mt, v[k]);
+            }
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 4));
+            float mo = mrow[h];
+            float mn = fmaxf(mo, mt);
+            u32 w0 = at_h2(expf(v[0] - mn), expf(v[1] - mn));
+            u32 w1 = at_h2(expf(v[2] - mn), expf(v[3] - mn));
+            *(u32*)(Ps + h * TC_PP + 4 * j) = w0;
+            *(u32*)(Ps + h * TC_PP + 4 * j + 2) = w1;
+            float sum = (at_f(w0, 0) + at_f(w0, 1)) + (at_f(w1, 0) + at_f(w1, 1));
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+            if (j == 0) {
+                float c = expf(mo - mn);
+                corr[h] = c;
+                lrow[h] = lrow[h] * c + sum;
+                mrow[h] = mn;
+            }
+        }
+        __syncthreads();
+        // Output: heads 16hg.., dims dq0.. (nq n8 tiles, two per ldmatrix).
+        {
+            float c0 = corr[16 * hg + gid], c1 = corr[16 * hg + gid + 8];
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                acc[j][0] *= c0;
+                acc[j][1] *= c0;
+                acc[j][2] *= c1;
+                acc[j][3] *= c1;
+            }
+            const unsigned short* pa = Ps + (16 * hg + gid) * TC_PP + 2 * tig;
+            const unsigned short* kb =
+                Ks + (((lane >> 3) & 1) * 8 + (lane & 7)) * kst + dq0 + (lane >> 4) * 8;
+#pragma unroll
+            for (int k0 = 0; k0 < TC_BR; k0 += 16) {
+                u32 af[4];
+                af[0] = *(const u32*)(pa + k0);
+                af[1] = *(const u32*)(pa + 8 * TC_PP + k0);
+                af[2] = *(const u32*)(pa + k0 + 8);
+                af[3] = *(const u32*)(pa + 8 * TC_PP + k0 + 8);
+#pragma unroll
+                for (int j = 0; j < 16; j += 2) {
+                    if (j < nq) {
+                        u32 b[4];
+                        at_ldm_x4t(b, kb + k0 * kst + 8 * j);
+                        at_mma(acc[j], af, b);
+                        at_mma(acc[j + 1], af, b + 2);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // o = acc / l, then the inverse RoPE of the tail (pairs (e, e+1) sit in one thread).
+    const int off = dh - 2 * half;
+#pragma unroll
+    for (int hi = 0; hi < 2; hi++) {
+        int h = 16 * hg + gid + 8 * hi;
+        if (h >= n_head) continue;
+        float il = 1.0f / lrow[h];
+        float* oh = o + ((long long)t * n_head + h) * dh;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            if (j < nq) {
+                int e = dq0 + 8 * j + 2 * tig;
+                float va = acc[j][2 * hi] * il, vb = acc[j][2 * hi + 1] * il;
+                if (e >= off) {
+                    float cf = rc[(e - off) / 2], sf = rs[(e - off) / 2];
+                    float na = va * cf - vb * sf;
+                    float nb = va * sf + vb * cf;
+                    va = na;
+                    vb = nb;
+                }
+                *(float2*)(oh + e) = make_float2(va, vb);
+            }
+        }
+    }
+}
