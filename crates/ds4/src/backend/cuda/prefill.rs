@@ -21,13 +21,9 @@
 //! accumulate in f32; no atomics, so repeated runs are bit-identical. Exact mode never comes
 //! here.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::device::{CudaBackend, CudaError, GpuWeight, Result};
-use crate::quant::GgmlType;
+use super::device::{CudaBackend, GpuWeight, Result};
 
 /// Experts dequantized per batch (bounds the f16 expert scratch: `PF_EXPERT_BATCH · 3·F·D`
 /// halves, 384 MiB for the flash shapes).
@@ -39,46 +35,6 @@ pub struct PfKernels {
     gather: CudaFunction,
     swiglu: CudaFunction,
     scatter: CudaFunction,
-    /// `pf_mms_iq2_xxs` / `pf_mms_q2_k`: `pf_mm` with the quantized bytes staged through
-    /// shared memory (see [`pf_mm`]).
-    mms_iq2: CudaFunction,
-    mms_q2k: CudaFunction,
-}
-
-/// Dynamic shared memory of `pf_mms_<t>` whose staged rows take `sbp` bytes per 256 columns:
-/// A tiles (2 × 128 × 40 halves), B tiles (3 × 64 × 40 halves), 2 × 128 staged rows and the
-/// IQ2 selector table (256 × 8 bytes).
-const fn mms_smem(sbp: usize) -> usize {
-    2 * 128 * 40 * 2 + 3 * 64 * 40 * 2 + 2 * 128 * sbp + 256 * 8
-}
-
-/// Staged row bytes per 256 columns (`kSBP` in prefill.cu).
-const MMS_SBP_IQ2: usize = 68;
-const MMS_SBP_Q2K: usize = 84;
-
-/// Whether grouped products of IQ2_XXS / Q2_K weights take the staged kernel (default; set
-/// `DS4_CUDA_PF_STAGE=0` for the unstaged `pf_mm_<t>`, same results bit for bit).
-fn stage_on() -> bool {
-    match STAGE_FORCE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => std::env::var("DS4_CUDA_PF_STAGE").map_or(true, |v| v != "0"),
-    }
-}
-
-/// Override of the staging switch (self-test: staged vs unstaged); `None` goes back to the
-/// environment.
-static STAGE_FORCE: AtomicU8 = AtomicU8::new(0);
-
-/// Forces the staged `pf_mms_<t>` on or off for later [`moe_grouped`] calls (`None`: the
-/// environment decides, the default).
-pub fn force_stage(on: Option<bool>) {
-    let v = match on {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    STAGE_FORCE.store(v, Ordering::Relaxed);
 }
 
 impl PfKernels {
@@ -89,78 +45,8 @@ impl PfKernels {
             gather: be.function("pf_gather")?,
             swiglu: be.function("pf_swiglu")?,
             scatter: be.function("pf_scatter")?,
-            mms_iq2: mms_fn(be, "pf_mms_iq2_xxs", MMS_SBP_IQ2)?,
-            mms_q2k: mms_fn(be, "pf_mms_q2_k", MMS_SBP_Q2K)?,
         })
     }
-}
-
-fn mms_fn(be: &CudaBackend, name: &str, sbp: usize) -> Result<CudaFunction> {
-    let f = be.function(name)?;
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        mms_smem(sbp) as i32,
-    )?;
-    Ok(f)
-}
-
-/// The grouped expert product of `pf_mm_raw` (same arguments and results): IQ2_XXS and Q2_K
-/// weights with `n_cols % 256 == 0` go through `pf_mms_<t>`, which copies the quantized
-/// bytes into shared memory in coalesced loads before decoding them (bit-identical to
-/// `pf_mm_<t>`); other types through `CudaBackend::pf_mm_raw`.
-///
-/// # Safety
-/// As `CudaBackend::pf_mm_raw`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn pf_mm(
-    be: &CudaBackend,
-    kf: &PfKernels,
-    wa: &GpuWeight,
-    wb: Option<&GpuWeight>,
-    n_tiles: u64,
-    tiles: u64,
-    max_tiles: usize,
-    xs: u64,
-    out: u64,
-) -> Result<()> {
-    let staged = match wa.ty {
-        GgmlType::IQ2_XXS => Some((&kf.mms_iq2, MMS_SBP_IQ2)),
-        GgmlType::Q2_K => Some((&kf.mms_q2k, MMS_SBP_Q2K)),
-        _ => None,
-    };
-    let fits = wb.is_none_or(|w| {
-        w.ty == wa.ty && w.n_cols == wa.n_cols && w.expert_stride == wa.expert_stride
-    }) && CudaBackend::pf_mm_fits(wa, wb)
-        && wa.n_cols.is_multiple_of(256);
-    let Some((func, sbp)) = staged.filter(|_| fits && stage_on()) else {
-        return be.pf_mm_raw(wa, wb, n_tiles, tiles, max_tiles, xs, out);
-    };
-    if max_tiles == 0 {
-        return Ok(());
-    }
-    let m_total = wa.n_rows + wb.map_or(0, |w| w.n_rows);
-    let cfg = LaunchConfig {
-        grid_dim: ((m_total / 128) as u32, max_tiles as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: mms_smem(sbp) as u32,
-    };
-    let pa = be.weight_ptr(wa);
-    let pb = wb.map_or(pa, |w| be.weight_ptr(w));
-    let eb = wa.expert_stride as i64;
-    let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
-    let mut b = be.stream().launch_builder(func);
-    b.arg(&pa)
-        .arg(&pb)
-        .arg(&eb)
-        .arg(&ra)
-        .arg(&mt)
-        .arg(&kd)
-        .arg(&n_tiles)
-        .arg(&tiles)
-        .arg(&xs)
-        .arg(&out);
-    b.launch(cfg)?;
-    Ok(())
 }
 
 fn ptr<T>(s: &CudaSlice<T>, be: &CudaBackend) -> u64 {
@@ -308,7 +194,7 @@ pub unsafe fn moe_grouped(
         || down.n_rows != d
         || down.n_cols != f
     {
-        return Err(CudaError::Invalid(
+        return Err(super::device::CudaError::Invalid(
             "grouped MoE: shapes do not match the scratch".into(),
         ));
     }
@@ -352,7 +238,7 @@ pub unsafe fn moe_grouped(
         // blocks past the tile count pf_group wrote return at once.
         let mt = max_tiles(slots, n_exp);
         let nt = meta + (2 * n_exp * 4) as u64;
-        pf_mm(be, kf, gate, Some(up), nt, tiles, mt, xs, gu)?;
+        be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, gu)?;
         {
             let (r0i, fi) = (0i32, f as i32);
             let mut b = st.launch_builder(&kf.swiglu);
@@ -365,11 +251,11 @@ pub unsafe fn moe_grouped(
                 .arg(&h);
             b.launch(cfg(((f as u32).div_ceil(256), slots as u32, 1), 256))?;
         }
-        pf_mm(be, kf, down, None, nt, tiles, mt, h, dns)?;
+        be.pf_mm_raw(down, None, nt, tiles, mt, h, dns)?;
         return scatter();
     }
     if sc.e16.len() < PF_EXPERT_BATCH * 2 * f * d {
-        return Err(CudaError::Invalid(
+        return Err(super::device::CudaError::Invalid(
             "grouped MoE: no scratch for the per-expert path".into(),
         ));
     }

@@ -232,14 +232,8 @@ struct PfIq2 {
     static constexpr bool kSel = true;
     u32 a, b, half;
     float d;
-    // Staged variant (pf_mms): superblock bytes copied as u16 units, rows padded to 68 bytes.
-    typedef u16 Unit;
-    static constexpr int kSB = 66, kSBP = 68;
     __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
-        load_sb(w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 66, c0);
-    }
-    // p: the 256-column block holding column c0 of the row.
-    __device__ __forceinline__ void load_sb(const u8* p, int c0) {
+        const u8* p = w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 66;
         const u8* g = p + 2 + 8 * ((c0 >> 5) & 7);
         d = h2f(ld16(p));
         a = (u32)ld16(g) | ((u32)ld16(g + 2) << 16);
@@ -275,12 +269,8 @@ struct PfIq2 {
 struct PfQ2K {
     static constexpr bool kSel = false;
     u32 q[4], dd, sc, shift;
-    typedef u32 Unit;
-    static constexpr int kSB = 84, kSBP = 84;
     __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
-        load_sb(w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 84, c0);
-    }
-    __device__ __forceinline__ void load_sb(const u8* p, int c0) {
+        const u8* p = w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 84;
         int g = (c0 >> 4) & 15;
         dd = ld32(p + 80);
         sc = p[g];
@@ -492,184 +482,3 @@ DS4_PF_MM(q8_0, PfQ80)
 DS4_PF_MM(q2_k, PfQ2K)
 DS4_PF_MM(q4_k, PfGen_q4_k)
 DS4_PF_MM(iq2_xxs, PfIq2)
-
-// ---------------------------------------------------------------------------------------------
-// pf_mms_<t> (IQ2_XXS, Q2_K; k_dim a multiple of 256): pf_mm with the quantized bytes staged
-// through shared memory. Reading each thread's few bytes per step straight from global memory
-// touched 16 rows (16 cache lines) per warp load, five or six loads per step, and kept the
-// L1 pipe ~80% busy (ncu, call 1). Here the block copies whole 256-column blocks of its 128
-// rows (row after row, consecutive threads on consecutive units: 2-4 lines per warp load)
-// into a double buffer Ws, one eighth per step, and the decoders read their bytes from Ws.
-// Schedule: unit slice u (block c = u/8, eighth u%8) is loaded into registers in step u−10
-// and stored in step u−9, so block c is complete one barrier before step 8c−1 decodes its
-// first columns, and buffer c%2 is refilled only after block c−2's last decode (step 8c−10).
-// Same decoders, fragments and MMA order as pf_mm: the results are identical bit for bit.
-// Dynamic shared memory: As (2 stages), Bs (PF_BSTAGES), Ws (2 x PF_BM x kSBP), sel.
-// ---------------------------------------------------------------------------------------------
-
-template <class L>
-__device__ __forceinline__ void pf_mms_body(const u8* __restrict__ wa, const u8* __restrict__ wb,
-                                            i64 expert_bytes, int rows_a, int m_total, int k_dim,
-                                            const int* __restrict__ n_tiles,
-                                            const int* __restrict__ tiles,
-                                            const u16* __restrict__ xs, float* __restrict__ out) {
-    typedef typename L::Unit U;
-    constexpr int SB = L::kSB, SBP = L::kSBP, UPR = SB / (int)sizeof(U);
-    constexpr int SL = PF_BM * UPR / 8;  // units per eighth
-    static_assert(PF_BM * UPR % 8 == 0 && SL <= 3 * 256, "staging slices");
-    extern __shared__ __align__(16) u8 pf_dsm[];
-    u16* As = (u16*)pf_dsm;                                    // [2][PF_BM * PF_SA]
-    u16* Bs = As + 2 * PF_BM * PF_SA;                          // [PF_BSTAGES][PF_BN * PF_SA]
-    u8* Ws = (u8*)(Bs + PF_BSTAGES * PF_BN * PF_SA);           // [2][PF_BM * SBP]
-    u64* sel = (u64*)(Ws + 2 * PF_BM * SBP);                   // [256]
-    int tile = blockIdx.y;
-    if (tile >= *n_tiles) return;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (L::kSel) sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
-    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
-    int m0 = blockIdx.x * PF_BM;
-    const u8* w = m0 < rows_a ? wa : wb;
-    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
-    int nsb = k_dim >> 8;
-    i64 rowbytes = (i64)nsb * SB;
-    const u8* wbase = w + (i64)e * expert_bytes + (i64)wrow0 * rowbytes;
-    int nu = 8 * nsb;  // eighths in all
-    U stg[3];
-    // Eighth u of the staging: units q = (u%8)·SL + tid + 256·i of block u/8 (row q / UPR).
-    auto ldg = [&](int u) {
-        int c = u >> 3, q0 = (u & 7) * SL;
-#pragma unroll
-        for (int i = 0; i < 3; i++)
-            if (tid + 256 * i < SL) {
-                int q = q0 + tid + 256 * i;
-                int row = q / UPR, off = q - row * UPR;
-                stg[i] = *(const U*)(wbase + row * rowbytes + (i64)c * SB + off * (int)sizeof(U));
-            }
-    };
-    auto sts = [&](int u) {
-        int c = u >> 3, q0 = (u & 7) * SL;
-        u8* dst = Ws + (c & 1) * (PF_BM * SBP);
-#pragma unroll
-        for (int i = 0; i < 3; i++)
-            if (tid + 256 * i < SL) {
-                int q = q0 + tid + 256 * i;
-                int row = q / UPR, off = q - row * UPR;
-                *(U*)(dst + row * SBP + off * (int)sizeof(U)) = stg[i];
-            }
-    };
-    int g = lane >> 2, t4 = lane & 3;
-    int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
-    int ngrp = min(4, max(0, (cnt - wn + 7) >> 3));
-    int ar = tid >> 1, ac = (tid & 1) * 16;
-    int bn = tid >> 2, bc = (tid & 3) * 8;
-    bool bval = bn < cnt;
-    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + bc;
-    u16* bdst = Bs + bn * PF_SA + bc;
-    u16* adst = As + ar * PF_SA + ac;
-    const u8* wrow = Ws + ar * SBP;  // this thread's decode row in buffer 0
-    int a_off = (wm + (lane & 15)) * PF_SA + (lane >> 4) * 8;
-    int b_off = (wn + (lane >> 4) * 8 + (lane & 7)) * PF_SA + ((lane >> 3) & 1) * 8;
-    int nk = k_dim / PF_BK;
-    float acc[2][4][4];
-#pragma unroll
-    for (int a = 0; a < 2; a++)
-#pragma unroll
-        for (int b = 0; b < 4; b++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
-    // Prologue: block 0 and the first eighth of block 1 stored now, the second eighth of
-    // block 1 pending in registers (stored in step 0).
-    for (int u = 0; u < 9 && u < nu; u++) {
-        ldg(u);
-        sts(u);
-    }
-    if (9 < nu) ldg(9);
-    pf_cp16(bdst, xrow, bval);
-    pf_cp_commit();
-    if (nk > 1) pf_cp16(bdst + PF_BN * PF_SA, xrow + PF_BK, bval);
-    pf_cp_commit();
-    __syncthreads();  // sel, Ws block 0
-    L ld;
-    {
-        u32 hw[8];
-        ld.load_sb(wrow, ac);
-        ld.store(hw, sel);
-        uint4* dst = (uint4*)adst;
-        dst[0] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
-        dst[1] = make_uint4(hw[4], hw[5], hw[6], hw[7]);
-    }
-    pf_cp_wait1();
-    __syncthreads();
-    int bs = 0;
-    for (int s = 0; s < nk; s++) {
-        const u16* A = As + (s & 1) * (PF_BM * PF_SA);
-        const u16* B = Bs + bs * (PF_BN * PF_SA);
-        u32 af[2][2][4], bf[2][4][2];
-#pragma unroll
-        for (int kk = 0; kk < 2; kk++) {
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++) pf_ldsm4(af[kk][mi], A + a_off + mi * 16 * PF_SA + kk * 16);
-#pragma unroll
-            for (int nj = 0; nj < 4; nj += 2) {
-                u32 r[4];
-                pf_ldsm4(r, B + b_off + nj * 8 * PF_SA + kk * 16);
-                bf[kk][nj][0] = r[0];
-                bf[kk][nj][1] = r[1];
-                bf[kk][nj + 1][0] = r[2];
-                bf[kk][nj + 1][1] = r[3];
-            }
-        }
-        if (s + 1 < nk) {
-            int t = s + 1;
-            u32 hw[8];
-            ld.load_sb(wrow + ((t >> 3) & 1) * (PF_BM * SBP), t * PF_BK + ac);
-            ld.store(hw, sel);
-            uint4* dst = (uint4*)(adst + (t & 1) * (PF_BM * PF_SA));
-            dst[0] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
-            dst[1] = make_uint4(hw[4], hw[5], hw[6], hw[7]);
-        }
-        if (s + 9 < nu) sts(s + 9);
-        if (s + 10 < nu) ldg(s + 10);
-        int b2 = bs == 0 ? 2 : bs - 1;
-        if (s + 2 < nk) pf_cp16(bdst + b2 * (PF_BN * PF_SA), xrow + (s + 2) * PF_BK, bval);
-        pf_cp_commit();
-#pragma unroll
-        for (int kk = 0; kk < 2; kk++)
-#pragma unroll
-            for (int ni = 0; ni < 4; ni++)
-                if (ni < ngrp) {
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++) mma16816(acc[mi][ni], af[kk][mi], bf[kk][ni]);
-                }
-        pf_cp_wait1();
-        __syncthreads();
-        bs = bs == 2 ? 0 : bs + 1;
-    }
-#pragma unroll
-    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-        for (int ni = 0; ni < 4; ni++) {
-            int row = m0 + wm + mi * 16 + g;
-            int n = wn + ni * 8 + t4 * 2;
-            if (n < cnt) {
-                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
-                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
-            }
-            if (n + 1 < cnt) {
-                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
-                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
-            }
-        }
-}
-
-#define DS4_PF_MMS(T, L)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
-        pf_mms_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,       \
-                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,          \
-                   const int* __restrict__ tiles, const u16* __restrict__ xs,                    \
-                   float* __restrict__ out) {                                                    \
-        pf_mms_body<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);   \
-    }
-
-DS4_PF_MMS(q2_k, PfQ2K)
-DS4_PF_MMS(iq2_xxs, PfIq2)
