@@ -158,9 +158,21 @@ DS4_PF_DQ(iq2_xxs, 32)
 // out[r][m] = Σ_k W_e[m][k] · xs[r][k] for the sorted rows r of tile blockIdx.y (expert e),
 // m in the PF_BM rows of blockIdx.x; rows m < rows_a come from `wa`, the rest from `wb` (row
 // m − rows_a: gate|up as one 2F-row product). xs: f16 rows of k_dim; out: f32 rows of m_total.
-// Dequantization as dq_<t> (f32, rounded to f16); mma.sync m16n8k16 f16 x f16 -> f32.
+// Dequantization as dq_<t> (f32, rounded to f16); mma.sync m16n8k16 f16 x f16 -> f32, k in
+// increasing 16-column steps (fixed order: bit-identical from run to run).
 // Needs rows_a, m_total multiples of PF_BM and k_dim of PF_BK (the host checks).
+//
+// Pipeline (one barrier per 32-column step s): the decoded weight tile is double-buffered
+// (As), the activation tile triple-buffered (Bs, filled by cp.async two steps ahead, rows past
+// the tile's count zero-filled), and the raw quantized bytes of step s+2 are loaded into
+// registers during step s. In step s every warp first reads its fragments of step s
+// (ldmatrix), then decodes step s+1 into the other A buffer, issues the loads of step s+2 and
+// runs its MMAs, so decoding (ALU) and MMAs (tensor pipe) overlap within and across warps.
+// Warps whose 8-token groups lie past the tile's count skip those MMAs (those outputs are
+// never written; the others do not depend on them).
 // ---------------------------------------------------------------------------------------------
+
+#define PF_BSTAGES 3
 
 __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
     asm volatile(
@@ -170,6 +182,26 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+__device__ __forceinline__ void pf_ldsm4(u32* r, const u16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+// 16 bytes global -> shared, asynchronously; `valid` false writes 16 zero bytes (no read).
+__device__ __forceinline__ void pf_cp16(u16* dst, const u16* src, bool valid) {
+    u32 a = (u32)__cvta_generic_to_shared(dst);
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(n)
+                 : "memory");
+}
+
+__device__ __forceinline__ void pf_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+__device__ __forceinline__ void pf_cp_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
 // Two f32 -> one f16x2 word (lo in the low half), round to nearest even like f2h.
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     u32 r;
@@ -177,11 +209,27 @@ __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     return r;
 }
 
+// IQ2_XXS grid entry as byte_perm selectors: its bytes are 8, 25 or 43 (code c = 0, 1, 2);
+// byte k of the result is 0x10 + 0x22·c, i.e. the nibbles (2c, 2c+1) that pick f16 number c
+// out of the words (x = f16(8db) | f16(25db) << 16, y = f16(43db)). Two bytes per weight pair.
+__device__ __forceinline__ u64 pf_iq2_sel(u64 g) {
+    u64 s = 0;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        u32 b = (u32)(g >> (8 * k)) & 255u;
+        u32 c = b == 8u ? 0u : (b == 25u ? 1u : 2u);
+        s |= (u64)(0x10u + 0x22u * c) << (8 * k);
+    }
+    return s;
+}
+
 // Tile loaders of pf_mm: `load` fetches the raw bytes of 16 consecutive weights (row o,
-// columns c0..c0+15, c0 % 16 == 0) into registers (issued before the MMAs of the previous
-// step, so the loads are in flight meanwhile); `store` decodes them into 8 f16x2 words.
-// Every value equals f2h of the deq_<t> value (same f32 operations, then one rounding).
+// columns c0..c0+15, c0 % 16 == 0) into registers (issued a step ahead, so the loads are in
+// flight meanwhile); `store` decodes them into 8 f16x2 words (`sel`: the block's shared
+// selector table, filled when kSel). Every value equals f2h of the deq_<t> value (same f32
+// operations, then one rounding).
 struct PfIq2 {
+    static constexpr bool kSel = true;
     u32 a, b, half;
     float d;
     __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
@@ -192,27 +240,34 @@ struct PfIq2 {
         b = (u32)ld16(g + 4) | ((u32)ld16(g + 6) << 16);
         half = (c0 >> 4) & 1;
     }
-    __device__ __forceinline__ void store(u32* dst) const {
+    __device__ __forceinline__ void store(u32* dst, const u64* sel) const {
         float db = __fmul_rn(__fmul_rn(d, __fadd_rn(0.5f, (float)(b >> 28))), 0.25f);
+        // The three magnitudes db·{8, 25, 43}, each rounded once (as f2h(db·grid byte)).
+        u32 x = pack_h2(__fmul_rn(db, 8.0f), __fmul_rn(db, 25.0f));
+        u32 y = pack_h2(__fmul_rn(db, 43.0f), __fmul_rn(db, 43.0f));
 #pragma unroll
         for (int j = 0; j < 2; j++) {
             int l = 2 * half + j;
-            u64 grid = ds4_iq2_grid[(a >> (8 * l)) & 255];
-            u32 sg = ds4_iq2_signs[(b >> (7 * l)) & 127];
-            u32 lo = (u32)grid, hi = (u32)(grid >> 32);
+            u64 s = sel[(a >> (8 * l)) & 255];
+            // ksigns: the 7 stored bits and their parity as bit 7.
+            u32 i7 = (b >> (7 * l)) & 127u;
+            u32 sg = i7 | ((__popc(i7) & 1u) << 7);
+            u32 lo = (u32)s, hi = (u32)(s >> 32);
 #pragma unroll
-            for (int k = 0; k < 8; k += 2) {
-                u32 src = k < 4 ? lo : hi;
-                u32 h = pack_h2(__fmul_rn(db, bytef(src, k & 3)), __fmul_rn(db, bytef(src, (k & 3) + 1)));
-                // deq_iq2_xxs negates before rounding; RNE is symmetric, so flip the f16 sign.
-                h ^= (((sg >> k) & 1u) << 15) | (((sg >> (k + 1)) & 1u) << 31);
-                dst[4 * j + k / 2] = h;
+            for (int p = 0; p < 4; p++) {
+                u32 src = p < 2 ? lo : hi;
+                u32 h = __byte_perm(x, y, (p & 1) ? src >> 16 : src);
+                // deq_iq2_xxs negates before rounding; RNE is symmetric, so flip the f16 sign
+                // bits: weight 2p -> bit 15, weight 2p+1 -> bit 31.
+                h ^= (((sg >> (2 * p)) & 3u) * 0x40008000u) & 0x80008000u;
+                dst[4 * j + p] = h;
             }
         }
     }
 };
 
 struct PfQ2K {
+    static constexpr bool kSel = false;
     u32 q[4], dd, sc, shift;
     __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
         const u8* p = w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 84;
@@ -225,7 +280,7 @@ struct PfQ2K {
         for (int i = 0; i < 4; i++) q[i] = ld32(qs + 4 * i);
         shift = 2 * ((g & 7) >> 1);
     }
-    __device__ __forceinline__ void store(u32* dst) const {
+    __device__ __forceinline__ void store(u32* dst, const u64*) const {
         float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
         float dl = __fmul_rn(d, (float)(sc & 15));
         float ml = __fmul_rn(dmin, (float)(sc >> 4));
@@ -234,25 +289,25 @@ struct PfQ2K {
         u32 t23 = pack_h2(__fsub_rn(__fmul_rn(dl, 2.0f), ml), __fsub_rn(__fmul_rn(dl, 3.0f), ml));
 #pragma unroll
         for (int i = 0; i < 4; i++) {
+            // Codes c0..c3 (one per byte, ≤ 3) -> selector bytes 0x10 + 0x22·c = nibbles
+            // (2c, 2c+1); no carries between bytes. Low 16 bits: weights 4i, 4i+1.
             u32 c = (q[i] >> shift) & 0x03030303u;
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                u32 c0 = (c >> (16 * j)) & 3u, c1 = (c >> (16 * j + 8)) & 3u;
-                u32 sel = (2 * c0) | ((2 * c0 + 1) << 4) | ((2 * c1) << 8) | ((2 * c1 + 1) << 12);
-                dst[2 * i + j] = __byte_perm(t01, t23, sel);
-            }
+            u32 s = c * 0x22u + 0x10101010u;
+            dst[2 * i] = __byte_perm(t01, t23, s);
+            dst[2 * i + 1] = __byte_perm(t01, t23, s >> 16);
         }
     }
 };
 
 struct PfQ80 {
+    static constexpr bool kSel = false;
     uint4 q;
     u16 dh;
     __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
         q = *(const uint4*)(w + (i64)o * n_cols + c0);
         dh = ((const u16*)(w + (i64)n_rows * n_cols))[(i64)o * (n_cols >> 5) + (c0 >> 5)];
     }
-    __device__ __forceinline__ void store(u32* dst) const {
+    __device__ __forceinline__ void store(u32* dst, const u64*) const {
         float d = h2f(dh);
         u32 v[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
@@ -266,12 +321,13 @@ struct PfQ80 {
 // Other types: the deq_<t> unit decoders themselves (decoded in `store`).
 #define DS4_PF_GEN(T, DQ_ELEMS)                                                                  \
     struct PfGen_##T {                                                                           \
+        static constexpr bool kSel = false;                                                      \
         const u8* w;                                                                             \
         int o, n_rows, n_cols, c0;                                                               \
         __device__ __forceinline__ void load(const u8* w_, int o_, int nr, int nc, int c0_) {    \
             w = w_; o = o_; n_rows = nr; n_cols = nc; c0 = c0_;                                  \
         }                                                                                        \
-        __device__ __forceinline__ void store(u32* dst) const {                                  \
+        __device__ __forceinline__ void store(u32* dst, const u64*) const {                      \
             float v[DQ_ELEMS > 16 ? DQ_ELEMS : 16];                                              \
             int skip = 0;                                                                        \
             if (DQ_ELEMS > 16) {                                                                 \
@@ -296,23 +352,35 @@ __device__ __forceinline__ void pf_mm_body(const u8* __restrict__ wa, const u8* 
                                            const int* __restrict__ n_tiles,
                                            const int* __restrict__ tiles,
                                            const u16* __restrict__ xs, float* __restrict__ out) {
-    __shared__ __align__(16) u16 As[PF_BM * PF_SA];
-    __shared__ __align__(16) u16 Bs[PF_BN * PF_SA];
+    __shared__ __align__(16) u16 As[2][PF_BM * PF_SA];
+    __shared__ __align__(16) u16 Bs[PF_BSTAGES][PF_BN * PF_SA];
+    __shared__ u64 sel[256];
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (L::kSel) sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
     int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
     int m0 = blockIdx.x * PF_BM;
     const u8* w = m0 < rows_a ? wa : wb;
     int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
     int nrows = m0 < rows_a ? rows_a : m_total - rows_a;
     w += (i64)e * expert_bytes;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int g = lane >> 2, t4 = lane & 3;
     int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+    // 8-token groups of this warp that hold rows of the tile (warp-uniform).
+    int ngrp = min(4, max(0, (cnt - wn + 7) >> 3));
     // This thread decodes weights (row ar, columns ac..ac+15 of each step) and copies 8
-    // inputs (row bn, columns bc..bc+7).
+    // inputs (row bn, columns bc..bc+7; zeros past the tile's rows).
     int ar = tid >> 1, ac = (tid & 1) * 16;
     int bn = tid >> 2, bc = (tid & 3) * 8;
+    bool bval = bn < cnt;
+    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + bc;
+    u16* bdst = &Bs[0][bn * PF_SA + bc];
+    u16* adst = &As[0][ar * PF_SA + ac];
+    // ldmatrix row addresses of this lane (offsets in halves within a buffer).
+    int a_off = (wm + (lane & 15)) * PF_SA + (lane >> 4) * 8;
+    int b_off = (wn + (lane >> 4) * 8 + (lane & 7)) * PF_SA + ((lane >> 3) & 1) * 8;
+    int nk = k_dim / PF_BK;
     float acc[2][4][4];
 #pragma unroll
     for (int a = 0; a < 2; a++)
@@ -322,46 +390,65 @@ __device__ __forceinline__ void pf_mm_body(const u8* __restrict__ wa, const u8* 
             for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
     L ld;
     ld.load(w, wrow0 + ar, nrows, k_dim, ac);
-    const u16* xrow = xs + (i64)(r0 + bn) * k_dim + bc;
-    uint4 xb = make_uint4(0u, 0u, 0u, 0u);
-    if (bn < cnt) xb = *(const uint4*)xrow;
-    for (int k0 = 0; k0 < k_dim; k0 += PF_BK) {
-        {
+    pf_cp16(bdst, xrow, bval);
+    pf_cp_commit();
+    if (nk > 1) pf_cp16(bdst + PF_BN * PF_SA, xrow + PF_BK, bval);
+    pf_cp_commit();
+    __syncthreads();  // sel
+    {
+        u32 hw[8];
+        ld.store(hw, sel);
+        uint4* dst = (uint4*)adst;
+        dst[0] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+        dst[1] = make_uint4(hw[4], hw[5], hw[6], hw[7]);
+    }
+    if (nk > 1) ld.load(w, wrow0 + ar, nrows, k_dim, PF_BK + ac);
+    pf_cp_wait1();
+    __syncthreads();
+    int bs = 0;  // Bs buffer of step s (s % 3)
+    for (int s = 0; s < nk; s++) {
+        const u16* A = &As[s & 1][0];
+        const u16* B = &Bs[bs][0];
+        u32 af[2][2][4], bf[2][4][2];
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) pf_ldsm4(af[kk][mi], A + a_off + mi * 16 * PF_SA + kk * 16);
+#pragma unroll
+            for (int nj = 0; nj < 4; nj += 2) {
+                u32 r[4];
+                pf_ldsm4(r, B + b_off + nj * 8 * PF_SA + kk * 16);
+                bf[kk][nj][0] = r[0];
+                bf[kk][nj][1] = r[1];
+                bf[kk][nj + 1][0] = r[2];
+                bf[kk][nj + 1][1] = r[3];
+            }
+        }
+        if (s + 1 < nk) {
             u32 hw[8];
-            ld.store(hw);
-            uint4* dst = (uint4*)(As + ar * PF_SA + ac);
+            ld.store(hw, sel);
+            uint4* dst = (uint4*)(adst + ((s + 1) & 1) * (PF_BM * PF_SA));
             dst[0] = make_uint4(hw[0], hw[1], hw[2], hw[3]);
             dst[1] = make_uint4(hw[4], hw[5], hw[6], hw[7]);
-            *(uint4*)(Bs + bn * PF_SA + bc) = xb;
         }
+        int b2 = bs == 0 ? 2 : bs - 1;  // (s + 2) % 3
+        if (s + 2 < nk) {
+            int c2 = (s + 2) * PF_BK;
+            ld.load(w, wrow0 + ar, nrows, k_dim, c2 + ac);
+            pf_cp16(bdst + b2 * (PF_BN * PF_SA), xrow + c2, bval);
+        }
+        pf_cp_commit();
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++)
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++)
+                if (ni < ngrp) {
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++) mma16816(acc[mi][ni], af[kk][mi], bf[kk][ni]);
+                }
+        pf_cp_wait1();
         __syncthreads();
-        if (k0 + PF_BK < k_dim) {
-            ld.load(w, wrow0 + ar, nrows, k_dim, k0 + PF_BK + ac);
-            if (bn < cnt) xb = *(const uint4*)(xrow + k0 + PF_BK);
-        }
-#pragma unroll
-        for (int kk = 0; kk < PF_BK; kk += 16) {
-            u32 af[2][4], bf[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
-                const u16* p = As + (wm + mi * 16 + g) * PF_SA + kk + t4 * 2;
-                af[mi][0] = *(const u32*)p;
-                af[mi][1] = *(const u32*)(p + 8 * PF_SA);
-                af[mi][2] = *(const u32*)(p + 8);
-                af[mi][3] = *(const u32*)(p + 8 * PF_SA + 8);
-            }
-#pragma unroll
-            for (int ni = 0; ni < 4; ni++) {
-                const u16* p = Bs + (wn + ni * 8 + g) * PF_SA + kk + t4 * 2;
-                bf[ni][0] = *(const u32*)p;
-                bf[ni][1] = *(const u32*)(p + 8);
-            }
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                for (int ni = 0; ni < 4; ni++) mma16816(acc[mi][ni], af[mi], bf[ni]);
-        }
-        __syncthreads();
+        bs = bs == 2 ? 0 : bs + 1;
     }
 #pragma unroll
     for (int mi = 0; mi < 2; mi++)
@@ -381,7 +468,7 @@ __device__ __forceinline__ void pf_mm_body(const u8* __restrict__ wa, const u8* 
 }
 
 #define DS4_PF_MM(T, L)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
         pf_mm_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
                   const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
