@@ -24,6 +24,17 @@
 //! remaining ops (norms, RoPE, HC Sinkhorn, attention, compressor/indexer, sampling) become
 //! further kernels in `kernels/` with launch functions here, in the same style.
 //!
+//! Environment switches (all on by default; `=0` turns a path off, for comparisons and
+//! bisecting — none is needed in normal use): `DS4_CUDA_GRAPH` (decode graph replay),
+//! `DS4_CUDA_PDL` (programmatic dependent launch inside decode graphs), `DS4_CUDA_INT8` (int8
+//! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
+//! quantization), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_GEMM`
+//! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
+//! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_ROUTER_SGEMM` (router product as
+//! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill);
+//! `DS4_CUDA_ATT_SPLIT=N` overrides the decode attention split. `DS4_CUDA_CACHE=DIR` moves
+//! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
+//!
 //! Determinism: every kernel reduces in a fixed order (warp shuffles, no atomics), so the same
 //! inputs give bit-identical outputs from run to run; the self-test checks it.
 
