@@ -54,37 +54,6 @@ __device__ __forceinline__ void pdl_enter() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
-// pdl_enter in two halves, for kernels whose prologue touches only memory no kernel of the
-// step writes (weights, constant tables, the block's own shared memory): pdl_trigger(),
-// the prologue, pdl_wait(). The prologue must not read any kernel's output nor write
-// global memory.
-__device__ __forceinline__ void pdl_trigger() {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-__device__ __forceinline__ void pdl_wait() {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-
-// L2 prefetch of bytes [lo, hi) of `base` (lo, hi >= 0), one 128-byte line per thread and
-// turn: a hint that changes no value, issued before pdl_wait so that a block launched early
-// pulls its weights while the previous kernel finishes.
-__device__ __forceinline__ void prefetch_l2(const u8* base, i64 lo, i64 hi) {
-    for (i64 off = (lo & ~(i64)127) + (i64)threadIdx.x * 128; off < hi;
-         off += (i64)blockDim.x * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
-}
-
-// Rows [o0, o1) of a Q8_0 matrix as the int8 kernels read it (codes n_rows × n_cols bytes,
-// then the u16 block scales, n_cols / 32 per row).
-__device__ __forceinline__ void prefetch_q8_0_rows(const u8* w, int o0, int o1, int n_rows,
-                                                   int n_cols) {
-    o1 = min(o1, n_rows);
-    if (o0 >= o1) return;
-    prefetch_l2(w, (i64)o0 * n_cols, (i64)o1 * n_cols);
-    const i64 sc = (i64)n_rows * n_cols, rb = (i64)(n_cols >> 5) * 2;
-    prefetch_l2(w, sc + o0 * rb, sc + o1 * rb);
-}
-
 __device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
 __device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
 
@@ -817,7 +786,7 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
                 int n_rows, int n_cols, const signed char* __restrict__ xq,                      \
                 const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {  \
-        pdl_trigger();                                                                           \
+        pdl_enter();                                                                             \
         __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
@@ -825,7 +794,6 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
             for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
             __syncthreads();                                                                     \
         }                                                                                        \
-        pdl_wait();                                                                              \
         __shared__ float part_[WARPS_PER_BLOCK];                                                 \
         int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
         int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
@@ -856,14 +824,14 @@ DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
 // take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
 // h[s][o] = silu(min(g, c))·clamp(u, ±c)·wts[s] (wts null: 1), the same expressions as
 // k_swiglu in forward.cu. Saves the up launch, the SwiGLU launch and the g/u round trip.
-#define DS4_MV8_GLU(NAME, U, USES_TABLES, DSH, UNR, PF_Q8_0)                                                   \
+#define DS4_MV8_GLU(NAME, U, USES_TABLES, DSH, UNR)                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                            \
         NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
                    const int* __restrict__ ids, int n_rows, int n_cols,                          \
                    const signed char* __restrict__ xq, const float* __restrict__ xd,             \
                    i64 x_stride, const float* __restrict__ wts, float clampc,                    \
                    float* __restrict__ h, int split) {                                           \
-        pdl_trigger();                                                                           \
+        pdl_enter();                                                                             \
         __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
         Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
         if (USES_TABLES) {                                                                       \
@@ -871,12 +839,6 @@ DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
             for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
             __syncthreads();                                                                     \
         }                                                                                        \
-        if (PF_Q8_0 && !ids && blockIdx.y == 0) {                                                \
-            const int o0 = blockIdx.x * (WARPS_PER_BLOCK / split);                               \
-            prefetch_q8_0_rows(wg, o0, o0 + WARPS_PER_BLOCK / split, n_rows, n_cols);           \
-            prefetch_q8_0_rows(wu, o0, o0 + WARPS_PER_BLOCK / split, n_rows, n_cols);           \
-        }                                                                                        \
-        pdl_wait();                                                                              \
         __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                       \
         int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
         int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
@@ -911,9 +873,9 @@ DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
         }                                                                                        \
     }
 
-DS4_MV8_GLU(mv8glu_q8_0, I8Q8_0, 0, 5, 4, 1)
-DS4_MV8_GLU(mv8glu_q2_k, I8Q2_K, 0, 8, 4, 0)
-DS4_MV8_GLU(mv8glu_iq2_xxs, I8IQ2_XXS, 1, 8, 4, 0)
+DS4_MV8_GLU(mv8glu_q8_0, I8Q8_0, 0, 5, 4)
+DS4_MV8_GLU(mv8glu_q2_k, I8Q2_K, 0, 8, 4)
+DS4_MV8_GLU(mv8glu_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
 
 // Q8_0 int8 matvec with 16-byte loads (production decode; n_cols a multiple of 512): lane l
 // takes elements 16l..16l+15 of each 512-element step (one 16-byte code load and its
@@ -976,12 +938,7 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
              const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {     \
-        pdl_trigger();                                                                           \
-        if (!ids && blockIdx.y == 0) {                                                           \
-            const int o0 = blockIdx.x * (WARPS_PER_BLOCK / split) * RW;                          \
-            prefetch_q8_0_rows(w, o0, o0 + (WARPS_PER_BLOCK / split) * RW, n_rows, n_cols);     \
-        }                                                                                        \
-        pdl_wait();                                                                              \
+        pdl_enter();                                                                             \
         __shared__ float part_[WARPS_PER_BLOCK][RW];                                             \
         int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;                 \
         int o = (blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split) * RW;                    \
