@@ -7,38 +7,30 @@
 //! are live and sized as each function states.
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::device::{CudaBackend, Result, Slot};
+use super::device::{CudaBackend, Result};
 
 /// Tile edge of the attention kernels (heads × rows, heads × dims).
 const AT_T: usize = 32;
 /// Row tile of the indexer scores kernel.
 const IX_T: usize = 64;
 
-/// Queues one launch; while the backend's PDL switch is on (decode graph capture) with
-/// programmatic stream serialization: every kernel launched here begins with `pdl_enter()`.
 macro_rules! launch {
-    ($be:expr, $f:expr, $grid:expr, $block:expr, [$($a:expr),* $(,)?]) => {
-        launch!($be, $f, $grid, $block, 0u32, [$($a),*])
+    ($st:expr, $f:expr, $grid:expr, $block:expr, [$($a:expr),* $(,)?]) => {
+        launch!($st, $f, $grid, $block, 0u32, [$($a),*])
     };
-    ($be:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
+    ($st:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
         let cfg = LaunchConfig {
             grid_dim: $grid,
             block_dim: $block,
             shared_mem_bytes: $smem,
         };
-        if $be.pdl() {
-            let mut a = [$(Slot::slot($a)),*];
-            // SAFETY: as below; the kernel starts with pdl_enter() (attn.cu / forward.cu).
-            unsafe { $be.launch_pdl(&$f, cfg, &mut a) }?;
-        } else {
-            let mut b = $be.stream().launch_builder(&$f);
-            $( let v = $a; b.arg(&v); )*
-            // SAFETY: the argument list matches the kernel's signature in attn.cu /
-            // forward.cu; the caller of the enclosing unsafe function vouches for the buffers.
-            unsafe { b.launch(cfg) }?;
-        }
+        let mut b = $st.launch_builder(&$f);
+        $( let v = $a; b.arg(&v); )*
+        // SAFETY: the argument list matches the kernel's signature in attn.cu / forward.cu;
+        // the caller of the enclosing unsafe function vouches for the buffers.
+        unsafe { b.launch(cfg) }?;
     }};
 }
 
@@ -194,10 +186,10 @@ pub const DECODE_SPLIT: usize = 4;
 ///
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
-pub unsafe fn attend(be: &CudaBackend, k: &AttnKernels, a: &Attend) -> Result<()> {
+pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
     if a.tc && tc_supported(a.n_head, a.dh, a.half) {
         launch!(
-            be,
+            st,
             k.tc,
             (a.n as u32, 1, 1),
             (512, 1, 1),
@@ -229,7 +221,7 @@ pub unsafe fn attend(be: &CudaBackend, k: &AttnKernels, a: &Attend) -> Result<()
     let nz = (a.n * ns) as u32;
     let (ratio, swa, dh, nh) = (a.ratio as i32, a.swa as i32, a.dh as i32, a.n_head as i32);
     launch!(
-        be,
+        st,
         k.scores,
         (a.rows_cap.div_ceil(AT_T) as u32, ht, nz),
         (256, 1, 1),
@@ -252,14 +244,14 @@ pub unsafe fn attend(be: &CudaBackend, k: &AttnKernels, a: &Attend) -> Result<()
         ]
     );
     launch!(
-        be,
+        st,
         k.softmax,
         ((a.n * a.n_head) as u32, 1, 1),
         (128, 1, 1),
         [a.sc, a.inv, a.cnt, ratio, a.p0, swa, nh, a.n as i32, a.sinks, ld, a.scale, ns as i32]
     );
     launch!(
-        be,
+        st,
         k.out,
         ((a.dh / AT_T) as u32, ht, nz),
         (256, 1, 1),
@@ -287,7 +279,7 @@ pub unsafe fn attend(be: &CudaBackend, k: &AttnKernels, a: &Attend) -> Result<()
     );
     if ns > 1 {
         launch!(
-            be,
+            st,
             k.combine,
             ((a.n * a.n_head) as u32, 1, 1),
             (256, 1, 1),
@@ -316,7 +308,7 @@ pub unsafe fn attend(be: &CudaBackend, k: &AttnKernels, a: &Attend) -> Result<()
 /// with `ld ≥ vis_max`; `p0` a device i64.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn idx_scores(
-    be: &CudaBackend,
+    st: &CudaStream,
     k: &AttnKernels,
     n: usize,
     q: u64,
@@ -331,7 +323,7 @@ pub unsafe fn idx_scores(
     ld: usize,
 ) -> Result<()> {
     launch!(
-        be,
+        st,
         k.idx_scores,
         (vis_max.div_ceil(IX_T).max(1) as u32, n as u32, 1),
         (256, 1, 1),
@@ -358,7 +350,7 @@ pub unsafe fn idx_scores(
 /// `n × topk` i32; `cnt`: `n` i32; `p0` a device i64.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn topk(
-    be: &CudaBackend,
+    st: &CudaStream,
     k: &AttnKernels,
     n: usize,
     scores: u64,
@@ -370,7 +362,7 @@ pub unsafe fn topk(
     cnt: u64,
 ) -> Result<()> {
     launch!(
-        be,
+        st,
         k.topk,
         (n as u32, 1, 1),
         (1024, 1, 1),
@@ -415,12 +407,12 @@ pub const MAX_COMP_CAND: usize = 256;
 ///
 /// # Safety
 /// Every pointer of `c` must be a live device buffer of the size its field states.
-pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Result<()> {
+pub unsafe fn compress(st: &CudaStream, k: &AttnKernels, c: &Compress) -> Result<()> {
     let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
     let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
     let threads = c.d.next_multiple_of(32).min(1024) as u32;
     launch!(
-        be,
+        st,
         k.comp_pool,
         ((c.n / c.ratio + 1) as u32, 1, 1),
         (threads, 1, 1),
@@ -447,7 +439,7 @@ pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Resul
         ]
     );
     launch!(
-        be,
+        st,
         k.comp_state,
         (c.ratio as u32, 1, 1),
         (256, 1, 1),

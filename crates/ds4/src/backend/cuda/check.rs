@@ -399,39 +399,22 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             tc: false,
         };
         // SAFETY: every buffer above is sized as `Attend` documents.
-        unsafe { attend(be, &k, &args)? };
+        unsafe { attend(st, &k, &args)? };
         let gpu = be.download(&d_o)?;
-        unsafe { attend(be, &k, &args)? };
+        unsafe { attend(st, &k, &args)? };
         let gpu2 = be.download(&d_o)?;
         args.nsplit = ns_max;
         // SAFETY: as above (the scratch holds ns_max splits).
-        unsafe { attend(be, &k, &args)? };
+        unsafe { attend(st, &k, &args)? };
         let gpu3 = be.download(&d_o)?;
-        // The same decode chain (scores, softmax, weighted sum, combine) with programmatic
-        // dependent launch, into fresh poisoned scratch and output: a kernel that read its
-        // input before its predecessor finished would see NaN.
-        let (p_o, p_sc) = (
-            poisoned(be, n * h_n * dh)?,
-            poisoned(be, ns_max * n * h_n * rows_cap)?,
-        );
-        let (p_inv, p_part) = (poisoned(be, n * h_n)?, poisoned(be, ns_max * n * h_n * dh)?);
-        let plain = (args.o, args.sc, args.inv, args.part);
-        (args.o, args.sc, args.inv, args.part) = (pp(&p_o), pp(&p_sc), pp(&p_inv), pp(&p_part));
-        be.set_pdl(true);
-        // SAFETY: as above (fresh buffers of the same sizes).
-        let r = unsafe { attend(be, &k, &args) };
-        be.set_pdl(false);
-        r?;
-        (args.o, args.sc, args.inv, args.part) = plain;
-        let gpu3p = be.download(&p_o)?;
         // Production chunks: the tensor-core kernel (f16 queries and weights).
         args.nsplit = 1;
         args.tc = true;
         let tc_ok = super::attn::tc_supported(h_n, dh, half);
         // SAFETY: as above (the tensor-core kernel reads q, the rows, sinks and freqs).
-        unsafe { attend(be, &k, &args)? };
+        unsafe { attend(st, &k, &args)? };
         let gpu4 = be.download(&d_o)?;
-        unsafe { attend(be, &k, &args)? };
+        unsafe { attend(st, &k, &args)? };
         let gpu5 = be.download(&d_o)?;
         // Reference in f64.
         let scale = 1.0 / (dh as f64).sqrt();
@@ -511,7 +494,6 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             &shape,
             same_bits(&gpu, &gpu2),
         ));
-        out.push(pdl_row("attend_split4", &shape, same_bits(&gpu3, &gpu3p)));
         if tc_ok {
             out.push(fwd_row(
                 "attend_tc",
@@ -557,7 +539,7 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     // SAFETY: buffers sized as `idx_scores` documents.
     unsafe {
         idx_scores(
-            be,
+            st,
             &k,
             n,
             pp(&d_q),
@@ -573,8 +555,6 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         )?
     };
     let sc = be.download(&d_sc)?;
-    let plain_sc = sc.clone();
-    let mut plain_sel = (Vec::new(), Vec::new());
     let (mut gpu, mut refs, mut l1s) = (Vec::new(), Vec::new(), Vec::new());
     for t in 0..n {
         for row in 0..(p0 + t + 1) / r {
@@ -616,7 +596,7 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         let d_cnt = be.upload_i32(&vec![-1; n])?;
         let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
         // SAFETY: buffers sized as `topk` documents.
-        unsafe { topk(be, &k, n, pp(&d_s), ld, p0p, r, kk, pi(&d_sel), pi(&d_cnt))? };
+        unsafe { topk(st, &k, n, pp(&d_s), ld, p0p, r, kk, pi(&d_sel), pi(&d_cnt))? };
         let sel = be.download(&d_sel)?;
         let cnt = be.download(&d_cnt)?;
         let mut bad = 0usize;
@@ -633,63 +613,8 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         let mut row = exact_row(name, GgmlType::F32, &format!("p0={p0} n={n} k={kk}"), bad);
         row.note = format!("{bad} tokens' selections differ from ops::top_k");
         out.push(row);
-        if name == "topk_rows" {
-            plain_sel = (sel, cnt);
-        }
     }
-    // Scores then top-k with programmatic dependent launch, into fresh poisoned buffers:
-    // the same bits as the plain launches above.
-    let p_sc = poisoned(be, n * ld)?;
-    let p_sel = be.upload_i32(&vec![-1; n * kk])?;
-    let p_cnt = be.upload_i32(&vec![-1; n])?;
-    let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
-    be.set_pdl(true);
-    // SAFETY: buffers sized as `idx_scores` and `topk` document.
-    let res = unsafe {
-        idx_scores(
-            be,
-            &k,
-            n,
-            pp(&d_q),
-            pp(&d_w),
-            pp(&d_rows),
-            ih,
-            id,
-            p0p,
-            r,
-            vis_max,
-            pp(&p_sc),
-            ld,
-        )
-        .and_then(|_| topk(be, &k, n, pp(&p_sc), ld, p0p, r, kk, pi(&p_sel), pi(&p_cnt)))
-    };
-    be.set_pdl(false);
-    res?;
-    let same = same_bits(&be.download(&p_sc)?, &plain_sc)
-        && be.download(&p_sel)? == plain_sel.0
-        && be.download(&p_cnt)? == plain_sel.1;
-    out.push(pdl_row(
-        "idx_scores_topk",
-        &format!("p0={p0} n={n} k={kk}"),
-        same,
-    ));
     Ok(())
-}
-
-/// A kernel chain launched with programmatic dependent launch against the same launches
-/// without it, bit for bit.
-fn pdl_row(kernel: &str, shape: &str, same: bool) -> CheckRow {
-    CheckRow {
-        kernel: format!("{kernel}_pdl"),
-        ty: GgmlType::F32,
-        shape: shape.into(),
-        max_abs: 0.0,
-        max_err: if same { 0.0 } else { 1.0 },
-        rel_l2: 0.0,
-        tol: 0.0,
-        pass: same,
-        note: "programmatic dependent launch vs plain launches, bit for bit".into(),
-    }
 }
 
 /// The windowed compressor (attn.cu k_comp_pool + k_comp_state) fed a sequence in uneven
@@ -774,7 +699,7 @@ fn check_compress(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> R
                 exact: true,
             };
             // SAFETY: buffers sized as `Compress` documents.
-            unsafe { compress(be, &k, &c)? };
+            unsafe { compress(st, &k, &c)? };
             be.synchronize()?;
             p0 += n;
         }

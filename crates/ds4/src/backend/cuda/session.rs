@@ -190,6 +190,7 @@ struct Kernels {
     head_norm_rope: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
+    scale: CudaFunction,
     hc_pre: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_pre1: CudaFunction,
@@ -221,6 +222,7 @@ impl Kernels {
             head_norm_rope: f("k_head_norm_rope")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
+            scale: f("k_scale")?,
             hc_pre: f("k_hc_pre")?,
             hc_mix_part: f("k_hc_mix_part")?,
             hc_pre1: f("k_hc_pre1")?,
@@ -1267,8 +1269,7 @@ impl GpuSession {
                 mvq(wu, ids, slots, x, xs, u)?;
             }
             let rows = if ids == 0 { n } else { slots };
-            launchp!(
-                be,
+            launch!(
                 st,
                 k.swiglu,
                 ((wg.n_rows as u32).div_ceil(256), rows as u32, 1),
@@ -1303,8 +1304,7 @@ impl GpuSession {
             );
         }
         let rms_rows = |x: u64, w: u64, rows: usize, width: usize| -> Result<()> {
-            launchp!(
-                be,
+            launch!(
                 st,
                 k.rms_norm,
                 (rows as u32, 1, 1),
@@ -1395,8 +1395,7 @@ impl GpuSession {
                 return Ok(());
             }
             lin(fnw, p(&s.x), n, p(&s.mix))?;
-            launchp!(
-                be,
+            launch!(
                 st,
                 k.hc_pre,
                 (n32, 1, 1),
@@ -1497,8 +1496,7 @@ impl GpuSession {
                     ]
                 );
             } else {
-                launchp!(
-                    be,
+                launch!(
                     st,
                     k.head_norm_rope,
                     (n32 * c.n_head as u32, 1, 1),
@@ -1515,8 +1513,7 @@ impl GpuSession {
                     ]
                 );
                 // KV row (its product was queued with q_a's, which reads the same input).
-                launchp!(
-                    be,
+                launch!(
                     st,
                     k.kv_finish,
                     (n32, 1, 1),
@@ -1561,7 +1558,7 @@ impl GpuSession {
                 };
                 // SAFETY: ckv/csc hold n rows of the widest compressor; the frontier is
                 // coff·r × W; rows were grown to (p0 + n) / r before queueing.
-                unsafe { attn::compress(be, &k.at, &args) }
+                unsafe { attn::compress(st, &k.at, &args) }
             };
             if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
                 compress(w, cs, 0)?;
@@ -1572,12 +1569,8 @@ impl GpuSession {
                 let vis_max = pb / 4;
                 if vis_max > c.idx_topk {
                     lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
-                    lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
                     let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
-                    // The head weights' scale rides along: block t·iH + h also scales iw[t·iH + h].
-                    let wscale = 1.0 / ((id * ih) as f32).sqrt();
-                    launchp!(
-                        be,
+                    launch!(
                         st,
                         k.idx_q_finish,
                         (n32 * ih as u32, 1, 1),
@@ -1591,14 +1584,22 @@ impl GpuSession {
                             ptr(&l.freqs, st),
                             p0l,
                             qat,
-                            inv_sqrt,
-                            p(&s.iw),
-                            wscale
+                            inv_sqrt
                         ]
                     );
+                    lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
+                    let scale = 1.0 / ((id * ih) as f32).sqrt();
+                    let cnt = (n * ih) as i32;
+                    launch!(
+                        st,
+                        k.scale,
+                        ((cnt as u32).div_ceil(256), 1, 1),
+                        (256, 1, 1),
+                        0,
+                        [p(&s.iw), scale, cnt]
+                    );
                     if !self.tiled {
-                        launchp!(
-                            be,
+                        launch!(
                             st,
                             k.idx_scores_ref,
                             ((vis_max as u32).div_ceil(8), n32, 1),
@@ -1621,7 +1622,7 @@ impl GpuSession {
                         // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.
                         unsafe {
                             attn::idx_scores(
-                                be,
+                                st,
                                 &k.at,
                                 n,
                                 p(&s.iq),
@@ -1642,7 +1643,7 @@ impl GpuSession {
                 // for tokens with more than idx_topk visible rows (written above).
                 unsafe {
                     attn::topk(
-                        be,
+                        st,
                         &k.at,
                         n,
                         p(&s.isc),
@@ -1668,8 +1669,7 @@ impl GpuSession {
                     // Exact mode: the reference-order kernel (one block per (token, head)).
                     let smem = attend_smem(rows_cap, c.head_dim);
                     let scale = 1.0 / (c.head_dim as f32).sqrt();
-                    launchp!(
-                        be,
+                    launch!(
                         st,
                         k.attend_ref,
                         (n32 * c.n_head as u32, 1, 1),
@@ -1731,7 +1731,7 @@ impl GpuSession {
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
-                    unsafe { attn::attend(be, &k.at, &args)? };
+                    unsafe { attn::attend(st, &k.at, &args)? };
                 }
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
@@ -1788,8 +1788,7 @@ impl GpuSession {
                     ]
                 );
             } else {
-                launchp!(
-                    be,
+                launch!(
                     st,
                     k.ring_push,
                     (n.min(c.swa) as u32, 1, 1),
@@ -1823,8 +1822,7 @@ impl GpuSession {
                 let ke = c.n_expert_used;
                 let t2e = l.tid2eid.as_ref().map_or(0, pi);
                 let bias = l.exp_bias.as_ref().map_or(0, p);
-                launchp!(
-                    be,
+                launch!(
                     st,
                     k.route,
                     (n32, 1, 1),
@@ -1870,8 +1868,7 @@ impl GpuSession {
                     let (x, xs) = if n == 1 {
                         (p(&s.y), 0)
                     } else {
-                        launchp!(
-                            be,
+                        launch!(
                             st,
                             k.expand,
                             ((d as u32).div_ceil(256), slots as u32, 1),
@@ -1931,8 +1928,7 @@ impl GpuSession {
                         ]
                     );
                 } else {
-                    launchp!(
-                        be,
+                    launch!(
                         st,
                         k.moe_sum,
                         ((d as u32).div_ceil(256), n32, 1),
@@ -1953,8 +1949,7 @@ impl GpuSession {
         let flat = nh * d;
         let xh = p(&s.x) + (first * flat * 4) as u64;
         lin(&gm.output_hc_fn, xh, m, p(&s.mix))?;
-        launchp!(
-            be,
+        launch!(
             st,
             k.hc_head,
             (m as u32, 1, 1),

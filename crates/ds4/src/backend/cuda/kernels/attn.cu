@@ -65,7 +65,6 @@ extern "C" __global__ void __launch_bounds__(256)
                  const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld,
                  int ratio, const long long* __restrict__ p0p, int swa, int dh, int n_head,
                  float* __restrict__ sc, int ld, int nsplit) {
-    pdl_enter();
     __shared__ float sm[4 * 2 * AT_T * AT_P];
     const int t = blockIdx.z / nsplit, sp = blockIdx.z % nsplit;
     const int n = gridDim.z / nsplit, r0 = blockIdx.x * AT_T, h0 = blockIdx.y * AT_T;
@@ -146,7 +145,6 @@ extern "C" __global__ void k_att_softmax(float* __restrict__ sc, float* __restri
                                          const long long* __restrict__ p0p, int swa,
                                          int n_head, int n, const float* __restrict__ sinks,
                                          int ld, float scale, int ssplit) {
-    pdl_enter();
     __shared__ float shf[33];
     const long long p0 = *p0p;
     const int th = blockIdx.x, t = th / n_head, h = th % n_head;
@@ -189,7 +187,6 @@ extern "C" __global__ void __launch_bounds__(256)
               const long long* __restrict__ p0p, int swa, int dh, int n_head, int half,
               const double* __restrict__ freqs, float* __restrict__ o, int ld, int nsplit,
               float* __restrict__ part) {
-    pdl_enter();
     __shared__ float sm[4 * 2 * AT_T * AT_P];
     __shared__ float rc[AT_T / 2], rs[AT_T / 2];
     const int t = blockIdx.z / nsplit, sp = blockIdx.z % nsplit, n = gridDim.z / nsplit;
@@ -307,7 +304,6 @@ extern "C" __global__ void k_att_combine(const float* __restrict__ part,
                                          const double* __restrict__ freqs,
                                          const long long* __restrict__ p0p,
                                          float* __restrict__ o) {
-    pdl_enter();
     const int th = blockIdx.x, t = th / n_head;
     const long long stride = (long long)n * n_head * dh;
     const float iv = inv[th];
@@ -346,7 +342,6 @@ extern "C" __global__ void __launch_bounds__(256)
                  const float* __restrict__ krows, int n_head, int id,
                  const long long* __restrict__ p0p, int r, float* __restrict__ scores,
                  int ld) {
-    pdl_enter();
     __shared__ float sm[2 * IX_T * AT_P];
     float* qs = sm;
     float* ks = sm + IX_T * AT_P;
@@ -433,7 +428,6 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
                                        const long long* __restrict__ p0p, int r, int d, int coff,
                                        int half, float eps, int kind, int qat, int exact,
                                        float inv_sqrt_d) {
-    pdl_enter();
     const long long p0 = *p0p;
     __shared__ double sh[33];
     __shared__ float pooled[1024];
@@ -505,7 +499,6 @@ extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const flo
                                         float* __restrict__ ssc, int n,
                                         const long long* __restrict__ p0p, int r, int d,
                                         int coff) {
-    pdl_enter();
     const long long p0 = *p0p;
     const int s = blockIdx.x, wd = coff * d;
     const long long end = p0 + n;  // exclusive
@@ -637,7 +630,6 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              const long long* __restrict__ p0p, int swa, int dh, int n_head,
              const float* __restrict__ sinks, float scale, int half,
              const double* __restrict__ freqs, float* __restrict__ o) {
-    pdl_enter();
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
     unsigned short* Qs = (unsigned short*)tc_sm;

@@ -221,7 +221,6 @@ __device__ void finish_row(float* row, int len, int nope, int kind, int qat, int
 extern "C" __global__ void k_embed(const u8* __restrict__ w, int ty, int n_rows,
                                    const int* __restrict__ tokens, int d, int n_hc,
                                    float* __restrict__ x) {
-    pdl_enter();
     int t = blockIdx.x;
     long long tok = tokens[t];
     float* xt = x + (long long)t * n_hc * d;
@@ -240,7 +239,6 @@ extern "C" __global__ void k_embed(const u8* __restrict__ w, int ty, int n_rows,
 // In-place RMSNorm of each `width`-wide row (blockIdx.x = row); w null = unweighted.
 extern "C" __global__ void k_rms_norm(float* __restrict__ x, const float* __restrict__ w,
                                       int width, float eps) {
-    pdl_enter();
     __shared__ double sh[33];
     float* r = x + (long long)blockIdx.x * width;
     float s = rms_scale_block(r, width, eps, sh);
@@ -271,7 +269,6 @@ __device__ void kv_finish_row(float* r, const float* w, int dh, int half, float 
 extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, int dh, int half,
                                             float eps, const double* __restrict__ freqs,
                                             const long long* __restrict__ p0p) {
-    pdl_enter();
     const long long p0 = *p0p;
     __shared__ double sh[33];
     head_norm_rope_row(q + (long long)blockIdx.x * dh, dh, half, eps, freqs,
@@ -283,7 +280,6 @@ extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __re
                                        int dh, int half, float eps,
                                        const double* __restrict__ freqs, const long long* __restrict__ p0p, int qat,
                                        int exact) {
-    pdl_enter();
     const long long p0 = *p0p;
     __shared__ double sh[33];
     kv_finish_row(kv + (long long)blockIdx.x * dh, w, dh, half, eps, freqs, p0 + blockIdx.x, qat,
@@ -306,19 +302,21 @@ extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restric
 }
 
 // Indexer query heads: RoPE at the token's position, then the indexer QAT (blockIdx.x =
-// t·iH + h); the same block also scales that head's weight, w[t·iH + h] *= wscale (the
-// former k_scale launch).
+// t·iH + h).
 extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int id, int half,
                                           const double* __restrict__ freqs, const long long* __restrict__ p0p,
-                                          int qat, float inv_sqrt_id, float* __restrict__ w,
-                                          float wscale) {
-    pdl_enter();
+                                          int qat, float inv_sqrt_id) {
     const long long p0 = *p0p;
     float* r = q + (long long)blockIdx.x * id;
-    if (threadIdx.x == 0) w[blockIdx.x] *= wscale;
     rope_tail(r, id, half, freqs, p0 + blockIdx.x / n_head, false);
     __syncthreads();
     if (qat) indexer_qat_row(r, id, inv_sqrt_id);
+}
+
+// y *= a (element-wise over n).
+extern "C" __global__ void k_scale(float* __restrict__ y, float a, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] *= a;
 }
 
 // ---------------------------------------------------------------- hyper-connections (hc.rs)
@@ -425,7 +423,6 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
                                     const float* __restrict__ base, float* __restrict__ y,
                                     float* __restrict__ post, float* __restrict__ comb,
                                     const float* __restrict__ norm) {
-    pdl_enter();
     __shared__ double sh[33];
     __shared__ float m[(2 + FWD_MAX_HC) * FWD_MAX_HC];
     __shared__ float pj[FWD_MAX_HC];
@@ -777,7 +774,6 @@ extern "C" __global__ void k_hc_head(const float* __restrict__ x, const float* _
                                      int n, int d, float rms_eps, float hc_eps, float scale,
                                      const float* __restrict__ base,
                                      const float* __restrict__ norm, float* __restrict__ h) {
-    pdl_enter();
     __shared__ double sh[33];
     __shared__ float wj[FWD_MAX_HC];
     int t = blockIdx.x;
@@ -810,7 +806,6 @@ extern "C" __global__ void k_idx_scores_ref(const float* __restrict__ q, const f
                                         const float* __restrict__ krows, int n_head, int id,
                                         const long long* __restrict__ p0p, int r, float* __restrict__ scores,
                                         int ld) {
-    pdl_enter();
     const long long p0 = *p0p;
     int t = blockIdx.y;
     int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -840,7 +835,6 @@ __device__ __forceinline__ unsigned okey(float f) {
 extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld, const long long* __restrict__ p0p,
                                        int r, int k, int* __restrict__ sel,
                                        int* __restrict__ cnt) {
-    pdl_enter();
     const long long p0 = *p0p;
     __shared__ unsigned hist[256];
     __shared__ unsigned sh_prefix, sh_rem;
@@ -930,7 +924,6 @@ extern "C" __global__ void __launch_bounds__(512)
              const long long* __restrict__ p0p, int swa, int dh, int n_head, const float* __restrict__ sinks,
              float scale, int half, const double* __restrict__ freqs, float* __restrict__ o,
              int rows_cap) {
-    pdl_enter();
     const long long p0 = *p0p;
     extern __shared__ float sm[];
     __shared__ float shf[33];
@@ -1002,7 +995,6 @@ extern "C" __global__ void __launch_bounds__(512)
 // Stores the last min(n, swa) rows of this chunk in the ring (after attention read it).
 extern "C" __global__ void k_ring_push(const float* __restrict__ ckv, float* __restrict__ ring,
                                        int n, const long long* __restrict__ p0p, int swa, int dh) {
-    pdl_enter();
     const long long p0 = *p0p;
     int t = n - 1 - blockIdx.x;  // blockIdx.x < min(n, swa)
     long long slot = (p0 + t) % swa;
@@ -1024,7 +1016,6 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
                                    const int* __restrict__ tid2eid,
                                    const float* __restrict__ bias, int norm_on, float wscale,
                                    int* __restrict__ ids, float* __restrict__ wts) {
-    pdl_enter();
     extern __shared__ float s_e[];  // n_exp scores, then n_exp flags (as float)
     __shared__ unsigned long long best[32];
     __shared__ int ch[64];
@@ -1099,7 +1090,6 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
 // zk[s] = z[s / k] (each token's input repeated for its k expert slots).
 extern "C" __global__ void k_expand(const float* __restrict__ z, int k, int d,
                                     float* __restrict__ zk) {
-    pdl_enter();
     int s = blockIdx.y;
     int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e < d) zk[(long long)s * d + e] = z[(long long)(s / k) * d + e];
@@ -1108,7 +1098,6 @@ extern "C" __global__ void k_expand(const float* __restrict__ z, int k, int d,
 // act[s][i] = silu(min(g, c))·clamp(u, ±c)·w_s (w null: 1), in place over g.
 extern "C" __global__ void k_swiglu(float* __restrict__ g, const float* __restrict__ u,
                                     const float* __restrict__ w, int f, float c) {
-    pdl_enter();
     int s = blockIdx.y;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= f) return;
@@ -1124,7 +1113,6 @@ extern "C" __global__ void k_swiglu(float* __restrict__ g, const float* __restri
 // out[t] = Σ_j dn[t·k + j] (slots in expert order) + shared[t].
 extern "C" __global__ void k_moe_sum(const float* __restrict__ dn, const float* __restrict__ sh,
                                      int k, int d, float* __restrict__ out) {
-    pdl_enter();
     int t = blockIdx.y;
     int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= d) return;
