@@ -114,7 +114,7 @@ pub fn tc_supported(n_head: usize, dh: usize, half: usize) -> bool {
 /// (`DS4_CUDA_ATT_TC=0` keeps the f32 tiled passes, for comparisons).
 pub fn use_tc() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("DS4_CUDA_ATT_TC").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_ATT_TC"))
 }
 
 /// Attention of `n` tokens at positions `*p0..` (model.md §3.3 steps 5–6).

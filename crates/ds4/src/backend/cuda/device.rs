@@ -112,7 +112,7 @@ struct TypeKernels {
 /// Whether Q8_0 int8 products use the 16-byte-load kernels (`DS4_CUDA_MV8W=0` keeps
 /// `mv8_q8_0`, for comparisons).
 fn use_mv8w() -> bool {
-    std::env::var("DS4_CUDA_MV8W").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_MV8W")
 }
 
 /// Activation quantization a weight type's int8 product needs (production mode, as the

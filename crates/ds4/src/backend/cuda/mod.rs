@@ -57,3 +57,9 @@ pub use session::{GpuModel, GpuSession, Narrowed, NARROW_CAP};
 /// Re-export of the cudarc buffer types used in the launch API, so callers need not depend
 /// on cudarc directly.
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+/// Whether the comparison switch `name` (a `DS4_CUDA_*` variable, see the module docs) leaves
+/// its path on: anything but `0`, or unset.
+pub(crate) fn switch_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}

@@ -93,45 +93,45 @@ pub fn force_tiled_attention(on: bool) {
 /// Whether decode steps replay CUDA graphs (`DS4_CUDA_GRAPH=0` turns them off, for
 /// comparisons).
 fn use_graphs() -> bool {
-    std::env::var("DS4_CUDA_GRAPH").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_GRAPH")
 }
 
 /// Whether production-mode decode uses int8 activations (`DS4_CUDA_INT8=0` keeps f32, for
 /// comparisons).
 fn use_int8() -> bool {
-    std::env::var("DS4_CUDA_INT8").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_INT8")
 }
 
 /// Whether decode uses the multi-block hc_pre with fused activation quantization
 /// (`DS4_CUDA_HC1=0` keeps the one-block `k_hc_pre` and separate quantize launches, for
 /// comparisons).
 fn use_hc1() -> bool {
-    std::env::var("DS4_CUDA_HC1").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_HC1")
 }
 
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
-    std::env::var("DS4_CUDA_PDL").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_PDL")
 }
 
 /// Whether production-mode prefill runs its weight products as f16 tensor-core GEMMs
 /// (`DS4_CUDA_GEMM=0` keeps the f32 CUDA-core kernels, for comparisons).
 fn use_gemm() -> bool {
-    std::env::var("DS4_CUDA_GEMM").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_GEMM")
 }
 
 /// Whether the production prefill's routed experts use the fused tensor-core kernel
 /// (`pf_mm_<t>`, dequantizing in the kernel); `DS4_CUDA_PF_MM=0` takes the per-expert
 /// f16-dequantize + cuBLAS path instead, for comparisons.
 fn use_pf_mm() -> bool {
-    std::env::var("DS4_CUDA_PF_MM").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_PF_MM")
 }
 
 /// Whether the production prefill's router product runs as a cuBLAS f32 GEMM (default;
 /// `DS4_CUDA_ROUTER_SGEMM=0` keeps the f32 CUDA-core `mm_<t>` kernel, for comparisons).
 fn use_router_sgemm() -> bool {
-    std::env::var("DS4_CUDA_ROUTER_SGEMM").map_or(true, |v| v != "0")
+    super::switch_on("DS4_CUDA_ROUTER_SGEMM")
 }
 
 /// A captured decode step and the key it was captured for.
