@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ds4::model::{EngineOptions, Session};
+use ds4::model::{BackendChoice, EngineOptions, Model, Session};
 use ds4::tokenizer::EncodeMode;
 
 use crate::load::{load_model, prepare_backend, ModelArgs};
@@ -201,10 +201,52 @@ pub fn run(args: ModelBenchArgs) -> Result<()> {
             // The file gets the CSV; the terminal still sees progress.
             eprintln!("{row}");
         }
+        if opts.backend == BackendChoice::Cuda {
+            gpu_line(
+                &model,
+                frontier,
+                args.gen_tokens as f64 / gen_secs.max(1e-9),
+            );
+        }
         csv.flush()?;
         session = Session::restore(model.clone(), opts.clone().with_ctx(ctx), &snapshot)?;
     }
     Ok(())
+}
+
+/// The GPU figures ds4-bench's CSV has no column for, as a `#` line on stderr: weight
+/// bandwidth of decode (bytes of weights one step reads × tokens/s), its fraction of the card's
+/// datasheet peak, and the device memory in use.
+fn gpu_line(model: &Model, frontier: usize, gen_tps: f64) {
+    // The model is already resident (prepare_backend uploaded it), so this is a lookup.
+    let Ok(gm) = model.upload_cuda(&mut |_, _| {}) else {
+        return;
+    };
+    let gbs = gm.bytes_per_token as f64 * gen_tps / 1e9;
+    let peak = gm
+        .backend()
+        .info()
+        .peak_bandwidth_gbs()
+        .map_or(String::new(), |p| {
+            format!(
+                " = {:.0}% of the {p:.0} GB/s datasheet peak",
+                gbs / p * 100.0
+            )
+        });
+    let mem = gm
+        .backend()
+        .mem_info()
+        .map_or(String::new(), |(free, total)| {
+            format!(
+                "; GPU memory in use {:.1} of {:.1} GiB",
+                (total - free) as f64 / 1073741824.0,
+                total as f64 / 1073741824.0
+            )
+        });
+    eprintln!(
+        "# ctx {frontier}: decode reads {:.2} GB of weights per token, {gbs:.0} GB/s{peak}{mem}",
+        gm.bytes_per_token as f64 / 1e9
+    );
 }
 
 #[cfg(test)]
