@@ -1,28 +1,34 @@
-//! CUDA backend (issue 5): runtime probe, kernel build/cache, weight upload and the quantized
-//! matrix kernels, checked against the CPU reference on random data.
+//! CUDA backend (issue 5): the whole model resident on one NVIDIA GPU behind the same
+//! `Session` API as the CPU, checked against the CPU reference.
 //!
 //! Pieces:
-//! * [`probe`]: can CUDA run here, and if not, why (never panics; cudarc itself panics on a
+//! * [`probe`](mod@probe): can CUDA run here, and if not, why (never panics; cudarc itself panics on a
 //!   missing library, so libraries are probed before any other call).
 //! * [`cache`] + [`compile`]: `kernels/*.cu` are embedded with `include_str!`, compiled by
 //!   NVRTC to a cubin for the device's architecture on first use and cached on disk under a
 //!   key hashing source, architecture, NVRTC version and options.
-//! * [`CudaBackend`]: one device, one stream, the kernel module and a cuBLAS handle; weight
-//!   upload ([`CudaBackend::upload_weight`], from mmap slices, with progress) and the launches:
-//!   `matvec`, `moe_matvec` (all selected experts in one launch), `matmul` (prefill on CUDA
-//!   cores, exact f32 activations), `matmul_gemm` (dequantize to f16 + cuBLAS), dequantize.
-//! * [`check`]: self-test and benchmarks used by `ds4 cuda selftest|bench` and the tests.
+//! * [`CudaBackend`] (device.rs): one device, one stream, the kernel module and a cuBLAS
+//!   handle; weight upload from the mmap with progress; the quantized products — f32
+//!   matvec/matmul (exact mode), int8-activation dp4a matvecs and the fused expert gate+up
+//!   (production decode), dequantize + cuBLAS.
+//! * [`session`]: [`GpuModel`] (every weight uploaded once; routed experts as one 256-matrix
+//!   stack per tensor) and [`GpuSession`] (KV rings, compressed rows and compressor state,
+//!   scratch). `queue` issues one chunk's launches in model.md §3 order; a decode step is
+//!   captured once as a CUDA graph and replayed (the kernels read the position from device
+//!   memory). The logits stay on the device: [`GpuSession::narrow`] (kernels/sample.cu) sends
+//!   back the argmax and, for min-p sampling, the candidate tokens only.
+//! * [`prefill`]: production prefill's expert grouping (stable counting sort) and the grouped
+//!   tensor-core expert product that dequantizes weight tiles in shared memory.
+//! * [`attn`]: tiled attention / indexer scores / top-k / windowed compressor, and the
+//!   tensor-core attention of production prefill chunks; exact mode keeps the reference-order
+//!   kernels of forward.cu.
+//! * [`check`] + [`parity`]: `ds4 cuda selftest` (every kernel vs the CPU on random inputs)
+//!   and `ds4 cuda parity` (golden fixtures, synthetic model GPU vs CPU, run-to-run identity,
+//!   snapshots across backends, sampling).
 //!
-//! How the GPU forward pass (a later step) will use this: at load, every tensor of
-//! `model::weights` is uploaded once with `upload_weight` (routed experts as one
-//! `n_experts = 256` stack each, so `moe_matvec` indexes them by id); activations, KV cache
-//! and scratch are `CudaSlice<f32>` buffers allocated once per session; a decode step queues
-//! only launches on the backend's stream (router top-k writes the expert ids on the device, so
-//! `moe_matvec` reads them without a host round trip), which makes the step capturable as a
-//! CUDA graph (the stream is a created stream for that reason); only the sampled token comes
-//! back. Prefill uses `matmul_gemm` for large batches and `matmul` for small ones. The
-//! remaining ops (norms, RoPE, HC Sinkhorn, attention, compressor/indexer, sampling) become
-//! further kernels in `kernels/` with launch functions here, in the same style.
+//! Numerics: exact mode runs f32 kernels in the CPU's order of operations where it matters;
+//! production mode takes int8 activations in decode (codes bit-identical to the CPU's) and
+//! f16 tensor-core operands with f32 sums in prefill (drift stated in the parity rows).
 //!
 //! Environment switches (all on by default; `=0` turns a path off, for comparisons and
 //! bisecting — none is needed in normal use): `DS4_CUDA_GRAPH` (decode graph replay),
