@@ -320,6 +320,22 @@ pub struct GpuModel {
     pub device_bytes: usize,
 }
 
+/// Why weights of `need` bytes cannot go on a GPU with `free` bytes free, if they cannot.
+/// The device holds every tensor as stored in the file (plus sessions' KV and scratch on top),
+/// so a file larger than the free memory can never be uploaded.
+fn wont_fit(need: usize, free: usize, gpu: &str) -> Option<String> {
+    const GIB: f64 = 1073741824.0;
+    (need > free).then(|| {
+        format!(
+            "the model's weights need {:.1} GiB of GPU memory and {gpu} has {:.1} GiB free \
+             (sessions need more on top); use --backend cpu, a smaller quantization, or a \
+             larger GPU",
+            need as f64 / GIB,
+            free as f64 / GIB
+        )
+    })
+}
+
 /// Why a model cannot run on the GPU (checked before anything is uploaded).
 pub fn unsupported(model: &Model) -> Option<String> {
     let c = &model.cfg;
@@ -417,14 +433,19 @@ impl GpuModel {
             )));
         }
         let be = CudaBackend::new(0)?;
-        let k = Kernels::load(&be)?;
-        let (c, w, p) = (&model.cfg, &model.weights, &model.params);
         let total: usize = model
             .file
             .tensors()
             .iter()
             .map(|t| t.n_bytes as usize)
             .sum();
+        // Refuse at once what cannot fit, rather than after minutes of uploading.
+        let (free, _) = be.mem_info()?;
+        if let Some(why) = wont_fit(total, free, &be.info().name) {
+            return Err(CudaError::Unavailable(why));
+        }
+        let k = Kernels::load(&be)?;
+        let (c, w, p) = (&model.cfg, &model.weights, &model.params);
         let mut up = Uploader {
             be: &be,
             model,
@@ -2007,4 +2028,23 @@ fn grow_rows(be: &CudaBackend, cs: &mut CompState, needed: usize) -> Result<()> 
     cs.rows = rows;
     cs.cap = cap;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wont_fit;
+
+    #[test]
+    fn a_model_larger_than_free_memory_is_refused_with_the_sizes() {
+        let gib = 1usize << 30;
+        assert_eq!(wont_fit(80 * gib, 139 * gib, "NVIDIA H200"), None);
+        assert_eq!(wont_fit(78 * gib, 78 * gib, "NVIDIA H100"), None);
+        let why = wont_fit(81 * gib, 78 * gib, "NVIDIA H100 80GB HBM3").expect("refused");
+        assert!(why.contains("81.0 GiB"), "{why}");
+        assert!(
+            why.contains("NVIDIA H100 80GB HBM3 has 78.0 GiB free"),
+            "{why}"
+        );
+        assert!(why.contains("--backend cpu"), "{why}");
+    }
 }
