@@ -821,7 +821,39 @@ struct Projection<'a> {
     skipped: HashSet<usize>,
 }
 
-impl Projection<'_> {
+impl<'a> Projection<'a> {
+    /// A projection of one request's generation: its settings, with nothing streamed yet.
+    fn new(
+        parser: Option<StreamParser>,
+        thinking: bool,
+        send: &'a dyn Fn(Event),
+        call_prefix: &'static str,
+        tools: bool,
+        strip_think_end: bool,
+        offered: &'a [String],
+    ) -> Self {
+        Projection {
+            parser,
+            thinking,
+            send,
+            call_prefix,
+            ids: Vec::new(),
+            reasoning_closed: false,
+            streamed_reasoning: String::new(),
+            streamed_content: String::new(),
+            calls_started: 0,
+            calls_ended: 0,
+            malformed: false,
+            scan_from: 0,
+            tools,
+            verbatim: false,
+            strip_think_end,
+            held: String::new(),
+            offered,
+            skipped: HashSet::new(),
+        }
+    }
+
     fn close_reasoning(&mut self) {
         if self.thinking && !self.reasoning_closed {
             self.reasoning_closed = true;
@@ -1344,26 +1376,15 @@ impl Worker {
         } else {
             ThinkingMode::Chat
         };
-        let mut proj = Projection {
-            parser: p.chat.then(|| StreamParser::new(mode)),
-            thinking: p.chat && p.thinking,
-            send: &send,
-            call_prefix: job.call_id_prefix,
-            ids: Vec::new(),
-            reasoning_closed: false,
-            streamed_reasoning: String::new(),
-            streamed_content: String::new(),
-            calls_started: 0,
-            calls_ended: 0,
-            malformed: false,
-            scan_from: 0,
-            tools: job.tools_active,
-            verbatim: false,
-            strip_think_end: p.chat && !p.thinking,
-            held: String::new(),
-            offered: &p.tool_names,
-            skipped: HashSet::new(),
-        };
+        let mut proj = Projection::new(
+            p.chat.then(|| StreamParser::new(mode)),
+            p.chat && p.thinking,
+            &send,
+            job.call_id_prefix,
+            job.tools_active,
+            p.chat && !p.thinking,
+            &p.tool_names,
+        );
         let mut decoder = self.tok.stream_decoder();
         let eos = self.eos;
         let stops: Vec<&String> = job.stop.iter().filter(|s| !s.is_empty()).collect();
@@ -1612,26 +1633,15 @@ mod tests {
         } else {
             ThinkingMode::Chat
         };
-        let mut proj = Projection {
-            parser: Some(StreamParser::new(mode)),
+        let mut proj = Projection::new(
+            Some(StreamParser::new(mode)),
             thinking,
-            send: &send,
-            call_prefix: "call_",
-            ids: Vec::new(),
-            reasoning_closed: false,
-            streamed_reasoning: String::new(),
-            streamed_content: String::new(),
-            calls_started: 0,
-            calls_ended: 0,
-            malformed: false,
-            scan_from: 0,
-            tools: !tools.is_empty(),
-            verbatim: false,
-            strip_think_end: !thinking,
-            held: String::new(),
-            offered: &offered,
-            skipped: HashSet::new(),
-        };
+            &send,
+            "call_",
+            !tools.is_empty(),
+            !thinking,
+            &offered,
+        );
         for (i, c) in chunks.iter().enumerate() {
             proj.push(c, i + 1 == chunks.len());
         }
