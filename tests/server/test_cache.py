@@ -92,3 +92,43 @@ def test_disk_budget_evicts(make_server, tmp_path):
         chat(s, [{"role": "system", "content": f"{i} " + LONG_SYSTEM * 3}, {"role": "user", "content": "q"}])
     total = sum(p.stat().st_size for p in kv.glob("*.kv"))
     assert total <= 1 << 20
+
+
+def test_trace_file_records_each_request_and_the_cache_decision(make_server, tmp_path):
+    from scripts import ANSWER, CALL, WEATHER_OPENAI
+
+    trace = tmp_path / "trace.log"
+    s = make_server([CALL, ANSWER], args=["--trace", str(trace)], layers=LAYERS)
+    c = s.openai()
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    r1 = c.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER_OPENAI])
+    m = r1.choices[0].message
+    call = m.tool_calls[0]
+    msgs += [
+        {"role": "assistant", "content": m.content or "", "reasoning_content": m.model_extra["reasoning_content"],
+         "tool_calls": [tc.model_dump() for tc in m.tool_calls]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER_OPENAI], stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None
+    s.stop()
+    text = trace.read_text()
+    records = [r for r in text.split("\n\n===== request ") if r]
+    assert len(records) == 2, text
+    first, second = records
+    assert first.startswith("===== request 1 ") and first.rstrip().endswith("===== end request 1 =====")
+    assert second.startswith("2 ") and second.rstrip().endswith("===== end request 2 =====")
+    for r in (first, second):
+        for key in ("kind: chat.completions", "think_mode: high", "tools: 1 [\"get_weather\"]",
+                    "--- cache decision ---", "--- raw request json ---", "--- rendered prompt ---",
+                    "--- generated text ---", "--- parsed message ---"):
+            assert key in r, (key, r)
+    assert "stream: false" in first and "stream_include_usage: true" in second
+    assert "memory_miss_reason: no live session" in first and "cache_source: cold" in first
+    assert "finish: tool_calls" in first and f"tool_call[0]: {call.id} get_weather" in first
+    # The follow-up replays the sampled DSML bytes and reuses the live session.
+    assert "tool_replay: mem=1 disk=0 canonical=0 missing_ids=[]" in second
+    assert "cache_source: memory-token" in second
+    assert '"tool_call_id": "' + call.id in second
+    assert "finish: stop" in second and 'content: "It is sunny in Rome."' in second

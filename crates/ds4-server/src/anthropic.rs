@@ -15,7 +15,8 @@ use crate::engine::{
 };
 use crate::http::{
     arguments_value, check_auth, collect, json_response, prepare, read_json, sse_event,
-    sse_response, submit, thinking_mode, Api, ApiError, App, Fields, GenParams, Projector,
+    sse_response, submit, thinking_mode, trace_head, Api, ApiError, App, Fields, GenParams,
+    Projector,
 };
 use crate::openai::schema_text;
 
@@ -265,6 +266,7 @@ async fn messages_inner(app: App, headers: HeaderMap, body: Body) -> Result<Resp
         stop: f.stop("stop_sequences")?,
         tools_active: parsed.tools_active,
         call_id_prefix: "toolu_",
+        trace: trace_head(&app, "messages", &model, stream, false, &obj),
     };
     let prepared = prepare(&app, parsed.input, API).await?;
     crate::count_request(&app, "messages");

@@ -13,6 +13,7 @@ use ds4::sample::SamplerConfig;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::engine::trace::TraceHead;
 use crate::engine::{Engine, Event, Job, Outcome, Prepared, PromptInput, SubmitError};
 
 pub struct AppState {
@@ -444,6 +445,26 @@ pub struct GenParams {
     pub stop: Vec<String>,
     pub tools_active: bool,
     pub call_id_prefix: &'static str,
+    /// The request for `--trace` (None when tracing is off).
+    pub trace: Option<TraceHead>,
+}
+
+/// The request as `--trace` records it; None (and no copy of the body) when tracing is off.
+pub fn trace_head(
+    app: &App,
+    kind: &'static str,
+    model: &str,
+    stream: bool,
+    include_usage: bool,
+    request: &Map<String, Value>,
+) -> Option<TraceHead> {
+    app.engine.tracing().then(|| TraceHead {
+        kind,
+        model: model.to_string(),
+        stream,
+        include_usage,
+        request: Value::Object(request.clone()),
+    })
 }
 
 /// Context-overflow error in the API's shape (Claude Code parses the Anthropic wording).
@@ -508,6 +529,7 @@ pub fn submit(
         call_id_prefix: params.call_id_prefix,
         events: tx,
         cancel: cancel.clone(),
+        trace: params.trace,
     };
     app.engine.submit(job).map_err(|e| submit_error(e, api))?;
     Ok(Running {

@@ -124,6 +124,12 @@ struct Args {
     /// full depth, 8). Fewer layers run faster (tests).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
     demo_layers: Option<u64>,
+    /// Append a human-readable record of every request to FILE: the request, the KV cache
+    /// decision (what was reused, and why not when nothing was), the rendered prompt, the
+    /// generated text and the parsed message. For debugging agent sessions; it holds prompts
+    /// in clear text.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 pub fn count_request(app: &App, kind: &str) {
@@ -176,6 +182,22 @@ async fn main() {
             }
         }
     };
+    let trace = match &args.trace {
+        None => None,
+        Some(p) => match engine::trace::TraceFile::open(p) {
+            Ok(t) => {
+                eprintln!("ds4-server: tracing every request to {}", p.display());
+                Some(t)
+            }
+            Err(e) => {
+                eprintln!(
+                    "ds4-server: --trace {}: cannot open for appending: {e}",
+                    p.display()
+                );
+                std::process::exit(2);
+            }
+        },
+    };
     if args.threads > 0 {
         // The engine's parallel kernels use the global rayon pool; size it before first use.
         std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
@@ -200,6 +222,7 @@ async fn main() {
         kv_slots: args.kv_slots as usize,
         demo_layers: args.demo_layers.map(|n| n as usize),
         backend: args.backend,
+        trace,
     });
     let app: App = Arc::new(AppState {
         engine: engine.clone(),

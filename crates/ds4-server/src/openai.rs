@@ -9,7 +9,8 @@ use serde_json::{json, Map, Value};
 use crate::engine::{Event, Msg, Outcome, PromptInput, Role, ToolCall, Usage, MODEL_ID};
 use crate::http::{
     arguments_text, check_auth, collect, content_text, json_response, prepare, read_json, sse_data,
-    sse_response, submit, thinking_mode, Api, ApiError, App, Fields, GenParams, Projector,
+    sse_response, submit, thinking_mode, trace_head, Api, ApiError, App, Fields, GenParams,
+    Projector,
 };
 
 const API: Api = Api::OpenAi;
@@ -204,6 +205,14 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
         stop: f.stop("stop")?,
         tools_active,
         call_id_prefix: "call_",
+        trace: trace_head(
+            &app,
+            "chat.completions",
+            &model,
+            stream,
+            include_usage,
+            &obj,
+        ),
     };
     let prepared = prepare(
         &app,
@@ -372,6 +381,7 @@ async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<R
         stop: f.stop("stop")?,
         tools_active: false,
         call_id_prefix: "call_",
+        trace: trace_head(&app, "completions", &model, stream, include_usage, &obj),
     };
     let prepared = prepare(
         &app,

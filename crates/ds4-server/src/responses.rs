@@ -15,7 +15,7 @@ use crate::engine::{
 };
 use crate::http::{
     check_auth, collect, content_text, json_response, prepare, read_json, sse_data, sse_response,
-    submit, thinking_mode, unix_now, Api, ApiError, App, Fields, GenParams, Projector,
+    submit, thinking_mode, trace_head, unix_now, Api, ApiError, App, Fields, GenParams, Projector,
 };
 use crate::openai::schema_text;
 
@@ -499,6 +499,7 @@ async fn inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, Api
         stop: Vec::new(),
         tools_active,
         call_id_prefix: "call_",
+        trace: trace_head(&app, "responses", &model, stream, false, &obj),
     };
     let prepared = prepare(
         &app,

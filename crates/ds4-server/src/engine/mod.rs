@@ -9,6 +9,7 @@
 
 pub mod kvdisk;
 pub mod render;
+pub mod trace;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -26,6 +27,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use kvdisk::{DiskCache, Reason};
+use trace::{Record, TraceFile, TraceHead};
 
 pub const MODEL_ID: &str = "deepseek-v4-flash";
 /// Think Max is applied only with at least this much context (protocol.md §2.1).
@@ -102,10 +104,25 @@ pub struct Prepared {
     pub specials: Vec<Range<usize>>,
     pub tokens: Vec<u32>,
     pub thinking: bool,
+    /// Think Max was rendered (asked for and the context allows it, §2.1).
+    pub think_max: bool,
     /// Chat kind: output is split into reasoning / content / tool calls.
     pub chat: bool,
     /// Names of the tools rendered into the prompt (the only calls the model may make).
     pub tool_names: Vec<String>,
+    /// How the history's tool calls were rendered (exact DSML replay), for `--trace`.
+    pub replay: ToolReplay,
+}
+
+/// Exact DSML replay of a prompt's assistant tool-call turns (protocol.md §2.9): turns
+/// rendered from their sampled bytes (`mem`), call ids whose bytes were loaded from the disk
+/// cache's tool maps for it (`disk`), turns rendered canonically, and the ids found nowhere.
+#[derive(Debug, Clone, Default)]
+pub struct ToolReplay {
+    pub mem: usize,
+    pub disk: usize,
+    pub canonical: usize,
+    pub missing_ids: Vec<String>,
 }
 
 /// A generation request for the worker.
@@ -120,6 +137,8 @@ pub struct Job {
     pub call_id_prefix: &'static str,
     pub events: UnboundedSender<Event>,
     pub cancel: Arc<AtomicBool>,
+    /// Set when `--trace` is on: the request as the HTTP layer saw it.
+    pub trace: Option<TraceHead>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +252,8 @@ pub struct EngineConfig {
     pub demo_layers: Option<usize>,
     /// Compute backend wanted (auto = CUDA when usable, else CPU).
     pub backend: BackendChoice,
+    /// `--trace FILE`: every request recorded there (protocol.md §4.11).
+    pub trace: Option<TraceFile>,
 }
 
 /// What /v1/models and the startup banner say about the model.
@@ -375,6 +396,11 @@ impl Engine {
             .map(|d| d.usage())
     }
 
+    /// Is `--trace` on (the HTTP layer then attaches a [`TraceHead`] to each job)?
+    pub fn tracing(&self) -> bool {
+        self.shared.cfg.trace.is_some()
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutting_down.load(Ordering::SeqCst)
     }
@@ -384,7 +410,8 @@ impl Engine {
     pub fn prepare(&self, input: PromptInput) -> Result<Prepared, SubmitError> {
         let tok = self.shared.tokenizer.get().ok_or(SubmitError::Loading)?;
         let mut tool_names = Vec::new();
-        let (rendered, thinking, chat) = match input {
+        let mut replay = ToolReplay::default();
+        let (rendered, thinking, think_max, chat) = match input {
             PromptInput::Chat {
                 mut messages,
                 tools,
@@ -392,7 +419,7 @@ impl Engine {
                 think_max,
             } => {
                 if self.shared.cfg.exact_dsml_replay {
-                    self.apply_tool_memory(&mut messages);
+                    replay = self.apply_tool_memory(&mut messages);
                 }
                 let think_max = think_max && self.shared.cfg.ctx >= THINK_MAX_MIN_CTX;
                 let r = render::render_chat(&messages, &tools, thinking, think_max)
@@ -402,7 +429,7 @@ impl Engine {
                     .filter_map(|t| t.get("name").and_then(|n| n.as_str()))
                     .map(str::to_string)
                     .collect();
-                (r, thinking, true)
+                (r, thinking, think_max, true)
             }
             PromptInput::Completion {
                 prompt,
@@ -412,7 +439,7 @@ impl Engine {
                 let think_max = think_max && self.shared.cfg.ctx >= THINK_MAX_MIN_CTX;
                 let r = render::render_completion(&prompt, thinking, think_max)
                     .map_err(SubmitError::BadRequest)?;
-                (r, thinking, false)
+                (r, thinking, think_max, false)
             }
         };
         let ds4::chat::RenderedPrompt { text, specials } = rendered;
@@ -422,18 +449,21 @@ impl Engine {
             specials,
             tokens,
             thinking,
+            think_max: thinking && think_max,
             chat,
             tool_names,
+            replay,
         })
     }
 
-    fn apply_tool_memory(&self, messages: &mut [Msg]) {
+    fn apply_tool_memory(&self, messages: &mut [Msg]) -> ToolReplay {
+        let mut replay = ToolReplay::default();
         let ids: HashSet<String> = messages
             .iter()
             .flat_map(|m| m.tool_calls.iter().map(|c| c.id.clone()))
             .collect();
         if ids.is_empty() {
-            return;
+            return replay;
         }
         let mut found: HashMap<String, Arc<str>> = HashMap::new();
         {
@@ -454,6 +484,7 @@ impl Engine {
                 let mut mem = self.shared.tool_memory.lock().unwrap();
                 for (id, dsml) in disk.tool_map_for(&missing) {
                     let b: Arc<str> = dsml.into();
+                    replay.disk += 1;
                     mem.insert(id.clone(), b.clone(), self.shared.cfg.tool_memory_max_ids);
                     found.insert(id, b);
                 }
@@ -471,9 +502,16 @@ impl Engine {
                     .all(|b| b.is_some_and(|b| Arc::ptr_eq(b, first) || b == *first))
                 {
                     m.raw_dsml = Some(first.to_string());
+                    replay.mem += 1;
+                    continue;
                 }
             }
+            replay.canonical += 1;
         }
+        let mut missing: Vec<String> = ids.into_iter().filter(|i| !found.contains_key(i)).collect();
+        missing.sort();
+        replay.missing_ids = missing;
+        replay
     }
 
     /// Is `id` a tool-call id this server produced (live state available)?
@@ -708,6 +746,7 @@ fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
         slots: (0..shared.cfg.kv_slots.max(1)).map(|_| None).collect(),
         disk,
         clock: 0,
+        rec: None,
         shared: shared.clone(),
     };
     while let Ok(msg) = rx.recv() {
@@ -756,6 +795,8 @@ struct Worker {
     slots: Vec<Option<Slot>>,
     disk: Option<Arc<DiskCache>>,
     clock: u64,
+    /// The running request's `--trace` record (None when tracing is off).
+    rec: Option<Record>,
 }
 
 fn random_hex(n_bytes: usize) -> String {
@@ -994,6 +1035,19 @@ impl<'a> Projection<'a> {
     }
 }
 
+/// The sampler a job runs with: in thinking mode the request's sampling is forced to the
+/// defaults, only its seed kept (protocol.md §3.5, §4.4).
+fn effective_sampling(p: &Prepared, asked: SamplerConfig) -> SamplerConfig {
+    if p.thinking {
+        SamplerConfig {
+            seed: asked.seed,
+            ..SamplerConfig::default()
+        }
+    } else {
+        asked
+    }
+}
+
 /// What a generation that does not parse under the official grammar still says (protocol.md
 /// §3.1/§3.3): reasoning up to the first `</think>`, the rest as content, no calls. With
 /// thinking off the whole text is content: a `</think>` there never starts the answer (unlike
@@ -1072,6 +1126,9 @@ impl Worker {
                 best = Some((i, live.len(), Some(bytes.len())));
             }
         }
+        if self.rec.is_some() {
+            self.trace_live(p, best.map(|b| b.0));
+        }
         if let Some((i, n, text_len)) = best {
             let sl = self.slots[i].as_mut().unwrap();
             sl.used = self.clock;
@@ -1112,6 +1169,9 @@ impl Worker {
                             }
                         }
                         disk.touch(&hit, n > c.kv_cold_max_tokens);
+                        if let Some(r) = self.rec.as_mut() {
+                            r.line("disk_tokens", n);
+                        }
                         eprintln!(
                             "ds4-server: kv cache: disk hit {n} tokens ({})",
                             hit.path.display()
@@ -1227,11 +1287,140 @@ impl Worker {
                     path.display(),
                     t0.elapsed().as_millis()
                 );
+                self.note(format!(
+                    "stored {} checkpoint, {n} tokens, {}",
+                    reason.name(),
+                    path.display()
+                ));
             }
-            Err(e) => eprintln!(
-                "ds4-server: kv cache: {} checkpoint skipped: {e}",
-                reason.name()
-            ),
+            Err(e) => {
+                eprintln!(
+                    "ds4-server: kv cache: {} checkpoint skipped: {e}",
+                    reason.name()
+                );
+                self.note(format!("{} checkpoint skipped: {e}", reason.name()));
+            }
+        }
+    }
+
+    /// The trace's view of the live sessions for prompt `p`: the slot that matched (`hit`),
+    /// else the most recently used one — its length, the tokens it shares with the prompt,
+    /// why it was not reused and the tokens around the first difference.
+    fn trace_live(&mut self, p: &Prepared, hit: Option<usize>) {
+        let pick = hit.or_else(|| {
+            (0..self.slots.len())
+                .filter(|&i| self.slots[i].is_some())
+                .max_by_key(|&i| self.slots[i].as_ref().map_or(0, |s| s.used))
+        });
+        let (live_n, common, window) = match pick.and_then(|i| self.slots[i].as_ref()) {
+            Some(sl) => {
+                let live = sl.session.tokens();
+                let common = live
+                    .iter()
+                    .zip(&p.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let window = (common < live.len()).then(|| {
+                    trace::mismatch_window(live, &p.tokens, common, |t| {
+                        String::from_utf8_lossy(&self.tok.decode(&[t])).into_owned()
+                    })
+                });
+                (live.len(), common, window)
+            }
+            None => (0, 0, None),
+        };
+        let reason = match (hit, live_n) {
+            (Some(_), _) => "none (live session reused)",
+            (None, 0) => "no live session",
+            (None, _) if common == live_n => "live session is longer than the prompt",
+            (None, _) => "live session differs from the prompt (tokens and text)",
+        };
+        if let Some(r) = self.rec.as_mut() {
+            r.section("cache decision");
+            r.line("live_tokens_before", live_n);
+            r.line("live_prompt_common", common);
+            r.line("memory_miss_reason", reason);
+            if let Some(w) = window {
+                r.line("first_mismatch", w);
+            }
+        }
+    }
+
+    /// Adds `--- trace: <what> ---` to the running request's record (if tracing).
+    fn note(&mut self, what: String) {
+        if let Some(r) = self.rec.as_mut() {
+            r.event(&what);
+        }
+    }
+
+    /// Reports a failed job to its client (and to the trace).
+    fn fail(&mut self, events: &UnboundedSender<Event>, msg: String) {
+        self.note(format!("failed: {msg}"));
+        let _ = events.send(Event::Failed(msg));
+    }
+
+    /// Runs one job; with `--trace`, records it (protocol.md §4.11) and appends the record.
+    fn run(&mut self, job: Job) {
+        let file = self.cfg().trace.clone();
+        if let (Some(tf), Some(head)) = (file.as_ref(), job.trace.as_ref()) {
+            let mut r = tf.record(head);
+            let p = &job.prepared;
+            r.line(
+                "tools",
+                format_args!("{} {:?}", p.tool_names.len(), p.tool_names),
+            );
+            let think = match (p.thinking, p.think_max) {
+                (false, _) => "off",
+                (true, false) => "high",
+                (true, true) => "max",
+            };
+            r.line("think_mode", think);
+            r.line("prompt_tokens", p.tokens.len());
+            r.line(
+                "max_tokens",
+                job.max_tokens
+                    .map_or_else(|| "default".to_string(), |m| m.to_string()),
+            );
+            let sc = effective_sampling(p, job.sampling);
+            r.line(
+                "sampling",
+                format_args!(
+                    "temperature={} top_k={} top_p={} min_p={}{}",
+                    sc.temperature,
+                    sc.top_k,
+                    sc.top_p,
+                    sc.min_p,
+                    if p.thinking {
+                        " (thinking mode: the request's sampling is not used)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            r.line(
+                "seed",
+                format_args!(
+                    "{}{}",
+                    sc.seed,
+                    if sc.seed == 0 {
+                        " (from the clock)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            r.line(
+                "tool_replay",
+                format_args!(
+                    "mem={} disk={} canonical={} missing_ids={:?}",
+                    p.replay.mem, p.replay.disk, p.replay.canonical, p.replay.missing_ids
+                ),
+            );
+            self.rec = Some(r);
+        }
+        self.serve(job);
+        if let (Some(tf), Some(r)) = (file, self.rec.take()) {
+            tf.write(r);
         }
     }
 
@@ -1239,7 +1428,7 @@ impl Worker {
         &mut self.slots[i].as_mut().expect("live slot").session
     }
 
-    fn run(&mut self, job: Job) {
+    fn serve(&mut self, job: Job) {
         let shared = self.shared.clone();
         let cancelled = || {
             job.cancel.load(Ordering::Relaxed)
@@ -1259,18 +1448,27 @@ impl Worker {
         // ---- prefill (with reuse and checkpoints)
         let (si, eff, cached, source) = match self.sync_plan(p) {
             Ok(x) => x,
-            Err(e) => {
-                send(Event::Failed(format!("engine error: {e}")));
-                return;
-            }
+            Err(e) => return self.fail(&job.events, format!("engine error: {e}")),
         };
         self.hit(source);
+        if let (Some(r), Some(head)) = (self.rec.as_mut(), job.trace.as_ref()) {
+            r.line("effective_prompt_tokens", eff.len());
+            r.line("cached_tokens", cached);
+            r.line("cache_source", source);
+            r.block(
+                "raw request json",
+                &serde_json::to_string_pretty(&head.request).unwrap_or_default(),
+            );
+            r.block("rendered prompt", &p.text);
+        }
         if eff.len() >= ctx {
-            send(Event::Failed(format!(
-                "Prompt has {} tokens, but the configured context size is {ctx} tokens",
-                eff.len()
-            )));
-            return;
+            return self.fail(
+                &job.events,
+                format!(
+                    "Prompt has {} tokens, but the configured context size is {ctx} tokens",
+                    eff.len()
+                ),
+            );
         }
         send(Event::Prompt {
             prompt_tokens: eff.len(),
@@ -1308,14 +1506,14 @@ impl Worker {
             while pos < cut {
                 if cancelled() {
                     eprintln!("ds4-server: prefill cancelled (client gone)");
+                    self.note(format!("prefill cancelled at token {pos} (client gone)"));
                     return;
                 }
                 let n = piece.min(cut - pos);
                 let t0 = Instant::now();
                 if let Err(e) = self.session(si).prefill(&eff[pos..pos + n]) {
                     self.slots[si] = None;
-                    send(Event::Failed(format!("prefill failed: {e}")));
-                    return;
+                    return self.fail(&job.events, format!("prefill failed: {e}"));
                 }
                 if !delay.is_zero() {
                     std::thread::sleep(delay * n as u32 / 8);
@@ -1356,14 +1554,7 @@ impl Worker {
             .map(|m| m as usize)
             .unwrap_or(self.cfg().default_max_tokens)
             .min(ctx.saturating_sub(eff.len()));
-        let mut sampler = Sampler::new(if p.thinking {
-            SamplerConfig {
-                seed: job.sampling.seed,
-                ..SamplerConfig::default()
-            }
-        } else {
-            job.sampling
-        });
+        let mut sampler = Sampler::new(effective_sampling(p, job.sampling));
         let mut script: Option<VecDeque<u32>> = self.cfg().test_output.as_ref().map(|v| {
             let k = self.shared.gen_counter.fetch_add(1, Ordering::SeqCst);
             let s = if v.is_empty() { "" } else { &v[k % v.len()] };
@@ -1601,6 +1792,26 @@ impl Worker {
                 out.finish = Finish::ToolCalls;
             } else if finish == Finish::ToolCalls {
                 out.finish = Finish::Stop;
+            }
+        }
+        if let Some(r) = self.rec.as_mut() {
+            r.block("generated text", &raw);
+            r.section("parsed message");
+            r.line("finish", out.finish.openai());
+            r.line("generated_tokens", generated);
+            let start = raw.find(render::BLOCK_START.trim_start());
+            let end = raw
+                .find(render::BLOCK_END)
+                .map(|i| i + render::BLOCK_END.len());
+            r.line("dsml_start", format_args!("{start:?}"));
+            r.line("dsml_end", format_args!("{end:?}"));
+            r.line("reasoning", format_args!("{:?}", out.reasoning));
+            r.line("content", format_args!("{:?}", out.content));
+            for (i, c) in out.calls.iter().enumerate() {
+                r.line(
+                    &format!("tool_call[{i}]"),
+                    format_args!("{} {} {}", c.id, c.name, c.arguments),
+                );
             }
         }
         send(Event::Done(Box::new(out)));
