@@ -132,3 +132,32 @@ def test_trace_file_records_each_request_and_the_cache_decision(make_server, tmp
     assert "cache_source: memory-token" in second
     assert '"tool_call_id": "' + call.id in second
     assert "finish: stop" in second and 'content: "It is sunny in Rome."' in second
+
+
+def test_thinking_follow_up_keeps_the_hidden_reasoning_kv(make_server):
+    # Thinking mode without tools drops earlier reasoning from the rendered prompt, so the
+    # live session is no prefix of the follow-up: the toolless-thinking binding (protocol.md
+    # §5.3) reuses it anyway, Chat Completions and Messages alike.
+    from scripts import THINK
+
+    s = make_server([THINK, THINK, THINK, THINK], layers=LAYERS)
+    c = s.openai()
+    msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "first question"}]
+    r1 = c.chat.completions.create(model=MODEL, messages=msgs)
+    assert r1.choices[0].message.content == "Hello there, world!"
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content}, {"role": "user", "content": "second"}]
+    r2 = c.chat.completions.create(model=MODEL, messages=msgs)
+    assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
+    assert s.metrics()['ds4_cache_hits_total{kind="thinking-visible"}'] == 1
+    # An edited answer is not what the session holds: no binding hit.
+    msgs += [{"role": "assistant", "content": "edited"}, {"role": "user", "content": "third"}]
+    c.chat.completions.create(model=MODEL, messages=msgs)
+    assert s.metrics()['ds4_cache_hits_total{kind="thinking-visible"}'] == 1
+    a = s.anthropic()
+    am = [{"role": "user", "content": "hello"}]
+    think = {"type": "enabled", "budget_tokens": 1024}
+    m1 = a.messages.create(model=MODEL, max_tokens=256, thinking=think, system=LONG_SYSTEM, messages=am)
+    am += [{"role": "assistant", "content": m1.content[1].text}, {"role": "user", "content": "more"}]
+    m2 = a.messages.create(model=MODEL, max_tokens=256, thinking=think, system=LONG_SYSTEM, messages=am)
+    assert m2.usage.cache_read_input_tokens == m1.usage.input_tokens + m1.usage.output_tokens
+    assert s.metrics()['ds4_cache_hits_total{kind="thinking-visible"}'] == 2

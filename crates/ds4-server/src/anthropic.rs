@@ -267,6 +267,7 @@ async fn messages_inner(app: App, headers: HeaderMap, body: Body) -> Result<Resp
         tools_active: parsed.tools_active,
         call_id_prefix: "toolu_",
         trace: trace_head(&app, "messages", &model, stream, false, &obj),
+        visible_reuse: true,
     };
     let prepared = prepare(&app, parsed.input, API).await?;
     crate::count_request(&app, "messages");

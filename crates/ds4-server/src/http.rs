@@ -447,6 +447,8 @@ pub struct GenParams {
     pub call_id_prefix: &'static str,
     /// The request for `--trace` (None when tracing is off).
     pub trace: Option<TraceHead>,
+    /// May continue a toolless-thinking binding (Chat Completions and Messages, §5.2).
+    pub visible_reuse: bool,
 }
 
 /// The request as `--trace` records it; None (and no copy of the body) when tracing is off.
@@ -530,6 +532,7 @@ pub fn submit(
         events: tx,
         cancel: cancel.clone(),
         trace: params.trace,
+        visible_reuse: params.visible_reuse,
     };
     app.engine.submit(job).map_err(|e| submit_error(e, api))?;
     Ok(Running {

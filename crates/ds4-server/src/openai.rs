@@ -213,6 +213,7 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
             include_usage,
             &obj,
         ),
+        visible_reuse: true,
     };
     let prepared = prepare(
         &app,
@@ -382,6 +383,7 @@ async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<R
         tools_active: false,
         call_id_prefix: "call_",
         trace: trace_head(&app, "completions", &model, stream, include_usage, &obj),
+        visible_reuse: false,
     };
     let prepared = prepare(
         &app,

@@ -500,6 +500,7 @@ async fn inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, Api
         tools_active,
         call_id_prefix: "call_",
         trace: trace_head(&app, "responses", &model, stream, false, &obj),
+        visible_reuse: false,
     };
     let prepared = prepare(
         &app,

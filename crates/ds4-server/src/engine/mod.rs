@@ -139,6 +139,8 @@ pub struct Job {
     pub cancel: Arc<AtomicBool>,
     /// Set when `--trace` is on: the request as the HTTP layer saw it.
     pub trace: Option<TraceHead>,
+    /// Chat and Messages requests may continue a toolless-thinking binding (§5.2 step 6).
+    pub visible_reuse: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -784,6 +786,17 @@ struct Slot {
     last_stored: usize,
     /// Worker clock of the last request served (least recently used is replaced first).
     used: u64,
+    /// Toolless-thinking binding (protocol.md §5.3): after a thinking turn without tools,
+    /// the text the next request renders for this conversation so far — the prompt with
+    /// `</think>` + content in place of the reasoning it drops — valid while the session
+    /// holds exactly `frontier` tokens. It lets that request keep the hidden reasoning's KV
+    /// instead of prefilling the whole conversation again.
+    thinking: Option<Binding>,
+}
+
+struct Binding {
+    visible: String,
+    frontier: usize,
 }
 
 struct Worker {
@@ -1104,6 +1117,7 @@ impl Worker {
     fn sync_plan(
         &mut self,
         p: &Prepared,
+        visible_reuse: bool,
     ) -> Result<(usize, Vec<u32>, usize, &'static str), String> {
         self.clock += 1;
         // The live session holding the longest prefix (token prefix, then text prefix).
@@ -1124,6 +1138,30 @@ impl Worker {
                 && p.text.as_bytes().starts_with(&bytes)
             {
                 best = Some((i, live.len(), Some(bytes.len())));
+            }
+        }
+        // §5.2 step 6: a toolless-thinking binding (chat and messages requests), unless the
+        // live tokens are themselves a prefix of the prompt.
+        if visible_reuse && best.is_none_or(|b| b.2.is_some()) {
+            let bound = self.slots.iter().enumerate().find_map(|(i, slot)| {
+                let sl = slot.as_ref()?;
+                let b = sl.thinking.as_ref()?;
+                (sl.session.pos() == b.frontier
+                    && b.visible.len() < p.text.len()
+                    && p.text.is_char_boundary(b.visible.len())
+                    && p.text.starts_with(b.visible.as_str())
+                    && best.is_none_or(|x| b.frontier > x.1))
+                .then_some((i, b.frontier, b.visible.len()))
+            });
+            if let Some((i, n, at)) = bound {
+                if self.rec.is_some() {
+                    self.trace_live(p, Some(i));
+                }
+                let sl = self.slots[i].as_mut().unwrap();
+                sl.used = self.clock;
+                let mut eff = sl.session.tokens().to_vec();
+                eff.extend(self.encode_suffix(p, at));
+                return Ok((i, eff, n, "thinking-visible"));
             }
         }
         if self.rec.is_some() {
@@ -1180,6 +1218,7 @@ impl Worker {
                             session: s,
                             last_stored: n,
                             used: self.clock,
+                            thinking: None,
                         });
                         return Ok((i, eff, n, "disk-text"));
                     }
@@ -1201,6 +1240,7 @@ impl Worker {
             session: self.new_session()?,
             last_stored: 0,
             used: self.clock,
+            thinking: None,
         });
         Ok((i, p.tokens.clone(), 0, "cold"))
     }
@@ -1446,11 +1486,15 @@ impl Worker {
         let delay = self.cfg().test_delay;
 
         // ---- prefill (with reuse and checkpoints)
-        let (si, eff, cached, source) = match self.sync_plan(p) {
+        let (si, eff, cached, source) = match self.sync_plan(p, job.visible_reuse) {
             Ok(x) => x,
             Err(e) => return self.fail(&job.events, format!("engine error: {e}")),
         };
         self.hit(source);
+        // A binding holds only until the next request on its session (§5.2).
+        if let Some(sl) = self.slots[si].as_mut() {
+            sl.thinking = None;
+        }
         if let (Some(r), Some(head)) = (self.rec.as_mut(), job.trace.as_ref()) {
             r.line("effective_prompt_tokens", eff.len());
             r.line("cached_tokens", cached);
@@ -1584,6 +1628,9 @@ impl Worker {
         let mut fed = 0usize;
         let mut generated = 0usize;
         let mut finish = Finish::Length;
+        // The model ended the turn (not a stop string, which leaves tokens in the KV that
+        // the returned text lacks).
+        let mut ended_by_eos = false;
         let t_decode = Instant::now();
 
         while generated < budget {
@@ -1607,6 +1654,7 @@ impl Worker {
             };
             if token == eos {
                 finish = Finish::Stop;
+                ended_by_eos = true;
                 break;
             }
             if step > 0 && syntax == SyntaxState::Outside {
@@ -1793,6 +1841,25 @@ impl Worker {
             } else if finish == Finish::ToolCalls {
                 out.finish = Finish::Stop;
             }
+        }
+        // §5.3: a thinking turn without tools whose reasoning the next render drops.
+        let visible = p
+            .text
+            .strip_suffix(ds4::chat::THINK_START)
+            .filter(|_| {
+                p.chat
+                    && p.thinking
+                    && p.tool_names.is_empty()
+                    && ended_by_eos
+                    && out.finish == Finish::Stop
+                    && out.reasoning_closed
+                    && out.calls.is_empty()
+                    && raw.ends_with(&format!("{}{}", ds4::chat::THINK_END, out.content))
+            })
+            .map(|prompt| format!("{prompt}{}{}", ds4::chat::THINK_END, out.content));
+        if let (Some(visible), Some(sl)) = (visible, self.slots[si].as_mut()) {
+            let frontier = sl.session.pos();
+            sl.thinking = Some(Binding { visible, frontier });
         }
         if let Some(r) = self.rec.as_mut() {
             r.block("generated text", &raw);
