@@ -161,3 +161,24 @@ def test_thinking_follow_up_keeps_the_hidden_reasoning_kv(make_server):
     m2 = a.messages.create(model=MODEL, max_tokens=256, thinking=think, system=LONG_SYSTEM, messages=am)
     assert m2.usage.cache_read_input_tokens == m1.usage.input_tokens + m1.usage.output_tokens
     assert s.metrics()['ds4_cache_hits_total{kind="thinking-visible"}'] == 2
+
+
+def test_thinking_session_restored_after_restart_by_its_visible_transcript(make_server, tmp_path):
+    # The shutdown checkpoint of a toolless-thinking session is keyed by what the next request
+    # renders (protocol.md §5.6, ext bit 2), so the follow-up after a restart reuses it whole.
+    from scripts import THINK
+
+    kv = tmp_path / "kv"
+    args = KV_ARGS + ["--kv-disk-dir", str(kv)]
+    msgs = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "first question"}]
+    s = make_server([THINK], args=args, layers=LAYERS)
+    r1 = s.openai().chat.completions.create(model=MODEL, messages=msgs)
+    assert s.stop() == 0
+    assert "stored shutdown checkpoint" in s.log_text()
+    flags = sorted(f.read_bytes()[6] for f in kv.glob("*.kv"))
+    assert 4 in flags, flags
+    s2 = make_server(["Again."], args=args, layers=LAYERS)
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content}, {"role": "user", "content": "second"}]
+    r2 = s2.openai().chat.completions.create(model=MODEL, messages=msgs)
+    assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
+    assert s2.metrics()['ds4_cache_hits_total{kind="disk-text"}'] == 1

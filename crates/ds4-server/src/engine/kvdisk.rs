@@ -203,7 +203,10 @@ impl DiskCache {
         })
     }
 
-    /// Writes a checkpoint atomically. `text` is the cache key (decoded checkpoint bytes).
+    /// Writes a checkpoint atomically. `text` is the cache key: the decoded checkpoint bytes,
+    /// or (`thinking_visible`, ext bit 2) the visible transcript of a toolless-thinking
+    /// session — what the next request renders, without the reasoning the KV holds.
+    #[allow(clippy::too_many_arguments)]
     pub fn store(
         &self,
         text: &[u8],
@@ -212,6 +215,7 @@ impl DiskCache {
         reason: Reason,
         payload: &[u8],
         tool_map: &[(String, String)],
+        thinking_visible: bool,
     ) -> Result<PathBuf, String> {
         let name = sha1_hex(text);
         let path = self.dir.join(format!("{name}.kv"));
@@ -251,7 +255,7 @@ impl DiskCache {
         h.push(VERSION);
         h.push(self.quant_bits);
         h.push(reason as u8);
-        h.push(if tool_map.is_empty() { 0 } else { 1 });
+        h.push(u8::from(!tool_map.is_empty()) | (u8::from(thinking_visible) << 2));
         h.push(0);
         h.extend_from_slice(&tokens.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes()); // hits
@@ -483,7 +487,7 @@ mod tests {
         let dsml = "\n\n<tool_calls>x</tool_calls>";
         let mut t2 = text.to_vec();
         t2.extend_from_slice(dsml.as_bytes());
-        c.store(text, 5, 100, Reason::Cold, b"PAYLOAD", &[])
+        c.store(text, 5, 100, Reason::Cold, b"PAYLOAD", &[], false)
             .unwrap();
         let p2 = c
             .store(
@@ -493,6 +497,7 @@ mod tests {
                 Reason::Evict,
                 b"PAYLOAD2",
                 &[("call_1".into(), dsml.into())],
+                false,
             )
             .unwrap();
         let mut prompt = t2.clone();

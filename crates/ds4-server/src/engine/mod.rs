@@ -1298,7 +1298,16 @@ impl Worker {
             // Already on disk at this exact length.
             return;
         }
-        let text = self.tok.decode(sl.session.tokens());
+        // A session at its toolless-thinking frontier is keyed by the visible transcript
+        // (§5.6, evict and shutdown), so after a restart the follow-up finds it by text
+        // prefix as it would the live binding.
+        let visible = sl
+            .thinking
+            .as_ref()
+            .filter(|b| b.frontier == n && matches!(reason, Reason::Evict | Reason::Shutdown))
+            .map(|b| b.visible.clone().into_bytes());
+        let thinking_visible = visible.is_some();
+        let text = visible.unwrap_or_else(|| self.tok.decode(sl.session.tokens()));
         let tool_map: Vec<(String, String)> = {
             let mem = self.shared.tool_memory.lock().unwrap();
             mem.map
@@ -1314,6 +1323,7 @@ impl Worker {
             reason,
             &sl.session.snapshot(),
             &tool_map,
+            thinking_visible,
         ) {
             Ok(path) => {
                 sl.last_stored = n;
