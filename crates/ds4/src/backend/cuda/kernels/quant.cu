@@ -1039,6 +1039,16 @@ struct LaneIQ2 {
         w.q = p[1];
         w.off = (u32)(size_t)g & 7u;
     }
+    // Same for a row that starts 8-byte aligned (the staged copies in shared memory): the
+    // alignment is taken on the offset, so the loads stay shared-memory loads.
+    static __device__ __forceinline__ void load_w_al(W& w, const u8* row, int b, int sub) {
+        const int o = 66 * b + 2 + 8 * sub;
+        w.d = ld16(row + 66 * b);
+        const uint2* p = (const uint2*)(row + (o & ~7));
+        w.p = p[0];
+        w.q = p[1];
+        w.off = (u32)o & 7u;
+    }
     static __device__ __forceinline__ void prep(X&) {}
     static __device__ __forceinline__ float dot(const W& w, const X& x, int, const u32* tab, float acc) {
         const bool hi = (w.off & 4u) != 0;
@@ -1089,6 +1099,7 @@ struct LaneQ2K {
         w.s1 = p[2 * n + 1];
         w.dd = p[20];
     }
+    static __device__ __forceinline__ void load_w_al(W& w, const u8* row, int b, int sub) { load_w(w, row, b, sub); }
     static __device__ __forceinline__ void prep(X& x) {
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -1118,7 +1129,7 @@ struct LaneQ2K {
 };
 
 // acc[r] += rows[r] · x for the lane's share of every block (nb blocks of 256 columns).
-template <class U, int NR, int UNR>
+template <class U, int NR, int UNR, bool AL = false>
 __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const signed char* xq,
                                           const float* xd, const u32* tab, float* acc) {
     constexpr int BPS = 32 / U::LPB;  // blocks per step
@@ -1135,7 +1146,10 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
             if (on[k]) {
                 U::load_x(x[k], xq, xd, b, sub);
 #pragma unroll
-                for (int r = 0; r < NR; r++) U::load_w(w[k][r], rows[r], b, sub);
+                for (int r = 0; r < NR; r++) {
+                    if (AL) U::load_w_al(w[k][r], rows[r], b, sub);
+                    else U::load_w(w[k][r], rows[r], b, sub);
+                }
             }
         }
 #pragma unroll
@@ -1242,3 +1256,139 @@ DS4_MVLGLU(mvlglu_iq2_xxs_r1u4, LaneIQ2, 1, 1, 4)
 DS4_MVLGLU(mvlglu_iq2_xxs_r2u2, LaneIQ2, 1, 2, 2)
 DS4_MVLGLU(mvlglu_iq2_xxs_r1u1, LaneIQ2, 1, 1, 1)
 DS4_MVLGLU(mvlglu_q2_k_r1u1, LaneQ2K, 0, 1, 1)
+
+// ---------------------------------------------------------------------------------------------
+// Staged lane-owned products (`mvs_<t>`, `mvsglu_<t>`): the same decode as mvl_/mvlglu_, but
+// the weight rows reach shared memory through cp.async (16-byte copies, L1 bypassed) instead
+// of registers. The register kernels keep at most ~2 KB of weights in flight per warp (the
+// loads' destination registers, the unaligned IQ2_XXS groups need 16 loaded bytes per 8, and
+// the activations take registers too): about 1.1–1.6 TB/s however the loads are unrolled.
+// Here each warp owns a ring of S items (an item = the RO rows of one row group, or the gate
+// and up rows of RO outputs; copied whole, so rows must be a multiple of 16 bytes) in
+// dynamic shared memory and keeps S-1 items in flight while it decodes one. Warps take items
+// first, first + stride, ... of their slot (blockIdx.y): the grid is sized by the host. Same
+// per-lane sums as the register kernels, so the same results.
+// ---------------------------------------------------------------------------------------------
+
+extern __shared__ __align__(16) u8 dx_stage_[];
+
+__device__ __forceinline__ void st_cp16(u8* dst, const u8* src) {
+    const u32 a = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
+}
+__device__ __forceinline__ void st_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void st_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// `bytes` (a multiple of 16) from src to dst, lanes taking consecutive 16-byte pieces.
+__device__ __forceinline__ void st_copy(u8* dst, const u8* src, int bytes, int lane) {
+    for (int i = 16 * lane; i < bytes; i += 512) st_cp16(dst + i, src + i);
+}
+
+// Issue the copies of the warp's k-th item (if it exists) into ring slot k % S and commit a
+// group either way, so that group k is item k.
+template <int RO, int S, bool GLU>
+__device__ __forceinline__ void st_issue(u8* ring, int ib, int rb, const u8* wa, const u8* wb,
+                                         int first, int stride, int k, int n_rows, int lane) {
+    const int it = first + k * stride;
+    if (it * RO < n_rows) {
+        const int nr = min(RO, n_rows - it * RO);
+        u8* dst = ring + (k % S) * ib;
+        st_copy(dst, wa + (i64)it * RO * rb, nr * rb, lane);
+        if (GLU) st_copy(dst + RO * rb, wb + (i64)it * RO * rb, nr * rb, lane);
+    }
+    st_commit();
+}
+
+template <class U, int RO, int S, bool GLU>
+__device__ __forceinline__ void staged(const u8* wa, const u8* wb, int n_rows, int n_cols,
+                                       const signed char* xq, const float* xd, const u32* tab,
+                                       const float* wts, float clampc, float* out) {
+    constexpr int NR = GLU ? 2 * RO : RO;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nb = n_cols >> 8, rb = nb * U::BLOCK_BYTES, ib = NR * rb;
+    u8* ring = dx_stage_ + (i64)warp * S * ib;
+    const int first = blockIdx.x * WARPS_PER_BLOCK + warp, stride = gridDim.x * WARPS_PER_BLOCK;
+#pragma unroll
+    for (int k = 0; k < S - 1; k++) st_issue<RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k, n_rows, lane);
+    for (int k = 0;; k++) {
+        const int o = (first + k * stride) * RO;
+        if (o >= n_rows) break;
+        // Slot (k+S-1) % S was decoded in step k-1 (all lanes passed its closing __syncwarp).
+        st_issue<RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k + S - 1, n_rows, lane);
+        st_wait<S - 1>();  // groups 0..k complete: item k is in shared memory
+        __syncwarp();      // ... for every lane's copies
+        const u8* item = ring + (k % S) * ib;
+        const u8* rows[NR];
+        float acc[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            // rows past n_rows (last item) re-read row 0 of the item; their sums are dropped
+            const int rr = r % RO;
+            rows[r] = item + ((r >= RO ? RO : 0) + (o + rr < n_rows ? rr : 0)) * rb;
+            acc[r] = 0.0f;
+        }
+        lane_rows<U, NR, 1, true>(rows, nb, xq, xd, tab, acc);
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[r] = warp_sum(acc[r]);
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < RO; r++) {
+                if (o + r >= n_rows) continue;
+                if (GLU) {
+                    float gv = fminf(acc[r], clampc);
+                    float sil = gv * (1.0f / (1.0f + expf(-gv)));
+                    float uv = fminf(fmaxf(acc[RO + r], -clampc), clampc);
+                    float v = sil * uv;
+                    if (wts) v = v * wts[blockIdx.y];
+                    out[(i64)blockIdx.y * n_rows + o + r] = v;
+                } else {
+                    out[(i64)blockIdx.y * n_rows + o + r] = acc[r];
+                }
+            }
+        }
+        __syncwarp();  // the slot is free for the copies issued next step
+    }
+    st_wait<0>();
+}
+
+// Dynamic shared memory: WARPS_PER_BLOCK · S · (rows per item) · row bytes.
+#define DS4_MVS(NAME, U, TABLES, RO, S)                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
+             int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
+             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y) {                \
+        pdl_enter();                                                                             \
+        DS4_LANE_TABLE(TABLES)                                                                   \
+        const int slot = blockIdx.y;                                                             \
+        const u8* base = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                          \
+        const i64 xo = (i64)slot * x_stride;                                                     \
+        staged<U, RO, S, false>(base, base, n_rows, n_cols, xq + xo, xd + (xo >> 8), tab_,       \
+                                nullptr, 0.0f, y);                                               \
+    }
+
+#define DS4_MVSGLU(NAME, U, TABLES, RO, S)                                                       \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
+             const int* __restrict__ ids, int n_rows, int n_cols,                                \
+             const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,     \
+             const float* __restrict__ wts, float clampc, float* __restrict__ h) {               \
+        pdl_enter();                                                                             \
+        DS4_LANE_TABLE(TABLES)                                                                   \
+        const i64 eo = (ids ? (i64)ids[blockIdx.y] : 0) * expert_bytes;                          \
+        const i64 xo = (i64)blockIdx.y * x_stride;                                               \
+        staged<U, RO, S, true>(wg + eo, wu + eo, n_rows, n_cols, xq + xo, xd + (xo >> 8), tab_,  \
+                               wts, clampc, h);                                                  \
+    }
+
+DS4_MVS(mvs_iq2_xxs_r2s2, LaneIQ2, 1, 2, 2)
+DS4_MVS(mvs_q2_k_r2s2, LaneQ2K, 0, 2, 2)
+DS4_MVS(mvs_q2_k_r2s4, LaneQ2K, 0, 2, 4)
+DS4_MVS(mvs_q2_k_r4s2, LaneQ2K, 0, 4, 2)
+DS4_MVS(mvs_q2_k_r1s4, LaneQ2K, 0, 1, 4)
+DS4_MVSGLU(mvsglu_iq2_xxs_r1s2, LaneIQ2, 1, 1, 2)
+DS4_MVSGLU(mvsglu_iq2_xxs_r1s3, LaneIQ2, 1, 1, 3)
+DS4_MVSGLU(mvsglu_iq2_xxs_r1s4, LaneIQ2, 1, 1, 4)
+DS4_MVSGLU(mvsglu_iq2_xxs_r2s2, LaneIQ2, 1, 2, 2)
+DS4_MVSGLU(mvsglu_q2_k_r1s2, LaneQ2K, 0, 1, 2)
