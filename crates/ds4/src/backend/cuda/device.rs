@@ -118,6 +118,20 @@ struct TypeKernels {
     mvsglu: Option<(CudaFunction, usize, usize)>,
 }
 
+/// Bytes per 256 columns of a row staged in shared memory (quant.cu `St*::SBLOCK`): the
+/// GGUF blocks, or for repacked Q8_0 the 256 codes + 8 scales.
+fn stage_block(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q8_0 => 272,
+        t => t.block_bytes() * 256 / t.block_elems(),
+    }
+}
+
+/// Whether Q8_0 int8 products take the staged kernel (`DS4_CUDA_STAGE_Q8=1`; off by default).
+fn stage_q8() -> bool {
+    std::env::var("DS4_CUDA_STAGE_Q8").is_ok_and(|v| v == "1")
+}
+
 /// Dynamic shared memory the staged kernels may use (per block).
 const STAGE_SMEM_MAX: usize = 160 * 1024;
 
@@ -145,6 +159,8 @@ fn stage_variant(form: &str, s: &str) -> Option<(String, usize, usize)> {
         ("mvs", "q2_k") => "r2s4",
         ("mvsglu", "iq2_xxs") => "r1s4",
         ("mvsglu", "q2_k") => "r1s2",
+        ("mvs", "q8_0") => "r2s2",
+        ("mvsglu", "q8_0") => "r1s2",
         _ => return None,
     };
     let key = format!("{form}_{s}=");
@@ -1007,9 +1023,13 @@ impl CudaBackend {
             .mv8
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", w.ty)))?;
-        let rb = w.n_cols / w.ty.block_elems() * w.ty.block_bytes();
+        let rb = w.n_cols / 256 * stage_block(w.ty);
         let staged = k.mvs.as_ref().filter(|(_, ro, st)| {
-            use_stage() && rb % 16 == 0 && 8 * st * ro * rb <= STAGE_SMEM_MAX
+            use_stage()
+                && (w.ty != GgmlType::Q8_0 || stage_q8())
+                && w.n_cols % 256 == 0
+                && rb % 16 == 0
+                && 8 * st * ro * rb <= STAGE_SMEM_MAX
         });
         let lane = match (staged, k.mvl.as_ref()) {
             (Some((fs, ro, st)), _) => Some((
@@ -1149,9 +1169,13 @@ impl CudaBackend {
             .mv8glu
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
-        let rb = wg.n_cols / wg.ty.block_elems() * wg.ty.block_bytes();
+        let rb = wg.n_cols / 256 * stage_block(wg.ty);
         let staged = k.mvsglu.as_ref().filter(|(_, ro, st)| {
-            use_stage() && rb % 16 == 0 && 8 * st * 2 * ro * rb <= STAGE_SMEM_MAX
+            use_stage()
+                && (wg.ty != GgmlType::Q8_0 || stage_q8())
+                && wg.n_cols % 256 == 0
+                && rb % 16 == 0
+                && 8 * st * 2 * ro * rb <= STAGE_SMEM_MAX
         });
         let lane = match (staged, k.mvlglu.as_ref()) {
             (Some((fs, ro, st)), _) => Some((

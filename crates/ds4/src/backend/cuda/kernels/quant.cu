@@ -1013,6 +1013,7 @@ __device__ __forceinline__ u32 iq2_sign_nibbles(u32 s7) {
 struct LaneIQ2 {
     static constexpr int LPB = 8;  // lanes per block
     static constexpr int BLOCK_BYTES = 66;
+    static constexpr int DSH = 8;  // activation scale per 256 (Q8_K)
     struct X {
         uint4 a, b;  // the group's 32 activation codes
         float d;
@@ -1072,6 +1073,7 @@ struct LaneIQ2 {
 struct LaneQ2K {
     static constexpr int LPB = 4;
     static constexpr int BLOCK_BYTES = 84;
+    static constexpr int DSH = 8;
     // Quarter sub = 2n + h: code bytes 16 + 32n + 16h .. +15 (elements 128n + 32j + 16h + i,
     // i < 16, in bits 2j), scale bytes 8n + 2j + h for j = 0..3.
     struct X {
@@ -1286,17 +1288,26 @@ __device__ __forceinline__ void st_copy(u8* dst, const u8* src, int bytes, int l
     for (int i = 16 * lane; i < bytes; i += 512) st_cp16(dst + i, src + i);
 }
 
+// Rows row0 .. row0+nr-1 of a GGUF-layout matrix (IQ2_XXS, Q2_K: rows of rb bytes, back to
+// back) into dst.
+struct StageGguf {
+    static __device__ __forceinline__ void stage(u8* dst, const u8* w, int row0, int nr, int rb, int, int,
+                                                 int lane) {
+        st_copy(dst, w + (i64)row0 * rb, nr * rb, lane);
+    }
+};
+
 // Issue the copies of the warp's k-th item (if it exists) into ring slot k % S and commit a
 // group either way, so that group k is item k.
-template <int RO, int S, bool GLU>
+template <class U, int RO, int S, bool GLU>
 __device__ __forceinline__ void st_issue(u8* ring, int ib, int rb, const u8* wa, const u8* wb,
-                                         int first, int stride, int k, int n_rows, int lane) {
+                                         int first, int stride, int k, int n_rows, int n_cols, int lane) {
     const int it = first + k * stride;
     if (it * RO < n_rows) {
         const int nr = min(RO, n_rows - it * RO);
         u8* dst = ring + (k % S) * ib;
-        st_copy(dst, wa + (i64)it * RO * rb, nr * rb, lane);
-        if (GLU) st_copy(dst + RO * rb, wb + (i64)it * RO * rb, nr * rb, lane);
+        U::stage(dst, wa, it * RO, nr, rb, n_rows, n_cols, lane);
+        if (GLU) U::stage(dst + RO * rb, wb, it * RO, nr, rb, n_rows, n_cols, lane);
     }
     st_commit();
 }
@@ -1307,16 +1318,17 @@ __device__ __forceinline__ void staged(const u8* wa, const u8* wb, int n_rows, i
                                        const float* wts, float clampc, float* out) {
     constexpr int NR = GLU ? 2 * RO : RO;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int nb = n_cols >> 8, rb = nb * U::BLOCK_BYTES, ib = NR * rb;
+    const int nb = n_cols >> 8, rb = nb * U::SBLOCK, ib = NR * rb;
     u8* ring = dx_stage_ + (i64)warp * S * ib;
     const int first = blockIdx.x * WARPS_PER_BLOCK + warp, stride = gridDim.x * WARPS_PER_BLOCK;
 #pragma unroll
-    for (int k = 0; k < S - 1; k++) st_issue<RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k, n_rows, lane);
+    for (int k = 0; k < S - 1; k++)
+        st_issue<U, RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k, n_rows, n_cols, lane);
     for (int k = 0;; k++) {
         const int o = (first + k * stride) * RO;
         if (o >= n_rows) break;
         // Slot (k+S-1) % S was decoded in step k-1 (all lanes passed its closing __syncwarp).
-        st_issue<RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k + S - 1, n_rows, lane);
+        st_issue<U, RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k + S - 1, n_rows, n_cols, lane);
         st_wait<S - 1>();  // groups 0..k complete: item k is in shared memory
         __syncwarp();      // ... for every lane's copies
         const u8* item = ring + (k % S) * ib;
@@ -1353,6 +1365,64 @@ __device__ __forceinline__ void staged(const u8* wa, const u8* wb, int n_rows, i
     st_wait<0>();
 }
 
+struct StIQ2 : LaneIQ2, StageGguf {
+    static constexpr int SBLOCK = 66;  // staged bytes per block of 256 columns
+};
+struct StQ2K : LaneQ2K, StageGguf {
+    static constexpr int SBLOCK = 84;
+};
+
+// Q8_0 (repacked planes, see repack_q8_0 in device.rs) staged as 272-byte blocks per 256
+// columns: the 256 codes, then the 8 f16 scales (16 bytes). Lane l owns 16 codes (half a
+// 32-element scale group) of block l/16 of the step's 2 blocks: one 16-byte shared load, the
+// scale, 4 dp4a; the same per-32 expression as I8Q8_0 (fmaf(d_w·d_x, Σq·q, acc)) with the two
+// halves of a scale group added separately.
+struct StQ80 {
+    static constexpr int LPB = 16;
+    static constexpr int SBLOCK = 272;
+    static constexpr int DSH = 5;
+    struct X {
+        uint4 q;
+        float d;
+    };
+    struct W {
+        uint4 q;
+        u16 d;
+    };
+    static __device__ __forceinline__ void stage(u8* dst, const u8* w, int row0, int nr, int, int n_rows, int n_cols,
+                                                 int lane) {
+        const int nb = n_cols >> 8, per_row = 17 * nb;
+        const u8* sc = w + (i64)n_rows * n_cols;
+        for (int r = 0; r < nr; r++) {
+            const i64 row = row0 + r;
+            for (int j = lane; j < per_row; j += 32) {
+                const int b = j / 17, c = j - 17 * b;
+                const u8* src = c < 16 ? w + row * n_cols + 256 * b + 16 * c : sc + (row * nb + b) * 16;
+                st_cp16(dst + (r * nb + b) * 272 + 16 * c, src);
+            }
+        }
+    }
+    static __device__ __forceinline__ void load_x(X& x, const signed char* xq, const float* xd, int b, int sub) {
+        const int e0 = (b << 8) + 16 * sub;
+        x.q = *(const uint4*)(xq + e0);
+        x.d = xd[e0 >> 5];
+    }
+    static __device__ __forceinline__ void load_w_al(W& w, const u8* row, int b, int sub) {
+        const u8* blk = row + 272 * b;
+        w.q = *(const uint4*)(blk + 16 * sub);
+        w.d = ld16(blk + 256 + 2 * (sub >> 1));
+    }
+    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub) { load_w_al(w, row, b, sub); }
+    static __device__ __forceinline__ void prep(X&) {}
+    static __device__ __forceinline__ float dot(const W& w, const X& x, int, const u32*, float acc) {
+        int s = __dp4a((int)w.q.x, (int)x.q.x, 0);
+        s = __dp4a((int)w.q.y, (int)x.q.y, s);
+        s = __dp4a((int)w.q.z, (int)x.q.z, s);
+        s = __dp4a((int)w.q.w, (int)x.q.w, s);
+        return fmaf(h2f(w.d) * x.d, (float)s, acc);
+    }
+};
+
 // Dynamic shared memory: WARPS_PER_BLOCK · S · (rows per item) · row bytes.
 #define DS4_MVS(NAME, U, TABLES, RO, S)                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                            \
@@ -1364,7 +1434,7 @@ __device__ __forceinline__ void staged(const u8* wa, const u8* wb, int n_rows, i
         const int slot = blockIdx.y;                                                             \
         const u8* base = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                          \
         const i64 xo = (i64)slot * x_stride;                                                     \
-        staged<U, RO, S, false>(base, base, n_rows, n_cols, xq + xo, xd + (xo >> 8), tab_,       \
+        staged<U, RO, S, false>(base, base, n_rows, n_cols, xq + xo, xd + (xo >> U::DSH), tab_,  \
                                 nullptr, 0.0f, y);                                               \
     }
 
@@ -1378,17 +1448,22 @@ __device__ __forceinline__ void staged(const u8* wa, const u8* wb, int n_rows, i
         DS4_LANE_TABLE(TABLES)                                                                   \
         const i64 eo = (ids ? (i64)ids[blockIdx.y] : 0) * expert_bytes;                          \
         const i64 xo = (i64)blockIdx.y * x_stride;                                               \
-        staged<U, RO, S, true>(wg + eo, wu + eo, n_rows, n_cols, xq + xo, xd + (xo >> 8), tab_,  \
+        staged<U, RO, S, true>(wg + eo, wu + eo, n_rows, n_cols, xq + xo, xd + (xo >> U::DSH), \
+                               tab_,                                                             \
                                wts, clampc, h);                                                  \
     }
 
-DS4_MVS(mvs_iq2_xxs_r2s2, LaneIQ2, 1, 2, 2)
-DS4_MVS(mvs_q2_k_r2s2, LaneQ2K, 0, 2, 2)
-DS4_MVS(mvs_q2_k_r2s4, LaneQ2K, 0, 2, 4)
-DS4_MVS(mvs_q2_k_r4s2, LaneQ2K, 0, 4, 2)
-DS4_MVS(mvs_q2_k_r1s4, LaneQ2K, 0, 1, 4)
-DS4_MVSGLU(mvsglu_iq2_xxs_r1s2, LaneIQ2, 1, 1, 2)
-DS4_MVSGLU(mvsglu_iq2_xxs_r1s3, LaneIQ2, 1, 1, 3)
-DS4_MVSGLU(mvsglu_iq2_xxs_r1s4, LaneIQ2, 1, 1, 4)
-DS4_MVSGLU(mvsglu_iq2_xxs_r2s2, LaneIQ2, 1, 2, 2)
-DS4_MVSGLU(mvsglu_q2_k_r1s2, LaneQ2K, 0, 1, 2)
+DS4_MVS(mvs_iq2_xxs_r2s2, StIQ2, 1, 2, 2)
+DS4_MVS(mvs_q2_k_r2s2, StQ2K, 0, 2, 2)
+DS4_MVS(mvs_q2_k_r2s4, StQ2K, 0, 2, 4)
+DS4_MVS(mvs_q2_k_r4s2, StQ2K, 0, 4, 2)
+DS4_MVS(mvs_q2_k_r1s4, StQ2K, 0, 1, 4)
+DS4_MVS(mvs_q8_0_r2s2, StQ80, 0, 2, 2)
+DS4_MVS(mvs_q8_0_r1s3, StQ80, 0, 1, 3)
+DS4_MVS(mvs_q8_0_r2s4, StQ80, 0, 2, 4)
+DS4_MVSGLU(mvsglu_iq2_xxs_r1s2, StIQ2, 1, 1, 2)
+DS4_MVSGLU(mvsglu_iq2_xxs_r1s3, StIQ2, 1, 1, 3)
+DS4_MVSGLU(mvsglu_iq2_xxs_r1s4, StIQ2, 1, 1, 4)
+DS4_MVSGLU(mvsglu_iq2_xxs_r2s2, StIQ2, 1, 2, 2)
+DS4_MVSGLU(mvsglu_q2_k_r1s2, StQ2K, 0, 1, 2)
+DS4_MVSGLU(mvsglu_q8_0_r1s2, StQ80, 0, 1, 2)
