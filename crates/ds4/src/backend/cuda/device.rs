@@ -112,71 +112,6 @@ struct TypeKernels {
     mvl: Option<(CudaFunction, usize)>,
     /// Same for the fused gate+up+SwiGLU, `mvlglu_<t>_r<RO>u<UNR>` (outputs per warp).
     mvlglu: Option<(CudaFunction, usize)>,
-    /// Staged (cp.async) forms `mvs_<t>_r<RO>s<S>` / `mvsglu_<t>_r<RO>s<S>`: kernel, rows
-    /// (outputs) per item RO, ring depth S.
-    mvs: Option<(CudaFunction, usize, usize)>,
-    mvsglu: Option<(CudaFunction, usize, usize)>,
-}
-
-/// Bytes per 256 columns of a row staged in shared memory (quant.cu `St*::SBLOCK`): the
-/// GGUF blocks, or for repacked Q8_0 the 256 codes + 8 scales.
-fn stage_block(ty: GgmlType) -> usize {
-    match ty {
-        GgmlType::Q8_0 => 272,
-        t => t.block_bytes() * 256 / t.block_elems(),
-    }
-}
-
-/// Whether Q8_0 int8 products take the staged kernel (`DS4_CUDA_STAGE_Q8=1`; off by default).
-fn stage_q8() -> bool {
-    std::env::var("DS4_CUDA_STAGE_Q8").is_ok_and(|v| v == "1")
-}
-
-/// Dynamic shared memory the staged kernels may use (per block).
-const STAGE_SMEM_MAX: usize = 160 * 1024;
-
-/// Whether the lane-owned kernels stage weights through shared memory (`DS4_CUDA_STAGE=0`
-/// keeps the register-load `mvl_<t>` / `mvlglu_<t>`, for comparisons).
-fn use_stage() -> bool {
-    super::switch_on("DS4_CUDA_STAGE")
-}
-
-/// Items (row groups) per warp of the staged kernels: the grid is sized so that each warp
-/// takes about this many (`DS4_CUDA_STAGE_IPW`, for measuring).
-fn stage_ipw() -> usize {
-    std::env::var("DS4_CUDA_STAGE_IPW")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&v: &usize| v > 0)
-        .unwrap_or(2)
-}
-
-/// Staged kernel of `form` (`mvs` or `mvsglu`) for type suffix `s`, as [`lane_variant`]:
-/// name, rows (outputs) per item, ring depth.
-fn stage_variant(form: &str, s: &str) -> Option<(String, usize, usize)> {
-    let default = match (form, s) {
-        ("mvs", "iq2_xxs") => "r2s2",
-        ("mvs", "q2_k") => "r2s4",
-        ("mvsglu", "iq2_xxs") => "r1s4",
-        ("mvsglu", "q2_k") => "r1s2",
-        ("mvs", "q8_0") => "r2s2",
-        ("mvsglu", "q8_0") => "r1s2",
-        _ => return None,
-    };
-    let key = format!("{form}_{s}=");
-    let v = std::env::var("DS4_CUDA_LANE_VARIANTS")
-        .ok()
-        .and_then(|l| {
-            l.split(',')
-                .find_map(|e| e.strip_prefix(&key).map(str::to_string))
-        })
-        .unwrap_or_else(|| default.to_string());
-    let (ro, st) = v.strip_prefix('r')?.split_once('s')?;
-    Some((
-        format!("{form}_{s}_{v}"),
-        ro.parse().ok()?,
-        st.parse().ok()?,
-    ))
 }
 
 /// Whether IQ2_XXS / Q2_K int8 products use the lane-owned kernels (`DS4_CUDA_LANE=0` keeps
@@ -185,27 +120,14 @@ fn use_lane() -> bool {
     super::switch_on("DS4_CUDA_LANE")
 }
 
-/// A staged kernel, allowed [`STAGE_SMEM_MAX`] bytes of dynamic shared memory.
-fn stage_fn(
-    module: &std::sync::Arc<cudarc::driver::CudaModule>,
-    name: &str,
-) -> Result<CudaFunction> {
-    let f = module.load_function(name)?;
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        STAGE_SMEM_MAX as i32,
-    )?;
-    Ok(f)
-}
-
 /// Lane-owned kernel of `form` (`mvl` or `mvlglu`) for type suffix `s`: the variant named in
 /// `DS4_CUDA_LANE_VARIANTS` (`form_s=rXuY,...`, for measuring variants) or the default, and
 /// its rows (outputs) per warp.
 fn lane_variant(form: &str, s: &str) -> Option<(String, usize)> {
     let default = match (form, s) {
-        ("mvl", "iq2_xxs") => "r2u2",
-        ("mvl", "q2_k") => "r2u1",
-        ("mvlglu", "iq2_xxs") => "r1u2",
+        ("mvl", "iq2_xxs") => "r2u1t",
+        ("mvl", "q2_k") => "r4u1",
+        ("mvlglu", "iq2_xxs") => "r1u1t",
         ("mvlglu", "q2_k") => "r1u1",
         _ => return None,
     };
@@ -413,14 +335,6 @@ impl CudaBackend {
                     },
                     mvlglu: match lane_variant("mvlglu", s) {
                         Some((name, ro)) => Some((module.load_function(&name)?, ro)),
-                        None => None,
-                    },
-                    mvs: match stage_variant("mvs", s) {
-                        Some((name, ro, st)) => Some((stage_fn(&module, &name)?, ro, st)),
-                        None => None,
-                    },
-                    mvsglu: match stage_variant("mvsglu", s) {
-                        Some((name, ro, st)) => Some((stage_fn(&module, &name)?, ro, st)),
                         None => None,
                     },
                 },
@@ -1023,28 +937,15 @@ impl CudaBackend {
             .mv8
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", w.ty)))?;
-        let rb = w.n_cols / 256 * stage_block(w.ty);
-        let staged = k.mvs.as_ref().filter(|(_, ro, st)| {
-            use_stage()
-                && (w.ty != GgmlType::Q8_0 || stage_q8())
-                && w.n_cols % 256 == 0
-                && rb % 16 == 0
-                && 8 * st * ro * rb <= STAGE_SMEM_MAX
-        });
-        let lane = match (staged, k.mvl.as_ref()) {
-            (Some((fs, ro, st)), _) => Some((
-                fs,
-                w.n_rows.div_ceil(*ro).div_ceil(8 * stage_ipw()) as u32,
-                (8 * st * ro * rb) as u32,
-            )),
-            (None, Some((fl, ro))) => Some((fl, (w.n_rows.div_ceil(*ro) as u32).div_ceil(8), 0)),
-            _ => None,
-        };
-        if let Some((fl, gx, smem)) = lane.filter(|_| use_lane()) {
+        if let Some((fl, ro)) = k.mvl.as_ref().filter(|_| use_lane()) {
             let cfg = LaunchConfig {
-                grid_dim: (gx, slots as u32, 1),
+                grid_dim: (
+                    (w.n_rows.div_ceil(*ro) as u32).div_ceil(WARPS_PER_BLOCK),
+                    slots as u32,
+                    1,
+                ),
                 block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
-                shared_mem_bytes: smem,
+                shared_mem_bytes: 0,
             };
             let wp = self.weight_ptr(w);
             let expert_bytes = w.expert_stride as i64;
@@ -1169,28 +1070,15 @@ impl CudaBackend {
             .mv8glu
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
-        let rb = wg.n_cols / 256 * stage_block(wg.ty);
-        let staged = k.mvsglu.as_ref().filter(|(_, ro, st)| {
-            use_stage()
-                && (wg.ty != GgmlType::Q8_0 || stage_q8())
-                && wg.n_cols % 256 == 0
-                && rb % 16 == 0
-                && 8 * st * 2 * ro * rb <= STAGE_SMEM_MAX
-        });
-        let lane = match (staged, k.mvlglu.as_ref()) {
-            (Some((fs, ro, st)), _) => Some((
-                fs,
-                wg.n_rows.div_ceil(*ro).div_ceil(8 * stage_ipw()) as u32,
-                (8 * st * 2 * ro * rb) as u32,
-            )),
-            (None, Some((fl, ro))) => Some((fl, (wg.n_rows.div_ceil(*ro) as u32).div_ceil(8), 0)),
-            _ => None,
-        };
-        if let Some((fl, gx, smem)) = lane.filter(|_| use_lane()) {
+        if let Some((fl, ro)) = k.mvlglu.as_ref().filter(|_| use_lane()) {
             let cfg = LaunchConfig {
-                grid_dim: (gx, slots as u32, 1),
+                grid_dim: (
+                    (wg.n_rows.div_ceil(*ro) as u32).div_ceil(WARPS_PER_BLOCK),
+                    slots as u32,
+                    1,
+                ),
                 block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
-                shared_mem_bytes: smem,
+                shared_mem_bytes: 0,
             };
             let (pg, pu) = (self.weight_ptr(wg), self.weight_ptr(wu));
             let expert_bytes = wg.expert_stride as i64;

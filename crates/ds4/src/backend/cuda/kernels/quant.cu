@@ -1010,10 +1010,12 @@ __device__ __forceinline__ u32 iq2_sign_nibbles(u32 s7) {
     return (s * 36u) & 0x44444444u;    // one bit per nibble, at bit 2
 }
 
+// SGT: sign nibbles from a 128-entry table in shared memory (after the 256 selectors)
+// instead of iq2_sign_nibbles: one more shared load per 8 weights, ~9 fewer ALU operations.
+template <bool SGT>
 struct LaneIQ2 {
     static constexpr int LPB = 8;  // lanes per block
     static constexpr int BLOCK_BYTES = 66;
-    static constexpr int DSH = 8;  // activation scale per 256 (Q8_K)
     struct X {
         uint4 a, b;  // the group's 32 activation codes
         float d;
@@ -1040,16 +1042,6 @@ struct LaneIQ2 {
         w.q = p[1];
         w.off = (u32)(size_t)g & 7u;
     }
-    // Same for a row that starts 8-byte aligned (the staged copies in shared memory): the
-    // alignment is taken on the offset, so the loads stay shared-memory loads.
-    static __device__ __forceinline__ void load_w_al(W& w, const u8* row, int b, int sub) {
-        const int o = 66 * b + 2 + 8 * sub;
-        w.d = ld16(row + 66 * b);
-        const uint2* p = (const uint2*)(row + (o & ~7));
-        w.p = p[0];
-        w.q = p[1];
-        w.off = (u32)o & 7u;
-    }
     static __device__ __forceinline__ void prep(X&) {}
     static __device__ __forceinline__ float dot(const W& w, const X& x, int, const u32* tab, float acc) {
         const bool hi = (w.off & 4u) != 0;
@@ -1061,7 +1053,8 @@ struct LaneIQ2 {
         int s = 0;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            const u32 sel = tab[(ga >> (8 * k)) & 255u] | iq2_sign_nibbles((gb >> (7 * k)) & 127u);
+            const u32 sg = (gb >> (7 * k)) & 127u;
+            const u32 sel = tab[(ga >> (8 * k)) & 255u] | (SGT ? tab[256 + sg] : iq2_sign_nibbles(sg));
             s = __dp4a((int)__byte_perm(IQ2_POS, IQ2_NEG, sel), (int)xs[2 * k], s);
             s = __dp4a((int)__byte_perm(IQ2_POS, IQ2_NEG, sel >> 16), (int)xs[2 * k + 1], s);
         }
@@ -1073,7 +1066,6 @@ struct LaneIQ2 {
 struct LaneQ2K {
     static constexpr int LPB = 4;
     static constexpr int BLOCK_BYTES = 84;
-    static constexpr int DSH = 8;
     // Quarter sub = 2n + h: code bytes 16 + 32n + 16h .. +15 (elements 128n + 32j + 16h + i,
     // i < 16, in bits 2j), scale bytes 8n + 2j + h for j = 0..3.
     struct X {
@@ -1101,7 +1093,6 @@ struct LaneQ2K {
         w.s1 = p[2 * n + 1];
         w.dd = p[20];
     }
-    static __device__ __forceinline__ void load_w_al(W& w, const u8* row, int b, int sub) { load_w(w, row, b, sub); }
     static __device__ __forceinline__ void prep(X& x) {
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -1131,7 +1122,7 @@ struct LaneQ2K {
 };
 
 // acc[r] += rows[r] · x for the lane's share of every block (nb blocks of 256 columns).
-template <class U, int NR, int UNR, bool AL = false>
+template <class U, int NR, int UNR>
 __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const signed char* xq,
                                           const float* xd, const u32* tab, float* acc) {
     constexpr int BPS = 32 / U::LPB;  // blocks per step
@@ -1148,10 +1139,7 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
             if (on[k]) {
                 U::load_x(x[k], xq, xd, b, sub);
 #pragma unroll
-                for (int r = 0; r < NR; r++) {
-                    if (AL) U::load_w_al(w[k][r], rows[r], b, sub);
-                    else U::load_w(w[k][r], rows[r], b, sub);
-                }
+                for (int r = 0; r < NR; r++) U::load_w(w[k][r], rows[r], b, sub);
             }
         }
 #pragma unroll
@@ -1164,19 +1152,20 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
     }
 }
 
-// The IQ2_XXS selector table in shared memory (1 KB; a 4-byte dummy for Q2_K), filled before
-// any early return so every thread reaches the barrier.
+// The IQ2_XXS tables in shared memory (256 selectors + 128 sign-nibble words, 1.5 KB; a
+// 4-byte dummy for Q2_K), filled before any early return so every thread reaches the barrier.
 #define DS4_LANE_TABLE(TABLES)                                                                   \
-    __shared__ u32 tab_[TABLES ? 256 : 1];                                                       \
+    __shared__ u32 tab_[TABLES ? 384 : 1];                                                       \
     if (TABLES) {                                                                                \
         for (int i = threadIdx.x; i < 256; i += blockDim.x) tab_[i] = ds4_iq2_sel[i];            \
+        if (threadIdx.x < 128) tab_[256 + threadIdx.x] = iq2_sign_nibbles(threadIdx.x);          \
         __syncthreads();                                                                         \
     }
 
 // mvl_<t>: as mv8_<t> (slot = blockIdx.y, matrix ids[slot], input slot·x_stride), RO
 // consecutive rows per warp, 8 warps per block; no split.
-#define DS4_MVL(NAME, U, TABLES, RO, UNR)                                                        \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
+#define DS4_MVL(NAME, U, TABLES, RO, UNR, MINB)                                                  \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
              const float* __restrict__ xd, i64 x_stride, float* __restrict__ y) {                \
@@ -1206,8 +1195,8 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
 
 // mvlglu_<t>: as mv8glu_<t>; a warp takes the gate and up rows of RO consecutive outputs
 // (2·RO rows, one activation load per step), same SwiGLU epilogue.
-#define DS4_MVLGLU(NAME, U, TABLES, RO, UNR)                                                     \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
+#define DS4_MVLGLU(NAME, U, TABLES, RO, UNR, MINB)                                               \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
         NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
              const int* __restrict__ ids, int n_rows, int n_cols,                                \
              const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,     \
@@ -1246,224 +1235,20 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
         }                                                                                        \
     }
 
-// Variants (rows per warp RO, steps in flight UNR); device.rs picks one per type and form.
-DS4_MVL(mvl_iq2_xxs_r1u2, LaneIQ2, 1, 1, 2)
-DS4_MVL(mvl_iq2_xxs_r2u2, LaneIQ2, 1, 2, 2)
-DS4_MVL(mvl_q2_k_r1u1, LaneQ2K, 0, 1, 1)
-DS4_MVL(mvl_q2_k_r2u1, LaneQ2K, 0, 2, 1)
-DS4_MVL(mvl_q2_k_r4u1, LaneQ2K, 0, 4, 1)
-DS4_MVL(mvl_q2_k_r2u2, LaneQ2K, 0, 2, 2)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u2, LaneIQ2, 1, 1, 2)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u4, LaneIQ2, 1, 1, 4)
-DS4_MVLGLU(mvlglu_iq2_xxs_r2u2, LaneIQ2, 1, 2, 2)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u1, LaneIQ2, 1, 1, 1)
-DS4_MVLGLU(mvlglu_q2_k_r1u1, LaneQ2K, 0, 1, 1)
-
-// ---------------------------------------------------------------------------------------------
-// Staged lane-owned products (`mvs_<t>`, `mvsglu_<t>`): the same decode as mvl_/mvlglu_, but
-// the weight rows reach shared memory through cp.async (16-byte copies, L1 bypassed) instead
-// of registers. The register kernels keep at most ~2 KB of weights in flight per warp (the
-// loads' destination registers, the unaligned IQ2_XXS groups need 16 loaded bytes per 8, and
-// the activations take registers too): about 1.1–1.6 TB/s however the loads are unrolled.
-// Here each warp owns a ring of S items (an item = the RO rows of one row group, or the gate
-// and up rows of RO outputs; copied whole, so rows must be a multiple of 16 bytes) in
-// dynamic shared memory and keeps S-1 items in flight while it decodes one. Warps take items
-// first, first + stride, ... of their slot (blockIdx.y): the grid is sized by the host. Same
-// per-lane sums as the register kernels, so the same results.
-// ---------------------------------------------------------------------------------------------
-
-extern __shared__ __align__(16) u8 dx_stage_[];
-
-__device__ __forceinline__ void st_cp16(u8* dst, const u8* src) {
-    const u32 a = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(src) : "memory");
-}
-__device__ __forceinline__ void st_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void st_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-// `bytes` (a multiple of 16) from src to dst, lanes taking consecutive 16-byte pieces.
-__device__ __forceinline__ void st_copy(u8* dst, const u8* src, int bytes, int lane) {
-    for (int i = 16 * lane; i < bytes; i += 512) st_cp16(dst + i, src + i);
-}
-
-// Rows row0 .. row0+nr-1 of a GGUF-layout matrix (IQ2_XXS, Q2_K: rows of rb bytes, back to
-// back) into dst.
-struct StageGguf {
-    static __device__ __forceinline__ void stage(u8* dst, const u8* w, int row0, int nr, int rb, int, int,
-                                                 int lane) {
-        st_copy(dst, w + (i64)row0 * rb, nr * rb, lane);
-    }
-};
-
-// Issue the copies of the warp's k-th item (if it exists) into ring slot k % S and commit a
-// group either way, so that group k is item k.
-template <class U, int RO, int S, bool GLU>
-__device__ __forceinline__ void st_issue(u8* ring, int ib, int rb, const u8* wa, const u8* wb,
-                                         int first, int stride, int k, int n_rows, int n_cols, int lane) {
-    const int it = first + k * stride;
-    if (it * RO < n_rows) {
-        const int nr = min(RO, n_rows - it * RO);
-        u8* dst = ring + (k % S) * ib;
-        U::stage(dst, wa, it * RO, nr, rb, n_rows, n_cols, lane);
-        if (GLU) U::stage(dst + RO * rb, wb, it * RO, nr, rb, n_rows, n_cols, lane);
-    }
-    st_commit();
-}
-
-template <class U, int RO, int S, bool GLU>
-__device__ __forceinline__ void staged(const u8* wa, const u8* wb, int n_rows, int n_cols,
-                                       const signed char* xq, const float* xd, const u32* tab,
-                                       const float* wts, float clampc, float* out) {
-    constexpr int NR = GLU ? 2 * RO : RO;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int nb = n_cols >> 8, rb = nb * U::SBLOCK, ib = NR * rb;
-    u8* ring = dx_stage_ + (i64)warp * S * ib;
-    const int first = blockIdx.x * WARPS_PER_BLOCK + warp, stride = gridDim.x * WARPS_PER_BLOCK;
-#pragma unroll
-    for (int k = 0; k < S - 1; k++)
-        st_issue<U, RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k, n_rows, n_cols, lane);
-    for (int k = 0;; k++) {
-        const int o = (first + k * stride) * RO;
-        if (o >= n_rows) break;
-        // Slot (k+S-1) % S was decoded in step k-1 (all lanes passed its closing __syncwarp).
-        st_issue<U, RO, S, GLU>(ring, ib, rb, wa, wb, first, stride, k + S - 1, n_rows, n_cols, lane);
-        st_wait<S - 1>();  // groups 0..k complete: item k is in shared memory
-        __syncwarp();      // ... for every lane's copies
-        const u8* item = ring + (k % S) * ib;
-        const u8* rows[NR];
-        float acc[NR];
-#pragma unroll
-        for (int r = 0; r < NR; r++) {
-            // rows past n_rows (last item) re-read row 0 of the item; their sums are dropped
-            const int rr = r % RO;
-            rows[r] = item + ((r >= RO ? RO : 0) + (o + rr < n_rows ? rr : 0)) * rb;
-            acc[r] = 0.0f;
-        }
-        lane_rows<U, NR, 1, true>(rows, nb, xq, xd, tab, acc);
-#pragma unroll
-        for (int r = 0; r < NR; r++) acc[r] = warp_sum(acc[r]);
-        if (lane == 0) {
-#pragma unroll
-            for (int r = 0; r < RO; r++) {
-                if (o + r >= n_rows) continue;
-                if (GLU) {
-                    float gv = fminf(acc[r], clampc);
-                    float sil = gv * (1.0f / (1.0f + expf(-gv)));
-                    float uv = fminf(fmaxf(acc[RO + r], -clampc), clampc);
-                    float v = sil * uv;
-                    if (wts) v = v * wts[blockIdx.y];
-                    out[(i64)blockIdx.y * n_rows + o + r] = v;
-                } else {
-                    out[(i64)blockIdx.y * n_rows + o + r] = acc[r];
-                }
-            }
-        }
-        __syncwarp();  // the slot is free for the copies issued next step
-    }
-    st_wait<0>();
-}
-
-struct StIQ2 : LaneIQ2, StageGguf {
-    static constexpr int SBLOCK = 66;  // staged bytes per block of 256 columns
-};
-struct StQ2K : LaneQ2K, StageGguf {
-    static constexpr int SBLOCK = 84;
-};
-
-// Q8_0 (repacked planes, see repack_q8_0 in device.rs) staged as 272-byte blocks per 256
-// columns: the 256 codes, then the 8 f16 scales (16 bytes). Lane l owns 16 codes (half a
-// 32-element scale group) of block l/16 of the step's 2 blocks: one 16-byte shared load, the
-// scale, 4 dp4a; the same per-32 expression as I8Q8_0 (fmaf(d_w·d_x, Σq·q, acc)) with the two
-// halves of a scale group added separately.
-struct StQ80 {
-    static constexpr int LPB = 16;
-    static constexpr int SBLOCK = 272;
-    static constexpr int DSH = 5;
-    struct X {
-        uint4 q;
-        float d;
-    };
-    struct W {
-        uint4 q;
-        u16 d;
-    };
-    static __device__ __forceinline__ void stage(u8* dst, const u8* w, int row0, int nr, int, int n_rows, int n_cols,
-                                                 int lane) {
-        const int nb = n_cols >> 8, per_row = 17 * nb;
-        const u8* sc = w + (i64)n_rows * n_cols;
-        for (int r = 0; r < nr; r++) {
-            const i64 row = row0 + r;
-            for (int j = lane; j < per_row; j += 32) {
-                const int b = j / 17, c = j - 17 * b;
-                const u8* src = c < 16 ? w + row * n_cols + 256 * b + 16 * c : sc + (row * nb + b) * 16;
-                st_cp16(dst + (r * nb + b) * 272 + 16 * c, src);
-            }
-        }
-    }
-    static __device__ __forceinline__ void load_x(X& x, const signed char* xq, const float* xd, int b, int sub) {
-        const int e0 = (b << 8) + 16 * sub;
-        x.q = *(const uint4*)(xq + e0);
-        x.d = xd[e0 >> 5];
-    }
-    static __device__ __forceinline__ void load_w_al(W& w, const u8* row, int b, int sub) {
-        const u8* blk = row + 272 * b;
-        w.q = *(const uint4*)(blk + 16 * sub);
-        w.d = ld16(blk + 256 + 2 * (sub >> 1));
-    }
-    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub) { load_w_al(w, row, b, sub); }
-    static __device__ __forceinline__ void prep(X&) {}
-    static __device__ __forceinline__ float dot(const W& w, const X& x, int, const u32*, float acc) {
-        int s = __dp4a((int)w.q.x, (int)x.q.x, 0);
-        s = __dp4a((int)w.q.y, (int)x.q.y, s);
-        s = __dp4a((int)w.q.z, (int)x.q.z, s);
-        s = __dp4a((int)w.q.w, (int)x.q.w, s);
-        return fmaf(h2f(w.d) * x.d, (float)s, acc);
-    }
-};
-
-// Dynamic shared memory: WARPS_PER_BLOCK · S · (rows per item) · row bytes.
-#define DS4_MVS(NAME, U, TABLES, RO, S)                                                          \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
-        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
-             int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
-             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y) {                \
-        pdl_enter();                                                                             \
-        DS4_LANE_TABLE(TABLES)                                                                   \
-        const int slot = blockIdx.y;                                                             \
-        const u8* base = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                          \
-        const i64 xo = (i64)slot * x_stride;                                                     \
-        staged<U, RO, S, false>(base, base, n_rows, n_cols, xq + xo, xd + (xo >> U::DSH), tab_,  \
-                                nullptr, 0.0f, y);                                               \
-    }
-
-#define DS4_MVSGLU(NAME, U, TABLES, RO, S)                                                       \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
-        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
-             const int* __restrict__ ids, int n_rows, int n_cols,                                \
-             const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,     \
-             const float* __restrict__ wts, float clampc, float* __restrict__ h) {               \
-        pdl_enter();                                                                             \
-        DS4_LANE_TABLE(TABLES)                                                                   \
-        const i64 eo = (ids ? (i64)ids[blockIdx.y] : 0) * expert_bytes;                          \
-        const i64 xo = (i64)blockIdx.y * x_stride;                                               \
-        staged<U, RO, S, true>(wg + eo, wu + eo, n_rows, n_cols, xq + xo, xd + (xo >> U::DSH), \
-                               tab_,                                                             \
-                               wts, clampc, h);                                                  \
-    }
-
-DS4_MVS(mvs_iq2_xxs_r2s2, StIQ2, 1, 2, 2)
-DS4_MVS(mvs_q2_k_r2s2, StQ2K, 0, 2, 2)
-DS4_MVS(mvs_q2_k_r2s4, StQ2K, 0, 2, 4)
-DS4_MVS(mvs_q2_k_r4s2, StQ2K, 0, 4, 2)
-DS4_MVS(mvs_q2_k_r1s4, StQ2K, 0, 1, 4)
-DS4_MVS(mvs_q8_0_r2s2, StQ80, 0, 2, 2)
-DS4_MVS(mvs_q8_0_r1s3, StQ80, 0, 1, 3)
-DS4_MVS(mvs_q8_0_r2s4, StQ80, 0, 2, 4)
-DS4_MVSGLU(mvsglu_iq2_xxs_r1s2, StIQ2, 1, 1, 2)
-DS4_MVSGLU(mvsglu_iq2_xxs_r1s3, StIQ2, 1, 1, 3)
-DS4_MVSGLU(mvsglu_iq2_xxs_r1s4, StIQ2, 1, 1, 4)
-DS4_MVSGLU(mvsglu_iq2_xxs_r2s2, StIQ2, 1, 2, 2)
-DS4_MVSGLU(mvsglu_q2_k_r1s2, StQ2K, 0, 1, 2)
-DS4_MVSGLU(mvsglu_q8_0_r1s2, StQ80, 0, 1, 2)
+// Variants (rows per warp RO, steps in flight UNR; t: sign table; b: at least 4 blocks per
+// SM, i.e. at most 64 registers); device.rs picks one per type and form.
+DS4_MVL(mvl_iq2_xxs_r2u1, LaneIQ2<false>, 1, 2, 1, 1)
+DS4_MVL(mvl_iq2_xxs_r2u1t, LaneIQ2<true>, 1, 2, 1, 1)
+DS4_MVL(mvl_q2_k_r2u1, LaneQ2K, 0, 2, 1, 1)
+DS4_MVL(mvl_q2_k_r4u1, LaneQ2K, 0, 4, 1, 1)
+DS4_MVL(mvl_q2_k_r2u1b, LaneQ2K, 0, 2, 1, 4)
+DS4_MVL(mvl_q2_k_r4u1b, LaneQ2K, 0, 4, 1, 4)
+DS4_MVL(mvl_q2_k_r8u1, LaneQ2K, 0, 8, 1, 1)
+DS4_MVLGLU(mvlglu_iq2_xxs_r1u1, LaneIQ2<false>, 1, 1, 1, 1)
+DS4_MVLGLU(mvlglu_iq2_xxs_r1u2, LaneIQ2<false>, 1, 1, 2, 1)
+DS4_MVLGLU(mvlglu_iq2_xxs_r1u1t, LaneIQ2<true>, 1, 1, 1, 1)
+DS4_MVLGLU(mvlglu_iq2_xxs_r1u2t, LaneIQ2<true>, 1, 1, 2, 1)
+DS4_MVLGLU(mvlglu_iq2_xxs_r1u1tb, LaneIQ2<true>, 1, 1, 1, 4)
+DS4_MVLGLU(mvlglu_iq2_xxs_r1u1b, LaneIQ2<false>, 1, 1, 1, 4)
+DS4_MVLGLU(mvlglu_iq2_xxs_r2u1t, LaneIQ2<true>, 1, 2, 1, 1)
+DS4_MVLGLU(mvlglu_q2_k_r1u1, LaneQ2K, 0, 1, 1, 1)
