@@ -305,10 +305,10 @@ mod tests {
                 let lo = prmt(0x002B_1908, 0x00D5_E7F8, sel);
                 let hi = prmt(0x002B_1908, 0x00D5_E7F8, sel >> 16);
                 let got = ((hi as u64) << 32 | lo as u64).to_le_bytes();
-                for k in 0..8 {
+                for (k, &b) in got.iter().enumerate() {
                     let m = ((g >> (8 * k)) & 255) as i8;
                     let want = if sg & (1 << k) != 0 { -m } else { m };
-                    assert_eq!(got[k] as i8, want, "entry {g:x} pattern {s7} element {k}");
+                    assert_eq!(b as i8, want, "entry {g:x} pattern {s7} element {k}");
                 }
             }
         }

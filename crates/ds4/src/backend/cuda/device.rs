@@ -107,10 +107,10 @@ struct TypeKernels {
     /// Q8_0 only: int8 matvecs with 16-byte loads (`mv8w2_q8_0`, 2 rows per warp;
     /// `mv8w4_q8_0`, 4 rows per warp for short rows), for `n_cols` a multiple of 512.
     mv8w: Option<(CudaFunction, CudaFunction)>,
-    /// IQ2_XXS / Q2_K only: lane-owned int8 matvec `mvl_<t>_r<RO>u<UNR>` and its rows per
-    /// warp RO (replaces `mv8` unless `DS4_CUDA_LANE=0`).
+    /// IQ2_XXS / Q2_K only: lane-owned int8 matvec `mvl_<t>` and its rows per warp RO
+    /// (replaces `mv8` unless `DS4_CUDA_LANE=0`).
     mvl: Option<(CudaFunction, usize)>,
-    /// Same for the fused gate+up+SwiGLU, `mvlglu_<t>_r<RO>u<UNR>` (outputs per warp).
+    /// Same for the fused gate+up+SwiGLU, `mvlglu_<t>` (outputs per warp).
     mvlglu: Option<(CudaFunction, usize)>,
 }
 
@@ -120,27 +120,16 @@ fn use_lane() -> bool {
     super::switch_on("DS4_CUDA_LANE")
 }
 
-/// Lane-owned kernel of `form` (`mvl` or `mvlglu`) for type suffix `s`: the variant named in
-/// `DS4_CUDA_LANE_VARIANTS` (`form_s=rXuY,...`, for measuring variants) or the default, and
-/// its rows (outputs) per warp.
-fn lane_variant(form: &str, s: &str) -> Option<(String, usize)> {
-    let default = match (form, s) {
-        ("mvl", "iq2_xxs") => "r2u1t",
-        ("mvl", "q2_k") => "r4u1",
-        ("mvlglu", "iq2_xxs") => "r1u1t",
-        ("mvlglu", "q2_k") => "r1u1",
-        _ => return None,
-    };
-    let key = format!("{form}_{s}=");
-    let v = std::env::var("DS4_CUDA_LANE_VARIANTS")
-        .ok()
-        .and_then(|l| {
-            l.split(',')
-                .find_map(|e| e.strip_prefix(&key).map(str::to_string))
-        })
-        .unwrap_or_else(|| default.to_string());
-    let ro = v.strip_prefix('r')?.split('u').next()?.parse().ok()?;
-    Some((format!("{form}_{s}_{v}"), ro))
+/// A kernel name and its rows (outputs) per warp.
+type LaneKernel = (&'static str, usize);
+
+/// Lane-owned kernels, as fixed in quant.cu: (`mvl_<t>`, RO), (`mvlglu_<t>`, RO).
+fn lane_kernels(ty: GgmlType) -> Option<(LaneKernel, LaneKernel)> {
+    match ty {
+        GgmlType::IQ2_XXS => Some((("mvl_iq2_xxs", 2), ("mvlglu_iq2_xxs", 2))),
+        GgmlType::Q2_K => Some((("mvl_q2_k", 4), ("mvlglu_q2_k", 1))),
+        _ => None,
+    }
 }
 
 /// Whether Q8_0 int8 products use the 16-byte-load kernels (`DS4_CUDA_MV8W=0` keeps
@@ -329,12 +318,12 @@ impl CudaBackend {
                     } else {
                         None
                     },
-                    mvl: match lane_variant("mvl", s) {
-                        Some((name, ro)) => Some((module.load_function(&name)?, ro)),
+                    mvl: match lane_kernels(ty) {
+                        Some(((name, ro), _)) => Some((module.load_function(name)?, ro)),
                         None => None,
                     },
-                    mvlglu: match lane_variant("mvlglu", s) {
-                        Some((name, ro)) => Some((module.load_function(&name)?, ro)),
+                    mvlglu: match lane_kernels(ty) {
+                        Some((_, (name, ro))) => Some((module.load_function(name)?, ro)),
                         None => None,
                     },
                 },

@@ -1010,9 +1010,9 @@ __device__ __forceinline__ u32 iq2_sign_nibbles(u32 s7) {
     return (s * 36u) & 0x44444444u;    // one bit per nibble, at bit 2
 }
 
-// SGT: sign nibbles from a 128-entry table in shared memory (after the 256 selectors)
-// instead of iq2_sign_nibbles: one more shared load per 8 weights, ~9 fewer ALU operations.
-template <bool SGT>
+// The sign nibbles come from a 128-entry table in shared memory (after the 256 selectors,
+// filled with iq2_sign_nibbles): one more shared load per 8 weights instead of ~9 ALU
+// operations (measured: the same time either way).
 struct LaneIQ2 {
     static constexpr int LPB = 8;  // lanes per block
     static constexpr int BLOCK_BYTES = 66;
@@ -1054,7 +1054,7 @@ struct LaneIQ2 {
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const u32 sg = (gb >> (7 * k)) & 127u;
-            const u32 sel = tab[(ga >> (8 * k)) & 255u] | (SGT ? tab[256 + sg] : iq2_sign_nibbles(sg));
+            const u32 sel = tab[(ga >> (8 * k)) & 255u] | tab[256 + sg];
             s = __dp4a((int)__byte_perm(IQ2_POS, IQ2_NEG, sel), (int)xs[2 * k], s);
             s = __dp4a((int)__byte_perm(IQ2_POS, IQ2_NEG, sel >> 16), (int)xs[2 * k + 1], s);
         }
@@ -1235,20 +1235,13 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
         }                                                                                        \
     }
 
-// Variants (rows per warp RO, steps in flight UNR; t: sign table; b: at least 4 blocks per
-// SM, i.e. at most 64 registers); device.rs picks one per type and form.
-DS4_MVL(mvl_iq2_xxs_r2u1, LaneIQ2<false>, 1, 2, 1, 1)
-DS4_MVL(mvl_iq2_xxs_r2u1t, LaneIQ2<true>, 1, 2, 1, 1)
-DS4_MVL(mvl_q2_k_r2u1, LaneQ2K, 0, 2, 1, 1)
-DS4_MVL(mvl_q2_k_r4u1, LaneQ2K, 0, 4, 1, 1)
-DS4_MVL(mvl_q2_k_r2u1b, LaneQ2K, 0, 2, 1, 4)
-DS4_MVL(mvl_q2_k_r4u1b, LaneQ2K, 0, 4, 1, 4)
-DS4_MVL(mvl_q2_k_r8u1, LaneQ2K, 0, 8, 1, 1)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u1, LaneIQ2<false>, 1, 1, 1, 1)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u2, LaneIQ2<false>, 1, 1, 2, 1)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u1t, LaneIQ2<true>, 1, 1, 1, 1)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u2t, LaneIQ2<true>, 1, 1, 2, 1)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u1tb, LaneIQ2<true>, 1, 1, 1, 4)
-DS4_MVLGLU(mvlglu_iq2_xxs_r1u1b, LaneIQ2<false>, 1, 1, 1, 4)
-DS4_MVLGLU(mvlglu_iq2_xxs_r2u1t, LaneIQ2<true>, 1, 2, 1, 1)
-DS4_MVLGLU(mvlglu_q2_k_r1u1, LaneQ2K, 0, 1, 1, 1)
+// Rows per warp RO = 4 for the plain Q2_K product (its activation loads and bsums shared by 4
+// rows; at most 64 registers, 4 blocks per SM: 9.3 us for the experts' down vs 10.4 without
+// the bound, 11.4 with RO = 2), 2 outputs (4 rows) for the fused IQ2_XXS gate+up (22.8 us vs
+// 23.6 for one output; 2 or 4 steps in flight, the ALU sign path and a 64-register bound all
+// measured within ±1 us: ncu puts this kernel at 81% of L1/TEX throughput, DRAM 23%).
+// H200, ncu, flash-q2 decode shapes (bench/RESULTS-dx.md).
+DS4_MVL(mvl_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
+DS4_MVL(mvl_q2_k, LaneQ2K, 0, 4, 1, 4)
+DS4_MVLGLU(mvlglu_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
+DS4_MVLGLU(mvlglu_q2_k, LaneQ2K, 0, 1, 1, 1)
