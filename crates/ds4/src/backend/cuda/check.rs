@@ -1083,12 +1083,20 @@ fn rel_row(kernel: &str, shape: &str, gpu: &[f32], cpu: &[f32], tol: f64, note: 
     }
 }
 
-/// Grouped Q8_0 int8 matvec (the out_a form: slot s multiplies matrix ids[s] by its own
-/// input) against the CPU's quantized matvec, for both 16-byte-load kernels (512 and 2048
-/// columns) and a row count that leaves partial row groups.
+/// Grouped int8 matvec (the out_a / expert-down form: slot s multiplies matrix ids[s] by its
+/// own input) against the CPU's quantized matvec: Q8_0 for both 16-byte-load kernels (512
+/// and 2048 columns), Q2_K and IQ2_XXS for the lane-owned kernels (1280 columns = 5 blocks:
+/// odd IQ2_XXS rows start 2 bytes off a word), row counts that leave partial row groups.
 fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    let ty = GgmlType::Q8_0;
-    for (n_rows, n_cols) in [(98usize, 512usize), (66, 2048)] {
+    for (ty, n_rows, n_cols) in [
+        (GgmlType::Q8_0, 98usize, 512usize),
+        (GgmlType::Q8_0, 66, 2048),
+        (GgmlType::Q2_K, 98, 2048),
+        (GgmlType::Q2_K, 67, 1280),
+        (GgmlType::IQ2_XXS, 98, 4096),
+        (GgmlType::IQ2_XXS, 67, 1280),
+    ] {
+        let kind = ActQuant::of(ty).expect("int8 type");
         let n_exp = 4;
         let wb = random_weight(rng, ty, n_exp * n_rows, n_cols);
         let w = be.upload_weight(ty, &wb, n_rows, n_cols, n_exp, &mut |_, _| {})?;
@@ -1098,7 +1106,7 @@ fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
         let x = random_activations(rng, slots * n_cols);
         let xd = be.upload_f32(&x)?;
         let qb = be.alloc_f32((slots * n_cols).div_ceil(4))?;
-        let db = be.alloc_f32(slots * n_cols / 32)?;
+        let db = be.alloc_f32(slots * n_cols / kind.block())?;
         let y = poisoned(be, slots * n_rows)?;
         let st = be.stream();
         let (xp, _g0) = xd.device_ptr(st);
@@ -1108,11 +1116,11 @@ fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
         let (ip, _g4) = idsd.device_ptr(st);
         // SAFETY: buffers sized above (slots inputs of n_cols, slots outputs of n_rows).
         unsafe {
-            be.quant_act_raw(ActQuant::Q8_0, xp, slots * n_cols, qp, dp)?;
+            be.quant_act_raw(kind, xp, slots * n_cols, qp, dp)?;
             be.mv8_raw(&w, ip, slots, qp, dp, n_cols, yp)?;
         }
         let g = be.download(&y)?;
-        let mat = n_rows * n_cols / 32 * 34;
+        let mat = n_rows * (n_cols / ty.block_elems() * ty.block_bytes());
         let mut cpu = vec![0f32; slots * n_rows];
         for (sl, &e) in ids.iter().enumerate() {
             let e = e as usize;

@@ -62,6 +62,20 @@ pub fn iq2_tables() -> ([u64; 256], [u8; 128]) {
     (grid, signs)
 }
 
+/// Grid entry `g` (8 bytes, each 8, 25 or 43) as eight selector nibbles 0, 1, 2.
+fn iq2_sel(g: u64) -> u32 {
+    (0..8).fold(0u32, |r, k| {
+        let v = (g >> (8 * k)) & 255;
+        let n = match v {
+            8 => 0,
+            25 => 1,
+            43 => 2,
+            _ => panic!("IQ2_XXS grid byte {v}"),
+        };
+        r | (n << (4 * k))
+    })
+}
+
 /// Full source handed to NVRTC: generated table prelude + the repository kernels.
 pub fn kernel_source() -> String {
     let (grid, signs) = iq2_tables();
@@ -80,6 +94,15 @@ pub fn kernel_source() -> String {
             s.push_str("\n    ");
         }
         let _ = write!(s, "{v}, ");
+    }
+    // The grid as PRMT selectors (quant.cu, lane-owned int8 kernels): nibble k is 0, 1 or 2
+    // for grid byte 8, 25 or 43 of element k.
+    s.push_str("\n};\n__device__ const unsigned int ds4_iq2_sel[256] = {");
+    for (i, g) in grid.iter().enumerate() {
+        if i % 8 == 0 {
+            s.push_str("\n    ");
+        }
+        let _ = write!(s, "0x{:08x}u, ", iq2_sel(*g));
     }
     // The same grid as floats, so blocks fill their shared-memory copy with plain loads.
     s.push_str("\n};\n__device__ const float ds4_iq2_gridf[2048] = {");
@@ -242,6 +265,52 @@ mod tests {
         for (i, &s) in signs.iter().enumerate() {
             assert_eq!((s & 127) as usize, i);
             assert_eq!(s.count_ones() % 2, 0);
+        }
+    }
+
+    /// The lane-owned IQ2_XXS decode of quant.cu (`LaneIQ2::dot`) emulated on the CPU for
+    /// every grid entry and sign pattern: selector nibbles from `ds4_iq2_sel`, sign bits
+    /// spread by `iq2_sign_nibbles`, two PRMTs over the signed magnitude bytes, must give
+    /// the grid bytes with the pattern's signs (KSIGNS bit k negates element k).
+    #[test]
+    fn iq2_prmt_decode_matches_grid_and_signs() {
+        // PTX prmt.b32 (default mode) of a, b with the low 16 bits of sel.
+        fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+            let bytes = ((b as u64) << 32 | a as u64).to_le_bytes();
+            (0..4).fold(0u32, |r, n| {
+                let c = (sel >> (4 * n)) & 15;
+                let v = bytes[(c & 7) as usize];
+                let v = if c & 8 != 0 {
+                    if v & 0x80 != 0 {
+                        0xff
+                    } else {
+                        0
+                    }
+                } else {
+                    v
+                };
+                r | (v as u32) << (8 * n)
+            })
+        }
+        fn sign_nibbles(s7: u32) -> u32 {
+            let s = s7 | ((s7.count_ones() & 1) << 7);
+            let s = s.wrapping_mul(0x1001) & 0x000F_000F;
+            let s = s.wrapping_mul(65) & 0x0303_0303;
+            s.wrapping_mul(36) & 0x4444_4444
+        }
+        let (grid, signs) = iq2_tables();
+        for &g in &grid {
+            for (s7, &sg) in signs.iter().enumerate() {
+                let sel = iq2_sel(g) | sign_nibbles(s7 as u32);
+                let lo = prmt(0x002B_1908, 0x00D5_E7F8, sel);
+                let hi = prmt(0x002B_1908, 0x00D5_E7F8, sel >> 16);
+                let got = ((hi as u64) << 32 | lo as u64).to_le_bytes();
+                for (k, &b) in got.iter().enumerate() {
+                    let m = ((g >> (8 * k)) & 255) as i8;
+                    let want = if sg & (1 << k) != 0 { -m } else { m };
+                    assert_eq!(b as i8, want, "entry {g:x} pattern {s7} element {k}");
+                }
+            }
         }
     }
 

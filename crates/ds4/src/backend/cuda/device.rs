@@ -107,6 +107,29 @@ struct TypeKernels {
     /// Q8_0 only: int8 matvecs with 16-byte loads (`mv8w2_q8_0`, 2 rows per warp;
     /// `mv8w4_q8_0`, 4 rows per warp for short rows), for `n_cols` a multiple of 512.
     mv8w: Option<(CudaFunction, CudaFunction)>,
+    /// IQ2_XXS / Q2_K only: lane-owned int8 matvec `mvl_<t>` and its rows per warp RO
+    /// (replaces `mv8` unless `DS4_CUDA_LANE=0`).
+    mvl: Option<(CudaFunction, usize)>,
+    /// Same for the fused gate+up+SwiGLU, `mvlglu_<t>` (outputs per warp).
+    mvlglu: Option<(CudaFunction, usize)>,
+}
+
+/// Whether IQ2_XXS / Q2_K int8 products use the lane-owned kernels (`DS4_CUDA_LANE=0` keeps
+/// the cooperative `mv8_<t>` / `mv8glu_<t>`, for comparisons).
+fn use_lane() -> bool {
+    super::switch_on("DS4_CUDA_LANE")
+}
+
+/// A kernel name and its rows (outputs) per warp.
+type LaneKernel = (&'static str, usize);
+
+/// Lane-owned kernels, as fixed in quant.cu: (`mvl_<t>`, RO), (`mvlglu_<t>`, RO).
+fn lane_kernels(ty: GgmlType) -> Option<(LaneKernel, LaneKernel)> {
+    match ty {
+        GgmlType::IQ2_XXS => Some((("mvl_iq2_xxs", 2), ("mvlglu_iq2_xxs", 2))),
+        GgmlType::Q2_K => Some((("mvl_q2_k", 4), ("mvlglu_q2_k", 1))),
+        _ => None,
+    }
 }
 
 /// Whether Q8_0 int8 products use the 16-byte-load kernels (`DS4_CUDA_MV8W=0` keeps
@@ -294,6 +317,14 @@ impl CudaBackend {
                         ))
                     } else {
                         None
+                    },
+                    mvl: match lane_kernels(ty) {
+                        Some(((name, ro), _)) => Some((module.load_function(name)?, ro)),
+                        None => None,
+                    },
+                    mvlglu: match lane_kernels(ty) {
+                        Some((_, (name, ro))) => Some((module.load_function(name)?, ro)),
+                        None => None,
                     },
                 },
             ));
@@ -895,6 +926,47 @@ impl CudaBackend {
             .mv8
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", w.ty)))?;
+        if let Some((fl, ro)) = k.mvl.as_ref().filter(|_| use_lane()) {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (w.n_rows.div_ceil(*ro) as u32).div_ceil(WARPS_PER_BLOCK),
+                    slots as u32,
+                    1,
+                ),
+                block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let wp = self.weight_ptr(w);
+            let expert_bytes = w.expert_stride as i64;
+            let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
+            let xs = x_stride as i64;
+            if self.pdl() {
+                let mut a = [
+                    wp,
+                    expert_bytes.slot(),
+                    ids,
+                    n_rows.slot(),
+                    n_cols.slot(),
+                    xq,
+                    xd,
+                    xs.slot(),
+                    y,
+                ];
+                return self.launch_pdl(fl, cfg, &mut a);
+            }
+            let mut b = self.stream.launch_builder(fl);
+            b.arg(&wp)
+                .arg(&expert_bytes)
+                .arg(&ids)
+                .arg(&n_rows)
+                .arg(&n_cols)
+                .arg(&xq)
+                .arg(&xd)
+                .arg(&xs)
+                .arg(&y);
+            b.launch(cfg)?;
+            return Ok(());
+        }
         // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp (4 when a row has
         // fewer than 4 steps of 512, so 8 loads per lane stay in flight; else 2).
         let (f, rw) = match &k.mv8w {
@@ -987,6 +1059,53 @@ impl CudaBackend {
             .mv8glu
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
+        if let Some((fl, ro)) = k.mvlglu.as_ref().filter(|_| use_lane()) {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (wg.n_rows.div_ceil(*ro) as u32).div_ceil(WARPS_PER_BLOCK),
+                    slots as u32,
+                    1,
+                ),
+                block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (pg, pu) = (self.weight_ptr(wg), self.weight_ptr(wu));
+            let expert_bytes = wg.expert_stride as i64;
+            let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
+            let xs = 0i64;
+            if self.pdl() {
+                let mut a = [
+                    pg,
+                    pu,
+                    expert_bytes.slot(),
+                    ids,
+                    n_rows.slot(),
+                    n_cols.slot(),
+                    xq,
+                    xd,
+                    xs.slot(),
+                    wts,
+                    clamp.slot(),
+                    h,
+                ];
+                return self.launch_pdl(fl, cfg, &mut a);
+            }
+            let mut b = self.stream.launch_builder(fl);
+            b.arg(&pg)
+                .arg(&pu)
+                .arg(&expert_bytes)
+                .arg(&ids)
+                .arg(&n_rows)
+                .arg(&n_cols)
+                .arg(&xq)
+                .arg(&xd)
+                .arg(&xs)
+                .arg(&wts)
+                .arg(&clamp)
+                .arg(&h);
+            b.launch(cfg)?;
+            return Ok(());
+        }
         let split = mv_split(wg.n_rows, wg.n_cols, 2 * slots);
         let cfg = LaunchConfig {
             grid_dim: (

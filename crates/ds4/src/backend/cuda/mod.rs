@@ -34,7 +34,9 @@
 //! bisecting — none is needed in normal use): `DS4_CUDA_GRAPH` (decode graph replay),
 //! `DS4_CUDA_PDL` (programmatic dependent launch inside decode graphs), `DS4_CUDA_INT8` (int8
 //! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
-//! quantization), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_GEMM`
+//! quantization), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_LANE`
+//! (lane-owned IQ2_XXS / Q2_K int8 matvecs and fused gate+up, `mvl_<t>` / `mvlglu_<t>`;
+//! off = the cooperative shuffle kernels `mv8_<t>` / `mv8glu_<t>`), `DS4_CUDA_GEMM`
 //! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
 //! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill);

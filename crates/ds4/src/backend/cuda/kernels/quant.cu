@@ -974,3 +974,274 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
 
 DS4_MV8W(mv8w2_q8_0, 2, 4)
 DS4_MV8W(mv8w4_q8_0, 4, 2)
+
+// ---------------------------------------------------------------------------------------------
+// Lane-owned int8 products for IQ2_XXS and Q2_K (production decode; `mvl_<t>` and the fused
+// gate+up+SwiGLU `mvlglu_<t>`). The cooperative kernels above (mv8_/mv8glu_) read 2 or 4
+// bytes per lane and move each lane's grid byte, sign word and scale over with 3–4 shuffles
+// per 8–16 weights plus two bank-conflicted u64 table lookups: bound by the shared-memory /
+// shuffle pipe with DRAM 13–15% busy. Here each lane reads and decodes its own slice of a
+// block, with no shuffle in the inner loop:
+// * IQ2_XXS: lane l owns group l%8 (32 elements, 8 bytes) of block l/8 of the step's 4
+//   blocks (1024 columns). The group's bytes are read as two aligned 8-byte words and
+//   funnel-shifted into place (blocks are 66 bytes, so groups are only 2-byte aligned); one
+//   32-bit table lookup per 8 weights gives PRMT selectors (`ds4_iq2_sel`), the 7 stored
+//   sign bits + parity are moved into the selectors by ALU, and __byte_perm picks the 4
+//   signed grid bytes ({8,25,43,0} or their negatives) in one instruction.
+// * Q2_K: lane l owns a quarter (16 code bytes = 64 elements in 4 runs of 16, 4 scale
+//   bytes) of block l/4 of the step's 8 blocks (2048 columns).
+// A warp takes NR rows that share the activation loads (RO consecutive rows, or the gate
+// and up rows of RO outputs) and UNR steps of loads before any decoding. Each lane adds its
+// groups' scaled integer dots in block order, the lanes are summed by the butterfly:
+// deterministic. Requires n_cols % 256 == 0 (both formats).
+// ---------------------------------------------------------------------------------------------
+
+#define IQ2_POS 0x002B1908u  // bytes 8, 25, 43, 0: selector nibbles 0..3
+#define IQ2_NEG 0x00D5E7F8u  // bytes -8, -25, -43, 0: selector nibbles 4..7
+
+// Sign pattern s7 (7 stored bits; bit 7 = their parity, as KSIGNS_IQ2XS) as bit 2 of nibble k
+// for element k, so that `sel | signs` selects the negated grid byte. Three multiply-and-mask
+// steps spread the 8 bits 4 apart; each multiply adds shifted copies that never overlap, so
+// no carries.
+__device__ __forceinline__ u32 iq2_sign_nibbles(u32 s7) {
+    u32 s = s7 | ((__popc(s7) & 1u) << 7);
+    s = (s * 0x1001u) & 0x000F000Fu;  // bits 0-3 stay, 4-7 -> 16-19
+    s = (s * 65u) & 0x03030303u;       // two bits per byte
+    return (s * 36u) & 0x44444444u;    // one bit per nibble, at bit 2
+}
+
+// The sign nibbles come from a 128-entry table in shared memory (after the 256 selectors,
+// filled with iq2_sign_nibbles): one more shared load per 8 weights instead of ~9 ALU
+// operations (measured: the same time either way).
+struct LaneIQ2 {
+    static constexpr int LPB = 8;  // lanes per block
+    static constexpr int BLOCK_BYTES = 66;
+    struct X {
+        uint4 a, b;  // the group's 32 activation codes
+        float d;
+    };
+    struct W {
+        uint2 p, q;  // 16 aligned bytes holding the group's 8
+        u32 off;     // group start - aligned start (0, 2, 4 or 6)
+        u16 d;
+    };
+    static __device__ __forceinline__ void load_x(X& x, const signed char* xq, const float* xd, int b, int sub) {
+        const uint4* p = (const uint4*)(xq + (b << 8) + 32 * sub);
+        x.a = p[0];
+        x.b = p[1];
+        x.d = xd[b];
+    }
+    // Reads up to 8 bytes past the group (at most 6 past the block): the next block or the
+    // weight buffer's tail padding (EXPERT_ALIGN in device.rs).
+    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub) {
+        const u8* blk = row + 66 * b;
+        w.d = ld16(blk);
+        const u8* g = blk + 2 + 8 * sub;
+        const uint2* p = (const uint2*)((size_t)g & ~(size_t)7);
+        w.p = p[0];
+        w.q = p[1];
+        w.off = (u32)(size_t)g & 7u;
+    }
+    static __device__ __forceinline__ void prep(X&) {}
+    static __device__ __forceinline__ float dot(const W& w, const X& x, int, const u32* tab, float acc) {
+        const bool hi = (w.off & 4u) != 0;
+        const u32 u0 = hi ? w.p.y : w.p.x, u1 = hi ? w.q.x : w.p.y, u2 = hi ? w.q.y : w.q.x;
+        const u32 sh = (w.off & 2u) * 8u;
+        const u32 ga = __funnelshift_r(u0, u1, sh);  // 4 grid indices
+        const u32 gb = __funnelshift_r(u1, u2, sh);  // 4 x 7 sign bits, scale in bits 28-31
+        const u32 xs[8] = {x.a.x, x.a.y, x.a.z, x.a.w, x.b.x, x.b.y, x.b.z, x.b.w};
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 sg = (gb >> (7 * k)) & 127u;
+            const u32 sel = tab[(ga >> (8 * k)) & 255u] | tab[256 + sg];
+            s = __dp4a((int)__byte_perm(IQ2_POS, IQ2_NEG, sel), (int)xs[2 * k], s);
+            s = __dp4a((int)__byte_perm(IQ2_POS, IQ2_NEG, sel >> 16), (int)xs[2 * k + 1], s);
+        }
+        const int tot = (2 * (int)(gb >> 28) + 1) * s;
+        return fmaf(0.125f * h2f(w.d) * x.d, (float)tot, acc);
+    }
+};
+
+struct LaneQ2K {
+    static constexpr int LPB = 4;
+    static constexpr int BLOCK_BYTES = 84;
+    // Quarter sub = 2n + h: code bytes 16 + 32n + 16h .. +15 (elements 128n + 32j + 16h + i,
+    // i < 16, in bits 2j), scale bytes 8n + 2j + h for j = 0..3.
+    struct X {
+        uint4 q[4];  // run j: elements 128n + 32j + 16h .. +15
+        float d;
+        int bs[4];  // Σ codes of run j (the min term), once for all NR rows
+    };
+    struct W {
+        u32 c[4];    // 16 code bytes
+        u32 s0, s1;  // scale words 2n, 2n+1 (bytes 8n..8n+7)
+        u32 dd;      // d | dmin << 16
+    };
+    static __device__ __forceinline__ void load_x(X& x, const signed char* xq, const float* xd, int b, int sub) {
+        const signed char* p = xq + (b << 8) + 128 * (sub >> 1) + 16 * (sub & 1);
+#pragma unroll
+        for (int j = 0; j < 4; j++) x.q[j] = *(const uint4*)(p + 32 * j);
+        x.d = xd[b];
+    }
+    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub) {
+        const u32* p = (const u32*)(row + 84 * b);
+        const int n = sub >> 1, h = sub & 1;
+#pragma unroll
+        for (int i = 0; i < 4; i++) w.c[i] = p[4 + 8 * n + 4 * h + i];
+        w.s0 = p[2 * n];
+        w.s1 = p[2 * n + 1];
+        w.dd = p[20];
+    }
+    static __device__ __forceinline__ void prep(X& x) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int t = __dp4a(0x01010101, (int)x.q[j].x, 0);
+            t = __dp4a(0x01010101, (int)x.q[j].y, t);
+            t = __dp4a(0x01010101, (int)x.q[j].z, t);
+            x.bs[j] = __dp4a(0x01010101, (int)x.q[j].w, t);
+        }
+    }
+    static __device__ __forceinline__ float dot(const W& w, const X& x, int sub, const u32*, float acc) {
+        const u32 hs = 8u * (u32)(sub & 1);
+        const u32 sa = w.s0 >> hs, sb = w.s1 >> hs;
+        int isum = 0, msum = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 sc = ((j < 2 ? sa : sb) >> (16 * (j & 1))) & 255u;
+            int s = __dp4a((int)((w.c[0] >> (2 * j)) & 0x03030303u), (int)x.q[j].x, 0);
+            s = __dp4a((int)((w.c[1] >> (2 * j)) & 0x03030303u), (int)x.q[j].y, s);
+            s = __dp4a((int)((w.c[2] >> (2 * j)) & 0x03030303u), (int)x.q[j].z, s);
+            s = __dp4a((int)((w.c[3] >> (2 * j)) & 0x03030303u), (int)x.q[j].w, s);
+            isum += (int)(sc & 15u) * s;
+            msum += (int)(sc >> 4) * x.bs[j];
+        }
+        const float dl = x.d * h2f((u16)(w.dd & 0xffffu)), ml = x.d * h2f((u16)(w.dd >> 16));
+        return fmaf(dl, (float)isum, fmaf(-ml, (float)msum, acc));
+    }
+};
+
+// acc[r] += rows[r] · x for the lane's share of every block (nb blocks of 256 columns).
+template <class U, int NR, int UNR>
+__device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const signed char* xq,
+                                          const float* xd, const u32* tab, float* acc) {
+    constexpr int BPS = 32 / U::LPB;  // blocks per step
+    const int lane = threadIdx.x & 31;
+    const int sub = lane % U::LPB, b0 = lane / U::LPB;
+    for (int s0 = 0; s0 < nb; s0 += UNR * BPS) {
+        typename U::X x[UNR];
+        typename U::W w[UNR][NR];
+        bool on[UNR];
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            const int b = s0 + k * BPS + b0;
+            on[k] = b < nb;
+            if (on[k]) {
+                U::load_x(x[k], xq, xd, b, sub);
+#pragma unroll
+                for (int r = 0; r < NR; r++) U::load_w(w[k][r], rows[r], b, sub);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            if (!on[k]) continue;
+            U::prep(x[k]);
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] = U::dot(w[k][r], x[k], sub, tab, acc[r]);
+        }
+    }
+}
+
+// The IQ2_XXS tables in shared memory (256 selectors + 128 sign-nibble words, 1.5 KB; a
+// 4-byte dummy for Q2_K), filled before any early return so every thread reaches the barrier.
+#define DS4_LANE_TABLE(TABLES)                                                                   \
+    __shared__ u32 tab_[TABLES ? 384 : 1];                                                       \
+    if (TABLES) {                                                                                \
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) tab_[i] = ds4_iq2_sel[i];            \
+        if (threadIdx.x < 128) tab_[256 + threadIdx.x] = iq2_sign_nibbles(threadIdx.x);          \
+        __syncthreads();                                                                         \
+    }
+
+// mvl_<t>: as mv8_<t> (slot = blockIdx.y, matrix ids[slot], input slot·x_stride), RO
+// consecutive rows per warp, 8 warps per block; no split.
+#define DS4_MVL(NAME, U, TABLES, RO, UNR, MINB)                                                  \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
+             int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
+             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y) {                \
+        pdl_enter();                                                                             \
+        DS4_LANE_TABLE(TABLES)                                                                   \
+        const int slot = blockIdx.y, lane = threadIdx.x & 31;                                    \
+        const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                  \
+        if (o >= n_rows) return;                                                                 \
+        const int nb = n_cols >> 8;                                                              \
+        const i64 rb = (i64)nb * U::BLOCK_BYTES;                                                 \
+        const u8* base = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                          \
+        const u8* rows[RO];                                                                      \
+        float acc[RO];                                                                           \
+        _Pragma("unroll") for (int r = 0; r < RO; r++) {                                         \
+            rows[r] = base + (i64)min(o + r, n_rows - 1) * rb;                                   \
+            acc[r] = 0.0f;                                                                       \
+        }                                                                                        \
+        const i64 xo = (i64)slot * x_stride;                                                     \
+        lane_rows<U, RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                     \
+        _Pragma("unroll") for (int r = 0; r < RO; r++) acc[r] = warp_sum(acc[r]);                \
+        if (lane == 0) {                                                                         \
+            _Pragma("unroll") for (int r = 0; r < RO; r++) {                                     \
+                if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = acc[r];                      \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+// mvlglu_<t>: as mv8glu_<t>; a warp takes the gate and up rows of RO consecutive outputs
+// (2·RO rows, one activation load per step), same SwiGLU epilogue.
+#define DS4_MVLGLU(NAME, U, TABLES, RO, UNR, MINB)                                               \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
+        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
+             const int* __restrict__ ids, int n_rows, int n_cols,                                \
+             const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,     \
+             const float* __restrict__ wts, float clampc, float* __restrict__ h) {               \
+        pdl_enter();                                                                             \
+        DS4_LANE_TABLE(TABLES)                                                                   \
+        const int slot = blockIdx.y, lane = threadIdx.x & 31;                                    \
+        const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                  \
+        if (o >= n_rows) return;                                                                 \
+        const int nb = n_cols >> 8;                                                              \
+        const i64 rb = (i64)nb * U::BLOCK_BYTES;                                                 \
+        const i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                \
+        const u8* rows[2 * RO];                                                                  \
+        float acc[2 * RO];                                                                       \
+        _Pragma("unroll") for (int r = 0; r < RO; r++) {                                         \
+            const i64 ro = eo + (i64)min(o + r, n_rows - 1) * rb;                                \
+            rows[r] = wg + ro;                                                                   \
+            rows[RO + r] = wu + ro;                                                              \
+            acc[r] = 0.0f;                                                                       \
+            acc[RO + r] = 0.0f;                                                                  \
+        }                                                                                        \
+        const i64 xo = (i64)slot * x_stride;                                                     \
+        lane_rows<U, 2 * RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                 \
+        _Pragma("unroll") for (int r = 0; r < 2 * RO; r++) acc[r] = warp_sum(acc[r]);            \
+        if (lane == 0) {                                                                         \
+            _Pragma("unroll") for (int r = 0; r < RO; r++) {                                     \
+                if (o + r < n_rows) {                                                            \
+                    float gv = fminf(acc[r], clampc);                                            \
+                    float sil = gv * (1.0f / (1.0f + expf(-gv)));                                \
+                    float uv = fminf(fmaxf(acc[RO + r], -clampc), clampc);                       \
+                    float v = sil * uv;                                                          \
+                    if (wts) v = v * wts[slot];                                                  \
+                    h[(i64)slot * n_rows + o + r] = v;                                           \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+// Rows per warp RO = 4 for the plain Q2_K product (its activation loads and bsums shared by 4
+// rows; at most 64 registers, 4 blocks per SM: 9.3 us for the experts' down vs 10.4 without
+// the bound, 11.4 with RO = 2), 2 outputs (4 rows) for the fused IQ2_XXS gate+up (22.8 us vs
+// 23.6 for one output; 2 or 4 steps in flight, the ALU sign path and a 64-register bound all
+// measured within ±1 us: ncu puts this kernel at 81% of L1/TEX throughput, DRAM 23%).
+// H200, ncu, flash-q2 decode shapes (bench/RESULTS-dx.md).
+DS4_MVL(mvl_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
+DS4_MVL(mvl_q2_k, LaneQ2K, 0, 4, 1, 4)
+DS4_MVLGLU(mvlglu_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
+DS4_MVLGLU(mvlglu_q2_k, LaneQ2K, 0, 1, 1, 1)
