@@ -1524,7 +1524,7 @@ impl GpuSession {
                 Ok(())
             };
             let att_fork = if fork && (l.comp.is_some() || l.indexer.is_some()) {
-                Some(be.fork(&comps)?)
+                Some(be.fork(comps)?)
             } else {
                 None
             };
@@ -1885,7 +1885,7 @@ impl GpuSession {
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))
             };
-            let ffn_fork = if fork { Some(be.fork(&shared)?) } else { None };
+            let ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
             } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
