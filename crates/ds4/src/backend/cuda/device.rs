@@ -8,8 +8,8 @@ use crate::quant::GgmlType;
 use cudarc::cublas::{sys as cb, CudaBlas};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
-    DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -222,6 +222,24 @@ pub struct CudaBackend {
     /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
     /// session around the capture of a decode graph; see `pdl_enter` in quant.cu).
     pdl: AtomicBool,
+    /// A second stream for independent branches of a decode step ([`CudaBackend::fork`]).
+    side: Arc<CudaStream>,
+    /// Kernels are launched on `side` (inside a fork) instead of `stream`.
+    on_side: AtomicBool,
+}
+
+/// A side-stream branch queued by [`CudaBackend::fork`], joined back into the main stream.
+#[must_use = "the main stream must join the branch before using its results"]
+pub struct Fork<'a> {
+    be: &'a CudaBackend,
+    done: CudaEvent,
+}
+
+impl Fork<'_> {
+    /// Makes the main stream wait for the branch.
+    pub fn join(self) -> Result<()> {
+        Ok(self.be.stream.wait(&self.done)?)
+    }
 }
 
 /// A kernel argument as the 8-byte slot `cuLaunchKernelEx` reads it from (the driver reads
@@ -282,11 +300,13 @@ impl CudaBackend {
         // One stream carries all work, so stream order is the only synchronization needed;
         // cudarc's per-buffer event tracking (made for multi-stream use) would add event
         // records to every launch and is switched off before any buffer exists.
-        // SAFETY: no CudaSlice exists yet, and the backend never uses a second stream.
+        // SAFETY: no CudaSlice exists yet. The one place work runs on a second stream
+        // (`fork`) orders it by explicit events, which is what the tracking would add.
         unsafe { ctx.disable_event_tracking() };
         // A created (non-default) stream: CUDA graph capture, which the decode loop uses,
         // is not allowed on the legacy default stream.
         let stream = ctx.new_stream()?;
+        let side = ctx.new_stream()?;
         let (image, origin, cache_key) =
             build_image(cache, &info.arch(), info.nvrtc_version).map_err(CudaError::Compile)?;
         let module = ctx.load_module(Ptx::from_binary(image))?;
@@ -346,6 +366,8 @@ impl CudaBackend {
             origin,
             cache_key,
             pdl: AtomicBool::new(false),
+            side,
+            on_side: AtomicBool::new(false),
         })
     }
 
@@ -362,6 +384,37 @@ impl CudaBackend {
     /// The stream all work is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The stream kernels are launched on now: the side stream inside [`CudaBackend::fork`],
+    /// else [`CudaBackend::stream`]. Allocations and copies always use the main stream.
+    pub fn st(&self) -> &Arc<CudaStream> {
+        if self.on_side.load(Ordering::Relaxed) {
+            &self.side
+        } else {
+            &self.stream
+        }
+    }
+
+    /// Whether launches go to the side stream now (inside [`CudaBackend::fork`]).
+    pub fn on_side(&self) -> bool {
+        self.on_side.load(Ordering::Relaxed)
+    }
+
+    /// Queues `branch` on the side stream, concurrent with what the main stream queues after
+    /// this call: the branch starts after everything queued so far, and [`Fork::join`] makes
+    /// the main stream wait for it. Works in a graph capture too (the side stream joins the
+    /// capture through the event, and the join returns to the origin stream), so a decode
+    /// graph gets two parallel paths. The branch must not write what the main path reads or
+    /// writes until the join, nor read what it writes (callers give it its own scratch).
+    pub fn fork(&self, branch: impl FnOnce() -> Result<()>) -> Result<Fork<'_>> {
+        let start = self.stream.record_event(None)?;
+        self.side.wait(&start)?;
+        self.on_side.store(true, Ordering::Relaxed);
+        let r = branch();
+        self.on_side.store(false, Ordering::Relaxed);
+        let done = self.side.record_event(None)?;
+        r.map(|_| Fork { be: self, done })
     }
 
     /// Waits for all queued work.
@@ -575,7 +628,7 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let null = 0u64;
-        let mut b = self.stream.launch_builder(&k.mv);
+        let mut b = self.st().launch_builder(&k.mv);
         b.arg(wv).arg(&expert_bytes);
         match ids {
             Some(v) => b.arg(v),
@@ -621,7 +674,7 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let (n_rows, n_cols, nt) = (w.n_rows as i32, w.n_cols as i32, n_tok as i32);
-        let mut b = self.stream.launch_builder(&k.mm);
+        let mut b = self.st().launch_builder(&k.mm);
         b.arg(&wv)
             .arg(&n_rows)
             .arg(&n_cols)
@@ -649,7 +702,7 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.st().launch_builder(f);
         b.arg(&wv).arg(&n_rows).arg(&n_cols).arg(out);
         // SAFETY: matches dq_<t>/dq32_<t>; output length checked.
         unsafe { b.launch(cfg) }?;
@@ -779,7 +832,7 @@ impl CudaBackend {
             blockDimY: cfg.block_dim.1,
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
+            hStream: self.st().cu_stream(),
             attrs: &mut attr,
             numAttrs: 1,
         };
@@ -845,7 +898,7 @@ impl CudaBackend {
             ];
             return self.launch_pdl(&k.mv, cfg, &mut a);
         }
-        let mut b = self.stream.launch_builder(&k.mv);
+        let mut b = self.st().launch_builder(&k.mv);
         b.arg(&wp)
             .arg(&expert_bytes)
             .arg(&ids)
@@ -890,13 +943,13 @@ impl CudaBackend {
             }
             ActQuant::Q8_0 => {
                 let nn = n as i64;
-                let mut b = self.stream.launch_builder(&self.qa_q8_0);
+                let mut b = self.st().launch_builder(&self.qa_q8_0);
                 b.arg(&x).arg(&nn).arg(&q).arg(&d);
                 b.launch(cfg)?;
             }
             ActQuant::Q8K => {
                 let nb = (n / 256) as i32;
-                let mut b = self.stream.launch_builder(&self.qa_q8_k);
+                let mut b = self.st().launch_builder(&self.qa_q8_k);
                 b.arg(&x).arg(&nb).arg(&q).arg(&d);
                 b.launch(cfg)?;
             }
@@ -1010,7 +1063,7 @@ impl CudaBackend {
             ];
             return self.launch_pdl(f, cfg, &mut a);
         }
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.st().launch_builder(f);
         b.arg(&wp)
             .arg(&expert_bytes)
             .arg(&ids)
@@ -1139,7 +1192,7 @@ impl CudaBackend {
             ];
             return self.launch_pdl(f, cfg, &mut a);
         }
-        let mut b = self.stream.launch_builder(f);
+        let mut b = self.st().launch_builder(f);
         b.arg(&pg)
             .arg(&pu)
             .arg(&expert_bytes)
@@ -1187,7 +1240,7 @@ impl CudaBackend {
         let eb = w.expert_stride as i64;
         let (e0, n_rows, n_cols) = (e0 as i32, w.n_rows as i32, w.n_cols as i32);
         let os = out_stride as i64;
-        let mut b = self.stream.launch_builder(&k.pfdq);
+        let mut b = self.st().launch_builder(&k.pfdq);
         b.arg(&wp)
             .arg(&eb)
             .arg(&experts)
@@ -1243,7 +1296,7 @@ impl CudaBackend {
         let pb = wb.map_or(pa, |w| self.weight_ptr(w));
         let eb = wa.expert_stride as i64;
         let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
-        let mut b = self.stream.launch_builder(&k.pfmm);
+        let mut b = self.st().launch_builder(&k.pfmm);
         b.arg(&pa)
             .arg(&pb)
             .arg(&eb)
@@ -1281,7 +1334,7 @@ impl CudaBackend {
         };
         let wp = self.weight_ptr(w);
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
-        let mut b = self.stream.launch_builder(&k.dq32);
+        let mut b = self.st().launch_builder(&k.dq32);
         b.arg(&wp).arg(&n_rows).arg(&n_cols).arg(&out);
         b.launch(cfg)?;
         Ok(())
@@ -1348,7 +1401,7 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let nn = n as i64;
-        let mut b = self.stream.launch_builder(&self.f32_to_f16);
+        let mut b = self.st().launch_builder(&self.f32_to_f16);
         b.arg(&x).arg(&y).arg(&nn);
         b.launch(cfg)?;
         Ok(())
@@ -1471,7 +1524,7 @@ impl CudaBackend {
         };
         let wp = self.weight_ptr(w);
         let (n_rows, n_cols, nt) = (w.n_rows as i32, w.n_cols as i32, n_tok as i32);
-        let mut b = self.stream.launch_builder(&k.mm);
+        let mut b = self.st().launch_builder(&k.mm);
         b.arg(&wp)
             .arg(&n_rows)
             .arg(&n_cols)

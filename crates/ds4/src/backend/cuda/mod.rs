@@ -32,7 +32,8 @@
 //!
 //! Environment switches (all on by default; `=0` turns a path off, for comparisons and
 //! bisecting — none is needed in normal use): `DS4_CUDA_GRAPH` (decode graph replay),
-//! `DS4_CUDA_PDL` (programmatic dependent launch inside decode graphs), `DS4_CUDA_INT8` (int8
+//! `DS4_CUDA_PDL` (programmatic dependent launch inside decode graphs), `DS4_CUDA_FORK` (a layer's
+//! independent decode paths — shared expert, compressors — on a second stream), `DS4_CUDA_INT8` (int8
 //! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
 //! quantization), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_LANE`
 //! (lane-owned IQ2_XXS / Q2_K int8 matvecs and fused gate+up, `mvl_<t>` / `mvlglu_<t>`;

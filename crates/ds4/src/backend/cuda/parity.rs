@@ -370,6 +370,21 @@ pub fn synthetic(
             criterion: "bit-identical logits and tokens".into(),
             pass: bits_equal(&g0b, &g0) && bits_equal(&glb, &gl) && gtb == gt,
         });
+        // Production decode runs a layer's independent paths on two streams (forked decode
+        // graphs): the same work in another schedule, so the logits must not change by a bit.
+        if !exact {
+            std::env::set_var("DS4_CUDA_FORK", "0");
+            let one = greedy(&model, &gpu_o, &prompt, steps);
+            std::env::remove_var("DS4_CUDA_FORK");
+            let (_, gl1, gt1, _) = one?;
+            rows.push(ParityRow {
+                check: format!("{name}/{mode} decode forked vs one stream ({steps} steps)"),
+                max_abs: diff(&gl1, &gl).0,
+                max_rel: 0.0,
+                criterion: "bit-identical logits and tokens".into(),
+                pass: bits_equal(&gl1, &gl) && gt1 == gt,
+            });
+        }
         // Production decode on one state: the CPU session's state restored on both backends,
         // then the same 16 tokens fed to each (teacher forcing), so every step's logits
         // compare the two decode paths directly (GPU int8 activations vs CPU Q8_0/Q8_K).

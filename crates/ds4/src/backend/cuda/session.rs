@@ -109,6 +109,13 @@ fn use_hc1() -> bool {
     super::switch_on("DS4_CUDA_HC1")
 }
 
+/// Whether production decode runs independent paths of a layer on a second stream — the
+/// shared expert beside the router and routed experts, the compressors beside the query
+/// path — so a decode graph has parallel branches (`DS4_CUDA_FORK=0` keeps one stream).
+fn use_fork() -> bool {
+    super::switch_on("DS4_CUDA_FORK")
+}
+
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
@@ -650,6 +657,12 @@ struct Scratch {
     d0: CudaSlice<f32>,
     qk: CudaSlice<f32>,
     dk: CudaSlice<f32>,
+    /// The same for products queued on the side stream (`CudaBackend::fork`), which run
+    /// concurrently with the main stream's and so cannot share its scratch.
+    q0s: CudaSlice<f32>,
+    d0s: CudaSlice<f32>,
+    qks: CudaSlice<f32>,
+    dks: CudaSlice<f32>,
     /// Sampling: argmax, max bits, candidate count; then the candidates (`narrow`).
     nhead: CudaSlice<i32>,
     nids: CudaSlice<i32>,
@@ -855,6 +868,10 @@ impl GpuSession {
             d0: a(qn / 32)?,
             qk: a(qn.div_ceil(4))?,
             dk: a(qn / 256)?,
+            q0s: a(qn.div_ceil(4))?,
+            d0s: a(qn / 32)?,
+            qks: a(qn.div_ceil(4))?,
+            dks: a(qn / 256)?,
             nhead: be.upload_i32(&[0; 3])?,
             nids: be.upload_i32(&vec![0; NARROW_CAP])?,
             nvals: a(NARROW_CAP)?,
@@ -1176,13 +1193,19 @@ impl GpuSession {
         // scratch holds, so products sharing an input quantize it once. Every write to a
         // remembered buffer clears it: product outputs here, `hc_pre` (rewrites `y`) below.
         let int8 = !self.exact && n == 1 && use_int8();
-        let memo = std::cell::Cell::new([0u64; 2]);
+        // Independent paths of a layer on the side stream (production decode only; the
+        // exact mode and prefill keep one stream, and cuBLAS runs on the main one).
+        let fork = int8 && use_fork();
+        // Entries 0, 1: the main stream's Q8_0 / Q8_K scratch; 2, 3: the side stream's.
+        let memo = std::cell::Cell::new([0u64; 4]);
         // Quantized form of `elems` inputs at `x` for `kind`: (codes, scales), from the memo
         // when that scratch already holds `x`.
         let qx = |kind: ActQuant, x: u64, elems: usize| -> Result<(u64, u64)> {
-            let (i, q, dd) = match kind {
-                ActQuant::Q8_0 => (0, p(&s.q0), p(&s.d0)),
-                ActQuant::Q8K => (1, p(&s.qk), p(&s.dk)),
+            let (i, q, dd) = match (kind, be.on_side()) {
+                (ActQuant::Q8_0, false) => (0, p(&s.q0), p(&s.d0)),
+                (ActQuant::Q8K, false) => (1, p(&s.qk), p(&s.dk)),
+                (ActQuant::Q8_0, true) => (2, p(&s.q0s), p(&s.d0s)),
+                (ActQuant::Q8K, true) => (3, p(&s.qks), p(&s.dks)),
             };
             let mut m = memo.get();
             if m[i] != x {
@@ -1291,7 +1314,7 @@ impl GpuSession {
             }
             let rows = if ids == 0 { n } else { slots };
             launch!(
-                st,
+                be.st(),
                 k.swiglu,
                 ((wg.n_rows as u32).div_ceil(256), rows as u32, 1),
                 (256, 1, 1),
@@ -1341,7 +1364,7 @@ impl GpuSession {
                       base: &CudaSlice<f32>,
                       norm: &CudaSlice<f32>|
          -> Result<()> {
-            memo.set([0; 2]);
+            memo.set([0; 4]);
             // Decode: the control product and the state's sum of squares over many blocks,
             // then one block for the rest, which also writes y's int8 forms (production).
             let wty = match fnw.ty {
@@ -1411,7 +1434,7 @@ impl GpuSession {
                 );
                 if int8 {
                     // Both scratches now hold y's codes (Q8_0 and Q8_K).
-                    memo.set([p(&s.y); 2]);
+                    memo.set([p(&s.y), p(&s.y), 0, 0]);
                 }
                 return Ok(());
             }
@@ -1460,6 +1483,51 @@ impl GpuSession {
                 &l.hc_attn_base,
                 &l.attn_norm,
             )?;
+            // Compressors.
+            let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
+                lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
+                lin(&w.gate, p(&s.y), n, p(&s.csc))?;
+                let args = attn::Compress {
+                    n,
+                    kvp: p(&s.ckv),
+                    scp: p(&s.csc),
+                    ape: p(&w.ape),
+                    skv: p(&cs.kv),
+                    ssc: p(&cs.sc),
+                    rows: p(&cs.rows),
+                    norm: p(&w.norm),
+                    freqs: ptr(&l.freqs, st),
+                    p0: p0l,
+                    ratio: cs.ratio,
+                    d: cs.d,
+                    coff: cs.coff,
+                    half: half as usize,
+                    eps,
+                    kind,
+                    qat: self.qat,
+                    exact: self.exact,
+                };
+                // SAFETY: ckv/csc hold n rows of the widest compressor; the frontier is
+                // coff·r × W; rows were grown to (p0 + n) / r before queueing.
+                unsafe { attn::compress(be.st(), &k.at, &args) }
+            };
+            // The compressors read only y and their own state: on a fork they run beside
+            // the query path (queued above) and are joined before the indexer and the
+            // attention read their rows.
+            let comps = || -> Result<()> {
+                if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
+                    compress(w, cs, 0)?;
+                }
+                if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
+                    compress(&iw.comp, cs, 1)?;
+                }
+                Ok(())
+            };
+            let att_fork = if fork && (l.comp.is_some() || l.indexer.is_some()) {
+                Some(be.fork(comps)?)
+            } else {
+                None
+            };
             // Query.
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
             lin(&l.kv, p(&s.y), n, p(&s.kv))?;
@@ -1553,39 +1621,11 @@ impl GpuSession {
                     ]
                 );
             }
-            // Compressors.
-            let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
-                lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
-                lin(&w.gate, p(&s.y), n, p(&s.csc))?;
-                let args = attn::Compress {
-                    n,
-                    kvp: p(&s.ckv),
-                    scp: p(&s.csc),
-                    ape: p(&w.ape),
-                    skv: p(&cs.kv),
-                    ssc: p(&cs.sc),
-                    rows: p(&cs.rows),
-                    norm: p(&w.norm),
-                    freqs: ptr(&l.freqs, st),
-                    p0: p0l,
-                    ratio: cs.ratio,
-                    d: cs.d,
-                    coff: cs.coff,
-                    half: half as usize,
-                    eps,
-                    kind,
-                    qat: self.qat,
-                    exact: self.exact,
-                };
-                // SAFETY: ckv/csc hold n rows of the widest compressor; the frontier is
-                // coff·r × W; rows were grown to (p0 + n) / r before queueing.
-                unsafe { attn::compress(st, &k.at, &args) }
-            };
-            if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
-                compress(w, cs, 0)?;
+            match att_fork {
+                Some(f) => f.join()?,
+                None => comps()?,
             }
             if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
-                compress(&iw.comp, cs, 1)?;
                 let (ih, id) = (c.idx_heads, c.idx_dim);
                 let vis_max = pb / 4;
                 if vis_max > c.idx_topk {
@@ -1828,6 +1868,24 @@ impl GpuSession {
             }
             // §3.2 + §3.4: FFN site.
             hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
+            // The shared expert reads only y: on a fork it runs beside the router and the
+            // routed experts, joined before the expert sum.
+            let shared = || -> Result<()> {
+                glu(
+                    &l.sh_gate,
+                    &l.sh_up,
+                    0,
+                    1,
+                    p(&s.y),
+                    0,
+                    p(&s.shg),
+                    p(&s.shu),
+                    0,
+                    l.clamp,
+                )?;
+                lin(&l.sh_down, p(&s.shg), n, p(&s.sh))
+            };
+            let ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
             } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
@@ -1915,19 +1973,10 @@ impl GpuSession {
                     // As above; g holds `slots` activations of F.
                     mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
                 }
-                glu(
-                    &l.sh_gate,
-                    &l.sh_up,
-                    0,
-                    1,
-                    p(&s.y),
-                    0,
-                    p(&s.shg),
-                    p(&s.shu),
-                    0,
-                    l.clamp,
-                )?;
-                lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
+                match ffn_fork {
+                    Some(f) => f.join()?,
+                    None => shared()?,
+                }
                 if n == 1 && use_hc1() {
                     // Expert sum and hc_post in one pass (decode).
                     launchp!(
