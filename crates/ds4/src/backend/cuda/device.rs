@@ -1007,7 +1007,7 @@ impl CudaBackend {
                 ];
                 return self.launch_pdl(fl, cfg, &mut a);
             }
-            let mut b = self.stream.launch_builder(fl);
+            let mut b = self.st().launch_builder(fl);
             b.arg(&wp)
                 .arg(&expert_bytes)
                 .arg(&ids)
@@ -1143,7 +1143,7 @@ impl CudaBackend {
                 ];
                 return self.launch_pdl(fl, cfg, &mut a);
             }
-            let mut b = self.stream.launch_builder(fl);
+            let mut b = self.st().launch_builder(fl);
             b.arg(&pg)
                 .arg(&pu)
                 .arg(&expert_bytes)
