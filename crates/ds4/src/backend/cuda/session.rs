@@ -210,6 +210,8 @@ struct Kernels {
     moe_sum: CudaFunction,
     fill: CudaFunction,
     sample_prep: CudaFunction,
+    sample_part: CudaFunction,
+    sample_fin: CudaFunction,
     pf: PfKernels,
 }
 
@@ -242,6 +244,8 @@ impl Kernels {
             moe_sum: f("k_moe_sum")?,
             fill: f("k_fill")?,
             sample_prep: f("k_sample_prep")?,
+            sample_part: f("k_sample_part")?,
+            sample_fin: f("k_sample_fin")?,
             pf: PfKernels::load(be)?,
         };
         // Exact-mode attention keeps one score per visible row in shared memory; long
@@ -654,6 +658,10 @@ struct Scratch {
     nhead: CudaSlice<i32>,
     nids: CudaSlice<i32>,
     nvals: CudaSlice<f32>,
+    /// Multi-block narrowing's scratch ([`narrow_scratch`]): partials, counts, ticket and
+    /// staged ids; staged values.
+    nwk: CudaSlice<i32>,
+    nwv: CudaSlice<f32>,
     /// Production prefill on tensor cores (absent in exact mode).
     pf: Option<PfScratch>,
 }
@@ -670,6 +678,70 @@ pub struct Narrowed {
     /// `(id, logit)` of every token at or above the cut, in id order; `None` when more
     /// than the cap passed (the caller then reads the whole row).
     pub candidates: Option<Vec<(u32, f32)>>,
+}
+
+/// Elements of the logits row per block of the multi-block narrowing (sample.cu
+/// `SP_CHUNK`).
+const SP_CHUNK: usize = 1024;
+
+/// Sizes of the multi-block narrowing's scratch for a row of `n`: i32 words (partials,
+/// counts, ticket, staged ids) and f32 staged values.
+pub(crate) fn narrow_scratch(n: usize) -> (usize, usize) {
+    let g = n.div_ceil(SP_CHUNK);
+    (3 * g + 1 + g * SP_CHUNK, g * SP_CHUNK)
+}
+
+/// Whether the logits row is narrowed over many blocks (`k_sample_part` + `k_sample_fin`);
+/// `DS4_CUDA_NARROW_MB=0` keeps the one-block `k_sample_prep`, for comparisons.
+pub(crate) fn multi_block_narrow() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_NARROW_MB"))
+}
+
+/// Queues the narrowing of a logits row of `n` (kernels/sample.cu): `k = [k_sample_prep,
+/// k_sample_part, k_sample_fin]`, `ints = [head, wk, ids]`, `floats = [wk values, vals]`.
+///
+/// # Safety
+/// `logits` holds `n` floats, `head` 3 ints, `ids`/`vals` at least `cap` entries, `wk`/`wv`
+/// [`narrow_scratch`]`(n)` (`wk` zero before the first call; the kernels leave it so).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn narrow_launch(
+    st: &CudaStream,
+    k: [&CudaFunction; 3],
+    multi: bool,
+    logits: u64,
+    n: usize,
+    inv_t: f32,
+    cut: f32,
+    cap: usize,
+    ints: [u64; 3],
+    floats: [u64; 2],
+) -> Result<()> {
+    let [head, wk, ids] = ints;
+    let [wv, vals] = floats;
+    let (nn, cap) = (n as i32, cap as i32);
+    if !multi {
+        launch!(
+            st,
+            k[0],
+            (1, 1, 1),
+            (1024, 1, 1),
+            0,
+            [logits, nn, inv_t, cut, cap, head, ids, vals]
+        );
+        return Ok(());
+    }
+    let g = n.div_ceil(SP_CHUNK) as u32;
+    launch!(st, k[1], (g, 1, 1), (256, 1, 1), 0, [logits, nn, wk]);
+    launch!(
+        st,
+        k[2],
+        (g, 1, 1),
+        (256, 1, 1),
+        0,
+        [logits, nn, inv_t, cut, cap, wk, wv, head, ids, vals]
+    );
+    Ok(())
 }
 
 /// Scratch of the production prefill GEMMs.
@@ -858,6 +930,8 @@ impl GpuSession {
             nhead: be.upload_i32(&[0; 3])?,
             nids: be.upload_i32(&vec![0; NARROW_CAP])?,
             nvals: a(NARROW_CAP)?,
+            nwk: be.upload_i32(&vec![0; narrow_scratch(c.n_vocab).0])?,
+            nwv: a(narrow_scratch(c.n_vocab).1)?,
             pf: if exact {
                 None
             } else {
@@ -1101,27 +1175,26 @@ impl GpuSession {
         let _guard = gm.lock.lock().unwrap_or_else(|e| e.into_inner());
         let st = gm.be.stream();
         let s = &self.s;
-        let v = self.vocab as i32;
         let cap = cap.min(NARROW_CAP);
         let p = |b: &CudaSlice<f32>| ptr(b, st);
         let pi = |b: &CudaSlice<i32>| ptr(b, st);
-        launch!(
-            st,
-            gm.k.sample_prep,
-            (1, 1, 1),
-            (1024, 1, 1),
-            0,
-            [
+        let k = &gm.k;
+        // SAFETY: logits hold `vocab` floats, the head 3 ints, ids/vals NARROW_CAP ≥ cap
+        // entries, nwk/nwv narrow_scratch(vocab).
+        unsafe {
+            narrow_launch(
+                st,
+                [&k.sample_prep, &k.sample_part, &k.sample_fin],
+                multi_block_narrow(),
                 p(&s.logits),
-                v,
+                self.vocab,
                 inv_t,
                 cut,
-                cap as i32,
-                pi(&s.nhead),
-                pi(&s.nids),
-                p(&s.nvals)
-            ]
-        );
+                cap,
+                [pi(&s.nhead), pi(&s.nwk), pi(&s.nids)],
+                [p(&s.nwv), p(&s.nvals)],
+            )?
+        };
         let mut head = vec![0i32; 3];
         st.memcpy_dtoh(&s.nhead, &mut head)?;
         st.synchronize()?;
@@ -1749,6 +1822,10 @@ impl GpuSession {
                         nsplit: attn::split_for(n),
                         rows_cap,
                         tc: !self.exact && n > 8 && attn::use_tc(),
+                        // Production decode step: split-rows flash decoding; part is
+                        // DECODE_SPLIT × 8 × n_head × Dh ≥ 32 row blocks of one token, att_sc
+                        // holds their (m, l).
+                        fd: !self.exact && n == 1 && attn::use_fd(),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
