@@ -130,10 +130,10 @@ pub fn use_tc() -> bool {
 
 /// Heads, rows of a tile, threads and most row blocks of the split-rows decode attention
 /// (attn.cu `FD_H`, `FD_R`, `FD_THREADS`, `FD_MAXB`).
-const FD_H: usize = 16;
-const FD_R: usize = 32;
+const FD_H: usize = 8;
+const FD_R: usize = 16;
 const FD_MAXB: usize = 32;
-/// Widest head the split-rows decode kernel takes (a thread holds 2 output dims).
+/// Widest head the split-rows decode kernel takes (128 threads of 4 output dims).
 const FD_MAX_DH: usize = 512;
 
 /// Dynamic shared memory of `k_att_fd`: `FD_H` queries and `FD_R` rows of `dh`, the tile's
@@ -272,7 +272,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             st,
             k.fd,
             (nb as u32, a.n_head.div_ceil(FD_H) as u32, a.n as u32),
-            (256, 1, 1),
+            (128, 1, 1),
             fd_smem(a.dh) as u32,
             [
                 a.q,
@@ -298,7 +298,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             st,
             k.fd_combine,
             ((a.n * a.n_head) as u32, 1, 1),
-            (256, 1, 1),
+            (128, 1, 1),
             [
                 a.part,
                 a.sc,

@@ -271,7 +271,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     Ok(out)
 }
 
-/// Logits narrowing (sample.cu): the multi-block `k_sample_part` + `k_sample_fin` against the
+/// Logits narrowing (sample.cu): the multi-block `k_sample_mb` against the
 /// CPU rule (`sample::argmax`, then every `(l − max)·inv_t ≥ cut` in id order) and against
 /// the one-block `k_sample_prep`, bit for bit: rows of the vocabulary's size with ties at the
 /// maximum, NaNs and infinities, an all-NaN row, a row whose candidates pass the cap, and a
@@ -280,20 +280,17 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
 fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     use super::session::{narrow_launch, narrow_scratch};
     let st = be.stream();
-    let kf = [
-        be.function("k_sample_prep")?,
-        be.function("k_sample_part")?,
-        be.function("k_sample_fin")?,
-    ];
+    let kf = [be.function("k_sample_prep")?, be.function("k_sample_mb")?];
     let cap = 16384usize;
     // (n, inv_t, cut, kind): 0 random + ties + NaN/inf, 1 all NaN, 2 everything passes.
-    let cases: [(usize, f32, f32, u8); 6] = [
+    let cases: [(usize, f32, f32, u8); 7] = [
         (129_280, 1.0, 0.05f32.ln() - 0.01, 0),
         (129_280, 1.0 / 0.3, -0.5, 0),
         (129_280, 1.0, -1e30, 2),
         (3000, 1.0, -0.5, 1),
         (5001, 1.0, -3.0, 0),
         (300_000, 1.0, -4.0, 0),
+        (5001, 1.0, f32::NEG_INFINITY, 0),
     ];
     for (n, inv_t, cut, kind) in cases {
         let mut row: Vec<f32> = (0..n).map(|_| (rng.normal() * 2.0) as f32).collect();
@@ -337,7 +334,7 @@ fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Res
             unsafe {
                 narrow_launch(
                     st,
-                    [&kf[0], &kf[1], &kf[2]],
+                    [&kf[0], &kf[1]],
                     multi,
                     d_row.device_ptr(st).0,
                     n,

@@ -210,8 +210,7 @@ struct Kernels {
     moe_sum: CudaFunction,
     fill: CudaFunction,
     sample_prep: CudaFunction,
-    sample_part: CudaFunction,
-    sample_fin: CudaFunction,
+    sample_mb: CudaFunction,
     pf: PfKernels,
 }
 
@@ -244,8 +243,7 @@ impl Kernels {
             moe_sum: f("k_moe_sum")?,
             fill: f("k_fill")?,
             sample_prep: f("k_sample_prep")?,
-            sample_part: f("k_sample_part")?,
-            sample_fin: f("k_sample_fin")?,
+            sample_mb: f("k_sample_mb")?,
             pf: PfKernels::load(be)?,
         };
         // Exact-mode attention keeps one score per visible row in shared memory; long
@@ -658,8 +656,8 @@ struct Scratch {
     nhead: CudaSlice<i32>,
     nids: CudaSlice<i32>,
     nvals: CudaSlice<f32>,
-    /// Multi-block narrowing's scratch ([`narrow_scratch`]): partials, counts, ticket and
-    /// staged ids; staged values.
+    /// Multi-block narrowing's scratch ([`narrow_scratch`]): blocks' bests, staged counts,
+    /// ticket and staged ids; staged values.
     nwk: CudaSlice<i32>,
     nwv: CudaSlice<f32>,
     /// Production prefill on tensor cores (absent in exact mode).
@@ -691,7 +689,7 @@ pub(crate) fn narrow_scratch(n: usize) -> (usize, usize) {
     (3 * g + 1 + g * SP_CHUNK, g * SP_CHUNK)
 }
 
-/// Whether the logits row is narrowed over many blocks (`k_sample_part` + `k_sample_fin`);
+/// Whether the logits row is narrowed over many blocks (`k_sample_mb`);
 /// `DS4_CUDA_NARROW_MB=0` keeps the one-block `k_sample_prep`, for comparisons.
 pub(crate) fn multi_block_narrow() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -699,15 +697,15 @@ pub(crate) fn multi_block_narrow() -> bool {
 }
 
 /// Queues the narrowing of a logits row of `n` (kernels/sample.cu): `k = [k_sample_prep,
-/// k_sample_part, k_sample_fin]`, `ints = [head, wk, ids]`, `floats = [wk values, vals]`.
+/// k_sample_mb]`, `ints = [head, wk, ids]`, `floats = [wk values, vals]`.
 ///
 /// # Safety
 /// `logits` holds `n` floats, `head` 3 ints, `ids`/`vals` at least `cap` entries, `wk`/`wv`
-/// [`narrow_scratch`]`(n)` (`wk` zero before the first call; the kernels leave it so).
+/// [`narrow_scratch`]`(n)` (`wk` zero before the first call; the kernel leaves it so).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn narrow_launch(
     st: &CudaStream,
-    k: [&CudaFunction; 3],
+    k: [&CudaFunction; 2],
     multi: bool,
     logits: u64,
     n: usize,
@@ -732,10 +730,9 @@ pub(crate) unsafe fn narrow_launch(
         return Ok(());
     }
     let g = n.div_ceil(SP_CHUNK) as u32;
-    launch!(st, k[1], (g, 1, 1), (256, 1, 1), 0, [logits, nn, wk]);
     launch!(
         st,
-        k[2],
+        k[1],
         (g, 1, 1),
         (256, 1, 1),
         0,
@@ -1184,7 +1181,7 @@ impl GpuSession {
         unsafe {
             narrow_launch(
                 st,
-                [&k.sample_prep, &k.sample_part, &k.sample_fin],
+                [&k.sample_prep, &k.sample_mb],
                 multi_block_narrow(),
                 p(&s.logits),
                 self.vocab,

@@ -336,16 +336,32 @@ extern "C" __global__ void k_att_combine(const float* __restrict__ part,
 // k_att_fd: a block per (row block b, group of FD_H heads, token). The block walks its rows
 // in tiles of FD_R, staged once in shared memory for both products (K = V): scores by
 // register tiles (warp w: the tile's rows 4w..4w+3 for all FD_H heads; lane: dims 4·lane +
-// 128k, its 64 partial dots added over the lanes by a fixed butterfly), an online softmax
-// started from the sink (m = sink, l = 0: the sink's own e^{sink−m} is added once, by the
-// combine), and the weighted sum (thread: dims 2·tid, 2·tid+1 of every head). It stores the
-// unnormalized partial output and (m, l) per (block, token, head); k_att_fd_combine rescales
-// the blocks' partials to the common max in block order, divides and applies the inverse
-// RoPE. One pass over the rows instead of four launches with scores through global memory.
-#define FD_H 16        // heads a block
-#define FD_R 32        // rows a tile
-#define FD_THREADS 256
+// 128k; its 32 partial dots are added over the lanes by a fixed butterfly that leaves lane
+// l with entry l), an online softmax started from the sink (m = sink, l = 0: the sink's own
+// e^{sink−m} is added once, by the combine), and the weighted sum (thread: dims 4·tid..+3 of
+// every head). It stores the unnormalized partial output and (m, l) per (block, token,
+// head); k_att_fd_combine rescales the blocks' partials to the common max in block order,
+// divides and applies the inverse RoPE. One pass over the rows instead of four launches
+// with the scores through global memory. Small blocks (8 heads × 16 rows, 4 warps) so that a
+// 128-row window already gives 64 blocks.
+#define FD_H 8         // heads a block
+#define FD_R 16        // rows a tile
+#define FD_THREADS 128
 #define FD_MAXB 32     // most row blocks (attn.rs picks the tiles per block to stay below)
+
+// One butterfly step of the score reduction: of the 2·O values s[0..2O), lanes with bit O
+// set keep the upper half, the others the lower half, each adding its partner's copy.
+// Constant indices after inlining (a template), so s stays in registers.
+template <int O>
+__device__ __forceinline__ void fd_fold(float (&s)[32], int lane) {
+    const bool up = (lane & O) != 0;
+#pragma unroll
+    for (int j = 0; j < O; j++) {
+        float send = up ? s[j] : s[j + O];
+        float keep = up ? s[j + O] : s[j];
+        s[j] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(FD_THREADS)
     k_att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
@@ -361,43 +377,38 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
     const int r_lo = b * tpb * FD_R;
     if (r_lo >= a.n_rows) return;
     const int r_hi = min(a.n_rows, r_lo + tpb * FD_R);
-    float* qs = fd_sm;                  // FD_H × dh queries
-    float* ks = qs + FD_H * dh;         // FD_R × dh rows
-    float* ss = ks + FD_R * dh;         // FD_H × (FD_R + 1) scores
-    float* ws = ss + FD_H * (FD_R + 1); // FD_R × FD_H weights (a row's heads contiguous)
-    float* fac = ws + FD_R * FD_H;      // FD_H rescale factors of the tile
+    float* qs = fd_sm;                   // FD_H × dh queries
+    float* ks = qs + FD_H * dh;          // FD_R × dh rows
+    float* ss = ks + FD_R * dh;          // FD_H × (FD_R + 1) scores
+    float* ws = ss + FD_H * (FD_R + 1);  // FD_R × FD_H weights (a row's heads contiguous)
+    float* fac = ws + FD_R * FD_H;       // FD_H rescale factors of the tile
     const int c4 = dh >> 2, rstep = FD_THREADS / c4, col = tid % c4;
     const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
+#pragma unroll 8
     for (int hl = tid / c4; hl < FD_H; hl += rstep) {
         int hh = h0 + hl;
         ((float4*)qs)[hl * c4 + col] =
             hh < n_head ? ((const float4*)(q + ((long long)t * n_head + hh) * dh))[col] : z4;
     }
-    // Softmax state of the warp's two heads (the same in every lane).
-    float m_run[2], l_run[2];
+    // Softmax: warp w, half-warp g holds head 2w + g, a lane per row of the tile.
+    const int sh = 2 * warp + (lane >> 4), sr = lane & 15;
+    float m_run = h0 + sh < n_head ? sinks[h0 + sh] : 0.0f, l_run = 0.0f;
+    float acc[FD_H][4];
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-        int hh = h0 + 2 * warp + j;
-        m_run[j] = hh < n_head ? sinks[hh] : 0.0f;
-        l_run[j] = 0.0f;
-    }
-    float acc[FD_H][2];
-#pragma unroll
-    for (int h = 0; h < FD_H; h++) acc[h][0] = acc[h][1] = 0.0f;
+    for (int h = 0; h < FD_H; h++) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
     const int nk = dh >> 7;  // float4 columns a lane takes in the score products
-    const bool out_lane = 2 * tid < dh;
+    const bool out_lane = 4 * tid < dh;
     for (int r0 = r_lo; r0 < r_hi; r0 += FD_R) {
         __syncthreads();  // the previous tile's rows and weights are consumed
-#pragma unroll 4
+#pragma unroll 16
         for (int rl = tid / c4; rl < FD_R; rl += rstep) {
             int rr = r0 + rl;
             ((float4*)ks)[rl * c4 + col] = rr < r_hi ? ((const float4*)att_row(a, rr))[col] : z4;
         }
         __syncthreads();
-        float s[FD_H * 4];  // [head][row 4w + i]
+        float s[32];  // [head h][row 4w + i] at 4h + i
 #pragma unroll
-        for (int x = 0; x < FD_H * 4; x++) s[x] = 0.0f;
+        for (int x = 0; x < 32; x++) s[x] = 0.0f;
         for (int k = 0; k < nk; k++) {
             const int c = lane + 32 * k;
             float4 kr[4];
@@ -417,43 +428,30 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
                 }
             }
         }
-        // Sum the 64 partials over the 32 lanes: each butterfly step keeps half of the
-        // values and adds the partner lane's copy of them; lane ends with entries 2·lane
-        // and 2·lane + 1 (head lane/2, rows 4w + 2(lane&1) + {0, 1}).
-#pragma unroll
-        for (int stp = 0; stp < 5; stp++) {
-            const int o = 16 >> stp, hv = 32 >> stp;
-            const bool up = (lane & o) != 0;
-#pragma unroll
-            for (int j = 0; j < hv; j++) {
-                float send = up ? s[j] : s[j + hv];
-                float keep = up ? s[j + hv] : s[j];
-                s[j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-            ss[(lane >> 1) * (FD_R + 1) + 4 * warp + 2 * (lane & 1) + j] = s[j] * scale;
+        fd_fold<16>(s, lane);
+        fd_fold<8>(s, lane);
+        fd_fold<4>(s, lane);
+        fd_fold<2>(s, lane);
+        fd_fold<1>(s, lane);
+        // Lane l holds entry l: head l/4, row 4w + l%4.
+        ss[(lane >> 2) * (FD_R + 1) + 4 * warp + (lane & 3)] = s[0] * scale;
         __syncthreads();
-        // Online softmax: warp w, heads 2w and 2w+1, a lane per row.
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            const int hl = 2 * warp + j;
-            const bool ok = r0 + lane < r_hi;
-            float x = ok ? ss[hl * (FD_R + 1) + lane] : NEG_INF;
+        {
+            const bool ok = r0 + sr < r_hi;
+            float x = ok ? ss[sh * (FD_R + 1) + sr] : NEG_INF;
             float mt = x;
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-            float mn = fmaxf(m_run[j], mt);
-            float f = expf(m_run[j] - mn);
+            for (int o = 8; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+            float mn = fmaxf(m_run, mt);
+            float f = expf(m_run - mn);
             float w = ok ? expf(x - mn) : 0.0f;
             float sum = w;
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            l_run[j] = l_run[j] * f + sum;
-            m_run[j] = mn;
-            ws[lane * FD_H + hl] = w;
-            if (lane == 0) fac[hl] = f;
+            for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            l_run = l_run * f + sum;
+            m_run = mn;
+            ws[sr * FD_H + sh] = w;
+            if (sr == 0) fac[sh] = f;
         }
         __syncthreads();
         if (out_lane) {
@@ -462,21 +460,20 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
                 float f = fac[h];
                 acc[h][0] *= f;
                 acc[h][1] *= f;
+                acc[h][2] *= f;
+                acc[h][3] *= f;
             }
 #pragma unroll 4
             for (int r = 0; r < FD_R; r++) {
-                float2 kv = ((const float2*)ks)[r * (dh >> 1) + tid];
+                float4 kv = ((const float4*)ks)[r * c4 + tid];
+                float4 wa = ((const float4*)ws)[r * 2], wb = ((const float4*)ws)[r * 2 + 1];
+                float wr[FD_H] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
 #pragma unroll
-                for (int hq = 0; hq < FD_H / 4; hq++) {
-                    float4 w4 = ((const float4*)ws)[r * (FD_H / 4) + hq];
-                    acc[4 * hq + 0][0] = fmaf(w4.x, kv.x, acc[4 * hq + 0][0]);
-                    acc[4 * hq + 0][1] = fmaf(w4.x, kv.y, acc[4 * hq + 0][1]);
-                    acc[4 * hq + 1][0] = fmaf(w4.y, kv.x, acc[4 * hq + 1][0]);
-                    acc[4 * hq + 1][1] = fmaf(w4.y, kv.y, acc[4 * hq + 1][1]);
-                    acc[4 * hq + 2][0] = fmaf(w4.z, kv.x, acc[4 * hq + 2][0]);
-                    acc[4 * hq + 2][1] = fmaf(w4.z, kv.y, acc[4 * hq + 2][1]);
-                    acc[4 * hq + 3][0] = fmaf(w4.w, kv.x, acc[4 * hq + 3][0]);
-                    acc[4 * hq + 3][1] = fmaf(w4.w, kv.y, acc[4 * hq + 3][1]);
+                for (int h = 0; h < FD_H; h++) {
+                    acc[h][0] = fmaf(wr[h], kv.x, acc[h][0]);
+                    acc[h][1] = fmaf(wr[h], kv.y, acc[h][1]);
+                    acc[h][2] = fmaf(wr[h], kv.z, acc[h][2]);
+                    acc[h][3] = fmaf(wr[h], kv.w, acc[h][3]);
                 }
             }
         }
@@ -486,76 +483,77 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
 #pragma unroll
         for (int h = 0; h < FD_H; h++) {
             if (h0 + h < n_head)
-                *(float2*)(part + (base + h0 + h) * dh + 2 * tid) = make_float2(acc[h][0], acc[h][1]);
+                *(float4*)(part + (base + h0 + h) * dh + 4 * tid) =
+                    make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
         }
     }
-    if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < 2; j++) {
-            int hh = h0 + 2 * warp + j;
-            if (hh < n_head) {
-                ml[(base + hh) * 2] = m_run[j];
-                ml[(base + hh) * 2 + 1] = l_run[j];
-            }
-        }
+    if (sr == 0 && h0 + sh < n_head) {
+        ml[(base + h0 + sh) * 2] = m_run;
+        ml[(base + h0 + sh) * 2 + 1] = l_run;
     }
 }
 
 // Finishes k_att_fd: M = max(sink, m_b), o = Σ_b e^{m_b−M}·part_b / (e^{sink−M} + Σ_b
-// e^{m_b−M}·l_b), blocks in order, then the inverse RoPE of the tail. A block per (token,
-// head), a thread per pair of dims.
-extern "C" __global__ void k_att_fd_combine(const float* __restrict__ part,
-                                            const float* __restrict__ ml,
-                                            const int* __restrict__ cnt, int ratio,
-                                            const long long* __restrict__ p0p, int swa,
-                                            int n_head, int dh, int tpb,
-                                            const float* __restrict__ sinks, int half,
-                                            const double* __restrict__ freqs,
-                                            float* __restrict__ o) {
+// e^{m_b−M}·l_b), the blocks' terms in block order (the denominator's by a fixed butterfly),
+// then the inverse RoPE of the tail. A block per (token, head) of 128 threads, 4 dims each.
+extern "C" __global__ void __launch_bounds__(128)
+    k_att_fd_combine(const float* __restrict__ part, const float* __restrict__ ml,
+                     const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p,
+                     int swa, int n_head, int dh, int tpb, const float* __restrict__ sinks,
+                     int half, const double* __restrict__ freqs, float* __restrict__ o) {
     __shared__ float fb[FD_MAXB];
     __shared__ float s_iv;
     const int th = blockIdx.x, t = th / n_head, h = th % n_head, n = gridDim.x / n_head;
+    const int tid = threadIdx.x;
     const long long p0 = *p0p, p = p0 + t;
     const long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
     const int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
     const int n_rows = (int)(p - lo + 1) + n_comp;
     const int nb = (n_rows + tpb * FD_R - 1) / (tpb * FD_R);
-    const long long stride = (long long)n * n_head;  // (block, token, head) entries a block
-    const float sink = sinks[h];
-    float mx = sink;
-    for (int bb = 0; bb < nb; bb++) mx = fmaxf(mx, ml[(bb * stride + th) * 2]);
-    if (threadIdx.x < nb) fb[threadIdx.x] = expf(ml[(threadIdx.x * stride + th) * 2] - mx);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float den = expf(sink - mx);
-        for (int bb = 0; bb < nb; bb++) den += fb[bb] * ml[(bb * stride + th) * 2 + 1];
-        s_iv = 1.0f / den;
+    const long long stride = (long long)n * n_head;  // (token, head) entries a row block
+    if (tid < 32) {
+        const float sink = sinks[h];
+        float mb = tid < nb ? ml[(tid * stride + th) * 2] : NEG_INF;
+        float lb = tid < nb ? ml[(tid * stride + th) * 2 + 1] : 0.0f;
+        float mx = fmaxf(mb, sink);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float f = tid < nb ? expf(mb - mx) : 0.0f;
+        float d = f * lb;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        fb[tid] = f;
+        if (tid == 0) s_iv = 1.0f / (expf(sink - mx) + d);
     }
     __syncthreads();
+    if (4 * tid >= dh) return;
     const float iv = s_iv;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int bb = 0; bb < nb; bb++) {
+        float4 x = *(const float4*)(part + (bb * stride + th) * dh + 4 * tid);
+        float f = fb[bb];
+        v.x = fmaf(f, x.x, v.x);
+        v.y = fmaf(f, x.y, v.y);
+        v.z = fmaf(f, x.z, v.z);
+        v.w = fmaf(f, x.w, v.w);
+    }
+    float r[4] = {v.x * iv, v.y * iv, v.z * iv, v.w * iv};
     const int off = dh - 2 * half;
-    for (int pr = threadIdx.x; pr < dh / 2; pr += blockDim.x) {
-        int e = 2 * pr;
-        float va = 0.0f, vb = 0.0f;
-        for (int bb = 0; bb < nb; bb++) {
-            float2 v = *(const float2*)(part + (bb * stride + th) * dh + e);
-            va = fmaf(fb[bb], v.x, va);
-            vb = fmaf(fb[bb], v.y, vb);
-        }
-        va = va * iv;
-        vb = vb * iv;
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int e = 4 * tid + 2 * j;
         if (e >= off) {
             double sn, cs;
             sincos((double)p * freqs[(e - off) / 2], &sn, &cs);
             float cf = (float)cs, sf = -(float)sn;
-            float na = va * cf - vb * sf;
-            float nb2 = va * sf + vb * cf;
-            va = na;
-            vb = nb2;
+            float va = r[2 * j], vb = r[2 * j + 1];
+            r[2 * j] = va * cf - vb * sf;
+            r[2 * j + 1] = va * sf + vb * cf;
         }
-        o[(long long)th * dh + e] = va;
-        o[(long long)th * dh + e + 1] = vb;
     }
+    *(float4*)(o + (long long)th * dh + 4 * tid) = make_float4(r[0], r[1], r[2], r[3]);
 }
 
 // Lightning indexer: score[t][row] = Σ_h w_{t,h}·max(0, q_{t,h}·K_row) for the rows visible
