@@ -306,7 +306,10 @@ fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Res
                     row[i] = f32::NEG_INFINITY;
                 }
                 // The maximum three times, the first copy not in the first block.
-                let top = row.iter().filter(|v| !v.is_nan()).fold(f32::MIN, |a, &b| a.max(b));
+                let top = row
+                    .iter()
+                    .filter(|v| !v.is_nan())
+                    .fold(f32::MIN, |a, &b| a.max(b));
                 for i in [n / 3, n / 2, n - 1] {
                     row[i] = top + 1.0;
                 }
