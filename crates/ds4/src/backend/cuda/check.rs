@@ -268,7 +268,83 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     }
     check_pdl_chain(be, &mut rng, &mut out)?;
     check_sample(be, &mut rng, &mut out)?;
+    check_mv2_f16(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// The fused pair of F16 products (quant.cu `mv2_f16`, a compressor's kv and gate in
+/// decode): against the f64 reference and bit for bit against two `mv_f16` launches, at the
+/// flash compressors' shapes (ratio 4 and 128 KV, indexer).
+fn check_mv2_f16(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let st = be.stream();
+    let f = be.function("mv2_f16")?;
+    for (n_rows, n_cols) in [(1024usize, 4096usize), (512, 4096), (256, 4096), (40, 96)] {
+        let wa = random_weight(rng, GgmlType::F16, n_rows, n_cols);
+        let wb = random_weight(rng, GgmlType::F16, n_rows, n_cols);
+        let x = random_activations(rng, n_cols);
+        let ga = be.upload_weight(GgmlType::F16, &wa, n_rows, n_cols, 1, &mut |_, _| {})?;
+        let gb = be.upload_weight(GgmlType::F16, &wb, n_rows, n_cols, 1, &mut |_, _| {})?;
+        let xd = be.upload_f32(&x)?;
+        let (ya, yb) = (poisoned(be, n_rows)?, poisoned(be, n_rows)?);
+        let split = super::device::mv_split(n_rows, n_cols, 1);
+        let cfg = LaunchConfig {
+            grid_dim: ((2 * n_rows as u32).div_ceil(8 / split), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = (
+            be.weight_ptr(&ga),
+            be.weight_ptr(&gb),
+            n_rows as i32,
+            n_cols as i32,
+            xd.device_ptr(st).0,
+            ya.device_ptr(st).0,
+            yb.device_ptr(st).0,
+            split as i32,
+        );
+        let mut lb = st.launch_builder(&f);
+        lb.arg(&args.0)
+            .arg(&args.1)
+            .arg(&args.2)
+            .arg(&args.3)
+            .arg(&args.4)
+            .arg(&args.5)
+            .arg(&args.6)
+            .arg(&args.7);
+        // SAFETY: both weights n_rows × n_cols F16, x n_cols, ya/yb n_rows floats.
+        unsafe { lb.launch(cfg) }?;
+        let (fa, fb) = (be.download(&ya)?, be.download(&yb)?);
+        let mut sa = be.alloc_f32(n_rows)?;
+        let mut sb = be.alloc_f32(n_rows)?;
+        be.matvec(&ga, 0, &xd.slice(..), &mut sa.slice_mut(..))?;
+        be.matvec(&gb, 0, &xd.slice(..), &mut sb.slice_mut(..))?;
+        let (ma, mb) = (be.download(&sa)?, be.download(&sb)?);
+        let shape = format!("2x {n_rows}x{n_cols}");
+        let mut refs = reference(GgmlType::F16, &wa, n_rows, n_cols, &x);
+        refs.extend(reference(GgmlType::F16, &wb, n_rows, n_cols, &x));
+        let both: Vec<f32> = fa.iter().chain(&fb).copied().collect();
+        out.push(compare(
+            "mv2_f16",
+            GgmlType::F16,
+            shape.clone(),
+            &both,
+            &refs,
+            TOL_F32,
+        ));
+        out.push(CheckRow {
+            kernel: "mv2_f16_vs_mv_f16".into(),
+            ty: GgmlType::F16,
+            shape,
+            max_abs: 0.0,
+            max_err: 0.0,
+            rel_l2: 0.0,
+            tol: 0.0,
+            pass: same_bits(&fa, &ma) && same_bits(&fb, &mb),
+            note: "bit-identical to two mv_f16 launches".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Logits narrowing (sample.cu): the multi-block `k_sample_mb` against the

@@ -42,7 +42,9 @@ use cudarc::driver::{
 };
 
 use super::attn::{self, AttnKernels};
-use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES};
+use super::device::{
+    mv_split, ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES,
+};
 use super::prefill::{dense_gemm, dense_sgemm, fused_fits, moe_grouped, MoeScratch, PfKernels};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
@@ -211,6 +213,7 @@ struct Kernels {
     fill: CudaFunction,
     sample_prep: CudaFunction,
     sample_mb: CudaFunction,
+    mv2_f16: CudaFunction,
     pf: PfKernels,
 }
 
@@ -244,6 +247,7 @@ impl Kernels {
             fill: f("k_fill")?,
             sample_prep: f("k_sample_prep")?,
             sample_mb: f("k_sample_mb")?,
+            mv2_f16: f("mv2_f16")?,
             pf: PfKernels::load(be)?,
         };
         // Exact-mode attention keeps one score per visible row in shared memory; long
@@ -1625,8 +1629,38 @@ impl GpuSession {
             }
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
-                lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
-                lin(&w.gate, p(&s.y), n, p(&s.csc))?;
+                let (a, b) = (&w.kv, &w.gate);
+                if n == 1
+                    && a.ty == GgmlType::F16
+                    && b.ty == GgmlType::F16
+                    && (a.n_rows, a.n_cols, a.n_experts) == (b.n_rows, b.n_cols, 1)
+                    && b.n_experts == 1
+                {
+                    // Decode: both products read y, so one launch (quant.cu mv2_f16, rows
+                    // bit-identical to two mv_f16 launches).
+                    let split = mv_split(a.n_rows, a.n_cols, 1);
+                    launchp!(
+                        be,
+                        st,
+                        k.mv2_f16,
+                        ((2 * a.n_rows as u32).div_ceil(8 / split), 1, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            be.weight_ptr(a),
+                            be.weight_ptr(b),
+                            a.n_rows as i32,
+                            a.n_cols as i32,
+                            p(&s.y),
+                            p(&s.ckv),
+                            p(&s.csc),
+                            split as i32
+                        ]
+                    );
+                } else {
+                    lin(a, p(&s.y), n, p(&s.ckv))?;
+                    lin(b, p(&s.y), n, p(&s.csc))?;
+                }
                 let args = attn::Compress {
                     n,
                     kvp: p(&s.ckv),
