@@ -309,6 +309,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.n_head as i32,
                 a.dh as i32,
                 tpb as i32,
+                nb as i32,
                 a.sinks,
                 a.half as i32,
                 a.freqs,

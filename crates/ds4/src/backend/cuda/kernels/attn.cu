@@ -352,6 +352,19 @@ extern "C" __global__ void k_att_combine(const float* __restrict__ part,
 // One butterfly step of the score reduction: of the 2·O values s[0..2O), lanes with bit O
 // set keep the upper half, the others the lower half, each adding its partner's copy.
 // Constant indices after inlining (a template), so s stays in registers.
+// att_row with 32-bit index arithmetic (positions and row numbers fit in 31 bits; att_row's
+// 64-bit modulo is a long instruction sequence, and this kernel forms 16 row addresses a
+// thread a tile).
+__device__ __forceinline__ const float* fd_row(const AttRows& a, int rr) {
+    if (rr < a.n_raw) {
+        unsigned q = (unsigned)(a.lo + rr), p0 = (unsigned)a.p0;
+        return q >= p0 ? a.ckv + (size_t)(q - p0) * a.dh
+                       : a.ring + (size_t)(q % (unsigned)a.swa) * a.dh;
+    }
+    unsigned c = a.ratio == 4 ? (unsigned)a.sel[rr - a.n_raw] : (unsigned)(rr - a.n_raw);
+    return a.comp + (size_t)c * a.dh;
+}
+
 template <int O>
 __device__ __forceinline__ void fd_fold(float (&s)[32], int lane) {
     const bool up = (lane & O) != 0;
@@ -373,6 +386,19 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
     extern __shared__ __align__(16) float fd_sm[];
     const int b = blockIdx.x, h0 = blockIdx.y * FD_H, t = blockIdx.z, n = gridDim.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int c4 = dh >> 2, rstep = FD_THREADS / c4, col = tid % c4, rl0 = tid / c4;
+    const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    // Every global load of a batch is issued before the batch's shared-memory stores (the
+    // compiler does not move loads across those stores, so a load-store loop would pay one
+    // memory latency per iteration). The queries come first: they depend on nothing else.
+    float4 qv4[FD_H];
+#pragma unroll
+    for (int i = 0; i < FD_H; i++) {
+        int hl = rl0 + i * rstep, hh = h0 + hl;
+        qv4[i] = hl < FD_H && hh < n_head
+                     ? ((const float4*)(q + ((long long)t * n_head + hh) * dh))[col]
+                     : z4;
+    }
     AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, *p0p, t, swa, dh);
     const int r_lo = b * tpb * FD_R;
     if (r_lo >= a.n_rows) return;
@@ -382,13 +408,10 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
     float* ss = ks + FD_R * dh;          // FD_H × (FD_R + 1) scores
     float* ws = ss + FD_H * (FD_R + 1);  // FD_R × FD_H weights (a row's heads contiguous)
     float* fac = ws + FD_R * FD_H;       // FD_H rescale factors of the tile
-    const int c4 = dh >> 2, rstep = FD_THREADS / c4, col = tid % c4;
-    const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int hl = tid / c4; hl < FD_H; hl += rstep) {
-        int hh = h0 + hl;
-        ((float4*)qs)[hl * c4 + col] =
-            hh < n_head ? ((const float4*)(q + ((long long)t * n_head + hh) * dh))[col] : z4;
+#pragma unroll
+    for (int i = 0; i < FD_H; i++) {
+        int hl = rl0 + i * rstep;
+        if (hl < FD_H) ((float4*)qs)[hl * c4 + col] = qv4[i];
     }
     // Softmax: warp w, half-warp g holds head 2w + g, a lane per row of the tile.
     const int sh = 2 * warp + (lane >> 4), sr = lane & 15;
@@ -398,14 +421,29 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
     for (int h = 0; h < FD_H; h++) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
     const int nk = dh >> 7;  // float4 columns a lane takes in the score products
     const bool out_lane = 4 * tid < dh;
+    // The tile's rows go through registers: the next tile's loads are issued before this
+    // tile's products, so their latency overlaps them.
+    float4 kv4[FD_R];
+#pragma unroll
+    for (int i = 0; i < FD_R; i++) {
+        int rl = rl0 + i * rstep, rr = r_lo + rl;
+        kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr))[col] : z4;
+    }
     for (int r0 = r_lo; r0 < r_hi; r0 += FD_R) {
         __syncthreads();  // the previous tile's rows and weights are consumed
-#pragma unroll 16
-        for (int rl = tid / c4; rl < FD_R; rl += rstep) {
-            int rr = r0 + rl;
-            ((float4*)ks)[rl * c4 + col] = rr < r_hi ? ((const float4*)att_row(a, rr))[col] : z4;
+#pragma unroll
+        for (int i = 0; i < FD_R; i++) {
+            int rl = rl0 + i * rstep;
+            if (rl < FD_R) ((float4*)ks)[rl * c4 + col] = kv4[i];
         }
         __syncthreads();
+        if (r0 + FD_R < r_hi) {
+#pragma unroll
+            for (int i = 0; i < FD_R; i++) {
+                int rl = rl0 + i * rstep, rr = r0 + FD_R + rl;
+                kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr))[col] : z4;
+            }
+        }
         float s[32];  // [head h][row 4w + i] at 4h + i
 #pragma unroll
         for (int x = 0; x < 32; x++) s[x] = 0.0f;
@@ -499,22 +537,37 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
 extern "C" __global__ void __launch_bounds__(128)
     k_att_fd_combine(const float* __restrict__ part, const float* __restrict__ ml,
                      const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p,
-                     int swa, int n_head, int dh, int tpb, const float* __restrict__ sinks,
-                     int half, const double* __restrict__ freqs, float* __restrict__ o) {
+                     int swa, int n_head, int dh, int tpb, int nbmax,
+                     const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
+                     float* __restrict__ o) {
     __shared__ float fb[FD_MAXB];
     __shared__ float s_iv;
     const int th = blockIdx.x, t = th / n_head, h = th % n_head, n = gridDim.x / n_head;
     const int tid = threadIdx.x;
+    const long long stride = (long long)n * n_head;  // (token, head) entries a row block
+    const bool on = 4 * tid < dh;
+    // The first FD_PRE blocks' partials and the (m, l) of all are loaded before the row count
+    // (which needs the position) is known: one memory latency instead of a chain. Blocks
+    // past the count (≤ nbmax, the launch's grid) hold stale values that are never used.
+#define FD_PRE 8
+    float4 pv[FD_PRE];
+#pragma unroll
+    for (int i = 0; i < FD_PRE; i++)
+        pv[i] = on && i < nbmax ? *(const float4*)(part + (i * stride + th) * dh + 4 * tid)
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+    float mb = NEG_INF, lb = 0.0f;
+    if (tid < nbmax) {
+        mb = ml[(tid * stride + th) * 2];
+        lb = ml[(tid * stride + th) * 2 + 1];
+    }
+    const float sink = sinks[h];
     const long long p0 = *p0p, p = p0 + t;
     const long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
     const int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
     const int n_rows = (int)(p - lo + 1) + n_comp;
     const int nb = (n_rows + tpb * FD_R - 1) / (tpb * FD_R);
-    const long long stride = (long long)n * n_head;  // (token, head) entries a row block
     if (tid < 32) {
-        const float sink = sinks[h];
-        float mb = tid < nb ? ml[(tid * stride + th) * 2] : NEG_INF;
-        float lb = tid < nb ? ml[(tid * stride + th) * 2 + 1] : 0.0f;
+        if (tid >= nb) mb = NEG_INF, lb = 0.0f;
         float mx = fmaxf(mb, sink);
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1)
@@ -527,11 +580,21 @@ extern "C" __global__ void __launch_bounds__(128)
         if (tid == 0) s_iv = 1.0f / (expf(sink - mx) + d);
     }
     __syncthreads();
-    if (4 * tid >= dh) return;
+    if (!on) return;
     const float iv = s_iv;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < FD_PRE; i++) {
+        if (i < nb) {
+            float f = fb[i];
+            v.x = fmaf(f, pv[i].x, v.x);
+            v.y = fmaf(f, pv[i].y, v.y);
+            v.z = fmaf(f, pv[i].z, v.z);
+            v.w = fmaf(f, pv[i].w, v.w);
+        }
+    }
 #pragma unroll 8
-    for (int bb = 0; bb < nb; bb++) {
+    for (int bb = FD_PRE; bb < nb; bb++) {
         float4 x = *(const float4*)(part + (bb * stride + th) * dh + 4 * tid);
         float f = fb[bb];
         v.x = fmaf(f, x.x, v.x);

@@ -565,54 +565,17 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
     __shared__ float c[FWD_MAX_HC * FWD_MAX_HC];
     __shared__ float ex[FWD_MAX_HC * FWD_MAX_HC];
     int w = (2 + n) * n, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int ny = blockDim.x - 32;
-    const bool yw = warp != nw - 1;
-    // The y warps' first chunk of the streams (and of the norm weights) is loaded before
-    // anything else: it depends on nothing computed here, so its latency overlaps the
-    // partials' sums and the P/Q steps instead of following them (d ≤ 8·ny, the flash shape,
-    // is one chunk; further chunks load in the loop below).
-    const int ef = 8 * threadIdx.x;
-    float4 xa[FWD_MAX_HC], xb[FWD_MAX_HC];
-    float4 na = make_float4(0.f, 0.f, 0.f, 0.f), nb4 = na;
-    if (yw && ef < d) {
-#pragma unroll
-        for (int j = 0; j < FWD_MAX_HC; j++)
-            if (j < n) {
-                const float4* px = (const float4*)(x + (i64)j * d + ef);
-                xa[j] = px[0];
-                xb[j] = px[1];
-            }
-        if (norm) {
-            const float4* pn = (const float4*)(norm + ef);
-            na = pn[0];
-            nb4 = pn[1];
-        }
-    }
-    // The partials' sums, two rows a warp at a time so that both rows' loads are in flight
-    // together (each row's terms still added in block order, as before).
-    for (int r = warp; r <= w; r += 2 * nw) {
-        const int r2 = r + nw;
-        float a = 0.0f, a2 = 0.0f;
-        double sa = 0.0, sa2 = 0.0;
-        for (int b = lane; b < nb; b += 32) {
-            if (r < w) a += part[(i64)b * w + r];
-            else sa += ss[b];
-            if (r2 < w) a2 += part[(i64)b * w + r2];
-            else if (r2 == w) sa2 += ss[b];
-        }
+    for (int r = warp; r <= w; r += nw) {
         if (r < w) {
+            float a = 0.0f;
+            for (int b = lane; b < nb; b += 32) a += part[(i64)b * w + r];
             a = warp_sum(a);
             if (lane == 0) mx[r] = a;
         } else {
-            sa = warp_sum_d(sa);
-            if (lane == 0) ssum = sa;
-        }
-        if (r2 < w) {
-            a2 = warp_sum(a2);
-            if (lane == 0) mx[r2] = a2;
-        } else if (r2 == w) {
-            sa2 = warp_sum_d(sa2);
-            if (lane == 0) ssum = sa2;
+            double a = 0.0;
+            for (int b = lane; b < nb; b += 32) a += ss[b];
+            a = warp_sum_d(a);
+            if (lane == 0) ssum = a;
         }
     }
     __syncthreads();
@@ -625,9 +588,9 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
     }
     __syncthreads();
     // The last warp runs Sinkhorn (only hc_post needs it) while the others form y.
+    const int ny = blockDim.x - 32;
     double acc2 = 0.0;
-    float vf[8];  // y of the first chunk, kept for the norm and quantization pass
-    if (!yw) {
+    if (warp == nw - 1) {
         if (n * n <= 32) {
             float cv = lane < n * n ? mx[2 * n + lane] * s * scale3[2] + base[2 * n + lane] : 0.0f;
             cv = sinkhorn_reg(cv, n, iters, hc_eps);
@@ -639,18 +602,17 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
             for (int i = lane; i < n * n; i += 32) comb[i] = c[i];
         }
     } else
-    for (int e0 = ef; e0 < d; e0 += 8 * ny) {
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        if (e0 != ef) {
-            // All streams' loads first (fixed bound: unrolled, in flight together).
+        // All streams' loads first (fixed bound: unrolled, in flight together).
+        float4 xa[FWD_MAX_HC], xb[FWD_MAX_HC];
 #pragma unroll
-            for (int j = 0; j < FWD_MAX_HC; j++)
-                if (j < n) {
-                    const float4* px = (const float4*)(x + (i64)j * d + e0);
-                    xa[j] = px[0];
-                    xb[j] = px[1];
-                }
-        }
+        for (int j = 0; j < FWD_MAX_HC; j++)
+            if (j < n) {
+                const float4* px = (const float4*)(x + (i64)j * d + e0);
+                xa[j] = px[0];
+                xb[j] = px[1];
+            }
 #pragma unroll
         for (int j = 0; j < FWD_MAX_HC; j++)
             if (j < n) {
@@ -664,36 +626,20 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
         py[1] = make_float4(v[4], v[5], v[6], v[7]);
 #pragma unroll
         for (int k = 0; k < 8; k++) acc2 += (double)v[k] * (double)v[k];
-        if (e0 == ef) {
-#pragma unroll
-            for (int k = 0; k < 8; k++) vf[k] = v[k];
-        }
     }
     float s2 = 1.0f;
     if (norm) s2 = (float)(1.0 / sqrt(block_sum_d(acc2, sh) / (double)d + (double)rms_eps));
     if (!norm && !q0 && !qk) return;
-    // Each thread reads back only the elements it wrote (the first chunk from registers);
-    // whole warps are in or out of range.
-    if (!yw) return;
-    for (int e0 = ef; e0 < d; e0 += 8 * ny) {
+    // Each thread reads back only the elements it wrote; whole warps are in or out of range.
+    if (warp == nw - 1) return;
+    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
         float4* py = (float4*)(y + e0);
-        float v[8];
-        float4 nca = na, ncb = nb4;
-        if (e0 == ef) {
-#pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = vf[k];
-        } else {
-            float4 a = py[0], b = py[1];
-            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-            v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-            if (norm) {
-                const float4* pn = (const float4*)(norm + e0);
-                nca = pn[0];
-                ncb = pn[1];
-            }
-        }
+        float4 a = py[0], b = py[1];
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
         if (norm) {
-            float ns[8] = {nca.x, nca.y, nca.z, nca.w, ncb.x, ncb.y, ncb.z, ncb.w};
+            const float4* pn = (const float4*)(norm + e0);
+            float4 na = pn[0], nb4 = pn[1];
+            float ns[8] = {na.x, na.y, na.z, na.w, nb4.x, nb4.y, nb4.z, nb4.w};
 #pragma unroll
             for (int k = 0; k < 8; k++) v[k] = v[k] * s2 * ns[k];
             py[0] = make_float4(v[0], v[1], v[2], v[3]);

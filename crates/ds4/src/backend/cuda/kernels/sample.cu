@@ -168,6 +168,7 @@ k_sample_mb(const float* __restrict__ logits, int n, float inv_t, float cut, int
     __shared__ int wc[SP_THREADS / 32];
     __shared__ int s_last;
     __shared__ int s_n[SP_THREADS];
+    __shared__ int s_c[SP_THREADS];
     const int G = gridDim.x, b = blockIdx.x, t = threadIdx.x;
     const int lane = t & 31, warp = t >> 5;
     int* sids = wk + 3 * G + 1;
@@ -220,7 +221,9 @@ k_sample_mb(const float* __restrict__ logits, int n, float inv_t, float cut, int
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    // Last block: the row's best from the blocks' bests.
+    // Last block: the row's best from the blocks' bests (the first round's staged counts
+    // are loaded alongside).
+    const int c_first = t < G ? __ldcg(wk + 2 * G + t) : 0;
     bv = 0.0f;
     bi = -1;
     for (int g = t; g < G; g += SP_THREADS) {
@@ -237,11 +240,15 @@ k_sample_mb(const float* __restrict__ logits, int n, float inv_t, float cut, int
     // Keep the staged ids that pass against mx, SP_THREADS blocks a round: a warp per block
     // counts them, a scan over the round's blocks gives offsets, the warp writes them in
     // order (only the first `cap`; the caller ignores the list when the count passes it).
+    // The round's staged counts are read once, in parallel, into shared memory (a warp
+    // walking its blocks' counts from global memory would wait one latency per block).
     int carry = 0;
     for (int g0 = 0; g0 < G; g0 += SP_THREADS) {
+        s_c[t] = g0 == 0 ? c_first : g0 + t < G ? __ldcg(wk + 2 * G + g0 + t) : 0;
+        __syncthreads();
         for (int gl = warp; gl < SP_THREADS; gl += SP_THREADS / 32) {
             int g = g0 + gl, k = 0;
-            int cg = g < G ? __ldcg(wk + 2 * G + g) : 0;
+            int cg = s_c[gl];
             for (int e0 = 0; e0 < cg; e0 += 32) {
                 int e = e0 + lane;
                 bool ok = e < cg && (__ldcg(wv + (long long)g * SP_CHUNK + e) - mx) * inv_t >= cut;
@@ -255,9 +262,9 @@ k_sample_mb(const float* __restrict__ logits, int n, float inv_t, float cut, int
         __syncthreads();  // every s_n has been read
         s_n[t] = off0;
         __syncthreads();
-        for (int gl = warp; gl < SP_THREADS && g0 + gl < G; gl += SP_THREADS / 32) {
+        for (int gl = warp; gl < SP_THREADS; gl += SP_THREADS / 32) {
             int g = g0 + gl, off = s_n[gl];
-            int cg = __ldcg(wk + 2 * G + g);
+            int cg = s_c[gl];
             for (int e0 = 0; e0 < cg; e0 += 32) {
                 int e = e0 + lane;
                 float x = e < cg ? __ldcg(wv + (long long)g * SP_CHUNK + e) : 0.0f;
@@ -272,7 +279,7 @@ k_sample_mb(const float* __restrict__ logits, int n, float inv_t, float cut, int
             }
         }
         carry += rt;
-        __syncthreads();  // s_n is rewritten by the next round
+        __syncthreads();  // s_n and s_c are rewritten by the next round
     }
     if (t == 0) {
         head[0] = best;
