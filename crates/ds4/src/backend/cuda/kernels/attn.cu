@@ -358,11 +358,11 @@ extern "C" __global__ void k_att_combine(const float* __restrict__ part,
 __device__ __forceinline__ const float* fd_row(const AttRows& a, int rr) {
     if (rr < a.n_raw) {
         unsigned q = (unsigned)(a.lo + rr), p0 = (unsigned)a.p0;
-        return q >= p0 ? a.ckv + (size_t)(q - p0) * a.dh
-                       : a.ring + (size_t)(q % (unsigned)a.swa) * a.dh;
+        return q >= p0 ? a.ckv + (long long)(q - p0) * a.dh
+                       : a.ring + (long long)(q % (unsigned)a.swa) * a.dh;
     }
     unsigned c = a.ratio == 4 ? (unsigned)a.sel[rr - a.n_raw] : (unsigned)(rr - a.n_raw);
-    return a.comp + (size_t)c * a.dh;
+    return a.comp + (long long)c * a.dh;
 }
 
 template <int O>
