@@ -45,6 +45,8 @@ pub struct AttnKernels {
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
+    fd: CudaFunction,
+    fd_combine: CudaFunction,
 }
 
 /// A tensor-core attention kernel, allowed the dynamic shared memory of the widest shapes.
@@ -71,6 +73,15 @@ impl AttnKernels {
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
             tc: tc_fn(be, "k_att_tc")?,
+            fd: {
+                let f = be.function("k_att_fd")?;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    fd_smem(FD_MAX_DH) as i32,
+                )?;
+                f
+            },
+            fd_combine: f("k_att_fd_combine")?,
         })
     }
 }
@@ -117,6 +128,40 @@ pub fn use_tc() -> bool {
     *ON.get_or_init(|| super::switch_on("DS4_CUDA_ATT_TC"))
 }
 
+/// Heads, rows of a tile, threads and most row blocks of the split-rows decode attention
+/// (attn.cu `FD_H`, `FD_R`, `FD_THREADS`, `FD_MAXB`).
+const FD_H: usize = 8;
+const FD_R: usize = 16;
+const FD_MAXB: usize = 32;
+/// Widest head the split-rows decode kernel takes (128 threads of 4 output dims).
+const FD_MAX_DH: usize = 512;
+
+/// Dynamic shared memory of `k_att_fd`: `FD_H` queries and `FD_R` rows of `dh`, the tile's
+/// scores (`FD_H × (FD_R + 1)`), weights (`FD_R × FD_H`) and rescale factors (`FD_H`).
+pub fn fd_smem(dh: usize) -> usize {
+    ((FD_H + FD_R) * dh + FD_H * (FD_R + 1) + FD_R * FD_H + FD_H) * 4
+}
+
+/// Whether the split-rows decode kernel takes this head width.
+pub fn fd_supported(dh: usize) -> bool {
+    dh.is_multiple_of(128) && dh <= FD_MAX_DH
+}
+
+/// Tiles of `FD_R` rows a `k_att_fd` block walks so that at most `FD_MAXB` blocks cover
+/// `rows_cap` rows, and the number of row blocks.
+pub fn fd_blocks(rows_cap: usize) -> (usize, usize) {
+    let tiles = rows_cap.div_ceil(FD_R).max(1);
+    let tpb = tiles.div_ceil(FD_MAXB);
+    (tpb, tiles.div_ceil(tpb))
+}
+
+/// Whether production decode steps (one token) run the split-rows flash-decoding kernel
+/// (`DS4_CUDA_ATT_FD=0` keeps the four tiled passes, for comparisons).
+pub fn use_fd() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_ATT_FD"))
+}
+
 /// Attention of `n` tokens at positions `*p0..` (model.md §3.3 steps 5–6).
 pub struct Attend {
     pub n: usize,
@@ -158,6 +203,11 @@ pub struct Attend {
     /// Production chunk: one tensor-core block per token (`k_att_tc`, [`tc_supported`]
     /// shapes; `sc`, `inv`, `part` and `nsplit` unused), f16 queries and weights.
     pub tc: bool,
+    /// Split-rows flash decoding (`k_att_fd` + `k_att_fd_combine`, [`fd_supported`] head
+    /// widths; `tc` false): `part` then holds `nb × n × n_head × dh` partial outputs and `sc`
+    /// `nb × n × n_head × 2` (m, l), `nb` = [`fd_blocks`]`(rows_cap).1` ≤ 32; `inv` and
+    /// `nsplit` unused.
+    pub fd: bool,
 }
 
 /// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
@@ -209,6 +259,58 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.n_head as i32,
                 a.sinks,
                 a.scale,
+                a.half as i32,
+                a.freqs,
+                a.o
+            ]
+        );
+        return Ok(());
+    }
+    if a.fd && fd_supported(a.dh) {
+        let (tpb, nb) = fd_blocks(a.rows_cap);
+        launch!(
+            st,
+            k.fd,
+            (nb as u32, a.n_head.div_ceil(FD_H) as u32, a.n as u32),
+            (128, 1, 1),
+            fd_smem(a.dh) as u32,
+            [
+                a.q,
+                a.ckv,
+                a.ring,
+                a.comp,
+                a.sel,
+                a.cnt,
+                a.sel_ld as i32,
+                a.ratio as i32,
+                a.p0,
+                a.swa as i32,
+                a.dh as i32,
+                a.n_head as i32,
+                a.sinks,
+                a.scale,
+                tpb as i32,
+                a.part,
+                a.sc
+            ]
+        );
+        launch!(
+            st,
+            k.fd_combine,
+            ((a.n * a.n_head) as u32, 1, 1),
+            (128, 1, 1),
+            [
+                a.part,
+                a.sc,
+                a.cnt,
+                a.ratio as i32,
+                a.p0,
+                a.swa as i32,
+                a.n_head as i32,
+                a.dh as i32,
+                tpb as i32,
+                nb as i32,
+                a.sinks,
                 a.half as i32,
                 a.freqs,
                 a.o

@@ -267,7 +267,214 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
         check_glu_int8(be, &mut rng, ty, &mut out)?;
     }
     check_pdl_chain(be, &mut rng, &mut out)?;
+    check_sample(be, &mut rng, &mut out)?;
+    check_mv2_f16(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// The fused pair of F16 products (quant.cu `mv2_f16`, a compressor's kv and gate in
+/// decode): against the f64 reference and bit for bit against two `mv_f16` launches, at the
+/// flash compressors' shapes (ratio 4 and 128 KV, indexer).
+fn check_mv2_f16(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let st = be.stream();
+    let f = be.function("mv2_f16")?;
+    for (n_rows, n_cols) in [(1024usize, 4096usize), (512, 4096), (256, 4096), (40, 96)] {
+        let wa = random_weight(rng, GgmlType::F16, n_rows, n_cols);
+        let wb = random_weight(rng, GgmlType::F16, n_rows, n_cols);
+        let x = random_activations(rng, n_cols);
+        let ga = be.upload_weight(GgmlType::F16, &wa, n_rows, n_cols, 1, &mut |_, _| {})?;
+        let gb = be.upload_weight(GgmlType::F16, &wb, n_rows, n_cols, 1, &mut |_, _| {})?;
+        let xd = be.upload_f32(&x)?;
+        let (ya, yb) = (poisoned(be, n_rows)?, poisoned(be, n_rows)?);
+        let split = super::device::mv_split(n_rows, n_cols, 1);
+        let cfg = LaunchConfig {
+            grid_dim: ((2 * n_rows as u32).div_ceil(8 / split), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = (
+            be.weight_ptr(&ga),
+            be.weight_ptr(&gb),
+            n_rows as i32,
+            n_cols as i32,
+            xd.device_ptr(st).0,
+            ya.device_ptr(st).0,
+            yb.device_ptr(st).0,
+            split as i32,
+        );
+        let mut lb = st.launch_builder(&f);
+        lb.arg(&args.0)
+            .arg(&args.1)
+            .arg(&args.2)
+            .arg(&args.3)
+            .arg(&args.4)
+            .arg(&args.5)
+            .arg(&args.6)
+            .arg(&args.7);
+        // SAFETY: both weights n_rows × n_cols F16, x n_cols, ya/yb n_rows floats.
+        unsafe { lb.launch(cfg) }?;
+        let (fa, fb) = (be.download(&ya)?, be.download(&yb)?);
+        let mut sa = be.alloc_f32(n_rows)?;
+        let mut sb = be.alloc_f32(n_rows)?;
+        be.matvec(&ga, 0, &xd.slice(..), &mut sa.slice_mut(..))?;
+        be.matvec(&gb, 0, &xd.slice(..), &mut sb.slice_mut(..))?;
+        let (ma, mb) = (be.download(&sa)?, be.download(&sb)?);
+        let shape = format!("2x {n_rows}x{n_cols}");
+        let mut refs = reference(GgmlType::F16, &wa, n_rows, n_cols, &x);
+        refs.extend(reference(GgmlType::F16, &wb, n_rows, n_cols, &x));
+        let both: Vec<f32> = fa.iter().chain(&fb).copied().collect();
+        out.push(compare(
+            "mv2_f16",
+            GgmlType::F16,
+            shape.clone(),
+            &both,
+            &refs,
+            TOL_F32,
+        ));
+        out.push(CheckRow {
+            kernel: "mv2_f16_vs_mv_f16".into(),
+            ty: GgmlType::F16,
+            shape,
+            max_abs: 0.0,
+            max_err: 0.0,
+            rel_l2: 0.0,
+            tol: 0.0,
+            pass: same_bits(&fa, &ma) && same_bits(&fb, &mb),
+            note: "bit-identical to two mv_f16 launches".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Logits narrowing (sample.cu): the multi-block `k_sample_mb` against the
+/// CPU rule (`sample::argmax`, then every `(l − max)·inv_t ≥ cut` in id order) and against
+/// the one-block `k_sample_prep`, bit for bit: rows of the vocabulary's size with ties at the
+/// maximum, NaNs and infinities, an all-NaN row, a row whose candidates pass the cap, and a
+/// row of more than 256 blocks (several rounds of the last block's scan). Each case runs
+/// twice (the ticket must be back at 0).
+fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use super::session::{narrow_launch, narrow_scratch};
+    let st = be.stream();
+    let kf = [be.function("k_sample_prep")?, be.function("k_sample_mb")?];
+    let cap = 16384usize;
+    // (n, inv_t, cut, kind): 0 random + ties + NaN/inf, 1 all NaN, 2 everything passes.
+    let cases: [(usize, f32, f32, u8); 7] = [
+        (129_280, 1.0, 0.05f32.ln() - 0.01, 0),
+        (129_280, 1.0 / 0.3, -0.5, 0),
+        (129_280, 1.0, -1e30, 2),
+        (3000, 1.0, -0.5, 1),
+        (5001, 1.0, -3.0, 0),
+        (300_000, 1.0, -4.0, 0),
+        (5001, 1.0, f32::NEG_INFINITY, 0),
+    ];
+    for (n, inv_t, cut, kind) in cases {
+        let mut row: Vec<f32> = (0..n).map(|_| (rng.normal() * 2.0) as f32).collect();
+        match kind {
+            1 => row.iter_mut().for_each(|v| *v = f32::NAN),
+            _ => {
+                for _ in 0..n / 500 {
+                    let i = rng.next_u64() as usize % n;
+                    row[i] = f32::NAN;
+                }
+                for _ in 0..8 {
+                    let i = rng.next_u64() as usize % n;
+                    row[i] = f32::NEG_INFINITY;
+                }
+                // The maximum three times, the first copy not in the first block.
+                let top = row
+                    .iter()
+                    .filter(|v| !v.is_nan())
+                    .fold(f32::MIN, |a, &b| a.max(b));
+                for i in [n / 3, n / 2, n - 1] {
+                    row[i] = top + 1.0;
+                }
+            }
+        }
+        // CPU rule.
+        let best = crate::sample::argmax(&row);
+        let mx = row[best as usize];
+        let want: Vec<(i32, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| (l - mx) * inv_t >= cut)
+            .map(|(i, &l)| (i as i32, l))
+            .collect();
+        let d_row = be.upload_f32(&row)?;
+        let (nk, nv) = narrow_scratch(n);
+        let d_wk = be.upload_i32(&vec![0; nk])?;
+        let d_wv = be.alloc_f32(nv)?;
+        let mut runs = Vec::new();
+        for multi in [true, true, false] {
+            let d_head = be.upload_i32(&[-7; 3])?;
+            let d_ids = be.upload_i32(&vec![-7; cap])?;
+            let d_vals = poisoned(be, cap)?;
+            // SAFETY: the row holds n floats, head 3, ids/vals cap, wk/wv narrow_scratch(n).
+            unsafe {
+                narrow_launch(
+                    st,
+                    [&kf[0], &kf[1]],
+                    multi,
+                    d_row.device_ptr(st).0,
+                    n,
+                    inv_t,
+                    cut,
+                    cap,
+                    [
+                        d_head.device_ptr(st).0,
+                        d_wk.device_ptr(st).0,
+                        d_ids.device_ptr(st).0,
+                    ],
+                    [d_wv.device_ptr(st).0, d_vals.device_ptr(st).0],
+                )?
+            };
+            let head = be.download(&d_head)?;
+            let ids = be.download(&d_ids)?;
+            let vals = be.download(&d_vals)?;
+            let c = (head[2].max(0) as usize).min(cap);
+            let cands: Vec<(i32, u32)> = ids[..c]
+                .iter()
+                .zip(&vals[..c])
+                .map(|(&i, v)| (i, v.to_bits()))
+                .collect();
+            runs.push((head, cands));
+        }
+        let mut bad = 0usize;
+        let (head, cands) = &runs[0];
+        bad += (head[0] != best as i32) as usize;
+        bad += (head[1] as u32 != mx.to_bits()) as usize;
+        bad += (head[2] as usize != want.len()) as usize;
+        if want.len() <= cap {
+            bad += (cands.len() != want.len()) as usize;
+            bad += cands
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.0 != b.0 || a.1 != b.1.to_bits())
+                .count();
+        }
+        let shape = format!("n={n} inv_t={inv_t} cut={cut} candidates={}", want.len());
+        out.push(CheckRow {
+            kernel: "sample_narrow_mb".into(),
+            ty: GgmlType::F32,
+            shape: shape.clone(),
+            max_abs: 0.0,
+            max_err: bad as f64,
+            rel_l2: 0.0,
+            tol: 0.0,
+            pass: bad == 0,
+            note: format!(
+                "{bad} mismatches (argmax, max bits, count, candidate ids/bits) vs the CPU rule"
+            ),
+        });
+        let same_one_block = runs[0] == runs[2] || want.len() > cap && runs[0].0 == runs[2].0;
+        out.push(det_row(
+            "sample_narrow_mb",
+            GgmlType::F32,
+            &format!("{shape}, twice and vs k_sample_prep"),
+            runs[0] == runs[1] && same_one_block,
+        ));
+    }
+    Ok(())
 }
 
 /// A self-test row of a forward kernel: max |gpu − ref| over max |ref| against `tol`.
@@ -326,6 +533,12 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         // Prefill-sized: the flash top-k (640 rows a token) and a 4k-context ratio 128.
         (64, 512, 32, 128, 512, 4, 3000, 12),
         (64, 512, 32, 128, 512, 128, 4000, 10),
+        // Decode steps at 4k and 16k (one token; what the split-rows kernel serves).
+        (64, 512, 32, 128, 512, 4, 4095, 1),
+        (64, 512, 32, 128, 512, 128, 4095, 1),
+        (64, 512, 32, 128, 512, 0, 4095, 1),
+        (64, 512, 32, 128, 512, 128, 16383, 1),
+        (64, 512, 32, 128, 512, 4, 70, 1),
     ];
     for (h_n, dh, half, swa, topk, ratio, p0, n) in cases {
         let n_comp_rows = (p0 + n) / ratio.max(1);
@@ -367,9 +580,10 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let d_p0 = st.clone_htod(&[p0 as i64])?;
         let d_o = poisoned(be, n * h_n * dh)?;
         let ns_max = super::attn::DECODE_SPLIT;
-        let d_sc = be.alloc_f32(ns_max * n * h_n * rows_cap)?;
         let d_inv = be.alloc_f32(n * h_n)?;
-        let d_part = be.alloc_f32(ns_max * n * h_n * dh)?;
+        let fd_nb = super::attn::fd_blocks(rows_cap).1;
+        let d_sc = be.alloc_f32((ns_max * n * h_n * rows_cap).max(fd_nb * n * h_n * 2))?;
+        let d_part = be.alloc_f32(ns_max.max(fd_nb) * n * h_n * dh)?;
         let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
         let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
         let mut args = Attend {
@@ -397,6 +611,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             nsplit: 1,
             rows_cap,
             tc: false,
+            fd: false,
         };
         // SAFETY: every buffer above is sized as `Attend` documents.
         unsafe { attend(st, &k, &args)? };
@@ -416,6 +631,17 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let gpu4 = be.download(&d_o)?;
         unsafe { attend(st, &k, &args)? };
         let gpu5 = be.download(&d_o)?;
+        // Decode steps: split-rows flash decoding (fresh poison in o first).
+        args.tc = false;
+        args.fd = true;
+        let fd_ok = super::attn::fd_supported(dh);
+        let d_o2 = poisoned(be, n * h_n * dh)?;
+        args.o = pp(&d_o2);
+        // SAFETY: as above (sc and part hold fd_nb row blocks).
+        unsafe { attend(st, &k, &args)? };
+        let gpu6 = be.download(&d_o2)?;
+        unsafe { attend(st, &k, &args)? };
+        let gpu7 = be.download(&d_o2)?;
         // Reference in f64.
         let scale = 1.0 / (dh as f64).sqrt();
         let mut refs = vec![0f64; n * h_n * dh];
@@ -494,6 +720,22 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             &shape,
             same_bits(&gpu, &gpu2),
         ));
+        if fd_ok {
+            out.push(fwd_row(
+                "attend_fd",
+                shape.clone(),
+                &gpu6,
+                &refs,
+                1e-5,
+                "split-rows flash decoding (online softmax from the sink) vs f64 reference",
+            ));
+            out.push(det_row(
+                "attend_fd",
+                GgmlType::F32,
+                &shape,
+                same_bits(&gpu6, &gpu7),
+            ));
+        }
         if tc_ok {
             out.push(fwd_row(
                 "attend_tc",

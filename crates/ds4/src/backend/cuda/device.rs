@@ -78,7 +78,7 @@ const MM_TOKENS: u32 = 8;
 /// Warps per output row of a matvec: rows are split between 2, 4 or 8 warps of a block when
 /// the launch has few rows in all (under 8192 warps otherwise), as long as each warp keeps
 /// at least 4 steps of 256 columns (one round of the kernel's loads in flight).
-fn mv_split(n_rows: usize, n_cols: usize, slots: usize) -> u32 {
+pub(crate) fn mv_split(n_rows: usize, n_cols: usize, slots: usize) -> u32 {
     let (total, steps) = (n_rows * slots, n_cols.div_ceil(256));
     let mut split = 1;
     while split < WARPS_PER_BLOCK as usize && total * split < 8192 && steps >= 8 * split {

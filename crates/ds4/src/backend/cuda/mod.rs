@@ -19,9 +19,10 @@
 //!   back the argmax and, for min-p sampling, the candidate tokens only.
 //! * [`prefill`]: production prefill's expert grouping (stable counting sort) and the grouped
 //!   tensor-core expert product that dequantizes weight tiles in shared memory.
-//! * [`attn`]: tiled attention / indexer scores / top-k / windowed compressor, and the
-//!   tensor-core attention of production prefill chunks; exact mode keeps the reference-order
-//!   kernels of forward.cu.
+//! * [`attn`]: tiled attention / indexer scores / top-k / windowed compressor, the
+//!   tensor-core attention of production prefill chunks and the split-rows flash-decoding
+//!   attention of production decode steps; exact mode keeps the reference-order kernels of
+//!   forward.cu.
 //! * [`check`] + [`parity`]: `ds4 cuda selftest` (every kernel vs the CPU on random inputs)
 //!   and `ds4 cuda parity` (golden fixtures, synthetic model GPU vs CPU, run-to-run identity,
 //!   snapshots across backends, sampling).
@@ -40,8 +41,11 @@
 //! off = the cooperative shuffle kernels `mv8_<t>` / `mv8glu_<t>`), `DS4_CUDA_GEMM`
 //! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
 //! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_ROUTER_SGEMM` (router product as
-//! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill);
-//! `DS4_CUDA_ATT_SPLIT=N` overrides the decode attention split. `DS4_CUDA_CACHE=DIR` moves
+//! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill),
+//! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
+//! the four tiled passes), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
+//! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
+//! split. `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!
 //! Determinism: every kernel reduces in a fixed order (warp shuffles, no atomics), so the same

@@ -42,7 +42,9 @@ use cudarc::driver::{
 };
 
 use super::attn::{self, AttnKernels};
-use super::device::{ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES};
+use super::device::{
+    mv_split, ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES,
+};
 use super::prefill::{dense_gemm, dense_sgemm, fused_fits, moe_grouped, MoeScratch, PfKernels};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
@@ -217,6 +219,8 @@ struct Kernels {
     moe_sum: CudaFunction,
     fill: CudaFunction,
     sample_prep: CudaFunction,
+    sample_mb: CudaFunction,
+    mv2_f16: CudaFunction,
     pf: PfKernels,
 }
 
@@ -249,6 +253,8 @@ impl Kernels {
             moe_sum: f("k_moe_sum")?,
             fill: f("k_fill")?,
             sample_prep: f("k_sample_prep")?,
+            sample_mb: f("k_sample_mb")?,
+            mv2_f16: f("mv2_f16")?,
             pf: PfKernels::load(be)?,
         };
         // Exact-mode attention keeps one score per visible row in shared memory; long
@@ -667,6 +673,10 @@ struct Scratch {
     nhead: CudaSlice<i32>,
     nids: CudaSlice<i32>,
     nvals: CudaSlice<f32>,
+    /// Multi-block narrowing's scratch ([`narrow_scratch`]): blocks' bests, staged counts,
+    /// ticket and staged ids; staged values.
+    nwk: CudaSlice<i32>,
+    nwv: CudaSlice<f32>,
     /// Production prefill on tensor cores (absent in exact mode).
     pf: Option<PfScratch>,
 }
@@ -683,6 +693,69 @@ pub struct Narrowed {
     /// `(id, logit)` of every token at or above the cut, in id order; `None` when more
     /// than the cap passed (the caller then reads the whole row).
     pub candidates: Option<Vec<(u32, f32)>>,
+}
+
+/// Elements of the logits row per block of the multi-block narrowing (sample.cu
+/// `SP_CHUNK`).
+const SP_CHUNK: usize = 1024;
+
+/// Sizes of the multi-block narrowing's scratch for a row of `n`: i32 words (partials,
+/// counts, ticket, staged ids) and f32 staged values.
+pub(crate) fn narrow_scratch(n: usize) -> (usize, usize) {
+    let g = n.div_ceil(SP_CHUNK);
+    (3 * g + 1 + g * SP_CHUNK, g * SP_CHUNK)
+}
+
+/// Whether the logits row is narrowed over many blocks (`k_sample_mb`);
+/// `DS4_CUDA_NARROW_MB=0` keeps the one-block `k_sample_prep`, for comparisons.
+pub(crate) fn multi_block_narrow() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_NARROW_MB"))
+}
+
+/// Queues the narrowing of a logits row of `n` (kernels/sample.cu): `k = [k_sample_prep,
+/// k_sample_mb]`, `ints = [head, wk, ids]`, `floats = [wk values, vals]`.
+///
+/// # Safety
+/// `logits` holds `n` floats, `head` 3 ints, `ids`/`vals` at least `cap` entries, `wk`/`wv`
+/// [`narrow_scratch`]`(n)` (`wk` zero before the first call; the kernel leaves it so).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn narrow_launch(
+    st: &CudaStream,
+    k: [&CudaFunction; 2],
+    multi: bool,
+    logits: u64,
+    n: usize,
+    inv_t: f32,
+    cut: f32,
+    cap: usize,
+    ints: [u64; 3],
+    floats: [u64; 2],
+) -> Result<()> {
+    let [head, wk, ids] = ints;
+    let [wv, vals] = floats;
+    let (nn, cap) = (n as i32, cap as i32);
+    if !multi {
+        launch!(
+            st,
+            k[0],
+            (1, 1, 1),
+            (1024, 1, 1),
+            0,
+            [logits, nn, inv_t, cut, cap, head, ids, vals]
+        );
+        return Ok(());
+    }
+    let g = n.div_ceil(SP_CHUNK) as u32;
+    launch!(
+        st,
+        k[1],
+        (g, 1, 1),
+        (256, 1, 1),
+        0,
+        [logits, nn, inv_t, cut, cap, wk, wv, head, ids, vals]
+    );
+    Ok(())
 }
 
 /// Scratch of the production prefill GEMMs.
@@ -875,6 +948,8 @@ impl GpuSession {
             nhead: be.upload_i32(&[0; 3])?,
             nids: be.upload_i32(&vec![0; NARROW_CAP])?,
             nvals: a(NARROW_CAP)?,
+            nwk: be.upload_i32(&vec![0; narrow_scratch(c.n_vocab).0])?,
+            nwv: a(narrow_scratch(c.n_vocab).1)?,
             pf: if exact {
                 None
             } else {
@@ -1118,27 +1193,26 @@ impl GpuSession {
         let _guard = gm.lock.lock().unwrap_or_else(|e| e.into_inner());
         let st = gm.be.stream();
         let s = &self.s;
-        let v = self.vocab as i32;
         let cap = cap.min(NARROW_CAP);
         let p = |b: &CudaSlice<f32>| ptr(b, st);
         let pi = |b: &CudaSlice<i32>| ptr(b, st);
-        launch!(
-            st,
-            gm.k.sample_prep,
-            (1, 1, 1),
-            (1024, 1, 1),
-            0,
-            [
+        let k = &gm.k;
+        // SAFETY: logits hold `vocab` floats, the head 3 ints, ids/vals NARROW_CAP ≥ cap
+        // entries, nwk/nwv narrow_scratch(vocab).
+        unsafe {
+            narrow_launch(
+                st,
+                [&k.sample_prep, &k.sample_mb],
+                multi_block_narrow(),
                 p(&s.logits),
-                v,
+                self.vocab,
                 inv_t,
                 cut,
-                cap as i32,
-                pi(&s.nhead),
-                pi(&s.nids),
-                p(&s.nvals)
-            ]
-        );
+                cap,
+                [pi(&s.nhead), pi(&s.nwk), pi(&s.nids)],
+                [p(&s.nwv), p(&s.nvals)],
+            )?
+        };
         let mut head = vec![0i32; 3];
         st.memcpy_dtoh(&s.nhead, &mut head)?;
         st.synchronize()?;
@@ -1485,8 +1559,39 @@ impl GpuSession {
             )?;
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
-                lin(&w.kv, p(&s.y), n, p(&s.ckv))?;
-                lin(&w.gate, p(&s.y), n, p(&s.csc))?;
+                let (a, b) = (&w.kv, &w.gate);
+                if n == 1
+                    && a.ty == GgmlType::F16
+                    && b.ty == GgmlType::F16
+                    && (a.n_rows, a.n_cols, a.n_experts) == (b.n_rows, b.n_cols, 1)
+                    && b.n_experts == 1
+                {
+                    // Decode: both products read y, so one launch (quant.cu mv2_f16, rows
+                    // bit-identical to two mv_f16 launches). On the current stream: this
+                    // runs inside the compressor fork.
+                    let split = mv_split(a.n_rows, a.n_cols, 1);
+                    launchp!(
+                        be,
+                        be.st(),
+                        k.mv2_f16,
+                        ((2 * a.n_rows as u32).div_ceil(8 / split), 1, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            be.weight_ptr(a),
+                            be.weight_ptr(b),
+                            a.n_rows as i32,
+                            a.n_cols as i32,
+                            p(&s.y),
+                            p(&s.ckv),
+                            p(&s.csc),
+                            split as i32
+                        ]
+                    );
+                } else {
+                    lin(a, p(&s.y), n, p(&s.ckv))?;
+                    lin(b, p(&s.y), n, p(&s.csc))?;
+                }
                 let args = attn::Compress {
                     n,
                     kvp: p(&s.ckv),
@@ -1789,6 +1894,10 @@ impl GpuSession {
                         nsplit: attn::split_for(n),
                         rows_cap,
                         tc: !self.exact && n > 8 && attn::use_tc(),
+                        // Production decode step: split-rows flash decoding; part is
+                        // DECODE_SPLIT × 8 × n_head × Dh ≥ 32 row blocks of one token, att_sc
+                        // holds their (m, l).
+                        fd: !self.exact && n == 1 && attn::use_fd(),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.

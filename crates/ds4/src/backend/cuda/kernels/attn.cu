@@ -332,6 +332,293 @@ extern "C" __global__ void k_att_combine(const float* __restrict__ part,
     }
 }
 
+// ---- Decode attention as split-rows flash decoding (production decode steps).
+// k_att_fd: a block per (row block b, group of FD_H heads, token). The block walks its rows
+// in tiles of FD_R, staged once in shared memory for both products (K = V): scores by
+// register tiles (warp w: the tile's rows 4w..4w+3 for all FD_H heads; lane: dims 4·lane +
+// 128k; its 32 partial dots are added over the lanes by a fixed butterfly that leaves lane
+// l with entry l), an online softmax started from the sink (m = sink, l = 0: the sink's own
+// e^{sink−m} is added once, by the combine), and the weighted sum (thread: dims 4·tid..+3 of
+// every head). It stores the unnormalized partial output and (m, l) per (block, token,
+// head); k_att_fd_combine rescales the blocks' partials to the common max in block order,
+// divides and applies the inverse RoPE. One pass over the rows instead of four launches
+// with the scores through global memory. Small blocks (8 heads × 16 rows, 4 warps) so that a
+// 128-row window already gives 64 blocks.
+#define FD_H 8         // heads a block
+#define FD_R 16        // rows a tile
+#define FD_THREADS 128
+#define FD_MAXB 32     // most row blocks (attn.rs picks the tiles per block to stay below)
+
+// One butterfly step of the score reduction: of the 2·O values s[0..2O), lanes with bit O
+// set keep the upper half, the others the lower half, each adding its partner's copy.
+// Constant indices after inlining (a template), so s stays in registers.
+// att_row with 32-bit index arithmetic (positions and row numbers fit in 31 bits; att_row's
+// 64-bit modulo is a long instruction sequence, and this kernel forms 16 row addresses a
+// thread a tile).
+__device__ __forceinline__ const float* fd_row(const AttRows& a, int rr) {
+    if (rr < a.n_raw) {
+        unsigned q = (unsigned)(a.lo + rr), p0 = (unsigned)a.p0;
+        return q >= p0 ? a.ckv + (long long)(q - p0) * a.dh
+                       : a.ring + (long long)(q % (unsigned)a.swa) * a.dh;
+    }
+    unsigned c = a.ratio == 4 ? (unsigned)a.sel[rr - a.n_raw] : (unsigned)(rr - a.n_raw);
+    return a.comp + (long long)c * a.dh;
+}
+
+template <int O>
+__device__ __forceinline__ void fd_fold(float (&s)[32], int lane) {
+    const bool up = (lane & O) != 0;
+#pragma unroll
+    for (int j = 0; j < O; j++) {
+        float send = up ? s[j] : s[j + O];
+        float keep = up ? s[j + O] : s[j];
+        s[j] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FD_THREADS)
+    k_att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             const long long* __restrict__ p0p, int swa, int dh, int n_head,
+             const float* __restrict__ sinks, float scale, int tpb,
+             float* __restrict__ part, float* __restrict__ ml) {
+    extern __shared__ __align__(16) float fd_sm[];
+    const int b = blockIdx.x, h0 = blockIdx.y * FD_H, t = blockIdx.z, n = gridDim.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int c4 = dh >> 2, rstep = FD_THREADS / c4, col = tid % c4, rl0 = tid / c4;
+    const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    // Every global load of a batch is issued before the batch's shared-memory stores (the
+    // compiler does not move loads across those stores, so a load-store loop would pay one
+    // memory latency per iteration). The queries come first: they depend on nothing else.
+    float4 qv4[FD_H];
+#pragma unroll
+    for (int i = 0; i < FD_H; i++) {
+        int hl = rl0 + i * rstep, hh = h0 + hl;
+        qv4[i] = hl < FD_H && hh < n_head
+                     ? ((const float4*)(q + ((long long)t * n_head + hh) * dh))[col]
+                     : z4;
+    }
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, *p0p, t, swa, dh);
+    const int r_lo = b * tpb * FD_R;
+    if (r_lo >= a.n_rows) return;
+    const int r_hi = min(a.n_rows, r_lo + tpb * FD_R);
+    float* qs = fd_sm;                   // FD_H × dh queries
+    float* ks = qs + FD_H * dh;          // FD_R × dh rows
+    float* ss = ks + FD_R * dh;          // FD_H × (FD_R + 1) scores
+    float* ws = ss + FD_H * (FD_R + 1);  // FD_R × FD_H weights (a row's heads contiguous)
+    float* fac = ws + FD_R * FD_H;       // FD_H rescale factors of the tile
+#pragma unroll
+    for (int i = 0; i < FD_H; i++) {
+        int hl = rl0 + i * rstep;
+        if (hl < FD_H) ((float4*)qs)[hl * c4 + col] = qv4[i];
+    }
+    // Softmax: warp w, half-warp g holds head 2w + g, a lane per row of the tile.
+    const int sh = 2 * warp + (lane >> 4), sr = lane & 15;
+    float m_run = h0 + sh < n_head ? sinks[h0 + sh] : 0.0f, l_run = 0.0f;
+    float acc[FD_H][4];
+#pragma unroll
+    for (int h = 0; h < FD_H; h++) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
+    const int nk = dh >> 7;  // float4 columns a lane takes in the score products
+    const bool out_lane = 4 * tid < dh;
+    // The tile's rows go through registers: the next tile's loads are issued before this
+    // tile's products, so their latency overlaps them.
+    float4 kv4[FD_R];
+#pragma unroll
+    for (int i = 0; i < FD_R; i++) {
+        int rl = rl0 + i * rstep, rr = r_lo + rl;
+        kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr))[col] : z4;
+    }
+    for (int r0 = r_lo; r0 < r_hi; r0 += FD_R) {
+        __syncthreads();  // the previous tile's rows and weights are consumed
+#pragma unroll
+        for (int i = 0; i < FD_R; i++) {
+            int rl = rl0 + i * rstep;
+            if (rl < FD_R) ((float4*)ks)[rl * c4 + col] = kv4[i];
+        }
+        __syncthreads();
+        if (r0 + FD_R < r_hi) {
+#pragma unroll
+            for (int i = 0; i < FD_R; i++) {
+                int rl = rl0 + i * rstep, rr = r0 + FD_R + rl;
+                kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr))[col] : z4;
+            }
+        }
+        float s[32];  // [head h][row 4w + i] at 4h + i
+#pragma unroll
+        for (int x = 0; x < 32; x++) s[x] = 0.0f;
+        for (int k = 0; k < nk; k++) {
+            const int c = lane + 32 * k;
+            float4 kr[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) kr[i] = ((const float4*)ks)[(4 * warp + i) * c4 + c];
+#pragma unroll
+            for (int h = 0; h < FD_H; h++) {
+                float4 qv = ((const float4*)qs)[h * c4 + c];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float v = s[h * 4 + i];
+                    v = fmaf(qv.x, kr[i].x, v);
+                    v = fmaf(qv.y, kr[i].y, v);
+                    v = fmaf(qv.z, kr[i].z, v);
+                    v = fmaf(qv.w, kr[i].w, v);
+                    s[h * 4 + i] = v;
+                }
+            }
+        }
+        fd_fold<16>(s, lane);
+        fd_fold<8>(s, lane);
+        fd_fold<4>(s, lane);
+        fd_fold<2>(s, lane);
+        fd_fold<1>(s, lane);
+        // Lane l holds entry l: head l/4, row 4w + l%4.
+        ss[(lane >> 2) * (FD_R + 1) + 4 * warp + (lane & 3)] = s[0] * scale;
+        __syncthreads();
+        {
+            const bool ok = r0 + sr < r_hi;
+            float x = ok ? ss[sh * (FD_R + 1) + sr] : NEG_INF;
+            float mt = x;
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+            float mn = fmaxf(m_run, mt);
+            float f = expf(m_run - mn);
+            float w = ok ? expf(x - mn) : 0.0f;
+            float sum = w;
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            l_run = l_run * f + sum;
+            m_run = mn;
+            ws[sr * FD_H + sh] = w;
+            if (sr == 0) fac[sh] = f;
+        }
+        __syncthreads();
+        if (out_lane) {
+#pragma unroll
+            for (int h = 0; h < FD_H; h++) {
+                float f = fac[h];
+                acc[h][0] *= f;
+                acc[h][1] *= f;
+                acc[h][2] *= f;
+                acc[h][3] *= f;
+            }
+#pragma unroll 4
+            for (int r = 0; r < FD_R; r++) {
+                float4 kv = ((const float4*)ks)[r * c4 + tid];
+                float4 wa = ((const float4*)ws)[r * 2], wb = ((const float4*)ws)[r * 2 + 1];
+                float wr[FD_H] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+                for (int h = 0; h < FD_H; h++) {
+                    acc[h][0] = fmaf(wr[h], kv.x, acc[h][0]);
+                    acc[h][1] = fmaf(wr[h], kv.y, acc[h][1]);
+                    acc[h][2] = fmaf(wr[h], kv.z, acc[h][2]);
+                    acc[h][3] = fmaf(wr[h], kv.w, acc[h][3]);
+                }
+            }
+        }
+    }
+    const long long base = ((long long)b * n + t) * n_head;
+    if (out_lane) {
+#pragma unroll
+        for (int h = 0; h < FD_H; h++) {
+            if (h0 + h < n_head)
+                *(float4*)(part + (base + h0 + h) * dh + 4 * tid) =
+                    make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+        }
+    }
+    if (sr == 0 && h0 + sh < n_head) {
+        ml[(base + h0 + sh) * 2] = m_run;
+        ml[(base + h0 + sh) * 2 + 1] = l_run;
+    }
+}
+
+// Finishes k_att_fd: M = max(sink, m_b), o = Σ_b e^{m_b−M}·part_b / (e^{sink−M} + Σ_b
+// e^{m_b−M}·l_b), the blocks' terms in block order (the denominator's by a fixed butterfly),
+// then the inverse RoPE of the tail. A block per (token, head) of 128 threads, 4 dims each.
+extern "C" __global__ void __launch_bounds__(128)
+    k_att_fd_combine(const float* __restrict__ part, const float* __restrict__ ml,
+                     const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p,
+                     int swa, int n_head, int dh, int tpb, int nbmax,
+                     const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
+                     float* __restrict__ o) {
+    __shared__ float fb[FD_MAXB];
+    __shared__ float s_iv;
+    const int th = blockIdx.x, t = th / n_head, h = th % n_head, n = gridDim.x / n_head;
+    const int tid = threadIdx.x;
+    const long long stride = (long long)n * n_head;  // (token, head) entries a row block
+    const bool on = 4 * tid < dh;
+    // The first FD_PRE blocks' partials and the (m, l) of all are loaded before the row count
+    // (which needs the position) is known: one memory latency instead of a chain. Blocks
+    // past the count (≤ nbmax, the launch's grid) hold stale values that are never used.
+#define FD_PRE 8
+    float4 pv[FD_PRE];
+#pragma unroll
+    for (int i = 0; i < FD_PRE; i++)
+        pv[i] = on && i < nbmax ? *(const float4*)(part + (i * stride + th) * dh + 4 * tid)
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+    float mb = NEG_INF, lb = 0.0f;
+    if (tid < nbmax) {
+        mb = ml[(tid * stride + th) * 2];
+        lb = ml[(tid * stride + th) * 2 + 1];
+    }
+    const float sink = sinks[h];
+    const long long p0 = *p0p, p = p0 + t;
+    const long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
+    const int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
+    const int n_rows = (int)(p - lo + 1) + n_comp;
+    const int nb = (n_rows + tpb * FD_R - 1) / (tpb * FD_R);
+    if (tid < 32) {
+        if (tid >= nb) mb = NEG_INF, lb = 0.0f;
+        float mx = fmaxf(mb, sink);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float f = tid < nb ? expf(mb - mx) : 0.0f;
+        float d = f * lb;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        fb[tid] = f;
+        if (tid == 0) s_iv = 1.0f / (expf(sink - mx) + d);
+    }
+    __syncthreads();
+    if (!on) return;
+    const float iv = s_iv;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < FD_PRE; i++) {
+        if (i < nb) {
+            float f = fb[i];
+            v.x = fmaf(f, pv[i].x, v.x);
+            v.y = fmaf(f, pv[i].y, v.y);
+            v.z = fmaf(f, pv[i].z, v.z);
+            v.w = fmaf(f, pv[i].w, v.w);
+        }
+    }
+#pragma unroll 8
+    for (int bb = FD_PRE; bb < nb; bb++) {
+        float4 x = *(const float4*)(part + (bb * stride + th) * dh + 4 * tid);
+        float f = fb[bb];
+        v.x = fmaf(f, x.x, v.x);
+        v.y = fmaf(f, x.y, v.y);
+        v.z = fmaf(f, x.z, v.z);
+        v.w = fmaf(f, x.w, v.w);
+    }
+    float r[4] = {v.x * iv, v.y * iv, v.z * iv, v.w * iv};
+    const int off = dh - 2 * half;
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int e = 4 * tid + 2 * j;
+        if (e >= off) {
+            double sn, cs;
+            sincos((double)p * freqs[(e - off) / 2], &sn, &cs);
+            float cf = (float)cs, sf = -(float)sn;
+            float va = r[2 * j], vb = r[2 * j + 1];
+            r[2 * j] = va * cf - vb * sf;
+            r[2 * j + 1] = va * sf + vb * cf;
+        }
+    }
+    *(float4*)(o + (long long)th * dh + 4 * tid) = make_float4(r[0], r[1], r[2], r[3]);
+}
+
 // Lightning indexer: score[t][row] = Σ_h w_{t,h}·max(0, q_{t,h}·K_row) for the rows visible
 // to token t, the head sum in head order (as the CPU's iterator sum, from −0.0). grid: x =
 // row tiles of 64, y = token; 256 threads, each 4 heads × 4 rows of a 64-head × 64-row tile

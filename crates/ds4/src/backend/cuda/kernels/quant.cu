@@ -471,6 +471,44 @@ DS4_KERNELS(q2_k, UQ2_K, 0, 16)
 DS4_KERNELS(q4_k, UQ4_K, 0, 32)
 DS4_KERNELS(iq2_xxs, UIQ2_XXS, 1, 32)
 
+// Two F16 matrices of the same shape times one input in one launch (decode: a compressor's
+// kv and gate products both read the block's y): rows 0..n_rows-1 are A's into ya, rows
+// n_rows..2·n_rows-1 B's into yb. Each row is computed exactly as mv_f16 computes it (same
+// dot_row steps, same split, same order of the split parts), so the outputs are
+// bit-identical to two mv_f16 launches.
+extern "C" __global__ void __launch_bounds__(256)
+    mv2_f16(const u8* __restrict__ wa, const u8* __restrict__ wb, int n_rows, int n_cols,
+            const float* __restrict__ x, float* __restrict__ ya, float* __restrict__ yb,
+            int split) {
+    pdl_enter();
+    __shared__ float part_[WARPS_PER_BLOCK];
+    const int warp = threadIdx.x >> 5;
+    const int og = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;
+    const bool second = og >= n_rows;
+    const int o = second ? og - n_rows : og;
+    float r = 0.0f;
+    if (og < 2 * n_rows) {
+        float acc[1] = {0.0f};
+        RowCtx c = {second ? wb : wa, o, n_rows, n_cols};
+        if (split == 1)
+            dot_row<UF16, 1, 4>(c, x, 0, 1, acc, nullptr, 0, 1);
+        else
+            dot_row<UF16, 1, 4>(c, x, 0, 1, acc, nullptr, part, split);
+        r = warp_sum(acc[0]);
+    }
+    float* y = second ? yb : ya;
+    if (split == 1) {
+        if ((threadIdx.x & 31) == 0 && og < 2 * n_rows) y[o] = r;
+        return;
+    }
+    if ((threadIdx.x & 31) == 0) part_[warp] = r;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0 && part == 0 && og < 2 * n_rows) {
+        for (int i = 1; i < split; i++) r += part_[warp + i];
+        y[o] = r;
+    }
+}
+
 // f32 -> f16 (round to nearest even), for the activations of the f16 GEMM path.
 extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, i64 n) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
