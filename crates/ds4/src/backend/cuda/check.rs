@@ -249,7 +249,13 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
         (GgmlType::F16, GgmlType::Q4_K),
         (GgmlType::F32, GgmlType::Q2_K),
     ] {
-        check_moe_grouped(be, &mut rng, tg, td, quick, &mut out)?;
+        let n_tok = if quick { 13 } else { 75 };
+        check_moe_grouped(be, &mut rng, tg, td, (8, 512, 256, n_tok, 3), &mut out)?;
+    }
+    if !quick {
+        // Flash shapes (D 4096, F 2048): the pf_mx fragment decoders over many 256-blocks.
+        let (tg, td) = (GgmlType::IQ2_XXS, GgmlType::Q2_K);
+        check_moe_grouped(be, &mut rng, tg, td, (4, 4096, 2048, 90, 2), &mut out)?;
     }
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
@@ -1645,12 +1651,10 @@ fn check_moe_grouped(
     rng: &mut Rng,
     tg: GgmlType,
     td: GgmlType,
-    quick: bool,
+    (n_exp, d, f, n_tok, k): (usize, usize, usize, usize, usize),
     out: &mut Vec<CheckRow>,
 ) -> Result<()> {
     use super::prefill::{moe_grouped, MoeScratch, PfKernels};
-    let (n_exp, d, f, k) = (8usize, 512usize, 256usize, 3usize);
-    let n_tok = if quick { 13 } else { 75 };
     let slots = n_tok * k;
     let gb = random_weight(rng, tg, n_exp * f, d);
     let ub = random_weight(rng, tg, n_exp * f, d);
@@ -1676,7 +1680,16 @@ fn check_moe_grouped(
     let kf = PfKernels::load(be)?;
     let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
     let st = be.stream();
-    for fused in [true, false] {
+    // Modes: fused with pf_mx where it exists (the default), fused through pf_mm only, and the
+    // per-expert cuBLAS path (small shapes only).
+    let modes: &[(bool, bool)] = if d > 1024 {
+        &[(true, true), (true, false)]
+    } else {
+        &[(true, true), (true, false), (false, false)]
+    };
+    let mut refs: Vec<(f64, f64)> = Vec::new();
+    for &(fused, mx) in modes {
+        let was = be.set_pf_mx(mx);
         let mut runs = Vec::new();
         for _ in 0..2 {
             let dn = poisoned(be, slots * d)?;
@@ -1694,6 +1707,7 @@ fn check_moe_grouped(
             }
             runs.push(be.download(&dn)?);
         }
+        be.set_pf_mx(was);
         // Grouping: stable counting sort on the CPU, tiles of 64 rows per expert.
         let (meta, perm, inv, tiles) = sc.grouping(be)?;
         let mut want_perm = Vec::with_capacity(slots);
@@ -1736,10 +1750,14 @@ fn check_moe_grouped(
                 .filter(|(a, b)| a != b)
                 .count();
         let shape = format!("{n_exp}exp,{n_tok}tok x{k},{f}x{d}");
-        let kname = if fused {
-            "moe_grouped_mma"
-        } else {
-            "moe_grouped_cublas"
+        let has_mx = matches!(tg, GgmlType::IQ2_XXS | GgmlType::Q2_K)
+            || matches!(td, GgmlType::IQ2_XXS | GgmlType::Q2_K);
+        let kname = match (fused, mx) {
+            (true, true) if has_mx => "moe_grouped_mx",
+            (true, true) => "moe_grouped_mma",
+            (true, false) if has_mx => "moe_grouped_mma",
+            (true, false) => continue,
+            (false, _) => "moe_grouped_cublas",
         };
         out.push(CheckRow {
             note: format!(
@@ -1747,50 +1765,19 @@ fn check_moe_grouped(
             ),
             ..exact_row("moe_group", tg, &shape, mism)
         });
-        // Routed outputs: CPU dequantized weights, f64 sums, k_swiglu's f32 expressions.
-        let deq = |ty: GgmlType, b: &[u8], rows: usize, cols: usize| {
-            let mut v = vec![0f32; rows * cols];
-            let rb = cols / ty.block_elems() * ty.block_bytes();
-            for (o, r) in v.chunks_exact_mut(cols).enumerate() {
-                dequantize_row(ty, &b[o * rb..(o + 1) * rb], r);
-            }
-            v
-        };
-        let (gf, uf, df) = (
-            deq(tg, &gb, n_exp * f, d),
-            deq(tg, &ub, n_exp * f, d),
-            deq(td, &db, n_exp * d, f),
-        );
-        let mut refs = Vec::with_capacity(slots * d);
-        for s in 0..slots {
-            let e = ids[s] as usize;
-            let x = &y[(s / k) * d..(s / k + 1) * d];
-            let dot = |w: &[f32]| {
-                w.iter()
-                    .zip(x)
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum::<f64>()
-            };
-            let h: Vec<f32> = (0..f)
-                .map(|o| {
-                    let r = (e * f + o) * d;
-                    let g = dot(&gf[r..r + d]) as f32;
-                    let u = dot(&uf[r..r + d]) as f32;
-                    let gv = g.min(clamp);
-                    let sil = gv * (1.0 / (1.0 + (-gv).exp()));
-                    sil * u.clamp(-clamp, clamp) * wts[s]
-                })
-                .collect();
-            for j in 0..d {
-                let r = (e * d + j) * f;
-                let (mut sum, mut l1) = (0f64, 0f64);
-                for (&w, &hv) in df[r..r + f].iter().zip(&h) {
-                    let pr = w as f64 * hv as f64;
-                    sum += pr;
-                    l1 += pr.abs();
-                }
-                refs.push((sum, l1));
-            }
+        if refs.is_empty() {
+            refs = moe_reference(
+                tg,
+                td,
+                &gb,
+                &ub,
+                &db,
+                &ids,
+                &wts,
+                &y,
+                (n_exp, d, f, k),
+                clamp,
+            );
         }
         out.push(compare(
             kname,
@@ -1803,6 +1790,69 @@ fn check_moe_grouped(
         out.push(det_row(kname, td, &shape, same_bits(&runs[0], &runs[1])));
     }
     Ok(())
+}
+
+/// Routed outputs of the grouped MoE check: CPU dequantized weights, f64 sums, k_swiglu's f32
+/// expressions; per output (sum, L1 mass of its products).
+#[allow(clippy::too_many_arguments)]
+fn moe_reference(
+    tg: GgmlType,
+    td: GgmlType,
+    gb: &[u8],
+    ub: &[u8],
+    db: &[u8],
+    ids: &[i32],
+    wts: &[f32],
+    y: &[f32],
+    (n_exp, d, f, k): (usize, usize, usize, usize),
+    clamp: f32,
+) -> Vec<(f64, f64)> {
+    let slots = ids.len();
+    let deq = |ty: GgmlType, b: &[u8], rows: usize, cols: usize| {
+        let mut v = vec![0f32; rows * cols];
+        let rb = cols / ty.block_elems() * ty.block_bytes();
+        for (o, r) in v.chunks_exact_mut(cols).enumerate() {
+            dequantize_row(ty, &b[o * rb..(o + 1) * rb], r);
+        }
+        v
+    };
+    let (gf, uf, df) = (
+        deq(tg, gb, n_exp * f, d),
+        deq(tg, ub, n_exp * f, d),
+        deq(td, db, n_exp * d, f),
+    );
+    let mut refs = Vec::with_capacity(slots * d);
+    for s in 0..slots {
+        let e = ids[s] as usize;
+        let x = &y[(s / k) * d..(s / k + 1) * d];
+        let dot = |w: &[f32]| {
+            w.iter()
+                .zip(x)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+        };
+        let h: Vec<f32> = (0..f)
+            .map(|o| {
+                let r = (e * f + o) * d;
+                let g = dot(&gf[r..r + d]) as f32;
+                let u = dot(&uf[r..r + d]) as f32;
+                let gv = g.min(clamp);
+                let sil = gv * (1.0 / (1.0 + (-gv).exp()));
+                sil * u.clamp(-clamp, clamp) * wts[s]
+            })
+            .collect();
+        for j in 0..d {
+            let r = (e * d + j) * f;
+            let (mut sum, mut l1) = (0f64, 0f64);
+            for (&w, &hv) in df[r..r + f].iter().zip(&h) {
+                let pr = w as f64 * hv as f64;
+                sum += pr;
+                l1 += pr.abs();
+            }
+            refs.push((sum, l1));
+        }
+    }
+    refs
 }
 
 fn exact_row(kernel: &str, ty: GgmlType, shape: &str, mismatches: usize) -> CheckRow {

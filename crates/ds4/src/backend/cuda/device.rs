@@ -100,6 +100,9 @@ struct TypeKernels {
     pfdq: CudaFunction,
     /// Grouped expert product on tensor cores (production prefill, prefill.cu).
     pfmm: CudaFunction,
+    /// The same product with weights decoded straight into the MMA fragments (`pf_mx_<t>`,
+    /// IQ2_XXS and Q2_K only).
+    pfmx: Option<CudaFunction>,
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -113,6 +116,12 @@ struct TypeKernels {
 /// `mv8_q8_0`, for comparisons).
 fn use_mv8w() -> bool {
     super::switch_on("DS4_CUDA_MV8W")
+}
+
+/// Whether the grouped expert product takes `pf_mx_<t>` where it exists (`DS4_CUDA_PF_MX=0`
+/// keeps `pf_mm_<t>`, for comparisons).
+fn use_pf_mx() -> bool {
+    super::switch_on("DS4_CUDA_PF_MX")
 }
 
 /// Activation quantization a weight type's int8 product needs (production mode, as the
@@ -199,6 +208,9 @@ pub struct CudaBackend {
     /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
     /// session around the capture of a decode graph; see `pdl_enter` in quant.cu).
     pdl: AtomicBool,
+    /// Grouped expert products through `pf_mx_<t>` where it exists (see [`use_pf_mx`]; the
+    /// self-test switches it to check both kernels).
+    pf_mx: AtomicBool,
 }
 
 /// A kernel argument as the 8-byte slot `cuLaunchKernelEx` reads it from (the driver reads
@@ -279,6 +291,12 @@ impl CudaBackend {
                     dq32: module.load_function(&format!("dq32_{s}"))?,
                     pfdq: module.load_function(&format!("pf_dq_{s}"))?,
                     pfmm: module.load_function(&format!("pf_mm_{s}"))?,
+                    pfmx: match ty {
+                        GgmlType::IQ2_XXS | GgmlType::Q2_K => {
+                            Some(module.load_function(&format!("pf_mx_{s}"))?)
+                        }
+                        _ => None,
+                    },
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
                         None => None,
@@ -315,6 +333,7 @@ impl CudaBackend {
             origin,
             cache_key,
             pdl: AtomicBool::new(false),
+            pf_mx: AtomicBool::new(use_pf_mx()),
         })
     }
 
@@ -718,6 +737,12 @@ impl CudaBackend {
         self.pdl.store(on, Ordering::Relaxed);
     }
 
+    /// Whether [`CudaBackend::pf_mm_raw`] may take `pf_mx_<t>` (on unless `DS4_CUDA_PF_MX=0`);
+    /// returns the previous setting.
+    pub(crate) fn set_pf_mx(&self, on: bool) -> bool {
+        self.pf_mx.swap(on, Ordering::Relaxed)
+    }
+
     /// Launches `f` on the stream through `cuLaunchKernelEx` with programmatic stream
     /// serialization allowed: the kernel may start before its predecessor ends, so it must
     /// begin with `pdl_enter()` (quant.cu). `args` holds the kernel's parameters in order,
@@ -1115,8 +1140,19 @@ impl CudaBackend {
             return Ok(());
         }
         let k = self.kernels(wa.ty)?;
+        // pf_mx: 256-row blocks over whole 256-column quant blocks.
+        let mx = k.pfmx.as_ref().filter(|_| {
+            self.pf_mx.load(Ordering::Relaxed)
+                && wa.n_rows.is_multiple_of(256)
+                && m_total.is_multiple_of(256)
+                && wa.n_cols.is_multiple_of(256)
+        });
         let cfg = LaunchConfig {
-            grid_dim: ((m_total / 128) as u32, max_tiles as u32, 1),
+            grid_dim: (
+                (m_total / if mx.is_some() { 256 } else { 128 }) as u32,
+                max_tiles as u32,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1124,7 +1160,7 @@ impl CudaBackend {
         let pb = wb.map_or(pa, |w| self.weight_ptr(w));
         let eb = wa.expert_stride as i64;
         let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
-        let mut b = self.stream.launch_builder(&k.pfmm);
+        let mut b = self.stream.launch_builder(mx.unwrap_or(&k.pfmm));
         b.arg(&pa)
             .arg(&pb)
             .arg(&eb)
