@@ -1680,16 +1680,31 @@ fn check_moe_grouped(
     let kf = PfKernels::load(be)?;
     let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
     let st = be.stream();
-    // Modes: fused with pf_mx where it exists (the default), fused through pf_mm only, and the
-    // per-expert cuBLAS path (small shapes only).
-    let modes: &[(bool, bool)] = if d > 1024 {
-        &[(true, true), (true, false)]
+    // Modes: fused at each kernel level (2: pf_mxs where the shapes allow it, else pf_mx; 1:
+    // pf_mx; 0: pf_mm; levels without a kernel of their own for these types are skipped), and
+    // the per-expert cuBLAS path (small shapes only).
+    let modes: &[(bool, u8)] = if d > 1024 {
+        &[(true, 2), (true, 1), (true, 0)]
     } else {
-        &[(true, true), (true, false), (false, false)]
+        &[(true, 2), (true, 1), (true, 0), (false, 0)]
     };
+    let mx_types = |t: GgmlType| matches!(t, GgmlType::IQ2_XXS | GgmlType::Q2_K);
+    let has_mx = mx_types(tg) || mx_types(td);
+    // pf_mxs needs rows of a multiple of 16 bytes (IQ2_XXS: 2048 columns, Q2_K: 1024).
+    let row16 = |t: GgmlType, cols: usize| (cols / 256 * t.block_bytes()).is_multiple_of(16);
+    let has_mxs = (mx_types(tg) && row16(tg, d)) || (mx_types(td) && row16(td, f));
     let mut refs: Vec<(f64, f64)> = Vec::new();
-    for &(fused, mx) in modes {
-        let was = be.set_pf_mx(mx);
+    // pf_mxs and pf_mx run the same decoders and MMAs in the same order: equal bits.
+    let mut mxs_out: Option<Vec<f32>> = None;
+    for &(fused, level) in modes {
+        let kname = match (fused, level) {
+            (true, 2) if has_mxs => "moe_grouped_mxs",
+            (true, 1) if has_mx => "moe_grouped_mx",
+            (true, 0) => "moe_grouped_mma",
+            (false, _) => "moe_grouped_cublas",
+            _ => continue,
+        };
+        let was = be.set_pf_mx(level);
         let mut runs = Vec::new();
         for _ in 0..2 {
             let dn = poisoned(be, slots * d)?;
@@ -1750,15 +1765,6 @@ fn check_moe_grouped(
                 .filter(|(a, b)| a != b)
                 .count();
         let shape = format!("{n_exp}exp,{n_tok}tok x{k},{f}x{d}");
-        let has_mx = matches!(tg, GgmlType::IQ2_XXS | GgmlType::Q2_K)
-            || matches!(td, GgmlType::IQ2_XXS | GgmlType::Q2_K);
-        let kname = match (fused, mx) {
-            (true, true) if has_mx => "moe_grouped_mx",
-            (true, true) => "moe_grouped_mma",
-            (true, false) if has_mx => "moe_grouped_mma",
-            (true, false) => continue,
-            (false, _) => "moe_grouped_cublas",
-        };
         out.push(CheckRow {
             note: format!(
                 "{mism} of counts/used/tiles/perm/inv differ from a CPU stable counting sort"
@@ -1788,6 +1794,19 @@ fn check_moe_grouped(
             TOL_MOE_GROUPED,
         ));
         out.push(det_row(kname, td, &shape, same_bits(&runs[0], &runs[1])));
+        if level == 2 && fused {
+            mxs_out = Some(runs[0].clone());
+        } else if let (1, true, Some(m)) = (level, fused, &mxs_out) {
+            let mism = m
+                .iter()
+                .zip(&runs[0])
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            out.push(CheckRow {
+                note: format!("{mism} outputs of pf_mxs differ in bits from pf_mx"),
+                ..exact_row("moe_grouped_mxs_vs_mx", td, &shape, mism)
+            });
+        }
     }
     Ok(())
 }

@@ -545,6 +545,14 @@ struct PxIq2 {
         a = q[t4];
         b = (u32)ld16(q + 4) | ((u32)ld16(q + 6) << 16);
     }
+    // Staged form (pf_mxs): sb = the row's copy of its 256-column block in shared memory.
+    static constexpr int kRS = 80, kNCH = 5;
+    __device__ __forceinline__ void load_s(const u8* sb, int s, int t4) {
+        const u8* q = sb + 2 + 8 * (s & 7);
+        d = ld16(sb);
+        a = q[t4];
+        b = (u32)ld16(q + 4) | ((u32)ld16(q + 6) << 16);
+    }
     // Words p = 0..3: weights 2p (low half), 2p+1 of the thread's 8. deq_iq2_xxs gives
     // ±f32(db·grid) with db = d·(0.5+s)·0.25 = d·(2s+1)/8 exactly (d has 11 significant bits),
     // so f2h of it is the f16 product d·cX rounded once: mul.rn.f16x2 computes exactly that.
@@ -579,6 +587,16 @@ struct PxQ2K {
             q1 = ld32(qs + 4);
         }
         sc = p[2 * (s & 7) + (t4 >> 1)];
+    }
+    // Staged form (pf_mxs); the copy of a block starts 4-aligned, rows 112 bytes apart (8
+    // rows of a warp's load on distinct banks up to a 2-way conflict for the codes).
+    static constexpr int kRS = 112, kNCH = 6;
+    __device__ __forceinline__ void load_s(const u8* sb, int s, int t4) {
+        dd = ld32(sb + 80);
+        const u8* qs = sb + 16 + 32 * ((s >> 2) & 1) + 8 * t4;
+        q0 = ld32(qs);
+        q1 = ld32(qs + 4);
+        sc = sb[2 * (s & 7) + (t4 >> 1)];
     }
     // Same f32 expressions as deq_q2_k / PfQ2K, the four values as f16 picked by byte_perm.
     __device__ __forceinline__ void decode(u32* w, const PxTables&, int, int s) const {
@@ -737,3 +755,188 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
 
 DS4_PF_MX(q2_k, PxQ2K)
 DS4_PF_MX(iq2_xxs, PxIq2)
+
+// ---------------------------------------------------------------------------------------------
+// pf_mxs_<t>: pf_mx with the quantized weight bytes staged in shared memory by cp.async, one
+// 256-column block of the block's 256 rows at a time (double-buffered, issued 8 steps ahead):
+// the decoders then read shared memory (short, fixed latency, 32-bit addresses) instead of
+// waiting on global loads, and no raw bytes are held in registers across the MMAs. Each row's
+// block is copied as the 16-byte chunks covering it (kNCH per row, into a kRS-byte slot, the
+// block starting at its offset (q·block_bytes) % 16 in the slot); needs the row stride to be a
+// multiple of 16 bytes (IQ2_XXS: columns a multiple of 2048; Q2_K: of 1024; the host checks),
+// so no chunk crosses the end of its row. Same decoders and MMAs as pf_mx: bit-identical to it.
+// ---------------------------------------------------------------------------------------------
+
+extern __shared__ __align__(16) u8 px_smem[];
+
+__device__ __forceinline__ void px_cp16(void* dst, const void* src, bool valid) {
+    u32 a = (u32)__cvta_generic_to_shared(dst);
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(n)
+                 : "memory");
+}
+
+// Copies block q of the block's 256 rows (row 0 at wrow, rowb bytes apart) into stage st.
+template <class L>
+__device__ __forceinline__ void px_stage(u8* As, const u8* wrow, i64 rowb, int q, int st) {
+    i64 lo = ((i64)q * L::kBlockBytes) & ~(i64)15;
+    u8* dst = As + st * (PX_BM * L::kRS);
+#pragma unroll
+    for (int i = 0; i < L::kNCH; i++) {
+        int c = (int)threadIdx.x + 256 * i;
+        int row = c / L::kNCH, part = c - row * L::kNCH;
+        i64 go = lo + 16 * part;
+        bool ok = go < rowb;
+        px_cp16(dst + row * L::kRS + 16 * part, wrow + (i64)row * rowb + (ok ? go : 0), ok);
+    }
+}
+
+template <class L, int NG>
+__device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTables& T, u16* Bs,
+                                         u8* As, int m0, int m_total, int k_dim, int r0, int cnt,
+                                         const u16* __restrict__ xs, float* __restrict__ out) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+    int bn = tid >> 2;
+    bool bval = bn < cnt;
+    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + (tid & 3) * 8;
+    u16* bdst = Bs + bn * PX_BK + (tid & 3) * 8;
+    const u16* bsrc = Bs + g * PX_BK + t4 * 8;
+    // This thread's rows 32·warp + 8ri + g: slot offset of ri = 0 in a stage.
+    const u8* arow = As + (warp * 32 + g) * L::kRS;
+    int nk = k_dim / PX_BK, nq = k_dim >> 8;
+    float acc[2][NG][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < NG; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    u32 af[4][4];
+    px_stage<L>(As, wrow, rowb, 0, 0);
+    pf_cp16(bdst, xrow, bval);
+    pf_cp_commit();
+    if (nk > 1) pf_cp16(bdst + PX_BN * PX_BK, xrow + PX_BK, bval);
+    pf_cp_commit();
+    pf_cp_wait1();
+    __syncthreads();  // tables, block 0 of A, B(0)
+    {
+        L ld;
+#pragma unroll
+        for (int ri = 0; ri < 4; ri++) {
+            ld.load_s(arow + ri * 8 * L::kRS, 0, t4);
+            ld.decode(af[ri], T, t4, 0);
+        }
+    }
+    int bs = 0;
+    for (int s = 0; s < nk; s++) {
+        pf_cp_wait1();
+        __syncthreads();  // B(s) visible; every warp is done with slot (s + 2) % 3 and with
+                          // the A stage of block s/8 - 1
+        int b2 = bs == 0 ? 2 : bs - 1;
+        if (s + 2 < nk) pf_cp16(bdst + b2 * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
+        if ((s & 7) == 0 && (s >> 3) + 1 < nq)
+            px_stage<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
+        pf_cp_commit();
+        const u16* B = bsrc + bs * (PX_BN * PX_BK);
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            uint4 bv = *(const uint4*)(B + ni * 8 * PX_BK);
+            u32 b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                u32 a0[4] = {af[2 * mi][0], af[2 * mi + 1][0], af[2 * mi][1], af[2 * mi + 1][1]};
+                u32 a1[4] = {af[2 * mi][2], af[2 * mi + 1][2], af[2 * mi][3], af[2 * mi + 1][3]};
+                mma16816(acc[mi][ni], a0, b0);
+                mma16816(acc[mi][ni], a1, b1);
+            }
+        }
+        int t = s + 1;
+        if (t < nk) {
+            int q = t >> 3;
+            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + ((q * L::kBlockBytes) & 15);
+            L ld;
+#pragma unroll
+            for (int ri = 0; ri < 4; ri++) {
+                ld.load_s(sb + ri * 8 * L::kRS, t, t4);
+                ld.decode(af[ri], T, t4, t);
+            }
+        }
+        bs = bs == 2 ? 0 : bs + 1;
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            int row = m0 + warp * 32 + mi * 16 + g;
+            int n = ni * 8 + t4 * 2;
+            if (n < cnt) {
+                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
+                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
+            }
+            if (n + 1 < cnt) {
+                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
+                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
+            }
+        }
+}
+
+// Needs rows_a, m_total multiples of PX_BM, k_dim of 256 and a row stride that is a multiple
+// of 16 bytes, 16-byte aligned matrices; dynamic shared memory 2·PX_BM·kRS bytes.
+template <class L>
+__device__ __forceinline__ void pxs_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                           i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                           const int* __restrict__ n_tiles,
+                                           const int* __restrict__ tiles,
+                                           const u16* __restrict__ xs, float* __restrict__ out) {
+    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
+    __shared__ __align__(16) PxTables T;
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    int tid = threadIdx.x;
+    if (L::kTables) {
+        T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
+        if (tid < 128) {
+            u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
+            u32 e = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
+            T.sgn[tid] = e;
+        }
+        if (tid < 16) {
+            float c = (float)(2 * tid + 1);
+            T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
+                                   pack_h2(c * 43.0f / 8.0f, c * 43.0f / 8.0f));
+        }
+    }
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PX_BM;
+    const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
+    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
+    i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
+    const u8* wrow = w + (i64)wrow0 * rowb;
+    u8* As = px_smem;
+    switch ((cnt + 7) >> 3) {
+    case 1: pxs_body<L, 1>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 2: pxs_body<L, 2>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 3: pxs_body<L, 3>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 4: pxs_body<L, 4>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 5: pxs_body<L, 5>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 6: pxs_body<L, 6>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 7: pxs_body<L, 7>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    default: pxs_body<L, 8>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    }
+}
+
+#define DS4_PF_MXS(T, L)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
+        pf_mxs_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,       \
+                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,          \
+                   const int* __restrict__ tiles, const u16* __restrict__ xs,                    \
+                   float* __restrict__ out) {                                                    \
+        pxs_kernel<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);    \
+    }
+
+DS4_PF_MXS(q2_k, PxQ2K)
+DS4_PF_MXS(iq2_xxs, PxIq2)
