@@ -516,6 +516,7 @@ DS4_PF_MM(iq2_xxs, PfIq2)
 // Shared tables of the IQ2_XXS decoder (Q2_K needs none).
 struct PxTables {
     u64 sel[256];  // grid entry -> byte_perm selectors (pf_iq2_sel)
+    u32 sgn[128];  // 7 stored sign bits -> masks: sign of weight 2p at bit 15-p, 2p+1 at 31-p
     uint2 sc[16];  // 4-bit scale s -> f16x2 (c8, c25), (c43, c43), cX = (2s+1)·X/8 exactly
 };
 
@@ -558,20 +559,15 @@ struct PxIq2 {
     // The sign flips the f16 sign bit (RNE is symmetric).
     __device__ __forceinline__ void decode(u32* w, const PxTables& T, int t4, int) const {
         u64 sl = T.sel[a];
+        u32 e = T.sgn[(b >> (7 * t4)) & 127u];
         uint2 c = T.sc[b >> 28];
         u32 dd = d | (d << 16);
         u32 x = px_hmul2(dd, c.x), y = px_hmul2(dd, c.y);
         u32 lo = (u32)sl, hi = (u32)(sl >> 32);
-        // Signs in the ALU (a shared table lookup costs more of the shared-memory bandwidth
-        // that bounds this kernel): the 7 stored bits and their parity as bit 7; for word p,
-        // t = sg >> 2p times 0x40008000 is t << 15 + t << 30 without overlapping bits, so bit 15
-        // = sign of weight 2p and bit 31 = sign of weight 2p+1.
-        u32 i7 = (b >> (7 * t4)) & 127u;
-        u32 sg = i7 | ((__popc(i7) & 1u) << 7);
-        w[0] = px_prmt(x, y, lo) ^ ((sg * 0x40008000u) & 0x80008000u);
-        w[1] = px_prmt(x, y, lo >> 16) ^ (((sg >> 2) * 0x40008000u) & 0x80008000u);
-        w[2] = px_prmt(x, y, hi) ^ (((sg >> 4) * 0x40008000u) & 0x80008000u);
-        w[3] = px_prmt(x, y, hi >> 16) ^ (((sg >> 6) * 0x40008000u) & 0x80008000u);
+        w[0] = px_prmt(x, y, lo) ^ (e & 0x80008000u);
+        w[1] = px_prmt(x, y, lo >> 16) ^ ((e << 1) & 0x80008000u);
+        w[2] = px_prmt(x, y, hi) ^ ((e << 2) & 0x80008000u);
+        w[3] = px_prmt(x, y, hi >> 16) ^ ((e << 3) & 0x80008000u);
     }
 };
 
@@ -607,9 +603,8 @@ struct PxQ2K {
         float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
         float dl = __fmul_rn(d, (float)(sc & 15));
         float ml = __fmul_rn(dmin, (float)(sc >> 4));
-        // dl·1 = dl and dl·2 = dl + dl exactly: the same values as deq_q2_k, two multiplies less.
-        u32 t01 = pack_h2(__fsub_rn(__fmul_rn(dl, 0.0f), ml), __fsub_rn(dl, ml));
-        u32 t23 = pack_h2(__fsub_rn(__fadd_rn(dl, dl), ml), __fsub_rn(__fmul_rn(dl, 3.0f), ml));
+        u32 t01 = pack_h2(__fsub_rn(__fmul_rn(dl, 0.0f), ml), __fsub_rn(__fmul_rn(dl, 1.0f), ml));
+        u32 t23 = pack_h2(__fsub_rn(__fmul_rn(dl, 2.0f), ml), __fsub_rn(__fmul_rn(dl, 3.0f), ml));
         int sh = 2 * (s & 3);
         u32 s0 = ((q0 >> sh) & 0x03030303u) * 0x22u + 0x10101010u;
         u32 s1 = ((q1 >> sh) & 0x03030303u) * 0x22u + 0x10101010u;
@@ -715,6 +710,14 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
     int tid = threadIdx.x;
     if (L::kTables) {
         T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
+        if (tid < 128) {
+            u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
+            u32 e = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
+            T.sgn[tid] = e;
+        }
         if (tid < 16) {
             float c = (float)(2 * tid + 1);
             T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
@@ -893,6 +896,14 @@ __device__ __forceinline__ void pxs_kernel(const u8* __restrict__ wa, const u8* 
     int tid = threadIdx.x;
     if (L::kTables) {
         T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
+        if (tid < 128) {
+            u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
+            u32 e = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
+            T.sgn[tid] = e;
+        }
         if (tid < 16) {
             float c = (float)(2 * tid + 1);
             T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
