@@ -1127,6 +1127,8 @@ impl CudaBackend {
     /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]`, with rows `m < wa.n_rows`
     /// from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16 rows of
     /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone).
+    /// IQ2_XXS / Q2_K weights with rows (and `wa.n_rows`) multiples of 256 take `pf_mxs_<t>`
+    /// (rows of a multiple of 16 bytes) or `pf_mx_<t>` instead (see [`pf_mx_level`]).
     ///
     /// # Safety
     /// Buffers live and covering every tile's rows; expert ids `< n_experts`.

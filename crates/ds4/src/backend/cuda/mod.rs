@@ -18,7 +18,11 @@
 //!   memory). The logits stay on the device: [`GpuSession::narrow`] (kernels/sample.cu) sends
 //!   back the argmax and, for min-p sampling, the candidate tokens only.
 //! * [`prefill`]: production prefill's expert grouping (stable counting sort) and the grouped
-//!   tensor-core expert product that dequantizes weight tiles in shared memory.
+//!   tensor-core expert product: for the Flash expert types (IQ2_XXS, Q2_K) `pf_mxs_<t>`
+//!   decodes each weight once per 256-row block straight into the MMA fragments (weight bytes
+//!   staged in shared memory by cp.async; `pf_mx_<t>` reads them from global memory where the
+//!   rows are not 16-byte multiples); other types dequantize weight tiles into shared memory
+//!   (`pf_mm_<t>`).
 //! * [`attn`]: tiled attention / indexer scores / top-k / windowed compressor, and the
 //!   tensor-core attention of production prefill chunks; exact mode keeps the reference-order
 //!   kernels of forward.cu.
@@ -36,7 +40,9 @@
 //! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
 //! quantization), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_GEMM`
 //! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
-//! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_ROUTER_SGEMM` (router product as
+//! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_PF_MX` (the fragment-decoding
+//! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
+//! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill);
 //! `DS4_CUDA_ATT_SPLIT=N` overrides the decode attention split. `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.

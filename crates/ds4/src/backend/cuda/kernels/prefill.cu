@@ -11,6 +11,10 @@
 //   [cuBLAS]   down per expert
 //   pf_scatter rows back to slot order, then the ordinary k_moe_sum
 //
+// The default expert path skips pf_dq + cuBLAS: pf_mm_<t> decodes weight tiles into shared
+// memory inside the GEMM, and for IQ2_XXS / Q2_K pf_mxs_<t> / pf_mx_<t> decode them straight
+// into the MMA fragments (see their comments below).
+//
 // No atomics: every output element is written by one thread, so results are bit-identical
 // from run to run (cuBLAS GEMMs are deterministic for a given shape on one device).
 // Appended after quant.cu (uses f2h, the deq_<t> unit dequantizers and the IQ2 tables).
