@@ -249,7 +249,13 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
         (GgmlType::F16, GgmlType::Q4_K),
         (GgmlType::F32, GgmlType::Q2_K),
     ] {
-        check_moe_grouped(be, &mut rng, tg, td, quick, &mut out)?;
+        let n_tok = if quick { 13 } else { 75 };
+        check_moe_grouped(be, &mut rng, tg, td, (8, 512, 256, n_tok, 3), &mut out)?;
+    }
+    if !quick {
+        // Flash shapes (D 4096, F 2048): the pf_mx fragment decoders over many 256-blocks.
+        let (tg, td) = (GgmlType::IQ2_XXS, GgmlType::Q2_K);
+        check_moe_grouped(be, &mut rng, tg, td, (4, 4096, 2048, 90, 2), &mut out)?;
     }
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
@@ -1895,12 +1901,10 @@ fn check_moe_grouped(
     rng: &mut Rng,
     tg: GgmlType,
     td: GgmlType,
-    quick: bool,
+    (n_exp, d, f, n_tok, k): (usize, usize, usize, usize, usize),
     out: &mut Vec<CheckRow>,
 ) -> Result<()> {
     use super::prefill::{moe_grouped, MoeScratch, PfKernels};
-    let (n_exp, d, f, k) = (8usize, 512usize, 256usize, 3usize);
-    let n_tok = if quick { 13 } else { 75 };
     let slots = n_tok * k;
     let gb = random_weight(rng, tg, n_exp * f, d);
     let ub = random_weight(rng, tg, n_exp * f, d);
@@ -1926,7 +1930,31 @@ fn check_moe_grouped(
     let kf = PfKernels::load(be)?;
     let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
     let st = be.stream();
-    for fused in [true, false] {
+    // Modes: fused at each kernel level (2: pf_mxs where the shapes allow it, else pf_mx; 1:
+    // pf_mx; 0: pf_mm; levels without a kernel of their own for these types are skipped), and
+    // the per-expert cuBLAS path (small shapes only).
+    let modes: &[(bool, u8)] = if d > 1024 {
+        &[(true, 2), (true, 1), (true, 0)]
+    } else {
+        &[(true, 2), (true, 1), (true, 0), (false, 0)]
+    };
+    let mx_types = |t: GgmlType| matches!(t, GgmlType::IQ2_XXS | GgmlType::Q2_K);
+    let has_mx = mx_types(tg) || mx_types(td);
+    // pf_mxs needs rows of a multiple of 16 bytes (IQ2_XXS: 2048 columns, Q2_K: 1024).
+    let row16 = |t: GgmlType, cols: usize| (cols / 256 * t.block_bytes()).is_multiple_of(16);
+    let has_mxs = (mx_types(tg) && row16(tg, d)) || (mx_types(td) && row16(td, f));
+    let mut refs: Vec<(f64, f64)> = Vec::new();
+    // pf_mxs and pf_mx run the same decoders and MMAs in the same order: equal bits.
+    let mut mxs_out: Option<Vec<f32>> = None;
+    for &(fused, level) in modes {
+        let kname = match (fused, level) {
+            (true, 2) if has_mxs => "moe_grouped_mxs",
+            (true, 1) if has_mx => "moe_grouped_mx",
+            (true, 0) => "moe_grouped_mma",
+            (false, _) => "moe_grouped_cublas",
+            _ => continue,
+        };
+        let was = be.set_pf_mx(level);
         let mut runs = Vec::new();
         for _ in 0..2 {
             let dn = poisoned(be, slots * d)?;
@@ -1944,6 +1972,7 @@ fn check_moe_grouped(
             }
             runs.push(be.download(&dn)?);
         }
+        be.set_pf_mx(was);
         // Grouping: stable counting sort on the CPU, tiles of 64 rows per expert.
         let (meta, perm, inv, tiles) = sc.grouping(be)?;
         let mut want_perm = Vec::with_capacity(slots);
@@ -1986,61 +2015,25 @@ fn check_moe_grouped(
                 .filter(|(a, b)| a != b)
                 .count();
         let shape = format!("{n_exp}exp,{n_tok}tok x{k},{f}x{d}");
-        let kname = if fused {
-            "moe_grouped_mma"
-        } else {
-            "moe_grouped_cublas"
-        };
         out.push(CheckRow {
             note: format!(
                 "{mism} of counts/used/tiles/perm/inv differ from a CPU stable counting sort"
             ),
             ..exact_row("moe_group", tg, &shape, mism)
         });
-        // Routed outputs: CPU dequantized weights, f64 sums, k_swiglu's f32 expressions.
-        let deq = |ty: GgmlType, b: &[u8], rows: usize, cols: usize| {
-            let mut v = vec![0f32; rows * cols];
-            let rb = cols / ty.block_elems() * ty.block_bytes();
-            for (o, r) in v.chunks_exact_mut(cols).enumerate() {
-                dequantize_row(ty, &b[o * rb..(o + 1) * rb], r);
-            }
-            v
-        };
-        let (gf, uf, df) = (
-            deq(tg, &gb, n_exp * f, d),
-            deq(tg, &ub, n_exp * f, d),
-            deq(td, &db, n_exp * d, f),
-        );
-        let mut refs = Vec::with_capacity(slots * d);
-        for s in 0..slots {
-            let e = ids[s] as usize;
-            let x = &y[(s / k) * d..(s / k + 1) * d];
-            let dot = |w: &[f32]| {
-                w.iter()
-                    .zip(x)
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum::<f64>()
-            };
-            let h: Vec<f32> = (0..f)
-                .map(|o| {
-                    let r = (e * f + o) * d;
-                    let g = dot(&gf[r..r + d]) as f32;
-                    let u = dot(&uf[r..r + d]) as f32;
-                    let gv = g.min(clamp);
-                    let sil = gv * (1.0 / (1.0 + (-gv).exp()));
-                    sil * u.clamp(-clamp, clamp) * wts[s]
-                })
-                .collect();
-            for j in 0..d {
-                let r = (e * d + j) * f;
-                let (mut sum, mut l1) = (0f64, 0f64);
-                for (&w, &hv) in df[r..r + f].iter().zip(&h) {
-                    let pr = w as f64 * hv as f64;
-                    sum += pr;
-                    l1 += pr.abs();
-                }
-                refs.push((sum, l1));
-            }
+        if refs.is_empty() {
+            refs = moe_reference(
+                tg,
+                td,
+                &gb,
+                &ub,
+                &db,
+                &ids,
+                &wts,
+                &y,
+                (n_exp, d, f, k),
+                clamp,
+            );
         }
         out.push(compare(
             kname,
@@ -2051,8 +2044,84 @@ fn check_moe_grouped(
             TOL_MOE_GROUPED,
         ));
         out.push(det_row(kname, td, &shape, same_bits(&runs[0], &runs[1])));
+        if level == 2 && fused {
+            mxs_out = Some(runs[0].clone());
+        } else if let (1, true, Some(m)) = (level, fused, &mxs_out) {
+            let mism = m
+                .iter()
+                .zip(&runs[0])
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            out.push(CheckRow {
+                note: format!("{mism} outputs of pf_mxs differ in bits from pf_mx"),
+                ..exact_row("moe_grouped_mxs_vs_mx", td, &shape, mism)
+            });
+        }
     }
     Ok(())
+}
+
+/// Routed outputs of the grouped MoE check: CPU dequantized weights, f64 sums, k_swiglu's f32
+/// expressions; per output (sum, L1 mass of its products).
+#[allow(clippy::too_many_arguments)]
+fn moe_reference(
+    tg: GgmlType,
+    td: GgmlType,
+    gb: &[u8],
+    ub: &[u8],
+    db: &[u8],
+    ids: &[i32],
+    wts: &[f32],
+    y: &[f32],
+    (n_exp, d, f, k): (usize, usize, usize, usize),
+    clamp: f32,
+) -> Vec<(f64, f64)> {
+    let slots = ids.len();
+    let deq = |ty: GgmlType, b: &[u8], rows: usize, cols: usize| {
+        let mut v = vec![0f32; rows * cols];
+        let rb = cols / ty.block_elems() * ty.block_bytes();
+        for (o, r) in v.chunks_exact_mut(cols).enumerate() {
+            dequantize_row(ty, &b[o * rb..(o + 1) * rb], r);
+        }
+        v
+    };
+    let (gf, uf, df) = (
+        deq(tg, gb, n_exp * f, d),
+        deq(tg, ub, n_exp * f, d),
+        deq(td, db, n_exp * d, f),
+    );
+    let mut refs = Vec::with_capacity(slots * d);
+    for s in 0..slots {
+        let e = ids[s] as usize;
+        let x = &y[(s / k) * d..(s / k + 1) * d];
+        let dot = |w: &[f32]| {
+            w.iter()
+                .zip(x)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+        };
+        let h: Vec<f32> = (0..f)
+            .map(|o| {
+                let r = (e * f + o) * d;
+                let g = dot(&gf[r..r + d]) as f32;
+                let u = dot(&uf[r..r + d]) as f32;
+                let gv = g.min(clamp);
+                let sil = gv * (1.0 / (1.0 + (-gv).exp()));
+                sil * u.clamp(-clamp, clamp) * wts[s]
+            })
+            .collect();
+        for j in 0..d {
+            let r = (e * d + j) * f;
+            let (mut sum, mut l1) = (0f64, 0f64);
+            for (&w, &hv) in df[r..r + f].iter().zip(&h) {
+                let pr = w as f64 * hv as f64;
+                sum += pr;
+                l1 += pr.abs();
+            }
+            refs.push((sum, l1));
+        }
+    }
+    refs
 }
 
 fn exact_row(kernel: &str, ty: GgmlType, shape: &str, mismatches: usize) -> CheckRow {

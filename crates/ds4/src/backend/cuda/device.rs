@@ -13,7 +13,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Errors of the CUDA backend.
@@ -100,6 +100,10 @@ struct TypeKernels {
     pfdq: CudaFunction,
     /// Grouped expert product on tensor cores (production prefill, prefill.cu).
     pfmm: CudaFunction,
+    /// The same product with weights decoded straight into the MMA fragments (`pf_mx_<t>`,
+    /// IQ2_XXS and Q2_K only), and its variant with the weight bytes staged in shared memory
+    /// (`pf_mxs_<t>`, with its dynamic shared memory in bytes).
+    pfmx: Option<(CudaFunction, CudaFunction, u32)>,
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -136,6 +140,19 @@ fn lane_kernels(ty: GgmlType) -> Option<(LaneKernel, LaneKernel)> {
 /// `mv8_q8_0`, for comparisons).
 fn use_mv8w() -> bool {
     super::switch_on("DS4_CUDA_MV8W")
+}
+
+/// Which grouped expert product [`CudaBackend::pf_mm_raw`] takes where it can: 2 =
+/// `pf_mxs_<t>` (the default), 1 = `pf_mx_<t>` (`DS4_CUDA_PF_MXS=0`), 0 = `pf_mm_<t>`
+/// (`DS4_CUDA_PF_MX=0`); for comparisons.
+fn pf_mx_level() -> u8 {
+    if !super::switch_on("DS4_CUDA_PF_MX") {
+        0
+    } else if !super::switch_on("DS4_CUDA_PF_MXS") {
+        1
+    } else {
+        2
+    }
 }
 
 /// Activation quantization a weight type's int8 product needs (production mode, as the
@@ -226,6 +243,9 @@ pub struct CudaBackend {
     side: Arc<CudaStream>,
     /// Kernels are launched on `side` (inside a fork) instead of `stream`.
     on_side: AtomicBool,
+    /// Grouped expert product kernel level (see [`pf_mx_level`]; the self-test switches it
+    /// to check every kernel).
+    pf_mx: AtomicU8,
 }
 
 /// A side-stream branch queued by [`CudaBackend::fork`], joined back into the main stream.
@@ -322,6 +342,20 @@ impl CudaBackend {
                     dq32: module.load_function(&format!("dq32_{s}"))?,
                     pfdq: module.load_function(&format!("pf_dq_{s}"))?,
                     pfmm: module.load_function(&format!("pf_mm_{s}"))?,
+                    pfmx: match ty {
+                        GgmlType::IQ2_XXS | GgmlType::Q2_K => {
+                            // Two stages of 256 rows x one block's 16-byte chunks (prefill.cu
+                            // kRS: 80 bytes for IQ2_XXS, 112 for Q2_K).
+                            let smem = 2 * 256 * if ty == GgmlType::Q2_K { 112 } else { 80 };
+                            let f = module.load_function(&format!("pf_mxs_{s}"))?;
+                            f.set_attribute(
+                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                smem as i32,
+                            )?;
+                            Some((module.load_function(&format!("pf_mx_{s}"))?, f, smem))
+                        }
+                        _ => None,
+                    },
                     mv8: match ActQuant::of(ty) {
                         Some(_) => Some(module.load_function(&format!("mv8_{s}"))?),
                         None => None,
@@ -368,6 +402,7 @@ impl CudaBackend {
             pdl: AtomicBool::new(false),
             side,
             on_side: AtomicBool::new(false),
+            pf_mx: AtomicU8::new(pf_mx_level()),
         })
     }
 
@@ -800,6 +835,12 @@ impl CudaBackend {
     /// turns it on while it captures a decode graph).
     pub(crate) fn set_pdl(&self, on: bool) {
         self.pdl.store(on, Ordering::Relaxed);
+    }
+
+    /// Which grouped expert kernel [`CudaBackend::pf_mm_raw`] may take (2: `pf_mxs_<t>`, 1:
+    /// `pf_mx_<t>`, 0: `pf_mm_<t>`; see [`pf_mx_level`]); returns the previous setting.
+    pub(crate) fn set_pf_mx(&self, level: u8) -> u8 {
+        self.pf_mx.swap(level, Ordering::Relaxed)
     }
 
     /// Launches `f` on the stream through `cuLaunchKernelEx` with programmatic stream
@@ -1258,6 +1299,8 @@ impl CudaBackend {
     /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]`, with rows `m < wa.n_rows`
     /// from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16 rows of
     /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone).
+    /// IQ2_XXS / Q2_K weights with rows (and `wa.n_rows`) multiples of 256 take `pf_mxs_<t>`
+    /// (rows of a multiple of 16 bytes) or `pf_mx_<t>` instead (see [`pf_mx_level`]).
     ///
     /// # Safety
     /// Buffers live and covering every tile's rows; expert ids `< n_experts`.
@@ -1287,16 +1330,36 @@ impl CudaBackend {
             return Ok(());
         }
         let k = self.kernels(wa.ty)?;
-        let cfg = LaunchConfig {
-            grid_dim: ((m_total / 128) as u32, max_tiles as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let pa = self.weight_ptr(wa);
         let pb = wb.map_or(pa, |w| self.weight_ptr(w));
+        let level = self.pf_mx.load(Ordering::Relaxed);
+        // pf_mx: 256-row blocks over whole 256-column quant blocks; pf_mxs also copies rows
+        // in 16-byte chunks (row stride and matrix starts multiples of 16 bytes).
+        let row_bytes = wa.n_cols / 256 * wa.ty.block_bytes();
+        let mx = k.pfmx.as_ref().filter(|_| {
+            level >= 1
+                && wa.n_rows.is_multiple_of(256)
+                && m_total.is_multiple_of(256)
+                && wa.n_cols.is_multiple_of(256)
+        });
+        let staged = level >= 2
+            && row_bytes.is_multiple_of(16)
+            && wa.expert_stride.is_multiple_of(16)
+            && pa.is_multiple_of(16)
+            && pb.is_multiple_of(16);
+        let (func, rows_per_block, smem) = match mx {
+            Some((_, fs, smem)) if staged => (fs, 256, *smem),
+            Some((f, _, _)) => (f, 256, 0),
+            None => (&k.pfmm, 128, 0),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((m_total / rows_per_block) as u32, max_tiles as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem,
+        };
         let eb = wa.expert_stride as i64;
         let (ra, mt, kd) = (wa.n_rows as i32, m_total as i32, wa.n_cols as i32);
-        let mut b = self.st().launch_builder(&k.pfmm);
+        let mut b = self.st().launch_builder(func);
         b.arg(&pa)
             .arg(&pb)
             .arg(&eb)

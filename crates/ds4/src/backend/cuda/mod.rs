@@ -18,7 +18,11 @@
 //!   memory). The logits stay on the device: [`GpuSession::narrow`] (kernels/sample.cu) sends
 //!   back the argmax and, for min-p sampling, the candidate tokens only.
 //! * [`prefill`]: production prefill's expert grouping (stable counting sort) and the grouped
-//!   tensor-core expert product that dequantizes weight tiles in shared memory.
+//!   tensor-core expert product: for the Flash expert types (IQ2_XXS, Q2_K) `pf_mxs_<t>`
+//!   decodes each weight once per 256-row block straight into the MMA fragments (weight bytes
+//!   staged in shared memory by cp.async; `pf_mx_<t>` reads them from global memory where the
+//!   rows are not 16-byte multiples); other types dequantize weight tiles into shared memory
+//!   (`pf_mm_<t>`).
 //! * [`attn`]: tiled attention / indexer scores / top-k / windowed compressor, the
 //!   tensor-core attention of production prefill chunks and the split-rows flash-decoding
 //!   attention of production decode steps; exact mode keeps the reference-order kernels of
@@ -40,7 +44,9 @@
 //! (lane-owned IQ2_XXS / Q2_K int8 matvecs and fused gate+up, `mvl_<t>` / `mvlglu_<t>`;
 //! off = the cooperative shuffle kernels `mv8_<t>` / `mv8glu_<t>`), `DS4_CUDA_GEMM`
 //! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
-//! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_ROUTER_SGEMM` (router product as
+//! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_PF_MX` (the fragment-decoding
+//! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
+//! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
 //! the four tiled passes), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;

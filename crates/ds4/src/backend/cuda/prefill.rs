@@ -11,6 +11,11 @@
 //!   decodes a 128-row × 32-column slice of the quantized weight into shared memory as f16
 //!   and runs `mma.sync` m16n8k16 (f32 accumulation), so the quantized bytes are read once
 //!   per 64-row tile and no f16 weight copy exists; no host read, no per-expert launches.
+//!   For IQ2_XXS and Q2_K (the Flash experts) `pf_mxs_<t>` / `pf_mx_<t>` take over (chosen
+//!   in `CudaBackend::pf_mm_raw`): 256-row blocks whose warps decode their 32 rows straight
+//!   into the MMA's A fragments (k permuted inside each 32-column step so that a thread's
+//!   fragment elements are 8 consecutive weights), with the quantized bytes staged in shared
+//!   memory by cp.async (`pf_mxs`); same f16 values and f32 accumulation, ~2x faster.
 //!   The clamped SwiGLU × routing weight uses k_swiglu's expressions (result rounded to
 //!   f16); the rows go back to slot order for the ordinary `k_moe_sum`. A second path
 //!   (`DS4_CUDA_PF_MM=0`, or shapes `pf_mm` does not take) dequantizes batches of experts

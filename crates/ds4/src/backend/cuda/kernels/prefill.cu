@@ -11,6 +11,10 @@
 //   [cuBLAS]   down per expert
 //   pf_scatter rows back to slot order, then the ordinary k_moe_sum
 //
+// The default expert path skips pf_dq + cuBLAS: pf_mm_<t> decodes weight tiles into shared
+// memory inside the GEMM, and for IQ2_XXS / Q2_K pf_mxs_<t> / pf_mx_<t> decode them straight
+// into the MMA fragments (see their comments below).
+//
 // No atomics: every output element is written by one thread, so results are bit-identical
 // from run to run (cuBLAS GEMMs are deterministic for a given shape on one device).
 // Appended after quant.cu (uses f2h, the deq_<t> unit dequantizers and the IQ2 tables).
@@ -482,3 +486,461 @@ DS4_PF_MM(q8_0, PfQ80)
 DS4_PF_MM(q2_k, PfQ2K)
 DS4_PF_MM(q4_k, PfGen_q4_k)
 DS4_PF_MM(iq2_xxs, PfIq2)
+
+// ---------------------------------------------------------------------------------------------
+// pf_mx_<t> (IQ2_XXS, Q2_K): the grouped expert product with the weights decoded straight into
+// the MMA's A fragments (no decoded-weight tile in shared memory, no ldmatrix for weights).
+// Same contract and numerics as pf_mm_<t> (every weight is f2h of the deq_<t> value, f16 x f16
+// -> f32 mma.sync m16n8k16, k in increasing 32-column steps); only the pairing of products
+// inside one MMA differs (below), so results match pf_mm to f32 rounding, not bit for bit.
+//
+// Block: 256 weight rows x one tile of <= 64 sorted rows (tokens); warp w owns rows
+// 32w..32w+31 (two m16 tiles) and every token of the tile, so each weight is decoded once per
+// block, by exactly one thread, into registers. The k axis is permuted inside each 32-column
+// step, identically for both operands (a sum over k does not depend on its order): lane
+// (g, t4) holds logical k {2t4, 2t4+1, 2t4+8, 2t4+9} of each of the step's two k16 MMAs, and
+// these 8 logical columns are mapped to the 8 consecutive original columns 8t4..8t4+7:
+//   MMA kk, logical 2t4+e -> original 8t4 + 4kk + e;  logical 2t4+8+e -> 8t4 + 4kk + 2 + e.
+// So a thread decodes one run of 8 consecutive weights per row and step (IQ2_XXS: exactly one
+// grid entry; Q2_K: 8 codes of one 16-weight group), and its B fragments for token n are the 16
+// bytes at columns 8t4..8t4+7 of n's row in the (unpermuted, row-major) activation tile: one
+// 128-bit shared load per 8 tokens and step, conflict-free with 64-byte rows.
+//
+// Pipeline: activation tile triple-buffered and filled by cp.async two steps ahead (one
+// barrier per step, rows past the tile's count zero-filled); the raw bytes of step s+1 are
+// loaded at the top of step s and decoded after step s's MMAs are issued, so the decode (ALU)
+// overlaps the tensor pipe. NG = number of 8-token groups holding rows of the tile is
+// block-uniform and a template argument: no predicated MMAs.
+// ---------------------------------------------------------------------------------------------
+
+#define PX_BM 256
+#define PX_BN 64
+#define PX_BK 32
+
+// Shared tables of the IQ2_XXS decoder (Q2_K needs none).
+struct PxTables {
+    u64 sel[256];  // grid entry -> byte_perm selectors (pf_iq2_sel)
+    u32 sgn[128];  // 7 stored sign bits -> masks: sign of weight 2p at bit 15-p, 2p+1 at 31-p
+    uint2 sc[16];  // 4-bit scale s -> f16x2 (c8, c25), (c43, c43), cX = (2s+1)·X/8 exactly
+};
+
+__device__ __forceinline__ u32 px_prmt(u32 x, u32 y, u32 s) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(s));
+    return r;
+}
+
+__device__ __forceinline__ u32 px_hmul2(u32 a, u32 b) {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// IQ2_XXS: per row and step, the grid index of entry t4 of the step's 32-weight sub-block, its
+// sign/scale word and the block's f16 scale d (loaded at the block's first step only).
+struct PxIq2 {
+    static constexpr int kBlockBytes = 66;
+    static constexpr bool kTables = true;
+    u32 a, b, d;
+    __device__ __forceinline__ void load(const u8* rp, int s, int t4) {
+        const u8* p = rp + (s >> 3) * 66;
+        if ((s & 7) == 0) d = ld16(p);
+        const u8* q = p + 2 + 8 * (s & 7);
+        a = q[t4];
+        b = (u32)ld16(q + 4) | ((u32)ld16(q + 6) << 16);
+    }
+    // Staged form (pf_mxs): sb = the row's copy of its 256-column block in shared memory.
+    static constexpr int kRS = 80, kNCH = 5;
+    __device__ __forceinline__ void load_s(const u8* sb, int s, int t4) {
+        const u8* q = sb + 2 + 8 * (s & 7);
+        d = ld16(sb);
+        a = q[t4];
+        b = (u32)ld16(q + 4) | ((u32)ld16(q + 6) << 16);
+    }
+    // Words p = 0..3: weights 2p (low half), 2p+1 of the thread's 8. deq_iq2_xxs gives
+    // ±f32(db·grid) with db = d·(0.5+s)·0.25 = d·(2s+1)/8 exactly (d has 11 significant bits),
+    // so f2h of it is the f16 product d·cX rounded once: mul.rn.f16x2 computes exactly that.
+    // The sign flips the f16 sign bit (RNE is symmetric).
+    __device__ __forceinline__ void decode(u32* w, const PxTables& T, int t4, int) const {
+        u64 sl = T.sel[a];
+        u32 e = T.sgn[(b >> (7 * t4)) & 127u];
+        uint2 c = T.sc[b >> 28];
+        u32 dd = d | (d << 16);
+        u32 x = px_hmul2(dd, c.x), y = px_hmul2(dd, c.y);
+        u32 lo = (u32)sl, hi = (u32)(sl >> 32);
+        w[0] = px_prmt(x, y, lo) ^ (e & 0x80008000u);
+        w[1] = px_prmt(x, y, lo >> 16) ^ ((e << 1) & 0x80008000u);
+        w[2] = px_prmt(x, y, hi) ^ ((e << 2) & 0x80008000u);
+        w[3] = px_prmt(x, y, hi >> 16) ^ ((e << 3) & 0x80008000u);
+    }
+};
+
+// Q2_K: step s covers columns 32(s%8).. of block s/8: half h = (s%8)/4, bit pair s%4; the
+// thread's 8 weights are bytes 8t4..8t4+7 of that half's 32 code bytes (loaded once per 4
+// steps), in 16-weight group 2(s%8) + t4/2 (one scale byte per step).
+struct PxQ2K {
+    static constexpr int kBlockBytes = 84;
+    static constexpr bool kTables = false;
+    u32 q0, q1, sc, dd;
+    __device__ __forceinline__ void load(const u8* rp, int s, int t4) {
+        const u8* p = rp + (s >> 3) * 84;
+        if ((s & 7) == 0) dd = ld32(p + 80);
+        if ((s & 3) == 0) {
+            const u8* qs = p + 16 + 32 * ((s >> 2) & 1) + 8 * t4;
+            q0 = ld32(qs);
+            q1 = ld32(qs + 4);
+        }
+        sc = p[2 * (s & 7) + (t4 >> 1)];
+    }
+    // Staged form (pf_mxs); the copy of a block starts 4-aligned, rows 112 bytes apart (8
+    // rows of a warp's load on distinct banks up to a 2-way conflict for the codes).
+    static constexpr int kRS = 112, kNCH = 6;
+    __device__ __forceinline__ void load_s(const u8* sb, int s, int t4) {
+        dd = ld32(sb + 80);
+        const u8* qs = sb + 16 + 32 * ((s >> 2) & 1) + 8 * t4;
+        q0 = ld32(qs);
+        q1 = ld32(qs + 4);
+        sc = sb[2 * (s & 7) + (t4 >> 1)];
+    }
+    // Same f32 expressions as deq_q2_k / PfQ2K, the four values as f16 picked by byte_perm.
+    __device__ __forceinline__ void decode(u32* w, const PxTables&, int, int s) const {
+        float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
+        float dl = __fmul_rn(d, (float)(sc & 15));
+        float ml = __fmul_rn(dmin, (float)(sc >> 4));
+        u32 t01 = pack_h2(__fsub_rn(__fmul_rn(dl, 0.0f), ml), __fsub_rn(__fmul_rn(dl, 1.0f), ml));
+        u32 t23 = pack_h2(__fsub_rn(__fmul_rn(dl, 2.0f), ml), __fsub_rn(__fmul_rn(dl, 3.0f), ml));
+        int sh = 2 * (s & 3);
+        u32 s0 = ((q0 >> sh) & 0x03030303u) * 0x22u + 0x10101010u;
+        u32 s1 = ((q1 >> sh) & 0x03030303u) * 0x22u + 0x10101010u;
+        w[0] = px_prmt(t01, t23, s0);
+        w[1] = px_prmt(t01, t23, s0 >> 16);
+        w[2] = px_prmt(t01, t23, s1);
+        w[3] = px_prmt(t01, t23, s1 >> 16);
+    }
+};
+
+// One block's work for a tile with NG 8-token groups (see above). This thread's 4 weight rows
+// (warp rows 8ri + g) start at rp0 + ri·rs8; Bs: the 3-stage activation ring.
+template <class L, int NG>
+__device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& T, u16* Bs, int m0,
+                                        int m_total, int k_dim, int r0, int cnt,
+                                        const u16* __restrict__ xs, float* __restrict__ out) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+    // This thread copies 16 bytes per step: row bn, columns 8(tid%4).. (zeros past the count).
+    int bn = tid >> 2;
+    bool bval = bn < cnt;
+    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + (tid & 3) * 8;
+    u16* bdst = Bs + bn * PX_BK + (tid & 3) * 8;
+    const u16* bsrc = Bs + g * PX_BK + t4 * 8;
+    int nk = k_dim / PX_BK;
+    float acc[2][NG][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < NG; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    const u8* rp[4] = {rp0, rp0 + rs8, rp0 + 2 * rs8, rp0 + 3 * rs8};
+    L ld[4];
+    u32 af[4][4];
+#pragma unroll
+    for (int ri = 0; ri < 4; ri++) ld[ri].load(rp[ri], 0, t4);
+    pf_cp16(bdst, xrow, bval);
+    pf_cp_commit();
+    if (nk > 1) pf_cp16(bdst + PX_BN * PX_BK, xrow + PX_BK, bval);
+    pf_cp_commit();
+    __syncthreads();  // tables
+#pragma unroll
+    for (int ri = 0; ri < 4; ri++) ld[ri].decode(af[ri], T, t4, 0);
+    int bs = 0;  // ring slot of step s (s % 3)
+    for (int s = 0; s < nk; s++) {
+        pf_cp_wait1();
+        __syncthreads();  // B(s) visible to all; every warp is done with slot (s + 2) % 3
+        int b2 = bs == 0 ? 2 : bs - 1;
+        if (s + 2 < nk) pf_cp16(bdst + b2 * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
+        pf_cp_commit();
+        if (s + 1 < nk) {
+#pragma unroll
+            for (int ri = 0; ri < 4; ri++) ld[ri].load(rp[ri], s + 1, t4);
+        }
+        const u16* B = bsrc + bs * (PX_BN * PX_BK);
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            uint4 bv = *(const uint4*)(B + ni * 8 * PX_BK);
+            u32 b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                u32 a0[4] = {af[2 * mi][0], af[2 * mi + 1][0], af[2 * mi][1], af[2 * mi + 1][1]};
+                u32 a1[4] = {af[2 * mi][2], af[2 * mi + 1][2], af[2 * mi][3], af[2 * mi + 1][3]};
+                mma16816(acc[mi][ni], a0, b0);
+                mma16816(acc[mi][ni], a1, b1);
+            }
+        }
+        if (s + 1 < nk) {
+#pragma unroll
+            for (int ri = 0; ri < 4; ri++) ld[ri].decode(af[ri], T, t4, s + 1);
+        }
+        bs = bs == 2 ? 0 : bs + 1;
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            int row = m0 + warp * 32 + mi * 16 + g;
+            int n = ni * 8 + t4 * 2;
+            if (n < cnt) {
+                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
+                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
+            }
+            if (n + 1 < cnt) {
+                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
+                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
+            }
+        }
+}
+
+// Needs rows_a, m_total multiples of PX_BM and k_dim of 256 (the host checks).
+template <class L>
+__device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                          i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                          const int* __restrict__ n_tiles,
+                                          const int* __restrict__ tiles,
+                                          const u16* __restrict__ xs, float* __restrict__ out) {
+    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
+    __shared__ __align__(16) PxTables T;
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    int tid = threadIdx.x;
+    if (L::kTables) {
+        T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
+        if (tid < 128) {
+            u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
+            u32 e = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
+            T.sgn[tid] = e;
+        }
+        if (tid < 16) {
+            float c = (float)(2 * tid + 1);
+            T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
+                                   pack_h2(c * 43.0f / 8.0f, c * 43.0f / 8.0f));
+        }
+    }
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PX_BM;
+    const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
+    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
+    i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
+    int lane = tid & 31;
+    const u8* rp = w + (i64)(wrow0 + (tid >> 5) * 32 + (lane >> 2)) * rowb;
+    i64 rs8 = 8 * rowb;
+    switch ((cnt + 7) >> 3) {
+    case 1: px_body<L, 1>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 2: px_body<L, 2>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 3: px_body<L, 3>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 4: px_body<L, 4>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 5: px_body<L, 5>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 6: px_body<L, 6>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 7: px_body<L, 7>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    default: px_body<L, 8>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    }
+}
+
+#define DS4_PF_MX(T, L)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
+        pf_mx_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
+                  int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
+                  const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
+                  float* __restrict__ out) {                                                     \
+        px_kernel<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);     \
+    }
+
+DS4_PF_MX(q2_k, PxQ2K)
+DS4_PF_MX(iq2_xxs, PxIq2)
+
+// ---------------------------------------------------------------------------------------------
+// pf_mxs_<t>: pf_mx with the quantized weight bytes staged in shared memory by cp.async, one
+// 256-column block of the block's 256 rows at a time (double-buffered, issued 8 steps ahead):
+// the decoders then read shared memory (short, fixed latency, 32-bit addresses) instead of
+// waiting on global loads, and no raw bytes are held in registers across the MMAs. Each row's
+// block is copied as the 16-byte chunks covering it (kNCH per row, into a kRS-byte slot, the
+// block starting at its offset (q·block_bytes) % 16 in the slot); needs the row stride to be a
+// multiple of 16 bytes (IQ2_XXS: columns a multiple of 2048; Q2_K: of 1024; the host checks),
+// so no chunk crosses the end of its row. Same decoders and MMAs as pf_mx: bit-identical to it.
+// ---------------------------------------------------------------------------------------------
+
+extern __shared__ __align__(16) u8 px_smem[];
+
+__device__ __forceinline__ void px_cp16(void* dst, const void* src, bool valid) {
+    u32 a = (u32)__cvta_generic_to_shared(dst);
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(a), "l"(src), "r"(n)
+                 : "memory");
+}
+
+// Copies block q of the block's 256 rows (row 0 at wrow, rowb bytes apart) into stage st.
+template <class L>
+__device__ __forceinline__ void px_stage(u8* As, const u8* wrow, i64 rowb, int q, int st) {
+    i64 lo = ((i64)q * L::kBlockBytes) & ~(i64)15;
+    u8* dst = As + st * (PX_BM * L::kRS);
+#pragma unroll
+    for (int i = 0; i < L::kNCH; i++) {
+        int c = (int)threadIdx.x + 256 * i;
+        int row = c / L::kNCH, part = c - row * L::kNCH;
+        i64 go = lo + 16 * part;
+        bool ok = go < rowb;
+        px_cp16(dst + row * L::kRS + 16 * part, wrow + (i64)row * rowb + (ok ? go : 0), ok);
+    }
+}
+
+template <class L, int NG>
+__device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTables& T, u16* Bs,
+                                         u8* As, int m0, int m_total, int k_dim, int r0, int cnt,
+                                         const u16* __restrict__ xs, float* __restrict__ out) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+    int bn = tid >> 2;
+    bool bval = bn < cnt;
+    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + (tid & 3) * 8;
+    u16* bdst = Bs + bn * PX_BK + (tid & 3) * 8;
+    const u16* bsrc = Bs + g * PX_BK + t4 * 8;
+    // This thread's rows 32·warp + 8ri + g: slot offset of ri = 0 in a stage.
+    const u8* arow = As + (warp * 32 + g) * L::kRS;
+    int nk = k_dim / PX_BK, nq = k_dim >> 8;
+    float acc[2][NG][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < NG; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    u32 af[4][4];
+    px_stage<L>(As, wrow, rowb, 0, 0);
+    pf_cp16(bdst, xrow, bval);
+    pf_cp_commit();
+    if (nk > 1) pf_cp16(bdst + PX_BN * PX_BK, xrow + PX_BK, bval);
+    pf_cp_commit();
+    pf_cp_wait1();
+    __syncthreads();  // tables, block 0 of A, B(0)
+    {
+        L ld;
+#pragma unroll
+        for (int ri = 0; ri < 4; ri++) {
+            ld.load_s(arow + ri * 8 * L::kRS, 0, t4);
+            ld.decode(af[ri], T, t4, 0);
+        }
+    }
+    int bs = 0;
+    for (int s = 0; s < nk; s++) {
+        pf_cp_wait1();
+        __syncthreads();  // B(s) visible; every warp is done with slot (s + 2) % 3 and with
+                          // the A stage of block s/8 - 1
+        int b2 = bs == 0 ? 2 : bs - 1;
+        if (s + 2 < nk) pf_cp16(bdst + b2 * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
+        if ((s & 7) == 0 && (s >> 3) + 1 < nq)
+            px_stage<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
+        pf_cp_commit();
+        const u16* B = bsrc + bs * (PX_BN * PX_BK);
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            uint4 bv = *(const uint4*)(B + ni * 8 * PX_BK);
+            u32 b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                u32 a0[4] = {af[2 * mi][0], af[2 * mi + 1][0], af[2 * mi][1], af[2 * mi + 1][1]};
+                u32 a1[4] = {af[2 * mi][2], af[2 * mi + 1][2], af[2 * mi][3], af[2 * mi + 1][3]};
+                mma16816(acc[mi][ni], a0, b0);
+                mma16816(acc[mi][ni], a1, b1);
+            }
+        }
+        int t = s + 1;
+        if (t < nk) {
+            int q = t >> 3;
+            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + ((q * L::kBlockBytes) & 15);
+            L ld;
+#pragma unroll
+            for (int ri = 0; ri < 4; ri++) {
+                ld.load_s(sb + ri * 8 * L::kRS, t, t4);
+                ld.decode(af[ri], T, t4, t);
+            }
+        }
+        bs = bs == 2 ? 0 : bs + 1;
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            int row = m0 + warp * 32 + mi * 16 + g;
+            int n = ni * 8 + t4 * 2;
+            if (n < cnt) {
+                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
+                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
+            }
+            if (n + 1 < cnt) {
+                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
+                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
+            }
+        }
+}
+
+// Needs rows_a, m_total multiples of PX_BM, k_dim of 256 and a row stride that is a multiple
+// of 16 bytes, 16-byte aligned matrices; dynamic shared memory 2·PX_BM·kRS bytes.
+template <class L>
+__device__ __forceinline__ void pxs_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                           i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                           const int* __restrict__ n_tiles,
+                                           const int* __restrict__ tiles,
+                                           const u16* __restrict__ xs, float* __restrict__ out) {
+    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
+    __shared__ __align__(16) PxTables T;
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    int tid = threadIdx.x;
+    if (L::kTables) {
+        T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
+        if (tid < 128) {
+            u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
+            u32 e = 0;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
+            T.sgn[tid] = e;
+        }
+        if (tid < 16) {
+            float c = (float)(2 * tid + 1);
+            T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
+                                   pack_h2(c * 43.0f / 8.0f, c * 43.0f / 8.0f));
+        }
+    }
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PX_BM;
+    const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
+    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
+    i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
+    const u8* wrow = w + (i64)wrow0 * rowb;
+    u8* As = px_smem;
+    switch ((cnt + 7) >> 3) {
+    case 1: pxs_body<L, 1>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 2: pxs_body<L, 2>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 3: pxs_body<L, 3>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 4: pxs_body<L, 4>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 5: pxs_body<L, 5>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 6: pxs_body<L, 6>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 7: pxs_body<L, 7>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    default: pxs_body<L, 8>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    }
+}
+
+#define DS4_PF_MXS(T, L)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
+        pf_mxs_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,       \
+                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,          \
+                   const int* __restrict__ tiles, const u16* __restrict__ xs,                    \
+                   float* __restrict__ out) {                                                    \
+        pxs_kernel<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);    \
+    }
+
+DS4_PF_MXS(q2_k, PxQ2K)
+DS4_PF_MXS(iq2_xxs, PxIq2)
