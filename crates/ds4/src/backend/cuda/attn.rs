@@ -145,6 +145,9 @@ pub struct Attend {
     pub freqs: u64,
     /// Output, `n × n_head × dh`.
     pub o: u64,
+    /// Not 0 (with [`Attend::uses_tc`]): the tensor-core kernel writes the output as f16
+    /// here (`n × n_head × dh` halves, f32_to_f16's rounding) instead of f32 to `o`.
+    pub o16: u64,
     /// Scratch: `nsplit × n × n_head × rows_cap` scores, `n × n_head` inverse denominators
     /// and (`nsplit > 1`) `nsplit × n × n_head × dh` partial outputs.
     pub sc: u64,
@@ -158,6 +161,13 @@ pub struct Attend {
     /// Production chunk: one tensor-core block per token (`k_att_tc`, [`tc_supported`]
     /// shapes; `sc`, `inv`, `part` and `nsplit` unused), f16 queries and weights.
     pub tc: bool,
+}
+
+impl Attend {
+    /// Whether [`attend`] runs the tensor-core kernel (so `o16`, when set, gets the output).
+    pub fn uses_tc(&self) -> bool {
+        self.tc && tc_supported(self.n_head, self.dh, self.half)
+    }
 }
 
 /// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
@@ -187,7 +197,7 @@ pub const DECODE_SPLIT: usize = 4;
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
 pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
-    if a.tc && tc_supported(a.n_head, a.dh, a.half) {
+    if a.uses_tc() {
         launch!(
             st,
             k.tc,
@@ -211,7 +221,8 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.scale,
                 a.half as i32,
                 a.freqs,
-                a.o
+                a.o,
+                a.o16
             ]
         );
         return Ok(());

@@ -187,6 +187,7 @@ macro_rules! launchp {
 struct Kernels {
     embed: CudaFunction,
     rms_norm: CudaFunction,
+    rms_norm_h: CudaFunction,
     head_norm_rope: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
@@ -199,6 +200,8 @@ struct Kernels {
     hc_post_moe: CudaFunction,
     hc_post_ring: CudaFunction,
     hc_post: CudaFunction,
+    hc_post4: CudaFunction,
+    hc_post_moe_pf: CudaFunction,
     hc_head: CudaFunction,
     at: AttnKernels,
     attend_ref: CudaFunction,
@@ -219,6 +222,7 @@ impl Kernels {
         let k = Kernels {
             embed: f("k_embed")?,
             rms_norm: f("k_rms_norm")?,
+            rms_norm_h: f("k_rms_norm_h")?,
             head_norm_rope: f("k_head_norm_rope")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
@@ -231,6 +235,8 @@ impl Kernels {
             hc_post_moe: f("k_hc_post_moe")?,
             hc_post_ring: f("k_hc_post_ring")?,
             hc_post: f("k_hc_post")?,
+            hc_post4: f("k_hc_post4")?,
+            hc_post_moe_pf: f("k_hc_post_moe_pf")?,
             hc_head: f("k_hc_head")?,
             at: AttnKernels::load(be)?,
             attend_ref: f("k_attend")?,
@@ -676,8 +682,13 @@ pub struct Narrowed {
 struct PfScratch {
     /// One dense weight (or the stacked `attn_output_a`) as f16.
     w16: CudaSlice<u16>,
-    /// A dense product's input as f16.
+    /// A dense product's input as f16 (also the attention output, written as f16 by the
+    /// tensor-core attention for attn_output_a).
     x16: CudaSlice<u16>,
+    /// f16 copies written by their producers (so the GEMMs reading them convert nothing):
+    /// hc_pre's `y` (`GPU_CHUNK × D`) and the normalized `qr` (`GPU_CHUNK × q_lora_rank`).
+    y16: CudaSlice<u16>,
+    qr16: CudaSlice<u16>,
     /// The router's weight decoded to f32 (its product stays f32, see `queue`).
     w32: CudaSlice<f32>,
     moe: MoeScratch,
@@ -885,6 +896,8 @@ impl GpuSession {
                 Some(PfScratch {
                     w16: be.stream().alloc_zeros::<u16>(wmax.max(1))?,
                     x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
+                    y16: be.stream().alloc_zeros::<u16>(m * d)?,
+                    qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                     w32: be.alloc_f32(
                         gm.layers
                             .iter()
@@ -1227,6 +1240,30 @@ impl GpuSession {
         // F32 weights (the HC `fn` products, whose input is the raw residual stream), the
         // router's logits (expert choice) and the output head, which keep the f32 kernel.
         let pf = s.pf.as_ref().filter(|_| !self.exact && n > 1 && use_gemm());
+        // f16 copies that producers wrote next to their f32 outputs (production prefill):
+        // h16[0] = the f32 buffer whose copy `y16` holds (hc_pre's y), h16[1] = `qr16`'s
+        // (the normalized qr); 0 = none. A product writing such a buffer clears its entry.
+        let h16 = std::cell::Cell::new([0u64; 2]);
+        let f16_of = |x: u64| -> Option<u64> {
+            let ps = pf?;
+            let m = h16.get();
+            if x != 0 && x == m[0] {
+                Some(p16(&ps.y16))
+            } else if x != 0 && x == m[1] {
+                Some(p16(&ps.qr16))
+            } else {
+                None
+            }
+        };
+        let wrote16 = |y: u64| {
+            let mut m = h16.get();
+            m.iter_mut().for_each(|v| {
+                if *v == y {
+                    *v = 0
+                }
+            });
+            h16.set(m);
+        };
         let gemm_ok = |w: &GpuWeight, nt: usize| -> Option<&PfScratch> {
             pf.filter(|ps| {
                 w.ty != GgmlType::F32
@@ -1236,10 +1273,14 @@ impl GpuSession {
             })
         };
         let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
+            wrote16(y);
             if nt == 1 {
                 mvq(w, 0, 1, x, 0, y)
             } else if let Some(ps) = gemm_ok(w, nt) {
-                // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows.
+                // The producer's f16 copy when there is one (it holds the chunk's n rows).
+                let ready = f16_of(x).filter(|_| nt == n);
+                // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows; y16 and
+                // qr16 hold n rows of the widths their products read.
                 unsafe {
                     dense_gemm(
                         be,
@@ -1252,7 +1293,8 @@ impl GpuSession {
                         y,
                         w.n_rows,
                         p16(&ps.w16),
-                        p16(&ps.x16),
+                        ready.unwrap_or(p16(&ps.x16)),
+                        ready.is_some(),
                     )
                 }
             } else {
@@ -1416,11 +1458,18 @@ impl GpuSession {
                 return Ok(());
             }
             lin(fnw, p(&s.x), n, p(&s.mix))?;
+            // Production prefill: y's f16 copy for the site's GEMMs and the grouped experts,
+            // and 256-thread blocks (several a SM: the per-token Sinkhorn and barriers of one
+            // block overlap the others' loads; 1024 threads left two blocks an SM).
+            let (y16, threads) = match pf {
+                Some(ps) => (p16(&ps.y16), 256),
+                None => (0, 1024),
+            };
             launch!(
                 st,
                 k.hc_pre,
                 (n32, 1, 1),
-                (1024, 1, 1),
+                (threads, 1, 1),
                 0,
                 [
                     p(&s.x),
@@ -1435,12 +1484,30 @@ impl GpuSession {
                     p(&s.y),
                     p(&s.post),
                     p(&s.comb),
-                    p(norm)
+                    p(norm),
+                    y16
                 ]
             );
+            if y16 != 0 {
+                let mut m = h16.get();
+                m[0] = p(&s.y);
+                h16.set(m);
+            }
             Ok(())
         };
         let hc_post = || -> Result<()> {
+            if n > 1 && d.is_multiple_of(4) {
+                // Chunks: 4 elements a thread (k_hc_post's operations per element).
+                launch!(
+                    st,
+                    k.hc_post4,
+                    ((d as u32 / 4).div_ceil(256), n32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di]
+                );
+                return Ok(());
+            }
             launchp!(
                 be,
                 st,
@@ -1489,6 +1556,25 @@ impl GpuSession {
                 let mut m = memo.get();
                 m[0] = p(&s.qr);
                 memo.set(m);
+            } else if let Some(ps) = pf {
+                // Norm + the f16 copy q_b (and the indexer's q_b) read.
+                launch!(
+                    st,
+                    k.rms_norm_h,
+                    (n32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.qr),
+                        p(&l.q_a_norm),
+                        c.q_lora_rank as i32,
+                        eps,
+                        p16(&ps.qr16)
+                    ]
+                );
+                let mut m = h16.get();
+                m[1] = p(&s.qr);
+                h16.set(m);
             } else {
                 rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             }
@@ -1677,7 +1763,9 @@ impl GpuSession {
                     )?
                 };
             }
-            // Attention over the raw window and the compressed rows.
+            // Attention over the raw window and the compressed rows; in production prefill the
+            // tensor-core kernel writes its output as f16 into x16 for attn_output_a.
+            let mut o16_ready = false;
             {
                 let max_comp = match l.ratio {
                     0 => 0,
@@ -1743,6 +1831,7 @@ impl GpuSession {
                         half: half as usize,
                         freqs: ptr(&l.freqs, st),
                         o: p(&s.o),
+                        o16: pf.map_or(0, |ps| p16(&ps.x16)),
                         sc: p(&s.att_sc),
                         part: p(&s.att_part),
                         inv: p(&s.att_inv),
@@ -1751,8 +1840,10 @@ impl GpuSession {
                         tc: !self.exact && n > 8 && attn::use_tc(),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
-                    // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
+                    // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap;
+                    // x16 (o16) holds GPU_CHUNK × H × Dh halves.
                     unsafe { attn::attend(st, &k.at, &args)? };
+                    o16_ready = args.o16 != 0 && args.uses_tc();
                 }
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
@@ -1779,6 +1870,7 @@ impl GpuSession {
                             g * c.o_lora_rank,
                             p16(&ps.w16),
                             p16(&ps.x16),
+                            o16_ready,
                         )?
                     },
                     _ => mvq(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))?,
@@ -1864,6 +1956,10 @@ impl GpuSession {
                 );
                 let f = c.n_ff_exp;
                 let slots = n * ke;
+                // Production prefill: the routed rows stay in the grouped product's sorted
+                // order and k_hc_post_moe_pf reads them through inv (no slot-order copy, no
+                // separate sum).
+                let fused_sum = pf.filter(|_| d.is_multiple_of(4));
                 if let Some(ps) = pf {
                     // SAFETY: ids/wts hold `slots` entries from the router (ids < n_expert),
                     // y n rows of D, dn `slots` rows of D; the scratch holds GPU_CHUNK·k slots.
@@ -1878,10 +1974,11 @@ impl GpuSession {
                             pi(&s.ids),
                             p(&s.wts),
                             p(&s.y),
+                            f16_of(p(&s.y)).unwrap_or(0),
                             n,
                             ke,
                             l.clamp,
-                            p(&s.dn),
+                            if fused_sum.is_some() { 0 } else { p(&s.dn) },
                             use_pf_mm(),
                         )?
                     };
@@ -1940,6 +2037,26 @@ impl GpuSession {
                         [
                             p(&s.x),
                             p(&s.dn),
+                            p(&s.sh),
+                            ke as i32,
+                            p(&s.post),
+                            p(&s.comb),
+                            nh as i32,
+                            di
+                        ]
+                    );
+                } else if let Some(ps) = fused_sum {
+                    let (dns, inv) = ps.moe.sorted_out(be);
+                    launch!(
+                        st,
+                        k.hc_post_moe_pf,
+                        ((d as u32 / 4).div_ceil(256), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            p(&s.x),
+                            dns,
+                            inv,
                             p(&s.sh),
                             ke as i32,
                             p(&s.post),

@@ -629,7 +629,8 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
              const long long* __restrict__ p0p, int swa, int dh, int n_head,
              const float* __restrict__ sinks, float scale, int half,
-             const double* __restrict__ freqs, float* __restrict__ o) {
+             const double* __restrict__ freqs, float* __restrict__ o,
+             unsigned short* __restrict__ o16) {
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
     unsigned short* Qs = (unsigned short*)tc_sm;
@@ -795,7 +796,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         int h = 16 * hg + gid + 8 * hi;
         if (h >= n_head) continue;
         float il = 1.0f / lrow[h];
-        float* oh = o + ((long long)t * n_head + h) * dh;
+        const long long ob = ((long long)t * n_head + h) * dh;
 #pragma unroll
         for (int j = 0; j < 16; j++) {
             if (j < nq) {
@@ -808,7 +809,12 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                     va = na;
                     vb = nb;
                 }
-                *(float2*)(oh + e) = make_float2(va, vb);
+                // o16 (production prefill): f16 only, the input of attn_output_a's GEMM
+                // (at_h2 rounds as f32_to_f16 does), so o is neither written nor converted.
+                if (o16)
+                    *(u32*)(o16 + ob + e) = at_h2(va, vb);
+                else
+                    *(float2*)(o + ob + e) = make_float2(va, vb);
             }
         }
     }

@@ -245,6 +245,21 @@ extern "C" __global__ void k_rms_norm(float* __restrict__ x, const float* __rest
     for (int i = threadIdx.x; i < width; i += blockDim.x) r[i] = w ? r[i] * s * w[i] : r[i] * s;
 }
 
+// k_rms_norm that also writes f16 of the result to y16 (production prefill: the q_a norm's
+// output is the input of f16 GEMMs, so they need no conversion pass).
+extern "C" __global__ void k_rms_norm_h(float* __restrict__ x, const float* __restrict__ w,
+                                        int width, float eps, u16* __restrict__ y16) {
+    __shared__ double sh[33];
+    float* r = x + (long long)blockIdx.x * width;
+    u16* h = y16 + (long long)blockIdx.x * width;
+    float s = rms_scale_block(r, width, eps, sh);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = w ? r[i] * s * w[i] : r[i] * s;
+        r[i] = v;
+        h[i] = f2h(v);
+    }
+}
+
 // Query head row r: unweighted RMSNorm then RoPE at `pos`. Block-wide.
 __device__ void head_norm_rope_row(float* r, int dh, int half, float eps, const double* freqs,
                                    long long pos, double* sh) {
@@ -416,13 +431,17 @@ __device__ float sinkhorn_reg(float cv, int n, int iters, float eps) {
 // hc_pre for token blockIdx.x: mix (= fn·flat, unscaled) times the state's RMS scale, the
 // stream weights P_j (warp 0), post weights Q_k (warp 0), Sinkhorn-normalised M (warp 1),
 // and y = Σ_j P_j·X_j, then (norm not null) the site's RMSNorm of y in place, which the
-// CPU runs next (forward.rs), fused here to save a launch and a pass.
+// CPU runs next (forward.rs), fused here to save a launch and a pass. y16 (not null:
+// production prefill) also receives f16(y), the input the site's f16 GEMMs and the grouped
+// experts read, so they need no conversion pass. Any block size of 64..1024 threads (a
+// multiple of 32): the f64 sums of squares change order with it, not their f32 results in
+// practice (prefill launches 256 threads, several blocks an SM; exact mode 1024).
 extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __restrict__ mix,
                                     int n, int d, float rms_eps, float hc_eps, int iters,
                                     const float* __restrict__ scale3,
                                     const float* __restrict__ base, float* __restrict__ y,
                                     float* __restrict__ post, float* __restrict__ comb,
-                                    const float* __restrict__ norm) {
+                                    const float* __restrict__ norm, u16* __restrict__ y16) {
     __shared__ double sh[33];
     __shared__ float m[(2 + FWD_MAX_HC) * FWD_MAX_HC];
     __shared__ float pj[FWD_MAX_HC];
@@ -453,15 +472,21 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
     }
     __syncthreads();
     float* yt = y + (long long)t * d;
+    u16* yh = y16 ? y16 + (long long)t * d : nullptr;
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float acc = 0.0f;
         for (int j = 0; j < n; j++) acc += pj[j] * xt[j * d + e];
         yt[e] = acc;
+        if (yh && !norm) yh[e] = f2h(acc);
     }
     if (norm) {
         // Each thread reads back only the elements it wrote.
         float s2 = rms_scale_block(yt, d, rms_eps, sh);
-        for (int e = threadIdx.x; e < d; e += blockDim.x) yt[e] = yt[e] * s2 * norm[e];
+        for (int e = threadIdx.x; e < d; e += blockDim.x) {
+            float v = yt[e] * s2 * norm[e];
+            yt[e] = v;
+            if (yh) yh[e] = f2h(v);
+        }
     }
 }
 
@@ -766,6 +791,79 @@ extern "C" __global__ void k_hc_post_moe(float* __restrict__ x, const float* __r
         out[k] = o;
     }
     for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
+// ---- prefill (n > 1 tokens) forms of hc_post: 4 consecutive elements a thread (16-byte
+// loads and stores; d % 4 == 0), each element with exactly k_hc_post's operations. NC > 0:
+// n = NC known at compile time (the loops unroll, the arrays stay in registers).
+template <int NC>
+__device__ __forceinline__ void hc_post4_t(float* xt, const float* fv, const float* q,
+                                           const float* mm, int nr, int d, int e) {
+    const int n = NC > 0 ? NC : nr;
+    float xs[FWD_MAX_HC][4];
+#pragma unroll
+    for (int j = 0; j < n; j++) {
+        float4 v = *(const float4*)(xt + (long long)j * d + e);
+        xs[j][0] = v.x;
+        xs[j][1] = v.y;
+        xs[j][2] = v.z;
+        xs[j][3] = v.w;
+    }
+#pragma unroll
+    for (int k = 0; k < n; k++) {
+        float o[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            o[c] = q[k] * fv[c];
+#pragma unroll
+            for (int j = 0; j < n; j++) o[c] += mm[j * n + k] * xs[j][c];
+        }
+        *(float4*)(xt + (long long)k * d + e) = make_float4(o[0], o[1], o[2], o[3]);
+    }
+}
+
+__device__ __forceinline__ void hc_post4(float* xt, const float* fv, const float* q,
+                                         const float* mm, int n, int d, int e) {
+    if (n == 4) hc_post4_t<4>(xt, fv, q, mm, n, d, e);
+    else hc_post4_t<0>(xt, fv, q, mm, n, d, e);
+}
+
+// k_hc_post, 4 elements a thread. grid (d/4/256, tokens).
+extern "C" __global__ void k_hc_post4(float* __restrict__ x, const float* __restrict__ f,
+                                      const float* __restrict__ post,
+                                      const float* __restrict__ comb, int n, int d) {
+    int t = blockIdx.y, e = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (e >= d) return;
+    float4 f4 = *(const float4*)(f + (long long)t * d + e);
+    float fv[4] = {f4.x, f4.y, f4.z, f4.w};
+    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e);
+}
+
+// Prefill FFN site: pf_scatter + k_moe_sum + k_hc_post in one pass. The routed rows are read
+// where the grouped expert product left them (sorted row inv[t·k + j] of dns), so the slot-
+// order copy dn is never written; f = Σ_j dns[inv[t·k + j]] + sh[t] in k_moe_sum's order,
+// then hc_post as k_hc_post. grid (d/4/256, tokens).
+extern "C" __global__ void k_hc_post_moe_pf(float* __restrict__ x, const float* __restrict__ dns,
+                                            const int* __restrict__ inv,
+                                            const float* __restrict__ sh, int kx,
+                                            const float* __restrict__ post,
+                                            const float* __restrict__ comb, int n, int d) {
+    int t = blockIdx.y, e = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (e >= d) return;
+    float fv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < kx; j++) {
+        float4 v = *(const float4*)(dns + (long long)inv[t * kx + j] * d + e);
+        fv[0] += v.x;
+        fv[1] += v.y;
+        fv[2] += v.z;
+        fv[3] += v.w;
+    }
+    float4 s4 = *(const float4*)(sh + (long long)t * d + e);
+    fv[0] += s4.x;
+    fv[1] += s4.y;
+    fv[2] += s4.z;
+    fv[3] += s4.w;
+    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e);
 }
 
 // Output head (§3.5): h = Σ_j w_j·X_j with w_j = sigmoid(m_j·s·scale + base_j) + eps, then
