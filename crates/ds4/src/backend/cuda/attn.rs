@@ -122,6 +122,9 @@ pub struct Attend {
     pub n: usize,
     /// Rotated queries, `n × n_head × dh`.
     pub q: u64,
+    /// Not 0 (with [`Attend::uses_tc`]): the rotated queries as f16 (`n × n_head × dh`
+    /// halves, f32_to_f16's rounding of `q`), read by the tensor-core kernel instead of `q`.
+    pub q16: u64,
     /// This chunk's KV rows, `n × dh`.
     pub ckv: u64,
     /// Raw window ring, `swa × dh` (position p in row p mod swa).
@@ -222,7 +225,8 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.half as i32,
                 a.freqs,
                 a.o,
-                a.o16
+                a.o16,
+                a.q16
             ]
         );
         return Ok(());

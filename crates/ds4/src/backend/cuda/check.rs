@@ -394,6 +394,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             freqs: d_freqs.device_ptr(st).0,
             o: pp(&d_o),
             o16: 0,
+            q16: 0,
             sc: pp(&d_sc),
             part: pp(&d_part),
             inv: pp(&d_inv),
@@ -431,6 +432,19 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             .zip(&gpu4)
             .filter(|(h, v)| **h != f16::from_f32(**v).to_bits())
             .count();
+        // f16 queries from their producer (k_head_norm_rope16's form): the same output bits.
+        let d_q16 = st.clone_htod(
+            &q.iter()
+                .map(|v| f16::from_f32(*v).to_bits())
+                .collect::<Vec<u16>>(),
+        )?;
+        args.o16 = 0;
+        args.q16 = d_q16.device_ptr(st).0;
+        let d_o2 = poisoned(be, n * h_n * dh)?;
+        args.o = pp(&d_o2);
+        // SAFETY: as above; q16 holds n × H × Dh halves.
+        unsafe { attend(st, &k, &args)? };
+        let gpu7 = be.download(&d_o2)?;
         // Reference in f64.
         let scale = 1.0 / (dh as f64).sqrt();
         let mut refs = vec![0f64; n * h_n * dh];
@@ -527,6 +541,10 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             ));
             let mut row = exact_row("attend_tc_f16", GgmlType::F16, &shape, o16_mism);
             row.note = format!("{o16_mism} f16 outputs differ in bits from f16(f32 output)");
+            out.push(row);
+            let same = same_bits(&gpu4, &gpu7);
+            let mut row = exact_row("attend_tc_q16", GgmlType::F16, &shape, usize::from(!same));
+            row.note = "f16 queries (q16) give the f32-query outputs bit for bit".into();
             out.push(row);
         }
     }
@@ -2039,6 +2057,56 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         row.note = format!("{mism}: f32 rows vs k_rms_norm (0/1) + f16 copies vs f16(row)");
         out.push(row);
     }
+    // head_norm_rope16 (f16 only) vs k_head_norm_rope (in place, f32), flash head shape.
+    {
+        let (hn, dh, half) = (64usize, 512usize, 32usize);
+        let v = random_activations(rng, t_n * hn * dh);
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| 10000f64.powf(-(i as f64) / half as f64))
+            .collect();
+        let fd = st.clone_htod(&freqs)?;
+        let p0 = st.clone_htod(&[777i64])?;
+        let (a, h) = (be.upload_f32(&v)?, st.alloc_zeros::<u16>(t_n * hn * dh)?);
+        let (pa, ph, pfr, pp0) = (
+            p32(&a),
+            h.device_ptr(st).0,
+            fd.device_ptr(st).0,
+            p0.device_ptr(st).0,
+        );
+        let (hi, dhi, hai) = (hn as i32, dh as i32, half as i32);
+        let fun = be.function("k_head_norm_rope16")?;
+        let mut b = st.launch_builder(&fun);
+        b.arg(&pa)
+            .arg(&hi)
+            .arg(&dhi)
+            .arg(&hai)
+            .arg(&eps)
+            .arg(&pfr)
+            .arg(&pp0)
+            .arg(&ph);
+        // SAFETY: argument list matches k_head_norm_rope16; t_n·hn rows of dh, h as many.
+        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), 128)) }?;
+        let fun = be.function("k_head_norm_rope")?;
+        let mut b = st.launch_builder(&fun);
+        b.arg(&pa)
+            .arg(&hi)
+            .arg(&dhi)
+            .arg(&hai)
+            .arg(&eps)
+            .arg(&pfr)
+            .arg(&pp0);
+        // SAFETY: argument list matches k_head_norm_rope; t_n·hn rows of dh.
+        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), 128)) }?;
+        let mism = f16_mism(&be.download(&h)?, &be.download(&a)?);
+        let mut row = exact_row(
+            "head_norm_rope16",
+            GgmlType::F16,
+            &format!("{t_n}tok,H{hn}xDh{dh}"),
+            mism,
+        );
+        row.note = format!("{mism} f16 queries differ in bits from f16(k_head_norm_rope)");
+        out.push(row);
+    }
     // hc_post4 and hc_post_moe_pf vs the CPU.
     let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();
     let comb: Vec<f32> = (0..t_n * n * n).map(|_| rng.uniform() as f32).collect();
@@ -2077,19 +2145,28 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         let xa = be.upload_f32(&x)?;
         let fd = be.upload_f32(&fsub)?;
         let (px, pf, pp, pc) = (p32(&xa), p32(&fd), p32(&pd), p32(&cd));
+        let xh = st.alloc_zeros::<u16>(t_n * width)?;
+        let pxh = xh.device_ptr(st).0;
         let fun = be.function("k_hc_post4")?;
         let mut b = st.launch_builder(&fun);
-        b.arg(&px).arg(&pf).arg(&pp).arg(&pc).arg(&ni).arg(&di);
-        // SAFETY: argument list matches k_hc_post4; t_n tokens of n·d.
+        b.arg(&px)
+            .arg(&pf)
+            .arg(&pp)
+            .arg(&pc)
+            .arg(&ni)
+            .arg(&di)
+            .arg(&pxh);
+        // SAFETY: argument list matches k_hc_post4; t_n tokens of n·d, xh as many halves.
         unsafe { b.launch(cfg(grid, 256)) }?;
         let g = be.download(&xa)?;
         let mism = g
             .iter()
             .zip(&cpu_a)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
+            .count()
+            + f16_mism(&be.download(&xh)?, &g);
         let mut row = exact_row("hc_post4", GgmlType::F32, &shape, mism);
-        row.note = format!("{mism} elements differ in bits from CPU hc::post");
+        row.note = format!("{mism} elements (or f16 copies) differ in bits from CPU hc::post");
         out.push(row);
     }
     {
@@ -2101,6 +2178,8 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         );
         let (px, pdn, pinv, psh) = (p32(&xb), p32(&dd), invd.device_ptr(st).0, p32(&shd));
         let (pp, pc) = (p32(&pd), p32(&cd));
+        let xh = st.alloc_zeros::<u16>(t_n * width)?;
+        let pxh = xh.device_ptr(st).0;
         let fun = be.function("k_hc_post_moe_pf")?;
         let mut b = st.launch_builder(&fun);
         b.arg(&px)
@@ -2111,23 +2190,27 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .arg(&pp)
             .arg(&pc)
             .arg(&ni)
-            .arg(&di);
+            .arg(&di)
+            .arg(&pxh);
         // SAFETY: argument list matches k_hc_post_moe_pf; dns holds `slots` rows, inv
-        // `slots` ints < slots.
+        // `slots` ints < slots, xh t_n·n·d halves.
         unsafe { b.launch(cfg(grid, 256)) }?;
         let g = be.download(&xb)?;
         let mism = g
             .iter()
             .zip(&cpu_b)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
+            .count()
+            + f16_mism(&be.download(&xh)?, &g);
         let mut row = exact_row(
             "hc_post_moe_pf",
             GgmlType::F32,
             &format!("{shape}xk{kx}"),
             mism,
         );
-        row.note = format!("{mism} elements differ in bits from CPU moe sum (via inv) + hc::post");
+        row.note = format!(
+            "{mism} elements (or f16 copies) differ in bits from CPU moe sum (via inv) + hc::post"
+        );
         out.push(row);
     }
     Ok(())

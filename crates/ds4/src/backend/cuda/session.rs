@@ -189,6 +189,7 @@ struct Kernels {
     rms_norm: CudaFunction,
     rms_norm_h: CudaFunction,
     head_norm_rope: CudaFunction,
+    head_norm_rope16: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
     scale: CudaFunction,
@@ -224,6 +225,7 @@ impl Kernels {
             rms_norm: f("k_rms_norm")?,
             rms_norm_h: f("k_rms_norm_h")?,
             head_norm_rope: f("k_head_norm_rope")?,
+            head_norm_rope16: f("k_head_norm_rope16")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
             scale: f("k_scale")?,
@@ -689,6 +691,9 @@ struct PfScratch {
     /// hc_pre's `y` (`GPU_CHUNK × D`) and the normalized `qr` (`GPU_CHUNK × q_lora_rank`).
     y16: CudaSlice<u16>,
     qr16: CudaSlice<u16>,
+    /// The rotated queries as f16 (`GPU_CHUNK × n_head × head_dim`), the only form the
+    /// tensor-core attention reads.
+    q16: CudaSlice<u16>,
     /// The router's weight decoded to f32 (its product stays f32, see `queue`).
     w32: CudaSlice<f32>,
     moe: MoeScratch,
@@ -898,6 +903,7 @@ impl GpuSession {
                     x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
                     y16: be.stream().alloc_zeros::<u16>(m * d)?,
                     qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
+                    q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
                     w32: be.alloc_f32(
                         gm.layers
                             .iter()
@@ -1242,18 +1248,29 @@ impl GpuSession {
         let pf = s.pf.as_ref().filter(|_| !self.exact && n > 1 && use_gemm());
         // f16 copies that producers wrote next to their f32 outputs (production prefill):
         // h16[0] = the f32 buffer whose copy `y16` holds (hc_pre's y), h16[1] = `qr16`'s
-        // (the normalized qr); 0 = none. A product writing such a buffer clears its entry.
-        let h16 = std::cell::Cell::new([0u64; 2]);
+        // (the normalized qr), h16[2] = `x16`'s (the residual state x, written by the
+        // chunk forms of hc_post for the next site's HC `fn` product); 0 = none. A product
+        // writing such a buffer clears its entry, and anything else writing x16 clears [2].
+        let h16 = std::cell::Cell::new([0u64; 3]);
         let f16_of = |x: u64| -> Option<u64> {
             let ps = pf?;
             let m = h16.get();
-            if x != 0 && x == m[0] {
+            if x == 0 {
+                None
+            } else if x == m[0] {
                 Some(p16(&ps.y16))
-            } else if x != 0 && x == m[1] {
+            } else if x == m[1] {
                 Some(p16(&ps.qr16))
+            } else if x == m[2] {
+                Some(p16(&ps.x16))
             } else {
                 None
             }
+        };
+        let set16 = |i: usize, x: u64| {
+            let mut m = h16.get();
+            m[i] = x;
+            h16.set(m);
         };
         let wrote16 = |y: u64| {
             let mut m = h16.get();
@@ -1277,8 +1294,12 @@ impl GpuSession {
             if nt == 1 {
                 mvq(w, 0, 1, x, 0, y)
             } else if let Some(ps) = gemm_ok(w, nt) {
-                // The producer's f16 copy when there is one (it holds the chunk's n rows).
+                // The producer's f16 copy when there is one (it holds the chunk's n rows);
+                // else the conversion below overwrites x16 (and x's copy there).
                 let ready = f16_of(x).filter(|_| nt == n);
+                if ready.is_none() {
+                    set16(2, 0);
+                }
                 // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows; y16 and
                 // qr16 hold n rows of the widths their products read.
                 unsafe {
@@ -1489,23 +1510,37 @@ impl GpuSession {
                 ]
             );
             if y16 != 0 {
-                let mut m = h16.get();
-                m[0] = p(&s.y);
-                h16.set(m);
+                set16(0, p(&s.y));
             }
             Ok(())
         };
+        // Production prefill chunks whose attention runs on tensor cores (the condition of
+        // `Attend::tc` below): the queries go straight to f16 in q16.
+        let q16 = pf
+            .filter(|_| {
+                self.tiled
+                    && n > 8
+                    && attn::use_tc()
+                    && attn::tc_supported(c.n_head, c.head_dim, half as usize)
+                    && c.head_dim <= 512
+            })
+            .map(|ps| p16(&ps.q16));
         let hc_post = || -> Result<()> {
             if n > 1 && d.is_multiple_of(4) {
-                // Chunks: 4 elements a thread (k_hc_post's operations per element).
+                // Chunks: 4 elements a thread (k_hc_post's operations per element), and in
+                // production prefill x's f16 copy for the next HC `fn` product.
+                let x16 = pf.map_or(0, |ps| p16(&ps.x16));
                 launch!(
                     st,
                     k.hc_post4,
                     ((d as u32 / 4).div_ceil(256), n32, 1),
                     (256, 1, 1),
                     0,
-                    [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di]
+                    [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di, x16]
                 );
+                if x16 != 0 {
+                    set16(2, p(&s.x));
+                }
                 return Ok(());
             }
             launchp!(
@@ -1572,9 +1607,7 @@ impl GpuSession {
                         p16(&ps.qr16)
                     ]
                 );
-                let mut m = h16.get();
-                m[1] = p(&s.qr);
-                h16.set(m);
+                set16(1, p(&s.qr));
             } else {
                 rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             }
@@ -1603,22 +1636,44 @@ impl GpuSession {
                     ]
                 );
             } else {
-                launch!(
-                    st,
-                    k.head_norm_rope,
-                    (n32 * c.n_head as u32, 1, 1),
-                    (128, 1, 1),
-                    0,
-                    [
-                        p(&s.q),
-                        c.n_head as i32,
-                        c.head_dim as i32,
-                        half,
-                        eps,
-                        ptr(&l.freqs, st),
-                        p0l
-                    ]
-                );
+                if let Some(q16) = q16 {
+                    // The tensor-core attention reads only f16 queries: normalized, rotated
+                    // and written once as f16 (q keeps the q_b product).
+                    launch!(
+                        st,
+                        k.head_norm_rope16,
+                        (n32 * c.n_head as u32, 1, 1),
+                        (128, 1, 1),
+                        0,
+                        [
+                            p(&s.q),
+                            c.n_head as i32,
+                            c.head_dim as i32,
+                            half,
+                            eps,
+                            ptr(&l.freqs, st),
+                            p0l,
+                            q16
+                        ]
+                    );
+                } else {
+                    launch!(
+                        st,
+                        k.head_norm_rope,
+                        (n32 * c.n_head as u32, 1, 1),
+                        (128, 1, 1),
+                        0,
+                        [
+                            p(&s.q),
+                            c.n_head as i32,
+                            c.head_dim as i32,
+                            half,
+                            eps,
+                            ptr(&l.freqs, st),
+                            p0l
+                        ]
+                    );
+                }
                 // KV row (its product was queued with q_a's, which reads the same input).
                 launch!(
                     st,
@@ -1815,6 +1870,7 @@ impl GpuSession {
                     let args = attn::Attend {
                         n,
                         q: p(&s.q),
+                        q16: q16.unwrap_or(0),
                         ckv: p(&s.kv),
                         ring: p(&ls.ring),
                         comp: comp_rows,
@@ -1844,6 +1900,8 @@ impl GpuSession {
                     // x16 (o16) holds GPU_CHUNK × H × Dh halves.
                     unsafe { attn::attend(st, &k.at, &args)? };
                     o16_ready = args.o16 != 0 && args.uses_tc();
+                    // o16 is x16: x's copy there is gone.
+                    set16(2, 0);
                 }
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
@@ -2062,9 +2120,11 @@ impl GpuSession {
                             p(&s.post),
                             p(&s.comb),
                             nh as i32,
-                            di
+                            di,
+                            p16(&ps.x16)
                         ]
                     );
+                    set16(2, p(&s.x));
                 } else {
                     launch!(
                         st,

@@ -290,6 +290,26 @@ extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, i
                        p0 + blockIdx.x / n_head, sh);
 }
 
+// Production prefill form of k_head_norm_rope for the tensor-core attention, which reads only
+// f16 queries: the row is normalized and rotated in shared memory (the same operations as
+// head_norm_rope_row) and written once, as f16, to q16 (q itself is left as it was).
+// dh <= 512.
+extern "C" __global__ void k_head_norm_rope16(const float* __restrict__ q, int n_head, int dh,
+                                              int half, float eps,
+                                              const double* __restrict__ freqs,
+                                              const long long* __restrict__ p0p,
+                                              u16* __restrict__ q16) {
+    const long long p0 = *p0p;
+    __shared__ double sh[33];
+    __shared__ float row[512];
+    const long long base = (long long)blockIdx.x * dh;
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) row[i] = q[base + i];
+    __syncthreads();
+    head_norm_rope_row(row, dh, half, eps, freqs, p0 + blockIdx.x / n_head, sh);
+    __syncthreads();
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) q16[base + i] = f2h(row[i]);
+}
+
 // KV rows: RMSNorm(kv_a_norm), RoPE, QAT + storage rounding (blockIdx.x = t).
 extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __restrict__ w,
                                        int dh, int half, float eps,
@@ -796,9 +816,10 @@ extern "C" __global__ void k_hc_post_moe(float* __restrict__ x, const float* __r
 // ---- prefill (n > 1 tokens) forms of hc_post: 4 consecutive elements a thread (16-byte
 // loads and stores; d % 4 == 0), each element with exactly k_hc_post's operations. NC > 0:
 // n = NC known at compile time (the loops unroll, the arrays stay in registers).
+// x16 (not null): f16 of the new state too, the input of the next site's HC `fn` GEMM.
 template <int NC>
 __device__ __forceinline__ void hc_post4_t(float* xt, const float* fv, const float* q,
-                                           const float* mm, int nr, int d, int e) {
+                                           const float* mm, int nr, int d, int e, u16* x16) {
     const int n = NC > 0 ? NC : nr;
     float xs[FWD_MAX_HC][4];
 #pragma unroll
@@ -819,24 +840,32 @@ __device__ __forceinline__ void hc_post4_t(float* xt, const float* fv, const flo
             for (int j = 0; j < n; j++) o[c] += mm[j * n + k] * xs[j][c];
         }
         *(float4*)(xt + (long long)k * d + e) = make_float4(o[0], o[1], o[2], o[3]);
+        if (x16) {
+            uint2 h;
+            h.x = (u32)f2h(o[0]) | ((u32)f2h(o[1]) << 16);
+            h.y = (u32)f2h(o[2]) | ((u32)f2h(o[3]) << 16);
+            *(uint2*)(x16 + (long long)k * d + e) = h;
+        }
     }
 }
 
 __device__ __forceinline__ void hc_post4(float* xt, const float* fv, const float* q,
-                                         const float* mm, int n, int d, int e) {
-    if (n == 4) hc_post4_t<4>(xt, fv, q, mm, n, d, e);
-    else hc_post4_t<0>(xt, fv, q, mm, n, d, e);
+                                         const float* mm, int n, int d, int e, u16* x16) {
+    if (n == 4) hc_post4_t<4>(xt, fv, q, mm, n, d, e, x16);
+    else hc_post4_t<0>(xt, fv, q, mm, n, d, e, x16);
 }
 
-// k_hc_post, 4 elements a thread. grid (d/4/256, tokens).
+// k_hc_post, 4 elements a thread (x16: also f16 of the new state). grid (d/4/256, tokens).
 extern "C" __global__ void k_hc_post4(float* __restrict__ x, const float* __restrict__ f,
                                       const float* __restrict__ post,
-                                      const float* __restrict__ comb, int n, int d) {
+                                      const float* __restrict__ comb, int n, int d,
+                                      u16* __restrict__ x16) {
     int t = blockIdx.y, e = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (e >= d) return;
     float4 f4 = *(const float4*)(f + (long long)t * d + e);
     float fv[4] = {f4.x, f4.y, f4.z, f4.w};
-    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e);
+    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e,
+             x16 ? x16 + (long long)t * n * d : nullptr);
 }
 
 // Prefill FFN site: pf_scatter + k_moe_sum + k_hc_post in one pass. The routed rows are read
@@ -847,7 +876,8 @@ extern "C" __global__ void k_hc_post_moe_pf(float* __restrict__ x, const float* 
                                             const int* __restrict__ inv,
                                             const float* __restrict__ sh, int kx,
                                             const float* __restrict__ post,
-                                            const float* __restrict__ comb, int n, int d) {
+                                            const float* __restrict__ comb, int n, int d,
+                                            u16* __restrict__ x16) {
     int t = blockIdx.y, e = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (e >= d) return;
     float fv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -863,7 +893,8 @@ extern "C" __global__ void k_hc_post_moe_pf(float* __restrict__ x, const float* 
     fv[1] += s4.y;
     fv[2] += s4.z;
     fv[3] += s4.w;
-    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e);
+    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e,
+             x16 ? x16 + (long long)t * n * d : nullptr);
 }
 
 // Output head (§3.5): h = Σ_j w_j·X_j with w_j = sigmoid(m_j·s·scale + base_j) + eps, then
