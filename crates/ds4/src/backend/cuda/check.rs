@@ -2026,6 +2026,73 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
     );
     row.note = "y, post, comb of 256- and 1024-thread blocks bit-identical".into();
     out.push(row);
+    // k_hc_pre_pf + k_hc_comb (production prefill) against k_hc_pre's outputs, bit for bit.
+    {
+        let (y, post, comb) = (
+            poisoned(be, t_n * d)?,
+            poisoned(be, t_n * n)?,
+            poisoned(be, t_n * n * n)?,
+        );
+        let y16 = st.alloc_zeros::<u16>(t_n * d)?;
+        let hs = poisoned(be, t_n)?;
+        let (di, cols, ni, it, ti) = (d as i32, 4i32, n as i32, iters as i32, t_n as i32);
+        let pp = [
+            p32(&xd),
+            p32(&md),
+            p32(&sd),
+            p32(&bd),
+            p32(&y),
+            y16.device_ptr(st).0,
+            p32(&post),
+            p32(&nd),
+            p32(&hs),
+            p32(&comb),
+        ];
+        let f1 = be.function("k_hc_pre_pf")?;
+        let mut b = st.launch_builder(&f1);
+        b.arg(&pp[0])
+            .arg(&pp[1])
+            .arg(&di)
+            .arg(&cols)
+            .arg(&eps)
+            .arg(&hc_eps)
+            .arg(&pp[2])
+            .arg(&pp[3])
+            .arg(&pp[4])
+            .arg(&pp[5])
+            .arg(&pp[6])
+            .arg(&pp[7])
+            .arg(&pp[8]);
+        // SAFETY: argument list matches k_hc_pre_pf; d / 16 = 256 threads own 4 columns.
+        unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+        let f2 = be.function("k_hc_comb")?;
+        let mut b = st.launch_builder(&f2);
+        b.arg(&pp[1])
+            .arg(&pp[8])
+            .arg(&ni)
+            .arg(&it)
+            .arg(&hc_eps)
+            .arg(&pp[2])
+            .arg(&pp[3])
+            .arg(&pp[9])
+            .arg(&ti);
+        // SAFETY: argument list matches k_hc_comb; a warp per token.
+        unsafe { b.launch(cfg((t_n.div_ceil(8) as u32, 1, 1), 256)) }?;
+        let (gy, gp, gc, gh) = (
+            be.download(&y)?,
+            be.download(&post)?,
+            be.download(&comb)?,
+            be.download(&y16)?,
+        );
+        out.push(rel_row("hc_pre_pf_y", &shape, &gy, &ycpu, 1e-4, note));
+        let mism = usize::from(!same_bits(&gy, &runs[0].0))
+            + usize::from(!same_bits(&gp, &runs[0].1))
+            + usize::from(!same_bits(&gc, &runs[0].2))
+            + usize::from(gh != runs[0].3);
+        let mut row = exact_row("hc_pre_pf_vs_hc_pre", GgmlType::F32, &shape, mism);
+        row.note = format!("{mism} of y, post, comb, y16 differ in bits from k_hc_pre's");
+        out.push(row);
+    }
     let m16 = f16_mism(&runs[0].3, &runs[0].0);
     let mut row = exact_row("hc_pre_y16", GgmlType::F16, &shape, m16);
     row.note = format!("{m16} f16 copies differ in bits from f16(y)");

@@ -128,6 +128,24 @@ fn use_pf_mm() -> bool {
     super::switch_on("DS4_CUDA_PF_MM")
 }
 
+/// Whether production prefill's hc_pre runs as `k_hc_pre_pf` + `k_hc_comb` (default;
+/// `DS4_CUDA_HC_PRE_PF=0` keeps one `k_hc_pre` block per token, for comparisons).
+fn use_hc_pre_pf() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_HC_PRE_PF"))
+}
+
+/// Columns (of 4 elements) a thread of `k_hc_pre_pf` owns for width `d`: the smallest of 1,
+/// 2, 4 that leaves at most 256 threads, a multiple of 32 (None: the shape is not taken).
+fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
+    if n_hc != 4 {
+        return None;
+    }
+    [1usize, 2, 4].into_iter().find(|&c| {
+        d.is_multiple_of(4 * c) && d / (4 * c) <= 256 && (d / (4 * c)).is_multiple_of(32)
+    })
+}
+
 /// Whether the production prefill's router product runs as a cuBLAS f32 GEMM (default;
 /// `DS4_CUDA_ROUTER_SGEMM=0` keeps the f32 CUDA-core `mm_<t>` kernel, for comparisons).
 fn use_router_sgemm() -> bool {
@@ -194,6 +212,8 @@ struct Kernels {
     idx_q_finish: CudaFunction,
     scale: CudaFunction,
     hc_pre: CudaFunction,
+    hc_pre_pf: CudaFunction,
+    hc_comb: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_pre1: CudaFunction,
     rms_norm_q8: CudaFunction,
@@ -230,6 +250,8 @@ impl Kernels {
             idx_q_finish: f("k_idx_q_finish")?,
             scale: f("k_scale")?,
             hc_pre: f("k_hc_pre")?,
+            hc_pre_pf: f("k_hc_pre_pf")?,
+            hc_comb: f("k_hc_comb")?,
             hc_mix_part: f("k_hc_mix_part")?,
             hc_pre1: f("k_hc_pre1")?,
             rms_norm_q8: f("k_rms_norm_q8")?,
@@ -694,6 +716,8 @@ struct PfScratch {
     /// The rotated queries as f16 (`GPU_CHUNK × n_head × head_dim`), the only form the
     /// tensor-core attention reads.
     q16: CudaSlice<u16>,
+    /// Per-token RMS scale of the state from `k_hc_pre_pf`, read by `k_hc_comb`.
+    hsc: CudaSlice<f32>,
     /// The router's weight decoded to f32 (its product stays f32, see `queue`).
     w32: CudaSlice<f32>,
     moe: MoeScratch,
@@ -904,6 +928,7 @@ impl GpuSession {
                     y16: be.stream().alloc_zeros::<u16>(m * d)?,
                     qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                     q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
+                    hsc: a(m)?,
                     w32: be.alloc_f32(
                         gm.layers
                             .iter()
@@ -1479,6 +1504,53 @@ impl GpuSession {
                 return Ok(());
             }
             lin(fnw, p(&s.x), n, p(&s.mix))?;
+            if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
+            {
+                // Production prefill: the state read once, y written as f32 and f16, and
+                // the Sinkhorn of every token in parallel in k_hc_comb (forward.cu).
+                launch!(
+                    st,
+                    k.hc_pre_pf,
+                    (n32, 1, 1),
+                    ((d / (4 * cols)) as u32, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        p(&s.mix),
+                        di,
+                        cols as i32,
+                        eps,
+                        c.hc_eps,
+                        p(sc),
+                        p(base),
+                        p(&s.y),
+                        p16(&ps.y16),
+                        p(&s.post),
+                        p(norm),
+                        p(&ps.hsc)
+                    ]
+                );
+                launch!(
+                    st,
+                    k.hc_comb,
+                    (n32.div_ceil(8), 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.mix),
+                        p(&ps.hsc),
+                        nh as i32,
+                        c.sinkhorn_iters as i32,
+                        c.hc_eps,
+                        p(sc),
+                        p(base),
+                        p(&s.comb),
+                        ni
+                    ]
+                );
+                set16(0, p(&s.y));
+                return Ok(());
+            }
             // Production prefill: y's f16 copy for the site's GEMMs and the grouped experts,
             // and 256-thread blocks (several a SM: the per-token Sinkhorn and barriers of one
             // block overlap the others' loads; 1024 threads left two blocks an SM).

@@ -510,6 +510,132 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
     }
 }
 
+// ---- production prefill form of k_hc_pre (n = 4 streams): the state is read once into
+// registers (thread i owns columns 4(i + T·c).. of every stream, T = blockDim.x = d/(4C)),
+// y is formed and normalized from registers and written as f32 and f16; the Sinkhorn of the
+// combination matrix, a serial chain of ~40 dependent steps that left the block's other warps
+// waiting at a barrier, moves to k_hc_comb (a warp per token), which reads the token's RMS
+// scale from sc. Same operations per element as k_hc_pre; the f64 sums of squares add in
+// another order (their f32 results do not change in practice; the self-test compares).
+template <int N, int C>
+__device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
+                                               const float* __restrict__ mix, int d,
+                                               float rms_eps, float hc_eps,
+                                               const float* __restrict__ scale3,
+                                               const float* __restrict__ base,
+                                               float* __restrict__ y, u16* __restrict__ y16,
+                                               float* __restrict__ post,
+                                               const float* __restrict__ norm,
+                                               float* __restrict__ sc) {
+    __shared__ double sh[33];
+    __shared__ float pj[N];
+    const int t = blockIdx.x, T = blockDim.x, w = (2 + N) * N;
+    const float* xt = x + (long long)t * N * d;
+    float4 xv[N][C];
+    double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int c = 0; c < C; c++)
+            xv[j][c] = *(const float4*)(xt + (long long)j * d + 4 * (threadIdx.x + T * c));
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            float4 v = xv[j][c];
+            ss += (double)v.x * (double)v.x;
+            ss += (double)v.y * (double)v.y;
+            ss += (double)v.z * (double)v.z;
+            ss += (double)v.w * (double)v.w;
+        }
+    ss = block_sum_d(ss, sh);
+    const float s = (float)(1.0 / sqrt(ss / (double)(N * d) + (double)rms_eps));
+    if (threadIdx.x < N) {
+        int l = threadIdx.x;
+        pj[l] = sigmoidf_(mix[(long long)t * w + l] * s * scale3[0] + base[l]) + hc_eps;
+    } else if (threadIdx.x < 2 * N) {
+        int l = threadIdx.x - N;
+        post[t * N + l] =
+            2.0f * sigmoidf_(mix[(long long)t * w + N + l] * s * scale3[1] + base[N + l]);
+    } else if (threadIdx.x == 2 * N) {
+        sc[t] = s;
+    }
+    __syncthreads();
+    float4 yv[C];
+    double s2s = 0.0;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            a[0] += pj[j] * xv[j][c].x;
+            a[1] += pj[j] * xv[j][c].y;
+            a[2] += pj[j] * xv[j][c].z;
+            a[3] += pj[j] * xv[j][c].w;
+        }
+        yv[c] = make_float4(a[0], a[1], a[2], a[3]);
+        s2s += (double)a[0] * (double)a[0];
+        s2s += (double)a[1] * (double)a[1];
+        s2s += (double)a[2] * (double)a[2];
+        s2s += (double)a[3] * (double)a[3];
+    }
+    float s2 = 1.0f;
+    if (norm) {
+        s2s = block_sum_d(s2s, sh);
+        s2 = (float)(1.0 / sqrt(s2s / (double)d + (double)rms_eps));
+    }
+    float* yt = y + (long long)t * d;
+    u16* yh = y16 + (long long)t * d;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        int e = 4 * (threadIdx.x + T * c);
+        float4 v = yv[c];
+        if (norm) {
+            float4 g = *(const float4*)(norm + e);
+            v = make_float4(v.x * s2 * g.x, v.y * s2 * g.y, v.z * s2 * g.z, v.w * s2 * g.w);
+        }
+        *(float4*)(yt + e) = v;
+        uint2 h;
+        h.x = (u32)f2h(v.x) | ((u32)f2h(v.y) << 16);
+        h.y = (u32)f2h(v.z) | ((u32)f2h(v.w) << 16);
+        *(uint2*)(yh + e) = h;
+    }
+}
+
+// grid: tokens; block T = d/(4C) threads (a multiple of 32, at most 256), C in {1, 2, 4};
+// n = 4.
+extern "C" __global__ void __launch_bounds__(256)
+    k_hc_pre_pf(const float* __restrict__ x, const float* __restrict__ mix, int d, int cols,
+                float rms_eps, float hc_eps, const float* __restrict__ scale3,
+                const float* __restrict__ base, float* __restrict__ y, u16* __restrict__ y16,
+                float* __restrict__ post, const float* __restrict__ norm,
+                float* __restrict__ sc) {
+    if (cols == 4)
+        hc_pre_pf_body<4, 4>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+    else if (cols == 2)
+        hc_pre_pf_body<4, 2>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+    else
+        hc_pre_pf_body<4, 1>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+}
+
+// The Sinkhorn-normalised combination matrix of k_hc_pre_pf's tokens: a warp per token
+// (8 a block), from the mix and the token's RMS scale sc[t], with k_hc_pre's operations
+// (sinkhorn_reg; n·n <= 32).
+extern "C" __global__ void k_hc_comb(const float* __restrict__ mix, const float* __restrict__ sc,
+                                     int n, int iters, float hc_eps,
+                                     const float* __restrict__ scale3,
+                                     const float* __restrict__ base, float* __restrict__ comb,
+                                     int n_tok) {
+    const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= n_tok) return;
+    const int l = threadIdx.x & 31, w = (2 + n) * n;
+    const float s = sc[t];
+    float cv = l < n * n ? mix[(long long)t * w + 2 * n + l] * s * scale3[2] + base[2 * n + l]
+                         : 0.0f;
+    cv = sinkhorn_reg(cv, n, iters, hc_eps);
+    if (l < n * n) comb[(long long)t * n * n + l] = cv;
+}
+
 // ---- decode (one token) forms of hc_pre, spread over blocks, with the input quantization
 // of the next products fused.
 
