@@ -2125,8 +2125,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         out.push(row);
     }
     // head_norm_rope16 (f16 only) vs k_head_norm_rope (in place, f32), flash head shape.
-    {
-        let (hn, dh, half) = (64usize, 512usize, 32usize);
+    for (hn, dh, half) in [(64usize, 512usize, 32usize), (6, 128, 16)] {
         let v = random_activations(rng, t_n * hn * dh);
         let freqs: Vec<f64> = (0..half)
             .map(|i| 10000f64.powf(-(i as f64) / half as f64))
@@ -2151,8 +2150,9 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .arg(&pfr)
             .arg(&pp0)
             .arg(&ph);
-        // SAFETY: argument list matches k_head_norm_rope16; t_n·hn rows of dh, h as many.
-        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), 128)) }?;
+        // SAFETY: argument list matches k_head_norm_rope16 (dh/4 threads); t_n·hn rows of
+        // dh, h as many halves.
+        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), (dh / 4) as u32)) }?;
         let fun = be.function("k_head_norm_rope")?;
         let mut b = st.launch_builder(&fun);
         b.arg(&pa)

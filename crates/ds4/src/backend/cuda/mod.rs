@@ -39,7 +39,8 @@
 //! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill),
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
-//! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`);
+//! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`
+//! (production prefill's queries normalized straight to f16 for the tensor-core attention);
 //! `DS4_CUDA_ATT_SPLIT=N` overrides the decode attention split. `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!

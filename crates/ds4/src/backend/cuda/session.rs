@@ -135,6 +135,14 @@ fn use_hc_pre_pf() -> bool {
     *ON.get_or_init(|| super::switch_on("DS4_CUDA_HC_PRE_PF"))
 }
 
+/// Whether production prefill's tensor-core attention reads f16 queries written by
+/// `k_head_norm_rope16` (default; `DS4_CUDA_Q16=0` keeps `k_head_norm_rope` in place and
+/// the attention's own conversion, for comparisons).
+fn use_q16() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_Q16"))
+}
+
 /// Columns (of 4 elements) a thread of `k_hc_pre_pf` owns for width `d`: the smallest of 1,
 /// 2, 4 that leaves at most 256 threads, a multiple of 32 (None: the shape is not taken).
 fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
@@ -1594,7 +1602,9 @@ impl GpuSession {
                     && n > 8
                     && attn::use_tc()
                     && attn::tc_supported(c.n_head, c.head_dim, half as usize)
-                    && c.head_dim <= 512
+                    && c.head_dim.is_multiple_of(128)
+                    && c.head_dim <= 4096
+                    && use_q16()
             })
             .map(|ps| p16(&ps.q16));
         let hc_post = || -> Result<()> {
@@ -1715,7 +1725,7 @@ impl GpuSession {
                         st,
                         k.head_norm_rope16,
                         (n32 * c.n_head as u32, 1, 1),
-                        (128, 1, 1),
+                        (c.head_dim as u32 / 4, 1, 1),
                         0,
                         [
                             p(&s.q),

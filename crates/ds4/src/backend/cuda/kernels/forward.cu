@@ -291,23 +291,43 @@ extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, i
 }
 
 // Production prefill form of k_head_norm_rope for the tensor-core attention, which reads only
-// f16 queries: the row is normalized and rotated in shared memory (the same operations as
-// head_norm_rope_row) and written once, as f16, to q16 (q itself is left as it was).
-// dh <= 512.
-extern "C" __global__ void k_head_norm_rope16(const float* __restrict__ q, int n_head, int dh,
-                                              int half, float eps,
-                                              const double* __restrict__ freqs,
-                                              const long long* __restrict__ p0p,
-                                              u16* __restrict__ q16) {
-    const long long p0 = *p0p;
+// f16 queries: the row is normalized and rotated in registers and written once, as f16, to
+// q16 (q itself is left as it was). blockDim.x = dh/4 (a multiple of 32): thread i holds
+// elements i + k·blockDim.x, k < 4, so the sum of squares adds in rms_scale_block's order;
+// the rotation pairs (e, e+1) sit in neighbouring lanes (exchanged with a shuffle) and get
+// rope_tail's operations: the f16 values are those of rounding k_head_norm_rope's output.
+extern "C" __global__ void __launch_bounds__(1024)
+    k_head_norm_rope16(const float* __restrict__ q, int n_head, int dh, int half, float eps,
+                       const double* __restrict__ freqs, const long long* __restrict__ p0p,
+                       u16* __restrict__ q16) {
     __shared__ double sh[33];
-    __shared__ float row[512];
+    const long long p0 = *p0p;
     const long long base = (long long)blockIdx.x * dh;
-    for (int i = threadIdx.x; i < dh; i += blockDim.x) row[i] = q[base + i];
-    __syncthreads();
-    head_norm_rope_row(row, dh, half, eps, freqs, p0 + blockIdx.x / n_head, sh);
-    __syncthreads();
-    for (int i = threadIdx.x; i < dh; i += blockDim.x) q16[base + i] = f2h(row[i]);
+    const long long pos = p0 + blockIdx.x / n_head;
+    const int T = blockDim.x, tid = threadIdx.x, off = dh - 2 * half;
+    float v[4];
+    double ss = 0.0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = q[base + tid + T * k];
+#pragma unroll
+    for (int k = 0; k < 4; k++) ss += (double)v[k] * (double)v[k];
+    ss = block_sum_d(ss, sh);
+    const float s = (float)(1.0 / sqrt(ss / (double)dh + (double)eps));
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int e = tid + T * k;
+        float a = v[k] * s;
+        float pa = __shfl_xor_sync(0xffffffffu, a, 1);
+        if (e >= off) {
+            double sn, cs;
+            sincos((double)pos * freqs[(e - off) >> 1], &sn, &cs);
+            float cf = (float)cs, sf = (float)sn;
+            a = ((e - off) & 1) == 0 ? a * cf - pa * sf : pa * sf + a * cf;
+        }
+        float pn = __shfl_xor_sync(0xffffffffu, a, 1);
+        if ((tid & 1) == 0)
+            *(u32*)(q16 + base + e) = (u32)f2h(a) | ((u32)f2h(pn) << 16);
+    }
 }
 
 // KV rows: RMSNorm(kv_a_norm), RoPE, QAT + storage rounding (blockIdx.x = t).
