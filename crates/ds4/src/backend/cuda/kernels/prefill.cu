@@ -11,6 +11,11 @@
 //   [cuBLAS]   down per expert
 //   pf_scatter rows back to slot order, then the ordinary k_moe_sum
 //
+// The session's path (n_exp <= 256): pf_group_par (the same sort in parallel), pf_gather16
+// (copies of the f16 y its producer wrote), pf_mm_<t> (the fused expert product), pf_swiglu4,
+// pf_mm_<t>, and k_hc_post_moe_pf (forward.cu) reads the sorted rows through inv in place of
+// pf_scatter + k_moe_sum + k_hc_post.
+//
 // No atomics: every output element is written by one thread, so results are bit-identical
 // from run to run (cuBLAS GEMMs are deterministic for a given shape on one device).
 // Appended after quant.cu (uses f2h, the deq_<t> unit dequantizers and the IQ2 tables).
