@@ -167,6 +167,9 @@ pub struct Attend {
     pub n: usize,
     /// Rotated queries, `n × n_head × dh`.
     pub q: u64,
+    /// Not 0 (with [`Attend::uses_tc`]): the rotated queries as f16 (`n × n_head × dh`
+    /// halves, f32_to_f16's rounding of `q`), read by the tensor-core kernel instead of `q`.
+    pub q16: u64,
     /// This chunk's KV rows, `n × dh`.
     pub ckv: u64,
     /// Raw window ring, `swa × dh` (position p in row p mod swa).
@@ -190,6 +193,9 @@ pub struct Attend {
     pub freqs: u64,
     /// Output, `n × n_head × dh`.
     pub o: u64,
+    /// Not 0 (with [`Attend::uses_tc`]): the tensor-core kernel writes the output as f16
+    /// here (`n × n_head × dh` halves, f32_to_f16's rounding) instead of f32 to `o`.
+    pub o16: u64,
     /// Scratch: `nsplit × n × n_head × rows_cap` scores, `n × n_head` inverse denominators
     /// and (`nsplit > 1`) `nsplit × n × n_head × dh` partial outputs.
     pub sc: u64,
@@ -208,6 +214,13 @@ pub struct Attend {
     /// `nb × n × n_head × 2` (m, l), `nb` = [`fd_blocks`]`(rows_cap).1` ≤ 32; `inv` and
     /// `nsplit` unused.
     pub fd: bool,
+}
+
+impl Attend {
+    /// Whether [`attend`] runs the tensor-core kernel (so `o16`, when set, gets the output).
+    pub fn uses_tc(&self) -> bool {
+        self.tc && tc_supported(self.n_head, self.dh, self.half)
+    }
 }
 
 /// The split a launch of `n` tokens uses (a decode step has too few tiles to fill the GPU):
@@ -237,7 +250,7 @@ pub const DECODE_SPLIT: usize = 4;
 /// # Safety
 /// Every pointer of `a` must be a live device buffer of the size its field states.
 pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
-    if a.tc && tc_supported(a.n_head, a.dh, a.half) {
+    if a.uses_tc() {
         launch!(
             st,
             k.tc,
@@ -261,7 +274,9 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.scale,
                 a.half as i32,
                 a.freqs,
-                a.o
+                a.o,
+                a.o16,
+                a.q16
             ]
         );
         return Ok(());

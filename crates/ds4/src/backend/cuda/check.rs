@@ -269,6 +269,8 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     }
     check_hc_post_moe(be, &mut rng, &mut out)?;
     check_hc_post_ring(be, &mut rng, &mut out)?;
+    check_hc_prefill(be, &mut rng, &mut out)?;
+    check_pf_group(be, &mut rng, &mut out)?;
     for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::IQ2_XXS] {
         check_glu_int8(be, &mut rng, ty, &mut out)?;
     }
@@ -611,6 +613,8 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             half,
             freqs: d_freqs.device_ptr(st).0,
             o: pp(&d_o),
+            o16: 0,
+            q16: 0,
             sc: pp(&d_sc),
             part: pp(&d_part),
             inv: pp(&d_inv),
@@ -637,6 +641,32 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let gpu4 = be.download(&d_o)?;
         unsafe { attend(st, &k, &args)? };
         let gpu5 = be.download(&d_o)?;
+        // The f16 output form (production prefill's input of attn_output_a): the same values
+        // rounded as f32_to_f16 rounds, o untouched.
+        let d_o16 = st.alloc_zeros::<u16>(n * h_n * dh)?;
+        args.o16 = d_o16.device_ptr(st).0;
+        // SAFETY: as above; o16 holds n × H × Dh halves.
+        unsafe { attend(st, &k, &args)? };
+        let gpu_o16 = be.download(&d_o16)?;
+        let o16_mism = gpu_o16
+            .iter()
+            .zip(&gpu4)
+            .filter(|(h, v)| **h != f16::from_f32(**v).to_bits())
+            .count();
+        // f16 queries from their producer (k_head_norm_rope16's form): the same output bits.
+        let d_q16 = st.clone_htod(
+            &q.iter()
+                .map(|v| f16::from_f32(*v).to_bits())
+                .collect::<Vec<u16>>(),
+        )?;
+        args.o16 = 0;
+        args.q16 = d_q16.device_ptr(st).0;
+        let d_oq = poisoned(be, n * h_n * dh)?;
+        args.o = pp(&d_oq);
+        // SAFETY: as above; q16 holds n × H × Dh halves.
+        unsafe { attend(st, &k, &args)? };
+        let gpu_q16 = be.download(&d_oq)?;
+        args.q16 = 0;
         // Decode steps: split-rows flash decoding (fresh poison in o first).
         args.tc = false;
         args.fd = true;
@@ -758,6 +788,13 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
                 &shape,
                 same_bits(&gpu4, &gpu5),
             ));
+            let mut row = exact_row("attend_tc_f16", GgmlType::F16, &shape, o16_mism);
+            row.note = format!("{o16_mism} f16 outputs differ in bits from f16(f32 output)");
+            out.push(row);
+            let same = same_bits(&gpu4, &gpu_q16);
+            let mut row = exact_row("attend_tc_q16", GgmlType::F16, &shape, usize::from(!same));
+            row.note = "f16 queries (q16) give the f32-query outputs bit for bit".into();
+            out.push(row);
         }
     }
     Ok(())
@@ -1930,6 +1967,12 @@ fn check_moe_grouped(
     let kf = PfKernels::load(be)?;
     let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
     let st = be.stream();
+    // f16(y) as its producer would write it (the pf_gather16 path).
+    let y16d = st.clone_htod(
+        &y.iter()
+            .map(|v| f16::from_f32(*v).to_bits())
+            .collect::<Vec<u16>>(),
+    )?;
     // Modes: fused at each kernel level (2: pf_mxs where the shapes allow it, else pf_mx; 1:
     // pf_mx; 0: pf_mm; levels without a kernel of their own for these types are skipped), and
     // the per-expert cuBLAS path (small shapes only).
@@ -1956,17 +1999,18 @@ fn check_moe_grouped(
         };
         let was = be.set_pf_mx(level);
         let mut runs = Vec::new();
-        for _ in 0..2 {
+        for run in 0..3 {
             let dn = poisoned(be, slots * d)?;
             {
                 let (pi, _a) = idsd.device_ptr(st);
                 let (pw, _b) = wtsd.device_ptr(st);
                 let (py, _c) = yd.device_ptr(st);
                 let (pd, _d) = dn.device_ptr(st);
+                let py16 = if run == 2 { y16d.device_ptr(st).0 } else { 0 };
                 // SAFETY: buffers sized for `slots` pairs of n_tok tokens; ids < n_exp.
                 unsafe {
                     moe_grouped(
-                        be, &kf, &sc, &gw, &uw, &dw, pi, pw, py, n_tok, k, clamp, pd, fused,
+                        be, &kf, &sc, &gw, &uw, &dw, pi, pw, py, py16, n_tok, k, clamp, pd, fused,
                     )?
                 };
             }
@@ -1974,46 +2018,7 @@ fn check_moe_grouped(
         }
         be.set_pf_mx(was);
         // Grouping: stable counting sort on the CPU, tiles of 64 rows per expert.
-        let (meta, perm, inv, tiles) = sc.grouping(be)?;
-        let mut want_perm = Vec::with_capacity(slots);
-        let mut want_meta = vec![0i32; 2 * n_exp + 1];
-        let mut want_tiles = Vec::new();
-        let mut nu = 0;
-        for e in 0..n_exp as i32 {
-            let before = want_perm.len();
-            want_perm.extend((0..slots as i32).filter(|&s| ids[s as usize] == e));
-            let c = (want_perm.len() - before) as i32;
-            want_meta[e as usize] = c;
-            for r in (0..c).step_by(64) {
-                want_tiles.extend([e, before as i32 + r, (c - r).min(64)]);
-            }
-            if c > 0 {
-                want_meta[n_exp + nu] = e;
-                nu += 1;
-            }
-        }
-        want_meta[n_exp + nu..2 * n_exp].fill(-1);
-        want_meta[2 * n_exp] = (want_tiles.len() / 3) as i32;
-        let mut want_inv = vec![0i32; slots];
-        for (r, &s) in want_perm.iter().enumerate() {
-            want_inv[s as usize] = r as i32;
-        }
-        let mism = meta.iter().zip(&want_meta).filter(|(a, b)| a != b).count()
-            + perm[..slots]
-                .iter()
-                .zip(&want_perm)
-                .filter(|(a, b)| a != b)
-                .count()
-            + inv[..slots]
-                .iter()
-                .zip(&want_inv)
-                .filter(|(a, b)| a != b)
-                .count()
-            + tiles[..want_tiles.len()]
-                .iter()
-                .zip(&want_tiles)
-                .filter(|(a, b)| a != b)
-                .count();
+        let mism = group_mismatches(&sc.grouping(be)?, &cpu_group(&ids, n_exp));
         let shape = format!("{n_exp}exp,{n_tok}tok x{k},{f}x{d}");
         out.push(CheckRow {
             note: format!(
@@ -2057,6 +2062,480 @@ fn check_moe_grouped(
                 ..exact_row("moe_grouped_mxs_vs_mx", td, &shape, mism)
             });
         }
+        let same16 = same_bits(&runs[0], &runs[2]);
+        let mut row = exact_row(&format!("{kname}_y16"), td, &shape, usize::from(!same16));
+        row.note = "inputs gathered from the f16 copy of y: bit-identical to rounding y".into();
+        out.push(row);
+    }
+    Ok(())
+}
+/// The CPU's stable counting sort of `ids` by expert in pf_group's output form: (meta =
+/// counts, used experts then -1, tile count; perm; inv; tiles of ≤ 64 rows).
+fn cpu_group(ids: &[i32], n_exp: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>) {
+    let slots = ids.len();
+    let mut perm = Vec::with_capacity(slots);
+    let mut meta = vec![0i32; 2 * n_exp + 1];
+    let mut tiles = Vec::new();
+    let mut nu = 0;
+    for e in 0..n_exp as i32 {
+        let before = perm.len();
+        perm.extend((0..slots as i32).filter(|&s| ids[s as usize] == e));
+        let c = (perm.len() - before) as i32;
+        meta[e as usize] = c;
+        for r in (0..c).step_by(64) {
+            tiles.extend([e, before as i32 + r, (c - r).min(64)]);
+        }
+        if c > 0 {
+            meta[n_exp + nu] = e;
+            nu += 1;
+        }
+    }
+    meta[n_exp + nu..2 * n_exp].fill(-1);
+    meta[2 * n_exp] = (tiles.len() / 3) as i32;
+    let mut inv = vec![0i32; slots];
+    for (r, &s) in perm.iter().enumerate() {
+        inv[s as usize] = r as i32;
+    }
+    (meta, perm, inv, tiles)
+}
+
+/// Entries of the GPU grouping that differ from [`cpu_group`]'s.
+fn group_mismatches(
+    got: &(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>),
+    want: &(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>),
+) -> usize {
+    let diff = |a: &[i32], b: &[i32]| {
+        a.iter().zip(b).filter(|(x, y)| x != y).count() + b.len().saturating_sub(a.len())
+    };
+    diff(&got.0, &want.0)
+        + diff(&got.1[..want.1.len().min(got.1.len())], &want.1)
+        + diff(&got.2[..want.2.len().min(got.2.len())], &want.2)
+        + diff(&got.3[..want.3.len().min(got.3.len())], &want.3)
+}
+
+/// `pf_group_par` (the parallel grouping) at the flash shapes (256 experts, 2048 tokens × 6
+/// slots, and an uneven 1001 × 6), ids skewed towards low experts with a never-used tail,
+/// against the CPU stable counting sort: every count, used entry, tile, perm and inv equal.
+fn check_pf_group(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use super::prefill::{group, MoeScratch, PfKernels};
+    let kf = PfKernels::load(be)?;
+    let n_exp = 256usize;
+    for n_tok in [2048usize, 1001] {
+        let slots = n_tok * 6;
+        let ids: Vec<i32> = (0..slots)
+            .map(|_| {
+                let u = rng.uniform();
+                ((u * u) * (n_exp - 7) as f64) as i32
+            })
+            .collect();
+        let sc = MoeScratch::new(be, slots, n_exp, 64, 64, false)?;
+        let idsd = be.upload_i32(&ids)?;
+        let st = be.stream();
+        {
+            let (pi, _g) = idsd.device_ptr(st);
+            // SAFETY: ids holds `slots` ints < n_exp; the scratch holds `slots` pairs.
+            unsafe { group(be, &kf, &sc, pi, slots, n_exp)? };
+        }
+        let got = sc.grouping(be)?;
+        let mism = group_mismatches(&got, &cpu_group(&ids, n_exp));
+        let shape = format!("{n_exp}exp,{slots}slots");
+        out.push(CheckRow {
+            note: format!("{mism} of counts/used/tiles/perm/inv differ from a CPU stable sort"),
+            ..exact_row("pf_group_par", GgmlType::F32, &shape, mism)
+        });
+    }
+    Ok(())
+}
+
+/// Production prefill's fused forms around hc (forward.cu) on several tokens at the flash
+/// width: `k_hc_pre` at 256 threads (prefill) vs the CPU's hc::pre + rms_norm and bit for bit
+/// vs its 1024-thread launch, its f16 copy y16 = f16(y); `k_rms_norm_h` = k_rms_norm + f16
+/// copy; `k_hc_post4` and `k_hc_post_moe_pf` (sorted rows through a random inv) bit for bit
+/// vs the CPU's moe sum + hc::post.
+fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use crate::model::{hc, ops, params::HcParams};
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (n, d, t_n, kx) = (4usize, 4096usize, 5usize, 6usize);
+    let (w, width) = ((2 + n) * n, n * d);
+    let shape = format!("{t_n}tok,n{n}xd{d}");
+    let (eps, hc_eps, iters) = (1e-6f32, 1e-6f32, 20usize);
+    let st = be.stream();
+    let cfg = |g: (u32, u32, u32), b: u32| LaunchConfig {
+        grid_dim: g,
+        block_dim: (b, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let p32 = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+    let f16_mism = |h: &[u16], v: &[f32]| {
+        h.iter()
+            .zip(v)
+            .filter(|(a, b)| **a != f16::from_f32(**b).to_bits())
+            .count()
+            + v.len().saturating_sub(h.len())
+    };
+    // hc_pre.
+    let x = random_activations(rng, t_n * width);
+    let mix_raw: Vec<f32> = (0..t_n * w).map(|_| (rng.normal() * 30.0) as f32).collect();
+    let scale3: Vec<f32> = (0..3).map(|_| (0.5 + rng.uniform()) as f32).collect();
+    let base: Vec<f32> = (0..w).map(|_| (rng.normal() * 0.5) as f32).collect();
+    let norm: Vec<f32> = (0..d).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect();
+    let mut mix = Vec::with_capacity(t_n * w);
+    for t in 0..t_n {
+        let s = ops::rms_scale(&x[t * width..(t + 1) * width], eps);
+        mix.extend(mix_raw[t * w..(t + 1) * w].iter().map(|v| v * s));
+    }
+    let dims = hc::HcDims {
+        n,
+        d,
+        rms_eps: eps,
+        hc_eps,
+        sinkhorn_iters: iters,
+    };
+    let params = HcParams {
+        scale: [scale3[0], scale3[1], scale3[2]],
+        base: base.clone(),
+    };
+    let (mut ycpu, mut split) = (Vec::new(), hc::HcSplit::new());
+    hc::pre(&dims, &params, &x, &mix, &mut ycpu, &mut split);
+    ops::rms_norm_rows(&mut ycpu, &norm, eps);
+    let (xd, md, sd, bd, nd) = (
+        be.upload_f32(&x)?,
+        be.upload_f32(&mix_raw)?,
+        be.upload_f32(&scale3)?,
+        be.upload_f32(&base)?,
+        be.upload_f32(&norm)?,
+    );
+    let fpre = be.function("k_hc_pre")?;
+    let mut runs = Vec::new();
+    for threads in [256u32, 1024] {
+        let (y, post, comb) = (
+            poisoned(be, t_n * d)?,
+            poisoned(be, t_n * n)?,
+            poisoned(be, t_n * n * n)?,
+        );
+        let y16 = st.alloc_zeros::<u16>(t_n * d)?;
+        let y16p = if threads == 256 {
+            y16.device_ptr(st).0
+        } else {
+            0u64
+        };
+        let (ni, di, it) = (n as i32, d as i32, iters as i32);
+        let ptrs = [
+            p32(&xd),
+            p32(&md),
+            p32(&sd),
+            p32(&bd),
+            p32(&y),
+            p32(&post),
+            p32(&comb),
+            p32(&nd),
+        ];
+        let mut b = st.launch_builder(&fpre);
+        b.arg(&ptrs[0])
+            .arg(&ptrs[1])
+            .arg(&ni)
+            .arg(&di)
+            .arg(&eps)
+            .arg(&hc_eps)
+            .arg(&it)
+            .arg(&ptrs[2])
+            .arg(&ptrs[3])
+            .arg(&ptrs[4])
+            .arg(&ptrs[5])
+            .arg(&ptrs[6])
+            .arg(&ptrs[7])
+            .arg(&y16p);
+        // SAFETY: argument list matches k_hc_pre; buffers sized above.
+        unsafe { b.launch(cfg((t_n as u32, 1, 1), threads)) }?;
+        runs.push((
+            be.download(&y)?,
+            be.download(&post)?,
+            be.download(&comb)?,
+            be.download(&y16)?,
+        ));
+    }
+    let note = "vs CPU hc::pre + rms_norm; max_err = max|d| / max|cpu|";
+    out.push(rel_row("hc_pre_y", &shape, &runs[0].0, &ycpu, 1e-4, note));
+    out.push(rel_row(
+        "hc_pre_post",
+        &shape,
+        &runs[0].1,
+        &split.post,
+        1e-4,
+        note,
+    ));
+    out.push(rel_row(
+        "hc_pre_comb",
+        &shape,
+        &runs[0].2,
+        &split.comb,
+        1e-4,
+        note,
+    ));
+    let same = same_bits(&runs[0].0, &runs[1].0)
+        && same_bits(&runs[0].1, &runs[1].1)
+        && same_bits(&runs[0].2, &runs[1].2);
+    let mut row = exact_row(
+        "hc_pre_256_vs_1024",
+        GgmlType::F32,
+        &shape,
+        usize::from(!same),
+    );
+    row.note = "y, post, comb of 256- and 1024-thread blocks bit-identical".into();
+    out.push(row);
+    // k_hc_pre_pf + k_hc_comb (production prefill) against k_hc_pre's outputs, bit for bit.
+    {
+        let (y, post, comb) = (
+            poisoned(be, t_n * d)?,
+            poisoned(be, t_n * n)?,
+            poisoned(be, t_n * n * n)?,
+        );
+        let y16 = st.alloc_zeros::<u16>(t_n * d)?;
+        let hs = poisoned(be, t_n)?;
+        let (di, cols, ni, it, ti) = (d as i32, 4i32, n as i32, iters as i32, t_n as i32);
+        let pp = [
+            p32(&xd),
+            p32(&md),
+            p32(&sd),
+            p32(&bd),
+            p32(&y),
+            y16.device_ptr(st).0,
+            p32(&post),
+            p32(&nd),
+            p32(&hs),
+            p32(&comb),
+        ];
+        let f1 = be.function("k_hc_pre_pf")?;
+        let mut b = st.launch_builder(&f1);
+        b.arg(&pp[0])
+            .arg(&pp[1])
+            .arg(&di)
+            .arg(&cols)
+            .arg(&eps)
+            .arg(&hc_eps)
+            .arg(&pp[2])
+            .arg(&pp[3])
+            .arg(&pp[4])
+            .arg(&pp[5])
+            .arg(&pp[6])
+            .arg(&pp[7])
+            .arg(&pp[8]);
+        // SAFETY: argument list matches k_hc_pre_pf; d / 16 = 256 threads own 4 columns.
+        unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+        let f2 = be.function("k_hc_comb")?;
+        let mut b = st.launch_builder(&f2);
+        b.arg(&pp[1])
+            .arg(&pp[8])
+            .arg(&ni)
+            .arg(&it)
+            .arg(&hc_eps)
+            .arg(&pp[2])
+            .arg(&pp[3])
+            .arg(&pp[9])
+            .arg(&ti);
+        // SAFETY: argument list matches k_hc_comb; a warp per token.
+        unsafe { b.launch(cfg((t_n.div_ceil(8) as u32, 1, 1), 256)) }?;
+        let (gy, gp, gc, gh) = (
+            be.download(&y)?,
+            be.download(&post)?,
+            be.download(&comb)?,
+            be.download(&y16)?,
+        );
+        out.push(rel_row("hc_pre_pf_y", &shape, &gy, &ycpu, 1e-4, note));
+        let mism = usize::from(!same_bits(&gy, &runs[0].0))
+            + usize::from(!same_bits(&gp, &runs[0].1))
+            + usize::from(!same_bits(&gc, &runs[0].2))
+            + usize::from(gh != runs[0].3);
+        let mut row = exact_row("hc_pre_pf_vs_hc_pre", GgmlType::F32, &shape, mism);
+        row.note = format!("{mism} of y, post, comb, y16 differ in bits from k_hc_pre's");
+        out.push(row);
+    }
+    let m16 = f16_mism(&runs[0].3, &runs[0].0);
+    let mut row = exact_row("hc_pre_y16", GgmlType::F16, &shape, m16);
+    row.note = format!("{m16} f16 copies differ in bits from f16(y)");
+    out.push(row);
+    // rms_norm_h vs rms_norm.
+    {
+        let wdt = 1024usize;
+        let v = random_activations(rng, t_n * wdt);
+        let g: Vec<f32> = (0..wdt)
+            .map(|_| (1.0 + 0.2 * rng.normal()) as f32)
+            .collect();
+        let (a, bb, gd) = (be.upload_f32(&v)?, be.upload_f32(&v)?, be.upload_f32(&g)?);
+        let h = st.alloc_zeros::<u16>(t_n * wdt)?;
+        let (pa, pb, pg, ph) = (p32(&a), p32(&bb), p32(&gd), h.device_ptr(st).0);
+        let wi = wdt as i32;
+        let f1 = be.function("k_rms_norm")?;
+        let mut b = st.launch_builder(&f1);
+        b.arg(&pa).arg(&pg).arg(&wi).arg(&eps);
+        // SAFETY: argument list matches k_rms_norm; t_n rows of wdt.
+        unsafe { b.launch(cfg((t_n as u32, 1, 1), 256)) }?;
+        let f2 = be.function("k_rms_norm_h")?;
+        let mut b = st.launch_builder(&f2);
+        b.arg(&pb).arg(&pg).arg(&wi).arg(&eps).arg(&ph);
+        // SAFETY: argument list matches k_rms_norm_h; t_n rows of wdt, h as many halves.
+        unsafe { b.launch(cfg((t_n as u32, 1, 1), 256)) }?;
+        let (ra, rb, rh) = (be.download(&a)?, be.download(&bb)?, be.download(&h)?);
+        let mism = usize::from(!same_bits(&ra, &rb)) + f16_mism(&rh, &ra);
+        let mut row = exact_row("rms_norm_h", GgmlType::F16, &format!("{t_n}x{wdt}"), mism);
+        row.note = format!("{mism}: f32 rows vs k_rms_norm (0/1) + f16 copies vs f16(row)");
+        out.push(row);
+    }
+    // head_norm_rope16 (f16 only) vs k_head_norm_rope (in place, f32), flash head shape.
+    for (hn, dh, half) in [(64usize, 512usize, 32usize), (6, 128, 16)] {
+        let v = random_activations(rng, t_n * hn * dh);
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| 10000f64.powf(-(i as f64) / half as f64))
+            .collect();
+        let fd = st.clone_htod(&freqs)?;
+        let p0 = st.clone_htod(&[777i64])?;
+        let (a, h) = (be.upload_f32(&v)?, st.alloc_zeros::<u16>(t_n * hn * dh)?);
+        let (pa, ph, pfr, pp0) = (
+            p32(&a),
+            h.device_ptr(st).0,
+            fd.device_ptr(st).0,
+            p0.device_ptr(st).0,
+        );
+        let (hi, dhi, hai) = (hn as i32, dh as i32, half as i32);
+        let fun = be.function("k_head_norm_rope16")?;
+        let mut b = st.launch_builder(&fun);
+        b.arg(&pa)
+            .arg(&hi)
+            .arg(&dhi)
+            .arg(&hai)
+            .arg(&eps)
+            .arg(&pfr)
+            .arg(&pp0)
+            .arg(&ph);
+        // SAFETY: argument list matches k_head_norm_rope16 (dh/4 threads); t_n·hn rows of
+        // dh, h as many halves.
+        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), (dh / 4) as u32)) }?;
+        let fun = be.function("k_head_norm_rope")?;
+        let mut b = st.launch_builder(&fun);
+        b.arg(&pa)
+            .arg(&hi)
+            .arg(&dhi)
+            .arg(&hai)
+            .arg(&eps)
+            .arg(&pfr)
+            .arg(&pp0);
+        // SAFETY: argument list matches k_head_norm_rope; t_n·hn rows of dh.
+        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), 128)) }?;
+        let mism = f16_mism(&be.download(&h)?, &be.download(&a)?);
+        let mut row = exact_row(
+            "head_norm_rope16",
+            GgmlType::F16,
+            &format!("{t_n}tok,H{hn}xDh{dh}"),
+            mism,
+        );
+        row.note = format!("{mism} f16 queries differ in bits from f16(k_head_norm_rope)");
+        out.push(row);
+    }
+    // hc_post4 and hc_post_moe_pf vs the CPU.
+    let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();
+    let comb: Vec<f32> = (0..t_n * n * n).map(|_| rng.uniform() as f32).collect();
+    let fsub = random_activations(rng, t_n * d);
+    let slots = t_n * kx;
+    let dns = random_activations(rng, slots * d);
+    let sh = random_activations(rng, t_n * d);
+    // inv: a random permutation of the slots (sorted row of each slot).
+    let mut inv: Vec<i32> = (0..slots as i32).collect();
+    for i in (1..slots).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        inv.swap(i, j);
+    }
+    let mut fmoe = vec![0f32; t_n * d];
+    for t in 0..t_n {
+        for e in 0..d {
+            let mut a = 0f32;
+            for j in 0..kx {
+                a += dns[inv[t * kx + j] as usize * d + e];
+            }
+            fmoe[t * d + e] = a + sh[t * d + e];
+        }
+    }
+    let split = hc::HcSplit {
+        post: post.clone(),
+        comb: comb.clone(),
+    };
+    let mut cpu_a = x.clone();
+    hc::post(&dims, &mut cpu_a, &fsub, &split, &mut Vec::new());
+    let mut cpu_b = x.clone();
+    hc::post(&dims, &mut cpu_b, &fmoe, &split, &mut Vec::new());
+    let (pd, cd) = (be.upload_f32(&post)?, be.upload_f32(&comb)?);
+    let (ni, di, ki) = (n as i32, d as i32, kx as i32);
+    let grid = ((d as u32 / 4).div_ceil(256), t_n as u32, 1);
+    {
+        let xa = be.upload_f32(&x)?;
+        let fd = be.upload_f32(&fsub)?;
+        let (px, pf, pp, pc) = (p32(&xa), p32(&fd), p32(&pd), p32(&cd));
+        let xh = st.alloc_zeros::<u16>(t_n * width)?;
+        let pxh = xh.device_ptr(st).0;
+        let fun = be.function("k_hc_post4")?;
+        let mut b = st.launch_builder(&fun);
+        b.arg(&px)
+            .arg(&pf)
+            .arg(&pp)
+            .arg(&pc)
+            .arg(&ni)
+            .arg(&di)
+            .arg(&pxh);
+        // SAFETY: argument list matches k_hc_post4; t_n tokens of n·d, xh as many halves.
+        unsafe { b.launch(cfg(grid, 256)) }?;
+        let g = be.download(&xa)?;
+        let mism = g
+            .iter()
+            .zip(&cpu_a)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count()
+            + f16_mism(&be.download(&xh)?, &g);
+        let mut row = exact_row("hc_post4", GgmlType::F32, &shape, mism);
+        row.note = format!("{mism} elements (or f16 copies) differ in bits from CPU hc::post");
+        out.push(row);
+    }
+    {
+        let xb = be.upload_f32(&x)?;
+        let (dd, invd, shd) = (
+            be.upload_f32(&dns)?,
+            be.upload_i32(&inv)?,
+            be.upload_f32(&sh)?,
+        );
+        let (px, pdn, pinv, psh) = (p32(&xb), p32(&dd), invd.device_ptr(st).0, p32(&shd));
+        let (pp, pc) = (p32(&pd), p32(&cd));
+        let xh = st.alloc_zeros::<u16>(t_n * width)?;
+        let pxh = xh.device_ptr(st).0;
+        let fun = be.function("k_hc_post_moe_pf")?;
+        let mut b = st.launch_builder(&fun);
+        b.arg(&px)
+            .arg(&pdn)
+            .arg(&pinv)
+            .arg(&psh)
+            .arg(&ki)
+            .arg(&pp)
+            .arg(&pc)
+            .arg(&ni)
+            .arg(&di)
+            .arg(&pxh);
+        // SAFETY: argument list matches k_hc_post_moe_pf; dns holds `slots` rows, inv
+        // `slots` ints < slots, xh t_n·n·d halves.
+        unsafe { b.launch(cfg(grid, 256)) }?;
+        let g = be.download(&xb)?;
+        let mism = g
+            .iter()
+            .zip(&cpu_b)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count()
+            + f16_mism(&be.download(&xh)?, &g);
+        let mut row = exact_row(
+            "hc_post_moe_pf",
+            GgmlType::F32,
+            &format!("{shape}xk{kx}"),
+            mism,
+        );
+        row.note = format!(
+            "{mism} elements (or f16 copies) differ in bits from CPU moe sum (via inv) + hc::post"
+        );
+        out.push(row);
     }
     Ok(())
 }

@@ -809,7 +809,7 @@ impl CudaBackend {
         }
         unsafe {
             super::prefill::dense_gemm(
-                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16,
+                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16, false,
             )
         }
     }
@@ -1271,7 +1271,13 @@ impl CudaBackend {
             return Ok(());
         }
         let k = self.kernels(w.ty)?;
-        let units = (w.n_rows * w.n_cols / dq_elems(w.ty)) as u32;
+        // pf_dq_q8_0 takes 8 elements a thread (one 16-byte store), the others one unit.
+        let per_thread = if w.ty == GgmlType::Q8_0 {
+            8
+        } else {
+            dq_elems(w.ty)
+        };
+        let units = (w.n_rows * w.n_cols / per_thread) as u32;
         let cfg = LaunchConfig {
             grid_dim: (units.div_ceil(256), nb as u32, 1),
             block_dim: (256, 1, 1),

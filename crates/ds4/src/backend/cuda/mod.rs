@@ -48,6 +48,9 @@
 //! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
 //! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill),
+//! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
+//! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`
+//! (production prefill's queries normalized straight to f16 for the tensor-core attention),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
 //! the four tiled passes), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention

@@ -37,8 +37,11 @@ pub const PF_EXPERT_BATCH: usize = 8;
 /// The kernels of prefill.cu used by the grouped MoE.
 pub struct PfKernels {
     group: CudaFunction,
+    group_par: CudaFunction,
     gather: CudaFunction,
+    gather16: CudaFunction,
     swiglu: CudaFunction,
+    swiglu4: CudaFunction,
     scatter: CudaFunction,
 }
 
@@ -47,8 +50,11 @@ impl PfKernels {
     pub fn load(be: &CudaBackend) -> Result<PfKernels> {
         Ok(PfKernels {
             group: be.function("pf_group")?,
+            group_par: be.function("pf_group_par")?,
             gather: be.function("pf_gather")?,
+            gather16: be.function("pf_gather16")?,
             swiglu: be.function("pf_swiglu")?,
+            swiglu4: be.function("pf_swiglu4")?,
             scatter: be.function("pf_scatter")?,
         })
     }
@@ -69,6 +75,10 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
 
 /// Rows of one `pf_mm` tile (PF_BN in prefill.cu).
 const PF_BN: usize = 64;
+
+/// Most experts the parallel grouping `pf_group_par` takes (PFG_MAXE in prefill.cu); more
+/// go through the one-block serial `pf_group` (same results).
+const PFG_MAXE: usize = 256;
 
 /// Most row tiles `slots` pairs over `n_exp` experts can need (`Σ_e ⌈c_e/PF_BN⌉`).
 fn max_tiles(slots: usize, n_exp: usize) -> usize {
@@ -140,6 +150,13 @@ impl MoeScratch {
             + (self.meta.len() + self.tiles.len() + self.perm.len() + self.inv.len()) * 4
     }
 
+    /// The grouped product's down outputs in sorted row order (`slots × D` f32) and `inv`
+    /// (slot → sorted row), for a consumer that reads them in place of the slot-order copy
+    /// (`moe_grouped` with `dn = 0`; kernel `k_hc_post_moe_pf`).
+    pub fn sorted_out(&self, be: &CudaBackend) -> (u64, u64) {
+        (ptr(&self.dns, be), ptr(&self.inv, be))
+    }
+
     /// The last grouping (meta, perm, inv, tiles), for the self-test.
     #[allow(clippy::type_complexity)]
     pub fn grouping(&self, be: &CudaBackend) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>)> {
@@ -161,13 +178,55 @@ pub fn fused_fits(gate: &GpuWeight, up: &GpuWeight, down: &GpuWeight) -> bool {
         && CudaBackend::pf_mm_fits(down, None)
 }
 
+/// `pf_group` / `pf_group_par`: sorts the `slots` pairs of `ids` by expert into the
+/// scratch's meta, perm, inv and tiles (a stable counting sort, see prefill.cu).
+///
+/// # Safety
+/// `ids` must hold `slots ≤ sc.slots` ints `< n_exp ≤ sc.n_exp`.
+pub unsafe fn group(
+    be: &CudaBackend,
+    kf: &PfKernels,
+    sc: &MoeScratch,
+    ids: u64,
+    slots: usize,
+    n_exp: usize,
+) -> Result<()> {
+    if slots > sc.slots || n_exp > sc.n_exp || n_exp > 1024 {
+        return Err(super::device::CudaError::Invalid(
+            "expert grouping: more slots or experts than the scratch".into(),
+        ));
+    }
+    let (meta, perm, inv) = (ptr(&sc.meta, be), ptr(&sc.perm, be), ptr(&sc.inv, be));
+    let tiles = ptr(&sc.tiles, be);
+    let (si, ne) = (slots as i32, n_exp as i32);
+    let f = if n_exp <= PFG_MAXE {
+        &kf.group_par
+    } else {
+        &kf.group
+    };
+    let mut b = be.stream().launch_builder(f);
+    b.arg(&ids)
+        .arg(&si)
+        .arg(&ne)
+        .arg(&meta)
+        .arg(&perm)
+        .arg(&inv)
+        .arg(&tiles);
+    b.launch(cfg((1, 1, 1), 1024))?;
+    Ok(())
+}
+
 /// Routed experts of a chunk: `dn[s] = W_down[ids[s]] · h_s` with
 /// `h_s = silu(min(g, c))·clamp(u, ±c)·wts[s]`, `g|u = W_gate|up[ids[s]] · y[s / k]`, for
 /// every slot `s < n_tok·k`, f16 operands and f32 accumulation (see the module doc).
+/// `y16` (not 0): `f16(y)`, already written by y's producer; the sorted rows are copied from
+/// it (same values as rounding `y`). `dn = 0`: the outputs stay in sorted row order
+/// ([`MoeScratch::sorted_out`]) for a consumer that reads them through `inv`.
 ///
 /// # Safety
-/// `ids` (`n_tok·k` ints `< n_experts`), `wts` (`n_tok·k` floats), `y` (`n_tok × D`) and `dn`
-/// (`n_tok·k × D`) must be live device buffers; `n_tok·k ≤` the scratch's slots.
+/// `ids` (`n_tok·k` ints `< n_experts`), `wts` (`n_tok·k` floats), `y` (`n_tok × D`), `y16`
+/// (0 or `n_tok × D` halves) and `dn` (0 or `n_tok·k × D`) must be live device buffers;
+/// `n_tok·k ≤` the scratch's slots.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn moe_grouped(
     be: &CudaBackend,
@@ -179,6 +238,7 @@ pub unsafe fn moe_grouped(
     ids: u64,
     wts: u64,
     y: u64,
+    y16: u64,
     n_tok: usize,
     k: usize,
     clamp: f32,
@@ -207,18 +267,7 @@ pub unsafe fn moe_grouped(
     let n_exp = gate.n_experts;
     let (meta, perm, inv) = (ptr(&sc.meta, be), ptr(&sc.perm, be), ptr(&sc.inv, be));
     let tiles = ptr(&sc.tiles, be);
-    {
-        let (si, ne) = (slots as i32, n_exp as i32);
-        let mut b = st.launch_builder(&kf.group);
-        b.arg(&ids)
-            .arg(&si)
-            .arg(&ne)
-            .arg(&meta)
-            .arg(&perm)
-            .arg(&inv)
-            .arg(&tiles);
-        b.launch(cfg((1, 1, 1), 1024))?;
-    }
+    group(be, kf, sc, ids, slots, n_exp)?;
     let (xs, gu, h, dns) = (
         ptr(&sc.xs, be),
         ptr(&sc.gu, be),
@@ -227,11 +276,39 @@ pub unsafe fn moe_grouped(
     );
     {
         let (ki, di) = (k as i32, d as i32);
-        let mut b = st.launch_builder(&kf.gather);
-        b.arg(&y).arg(&perm).arg(&ki).arg(&di).arg(&xs);
-        b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
+        if y16 != 0 && d.is_multiple_of(8) {
+            let mut b = st.launch_builder(&kf.gather16);
+            b.arg(&y16).arg(&perm).arg(&ki).arg(&di).arg(&xs);
+            b.launch(cfg(((d as u32 / 8).div_ceil(256), slots as u32, 1), 256))?;
+        } else {
+            let mut b = st.launch_builder(&kf.gather);
+            b.arg(&y).arg(&perm).arg(&ki).arg(&di).arg(&xs);
+            b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
+        }
     }
+    // SwiGLU × routing weight of sorted rows r0..r0+rows (4 elements a thread when f allows).
+    let swiglu = |r0: usize, rows: usize| -> Result<()> {
+        let (r0i, fi) = (r0 as i32, f as i32);
+        let (fun, per) = if f.is_multiple_of(4) {
+            (&kf.swiglu4, 4)
+        } else {
+            (&kf.swiglu, 1)
+        };
+        let mut b = st.launch_builder(fun);
+        b.arg(&gu)
+            .arg(&perm)
+            .arg(&wts)
+            .arg(&r0i)
+            .arg(&fi)
+            .arg(&clamp)
+            .arg(&h);
+        b.launch(cfg(((f as u32 / per).div_ceil(256), rows as u32, 1), 256))?;
+        Ok(())
+    };
     let scatter = || -> Result<()> {
+        if dn == 0 {
+            return Ok(());
+        }
         let di = d as i32;
         let mut b = st.launch_builder(&kf.scatter);
         b.arg(&dns).arg(&inv).arg(&di).arg(&dn);
@@ -244,18 +321,7 @@ pub unsafe fn moe_grouped(
         let mt = max_tiles(slots, n_exp);
         let nt = meta + (2 * n_exp * 4) as u64;
         be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, gu)?;
-        {
-            let (r0i, fi) = (0i32, f as i32);
-            let mut b = st.launch_builder(&kf.swiglu);
-            b.arg(&gu)
-                .arg(&perm)
-                .arg(&wts)
-                .arg(&r0i)
-                .arg(&fi)
-                .arg(&clamp)
-                .arg(&h);
-            b.launch(cfg(((f as u32).div_ceil(256), slots as u32, 1), 256))?;
-        }
+        swiglu(0, slots)?;
         be.pf_mm_raw(down, None, nt, tiles, mt, h, dns)?;
         return scatter();
     }
@@ -300,18 +366,7 @@ pub unsafe fn moe_grouped(
             )?;
         }
         let (r0, r1) = (offs[batch[0]], offs[batch[nb - 1] + 1]);
-        {
-            let (r0i, fi) = (r0 as i32, f as i32);
-            let mut b = st.launch_builder(&kf.swiglu);
-            b.arg(&gu)
-                .arg(&perm)
-                .arg(&wts)
-                .arg(&r0i)
-                .arg(&fi)
-                .arg(&clamp)
-                .arg(&h);
-            b.launch(cfg(((f as u32).div_ceil(256), (r1 - r0) as u32, 1), 256))?;
-        }
+        swiglu(r0, r1 - r0)?;
         for (b, &e) in batch.iter().enumerate() {
             let (c, o) = (counts[e] as usize, offs[e]);
             be.gemm_f16_raw(
@@ -336,7 +391,8 @@ pub unsafe fn moe_grouped(
 /// `x`: `nt × n_cols`, `y`: `nt × n_rows`), matrices `e0..e0+batch` of `w` at once when
 /// `batch > 1` (input `b` at column `b·n_cols` of rows of stride `ldx`, output `b` at column
 /// `b·n_rows` of rows of stride `ldy`), through `w16` (`batch·n_rows·n_cols` halves) and
-/// `x16` (`nt·ldx` halves).
+/// `x16` (`nt·ldx` halves). `x16_ready`: `x16` already holds `f16(x)` (written by x's
+/// producer), so no conversion runs and `x` is not read.
 ///
 /// # Safety
 /// All buffers live and large enough as stated.
@@ -353,10 +409,13 @@ pub unsafe fn dense_gemm(
     ldy: usize,
     w16: u64,
     x16: u64,
+    x16_ready: bool,
 ) -> Result<()> {
     let mat = w.n_rows * w.n_cols;
     be.dq_f16_raw(w, 0, e0, batch, w16, mat)?;
-    be.to_f16_raw(x, x16, nt * ldx)?;
+    if !x16_ready {
+        be.to_f16_raw(x, x16, nt * ldx)?;
+    }
     be.gemm_f16_raw(
         w.n_rows,
         nt,

@@ -137,6 +137,32 @@ fn use_pf_mm() -> bool {
     super::switch_on("DS4_CUDA_PF_MM")
 }
 
+/// Whether production prefill's hc_pre runs as `k_hc_pre_pf` + `k_hc_comb` (default;
+/// `DS4_CUDA_HC_PRE_PF=0` keeps one `k_hc_pre` block per token, for comparisons).
+fn use_hc_pre_pf() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_HC_PRE_PF"))
+}
+
+/// Whether production prefill's tensor-core attention reads f16 queries written by
+/// `k_head_norm_rope16` (default; `DS4_CUDA_Q16=0` keeps `k_head_norm_rope` in place and
+/// the attention's own conversion, for comparisons).
+fn use_q16() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| super::switch_on("DS4_CUDA_Q16"))
+}
+
+/// Columns (of 4 elements) a thread of `k_hc_pre_pf` owns for width `d`: the smallest of 1,
+/// 2, 4 that leaves at most 256 threads, a multiple of 32 (None: the shape is not taken).
+fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
+    if n_hc != 4 {
+        return None;
+    }
+    [1usize, 2, 4].into_iter().find(|&c| {
+        d.is_multiple_of(4 * c) && d / (4 * c) <= 256 && (d / (4 * c)).is_multiple_of(32)
+    })
+}
+
 /// Whether the production prefill's router product runs as a cuBLAS f32 GEMM (default;
 /// `DS4_CUDA_ROUTER_SGEMM=0` keeps the f32 CUDA-core `mm_<t>` kernel, for comparisons).
 fn use_router_sgemm() -> bool {
@@ -196,11 +222,15 @@ macro_rules! launchp {
 struct Kernels {
     embed: CudaFunction,
     rms_norm: CudaFunction,
+    rms_norm_h: CudaFunction,
     head_norm_rope: CudaFunction,
+    head_norm_rope16: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
     scale: CudaFunction,
     hc_pre: CudaFunction,
+    hc_pre_pf: CudaFunction,
+    hc_comb: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_pre1: CudaFunction,
     rms_norm_q8: CudaFunction,
@@ -208,6 +238,8 @@ struct Kernels {
     hc_post_moe: CudaFunction,
     hc_post_ring: CudaFunction,
     hc_post: CudaFunction,
+    hc_post4: CudaFunction,
+    hc_post_moe_pf: CudaFunction,
     hc_head: CudaFunction,
     at: AttnKernels,
     attend_ref: CudaFunction,
@@ -230,11 +262,15 @@ impl Kernels {
         let k = Kernels {
             embed: f("k_embed")?,
             rms_norm: f("k_rms_norm")?,
+            rms_norm_h: f("k_rms_norm_h")?,
             head_norm_rope: f("k_head_norm_rope")?,
+            head_norm_rope16: f("k_head_norm_rope16")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
             scale: f("k_scale")?,
             hc_pre: f("k_hc_pre")?,
+            hc_pre_pf: f("k_hc_pre_pf")?,
+            hc_comb: f("k_hc_comb")?,
             hc_mix_part: f("k_hc_mix_part")?,
             hc_pre1: f("k_hc_pre1")?,
             rms_norm_q8: f("k_rms_norm_q8")?,
@@ -242,6 +278,8 @@ impl Kernels {
             hc_post_moe: f("k_hc_post_moe")?,
             hc_post_ring: f("k_hc_post_ring")?,
             hc_post: f("k_hc_post")?,
+            hc_post4: f("k_hc_post4")?,
+            hc_post_moe_pf: f("k_hc_post_moe_pf")?,
             hc_head: f("k_hc_head")?,
             at: AttnKernels::load(be)?,
             attend_ref: f("k_attend")?,
@@ -762,8 +800,18 @@ pub(crate) unsafe fn narrow_launch(
 struct PfScratch {
     /// One dense weight (or the stacked `attn_output_a`) as f16.
     w16: CudaSlice<u16>,
-    /// A dense product's input as f16.
+    /// A dense product's input as f16 (also the attention output, written as f16 by the
+    /// tensor-core attention for attn_output_a).
     x16: CudaSlice<u16>,
+    /// f16 copies written by their producers (so the GEMMs reading them convert nothing):
+    /// hc_pre's `y` (`GPU_CHUNK × D`) and the normalized `qr` (`GPU_CHUNK × q_lora_rank`).
+    y16: CudaSlice<u16>,
+    qr16: CudaSlice<u16>,
+    /// The rotated queries as f16 (`GPU_CHUNK × n_head × head_dim`), the only form the
+    /// tensor-core attention reads.
+    q16: CudaSlice<u16>,
+    /// Per-token RMS scale of the state from `k_hc_pre_pf`, read by `k_hc_comb`.
+    hsc: CudaSlice<f32>,
     /// The router's weight decoded to f32 (its product stays f32, see `queue`).
     w32: CudaSlice<f32>,
     moe: MoeScratch,
@@ -977,6 +1025,10 @@ impl GpuSession {
                 Some(PfScratch {
                     w16: be.stream().alloc_zeros::<u16>(wmax.max(1))?,
                     x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
+                    y16: be.stream().alloc_zeros::<u16>(m * d)?,
+                    qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
+                    q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
+                    hsc: a(m)?,
                     w32: be.alloc_f32(
                         gm.layers
                             .iter()
@@ -1324,6 +1376,41 @@ impl GpuSession {
         // F32 weights (the HC `fn` products, whose input is the raw residual stream), the
         // router's logits (expert choice) and the output head, which keep the f32 kernel.
         let pf = s.pf.as_ref().filter(|_| !self.exact && n > 1 && use_gemm());
+        // f16 copies that producers wrote next to their f32 outputs (production prefill):
+        // h16[0] = the f32 buffer whose copy `y16` holds (hc_pre's y), h16[1] = `qr16`'s
+        // (the normalized qr), h16[2] = `x16`'s (the residual state x, written by the
+        // chunk forms of hc_post for the next site's HC `fn` product); 0 = none. A product
+        // writing such a buffer clears its entry, and anything else writing x16 clears [2].
+        let h16 = std::cell::Cell::new([0u64; 3]);
+        let f16_of = |x: u64| -> Option<u64> {
+            let ps = pf?;
+            let m = h16.get();
+            if x == 0 {
+                None
+            } else if x == m[0] {
+                Some(p16(&ps.y16))
+            } else if x == m[1] {
+                Some(p16(&ps.qr16))
+            } else if x == m[2] {
+                Some(p16(&ps.x16))
+            } else {
+                None
+            }
+        };
+        let set16 = |i: usize, x: u64| {
+            let mut m = h16.get();
+            m[i] = x;
+            h16.set(m);
+        };
+        let wrote16 = |y: u64| {
+            let mut m = h16.get();
+            m.iter_mut().for_each(|v| {
+                if *v == y {
+                    *v = 0
+                }
+            });
+            h16.set(m);
+        };
         let gemm_ok = |w: &GpuWeight, nt: usize| -> Option<&PfScratch> {
             pf.filter(|ps| {
                 w.ty != GgmlType::F32
@@ -1333,10 +1420,18 @@ impl GpuSession {
             })
         };
         let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
+            wrote16(y);
             if nt == 1 {
                 mvq(w, 0, 1, x, 0, y)
             } else if let Some(ps) = gemm_ok(w, nt) {
-                // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows.
+                // The producer's f16 copy when there is one (it holds the chunk's n rows);
+                // else the conversion below overwrites x16 (and x's copy there).
+                let ready = f16_of(x).filter(|_| nt == n);
+                if ready.is_none() {
+                    set16(2, 0);
+                }
+                // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows; y16 and
+                // qr16 hold n rows of the widths their products read.
                 unsafe {
                     dense_gemm(
                         be,
@@ -1349,7 +1444,8 @@ impl GpuSession {
                         y,
                         w.n_rows,
                         p16(&ps.w16),
-                        p16(&ps.x16),
+                        ready.unwrap_or(p16(&ps.x16)),
+                        ready.is_some(),
                     )
                 }
             } else {
@@ -1513,11 +1609,65 @@ impl GpuSession {
                 return Ok(());
             }
             lin(fnw, p(&s.x), n, p(&s.mix))?;
+            if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
+            {
+                // Production prefill: the state read once, y written as f32 and f16, and
+                // the Sinkhorn of every token in parallel in k_hc_comb (forward.cu).
+                launch!(
+                    st,
+                    k.hc_pre_pf,
+                    (n32, 1, 1),
+                    ((d / (4 * cols)) as u32, 1, 1),
+                    0,
+                    [
+                        p(&s.x),
+                        p(&s.mix),
+                        di,
+                        cols as i32,
+                        eps,
+                        c.hc_eps,
+                        p(sc),
+                        p(base),
+                        p(&s.y),
+                        p16(&ps.y16),
+                        p(&s.post),
+                        p(norm),
+                        p(&ps.hsc)
+                    ]
+                );
+                launch!(
+                    st,
+                    k.hc_comb,
+                    (n32.div_ceil(8), 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.mix),
+                        p(&ps.hsc),
+                        nh as i32,
+                        c.sinkhorn_iters as i32,
+                        c.hc_eps,
+                        p(sc),
+                        p(base),
+                        p(&s.comb),
+                        ni
+                    ]
+                );
+                set16(0, p(&s.y));
+                return Ok(());
+            }
+            // Production prefill: y's f16 copy for the site's GEMMs and the grouped experts,
+            // and 256-thread blocks (several a SM: the per-token Sinkhorn and barriers of one
+            // block overlap the others' loads; 1024 threads left two blocks an SM).
+            let (y16, threads) = match pf {
+                Some(ps) => (p16(&ps.y16), 256),
+                None => (0, 1024),
+            };
             launch!(
                 st,
                 k.hc_pre,
                 (n32, 1, 1),
-                (1024, 1, 1),
+                (threads, 1, 1),
                 0,
                 [
                     p(&s.x),
@@ -1532,12 +1682,46 @@ impl GpuSession {
                     p(&s.y),
                     p(&s.post),
                     p(&s.comb),
-                    p(norm)
+                    p(norm),
+                    y16
                 ]
             );
+            if y16 != 0 {
+                set16(0, p(&s.y));
+            }
             Ok(())
         };
+        // Production prefill chunks whose attention runs on tensor cores (the condition of
+        // `Attend::tc` below): the queries go straight to f16 in q16.
+        let q16 = pf
+            .filter(|_| {
+                self.tiled
+                    && n > 8
+                    && attn::use_tc()
+                    && attn::tc_supported(c.n_head, c.head_dim, half as usize)
+                    && c.head_dim.is_multiple_of(128)
+                    && c.head_dim <= 4096
+                    && use_q16()
+            })
+            .map(|ps| p16(&ps.q16));
         let hc_post = || -> Result<()> {
+            if n > 1 && d.is_multiple_of(4) {
+                // Chunks: 4 elements a thread (k_hc_post's operations per element), and in
+                // production prefill x's f16 copy for the next HC `fn` product.
+                let x16 = pf.map_or(0, |ps| p16(&ps.x16));
+                launch!(
+                    st,
+                    k.hc_post4,
+                    ((d as u32 / 4).div_ceil(256), n32, 1),
+                    (256, 1, 1),
+                    0,
+                    [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di, x16]
+                );
+                if x16 != 0 {
+                    set16(2, p(&s.x));
+                }
+                return Ok(());
+            }
             launchp!(
                 be,
                 st,
@@ -1662,6 +1846,23 @@ impl GpuSession {
                 let mut m = memo.get();
                 m[0] = p(&s.qr);
                 memo.set(m);
+            } else if let Some(ps) = pf {
+                // Norm + the f16 copy q_b (and the indexer's q_b) read.
+                launch!(
+                    st,
+                    k.rms_norm_h,
+                    (n32, 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        p(&s.qr),
+                        p(&l.q_a_norm),
+                        c.q_lora_rank as i32,
+                        eps,
+                        p16(&ps.qr16)
+                    ]
+                );
+                set16(1, p(&s.qr));
             } else {
                 rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             }
@@ -1690,22 +1891,44 @@ impl GpuSession {
                     ]
                 );
             } else {
-                launch!(
-                    st,
-                    k.head_norm_rope,
-                    (n32 * c.n_head as u32, 1, 1),
-                    (128, 1, 1),
-                    0,
-                    [
-                        p(&s.q),
-                        c.n_head as i32,
-                        c.head_dim as i32,
-                        half,
-                        eps,
-                        ptr(&l.freqs, st),
-                        p0l
-                    ]
-                );
+                if let Some(q16) = q16 {
+                    // The tensor-core attention reads only f16 queries: normalized, rotated
+                    // and written once as f16 (q keeps the q_b product).
+                    launch!(
+                        st,
+                        k.head_norm_rope16,
+                        (n32 * c.n_head as u32, 1, 1),
+                        (c.head_dim as u32 / 4, 1, 1),
+                        0,
+                        [
+                            p(&s.q),
+                            c.n_head as i32,
+                            c.head_dim as i32,
+                            half,
+                            eps,
+                            ptr(&l.freqs, st),
+                            p0l,
+                            q16
+                        ]
+                    );
+                } else {
+                    launch!(
+                        st,
+                        k.head_norm_rope,
+                        (n32 * c.n_head as u32, 1, 1),
+                        (128, 1, 1),
+                        0,
+                        [
+                            p(&s.q),
+                            c.n_head as i32,
+                            c.head_dim as i32,
+                            half,
+                            eps,
+                            ptr(&l.freqs, st),
+                            p0l
+                        ]
+                    );
+                }
                 // KV row (its product was queued with q_a's, which reads the same input).
                 launch!(
                     st,
@@ -1822,7 +2045,9 @@ impl GpuSession {
                     )?
                 };
             }
-            // Attention over the raw window and the compressed rows.
+            // Attention over the raw window and the compressed rows; in production prefill the
+            // tensor-core kernel writes its output as f16 into x16 for attn_output_a.
+            let mut o16_ready = false;
             {
                 let max_comp = match l.ratio {
                     0 => 0,
@@ -1872,6 +2097,7 @@ impl GpuSession {
                     let args = attn::Attend {
                         n,
                         q: p(&s.q),
+                        q16: q16.unwrap_or(0),
                         ckv: p(&s.kv),
                         ring: p(&ls.ring),
                         comp: comp_rows,
@@ -1888,6 +2114,7 @@ impl GpuSession {
                         half: half as usize,
                         freqs: ptr(&l.freqs, st),
                         o: p(&s.o),
+                        o16: pf.map_or(0, |ps| p16(&ps.x16)),
                         sc: p(&s.att_sc),
                         part: p(&s.att_part),
                         inv: p(&s.att_inv),
@@ -1900,8 +2127,12 @@ impl GpuSession {
                         fd: !self.exact && n == 1 && attn::use_fd(),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
-                    // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap.
+                    // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap;
+                    // x16 (o16) holds GPU_CHUNK × H × Dh halves.
                     unsafe { attn::attend(st, &k.at, &args)? };
+                    o16_ready = args.o16 != 0 && args.uses_tc();
+                    // o16 is x16: x's copy there is gone.
+                    set16(2, 0);
                 }
             }
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
@@ -1928,6 +2159,7 @@ impl GpuSession {
                             g * c.o_lora_rank,
                             p16(&ps.w16),
                             p16(&ps.x16),
+                            o16_ready,
                         )?
                     },
                     _ => mvq(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))?,
@@ -2031,6 +2263,10 @@ impl GpuSession {
                 );
                 let f = c.n_ff_exp;
                 let slots = n * ke;
+                // Production prefill: the routed rows stay in the grouped product's sorted
+                // order and k_hc_post_moe_pf reads them through inv (no slot-order copy, no
+                // separate sum).
+                let fused_sum = pf.filter(|_| d.is_multiple_of(4));
                 if let Some(ps) = pf {
                     // SAFETY: ids/wts hold `slots` entries from the router (ids < n_expert),
                     // y n rows of D, dn `slots` rows of D; the scratch holds GPU_CHUNK·k slots.
@@ -2045,10 +2281,11 @@ impl GpuSession {
                             pi(&s.ids),
                             p(&s.wts),
                             p(&s.y),
+                            f16_of(p(&s.y)).unwrap_or(0),
                             n,
                             ke,
                             l.clamp,
-                            p(&s.dn),
+                            if fused_sum.is_some() { 0 } else { p(&s.dn) },
                             use_pf_mm(),
                         )?
                     };
@@ -2106,6 +2343,28 @@ impl GpuSession {
                             di
                         ]
                     );
+                } else if let Some(ps) = fused_sum {
+                    let (dns, inv) = ps.moe.sorted_out(be);
+                    launch!(
+                        st,
+                        k.hc_post_moe_pf,
+                        ((d as u32 / 4).div_ceil(256), n32, 1),
+                        (256, 1, 1),
+                        0,
+                        [
+                            p(&s.x),
+                            dns,
+                            inv,
+                            p(&s.sh),
+                            ke as i32,
+                            p(&s.post),
+                            p(&s.comb),
+                            nh as i32,
+                            di,
+                            p16(&ps.x16)
+                        ]
+                    );
+                    set16(2, p(&s.x));
                 } else {
                     launch!(
                         st,

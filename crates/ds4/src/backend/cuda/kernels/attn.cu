@@ -916,7 +916,8 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
              const long long* __restrict__ p0p, int swa, int dh, int n_head,
              const float* __restrict__ sinks, float scale, int half,
-             const double* __restrict__ freqs, float* __restrict__ o) {
+             const double* __restrict__ freqs, float* __restrict__ o,
+             unsigned short* __restrict__ o16, const unsigned short* __restrict__ q16) {
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
     unsigned short* Qs = (unsigned short*)tc_sm;
@@ -943,13 +944,26 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         for (int i = tid; i < a.n_rows - a.n_raw; i += 512) selS[i] = a.sel[i];
         a.sel = selS;
     }
+    if (q16) {
+        // f16 queries written by their producer (k_head_norm_rope16): the same halves
+        // tc_put would make from q, copied 4 at a time.
 #pragma unroll 8
-    for (int x = tid; x < 64 * nd4; x += 512) {
-        int hh = x / nd4;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (hh < n_head)
-            v = *(const float4*)(q + ((long long)t * n_head + hh) * dh + 4 * (x % nd4));
-        tc_put(v, Qs, kst, nd4, x);
+        for (int x = tid; x < 64 * nd4; x += 512) {
+            int hh = x / nd4;
+            uint2 v = make_uint2(0u, 0u);
+            if (hh < n_head)
+                v = *(const uint2*)(q16 + ((long long)t * n_head + hh) * dh + 4 * (x % nd4));
+            *(uint2*)(Qs + hh * kst + 4 * (x % nd4)) = v;
+        }
+    } else {
+#pragma unroll 8
+        for (int x = tid; x < 64 * nd4; x += 512) {
+            int hh = x / nd4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (hh < n_head)
+                v = *(const float4*)(q + ((long long)t * n_head + hh) * dh + 4 * (x % nd4));
+            tc_put(v, Qs, kst, nd4, x);
+        }
     }
     if (tid < 64) {
         mrow[tid] = tid < n_head ? sinks[tid] : 0.0f;
@@ -1082,7 +1096,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         int h = 16 * hg + gid + 8 * hi;
         if (h >= n_head) continue;
         float il = 1.0f / lrow[h];
-        float* oh = o + ((long long)t * n_head + h) * dh;
+        const long long ob = ((long long)t * n_head + h) * dh;
 #pragma unroll
         for (int j = 0; j < 16; j++) {
             if (j < nq) {
@@ -1095,7 +1109,12 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                     va = na;
                     vb = nb;
                 }
-                *(float2*)(oh + e) = make_float2(va, vb);
+                // o16 (production prefill): f16 only, the input of attn_output_a's GEMM
+                // (at_h2 rounds as f32_to_f16 does), so o is neither written nor converted.
+                if (o16)
+                    *(u32*)(o16 + ob + e) = at_h2(va, vb);
+                else
+                    *(float2*)(o + ob + e) = make_float2(va, vb);
             }
         }
     }

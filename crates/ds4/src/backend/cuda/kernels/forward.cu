@@ -245,6 +245,21 @@ extern "C" __global__ void k_rms_norm(float* __restrict__ x, const float* __rest
     for (int i = threadIdx.x; i < width; i += blockDim.x) r[i] = w ? r[i] * s * w[i] : r[i] * s;
 }
 
+// k_rms_norm that also writes f16 of the result to y16 (production prefill: the q_a norm's
+// output is the input of f16 GEMMs, so they need no conversion pass).
+extern "C" __global__ void k_rms_norm_h(float* __restrict__ x, const float* __restrict__ w,
+                                        int width, float eps, u16* __restrict__ y16) {
+    __shared__ double sh[33];
+    float* r = x + (long long)blockIdx.x * width;
+    u16* h = y16 + (long long)blockIdx.x * width;
+    float s = rms_scale_block(r, width, eps, sh);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = w ? r[i] * s * w[i] : r[i] * s;
+        r[i] = v;
+        h[i] = f2h(v);
+    }
+}
+
 // Query head row r: unweighted RMSNorm then RoPE at `pos`. Block-wide.
 __device__ void head_norm_rope_row(float* r, int dh, int half, float eps, const double* freqs,
                                    long long pos, double* sh) {
@@ -273,6 +288,46 @@ extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, i
     __shared__ double sh[33];
     head_norm_rope_row(q + (long long)blockIdx.x * dh, dh, half, eps, freqs,
                        p0 + blockIdx.x / n_head, sh);
+}
+
+// Production prefill form of k_head_norm_rope for the tensor-core attention, which reads only
+// f16 queries: the row is normalized and rotated in registers and written once, as f16, to
+// q16 (q itself is left as it was). blockDim.x = dh/4 (a multiple of 32): thread i holds
+// elements i + k·blockDim.x, k < 4, so the sum of squares adds in rms_scale_block's order;
+// the rotation pairs (e, e+1) sit in neighbouring lanes (exchanged with a shuffle) and get
+// rope_tail's operations: the f16 values are those of rounding k_head_norm_rope's output.
+extern "C" __global__ void __launch_bounds__(1024)
+    k_head_norm_rope16(const float* __restrict__ q, int n_head, int dh, int half, float eps,
+                       const double* __restrict__ freqs, const long long* __restrict__ p0p,
+                       u16* __restrict__ q16) {
+    __shared__ double sh[33];
+    const long long p0 = *p0p;
+    const long long base = (long long)blockIdx.x * dh;
+    const long long pos = p0 + blockIdx.x / n_head;
+    const int T = blockDim.x, tid = threadIdx.x, off = dh - 2 * half;
+    float v[4];
+    double ss = 0.0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = q[base + tid + T * k];
+#pragma unroll
+    for (int k = 0; k < 4; k++) ss += (double)v[k] * (double)v[k];
+    ss = block_sum_d(ss, sh);
+    const float s = (float)(1.0 / sqrt(ss / (double)dh + (double)eps));
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int e = tid + T * k;
+        float a = v[k] * s;
+        float pa = __shfl_xor_sync(0xffffffffu, a, 1);
+        if (e >= off) {
+            double sn, cs;
+            sincos((double)pos * freqs[(e - off) >> 1], &sn, &cs);
+            float cf = (float)cs, sf = (float)sn;
+            a = ((e - off) & 1) == 0 ? a * cf - pa * sf : pa * sf + a * cf;
+        }
+        float pn = __shfl_xor_sync(0xffffffffu, a, 1);
+        if ((tid & 1) == 0)
+            *(u32*)(q16 + base + e) = (u32)f2h(a) | ((u32)f2h(pn) << 16);
+    }
 }
 
 // KV rows: RMSNorm(kv_a_norm), RoPE, QAT + storage rounding (blockIdx.x = t).
@@ -416,13 +471,17 @@ __device__ float sinkhorn_reg(float cv, int n, int iters, float eps) {
 // hc_pre for token blockIdx.x: mix (= fn·flat, unscaled) times the state's RMS scale, the
 // stream weights P_j (warp 0), post weights Q_k (warp 0), Sinkhorn-normalised M (warp 1),
 // and y = Σ_j P_j·X_j, then (norm not null) the site's RMSNorm of y in place, which the
-// CPU runs next (forward.rs), fused here to save a launch and a pass.
+// CPU runs next (forward.rs), fused here to save a launch and a pass. y16 (not null:
+// production prefill) also receives f16(y), the input the site's f16 GEMMs and the grouped
+// experts read, so they need no conversion pass. Any block size of 64..1024 threads (a
+// multiple of 32): the f64 sums of squares change order with it, not their f32 results in
+// practice (prefill launches 256 threads, several blocks an SM; exact mode 1024).
 extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __restrict__ mix,
                                     int n, int d, float rms_eps, float hc_eps, int iters,
                                     const float* __restrict__ scale3,
                                     const float* __restrict__ base, float* __restrict__ y,
                                     float* __restrict__ post, float* __restrict__ comb,
-                                    const float* __restrict__ norm) {
+                                    const float* __restrict__ norm, u16* __restrict__ y16) {
     __shared__ double sh[33];
     __shared__ float m[(2 + FWD_MAX_HC) * FWD_MAX_HC];
     __shared__ float pj[FWD_MAX_HC];
@@ -453,16 +512,148 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
     }
     __syncthreads();
     float* yt = y + (long long)t * d;
+    u16* yh = y16 ? y16 + (long long)t * d : nullptr;
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float acc = 0.0f;
         for (int j = 0; j < n; j++) acc += pj[j] * xt[j * d + e];
         yt[e] = acc;
+        if (yh && !norm) yh[e] = f2h(acc);
     }
     if (norm) {
         // Each thread reads back only the elements it wrote.
         float s2 = rms_scale_block(yt, d, rms_eps, sh);
-        for (int e = threadIdx.x; e < d; e += blockDim.x) yt[e] = yt[e] * s2 * norm[e];
+        for (int e = threadIdx.x; e < d; e += blockDim.x) {
+            float v = yt[e] * s2 * norm[e];
+            yt[e] = v;
+            if (yh) yh[e] = f2h(v);
+        }
     }
+}
+
+// ---- production prefill form of k_hc_pre (n = 4 streams): the state is read once into
+// registers (thread i owns columns 4(i + T·c).. of every stream, T = blockDim.x = d/(4C)),
+// y is formed and normalized from registers and written as f32 and f16; the Sinkhorn of the
+// combination matrix, a serial chain of ~40 dependent steps that left the block's other warps
+// waiting at a barrier, moves to k_hc_comb (a warp per token), which reads the token's RMS
+// scale from sc. Same operations per element as k_hc_pre; the f64 sums of squares add in
+// another order (their f32 results do not change in practice; the self-test compares).
+template <int N, int C>
+__device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
+                                               const float* __restrict__ mix, int d,
+                                               float rms_eps, float hc_eps,
+                                               const float* __restrict__ scale3,
+                                               const float* __restrict__ base,
+                                               float* __restrict__ y, u16* __restrict__ y16,
+                                               float* __restrict__ post,
+                                               const float* __restrict__ norm,
+                                               float* __restrict__ sc) {
+    __shared__ double sh[33];
+    __shared__ float pj[N];
+    const int t = blockIdx.x, T = blockDim.x, w = (2 + N) * N;
+    const float* xt = x + (long long)t * N * d;
+    float4 xv[N][C];
+    double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int c = 0; c < C; c++)
+            xv[j][c] = *(const float4*)(xt + (long long)j * d + 4 * (threadIdx.x + T * c));
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            float4 v = xv[j][c];
+            ss += (double)v.x * (double)v.x;
+            ss += (double)v.y * (double)v.y;
+            ss += (double)v.z * (double)v.z;
+            ss += (double)v.w * (double)v.w;
+        }
+    ss = block_sum_d(ss, sh);
+    const float s = (float)(1.0 / sqrt(ss / (double)(N * d) + (double)rms_eps));
+    if (threadIdx.x < N) {
+        int l = threadIdx.x;
+        pj[l] = sigmoidf_(mix[(long long)t * w + l] * s * scale3[0] + base[l]) + hc_eps;
+    } else if (threadIdx.x < 2 * N) {
+        int l = threadIdx.x - N;
+        post[t * N + l] =
+            2.0f * sigmoidf_(mix[(long long)t * w + N + l] * s * scale3[1] + base[N + l]);
+    } else if (threadIdx.x == 2 * N) {
+        sc[t] = s;
+    }
+    __syncthreads();
+    float4 yv[C];
+    double s2s = 0.0;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < N; j++) {
+            a[0] += pj[j] * xv[j][c].x;
+            a[1] += pj[j] * xv[j][c].y;
+            a[2] += pj[j] * xv[j][c].z;
+            a[3] += pj[j] * xv[j][c].w;
+        }
+        yv[c] = make_float4(a[0], a[1], a[2], a[3]);
+        s2s += (double)a[0] * (double)a[0];
+        s2s += (double)a[1] * (double)a[1];
+        s2s += (double)a[2] * (double)a[2];
+        s2s += (double)a[3] * (double)a[3];
+    }
+    float s2 = 1.0f;
+    if (norm) {
+        s2s = block_sum_d(s2s, sh);
+        s2 = (float)(1.0 / sqrt(s2s / (double)d + (double)rms_eps));
+    }
+    float* yt = y + (long long)t * d;
+    u16* yh = y16 + (long long)t * d;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        int e = 4 * (threadIdx.x + T * c);
+        float4 v = yv[c];
+        if (norm) {
+            float4 g = *(const float4*)(norm + e);
+            v = make_float4(v.x * s2 * g.x, v.y * s2 * g.y, v.z * s2 * g.z, v.w * s2 * g.w);
+        }
+        *(float4*)(yt + e) = v;
+        uint2 h;
+        h.x = (u32)f2h(v.x) | ((u32)f2h(v.y) << 16);
+        h.y = (u32)f2h(v.z) | ((u32)f2h(v.w) << 16);
+        *(uint2*)(yh + e) = h;
+    }
+}
+
+// grid: tokens; block T = d/(4C) threads (a multiple of 32, at most 256), C in {1, 2, 4};
+// n = 4.
+extern "C" __global__ void __launch_bounds__(256)
+    k_hc_pre_pf(const float* __restrict__ x, const float* __restrict__ mix, int d, int cols,
+                float rms_eps, float hc_eps, const float* __restrict__ scale3,
+                const float* __restrict__ base, float* __restrict__ y, u16* __restrict__ y16,
+                float* __restrict__ post, const float* __restrict__ norm,
+                float* __restrict__ sc) {
+    if (cols == 4)
+        hc_pre_pf_body<4, 4>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+    else if (cols == 2)
+        hc_pre_pf_body<4, 2>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+    else
+        hc_pre_pf_body<4, 1>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+}
+
+// The Sinkhorn-normalised combination matrix of k_hc_pre_pf's tokens: a warp per token
+// (8 a block), from the mix and the token's RMS scale sc[t], with k_hc_pre's operations
+// (sinkhorn_reg; n·n <= 32).
+extern "C" __global__ void k_hc_comb(const float* __restrict__ mix, const float* __restrict__ sc,
+                                     int n, int iters, float hc_eps,
+                                     const float* __restrict__ scale3,
+                                     const float* __restrict__ base, float* __restrict__ comb,
+                                     int n_tok) {
+    const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= n_tok) return;
+    const int l = threadIdx.x & 31, w = (2 + n) * n;
+    const float s = sc[t];
+    float cv = l < n * n ? mix[(long long)t * w + 2 * n + l] * s * scale3[2] + base[2 * n + l]
+                         : 0.0f;
+    cv = sinkhorn_reg(cv, n, iters, hc_eps);
+    if (l < n * n) comb[(long long)t * n * n + l] = cv;
 }
 
 // ---- decode (one token) forms of hc_pre, spread over blocks, with the input quantization
@@ -766,6 +957,90 @@ extern "C" __global__ void k_hc_post_moe(float* __restrict__ x, const float* __r
         out[k] = o;
     }
     for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
+// ---- prefill (n > 1 tokens) forms of hc_post: 4 consecutive elements a thread (16-byte
+// loads and stores; d % 4 == 0), each element with exactly k_hc_post's operations. NC > 0:
+// n = NC known at compile time (the loops unroll, the arrays stay in registers).
+// x16 (not null): f16 of the new state too, the input of the next site's HC `fn` GEMM.
+template <int NC>
+__device__ __forceinline__ void hc_post4_t(float* xt, const float* fv, const float* q,
+                                           const float* mm, int nr, int d, int e, u16* x16) {
+    const int n = NC > 0 ? NC : nr;
+    float xs[FWD_MAX_HC][4];
+#pragma unroll
+    for (int j = 0; j < n; j++) {
+        float4 v = *(const float4*)(xt + (long long)j * d + e);
+        xs[j][0] = v.x;
+        xs[j][1] = v.y;
+        xs[j][2] = v.z;
+        xs[j][3] = v.w;
+    }
+#pragma unroll
+    for (int k = 0; k < n; k++) {
+        float o[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            o[c] = q[k] * fv[c];
+#pragma unroll
+            for (int j = 0; j < n; j++) o[c] += mm[j * n + k] * xs[j][c];
+        }
+        *(float4*)(xt + (long long)k * d + e) = make_float4(o[0], o[1], o[2], o[3]);
+        if (x16) {
+            uint2 h;
+            h.x = (u32)f2h(o[0]) | ((u32)f2h(o[1]) << 16);
+            h.y = (u32)f2h(o[2]) | ((u32)f2h(o[3]) << 16);
+            *(uint2*)(x16 + (long long)k * d + e) = h;
+        }
+    }
+}
+
+__device__ __forceinline__ void hc_post4(float* xt, const float* fv, const float* q,
+                                         const float* mm, int n, int d, int e, u16* x16) {
+    if (n == 4) hc_post4_t<4>(xt, fv, q, mm, n, d, e, x16);
+    else hc_post4_t<0>(xt, fv, q, mm, n, d, e, x16);
+}
+
+// k_hc_post, 4 elements a thread (x16: also f16 of the new state). grid (d/4/256, tokens).
+extern "C" __global__ void k_hc_post4(float* __restrict__ x, const float* __restrict__ f,
+                                      const float* __restrict__ post,
+                                      const float* __restrict__ comb, int n, int d,
+                                      u16* __restrict__ x16) {
+    int t = blockIdx.y, e = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (e >= d) return;
+    float4 f4 = *(const float4*)(f + (long long)t * d + e);
+    float fv[4] = {f4.x, f4.y, f4.z, f4.w};
+    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e,
+             x16 ? x16 + (long long)t * n * d : nullptr);
+}
+
+// Prefill FFN site: pf_scatter + k_moe_sum + k_hc_post in one pass. The routed rows are read
+// where the grouped expert product left them (sorted row inv[t·k + j] of dns), so the slot-
+// order copy dn is never written; f = Σ_j dns[inv[t·k + j]] + sh[t] in k_moe_sum's order,
+// then hc_post as k_hc_post. grid (d/4/256, tokens).
+extern "C" __global__ void k_hc_post_moe_pf(float* __restrict__ x, const float* __restrict__ dns,
+                                            const int* __restrict__ inv,
+                                            const float* __restrict__ sh, int kx,
+                                            const float* __restrict__ post,
+                                            const float* __restrict__ comb, int n, int d,
+                                            u16* __restrict__ x16) {
+    int t = blockIdx.y, e = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (e >= d) return;
+    float fv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < kx; j++) {
+        float4 v = *(const float4*)(dns + (long long)inv[t * kx + j] * d + e);
+        fv[0] += v.x;
+        fv[1] += v.y;
+        fv[2] += v.z;
+        fv[3] += v.w;
+    }
+    float4 s4 = *(const float4*)(sh + (long long)t * d + e);
+    fv[0] += s4.x;
+    fv[1] += s4.y;
+    fv[2] += s4.z;
+    fv[3] += s4.w;
+    hc_post4(x + (long long)t * n * d, fv, post + t * n, comb + (long long)t * n * n, n, d, e,
+             x16 ? x16 + (long long)t * n * d : nullptr);
 }
 
 // Output head (§3.5): h = Σ_j w_j·X_j with w_j = sigmoid(m_j·s·scale + base_j) + eps, then

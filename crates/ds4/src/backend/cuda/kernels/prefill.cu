@@ -11,9 +11,12 @@
 //   [cuBLAS]   down per expert
 //   pf_scatter rows back to slot order, then the ordinary k_moe_sum
 //
-// The default expert path skips pf_dq + cuBLAS: pf_mm_<t> decodes weight tiles into shared
-// memory inside the GEMM, and for IQ2_XXS / Q2_K pf_mxs_<t> / pf_mx_<t> decode them straight
-// into the MMA fragments (see their comments below).
+// The session's path (n_exp <= 256): pf_group_par (the same sort in parallel), pf_gather16
+// (copies of the f16 y its producer wrote), the fused expert product (pf_mxs_<t> / pf_mx_<t>
+// for IQ2_XXS / Q2_K, which decode weights straight into the MMA fragments; pf_mm_<t>, which
+// decodes weight tiles into shared memory, for other types), pf_swiglu4, the down product,
+// and k_hc_post_moe_pf (forward.cu) reads the sorted rows through inv in place of
+// pf_scatter + k_moe_sum + k_hc_post. No pf_dq + cuBLAS on the default path.
 //
 // No atomics: every output element is written by one thread, so results are bit-identical
 // from run to run (cuBLAS GEMMs are deterministic for a given shape on one device).
@@ -89,6 +92,166 @@ extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
     }
 }
 
+// ---- pf_group_par: the same grouping as pf_group (identical meta, perm, inv and tiles), in
+// parallel for n_exp <= PFG_MAXE. The slots are cut into PFG_CH contiguous chunks, warp w
+// owning chunk w; an expert's rows are chunk 0's slots of that expert in slot order, then
+// chunk 1's, ..., which is slot order: the sort stays stable. No atomics: inside a warp the
+// lanes holding the same expert find each other with __match_any_sync, the lowest of them
+// adds their number, and a lane's rank among them is the count of lower lanes in the match.
+//   1. hist[c][e] = slots of expert e in chunk c
+//   2. exclusive scan of hist in (expert, chunk) order: hist[c][e] becomes the sorted row of
+//      chunk c's first slot of expert e; the experts' starts give counts, used list, tiles
+//   3. every warp walks its chunk again and writes perm / inv from its running hist row.
+#define PFG_CH 32
+#define PFG_MAXE 256
+
+// Exclusive scan of one int per thread over a block of 1024 threads (32 warps), in thread
+// order; *total receives the sum. wsum: 33 shared ints. Ends with a barrier (wsum reusable).
+__device__ __forceinline__ int pfg_scan(int v, int* wsum, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) wsum[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = wsum[lane], xi = w;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, xi, o);
+            if (lane >= o) xi += y;
+        }
+        wsum[lane] = xi - w;
+        if (lane == 31) wsum[32] = xi;
+    }
+    __syncthreads();
+    int r = wsum[warp] + x - v;
+    *total = wsum[32];
+    __syncthreads();
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    pf_group_par(const int* __restrict__ ids, int slots, int n_exp, int* __restrict__ meta,
+                 int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles) {
+    __shared__ int hist[PFG_CH * PFG_MAXE];
+    __shared__ int estart[PFG_MAXE + 1];
+    __shared__ int wsum[33];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int cs = (slots + PFG_CH - 1) / PFG_CH;
+    const int c0 = min(warp * cs, slots), c1 = min(c0 + cs, slots);
+    const unsigned lt = (1u << lane) - 1u;
+    for (int i = tid; i < PFG_CH * PFG_MAXE; i += 1024) hist[i] = 0;
+    __syncthreads();
+    // 1. Counts per (chunk, expert): only warp w writes row w.
+    int* hrow = hist + warp * PFG_MAXE;
+    for (int s0 = c0; s0 < c1; s0 += 32) {
+        int s = s0 + lane;
+        int e = s < c1 ? ids[s] : -1;
+        unsigned m = __match_any_sync(0xffffffffu, e);
+        if (e >= 0 && (m & lt) == 0) hrow[e] += __popc(m);
+        __syncwarp();
+    }
+    __syncthreads();
+    // 2. Thread tid scans entries 8·tid.. of the (expert, chunk) order: expert tid/4, chunks
+    // 8·(tid%4)..+7 (PFG_CH = 32 = 4·8 chunks an expert).
+    const int se = tid >> 2, sc0 = 8 * (tid & 3);
+    int v[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        v[j] = se < n_exp ? hist[(sc0 + j) * PFG_MAXE + se] : 0;
+        sum += v[j];
+    }
+    int tot;
+    int run = pfg_scan(sum, wsum, &tot);
+    if (se < n_exp) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            hist[(sc0 + j) * PFG_MAXE + se] = run;
+            run += v[j];
+        }
+        if ((tid & 3) == 0) estart[se] = run - sum;
+    }
+    if (tid == 0) estart[n_exp] = tot;
+    __syncthreads();
+    // Counts, used list (increasing expert id, -1 after the last), tiles of <= PF_BN rows.
+    const int cnt = tid < n_exp ? estart[tid + 1] - estart[tid] : 0;
+    int n_used, n_tiles;
+    const int ui = pfg_scan(cnt > 0 ? 1 : 0, wsum, &n_used);
+    const int nt_e = (cnt + PF_BN - 1) / PF_BN;
+    const int ti = pfg_scan(nt_e, wsum, &n_tiles);
+    if (tid < n_exp) {
+        meta[tid] = cnt;
+        if (cnt > 0) meta[n_exp + ui] = tid;
+        if (tid >= n_used) meta[n_exp + tid] = -1;
+        for (int j = 0; j < nt_e; j++) {
+            int r = j * PF_BN;
+            tiles[3 * (ti + j)] = tid;
+            tiles[3 * (ti + j) + 1] = estart[tid] + r;
+            tiles[3 * (ti + j) + 2] = min(PF_BN, cnt - r);
+        }
+    }
+    if (tid == 0) meta[2 * n_exp] = n_tiles;
+    // 3. Placement: lanes sharing an expert take consecutive rows in lane (= slot) order.
+    for (int s0 = c0; s0 < c1; s0 += 32) {
+        int s = s0 + lane;
+        int e = s < c1 ? ids[s] : -1;
+        unsigned m = __match_any_sync(0xffffffffu, e);
+        int base = e >= 0 ? hrow[e] : 0;
+        __syncwarp();
+        if (e >= 0) {
+            int at = base + __popc(m & lt);
+            perm[at] = s;
+            inv[s] = at;
+            if ((m & lt) == 0) hrow[e] = base + __popc(m);
+        }
+        __syncwarp();
+    }
+}
+
+// xs[r][8i..8i+8] = y16[perm[r] / k][8i..8i+8]: the sorted row's input from the f16 copy of
+// y its producer wrote (the same values pf_gather rounds), 16 bytes a thread. d % 8 == 0.
+// grid (d/8/256, rows).
+extern "C" __global__ void pf_gather16(const u16* __restrict__ y16, const int* __restrict__ perm,
+                                       int k, int d, u16* __restrict__ xs) {
+    int r = blockIdx.y;
+    int i = 8 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= d) return;
+    int t = perm[r] / k;
+    *(uint4*)(xs + (i64)r * d + i) = *(const uint4*)(y16 + (i64)t * d + i);
+}
+
+// pf_swiglu, 4 elements a thread (f % 4 == 0): the same expressions per element.
+// grid (f/4/256, rows).
+extern "C" __global__ void pf_swiglu4(const float* __restrict__ gu, const int* __restrict__ perm,
+                                      const float* __restrict__ wts, int r0, int f, float c,
+                                      u16* __restrict__ h) {
+    int r = r0 + blockIdx.y;
+    int i = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= f) return;
+    const float* row = gu + (i64)r * 2 * f;
+    float4 g4 = *(const float4*)(row + i), u4 = *(const float4*)(row + f + i);
+    float gs[4] = {g4.x, g4.y, g4.z, g4.w}, us[4] = {u4.x, u4.y, u4.z, u4.w};
+    float w = wts ? wts[perm[r]] : 0.0f;
+    u16 o[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float gv = fminf(gs[j], c);
+        float sil = gv * (1.0f / (1.0f + expf(-gv)));
+        float uv = fminf(fmaxf(us[j], -c), c);
+        float v = sil * uv;
+        if (wts) v = v * w;
+        o[j] = f2h(v);
+    }
+    uint2 q;
+    q.x = (u32)o[0] | ((u32)o[1] << 16);
+    q.y = (u32)o[2] | ((u32)o[3] << 16);
+    *(uint2*)(h + (i64)r * f + i) = q;
+}
+
 // xs[r][i] = f16(y[perm[r] / k][i]): sorted row r's input (its token's row). grid (d/256, rows).
 extern "C" __global__ void pf_gather(const float* __restrict__ y, const int* __restrict__ perm,
                                      int k, int d, u16* __restrict__ xs) {
@@ -151,7 +314,32 @@ extern "C" __global__ void pf_scatter(const float* __restrict__ dns, const int* 
 
 DS4_PF_DQ(f32, 4)
 DS4_PF_DQ(f16, 8)
-DS4_PF_DQ(q8_0, 32)
+// Q8_0 (GPU planes: row-major int8 codes, then one f16 scale per 32): 8 elements a thread, one
+// 8-byte code load and one 16-byte store (the generic form moved 32 single bytes and four
+// 8-byte stores a thread); the same product __fmul_rn(d, q) and rounding as deq_q8_0.
+// Thread i: row i / (n_cols/8), elements 8·(i % (n_cols/8)).. (device.rs sizes the grid).
+extern "C" __global__ void pf_dq_q8_0(const u8* __restrict__ w, i64 expert_bytes,
+                                      const int* __restrict__ experts, int e0, int n_rows,
+                                      int n_cols, u16* __restrict__ out, i64 out_stride) {
+    i64 upr = n_cols / 8;
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= upr * n_rows) return;
+    int b = blockIdx.y;
+    int e = experts ? experts[e0 + b] : e0 + b;
+    const u8* wb = w + (i64)e * expert_bytes;
+    i64 o = i / upr;
+    int c = 8 * (int)(i % upr);
+    uint2 q = *(const uint2*)(wb + o * n_cols + c);
+    float d = h2f(((const u16*)(wb + (i64)n_rows * n_cols))[o * (n_cols >> 5) + (c >> 5)]);
+    u32 wd[2] = {q.x, q.y}, h[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int lo = (int)(signed char)(wd[j >> 1] >> (16 * (j & 1)));
+        int hi = (int)(signed char)(wd[j >> 1] >> (16 * (j & 1) + 8));
+        h[j] = (u32)f2h(__fmul_rn(d, (float)lo)) | ((u32)f2h(__fmul_rn(d, (float)hi)) << 16);
+    }
+    *(uint4*)(out + (i64)b * out_stride + o * n_cols + c) = make_uint4(h[0], h[1], h[2], h[3]);
+}
 DS4_PF_DQ(q2_k, 16)
 DS4_PF_DQ(q4_k, 32)
 DS4_PF_DQ(iq2_xxs, 32)
