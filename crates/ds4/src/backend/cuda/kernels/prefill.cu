@@ -807,13 +807,83 @@ struct PxQ2K {
     }
 };
 
+// The IQ2_XXS decoder's shared tables, filled by the block's 256 threads (visible after the
+// body's first barrier).
+__device__ __forceinline__ void px_tables(PxTables& T, int tid) {
+    T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
+    if (tid < 128) {
+        u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
+        u32 e = 0;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
+        T.sgn[tid] = e;
+    }
+    if (tid < 16) {
+        float c = (float)(2 * tid + 1);
+        T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
+                               pack_h2(c * 43.0f / 8.0f, c * 43.0f / 8.0f));
+    }
+}
+
+template <int NG>
+__device__ __forceinline__ void px_zero(float (&acc)[2][NG][4]) {
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < NG; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+}
+
+// One 32-column step's MMAs: the thread's 4 decoded A fragments (rows 8ri + g) against the
+// step's B tile (B: this thread's 16 bytes of token g's row; token groups 8 rows apart).
+template <int NG>
+__device__ __forceinline__ void px_mma(float (&acc)[2][NG][4], const u32 (&af)[4][4], const u16* B) {
+#pragma unroll
+    for (int ni = 0; ni < NG; ni++) {
+        uint4 bv = *(const uint4*)(B + ni * 8 * PX_BK);
+        u32 b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+            u32 a0[4] = {af[2 * mi][0], af[2 * mi + 1][0], af[2 * mi][1], af[2 * mi + 1][1]};
+            u32 a1[4] = {af[2 * mi][2], af[2 * mi + 1][2], af[2 * mi][3], af[2 * mi + 1][3]};
+            mma16816(acc[mi][ni], a0, b0);
+            mma16816(acc[mi][ni], a1, b1);
+        }
+    }
+}
+
+// Writes the block's outputs: sorted row r0 + n, output column m0 + 32·warp + 16mi + g (+8).
+template <int NG>
+__device__ __forceinline__ void px_store(const float (&acc)[2][NG][4], int m0, int m_total, int r0,
+                                         int cnt, float* __restrict__ out) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            int row = m0 + warp * 32 + mi * 16 + g;
+            int n = ni * 8 + t4 * 2;
+            if (n < cnt) {
+                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
+                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
+            }
+            if (n + 1 < cnt) {
+                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
+                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
+            }
+        }
+}
+
 // One block's work for a tile with NG 8-token groups (see above). This thread's 4 weight rows
 // (warp rows 8ri + g) start at rp0 + ri·rs8; Bs: the 3-stage activation ring.
 template <class L, int NG>
 __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& T, u16* Bs, int m0,
                                         int m_total, int k_dim, int r0, int cnt,
                                         const u16* __restrict__ xs, float* __restrict__ out) {
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int tid = threadIdx.x, lane = tid & 31;
     int g = lane >> 2, t4 = lane & 3;
     // This thread copies 16 bytes per step: row bn, columns 8(tid%4).. (zeros past the count).
     int bn = tid >> 2;
@@ -823,12 +893,7 @@ __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& 
     const u16* bsrc = Bs + g * PX_BK + t4 * 8;
     int nk = k_dim / PX_BK;
     float acc[2][NG][4];
-#pragma unroll
-    for (int a = 0; a < 2; a++)
-#pragma unroll
-        for (int b = 0; b < NG; b++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    px_zero<NG>(acc);
     const u8* rp[4] = {rp0, rp0 + rs8, rp0 + 2 * rs8, rp0 + 3 * rs8};
     L ld[4];
     u32 af[4][4];
@@ -852,40 +917,14 @@ __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& 
 #pragma unroll
             for (int ri = 0; ri < 4; ri++) ld[ri].load(rp[ri], s + 1, t4);
         }
-        const u16* B = bsrc + bs * (PX_BN * PX_BK);
-#pragma unroll
-        for (int ni = 0; ni < NG; ni++) {
-            uint4 bv = *(const uint4*)(B + ni * 8 * PX_BK);
-            u32 b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
-                u32 a0[4] = {af[2 * mi][0], af[2 * mi + 1][0], af[2 * mi][1], af[2 * mi + 1][1]};
-                u32 a1[4] = {af[2 * mi][2], af[2 * mi + 1][2], af[2 * mi][3], af[2 * mi + 1][3]};
-                mma16816(acc[mi][ni], a0, b0);
-                mma16816(acc[mi][ni], a1, b1);
-            }
-        }
+        px_mma<NG>(acc, af, bsrc + bs * (PX_BN * PX_BK));
         if (s + 1 < nk) {
 #pragma unroll
             for (int ri = 0; ri < 4; ri++) ld[ri].decode(af[ri], T, t4, s + 1);
         }
         bs = bs == 2 ? 0 : bs + 1;
     }
-#pragma unroll
-    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-        for (int ni = 0; ni < NG; ni++) {
-            int row = m0 + warp * 32 + mi * 16 + g;
-            int n = ni * 8 + t4 * 2;
-            if (n < cnt) {
-                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
-                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
-            }
-            if (n + 1 < cnt) {
-                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
-                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
-            }
-        }
+    px_store<NG>(acc, m0, m_total, r0, cnt, out);
 }
 
 // Needs rows_a, m_total multiples of PX_BM and k_dim of 256 (the host checks).
@@ -900,22 +939,7 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
     int tid = threadIdx.x;
-    if (L::kTables) {
-        T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
-        if (tid < 128) {
-            u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
-            u32 e = 0;
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
-            T.sgn[tid] = e;
-        }
-        if (tid < 16) {
-            float c = (float)(2 * tid + 1);
-            T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
-                                   pack_h2(c * 43.0f / 8.0f, c * 43.0f / 8.0f));
-        }
-    }
+    if (L::kTables) px_tables(T, tid);
     int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
     int m0 = blockIdx.x * PX_BM;
     const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
@@ -998,12 +1022,7 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
     const u8* arow = As + (warp * 32 + g) * L::kRS;
     int nk = k_dim / PX_BK, nq = k_dim >> 8;
     float acc[2][NG][4];
-#pragma unroll
-    for (int a = 0; a < 2; a++)
-#pragma unroll
-        for (int b = 0; b < NG; b++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+    px_zero<NG>(acc);
     u32 af[4][4];
     px_stage<L>(As, wrow, rowb, 0, 0);
     pf_cp16(bdst, xrow, bval);
@@ -1030,19 +1049,7 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
         if ((s & 7) == 0 && (s >> 3) + 1 < nq)
             px_stage<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
         pf_cp_commit();
-        const u16* B = bsrc + bs * (PX_BN * PX_BK);
-#pragma unroll
-        for (int ni = 0; ni < NG; ni++) {
-            uint4 bv = *(const uint4*)(B + ni * 8 * PX_BK);
-            u32 b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
-#pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
-                u32 a0[4] = {af[2 * mi][0], af[2 * mi + 1][0], af[2 * mi][1], af[2 * mi + 1][1]};
-                u32 a1[4] = {af[2 * mi][2], af[2 * mi + 1][2], af[2 * mi][3], af[2 * mi + 1][3]};
-                mma16816(acc[mi][ni], a0, b0);
-                mma16816(acc[mi][ni], a1, b1);
-            }
-        }
+        px_mma<NG>(acc, af, bsrc + bs * (PX_BN * PX_BK));
         int t = s + 1;
         if (t < nk) {
             int q = t >> 3;
@@ -1056,21 +1063,7 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
         }
         bs = bs == 2 ? 0 : bs + 1;
     }
-#pragma unroll
-    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-        for (int ni = 0; ni < NG; ni++) {
-            int row = m0 + warp * 32 + mi * 16 + g;
-            int n = ni * 8 + t4 * 2;
-            if (n < cnt) {
-                out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
-                out[(i64)(r0 + n) * m_total + row + 8] = acc[mi][ni][2];
-            }
-            if (n + 1 < cnt) {
-                out[(i64)(r0 + n + 1) * m_total + row] = acc[mi][ni][1];
-                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[mi][ni][3];
-            }
-        }
+    px_store<NG>(acc, m0, m_total, r0, cnt, out);
 }
 
 // Needs rows_a, m_total multiples of PX_BM, k_dim of 256 and a row stride that is a multiple
@@ -1086,22 +1079,7 @@ __device__ __forceinline__ void pxs_kernel(const u8* __restrict__ wa, const u8* 
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
     int tid = threadIdx.x;
-    if (L::kTables) {
-        T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
-        if (tid < 128) {
-            u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
-            u32 e = 0;
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                e |= ((sg >> k) & 1u) << ((k & 1) ? 31 - (k >> 1) : 15 - (k >> 1));
-            T.sgn[tid] = e;
-        }
-        if (tid < 16) {
-            float c = (float)(2 * tid + 1);
-            T.sc[tid] = make_uint2(pack_h2(c, c * 25.0f / 8.0f),
-                                   pack_h2(c * 43.0f / 8.0f, c * 43.0f / 8.0f));
-        }
-    }
+    if (L::kTables) px_tables(T, tid);
     int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
     int m0 = blockIdx.x * PX_BM;
     const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
