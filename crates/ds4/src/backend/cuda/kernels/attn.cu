@@ -834,7 +834,7 @@ extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const flo
 // used. (A first version staging through registers, every warp scoring 8 rows over all the
 // dims, measured the same; branch pt, bench/RESULTS.md.)
 #define TC_BR 32   // rows per tile
-#define TC_SP 33   // f32 score row stride
+#define TC_SP 40   // f32 score row stride (float2 stores, float4 loads: no bank conflicts)
 #define TC_PP 40   // f16 weight row stride
 
 __device__ __forceinline__ void at_mma(float* c, const u32* a, const u32* b) {
@@ -1064,10 +1064,8 @@ extern "C" __global__ void __launch_bounds__(512, 1)
 #pragma unroll
             for (int n = 0; n < 4; n++) {
                 int r = 8 * n + 2 * tig;
-                sp[h * TC_SP + r] = s[n][0];
-                sp[h * TC_SP + r + 1] = s[n][1];
-                sp[(h + 8) * TC_SP + r] = s[n][2];
-                sp[(h + 8) * TC_SP + r + 1] = s[n][3];
+                *(float2*)(sp + h * TC_SP + r) = make_float2(s[n][0], s[n][1]);
+                *(float2*)(sp + (h + 8) * TC_SP + r) = make_float2(s[n][2], s[n][3]);
             }
         }
         __syncthreads();
@@ -1075,12 +1073,17 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         {
             int h = tid >> 3, j = tid & 7;
             float v[4], mt = NEG_INF;
+            const float* sx = Sp + h * TC_SP + 4 * j;
+            float4 p0v = *(const float4*)sx, p1v = *(const float4*)(sx + 64 * TC_SP);
+            float4 p2v = *(const float4*)(sx + 2 * 64 * TC_SP);
+            float4 p3v = *(const float4*)(sx + 3 * 64 * TC_SP);
+            v[0] = ((p0v.x + p1v.x) + p2v.x) + p3v.x;
+            v[1] = ((p0v.y + p1v.y) + p2v.y) + p3v.y;
+            v[2] = ((p0v.z + p1v.z) + p2v.z) + p3v.z;
+            v[3] = ((p0v.w + p1v.w) + p2v.w) + p3v.w;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                int r = 4 * j + k, x = h * TC_SP + r;
-                float sv = ((Sp[x] + Sp[64 * TC_SP + x]) + Sp[2 * 64 * TC_SP + x]) +
-                           Sp[3 * 64 * TC_SP + x];
-                v[k] = it * TC_BR + r < a.n_rows ? sv * scale : NEG_INF;
+                v[k] = it * TC_BR + 4 * j + k < a.n_rows ? v[k] * scale : NEG_INF;
                 mt = fmaxf(mt, v[k]);
             }
             mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
