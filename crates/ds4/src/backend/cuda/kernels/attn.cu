@@ -1035,9 +1035,8 @@ extern "C" __global__ void __launch_bounds__(512, 1)
             int r = pr + i * rstep;
             if (r < TC_BR) {
                 float4 v = *(const float4*)(stg + 4 * (r * nd4 + pc));
-                u32* d = (u32*)(Kc + kdst + i * rstep * kst);
-                d[0] = at_h2(v.x, v.y);
-                d[1] = at_h2(v.z, v.w);
+                *(uint2*)(Kc + kdst + i * rstep * kst) =
+                    make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
             }
         }
         __syncthreads();  // Kc (and, the first time, Qs, the selection, m, l, cos/sin)
@@ -1113,12 +1112,15 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         // next tile's first barrier.
         {
             float c0 = corr[16 * hg + gid], c1 = corr[16 * hg + gid + 8];
+            // Skipped when no head of the warp has a new maximum (·1 changes no bits).
+            if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
 #pragma unroll
-            for (int j = 0; j < 16; j++) {
-                acc[j][0] *= c0;
-                acc[j][1] *= c0;
-                acc[j][2] *= c1;
-                acc[j][3] *= c1;
+                for (int j = 0; j < 16; j++) {
+                    acc[j][0] *= c0;
+                    acc[j][1] *= c0;
+                    acc[j][2] *= c1;
+                    acc[j][3] *= c1;
+                }
             }
             const u32 vb = vb0 + kbo;
 #pragma unroll
