@@ -88,6 +88,8 @@ impl AttnKernels {
 
 /// Rows a tensor-core attention block stages at a time (attn.cu `TC_BR`).
 const TC_BR: usize = 32;
+/// Row stride (f32) of the score partials (attn.cu `TC_SP`).
+const TC_SP: usize = 40;
 /// Largest head width and RoPE tail (pairs) the tensor-core attention kernel takes.
 const TC_MAX_DH: usize = 512;
 const TC_MAX_HALF: usize = 64;
@@ -98,13 +100,14 @@ const TC_MAX_HEADS: usize = 64;
 /// `TC_SEL`; longer ones are read from global memory).
 const TC_SEL: usize = 1024;
 
-/// Dynamic shared memory of `k_att_tc` (attn.cu's layout): f16
-/// queries (64 heads) and one tile of rows, each `dh + 8` wide; f32 score partials 4 × 64 ×
-/// 33; f16 weights 64 × 40; the f32 staging of the next tile; the selection; m, l and the
-/// rescale factors (64 each); cos and −sin of the tail pairs.
+/// Dynamic shared memory of `k_att_tc` (attn.cu's layout): f16 queries (64 heads, `dh + 8`
+/// wide); two tile buffers, each the larger of one tile of f16 rows (`dh + 8` wide) and the
+/// f32 score partials 4 × 64 × `TC_SP` (a tile's rows sit in one while its partials use the other);
+/// f16 weights 64 × 40; the f32 staging of the next tile; the selection; m, l and the rescale
+/// factors (64 each); cos and −sin of the tail pairs.
 pub fn tc_smem(dh: usize, half: usize) -> usize {
-    (TC_MAX_HEADS + TC_BR) * (dh + 8) * 2
-        + 4 * TC_MAX_HEADS * 33 * 4
+    TC_MAX_HEADS * (dh + 8) * 2
+        + 2 * (TC_BR * (dh + 8) * 2).max(4 * TC_MAX_HEADS * TC_SP * 4)
         + TC_MAX_HEADS * 40 * 2
         + TC_BR * dh * 4
         + TC_SEL * 4

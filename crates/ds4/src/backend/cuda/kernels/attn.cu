@@ -834,7 +834,7 @@ extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const flo
 // used. (A first version staging through registers, every warp scoring 8 rows over all the
 // dims, measured the same; branch pt, bench/RESULTS.md.)
 #define TC_BR 32   // rows per tile
-#define TC_SP 33   // f32 score row stride
+#define TC_SP 40   // f32 score row stride (float2 stores, float4 loads: no bank conflicts)
 #define TC_PP 40   // f16 weight row stride
 
 __device__ __forceinline__ void at_mma(float* c, const u32* a, const u32* b) {
@@ -859,10 +859,22 @@ __device__ __forceinline__ float at_f(u32 w, int hi) {
     return f;
 }
 
-// Four 8×8 f16 matrices, transposed (the B operand of P·V from row-major rows).
-__device__ __forceinline__ void at_ldm_x4t(u32* r, const unsigned short* p) {
+__device__ __forceinline__ u32 at_smem(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Four 8×8 f16 matrices at shared address a (A operand, or B from rows stored as [n][k]).
+__device__ __forceinline__ void at_ldm_x4(u32* r, u32 a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+// The same, transposed (the B operand of P·V from row-major rows).
+__device__ __forceinline__ void at_ldm_x4t(u32* r, u32 a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a)
@@ -876,13 +888,14 @@ __device__ __forceinline__ void at_ldm_x4t(u32* r, const unsigned short* p) {
 // last are zero-filled); the scores split the dims over the 4 warps of a head group (each
 // warp: 16 heads × all TC_BR rows × dh/4 dims, so every query and row value is read from
 // shared memory once per tile), and the softmax adds the 4 partials in order.
+// A thread's pieces of a tile are fixed: float4 column tid % (dh/4) of the tile rows
+// tid / (dh/4) + i·512/(dh/4) (dh/4 divides 512), so their addresses are set up once; the
+// window's ring slot is (lo mod swa + r) − swa·[≥ swa] in 32-bit arithmetic (r < swa).
+// The f16 tile alternates between two buffers and the f32 score partials of a tile live in
+// the other one (dead there from the softmax of the previous tile to the conversion of the
+// next), so a tile needs 3 barriers: converted, scored, weighted. The operands of both
+// products are read with ldmatrix.
 #define TC_SEL 1024  // ratio-4 selections up to this many are read from shared memory
-
-__device__ __forceinline__ u32 at_smem(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 
 __device__ __forceinline__ void tc_put(float4 v, unsigned short* ks, int kst, int nd4, int x) {
     u32* d = (u32*)(ks + (x / nd4) * kst + 4 * (x % nd4));
@@ -890,16 +903,32 @@ __device__ __forceinline__ void tc_put(float4 v, unsigned short* ks, int kst, in
     d[1] = at_h2(v.z, v.w);
 }
 
-__device__ __forceinline__ void tc_issue(float* stg, const AttRows& a, int tile, int nd4,
-                                         int tid) {
+// Row rr of the token (att_row with the ring slot from rb = lo mod swa and the chunk offset
+// lp = lo − p0, both fit in 32 bits).
+__device__ __forceinline__ const float* tc_row(const AttRows& a, int rr, int rb, int lp) {
+    if (rr < a.n_raw) {
+        int d = lp + rr;
+        if (d >= 0) return a.ckv + (long long)d * a.dh;
+        int s = rb + rr;
+        if (s >= a.swa) s -= a.swa;
+        return a.ring + (long long)s * a.dh;
+    }
+    int c = a.ratio == 4 ? a.sel[rr - a.n_raw] : rr - a.n_raw;
+    return a.comp + (long long)c * a.dh;
+}
+
+// Copies of tile `tile`: this thread's rows pr + i·rstep (< TC_BR), float4 column pc.
+__device__ __forceinline__ void tc_issue(float* stg, const AttRows& a, int tile, int pr,
+                                         int rstep, int pc, int nd4, int rb, int lp) {
 #pragma unroll
     for (int i = 0; i < TC_PF; i++) {
-        int x = tid + 512 * i;
-        if (x < TC_BR * nd4) {
-            int rr = tile * TC_BR + x / nd4;
+        int r = pr + i * rstep;
+        if (r < TC_BR) {
+            int rr = tile * TC_BR + r;
             bool ok = rr < a.n_rows;
-            const float* src = ok ? att_row(a, rr) + 4 * (x % nd4) : a.ckv;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(at_smem(stg + 4 * x)),
+            const float* src = ok ? tc_row(a, rr, rb, lp) + 4 * pc : a.ckv;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
+                             at_smem(stg + 4 * (r * nd4 + pc))),
                          "l"(src), "r"(ok ? 16 : 0)
                          : "memory");
         }
@@ -907,9 +936,10 @@ __device__ __forceinline__ void tc_issue(float* stg, const AttRows& a, int tile,
     asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
-// Dynamic shared memory: Qs [64][dh+8] f16 | Ks [TC_BR][dh+8] f16 | Sp [4][64][TC_SP] f32 |
-// Ps [64][TC_PP] f16 | staging [TC_BR·dh] f32 | selection [TC_SEL] i32 | m, l, corr [64] f32
-// | cos, −sin [half] f32 (attn.rs: tc_smem).
+// Dynamic shared memory: Qs [64][dh+8] f16 | two tile buffers of max(TC_BR·(dh+8) f16,
+// 4·64·TC_SP f32) (a tile's f16 rows in one, its f32 score partials [4][64][TC_SP] in the
+// other) | Ps [64][TC_PP] f16 | staging [TC_BR·dh] f32 | selection [TC_SEL] i32 | m, l, corr
+// [64] f32 | cos, −sin [half] f32 (attn.rs: tc_smem).
 extern "C" __global__ void __launch_bounds__(512, 1)
     k_att_tc(const float* __restrict__ q, const float* __restrict__ ckv,
              const float* __restrict__ ring, const float* __restrict__ comp,
@@ -920,10 +950,11 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              unsigned short* __restrict__ o16, const unsigned short* __restrict__ q16) {
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
+    // One tile buffer, in halves: the larger of the f16 rows and the f32 score partials.
+    const int kbw = TC_BR * kst > 2 * 4 * 64 * TC_SP ? TC_BR * kst : 2 * 4 * 64 * TC_SP;
     unsigned short* Qs = (unsigned short*)tc_sm;
-    unsigned short* Ks = Qs + 64 * kst;
-    float* Sp = (float*)(Ks + TC_BR * kst);
-    unsigned short* Ps = (unsigned short*)(Sp + 4 * 64 * TC_SP);
+    unsigned short* KB = Qs + 64 * kst;
+    unsigned short* Ps = KB + 2 * kbw;
     float* stg = (float*)(Ps + 64 * TC_PP);
     int* selS = (int*)(stg + TC_BR * dh);
     float* mrow = (float*)(selS + TC_SEL);
@@ -937,9 +968,11 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     const long long p0 = *p0p;
     AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
     const int nd4 = dh / 4;
+    const int pc = tid % nd4, pr = tid / nd4, rstep = 512 / nd4;
+    const int rb = (int)(a.lo % (long long)swa), lp = (int)(a.lo - p0);
     const int ntile = (a.n_rows + TC_BR - 1) / TC_BR;
     // The first tile's copies are in flight while the queries are converted.
-    tc_issue(stg, a, 0, nd4, tid);
+    tc_issue(stg, a, 0, pr, rstep, pc, nd4, rb, lp);
     if (ratio == 4 && a.n_rows - a.n_raw <= TC_SEL) {
         for (int i = tid; i < a.n_rows - a.n_raw; i += 512) selS[i] = a.sel[i];
         a.sel = selS;
@@ -980,46 +1013,58 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     for (int j = 0; j < 16; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const int nq = dh / 32;  // n8 tiles of this warp's output dims (dh/4 wide)
     const int dq0 = sub * (dh / 4);
+    // ldmatrix row addresses (bytes, shared space): A operands (queries, weights) take
+    // rows lane%8 + 8·((lane/8)%2), columns 8·(lane/16); the score B operand (rows as
+    // [n][k]) takes rows lane%8 + 8·(lane/16), columns 8·((lane/8)%2); the output B operand
+    // (rows as [k][n], transposed) rows lane%8 + 8·((lane/8)%2), columns 8·(lane/16).
+    const int ar = (lane & 7) + ((lane >> 3) & 1) * 8, ac = (lane >> 4) * 8;
+    const u32 qa = at_smem(Qs + (16 * hg + ar) * kst + dq0 + ac);
+    const u32 pa = at_smem(Ps + (16 * hg + ar) * TC_PP + ac);
+    const u32 kb0 = at_smem(KB + ((lane & 7) + (lane >> 4) * 8) * kst + dq0 + ((lane >> 3) & 1) * 8);
+    const u32 vb0 = at_smem(KB + ar * kst + dq0 + ac);
+    // The thread's pieces of a tile in the f16 buffer (halves from the buffer's start).
+    const int kdst = pr * kst + 4 * pc;
     for (int it = 0; it < ntile; it++) {
+        const int cur = it & 1;
+        unsigned short* Kc = KB + cur * kbw;
+        float* Sp = (float*)(KB + (cur ^ 1) * kbw);
+        const u32 kbo = 2u * (u32)(cur * kbw);  // byte offset of the current buffer
         asm volatile("cp.async.wait_all;" ::: "memory");
 #pragma unroll
         for (int i = 0; i < TC_PF; i++) {
-            int x = tid + 512 * i;
-            if (x < TC_BR * nd4) tc_put(*(const float4*)(stg + 4 * x), Ks, kst, nd4, x);
+            int r = pr + i * rstep;
+            if (r < TC_BR) {
+                float4 v = *(const float4*)(stg + 4 * (r * nd4 + pc));
+                *(uint2*)(Kc + kdst + i * rstep * kst) =
+                    make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
+            }
         }
-        __syncthreads();  // Ks (and, the first time, Qs, the selection, m, l, cos/sin)
-        if (it + 1 < ntile) tc_issue(stg, a, it + 1, nd4, tid);
+        __syncthreads();  // Kc (and, the first time, Qs, the selection, m, l, cos/sin)
+        if (it + 1 < ntile) tc_issue(stg, a, it + 1, pr, rstep, pc, nd4, rb, lp);
         // Score partials: heads 16hg.., rows 0..TC_BR (4 n8 tiles), dims dq0..dq0+dh/4.
         {
             float s[4][4];
 #pragma unroll
             for (int n = 0; n < 4; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-            const unsigned short* qa = Qs + (16 * hg + gid) * kst + dq0 + 2 * tig;
-            const unsigned short* kb = Ks + gid * kst + dq0 + 2 * tig;
+            const u32 kb = kb0 + kbo;
 #pragma unroll 4
             for (int k0 = 0; k0 < dh / 4; k0 += 16) {
-                u32 af[4];
-                af[0] = *(const u32*)(qa + k0);
-                af[1] = *(const u32*)(qa + 8 * kst + k0);
-                af[2] = *(const u32*)(qa + k0 + 8);
-                af[3] = *(const u32*)(qa + 8 * kst + k0 + 8);
-#pragma unroll
-                for (int n = 0; n < 4; n++) {
-                    u32 bf[2];
-                    bf[0] = *(const u32*)(kb + 8 * n * kst + k0);
-                    bf[1] = *(const u32*)(kb + 8 * n * kst + k0 + 8);
-                    at_mma(s[n], af, bf);
-                }
+                u32 af[4], b01[4], b23[4];
+                at_ldm_x4(af, qa + 2 * k0);
+                at_ldm_x4(b01, kb + 2 * k0);
+                at_ldm_x4(b23, kb + 2 * (k0 + 16 * kst));
+                at_mma(s[0], af, b01);
+                at_mma(s[1], af, b01 + 2);
+                at_mma(s[2], af, b23);
+                at_mma(s[3], af, b23 + 2);
             }
             float* sp = Sp + sub * 64 * TC_SP;
             int h = 16 * hg + gid;
 #pragma unroll
             for (int n = 0; n < 4; n++) {
                 int r = 8 * n + 2 * tig;
-                sp[h * TC_SP + r] = s[n][0];
-                sp[h * TC_SP + r + 1] = s[n][1];
-                sp[(h + 8) * TC_SP + r] = s[n][2];
-                sp[(h + 8) * TC_SP + r + 1] = s[n][3];
+                *(float2*)(sp + h * TC_SP + r) = make_float2(s[n][0], s[n][1]);
+                *(float2*)(sp + (h + 8) * TC_SP + r) = make_float2(s[n][2], s[n][3]);
             }
         }
         __syncthreads();
@@ -1027,12 +1072,17 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         {
             int h = tid >> 3, j = tid & 7;
             float v[4], mt = NEG_INF;
+            const float* sx = Sp + h * TC_SP + 4 * j;
+            float4 p0v = *(const float4*)sx, p1v = *(const float4*)(sx + 64 * TC_SP);
+            float4 p2v = *(const float4*)(sx + 2 * 64 * TC_SP);
+            float4 p3v = *(const float4*)(sx + 3 * 64 * TC_SP);
+            v[0] = ((p0v.x + p1v.x) + p2v.x) + p3v.x;
+            v[1] = ((p0v.y + p1v.y) + p2v.y) + p3v.y;
+            v[2] = ((p0v.z + p1v.z) + p2v.z) + p3v.z;
+            v[3] = ((p0v.w + p1v.w) + p2v.w) + p3v.w;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                int r = 4 * j + k, x = h * TC_SP + r;
-                float sv = ((Sp[x] + Sp[64 * TC_SP + x]) + Sp[2 * 64 * TC_SP + x]) +
-                           Sp[3 * 64 * TC_SP + x];
-                v[k] = it * TC_BR + r < a.n_rows ? sv * scale : NEG_INF;
+                v[k] = it * TC_BR + 4 * j + k < a.n_rows ? v[k] * scale : NEG_INF;
                 mt = fmaxf(mt, v[k]);
             }
             mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
@@ -1056,38 +1106,38 @@ extern "C" __global__ void __launch_bounds__(512, 1)
             }
         }
         __syncthreads();
-        // Output: heads 16hg.., dims dq0.. (nq n8 tiles, two per ldmatrix).
+        // Output: heads 16hg.., dims dq0.. (nq n8 tiles, two per ldmatrix). No barrier
+        // after it: the next tile is converted into the other buffer (this tile's partials,
+        // read before the barrier above), and its scores are written here only after the
+        // next tile's first barrier.
         {
             float c0 = corr[16 * hg + gid], c1 = corr[16 * hg + gid + 8];
+            // Skipped when no head of the warp has a new maximum (·1 changes no bits).
+            if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
 #pragma unroll
-            for (int j = 0; j < 16; j++) {
-                acc[j][0] *= c0;
-                acc[j][1] *= c0;
-                acc[j][2] *= c1;
-                acc[j][3] *= c1;
+                for (int j = 0; j < 16; j++) {
+                    acc[j][0] *= c0;
+                    acc[j][1] *= c0;
+                    acc[j][2] *= c1;
+                    acc[j][3] *= c1;
+                }
             }
-            const unsigned short* pa = Ps + (16 * hg + gid) * TC_PP + 2 * tig;
-            const unsigned short* kb =
-                Ks + (((lane >> 3) & 1) * 8 + (lane & 7)) * kst + dq0 + (lane >> 4) * 8;
+            const u32 vb = vb0 + kbo;
 #pragma unroll
             for (int k0 = 0; k0 < TC_BR; k0 += 16) {
                 u32 af[4];
-                af[0] = *(const u32*)(pa + k0);
-                af[1] = *(const u32*)(pa + 8 * TC_PP + k0);
-                af[2] = *(const u32*)(pa + k0 + 8);
-                af[3] = *(const u32*)(pa + 8 * TC_PP + k0 + 8);
+                at_ldm_x4(af, pa + 2 * k0);
 #pragma unroll
                 for (int j = 0; j < 16; j += 2) {
                     if (j < nq) {
                         u32 b[4];
-                        at_ldm_x4t(b, kb + k0 * kst + 8 * j);
+                        at_ldm_x4t(b, vb + 2 * (k0 * kst + 8 * j));
                         at_mma(acc[j], af, b);
                         at_mma(acc[j + 1], af, b + 2);
                     }
                 }
             }
         }
-        __syncthreads();
     }
     // o = acc / l, then the inverse RoPE of the tail (pairs (e, e+1) sit in one thread).
     const int off = dh - 2 * half;
