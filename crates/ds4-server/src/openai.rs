@@ -215,43 +215,77 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
         ),
         visible_reuse: true,
     };
-    let prepared = prepare(
+    let input = PromptInput::Chat {
+        messages,
+        tools,
+        thinking,
+        think_max,
+    };
+    let head = Head {
+        kind: "chat_completions",
+        param: "messages",
+        id_prefix: "chatcmpl",
+        object: "chat.completion",
+        model,
+        stream,
+    };
+    respond(
         &app,
-        PromptInput::Chat {
-            messages,
-            tools,
-            thinking,
-            think_max,
+        input,
+        params,
+        head,
+        |id, created, model| ChatStream {
+            id,
+            created,
+            model,
+            include_usage,
+            streamed_calls: 0,
         },
-        API,
+        |o| json!([{"index": 0, "message": message_json(o), "finish_reason": finish_str(o)}]),
     )
-    .await?;
-    crate::count_request(&app, "chat_completions");
-    let run = submit(&app, prepared, params, API, "messages")?;
-    let id = format!("chatcmpl-{}", app.next_seq());
+    .await
+}
+
+/// What the two OpenAI endpoints' shared tail needs to know of a request.
+struct Head {
+    /// Request counter key (`/metrics`).
+    kind: &'static str,
+    /// The request field a context overflow is reported against.
+    param: &'static str,
+    id_prefix: &'static str,
+    /// `object` of the non-streamed response.
+    object: &'static str,
+    model: String,
+    stream: bool,
+}
+
+/// Renders and queues the request, then streams it through the projector `sse` makes from
+/// (id, created, model), or answers with the object whose `choices` come from `choices`.
+async fn respond<P: Projector>(
+    app: &App,
+    input: PromptInput,
+    params: GenParams,
+    h: Head,
+    sse: impl FnOnce(String, u64, String) -> P,
+    choices: impl FnOnce(&Outcome) -> Value,
+) -> Result<Response, ApiError> {
+    let prepared = prepare(app, input, API).await?;
+    crate::count_request(app, h.kind);
+    let run = submit(app, prepared, params, API, h.param)?;
+    let id = format!("{}-{}", h.id_prefix, app.next_seq());
     let created = crate::http::unix_now();
-    if stream {
-        return Ok(sse_response(
-            &app,
-            run,
-            ChatStream {
-                id,
-                created,
-                model,
-                include_usage,
-                streamed_calls: 0,
-            },
-        ));
+    if h.stream {
+        return Ok(sse_response(app, run, sse(id, created, h.model)));
     }
     let o = collect(run, API).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
             "id": id,
-            "object": "chat.completion",
+            "object": h.object,
             "created": created,
-            "model": model,
-            "choices": [{"index": 0, "message": message_json(&o), "finish_reason": finish_str(&o)}],
+            "model": h.model,
+            "choices": choices(&o),
             "usage": usage_json(&o.usage),
         }),
     ))
@@ -385,44 +419,33 @@ async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<R
         trace: trace_head(&app, "completions", &model, stream, include_usage, &obj),
         visible_reuse: false,
     };
-    let prepared = prepare(
+    let input = PromptInput::Completion {
+        prompt,
+        thinking,
+        think_max,
+    };
+    let head = Head {
+        kind: "completions",
+        param: "prompt",
+        id_prefix: "cmpl",
+        object: "text_completion",
+        model,
+        stream,
+    };
+    respond(
         &app,
-        PromptInput::Completion {
-            prompt,
-            thinking,
-            think_max,
+        input,
+        params,
+        head,
+        |id, created, model| CompletionStream {
+            id,
+            created,
+            model,
+            include_usage,
         },
-        API,
+        |o| json!([{"text": o.raw, "index": 0, "logprobs": null, "finish_reason": finish_str(o)}]),
     )
-    .await?;
-    crate::count_request(&app, "completions");
-    let run = submit(&app, prepared, params, API, "prompt")?;
-    let id = format!("cmpl-{}", app.next_seq());
-    let created = crate::http::unix_now();
-    if stream {
-        return Ok(sse_response(
-            &app,
-            run,
-            CompletionStream {
-                id,
-                created,
-                model,
-                include_usage,
-            },
-        ));
-    }
-    let o = collect(run, API).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"text": o.raw, "index": 0, "logprobs": null, "finish_reason": finish_str(&o)}],
-            "usage": usage_json(&o.usage),
-        }),
-    ))
+    .await
 }
 
 struct CompletionStream {
