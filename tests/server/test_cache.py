@@ -182,3 +182,27 @@ def test_thinking_session_restored_after_restart_by_its_visible_transcript(make_
     r2 = s2.openai().chat.completions.create(model=MODEL, messages=msgs)
     assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + r1.usage.completion_tokens
     assert s2.metrics()['ds4_cache_hits_total{kind="disk-text"}'] == 1
+
+
+def test_responses_follow_up_without_returned_reasoning_keeps_the_live_session(make_server, tmp_path):
+    # A Responses client that does not ask for reasoning (no summary, no encrypted content)
+    # sends back the call without it; the Responses binding (protocol.md §5.3) still continues
+    # the live session, which holds the reasoning, instead of prefilling everything again.
+    from scripts import ANSWER, CALL, WEATHER_FLAT
+
+    kv = tmp_path / "kv"
+    s = make_server([CALL, ANSWER], args=KV_ARGS + ["--kv-disk-dir", str(kv)], layers=LAYERS)
+    c = s.openai()
+    inp = [{"role": "developer", "content": LONG_SYSTEM}, {"role": "user", "content": "Weather in Rome?"}]
+    r1 = c.responses.create(model=MODEL, input=inp, tools=[WEATHER_FLAT])
+    assert [o.type for o in r1.output] == ["function_call"]
+    call = r1.output[0]
+    inp2 = inp + [call.model_dump(exclude_none=True),
+                  {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    r2 = c.responses.create(model=MODEL, input=inp2, tools=[WEATHER_FLAT])
+    assert r2.output_text == "It is sunny in Rome."
+    assert r2.usage.input_tokens_details.cached_tokens == r1.usage.input_tokens + r1.usage.output_tokens
+    assert s.metrics()['ds4_cache_hits_total{kind="responses-visible"}'] == 1
+    # The shutdown checkpoint of the second turn is keyed by its visible transcript (ext bit 1).
+    assert s.stop() == 0
+    assert 2 in [f.read_bytes()[6] & 6 for f in kv.glob("*.kv")]

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::engine::{
-    new_item_id, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
+    new_item_id, Bindings, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
 };
 use crate::http::{
     arguments_value, check_auth, collect, json_response, prepare, read_json, sse_event,
@@ -267,7 +267,7 @@ async fn messages_inner(app: App, headers: HeaderMap, body: Body) -> Result<Resp
         tools_active: parsed.tools_active,
         call_id_prefix: "toolu_",
         trace: trace_head(&app, "messages", &model, stream, false, &obj),
-        visible_reuse: true,
+        bindings: Bindings::Thinking,
     };
     let prepared = prepare(&app, parsed.input, API).await?;
     crate::count_request(&app, "messages");

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::engine::trace::TraceHead;
-use crate::engine::{Engine, Event, Job, Outcome, Prepared, PromptInput, SubmitError};
+use crate::engine::{Bindings, Engine, Event, Job, Outcome, Prepared, PromptInput, SubmitError};
 
 pub struct AppState {
     pub engine: Engine,
@@ -447,8 +447,8 @@ pub struct GenParams {
     pub call_id_prefix: &'static str,
     /// The request for `--trace` (None when tracing is off).
     pub trace: Option<TraceHead>,
-    /// May continue a toolless-thinking binding (Chat Completions and Messages, §5.2).
-    pub visible_reuse: bool,
+    /// The live binding the request may continue and leaves behind (§5.3).
+    pub bindings: Bindings,
 }
 
 /// The request as `--trace` records it; None (and no copy of the body) when tracing is off.
@@ -532,7 +532,7 @@ pub fn submit(
         events: tx,
         cancel: cancel.clone(),
         trace: params.trace,
-        visible_reuse: params.visible_reuse,
+        bindings: params.bindings,
     };
     app.engine.submit(job).map_err(|e| submit_error(e, api))?;
     Ok(Running {

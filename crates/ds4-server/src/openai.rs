@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use crate::engine::{Event, Msg, Outcome, PromptInput, Role, ToolCall, Usage, MODEL_ID};
+use crate::engine::{Bindings, Event, Msg, Outcome, PromptInput, Role, ToolCall, Usage, MODEL_ID};
 use crate::http::{
     arguments_text, check_auth, collect, content_text, json_response, prepare, read_json, sse_data,
     sse_response, submit, thinking_mode, trace_head, Api, ApiError, App, Fields, GenParams,
@@ -213,7 +213,7 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
             include_usage,
             &obj,
         ),
-        visible_reuse: true,
+        bindings: Bindings::Thinking,
     };
     let input = PromptInput::Chat {
         messages,
@@ -417,7 +417,7 @@ async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<R
         tools_active: false,
         call_id_prefix: "call_",
         trace: trace_head(&app, "completions", &model, stream, include_usage, &obj),
-        visible_reuse: false,
+        bindings: Bindings::None,
     };
     let input = PromptInput::Completion {
         prompt,

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
 use crate::engine::{
-    new_item_id, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
+    new_item_id, Bindings, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
 };
 use crate::http::{
     check_auth, collect, content_text, json_response, prepare, read_json, sse_data, sse_response,
@@ -500,7 +500,9 @@ async fn inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, Api
         tools_active,
         call_id_prefix: "call_",
         trace: trace_head(&app, "responses", &model, stream, false, &obj),
-        visible_reuse: false,
+        bindings: Bindings::Responses {
+            echo_reasoning: show_reasoning,
+        },
     };
     let prepared = prepare(
         &app,

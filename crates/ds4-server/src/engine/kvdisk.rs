@@ -204,8 +204,9 @@ impl DiskCache {
     }
 
     /// Writes a checkpoint atomically. `text` is the cache key: the decoded checkpoint bytes,
-    /// or (`thinking_visible`, ext bit 2) the visible transcript of a toolless-thinking
-    /// session — what the next request renders, without the reasoning the KV holds.
+    /// or the visible transcript of a session with a live binding — what the next request
+    /// renders, without the reasoning the KV holds; `key_bits` then says which (ext bit 1:
+    /// Responses, bit 2: toolless thinking; 0 for token text).
     #[allow(clippy::too_many_arguments)]
     pub fn store(
         &self,
@@ -215,7 +216,7 @@ impl DiskCache {
         reason: Reason,
         payload: &[u8],
         tool_map: &[(String, String)],
-        thinking_visible: bool,
+        key_bits: u8,
     ) -> Result<PathBuf, String> {
         let name = sha1_hex(text);
         let path = self.dir.join(format!("{name}.kv"));
@@ -255,7 +256,7 @@ impl DiskCache {
         h.push(VERSION);
         h.push(self.quant_bits);
         h.push(reason as u8);
-        h.push(u8::from(!tool_map.is_empty()) | (u8::from(thinking_visible) << 2));
+        h.push(u8::from(!tool_map.is_empty()) | (key_bits & 6));
         h.push(0);
         h.extend_from_slice(&tokens.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes()); // hits
@@ -487,7 +488,7 @@ mod tests {
         let dsml = "\n\n<tool_calls>x</tool_calls>";
         let mut t2 = text.to_vec();
         t2.extend_from_slice(dsml.as_bytes());
-        c.store(text, 5, 100, Reason::Cold, b"PAYLOAD", &[], false)
+        c.store(text, 5, 100, Reason::Cold, b"PAYLOAD", &[], 0)
             .unwrap();
         let p2 = c
             .store(
@@ -497,7 +498,7 @@ mod tests {
                 Reason::Evict,
                 b"PAYLOAD2",
                 &[("call_1".into(), dsml.into())],
-                false,
+                0,
             )
             .unwrap();
         let mut prompt = t2.clone();

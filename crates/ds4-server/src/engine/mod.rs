@@ -139,8 +139,34 @@ pub struct Job {
     pub cancel: Arc<AtomicBool>,
     /// Set when `--trace` is on: the request as the HTTP layer saw it.
     pub trace: Option<TraceHead>,
-    /// Chat and Messages requests may continue a toolless-thinking binding (§5.2 step 6).
-    pub visible_reuse: bool,
+    /// Which live binding (protocol.md §5.3) the request may continue and leaves behind.
+    pub bindings: Bindings,
+}
+
+/// The live protocol bindings of an API (protocol.md §5.3): after a turn, the text the
+/// client's next request will render for the conversation so far, where that differs from
+/// what the live session holds (reasoning the client does not send back), so the next request
+/// continues the live session instead of prefilling the conversation again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bindings {
+    /// Legacy completions: none.
+    None,
+    /// Chat Completions and Messages: the toolless-thinking binding (§5.2 step 6).
+    Thinking,
+    /// Responses (§5.2 step 1). `echo_reasoning`: reasoning is returned to the client
+    /// (summaries or encrypted content), so a turn with calls renders it next time.
+    Responses { echo_reasoning: bool },
+}
+
+impl Bindings {
+    /// The binding kind a request of this API continues (its `cache_source`).
+    fn kind(self) -> Option<&'static str> {
+        match self {
+            Bindings::None => None,
+            Bindings::Thinking => Some("thinking-visible"),
+            Bindings::Responses { .. } => Some("responses-visible"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -786,15 +812,16 @@ struct Slot {
     last_stored: usize,
     /// Worker clock of the last request served (least recently used is replaced first).
     used: u64,
-    /// Toolless-thinking binding (protocol.md §5.3): after a thinking turn without tools,
-    /// the text the next request renders for this conversation so far — the prompt with
-    /// `</think>` + content in place of the reasoning it drops — valid while the session
-    /// holds exactly `frontier` tokens. It lets that request keep the hidden reasoning's KV
-    /// instead of prefilling the whole conversation again.
-    thinking: Option<Binding>,
+    /// The live binding (protocol.md §5.3) of the last turn, if any: the text the next
+    /// request renders for this conversation so far (without the reasoning it drops), valid
+    /// while the session holds exactly `frontier` tokens. It lets that request keep the
+    /// hidden reasoning's KV instead of prefilling the whole conversation again.
+    binding: Option<Binding>,
 }
 
 struct Binding {
+    /// `thinking-visible` or `responses-visible` ([`Bindings::kind`]).
+    kind: &'static str,
     visible: String,
     frontier: usize,
 }
@@ -1117,7 +1144,7 @@ impl Worker {
     fn sync_plan(
         &mut self,
         p: &Prepared,
-        visible_reuse: bool,
+        bindings: Bindings,
     ) -> Result<(usize, Vec<u32>, usize, &'static str), String> {
         self.clock += 1;
         // The live session holding the longest prefix (token prefix, then text prefix).
@@ -1140,12 +1167,15 @@ impl Worker {
                 best = Some((i, live.len(), Some(bytes.len())));
             }
         }
-        // §5.2 step 6: a toolless-thinking binding (chat and messages requests), unless the
-        // live tokens are themselves a prefix of the prompt.
-        if visible_reuse && best.is_none_or(|b| b.2.is_some()) {
+        // §5.2 steps 1 and 6: the API's live binding (Responses; chat and messages without
+        // tools in thinking mode), unless the live tokens are themselves a prefix of the prompt.
+        if let Some(kind) = bindings
+            .kind()
+            .filter(|_| best.is_none_or(|b| b.2.is_some()))
+        {
             let bound = self.slots.iter().enumerate().find_map(|(i, slot)| {
                 let sl = slot.as_ref()?;
-                let b = sl.thinking.as_ref()?;
+                let b = sl.binding.as_ref().filter(|b| b.kind == kind)?;
                 (sl.session.pos() == b.frontier
                     && b.visible.len() < p.text.len()
                     && p.text.is_char_boundary(b.visible.len())
@@ -1161,7 +1191,7 @@ impl Worker {
                 sl.used = self.clock;
                 let mut eff = sl.session.tokens().to_vec();
                 eff.extend(self.encode_suffix(p, at));
-                return Ok((i, eff, n, "thinking-visible"));
+                return Ok((i, eff, n, kind));
             }
         }
         if self.rec.is_some() {
@@ -1218,7 +1248,7 @@ impl Worker {
                             session: s,
                             last_stored: n,
                             used: self.clock,
-                            thinking: None,
+                            binding: None,
                         });
                         return Ok((i, eff, n, "disk-text"));
                     }
@@ -1240,7 +1270,7 @@ impl Worker {
             session: self.new_session()?,
             last_stored: 0,
             used: self.clock,
-            thinking: None,
+            binding: None,
         });
         Ok((i, p.tokens.clone(), 0, "cold"))
     }
@@ -1298,16 +1328,18 @@ impl Worker {
             // Already on disk at this exact length.
             return;
         }
-        // A session at its toolless-thinking frontier is keyed by the visible transcript
-        // (§5.6, evict and shutdown), so after a restart the follow-up finds it by text
-        // prefix as it would the live binding.
-        let visible = sl
-            .thinking
+        // A session at its binding's frontier is keyed by the visible transcript (§5.6, evict
+        // and shutdown; ext bit 1 Responses, bit 2 toolless thinking), so after a restart the
+        // follow-up finds it by text prefix as it would the live binding.
+        let bound = sl
+            .binding
             .as_ref()
-            .filter(|b| b.frontier == n && matches!(reason, Reason::Evict | Reason::Shutdown))
-            .map(|b| b.visible.clone().into_bytes());
-        let thinking_visible = visible.is_some();
-        let text = visible.unwrap_or_else(|| self.tok.decode(sl.session.tokens()));
+            .filter(|b| b.frontier == n && matches!(reason, Reason::Evict | Reason::Shutdown));
+        let key_bits = bound.map_or(0, |b| if b.kind == "responses-visible" { 2 } else { 4 });
+        let text = match bound {
+            Some(b) => b.visible.clone().into_bytes(),
+            None => self.tok.decode(sl.session.tokens()),
+        };
         let tool_map: Vec<(String, String)> = {
             let mem = self.shared.tool_memory.lock().unwrap();
             mem.map
@@ -1323,7 +1355,7 @@ impl Worker {
             reason,
             &sl.session.snapshot(),
             &tool_map,
-            thinking_visible,
+            key_bits,
         ) {
             Ok(path) => {
                 sl.last_stored = n;
@@ -1496,14 +1528,14 @@ impl Worker {
         let delay = self.cfg().test_delay;
 
         // ---- prefill (with reuse and checkpoints)
-        let (si, eff, cached, source) = match self.sync_plan(p, job.visible_reuse) {
+        let (si, eff, cached, source) = match self.sync_plan(p, job.bindings) {
             Ok(x) => x,
             Err(e) => return self.fail(&job.events, format!("engine error: {e}")),
         };
         self.hit(source);
         // A binding holds only until the next request on its session (§5.2).
         if let Some(sl) = self.slots[si].as_mut() {
-            sl.thinking = None;
+            sl.binding = None;
         }
         if let (Some(r), Some(head)) = (self.rec.as_mut(), job.trace.as_ref()) {
             r.line("effective_prompt_tokens", eff.len());
@@ -1852,24 +1884,49 @@ impl Worker {
                 out.finish = Finish::Stop;
             }
         }
-        // §5.3: a thinking turn without tools whose reasoning the next render drops.
-        let visible = p
-            .text
-            .strip_suffix(ds4::chat::THINK_START)
-            .filter(|_| {
-                p.chat
-                    && p.thinking
-                    && p.tool_names.is_empty()
-                    && ended_by_eos
-                    && out.finish == Finish::Stop
-                    && out.reasoning_closed
-                    && out.calls.is_empty()
-                    && raw.ends_with(&format!("{}{}", ds4::chat::THINK_END, out.content))
-            })
-            .map(|prompt| format!("{prompt}{}{}", ds4::chat::THINK_END, out.content));
-        if let (Some(visible), Some(sl)) = (visible, self.slots[si].as_mut()) {
+        // §5.3: the live binding this turn leaves (the session holds prompt + raw exactly
+        // when the turn ended at EOS or at the end of its tool-call block).
+        let whole =
+            ended_by_eos || (finish == Finish::ToolCalls && out.finish == Finish::ToolCalls);
+        let visible = match job.bindings {
+            // A thinking turn without tools: the next render drops its reasoning.
+            Bindings::Thinking => p
+                .text
+                .strip_suffix(ds4::chat::THINK_START)
+                .filter(|_| {
+                    p.chat
+                        && p.thinking
+                        && p.tool_names.is_empty()
+                        && ended_by_eos
+                        && out.finish == Finish::Stop
+                        && out.reasoning_closed
+                        && out.calls.is_empty()
+                        && raw.ends_with(&format!("{}{}", ds4::chat::THINK_END, out.content))
+                })
+                .map(|prompt| format!("{prompt}{}{}", ds4::chat::THINK_END, out.content)),
+            // A Responses turn: the client sends back content and calls (replayed as the
+            // sampled DSML), and the reasoning only when it was returned and the turn made
+            // calls.
+            Bindings::Responses { echo_reasoning } if whole => {
+                let keep = !p.thinking || (echo_reasoning && !out.calls.is_empty());
+                let from = if keep {
+                    Some(0)
+                } else {
+                    raw.find(ds4::chat::THINK_END)
+                };
+                from.map(|i| format!("{}{}", p.text, &raw[i..]))
+            }
+            _ => None,
+        };
+        if let (Some(visible), Some(kind), Some(sl)) =
+            (visible, job.bindings.kind(), self.slots[si].as_mut())
+        {
             let frontier = sl.session.pos();
-            sl.thinking = Some(Binding { visible, frontier });
+            sl.binding = Some(Binding {
+                kind,
+                visible,
+                frontier,
+            });
         }
         if let Some(r) = self.rec.as_mut() {
             r.block("generated text", &raw);
