@@ -882,17 +882,15 @@ extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __r
     }
 }
 
-// hc_post in place: X_k ← Q_k·F + Σ_j M[j][k]·X_j (grid: x = element blocks, y = token).
-extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restrict__ f,
-                                     const float* __restrict__ post,
-                                     const float* __restrict__ comb, int n, int d) {
-    pdl_enter();
-    int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= d) return;
+// hc_post of element e of token t given the sublayer output fv there:
+// X_k ← Q_k·fv + Σ_j M[j][k]·X_j, in place (the per-element operations of every decode form).
+__device__ __forceinline__ void hc_post_elem(float* __restrict__ x, float fv,
+                                             const float* __restrict__ post,
+                                             const float* __restrict__ comb, int n, int d, int t,
+                                             int e) {
     float* xt = x + (long long)t * n * d;
     const float* q = post + t * n;
     const float* mm = comb + (long long)t * n * n;
-    float fv = f[(long long)t * d + e];
     float xs[FWD_MAX_HC], out[FWD_MAX_HC];
     for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
     for (int k = 0; k < n; k++) {
@@ -901,6 +899,16 @@ extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restr
         out[k] = o;
     }
     for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
+// hc_post in place: X_k ← Q_k·F + Σ_j M[j][k]·X_j (grid: x = element blocks, y = token).
+extern "C" __global__ void k_hc_post(float* __restrict__ x, const float* __restrict__ f,
+                                     const float* __restrict__ post,
+                                     const float* __restrict__ comb, int n, int d) {
+    pdl_enter();
+    int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= d) return;
+    hc_post_elem(x, f[(long long)t * d + e], post, comb, n, d, t, e);
 }
 
 // Decode attention site: k_ring_push of the token's KV row (n = 1: ring slot pos % swa, done
@@ -919,18 +927,7 @@ extern "C" __global__ void k_hc_post_ring(float* __restrict__ x, const float* __
     }
     int t = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= d) return;
-    float* xt = x + (long long)t * n * d;
-    const float* q = post + t * n;
-    const float* mm = comb + (long long)t * n * n;
-    float fv = f[(long long)t * d + e];
-    float xs[FWD_MAX_HC], out[FWD_MAX_HC];
-    for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
-    for (int k = 0; k < n; k++) {
-        float o = q[k] * fv;
-        for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
-        out[k] = o;
-    }
-    for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+    hc_post_elem(x, f[(long long)t * d + e], post, comb, n, d, t, e);
 }
 
 // Decode FFN site: k_moe_sum then k_hc_post in one pass (t = blockIdx.y): the sublayer
@@ -946,17 +943,7 @@ extern "C" __global__ void k_hc_post_moe(float* __restrict__ x, const float* __r
     float fv = 0.0f;
     for (int j = 0; j < kx; j++) fv += dn[((long long)t * kx + j) * d + e];
     fv += sh[(long long)t * d + e];
-    float* xt = x + (long long)t * n * d;
-    const float* q = post + t * n;
-    const float* mm = comb + (long long)t * n * n;
-    float xs[FWD_MAX_HC], out[FWD_MAX_HC];
-    for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
-    for (int k = 0; k < n; k++) {
-        float o = q[k] * fv;
-        for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
-        out[k] = o;
-    }
-    for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+    hc_post_elem(x, fv, post, comb, n, d, t, e);
 }
 
 // ---- prefill (n > 1 tokens) forms of hc_post: 4 consecutive elements a thread (16-byte
