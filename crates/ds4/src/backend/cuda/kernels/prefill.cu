@@ -927,50 +927,6 @@ __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& 
     px_store<NG>(acc, m0, m_total, r0, cnt, out);
 }
 
-// Needs rows_a, m_total multiples of PX_BM and k_dim of 256 (the host checks).
-template <class L>
-__device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
-                                          i64 expert_bytes, int rows_a, int m_total, int k_dim,
-                                          const int* __restrict__ n_tiles,
-                                          const int* __restrict__ tiles,
-                                          const u16* __restrict__ xs, float* __restrict__ out) {
-    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
-    __shared__ __align__(16) PxTables T;
-    int tile = blockIdx.y;
-    if (tile >= *n_tiles) return;
-    int tid = threadIdx.x;
-    if (L::kTables) px_tables(T, tid);
-    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
-    int m0 = blockIdx.x * PX_BM;
-    const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
-    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
-    i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
-    int lane = tid & 31;
-    const u8* rp = w + (i64)(wrow0 + (tid >> 5) * 32 + (lane >> 2)) * rowb;
-    i64 rs8 = 8 * rowb;
-    switch ((cnt + 7) >> 3) {
-    case 1: px_body<L, 1>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 2: px_body<L, 2>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 3: px_body<L, 3>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 4: px_body<L, 4>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 5: px_body<L, 5>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 6: px_body<L, 6>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 7: px_body<L, 7>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    default: px_body<L, 8>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    }
-}
-
-#define DS4_PF_MX(T, L)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
-        pf_mx_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
-                  int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
-                  const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
-                  float* __restrict__ out) {                                                     \
-        px_kernel<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);     \
-    }
-
-DS4_PF_MX(q2_k, PxQ2K)
-DS4_PF_MX(iq2_xxs, PxIq2)
 
 // ---------------------------------------------------------------------------------------------
 // pf_mxs_<t>: pf_mx with the quantized weight bytes staged in shared memory by cp.async, one
@@ -1066,14 +1022,15 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
     px_store<NG>(acc, m0, m_total, r0, cnt, out);
 }
 
-// Needs rows_a, m_total multiples of PX_BM, k_dim of 256 and a row stride that is a multiple
-// of 16 bytes, 16-byte aligned matrices; dynamic shared memory 2·PX_BM·kRS bytes.
-template <class L>
-__device__ __forceinline__ void pxs_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
-                                           i64 expert_bytes, int rows_a, int m_total, int k_dim,
-                                           const int* __restrict__ n_tiles,
-                                           const int* __restrict__ tiles,
-                                           const u16* __restrict__ xs, float* __restrict__ out) {
+// One block of pf_mx_<t> (STAGED false) or pf_mxs_<t> (STAGED true). Needs rows_a, m_total
+// multiples of PX_BM and k_dim of 256; staged, also a row stride that is a multiple of 16 bytes,
+// 16-byte aligned matrices and dynamic shared memory 2·PX_BM·kRS bytes (the host checks).
+template <class L, bool STAGED>
+__device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                          i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                          const int* __restrict__ n_tiles,
+                                          const int* __restrict__ tiles,
+                                          const u16* __restrict__ xs, float* __restrict__ out) {
     __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
     __shared__ __align__(16) PxTables T;
     int tile = blockIdx.y;
@@ -1085,19 +1042,47 @@ __device__ __forceinline__ void pxs_kernel(const u8* __restrict__ wa, const u8* 
     const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
     int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
     i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
-    const u8* wrow = w + (i64)wrow0 * rowb;
-    u8* As = px_smem;
-    switch ((cnt + 7) >> 3) {
-    case 1: pxs_body<L, 1>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 2: pxs_body<L, 2>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 3: pxs_body<L, 3>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 4: pxs_body<L, 4>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 5: pxs_body<L, 5>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 6: pxs_body<L, 6>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 7: pxs_body<L, 7>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    default: pxs_body<L, 8>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    if constexpr (STAGED) {
+        const u8* wrow = w + (i64)wrow0 * rowb;
+        u8* As = px_smem;
+        switch ((cnt + 7) >> 3) {
+        case 1: pxs_body<L, 1>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 2: pxs_body<L, 2>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 3: pxs_body<L, 3>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 4: pxs_body<L, 4>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 5: pxs_body<L, 5>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 6: pxs_body<L, 6>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 7: pxs_body<L, 7>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        default: pxs_body<L, 8>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        }
+    } else {
+        int lane = tid & 31;
+        const u8* rp = w + (i64)(wrow0 + (tid >> 5) * 32 + (lane >> 2)) * rowb;
+        i64 rs8 = 8 * rowb;
+        switch ((cnt + 7) >> 3) {
+        case 1: px_body<L, 1>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 2: px_body<L, 2>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 3: px_body<L, 3>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 4: px_body<L, 4>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 5: px_body<L, 5>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 6: px_body<L, 6>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        case 7: px_body<L, 7>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        default: px_body<L, 8>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
+        }
     }
 }
+
+#define DS4_PF_MX(T, L)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
+        pf_mx_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
+                  int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
+                  const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
+                  float* __restrict__ out) {                                                     \
+        px_kernel<L, false>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out); \
+    }
+
+DS4_PF_MX(q2_k, PxQ2K)
+DS4_PF_MX(iq2_xxs, PxIq2)
 
 #define DS4_PF_MXS(T, L)                                                                         \
     extern "C" __global__ void __launch_bounds__(256, 2)                                         \
@@ -1105,7 +1090,7 @@ __device__ __forceinline__ void pxs_kernel(const u8* __restrict__ wa, const u8* 
                    int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,          \
                    const int* __restrict__ tiles, const u16* __restrict__ xs,                    \
                    float* __restrict__ out) {                                                    \
-        pxs_kernel<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);    \
+        px_kernel<L, true>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out); \
     }
 
 DS4_PF_MXS(q2_k, PxQ2K)
