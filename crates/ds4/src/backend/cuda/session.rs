@@ -202,8 +202,10 @@ macro_rules! launch {
 
 /// [`launch!`] for a kernel that begins with `pdl_enter()` (quant.cu): while the backend's
 /// PDL switch is on (decode graph capture), launched with programmatic stream serialization.
+/// Either way on the backend's current stream (`CudaBackend::st`: the side stream inside a
+/// fork), as the backend's own launchers do.
 macro_rules! launchp {
-    ($be:expr, $st:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
+    ($be:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
         if $be.pdl() {
             let cfg = LaunchConfig {
                 grid_dim: $grid,
@@ -214,7 +216,7 @@ macro_rules! launchp {
             // SAFETY: as launch!; the kernel starts with pdl_enter().
             unsafe { $be.launch_pdl(&$f, cfg, &mut a) }?;
         } else {
-            launch!($st, $f, $grid, $block, $smem, [$($a),*]);
+            launch!($be.st(), $f, $grid, $block, $smem, [$($a),*]);
         }
     }};
 }
@@ -1553,7 +1555,6 @@ impl GpuSession {
                 let nb = width / 512;
                 launchp!(
                     be,
-                    st,
                     k.hc_mix_part,
                     (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1),
                     (64, 1, 1),
@@ -1575,7 +1576,6 @@ impl GpuSession {
                 };
                 launchp!(
                     be,
-                    st,
                     k.hc_pre1,
                     (1, 1, 1),
                     (HC_PRE1_THREADS, 1, 1),
@@ -1724,7 +1724,6 @@ impl GpuSession {
             }
             launchp!(
                 be,
-                st,
                 k.hc_post,
                 ((d as u32).div_ceil(256), n32, 1),
                 (256, 1, 1),
@@ -1751,12 +1750,10 @@ impl GpuSession {
                     && b.n_experts == 1
                 {
                     // Decode: both products read y, so one launch (quant.cu mv2_f16, rows
-                    // bit-identical to two mv_f16 launches). On the current stream: this
-                    // runs inside the compressor fork.
+                    // bit-identical to two mv_f16 launches).
                     let split = mv_split(a.n_rows, a.n_cols, 1);
                     launchp!(
                         be,
-                        be.st(),
                         k.mv2_f16,
                         ((2 * a.n_rows as u32).div_ceil(8 / split), 1, 1),
                         (256, 1, 1),
@@ -1829,7 +1826,6 @@ impl GpuSession {
                 // Norm + the Q8_0 codes q_b reads, in one launch (q_b is Q8_0).
                 launchp!(
                     be,
-                    st,
                     k.rms_norm_q8,
                     (1, 1, 1),
                     ((c.q_lora_rank / 8).min(512) as u32, 1, 1),
@@ -1871,7 +1867,6 @@ impl GpuSession {
                 // Query heads and the KV row in one launch (decode).
                 launchp!(
                     be,
-                    st,
                     k.qkv_finish1,
                     (c.n_head as u32 + 1, 1, 1),
                     (256, 1, 1),
@@ -2170,7 +2165,6 @@ impl GpuSession {
                 // Ring push and hc_post in one launch (decode).
                 launchp!(
                     be,
-                    st,
                     k.hc_post_ring,
                     ((d as u32).div_ceil(256), 1, 1),
                     (256, 1, 1),
@@ -2327,7 +2321,6 @@ impl GpuSession {
                     // Expert sum and hc_post in one pass (decode).
                     launchp!(
                         be,
-                        st,
                         k.hc_post_moe,
                         ((d as u32).div_ceil(256), n32, 1),
                         (256, 1, 1),
