@@ -91,6 +91,15 @@ pub enum CudaWhat {
         /// Backend (cuda or cpu).
         #[arg(long, default_value = "cuda")]
         backend: String,
+        /// Settings to compare in one process (one model upload), `;`-separated; each is
+        /// `default` or space-separated `DS4_CUDA_*=value` switches, applied before each
+        /// session. Each frontier runs every setting in turn, `--rounds` times, so slow
+        /// drift of the card spreads over all of them.
+        #[arg(long, value_delimiter = ';')]
+        variants: Vec<String>,
+        /// Rounds over the variants at each frontier.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
 }
 
@@ -201,8 +210,11 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
             ctx,
             decode,
             backend,
+            variants,
+            rounds,
         } => {
             let backend = backend.parse().map_err(anyhow::Error::msg)?;
+            let variants = parse_variants(&variants)?;
             let counts: Vec<Option<usize>> = if layers.is_empty() {
                 vec![None]
             } else {
@@ -210,7 +222,16 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
             };
             let mut runs = Vec::new();
             for (i, &l) in counts.iter().enumerate() {
-                runs.push(model_bench(profile, l, &ctx, decode, backend, i == 0)?);
+                runs.push(model_bench(
+                    profile,
+                    l,
+                    &ctx,
+                    decode,
+                    backend,
+                    &variants,
+                    rounds.max(1),
+                    i == 0,
+                )?);
             }
             per_layer(&runs);
         }
@@ -218,14 +239,60 @@ pub fn run(args: CudaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `--variants` setting: its name and the switches it sets.
+type Variant = (String, Vec<(String, String)>);
+
+/// Parses `--variants` (none: one `default` setting that changes nothing).
+fn parse_variants(vs: &[String]) -> anyhow::Result<Vec<Variant>> {
+    if vs.is_empty() {
+        return Ok(vec![("default".into(), Vec::new())]);
+    }
+    vs.iter()
+        .map(|v| {
+            let v = v.trim();
+            let mut sets = Vec::new();
+            if v != "default" {
+                for kv in v.split_whitespace() {
+                    match kv.split_once('=') {
+                        Some((k, val)) if k.starts_with("DS4_CUDA_") => {
+                            sets.push((k.to_string(), val.to_string()))
+                        }
+                        _ => anyhow::bail!(
+                            "variant {v:?}: expected `default` or DS4_CUDA_NAME=value switches, got {kv:?}"
+                        ),
+                    }
+                }
+            }
+            Ok((v.to_string(), sets))
+        })
+        .collect()
+}
+
+/// Sets `v`'s switches and clears those the other variants set.
+fn apply_variant(all: &[Variant], v: &Variant) {
+    for (_, sets) in all {
+        for (k, _) in sets {
+            // The CLI runs its sessions on this thread, which also reads the switches.
+            std::env::remove_var(k);
+        }
+    }
+    for (k, val) in &v.1 {
+        std::env::set_var(k, val);
+    }
+}
+
 /// `ds4 cuda model`: builds the synthetic model in memory, uploads it, and for each context
-/// frontier times a fresh session's prefill of that many tokens and the decode steps after.
+/// frontier times a fresh session's prefill of that many tokens and the decode steps after
+/// (for each variant, `rounds` times).
+#[allow(clippy::too_many_arguments)]
 fn model_bench(
     profile: Profile,
     layers: Option<usize>,
     ctxs: &[usize],
     decode: usize,
     backend: BackendChoice,
+    variants: &[Variant],
+    rounds: usize,
     header: bool,
 ) -> anyhow::Result<ModelRun> {
     let t = Instant::now();
@@ -273,7 +340,7 @@ fn model_bench(
         .with_ctx(max_ctx)
         .with_backend(backend);
     if header {
-        println!("profile,layers,backend,ctx,prefill_tok_s,decode_tok_s,decode_ms_per_layer,weight_bytes_per_token,decode_weight_gb_s");
+        println!("profile,layers,backend,ctx,prefill_tok_s,decode_tok_s,decode_ms_per_layer,weight_bytes_per_token,decode_weight_gb_s,variant");
     }
     // One untimed prefill first: cuBLAS and the allocator pay their first-call costs here,
     // not in the first frontier's figure.
@@ -286,30 +353,53 @@ fn model_bench(
         points: Vec::new(),
     };
     for &c in ctxs {
-        let mut s = Session::new(model.clone(), opts.clone())?;
-        let prompt = parity::prompt_ids(c, model.cfg.n_vocab, 3);
-        let t = Instant::now();
-        s.prefill(&prompt)?;
-        let pre = c as f64 / t.elapsed().as_secs_f64();
-        let mut tok = s.argmax();
-        // One untimed step (first-use costs), then the timed ones.
-        s.decode(tok)?;
-        tok = s.argmax();
-        let t = Instant::now();
-        for _ in 0..decode {
-            s.decode(tok)?;
-            tok = s.argmax();
+        // Per variant: the sum of prefill and decode seconds over the rounds.
+        let mut sums = vec![(0.0f64, 0.0f64); variants.len()];
+        for _ in 0..rounds {
+            for (vi, v) in variants.iter().enumerate() {
+                apply_variant(variants, v);
+                let (pre_s, dt) = time_frontier(&model, &opts, c, decode)?;
+                println!(
+                    "{profile},{n_layer},{backend},{c},{:.1},{:.2},{:.4},{bytes_per_token},{:.1},{}",
+                    c as f64 / pre_s,
+                    1.0 / dt,
+                    dt * 1e3 / n_layer as f64,
+                    bytes_per_token as f64 / dt / 1e9,
+                    v.0
+                );
+                sums[vi].0 += pre_s;
+                sums[vi].1 += dt;
+            }
         }
-        let dt = t.elapsed().as_secs_f64() / decode.max(1) as f64;
-        println!(
-            "{profile},{n_layer},{backend},{c},{pre:.1},{:.2},{:.4},{bytes_per_token},{:.1}",
-            1.0 / dt,
-            dt * 1e3 / n_layer as f64,
-            bytes_per_token as f64 / dt / 1e9
-        );
-        run.points.push((c, c as f64 / pre, dt));
+        // The marginal table compares the first variant's means.
+        let r = rounds as f64;
+        run.points.push((c, sums[0].0 / r, sums[0].1 / r));
     }
     Ok(run)
+}
+
+/// A fresh session's prefill of `c` tokens (seconds) and the mean seconds of `decode` steps
+/// after one untimed step (first-use costs such as a decode graph's capture).
+fn time_frontier(
+    model: &Arc<Model>,
+    opts: &EngineOptions,
+    c: usize,
+    decode: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let mut s = Session::new(model.clone(), opts.clone())?;
+    let prompt = parity::prompt_ids(c, model.cfg.n_vocab, 3);
+    let t = Instant::now();
+    s.prefill(&prompt)?;
+    let pre_s = t.elapsed().as_secs_f64();
+    let mut tok = s.argmax();
+    s.decode(tok)?;
+    tok = s.argmax();
+    let t = Instant::now();
+    for _ in 0..decode {
+        s.decode(tok)?;
+        tok = s.argmax();
+    }
+    Ok((pre_s, t.elapsed().as_secs_f64() / decode.max(1) as f64))
 }
 
 /// One `model_bench` run: per context, (ctx, prefill seconds, decode seconds per token).

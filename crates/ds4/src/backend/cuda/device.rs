@@ -894,8 +894,9 @@ impl CudaBackend {
         p
     }
 
-    /// `mv_<t>` over `slots` slots: slot `s` multiplies matrix `ids[s]` (matrix 0 when
-    /// `ids == 0`) by `x + s·x_stride` into `y + s·n_rows`.
+    /// `mv_<t>` over `slots` slots: slot `s` multiplies matrix `ids[s]` (matrix `s` when
+    /// `ids == 0`: the stack in order, so one slot is matrix 0) by `x + s·x_stride` into
+    /// `y + s·n_rows`.
     ///
     /// # Safety
     /// `x`, `y` and `ids` must be live device buffers of the sizes the product needs, ids
@@ -1120,7 +1121,7 @@ impl CudaBackend {
     }
 
     /// `mv8glu_<t>`: `h[s] = silu(min(Wg·x, c))·clamp(Wu·x, ±c)·wts[s]` for every slot `s`
-    /// (matrices `ids[s]` of `wg`/`wu`, `ids == 0`: matrix 0; `wts == 0`: weight 1), over
+    /// (matrices `ids[s]` of `wg`/`wu`, `ids == 0`: matrix `s`; `wts == 0`: weight 1), over
     /// activations quantized by [`CudaBackend::quant_act_raw`]. `wg` and `wu` must have the
     /// same type, shape and expert stride.
     ///

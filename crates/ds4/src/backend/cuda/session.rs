@@ -2157,7 +2157,13 @@ impl GpuSession {
                             o16_ready,
                         )?
                     },
-                    _ => mvq(&l.out_a, pi(&s.gids), n * g, p(&s.o), gw, p(&s.low))?,
+                    _ => {
+                        // One token: slot g is matrix g, which no ids (0) also means, so
+                        // the product reads nothing an earlier kernel wrote before its
+                        // weights (quant.cu pdl_trigger).
+                        let ids = if n == 1 { 0 } else { pi(&s.gids) };
+                        mvq(&l.out_a, ids, n * g, p(&s.o), gw, p(&s.low))?
+                    }
                 }
                 lin(&l.out_b, p(&s.low), n, p(&s.f))?;
             }

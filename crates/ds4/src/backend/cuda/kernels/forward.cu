@@ -670,20 +670,33 @@ extern "C" __global__ void k_hc_comb(const float* __restrict__ mix, const float*
 extern "C" __global__ void __launch_bounds__(64)
     k_hc_mix_part(const float* __restrict__ x, const u8* __restrict__ w, int wty, int rows,
                   int width, float* __restrict__ part, double* __restrict__ ss) {
-    pdl_enter();
+    // The fn rows are loaded before the wait (pdl_trigger), the state x after it.
+    pdl_trigger();
     __shared__ float red[8][2];
     __shared__ double sh[33];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int e0 = blockIdx.x * 512 + 8 * threadIdx.x, r0 = blockIdx.y * 8;
-    const float4* px = (const float4*)(x + e0);
-    float4 xa = px[0], xb = px[1];
-    float xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
     float acc[8];
+    uint4 q[8];
+    float4 qa[8], qb[8];
     if (wty == 1) {
-        uint4 q[8];
 #pragma unroll
         for (int k = 0; k < 8; k++)
             if (r0 + k < rows) q[k] = *(const uint4*)(w + ((i64)(r0 + k) * width + e0) * 2);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            if (r0 + k < rows) {
+                const float4* pw = (const float4*)(w + ((i64)(r0 + k) * width + e0) * 4);
+                qa[k] = pw[0];
+                qb[k] = pw[1];
+            }
+    }
+    pdl_wait();
+    const float4* px = (const float4*)(x + e0);
+    float4 xa = px[0], xb = px[1];
+    float xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    if (wty == 1) {
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             float a = 0.0f;
@@ -698,14 +711,6 @@ extern "C" __global__ void __launch_bounds__(64)
             acc[k] = a;
         }
     } else {
-        float4 qa[8], qb[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++)
-            if (r0 + k < rows) {
-                const float4* pw = (const float4*)(w + ((i64)(r0 + k) * width + e0) * 4);
-                qa[k] = pw[0];
-                qb[k] = pw[1];
-            }
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             float a = 0.0f;

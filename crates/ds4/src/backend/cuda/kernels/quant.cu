@@ -53,6 +53,14 @@ __device__ __forceinline__ void pdl_enter() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }
+// pdl_enter in two halves, for kernels that read what no kernel writes (the weights) in
+// between: blocks that start early, during the previous kernel's last wave or beside a
+// one-block kernel, have their weight loads in flight while they wait. Everything an earlier
+// kernel writes is read, and every output is written, after pdl_wait.
+__device__ __forceinline__ void pdl_trigger() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 __device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
 __device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
@@ -386,8 +394,8 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
 // Kernels, instantiated per type by a macro (extern "C" names: mv_<t>, mm_<t>, dq_<t>).
 // ---------------------------------------------------------------------------------------------
 
-// mv_<t>: grouped matvec. blockIdx.y = slot; the slot's matrix is expert ids[slot] (expert 0
-// when ids is null) at `expert_bytes` stride; its input is x + slot*x_stride (x_stride 0 =
+// mv_<t>: grouped matvec. blockIdx.y = slot; the slot's matrix is expert ids[slot] (matrix
+// `slot` when ids is null: a stack of matrices in order) at `expert_bytes` stride; its input is x + slot*x_stride (x_stride 0 =
 // all slots share x) and its output y + slot*n_rows. A plain matvec is the one-slot case.
 //
 // mm_<t>: y[t][o] = row_o . x[t] for n_tok tokens (x: n_tok x n_cols, y: n_tok x n_rows,
@@ -398,70 +406,70 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
 // thread per dequantization unit.
 // Shared memory for the IQ2_XXS tables only in the kernels that use them (a 16-byte dummy
 // otherwise): unused shared memory would come out of the L1 that caches the activations.
-#define DS4_TABLES(USES_TABLES)                                                                  \
-    __shared__ float4 tables_raw_[USES_TABLES ? (sizeof(Iq2Smem) + 15) / 16 : 1];                \
-    const Iq2Smem* tables_ = (const Iq2Smem*)tables_raw_;                                        \
+#define DS4_TABLES(USES_TABLES)                                                                     \
+    __shared__ float4 tables_raw_[USES_TABLES ? (sizeof(Iq2Smem) + 15) / 16 : 1];                   \
+    const Iq2Smem* tables_ = (const Iq2Smem*)tables_raw_;                                           \
     if (USES_TABLES) load_iq2_tables((Iq2Smem*)tables_raw_);
 
-#define DS4_KERNELS(T, U, USES_TABLES, DQ_ELEMS)                                                     \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
-        mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,          \
-               int n_rows, int n_cols, const float* __restrict__ x, i64 x_stride,                \
-               float* __restrict__ y, int split) {                                               \
-        pdl_enter();                                                                             \
-        DS4_TABLES(USES_TABLES)                                                                  \
-        __shared__ float part_[WARPS_PER_BLOCK];                                                 \
-        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
-        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
-        float r = 0.0f;                                                                          \
-        if (o < n_rows) {                                                                        \
-            const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
-            float acc[1] = {0.0f};                                                               \
-            RowCtx c = {wb, o, n_rows, n_cols};                                                  \
-            if (split == 1) /* constant stride: the prefill MoE path's code */                 \
-                dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_, 0, 1);              \
-            else                                                                                 \
-                dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_, part, split);       \
-            r = warp_sum(acc[0]);                                                                \
-        }                                                                                        \
-        if (split == 1) {                                                                        \
-            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;            \
-            return;                                                                              \
-        }                                                                                        \
-        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                            \
-        __syncthreads();                                                                         \
-        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                \
-            for (int i = 1; i < split; i++) r += part_[warp + i];                                \
-            y[(i64)slot * n_rows + o] = r;                                                       \
-        }                                                                                        \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
-        mm_##T(const u8* __restrict__ w, int n_rows, int n_cols, const float* __restrict__ x,    \
-               int n_tok, float* __restrict__ y) {                                               \
-        DS4_TABLES(USES_TABLES)                                                                  \
-        int o = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);                               \
-        if (o >= n_rows) return;                                                                 \
-        int t0 = blockIdx.y * MM_TOKENS;                                                         \
-        int nt = min(MM_TOKENS, n_tok - t0);                                                     \
-        float acc[MM_TOKENS];                                                                    \
-        _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) acc[t] = 0.0f;                     \
-        RowCtx c = {w, o, n_rows, n_cols};                                                       \
-        dot_row<U, MM_TOKENS, 1>(c, x + (i64)t0 * n_cols, n_cols, nt, acc, tables_, 0, 1);       \
-        _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) {                                  \
-            float r = warp_sum(acc[t]);                                                          \
-            if ((threadIdx.x & 31) == 0 && t < nt) y[(i64)(t0 + t) * n_rows + o] = r;            \
-        }                                                                                        \
-    }                                                                                            \
-    extern "C" __global__ void dq_##T(const u8* __restrict__ w, int n_rows, int n_cols,          \
-                                      u16* __restrict__ out) {                                   \
-        i64 upr = n_cols / DQ_ELEMS;                                                             \
-        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                      \
-        if (i >= upr * n_rows) return;                                                           \
-        int o = (int)(i / upr), u = (int)(i % upr);                                              \
-        float v[DQ_ELEMS];                                                                       \
-        deq_##T(w, o, n_rows, n_cols, u, v);                                                     \
-        u16* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                    \
-        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = f2h(v[k]);                                   \
+#define DS4_KERNELS(T, U, USES_TABLES, DQ_ELEMS)                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                               \
+        mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,             \
+               int n_rows, int n_cols, const float* __restrict__ x, i64 x_stride,                   \
+               float* __restrict__ y, int split) {                                                  \
+        pdl_enter();                                                                                \
+        DS4_TABLES(USES_TABLES)                                                                     \
+        __shared__ float part_[WARPS_PER_BLOCK];                                                    \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                             \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;         \
+        float r = 0.0f;                                                                             \
+        if (o < n_rows) {                                                                           \
+            const u8* wb = w + (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                   \
+            float acc[1] = {0.0f};                                                                  \
+            RowCtx c = {wb, o, n_rows, n_cols};                                                     \
+            if (split == 1) /* constant stride: the prefill MoE path's code */                      \
+                dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_, 0, 1);                 \
+            else                                                                                    \
+                dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_, part, split);          \
+            r = warp_sum(acc[0]);                                                                   \
+        }                                                                                           \
+        if (split == 1) {                                                                           \
+            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;               \
+            return;                                                                                 \
+        }                                                                                           \
+        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                               \
+        __syncthreads();                                                                            \
+        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                   \
+            for (int i = 1; i < split; i++) r += part_[warp + i];                                   \
+            y[(i64)slot * n_rows + o] = r;                                                          \
+        }                                                                                           \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                               \
+        mm_##T(const u8* __restrict__ w, int n_rows, int n_cols, const float* __restrict__ x,       \
+               int n_tok, float* __restrict__ y) {                                                  \
+        DS4_TABLES(USES_TABLES)                                                                     \
+        int o = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);                                  \
+        if (o >= n_rows) return;                                                                    \
+        int t0 = blockIdx.y * MM_TOKENS;                                                            \
+        int nt = min(MM_TOKENS, n_tok - t0);                                                        \
+        float acc[MM_TOKENS];                                                                       \
+        _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) acc[t] = 0.0f;                        \
+        RowCtx c = {w, o, n_rows, n_cols};                                                          \
+        dot_row<U, MM_TOKENS, 1>(c, x + (i64)t0 * n_cols, n_cols, nt, acc, tables_, 0, 1);          \
+        _Pragma("unroll") for (int t = 0; t < MM_TOKENS; t++) {                                     \
+            float r = warp_sum(acc[t]);                                                             \
+            if ((threadIdx.x & 31) == 0 && t < nt) y[(i64)(t0 + t) * n_rows + o] = r;               \
+        }                                                                                           \
+    }                                                                                               \
+    extern "C" __global__ void dq_##T(const u8* __restrict__ w, int n_rows, int n_cols,             \
+                                      u16* __restrict__ out) {                                      \
+        i64 upr = n_cols / DQ_ELEMS;                                                                \
+        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                         \
+        if (i >= upr * n_rows) return;                                                              \
+        int o = (int)(i / upr), u = (int)(i % upr);                                                 \
+        float v[DQ_ELEMS];                                                                          \
+        deq_##T(w, o, n_rows, n_cols, u, v);                                                        \
+        u16* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                       \
+        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = f2h(v[k]);                                      \
     }
 
 DS4_KERNELS(f32, UF32, 0, 4)
@@ -516,17 +524,17 @@ extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restri
 }
 
 // Dequantize to f32 (exact, used by the self-test to compare against the CPU bit for bit).
-#define DS4_DQ32(T, DQ_ELEMS)                                                                    \
-    extern "C" __global__ void dq32_##T(const u8* __restrict__ w, int n_rows, int n_cols,        \
-                                        float* __restrict__ out) {                               \
-        i64 upr = n_cols / DQ_ELEMS;                                                             \
-        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                      \
-        if (i >= upr * n_rows) return;                                                           \
-        int o = (int)(i / upr), u = (int)(i % upr);                                              \
-        float v[DQ_ELEMS];                                                                       \
-        deq_##T(w, o, n_rows, n_cols, u, v);                                                     \
-        float* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                  \
-        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = v[k];                                        \
+#define DS4_DQ32(T, DQ_ELEMS)                                                                       \
+    extern "C" __global__ void dq32_##T(const u8* __restrict__ w, int n_rows, int n_cols,           \
+                                        float* __restrict__ out) {                                  \
+        i64 upr = n_cols / DQ_ELEMS;                                                                \
+        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                         \
+        if (i >= upr * n_rows) return;                                                              \
+        int o = (int)(i / upr), u = (int)(i % upr);                                                 \
+        float v[DQ_ELEMS];                                                                          \
+        deq_##T(w, o, n_rows, n_cols, u, v);                                                        \
+        float* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                     \
+        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = v[k];                                           \
     }
 
 DS4_DQ32(f32, 4)
@@ -819,39 +827,39 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
     *rb = accb;
 }
 
-#define DS4_MV8(NAME, U, USES_TABLES, DSH, UNR)                                                       \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
-        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
-                int n_rows, int n_cols, const signed char* __restrict__ xq,                      \
-                const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {  \
-        pdl_enter();                                                                             \
-        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
-        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
-        if (USES_TABLES) {                                                                       \
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
-            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
-            __syncthreads();                                                                     \
-        }                                                                                        \
-        __shared__ float part_[WARPS_PER_BLOCK];                                                 \
-        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
-        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
-        float r = 0.0f;                                                                          \
-        if (o < n_rows) {                                                                        \
-            const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
-            RowCtx c = {wb, o, n_rows, n_cols};                                                  \
-            i64 xo = (i64)slot * x_stride;                                                       \
-            r = warp_sum(dot_row8<U, UNR, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));   \
-        }                                                                                        \
-        if (split == 1) {                                                                        \
-            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;            \
-            return;                                                                              \
-        }                                                                                        \
-        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                            \
-        __syncthreads();                                                                         \
-        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                \
-            for (int i = 1; i < split; i++) r += part_[warp + i];                                \
-            y[(i64)slot * n_rows + o] = r;                                                       \
-        }                                                                                        \
+#define DS4_MV8(NAME, U, USES_TABLES, DSH, UNR)                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                               \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,               \
+                int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
+                const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {     \
+        pdl_enter();                                                                                \
+        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                        \
+        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                          \
+        if (USES_TABLES) {                                                                          \
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];     \
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);       \
+            __syncthreads();                                                                        \
+        }                                                                                           \
+        __shared__ float part_[WARPS_PER_BLOCK];                                                    \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                             \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;         \
+        float r = 0.0f;                                                                             \
+        if (o < n_rows) {                                                                           \
+            const u8* wb = w + (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                   \
+            RowCtx c = {wb, o, n_rows, n_cols};                                                     \
+            i64 xo = (i64)slot * x_stride;                                                          \
+            r = warp_sum(dot_row8<U, UNR, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));    \
+        }                                                                                           \
+        if (split == 1) {                                                                           \
+            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;               \
+            return;                                                                                 \
+        }                                                                                           \
+        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                               \
+        __syncthreads();                                                                            \
+        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                   \
+            for (int i = 1; i < split; i++) r += part_[warp + i];                                   \
+            y[(i64)slot * n_rows + o] = r;                                                          \
+        }                                                                                           \
     }
 
 DS4_MV8(mv8_q8_0, I8Q8_0, 0, 5, 4)
@@ -862,53 +870,53 @@ DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
 // take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
 // h[s][o] = silu(min(g, c))·clamp(u, ±c)·wts[s] (wts null: 1), the same expressions as
 // k_swiglu in forward.cu. Saves the up launch, the SwiGLU launch and the g/u round trip.
-#define DS4_MV8_GLU(NAME, U, USES_TABLES, DSH, UNR)                                                   \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
-        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
-                   const int* __restrict__ ids, int n_rows, int n_cols,                          \
-                   const signed char* __restrict__ xq, const float* __restrict__ xd,             \
-                   i64 x_stride, const float* __restrict__ wts, float clampc,                    \
-                   float* __restrict__ h, int split) {                                           \
-        pdl_enter();                                                                             \
-        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                     \
-        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                       \
-        if (USES_TABLES) {                                                                       \
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];  \
-            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);   \
-            __syncthreads();                                                                     \
-        }                                                                                        \
-        __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                       \
-        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                          \
-        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;      \
-        float rg = 0.0f, ru = 0.0f;                                                              \
-        if (o < n_rows) {                                                                        \
-            i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                  \
-            RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};         \
-            i64 xo = (i64)slot * x_stride;                                                       \
-            dot_row8x2<U, UNR, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru);  \
-            rg = warp_sum(rg);                                                                   \
-            ru = warp_sum(ru);                                                                   \
-        }                                                                                        \
-        if (split > 1) {                                                                         \
-            if ((threadIdx.x & 31) == 0) {                                                       \
-                partg_[warp] = rg;                                                               \
-                partu_[warp] = ru;                                                               \
-            }                                                                                    \
-            __syncthreads();                                                                     \
-            if (part != 0) return;                                                               \
-            for (int i = 1; i < split; i++) {                                                    \
-                rg += partg_[warp + i];                                                          \
-                ru += partu_[warp + i];                                                          \
-            }                                                                                    \
-        }                                                                                        \
-        if ((threadIdx.x & 31) == 0 && o < n_rows) {                                             \
-            float gv = fminf(rg, clampc);                                                        \
-            float sil = gv * (1.0f / (1.0f + expf(-gv)));                                        \
-            float uv = fminf(fmaxf(ru, -clampc), clampc);                                        \
-            float r = sil * uv;                                                                  \
-            if (wts) r = r * wts[slot];                                                          \
-            h[(i64)slot * n_rows + o] = r;                                                       \
-        }                                                                                        \
+#define DS4_MV8_GLU(NAME, U, USES_TABLES, DSH, UNR)                                                 \
+    extern "C" __global__ void __launch_bounds__(256)                                               \
+        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,                \
+                   const int* __restrict__ ids, int n_rows, int n_cols,                             \
+                   const signed char* __restrict__ xq, const float* __restrict__ xd,                \
+                   i64 x_stride, const float* __restrict__ wts, float clampc,                       \
+                   float* __restrict__ h, int split) {                                              \
+        pdl_enter();                                                                                \
+        __shared__ u64 tbraw_[USES_TABLES ? (sizeof(Iq2Smem8) + 7) / 8 : 1];                        \
+        Iq2Smem8* tb_ = (Iq2Smem8*)tbraw_;                                                          \
+        if (USES_TABLES) {                                                                          \
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) tb_->grid[i] = ds4_iq2_grid[i];     \
+            for (int i = threadIdx.x; i < 128; i += blockDim.x) tb_->smask[i] = iq2_smask(i);       \
+            __syncthreads();                                                                        \
+        }                                                                                           \
+        __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                          \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                             \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;         \
+        float rg = 0.0f, ru = 0.0f;                                                                 \
+        if (o < n_rows) {                                                                           \
+            i64 eo = (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                             \
+            RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};            \
+            i64 xo = (i64)slot * x_stride;                                                          \
+            dot_row8x2<U, UNR, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru); \
+            rg = warp_sum(rg);                                                                      \
+            ru = warp_sum(ru);                                                                      \
+        }                                                                                           \
+        if (split > 1) {                                                                            \
+            if ((threadIdx.x & 31) == 0) {                                                          \
+                partg_[warp] = rg;                                                                  \
+                partu_[warp] = ru;                                                                  \
+            }                                                                                       \
+            __syncthreads();                                                                        \
+            if (part != 0) return;                                                                  \
+            for (int i = 1; i < split; i++) {                                                       \
+                rg += partg_[warp + i];                                                             \
+                ru += partu_[warp + i];                                                             \
+            }                                                                                       \
+        }                                                                                           \
+        if ((threadIdx.x & 31) == 0 && o < n_rows) {                                                \
+            float gv = fminf(rg, clampc);                                                           \
+            float sil = gv * (1.0f / (1.0f + expf(-gv)));                                           \
+            float uv = fminf(fmaxf(ru, -clampc), clampc);                                           \
+            float r = sil * uv;                                                                     \
+            if (wts) r = r * wts[slot];                                                             \
+            h[(i64)slot * n_rows + o] = r;                                                          \
+        }                                                                                           \
     }
 
 DS4_MV8_GLU(mv8glu_q8_0, I8Q8_0, 0, 5, 4)
@@ -925,7 +933,7 @@ DS4_MV8_GLU(mv8glu_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
 template <int RW, int UNR>
 __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_cols,
                                          const signed char* xq, const float* xd, int first,
-                                         int stride, float* acc) {
+                                         int stride, bool waited, float* acc) {
     const int lane = threadIdx.x & 31;
     const int steps = n_cols >> 9, nb = n_cols >> 5;
     const u16* scp = (const u16*)(w + (i64)n_rows * n_cols);
@@ -940,10 +948,6 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
             const int sk = s0 + k * stride;
             on[k] = sk < steps;
             const int e0 = (sk << 9) + 16 * lane;
-            if (on[k]) {
-                xv[k] = *(const uint4*)(xq + e0);
-                xs[k] = xd[e0 >> 5];
-            }
 #pragma unroll
             for (int r = 0; r < RW; r++) {
                 if (on[k] && o + r < n_rows) {
@@ -953,6 +957,19 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
                     q[r][k] = make_uint4(0u, 0u, 0u, 0u);
                     dw[r][k] = 0;
                 }
+            }
+        }
+        // The first step's weights are in flight before the wait (pdl_trigger).
+        if (!waited) {
+            pdl_wait();
+            waited = true;
+        }
+#pragma unroll
+        for (int k = 0; k < UNR; k++) {
+            const int e0 = ((s0 + k * stride) << 9) + 16 * lane;
+            if (on[k]) {
+                xv[k] = *(const uint4*)(xq + e0);
+                xs[k] = xd[e0 >> 5];
             }
         }
 #pragma unroll
@@ -971,43 +988,47 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
 }
 
 // Grid: x = groups of (8/split)·RW rows, y = slot (matrix ids[slot], input slot·x_stride).
-#define DS4_MV8W(NAME, RW, UNR)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256)                                            \
-        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
-             int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
-             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {     \
-        pdl_enter();                                                                             \
-        __shared__ float part_[WARPS_PER_BLOCK][RW];                                             \
-        int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;                 \
-        int o = (blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split) * RW;                    \
-        int part = warp % split;                                                                 \
-        float acc[RW];                                                                           \
-        _Pragma("unroll") for (int r = 0; r < RW; r++) acc[r] = 0.0f;                            \
-        if (o < n_rows) {                                                                        \
-            const u8* wb = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                        \
-            i64 xo = (i64)slot * x_stride;                                                       \
-            q8w_rows<RW, UNR>(wb, o, n_rows, n_cols, xq + xo, xd + (xo >> 5), part, split, acc); \
-            _Pragma("unroll") for (int r = 0; r < RW; r++) acc[r] = warp_sum(acc[r]);            \
-        }                                                                                        \
-        if (split == 1) {                                                                        \
-            if (lane == 0) {                                                                     \
-                _Pragma("unroll") for (int r = 0; r < RW; r++) {                                 \
-                    if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = acc[r];                  \
-                }                                                                                \
-            }                                                                                    \
-            return;                                                                              \
-        }                                                                                        \
-        if (lane == 0) {                                                                         \
-            _Pragma("unroll") for (int r = 0; r < RW; r++) part_[warp][r] = acc[r];              \
-        }                                                                                        \
-        __syncthreads();                                                                         \
-        if (lane == 0 && part == 0) {                                                            \
-            _Pragma("unroll") for (int r = 0; r < RW; r++) {                                     \
-                float v = acc[r];                                                                \
-                for (int i = 1; i < split; i++) v += part_[warp + i][r];                         \
-                if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = v;                           \
-            }                                                                                    \
-        }                                                                                        \
+#define DS4_MV8W(NAME, RW, UNR)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                               \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,               \
+             int n_rows, int n_cols, const signed char* __restrict__ xq,                            \
+             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {        \
+        pdl_trigger();                                                                              \
+        __shared__ float part_[WARPS_PER_BLOCK][RW];                                                \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;                    \
+        int o = (blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split) * RW;                       \
+        int part = warp % split;                                                                    \
+        float acc[RW];                                                                              \
+        _Pragma("unroll") for (int r = 0; r < RW; r++) acc[r] = 0.0f;                               \
+        /* Expert ids come from an earlier kernel: wait before reading them. Warps that */          \
+        /* write y have waited (in q8w_rows: part 0 always runs a step). */                         \
+        if (ids) pdl_wait();                                                                        \
+        if (o < n_rows) {                                                                           \
+            const u8* wb = w + (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                   \
+            i64 xo = (i64)slot * x_stride;                                                          \
+            q8w_rows<RW, UNR>(wb, o, n_rows, n_cols, xq + xo, xd + (xo >> 5), part, split,          \
+                              ids != nullptr, acc);                                                 \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) acc[r] = warp_sum(acc[r]);               \
+        }                                                                                           \
+        if (split == 1) {                                                                           \
+            if (lane == 0) {                                                                        \
+                _Pragma("unroll") for (int r = 0; r < RW; r++) {                                    \
+                    if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = acc[r];                     \
+                }                                                                                   \
+            }                                                                                       \
+            return;                                                                                 \
+        }                                                                                           \
+        if (lane == 0) {                                                                            \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) part_[warp][r] = acc[r];                 \
+        }                                                                                           \
+        __syncthreads();                                                                            \
+        if (lane == 0 && part == 0) {                                                               \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) {                                        \
+                float v = acc[r];                                                                   \
+                for (int i = 1; i < split; i++) v += part_[warp + i][r];                            \
+                if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = v;                              \
+            }                                                                                       \
+        }                                                                                           \
     }
 
 DS4_MV8W(mv8w2_q8_0, 2, 4)
@@ -1192,85 +1213,85 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
 
 // The IQ2_XXS tables in shared memory (256 selectors + 128 sign-nibble words, 1.5 KB; a
 // 4-byte dummy for Q2_K), filled before any early return so every thread reaches the barrier.
-#define DS4_LANE_TABLE(TABLES)                                                                   \
-    __shared__ u32 tab_[TABLES ? 384 : 1];                                                       \
-    if (TABLES) {                                                                                \
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) tab_[i] = ds4_iq2_sel[i];            \
-        if (threadIdx.x < 128) tab_[256 + threadIdx.x] = iq2_sign_nibbles(threadIdx.x);          \
-        __syncthreads();                                                                         \
+#define DS4_LANE_TABLE(TABLES)                                                                      \
+    __shared__ u32 tab_[TABLES ? 384 : 1];                                                          \
+    if (TABLES) {                                                                                   \
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) tab_[i] = ds4_iq2_sel[i];               \
+        if (threadIdx.x < 128) tab_[256 + threadIdx.x] = iq2_sign_nibbles(threadIdx.x);             \
+        __syncthreads();                                                                            \
     }
 
 // mvl_<t>: as mv8_<t> (slot = blockIdx.y, matrix ids[slot], input slot·x_stride), RO
 // consecutive rows per warp, 8 warps per block; no split.
-#define DS4_MVL(NAME, U, TABLES, RO, UNR, MINB)                                                  \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
-        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,            \
-             int n_rows, int n_cols, const signed char* __restrict__ xq,                         \
-             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y) {                \
-        pdl_enter();                                                                             \
-        DS4_LANE_TABLE(TABLES)                                                                   \
-        const int slot = blockIdx.y, lane = threadIdx.x & 31;                                    \
-        const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                  \
-        if (o >= n_rows) return;                                                                 \
-        const int nb = n_cols >> 8;                                                              \
-        const i64 rb = (i64)nb * U::BLOCK_BYTES;                                                 \
-        const u8* base = w + (ids ? (i64)ids[slot] : 0) * expert_bytes;                          \
-        const u8* rows[RO];                                                                      \
-        float acc[RO];                                                                           \
-        _Pragma("unroll") for (int r = 0; r < RO; r++) {                                         \
-            rows[r] = base + (i64)min(o + r, n_rows - 1) * rb;                                   \
-            acc[r] = 0.0f;                                                                       \
-        }                                                                                        \
-        const i64 xo = (i64)slot * x_stride;                                                     \
-        lane_rows<U, RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                     \
-        _Pragma("unroll") for (int r = 0; r < RO; r++) acc[r] = warp_sum(acc[r]);                \
-        if (lane == 0) {                                                                         \
-            _Pragma("unroll") for (int r = 0; r < RO; r++) {                                     \
-                if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = acc[r];                      \
-            }                                                                                    \
-        }                                                                                        \
+#define DS4_MVL(NAME, U, TABLES, RO, UNR, MINB)                                                     \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                         \
+        NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,               \
+             int n_rows, int n_cols, const signed char* __restrict__ xq,                            \
+             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y) {                   \
+        pdl_enter();                                                                                \
+        DS4_LANE_TABLE(TABLES)                                                                      \
+        const int slot = blockIdx.y, lane = threadIdx.x & 31;                                       \
+        const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                     \
+        if (o >= n_rows) return;                                                                    \
+        const int nb = n_cols >> 8;                                                                 \
+        const i64 rb = (i64)nb * U::BLOCK_BYTES;                                                    \
+        const u8* base = w + (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                     \
+        const u8* rows[RO];                                                                         \
+        float acc[RO];                                                                              \
+        _Pragma("unroll") for (int r = 0; r < RO; r++) {                                            \
+            rows[r] = base + (i64)min(o + r, n_rows - 1) * rb;                                      \
+            acc[r] = 0.0f;                                                                          \
+        }                                                                                           \
+        const i64 xo = (i64)slot * x_stride;                                                        \
+        lane_rows<U, RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                        \
+        _Pragma("unroll") for (int r = 0; r < RO; r++) acc[r] = warp_sum(acc[r]);                   \
+        if (lane == 0) {                                                                            \
+            _Pragma("unroll") for (int r = 0; r < RO; r++) {                                        \
+                if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = acc[r];                         \
+            }                                                                                       \
+        }                                                                                           \
     }
 
 // mvlglu_<t>: as mv8glu_<t>; a warp takes the gate and up rows of RO consecutive outputs
 // (2·RO rows, one activation load per step), same SwiGLU epilogue.
-#define DS4_MVLGLU(NAME, U, TABLES, RO, UNR, MINB)                                               \
-    extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
-        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,             \
-             const int* __restrict__ ids, int n_rows, int n_cols,                                \
-             const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,     \
-             const float* __restrict__ wts, float clampc, float* __restrict__ h) {               \
-        pdl_enter();                                                                             \
-        DS4_LANE_TABLE(TABLES)                                                                   \
-        const int slot = blockIdx.y, lane = threadIdx.x & 31;                                    \
-        const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                  \
-        if (o >= n_rows) return;                                                                 \
-        const int nb = n_cols >> 8;                                                              \
-        const i64 rb = (i64)nb * U::BLOCK_BYTES;                                                 \
-        const i64 eo = (ids ? (i64)ids[slot] : 0) * expert_bytes;                                \
-        const u8* rows[2 * RO];                                                                  \
-        float acc[2 * RO];                                                                       \
-        _Pragma("unroll") for (int r = 0; r < RO; r++) {                                         \
-            const i64 ro = eo + (i64)min(o + r, n_rows - 1) * rb;                                \
-            rows[r] = wg + ro;                                                                   \
-            rows[RO + r] = wu + ro;                                                              \
-            acc[r] = 0.0f;                                                                       \
-            acc[RO + r] = 0.0f;                                                                  \
-        }                                                                                        \
-        const i64 xo = (i64)slot * x_stride;                                                     \
-        lane_rows<U, 2 * RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                 \
-        _Pragma("unroll") for (int r = 0; r < 2 * RO; r++) acc[r] = warp_sum(acc[r]);            \
-        if (lane == 0) {                                                                         \
-            _Pragma("unroll") for (int r = 0; r < RO; r++) {                                     \
-                if (o + r < n_rows) {                                                            \
-                    float gv = fminf(acc[r], clampc);                                            \
-                    float sil = gv * (1.0f / (1.0f + expf(-gv)));                                \
-                    float uv = fminf(fmaxf(acc[RO + r], -clampc), clampc);                       \
-                    float v = sil * uv;                                                          \
-                    if (wts) v = v * wts[slot];                                                  \
-                    h[(i64)slot * n_rows + o + r] = v;                                           \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
+#define DS4_MVLGLU(NAME, U, TABLES, RO, UNR, MINB)                                                  \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                         \
+        NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,                \
+             const int* __restrict__ ids, int n_rows, int n_cols,                                   \
+             const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,        \
+             const float* __restrict__ wts, float clampc, float* __restrict__ h) {                  \
+        pdl_enter();                                                                                \
+        DS4_LANE_TABLE(TABLES)                                                                      \
+        const int slot = blockIdx.y, lane = threadIdx.x & 31;                                       \
+        const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                     \
+        if (o >= n_rows) return;                                                                    \
+        const int nb = n_cols >> 8;                                                                 \
+        const i64 rb = (i64)nb * U::BLOCK_BYTES;                                                    \
+        const i64 eo = (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                           \
+        const u8* rows[2 * RO];                                                                     \
+        float acc[2 * RO];                                                                          \
+        _Pragma("unroll") for (int r = 0; r < RO; r++) {                                            \
+            const i64 ro = eo + (i64)min(o + r, n_rows - 1) * rb;                                   \
+            rows[r] = wg + ro;                                                                      \
+            rows[RO + r] = wu + ro;                                                                 \
+            acc[r] = 0.0f;                                                                          \
+            acc[RO + r] = 0.0f;                                                                     \
+        }                                                                                           \
+        const i64 xo = (i64)slot * x_stride;                                                        \
+        lane_rows<U, 2 * RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                    \
+        _Pragma("unroll") for (int r = 0; r < 2 * RO; r++) acc[r] = warp_sum(acc[r]);               \
+        if (lane == 0) {                                                                            \
+            _Pragma("unroll") for (int r = 0; r < RO; r++) {                                        \
+                if (o + r < n_rows) {                                                               \
+                    float gv = fminf(acc[r], clampc);                                               \
+                    float sil = gv * (1.0f / (1.0f + expf(-gv)));                                   \
+                    float uv = fminf(fmaxf(acc[RO + r], -clampc), clampc);                          \
+                    float v = sil * uv;                                                             \
+                    if (wts) v = v * wts[slot];                                                     \
+                    h[(i64)slot * n_rows + o + r] = v;                                              \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
     }
 
 // Rows per warp RO = 4 for the plain Q2_K product (its activation loads and bsums shared by 4
