@@ -175,8 +175,9 @@ pub fn live_suffix(
     text.push_str(chat::EOS);
     text.push_str(&r.text);
     let n = chat::EOS.len();
-    let mut specials = vec![0..n];
-    specials.extend(r.specials.iter().map(|s| s.start + n..s.end + n));
+    let specials = std::iter::once(0..n)
+        .chain(r.specials.iter().map(|s| s.start + n..s.end + n))
+        .collect();
     Ok(RenderedPrompt { text, specials })
 }
 
