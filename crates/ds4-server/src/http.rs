@@ -434,7 +434,7 @@ impl Drop for CancelOnDrop {
 
 pub struct Running {
     pub prompt_tokens: usize,
-    pub rx: UnboundedReceiver<Event>,
+    rx: UnboundedReceiver<Event>,
     /// An event already taken from `rx` by [`settle`], delivered first.
     pending: Option<Event>,
     /// The request needs live tool state (protocol.md §5.2 step 4).
@@ -444,6 +444,7 @@ pub struct Running {
 }
 
 impl Running {
+    /// The job's next event (None once the worker is done with it).
     pub async fn recv(&mut self) -> Option<Event> {
         match self.pending.take() {
             Some(ev) => Some(ev),
