@@ -2088,7 +2088,7 @@ impl Worker {
             ended_by_eos || (finish == Finish::ToolCalls && out.finish == Finish::ToolCalls);
         let visible = match job.bindings {
             // A thinking turn without tools: the next render drops its reasoning.
-            Bindings::Thinking => p
+            Bindings::Thinking | Bindings::Messages => p
                 .text
                 .strip_suffix(ds4::chat::THINK_START)
                 .filter(|_| {
