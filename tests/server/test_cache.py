@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import httpx
+import pytest
 
 from scripts import LONG_SYSTEM, PLAIN
 
@@ -206,3 +207,110 @@ def test_responses_follow_up_without_returned_reasoning_keeps_the_live_session(m
     # The shutdown checkpoint of the second turn is keyed by its visible transcript (ext bit 1).
     assert s.stop() == 0
     assert 2 in [f.read_bytes()[6] & 6 for f in kv.glob("*.kv")]
+
+
+def hits(s, kind):
+    return s.metrics().get(f'ds4_cache_hits_total{{kind="{kind}"}}', 0)
+
+
+def test_responses_tool_outputs_continue_the_live_tool_turn(make_server, tmp_path):
+    # Tool outputs that answer exactly the calls of the live Responses tool-call turn are
+    # appended to the live session (protocol.md §5.2 step 2, `responses-tool-output`), even
+    # when the replayed history is not what the session holds (here: the reasoning the client
+    # asked for is not sent back) or is not replayed at all (outputs only).
+    from scripts import ANSWER, CALL, CALL2, WEATHER_FLAT
+
+    trace = tmp_path / "trace.log"
+    s = make_server([CALL, ANSWER, CALL2, ANSWER], args=["--trace", str(trace)], layers=LAYERS)
+    c = s.openai()
+    summary = {"summary": "auto"}
+    inp = [{"role": "developer", "content": LONG_SYSTEM}, {"role": "user", "content": "Weather in Rome?"}]
+    r1 = c.responses.create(model=MODEL, input=inp, tools=[WEATHER_FLAT], reasoning=summary)
+    assert [o.type for o in r1.output] == ["reasoning", "function_call"]
+    call = r1.output[1]
+    inp2 = inp + [call.model_dump(exclude_none=True),
+                  {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    r2 = c.responses.create(model=MODEL, input=inp2, tools=[WEATHER_FLAT], reasoning=summary)
+    assert r2.output_text == "It is sunny in Rome."
+    assert r2.usage.input_tokens_details.cached_tokens == r1.usage.input_tokens + r1.usage.output_tokens
+    assert hits(s, "responses-tool-output") == 1 and hits(s, "responses-visible") == 0
+    # A turn with two calls, then a request of outputs only (nothing replayed).
+    r3 = c.responses.create(model=MODEL, input=inp + [{"role": "user", "content": "And Paris?"}],
+                            tools=[WEATHER_FLAT])
+    ids = [o.call_id for o in r3.output if o.type == "function_call"]
+    assert len(ids) == 2
+    outs = [{"type": "function_call_output", "call_id": i, "output": "sunny"} for i in ids]
+    # Outputs for only one of the live calls: the live tool state they need is not there.
+    r = httpx.post(s.url + "/v1/responses", json={"model": MODEL, "input": outs[:1], "tools": [WEATHER_FLAT]})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["message"] == (
+        "Responses continuation state is not available; retry by replaying the full input history")
+    # An output for a call that is neither replayed nor live.
+    r = httpx.post(s.url + "/v1/responses", json={"model": MODEL, "input": [
+        {"type": "function_call_output", "call_id": "call_nope", "output": "x"}]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == ("Responses continuation state is not available for call_id "
+                                            "call_nope; retry by replaying the full input history")
+    events = list(c.responses.create(model=MODEL, input=outs[::-1], tools=[WEATHER_FLAT], stream=True))
+    r4 = events[-1].response
+    assert r4.status == "completed" and r4.output_text == "It is sunny in Rome."
+    assert r4.usage.input_tokens_details.cached_tokens == r3.usage.input_tokens + r3.usage.output_tokens
+    assert hits(s, "responses-tool-output") == 2
+    # The binding is gone with the answer: the same outputs are now unknown.
+    r = httpx.post(s.url + "/v1/responses", json={"model": MODEL, "input": outs})
+    assert r.status_code == 400, r.text
+    s.stop()
+    text = trace.read_text()
+    assert text.count("cache_source: responses-tool-output") == 2, text
+    assert "cache_source: none (live tool state not available: 409)" in text
+
+
+def test_anthropic_tool_results_continue_the_live_tool_turn(make_server, tmp_path):
+    # The same for Messages (§5.2 step 3, `anthropic-tool-output`): after a tool_use turn,
+    # tool_result messages for exactly its calls continue the live session.
+    import anthropic
+
+    from scripts import ANSWER, CALL, CALL2, WEATHER_ANTHROPIC
+
+    trace = tmp_path / "trace.log"
+    s = make_server([CALL, ANSWER, CALL2, ANSWER], args=["--trace", str(trace)], layers=LAYERS)
+    a = s.anthropic()
+    kw = dict(model=MODEL, max_tokens=256, system=LONG_SYSTEM, tools=[WEATHER_ANTHROPIC],
+              thinking={"type": "enabled", "budget_tokens": 1024})
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    r1 = a.messages.create(messages=msgs, **kw)
+    assert r1.stop_reason == "tool_use"
+    tu = [b for b in r1.content if b.type == "tool_use"][0]
+    msgs += [{"role": "assistant", "content": [b.model_dump() for b in r1.content]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tu.id, "content": "sunny"}]}]
+    r2 = a.messages.create(messages=msgs, **kw)
+    assert r2.content[-1].text == "It is sunny in Rome."
+    assert r2.usage.cache_read_input_tokens == r1.usage.input_tokens + r1.usage.output_tokens
+    assert hits(s, "anthropic-tool-output") == 1
+    # Two calls; then tool results only (the history is not replayed).
+    msgs += [{"role": "assistant", "content": r2.content[-1].text}, {"role": "user", "content": "And Paris?"}]
+    r3 = a.messages.create(messages=msgs, **kw)
+    ids = [b.id for b in r3.content if b.type == "tool_use"]
+    assert len(ids) == 2
+    results = [{"type": "tool_result", "tool_use_id": i, "content": "sunny"} for i in ids]
+    # One result of the two live calls: 409, streamed or not.
+    with pytest.raises(anthropic.APIStatusError) as e:
+        a.messages.create(messages=[{"role": "user", "content": results[:1]}], **kw)
+    assert e.value.status_code == 409
+    assert e.value.body["error"]["message"] == (
+        "Anthropic continuation state is not available; retry by replaying the full messages history")
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with a.messages.stream(messages=[{"role": "user", "content": results[1:]}], **kw) as st:
+            st.get_final_message()
+    assert e.value.status_code == 409
+    with a.messages.stream(messages=[{"role": "user", "content": results}], **kw) as st:
+        r4 = st.get_final_message()
+    assert r4.content[-1].text == "It is sunny in Rome."
+    assert r4.usage.cache_read_input_tokens == r3.usage.input_tokens + r3.usage.output_tokens
+    assert hits(s, "anthropic-tool-output") == 2
+    # Answered: the ids are no longer live (and not replayed): 400.
+    with pytest.raises(anthropic.BadRequestError):
+        a.messages.create(messages=[{"role": "user", "content": results}], **kw)
+    s.stop()
+    text = trace.read_text()
+    assert text.count("cache_source: anthropic-tool-output") == 2, text

@@ -11,10 +11,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::engine::{
-    new_item_id, Bindings, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
+    new_item_id, Bindings, Event, Finish, Msg, Outcome, PromptInput, Role, ToolApi, ToolCall,
+    ToolOutputs, MODEL_ID,
 };
 use crate::http::{
-    arguments_value, check_auth, collect, json_response, prepare, read_json, sse_event,
+    arguments_value, check_auth, collect, json_response, prepare, read_json, settle, sse_event,
     sse_response, submit, thinking_mode, trace_head, Api, ApiError, App, Fields, GenParams,
     Projector,
 };
@@ -93,6 +94,12 @@ fn parse(app: &App, f: &Fields) -> Result<Parsed, ApiError> {
         messages.push(Msg::text(Role::System, sys));
     }
     let mut seen_tool_use: HashSet<String> = HashSet::new();
+    // §5.3: the trailing run of tool_result user messages (where it starts in `messages`, and
+    // where a system message after it stops it), and whether a result answers a call only
+    // the live session knows (§4.8, §5.2 step 4).
+    let mut tail_from: Option<usize> = None;
+    let mut tail_to: Option<usize> = None;
+    let mut needs_live = false;
     for (i, m) in arr.iter().enumerate() {
         let Value::Object(m) = m else {
             return Err(ApiError::bad(
@@ -102,9 +109,16 @@ fn parse(app: &App, f: &Fields) -> Result<Parsed, ApiError> {
         };
         let role = m.get("role").and_then(|r| r.as_str()).unwrap_or("user");
         let content = m.get("content");
+        let first = messages.len();
         match role {
-            "system" => messages.push(Msg::text(Role::System, system_text(content)?)),
+            "system" => {
+                if tail_from.is_some() {
+                    tail_to.get_or_insert(first);
+                }
+                messages.push(Msg::text(Role::System, system_text(content)?));
+            }
             "assistant" => {
+                tail_from = None;
                 let mut msg = Msg::text(Role::Assistant, "");
                 match content {
                     Some(Value::String(s)) => msg.content = s.clone(),
@@ -159,10 +173,13 @@ fn parse(app: &App, f: &Fields) -> Result<Parsed, ApiError> {
                                 "text" => text.push_str(b.get("text").and_then(|t| t.as_str()).unwrap_or("")),
                                 "tool_result" => {
                                     let id = b.get("tool_use_id").and_then(|x| x.as_str()).unwrap_or("").to_string();
-                                    if !seen_tool_use.contains(&id) && !app.engine.knows_call_id(&id) {
-                                        return Err(ApiError::bad(API, format!(
-                                            "Anthropic continuation state is not available for tool_use_id {id}; retry by replaying the full messages history"
-                                        )));
+                                    if !seen_tool_use.contains(&id) {
+                                        if !app.engine.is_live_call(ToolApi::Anthropic, &id) {
+                                            return Err(ApiError::bad(API, format!(
+                                                "Anthropic continuation state is not available for tool_use_id {id}; retry by replaying the full messages history"
+                                            )));
+                                        }
+                                        needs_live = true;
                                     }
                                     let mut t = Msg::text(Role::Tool, block_text(b.get("content")));
                                     t.tool_call_id = Some(id);
@@ -179,10 +196,28 @@ fn parse(app: &App, f: &Fields) -> Result<Parsed, ApiError> {
                 if !text.is_empty() || !any_result {
                     messages.push(Msg::text(Role::User, text));
                 }
+                if !any_result {
+                    tail_from = None;
+                } else if tail_from.is_none() || tail_to.is_some() {
+                    (tail_from, tail_to) = (Some(first), None);
+                }
             }
             _ => {}
         }
     }
+    let tail = tail_from.map_or(0..0, |from| from..tail_to.unwrap_or(messages.len()));
+    let mut ids: Vec<String> = Vec::new();
+    for m in &messages[tail.clone()] {
+        if let Some(id) = m.tool_call_id.as_ref().filter(|id| !ids.contains(id)) {
+            ids.push(id.clone());
+        }
+    }
+    let outputs = ToolOutputs {
+        api: ToolApi::Anthropic,
+        tail,
+        ids,
+        needs_live,
+    };
     let mut tools = Vec::new();
     match f.get("tools") {
         None | Some(Value::Null) => {}
@@ -222,6 +257,7 @@ fn parse(app: &App, f: &Fields) -> Result<Parsed, ApiError> {
             tools: if tools_active { tools } else { Vec::new() },
             thinking,
             think_max,
+            outputs: Some(outputs),
         },
         tools_active,
     })
@@ -267,11 +303,12 @@ async fn messages_inner(app: App, headers: HeaderMap, body: Body) -> Result<Resp
         tools_active: parsed.tools_active,
         call_id_prefix: "toolu_",
         trace: trace_head(&app, "messages", &model, stream, false, &obj),
-        bindings: Bindings::Thinking,
+        bindings: Bindings::Messages,
     };
     let prepared = prepare(&app, parsed.input, API).await?;
     crate::count_request(&app, "messages");
-    let run = submit(&app, prepared, params, API, "messages")?;
+    let mut run = submit(&app, prepared, params, API, "messages")?;
+    settle(&mut run, API).await?;
     let id = new_item_id("msg_");
     if stream {
         let prompt_tokens = run.prompt_tokens;

@@ -434,9 +434,42 @@ impl Drop for CancelOnDrop {
 
 pub struct Running {
     pub prompt_tokens: usize,
-    pub rx: UnboundedReceiver<Event>,
+    rx: UnboundedReceiver<Event>,
+    /// An event already taken from `rx` by [`settle`], delivered first.
+    pending: Option<Event>,
+    /// The request needs live tool state (protocol.md §5.2 step 4).
+    needs_live: bool,
     /// Dropped with the response (client gone): cancels the job.
     pub _guard: CancelOnDrop,
+}
+
+impl Running {
+    /// The job's next event (None once the worker is done with it).
+    pub async fn recv(&mut self) -> Option<Event> {
+        match self.pending.take() {
+            Some(ev) => Some(ev),
+            None => self.rx.recv().await,
+        }
+    }
+}
+
+/// For a request that needs live tool state: waits until the worker has looked up the KV
+/// state, so that a lost state is an HTTP 409 (protocol.md §4.9, §5.2 step 4) even for a
+/// stream, whose headers are not sent yet. Other requests return at once.
+pub async fn settle(run: &mut Running, api: Api) -> Result<(), ApiError> {
+    if !run.needs_live {
+        return Ok(());
+    }
+    loop {
+        match run.rx.recv().await {
+            Some(Event::Prefill { .. }) => {}
+            Some(Event::Conflict(m)) => return Err(ApiError::new(StatusCode::CONFLICT, api, m)),
+            ev => {
+                run.pending = ev;
+                return Ok(());
+            }
+        }
+    }
 }
 
 pub struct GenParams {
@@ -517,6 +550,7 @@ pub fn submit(
 ) -> Result<Running, ApiError> {
     let ctx = app.engine.ctx();
     let n = prepared.tokens.len();
+    let needs_live = prepared.tail.as_ref().is_some_and(|t| t.needs_live);
     if n >= ctx {
         return Err(context_error(api, n, ctx, param));
     }
@@ -538,18 +572,21 @@ pub fn submit(
     Ok(Running {
         prompt_tokens: n,
         rx,
+        pending: None,
+        needs_live,
         _guard: CancelOnDrop(cancel),
     })
 }
 
 /// Waits for the outcome (non-streaming).
 pub async fn collect(mut run: Running, api: Api) -> Result<Outcome, ApiError> {
-    while let Some(ev) = run.rx.recv().await {
+    while let Some(ev) = run.recv().await {
         match ev {
             Event::Done(o) => return Ok(*o),
             Event::Failed(m) => {
                 return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, api, m))
             }
+            Event::Conflict(m) => return Err(ApiError::new(StatusCode::CONFLICT, api, m)),
             _ => {}
         }
     }
@@ -619,7 +656,7 @@ pub fn sse_response<P: Projector>(app: &App, run: Running, proj: P) -> Response 
         }
         loop {
             let wait = st.keepalive.saturating_sub(st.last_write.elapsed());
-            match tokio::time::timeout(wait, st.run.rx.recv()).await {
+            match tokio::time::timeout(wait, st.run.recv()).await {
                 Err(_) => {
                     st.last_write = Instant::now();
                     let s = st.proj.keepalive();
@@ -640,6 +677,11 @@ pub fn sse_response<P: Projector>(app: &App, run: Running, proj: P) -> Response 
                     }
                 }
                 Ok(Some(ev)) => {
+                    // A 409 after the headers (a request not settled first) ends the stream.
+                    let ev = match ev {
+                        Event::Conflict(m) => Event::Failed(m),
+                        ev => ev,
+                    };
                     let (s, done) = st.proj.event(ev);
                     st.finished = done;
                     if s.is_empty() && !done {

@@ -220,6 +220,7 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
         tools,
         thinking,
         think_max,
+        outputs: None,
     };
     let head = Head {
         kind: "chat_completions",

@@ -11,11 +11,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
 use crate::engine::{
-    new_item_id, Bindings, Event, Finish, Msg, Outcome, PromptInput, Role, ToolCall, MODEL_ID,
+    new_item_id, Bindings, Event, Finish, Msg, Outcome, PromptInput, Role, ToolApi, ToolCall,
+    ToolOutputs, MODEL_ID,
 };
 use crate::http::{
-    check_auth, collect, content_text, json_response, prepare, read_json, sse_data, sse_response,
-    submit, thinking_mode, trace_head, unix_now, Api, ApiError, App, Fields, GenParams, Projector,
+    check_auth, collect, content_text, json_response, prepare, read_json, settle, sse_data,
+    sse_response, submit, thinking_mode, trace_head, unix_now, Api, ApiError, App, Fields,
+    GenParams, Projector,
 };
 use crate::openai::schema_text;
 
@@ -325,6 +327,68 @@ fn parse_input(f: &Fields) -> Result<Parsed, ApiError> {
     Ok(Parsed { messages })
 }
 
+/// Tool-output validation (protocol.md §4.7): every output answers a call replayed before it
+/// in the request or a call of the live Responses tool-call turn (`live`), else 400. Then
+/// what the outputs claim of the live session (§5.3): the trailing run of outputs answers the
+/// calls of the assistant message right before it, or, when the request replays no history
+/// (only outputs, after any instructions / developer text), the outputs' own ids.
+fn tool_outputs(messages: &[Msg], live: impl Fn(&str) -> bool) -> Result<ToolOutputs, ApiError> {
+    let mut needs_live = false;
+    for (i, m) in messages.iter().enumerate() {
+        let Some(id) = m.tool_call_id.as_deref().filter(|_| m.role == Role::Tool) else {
+            continue;
+        };
+        let replayed = messages[..i]
+            .iter()
+            .any(|p| p.tool_calls.iter().any(|c| c.id == id));
+        if replayed {
+            continue;
+        }
+        if !live(id) {
+            return Err(ApiError::bad(
+                API,
+                format!(
+                    "Responses continuation state is not available for call_id {id}; retry by \
+                     replaying the full input history"
+                ),
+            ));
+        }
+        needs_live = true;
+    }
+    let start = messages
+        .iter()
+        .rposition(|m| m.role != Role::Tool)
+        .map_or(0, |i| i + 1);
+    let (head, tail) = messages.split_at(start);
+    let ids: Vec<&str> = match head.last() {
+        _ if tail.is_empty() => Vec::new(),
+        Some(a) if a.role == Role::Assistant => {
+            a.tool_calls.iter().map(|c| c.id.as_str()).collect()
+        }
+        _ if head
+            .iter()
+            .all(|m| matches!(m.role, Role::System | Role::Developer)) =>
+        {
+            tail.iter()
+                .filter_map(|m| m.tool_call_id.as_deref())
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let mut unique: Vec<String> = Vec::new();
+    for id in ids {
+        if !unique.iter().any(|u| u == id) {
+            unique.push(id.to_string());
+        }
+    }
+    Ok(ToolOutputs {
+        api: ToolApi::Responses,
+        tail: start..messages.len(),
+        ids: unique,
+        needs_live,
+    })
+}
+
 fn usage_json(o: &Outcome) -> Value {
     json!({
         "input_tokens": o.usage.prompt,
@@ -473,6 +537,9 @@ async fn inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, Api
     }
     let model = f.str("model")?.unwrap_or(MODEL_ID).to_string();
     let parsed = parse_input(&f)?;
+    let outputs = tool_outputs(&parsed.messages, |id| {
+        app.engine.is_live_call(ToolApi::Responses, id)
+    })?;
     let mut ts = ToolSet::default();
     parse_tools(f.get("tools"), &mut ts)?;
     let none = matches!(f.get("tool_choice"), Some(Value::String(s)) if s == "none");
@@ -511,12 +578,14 @@ async fn inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, Api
             tools: if tools_active { ts.schemas } else { Vec::new() },
             thinking,
             think_max,
+            outputs: Some(outputs),
         },
         API,
     )
     .await?;
     crate::count_request(&app, "responses");
-    let run = submit(&app, prepared, params, API, "input")?;
+    let mut run = submit(&app, prepared, params, API, "input")?;
+    settle(&mut run, API).await?;
     let ctx = Ctx {
         id: new_item_id("resp_"),
         created: unix_now(),
@@ -767,5 +836,67 @@ impl Projector for ResponsesStream {
             _ => {}
         }
         (out, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(ids: &[&str]) -> Msg {
+        let mut m = Msg::text(Role::Assistant, "");
+        for id in ids {
+            m.tool_calls.push(ToolCall {
+                id: id.to_string(),
+                name: "f".into(),
+                arguments: "{}".into(),
+            });
+        }
+        m
+    }
+
+    fn output(id: &str) -> Msg {
+        let mut m = Msg::text(Role::Tool, "ok");
+        m.tool_call_id = Some(id.into());
+        m
+    }
+
+    #[test]
+    fn tool_outputs_answer_the_calls_before_them_or_live_ones() {
+        let none = |_: &str| false;
+        // A full replay: the expected set is the assistant's calls, even those not answered.
+        let msgs = [Msg::text(Role::User, "q"), call(&["a", "b"]), output("b")];
+        let o = tool_outputs(&msgs, none).unwrap();
+        assert_eq!(
+            (o.tail, o.ids, o.needs_live),
+            (2..3, vec!["a".into(), "b".into()], false)
+        );
+        // Outputs only (after instructions): their own ids, which only the live session knows.
+        let msgs = [
+            Msg::text(Role::System, "i"),
+            output("a"),
+            output("a"),
+            output("b"),
+        ];
+        let o = tool_outputs(&msgs, |id| id != "c").unwrap();
+        assert_eq!(
+            (o.tail, o.ids, o.needs_live),
+            (1..4, vec!["a".into(), "b".into()], true)
+        );
+        let e = tool_outputs(&msgs, |id| id == "a").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            e.message,
+            "Responses continuation state is not available for call_id b; retry by replaying \
+             the full input history"
+        );
+        // Not ending with outputs: nothing to append, but a live-only output still needs it.
+        let msgs = [output("a"), Msg::text(Role::User, "go on")];
+        let o = tool_outputs(&msgs, |_| true).unwrap();
+        assert_eq!((o.tail, o.ids.len(), o.needs_live), (2..2, 0, true));
+        // Outputs after a user message (no call before them): no expected set.
+        let msgs = [Msg::text(Role::User, "q"), output("a")];
+        let o = tool_outputs(&msgs, |_| true).unwrap();
+        assert_eq!((o.ids.len(), o.needs_live), (0, true));
     }
 }

@@ -88,6 +88,8 @@ pub enum PromptInput {
         tools: Vec<Value>,
         thinking: bool,
         think_max: bool,
+        /// Responses and Messages: the tool outputs' claim on a live tool-call turn.
+        outputs: Option<ToolOutputs>,
     },
     /// Legacy completions: the prompt is wrapped in the default chat template (§2.8).
     Completion {
@@ -95,6 +97,65 @@ pub enum PromptInput {
         thinking: bool,
         think_max: bool,
     },
+}
+
+/// The API whose live tool-call binding (protocol.md §5.3) a request may continue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolApi {
+    Responses,
+    Anthropic,
+}
+
+impl ToolApi {
+    /// The `cache_source` of a request that continues the binding (§5.2 steps 2, 3).
+    pub fn source(self) -> &'static str {
+        match self {
+            ToolApi::Responses => "responses-tool-output",
+            ToolApi::Anthropic => "anthropic-tool-output",
+        }
+    }
+
+    /// The HTTP 409 message (§4.9) for a request that needs live tool state that is gone.
+    pub fn conflict(self) -> &'static str {
+        match self {
+            ToolApi::Responses => {
+                "Responses continuation state is not available; retry by replaying the full \
+                 input history"
+            }
+            ToolApi::Anthropic => {
+                "Anthropic continuation state is not available; retry by replaying the full \
+                 messages history"
+            }
+        }
+    }
+}
+
+/// What a Responses or Messages request's tool outputs claim of the live session, recorded
+/// when the request is parsed (protocol.md §5.3, last bullet).
+#[derive(Debug, Clone)]
+pub struct ToolOutputs {
+    pub api: ToolApi,
+    /// The trailing tool outputs, with any user text after them (`messages[tail]`); empty
+    /// when the request does not end with tool outputs.
+    pub tail: Range<usize>,
+    /// The call-id set those outputs answer (no duplicates): the calls of the assistant
+    /// message before them (Responses), the outputs' own ids otherwise.
+    pub ids: Vec<String>,
+    /// Some output answers a call the request does not replay: only the live session knows
+    /// it (§5.2 step 4).
+    pub needs_live: bool,
+}
+
+/// [`ToolOutputs`] rendered: the live-tail suffix (§2.9) that appends the trailing outputs to
+/// a live session stopped at the end of the calls' block.
+#[derive(Debug, Clone)]
+pub struct LiveTail {
+    pub api: ToolApi,
+    /// Empty when the request does not end with tool outputs (no suffix).
+    pub ids: Vec<String>,
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub needs_live: bool,
 }
 
 /// A rendered and tokenized prompt.
@@ -112,6 +173,8 @@ pub struct Prepared {
     pub tool_names: Vec<String>,
     /// How the history's tool calls were rendered (exact DSML replay), for `--trace`.
     pub replay: ToolReplay,
+    /// Responses and Messages: the live-tail continuation of the request's tool outputs.
+    pub tail: Option<LiveTail>,
 }
 
 /// Exact DSML replay of a prompt's assistant tool-call turns (protocol.md §2.9): turns
@@ -151,8 +214,11 @@ pub struct Job {
 pub enum Bindings {
     /// Legacy completions: none.
     None,
-    /// Chat Completions and Messages: the toolless-thinking binding (§5.2 step 6).
+    /// Chat Completions: the toolless-thinking binding (§5.2 step 6).
     Thinking,
+    /// Messages: the toolless-thinking binding, and after a tool-call turn its call ids
+    /// (§5.2 step 3).
+    Messages,
     /// Responses (§5.2 step 1). `echo_reasoning`: reasoning is returned to the client
     /// (summaries or encrypted content), so a turn with calls renders it next time.
     Responses { echo_reasoning: bool },
@@ -163,8 +229,17 @@ impl Bindings {
     fn kind(self) -> Option<&'static str> {
         match self {
             Bindings::None => None,
-            Bindings::Thinking => Some("thinking-visible"),
+            Bindings::Thinking | Bindings::Messages => Some("thinking-visible"),
             Bindings::Responses { .. } => Some("responses-visible"),
+        }
+    }
+
+    /// The API whose tool-call turns leave a call-id binding (§5.2 steps 2, 3).
+    fn tool_api(self) -> Option<ToolApi> {
+        match self {
+            Bindings::Messages => Some(ToolApi::Anthropic),
+            Bindings::Responses { .. } => Some(ToolApi::Responses),
+            _ => None,
         }
     }
 }
@@ -222,6 +297,9 @@ pub enum Event {
         prompt_tokens: usize,
         cached: usize,
     },
+    /// The request needs live tool state that is gone (§5.2 step 4): HTTP 409 with this
+    /// message. Sent instead of `Prompt`.
+    Conflict(String),
     /// Prefill finished; generation starts.
     Started {
         prompt_tokens: usize,
@@ -350,6 +428,8 @@ struct Shared {
     tokenizer: OnceLock<Arc<Tokenizer>>,
     info: RwLock<ModelInfo>,
     tool_memory: Mutex<ToolMemory>,
+    /// The call ids of the live tool-call bindings (§5.3), as the worker last published them.
+    live_calls: Mutex<Vec<(ToolApi, Vec<String>)>>,
     disk: OnceLock<Option<Arc<DiskCache>>>,
     metrics: Metrics,
     shutting_down: AtomicBool,
@@ -379,6 +459,7 @@ impl Engine {
             tokenizer: OnceLock::new(),
             info: RwLock::new(ModelInfo::default()),
             tool_memory: Mutex::new(ToolMemory::default()),
+            live_calls: Mutex::new(Vec::new()),
             disk: OnceLock::new(),
             metrics: Metrics::default(),
             shutting_down: AtomicBool::new(false),
@@ -439,12 +520,14 @@ impl Engine {
         let tok = self.shared.tokenizer.get().ok_or(SubmitError::Loading)?;
         let mut tool_names = Vec::new();
         let mut replay = ToolReplay::default();
+        let mut tail = None;
         let (rendered, thinking, think_max, chat) = match input {
             PromptInput::Chat {
                 mut messages,
                 tools,
                 thinking,
                 think_max,
+                outputs,
             } => {
                 if self.shared.cfg.exact_dsml_replay {
                     replay = self.apply_tool_memory(&mut messages);
@@ -452,6 +535,9 @@ impl Engine {
                 let think_max = think_max && self.shared.cfg.ctx >= THINK_MAX_MIN_CTX;
                 let r = render::render_chat(&messages, &tools, thinking, think_max)
                     .map_err(SubmitError::BadRequest)?;
+                if let Some(o) = outputs {
+                    tail = Some(live_tail(tok, o, &messages, &tools, thinking)?);
+                }
                 tool_names = tools
                     .iter()
                     .filter_map(|t| t.get("name").and_then(|n| n.as_str()))
@@ -481,6 +567,7 @@ impl Engine {
             chat,
             tool_names,
             replay,
+            tail,
         })
     }
 
@@ -542,9 +629,12 @@ impl Engine {
         replay
     }
 
-    /// Is `id` a tool-call id this server produced (live state available)?
-    pub fn knows_call_id(&self, id: &str) -> bool {
-        self.shared.tool_memory.lock().unwrap().map.contains_key(id)
+    /// Is `id` a call of a live tool-call turn of `api` (protocol.md §5.3)? Tool outputs may
+    /// answer such a call without replaying it (§4.7, §4.8).
+    pub fn is_live_call(&self, api: ToolApi, id: &str) -> bool {
+        let live = self.shared.live_calls.lock().unwrap();
+        live.iter()
+            .any(|(a, ids)| *a == api && ids.iter().any(|i| i == id))
     }
 
     /// Queues a job; fails at once when loading, shutting down or the queue is full.
@@ -583,6 +673,38 @@ impl Engine {
             let _ = h.join();
         }
     }
+}
+
+/// Renders and tokenizes the live-tail suffix of a request's trailing tool outputs.
+fn live_tail(
+    tok: &Tokenizer,
+    o: ToolOutputs,
+    messages: &[Msg],
+    tools: &[Value],
+    thinking: bool,
+) -> Result<LiveTail, SubmitError> {
+    let (text, tokens) = match messages.get(o.tail.clone()) {
+        Some(tail) if !tail.is_empty() && !o.ids.is_empty() => {
+            let r = render::live_suffix(tail, &o.ids, tools, thinking)
+                .map_err(SubmitError::BadRequest)?;
+            let tokens = tok.encode_with_specials(&r.text, &r.specials);
+            (r.text, tokens)
+        }
+        _ => (String::new(), Vec::new()),
+    };
+    Ok(LiveTail {
+        api: o.api,
+        ids: if tokens.is_empty() { Vec::new() } else { o.ids },
+        text,
+        tokens,
+        needs_live: o.needs_live,
+    })
+}
+
+/// §5.2 steps 2 and 3: the tool outputs answer exactly the live turn's calls (same set, same
+/// count; neither side has duplicates).
+fn same_ids(live: &[String], asked: &[String]) -> bool {
+    !live.is_empty() && live.len() == asked.len() && live.iter().all(|id| asked.contains(id))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -786,6 +908,7 @@ fn worker_main(shared: Arc<Shared>, rx: Receiver<WorkerMsg>) {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(*job)));
                 if r.is_err() {
                     w.slots.iter_mut().for_each(|s| *s = None);
+                    w.publish_live_calls();
                     let _ = events.send(Event::Failed("internal error in the engine".into()));
                 }
                 shared.metrics.running.fetch_sub(1, Ordering::SeqCst);
@@ -820,10 +943,19 @@ struct Slot {
 }
 
 struct Binding {
-    /// `thinking-visible` or `responses-visible` ([`Bindings::kind`]).
-    kind: &'static str,
-    visible: String,
+    /// The visible text and its kind, `thinking-visible` or `responses-visible`
+    /// ([`Bindings::kind`]), if the next request may continue the session by it.
+    visible: Option<(&'static str, String)>,
+    /// A tool-call turn's API and call ids (§5.2 steps 2, 3).
+    calls: Option<(ToolApi, Vec<String>)>,
     frontier: usize,
+}
+
+/// Why no KV state was chosen for a request.
+enum NoPlan {
+    /// It needs live tool state that is gone (§5.2 step 4): HTTP 409 with this message.
+    Conflict(&'static str),
+    Engine(String),
 }
 
 struct Worker {
@@ -1145,7 +1277,7 @@ impl Worker {
         &mut self,
         p: &Prepared,
         bindings: Bindings,
-    ) -> Result<(usize, Vec<u32>, usize, &'static str), String> {
+    ) -> Result<(usize, Vec<u32>, usize, &'static str), NoPlan> {
         self.clock += 1;
         // The live session holding the longest prefix (token prefix, then text prefix).
         let mut best: Option<(usize, usize, Option<usize>)> = None; // (slot, tokens, text len)
@@ -1175,13 +1307,14 @@ impl Worker {
         {
             let bound = self.slots.iter().enumerate().find_map(|(i, slot)| {
                 let sl = slot.as_ref()?;
-                let b = sl.binding.as_ref().filter(|b| b.kind == kind)?;
+                let b = sl.binding.as_ref()?;
+                let (_, visible) = b.visible.as_ref().filter(|v| v.0 == kind)?;
                 (sl.session.pos() == b.frontier
-                    && b.visible.len() < p.text.len()
-                    && p.text.is_char_boundary(b.visible.len())
-                    && p.text.starts_with(b.visible.as_str())
+                    && visible.len() < p.text.len()
+                    && p.text.is_char_boundary(visible.len())
+                    && p.text.starts_with(visible.as_str())
                     && best.is_none_or(|x| b.frontier > x.1))
-                .then_some((i, b.frontier, b.visible.len()))
+                .then_some((i, b.frontier, visible.len()))
             });
             if let Some((i, n, at)) = bound {
                 if self.rec.is_some() {
@@ -1192,6 +1325,28 @@ impl Worker {
                 let mut eff = sl.session.tokens().to_vec();
                 eff.extend(self.encode_suffix(p, at));
                 return Ok((i, eff, n, kind));
+            }
+        }
+        // §5.2 steps 2-4: trailing tool outputs that answer exactly the calls of a live
+        // tool-call turn continue it with the live-tail suffix (§2.9), whatever the replayed
+        // history looks like; outputs for calls only the live session knows need it.
+        if let Some(t) = p.tail.as_ref() {
+            if let Some(i) = self.tool_binding(t) {
+                if self.rec.is_some() {
+                    self.trace_live(p, Some(i));
+                }
+                let sl = self.slots[i].as_mut().unwrap();
+                sl.used = self.clock;
+                let mut eff = sl.session.tokens().to_vec();
+                let n = eff.len();
+                eff.extend_from_slice(&t.tokens);
+                return Ok((i, eff, n, t.api.source()));
+            }
+            if t.needs_live {
+                if self.rec.is_some() {
+                    self.trace_live(p, None);
+                }
+                return Err(NoPlan::Conflict(t.api.conflict()));
             }
         }
         if self.rec.is_some() {
@@ -1267,12 +1422,36 @@ impl Worker {
             }
         }
         self.slots[i] = Some(Slot {
-            session: self.new_session()?,
+            session: self.new_session().map_err(NoPlan::Engine)?,
             last_stored: 0,
             used: self.clock,
             binding: None,
         });
         Ok((i, p.tokens.clone(), 0, "cold"))
+    }
+
+    /// The slot whose live tool-call binding the tool outputs of `t` continue, if any.
+    fn tool_binding(&self, t: &LiveTail) -> Option<usize> {
+        self.slots.iter().position(|slot| {
+            slot.as_ref().is_some_and(|sl| {
+                sl.binding.as_ref().is_some_and(|b| {
+                    b.frontier == sl.session.pos()
+                        && b.calls
+                            .as_ref()
+                            .is_some_and(|(api, ids)| *api == t.api && same_ids(ids, &t.ids))
+                })
+            })
+        })
+    }
+
+    /// Makes the live call ids of the slots' bindings visible to the request parsers.
+    fn publish_live_calls(&self) {
+        let calls = self
+            .slots
+            .iter()
+            .filter_map(|s| s.as_ref()?.binding.as_ref()?.calls.clone())
+            .collect();
+        *self.shared.live_calls.lock().unwrap() = calls;
     }
 
     /// Where a cold prompt is checkpointed (protocol.md §5.6), if at all.
@@ -1334,10 +1513,20 @@ impl Worker {
         let bound = sl
             .binding
             .as_ref()
-            .filter(|b| b.frontier == n && matches!(reason, Reason::Evict | Reason::Shutdown));
-        let key_bits = bound.map_or(0, |b| if b.kind == "responses-visible" { 2 } else { 4 });
+            .filter(|b| b.frontier == n && matches!(reason, Reason::Evict | Reason::Shutdown))
+            .and_then(|b| b.visible.as_ref());
+        let key_bits = bound.map_or(
+            0,
+            |(kind, _)| {
+                if *kind == "responses-visible" {
+                    2
+                } else {
+                    4
+                }
+            },
+        );
         let text = match bound {
-            Some(b) => b.visible.clone().into_bytes(),
+            Some((_, visible)) => visible.clone().into_bytes(),
             None => self.tok.decode(sl.session.tokens()),
         };
         let tool_map: Vec<(String, String)> = {
@@ -1530,13 +1719,22 @@ impl Worker {
         // ---- prefill (with reuse and checkpoints)
         let (si, eff, cached, source) = match self.sync_plan(p, job.bindings) {
             Ok(x) => x,
-            Err(e) => return self.fail(&job.events, format!("engine error: {e}")),
+            Err(NoPlan::Conflict(msg)) => {
+                eprintln!("ds4-server: kv cache: live tool state not available (409)");
+                if let Some(r) = self.rec.as_mut() {
+                    r.line("cache_source", "none (live tool state not available: 409)");
+                }
+                let _ = job.events.send(Event::Conflict(msg.to_string()));
+                return;
+            }
+            Err(NoPlan::Engine(e)) => return self.fail(&job.events, format!("engine error: {e}")),
         };
         self.hit(source);
         // A binding holds only until the next request on its session (§5.2).
         if let Some(sl) = self.slots[si].as_mut() {
             sl.binding = None;
         }
+        self.publish_live_calls();
         if let (Some(r), Some(head)) = (self.rec.as_mut(), job.trace.as_ref()) {
             r.line("effective_prompt_tokens", eff.len());
             r.line("cached_tokens", cached);
@@ -1890,7 +2088,7 @@ impl Worker {
             ended_by_eos || (finish == Finish::ToolCalls && out.finish == Finish::ToolCalls);
         let visible = match job.bindings {
             // A thinking turn without tools: the next render drops its reasoning.
-            Bindings::Thinking => p
+            Bindings::Thinking | Bindings::Messages => p
                 .text
                 .strip_suffix(ds4::chat::THINK_START)
                 .filter(|_| {
@@ -1918,16 +2116,33 @@ impl Worker {
             }
             _ => None,
         };
-        if let (Some(visible), Some(kind), Some(sl)) =
-            (visible, job.bindings.kind(), self.slots[si].as_mut())
-        {
-            let frontier = sl.session.pos();
-            sl.binding = Some(Binding {
-                kind,
-                visible,
-                frontier,
+        // A tool-call turn that ended at its block: the tool outputs for exactly its calls
+        // continue it (§5.2 steps 2, 3).
+        let calls = job
+            .bindings
+            .tool_api()
+            .filter(|_| whole && out.finish == Finish::ToolCalls && !out.calls.is_empty())
+            .map(|api| {
+                let mut ids: Vec<String> = Vec::new();
+                for c in &out.calls {
+                    if !ids.contains(&c.id) {
+                        ids.push(c.id.clone());
+                    }
+                }
+                (api, ids)
             });
+        let visible = visible.zip(job.bindings.kind()).map(|(v, k)| (k, v));
+        if let Some(sl) = self.slots[si].as_mut() {
+            if visible.is_some() || calls.is_some() {
+                let frontier = sl.session.pos();
+                sl.binding = Some(Binding {
+                    visible,
+                    calls,
+                    frontier,
+                });
+            }
         }
+        self.publish_live_calls();
         if let Some(r) = self.rec.as_mut() {
             r.block("generated text", &raw);
             r.section("parsed message");
@@ -1956,6 +2171,16 @@ impl Worker {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+
+    #[test]
+    fn tool_outputs_must_answer_exactly_the_live_calls() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(same_ids(&ids(&["a", "b"]), &ids(&["b", "a"])));
+        assert!(!same_ids(&ids(&["a", "b"]), &ids(&["a"])));
+        assert!(!same_ids(&ids(&["a"]), &ids(&["a", "b"])));
+        assert!(!same_ids(&ids(&["a", "b"]), &ids(&["a", "c"])));
+        assert!(!same_ids(&[], &[]));
+    }
 
     #[test]
     fn lenient_split_never_splits_with_thinking_off() {

@@ -41,66 +41,47 @@ pub fn render_chat(
     let mut out: Vec<Message> = Vec::with_capacity(messages.len() + 1);
     let mut replays: Vec<&str> = Vec::new();
     for m in messages {
-        let role = match m.role {
-            Role::System | Role::Developer => chat::Role::System,
-            Role::User => chat::Role::User,
-            Role::Tool => chat::Role::Tool,
-            Role::Assistant => chat::Role::Assistant,
-        };
-        let mut msg = Message::text(role, m.content.clone());
-        match m.role {
-            Role::Tool => msg.tool_call_id = m.tool_call_id.clone(),
-            Role::Assistant => {
-                msg.reasoning_content = m.reasoning.clone();
-                if !m.tool_calls.is_empty() {
-                    let replay = m
-                        .raw_dsml
-                        .as_deref()
-                        .filter(|_| !m.content.contains(&sentinel));
-                    let calls = m
-                        .tool_calls
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| {
-                            let (name, arguments) = match replay {
-                                // The sentinel marks where the replayed block goes; its
-                                // arguments are never rendered.
-                                Some(_) if i == 0 => (
-                                    format!("{sentinel}{}", replays.len()),
-                                    Value::String("{}".into()),
-                                ),
-                                Some(_) => (c.name.clone(), Value::String("{}".into())),
-                                None => (c.name.clone(), Value::String(c.arguments.clone())),
-                            };
-                            chat::ToolCall {
-                                id: (!c.id.is_empty()).then(|| c.id.clone()),
-                                kind: Some("function".into()),
-                                function: FunctionCall {
-                                    name,
-                                    arguments,
-                                    id: None,
-                                },
-                            }
-                        })
-                        .collect();
-                    if let Some(r) = replay {
-                        replays.push(r);
+        let mut msg = message(m);
+        if m.role == Role::Assistant && !m.tool_calls.is_empty() {
+            let replay = m
+                .raw_dsml
+                .as_deref()
+                .filter(|_| !m.content.contains(&sentinel));
+            let calls = m
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let (name, arguments) = match replay {
+                        // The sentinel marks where the replayed block goes; its
+                        // arguments are never rendered.
+                        Some(_) if i == 0 => (
+                            format!("{sentinel}{}", replays.len()),
+                            Value::String("{}".into()),
+                        ),
+                        Some(_) => (c.name.clone(), Value::String("{}".into())),
+                        None => (c.name.clone(), Value::String(c.arguments.clone())),
+                    };
+                    chat::ToolCall {
+                        id: (!c.id.is_empty()).then(|| c.id.clone()),
+                        kind: Some("function".into()),
+                        function: FunctionCall {
+                            name,
+                            arguments,
+                            id: None,
+                        },
                     }
-                    msg.tool_calls = Some(calls);
-                }
+                })
+                .collect();
+            if let Some(r) = replay {
+                replays.push(r);
             }
-            _ => {}
+            msg.tool_calls = Some(calls);
         }
         out.push(msg);
     }
     if !tools.is_empty() {
-        let defs: Vec<ToolDef> = tools
-            .iter()
-            .map(|f| ToolDef {
-                kind: Some("function".into()),
-                function: Some(f.clone()),
-            })
-            .collect();
+        let defs = tool_defs(tools);
         match out.first_mut() {
             Some(first) if first.role == chat::Role::System => first.tools = Some(defs),
             _ => {
@@ -110,11 +91,7 @@ pub fn render_chat(
             }
         }
     }
-    let mut opts = EncodeOptions::new(if thinking {
-        ThinkingMode::Thinking
-    } else {
-        ThinkingMode::Chat
-    });
+    let mut opts = encode_options(thinking);
     if thinking && think_max {
         opts.reasoning_effort = Some(ReasoningEffort::Max);
     }
@@ -123,6 +100,85 @@ pub fn render_chat(
         r = splice_block(r, &format!("invoke name=\"{sentinel}{k}\""), raw)?;
     }
     Ok(r)
+}
+
+/// The encoder message of `m` without its tool calls (which need the replay logic above).
+fn message(m: &Msg) -> Message {
+    let role = match m.role {
+        Role::System | Role::Developer => chat::Role::System,
+        Role::User => chat::Role::User,
+        Role::Tool => chat::Role::Tool,
+        Role::Assistant => chat::Role::Assistant,
+    };
+    let mut msg = Message::text(role, m.content.clone());
+    match m.role {
+        Role::Tool => msg.tool_call_id = m.tool_call_id.clone(),
+        Role::Assistant => msg.reasoning_content = m.reasoning.clone(),
+        _ => {}
+    }
+    msg
+}
+
+fn tool_defs(tools: &[Value]) -> Vec<ToolDef> {
+    tools
+        .iter()
+        .map(|f| ToolDef {
+            kind: Some("function".into()),
+            function: Some(f.clone()),
+        })
+        .collect()
+}
+
+fn encode_options(thinking: bool) -> EncodeOptions {
+    EncodeOptions::new(if thinking {
+        ThinkingMode::Thinking
+    } else {
+        ThinkingMode::Chat
+    })
+}
+
+/// The live-tail suffix (protocol.md §2.9) as the official encoder renders it: what follows a
+/// sampled tool-call block, which a live session holds up to its end tag, when `tail` (the
+/// request's trailing tool outputs, with any user text after them) answers the calls `ids`:
+/// `<｜end▁of▁sentence｜>`, the user turn with the results in call order, the generation
+/// prefix. It is the rendering of `tail` after an assistant turn making those calls, so it
+/// equals the end of the full prompt of a request that replays the whole history.
+pub fn live_suffix(
+    tail: &[Msg],
+    ids: &[String],
+    tools: &[Value],
+    thinking: bool,
+) -> Result<RenderedPrompt, String> {
+    let mut turn = Message::text(chat::Role::Assistant, "");
+    turn.tool_calls = Some(
+        ids.iter()
+            .map(|id| chat::ToolCall {
+                id: Some(id.clone()),
+                kind: Some("function".into()),
+                function: FunctionCall {
+                    name: String::new(),
+                    arguments: Value::String("{}".into()),
+                    id: None,
+                },
+            })
+            .collect(),
+    );
+    // Declared tools keep the encoder's reasoning-dropping decision what the full render makes.
+    if !tools.is_empty() {
+        turn.tools = Some(tool_defs(tools));
+    }
+    let mut opts = encode_options(thinking);
+    opts.context = Some(vec![turn]);
+    let msgs: Vec<Message> = tail.iter().map(message).collect();
+    let r = chat::render(&msgs, &opts).map_err(|e| e.to_string())?;
+    let mut text = String::with_capacity(chat::EOS.len() + r.text.len());
+    text.push_str(chat::EOS);
+    text.push_str(&r.text);
+    let n = chat::EOS.len();
+    let specials = std::iter::once(0..n)
+        .chain(r.specials.iter().map(|s| s.start + n..s.end + n))
+        .collect();
+    Ok(RenderedPrompt { text, specials })
 }
 
 /// Replaces the rendered block containing `marker` by `raw` (an exact sampled block, from its
@@ -278,6 +334,65 @@ mod tests {
             assert!(chat::STRUCTURAL_SPECIALS.contains(&&r.text[s.clone()]));
         }
         assert_eq!(r.specials.len(), canonical.specials.len());
+    }
+
+    fn call(id: &str) -> ToolCall {
+        ToolCall {
+            id: id.into(),
+            name: "get_weather".into(),
+            arguments: "{\"city\":\"Rome\"}".into(),
+        }
+    }
+
+    fn result(id: &str, text: &str) -> Msg {
+        let mut t = Msg::text(Role::Tool, text);
+        t.tool_call_id = Some(id.into());
+        t
+    }
+
+    #[test]
+    fn the_live_suffix_is_the_end_of_the_full_render() {
+        let mut a = Msg::text(Role::Assistant, "");
+        a.reasoning = Some("r".into());
+        a.tool_calls = vec![call("call_a"), call("call_b")];
+        let history = vec![Msg::text(Role::System, "S"), Msg::text(Role::User, "q"), a];
+        let ids = ["call_a".to_string(), "call_b".to_string()];
+        // Results in the other order (the encoder sorts them by call order), then user text.
+        let tail = [
+            result("call_b", "cloudy"),
+            result("call_a", "sunny"),
+            Msg::text(Role::User, "and now?"),
+        ];
+        for (tools, thinking) in [
+            (vec![weather_tool()], true),
+            (vec![], true),
+            (vec![], false),
+        ] {
+            let full: Vec<Msg> = history.iter().chain(&tail).cloned().collect();
+            let full = render_chat(&full, &tools, thinking, false).unwrap();
+            let suffix = live_suffix(&tail, &ids, &tools, thinking).unwrap();
+            let at = full.text.len() - suffix.text.len();
+            assert_eq!(&full.text[at..], suffix.text, "{tools:?} {thinking}");
+            assert!(full.text[..at].ends_with(BLOCK_END));
+            // The live session holds the prompt up to the block's end tag (no EOS). (In
+            // thinking mode without tools a replay drops the turn's reasoning, which the live
+            // session holds: the suffix is what continues it.)
+            let head = render_chat(&history, &tools, thinking, false).unwrap();
+            let live = head.text.strip_suffix(chat::EOS).unwrap();
+            assert_eq!(live == &full.text[..at], !(thinking && tools.is_empty()));
+            let tail_specials: Vec<Range<usize>> = full
+                .specials
+                .iter()
+                .filter(|r| r.start >= at)
+                .map(|r| r.start - at..r.end - at)
+                .collect();
+            assert_eq!(suffix.specials, tail_specials);
+        }
+        let s = live_suffix(&tail[1..2], &ids[..1], &[], true).unwrap();
+        assert_eq!(
+            s.text,
+            "<｜end▁of▁sentence｜><｜User｜><tool_result>sunny</tool_result><｜Assistant｜><think>"
+        );
     }
 
     #[test]
