@@ -217,12 +217,25 @@ pub struct Attend {
     /// `nb × n × n_head × 2` (m, l), `nb` = [`fd_blocks`]`(rows_cap).1` ≤ 32; `inv` and
     /// `nsplit` unused.
     pub fd: bool,
+    /// With `fd` (and `dh` a multiple of 32): the output's Q8_0 codes (`n × n_head × dh`
+    /// bytes) and scales (one a 32) for the output product, 0 = none.
+    pub q0: u64,
+    pub d0: u64,
 }
 
 impl Attend {
     /// Whether [`attend`] runs the tensor-core kernel (so `o16`, when set, gets the output).
     pub fn uses_tc(&self) -> bool {
         self.tc && tc_supported(self.n_head, self.dh, self.half)
+    }
+
+    /// Whether [`attend`] writes the output's Q8_0 codes into `q0`/`d0`.
+    pub fn writes_q8(&self) -> bool {
+        self.q0 != 0
+            && self.fd
+            && !self.uses_tc()
+            && fd_supported(self.dh)
+            && self.dh.is_multiple_of(32)
     }
 }
 
@@ -331,7 +344,9 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.sinks,
                 a.half as i32,
                 a.freqs,
-                a.o
+                a.o,
+                if a.writes_q8() { a.q0 } else { 0 },
+                a.d0
             ]
         );
         return Ok(());

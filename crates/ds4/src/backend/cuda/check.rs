@@ -622,6 +622,8 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             rows_cap,
             tc: false,
             fd: false,
+            q0: 0,
+            d0: 0,
         };
         // SAFETY: every buffer above is sized as `Attend` documents.
         unsafe { attend(st, &k, &args)? };
@@ -678,6 +680,23 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let gpu6 = be.download(&d_o2)?;
         unsafe { attend(st, &k, &args)? };
         let gpu7 = be.download(&d_o2)?;
+        // The same with o's Q8_0 codes for the output product, from the combine's registers.
+        let (d_q0, d_d0) = (
+            be.alloc_f32(n * h_n * dh / 4)?,
+            be.alloc_f32(n * h_n * dh / 32)?,
+        );
+        args.q0 = pp(&d_q0);
+        args.d0 = pp(&d_d0);
+        let fd_q8 = args.writes_q8();
+        // SAFETY: as above; q0/d0 hold the codes and scales of n × H × Dh outputs.
+        unsafe { attend(st, &k, &args)? };
+        let gpu8 = be.download(&d_o2)?;
+        let q8_mism = code_mismatches(
+            ActQuant::Q8_0,
+            &gpu8,
+            &download_codes(be, &d_q0, n * h_n * dh)?,
+            &be.download(&d_d0)?,
+        ) + usize::from(!same_bits(&gpu6, &gpu8));
         // Reference in f64.
         let scale = 1.0 / (dh as f64).sqrt();
         let mut refs = vec![0f64; n * h_n * dh];
@@ -770,6 +789,14 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
                 GgmlType::F32,
                 &shape,
                 same_bits(&gpu6, &gpu7),
+            ));
+        }
+        if fd_q8 {
+            out.push(exact_row(
+                "attend_fd_q8_0_codes",
+                GgmlType::Q8_0,
+                &shape,
+                q8_mism,
             ));
         }
         if tc_ok {

@@ -78,6 +78,8 @@ const ATTEND_MAX_DH: usize = 512;
 /// Threads of `k_hc_pre1` (HC_PRE1_THREADS in forward.cu): 16 warps form y, one runs
 /// Sinkhorn.
 pub(crate) const HC_PRE1_THREADS: u32 = 544;
+/// Most streams `k_hc_pre1` holds in registers (HC_PRE1_MAX_HC in forward.cu).
+pub(crate) const HC_PRE1_MAX_HC: usize = 4;
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
 /// position-dependent kernels), so one graph serves this many steps.
 const DECODE_BUCKET: usize = 1024;
@@ -1547,6 +1549,8 @@ impl GpuSession {
             if let Some(wty) = wty.filter(|_| {
                 n == 1
                     && use_hc1()
+                    && nh <= HC_PRE1_MAX_HC
+                    && d <= 8 * (HC_PRE1_THREADS as usize - 32)
                     && d.is_multiple_of(256)
                     && (nh * d).is_multiple_of(512)
                     && fnw.n_rows == c.hc_mix()
@@ -1862,6 +1866,110 @@ impl GpuSession {
             } else {
                 rms_rows(p(&s.qr), p(&l.q_a_norm), n, c.q_lora_rank)?;
             }
+            // The indexer (ratio-4 layers): its query reads the normalized qr, its weights y,
+            // its scores the indexer compressor's rows; it writes only its own scratch (iq, iw,
+            // isc, sel, cnt). On a fork it runs on the side stream after the compressors,
+            // beside q_b and the query heads, and is joined before the attention.
+            let indexer = || -> Result<()> {
+                if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
+                    let (ih, id) = (c.idx_heads, c.idx_dim);
+                    let vis_max = pb / 4;
+                    if vis_max > c.idx_topk {
+                        lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
+                        let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
+                        launch!(
+                            be.st(),
+                            k.idx_q_finish,
+                            (n32 * ih as u32, 1, 1),
+                            (64, 1, 1),
+                            0,
+                            [
+                                p(&s.iq),
+                                ih as i32,
+                                id as i32,
+                                half,
+                                ptr(&l.freqs, st),
+                                p0l,
+                                qat,
+                                inv_sqrt
+                            ]
+                        );
+                        lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
+                        let scale = 1.0 / ((id * ih) as f32).sqrt();
+                        let cnt = (n * ih) as i32;
+                        launch!(
+                            be.st(),
+                            k.scale,
+                            ((cnt as u32).div_ceil(256), 1, 1),
+                            (256, 1, 1),
+                            0,
+                            [p(&s.iw), scale, cnt]
+                        );
+                        if !self.tiled {
+                            launch!(
+                                be.st(),
+                                k.idx_scores_ref,
+                                ((vis_max as u32).div_ceil(8), n32, 1),
+                                (256, 1, 1),
+                                0,
+                                [
+                                    p(&s.iq),
+                                    p(&s.iw),
+                                    p(&cs.rows),
+                                    ih as i32,
+                                    id as i32,
+                                    p0l,
+                                    4i32,
+                                    p(&s.isc),
+                                    s.isc_ld as i32
+                                ]
+                            );
+                        } else {
+                            // SAFETY: iq/iw hold n tokens of ih heads; the indexer rows hold
+                            // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.
+                            unsafe {
+                                attn::idx_scores(
+                                    be.st(),
+                                    &k.at,
+                                    n,
+                                    p(&s.iq),
+                                    p(&s.iw),
+                                    p(&cs.rows),
+                                    ih,
+                                    id,
+                                    p0l,
+                                    4,
+                                    vis_max,
+                                    p(&s.isc),
+                                    s.isc_ld,
+                                )?
+                            };
+                        }
+                    }
+                    // SAFETY: sel is GPU_CHUNK × idx_topk, cnt GPU_CHUNK; scores are read only
+                    // for tokens with more than idx_topk visible rows (written above).
+                    unsafe {
+                        attn::topk(
+                            be.st(),
+                            &k.at,
+                            n,
+                            p(&s.isc),
+                            s.isc_ld,
+                            p0l,
+                            4,
+                            c.idx_topk,
+                            pi(&s.sel),
+                            pi(&s.cnt),
+                        )?
+                    };
+                }
+                Ok(())
+            };
+            let idx_fork = if fork && l.indexer.is_some() {
+                Some(be.fork(indexer)?)
+            } else {
+                None
+            };
             lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
             if n == 1 && use_hc1() {
                 // Query heads and the KV row in one launch (decode).
@@ -1948,97 +2056,9 @@ impl GpuSession {
                 Some(f) => f.join()?,
                 None => comps()?,
             }
-            if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
-                let (ih, id) = (c.idx_heads, c.idx_dim);
-                let vis_max = pb / 4;
-                if vis_max > c.idx_topk {
-                    lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
-                    let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
-                    launch!(
-                        st,
-                        k.idx_q_finish,
-                        (n32 * ih as u32, 1, 1),
-                        (64, 1, 1),
-                        0,
-                        [
-                            p(&s.iq),
-                            ih as i32,
-                            id as i32,
-                            half,
-                            ptr(&l.freqs, st),
-                            p0l,
-                            qat,
-                            inv_sqrt
-                        ]
-                    );
-                    lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
-                    let scale = 1.0 / ((id * ih) as f32).sqrt();
-                    let cnt = (n * ih) as i32;
-                    launch!(
-                        st,
-                        k.scale,
-                        ((cnt as u32).div_ceil(256), 1, 1),
-                        (256, 1, 1),
-                        0,
-                        [p(&s.iw), scale, cnt]
-                    );
-                    if !self.tiled {
-                        launch!(
-                            st,
-                            k.idx_scores_ref,
-                            ((vis_max as u32).div_ceil(8), n32, 1),
-                            (256, 1, 1),
-                            0,
-                            [
-                                p(&s.iq),
-                                p(&s.iw),
-                                p(&cs.rows),
-                                ih as i32,
-                                id as i32,
-                                p0l,
-                                4i32,
-                                p(&s.isc),
-                                s.isc_ld as i32
-                            ]
-                        );
-                    } else {
-                        // SAFETY: iq/iw hold n tokens of ih heads; the indexer rows hold
-                        // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.
-                        unsafe {
-                            attn::idx_scores(
-                                st,
-                                &k.at,
-                                n,
-                                p(&s.iq),
-                                p(&s.iw),
-                                p(&cs.rows),
-                                ih,
-                                id,
-                                p0l,
-                                4,
-                                vis_max,
-                                p(&s.isc),
-                                s.isc_ld,
-                            )?
-                        };
-                    }
-                }
-                // SAFETY: sel is GPU_CHUNK × idx_topk, cnt GPU_CHUNK; scores are read only
-                // for tokens with more than idx_topk visible rows (written above).
-                unsafe {
-                    attn::topk(
-                        st,
-                        &k.at,
-                        n,
-                        p(&s.isc),
-                        s.isc_ld,
-                        p0l,
-                        4,
-                        c.idx_topk,
-                        pi(&s.sel),
-                        pi(&s.cnt),
-                    )?
-                };
+            match idx_fork {
+                Some(f) => f.join()?,
+                None => indexer()?,
             }
             // Attention over the raw window and the compressed rows; in production prefill the
             // tensor-core kernel writes its output as f16 into x16 for attn_output_a.
@@ -2120,12 +2140,21 @@ impl GpuSession {
                         // DECODE_SPLIT × 8 × n_head × Dh ≥ 32 row blocks of one token, att_sc
                         // holds their (m, l).
                         fd: !self.exact && n == 1 && attn::use_fd(),
+                        // Production decode: o's Q8_0 codes for out_a from the combine (the
+                        // main stream's scratch; q_b, its last reader, is done).
+                        q0: if int8 { p(&s.q0) } else { 0 },
+                        d0: p(&s.d0),
                     };
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap;
                     // x16 (o16) holds GPU_CHUNK × H × Dh halves.
                     unsafe { attn::attend(st, &k.at, &args)? };
                     o16_ready = args.o16 != 0 && args.uses_tc();
+                    if args.writes_q8() {
+                        let mut m = memo.get();
+                        m[0] = p(&s.o);
+                        memo.set(m);
+                    }
                     // o16 is x16: x's copy there is gone.
                     set16(2, 0);
                 }

@@ -534,12 +534,14 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
 // Finishes k_att_fd: M = max(sink, m_b), o = Σ_b e^{m_b−M}·part_b / (e^{sink−M} + Σ_b
 // e^{m_b−M}·l_b), the blocks' terms in block order (the denominator's by a fixed butterfly),
 // then the inverse RoPE of the tail. A block per (token, head) of 128 threads, 4 dims each.
+// q0 not null (dh a multiple of 32): also o's Q8_0 codes and scales for the output product
+// (q8_0_lane4, equal to qa_q8_0 on the stored o).
 extern "C" __global__ void __launch_bounds__(128)
     k_att_fd_combine(const float* __restrict__ part, const float* __restrict__ ml,
                      const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p,
                      int swa, int n_head, int dh, int tpb, int nbmax,
                      const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
-                     float* __restrict__ o) {
+                     float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0) {
     __shared__ float fb[FD_MAXB];
     __shared__ float s_iv;
     const int th = blockIdx.x, t = th / n_head, h = th % n_head, n = gridDim.x / n_head;
@@ -580,7 +582,8 @@ extern "C" __global__ void __launch_bounds__(128)
         if (tid == 0) s_iv = 1.0f / (expf(sink - mx) + d);
     }
     __syncthreads();
-    if (!on) return;
+    // Threads past dh stay (no early return) for q8_0_lane4's shuffles; their groups of 8
+    // are wholly past it.
     const float iv = s_iv;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
@@ -594,7 +597,7 @@ extern "C" __global__ void __launch_bounds__(128)
         }
     }
 #pragma unroll 8
-    for (int bb = FD_PRE; bb < nb; bb++) {
+    for (int bb = FD_PRE; bb < nb && on; bb++) {
         float4 x = *(const float4*)(part + (bb * stride + th) * dh + 4 * tid);
         float f = fb[bb];
         v.x = fmaf(f, x.x, v.x);
@@ -607,7 +610,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         int e = 4 * tid + 2 * j;
-        if (e >= off) {
+        if (on && e >= off) {
             double sn, cs;
             sincos((double)p * freqs[(e - off) / 2], &sn, &cs);
             float cf = (float)cs, sf = -(float)sn;
@@ -616,7 +619,16 @@ extern "C" __global__ void __launch_bounds__(128)
             r[2 * j + 1] = va * sf + vb * cf;
         }
     }
-    *(float4*)(o + (long long)th * dh + 4 * tid) = make_float4(r[0], r[1], r[2], r[3]);
+    const long long e0 = (long long)th * dh + 4 * tid;
+    if (on) *(float4*)(o + e0) = make_float4(r[0], r[1], r[2], r[3]);
+    if (q0) {
+        u32 w;
+        float dd = q8_0_lane4(r, &w);
+        if (on) {
+            *(u32*)(q0 + e0) = w;
+            if ((tid & 7) == 0) d0[e0 >> 5] = dd;
+        }
+    }
 }
 
 // Lightning indexer: score[t][row] = Σ_h w_{t,h}·max(0, q_{t,h}·K_row) for the rows visible

@@ -742,25 +742,50 @@ extern "C" __global__ void __launch_bounds__(64)
 // k_hc_pre, y = Σ_j P_j·X_j (j in order, as hc.rs), the site's RMSNorm (norm not null), and
 // the int8 forms of y the next products read (q0/d0: Q8_0 per 32, qk/dk: Q8_K per 256; null:
 // skipped) from the same registers that are stored, with the qa_* kernels' functions, so the
-// codes equal quantizing the stored y. d must be a multiple of 256; lane l of warp w < 16
-// holds elements 256(w + 16i) + 8l..+7, the qa_* kernels' layout; warp 16 runs Sinkhorn
-// meanwhile. HC_PRE1_THREADS threads.
+// codes equal quantizing the stored y. n ≤ HC_PRE1_MAX_HC (the streams stay in registers);
+// d must be a multiple of 256 and at most 8·(HC_PRE1_THREADS − 32): lane l of warp w < 16 holds elements 256w + 8l..+7 (the qa_*
+// kernels' layout) in registers from the first load to the stores; the norm weights are
+// loaded before the PDL wait and the state together with the partials, so the kernel makes
+// one round trip to memory. The last warp runs Sinkhorn (only hc_post needs it) and leaves:
+// the y warps meet at named barrier 1, without it. HC_PRE1_THREADS threads.
 #define HC_PRE1_THREADS 544
-extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
-    k_hc_pre1(const float* __restrict__ x, const float* __restrict__ part,
-              const double* __restrict__ ss, int nb, int n, int d, float rms_eps, float hc_eps,
-              int iters, const float* __restrict__ scale3, const float* __restrict__ base,
-              float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
-              const float* __restrict__ norm, signed char* __restrict__ q0,
-              float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk) {
-    pdl_enter();
+#define HC_PRE1_MAX_HC 4
+template <int NMAX>
+__device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const float* __restrict__ part,
+                                             const double* __restrict__ ss, int nb, int n, int d,
+                                             float rms_eps, float hc_eps, int iters,
+                                             const float* __restrict__ scale3,
+                                             const float* __restrict__ base, float* __restrict__ y,
+                                             float* __restrict__ post, float* __restrict__ comb,
+                                             const float* __restrict__ norm, signed char* __restrict__ q0,
+                                             float* __restrict__ d0, signed char* __restrict__ qk,
+                                             float* __restrict__ dk) {
     __shared__ double sh[33];
     __shared__ double ssum;
     __shared__ float mx[FWD_MAX_MIX];
     __shared__ float pj[FWD_MAX_HC];
-    __shared__ float c[FWD_MAX_HC * FWD_MAX_HC];
-    __shared__ float ex[FWD_MAX_HC * FWD_MAX_HC];
-    int w = (2 + n) * n, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int w = (2 + n) * n, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nw = blockDim.x >> 5, ny = blockDim.x - 32;
+    const int e0 = 8 * threadIdx.x;
+    const bool on = warp < nw - 1 && e0 < d;
+    float nv[8];
+    if (on && norm) {
+        const float4* pn = (const float4*)(norm + e0);
+        float4 na = pn[0], nb4 = pn[1];
+        nv[0] = na.x, nv[1] = na.y, nv[2] = na.z, nv[3] = na.w;
+        nv[4] = nb4.x, nv[5] = nb4.y, nv[6] = nb4.z, nv[7] = nb4.w;
+    }
+    pdl_wait();
+    float4 xa[NMAX], xb[NMAX];
+    if (on) {
+#pragma unroll
+        for (int j = 0; j < NMAX; j++)
+            if (j < n) {
+                const float4* px = (const float4*)(x + (i64)j * d + e0);
+                xa[j] = px[0];
+                xb[j] = px[1];
+            }
+    }
     for (int r = warp; r <= w; r += nw) {
         if (r < w) {
             float a = 0.0f;
@@ -783,76 +808,72 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS)
             post[l - 16] = 2.0f * sigmoidf_(mx[n + l - 16] * s * scale3[1] + base[n + l - 16]);
     }
     __syncthreads();
-    // The last warp runs Sinkhorn (only hc_post needs it) while the others form y.
-    const int ny = blockDim.x - 32;
-    double acc2 = 0.0;
     if (warp == nw - 1) {
-        if (n * n <= 32) {
-            float cv = lane < n * n ? mx[2 * n + lane] * s * scale3[2] + base[2 * n + lane] : 0.0f;
-            cv = sinkhorn_reg(cv, n, iters, hc_eps);
-            if (lane < n * n) comb[lane] = cv;
-        } else {
-            for (int i = lane; i < n * n; i += 32) c[i] = mx[2 * n + i] * s * scale3[2] + base[2 * n + i];
-            __syncwarp();
-            sinkhorn_warp(c, ex, n, iters, hc_eps);
-            for (int i = lane; i < n * n; i += 32) comb[i] = c[i];
-        }
-    } else
-    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
-        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        // All streams' loads first (fixed bound: unrolled, in flight together).
-        float4 xa[FWD_MAX_HC], xb[FWD_MAX_HC];
+        // n·n ≤ 16: the matrix fits one warp's registers.
+        float cv = lane < n * n ? mx[2 * n + lane] * s * scale3[2] + base[2 * n + lane] : 0.0f;
+        cv = sinkhorn_reg(cv, n, iters, hc_eps);
+        if (lane < n * n) comb[lane] = cv;
+        return;
+    }
+    float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    double acc2 = 0.0;
+    if (on) {
 #pragma unroll
-        for (int j = 0; j < FWD_MAX_HC; j++)
-            if (j < n) {
-                const float4* px = (const float4*)(x + (i64)j * d + e0);
-                xa[j] = px[0];
-                xb[j] = px[1];
-            }
-#pragma unroll
-        for (int j = 0; j < FWD_MAX_HC; j++)
+        for (int j = 0; j < NMAX; j++)
             if (j < n) {
                 float xs[8] = {xa[j].x, xa[j].y, xa[j].z, xa[j].w, xb[j].x, xb[j].y, xb[j].z, xb[j].w};
                 float p = pj[j];
 #pragma unroll
                 for (int k = 0; k < 8; k++) v[k] += p * xs[k];
             }
-        float4* py = (float4*)(y + e0);
-        py[0] = make_float4(v[0], v[1], v[2], v[3]);
-        py[1] = make_float4(v[4], v[5], v[6], v[7]);
 #pragma unroll
         for (int k = 0; k < 8; k++) acc2 += (double)v[k] * (double)v[k];
     }
     float s2 = 1.0f;
-    if (norm) s2 = (float)(1.0 / sqrt(block_sum_d(acc2, sh) / (double)d + (double)rms_eps));
-    if (!norm && !q0 && !qk) return;
-    // Each thread reads back only the elements it wrote; whole warps are in or out of range.
-    if (warp == nw - 1) return;
-    for (int e0 = 8 * threadIdx.x; e0 < d; e0 += 8 * ny) {
-        float4* py = (float4*)(y + e0);
-        float4 a = py[0], b = py[1];
-        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-        if (norm) {
-            const float4* pn = (const float4*)(norm + e0);
-            float4 na = pn[0], nb4 = pn[1];
-            float ns[8] = {na.x, na.y, na.z, na.w, nb4.x, nb4.y, nb4.z, nb4.w};
-#pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = v[k] * s2 * ns[k];
-            py[0] = make_float4(v[0], v[1], v[2], v[3]);
-            py[1] = make_float4(v[4], v[5], v[6], v[7]);
+    if (norm) {
+        // block_sum_d's order over the y warps (the Sinkhorn warp's share was +0.0).
+        acc2 = warp_sum_d(acc2);
+        if (lane == 0) sh[warp] = acc2;
+        asm volatile("bar.sync 1, %0;" ::"r"(ny) : "memory");
+        if (warp == 0) {
+            double r = lane < (ny >> 5) ? sh[lane] : 0.0;
+            r = warp_sum_d(r);
+            if (lane == 0) sh[32] = r;
         }
-        u32 w0, w1;
-        if (q0) {
-            float dd = q8_0_lane(v, &w0, &w1);
-            *(uint2*)(q0 + e0) = make_uint2(w0, w1);
-            if ((lane & 3) == 0) d0[e0 >> 5] = dd;
-        }
-        if (qk) {
-            float dd = q8k_lane(v, lane, &w0, &w1);
-            *(uint2*)(qk + e0) = make_uint2(w0, w1);
-            if (lane == 0) dk[e0 >> 8] = dd;
-        }
+        asm volatile("bar.sync 1, %0;" ::"r"(ny) : "memory");
+        s2 = (float)(1.0 / sqrt(sh[32] / (double)d + (double)rms_eps));
     }
+    if (!on) return;
+    if (norm) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = v[k] * s2 * nv[k];
+    }
+    float4* py = (float4*)(y + e0);
+    py[0] = make_float4(v[0], v[1], v[2], v[3]);
+    py[1] = make_float4(v[4], v[5], v[6], v[7]);
+    u32 w0, w1;
+    if (q0) {
+        float dd = q8_0_lane(v, &w0, &w1);
+        *(uint2*)(q0 + e0) = make_uint2(w0, w1);
+        if ((lane & 3) == 0) d0[e0 >> 5] = dd;
+    }
+    if (qk) {
+        float dd = q8k_lane(v, lane, &w0, &w1);
+        *(uint2*)(qk + e0) = make_uint2(w0, w1);
+        if (lane == 0) dk[e0 >> 8] = dd;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS, 1)
+    k_hc_pre1(const float* __restrict__ x, const float* __restrict__ part,
+              const double* __restrict__ ss, int nb, int n, int d, float rms_eps, float hc_eps,
+              int iters, const float* __restrict__ scale3, const float* __restrict__ base,
+              float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
+              const float* __restrict__ norm, signed char* __restrict__ q0,
+              float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk) {
+    pdl_trigger();
+    hc_pre1_body<HC_PRE1_MAX_HC>(x, part, ss, nb, n, d, rms_eps, hc_eps, iters, scale3, base, y,
+                                 post, comb, norm, q0, d0, qk, dk);
 }
 
 // k_rms_norm of one row (decode) plus its Q8_0 codes/scales for the next product (q8_0_lane,

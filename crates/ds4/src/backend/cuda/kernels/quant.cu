@@ -637,6 +637,26 @@ __device__ __forceinline__ float q8_0_lane(const float* v, u32* w0p, u32* w1p) {
     return dd;
 }
 
+// q8_0_lane for 4 elements a lane, 8 lanes a block of 32 (lanes 8k..8k+7, all present):
+// the same scale and code expressions, the block's max by a 3-step butterfly (max is exact,
+// so the codes equal qa_q8_0's).
+__device__ __forceinline__ float q8_0_lane4(const float* v, u32* wp) {
+    float am = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+    am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 4));
+    float dd = __fdiv_rn(am, 127.0f);
+    float id = dd == 0.0f ? 0.0f : __fdiv_rn(1.0f, dd);
+    u32 w = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        float r = fminf(fmaxf(rintf(__fmul_rn(v[k], id)), -128.0f), 127.0f);
+        w |= ((u32)(int)r & 255u) << (8 * k);
+    }
+    *wp = w;
+    return dd;
+}
+
 // Q8_K activations: one warp per 256 elements (q8k_lane).
 extern "C" __global__ void qa_q8_k(const float* __restrict__ x, int n_blocks, signed char* __restrict__ q,
                                    float* __restrict__ d) {
