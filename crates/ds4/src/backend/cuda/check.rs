@@ -269,6 +269,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     }
     check_hc_post_moe(be, &mut rng, &mut out)?;
     check_hc_post_ring(be, &mut rng, &mut out)?;
+    check_route(be, &mut rng, &mut out)?;
     check_hc_prefill(be, &mut rng, &mut out)?;
     check_pf_group(be, &mut rng, &mut out)?;
     for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::IQ2_XXS] {
@@ -278,6 +279,90 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_sample(be, &mut rng, &mut out)?;
     check_mv2_f16(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// The router (`k_route`): expert choice by top-k of sqrt(softplus(logit)) + bias (ties to
+/// the lower id, some planted) against the CPU's `ops::top_k`, ids in id order exactly and
+/// weights within rounding (expf/log1pf may differ from Rust's in the last bit).
+fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use crate::model::ops::{softplus, top_k};
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let st = be.stream();
+    let f = be.function("k_route")?;
+    for (n_exp, k, n_tok) in [(256usize, 6usize, 3usize), (16, 4, 5), (64, 8, 1)] {
+        let mut logits = random_activations(rng, n_tok * n_exp);
+        // Ties: equal logits (and so equal biased scores where the bias is equal).
+        for t in 0..n_tok {
+            logits[t * n_exp + 3] = logits[t * n_exp + 1];
+            logits[t * n_exp + n_exp - 1] = logits[t * n_exp + 1];
+        }
+        let mut bias: Vec<f32> = (0..n_exp).map(|_| (rng.normal() * 0.1) as f32).collect();
+        bias[3] = bias[1];
+        bias[n_exp - 1] = bias[1];
+        let (dl, db) = (be.upload_f32(&logits)?, be.upload_f32(&bias)?);
+        let toks = be.upload_i32(&vec![0; n_tok])?;
+        let (ids, wts) = (
+            be.upload_i32(&vec![-1; n_tok * k])?,
+            poisoned(be, n_tok * k)?,
+        );
+        let (n_e, k_i, norm_on, scale) = (n_exp as i32, k as i32, 1i32, 2.5f32);
+        let null = 0u64;
+        let mut b = st.launch_builder(&f);
+        b.arg(&dl)
+            .arg(&n_e)
+            .arg(&k_i)
+            .arg(&toks)
+            .arg(&null)
+            .arg(&db)
+            .arg(&norm_on)
+            .arg(&scale)
+            .arg(&ids)
+            .arg(&wts);
+        let cfg = LaunchConfig {
+            grid_dim: (n_tok as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (n_exp.next_multiple_of(2) * 4 + n_exp * 8) as u32,
+        };
+        // SAFETY: argument list matches k_route; logits n_tok × n_exp, ids/wts n_tok × k.
+        unsafe { b.launch(cfg) }?;
+        let (gi, gw) = (be.download(&ids)?, be.download(&wts)?);
+        let (mut bad_ids, mut max_rel) = (0usize, 0f64);
+        let mut top = Vec::new();
+        for t in 0..n_tok {
+            let scores: Vec<f32> = logits[t * n_exp..(t + 1) * n_exp]
+                .iter()
+                .map(|&v| softplus(v).sqrt())
+                .collect();
+            let biased: Vec<f32> = scores.iter().zip(&bias).map(|(s, b)| s + b).collect();
+            top_k(&biased, k, &mut top);
+            let sum: f32 = top.iter().map(|&e| scores[e]).sum();
+            let nrm = 1.0 / sum.max(1.0 / 16384.0);
+            let mut cpu: Vec<(usize, f32)> =
+                top.iter().map(|&e| (e, scores[e] * nrm * scale)).collect();
+            cpu.sort_by_key(|c| c.0);
+            for (j, (e, w)) in cpu.iter().enumerate() {
+                bad_ids += usize::from(gi[t * k + j] != *e as i32);
+                let g = gw[t * k + j] as f64;
+                max_rel = max_rel.max((g - *w as f64).abs() / (*w as f64).abs().max(1e-30));
+            }
+        }
+        let shape = format!("E{n_exp} k{k} n{n_tok}");
+        let mut row = exact_row("route_ids", GgmlType::F32, &shape, bad_ids);
+        row.note = format!("{bad_ids} chosen ids differ from the CPU's top_k (ties planted)");
+        out.push(row);
+        out.push(CheckRow {
+            kernel: "route_weights".into(),
+            ty: GgmlType::F32,
+            shape,
+            max_abs: 0.0,
+            max_err: max_rel,
+            rel_l2: 0.0,
+            tol: 1e-5,
+            pass: max_rel <= 1e-5 && bad_ids == 0,
+            note: "max relative difference of the slot weights from the CPU's".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The fused pair of F16 products (quant.cu `mv2_f16`, a compressor's kv and gate in

@@ -2276,7 +2276,7 @@ impl GpuSession {
                     k.route,
                     (n32, 1, 1),
                     (256, 1, 1),
-                    c.n_expert * 8,
+                    c.n_expert.next_multiple_of(2) * 4 + c.n_expert * 8,
                     [
                         p(&s.rl),
                         c.n_expert as i32,

@@ -1299,49 +1299,33 @@ __device__ __forceinline__ float softplusf_(float x) {
 // Router for token blockIdx.x: s_e = sqrt(softplus(logit_e)); selection by the hash table
 // row of the token or top-k of s + bias (ties to the lower id); weights s / Σs · scale.
 // The k slots are then ordered by expert id (stable), the order the CPU sums them in.
+// Top-k in one pass: expert e's key (score, then the lower id first) is unique, so its rank
+// (how many keys are larger) is its place in the selection order; ranks < k are chosen.
+// Shared memory: n_exp scores (rounded up to even), then n_exp u64 keys.
 extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, int k,
                                    const int* __restrict__ tokens,
                                    const int* __restrict__ tid2eid,
                                    const float* __restrict__ bias, int norm_on, float wscale,
                                    int* __restrict__ ids, float* __restrict__ wts) {
-    extern __shared__ float s_e[];  // n_exp scores, then n_exp flags (as float)
-    __shared__ unsigned long long best[32];
+    extern __shared__ float s_e[];
     __shared__ int ch[64];
-    float* taken = s_e + n_exp;
+    unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
     int t = blockIdx.x;
     for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
-        s_e[e] = sqrtf(softplusf_(logits[(long long)t * n_exp + e]));
-        taken[e] = 0.0f;
+        float s = sqrtf(softplusf_(logits[(long long)t * n_exp + e]));
+        s_e[e] = s;
+        float v = bias ? s + bias[e] : s;
+        keys[e] = ((unsigned long long)okey(v) << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);
     }
     __syncthreads();
     if (tid2eid) {
         if (threadIdx.x < k) ch[threadIdx.x] = tid2eid[(long long)tokens[t] * k + threadIdx.x];
     } else {
-        for (int j = 0; j < k; j++) {
-            unsigned long long b = 0;
-            for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
-                if (taken[e] != 0.0f) continue;
-                float v = bias ? s_e[e] + bias[e] : s_e[e];
-                unsigned long long key =
-                    ((unsigned long long)okey(v) << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);
-                b = key > b ? key : b;
-            }
-#pragma unroll
-            for (int m = 16; m > 0; m >>= 1) {
-                unsigned long long o = __shfl_xor_sync(0xffffffffu, b, m);
-                b = o > b ? o : b;
-            }
-            __syncthreads();
-            if ((threadIdx.x & 31) == 0) best[threadIdx.x >> 5] = b;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                unsigned long long bb = 0;
-                for (int i = 0; i < (int)(blockDim.x >> 5); i++) bb = best[i] > bb ? best[i] : bb;
-                int e = (int)(0xffffffffu - (unsigned)(bb & 0xffffffffu));
-                ch[j] = e;
-                taken[e] = 1.0f;
-            }
-            __syncthreads();
+        for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
+            const unsigned long long ke = keys[e];
+            int r = 0;
+            for (int i = 0; i < n_exp; i++) r += keys[i] > ke;
+            if (r < k) ch[r] = e;
         }
     }
     __syncthreads();
