@@ -1667,10 +1667,54 @@ fn check_hc_pre1(
         .arg(&ptrs[8])
         .arg(&ptrs[9])
         .arg(&ptrs[10])
-        .arg(&ptrs[11]);
+        .arg(&ptrs[11])
+        .arg(&0u64);
     // SAFETY: argument list matches k_hc_pre1; buffers sized above.
     unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
     let gy = be.download(&y)?;
+    let gcomb = be.download(&comb)?;
+    // The same with the Sinkhorn left to k_sinkhorn1 (production decode's fork): y and the
+    // combination bit for bit.
+    let clog = be.alloc_f32(n * n)?;
+    let comb2 = poisoned(be, n * n)?;
+    let clp = clog.device_ptr(st).0;
+    let mut b = st.launch_builder(&fp);
+    b.arg(&ptrs[0])
+        .arg(&ptrs[1])
+        .arg(&ssp)
+        .arg(&nbi)
+        .arg(&ni)
+        .arg(&di)
+        .arg(&eps)
+        .arg(&hc_eps)
+        .arg(&it)
+        .arg(&ptrs[2])
+        .arg(&ptrs[3])
+        .arg(&ptrs[4])
+        .arg(&ptrs[5])
+        .arg(&ptrs[6])
+        .arg(&ptrs[7])
+        .arg(&ptrs[8])
+        .arg(&ptrs[9])
+        .arg(&ptrs[10])
+        .arg(&ptrs[11])
+        .arg(&clp);
+    // SAFETY: as above; clog holds n·n floats.
+    unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
+    let fs = be.function("k_sinkhorn1")?;
+    let mut b = st.launch_builder(&fs);
+    b.arg(&clog).arg(&ni).arg(&it).arg(&hc_eps).arg(&comb2);
+    // SAFETY: argument list matches k_sinkhorn1; clog and comb2 hold n·n floats.
+    unsafe { b.launch(cfg(1, 32)) }?;
+    let split_same = same_bits(&gy, &be.download(&y)?) && same_bits(&gcomb, &be.download(&comb2)?);
+    let mut row = exact_row(
+        "hc_pre1_sinkhorn1",
+        GgmlType::F32,
+        &shape,
+        usize::from(!split_same),
+    );
+    row.note = "y and the combination with the Sinkhorn in k_sinkhorn1: the same bits".into();
+    out.push(row);
     // The control product is a 16384-term f32 sum on the GPU (f64 here): ~1e-7 of its L1
     // mass, ~1e-5 of the (cancelling) sum itself, which exp/sigmoid pass on.
     let note = "vs CPU hc::pre + rms_norm (mix in f64); max_err = max|d| / max|cpu|";

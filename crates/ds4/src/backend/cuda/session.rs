@@ -237,6 +237,7 @@ struct Kernels {
     hc_comb: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_pre1: CudaFunction,
+    sinkhorn1: CudaFunction,
     rms_norm_q8: CudaFunction,
     qkv_finish1: CudaFunction,
     hc_post_moe: CudaFunction,
@@ -277,6 +278,7 @@ impl Kernels {
             hc_comb: f("k_hc_comb")?,
             hc_mix_part: f("k_hc_mix_part")?,
             hc_pre1: f("k_hc_pre1")?,
+            sinkhorn1: f("k_sinkhorn1")?,
             rms_norm_q8: f("k_rms_norm_q8")?,
             qkv_finish1: f("k_qkv_finish1")?,
             hc_post_moe: f("k_hc_post_moe")?,
@@ -663,6 +665,8 @@ struct Scratch {
     /// Decode hc_pre: per-block partial control products and sums of squares.
     hcpart: CudaSlice<f32>,
     hcss: CudaSlice<f64>,
+    /// The HC combination logits `k_hc_pre1` leaves to `k_sinkhorn1` (n·n).
+    clog: CudaSlice<f32>,
     qr: CudaSlice<f32>,
     q: CudaSlice<f32>,
     kv: CudaSlice<f32>,
@@ -945,6 +949,7 @@ impl GpuSession {
             comb: a(m * c.hc * c.hc)?,
             hcpart: a((c.hc * d).div_ceil(256) * c.hc_mix())?,
             hcss: be.stream().alloc_zeros::<f64>((c.hc * d).div_ceil(256))?,
+            clog: a(c.hc * c.hc)?,
             qr: a(m * c.q_lora_rank)?,
             q: a(m * hd)?,
             kv: a(m * c.head_dim)?,
@@ -1532,12 +1537,14 @@ impl GpuSession {
             );
             Ok(())
         };
-        // hc_pre with the site's RMSNorm (`norm`) fused.
+        // hc_pre with the site's RMSNorm (`norm`) fused. Returns whether it left the
+        // combination's Sinkhorn to `sinkhorn` (below): on a fork (production decode) that
+        // runs on the side stream, off the path the site's products wait on.
         let hc_pre = |fnw: &GpuWeight,
                       sc: &CudaSlice<f32>,
                       base: &CudaSlice<f32>,
                       norm: &CudaSlice<f32>|
-         -> Result<()> {
+         -> Result<bool> {
             memo.set([0; 4]);
             // Decode: the control product and the state's sum of squares over many blocks,
             // then one block for the rest, which also writes y's int8 forms (production).
@@ -1603,14 +1610,15 @@ impl GpuSession {
                         q0,
                         d0,
                         qk,
-                        dk
+                        dk,
+                        if fork { p(&s.clog) } else { 0 }
                     ]
                 );
                 if int8 {
                     // Both scratches now hold y's codes (Q8_0 and Q8_K).
                     memo.set([p(&s.y), p(&s.y), 0, 0]);
                 }
-                return Ok(());
+                return Ok(fork);
             }
             lin(fnw, p(&s.x), n, p(&s.mix))?;
             if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
@@ -1658,7 +1666,7 @@ impl GpuSession {
                     ]
                 );
                 set16(0, p(&s.y));
-                return Ok(());
+                return Ok(false);
             }
             // Production prefill: y's f16 copy for the site's GEMMs and the grouped experts,
             // and 256-thread blocks (several a SM: the per-token Sinkhorn and barriers of one
@@ -1692,6 +1700,26 @@ impl GpuSession {
             );
             if y16 != 0 {
                 set16(0, p(&s.y));
+            }
+            Ok(false)
+        };
+        // The Sinkhorn hc_pre left (`left`: its return value), on the current stream.
+        let sinkhorn = |left: bool| -> Result<()> {
+            if left {
+                launch!(
+                    be.st(),
+                    k.sinkhorn1,
+                    (1, 1, 1),
+                    (32, 1, 1),
+                    0,
+                    [
+                        p(&s.clog),
+                        nh as i32,
+                        c.sinkhorn_iters as i32,
+                        c.hc_eps,
+                        p(&s.comb)
+                    ]
+                );
             }
             Ok(())
         };
@@ -1738,7 +1766,7 @@ impl GpuSession {
         };
         for (l, ls) in gm.layers.iter().zip(self.layers.iter()) {
             // §3.2 + §3.3: attention site.
-            hc_pre(
+            let left = hc_pre(
                 &l.hc_attn_fn,
                 &l.hc_attn_scale,
                 &l.hc_attn_base,
@@ -1805,6 +1833,7 @@ impl GpuSession {
             // the query path (queued above) and are joined before the indexer and the
             // attention read their rows.
             let comps = || -> Result<()> {
+                sinkhorn(left)?;
                 if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
                     compress(w, cs, 0)?;
                 }
@@ -1813,7 +1842,7 @@ impl GpuSession {
                 }
                 Ok(())
             };
-            let att_fork = if fork && (l.comp.is_some() || l.indexer.is_some()) {
+            let att_fork = if fork && (left || l.comp.is_some() || l.indexer.is_some()) {
                 Some(be.fork(comps)?)
             } else {
                 None
@@ -2237,10 +2266,11 @@ impl GpuSession {
                 hc_post()?;
             }
             // §3.2 + §3.4: FFN site.
-            hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
+            let left = hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
             // The shared expert reads only y: on a fork it runs beside the router and the
             // routed experts, joined before the expert sum.
             let shared = || -> Result<()> {
+                sinkhorn(left)?;
                 glu(
                     &l.sh_gate,
                     &l.sh_up,

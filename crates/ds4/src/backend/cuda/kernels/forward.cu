@@ -429,20 +429,25 @@ __device__ void sinkhorn_warp(float* c, float* e, int n, int iters, float eps) {
 // ascending), then divide exactly as sinkhorn_warp: the same operations on the same values,
 // so the result is bit-identical to it, without its shared-memory round trips, integer
 // divisions and local arrays in the 2·iters dependent steps. All 32 lanes must call it.
-__device__ float sinkhorn_reg(float cv, int n, int iters, float eps) {
+// NC > 0: n = NC known at compile time (the shuffles of absent columns and the divisions
+// by n go away; the same additions in the same order remain).
+template <int NC>
+__device__ __forceinline__ float sinkhorn_reg_t(float cv, int nr, int iters, float eps) {
+    constexpr int NQ = NC > 0 ? NC : FWD_MAX_HC;
+    const int n = NC > 0 ? NC : nr;
     const int lane = threadIdx.x & 31;
     const int j = lane / n, k = lane - (lane / n) * n;
     const int rb = min(j, n - 1) * n;
     float m = NEG_INF;
 #pragma unroll
-    for (int q = 0; q < FWD_MAX_HC; q++) {
+    for (int q = 0; q < NQ; q++) {
         float o = __shfl_sync(0xffffffffu, cv, (rb + q) & 31);
         if (q < n) m = fmaxf(m, o);
     }
     float e = expf(cv - m);
     float s = 0.0f;
 #pragma unroll
-    for (int q = 0; q < FWD_MAX_HC; q++) {
+    for (int q = 0; q < NQ; q++) {
         float o = __shfl_sync(0xffffffffu, e, (rb + q) & 31);
         if (q < n) s += o;
     }
@@ -451,7 +456,7 @@ __device__ float sinkhorn_reg(float cv, int n, int iters, float eps) {
         if (it > 0) {
             float r = 0.0f;
 #pragma unroll
-            for (int q = 0; q < FWD_MAX_HC; q++) {
+            for (int q = 0; q < NQ; q++) {
                 float o = __shfl_sync(0xffffffffu, cv, (rb + q) & 31);
                 if (q < n) r += o;
             }
@@ -459,13 +464,17 @@ __device__ float sinkhorn_reg(float cv, int n, int iters, float eps) {
         }
         float cs = 0.0f;
 #pragma unroll
-        for (int q = 0; q < FWD_MAX_HC; q++) {
+        for (int q = 0; q < NQ; q++) {
             float o = __shfl_sync(0xffffffffu, cv, (q * n + k) & 31);
             if (q < n) cs += o;
         }
         cv /= cs + eps;
     }
     return cv;
+}
+
+__device__ float sinkhorn_reg(float cv, int n, int iters, float eps) {
+    return n == 4 ? sinkhorn_reg_t<4>(cv, 4, iters, eps) : sinkhorn_reg_t<0>(cv, n, iters, eps);
 }
 
 // hc_pre for token blockIdx.x: mix (= fn·flat, unscaled) times the state's RMS scale, the
@@ -759,7 +768,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
                                              float* __restrict__ post, float* __restrict__ comb,
                                              const float* __restrict__ norm, signed char* __restrict__ q0,
                                              float* __restrict__ d0, signed char* __restrict__ qk,
-                                             float* __restrict__ dk) {
+                                             float* __restrict__ dk, float* __restrict__ clog) {
     __shared__ double sh[33];
     __shared__ double ssum;
     __shared__ float mx[FWD_MAX_MIX];
@@ -809,8 +818,14 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
     }
     __syncthreads();
     if (warp == nw - 1) {
-        // n·n ≤ 16: the matrix fits one warp's registers.
+        // n·n ≤ 16: the matrix fits one warp's registers. clog not null: its logits go to
+        // k_sinkhorn1 (launched beside the site's first products), so this kernel, which
+        // the next products wait for, does not wait for Sinkhorn's 2·iters steps.
         float cv = lane < n * n ? mx[2 * n + lane] * s * scale3[2] + base[2 * n + lane] : 0.0f;
+        if (clog) {
+            if (lane < n * n) clog[lane] = cv;
+            return;
+        }
         cv = sinkhorn_reg(cv, n, iters, hc_eps);
         if (lane < n * n) comb[lane] = cv;
         return;
@@ -870,10 +885,21 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS, 1)
               int iters, const float* __restrict__ scale3, const float* __restrict__ base,
               float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
               const float* __restrict__ norm, signed char* __restrict__ q0,
-              float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk) {
+              float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk,
+              float* __restrict__ clog) {
     pdl_trigger();
     hc_pre1_body<HC_PRE1_MAX_HC>(x, part, ss, nb, n, d, rms_eps, hc_eps, iters, scale3, base, y,
-                                 post, comb, norm, q0, d0, qk, dk);
+                                 post, comb, norm, q0, d0, qk, dk, clog);
+}
+
+// The Sinkhorn k_hc_pre1 left (clog: the n·n scaled logits): comb = sinkhorn_reg(clog), the
+// same function on the same values. One warp.
+extern "C" __global__ void k_sinkhorn1(const float* __restrict__ clog, int n, int iters,
+                                       float hc_eps, float* __restrict__ comb) {
+    const int lane = threadIdx.x & 31;
+    float cv = lane < n * n ? clog[lane] : 0.0f;
+    cv = sinkhorn_reg(cv, n, iters, hc_eps);
+    if (lane < n * n) comb[lane] = cv;
 }
 
 // k_rms_norm of one row (decode) plus its Q8_0 codes/scales for the next product (q8_0_lane,
