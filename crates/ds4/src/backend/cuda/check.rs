@@ -1648,59 +1648,32 @@ fn check_hc_pre1(
             shared_mem_bytes: 0,
         })
     }?;
-    let mut b = st.launch_builder(&fp);
-    b.arg(&ptrs[0])
-        .arg(&ptrs[1])
-        .arg(&ssp)
-        .arg(&nbi)
-        .arg(&ni)
-        .arg(&di)
-        .arg(&eps)
-        .arg(&hc_eps)
-        .arg(&it)
-        .arg(&ptrs[2])
-        .arg(&ptrs[3])
-        .arg(&ptrs[4])
-        .arg(&ptrs[5])
-        .arg(&ptrs[6])
-        .arg(&ptrs[7])
-        .arg(&ptrs[8])
-        .arg(&ptrs[9])
-        .arg(&ptrs[10])
-        .arg(&ptrs[11])
-        .arg(&0u64);
-    // SAFETY: argument list matches k_hc_pre1; buffers sized above.
-    unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
+    // k_hc_pre1 over the partials; `clog` 0: with its own Sinkhorn.
+    let pre1 = |clog: u64| -> Result<()> {
+        let mut b = st.launch_builder(&fp);
+        b.arg(&ptrs[0])
+            .arg(&ptrs[1])
+            .arg(&ssp)
+            .arg(&nbi)
+            .arg(&ni)
+            .arg(&di);
+        b.arg(&eps).arg(&hc_eps).arg(&it);
+        for p in &ptrs[2..12] {
+            b.arg(p);
+        }
+        b.arg(&clog);
+        // SAFETY: argument list matches k_hc_pre1; buffers sized above, clog n·n floats.
+        unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
+        Ok(())
+    };
+    pre1(0)?;
     let gy = be.download(&y)?;
     let gcomb = be.download(&comb)?;
     // The same with the Sinkhorn left to k_sinkhorn1 (production decode's fork): y and the
     // combination bit for bit.
     let clog = be.alloc_f32(n * n)?;
     let comb2 = poisoned(be, n * n)?;
-    let clp = clog.device_ptr(st).0;
-    let mut b = st.launch_builder(&fp);
-    b.arg(&ptrs[0])
-        .arg(&ptrs[1])
-        .arg(&ssp)
-        .arg(&nbi)
-        .arg(&ni)
-        .arg(&di)
-        .arg(&eps)
-        .arg(&hc_eps)
-        .arg(&it)
-        .arg(&ptrs[2])
-        .arg(&ptrs[3])
-        .arg(&ptrs[4])
-        .arg(&ptrs[5])
-        .arg(&ptrs[6])
-        .arg(&ptrs[7])
-        .arg(&ptrs[8])
-        .arg(&ptrs[9])
-        .arg(&ptrs[10])
-        .arg(&ptrs[11])
-        .arg(&clp);
-    // SAFETY: as above; clog holds n·n floats.
-    unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
+    pre1(clog.device_ptr(st).0)?;
     let fs = be.function("k_sinkhorn1")?;
     let mut b = st.launch_builder(&fs);
     b.arg(&clog).arg(&ni).arg(&it).arg(&hc_eps).arg(&comb2);
