@@ -234,6 +234,8 @@ def test_responses_tool_outputs_continue_the_live_tool_turn(make_server, tmp_pat
     assert r2.output_text == "It is sunny in Rome."
     assert r2.usage.input_tokens_details.cached_tokens == r1.usage.input_tokens + r1.usage.output_tokens
     assert hits(s, "responses-tool-output") == 1 and hits(s, "responses-visible") == 0
+    # §4.7: the replayed call came without the reasoning the model wrote before it.
+    assert "replayed tool-call turn(s) without their reasoning" in s.log_text()
     # A turn with two calls, then a request of outputs only (nothing replayed).
     r3 = c.responses.create(model=MODEL, input=inp + [{"role": "user", "content": "And Paris?"}],
                             tools=[WEATHER_FLAT])
@@ -245,6 +247,7 @@ def test_responses_tool_outputs_continue_the_live_tool_turn(make_server, tmp_pat
     assert r.status_code == 409, r.text
     assert r.json()["error"]["message"] == (
         "Responses continuation state is not available; retry by replaying the full input history")
+    assert hits(s, "conflict") == 1
     # An output for a call that is neither replayed nor live.
     r = httpx.post(s.url + "/v1/responses", json={"model": MODEL, "input": [
         {"type": "function_call_output", "call_id": "call_nope", "output": "x"}]})
@@ -303,6 +306,7 @@ def test_anthropic_tool_results_continue_the_live_tool_turn(make_server, tmp_pat
         with a.messages.stream(messages=[{"role": "user", "content": results[1:]}], **kw) as st:
             st.get_final_message()
     assert e.value.status_code == 409
+    assert hits(s, "conflict") == 2
     with a.messages.stream(messages=[{"role": "user", "content": results}], **kw) as st:
         r4 = st.get_final_message()
     assert r4.content[-1].text == "It is sunny in Rome."

@@ -510,7 +510,7 @@ async fn metrics(State(app): State<App>) -> Response {
     };
     let _ = writeln!(s, "# HELP ds4_prefill_tokens_per_second Average prefill speed.\n# TYPE ds4_prefill_tokens_per_second gauge\nds4_prefill_tokens_per_second {:.3}", rate(load(&m.prefill_tokens), load(&m.prefill_us)));
     let _ = writeln!(s, "# HELP ds4_decode_tokens_per_second Average decode speed.\n# TYPE ds4_decode_tokens_per_second gauge\nds4_decode_tokens_per_second {:.3}", rate(load(&m.decode_tokens), load(&m.decode_us)));
-    let _ = writeln!(s, "# HELP ds4_cache_hits_total KV reuse decisions by kind (responses-visible, responses-tool-output, anthropic-tool-output, memory-token, thinking-visible, memory-text, disk-text, cold).\n# TYPE ds4_cache_hits_total counter");
+    let _ = writeln!(s, "# HELP ds4_cache_hits_total KV reuse decisions by kind (responses-visible, responses-tool-output, anthropic-tool-output, memory-token, thinking-visible, memory-text, disk-text, cold; conflict: a 409, the live tool state was gone).\n# TYPE ds4_cache_hits_total counter");
     for (k, v) in m.cache_hits.lock().unwrap().iter() {
         let _ = writeln!(s, "ds4_cache_hits_total{{kind=\"{k}\"}} {v}");
     }

@@ -547,6 +547,18 @@ async fn inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, Api
     let reasoning = f.get("reasoning");
     let effort = reasoning.and_then(|r| r.get("effort"));
     let (thinking, think_max) = thinking_mode(&f, effort, true)?;
+    // §4.7: a thinking-mode replay of earlier tool calls without their reasoning is accepted
+    // but renders a history the model did not produce (it reasoned before those calls).
+    let bare = parsed
+        .messages
+        .iter()
+        .filter(|m| !m.tool_calls.is_empty() && m.reasoning.as_deref().is_none_or(|r| r.is_empty()))
+        .count();
+    if thinking && bare > 0 {
+        eprintln!(
+            "ds4-server: responses: {bare} replayed tool-call turn(s) without their reasoning              in thinking mode: rendered without it (lower fidelity; send the reasoning items              back, e.g. with include=[\"reasoning.encrypted_content\"])"
+        );
+    }
     let summary = reasoning
         .and_then(|r| r.get("summary"))
         .and_then(|s| s.as_str());

@@ -1721,6 +1721,7 @@ impl Worker {
             Ok(x) => x,
             Err(NoPlan::Conflict(msg)) => {
                 eprintln!("ds4-server: kv cache: live tool state not available (409)");
+                self.hit("conflict");
                 if let Some(r) = self.rec.as_mut() {
                     r.line("cache_source", "none (live tool state not available: 409)");
                 }
