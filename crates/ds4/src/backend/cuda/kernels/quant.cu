@@ -394,6 +394,24 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
 // Kernels, instantiated per type by a macro (extern "C" names: mv_<t>, mm_<t>, dq_<t>).
 // ---------------------------------------------------------------------------------------------
 
+// The end of a row-split product (mv_<t>, mv8_<t>, mv2_f16): with split 1, lane 0 of the
+// row's warp stores its sum r at yo; else the split warps' sums go through part_ (one per
+// warp) and the row's first warp adds them in warp order. `on`: the warp has a row.
+__device__ __forceinline__ void split_store(float r, float* part_, int warp, int part, int split,
+                                            bool on, float* yo) {
+    const bool l0 = (threadIdx.x & 31) == 0;
+    if (split == 1) {
+        if (l0 && on) *yo = r;
+        return;
+    }
+    if (l0) part_[warp] = r;
+    __syncthreads();
+    if (l0 && part == 0 && on) {
+        for (int i = 1; i < split; i++) r += part_[warp + i];
+        *yo = r;
+    }
+}
+
 // mv_<t>: grouped matvec. blockIdx.y = slot; the slot's matrix is expert ids[slot] (matrix
 // `slot` when ids is null: a stack of matrices in order) at `expert_bytes` stride; its input is x + slot*x_stride (x_stride 0 =
 // all slots share x) and its output y + slot*n_rows. A plain matvec is the one-slot case.
@@ -432,16 +450,7 @@ __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int 
                 dot_row<U, 1, 4>(c, x + slot * x_stride, 0, 1, acc, tables_, part, split);          \
             r = warp_sum(acc[0]);                                                                   \
         }                                                                                           \
-        if (split == 1) {                                                                           \
-            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;               \
-            return;                                                                                 \
-        }                                                                                           \
-        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                               \
-        __syncthreads();                                                                            \
-        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                   \
-            for (int i = 1; i < split; i++) r += part_[warp + i];                                   \
-            y[(i64)slot * n_rows + o] = r;                                                          \
-        }                                                                                           \
+        split_store(r, part_, warp, part, split, o < n_rows, y + (i64)slot * n_rows + o);           \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                               \
         mm_##T(const u8* __restrict__ w, int n_rows, int n_cols, const float* __restrict__ x,       \
@@ -504,17 +513,7 @@ extern "C" __global__ void __launch_bounds__(256)
             dot_row<UF16, 1, 4>(c, x, 0, 1, acc, nullptr, part, split);
         r = warp_sum(acc[0]);
     }
-    float* y = second ? yb : ya;
-    if (split == 1) {
-        if ((threadIdx.x & 31) == 0 && og < 2 * n_rows) y[o] = r;
-        return;
-    }
-    if ((threadIdx.x & 31) == 0) part_[warp] = r;
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0 && part == 0 && og < 2 * n_rows) {
-        for (int i = 1; i < split; i++) r += part_[warp + i];
-        y[o] = r;
-    }
+    split_store(r, part_, warp, part, split, og < 2 * n_rows, (second ? yb : ya) + o);
 }
 
 // f32 -> f16 (round to nearest even), for the activations of the f16 GEMM path.
@@ -870,16 +869,7 @@ __device__ __forceinline__ void dot_row8x2(const RowCtx& ca, const RowCtx& cb, c
             i64 xo = (i64)slot * x_stride;                                                          \
             r = warp_sum(dot_row8<U, UNR, DSH>(c, xq + xo, xd + (xo >> DSH), tb_, part, split));    \
         }                                                                                           \
-        if (split == 1) {                                                                           \
-            if ((threadIdx.x & 31) == 0 && o < n_rows) y[(i64)slot * n_rows + o] = r;               \
-            return;                                                                                 \
-        }                                                                                           \
-        if ((threadIdx.x & 31) == 0) part_[warp] = r;                                               \
-        __syncthreads();                                                                            \
-        if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                                   \
-            for (int i = 1; i < split; i++) r += part_[warp + i];                                   \
-            y[(i64)slot * n_rows + o] = r;                                                          \
-        }                                                                                           \
+        split_store(r, part_, warp, part, split, o < n_rows, y + (i64)slot * n_rows + o);           \
     }
 
 DS4_MV8(mv8_q8_0, I8Q8_0, 0, 5, 4)
