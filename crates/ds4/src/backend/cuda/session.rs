@@ -76,7 +76,7 @@ const ATTEND_THREADS: usize = 512;
 /// forward.cu).
 const ATTEND_MAX_DH: usize = 512;
 /// Threads of `k_hc_pre1` (HC_PRE1_THREADS in forward.cu): 16 warps form y, one runs
-/// Sinkhorn.
+/// Sinkhorn (or, on a fork, hands its logits to `k_sinkhorn1`).
 pub(crate) const HC_PRE1_THREADS: u32 = 544;
 /// Most streams `k_hc_pre1` holds in registers (HC_PRE1_MAX_HC in forward.cu).
 pub(crate) const HC_PRE1_MAX_HC: usize = 4;

@@ -755,7 +755,8 @@ extern "C" __global__ void __launch_bounds__(64)
 // d must be a multiple of 256 and at most 8·(HC_PRE1_THREADS − 32): lane l of warp w < 16 holds elements 256w + 8l..+7 (the qa_*
 // kernels' layout) in registers from the first load to the stores; the norm weights are
 // loaded before the PDL wait and the state together with the partials, so the kernel makes
-// one round trip to memory. The last warp runs Sinkhorn (only hc_post needs it) and leaves:
+// one round trip to memory. The last warp runs Sinkhorn (only hc_post needs it; with clog
+// it only stores the logits, for k_sinkhorn1) and leaves:
 // the y warps meet at named barrier 1, without it. HC_PRE1_THREADS threads.
 #define HC_PRE1_THREADS 544
 #define HC_PRE1_MAX_HC 4
