@@ -760,7 +760,6 @@ extern "C" __global__ void __launch_bounds__(64)
 // the y warps meet at named barrier 1, without it. HC_PRE1_THREADS threads.
 #define HC_PRE1_THREADS 544
 #define HC_PRE1_MAX_HC 4
-template <int NMAX>
 __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const float* __restrict__ part,
                                              const double* __restrict__ ss, int nb, int n, int d,
                                              float rms_eps, float hc_eps, int iters,
@@ -786,10 +785,10 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
         nv[4] = nb4.x, nv[5] = nb4.y, nv[6] = nb4.z, nv[7] = nb4.w;
     }
     pdl_wait();
-    float4 xa[NMAX], xb[NMAX];
+    float4 xa[HC_PRE1_MAX_HC], xb[HC_PRE1_MAX_HC];
     if (on) {
 #pragma unroll
-        for (int j = 0; j < NMAX; j++)
+        for (int j = 0; j < HC_PRE1_MAX_HC; j++)
             if (j < n) {
                 const float4* px = (const float4*)(x + (i64)j * d + e0);
                 xa[j] = px[0];
@@ -835,7 +834,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
     double acc2 = 0.0;
     if (on) {
 #pragma unroll
-        for (int j = 0; j < NMAX; j++)
+        for (int j = 0; j < HC_PRE1_MAX_HC; j++)
             if (j < n) {
                 float xs[8] = {xa[j].x, xa[j].y, xa[j].z, xa[j].w, xb[j].x, xb[j].y, xb[j].z, xb[j].w};
                 float p = pj[j];
@@ -889,8 +888,8 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS, 1)
               float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk,
               float* __restrict__ clog) {
     pdl_trigger();
-    hc_pre1_body<HC_PRE1_MAX_HC>(x, part, ss, nb, n, d, rms_eps, hc_eps, iters, scale3, base, y,
-                                 post, comb, norm, q0, d0, qk, dk, clog);
+    hc_pre1_body(x, part, ss, nb, n, d, rms_eps, hc_eps, iters, scale3, base, y, post, comb, norm,
+                 q0, d0, qk, dk, clog);
 }
 
 // The Sinkhorn k_hc_pre1 left (clog: the n·n scaled logits): comb = sinkhorn_reg(clog), the
