@@ -256,6 +256,8 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
         // Flash shapes (D 4096, F 2048): the pf_mx fragment decoders over many 256-blocks.
         let (tg, td) = (GgmlType::IQ2_XXS, GgmlType::Q2_K);
         check_moe_grouped(be, &mut rng, tg, td, (4, 4096, 2048, 90, 2), &mut out)?;
+        // Many small tiles: every token-group count NG = 1..8 of pf_mx(s|w)'s dispatch.
+        check_moe_grouped(be, &mut rng, tg, td, (12, 4096, 2048, 40, 6), &mut out)?;
     }
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
@@ -2059,6 +2061,10 @@ fn check_moe(be: &CudaBackend, rng: &mut Rng, ty: GgmlType, out: &mut Vec<CheckR
     Ok(())
 }
 
+/// pf_mxw against pf_mxs (the same f16 products, summed in another order): max difference
+/// over the L1 mass Σ|w·x| of the output.
+const TOL_MXW_VS_MXS: f64 = 1e-5;
+
 /// The production prefill's grouped MoE (prefill.rs) against a CPU scalar reference: the
 /// expert grouping bit for bit (stable counting sort), the routed-expert outputs within
 /// [`TOL_MOE_GROUPED`], and two runs bit-identical.
@@ -2106,9 +2112,9 @@ fn check_moe_grouped(
     // pf_mx; 0: pf_mm; levels without a kernel of their own for these types are skipped), and
     // the per-expert cuBLAS path (small shapes only).
     let modes: &[(bool, u8)] = if d > 1024 {
-        &[(true, 2), (true, 1), (true, 0)]
+        &[(true, 3), (true, 2), (true, 1), (true, 0)]
     } else {
-        &[(true, 2), (true, 1), (true, 0), (false, 0)]
+        &[(true, 3), (true, 2), (true, 1), (true, 0), (false, 0)]
     };
     let mx_types = |t: GgmlType| matches!(t, GgmlType::IQ2_XXS | GgmlType::Q2_K);
     let has_mx = mx_types(tg) || mx_types(td);
@@ -2118,8 +2124,12 @@ fn check_moe_grouped(
     let mut refs: Vec<(f64, f64)> = Vec::new();
     // pf_mxs and pf_mx run the same decoders and MMAs in the same order: equal bits.
     let mut mxs_out: Option<Vec<f32>> = None;
+    // pf_mxw (wgmma, Hopper only) takes the same f16 products, summed in the tensor core's
+    // order: equal to pf_mxs to f32 rounding.
+    let mut mxw_out: Option<Vec<f32>> = None;
     for &(fused, level) in modes {
         let kname = match (fused, level) {
+            (true, 3) if has_mxs => "moe_grouped_mxw",
             (true, 2) if has_mxs => "moe_grouped_mxs",
             (true, 1) if has_mx => "moe_grouped_mx",
             (true, 0) => "moe_grouped_mma",
@@ -2127,6 +2137,10 @@ fn check_moe_grouped(
             _ => continue,
         };
         let was = be.set_pf_mx(level);
+        if level == 3 && !be.pf_mm_permuted(&gw, Some(&uw)) && !be.pf_mm_permuted(&dw, None) {
+            be.set_pf_mx(was);
+            continue;
+        }
         let mut runs = Vec::new();
         for run in 0..3 {
             let dn = poisoned(be, slots * d)?;
@@ -2178,7 +2192,24 @@ fn check_moe_grouped(
             TOL_MOE_GROUPED,
         ));
         out.push(det_row(kname, td, &shape, same_bits(&runs[0], &runs[1])));
-        if level == 2 && fused {
+        if level == 3 {
+            mxw_out = Some(runs[0].clone());
+        } else if level == 2 && fused {
+            if let Some(w) = &mxw_out {
+                let as_ref: Vec<(f64, f64)> = runs[0]
+                    .iter()
+                    .zip(&refs)
+                    .map(|(&m, &(_, l1))| (m as f64, l1))
+                    .collect();
+                out.push(compare(
+                    "moe_grouped_mxw_vs_mxs",
+                    td,
+                    shape.clone(),
+                    w,
+                    &as_ref,
+                    TOL_MXW_VS_MXS,
+                ));
+            }
             mxs_out = Some(runs[0].clone());
         } else if let (1, true, Some(m)) = (level, fused, &mxs_out) {
             let mism = m

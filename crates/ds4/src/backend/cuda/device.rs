@@ -100,10 +100,9 @@ struct TypeKernels {
     pfdq: CudaFunction,
     /// Grouped expert product on tensor cores (production prefill, prefill.cu).
     pfmm: CudaFunction,
-    /// The same product with weights decoded straight into the MMA fragments (`pf_mx_<t>`,
-    /// IQ2_XXS and Q2_K only), and its variant with the weight bytes staged in shared memory
-    /// (`pf_mxs_<t>`, with its dynamic shared memory in bytes).
-    pfmx: Option<(CudaFunction, CudaFunction, u32)>,
+    /// The same product with weights decoded straight into the MMA fragments (IQ2_XXS and
+    /// Q2_K only).
+    pfmx: Option<PfMx>,
     /// Int8-activation matvec (production mode), for the types with an integer dot.
     mv8: Option<CudaFunction>,
     /// Fused gate+up+SwiGLU over int8 activations (same types as `mv8`).
@@ -116,6 +115,29 @@ struct TypeKernels {
     mvl: Option<(CudaFunction, usize)>,
     /// Same for the fused gate+up+SwiGLU, `mvlglu_<t>` (outputs per warp).
     mvlglu: Option<(CudaFunction, usize)>,
+}
+
+/// The grouped expert kernel [`CudaBackend::pf_mm_raw`] takes (see
+/// [`CudaBackend::pf_mx_choice`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PfChoice {
+    Mm,
+    Mx,
+    Mxs,
+    Mxw,
+}
+
+/// The fragment-decoding grouped expert kernels of one type (prefill.cu).
+struct PfMx {
+    /// `pf_mx_<t>`: raw weight bytes from global memory.
+    mx: CudaFunction,
+    /// `pf_mxs_<t>`: weight bytes staged in shared memory by cp.async.
+    mxs: CudaFunction,
+    /// `pf_mxw_<t>`: `pf_mxs` with the products on wgmma (sm_90a builds only); reads
+    /// activation rows permuted by `px_pos`.
+    mxw: Option<CudaFunction>,
+    /// Dynamic shared memory of `pf_mxs` / `pf_mxw` in bytes.
+    smem: u32,
 }
 
 /// Whether IQ2_XXS / Q2_K int8 products use the lane-owned kernels (`DS4_CUDA_LANE=0` keeps
@@ -142,16 +164,23 @@ fn use_mv8w() -> bool {
     super::switch_on("DS4_CUDA_MV8W")
 }
 
-/// Which grouped expert product [`CudaBackend::pf_mm_raw`] takes where it can: 2 =
-/// `pf_mxs_<t>` (the default), 1 = `pf_mx_<t>` (`DS4_CUDA_PF_MXS=0`), 0 = `pf_mm_<t>`
+/// [`CudaBackend::set_pf_mx`] level meaning "read the switches at each launch" (the default,
+/// so `ds4 cuda model --variants` can change them between sessions).
+const PF_MX_FROM_ENV: u8 = u8::MAX;
+
+/// Which grouped expert product [`CudaBackend::pf_mm_raw`] takes where it can: 3 =
+/// `pf_mxw_<t>` (the default; Hopper builds only, else level 2), 2 = `pf_mxs_<t>`
+/// (`DS4_CUDA_PF_MXW=0`), 1 = `pf_mx_<t>` (`DS4_CUDA_PF_MXS=0`), 0 = `pf_mm_<t>`
 /// (`DS4_CUDA_PF_MX=0`); for comparisons.
 fn pf_mx_level() -> u8 {
     if !super::switch_on("DS4_CUDA_PF_MX") {
         0
     } else if !super::switch_on("DS4_CUDA_PF_MXS") {
         1
-    } else {
+    } else if !super::switch_on("DS4_CUDA_PF_MXW") {
         2
+    } else {
+        3
     }
 }
 
@@ -347,12 +376,29 @@ impl CudaBackend {
                             // Two stages of 256 rows x one block's 16-byte chunks (prefill.cu
                             // kRS: 80 bytes for IQ2_XXS, 112 for Q2_K).
                             let smem = 2 * 256 * if ty == GgmlType::Q2_K { 112 } else { 80 };
-                            let f = module.load_function(&format!("pf_mxs_{s}"))?;
-                            f.set_attribute(
-                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                smem as i32,
-                            )?;
-                            Some((module.load_function(&format!("pf_mx_{s}"))?, f, smem))
+                            let dyn_smem = |f: &CudaFunction| {
+                                f.set_attribute(
+                                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    smem as i32,
+                                )
+                            };
+                            let mxs = module.load_function(&format!("pf_mxs_{s}"))?;
+                            dyn_smem(&mxs)?;
+                            // wgmma exists only in the sm_90a image (elsewhere the kernel
+                            // is empty and never taken).
+                            let mxw = if info.arch() == "sm_90a" {
+                                let f = module.load_function(&format!("pf_mxw_{s}"))?;
+                                dyn_smem(&f)?;
+                                Some(f)
+                            } else {
+                                None
+                            };
+                            Some(PfMx {
+                                mx: module.load_function(&format!("pf_mx_{s}"))?,
+                                mxs,
+                                mxw,
+                                smem,
+                            })
                         }
                         _ => None,
                     },
@@ -402,7 +448,7 @@ impl CudaBackend {
             pdl: AtomicBool::new(false),
             side,
             on_side: AtomicBool::new(false),
-            pf_mx: AtomicU8::new(pf_mx_level()),
+            pf_mx: AtomicU8::new(PF_MX_FROM_ENV),
         })
     }
 
@@ -837,8 +883,9 @@ impl CudaBackend {
         self.pdl.store(on, Ordering::Relaxed);
     }
 
-    /// Which grouped expert kernel [`CudaBackend::pf_mm_raw`] may take (2: `pf_mxs_<t>`, 1:
-    /// `pf_mx_<t>`, 0: `pf_mm_<t>`; see [`pf_mx_level`]); returns the previous setting.
+    /// Which grouped expert kernel [`CudaBackend::pf_mm_raw`] may take (3: `pf_mxw_<t>`, 2:
+    /// `pf_mxs_<t>`, 1: `pf_mx_<t>`, 0: `pf_mm_<t>`; see [`pf_mx_level`]); returns the
+    /// previous setting.
     pub(crate) fn set_pf_mx(&self, level: u8) -> u8 {
         self.pf_mx.swap(level, Ordering::Relaxed)
     }
@@ -1301,13 +1348,56 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Which kernel [`CudaBackend::pf_mm_raw`] takes for these matrices at the current level:
+    /// IQ2_XXS / Q2_K weights with rows (and `wa.n_rows`) multiples of 256 take the
+    /// fragment-decoding kernels: `pf_mxw_<t>` or `pf_mxs_<t>` where rows are a multiple of
+    /// 16 bytes (staged copies), else `pf_mx_<t>`; everything else `pf_mm_<t>`.
+    fn pf_mx_choice(&self, wa: &GpuWeight, wb: Option<&GpuWeight>) -> Result<PfChoice> {
+        let k = self.kernels(wa.ty)?;
+        let m_total = wa.n_rows + wb.map_or(0, |w| w.n_rows);
+        let pa = self.weight_ptr(wa);
+        let pb = wb.map_or(pa, |w| self.weight_ptr(w));
+        let level = match self.pf_mx.load(Ordering::Relaxed) {
+            PF_MX_FROM_ENV => pf_mx_level(),
+            l => l,
+        };
+        // pf_mx: 256-row blocks over whole 256-column quant blocks; pf_mxs also copies rows
+        // in 16-byte chunks (row stride and matrix starts multiples of 16 bytes).
+        let row_bytes = wa.n_cols / 256 * wa.ty.block_bytes();
+        let Some(mx) = k.pfmx.as_ref().filter(|_| {
+            level >= 1
+                && wa.n_rows.is_multiple_of(256)
+                && m_total.is_multiple_of(256)
+                && wa.n_cols.is_multiple_of(256)
+        }) else {
+            return Ok(PfChoice::Mm);
+        };
+        let staged = level >= 2
+            && row_bytes.is_multiple_of(16)
+            && wa.expert_stride.is_multiple_of(16)
+            && pa.is_multiple_of(16)
+            && pb.is_multiple_of(16);
+        Ok(match (staged, &mx.mxw) {
+            (true, Some(_)) if level >= 3 => PfChoice::Mxw,
+            (true, _) => PfChoice::Mxs,
+            (false, _) => PfChoice::Mx,
+        })
+    }
+
+    /// Whether [`CudaBackend::pf_mm_raw`] takes `pf_mxw_<t>` for these matrices, which reads
+    /// its activation rows permuted (`px_pos`: `pf_gather*` / `pf_swiglu*` with `pm = 1`).
+    pub(crate) fn pf_mm_permuted(&self, wa: &GpuWeight, wb: Option<&GpuWeight>) -> bool {
+        matches!(self.pf_mx_choice(wa, wb), Ok(PfChoice::Mxw))
+    }
+
     /// `pf_mm_<t>`: the grouped expert product over the row tiles written by `pf_group`
     /// (`n_tiles` device int, `tiles` device triples, at most `max_tiles`): for each tile's
     /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]`, with rows `m < wa.n_rows`
     /// from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16 rows of
-    /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone).
-    /// IQ2_XXS / Q2_K weights with rows (and `wa.n_rows`) multiples of 256 take `pf_mxs_<t>`
-    /// (rows of a multiple of 16 bytes) or `pf_mx_<t>` instead (see [`pf_mx_level`]).
+    /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone). The kernel
+    /// is [`CudaBackend::pf_mx_choice`]'s; `permuted` says `xs` holds its rows permuted by
+    /// `px_pos`, which must be exactly when that is `pf_mxw_<t>`
+    /// ([`CudaBackend::pf_mm_permuted`]).
     ///
     /// # Safety
     /// Buffers live and covering every tile's rows; expert ids `< n_experts`.
@@ -1320,6 +1410,7 @@ impl CudaBackend {
         tiles: u64,
         max_tiles: usize,
         xs: u64,
+        permuted: bool,
         out: u64,
     ) -> Result<()> {
         let m_total = wa.n_rows + wb.map_or(0, |w| w.n_rows);
@@ -1333,31 +1424,29 @@ impl CudaBackend {
         if !Self::pf_mm_fits(wa, wb) {
             return Err(CudaError::Invalid("pf_mm: shape not supported".into()));
         }
+        let choice = self.pf_mx_choice(wa, wb)?;
+        if permuted != (choice == PfChoice::Mxw) {
+            return Err(CudaError::Invalid(
+                "pf_mm: activation column order does not match the kernel".into(),
+            ));
+        }
         if max_tiles == 0 {
             return Ok(());
         }
         let k = self.kernels(wa.ty)?;
         let pa = self.weight_ptr(wa);
         let pb = wb.map_or(pa, |w| self.weight_ptr(w));
-        let level = self.pf_mx.load(Ordering::Relaxed);
-        // pf_mx: 256-row blocks over whole 256-column quant blocks; pf_mxs also copies rows
-        // in 16-byte chunks (row stride and matrix starts multiples of 16 bytes).
-        let row_bytes = wa.n_cols / 256 * wa.ty.block_bytes();
-        let mx = k.pfmx.as_ref().filter(|_| {
-            level >= 1
-                && wa.n_rows.is_multiple_of(256)
-                && m_total.is_multiple_of(256)
-                && wa.n_cols.is_multiple_of(256)
-        });
-        let staged = level >= 2
-            && row_bytes.is_multiple_of(16)
-            && wa.expert_stride.is_multiple_of(16)
-            && pa.is_multiple_of(16)
-            && pb.is_multiple_of(16);
-        let (func, rows_per_block, smem) = match mx {
-            Some((_, fs, smem)) if staged => (fs, 256, *smem),
-            Some((f, _, _)) => (f, 256, 0),
-            None => (&k.pfmm, 128, 0),
+        let mx = k.pfmx.as_ref();
+        let (func, rows_per_block, smem) = match (choice, mx) {
+            (
+                PfChoice::Mxw,
+                Some(PfMx {
+                    mxw: Some(f), smem, ..
+                }),
+            ) => (f, 256, *smem),
+            (PfChoice::Mxs, Some(m)) => (&m.mxs, 256, m.smem),
+            (PfChoice::Mx, Some(m)) => (&m.mx, 256, 0),
+            _ => (&k.pfmm, 128, 0),
         };
         let cfg = LaunchConfig {
             grid_dim: ((m_total / rows_per_block) as u32, max_tiles as u32, 1),

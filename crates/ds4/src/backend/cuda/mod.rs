@@ -21,8 +21,9 @@
 //!   tensor-core expert product: for the Flash expert types (IQ2_XXS, Q2_K) `pf_mxs_<t>`
 //!   decodes each weight once per 256-row block straight into the MMA fragments (weight bytes
 //!   staged in shared memory by cp.async; `pf_mx_<t>` reads them from global memory where the
-//!   rows are not 16-byte multiples); other types dequantize weight tiles into shared memory
-//!   (`pf_mm_<t>`).
+//!   rows are not 16-byte multiples); on Hopper (`sm_90a` image) `pf_mxw_<t>` feeds the same
+//!   fragments to wgmma, which reads the token tile from shared memory itself; other types
+//!   dequantize weight tiles into shared memory (`pf_mm_<t>`).
 //! * [`attn`]: tiled attention / indexer scores / top-k / windowed compressor, the
 //!   tensor-core attention of production prefill chunks and the split-rows flash-decoding
 //!   attention of production decode steps; exact mode keeps the reference-order kernels of
@@ -46,7 +47,8 @@
 //! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
 //! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_PF_MX` (the fragment-decoding
 //! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
-//! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
+//! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_PF_MXW` (its wgmma form on Hopper; off =
+//! `pf_mxs_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill),
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
 //! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`

@@ -274,21 +274,26 @@ pub unsafe fn moe_grouped(
         ptr(&sc.h, be),
         ptr(&sc.dns, be),
     );
+    let fused = fused && fused_fits(gate, up, down);
+    // pf_mxw reads its activation rows permuted (px_pos): the gather and the SwiGLU write
+    // them so for the product that takes it.
+    let pm_gu = fused && be.pf_mm_permuted(gate, Some(up));
+    let pm_dn = fused && be.pf_mm_permuted(down, None);
     {
-        let (ki, di) = (k as i32, d as i32);
+        let (ki, di, pm) = (k as i32, d as i32, i32::from(pm_gu));
         if y16 != 0 && d.is_multiple_of(8) {
             let mut b = st.launch_builder(&kf.gather16);
-            b.arg(&y16).arg(&perm).arg(&ki).arg(&di).arg(&xs);
+            b.arg(&y16).arg(&perm).arg(&ki).arg(&di).arg(&pm).arg(&xs);
             b.launch(cfg(((d as u32 / 8).div_ceil(256), slots as u32, 1), 256))?;
         } else {
             let mut b = st.launch_builder(&kf.gather);
-            b.arg(&y).arg(&perm).arg(&ki).arg(&di).arg(&xs);
+            b.arg(&y).arg(&perm).arg(&ki).arg(&di).arg(&pm).arg(&xs);
             b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
         }
     }
     // SwiGLU × routing weight of sorted rows r0..r0+rows (4 elements a thread when f allows).
     let swiglu = |r0: usize, rows: usize| -> Result<()> {
-        let (r0i, fi) = (r0 as i32, f as i32);
+        let (r0i, fi, pm) = (r0 as i32, f as i32, i32::from(pm_dn));
         let (fun, per) = if f.is_multiple_of(4) {
             (&kf.swiglu4, 4)
         } else {
@@ -301,6 +306,7 @@ pub unsafe fn moe_grouped(
             .arg(&r0i)
             .arg(&fi)
             .arg(&clamp)
+            .arg(&pm)
             .arg(&h);
         b.launch(cfg(((f as u32 / per).div_ceil(256), rows as u32, 1), 256))?;
         Ok(())
@@ -315,14 +321,14 @@ pub unsafe fn moe_grouped(
         b.launch(cfg(((d as u32).div_ceil(256), slots as u32, 1), 256))?;
         Ok(())
     };
-    if fused && fused_fits(gate, up, down) {
+    if fused {
         // All on the device, no host read: grids cover the most tiles `slots` can need, and
         // blocks past the tile count pf_group wrote return at once.
         let mt = max_tiles(slots, n_exp);
         let nt = meta + (2 * n_exp * 4) as u64;
-        be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, gu)?;
+        be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, pm_gu, gu)?;
         swiglu(0, slots)?;
-        be.pf_mm_raw(down, None, nt, tiles, mt, h, dns)?;
+        be.pf_mm_raw(down, None, nt, tiles, mt, h, pm_dn, dns)?;
         return scatter();
     }
     if sc.e16.len() < PF_EXPERT_BATCH * 2 * f * d {

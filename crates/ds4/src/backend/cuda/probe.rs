@@ -51,12 +51,13 @@ impl DeviceInfo {
         }
     }
 
-    /// NVRTC target for this device, e.g. `sm_90`.
+    /// NVRTC target for this device, e.g. `sm_86`. Hopper (cc 9.0) gets `sm_90a`, whose
+    /// architecture-specific instructions (wgmma) the prefill's `pf_mxw_<t>` needs; such an
+    /// image runs on cc 9.0 only, which is the device it is built for.
     pub fn arch(&self) -> String {
-        format!(
-            "sm_{}{}",
-            self.compute_capability.0, self.compute_capability.1
-        )
+        let (major, minor) = self.compute_capability;
+        let suffix = if (major, minor) == (9, 0) { "a" } else { "" };
+        format!("sm_{major}{minor}{suffix}")
     }
 }
 

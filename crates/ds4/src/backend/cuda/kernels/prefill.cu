@@ -212,23 +212,42 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
+// Where pf_mxw_<t> wants column c of an activation row (see pf_mxw below): inside each group
+// of 32 columns, c = 8t + 4kk + 2u + e sits at 16kk + 8u + 2t + e, so that the wgmma's logical
+// k order of the group's two k16 steps holds, for lane quad t, the 8 consecutive columns
+// 8t..8t+7 its weight decoder produces. Column pairs (e = 0, 1) stay together.
+__device__ __forceinline__ int px_pos(int c) {
+    return (c & ~31) | (((c >> 2) & 1) << 4) | (((c >> 1) & 1) << 3) | (((c >> 3) & 3) << 1) |
+           (c & 1);
+}
+
 // xs[r][8i..8i+8] = y16[perm[r] / k][8i..8i+8]: the sorted row's input from the f16 copy of
 // y its producer wrote (the same values pf_gather rounds), 16 bytes a thread. d % 8 == 0.
-// grid (d/8/256, rows).
+// pm = 1: columns permuted for pf_mxw (px_pos; d % 32 == 0). grid (d/8/256, rows).
 extern "C" __global__ void pf_gather16(const u16* __restrict__ y16, const int* __restrict__ perm,
-                                       int k, int d, u16* __restrict__ xs) {
+                                       int k, int d, int pm, u16* __restrict__ xs) {
     int r = blockIdx.y;
     int i = 8 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= d) return;
     int t = perm[r] / k;
-    *(uint4*)(xs + (i64)r * d + i) = *(const uint4*)(y16 + (i64)t * d + i);
+    uint4 v = *(const uint4*)(y16 + (i64)t * d + i);
+    u16* dst = xs + (i64)r * d;
+    if (pm) {
+        // The 4 column pairs go to 4 different places of the permuted 32-column group.
+        *(u32*)(dst + px_pos(i)) = v.x;
+        *(u32*)(dst + px_pos(i + 2)) = v.y;
+        *(u32*)(dst + px_pos(i + 4)) = v.z;
+        *(u32*)(dst + px_pos(i + 6)) = v.w;
+    } else {
+        *(uint4*)(dst + i) = v;
+    }
 }
 
-// pf_swiglu, 4 elements a thread (f % 4 == 0): the same expressions per element.
-// grid (f/4/256, rows).
+// pf_swiglu, 4 elements a thread (f % 4 == 0): the same expressions per element. pm = 1:
+// columns permuted for pf_mxw (px_pos; f % 32 == 0). grid (f/4/256, rows).
 extern "C" __global__ void pf_swiglu4(const float* __restrict__ gu, const int* __restrict__ perm,
                                       const float* __restrict__ wts, int r0, int f, float c,
-                                      u16* __restrict__ h) {
+                                      int pm, u16* __restrict__ h) {
     int r = r0 + blockIdx.y;
     int i = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= f) return;
@@ -249,24 +268,32 @@ extern "C" __global__ void pf_swiglu4(const float* __restrict__ gu, const int* _
     uint2 q;
     q.x = (u32)o[0] | ((u32)o[1] << 16);
     q.y = (u32)o[2] | ((u32)o[3] << 16);
-    *(uint2*)(h + (i64)r * f + i) = q;
+    u16* dst = h + (i64)r * f;
+    if (pm) {
+        *(u32*)(dst + px_pos(i)) = q.x;
+        *(u32*)(dst + px_pos(i + 2)) = q.y;
+    } else {
+        *(uint2*)(dst + i) = q;
+    }
 }
 
-// xs[r][i] = f16(y[perm[r] / k][i]): sorted row r's input (its token's row). grid (d/256, rows).
+// xs[r][i] = f16(y[perm[r] / k][i]): sorted row r's input (its token's row); pm = 1: at the
+// permuted column px_pos(i) (pf_mxw). grid (d/256, rows).
 extern "C" __global__ void pf_gather(const float* __restrict__ y, const int* __restrict__ perm,
-                                     int k, int d, u16* __restrict__ xs) {
+                                     int k, int d, int pm, u16* __restrict__ xs) {
     int r = blockIdx.y;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= d) return;
     int t = perm[r] / k;
-    xs[(i64)r * d + i] = f2h(y[(i64)t * d + i]);
+    xs[(i64)r * d + (pm ? px_pos(i) : i)] = f2h(y[(i64)t * d + i]);
 }
 
 // h[r][i] = f16(silu(min(g, c))·clamp(u, ±c)·wts[perm[r]]) with g = gu[r][i], u = gu[r][f+i]
-// (the rows r0.. of one batch of experts). Same expressions as k_swiglu. grid (f/256, rows).
+// (the rows r0.. of one batch of experts). Same expressions as k_swiglu; pm as pf_gather.
+// grid (f/256, rows).
 extern "C" __global__ void pf_swiglu(const float* __restrict__ gu, const int* __restrict__ perm,
                                      const float* __restrict__ wts, int r0, int f, float c,
-                                     u16* __restrict__ h) {
+                                     int pm, u16* __restrict__ h) {
     int r = r0 + blockIdx.y;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= f) return;
@@ -276,7 +303,7 @@ extern "C" __global__ void pf_swiglu(const float* __restrict__ gu, const int* __
     float uv = fminf(fmaxf(row[f + i], -c), c);
     float v = sil * uv;
     if (wts) v = v * wts[perm[r]];
-    h[(i64)r * f + i] = f2h(v);
+    h[(i64)r * f + (pm ? px_pos(i) : i)] = f2h(v);
 }
 
 // dn[s][i] = dns[inv[s]][i]: rows back to slot order. grid (d/256, slots).
@@ -1095,3 +1122,273 @@ DS4_PF_MX(iq2_xxs, PxIq2)
 
 DS4_PF_MXS(q2_k, PxQ2K)
 DS4_PF_MXS(iq2_xxs, PxIq2)
+
+// ---------------------------------------------------------------------------------------------
+// pf_mxw_<t> (sm_90a only): pf_mxs with the products on the warpgroup MMA (wgmma). The weights
+// are decoded by the same decoders into the same A fragments (wgmma takes A from registers in
+// mma.m16n8k16's per-warp layout); the token tile B is read by the tensor cores straight from
+// shared memory, so the 8 x 128-bit B fragment loads per warp and step (a third of pf_mxs's
+// shared-memory traffic) and the 2·2·NG HMMA per warp and step go away: one m64nNk16 per
+// warpgroup, 64 weight rows and k16 (N = 8·NG tokens).
+//
+// Block: 256 weight rows x one tile (as pf_mxs); warpgroup wg = warp/4 owns rows 128wg..+127 as
+// two m64 halves j; warp w4 = warp%4 holds rows 128wg + 64j + 16w4 + {g, g+8} of each half.
+// The k permutation inside a 32-column step is pf_mx's, but here B is read by the hardware in
+// logical k order, so the activation rows come permuted (px_pos; pf_gather*/pf_swiglu* with
+// pm = 1): logical column 16kk + l of the step holds original column
+// 8(l/2 % 4) + 4kk + 2(l/8) + l%2, i.e. lane quad t4's 8 decoded weights 8t4..8t4+7.
+// Shared B tile per ring slot, K-major without swizzle: "core matrices" of 8 tokens x 8
+// logical columns (16 bytes a token, 128 contiguous bytes) at (n/8)·512 + kc·128, kc = 0..3;
+// the descriptor of k16 step kk starts at kk·256 with LBO 128 (next 8 columns) and SBO 512
+// (next 8 tokens).
+//
+// Pipeline per step s (loop unrolled by two, A fragments double-buffered in registers):
+// barrier; cp.async of B(s+2) (and the next A stage); wgmma.fence; the step's 4 wgmma with
+// af[s%2]; commit; decode step s+1 into af[(s+1)%2] while the tensor cores run; wait for the
+// group (it read af[s%2] and B slot s%3, both reused later). Numerics: the same f16 weights and
+// activations as pf_mxs, f32 accumulation inside the MMA; the tensor core's order of additions
+// inside one k16 product and across k may differ from mma.sync, so results agree with pf_mxs to
+// f32 rounding (not bit for bit); deterministic from run to run.
+// ---------------------------------------------------------------------------------------------
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DS4_PXW 1
+#endif
+
+#ifdef DS4_PXW
+template <int NG>
+__device__ __forceinline__ void pxw_mma(float (&d)[NG][4], const u32 (&a)[4], u64 desc);
+template <>
+__device__ __forceinline__ void pxw_mma<1>(float (&d)[1][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<2>(float (&d)[2][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<3>(float (&d)[3][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n24k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, {%12, %13, %14, %15}, %16, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<4>(float (&d)[4][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<5>(float (&d)[5][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n40k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19}, {%20, %21, %22, %23}, %24, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<6>(float (&d)[6][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n48k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}, {%24, %25, %26, %27}, %28, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<7>(float (&d)[7][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n56k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27}, {%28, %29, %30, %31}, %32, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<8>(float (&d)[8][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+
+__device__ __forceinline__ void pxw_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void pxw_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void pxw_wait0() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+// Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
+template <int NG>
+__device__ __forceinline__ void pxw_hold(float (&acc)[2][NG][4]) {
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+#pragma unroll
+        for (int n = 0; n < NG; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) asm volatile("" : "+f"(acc[j][n][c])::"memory");
+}
+
+// Descriptor of a K-major, unswizzled B operand at shared address `a` (LBO 128, SBO 512).
+__device__ __forceinline__ u64 pxw_desc(u32 a) {
+    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(512 >> 4) << 32);
+}
+
+// The step's 4 wgmma: halves j x k16 steps kk. af[ri]: row 8ri + g of this warp's 32 rows in
+// pf_mx's numbering, here ri = 2j + h (h: row g or g + 8 of half j).
+template <int NG>
+__device__ __forceinline__ void pxw_step(float (&acc)[2][NG][4], const u32 (&af)[4][4], u32 bslot) {
+    pxw_fence();
+#pragma unroll
+    for (int kk = 0; kk < 2; kk++) {
+        u64 desc = pxw_desc(bslot + kk * 256);
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const u32 a[4] = {af[2 * j][2 * kk], af[2 * j + 1][2 * kk], af[2 * j][2 * kk + 1],
+                              af[2 * j + 1][2 * kk + 1]};
+            pxw_mma<NG>(acc[j], a, desc);
+        }
+    }
+    pxw_commit();
+}
+
+template <class L, int NG>
+__device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTables& T, u16* Bs,
+                                         u8* As, int m0, int m_total, int k_dim, int r0, int cnt,
+                                         const u16* __restrict__ xs, float* __restrict__ out) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+    int wg = warp >> 2, w4 = warp & 3;
+    // Copy: token bn = tid/4, 16 bytes = permuted columns 8kc..8kc+7 (kc = tid%4) of the step,
+    // to its core matrix.
+    int bn = tid >> 2, kc = tid & 3;
+    bool bval = bn < cnt;
+    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + kc * 8;
+    u16* bdst = Bs + ((bn >> 3) * 512 + kc * 128 + (bn & 7) * 16) / 2;
+    u32 bs0 = (u32)__cvta_generic_to_shared(Bs);
+    // This thread's row of (j, h) = (ri / 2, ri % 2): 128wg + 64j + 16w4 + 8h + g.
+    const u8* arow = As + (wg * 128 + w4 * 16 + g) * L::kRS;
+    const int roff[4] = {0, 8 * L::kRS, 64 * L::kRS, 72 * L::kRS};
+    int nk = k_dim / PX_BK, nq = k_dim >> 8;
+    float acc[2][NG][4];
+    px_zero<NG>(acc);
+    u32 af0[4][4], af1[4][4];
+    px_stage<L>(As, wrow, rowb, 0, 0);
+    pf_cp16(bdst, xrow, bval);
+    pf_cp_commit();
+    pf_cp16(bdst + PX_BN * PX_BK, xrow + PX_BK, bval);
+    pf_cp_commit();
+    pf_cp_wait1();
+    __syncthreads();  // tables, block 0 of A, B(0)
+    {
+        L ld;
+#pragma unroll
+        for (int ri = 0; ri < 4; ri++) {
+            ld.load_s(arow + roff[ri], 0, t4);
+            ld.decode(af0[ri], T, t4, 0);
+        }
+    }
+    // One step: B(s) in ring slot bs; decodes step s + 1 into an.
+    auto step = [&](int s, int bs, const u32 (&ac)[4][4], u32 (&an)[4][4]) {
+        pf_cp_wait1();
+        __syncthreads();  // B(s) visible; every group of step s - 1 is done (waited below), so
+                          // slot (s + 2) % 3 and the A stage of block s/8 - 1 are free
+        int b2 = bs == 0 ? 2 : bs - 1;
+        if (s + 2 < nk) pf_cp16(bdst + b2 * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
+        if ((s & 7) == 0 && (s >> 3) + 1 < nq)
+            px_stage<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
+        pf_cp_commit();
+        pxw_step<NG>(acc, ac, bs0 + bs * (PX_BN * PX_BK * 2));
+        int t = s + 1;
+        if (t < nk) {
+            int q = t >> 3;
+            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + ((q * L::kBlockBytes) & 15);
+            L ld;
+#pragma unroll
+            for (int ri = 0; ri < 4; ri++) {
+                ld.load_s(sb + roff[ri], t, t4);
+                ld.decode(an[ri], T, t4, t);
+            }
+        }
+        pxw_wait0();
+        pxw_hold<NG>(acc);
+    };
+    int bs = 0;
+    for (int s = 0; s < nk; s += 2) {  // nk is a multiple of 8
+        step(s, bs, af0, af1);
+        bs = bs == 2 ? 0 : bs + 1;
+        step(s + 1, bs, af1, af0);
+        bs = bs == 2 ? 0 : bs + 1;
+    }
+    // Outputs: accumulator (j, ni, c) is row 128wg + 64j + 16w4 + g (+8 for c >= 2), token
+    // 8ni + 2t4 (+1 for odd c).
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+#pragma unroll
+        for (int ni = 0; ni < NG; ni++) {
+            int row = m0 + wg * 128 + j * 64 + w4 * 16 + g;
+            int n = ni * 8 + t4 * 2;
+            if (n < cnt) {
+                out[(i64)(r0 + n) * m_total + row] = acc[j][ni][0];
+                out[(i64)(r0 + n) * m_total + row + 8] = acc[j][ni][2];
+            }
+            if (n + 1 < cnt) {
+                out[(i64)(r0 + n + 1) * m_total + row] = acc[j][ni][1];
+                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[j][ni][3];
+            }
+        }
+}
+#endif  // DS4_PXW
+
+// Same contract as pf_mxs_<t> (and the same host checks), plus activation rows permuted by
+// px_pos. Built for every architecture; outside sm_90a the body is empty and the host never
+// launches it.
+template <class L>
+__device__ __forceinline__ void pxw_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                           i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                           const int* __restrict__ n_tiles,
+                                           const int* __restrict__ tiles,
+                                           const u16* __restrict__ xs, float* __restrict__ out) {
+#ifdef DS4_PXW
+    __shared__ __align__(128) u16 Bs[3 * PX_BN * PX_BK];
+    __shared__ __align__(16) PxTables T;
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    int tid = threadIdx.x;
+    if (L::kTables) px_tables(T, tid);
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PX_BM;
+    const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
+    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
+    i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
+    const u8* wrow = w + (i64)wrow0 * rowb;
+    u8* As = px_smem;
+    switch ((cnt + 7) >> 3) {
+    case 1: pxw_body<L, 1>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 2: pxw_body<L, 2>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 3: pxw_body<L, 3>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 4: pxw_body<L, 4>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 5: pxw_body<L, 5>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 6: pxw_body<L, 6>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    case 7: pxw_body<L, 7>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    default: pxw_body<L, 8>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
+    }
+#endif
+}
+
+#define DS4_PF_MXW(T, L)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
+        pf_mxw_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,       \
+                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,          \
+                   const int* __restrict__ tiles, const u16* __restrict__ xs,                    \
+                   float* __restrict__ out) {                                                    \
+        pxw_kernel<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);    \
+    }
+
+DS4_PF_MXW(q2_k, PxQ2K)
+DS4_PF_MXW(iq2_xxs, PxIq2)
