@@ -41,6 +41,8 @@ pub struct AttnKernels {
     out: CudaFunction,
     combine: CudaFunction,
     idx_scores: CudaFunction,
+    idx_scores_tc: CudaFunction,
+    to_bf16: CudaFunction,
     topk: CudaFunction,
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
@@ -69,6 +71,15 @@ impl AttnKernels {
             out: f("k_att_out")?,
             combine: f("k_att_combine")?,
             idx_scores: f("k_idx_scores")?,
+            idx_scores_tc: {
+                let f = be.function("k_idx_scores_tc")?;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    IXC_SMEM as i32,
+                )?;
+                f
+            },
+            to_bf16: f("k_f32_to_bf16")?,
             topk: f("k_topk_rows")?,
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
@@ -473,6 +484,63 @@ pub unsafe fn idx_scores(
             scores,
             ld as i32
         ]
+    );
+    Ok(())
+}
+
+/// Rows and tokens of a `k_idx_scores_tc` block (attn.cu `IXC_ROWS`, `IXC_TOK`).
+const IXC_ROWS: usize = 128;
+const IXC_TOK: usize = 8;
+/// Its dynamic shared memory (attn.cu `IXC_SMEM`): bf16 K tile (128 rows) and two query
+/// tiles (64 heads), 136 wide; two sets of 64 weights; the f32 terms, 64 heads × 132.
+const IXC_SMEM: usize = (IXC_ROWS + 2 * 64) * 136 * 2 + 2 * 64 * 4 + 64 * 132 * 4;
+
+/// Whether production prefill chunks score the indexer on tensor cores (`DS4_CUDA_IDX_TC=0`:
+/// the f32 `k_idx_scores`, for comparisons).
+pub fn use_idx_tc() -> bool {
+    super::switch_on("DS4_CUDA_IDX_TC")
+}
+
+/// [`idx_scores`] on tensor cores, for 64 heads of 128 dims whose queries and rows are
+/// fp4sim values (QAT on): `q` (`n × 64 × 128` f32) is first copied to bf16 at `q16`, then
+/// `k_idx_scores_tc` (exact products, head-order sums; see attn.cu).
+///
+/// # Safety
+/// As [`idx_scores`] with `n_head = 64`, `id = 128`, `ratio = 4`; `q16` holds `n × 8192`
+/// halves.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn idx_scores_tc(
+    st: &CudaStream,
+    k: &AttnKernels,
+    n: usize,
+    q: u64,
+    q16: u64,
+    w: u64,
+    krows: u64,
+    p0: u64,
+    vis_max: usize,
+    scores: u64,
+    ld: usize,
+) -> Result<()> {
+    let len = (n * 64 * 128) as i64;
+    launch!(
+        st,
+        k.to_bf16,
+        ((len as u64 / 4).div_ceil(256) as u32, 1, 1),
+        (256, 1, 1),
+        [q, q16, len]
+    );
+    launch!(
+        st,
+        k.idx_scores_tc,
+        (
+            vis_max.div_ceil(IXC_ROWS).max(1) as u32,
+            n.div_ceil(IXC_TOK) as u32,
+            1
+        ),
+        (256, 1, 1),
+        IXC_SMEM as u32,
+        [q16, w, krows, p0, n as i32, scores, ld as i32]
     );
     Ok(())
 }

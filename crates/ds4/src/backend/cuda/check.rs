@@ -261,6 +261,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     }
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
+    check_indexer_tc(be, &mut rng, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
@@ -914,6 +915,155 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
     Ok(())
 }
 
+/// The visible scores of `sc` (`n × ld`) in token-major order, with the f64 reference score
+/// and L1 mass Σ_h |w_h|·Σ|q·k| of each.
+#[allow(clippy::too_many_arguments)]
+fn idx_reference(
+    sc: &[f32],
+    q: &[f32],
+    w: &[f32],
+    rows: &[f32],
+    (ih, id, r): (usize, usize, usize),
+    p0: usize,
+    n: usize,
+    ld: usize,
+) -> (Vec<f32>, Vec<(f64, f64)>) {
+    let (mut gpu, mut pairs) = (Vec::new(), Vec::new());
+    for t in 0..n {
+        for row in 0..(p0 + t + 1) / r {
+            let kr = &rows[row * id..(row + 1) * id];
+            let (mut s, mut l1) = (0f64, 0f64);
+            for h in 0..ih {
+                let qh = &q[(t * ih + h) * id..(t * ih + h + 1) * id];
+                let d: f64 = qh.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let da: f64 = qh
+                    .iter()
+                    .zip(kr)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                s += w[t * ih + h] as f64 * d.max(0.0);
+                l1 += (w[t * ih + h] as f64).abs() * da;
+            }
+            gpu.push(sc[t * ld + row]);
+            pairs.push((s, l1));
+        }
+    }
+    (gpu, pairs)
+}
+
+/// The tensor-core indexer scores (`k_idx_scores_tc`, production prefill with QAT) on
+/// fp4sim'd queries and F16-stored fp4sim'd rows: against the f64 reference, against the f32
+/// `k_idx_scores` (exact products and block sums: equal but for rare rounding), and run to
+/// run. 20 tokens: token groups of 8 with a partial one, and a row tile (from 256) that the
+/// group's first tokens do not see yet.
+fn check_indexer_tc(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use super::attn::{idx_scores, idx_scores_tc, AttnKernels};
+    let k = AttnKernels::load(be)?;
+    let st = be.stream();
+    let (ih, id, r) = (64usize, 128usize, 4usize);
+    let (p0, n) = (1020usize, 20usize);
+    let vis_max = (p0 + n) / r;
+    let ld = vis_max + 1;
+    let mut q = random_activations(rng, n * ih * id);
+    q.chunks_exact_mut(id)
+        .for_each(crate::quant::indexer_qat_inplace);
+    let mut rows = random_activations(rng, vis_max * id);
+    for row in rows.chunks_exact_mut(id) {
+        crate::quant::indexer_qat_inplace(row);
+        row.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+    }
+    let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
+    let (d_q, d_w, d_rows) = (
+        be.upload_f32(&q)?,
+        be.upload_f32(&w)?,
+        be.upload_f32(&rows)?,
+    );
+    let d_q16 = st.alloc_zeros::<u16>(n * ih * id)?;
+    let d_p0 = st.clone_htod(&[p0 as i64])?;
+    let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+    let p0p = d_p0.device_ptr(st).0;
+    let mut runs = Vec::new();
+    for tc in [true, true, false] {
+        let d_sc = poisoned(be, n * ld)?;
+        // SAFETY: buffers sized as `idx_scores` / `idx_scores_tc` document.
+        unsafe {
+            if tc {
+                idx_scores_tc(
+                    st,
+                    &k,
+                    n,
+                    pp(&d_q),
+                    d_q16.device_ptr(st).0,
+                    pp(&d_w),
+                    pp(&d_rows),
+                    p0p,
+                    vis_max,
+                    pp(&d_sc),
+                    ld,
+                )?
+            } else {
+                idx_scores(
+                    st,
+                    &k,
+                    n,
+                    pp(&d_q),
+                    pp(&d_w),
+                    pp(&d_rows),
+                    ih,
+                    id,
+                    p0p,
+                    r,
+                    vis_max,
+                    pp(&d_sc),
+                    ld,
+                )?
+            }
+        };
+        runs.push(be.download(&d_sc)?);
+    }
+    let shape = format!("p0={p0} n={n} iH={ih} iD={id} fp4");
+    let (tc, pairs) = idx_reference(&runs[0], &q, &w, &rows, (ih, id, r), p0, n, ld);
+    out.push(compare(
+        "idx_scores_tc",
+        GgmlType::F32,
+        shape.clone(),
+        &tc,
+        &pairs,
+        TOL_F32,
+    ));
+    let (f32s, _) = idx_reference(&runs[2], &q, &w, &rows, (ih, id, r), p0, n, ld);
+    let mism = tc
+        .iter()
+        .zip(&f32s)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    let as_ref: Vec<(f64, f64)> = f32s
+        .iter()
+        .zip(&pairs)
+        .map(|(&v, &(_, l1))| (v as f64, l1))
+        .collect();
+    let mut row = compare(
+        "idx_scores_tc_vs_f32",
+        GgmlType::F32,
+        shape.clone(),
+        &tc,
+        &as_ref,
+        1e-6,
+    );
+    row.note = format!(
+        "{mism} of {} scores differ in bits from k_idx_scores",
+        tc.len()
+    );
+    out.push(row);
+    out.push(det_row(
+        "idx_scores_tc",
+        GgmlType::F32,
+        &shape,
+        same_bits(&runs[0], &runs[1]),
+    ));
+    Ok(())
+}
+
 /// Indexer scores (attn.cu) against an f64 reference, and the exact top-k against
 /// `ops::top_k` (ascending), on the GPU's own scores and on scores full of ties.
 fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
@@ -954,29 +1104,8 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         )?
     };
     let sc = be.download(&d_sc)?;
-    let (mut gpu, mut refs, mut l1s) = (Vec::new(), Vec::new(), Vec::new());
-    for t in 0..n {
-        for row in 0..(p0 + t + 1) / r {
-            let kr = &rows[row * id..(row + 1) * id];
-            let (mut s, mut l1) = (0f64, 0f64);
-            for h in 0..ih {
-                let qh = &q[(t * ih + h) * id..(t * ih + h + 1) * id];
-                let d: f64 = qh.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                let da: f64 = qh
-                    .iter()
-                    .zip(kr)
-                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                    .sum();
-                s += w[t * ih + h] as f64 * d.max(0.0);
-                l1 += (w[t * ih + h] as f64).abs() * da;
-            }
-            gpu.push(sc[t * ld + row]);
-            refs.push(s);
-            l1s.push(l1);
-        }
-    }
-    let pairs: Vec<(f64, f64)> = refs.iter().copied().zip(l1s).collect();
     let shape = format!("p0={p0} n={n} iH={ih} iD={id}");
+    let (gpu, pairs) = idx_reference(&sc, &q, &w, &rows, (ih, id, r), p0, n, ld);
     out.push(compare(
         "idx_scores",
         GgmlType::F32,

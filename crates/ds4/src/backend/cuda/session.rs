@@ -818,6 +818,9 @@ struct PfScratch {
     /// The rotated queries as f16 (`GPU_CHUNK × n_head × head_dim`), the only form the
     /// tensor-core attention reads.
     q16: CudaSlice<u16>,
+    /// The indexer queries as bf16 (`GPU_CHUNK × idx_heads × idx_dim`; 1 without an
+    /// indexer), for `k_idx_scores_tc`.
+    iq16: CudaSlice<u16>,
     /// Per-token RMS scale of the state from `k_hc_pre_pf`, read by `k_hc_comb`.
     hsc: CudaSlice<f32>,
     /// The router's weight decoded to f32 (its product stays f32, see `queue`).
@@ -1037,6 +1040,11 @@ impl GpuSession {
                     y16: be.stream().alloc_zeros::<u16>(m * d)?,
                     qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                     q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
+                    iq16: be.stream().alloc_zeros::<u16>(if any4 {
+                        m * c.idx_heads * c.idx_dim
+                    } else {
+                        1
+                    })?,
                     hsc: a(m)?,
                     w32: be.alloc_f32(
                         gm.layers
@@ -1953,6 +1961,25 @@ impl GpuSession {
                                     s.isc_ld as i32
                                 ]
                             );
+                        } else if let Some(ps) =
+                            pf.filter(|_| self.qat && ih == 64 && id == 128 && attn::use_idx_tc())
+                        {
+                            // SAFETY: as below; iq16 holds GPU_CHUNK × 64 × 128 halves.
+                            unsafe {
+                                attn::idx_scores_tc(
+                                    be.st(),
+                                    &k.at,
+                                    n,
+                                    p(&s.iq),
+                                    p16(&ps.iq16),
+                                    p(&s.iw),
+                                    p(&cs.rows),
+                                    p0l,
+                                    vis_max,
+                                    p(&s.isc),
+                                    s.isc_ld,
+                                )?
+                            };
                         } else {
                             // SAFETY: iq/iw hold n tokens of ih heads; the indexer rows hold
                             // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.

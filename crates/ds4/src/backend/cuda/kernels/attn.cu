@@ -1181,3 +1181,151 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         }
     }
 }
+
+// ---- k_idx_scores_tc: the lightning indexer's scores (k_idx_scores' contract) on tensor cores,
+// for production prefill chunks with QAT on (64 heads of 128 dims). The queries and the stored
+// indexer rows are fp4sim values (E2M1 code × a power of two per 32 dims; the rows' F16
+// storage rounding keeps them), so bf16 holds them exactly and every product q·k is exact in
+// the MMA's f32 accumulator; within a 32-dim block all partial sums are exact too (multiples of
+// a quarter of the two blocks' scale product, below 2^13 of it), so a dot product differs from
+// the sequential f32 sum only when the four blocks' scales are more than ~2^10 apart. The
+// weighted ReLU terms are summed over heads in head order from −0.0, as k_idx_scores does.
+//
+// Block (256 threads, 8 warps): 128 rows (the K tile, converted to bf16 once per block) × up
+// to IXC_TOK consecutive tokens; warp w owns rows 16w..16w+15 (its B fragments stay in
+// registers for all the tokens). Per token: the query (64 × 128 bf16, from q16, written by
+// k_f32_to_bf16) arrives by cp.async, double-buffered; the 64×16-row products per warp are
+// 4 head tiles × 8 k16 steps × 2 n8 tiles of m16n8k16; the terms w_h·max(0, dot) go to shared
+// memory [head][row] and one thread per row sums them in head order. Rows are written only
+// where visible to the token (row < (p0 + t + 1) / 4).
+#define IXC_ROWS 128
+#define IXC_TOK 8
+#define IXC_KS 136  // bf16 row stride of the K and Q tiles (272 bytes: ldmatrix without conflicts)
+#define IXC_VS 132  // f32 row stride of the [head][row] terms
+
+__device__ __forceinline__ u32 ix_bf2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void ix_mma_bf16(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// y[i] = bf16(x[i]) (round to nearest even), 4 elements a thread; n % 4 == 0.
+extern "C" __global__ void k_f32_to_bf16(const float* __restrict__ x, u16* __restrict__ y,
+                                         long long n) {
+    long long i = 4 * ((long long)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    float4 v = *(const float4*)(x + i);
+    *(uint2*)(y + i) = make_uint2(ix_bf2(v.x, v.y), ix_bf2(v.z, v.w));
+}
+
+// Dynamic shared memory of k_idx_scores_tc in bytes.
+#define IXC_SMEM                                                                               \
+    ((IXC_ROWS + 2 * 64) * IXC_KS * 2 + 2 * 64 * 4 + 64 * IXC_VS * 4)
+
+extern "C" __global__ void __launch_bounds__(256)
+    k_idx_scores_tc(const u16* __restrict__ q16, const float* __restrict__ w,
+                    const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
+                    float* __restrict__ scores, int ld) {
+    extern __shared__ __align__(16) unsigned char ixc_smem[];
+    u16* ks = (u16*)ixc_smem;                       // [128 rows][IXC_KS]
+    u16* qs = ks + IXC_ROWS * IXC_KS;               // [2][64 heads][IXC_KS]
+    float* ws = (float*)(qs + 2 * 64 * IXC_KS);     // [2][64]
+    float* vs = ws + 2 * 64;                        // [64 heads][IXC_VS]
+    const long long p0 = *p0p;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int r0 = blockIdx.x * IXC_ROWS, t0 = blockIdx.y * IXC_TOK;
+    const int t1 = min(t0 + IXC_TOK, n);
+    const int vis_last = (int)((p0 + t1) / 4);  // rows visible to the group's last token
+    if (r0 >= vis_last) return;
+    // The query of token t (64 × 128 bf16 = 1024 pieces of 16 bytes) and its 64 weights.
+    auto fetch = [&](int t, int slot) {
+        const u16* src = q16 + (long long)t * 64 * 128;
+        u16* dst = qs + slot * 64 * IXC_KS;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int f = tid + 256 * k, h = f >> 4, c = f & 15;
+            u32 a = at_smem(dst + h * IXC_KS + 8 * c);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a),
+                         "l"(src + h * 128 + 8 * c)
+                         : "memory");
+        }
+        if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid];
+    };
+    fetch(t0, 0);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    // K tile to bf16 (rows past the last visible one: zeros; they are never written out).
+    for (int f = tid; f < IXC_ROWS * 32; f += 256) {
+        int row = f >> 5, c4 = f & 31;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r0 + row < vis_last) v = *(const float4*)(krows + (long long)(r0 + row) * 128 + 4 * c4);
+        *(uint2*)(ks + row * IXC_KS + 4 * c4) = make_uint2(ix_bf2(v.x, v.y), ix_bf2(v.z, v.w));
+    }
+    __syncthreads();
+    // B fragments of the warp's rows 16w + 8j + g: k = 16kk + 2t4 (+1) and + 8.
+    u32 bf[2][8][2];
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            const u16* kr = ks + (warp * 16 + j * 8 + g) * IXC_KS + 16 * kk + 2 * t4;
+            bf[j][kk][0] = *(const u32*)kr;
+            bf[j][kk][1] = *(const u32*)(kr + 8);
+        }
+    // ldmatrix row address of this lane in a query tile: head (lane & 15), dims 8·(lane >> 4).
+    const u32 qa0 = at_smem(qs + (lane & 15) * IXC_KS + 8 * (lane >> 4));
+    for (int t = t0, it = 0; t < t1; t++, it++) {
+        const int slot = it & 1;
+        if (t + 1 < t1) fetch(t + 1, slot ^ 1);  // that slot's last reader (t - 1) is done
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        __syncthreads();  // query t and its weights visible
+        const int vis = (int)((p0 + t + 1) / 4);
+        if (r0 < vis) {  // block-uniform
+            float acc[4][2][4];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+            const u32 qa = qa0 + slot * 64 * IXC_KS * 2;
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int kk = 0; kk < 8; kk++) {
+                    u32 a[4];
+                    at_ldm_x4(a, qa + (16 * i * IXC_KS + 16 * kk) * 2);
+                    ix_mma_bf16(acc[i][0], a, bf[0][kk]);
+                    ix_mma_bf16(acc[i][1], a, bf[1][kk]);
+                }
+            const float* wt = ws + slot * 64;
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        int h = 16 * i + g + 8 * (c >> 1);
+                        int row = warp * 16 + j * 8 + 2 * t4 + (c & 1);
+                        vs[h * IXC_VS + row] = wt[h] * fmaxf(acc[i][j][c], 0.0f);
+                    }
+            __syncthreads();
+            if (tid < IXC_ROWS) {
+                float tot = -0.0f;
+#pragma unroll 8
+                for (int h = 0; h < 64; h++) tot += vs[h * IXC_VS + tid];
+                if (r0 + tid < vis) scores[(long long)t * ld + r0 + tid] = tot;
+            }
+        }
+        __syncthreads();  // vs and this query slot are free again
+    }
+}
