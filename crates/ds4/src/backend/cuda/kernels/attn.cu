@@ -1253,15 +1253,12 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             int f = tid + 256 * k, h = f >> 4, c = f & 15;
-            u32 a = at_smem(dst + h * IXC_KS + 8 * c);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a),
-                         "l"(src + h * 128 + 8 * c)
-                         : "memory");
+            pf_cp16(dst + h * IXC_KS + 8 * c, src + h * 128 + 8 * c, true);
         }
         if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid];
     };
     fetch(t0, 0);
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    pf_cp_commit();
     // K tile to bf16 (rows past the last visible one: zeros; they are never written out).
     for (int f = tid; f < IXC_ROWS * 32; f += 256) {
         int row = f >> 5, c4 = f & 31;
@@ -1285,8 +1282,8 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int t = t0, it = 0; t < t1; t++, it++) {
         const int slot = it & 1;
         if (t + 1 < t1) fetch(t + 1, slot ^ 1);  // that slot's last reader (t - 1) is done
-        asm volatile("cp.async.commit_group;" ::: "memory");
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        pf_cp_commit();
+        pf_cp_wait1();
         __syncthreads();  // query t and its weights visible
         const int vis = (int)((p0 + t + 1) / 4);
         if (r0 < vis) {  // block-uniform

@@ -1049,80 +1049,6 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
     px_store<NG>(acc, m0, m_total, r0, cnt, out);
 }
 
-// One block of pf_mx_<t> (STAGED false) or pf_mxs_<t> (STAGED true). Needs rows_a, m_total
-// multiples of PX_BM and k_dim of 256; staged, also a row stride that is a multiple of 16 bytes,
-// 16-byte aligned matrices and dynamic shared memory 2·PX_BM·kRS bytes (the host checks).
-template <class L, bool STAGED>
-__device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
-                                          i64 expert_bytes, int rows_a, int m_total, int k_dim,
-                                          const int* __restrict__ n_tiles,
-                                          const int* __restrict__ tiles,
-                                          const u16* __restrict__ xs, float* __restrict__ out) {
-    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
-    __shared__ __align__(16) PxTables T;
-    int tile = blockIdx.y;
-    if (tile >= *n_tiles) return;
-    int tid = threadIdx.x;
-    if (L::kTables) px_tables(T, tid);
-    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
-    int m0 = blockIdx.x * PX_BM;
-    const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
-    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
-    i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
-    if constexpr (STAGED) {
-        const u8* wrow = w + (i64)wrow0 * rowb;
-        u8* As = px_smem;
-        switch ((cnt + 7) >> 3) {
-        case 1: pxs_body<L, 1>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 2: pxs_body<L, 2>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 3: pxs_body<L, 3>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 4: pxs_body<L, 4>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 5: pxs_body<L, 5>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 6: pxs_body<L, 6>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 7: pxs_body<L, 7>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        default: pxs_body<L, 8>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        }
-    } else {
-        int lane = tid & 31;
-        const u8* rp = w + (i64)(wrow0 + (tid >> 5) * 32 + (lane >> 2)) * rowb;
-        i64 rs8 = 8 * rowb;
-        switch ((cnt + 7) >> 3) {
-        case 1: px_body<L, 1>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 2: px_body<L, 2>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 3: px_body<L, 3>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 4: px_body<L, 4>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 5: px_body<L, 5>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 6: px_body<L, 6>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        case 7: px_body<L, 7>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        default: px_body<L, 8>(rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out); break;
-        }
-    }
-}
-
-#define DS4_PF_MX(T, L)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
-        pf_mx_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
-                  int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
-                  const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
-                  float* __restrict__ out) {                                                     \
-        px_kernel<L, false>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out); \
-    }
-
-DS4_PF_MX(q2_k, PxQ2K)
-DS4_PF_MX(iq2_xxs, PxIq2)
-
-#define DS4_PF_MXS(T, L)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                         \
-        pf_mxs_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,       \
-                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,          \
-                   const int* __restrict__ tiles, const u16* __restrict__ xs,                    \
-                   float* __restrict__ out) {                                                    \
-        px_kernel<L, true>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out); \
-    }
-
-DS4_PF_MXS(q2_k, PxQ2K)
-DS4_PF_MXS(iq2_xxs, PxIq2)
-
 // ---------------------------------------------------------------------------------------------
 // pf_mxw_<t> (sm_90a only): pf_mxs with the products on the warpgroup MMA (wgmma). The weights
 // are decoded by the same decoders into the same A fragments (wgmma takes A from registers in
@@ -1345,17 +1271,40 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
 }
 #endif  // DS4_PXW
 
-// Same contract as pf_mxs_<t> (and the same host checks), plus activation rows permuted by
-// px_pos. Built for every architecture; outside sm_90a the body is empty and the host never
-// launches it.
-template <class L>
-__device__ __forceinline__ void pxw_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
-                                           i64 expert_bytes, int rows_a, int m_total, int k_dim,
-                                           const int* __restrict__ n_tiles,
-                                           const int* __restrict__ tiles,
-                                           const u16* __restrict__ xs, float* __restrict__ out) {
-#ifdef DS4_PXW
-    __shared__ __align__(128) u16 Bs[3 * PX_BN * PX_BK];
+// Runs BODY<L, NG>(ARGS) for the tile's NG = ceil(cnt / 8) token groups (block-uniform).
+#define PX_NG_SWITCH(BODY, ARGS)                                                                 \
+    switch ((cnt + 7) >> 3) {                                                                    \
+    case 1: BODY<L, 1> ARGS; break;                                                              \
+    case 2: BODY<L, 2> ARGS; break;                                                              \
+    case 3: BODY<L, 3> ARGS; break;                                                              \
+    case 4: BODY<L, 4> ARGS; break;                                                              \
+    case 5: BODY<L, 5> ARGS; break;                                                              \
+    case 6: BODY<L, 6> ARGS; break;                                                              \
+    case 7: BODY<L, 7> ARGS; break;                                                              \
+    default: BODY<L, 8> ARGS; break;                                                             \
+    }
+
+// Which body px_kernel runs: pf_mx_<t> (weight bytes from global memory), pf_mxs_<t> (staged
+// in shared memory), pf_mxw_<t> (staged, products on wgmma; sm_90a only).
+#define PX_MX 0
+#define PX_MXS 1
+#define PX_MXW 2
+
+// One block of pf_mx_<t>, pf_mxs_<t> or pf_mxw_<t> (MODE). Needs rows_a, m_total multiples of
+// PX_BM and k_dim of 256; staged, also a row stride that is a multiple of 16 bytes, 16-byte
+// aligned matrices and dynamic shared memory 2·PX_BM·kRS bytes (the host checks); pf_mxw, its
+// activation rows permuted by px_pos. pf_mxw is built for every architecture, but outside
+// sm_90a its body is empty and the host never launches it.
+template <class L, int MODE>
+__device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
+                                          i64 expert_bytes, int rows_a, int m_total, int k_dim,
+                                          const int* __restrict__ n_tiles,
+                                          const int* __restrict__ tiles,
+                                          const u16* __restrict__ xs, float* __restrict__ out) {
+#ifndef DS4_PXW
+    if constexpr (MODE == PX_MXW) return;
+#endif
+    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
     __shared__ __align__(16) PxTables T;
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
@@ -1366,29 +1315,37 @@ __device__ __forceinline__ void pxw_kernel(const u8* __restrict__ wa, const u8* 
     const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
     int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
     i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
-    const u8* wrow = w + (i64)wrow0 * rowb;
-    u8* As = px_smem;
-    switch ((cnt + 7) >> 3) {
-    case 1: pxw_body<L, 1>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 2: pxw_body<L, 2>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 3: pxw_body<L, 3>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 4: pxw_body<L, 4>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 5: pxw_body<L, 5>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 6: pxw_body<L, 6>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    case 7: pxw_body<L, 7>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    default: pxw_body<L, 8>(wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out); break;
-    }
+    if constexpr (MODE == PX_MX) {
+        int lane = tid & 31;
+        const u8* rp = w + (i64)(wrow0 + (tid >> 5) * 32 + (lane >> 2)) * rowb;
+        i64 rs8 = 8 * rowb;
+        PX_NG_SWITCH(px_body, (rp, rs8, T, Bs, m0, m_total, k_dim, r0, cnt, xs, out))
+    } else {
+        const u8* wrow = w + (i64)wrow0 * rowb;
+        u8* As = px_smem;
+        if constexpr (MODE == PX_MXS) {
+            PX_NG_SWITCH(pxs_body, (wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out))
+        } else {
+#ifdef DS4_PXW
+            PX_NG_SWITCH(pxw_body, (wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out))
 #endif
+        }
+    }
 }
 
-#define DS4_PF_MXW(T, L)                                                                         \
+// The fragment-decoding kernels' entry points: K_<t> runs px_kernel<L, MODE>.
+#define DS4_PF_PX(K, T, L, MODE)                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 2)                                         \
-        pf_mxw_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,       \
-                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,          \
-                   const int* __restrict__ tiles, const u16* __restrict__ xs,                    \
-                   float* __restrict__ out) {                                                    \
-        pxw_kernel<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);    \
+        K##_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,          \
+                int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,             \
+                const int* __restrict__ tiles, const u16* __restrict__ xs,                       \
+                float* __restrict__ out) {                                                       \
+        px_kernel<L, MODE>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out); \
     }
 
-DS4_PF_MXW(q2_k, PxQ2K)
-DS4_PF_MXW(iq2_xxs, PxIq2)
+DS4_PF_PX(pf_mx, q2_k, PxQ2K, PX_MX)
+DS4_PF_PX(pf_mx, iq2_xxs, PxIq2, PX_MX)
+DS4_PF_PX(pf_mxs, q2_k, PxQ2K, PX_MXS)
+DS4_PF_PX(pf_mxs, iq2_xxs, PxIq2, PX_MXS)
+DS4_PF_PX(pf_mxw, q2_k, PxQ2K, PX_MXW)
+DS4_PF_PX(pf_mxw, iq2_xxs, PxIq2, PX_MXW)
