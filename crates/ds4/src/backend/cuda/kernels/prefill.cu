@@ -881,17 +881,18 @@ __device__ __forceinline__ void px_mma(float (&acc)[2][NG][4], const u32 (&af)[4
     }
 }
 
-// Writes the block's outputs: sorted row r0 + n, output column m0 + 32·warp + 16mi + g (+8).
-template <int NG>
-__device__ __forceinline__ void px_store(const float (&acc)[2][NG][4], int m0, int m_total, int r0,
-                                         int cnt, float* __restrict__ out) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Writes the block's outputs: accumulator (mi, ni, c) is sorted row r0 + 8ni + 2t4 (+1 for
+// odd c), output column rbase + MSTEP·mi + g (+8 for c >= 2).
+template <int NG, int MSTEP>
+__device__ __forceinline__ void px_store(const float (&acc)[2][NG][4], int rbase, int m_total,
+                                         int r0, int cnt, float* __restrict__ out) {
+    int lane = threadIdx.x & 31;
     int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int mi = 0; mi < 2; mi++)
 #pragma unroll
         for (int ni = 0; ni < NG; ni++) {
-            int row = m0 + warp * 32 + mi * 16 + g;
+            int row = rbase + mi * MSTEP + g;
             int n = ni * 8 + t4 * 2;
             if (n < cnt) {
                 out[(i64)(r0 + n) * m_total + row] = acc[mi][ni][0];
@@ -951,7 +952,7 @@ __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& 
         }
         bs = bs == 2 ? 0 : bs + 1;
     }
-    px_store<NG>(acc, m0, m_total, r0, cnt, out);
+    px_store<NG, 16>(acc, m0 + (tid >> 5) * 32, m_total, r0, cnt, out);
 }
 
 
@@ -1046,7 +1047,7 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
         }
         bs = bs == 2 ? 0 : bs + 1;
     }
-    px_store<NG>(acc, m0, m_total, r0, cnt, out);
+    px_store<NG, 16>(acc, m0 + (tid >> 5) * 32, m_total, r0, cnt, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1251,23 +1252,8 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
         step(s + 1, bs, af1, af0);
         bs = bs == 2 ? 0 : bs + 1;
     }
-    // Outputs: accumulator (j, ni, c) is row 128wg + 64j + 16w4 + g (+8 for c >= 2), token
-    // 8ni + 2t4 (+1 for odd c).
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-#pragma unroll
-        for (int ni = 0; ni < NG; ni++) {
-            int row = m0 + wg * 128 + j * 64 + w4 * 16 + g;
-            int n = ni * 8 + t4 * 2;
-            if (n < cnt) {
-                out[(i64)(r0 + n) * m_total + row] = acc[j][ni][0];
-                out[(i64)(r0 + n) * m_total + row + 8] = acc[j][ni][2];
-            }
-            if (n + 1 < cnt) {
-                out[(i64)(r0 + n + 1) * m_total + row] = acc[j][ni][1];
-                out[(i64)(r0 + n + 1) * m_total + row + 8] = acc[j][ni][3];
-            }
-        }
+    // Outputs: half j's rows start at 128wg + 64j + 16w4.
+    px_store<NG, 64>(acc, m0 + wg * 128 + w4 * 16, m_total, r0, cnt, out);
 }
 #endif  // DS4_PXW
 
