@@ -24,7 +24,8 @@
 //!   rows are not 16-byte multiples); on Hopper (`sm_90a` image) `pf_mxw_<t>` feeds the same
 //!   fragments to wgmma, which reads the token tile from shared memory itself; other types
 //!   dequantize weight tiles into shared memory (`pf_mm_<t>`).
-//! * [`attn`]: tiled attention / indexer scores / top-k / windowed compressor, the
+//! * [`attn`]: tiled attention / indexer scores (on tensor cores in production prefill:
+//!   `k_idx_scores_tc`) / top-k / windowed compressor, the
 //!   tensor-core attention of production prefill chunks and the split-rows flash-decoding
 //!   attention of production decode steps; exact mode keeps the reference-order kernels of
 //!   forward.cu.
@@ -49,7 +50,8 @@
 //! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
 //! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_PF_MXW` (its wgmma form on Hopper; off =
 //! `pf_mxs_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
-//! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill),
+//! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
+//! lightning indexer's scores on tensor cores in production prefill; off = the f32 kernel),
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
 //! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`
 //! (production prefill's queries normalized straight to f16 for the tensor-core attention),
