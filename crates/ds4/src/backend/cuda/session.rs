@@ -36,10 +36,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::{CUfunction_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{
-    CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::sys::{self, CUfunction_attribute, CUstreamCaptureMode};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::attn::{self, AttnKernels};
 use super::device::{
@@ -171,15 +169,84 @@ fn use_router_sgemm() -> bool {
     super::switch_on("DS4_CUDA_ROUTER_SGEMM")
 }
 
-/// A captured decode step and the key it was captured for.
+/// A captured decode step's executable graph and the key it was captured for. A new key
+/// captures again and first tries to update this executable in place (`cuGraphExecUpdate`:
+/// the same kernels in the same order, other grid sizes and arguments), which costs much less
+/// than instantiating the ~1,300-node graph anew; a graph whose shape changed is instantiated.
 struct DecodeGraph {
     key: Vec<u64>,
-    g: CudaGraph,
+    exec: sys::CUgraphExec,
+    stream: Arc<CudaStream>,
 }
 
 // SAFETY: a CUDA graph exec may be launched from any thread as long as calls on it are
 // serialized; it is only used through `&mut GpuSession` under the model's lock.
 unsafe impl Send for DecodeGraph {}
+
+impl Drop for DecodeGraph {
+    fn drop(&mut self) {
+        // SAFETY: the exec is owned here and no longer launched; errors at teardown have
+        // nowhere to go (the context records them).
+        unsafe {
+            let _ = sys::cuGraphExecDestroy(self.exec);
+        }
+    }
+}
+
+impl DecodeGraph {
+    /// Ends the stream capture begun on `st` and makes `old`'s executable run the captured
+    /// graph (updated in place when possible, else a new instantiation).
+    fn end_capture(
+        st: &Arc<CudaStream>,
+        key: Vec<u64>,
+        old: Option<DecodeGraph>,
+    ) -> Result<DecodeGraph> {
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: the capture was begun on this stream by this thread; the graph it returns
+        // is owned here and destroyed below (an executable does not need its source graph).
+        unsafe { sys::cuStreamEndCapture(st.cu_stream(), &mut graph).result()? };
+        if graph.is_null() {
+            return Err(CudaError::Invalid("empty decode graph".into()));
+        }
+        let built = (|| -> Result<DecodeGraph> {
+            if let Some(mut g) = old {
+                // SAFETY: `g.exec` and `graph` are live; a zeroed result info is valid input.
+                let ok = unsafe {
+                    let mut info: sys::CUgraphExecUpdateResultInfo = std::mem::zeroed();
+                    sys::cuGraphExecUpdate_v2(g.exec, graph, &mut info)
+                        == sys::CUresult::CUDA_SUCCESS
+                };
+                if ok {
+                    g.key = key;
+                    return Ok(g);
+                }
+                // Not updatable: drop the old executable and instantiate.
+            }
+            let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+            // SAFETY: `graph` is a complete captured graph.
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0).result()? };
+            Ok(DecodeGraph {
+                key,
+                exec,
+                stream: st.clone(),
+            })
+        })();
+        // SAFETY: `graph` is not used after this (the executable is independent of it).
+        unsafe {
+            let _ = sys::cuGraphDestroy(graph);
+        }
+        let g = built?;
+        // SAFETY: a live executable on its own stream.
+        unsafe { sys::cuGraphUpload(g.exec, st.cu_stream()).result()? };
+        Ok(g)
+    }
+
+    fn launch(&self) -> Result<()> {
+        // SAFETY: a live executable launched on the stream it was captured from.
+        unsafe { sys::cuGraphLaunch(self.exec, self.stream.cu_stream()).result()? };
+        Ok(())
+    }
+}
 
 fn ptr<T>(s: &CudaSlice<T>, st: &CudaStream) -> u64 {
     let (p, _g) = s.device_ptr(st);
@@ -1217,18 +1284,16 @@ impl GpuSession {
                 }
             }
             if self.graph.as_ref().is_none_or(|g| g.key != key) {
-                self.graph = None;
+                let old = self.graph.take();
                 st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
                 be.set_pdl(use_pdl());
                 let r = self.queue(gm, model, n, pb, true, all);
                 be.set_pdl(false);
-                let g = st.end_capture(CUgraphInstantiate_flags(0));
+                let g = DecodeGraph::end_capture(st, key, old);
                 r?;
-                let g = g?.ok_or_else(|| CudaError::Invalid("empty decode graph".into()))?;
-                g.upload()?;
-                self.graph = Some(DecodeGraph { key, g });
+                self.graph = Some(g?);
             }
-            self.graph.as_ref().expect("captured").g.launch()?;
+            self.graph.as_ref().expect("captured").launch()?;
         } else {
             self.queue(gm, model, n, p0 + n, head, all)?;
         }
