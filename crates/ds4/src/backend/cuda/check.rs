@@ -955,13 +955,26 @@ fn idx_reference(
 /// fp4sim'd queries and F16-stored fp4sim'd rows: against the f64 reference, against the f32
 /// `k_idx_scores` (exact products and block sums: equal but for rare rounding), and run to
 /// run. 20 tokens: token groups of 8 with a partial one, and a row tile (from 256) that the
-/// group's first tokens do not see yet.
+/// group's first tokens do not see yet; one token at position 8190 (a decode step).
 fn check_indexer_tc(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    // A prefill chunk, and a decode step (one token) at a longer context.
+    for (p0, n) in [(1020usize, 20usize), (8190, 1)] {
+        check_indexer_tc_at(be, rng, p0, n, out)?;
+    }
+    Ok(())
+}
+
+fn check_indexer_tc_at(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    p0: usize,
+    n: usize,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
     use super::attn::{idx_scores, idx_scores_tc, AttnKernels};
     let k = AttnKernels::load(be)?;
     let st = be.stream();
     let (ih, id, r) = (64usize, 128usize, 4usize);
-    let (p0, n) = (1020usize, 20usize);
     let vis_max = (p0 + n) / r;
     let ld = vis_max + 1;
     let mut q = random_activations(rng, n * ih * id);

@@ -1168,9 +1168,18 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
         int shift = 24 - 8 * pass;
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < n_t; i += blockDim.x) {
-            unsigned key = okey(s[i]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        // Scores are concentrated in few digits (the first pass sees the exponent), so the
+        // lanes of a warp that share a bin add their count with one atomic (same counts).
+        for (int c0 = 0; c0 < n_t; c0 += blockDim.x) {
+            int i = c0 + threadIdx.x;
+            unsigned key = i < n_t ? okey(s[i]) : 0u;
+            bool hit = i < n_t && (key & mask) == prefix;
+            unsigned act = __ballot_sync(0xffffffffu, hit);
+            if (hit) {
+                unsigned bin = (key >> shift) & 255u;
+                unsigned m = __match_any_sync(act, bin);
+                if ((m & ((1u << (threadIdx.x & 31)) - 1u)) == 0) atomicAdd(&hist[bin], __popc(m));
+            }
         }
         __syncthreads();
         // The digit holding the rem-th largest key: the one bin whose suffix count (keys
