@@ -1080,8 +1080,7 @@ fn check_indexer_tc_at(
 /// Indexer scores (attn.cu) against an f64 reference, and the exact top-k against
 /// `ops::top_k` (ascending), on the GPU's own scores and on scores full of ties.
 fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    use super::attn::{idx_scores, topk, AttnKernels};
-    use crate::model::ops::top_k;
+    use super::attn::{idx_scores, AttnKernels};
     let k = AttnKernels::load(be)?;
     let st = be.stream();
     let (ih, id, kk, r) = (64usize, 128usize, 512usize, 4usize);
@@ -1127,34 +1126,83 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         &pairs,
         TOL_F32,
     ));
-    // Top-k: the GPU's scores, then scores with many ties (8 levels).
+    // Top-k: the GPU's scores, then scores with many ties (8 levels); then longer rows: 15k
+    // visible (several keys a thread in registers) and 35k (past the register path).
     let tied: Vec<f32> = (0..n * ld)
         .map(|_| (rng.next_u64() % 8) as f32 * 0.5 - 1.0)
         .collect();
-    for (name, scores) in [("topk_rows", sc), ("topk_rows_ties", tied)] {
-        let d_s = be.upload_f32(&scores)?;
-        let d_sel = be.upload_i32(&vec![-1; n * kk])?;
-        let d_cnt = be.upload_i32(&vec![-1; n])?;
-        let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
-        // SAFETY: buffers sized as `topk` documents.
-        unsafe { topk(st, &k, n, pp(&d_s), ld, p0p, r, kk, pi(&d_sel), pi(&d_cnt))? };
-        let sel = be.download(&d_sel)?;
-        let cnt = be.download(&d_cnt)?;
-        let mut bad = 0usize;
-        let mut idx = Vec::new();
-        for t in 0..n {
-            let vis = (p0 + t + 1) / r;
-            top_k(&scores[t * ld..t * ld + vis], kk, &mut idx);
-            idx.sort_unstable();
-            let want: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
-            if cnt[t] as usize != want.len() || sel[t * kk..t * kk + want.len()] != want[..] {
-                bad += 1;
-            }
-        }
-        let mut row = exact_row(name, GgmlType::F32, &format!("p0={p0} n={n} k={kk}"), bad);
-        row.note = format!("{bad} tokens' selections differ from ops::top_k");
-        out.push(row);
+    check_topk(be, &k, "topk_rows", &sc, p0, n, ld, kk, out)?;
+    check_topk(be, &k, "topk_rows_ties", &tied, p0, n, ld, kk, out)?;
+    for p0 in [60_000usize, 140_000] {
+        let (n, ld) = (3usize, (p0 + 3) / r + 1);
+        let sc: Vec<f32> = (0..n * ld)
+            .map(|i| {
+                if i % 3 == 0 {
+                    (rng.next_u64() % 8) as f32 * 0.5
+                } else {
+                    rng.normal() as f32
+                }
+            })
+            .collect();
+        check_topk(be, &k, "topk_rows_long", &sc, p0, n, ld, kk, out)?;
     }
+    Ok(())
+}
+
+/// `k_topk_rows` on `scores` (`n × ld`, ratio 4 from position p0) against `ops::top_k`:
+/// every token's selection (ascending rows) and count equal.
+#[allow(clippy::too_many_arguments)]
+fn check_topk(
+    be: &CudaBackend,
+    k: &super::attn::AttnKernels,
+    name: &str,
+    scores: &[f32],
+    p0: usize,
+    n: usize,
+    ld: usize,
+    kk: usize,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use super::attn::topk;
+    use crate::model::ops::top_k;
+    let r = 4usize;
+    let st = be.stream();
+    let d_s = be.upload_f32(scores)?;
+    let d_sel = be.upload_i32(&vec![-1; n * kk])?;
+    let d_cnt = be.upload_i32(&vec![-1; n])?;
+    let d_p0 = st.clone_htod(&[p0 as i64])?;
+    let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
+    // SAFETY: buffers sized as `topk` documents.
+    unsafe {
+        topk(
+            st,
+            k,
+            n,
+            d_s.device_ptr(st).0,
+            ld,
+            d_p0.device_ptr(st).0,
+            r,
+            kk,
+            pi(&d_sel),
+            pi(&d_cnt),
+        )?
+    };
+    let sel = be.download(&d_sel)?;
+    let cnt = be.download(&d_cnt)?;
+    let mut bad = 0usize;
+    let mut idx = Vec::new();
+    for t in 0..n {
+        let vis = (p0 + t + 1) / r;
+        top_k(&scores[t * ld..t * ld + vis], kk, &mut idx);
+        idx.sort_unstable();
+        let want: Vec<i32> = idx.iter().map(|&i| i as i32).collect();
+        if cnt[t] as usize != want.len() || sel[t * kk..t * kk + want.len()] != want[..] {
+            bad += 1;
+        }
+    }
+    let mut row = exact_row(name, GgmlType::F32, &format!("p0={p0} n={n} k={kk}"), bad);
+    row.note = format!("{bad} tokens' selections differ from ops::top_k");
+    out.push(row);
     Ok(())
 }
 
