@@ -915,6 +915,42 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
     Ok(())
 }
 
+/// The indexer scores of `n` tokens from position `p0` (64 heads of 128, ratio 4) for the
+/// queries, weights and rows given, by `k_idx_scores_tc` (`tc`) or `k_idx_scores`: `n × ld`
+/// floats, `ld = (p0 + n)/4 + 1`, poisoned where no row is visible.
+fn run_idx_scores(
+    be: &CudaBackend,
+    k: &super::attn::AttnKernels,
+    (q, w, rows): (&[f32], &[f32], &[f32]),
+    p0: usize,
+    n: usize,
+    tc: bool,
+) -> Result<Vec<f32>> {
+    use super::attn::{idx_scores, idx_scores_tc};
+    let (ih, id, r) = (64usize, 128usize, 4usize);
+    let vis_max = (p0 + n) / r;
+    let ld = vis_max + 1;
+    let st = be.stream();
+    let (d_q, d_w, d_rows) = (be.upload_f32(q)?, be.upload_f32(w)?, be.upload_f32(rows)?);
+    let d_q16 = st.alloc_zeros::<u16>(n * ih * id)?;
+    let d_p0 = st.clone_htod(&[p0 as i64])?;
+    let d_sc = poisoned(be, n * ld)?;
+    let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+    let p0p = d_p0.device_ptr(st).0;
+    // SAFETY: buffers sized as `idx_scores` / `idx_scores_tc` document.
+    unsafe {
+        if tc {
+            let q16 = d_q16.device_ptr(st).0;
+            let (pq, pw, pr, ps) = (pp(&d_q), pp(&d_w), pp(&d_rows), pp(&d_sc));
+            idx_scores_tc(st, k, n, pq, q16, pw, pr, p0p, vis_max, ps, ld)?
+        } else {
+            let (pq, pw, pr, ps) = (pp(&d_q), pp(&d_w), pp(&d_rows), pp(&d_sc));
+            idx_scores(st, k, n, pq, pw, pr, ih, id, p0p, r, vis_max, ps, ld)?
+        }
+    };
+    be.download(&d_sc)
+}
+
 /// The visible scores of `sc` (`n × ld`) in token-major order, with the f64 reference score
 /// and L1 mass Σ_h |w_h|·Σ|q·k| of each.
 #[allow(clippy::too_many_arguments)]
@@ -971,9 +1007,7 @@ fn check_indexer_tc_at(
     n: usize,
     out: &mut Vec<CheckRow>,
 ) -> Result<()> {
-    use super::attn::{idx_scores, idx_scores_tc, AttnKernels};
-    let k = AttnKernels::load(be)?;
-    let st = be.stream();
+    let k = super::attn::AttnKernels::load(be)?;
     let (ih, id, r) = (64usize, 128usize, 4usize);
     let vis_max = (p0 + n) / r;
     let ld = vis_max + 1;
@@ -986,53 +1020,9 @@ fn check_indexer_tc_at(
         row.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
     }
     let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
-    let (d_q, d_w, d_rows) = (
-        be.upload_f32(&q)?,
-        be.upload_f32(&w)?,
-        be.upload_f32(&rows)?,
-    );
-    let d_q16 = st.alloc_zeros::<u16>(n * ih * id)?;
-    let d_p0 = st.clone_htod(&[p0 as i64])?;
-    let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
-    let p0p = d_p0.device_ptr(st).0;
     let mut runs = Vec::new();
     for tc in [true, true, false] {
-        let d_sc = poisoned(be, n * ld)?;
-        // SAFETY: buffers sized as `idx_scores` / `idx_scores_tc` document.
-        unsafe {
-            if tc {
-                idx_scores_tc(
-                    st,
-                    &k,
-                    n,
-                    pp(&d_q),
-                    d_q16.device_ptr(st).0,
-                    pp(&d_w),
-                    pp(&d_rows),
-                    p0p,
-                    vis_max,
-                    pp(&d_sc),
-                    ld,
-                )?
-            } else {
-                idx_scores(
-                    st,
-                    &k,
-                    n,
-                    pp(&d_q),
-                    pp(&d_w),
-                    pp(&d_rows),
-                    ih,
-                    id,
-                    p0p,
-                    r,
-                    vis_max,
-                    pp(&d_sc),
-                    ld,
-                )?
-            }
-        };
-        runs.push(be.download(&d_sc)?);
+        runs.push(run_idx_scores(be, &k, (&q, &w, &rows), p0, n, tc)?);
     }
     let shape = format!("p0={p0} n={n} iH={ih} iD={id} fp4");
     let (tc, pairs) = idx_reference(&runs[0], &q, &w, &rows, (ih, id, r), p0, n, ld);
@@ -1080,9 +1070,7 @@ fn check_indexer_tc_at(
 /// Indexer scores (attn.cu) against an f64 reference, and the exact top-k against
 /// `ops::top_k` (ascending), on the GPU's own scores and on scores full of ties.
 fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    use super::attn::{idx_scores, AttnKernels};
-    let k = AttnKernels::load(be)?;
-    let st = be.stream();
+    let k = super::attn::AttnKernels::load(be)?;
     let (ih, id, kk, r) = (64usize, 128usize, 512usize, 4usize);
     let (p0, n) = (4090usize, 6usize);
     let vis_max = (p0 + n) / r;
@@ -1090,32 +1078,7 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     let q = random_activations(rng, n * ih * id);
     let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
     let rows = random_activations(rng, vis_max * id);
-    let d_q = be.upload_f32(&q)?;
-    let d_w = be.upload_f32(&w)?;
-    let d_rows = be.upload_f32(&rows)?;
-    let d_p0 = st.clone_htod(&[p0 as i64])?;
-    let d_sc = poisoned(be, n * ld)?;
-    let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
-    let p0p = d_p0.device_ptr(st).0;
-    // SAFETY: buffers sized as `idx_scores` documents.
-    unsafe {
-        idx_scores(
-            st,
-            &k,
-            n,
-            pp(&d_q),
-            pp(&d_w),
-            pp(&d_rows),
-            ih,
-            id,
-            p0p,
-            r,
-            vis_max,
-            pp(&d_sc),
-            ld,
-        )?
-    };
-    let sc = be.download(&d_sc)?;
+    let sc = run_idx_scores(be, &k, (&q, &w, &rows), p0, n, false)?;
     let shape = format!("p0={p0} n={n} iH={ih} iD={id}");
     let (gpu, pairs) = idx_reference(&sc, &q, &w, &rows, (ih, id, r), p0, n, ld);
     out.push(compare(
