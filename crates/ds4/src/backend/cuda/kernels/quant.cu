@@ -429,6 +429,21 @@ __device__ __forceinline__ void split_store(float r, float* part_, int warp, int
     const Iq2Smem* tables_ = (const Iq2Smem*)tables_raw_;                                           \
     if (USES_TABLES) load_iq2_tables((Iq2Smem*)tables_raw_);
 
+// NAME: matrix `w` (n_rows x n_cols of type T) dequantized by deq_<T>, one unit of DQ_ELEMS a
+// thread, each value stored through CONV (f2h, or nothing for f32) into OUT_T.
+#define DS4_DQ(NAME, T, DQ_ELEMS, OUT_T, CONV)                                                      \
+    extern "C" __global__ void NAME(const u8* __restrict__ w, int n_rows, int n_cols,               \
+                                    OUT_T* __restrict__ out) {                                      \
+        i64 upr = n_cols / DQ_ELEMS;                                                                \
+        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                         \
+        if (i >= upr * n_rows) return;                                                              \
+        int o = (int)(i / upr), u = (int)(i % upr);                                                 \
+        float v[DQ_ELEMS];                                                                          \
+        deq_##T(w, o, n_rows, n_cols, u, v);                                                        \
+        OUT_T* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                     \
+        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = CONV(v[k]);                                     \
+    }
+
 #define DS4_KERNELS(T, U, USES_TABLES, DQ_ELEMS)                                                    \
     extern "C" __global__ void __launch_bounds__(256)                                               \
         mv_##T(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,             \
@@ -469,17 +484,7 @@ __device__ __forceinline__ void split_store(float r, float* part_, int warp, int
             if ((threadIdx.x & 31) == 0 && t < nt) y[(i64)(t0 + t) * n_rows + o] = r;               \
         }                                                                                           \
     }                                                                                               \
-    extern "C" __global__ void dq_##T(const u8* __restrict__ w, int n_rows, int n_cols,             \
-                                      u16* __restrict__ out) {                                      \
-        i64 upr = n_cols / DQ_ELEMS;                                                                \
-        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                         \
-        if (i >= upr * n_rows) return;                                                              \
-        int o = (int)(i / upr), u = (int)(i % upr);                                                 \
-        float v[DQ_ELEMS];                                                                          \
-        deq_##T(w, o, n_rows, n_cols, u, v);                                                        \
-        u16* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                       \
-        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = f2h(v[k]);                                      \
-    }
+    DS4_DQ(dq_##T, T, DQ_ELEMS, u16, f2h)
 
 DS4_KERNELS(f32, UF32, 0, 4)
 DS4_KERNELS(f16, UF16, 0, 8)
@@ -523,18 +528,7 @@ extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restri
 }
 
 // Dequantize to f32 (exact, used by the self-test to compare against the CPU bit for bit).
-#define DS4_DQ32(T, DQ_ELEMS)                                                                       \
-    extern "C" __global__ void dq32_##T(const u8* __restrict__ w, int n_rows, int n_cols,           \
-                                        float* __restrict__ out) {                                  \
-        i64 upr = n_cols / DQ_ELEMS;                                                                \
-        i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;                                         \
-        if (i >= upr * n_rows) return;                                                              \
-        int o = (int)(i / upr), u = (int)(i % upr);                                                 \
-        float v[DQ_ELEMS];                                                                          \
-        deq_##T(w, o, n_rows, n_cols, u, v);                                                        \
-        float* dst = out + (i64)o * n_cols + (i64)u * DQ_ELEMS;                                     \
-        for (int k = 0; k < DQ_ELEMS; k++) dst[k] = v[k];                                           \
-    }
+#define DS4_DQ32(T, DQ_ELEMS) DS4_DQ(dq32_##T, T, DQ_ELEMS, float, )
 
 DS4_DQ32(f32, 4)
 DS4_DQ32(f16, 8)
