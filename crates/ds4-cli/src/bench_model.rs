@@ -157,6 +157,11 @@ pub fn run(args: ModelBenchArgs) -> Result<()> {
         EngineOptions::production()
     };
     opts.backend = prepare_backend(&model, args.model.backend)?;
+    // As the server does at startup: the process's GPU first-use costs (~0.14 s on the full
+    // model) stay out of the first frontier's prefill figure.
+    if let Some(took) = Session::warm_up(model.clone(), &opts)? {
+        eprintln!("ds4: GPU warmed up ({:.2} s, untimed)", took.as_secs_f64());
+    }
     let mut session = Session::new(model.clone(), opts.clone().with_ctx(ctx))?;
     let eos = tok.specials().eos as usize;
     writeln!(

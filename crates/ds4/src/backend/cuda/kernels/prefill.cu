@@ -732,12 +732,21 @@ DS4_PF_MM(iq2_xxs, PfIq2)
 #define PX_BN 64
 #define PX_BK 32
 
-// Shared tables of the IQ2_XXS decoder (Q2_K needs none).
+// Shared tables of the IQ2_XXS decoder (Q2_K needs none). The selectors are read at random
+// grid entries by every lane: each entry is stored PX_REP times side by side and lane l reads
+// copy l % PX_REP (px_sel), so the 16 lanes of a 64-bit load phase collide on a bank pair only
+// when lanes l and l + 8 want distinct entries of equal parity (~1.5 wavefronts a phase
+// instead of ~2.7 with one copy).
+#define PX_REP 8
 struct PxTables {
-    u64 sel[256];  // grid entry -> byte_perm selectors (pf_iq2_sel)
+    u64 sel[256 * PX_REP];  // grid entry -> byte_perm selectors (pf_iq2_sel), PX_REP copies
     u32 sgn[128];  // 7 stored sign bits -> masks: sign of weight 2p at bit 15-p, 2p+1 at 31-p
     uint2 sc[16];  // 4-bit scale s -> f16x2 (c8, c25), (c43, c43), cX = (2s+1)·X/8 exactly
 };
+
+__device__ __forceinline__ u64 px_sel(const PxTables& T, u32 a) {
+    return T.sel[PX_REP * a + (threadIdx.x % PX_REP)];
+}
 
 __device__ __forceinline__ u32 px_prmt(u32 x, u32 y, u32 s) {
     u32 r;
@@ -777,7 +786,7 @@ struct PxIq2 {
     // so f2h of it is the f16 product d·cX rounded once: mul.rn.f16x2 computes exactly that.
     // The sign flips the f16 sign bit (RNE is symmetric).
     __device__ __forceinline__ void decode(u32* w, const PxTables& T, int t4, int) const {
-        u64 sl = T.sel[a];
+        u64 sl = px_sel(T, a);
         u32 e = T.sgn[(b >> (7 * t4)) & 127u];
         uint2 c = T.sc[b >> 28];
         u32 dd = d | (d << 16);
@@ -797,7 +806,7 @@ struct PxIq2 {
 // cX = (2s+1)·X/8 as the f16 product of 2s+1 and X/8 ∈ {1, 3.125, 5.375}, exact (< 2^11).
 struct PxIq2A : PxIq2 {
     __device__ __forceinline__ void decode(u32* w, const PxTables& T, int t4, int) const {
-        u64 sl = T.sel[a];
+        u64 sl = px_sel(T, a);
         u32 s7 = (b >> (7 * t4)) & 127u;
         u32 sg = s7 | ((__popc(s7) & 1u) << 7);
         unsigned short h;
@@ -863,7 +872,11 @@ struct PxQ2K {
 // The IQ2_XXS decoder's shared tables, filled by the block's 256 threads (visible after the
 // body's first barrier).
 __device__ __forceinline__ void px_tables(PxTables& T, int tid) {
-    T.sel[tid] = pf_iq2_sel(ds4_iq2_grid[tid]);
+    {
+        u64 v = pf_iq2_sel(ds4_iq2_grid[tid]);
+#pragma unroll
+        for (int c = 0; c < PX_REP; c++) T.sel[PX_REP * tid + c] = v;
+    }
     if (tid < 128) {
         u32 sg = (u32)tid | ((__popc(tid) & 1u) << 7);
         u32 e = 0;
