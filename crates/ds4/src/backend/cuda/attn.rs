@@ -44,6 +44,10 @@ pub struct AttnKernels {
     idx_scores_tc: CudaFunction,
     to_bf16: CudaFunction,
     topk: CudaFunction,
+    topk_mb: CudaFunction,
+    /// Multiprocessors of the device (the most blocks `k_topk_mb` may use: they must all be
+    /// resident together).
+    sms: usize,
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
@@ -81,6 +85,8 @@ impl AttnKernels {
             },
             to_bf16: f("k_f32_to_bf16")?,
             topk: f("k_topk_rows")?,
+            topk_mb: f("k_topk_mb")?,
+            sms: be.info().sm_count as usize,
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
             tc: tc_fn(be, "k_att_tc")?,
@@ -545,12 +551,34 @@ pub unsafe fn idx_scores_tc(
     Ok(())
 }
 
+/// `u32` words of the multi-block top-k's work buffer (forward.cu `k_topk_mb`: four 256-bin
+/// histograms, two counts per block, a grid barrier); zero before its first use.
+pub const TOPK_MB_WORDS: usize = 1024 + 2 * TOPK_MB_MAXG + 2;
+/// Most blocks of a `k_topk_mb` launch (forward.cu `TOPK_MB_MAXG`).
+const TOPK_MB_MAXG: usize = 64;
+/// Visible rows a block of `k_topk_mb` takes at most before the grid grows.
+const TOPK_MB_ROWS_PER_BLOCK: usize = 1024;
+
+/// Fewest visible rows (the most of any position the launch serves) for which one decode
+/// token's top-k runs on `k_topk_mb`: the one-block kernel costs ~1.4 µs per 1,000 rows on the
+/// decode critical path (bench/RESULTS.md, sixth session). `DS4_CUDA_TOPK_MB=N` sets it (0:
+/// never).
+pub fn topk_mb_min_rows() -> usize {
+    std::env::var("DS4_CUDA_TOPK_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(4096, |n| if n == 0 { usize::MAX } else { n })
+}
+
 /// Per token, the `topk` best visible rows by score (all of them when at most `topk` are
-/// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`.
+/// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. One token whose
+/// launch may see `vis_max >= topk_mb_min_rows()` rows runs on `k_topk_mb`, spread over up to
+/// one block per SM (`work`, [`TOPK_MB_WORDS`] words, then not 0); else one block a token.
 ///
 /// # Safety
 /// `scores`: `n × ld` (read only where more than `topk` rows are visible); `sel`:
-/// `n × topk` i32; `cnt`: `n` i32; `p0` a device i64.
+/// `n × topk` i32; `cnt`: `n` i32; `p0` a device i64; `work` 0 or a buffer of
+/// [`TOPK_MB_WORDS`] u32 that only `k_topk_mb` launches on this stream touch.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn topk(
     st: &CudaStream,
@@ -563,7 +591,22 @@ pub unsafe fn topk(
     topk: usize,
     sel: u64,
     cnt: u64,
+    vis_max: usize,
+    work: u64,
 ) -> Result<()> {
+    if n == 1 && work != 0 && vis_max >= topk_mb_min_rows() {
+        let g = vis_max
+            .div_ceil(TOPK_MB_ROWS_PER_BLOCK)
+            .clamp(1, TOPK_MB_MAXG.min(k.sms));
+        launch!(
+            st,
+            k.topk_mb,
+            (g as u32, 1, 1),
+            (512, 1, 1),
+            [scores, p0, ratio as i32, topk as i32, sel, cnt, work]
+        );
+        return Ok(());
+    }
     launch!(
         st,
         k.topk,

@@ -1094,8 +1094,40 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     let tied: Vec<f32> = (0..n * ld)
         .map(|_| (rng.next_u64() % 8) as f32 * 0.5 - 1.0)
         .collect();
-    check_topk(be, &k, "topk_rows", &sc, p0, n, ld, kk, out)?;
-    check_topk(be, &k, "topk_rows_ties", &tied, p0, n, ld, kk, out)?;
+    check_topk(be, &k, "topk_rows", &sc, p0, n, ld, kk, None, out)?;
+    check_topk(be, &k, "topk_rows_ties", &tied, p0, n, ld, kk, None, out)?;
+    // One decode token through k_topk_mb: 64 blocks of ~16 rows (ties across many blocks),
+    // and as a launch at the visible count would size it.
+    let min_mb = super::attn::topk_mb_min_rows();
+    if min_mb < usize::MAX / 2 {
+        let last = &sc[(n - 1) * ld..n * ld];
+        let last_tied = &tied[(n - 1) * ld..n * ld];
+        let p_last = p0 + n - 1;
+        check_topk(
+            be,
+            &k,
+            "topk_mb",
+            last,
+            p_last,
+            1,
+            ld,
+            kk,
+            Some(min_mb.max(1 << 16)),
+            out,
+        )?;
+        check_topk(
+            be,
+            &k,
+            "topk_mb_ties",
+            last_tied,
+            p_last,
+            1,
+            ld,
+            kk,
+            Some(min_mb.max(1 << 16)),
+            out,
+        )?;
+    }
     for p0 in [60_000usize, 140_000] {
         let (n, ld) = (3usize, (p0 + 3) / r + 1);
         let sc: Vec<f32> = (0..n * ld)
@@ -1107,13 +1139,31 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
                 }
             })
             .collect();
-        check_topk(be, &k, "topk_rows_long", &sc, p0, n, ld, kk, out)?;
+        check_topk(be, &k, "topk_rows_long", &sc, p0, n, ld, kk, None, out)?;
+        if min_mb < usize::MAX / 2 {
+            let vis = (p0 + 1) / r;
+            let v = vis.max(min_mb);
+            check_topk(
+                be,
+                &k,
+                "topk_mb_long",
+                &sc[..ld],
+                p0,
+                1,
+                ld,
+                kk,
+                Some(v),
+                out,
+            )?;
+        }
     }
     Ok(())
 }
 
 /// `k_topk_rows` on `scores` (`n × ld`, ratio 4 from position p0) against `ops::top_k`:
-/// every token's selection (ascending rows) and count equal.
+/// every token's selection (ascending rows) and count equal. `mb = Some(v)`: one token through
+/// `k_topk_mb`, its grid sized as for a launch serving up to `v` visible rows (v ≥ the
+/// threshold; a large v spreads few rows over many blocks).
 #[allow(clippy::too_many_arguments)]
 fn check_topk(
     be: &CudaBackend,
@@ -1124,6 +1174,7 @@ fn check_topk(
     n: usize,
     ld: usize,
     kk: usize,
+    mb: Option<usize>,
     out: &mut Vec<CheckRow>,
 ) -> Result<()> {
     use super::attn::topk;
@@ -1134,22 +1185,38 @@ fn check_topk(
     let d_sel = be.upload_i32(&vec![-1; n * kk])?;
     let d_cnt = be.upload_i32(&vec![-1; n])?;
     let d_p0 = st.clone_htod(&[p0 as i64])?;
+    let work = be.upload_i32(&vec![0; super::attn::TOPK_MB_WORDS])?;
     let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
-    // SAFETY: buffers sized as `topk` documents.
-    unsafe {
-        topk(
-            st,
-            k,
-            n,
-            d_s.device_ptr(st).0,
-            ld,
-            d_p0.device_ptr(st).0,
-            r,
-            kk,
-            pi(&d_sel),
-            pi(&d_cnt),
-        )?
+    let (vis_max, w) = match mb {
+        Some(v) => {
+            assert!(
+                n == 1 && v >= super::attn::topk_mb_min_rows(),
+                "{name}: not k_topk_mb"
+            );
+            (v, pi(&work))
+        }
+        None => ((p0 + n) / r, 0),
     };
+    // Twice: the second launch finds the work buffer as the first left it.
+    for _ in 0..if mb.is_some() { 2 } else { 1 } {
+        // SAFETY: buffers sized as `topk` documents.
+        unsafe {
+            topk(
+                st,
+                k,
+                n,
+                d_s.device_ptr(st).0,
+                ld,
+                d_p0.device_ptr(st).0,
+                r,
+                kk,
+                pi(&d_sel),
+                pi(&d_cnt),
+                vis_max,
+                w,
+            )?
+        };
+    }
     let sel = be.download(&d_sel)?;
     let cnt = be.download(&d_cnt)?;
     let mut bad = 0usize;

@@ -58,10 +58,12 @@
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
 //! the four tiled passes), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
-//! split. `DS4_CUDA_CACHE=DIR` moves
+//! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
+//! indexer top-k is spread over many blocks (`k_topk_mb`; default 4096, 0 = never). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!
-//! Determinism: every kernel reduces in a fixed order (warp shuffles, no atomics), so the same
+//! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;
+//! the top-k kernels add integer counts atomically, which no order changes), so the same
 //! inputs give bit-identical outputs from run to run; the self-test checks it.
 
 pub mod attn;

@@ -745,6 +745,8 @@ struct Scratch {
     isc_ld: usize,
     sel: CudaSlice<i32>,
     cnt: CudaSlice<i32>,
+    /// `k_topk_mb`'s work buffer (histograms, counts, grid barrier), zero-initialized.
+    topk_work: CudaSlice<i32>,
     o: CudaSlice<f32>,
     /// Production-mode attention: scores `DECODE_SPLIT × 8 × n_head × att_rows` (decode
     /// steps' split partials; `GPU_CHUNK × …` when chunks take the f32 passes too, i.e.
@@ -1031,6 +1033,7 @@ impl GpuSession {
             isc_ld,
             sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
             cnt: be.upload_i32(&vec![0; m])?,
+            topk_work: be.upload_i32(&vec![0; attn::TOPK_MB_WORDS])?,
             o: a(m * hd)?,
             att_sc: a(if !tiled {
                 1
@@ -2068,7 +2071,9 @@ impl GpuSession {
                         }
                     }
                     // SAFETY: sel is GPU_CHUNK × idx_topk, cnt GPU_CHUNK; scores are read only
-                    // for tokens with more than idx_topk visible rows (written above).
+                    // for tokens with more than idx_topk visible rows (written above); the
+                    // indexer chains of all layers run in order on one stream, so topk_work is
+                    // never in two launches at once.
                     unsafe {
                         attn::topk(
                             be.st(),
@@ -2081,6 +2086,8 @@ impl GpuSession {
                             c.idx_topk,
                             pi(&s.sel),
                             pi(&s.cnt),
+                            pb / 4,
+                            pi(&s.topk_work),
                         )?
                     };
                 }

@@ -1143,6 +1143,75 @@ __device__ __forceinline__ unsigned okey(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Radix select of the k-th largest key, 8 bits a pass from the top. topk_count adds one key
+// to the pass's 256-bin histogram when it matches the digits chosen so far; scores are
+// concentrated in few digits (the first pass sees the exponent), so the lanes of a warp that
+// share a bin add their count with one atomic (same counts). Every thread of the block calls it.
+__device__ __forceinline__ void topk_count(unsigned* hist, unsigned key, bool valid,
+                                           unsigned mask, unsigned prefix, int shift) {
+    bool hit = valid && (key & mask) == prefix;
+    unsigned act = __ballot_sync(0xffffffffu, hit);
+    if (hit) {
+        unsigned bin = (key >> shift) & 255u;
+        unsigned m = __match_any_sync(act, bin);
+        if ((m & ((1u << (threadIdx.x & 31)) - 1u)) == 0) atomicAdd(&hist[bin], __popc(m));
+    }
+}
+
+// The digit holding the rem-th largest key of the pass's histogram `hist` (shared memory,
+// complete): the one bin whose suffix count (keys with this digit or a higher one) reaches rem
+// while the bins above it do not. A thread per bin takes its suffix count from a warp scan
+// plus the warps above. Updates prefix/rem/mask for the next pass; block-wide, needs >= 256
+// threads, ends with a barrier.
+__device__ __forceinline__ void topk_pick(const unsigned* hist, int shift, unsigned* wsum,
+                                          unsigned* sh_pr, unsigned& prefix, unsigned& rem,
+                                          unsigned& mask) {
+    unsigned hv = 0, suf = 0;
+    if (threadIdx.x < 256) {
+        int l = threadIdx.x & 31;
+        hv = hist[threadIdx.x];
+        suf = hv;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            unsigned u = __shfl_down_sync(0xffffffffu, suf, o);
+            if (l + o < 32) suf += u;
+        }
+        if (l == 0) wsum[threadIdx.x >> 5] = suf;
+    }
+    __syncthreads();
+    if (threadIdx.x < 256) {
+        for (int w2 = (threadIdx.x >> 5) + 1; w2 < 8; w2++) suf += wsum[w2];
+        if (suf >= rem && suf - hv < rem) {
+            sh_pr[0] = prefix | ((unsigned)threadIdx.x << shift);
+            sh_pr[1] = rem - (suf - hv);
+        }
+    }
+    __syncthreads();
+    prefix = sh_pr[0];
+    rem = sh_pr[1];
+    mask |= 255u << shift;
+    __syncthreads();
+}
+
+// Writes rows lo..hi-1 of s that are taken (key > prefix, or key == prefix with an equal-key
+// rank below rem, ranks counted in row order from eq_seen) to out[base..] in ascending order.
+__device__ __forceinline__ void topk_emit(const float* s, int lo, int hi, unsigned prefix,
+                                          unsigned rem, int base, int eq_seen, int* shs,
+                                          int* out) {
+    for (int c0 = lo; c0 < hi; c0 += blockDim.x) {
+        int i = c0 + threadIdx.x;
+        unsigned key = i < hi ? okey(s[i]) : 0u;
+        bool gt = i < hi && key > prefix, eq = i < hi && key == prefix;
+        int eq_tot, take_tot;
+        int eq_rank = block_scan_flag(eq, shs, &eq_tot) + eq_seen;
+        bool take = gt || (eq && eq_rank < (int)rem);
+        int at = block_scan_flag(take, shs, &take_tot) + base;
+        if (take) out[at] = i;
+        base += take_tot;
+        eq_seen += eq_tot;
+    }
+}
+
 // The compressed rows token blockIdx.x attends to (ratio-4 layers): all visible rows when
 // there are at most k, else the k best scores (ties to the lower row) by an exact radix
 // select; written in ascending row order (as the CPU sorts them). 1024 threads.
@@ -1151,7 +1220,7 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
                                        int* __restrict__ cnt) {
     const long long p0 = *p0p;
     __shared__ unsigned hist[256];
-    __shared__ unsigned sh_prefix, sh_rem;
+    __shared__ unsigned sh_pr[2];
     __shared__ unsigned wsum[8];
     __shared__ int shs[33];
     int t = blockIdx.x;
@@ -1168,64 +1237,123 @@ extern "C" __global__ void k_topk_rows(const float* __restrict__ scores, int ld,
         int shift = 24 - 8 * pass;
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        // Scores are concentrated in few digits (the first pass sees the exponent), so the
-        // lanes of a warp that share a bin add their count with one atomic (same counts).
         for (int c0 = 0; c0 < n_t; c0 += blockDim.x) {
             int i = c0 + threadIdx.x;
-            unsigned key = i < n_t ? okey(s[i]) : 0u;
-            bool hit = i < n_t && (key & mask) == prefix;
-            unsigned act = __ballot_sync(0xffffffffu, hit);
-            if (hit) {
-                unsigned bin = (key >> shift) & 255u;
-                unsigned m = __match_any_sync(act, bin);
-                if ((m & ((1u << (threadIdx.x & 31)) - 1u)) == 0) atomicAdd(&hist[bin], __popc(m));
-            }
+            topk_count(hist, i < n_t ? okey(s[i]) : 0u, i < n_t, mask, prefix, shift);
         }
         __syncthreads();
-        // The digit holding the rem-th largest key: the one bin whose suffix count (keys
-        // with this digit or a higher one) reaches rem while the bins above it do not. A
-        // thread per bin takes its suffix count from a warp scan plus the warps above.
-        unsigned hv = 0, suf = 0;
-        if (threadIdx.x < 256) {
-            int l = threadIdx.x & 31;
-            hv = hist[threadIdx.x];
-            suf = hv;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                unsigned u = __shfl_down_sync(0xffffffffu, suf, o);
-                if (l + o < 32) suf += u;
-            }
-            if (l == 0) wsum[threadIdx.x >> 5] = suf;
-        }
-        __syncthreads();
-        if (threadIdx.x < 256) {
-            for (int w2 = (threadIdx.x >> 5) + 1; w2 < 8; w2++) suf += wsum[w2];
-            if (suf >= rem && suf - hv < rem) {
-                sh_prefix = prefix | ((unsigned)threadIdx.x << shift);
-                sh_rem = rem - (suf - hv);
-            }
-        }
-        __syncthreads();
-        prefix = sh_prefix;
-        rem = sh_rem;
-        mask |= 255u << shift;
-        __syncthreads();
+        topk_pick(hist, shift, wsum, sh_pr, prefix, rem, mask);
     }
     // prefix = the k-th largest key; take every larger key and the first `rem` equal ones.
-    int base = 0, eq_seen = 0;
-    for (int c0 = 0; c0 < n_t; c0 += blockDim.x) {
-        int i = c0 + threadIdx.x;
-        unsigned key = i < n_t ? okey(s[i]) : 0u;
-        bool gt = i < n_t && key > prefix, eq = i < n_t && key == prefix;
-        int eq_tot, take_tot;
-        int eq_rank = block_scan_flag(eq, shs, &eq_tot) + eq_seen;
-        bool take = gt || (eq && eq_rank < (int)rem);
-        int at = block_scan_flag(take, shs, &take_tot) + base;
-        if (take) out[at] = i;
-        base += take_tot;
-        eq_seen += eq_tot;
-    }
+    topk_emit(s, 0, n_t, prefix, rem, 0, 0, shs, out);
     if (threadIdx.x == 0) cnt[t] = k;
+}
+
+// Barrier of all blocks of a k_topk_mb launch (bar[0]: arrivals, bar[1]: generation). The
+// host sizes the grid to at most one block per SM, and a block arrives only after all of them
+// started (they are resident together; nothing they wait for depends on them).
+__device__ __forceinline__ void topk_grid_sync(unsigned* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned* gen = bar + 1;
+        unsigned g = *gen;
+        __threadfence();
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            while (*gen == g) __nanosleep(64);
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// k_topk_rows for one token (decode) spread over the grid's blocks: block b counts rows
+// b·per.. of the visible ones into its shared histogram and adds it to the pass's global one
+// (integer atomics: the same counts in any order), a grid barrier, then every block picks the
+// same digit from the complete histogram. After the 4 passes each block counts its keys above
+// and equal to the k-th, a barrier, and writes its taken rows at the offset of the blocks
+// before it. Same selection as k_topk_rows. `work`: TOPK_MB_WORDS u32, zero before the first
+// launch; each launch leaves the histograms zero and the barrier reusable. 512 threads,
+// grid <= TOPK_MB_MAXG blocks.
+#define TOPK_MB_MAXG 64
+extern "C" __global__ void __launch_bounds__(512)
+    k_topk_mb(const float* __restrict__ s, const long long* __restrict__ p0p, int r, int k,
+              int* __restrict__ out, int* __restrict__ cnt, unsigned* __restrict__ work) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned sh_pr[2];
+    __shared__ unsigned wsum[8];
+    __shared__ int shs[33];
+    __shared__ int sh_base[2];
+    unsigned* ghist = work;                    // 4 passes x 256 bins
+    unsigned* part = work + 1024;              // (above, equal) per block
+    unsigned* bar = work + 1024 + 2 * TOPK_MB_MAXG;
+    const int n_t = (int)((*p0p + 1) / r);
+    if (n_t <= k) {  // uniform over the grid: no block reaches a barrier
+        if (blockIdx.x == 0) {
+            for (int i = threadIdx.x; i < n_t; i += blockDim.x) out[i] = i;
+            if (threadIdx.x == 0) cnt[0] = n_t;
+        }
+        return;
+    }
+    const int per = (n_t + gridDim.x - 1) / gridDim.x;
+    const int lo = min(n_t, (int)blockIdx.x * per), hi = min(n_t, lo + per);
+    unsigned prefix = 0, mask = 0, rem = k;
+    for (int pass = 0; pass < 4; pass++) {
+        int shift = 24 - 8 * pass;
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int c0 = lo; c0 < hi; c0 += blockDim.x) {
+            int i = c0 + threadIdx.x;
+            topk_count(hist, i < hi ? okey(s[i]) : 0u, i < hi, mask, prefix, shift);
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < 256; i += blockDim.x)
+            if (hist[i]) atomicAdd(&ghist[256 * pass + i], hist[i]);
+        topk_grid_sync(bar);
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = __ldcg(&ghist[256 * pass + i]);
+        __syncthreads();
+        topk_pick(hist, shift, wsum, sh_pr, prefix, rem, mask);
+    }
+    // This block's keys above and equal to the k-th.
+    int above = 0, equal = 0;
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        unsigned key = okey(s[i]);
+        above += key > prefix;
+        equal += key == prefix;
+    }
+    above = __reduce_add_sync(0xffffffffu, above);
+    equal = __reduce_add_sync(0xffffffffu, equal);
+    if (threadIdx.x < 2) hist[threadIdx.x] = 0;  // free: topk_pick ended with a barrier
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) {
+        atomicAdd(&hist[0], (unsigned)above);
+        atomicAdd(&hist[1], (unsigned)equal);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        part[2 * blockIdx.x] = hist[0];
+        part[2 * blockIdx.x + 1] = hist[1];
+    }
+    topk_grid_sync(bar);
+    // Every block has read every pass's histogram: block 0 clears them for the next launch.
+    if (blockIdx.x == 0)
+        for (int i = threadIdx.x; i < 1024; i += blockDim.x) ghist[i] = 0;
+    if (threadIdx.x == 0) {
+        int base = 0, eq_seen = 0;
+        for (int b = 0; b < (int)blockIdx.x; b++) {
+            int ab = (int)__ldcg(&part[2 * b]), eb = (int)__ldcg(&part[2 * b + 1]);
+            base += ab + max(0, min(eb, (int)rem - eq_seen));
+            eq_seen += eb;
+        }
+        sh_base[0] = base;
+        sh_base[1] = eq_seen;
+    }
+    __syncthreads();
+    topk_emit(s, lo, hi, prefix, rem, sh_base[0], sh_base[1], shs, out);
+    if (blockIdx.x == 0 && threadIdx.x == 0) cnt[0] = k;
 }
 
 // ---------------------------------------------------------------- attention (§3.3 steps 5-6)
