@@ -567,7 +567,7 @@ pub fn topk_mb_min_rows() -> usize {
     std::env::var("DS4_CUDA_TOPK_MB")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .map_or(4096, |n| if n == 0 { usize::MAX } else { n })
+        .map_or(6144, |n| if n == 0 { usize::MAX } else { n })
 }
 
 /// Per token, the `topk` best visible rows by score (all of them when at most `topk` are

@@ -59,7 +59,7 @@
 //! the four tiled passes), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
-//! indexer top-k is spread over many blocks (`k_topk_mb`; default 4096, 0 = never). `DS4_CUDA_CACHE=DIR` moves
+//! indexer top-k is spread over many blocks (`k_topk_mb`; default 6144, 0 = never). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!
 //! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;
