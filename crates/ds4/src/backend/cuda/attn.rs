@@ -453,7 +453,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
 }
 
 /// Indexer scores of `n` tokens over the rows visible to each (`(p+1) / ratio`), at most
-/// `vis_max` for any token: `scores[t·ld + row]`.
+/// `vis_max` for any token: `scores[t·ld + row]`, with head weights `w · wscale`.
 ///
 /// # Safety
 /// `q`: `n × n_head × id`; `w`: `n × n_head`; `krows`: `vis_max × id`; `scores`: `n × ld`
@@ -464,7 +464,7 @@ pub unsafe fn idx_scores(
     k: &AttnKernels,
     n: usize,
     q: u64,
-    w: u64,
+    (w, wscale): (u64, f32),
     krows: u64,
     n_head: usize,
     id: usize,
@@ -482,6 +482,7 @@ pub unsafe fn idx_scores(
         [
             q,
             w,
+            wscale,
             krows,
             n_head as i32,
             id as i32,
@@ -501,15 +502,37 @@ const IXC_TOK: usize = 8;
 /// tiles (64 heads), 136 wide; two sets of 64 weights; the f32 terms, 64 heads × 132.
 const IXC_SMEM: usize = (IXC_ROWS + 2 * 64) * 136 * 2 + 2 * 64 * 4 + 64 * 132 * 4;
 
-/// Whether production prefill chunks score the indexer on tensor cores (`DS4_CUDA_IDX_TC=0`:
-/// the f32 `k_idx_scores`, for comparisons).
+/// Whether production steps (prefill chunks and decode) score the indexer on tensor cores
+/// (`DS4_CUDA_IDX_TC=0`: the f32 `k_idx_scores`, for comparisons).
 pub fn use_idx_tc() -> bool {
     super::switch_on("DS4_CUDA_IDX_TC")
 }
 
+/// `q16[i] = bf16(q[i])` for `len` elements (a multiple of 4).
+///
+/// # Safety
+/// `q`: `len` f32; `q16`: `len` halves.
+pub unsafe fn to_bf16(
+    st: &CudaStream,
+    k: &AttnKernels,
+    q: u64,
+    q16: u64,
+    len: usize,
+) -> Result<()> {
+    let len = len as i64;
+    launch!(
+        st,
+        k.to_bf16,
+        ((len as u64 / 4).div_ceil(256) as u32, 1, 1),
+        (256, 1, 1),
+        [q, q16, len]
+    );
+    Ok(())
+}
+
 /// [`idx_scores`] on tensor cores, for 64 heads of 128 dims whose queries and rows are
-/// fp4sim values (QAT on): `q` (`n × 64 × 128` f32) is first copied to bf16 at `q16`, then
-/// `k_idx_scores_tc` (exact products, head-order sums; see attn.cu).
+/// fp4sim values (QAT on): `q16` holds the queries as bf16 (`k_idx_q_finish`'s copy, or
+/// [`to_bf16`]); `k_idx_scores_tc` (exact products, head-order sums; see attn.cu).
 ///
 /// # Safety
 /// As [`idx_scores`] with `n_head = 64`, `id = 128`, `ratio = 4`; `q16` holds `n × 8192`
@@ -519,23 +542,14 @@ pub unsafe fn idx_scores_tc(
     st: &CudaStream,
     k: &AttnKernels,
     n: usize,
-    q: u64,
     q16: u64,
-    w: u64,
+    (w, wscale): (u64, f32),
     krows: u64,
     p0: u64,
     vis_max: usize,
     scores: u64,
     ld: usize,
 ) -> Result<()> {
-    let len = (n * 64 * 128) as i64;
-    launch!(
-        st,
-        k.to_bf16,
-        ((len as u64 / 4).div_ceil(256) as u32, 1, 1),
-        (256, 1, 1),
-        [q, q16, len]
-    );
     launch!(
         st,
         k.idx_scores_tc,
@@ -546,7 +560,7 @@ pub unsafe fn idx_scores_tc(
         ),
         (256, 1, 1),
         IXC_SMEM as u32,
-        [q16, w, krows, p0, n as i32, scores, ld as i32]
+        [q16, w, wscale, krows, p0, n as i32, scores, ld as i32]
     );
     Ok(())
 }

@@ -926,25 +926,30 @@ fn run_idx_scores(
     n: usize,
     tc: bool,
 ) -> Result<Vec<f32>> {
-    use super::attn::{idx_scores, idx_scores_tc};
+    use super::attn::{idx_scores, idx_scores_tc, to_bf16};
     let (ih, id, r) = (64usize, 128usize, 4usize);
     let vis_max = (p0 + n) / r;
     let ld = vis_max + 1;
     let st = be.stream();
-    let (d_q, d_w, d_rows) = (be.upload_f32(q)?, be.upload_f32(w)?, be.upload_f32(rows)?);
+    // The kernels scale the weights by wscale = 0.5: they get 2w, so the product is w exactly
+    // (a missing scale doubles every score).
+    let w2: Vec<f32> = w.iter().map(|&x| 2.0 * x).collect();
+    let (d_q, d_w, d_rows) = (be.upload_f32(q)?, be.upload_f32(&w2)?, be.upload_f32(rows)?);
     let d_q16 = st.alloc_zeros::<u16>(n * ih * id)?;
     let d_p0 = st.clone_htod(&[p0 as i64])?;
     let d_sc = poisoned(be, n * ld)?;
     let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
     let p0p = d_p0.device_ptr(st).0;
     // SAFETY: buffers sized as `idx_scores` / `idx_scores_tc` document.
+    let pw = (pp(&d_w), 0.5f32);
     unsafe {
         if tc {
             let q16 = d_q16.device_ptr(st).0;
-            let (pq, pw, pr, ps) = (pp(&d_q), pp(&d_w), pp(&d_rows), pp(&d_sc));
-            idx_scores_tc(st, k, n, pq, q16, pw, pr, p0p, vis_max, ps, ld)?
+            let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
+            to_bf16(st, k, pq, q16, n * ih * id)?;
+            idx_scores_tc(st, k, n, q16, pw, pr, p0p, vis_max, ps, ld)?
         } else {
-            let (pq, pw, pr, ps) = (pp(&d_q), pp(&d_w), pp(&d_rows), pp(&d_sc));
+            let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             idx_scores(st, k, n, pq, pw, pr, ih, id, p0p, r, vis_max, ps, ld)?
         }
     };

@@ -298,7 +298,6 @@ struct Kernels {
     head_norm_rope16: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
-    scale: CudaFunction,
     hc_pre: CudaFunction,
     hc_pre_pf: CudaFunction,
     hc_comb: CudaFunction,
@@ -339,7 +338,6 @@ impl Kernels {
             head_norm_rope16: f("k_head_norm_rope16")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
-            scale: f("k_scale")?,
             hc_pre: f("k_hc_pre")?,
             hc_pre_pf: f("k_hc_pre_pf")?,
             hc_comb: f("k_hc_comb")?,
@@ -742,6 +740,9 @@ struct Scratch {
     iq: CudaSlice<f32>,
     iw: CudaSlice<f32>,
     isc: CudaSlice<f32>,
+    /// The indexer queries as bf16 (`GPU_CHUNK × idx_heads × idx_dim`; 1 without an
+    /// indexer), written by `k_idx_q_finish` for `k_idx_scores_tc`.
+    iq16: CudaSlice<u16>,
     isc_ld: usize,
     sel: CudaSlice<i32>,
     cnt: CudaSlice<i32>,
@@ -887,9 +888,6 @@ struct PfScratch {
     /// The rotated queries as f16 (`GPU_CHUNK × n_head × head_dim`), the only form the
     /// tensor-core attention reads.
     q16: CudaSlice<u16>,
-    /// The indexer queries as bf16 (`GPU_CHUNK × idx_heads × idx_dim`; 1 without an
-    /// indexer), for `k_idx_scores_tc`.
-    iq16: CudaSlice<u16>,
     /// Per-token RMS scale of the state from `k_hc_pre_pf`, read by `k_hc_comb`.
     hsc: CudaSlice<f32>,
     /// The router's weight decoded to f32 (its product stays f32, see `queue`).
@@ -1030,6 +1028,11 @@ impl GpuSession {
             iq: a(m * c.idx_heads * c.idx_dim)?,
             iw: a(m * c.idx_heads)?,
             isc: a(if any4 { m * isc_ld } else { 1 })?,
+            iq16: be.stream().alloc_zeros::<u16>(if any4 {
+                m * c.idx_heads * c.idx_dim
+            } else {
+                1
+            })?,
             isc_ld,
             sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
             cnt: be.upload_i32(&vec![0; m])?,
@@ -1110,11 +1113,6 @@ impl GpuSession {
                     y16: be.stream().alloc_zeros::<u16>(m * d)?,
                     qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                     q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
-                    iq16: be.stream().alloc_zeros::<u16>(if any4 {
-                        m * c.idx_heads * c.idx_dim
-                    } else {
-                        1
-                    })?,
                     hsc: a(m)?,
                     w32: be.alloc_f32(
                         gm.layers
@@ -1980,8 +1978,17 @@ impl GpuSession {
                     let (ih, id) = (c.idx_heads, c.idx_dim);
                     let vis_max = pb / 4;
                     if vis_max > c.idx_topk {
+                        // Production steps with QAT score on tensor cores (exact for the fp4sim
+                        // queries and rows): q_finish also writes the bf16 queries for them.
+                        let tc = !self.exact
+                            && self.tiled
+                            && self.qat
+                            && ih == 64
+                            && id == 128
+                            && attn::use_idx_tc();
                         lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
                         let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
+                        let q16 = if tc { p16(&s.iq16) } else { 0 };
                         launch!(
                             be.st(),
                             k.idx_q_finish,
@@ -1996,20 +2003,13 @@ impl GpuSession {
                                 ptr(&l.freqs, st),
                                 p0l,
                                 qat,
-                                inv_sqrt
+                                inv_sqrt,
+                                q16
                             ]
                         );
                         lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
-                        let scale = 1.0 / ((id * ih) as f32).sqrt();
-                        let cnt = (n * ih) as i32;
-                        launch!(
-                            be.st(),
-                            k.scale,
-                            ((cnt as u32).div_ceil(256), 1, 1),
-                            (256, 1, 1),
-                            0,
-                            [p(&s.iw), scale, cnt]
-                        );
+                        // The weights' scale is applied where the score kernels read them.
+                        let wscale = 1.0 / ((id * ih) as f32).sqrt();
                         if !self.tiled {
                             launch!(
                                 be.st(),
@@ -2020,6 +2020,7 @@ impl GpuSession {
                                 [
                                     p(&s.iq),
                                     p(&s.iw),
+                                    wscale,
                                     p(&cs.rows),
                                     ih as i32,
                                     id as i32,
@@ -2029,18 +2030,16 @@ impl GpuSession {
                                     s.isc_ld as i32
                                 ]
                             );
-                        } else if let Some(ps) =
-                            pf.filter(|_| self.qat && ih == 64 && id == 128 && attn::use_idx_tc())
-                        {
-                            // SAFETY: as below; iq16 holds GPU_CHUNK × 64 × 128 halves.
+                        } else if tc {
+                            // SAFETY: as below; iq16 holds GPU_CHUNK × 64 × 128 halves, written
+                            // by q_finish above.
                             unsafe {
                                 attn::idx_scores_tc(
                                     be.st(),
                                     &k.at,
                                     n,
-                                    p(&s.iq),
-                                    p16(&ps.iq16),
-                                    p(&s.iw),
+                                    p16(&s.iq16),
+                                    (p(&s.iw), wscale),
                                     p(&cs.rows),
                                     p0l,
                                     vis_max,
@@ -2057,7 +2056,7 @@ impl GpuSession {
                                     &k.at,
                                     n,
                                     p(&s.iq),
-                                    p(&s.iw),
+                                    (p(&s.iw), wscale),
                                     p(&cs.rows),
                                     ih,
                                     id,

@@ -632,12 +632,13 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // Lightning indexer: score[t][row] = Σ_h w_{t,h}·max(0, q_{t,h}·K_row) for the rows visible
-// to token t, the head sum in head order (as the CPU's iterator sum, from −0.0). grid: x =
+// to token t, the head sum in head order (as the CPU's iterator sum, from −0.0), with
+// w_{t,h} = w[t][h]·wscale (the weights' scale, one f32 product as the CPU's). grid: x =
 // row tiles of 64, y = token; 256 threads, each 4 heads × 4 rows of a 64-head × 64-row tile
 // (more heads loop over head tiles).
 #define IX_T 64
 extern "C" __global__ void __launch_bounds__(256)
-    k_idx_scores(const float* __restrict__ q, const float* __restrict__ w,
+    k_idx_scores(const float* __restrict__ q, const float* __restrict__ w, float wscale,
                  const float* __restrict__ krows, int n_head, int id,
                  const long long* __restrict__ p0p, int r, float* __restrict__ scores,
                  int ld) {
@@ -692,7 +693,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             int hh = hb + ty + 16 * i;
-            float wh = hh < n_head ? w[(long long)t * n_head + hh] : 0.0f;
+            float wh = hh < n_head ? w[(long long)t * n_head + hh] * wscale : 0.0f;
 #pragma unroll
             for (int j = 0; j < 4; j++)
                 vs[(ty + 16 * i) * (IX_T + 1) + tx + 16 * j] = wh * fmaxf(acc[i][j], 0.0f);
@@ -1183,7 +1184,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
 }
 
 // ---- k_idx_scores_tc: the lightning indexer's scores (k_idx_scores' contract) on tensor cores,
-// for production prefill chunks with QAT on (64 heads of 128 dims). The queries and the stored
+// for production steps with QAT on (64 heads of 128 dims). The queries and the stored
 // indexer rows are fp4sim values (E2M1 code × a power of two per 32 dims; the rows' F16
 // storage rounding keeps them), so bf16 holds them exactly and every product q·k is exact in
 // the MMA's f32 accumulator; within a 32-dim block all partial sums are exact too (multiples of
@@ -1194,7 +1195,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
 // Block (256 threads, 8 warps): 128 rows (the K tile, converted to bf16 once per block) × up
 // to IXC_TOK consecutive tokens; warp w owns rows 16w..16w+15 (its B fragments stay in
 // registers for all the tokens). Per token: the query (64 × 128 bf16, from q16, written by
-// k_f32_to_bf16) arrives by cp.async, double-buffered; the 64×16-row products per warp are
+// k_idx_q_finish or k_f32_to_bf16) arrives by cp.async, double-buffered; the 64×16-row products per warp are
 // 4 head tiles × 8 k16 steps × 2 n8 tiles of m16n8k16; the terms w_h·max(0, dot) go to shared
 // memory [head][row] and one thread per row sums them in head order. Rows are written only
 // where visible to the token (row < (p0 + t + 1) / 4).
@@ -1231,7 +1232,7 @@ extern "C" __global__ void k_f32_to_bf16(const float* __restrict__ x, u16* __res
     ((IXC_ROWS + 2 * 64) * IXC_KS * 2 + 2 * 64 * 4 + 64 * IXC_VS * 4)
 
 extern "C" __global__ void __launch_bounds__(256)
-    k_idx_scores_tc(const u16* __restrict__ q16, const float* __restrict__ w,
+    k_idx_scores_tc(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
                     const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
                     float* __restrict__ scores, int ld) {
     extern __shared__ __align__(16) unsigned char ixc_smem[];
@@ -1255,7 +1256,7 @@ extern "C" __global__ void __launch_bounds__(256)
             int f = tid + 256 * k, h = f >> 4, c = f & 15;
             pf_cp16(dst + h * IXC_KS + 8 * c, src + h * 128 + 8 * c, true);
         }
-        if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid];
+        if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid] * wscale;
     };
     fetch(t0, 0);
     pf_cp_commit();

@@ -358,20 +358,25 @@ extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restric
 
 // Indexer query heads: RoPE at the token's position, then the indexer QAT (blockIdx.x =
 // t·iH + h).
+// q16 (may be null): also the finished row as bf16 (round to nearest even; exact for the
+// fp4sim values QAT leaves), for k_idx_scores_tc.
 extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int id, int half,
                                           const double* __restrict__ freqs, const long long* __restrict__ p0p,
-                                          int qat, float inv_sqrt_id) {
+                                          int qat, float inv_sqrt_id, u16* __restrict__ q16) {
     const long long p0 = *p0p;
     float* r = q + (long long)blockIdx.x * id;
     rope_tail(r, id, half, freqs, p0 + blockIdx.x / n_head, false);
     __syncthreads();
     if (qat) indexer_qat_row(r, id, inv_sqrt_id);
-}
-
-// y *= a (element-wise over n).
-extern "C" __global__ void k_scale(float* __restrict__ y, float a, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] *= a;
+    if (q16) {
+        __syncthreads();
+        u16* o = q16 + (long long)blockIdx.x * id;
+        for (int i = threadIdx.x; i < id; i += blockDim.x) {
+            unsigned short h;
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(r[i]));
+            o[i] = h;
+        }
+    }
 }
 
 // ---------------------------------------------------------------- hyper-connections (hc.rs)
@@ -1117,7 +1122,7 @@ extern "C" __global__ void k_hc_head(const float* __restrict__ x, const float* _
 // score[t][row] = Σ_h w_h·max(0, q_h·K_row) for rows visible to token t (one warp per row;
 // grid: x = row blocks of 8, y = token).
 extern "C" __global__ void k_idx_scores_ref(const float* __restrict__ q, const float* __restrict__ w,
-                                        const float* __restrict__ krows, int n_head, int id,
+                                        float wscale, const float* __restrict__ krows, int n_head, int id,
                                         const long long* __restrict__ p0p, int r, float* __restrict__ scores,
                                         int ld) {
     const long long p0 = *p0p;
@@ -1132,7 +1137,7 @@ extern "C" __global__ void k_idx_scores_ref(const float* __restrict__ q, const f
         float dsum = 0.0f;
         for (int e = lane; e < id; e += 32) dsum += qt[h * id + e] * k[e];
         dsum = warp_sum(dsum);
-        acc += w[t * n_head + h] * fmaxf(dsum, 0.0f);
+        acc += w[t * n_head + h] * wscale * fmaxf(dsum, 0.0f);
     }
     if (lane == 0) scores[(long long)t * ld + row] = acc;
 }
