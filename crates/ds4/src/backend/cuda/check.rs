@@ -262,6 +262,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
     check_indexer_tc(be, &mut rng, &mut out)?;
+    check_idx_q_finish_w(be, &mut rng, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
@@ -282,6 +283,90 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_sample(be, &mut rng, &mut out)?;
     check_mv2_f16(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// The warp form of the indexer's query finish (`k_idx_q_finish_w<E>`: RoPE, then with QAT the
+/// Hadamard rotation and FP4 rounding) against the block form `k_idx_q_finish`: the f32 rows
+/// and their bf16 copies bit for bit, with and without QAT.
+fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let st = be.stream();
+    let old = be.function("k_idx_q_finish")?;
+    for (id, ih, n) in [(128usize, 64usize, 3usize), (64, 16, 2), (256, 12, 2)] {
+        let new = be.function(&format!("k_idx_q_finish_w{}", id / 32))?;
+        let half = 32usize;
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| 10000f64.powf(-(i as f64) / half as f64))
+            .collect();
+        let d_freqs = st.clone_htod(&freqs)?;
+        let d_p0 = st.clone_htod(&[12_345i64])?;
+        for qat in [0i32, 1] {
+            let q = random_activations(rng, n * ih * id);
+            let (qa, qb) = (be.upload_f32(&q)?, be.upload_f32(&q)?);
+            let (ha, hb) = (
+                st.alloc_zeros::<u16>(n * ih * id)?,
+                st.alloc_zeros::<u16>(n * ih * id)?,
+            );
+            let inv = (1.0 / (id as f64).sqrt()) as f32;
+            let (ihi, idi, hi) = (ih as i32, id as i32, half as i32);
+            let (pf, pp) = (d_freqs.device_ptr(st).0, d_p0.device_ptr(st).0);
+            let (pqa, pqb) = (qa.device_ptr(st).0, qb.device_ptr(st).0);
+            let (pha, phb) = (ha.device_ptr(st).0, hb.device_ptr(st).0);
+            let mut b = st.launch_builder(&old);
+            b.arg(&pqa)
+                .arg(&ihi)
+                .arg(&idi)
+                .arg(&hi)
+                .arg(&pf)
+                .arg(&pp)
+                .arg(&qat)
+                .arg(&inv);
+            b.arg(&pha);
+            let cfg = LaunchConfig {
+                grid_dim: ((n * ih) as u32, 1, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument list matches k_idx_q_finish; buffers sized above.
+            unsafe { b.launch(cfg) }?;
+            let mut b = st.launch_builder(&new);
+            b.arg(&pqb)
+                .arg(&ihi)
+                .arg(&hi)
+                .arg(&pf)
+                .arg(&pp)
+                .arg(&qat)
+                .arg(&inv)
+                .arg(&phb);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, ih.div_ceil(8) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument list matches k_idx_q_finish_w<E>; buffers sized above.
+            unsafe { b.launch(cfg) }?;
+            let (a, b2) = (be.download(&qa)?, be.download(&qb)?);
+            let (h16a, h16b) = (st.clone_dtoh(&ha)?, st.clone_dtoh(&hb)?);
+            let bad = a
+                .iter()
+                .zip(&b2)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count()
+                + h16a.iter().zip(&h16b).filter(|(x, y)| x != y).count();
+            let mut row = exact_row(
+                "idx_q_finish_w",
+                GgmlType::F32,
+                &format!("n={n} iH={ih} iD={id} qat={qat}"),
+                bad,
+            );
+            row.note = format!(
+                "{bad} of {} values (f32 and bf16) differ from k_idx_q_finish",
+                2 * a.len()
+            );
+            out.push(row);
+        }
+    }
+    Ok(())
 }
 
 /// The router (`k_route`): expert choice by top-k of sqrt(softplus(logit)) + bias (ties to

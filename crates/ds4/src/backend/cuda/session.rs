@@ -298,6 +298,8 @@ struct Kernels {
     head_norm_rope16: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
+    /// k_idx_q_finish_w<E> for E = 2, 4, 8 (indexer key lengths 64, 128, 256).
+    idx_q_finish_w: [CudaFunction; 3],
     hc_pre: CudaFunction,
     hc_pre_pf: CudaFunction,
     hc_comb: CudaFunction,
@@ -338,6 +340,11 @@ impl Kernels {
             head_norm_rope16: f("k_head_norm_rope16")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
+            idx_q_finish_w: [
+                f("k_idx_q_finish_w2")?,
+                f("k_idx_q_finish_w4")?,
+                f("k_idx_q_finish_w8")?,
+            ],
             hc_pre: f("k_hc_pre")?,
             hc_pre_pf: f("k_hc_pre_pf")?,
             hc_comb: f("k_hc_comb")?,
@@ -1989,24 +1996,53 @@ impl GpuSession {
                         lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
                         let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
                         let q16 = if tc { p16(&s.iq16) } else { 0 };
-                        launch!(
-                            be.st(),
-                            k.idx_q_finish,
-                            (n32 * ih as u32, 1, 1),
-                            (64, 1, 1),
-                            0,
-                            [
-                                p(&s.iq),
-                                ih as i32,
-                                id as i32,
-                                half,
-                                ptr(&l.freqs, st),
-                                p0l,
-                                qat,
-                                inv_sqrt,
-                                q16
-                            ]
-                        );
+                        // The warp form (same bits, one sincos set per token) where the key
+                        // length allows; `DS4_CUDA_IDXQ_W=0`: the block form.
+                        let wf = match id {
+                            64 => Some(0),
+                            128 => Some(1),
+                            256 => Some(2),
+                            _ => None,
+                        }
+                        .filter(|_| half <= 128 && super::switch_on("DS4_CUDA_IDXQ_W"));
+                        if let Some(wi) = wf {
+                            launch!(
+                                be.st(),
+                                k.idx_q_finish_w[wi],
+                                (n32, (ih as u32).div_ceil(8), 1),
+                                (256, 1, 1),
+                                0,
+                                [
+                                    p(&s.iq),
+                                    ih as i32,
+                                    half,
+                                    ptr(&l.freqs, st),
+                                    p0l,
+                                    qat,
+                                    inv_sqrt,
+                                    q16
+                                ]
+                            );
+                        } else {
+                            launch!(
+                                be.st(),
+                                k.idx_q_finish,
+                                (n32 * ih as u32, 1, 1),
+                                (64, 1, 1),
+                                0,
+                                [
+                                    p(&s.iq),
+                                    ih as i32,
+                                    id as i32,
+                                    half,
+                                    ptr(&l.freqs, st),
+                                    p0l,
+                                    qat,
+                                    inv_sqrt,
+                                    q16
+                                ]
+                            );
+                        }
                         lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
                         // The weights' scale is applied where the score kernels read them.
                         let wscale = 1.0 / ((id * ih) as f32).sqrt();

@@ -379,6 +379,107 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
     }
 }
 
+// Warp form of k_idx_q_finish for id = 32·E (E = 2, 4, 8): warp w of block (t, y) takes head
+// 8y + w of token t, lane l its elements E·l..E·l+E−1 in registers. The token's RoPE angles
+// are computed once per block (threads < half; rope_tail's double sincos and float casts) into
+// shared memory instead of once per head. Each element then sees exactly the operations of
+// rope_tail and indexer_qat_row: the rotation; each Hadamard butterfly u+v to the lower and
+// u−v to the upper element (stages h < E inside a lane, the others between lanes l and
+// l ^ (h/E) by shuffles); the 1/sqrt(id) scale; the FP4 rounding with its 32-element block's
+// amax (a max, gathered from the block's 32/E lanes in any order). So the rows are bit for bit
+// k_idx_q_finish's (self-test `idx_q_finish_w`), without its per-stage barriers and global
+// round trips. grid (tokens, ceil(n_head / 8)), 256 threads; half ≤ 128.
+template <int E>
+__device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head, int half,
+                                               const double* __restrict__ freqs, long long p0,
+                                               int qat, float inv_sqrt_id, u16* __restrict__ q16) {
+    constexpr int ID = 32 * E;
+    __shared__ float cs[2 * 128];
+    const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        double sn, c;
+        sincos((double)(p0 + t) * freqs[i], &sn, &c);
+        cs[2 * i] = (float)c;
+        cs[2 * i + 1] = (float)sn;
+    }
+    __syncthreads();
+    const int h = blockIdx.y * 8 + warp;
+    if (h >= n_head) return;
+    const long long base = ((long long)t * n_head + h) * ID + E * lane;
+    float x[E];
+#pragma unroll
+    for (int k = 0; k < E; k += 2) {
+        float2 v = *(const float2*)(q + base + k);
+        x[k] = v.x;
+        x[k + 1] = v.y;
+    }
+    const int off = ID - 2 * half;
+#pragma unroll
+    for (int k = 0; k < E; k += 2) {
+        const int e = E * lane + k;
+        if (e >= off) {
+            const float cf = cs[e - off], sf = cs[e - off + 1];
+            const float a = x[k], b = x[k + 1];
+            x[k] = a * cf - b * sf;
+            x[k + 1] = a * sf + b * cf;
+        }
+    }
+    if (qat) {
+#pragma unroll
+        for (int hs = 1; hs < ID; hs *= 2) {
+            if (hs < E) {
+#pragma unroll
+                for (int k = 0; k < E; k++)
+                    if ((k & hs) == 0) {
+                        const float u = x[k], v = x[k + hs];
+                        x[k] = u + v;
+                        x[k + hs] = u - v;
+                    }
+            } else {
+                const int m = hs / E;
+                const bool up = (lane & m) != 0;
+#pragma unroll
+                for (int k = 0; k < E; k++) {
+                    const float o = __shfl_xor_sync(0xffffffffu, x[k], m);
+                    x[k] = up ? o - x[k] : x[k] + o;
+                }
+            }
+        }
+        float amax = 0.0f;
+#pragma unroll
+        for (int k = 0; k < E; k++) {
+            x[k] *= inv_sqrt_id;
+            amax = fmaxf(amax, fabsf(x[k]));
+        }
+#pragma unroll
+        for (int m = 1; m < 32 / E; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+        const float sc = pow2_ceil_f(fmaxf(amax, 6.0f * 1.17549435e-38f) / 6.0f);
+#pragma unroll
+        for (int k = 0; k < E; k++) x[k] = e2m1_round(fminf(fmaxf(x[k] / sc, -6.0f), 6.0f)) * sc;
+    }
+#pragma unroll
+    for (int k = 0; k < E; k += 2) {
+        *(float2*)(q + base + k) = make_float2(x[k], x[k + 1]);
+        if (q16) {
+            unsigned short lo, hi;
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(lo) : "f"(x[k]));
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hi) : "f"(x[k + 1]));
+            *(u32*)(q16 + base + k) = (u32)lo | ((u32)hi << 16);
+        }
+    }
+}
+
+#define DS4_IDX_Q_FINISH_W(E)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                            \
+        k_idx_q_finish_w##E(float* __restrict__ q, int n_head, int half,                         \
+                            const double* __restrict__ freqs, const long long* __restrict__ p0p, \
+                            int qat, float inv_sqrt_id, u16* __restrict__ q16) {                 \
+        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, qat, inv_sqrt_id, q16);                   \
+    }
+DS4_IDX_Q_FINISH_W(2)
+DS4_IDX_Q_FINISH_W(4)
+DS4_IDX_Q_FINISH_W(8)
+
 // ---------------------------------------------------------------- hyper-connections (hc.rs)
 
 // Sinkhorn normalisation of the n×n matrix c (shared memory) by one warp, lane i owning
