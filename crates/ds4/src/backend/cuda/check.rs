@@ -286,12 +286,19 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
 }
 
 /// The warp form of the indexer's query finish (`k_idx_q_finish_w<E>`: RoPE, then with QAT the
-/// Hadamard rotation and FP4 rounding) against the block form `k_idx_q_finish`: the f32 rows
-/// and their bf16 copies bit for bit, with and without QAT.
+/// Hadamard rotation and FP4 rounding), with its angles inline and from `k_rope_cs`'s table,
+/// against the block form `k_idx_q_finish`: the f32 rows and their bf16 copies bit for bit,
+/// with and without QAT.
 fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     let st = be.stream();
     let old = be.function("k_idx_q_finish")?;
+    let rope_cs = be.function("k_rope_cs")?;
+    let cfg = |grid: (u32, u32, u32), threads: u32| LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
     for (id, ih, n) in [(128usize, 64usize, 3usize), (64, 16, 2), (256, 12, 2)] {
         let new = be.function(&format!("k_idx_q_finish_w{}", id / 32))?;
         let half = 32usize;
@@ -300,70 +307,55 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
             .collect();
         let d_freqs = st.clone_htod(&freqs)?;
         let d_p0 = st.clone_htod(&[12_345i64])?;
+        let (pf, pp) = (d_freqs.device_ptr(st).0, d_p0.device_ptr(st).0);
+        let (ihi, idi, hi) = (ih as i32, id as i32, half as i32);
+        let inv = (1.0 / (id as f64).sqrt()) as f32;
+        let tab = be.alloc_f32(n * half * 2)?;
+        let ptab = tab.device_ptr(st).0;
+        let mut b = st.launch_builder(&rope_cs);
+        b.arg(&pf).arg(&pp).arg(&hi).arg(&ptab);
+        // SAFETY: argument list matches k_rope_cs; tab holds n·half pairs.
+        unsafe { b.launch(cfg((half.div_ceil(64) as u32, n as u32, 1), 64)) }?;
         for qat in [0i32, 1] {
             let q = random_activations(rng, n * ih * id);
-            let (qa, qb) = (be.upload_f32(&q)?, be.upload_f32(&q)?);
-            let (ha, hb) = (
+            // Copy 0: the block form; 1: the warp form, angles inline; 2: from the table.
+            let qs = [be.upload_f32(&q)?, be.upload_f32(&q)?, be.upload_f32(&q)?];
+            let hs = [
                 st.alloc_zeros::<u16>(n * ih * id)?,
                 st.alloc_zeros::<u16>(n * ih * id)?,
-            );
-            let inv = (1.0 / (id as f64).sqrt()) as f32;
-            let (ihi, idi, hi) = (ih as i32, id as i32, half as i32);
-            let (pf, pp) = (d_freqs.device_ptr(st).0, d_p0.device_ptr(st).0);
-            let (pqa, pqb) = (qa.device_ptr(st).0, qb.device_ptr(st).0);
-            let (pha, phb) = (ha.device_ptr(st).0, hb.device_ptr(st).0);
+                st.alloc_zeros::<u16>(n * ih * id)?,
+            ];
+            let pq: Vec<u64> = qs.iter().map(|x| x.device_ptr(st).0).collect();
+            let ph: Vec<u64> = hs.iter().map(|x| x.device_ptr(st).0).collect();
             let mut b = st.launch_builder(&old);
-            b.arg(&pqa)
-                .arg(&ihi)
-                .arg(&idi)
-                .arg(&hi)
-                .arg(&pf)
-                .arg(&pp)
-                .arg(&qat)
-                .arg(&inv);
-            b.arg(&pha);
-            let cfg = LaunchConfig {
-                grid_dim: ((n * ih) as u32, 1, 1),
-                block_dim: (64, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            b.arg(&pq[0]).arg(&ihi).arg(&idi).arg(&hi).arg(&pf).arg(&pp);
+            b.arg(&qat).arg(&inv).arg(&ph[0]);
             // SAFETY: argument list matches k_idx_q_finish; buffers sized above.
-            unsafe { b.launch(cfg) }?;
-            let mut b = st.launch_builder(&new);
-            b.arg(&pqb)
-                .arg(&ihi)
-                .arg(&hi)
-                .arg(&pf)
-                .arg(&pp)
-                .arg(&qat)
-                .arg(&inv)
-                .arg(&phb);
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, ih.div_ceil(8) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: argument list matches k_idx_q_finish_w<E>; buffers sized above.
-            unsafe { b.launch(cfg) }?;
-            let (a, b2) = (be.download(&qa)?, be.download(&qb)?);
-            let (h16a, h16b) = (st.clone_dtoh(&ha)?, st.clone_dtoh(&hb)?);
-            let bad = a
-                .iter()
-                .zip(&b2)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count()
-                + h16a.iter().zip(&h16b).filter(|(x, y)| x != y).count();
-            let mut row = exact_row(
-                "idx_q_finish_w",
-                GgmlType::F32,
-                &format!("n={n} iH={ih} iD={id} qat={qat}"),
-                bad,
-            );
-            row.note = format!(
-                "{bad} of {} values (f32 and bf16) differ from k_idx_q_finish",
-                2 * a.len()
-            );
-            out.push(row);
+            unsafe { b.launch(cfg(((n * ih) as u32, 1, 1), 64)) }?;
+            for (i, pt) in [(1usize, 0u64), (2, ptab)] {
+                let mut b = st.launch_builder(&new);
+                b.arg(&pq[i]).arg(&ihi).arg(&hi).arg(&pf).arg(&pp).arg(&pt);
+                b.arg(&qat).arg(&inv).arg(&ph[i]);
+                // SAFETY: argument list matches k_idx_q_finish_w<E>; buffers sized above.
+                unsafe { b.launch(cfg((n as u32, ih.div_ceil(8) as u32, 1), 256)) }?;
+            }
+            let (a, h16a) = (be.download(&qs[0])?, st.clone_dtoh(&hs[0])?);
+            for (i, name) in [(1usize, "idx_q_finish_w"), (2, "idx_q_finish_w_tab")] {
+                let (b2, h16b) = (be.download(&qs[i])?, st.clone_dtoh(&hs[i])?);
+                let bad = a
+                    .iter()
+                    .zip(&b2)
+                    .filter(|(x, y)| x.to_bits() != y.to_bits())
+                    .count()
+                    + h16a.iter().zip(&h16b).filter(|(x, y)| x != y).count();
+                let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
+                let mut row = exact_row(name, GgmlType::F32, &shape, bad);
+                row.note = format!(
+                    "{bad} of {} values (f32 and bf16) differ from k_idx_q_finish",
+                    2 * a.len()
+                );
+                out.push(row);
+            }
         }
     }
     Ok(())
@@ -2867,19 +2859,30 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             p0.device_ptr(st).0,
         );
         let (hi, dhi, hai) = (hn as i32, dh as i32, half as i32);
-        let fun = be.function("k_head_norm_rope16")?;
+        // The chunk's angles from k_rope_cs, for the table form.
+        let tab = be.alloc_f32(t_n * half * 2)?;
+        let ptab = p32(&tab);
+        let fun = be.function("k_rope_cs")?;
         let mut b = st.launch_builder(&fun);
-        b.arg(&pa)
-            .arg(&hi)
-            .arg(&dhi)
-            .arg(&hai)
-            .arg(&eps)
-            .arg(&pfr)
-            .arg(&pp0)
-            .arg(&ph);
-        // SAFETY: argument list matches k_head_norm_rope16 (dh/4 threads); t_n·hn rows of
-        // dh, h as many halves.
-        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), (dh / 4) as u32)) }?;
+        b.arg(&pfr).arg(&pp0).arg(&hai).arg(&ptab);
+        // SAFETY: argument list matches k_rope_cs; tab holds t_n·half pairs.
+        unsafe { b.launch(cfg((half.div_ceil(64) as u32, t_n as u32, 1), 64)) }?;
+        let h_tab = st.alloc_zeros::<u16>(t_n * hn * dh)?;
+        let fun = be.function("k_head_norm_rope16")?;
+        for (pt, out16) in [(0u64, ph), (ptab, h_tab.device_ptr(st).0)] {
+            let mut b = st.launch_builder(&fun);
+            b.arg(&pa)
+                .arg(&hi)
+                .arg(&dhi)
+                .arg(&hai)
+                .arg(&eps)
+                .arg(&pfr)
+                .arg(&pp0);
+            b.arg(&pt).arg(&out16);
+            // SAFETY: argument list matches k_head_norm_rope16 (dh/4 threads); t_n·hn rows
+            // of dh, the outputs as many halves, the table t_n·half pairs.
+            unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), (dh / 4) as u32)) }?;
+        }
         let fun = be.function("k_head_norm_rope")?;
         let mut b = st.launch_builder(&fun);
         b.arg(&pa)
@@ -2891,15 +2894,13 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .arg(&pp0);
         // SAFETY: argument list matches k_head_norm_rope; t_n·hn rows of dh.
         unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), 128)) }?;
-        let mism = f16_mism(&be.download(&h)?, &be.download(&a)?);
-        let mut row = exact_row(
-            "head_norm_rope16",
-            GgmlType::F16,
-            &format!("{t_n}tok,H{hn}xDh{dh}"),
-            mism,
-        );
-        row.note = format!("{mism} f16 queries differ in bits from f16(k_head_norm_rope)");
-        out.push(row);
+        let reference = be.download(&a)?;
+        for (name, hh) in [("head_norm_rope16", &h), ("head_norm_rope16_tab", &h_tab)] {
+            let mism = f16_mism(&be.download(hh)?, &reference);
+            let mut row = exact_row(name, GgmlType::F16, &format!("{t_n}tok,H{hn}xDh{dh}"), mism);
+            row.note = format!("{mism} f16 queries differ in bits from f16(k_head_norm_rope)");
+            out.push(row);
+        }
     }
     // hc_post4 and hc_post_moe_pf vs the CPU.
     let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();

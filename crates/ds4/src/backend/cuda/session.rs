@@ -296,6 +296,7 @@ struct Kernels {
     rms_norm_h: CudaFunction,
     head_norm_rope: CudaFunction,
     head_norm_rope16: CudaFunction,
+    rope_cs: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
     /// k_idx_q_finish_w<E> for E = 2, 4, 8 (indexer key lengths 64, 128, 256).
@@ -338,6 +339,7 @@ impl Kernels {
             rms_norm_h: f("k_rms_norm_h")?,
             head_norm_rope: f("k_head_norm_rope")?,
             head_norm_rope16: f("k_head_norm_rope16")?,
+            rope_cs: f("k_rope_cs")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
             idx_q_finish_w: [
@@ -755,6 +757,9 @@ struct Scratch {
     cnt: CudaSlice<i32>,
     /// `k_topk_mb`'s work buffer (histograms, counts, grid barrier), zero-initialized.
     topk_work: CudaSlice<i32>,
+    /// A prefill chunk's RoPE angles for the layer at hand (`k_rope_cs`: `GPU_CHUNK ×
+    /// n_rot/2` (cos, sin) pairs), read by the query and indexer-query finishes.
+    rope_cs: CudaSlice<f32>,
     o: CudaSlice<f32>,
     /// Production-mode attention: scores `DECODE_SPLIT × 8 × n_head × att_rows` (decode
     /// steps' split partials; `GPU_CHUNK × …` when chunks take the f32 passes too, i.e.
@@ -1044,6 +1049,7 @@ impl GpuSession {
             sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
             cnt: be.upload_i32(&vec![0; m])?,
             topk_work: be.upload_i32(&vec![0; attn::TOPK_MB_WORDS])?,
+            rope_cs: a(m * c.n_rot.max(2))?,
             o: a(m * hd)?,
             att_sc: a(if !tiled {
                 1
@@ -1980,6 +1986,21 @@ impl GpuSession {
             // its scores the indexer compressor's rows; it writes only its own scratch (iq, iw,
             // isc, sel, cnt). On a fork it runs on the side stream after the compressors,
             // beside q_b and the query heads, and is joined before the attention.
+            // A chunk's RoPE angles, once for all of this layer's query heads and indexer
+            // heads (the same f32 values their kernels would compute inline).
+            let cs_tab = if n > 1 && half > 0 {
+                launch!(
+                    st,
+                    k.rope_cs,
+                    ((half as u32).div_ceil(64), n32, 1),
+                    (64, 1, 1),
+                    0,
+                    [ptr(&l.freqs, st), p0l, half, p(&s.rope_cs)]
+                );
+                p(&s.rope_cs)
+            } else {
+                0
+            };
             let indexer = || -> Result<()> {
                 if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
                     let (ih, id) = (c.idx_heads, c.idx_dim);
@@ -2018,6 +2039,7 @@ impl GpuSession {
                                     half,
                                     ptr(&l.freqs, st),
                                     p0l,
+                                    cs_tab,
                                     qat,
                                     inv_sqrt,
                                     q16
@@ -2174,6 +2196,7 @@ impl GpuSession {
                             eps,
                             ptr(&l.freqs, st),
                             p0l,
+                            cs_tab,
                             q16
                         ]
                     );

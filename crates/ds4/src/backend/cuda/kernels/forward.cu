@@ -120,6 +120,19 @@ __device__ void rope_tail(float* x, int len, int half, const double* freqs, long
     }
 }
 
+// The RoPE angles of a prefill chunk, once for all the layer's heads: cs[(t·half + i)·2 ..] =
+// ((float)cos, (float)sin) of (p0 + t)·freqs[i] in f64, the values rope_tail computes inline.
+// grid (ceil(half / 64), tokens), 64 threads.
+extern "C" __global__ void k_rope_cs(const double* __restrict__ freqs,
+                                     const long long* __restrict__ p0p, int half,
+                                     float* __restrict__ cs) {
+    const int t = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= half) return;
+    double sn, c;
+    sincos((double)(*p0p + t) * freqs[i], &sn, &c);
+    *(float2*)(cs + 2 * ((long long)t * half + i)) = make_float2((float)c, (float)sn);
+}
+
 // ---------------------------------------------------------------- QAT simulations (qat.rs)
 
 __device__ float pow2_ceil_f(float r) {
@@ -296,10 +309,11 @@ extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, i
 // elements i + k·blockDim.x, k < 4, so the sum of squares adds in rms_scale_block's order;
 // the rotation pairs (e, e+1) sit in neighbouring lanes (exchanged with a shuffle) and get
 // rope_tail's operations: the f16 values are those of rounding k_head_norm_rope's output.
+// cs_tab (may be null): the chunk's angles from k_rope_cs instead of a sincos per element.
 extern "C" __global__ void __launch_bounds__(1024)
     k_head_norm_rope16(const float* __restrict__ q, int n_head, int dh, int half, float eps,
                        const double* __restrict__ freqs, const long long* __restrict__ p0p,
-                       u16* __restrict__ q16) {
+                       const float* __restrict__ cs_tab, u16* __restrict__ q16) {
     __shared__ double sh[33];
     const long long p0 = *p0p;
     const long long base = (long long)blockIdx.x * dh;
@@ -319,9 +333,16 @@ extern "C" __global__ void __launch_bounds__(1024)
         float a = v[k] * s;
         float pa = __shfl_xor_sync(0xffffffffu, a, 1);
         if (e >= off) {
-            double sn, cs;
-            sincos((double)pos * freqs[(e - off) >> 1], &sn, &cs);
-            float cf = (float)cs, sf = (float)sn;
+            float cf, sf;
+            if (cs_tab) {
+                float2 v2 = *(const float2*)(cs_tab + 2 * ((long long)(blockIdx.x / n_head) * half +
+                                                           ((e - off) >> 1)));
+                cf = v2.x, sf = v2.y;
+            } else {
+                double sn, cs;
+                sincos((double)pos * freqs[(e - off) >> 1], &sn, &cs);
+                cf = (float)cs, sf = (float)sn;
+            }
             a = ((e - off) & 1) == 0 ? a * cf - pa * sf : pa * sf + a * cf;
         }
         float pn = __shfl_xor_sync(0xffffffffu, a, 1);
@@ -382,7 +403,7 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
 // Warp form of k_idx_q_finish for id = 32·E (E = 2, 4, 8): warp w of block (t, y) takes head
 // 8y + w of token t, lane l its elements E·l..E·l+E−1 in registers. The token's RoPE angles
 // are computed once per block (threads < half; rope_tail's double sincos and float casts) into
-// shared memory instead of once per head. Each element then sees exactly the operations of
+// shared memory instead of once per head, or read from k_rope_cs's table (cs_tab not null). Each element then sees exactly the operations of
 // rope_tail and indexer_qat_row: the rotation; each Hadamard butterfly u+v to the lower and
 // u−v to the upper element (stages h < E inside a lane, the others between lanes l and
 // l ^ (h/E) by shuffles); the 1/sqrt(id) scale; the FP4 rounding with its 32-element block's
@@ -392,15 +413,20 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
 template <int E>
 __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head, int half,
                                                const double* __restrict__ freqs, long long p0,
-                                               int qat, float inv_sqrt_id, u16* __restrict__ q16) {
+                                               const float* __restrict__ cs_tab, int qat,
+                                               float inv_sqrt_id, u16* __restrict__ q16) {
     constexpr int ID = 32 * E;
     __shared__ float cs[2 * 128];
     const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        double sn, c;
-        sincos((double)(p0 + t) * freqs[i], &sn, &c);
-        cs[2 * i] = (float)c;
-        cs[2 * i + 1] = (float)sn;
+        if (cs_tab) {
+            *(float2*)(cs + 2 * i) = *(const float2*)(cs_tab + 2 * ((long long)t * half + i));
+        } else {
+            double sn, c;
+            sincos((double)(p0 + t) * freqs[i], &sn, &c);
+            cs[2 * i] = (float)c;
+            cs[2 * i + 1] = (float)sn;
+        }
     }
     __syncthreads();
     const int h = blockIdx.y * 8 + warp;
@@ -473,8 +499,9 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
     extern "C" __global__ void __launch_bounds__(256)                                            \
         k_idx_q_finish_w##E(float* __restrict__ q, int n_head, int half,                         \
                             const double* __restrict__ freqs, const long long* __restrict__ p0p, \
-                            int qat, float inv_sqrt_id, u16* __restrict__ q16) {                 \
-        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, qat, inv_sqrt_id, q16);                   \
+                            const float* __restrict__ cs_tab, int qat, float inv_sqrt_id,        \
+                            u16* __restrict__ q16) {                                             \
+        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16);           \
     }
 DS4_IDX_Q_FINISH_W(2)
 DS4_IDX_Q_FINISH_W(4)
