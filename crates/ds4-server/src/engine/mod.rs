@@ -788,12 +788,16 @@ fn load(shared: &Shared) -> Result<Loaded, String> {
     let probe = Session::new(model.clone(), opts.clone()).map_err(|e| e.to_string())?;
     let backend = probe.backend().name().to_string();
     drop(probe);
-    // A server lives long: pay the GPU's first-use costs now, not in the first request.
-    if let Some(took) = Session::warm_up(model.clone(), &opts).map_err(|e| e.to_string())? {
-        eprintln!(
+    // A server lives long: pay the GPU's first-use costs now, not in the first request. A
+    // failure here (say, too little GPU memory for a full chunk) is not fatal: requests
+    // still run, and say so themselves if they cannot.
+    match Session::warm_up(model.clone(), &opts) {
+        Ok(Some(took)) => eprintln!(
             "ds4-server: GPU warmed up ({:.2} s: one prefill chunk, one decode step)",
             took.as_secs_f64()
-        );
+        ),
+        Ok(None) => {}
+        Err(e) => eprintln!("ds4-server: warning: GPU warm-up failed ({e}); continuing"),
     }
     let experts = model.expert_types().0.name();
     let quant_bits = if experts.to_ascii_lowercase().contains("q4") {
