@@ -51,7 +51,8 @@
 //! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_PF_MXW` (its wgmma form on Hopper; off =
 //! `pf_mxs_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
-//! lightning indexer's scores on tensor cores in production prefill; off = the f32 kernel),
+//! lightning indexer's scores on tensor cores in production steps, prefill and decode; off = the
+//! f32 kernel),
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
 //! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`
 //! (production prefill's queries normalized straight to f16 for the tensor-core attention),
@@ -59,7 +60,9 @@
 //! the four tiled passes), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
-//! indexer top-k is spread over many blocks (`k_topk_mb`; default 6144, 0 = never). `DS4_CUDA_CACHE=DIR` moves
+//! indexer top-k is spread over many blocks (`k_topk_mb`; default 6144, 0 = never);
+//! `DS4_CUDA_IDXQ_W=0` finishes the indexer queries with the block-per-head `k_idx_q_finish`
+//! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!
 //! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;
