@@ -1987,8 +1987,9 @@ impl GpuSession {
             // isc, sel, cnt). On a fork it runs on the side stream after the compressors,
             // beside q_b and the query heads, and is joined before the attention.
             // A chunk's RoPE angles, once for all of this layer's query heads and indexer
-            // heads (the same f32 values their kernels would compute inline).
-            let cs_tab = if n > 1 && half > 0 {
+            // heads (the same f32 values their kernels would compute inline), where one of
+            // them reads the table (the f16 query finish, or the indexer).
+            let cs_tab = if n > 1 && half > 0 && (q16.is_some() || l.indexer.is_some()) {
                 launch!(
                     st,
                     k.rope_cs,

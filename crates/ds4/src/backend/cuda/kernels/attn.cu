@@ -1204,12 +1204,6 @@ extern "C" __global__ void __launch_bounds__(512, 1)
 #define IXC_KS 136  // bf16 row stride of the K and Q tiles (272 bytes: ldmatrix without conflicts)
 #define IXC_VS 132  // f32 row stride of the [head][row] terms
 
-__device__ __forceinline__ u32 ix_bf2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 __device__ __forceinline__ void ix_mma_bf16(float* c, const u32* a, const u32* b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -1224,7 +1218,7 @@ extern "C" __global__ void k_f32_to_bf16(const float* __restrict__ x, u16* __res
     long long i = 4 * ((long long)blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= n) return;
     float4 v = *(const float4*)(x + i);
-    *(uint2*)(y + i) = make_uint2(ix_bf2(v.x, v.y), ix_bf2(v.z, v.w));
+    *(uint2*)(y + i) = make_uint2(pack_bf2(v.x, v.y), pack_bf2(v.z, v.w));
 }
 
 // Dynamic shared memory of k_idx_scores_tc in bytes.
@@ -1265,7 +1259,7 @@ extern "C" __global__ void __launch_bounds__(256)
         int row = f >> 5, c4 = f & 31;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (r0 + row < vis_last) v = *(const float4*)(krows + (long long)(r0 + row) * 128 + 4 * c4);
-        *(uint2*)(ks + row * IXC_KS + 4 * c4) = make_uint2(ix_bf2(v.x, v.y), ix_bf2(v.z, v.w));
+        *(uint2*)(ks + row * IXC_KS + 4 * c4) = make_uint2(pack_bf2(v.x, v.y), pack_bf2(v.z, v.w));
     }
     __syncthreads();
     // B fragments of the warp's rows 16w + 8j + g: k = 16kk + 2t4 (+1) and + 8.

@@ -379,8 +379,8 @@ extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restric
 
 // Indexer query heads: RoPE at the token's position, then the indexer QAT (blockIdx.x =
 // t·iH + h).
-// q16 (may be null): also the finished row as bf16 (round to nearest even; exact for the
-// fp4sim values QAT leaves), for k_idx_scores_tc.
+// q16 (may be null; id even then): also the finished row as bf16 (round to nearest even;
+// exact for the fp4sim values QAT leaves), for k_idx_scores_tc.
 extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int id, int half,
                                           const double* __restrict__ freqs, const long long* __restrict__ p0p,
                                           int qat, float inv_sqrt_id, u16* __restrict__ q16) {
@@ -392,11 +392,8 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
     if (q16) {
         __syncthreads();
         u16* o = q16 + (long long)blockIdx.x * id;
-        for (int i = threadIdx.x; i < id; i += blockDim.x) {
-            unsigned short h;
-            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(r[i]));
-            o[i] = h;
-        }
+        for (int i = 2 * threadIdx.x; i < id; i += 2 * blockDim.x)
+            *(u32*)(o + i) = pack_bf2(r[i], r[i + 1]);
     }
 }
 
@@ -486,12 +483,7 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
 #pragma unroll
     for (int k = 0; k < E; k += 2) {
         *(float2*)(q + base + k) = make_float2(x[k], x[k + 1]);
-        if (q16) {
-            unsigned short lo, hi;
-            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(lo) : "f"(x[k]));
-            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(hi) : "f"(x[k + 1]));
-            *(u32*)(q16 + base + k) = (u32)lo | ((u32)hi << 16);
-        }
+        if (q16) *(u32*)(q16 + base + k) = pack_bf2(x[k], x[k + 1]);
     }
 }
 

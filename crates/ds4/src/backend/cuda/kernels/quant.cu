@@ -42,6 +42,13 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+// bf16 of lo (low half) and hi, each rounded to nearest even.
+__device__ __forceinline__ u32 pack_bf2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 // Programmatic dependent launch (production decode graph, see CudaBackend::set_pdl): a
 // kernel launched with programmatic stream serialization may start before the previous
 // kernel of the stream has finished. Every kernel that can be launched so calls this first,
