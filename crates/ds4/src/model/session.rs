@@ -115,6 +115,9 @@ impl Session {
         model: Arc<Model>,
         opts: &EngineOptions,
     ) -> Result<Option<std::time::Duration>, SessionError> {
+        if opts.backend == BackendChoice::Cpu {
+            return Ok(None);
+        }
         let t0 = std::time::Instant::now();
         let n = crate::backend::cuda::session::GPU_CHUNK.min(model.cfg.context_length.max(3) - 2);
         let mut s = Session::new(model, opts.clone().with_ctx(n + 2))?;
