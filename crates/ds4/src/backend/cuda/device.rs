@@ -215,7 +215,8 @@ impl ActQuant {
 
 /// A weight tensor resident on the GPU: one matrix (`n_experts == 1`) or a stack of expert
 /// matrices, each `n_rows × n_cols`, in the device layout of its type (GGML blocks as in the
-/// file, except Q8_0, which is split into a code plane and a scale plane, see quant.cu).
+/// file, except Q8_0, which is split into a code plane and a scale plane, and IQ2_XXS, whose
+/// rows are regrouped by [`repack_iq2_xxs`]; see quant.cu).
 pub struct GpuWeight {
     buf: CudaSlice<u8>,
     /// Element type.
@@ -609,6 +610,13 @@ impl CudaBackend {
                     let doff = base + n_rows * n_cols + r0 * nb * 2;
                     self.stream
                         .memcpy_htod(&*ds, &mut buf.slice_mut(doff..doff + ds.len()))?;
+                } else if ty == GgmlType::IQ2_XXS {
+                    staging.clear();
+                    staging.resize(chunk.len(), 0);
+                    repack_iq2_xxs(chunk, n_cols, &mut staging);
+                    let off = base + r0 * rb;
+                    self.stream
+                        .memcpy_htod(&*staging, &mut buf.slice_mut(off..off + chunk.len()))?;
                 } else {
                     let off = base + r0 * rb;
                     self.stream
@@ -1729,9 +1737,57 @@ pub fn repack_q8_0(src: &[u8], n_cols: usize, qs: &mut [u8], ds: &mut [u8]) {
     }
 }
 
+/// IQ2_XXS rows in the device layout (quant.cu `iq2_codes`): each row keeps its size, its
+/// 66-byte blocks (f16 scale, 64 code bytes) regrouped by 8: a group of m ≤ 8 blocks holds
+/// their m code parts, then their m scales. With 2048-column rows every code part is
+/// 16-byte aligned, which the 66-byte blocks of the file are not (decode reads them with
+/// one aligned load per lane instead of two straddling ones and a funnel shift).
+pub fn repack_iq2_xxs(src: &[u8], n_cols: usize, dst: &mut [u8]) {
+    let nb = n_cols / 256;
+    for (srow, drow) in src.chunks_exact(66 * nb).zip(dst.chunks_exact_mut(66 * nb)) {
+        for g in (0..nb).step_by(8) {
+            let m = (nb - g).min(8);
+            let out = &mut drow[66 * g..66 * (g + m)];
+            for j in 0..m {
+                let b = &srow[66 * (g + j)..66 * (g + j + 1)];
+                out[64 * j..64 * j + 64].copy_from_slice(&b[2..66]);
+                out[64 * m + 2 * j..64 * m + 2 * j + 2].copy_from_slice(&b[0..2]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iq2_xxs_repack_groups_codes_then_scales_by_eight() {
+        // Rows of 9 blocks (a full group of 8, then a group of 1), 2 rows; block i of the
+        // whole tensor has scale bytes (i, 0xa0) and code bytes i + k.
+        let (nb, rows) = (9usize, 2usize);
+        let mut src = Vec::new();
+        for i in 0..(nb * rows) as u8 {
+            src.extend_from_slice(&[i, 0xa0]);
+            src.extend((0..64u8).map(|k| i.wrapping_add(k)));
+        }
+        let mut dst = vec![0u8; src.len()];
+        repack_iq2_xxs(&src, 256 * nb, &mut dst);
+        for r in 0..rows {
+            let row = &dst[66 * nb * r..66 * nb * (r + 1)];
+            for b in 0..nb {
+                let i = (nb * r + b) as u8;
+                let (g, j) = (b / 8 * 8, b % 8);
+                let m = (nb - g).min(8);
+                let codes = &row[66 * g + 64 * j..66 * g + 64 * j + 64];
+                assert!(codes
+                    .iter()
+                    .enumerate()
+                    .all(|(k, &c)| c == i.wrapping_add(k as u8)));
+                assert_eq!(row[66 * g + 64 * m + 2 * j..][..2], [i, 0xa0]);
+            }
+        }
+    }
 
     #[test]
     fn q8_0_repack_splits_codes_and_scales() {

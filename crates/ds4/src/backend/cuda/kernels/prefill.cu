@@ -452,9 +452,10 @@ struct PfIq2 {
     u32 a, b, half;
     float d;
     __device__ __forceinline__ void load(const u8* w, int o, int n_rows, int n_cols, int c0) {
-        const u8* p = w + ((i64)o * (n_cols >> 8) + (c0 >> 8)) * 66;
-        const u8* g = p + 2 + 8 * ((c0 >> 5) & 7);
-        d = h2f(ld16(p));
+        const int nb = n_cols >> 8;
+        const u8* row = w + (i64)o * nb * 66;
+        const u8* g = iq2_codes(row, c0 >> 8) + 8 * ((c0 >> 5) & 7);
+        d = h2f(iq2_scale(row, c0 >> 8, nb));
         a = (u32)ld16(g) | ((u32)ld16(g + 2) << 16);
         b = (u32)ld16(g + 4) | ((u32)ld16(g + 6) << 16);
         half = (c0 >> 4) & 1;
@@ -748,11 +749,6 @@ __device__ __forceinline__ u64 px_sel(const PxTables& T, u32 a) {
     return T.sel[PX_REP * a + (threadIdx.x % PX_REP)];
 }
 
-__device__ __forceinline__ u32 px_prmt(u32 x, u32 y, u32 s) {
-    u32 r;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(s));
-    return r;
-}
 
 __device__ __forceinline__ u32 px_hmul2(u32 a, u32 b) {
     u32 r;
@@ -766,20 +762,23 @@ struct PxIq2 {
     static constexpr int kBlockBytes = 66;
     static constexpr bool kTables = true;
     u32 a, b, d;
-    __device__ __forceinline__ void load(const u8* rp, int s, int t4) {
-        const u8* p = rp + (s >> 3) * 66;
-        if ((s & 7) == 0) d = ld16(p);
-        const u8* q = p + 2 + 8 * (s & 7);
+    // rp: the row (device layout, see iq2_codes), nb blocks.
+    __device__ __forceinline__ void load(const u8* rp, int s, int t4, int nb) {
+        if ((s & 7) == 0) d = iq2_scale(rp, s >> 3, nb);
+        const u8* q = iq2_codes(rp, s >> 3) + 8 * (s & 7);
         a = q[t4];
         b = (u32)ld16(q + 4) | ((u32)ld16(q + 6) << 16);
     }
-    // Staged form (pf_mxs): sb = the row's copy of its 256-column block in shared memory.
+    // Staged form (pf_mxs; rows in whole groups of 8 blocks): a block's slot holds its 64 code
+    // bytes, then the 16 bytes of its group's 8 scales (px_stage).
     static constexpr int kRS = 80, kNCH = 5;
+    static constexpr bool kGroups = true;
+    static __device__ __forceinline__ int slot_off(int) { return 0; }
     __device__ __forceinline__ void load_s(const u8* sb, int s, int t4) {
-        const u8* q = sb + 2 + 8 * (s & 7);
-        d = ld16(sb);
+        const u8* q = sb + 8 * (s & 7);
+        d = ld16(sb + 64 + ((s >> 2) & 14));
         a = q[t4];
-        b = (u32)ld16(q + 4) | ((u32)ld16(q + 6) << 16);
+        b = ld32(q + 4);
     }
     // Words p = 0..3: weights 2p (low half), 2p+1 of the thread's 8. deq_iq2_xxs gives
     // ±f32(db·grid) with db = d·(0.5+s)·0.25 = d·(2s+1)/8 exactly (d has 11 significant bits),
@@ -792,10 +791,10 @@ struct PxIq2 {
         u32 dd = d | (d << 16);
         u32 x = px_hmul2(dd, c.x), y = px_hmul2(dd, c.y);
         u32 lo = (u32)sl, hi = (u32)(sl >> 32);
-        w[0] = px_prmt(x, y, lo) ^ (e & 0x80008000u);
-        w[1] = px_prmt(x, y, lo >> 16) ^ ((e << 1) & 0x80008000u);
-        w[2] = px_prmt(x, y, hi) ^ ((e << 2) & 0x80008000u);
-        w[3] = px_prmt(x, y, hi >> 16) ^ ((e << 3) & 0x80008000u);
+        w[0] = prmt(x, y, lo) ^ (e & 0x80008000u);
+        w[1] = prmt(x, y, lo >> 16) ^ ((e << 1) & 0x80008000u);
+        w[2] = prmt(x, y, hi) ^ ((e << 2) & 0x80008000u);
+        w[3] = prmt(x, y, hi >> 16) ^ ((e << 3) & 0x80008000u);
     }
 };
 
@@ -818,10 +817,10 @@ struct PxIq2A : PxIq2 {
         u32 x = px_hmul2(dd, cx), y = px_hmul2(dd, cy);
         u32 lo = (u32)sl, hi = (u32)(sl >> 32);
         const u32 M = 0x80008000u;
-        w[0] = px_prmt(x, y, lo) ^ ((sg * 0x40008000u) & M);
-        w[1] = px_prmt(x, y, lo >> 16) ^ (((sg >> 2) * 0x40008000u) & M);
-        w[2] = px_prmt(x, y, hi) ^ (((sg >> 4) * 0x40008000u) & M);
-        w[3] = px_prmt(x, y, hi >> 16) ^ (((sg >> 6) * 0x40008000u) & M);
+        w[0] = prmt(x, y, lo) ^ ((sg * 0x40008000u) & M);
+        w[1] = prmt(x, y, lo >> 16) ^ (((sg >> 2) * 0x40008000u) & M);
+        w[2] = prmt(x, y, hi) ^ (((sg >> 4) * 0x40008000u) & M);
+        w[3] = prmt(x, y, hi >> 16) ^ (((sg >> 6) * 0x40008000u) & M);
     }
 };
 
@@ -832,7 +831,7 @@ struct PxQ2K {
     static constexpr int kBlockBytes = 84;
     static constexpr bool kTables = false;
     u32 q0, q1, sc, dd;
-    __device__ __forceinline__ void load(const u8* rp, int s, int t4) {
+    __device__ __forceinline__ void load(const u8* rp, int s, int t4, int) {
         const u8* p = rp + (s >> 3) * 84;
         if ((s & 7) == 0) dd = ld32(p + 80);
         if ((s & 3) == 0) {
@@ -845,6 +844,8 @@ struct PxQ2K {
     // Staged form (pf_mxs); the copy of a block starts 4-aligned, rows 112 bytes apart (8
     // rows of a warp's load on distinct banks up to a 2-way conflict for the codes).
     static constexpr int kRS = 112, kNCH = 6;
+    static constexpr bool kGroups = false;
+    static __device__ __forceinline__ int slot_off(int q) { return (q * 84) & 15; }
     __device__ __forceinline__ void load_s(const u8* sb, int s, int t4) {
         dd = ld32(sb + 80);
         const u8* qs = sb + 16 + 32 * ((s >> 2) & 1) + 8 * t4;
@@ -862,10 +863,10 @@ struct PxQ2K {
         int sh = 2 * (s & 3);
         u32 s0 = ((q0 >> sh) & 0x03030303u) * 0x22u + 0x10101010u;
         u32 s1 = ((q1 >> sh) & 0x03030303u) * 0x22u + 0x10101010u;
-        w[0] = px_prmt(t01, t23, s0);
-        w[1] = px_prmt(t01, t23, s0 >> 16);
-        w[2] = px_prmt(t01, t23, s1);
-        w[3] = px_prmt(t01, t23, s1 >> 16);
+        w[0] = prmt(t01, t23, s0);
+        w[1] = prmt(t01, t23, s0 >> 16);
+        w[2] = prmt(t01, t23, s1);
+        w[3] = prmt(t01, t23, s1 >> 16);
     }
 };
 
@@ -965,7 +966,7 @@ __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& 
     L ld[4];
     u32 af[4][4];
 #pragma unroll
-    for (int ri = 0; ri < 4; ri++) ld[ri].load(rp[ri], 0, t4);
+    for (int ri = 0; ri < 4; ri++) ld[ri].load(rp[ri], 0, t4, k_dim >> 8);
     pf_cp16(bdst, xrow, bval);
     pf_cp_commit();
     if (nk > 1) pf_cp16(bdst + PX_BN * PX_BK, xrow + PX_BK, bval);
@@ -982,7 +983,7 @@ __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& 
         pf_cp_commit();
         if (s + 1 < nk) {
 #pragma unroll
-            for (int ri = 0; ri < 4; ri++) ld[ri].load(rp[ri], s + 1, t4);
+            for (int ri = 0; ri < 4; ri++) ld[ri].load(rp[ri], s + 1, t4, k_dim >> 8);
         }
         px_mma<NG>(acc, af, bsrc + bs * (PX_BN * PX_BK));
         if (s + 1 < nk) {
@@ -1000,8 +1001,9 @@ __device__ __forceinline__ void px_body(const u8* rp0, i64 rs8, const PxTables& 
 // 256-column block of the block's 256 rows at a time (double-buffered, issued 8 steps ahead):
 // the decoders then read shared memory (short, fixed latency, 32-bit addresses) instead of
 // waiting on global loads, and no raw bytes are held in registers across the MMAs. Each row's
-// block is copied as the 16-byte chunks covering it (kNCH per row, into a kRS-byte slot, the
-// block starting at its offset (q·block_bytes) % 16 in the slot); needs the row stride to be a
+// block is copied as kNCH 16-byte chunks into a kRS-byte slot (Q2_K: the chunks covering the
+// block, which starts at `L::slot_off` = (q·84) % 16; IQ2_XXS: its codes and its group's
+// scales, see PxIq2); needs the row stride to be a
 // multiple of 16 bytes (IQ2_XXS: columns a multiple of 2048; Q2_K: of 1024; the host checks),
 // so no chunk crosses the end of its row. Same decoders and MMAs as pf_mx: bit-identical to it.
 // ---------------------------------------------------------------------------------------------
@@ -1018,8 +1020,21 @@ __device__ __forceinline__ void px_cp16(void* dst, const void* src, bool valid) 
 // Copies block q of the block's 256 rows (row 0 at wrow, rowb bytes apart) into stage st.
 template <class L>
 __device__ __forceinline__ void px_stage(u8* As, const u8* wrow, i64 rowb, int q, int st) {
-    i64 lo = ((i64)q * L::kBlockBytes) & ~(i64)15;
     u8* dst = As + st * (PX_BM * L::kRS);
+    if (L::kGroups) {
+        // IQ2_XXS: the block's 4 code chunks (64q + 16u = 528u + 64(q % 8) in group u), then
+        // its group's scale chunk; each thread's share fixed by i, so no per-thread select
+        // (which cost the loop its uniform-register addressing).
+        const int u = q >> 3, co = 64 * q + 16 * u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int c = (int)threadIdx.x + 256 * i, row = c >> 2, part = c & 3;
+            px_cp16(dst + row * L::kRS + 16 * part, wrow + (i64)row * rowb + co + 16 * part, true);
+        }
+        px_cp16(dst + threadIdx.x * L::kRS + 64, wrow + (i64)threadIdx.x * rowb + 528 * u + 512, true);
+        return;
+    }
+    i64 lo = ((i64)q * L::kBlockBytes) & ~(i64)15;
 #pragma unroll
     for (int i = 0; i < L::kNCH; i++) {
         int c = (int)threadIdx.x + 256 * i;
@@ -1076,7 +1091,7 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
         int t = s + 1;
         if (t < nk) {
             int q = t >> 3;
-            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + ((q * L::kBlockBytes) & 15);
+            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + L::slot_off(q);
             L ld;
 #pragma unroll
             for (int ri = 0; ri < 4; ri++) {
@@ -1273,7 +1288,7 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
         int t = s + 1;
         if (t < nk) {
             int q = t >> 3;
-            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + ((q * L::kBlockBytes) & 15);
+            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + L::slot_off(q);
             L ld;
 #pragma unroll
             for (int ri = 0; ri < 4; ri++) {

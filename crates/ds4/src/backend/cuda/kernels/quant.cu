@@ -72,6 +72,30 @@ __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;"
 __device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
 __device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
 
+// PTX prmt: bytes of {y, x} picked by the four selector nibbles s[15:0] (bit 3 of a nibble
+// replicates the byte's sign bit; every caller leaves it 0). Unlike __byte_perm, whose
+// definition ignores those bits (so the compiler masks s with 0x7777) and s[31:16].
+__device__ __forceinline__ u32 prmt(u32 x, u32 y, u32 s) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(s));
+    return r;
+}
+
+// IQ2_XXS device layout (device.rs `repack_iq2_xxs`): a row keeps its bytes (66 per 256-column
+// block) but its blocks are regrouped by 8: group k (blocks 8k..8k+m-1, m = 8 except maybe in
+// the last group) holds their 64-byte code parts in order, then their m f16 scales. With
+// 2048-column multiples every code part starts 64 bytes into a 16-byte-aligned 528-byte
+// group, so lanes read codes with aligned vector loads (the file's blocks leave them only
+// 2-byte aligned) and the staged prefill kernels copy a block as 4 aligned 16-byte chunks
+// plus its group's scale chunk. nb = blocks per row.
+__device__ __forceinline__ const u8* iq2_codes(const u8* row, int b) {
+    return row + 528 * (b >> 3) + 64 * (b & 7);
+}
+__device__ __forceinline__ u16 iq2_scale(const u8* row, int b, int nb) {
+    const int g = b & ~7, m = min(8, nb - g);
+    return ld16(row + 66 * g + 64 * m + 2 * (b & 7));
+}
+
 // Byte k of v (0..255) as an exact float without the int->float converter (quarter rate on
 // Hopper): place the byte under the exponent of 2^23 and subtract 2^23.
 __device__ __forceinline__ float bytef(u32 v, int k) {
@@ -297,14 +321,15 @@ struct UQ4_K {
 };
 
 // IQ2_XXS, block s, lane l: group l/4, grid entry l%4 of it = exactly the lane's 8 elements.
-// The 66-byte block is only 2-byte aligned: u16 loads.
+// Rows of 66-byte blocks are only 2-byte aligned in general: u16 loads.
 struct UIQ2_XXS {
     u16 d, b0, b1;
     u8 a;
     __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
-        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 66;
-        const u8* g = p + 2 + 8 * (lane >> 2);
-        d = ld16(p);
+        const int nb = c.n_cols >> 8;
+        const u8* row = c.w + (i64)c.o * nb * 66;
+        const u8* g = iq2_codes(row, s) + 8 * (lane >> 2);
+        d = iq2_scale(row, s, nb);
         a = g[lane & 3];
         b0 = ld16(g + 4);
         b1 = ld16(g + 6);
@@ -381,9 +406,9 @@ __device__ __forceinline__ void deq_q4_k(const u8* w, int o, int n_rows, int n_c
 
 __device__ __forceinline__ void deq_iq2_xxs(const u8* w, int o, int n_rows, int n_cols, int u, float* out) {
     int nblk = n_cols >> 8;
-    const u8* p = w + ((i64)o * nblk + (u >> 3)) * 66;
-    const u8* g = p + 2 + 8 * (u & 7);
-    float d = h2f(ld16(p));
+    const u8* row = w + (i64)o * nblk * 66;
+    const u8* g = iq2_codes(row, u >> 3) + 8 * (u & 7);
+    float d = h2f(iq2_scale(row, u >> 3, nblk));
     u32 a = (u32)ld16(g) | ((u32)ld16(g + 2) << 16);
     u32 b = (u32)ld16(g + 4) | ((u32)ld16(g + 6) << 16);
     float db = __fmul_rn(__fmul_rn(d, __fadd_rn(0.5f, (float)(b >> 28))), 0.25f);
@@ -755,16 +780,17 @@ struct I8Q2_K {
     }
 };
 
-// IQ2_XXS for the int8 path, loaded cooperatively: lane l reads the block's bytes
-// 2+2l, 2+2l+1 (the warp reads the 64 group bytes as one coalesced 64-byte row) plus the
+// IQ2_XXS for the int8 path, loaded cooperatively: lane l reads code bytes 2l, 2l+1 of the
+// block (the warp reads the 64 code bytes as one coalesced 64-byte row) plus the
 // broadcast scale; `idot` moves each lane's grid byte and sign word over with shuffles
 // (n_cols is a multiple of 256, so every lane of the warp takes part in every step).
 struct I8IQ2_XXS {
     u16 d, w;
     __device__ __forceinline__ void load(const RowCtx& c, int s, int lane) {
-        const u8* p = c.w + ((i64)c.o * (c.n_cols >> 8) + s) * 66;
-        d = ld16(p);
-        w = ld16(p + 2 + 2 * lane);
+        const int nb = c.n_cols >> 8;
+        const u8* row = c.w + (i64)c.o * nb * 66;
+        d = iq2_scale(row, s, nb);
+        w = ld16(iq2_codes(row, s) + 2 * lane);
     }
     __device__ __forceinline__ float idot(const XQ8& x, int lane, float acc, const Iq2Smem8* tb) const {
         const int g0 = lane & ~3;
@@ -1053,8 +1079,8 @@ DS4_MV8W(mv8w4_q8_0, 4, 2)
 // shuffle pipe with DRAM 13–15% busy. Here each lane reads and decodes its own slice of a
 // block, with no shuffle in the inner loop:
 // * IQ2_XXS: lane l owns group l%8 (32 elements, 8 bytes) of block l/8 of the step's 4
-//   blocks (1024 columns). The group's bytes are read as two aligned 8-byte words and
-//   funnel-shifted into place (blocks are 66 bytes, so groups are only 2-byte aligned); one
+//   blocks (1024 columns). The group's 8 bytes are one aligned load in the device layout
+//   (iq2_codes) when rows are whole groups of 8 blocks; one
 //   32-bit table lookup per 8 weights gives PRMT selectors (`ds4_iq2_sel`), the 7 stored
 //   sign bits + parity are moved into the selectors by ALU, and __byte_perm picks the 4
 //   signed grid bytes ({8,25,43,0} or their negatives) in one instruction.
@@ -1082,10 +1108,13 @@ __device__ __forceinline__ u32 iq2_sign_nibbles(u32 s7) {
 
 // The sign nibbles come from a 128-entry table in shared memory (after the 256 selectors,
 // filled with iq2_sign_nibbles): one more shared load per 8 weights instead of ~9 ALU
-// operations (measured: the same time either way).
+// operations (measured: the same time either way). This general form serves rows that start
+// only 2-byte aligned (widths that are not 2048-column multiples): the lane's 8 code bytes are
+// two aligned 8-byte loads around them, funnel-shifted. Whole groups take lane_rows_iq2a.
 struct LaneIQ2 {
     static constexpr int LPB = 8;  // lanes per block
     static constexpr int BLOCK_BYTES = 66;
+    static constexpr bool kGroups = true;
     struct X {
         uint4 a, b;  // the group's 32 activation codes
         float d;
@@ -1101,12 +1130,11 @@ struct LaneIQ2 {
         x.b = p[1];
         x.d = xd[b];
     }
-    // Reads up to 8 bytes past the group (at most 6 past the block): the next block or the
-    // weight buffer's tail padding (EXPERT_ALIGN in device.rs).
-    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub) {
-        const u8* blk = row + 66 * b;
-        w.d = ld16(blk);
-        const u8* g = blk + 2 + 8 * sub;
+    // Reads up to 8 bytes past the group: the rest of the row or the weight buffer's tail
+    // padding (EXPERT_ALIGN in device.rs).
+    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub, int nb) {
+        w.d = iq2_scale(row, b, nb);
+        const u8* g = iq2_codes(row, b) + 8 * sub;
         const uint2* p = (const uint2*)((size_t)g & ~(size_t)7);
         w.p = p[0];
         w.q = p[1];
@@ -1133,9 +1161,89 @@ struct LaneIQ2 {
     }
 };
 
+// The integer dot of one lane's 8 code bytes (ga: 4 grid indices; gb: 4 x 7 sign bits, scale
+// in bits 28-31) with its 32 activation codes, times 2s+1: LaneIQ2::dot's integer part with
+// the table read at byte offsets (selectors at 0, sign nibbles at 1024: a shift and a mask
+// per lookup, no other index arithmetic) and PTX prmt (no selector masking); pos = IQ2_POS in
+// a register (the table's word 384), so no PRMT needs the constant moved into one. SASS: 262
+// instructions per 1024 columns and 4 rows against 381 for lane_rows<LaneIQ2> on the same
+// layout.
+__device__ __forceinline__ int iq2_idot(u32 ga, u32 gb, const uint4& xa, const uint4& xb,
+                                        const u8* tabb, u32 pos) {
+    const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    int s = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const u32 og = k == 0 ? (ga << 2) & 0x3fcu : (ga >> (8 * k - 2)) & 0x3fcu;
+        const u32 os = k == 0 ? (gb << 2) & 0x1fcu : (gb >> (7 * k - 2)) & 0x1fcu;
+        const u32 sel = *(const u32*)(tabb + og) | *(const u32*)(tabb + 1024 + os);
+        s = __dp4a((int)prmt(pos, IQ2_NEG, sel), (int)xs[2 * k], s);
+        s = __dp4a((int)prmt(pos, IQ2_NEG, sel >> 16), (int)xs[2 * k + 1], s);
+    }
+    return (2 * (int)(gb >> 28) + 1) * s;
+}
+
+// acc[r] += rows[r] · x for IQ2_XXS rows of whole 528-byte groups (2048-column multiples,
+// 16-byte-aligned rows; device layout, see iq2_codes): one iteration per group of 8 blocks,
+// lane l taking code group l%8 of blocks l/8 and 4 + l/8 (one aligned 8-byte load each, the
+// warp's 32 loads one contiguous 256 bytes), so every address is a fixed offset from the
+// group's start. Each lane adds its blocks in block order as lane_rows, with the same f32
+// operations (the block scale's 1/8 moved onto the activation scale: a power of two, exact),
+// so the sums equal LaneIQ2's bit for bit.
+template <int NR>
+__device__ __forceinline__ void lane_rows_iq2a(const u8* const* rows, int nb, const signed char* xq,
+                                               const float* xd, const u32* tab, float* acc) {
+    const int lane = threadIdx.x & 31, sub = lane & 7, b0 = lane >> 3;
+    const u8* tabb = (const u8*)tab;
+    const u32 pos = tab[384];
+    const u8* wc[NR];  // this lane's code bytes of block b0 in group 0
+    const u8* ws[NR];  // the scale of block b0 in group 0
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        wc[r] = rows[r] + 64 * b0 + 8 * sub;
+        ws[r] = rows[r] + 512 + 2 * b0;
+    }
+    const signed char* xp = xq + 256 * b0 + 32 * sub;
+    const float* xdp = xd + b0;
+    for (int g = 0; g < (nb >> 3); g++) {
+        uint4 xa[2], xb[2];
+        float x8[2];
+        uint2 w[2][NR];
+        u16 d[2][NR];
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            xa[k] = *(const uint4*)(xp + 1024 * k);
+            xb[k] = *(const uint4*)(xp + 1024 * k + 16);
+            x8[k] = xdp[4 * k];
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                w[k][r] = *(const uint2*)(wc[r] + 256 * k);
+                d[k][r] = ld16(ws[r] + 8 * k);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            wc[r] += 528;
+            ws[r] += 528;
+        }
+        xp += 2048;
+        xdp += 8;
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const float xd8 = 0.125f * x8[k];
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                const int tot = iq2_idot(w[k][r].x, w[k][r].y, xa[k], xb[k], tabb, pos);
+                acc[r] = fmaf(h2f(d[k][r]) * xd8, (float)tot, acc[r]);
+            }
+        }
+    }
+}
+
 struct LaneQ2K {
     static constexpr int LPB = 4;
     static constexpr int BLOCK_BYTES = 84;
+    static constexpr bool kGroups = false;
     // Quarter sub = 2n + h: code bytes 16 + 32n + 16h .. +15 (elements 128n + 32j + 16h + i,
     // i < 16, in bits 2j), scale bytes 8n + 2j + h for j = 0..3.
     struct X {
@@ -1154,7 +1262,7 @@ struct LaneQ2K {
         for (int j = 0; j < 4; j++) x.q[j] = *(const uint4*)(p + 32 * j);
         x.d = xd[b];
     }
-    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub) {
+    static __device__ __forceinline__ void load_w(W& w, const u8* row, int b, int sub, int) {
         const u32* p = (const u32*)(row + 84 * b);
         const int n = sub >> 1, h = sub & 1;
 #pragma unroll
@@ -1209,7 +1317,7 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
             if (on[k]) {
                 U::load_x(x[k], xq, xd, b, sub);
 #pragma unroll
-                for (int r = 0; r < NR; r++) U::load_w(w[k][r], rows[r], b, sub);
+                for (int r = 0; r < NR; r++) U::load_w(w[k][r], rows[r], b, sub, nb);
             }
         }
 #pragma unroll
@@ -1222,13 +1330,17 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
     }
 }
 
-// The IQ2_XXS tables in shared memory (256 selectors + 128 sign-nibble words, 1.5 KB; a
-// 4-byte dummy for Q2_K), filled before any early return so every thread reaches the barrier.
+// The IQ2_XXS tables in shared memory (256 selectors + 128 sign-nibble words + IQ2_POS at 384,
+// 1.5 KB; a 4-byte dummy for Q2_K), filled before the PDL wait (nothing an earlier kernel
+// writes) and before any early return, so every thread reaches the barrier. (32 copies side by
+// side, lane l reading copy l in bank l, took the lookups' wavefronts from ~3.5 to 1 but made
+// the gate/up 19.5 -> 22.3 us: 48 KB to fill per block, half the blocks per SM.)
 #define DS4_LANE_TABLE(TABLES)                                                                      \
-    __shared__ u32 tab_[TABLES ? 384 : 1];                                                          \
+    __shared__ u32 tab_[TABLES ? 388 : 1];                                                          \
     if (TABLES) {                                                                                   \
         for (int i = threadIdx.x; i < 256; i += blockDim.x) tab_[i] = ds4_iq2_sel[i];               \
         if (threadIdx.x < 128) tab_[256 + threadIdx.x] = iq2_sign_nibbles(threadIdx.x);             \
+        if (threadIdx.x == 0) tab_[384] = IQ2_POS;                                                  \
         __syncthreads();                                                                            \
     }
 
@@ -1239,8 +1351,9 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,               \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                            \
              const float* __restrict__ xd, i64 x_stride, float* __restrict__ y) {                   \
-        pdl_enter();                                                                                \
+        pdl_trigger();                                                                              \
         DS4_LANE_TABLE(TABLES)                                                                      \
+        pdl_wait();                                                                                 \
         const int slot = blockIdx.y, lane = threadIdx.x & 31;                                       \
         const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                     \
         if (o >= n_rows) return;                                                                    \
@@ -1254,7 +1367,10 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
             acc[r] = 0.0f;                                                                          \
         }                                                                                           \
         const i64 xo = (i64)slot * x_stride;                                                        \
-        lane_rows<U, RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                        \
+        if (U::kGroups && (nb & 7) == 0 && ((size_t)base & 15) == 0)                                \
+            lane_rows_iq2a<RO>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                       \
+        else                                                                                        \
+            lane_rows<U, RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                    \
         _Pragma("unroll") for (int r = 0; r < RO; r++) acc[r] = warp_sum(acc[r]);                   \
         if (lane == 0) {                                                                            \
             _Pragma("unroll") for (int r = 0; r < RO; r++) {                                        \
@@ -1271,8 +1387,9 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
              const int* __restrict__ ids, int n_rows, int n_cols,                                   \
              const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,        \
              const float* __restrict__ wts, float clampc, float* __restrict__ h) {                  \
-        pdl_enter();                                                                                \
+        pdl_trigger();                                                                              \
         DS4_LANE_TABLE(TABLES)                                                                      \
+        pdl_wait();                                                                                 \
         const int slot = blockIdx.y, lane = threadIdx.x & 31;                                       \
         const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                     \
         if (o >= n_rows) return;                                                                    \
@@ -1289,7 +1406,10 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
             acc[RO + r] = 0.0f;                                                                     \
         }                                                                                           \
         const i64 xo = (i64)slot * x_stride;                                                        \
-        lane_rows<U, 2 * RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                    \
+        if (U::kGroups && (nb & 7) == 0 && (((size_t)wg | (size_t)wu | (size_t)eo) & 15) == 0)      \
+            lane_rows_iq2a<2 * RO>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                   \
+        else                                                                                        \
+            lane_rows<U, 2 * RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                \
         _Pragma("unroll") for (int r = 0; r < 2 * RO; r++) acc[r] = warp_sum(acc[r]);               \
         if (lane == 0) {                                                                            \
             _Pragma("unroll") for (int r = 0; r < RO; r++) {                                        \
