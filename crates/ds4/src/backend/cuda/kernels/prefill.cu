@@ -798,32 +798,6 @@ struct PxIq2 {
     }
 };
 
-// PxIq2 for pf_mxw, whose bound is shared-memory wavefronts rather than issue: the sign masks
-// and the scale pair are computed instead of looked up (the grid selectors stay a table). Same
-// values bit for bit: weight 2p's sign goes to bit 15 and 2p+1's to bit 31 of pair p's mask
-// (t·0x40008000 puts bit 0 of t = sg >> 2p at 15 and bit 1 at 31, with no carries: t < 256);
-// cX = (2s+1)·X/8 as the f16 product of 2s+1 and X/8 ∈ {1, 3.125, 5.375}, exact (< 2^11).
-struct PxIq2A : PxIq2 {
-    __device__ __forceinline__ void decode(u32* w, const PxTables& T, int t4, int) const {
-        u64 sl = px_sel(T, a);
-        u32 s7 = (b >> (7 * t4)) & 127u;
-        u32 sg = s7 | ((__popc(s7) & 1u) << 7);
-        unsigned short h;
-        asm("cvt.rn.f16.u32 %0, %1;" : "=h"(h) : "r"(2u * (b >> 28) + 1u));
-        u32 c = (u32)h * 0x10001u;
-        u32 cx = px_hmul2(c, 0x42403c00u);  // (1.0, 3.125)
-        u32 cy = px_hmul2(c, 0x45604560u);  // (5.375, 5.375)
-        u32 dd = d | (d << 16);
-        u32 x = px_hmul2(dd, cx), y = px_hmul2(dd, cy);
-        u32 lo = (u32)sl, hi = (u32)(sl >> 32);
-        const u32 M = 0x80008000u;
-        w[0] = prmt(x, y, lo) ^ ((sg * 0x40008000u) & M);
-        w[1] = prmt(x, y, lo >> 16) ^ (((sg >> 2) * 0x40008000u) & M);
-        w[2] = prmt(x, y, hi) ^ (((sg >> 4) * 0x40008000u) & M);
-        w[3] = prmt(x, y, hi >> 16) ^ (((sg >> 6) * 0x40008000u) & M);
-    }
-};
-
 // Q2_K: step s covers columns 32(s%8).. of block s/8: half h = (s%8)/4, bit pair s%4; the
 // thread's 8 weights are bytes 8t4..8t4+7 of that half's 32 code bytes (loaded once per 4
 // steps), in 16-weight group 2(s%8) + t4/2 (one scale byte per step).
@@ -1388,4 +1362,4 @@ DS4_PF_PX(pf_mx, iq2_xxs, PxIq2, PX_MX)
 DS4_PF_PX(pf_mxs, q2_k, PxQ2K, PX_MXS)
 DS4_PF_PX(pf_mxs, iq2_xxs, PxIq2, PX_MXS)
 DS4_PF_PX(pf_mxw, q2_k, PxQ2K, PX_MXW)
-DS4_PF_PX(pf_mxw, iq2_xxs, PxIq2A, PX_MXW)
+DS4_PF_PX(pf_mxw, iq2_xxs, PxIq2, PX_MXW)
