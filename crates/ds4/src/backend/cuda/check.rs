@@ -2107,7 +2107,7 @@ fn check_type(
 ) -> Result<()> {
     let shape = format!("{n_rows}x{n_cols}");
     let wb = random_weight(rng, ty, n_rows, n_cols);
-    let w = be.upload_weight(ty, &wb, n_rows, n_cols, 1, &mut |_, _| {})?;
+    let mut w = be.upload_weight(ty, &wb, n_rows, n_cols, 1, &mut |_, _| {})?;
 
     // Dequantization, bit for bit (f32) and as rounded f16.
     let rb = n_cols / ty.block_elems() * ty.block_bytes();
@@ -2289,6 +2289,29 @@ fn check_type(
         &tshape,
         same_bits(&results[0], &results[1]),
     ));
+    // With the f16 copy made at load (GpuModel, quantized dense weights): the same products
+    // without the per-call dequantization, bit for bit.
+    if !matches!(ty, GgmlType::F16 | GgmlType::F32) {
+        be.attach_f16(&mut w)?;
+        let mut ys = poisoned(be, n_tok * n_rows)?;
+        be.matmul_gemm(
+            &w,
+            0,
+            &xsd.slice(..),
+            n_tok,
+            &mut ys.slice_mut(..),
+            &mut scratch,
+        )?;
+        let mut row = exact_row(
+            "gemm_f16_copy",
+            ty,
+            &tshape,
+            usize::from(!same_bits(&results[0], &be.download(&ys)?)),
+        );
+        row.note =
+            "weights from the f16 copy (attach_f16): the same bits as dequantizing per call".into();
+        out.push(row);
+    }
     // The production prefill's f32 cuBLAS path (router product): exact decode + SGEMM.
     if matches!(ty, GgmlType::F16 | GgmlType::F32 | GgmlType::Q8_0) {
         let st = be.stream();

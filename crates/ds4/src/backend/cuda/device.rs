@@ -219,6 +219,10 @@ impl ActQuant {
 /// rows are regrouped by [`repack_iq2_xxs`]; see quant.cu).
 pub struct GpuWeight {
     buf: CudaSlice<u8>,
+    /// Production prefill's f16 form of every matrix (row-major, `n_rows·n_cols` halves a
+    /// matrix), made once at load when memory allows ([`CudaBackend::attach_f16`]); the
+    /// dense GEMMs then skip their per-chunk dequantization.
+    f16: Option<CudaSlice<u16>>,
     /// Element type.
     pub ty: GgmlType,
     /// Output rows per matrix.
@@ -236,9 +240,13 @@ impl GpuWeight {
     pub fn matrix_bytes(&self) -> usize {
         self.n_rows * row_bytes(self.ty, self.n_cols)
     }
-    /// Device bytes held.
+    /// Device bytes held (the f16 copy included).
     pub fn device_bytes(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.f16.as_ref().map_or(0, |c| 2 * c.len())
+    }
+    /// Bytes an f16 copy of every matrix takes.
+    pub fn f16_bytes(&self) -> usize {
+        2 * self.n_experts * self.n_rows * self.n_cols
     }
 }
 
@@ -629,6 +637,7 @@ impl CudaBackend {
         }
         Ok(GpuWeight {
             buf,
+            f16: None,
             ty,
             n_rows,
             n_cols,
@@ -947,6 +956,26 @@ impl CudaBackend {
     pub(crate) fn weight_ptr(&self, w: &GpuWeight) -> u64 {
         let (p, _g) = w.buf.device_ptr(&self.stream);
         p
+    }
+
+    /// Device address of matrix 0 of `w` as row-major f16 when it is held in that form: an
+    /// F16 weight itself (the file's layout), or the copy [`CudaBackend::attach_f16`] made.
+    pub(crate) fn f16_ptr(&self, w: &GpuWeight) -> Option<u64> {
+        if w.ty == GgmlType::F16 && w.expert_stride == w.matrix_bytes() {
+            return Some(self.weight_ptr(w));
+        }
+        w.f16.as_ref().map(|c| c.device_ptr(&self.stream).0)
+    }
+
+    /// Makes the f16 copy of every matrix of `w` (dequantized as the prefill GEMMs' per-chunk
+    /// dequantization does, so the products are unchanged) for [`CudaBackend::f16_ptr`].
+    pub(crate) fn attach_f16(&self, w: &mut GpuWeight) -> Result<()> {
+        let mat = w.n_rows * w.n_cols;
+        let buf = self.stream.alloc_zeros::<u16>(mat * w.n_experts)?;
+        // SAFETY: buf holds n_experts matrices of mat halves; expert ids are 0..n_experts.
+        unsafe { self.dq_f16_raw(w, 0, 0, w.n_experts, buf.device_ptr(&self.stream).0, mat)? };
+        w.f16 = Some(buf);
+        Ok(())
     }
 
     /// `mv_<t>` over `slots` slots: slot `s` multiplies matrix `ids[s]` (matrix `s` when

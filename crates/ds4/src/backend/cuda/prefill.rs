@@ -1,6 +1,7 @@
 //! Production-mode prefill products on tensor cores (kernels/prefill.cu + cuBLAS).
 //!
-//! * Dense products ([`dense_gemm`]): the weight is dequantized to an f16 scratch (same
+//! * Dense products ([`dense_gemm`]): the weight is dequantized to an f16 scratch (or read
+//!   from its f16 copy made at load, or as it is when F16) (same
 //!   rounding as `dq_<t>`), the activations are rounded to f16, and cuBLAS multiplies with
 //!   f32 accumulation.
 //! * Routed experts ([`moe_grouped`]): the chunk's (token, slot) pairs are sorted by expert
@@ -396,8 +397,9 @@ pub unsafe fn moe_grouped(
 /// Dense prefill product on tensor cores: `y[t] = W_e · x[t]` for `nt` tokens (row-major
 /// `x`: `nt × n_cols`, `y`: `nt × n_rows`), matrices `e0..e0+batch` of `w` at once when
 /// `batch > 1` (input `b` at column `b·n_cols` of rows of stride `ldx`, output `b` at column
-/// `b·n_rows` of rows of stride `ldy`), through `w16` (`batch·n_rows·n_cols` halves) and
-/// `x16` (`nt·ldx` halves). `x16_ready`: `x16` already holds `f16(x)` (written by x's
+/// `b·n_rows` of rows of stride `ldy`), through `w16` (`batch·n_rows·n_cols` halves; not
+/// written when the weight is held as f16, `CudaBackend::f16_ptr`) and `x16` (`nt·ldx`
+/// halves). `x16_ready`: `x16` already holds `f16(x)` (written by x's
 /// producer), so no conversion runs and `x` is not read.
 ///
 /// # Safety
@@ -418,7 +420,13 @@ pub unsafe fn dense_gemm(
     x16_ready: bool,
 ) -> Result<()> {
     let mat = w.n_rows * w.n_cols;
-    be.dq_f16_raw(w, 0, e0, batch, w16, mat)?;
+    let w16 = match be.f16_ptr(w) {
+        Some(p) => p + (2 * e0 * mat) as u64,
+        None => {
+            be.dq_f16_raw(w, 0, e0, batch, w16, mat)?;
+            w16
+        }
+    };
     if !x16_ready {
         be.to_f16_raw(x, x16, nt * ldx)?;
     }

@@ -432,6 +432,68 @@ struct GpuLayer {
     clamp: f32,
 }
 
+impl GpuLayer {
+    /// The weights production prefill multiplies through the dense f16 GEMMs (prefill.rs
+    /// `dense_gemm`); the output head, router and HC `fn` stay on f32 kernels.
+    fn dense_gemm_weights(&mut self) -> Vec<&mut GpuWeight> {
+        let mut ws = vec![
+            &mut self.q_a,
+            &mut self.q_b,
+            &mut self.kv,
+            &mut self.out_a,
+            &mut self.out_b,
+            &mut self.sh_gate,
+            &mut self.sh_up,
+            &mut self.sh_down,
+        ];
+        if let Some(c) = self.comp.as_mut() {
+            ws.push(&mut c.kv);
+            ws.push(&mut c.gate);
+        }
+        if let Some(i) = self.indexer.as_mut() {
+            ws.push(&mut i.comp.kv);
+            ws.push(&mut i.comp.gate);
+            ws.push(&mut i.q_b);
+            ws.push(&mut i.proj);
+        }
+        ws
+    }
+}
+
+/// GPU memory `attach_prefill_f16` leaves free for sessions (KV caches, scratch) at least.
+const F16_COPY_RESERVE: usize = 24 << 30;
+
+/// Gives the quantized dense weights (not F16, which the GEMMs read as they are) an f16
+/// copy, so production prefill does not dequantize them again for every chunk (for the q2
+/// Flash model ~9% more weight memory for ~2.5% of a chunk's time, bench/RESULTS.md), when
+/// the GPU keeps at least `F16_COPY_RESERVE` free afterwards. `DS4_CUDA_F16_COPY=0` never
+/// makes them, `=1` always does. Returns the bytes taken.
+fn attach_prefill_f16(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize> {
+    let mode = std::env::var("DS4_CUDA_F16_COPY").ok();
+    if mode.as_deref() == Some("0") {
+        return Ok(0);
+    }
+    let wanted = |w: &GpuWeight| !matches!(w.ty, GgmlType::F16 | GgmlType::F32);
+    let need: usize = layers
+        .iter_mut()
+        .flat_map(|l| l.dense_gemm_weights())
+        .filter(|w| wanted(w))
+        .map(|w| w.f16_bytes())
+        .sum();
+    let (free, _) = be.mem_info()?;
+    if mode.as_deref() != Some("1") && free < need + F16_COPY_RESERVE {
+        return Ok(0);
+    }
+    for l in layers.iter_mut() {
+        for w in l.dense_gemm_weights() {
+            if wanted(w) {
+                be.attach_f16(w)?;
+            }
+        }
+    }
+    Ok(need)
+}
+
 /// Every weight of a model, resident on one GPU.
 pub struct GpuModel {
     be: CudaBackend,
@@ -682,7 +744,8 @@ impl GpuModel {
             bytes_per_token += b;
             layers.push(layer);
         }
-        let device_bytes = up.device_bytes;
+        let f16_bytes = attach_prefill_f16(&be, &mut layers)?;
+        let device_bytes = up.device_bytes + f16_bytes;
         be.synchronize()?;
         Ok(GpuModel {
             be,
