@@ -62,7 +62,10 @@
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
 //! indexer top-k is spread over many blocks (`k_topk_mb`; default 6144, 0 = never);
 //! `DS4_CUDA_IDXQ_W=0` finishes the indexer queries with the block-per-head `k_idx_q_finish`
-//! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_CACHE=DIR` moves
+//! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_F16_COPY=0` keeps
+//! no f16 copy of the quantized dense weights (prefill then dequantizes them for every chunk;
+//! by default the copy is made at load when 24 GiB of GPU memory stay free, `=1` always).
+//! `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!
 //! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;
