@@ -276,6 +276,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_route(be, &mut rng, &mut out)?;
     check_hc_prefill(be, &mut rng, &mut out)?;
     check_pf_group(be, &mut rng, &mut out)?;
+    check_hc_fn_range(be, &mut rng, &mut out)?;
     for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::IQ2_XXS] {
         check_glu_int8(be, &mut rng, ty, &mut out)?;
     }
@@ -2637,7 +2638,8 @@ fn check_pf_group(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> R
 /// Production prefill's fused forms around hc (forward.cu) on several tokens at the flash
 /// width: `k_hc_pre` at 256 threads (prefill) vs the CPU's hc::pre + rms_norm and bit for bit
 /// vs its 1024-thread launch, its f16 copy y16 = f16(y); `k_rms_norm_h` = k_rms_norm + f16
-/// copy; `k_hc_post4` and `k_hc_post_moe_pf` (sorted rows through a random inv) bit for bit
+/// copy; `k_hc_post4` and `k_hc_post_moe_pf` (sorted rows through a random inv, f16 copies of
+/// x · HC_X16_SCALE) bit for bit
 /// vs the CPU's moe sum + hc::post.
 fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     use crate::model::{hc, ops, params::HcParams};
@@ -2927,7 +2929,12 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             out.push(row);
         }
     }
-    // hc_post4 and hc_post_moe_pf vs the CPU.
+    // hc_post4 and hc_post_moe_pf vs the CPU; their f16 copies are of x · HC_X16_SCALE.
+    let scaled = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&a| a * super::session::HC_X16_SCALE)
+            .collect()
+    };
     let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();
     let comb: Vec<f32> = (0..t_n * n * n).map(|_| rng.uniform() as f32).collect();
     let fsub = random_activations(rng, t_n * d);
@@ -2984,7 +2991,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .zip(&cpu_a)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count()
-            + f16_mism(&be.download(&xh)?, &g);
+            + f16_mism(&be.download(&xh)?, &scaled(&g));
         let mut row = exact_row("hc_post4", GgmlType::F32, &shape, mism);
         row.note = format!("{mism} elements (or f16 copies) differ in bits from CPU hc::post");
         out.push(row);
@@ -3021,7 +3028,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .zip(&cpu_b)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count()
-            + f16_mism(&be.download(&xh)?, &g);
+            + f16_mism(&be.download(&xh)?, &scaled(&g));
         let mut row = exact_row(
             "hc_post_moe_pf",
             GgmlType::F32,
@@ -3033,6 +3040,88 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         );
         out.push(row);
     }
+    Ok(())
+}
+
+/// Production prefill's HC `fn` product (F16 weights, f16 tensor-core GEMM) on a residual
+/// stream with values beyond f16's 65,504: with the input scaled by HC_X16_SCALE (and the
+/// sums scaled back) it matches the f64 reference; unscaled, the same input overflows (so the
+/// planted values do test the range).
+fn check_hc_fn_range(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    let (rows, cols, nt) = (24usize, 4096usize, 16usize);
+    let ty = GgmlType::F16;
+    let wb = random_weight(rng, ty, rows, cols);
+    let w = be.upload_weight(ty, &wb, rows, cols, 1, &mut |_, _| {})?;
+    let mut xs = random_activations(rng, nt * cols);
+    for t in 0..nt {
+        for k in 0..4 {
+            let i = (rng.next_u64() % cols as u64) as usize;
+            xs[t * cols + i] = if k % 2 == 0 { 3.0e5 } else { -1.5e5 };
+        }
+    }
+    let mut refs = Vec::new();
+    for t in 0..nt {
+        refs.extend(reference(
+            ty,
+            &wb,
+            rows,
+            cols,
+            &xs[t * cols..(t + 1) * cols],
+        ));
+    }
+    let st = be.stream();
+    let xd = be.upload_f32(&xs)?;
+    let x16 = st.alloc_zeros::<u16>(nt * cols)?;
+    let w16 = st.alloc_zeros::<u16>(rows * cols)?;
+    let shape = format!("{rows}x{cols}x{nt}tok");
+    let run = |x_scale: f32| -> Result<Vec<f32>> {
+        let y = poisoned(be, nt * rows)?;
+        // SAFETY: xd nt × cols floats, y nt × rows, x16 nt × cols halves, w16 rows × cols.
+        unsafe {
+            super::prefill::dense_gemm(
+                be,
+                &w,
+                0,
+                1,
+                xd.device_ptr(st).0,
+                cols,
+                nt,
+                y.device_ptr(st).0,
+                rows,
+                w16.device_ptr(st).0,
+                x16.device_ptr(st).0,
+                false,
+                x_scale,
+            )?
+        };
+        be.download(&y)
+    };
+    let ys = run(super::session::HC_X16_SCALE)?;
+    let mut row = compare(
+        "hc_fn_gemm_range",
+        ty,
+        shape.clone(),
+        &ys,
+        &refs,
+        TOL_F16_GEMM,
+    );
+    row.note = format!(
+        "residual values up to 3e5, input scaled by 1/16: {}",
+        row.note
+    );
+    out.push(row);
+    let unscaled = run(1.0)?;
+    let finite = unscaled.iter().all(|v| v.is_finite());
+    let mut row = exact_row(
+        "hc_fn_gemm_unscaled_overflows",
+        ty,
+        &shape,
+        usize::from(finite),
+    );
+    row.note =
+        "the same product unscaled is not finite (f16 overflow): the test plants real overflows"
+            .into();
+    out.push(row);
     Ok(())
 }
 

@@ -872,7 +872,7 @@ impl CudaBackend {
         }
         unsafe {
             super::prefill::dense_gemm(
-                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16, false,
+                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16, false, 1.0,
             )
         }
     }
@@ -1583,11 +1583,17 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `y[i] = f16(x[i])` for `n` elements (round to nearest even).
+    /// `y = f16(x · scale)` for `n` elements (`scale` a power of two: exact before rounding).
     ///
     /// # Safety
-    /// `x` (f32) and `y` (f16) must hold `n` elements.
-    pub(crate) unsafe fn to_f16_raw(&self, x: u64, y: u64, n: usize) -> Result<()> {
+    /// `x` (`n` floats) and `y` (`n` halves) must be live device buffers.
+    pub(crate) unsafe fn to_f16_scaled_raw(
+        &self,
+        x: u64,
+        y: u64,
+        n: usize,
+        scale: f32,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
@@ -1598,7 +1604,7 @@ impl CudaBackend {
         };
         let nn = n as i64;
         let mut b = self.st().launch_builder(&self.f32_to_f16);
-        b.arg(&x).arg(&y).arg(&nn);
+        b.arg(&x).arg(&y).arg(&nn).arg(&scale);
         b.launch(cfg)?;
         Ok(())
     }
@@ -1626,10 +1632,34 @@ impl CudaBackend {
         batch: usize,
         strides: [usize; 3],
     ) -> Result<()> {
+        self.gemm_f16_scaled_raw(m, n, k, a, lda, x, ldx, c, ldc, batch, strides, 1.0)
+    }
+
+    /// [`CudaBackend::gemm_f16_raw`] with the f32 sums multiplied by `alpha` (cuBLAS's
+    /// alpha; a power of two undoes an input scaling exactly).
+    ///
+    /// # Safety
+    /// As [`CudaBackend::gemm_f16_raw`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_f16_scaled_raw(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        x: u64,
+        ldx: usize,
+        c: u64,
+        ldc: usize,
+        batch: usize,
+        strides: [usize; 3],
+        alpha: f32,
+    ) -> Result<()> {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let beta = 0.0f32;
         let (mi, ni, ki) = (m as i32, n as i32, k as i32);
         let (la, lx, lc) = (lda as i32, ldx as i32, ldc as i32);
         let h = *self.blas.handle();

@@ -399,8 +399,11 @@ pub unsafe fn moe_grouped(
 /// `batch > 1` (input `b` at column `b·n_cols` of rows of stride `ldx`, output `b` at column
 /// `b·n_rows` of rows of stride `ldy`), through `w16` (`batch·n_rows·n_cols` halves; not
 /// written when the weight is held as f16, `CudaBackend::f16_ptr`) and `x16` (`nt·ldx`
-/// halves). `x16_ready`: `x16` already holds `f16(x)` (written by x's
-/// producer), so no conversion runs and `x` is not read.
+/// halves). `x16` holds `f16(x · x_scale)` (a power of two; the sums are multiplied back by
+/// `1/x_scale` in cuBLAS's alpha, exactly): 1 for every product but the HC `fn` ones, whose
+/// input, the raw residual stream, is scaled by 1/16 so that f16 holds residual values up to
+/// ~1e6 instead of 65,504. `x16_ready`: `x16` already holds it (written by x's producer), so
+/// no conversion runs and `x` is not read.
 ///
 /// # Safety
 /// All buffers live and large enough as stated.
@@ -418,6 +421,7 @@ pub unsafe fn dense_gemm(
     w16: u64,
     x16: u64,
     x16_ready: bool,
+    x_scale: f32,
 ) -> Result<()> {
     let mat = w.n_rows * w.n_cols;
     let w16 = match be.f16_ptr(w) {
@@ -428,9 +432,9 @@ pub unsafe fn dense_gemm(
         }
     };
     if !x16_ready {
-        be.to_f16_raw(x, x16, nt * ldx)?;
+        be.to_f16_scaled_raw(x, x16, nt * ldx, x_scale)?;
     }
-    be.gemm_f16_raw(
+    be.gemm_f16_scaled_raw(
         w.n_rows,
         nt,
         w.n_cols,
@@ -442,6 +446,7 @@ pub unsafe fn dense_gemm(
         ldy,
         batch,
         [mat, w.n_cols, w.n_rows],
+        1.0 / x_scale,
     )
 }
 

@@ -76,6 +76,10 @@ const ATTEND_MAX_DH: usize = 512;
 /// Threads of `k_hc_pre1` (HC_PRE1_THREADS in forward.cu): 16 warps form y, one runs
 /// Sinkhorn (or, on a fork, hands its logits to `k_sinkhorn1`).
 pub(crate) const HC_PRE1_THREADS: u32 = 544;
+/// Scale of the residual stream's f16 copy for the HC `fn` GEMMs in production prefill
+/// (HC_X16_SCALE in forward.cu): a power of two, multiplied back in the GEMM exactly, that
+/// keeps residual values up to ~1e6 finite in f16 (65,504 unscaled).
+pub(crate) const HC_X16_SCALE: f32 = 0.0625;
 /// Most streams `k_hc_pre1` holds in registers (HC_PRE1_MAX_HC in forward.cu).
 pub(crate) const HC_PRE1_MAX_HC: usize = 4;
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
@@ -1578,14 +1582,18 @@ impl GpuSession {
                     && nt * w.n_cols <= ps.x16.len()
             })
         };
-        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| -> Result<()> {
+        // `x_scale`: the f16 input is f16(x · x_scale) (HC_X16_SCALE for the HC `fn` products,
+        // whose input is the raw residual stream, else 1; prefill.rs dense_gemm).
+        let lin_s = |w: &GpuWeight, x: u64, nt: usize, y: u64, x_scale: f32| -> Result<()> {
             wrote16(y);
             if nt == 1 {
                 mvq(w, 0, 1, x, 0, y)
             } else if let Some(ps) = gemm_ok(w, nt) {
-                // The producer's f16 copy when there is one (it holds the chunk's n rows);
+                // The producer's f16 copy when there is one (it holds the chunk's n rows) and
+                // has this product's scale (x16's copy of x is scaled, y16's and qr16's not);
                 // else the conversion below overwrites x16 (and x's copy there).
-                let ready = f16_of(x).filter(|_| nt == n);
+                let ready =
+                    f16_of(x).filter(|&r| nt == n && (r == p16(&ps.x16)) == (x_scale != 1.0));
                 if ready.is_none() {
                     set16(2, 0);
                 }
@@ -1605,6 +1613,7 @@ impl GpuSession {
                         p16(&ps.w16),
                         ready.unwrap_or(p16(&ps.x16)),
                         ready.is_some(),
+                        x_scale,
                     )
                 }
             } else {
@@ -1612,6 +1621,7 @@ impl GpuSession {
                 unsafe { be.mm_raw(w, x, nt, y) }
             }
         };
+        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| lin_s(w, x, nt, y, 1.0);
         // Gate + up + SwiGLU into `g` (weights `wts`, 0: none): fused over int8 activations
         // where both matrices have an int8 kernel, else two products and k_swiglu.
         #[allow(clippy::too_many_arguments)]
@@ -1770,7 +1780,7 @@ impl GpuSession {
                 }
                 return Ok(fork);
             }
-            lin(fnw, p(&s.x), n, p(&s.mix))?;
+            lin_s(fnw, p(&s.x), n, p(&s.mix), HC_X16_SCALE)?;
             if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
             {
                 // Production prefill: the state read once, y written as f32 and f16, and
@@ -2434,6 +2444,7 @@ impl GpuSession {
                             p16(&ps.w16),
                             p16(&ps.x16),
                             o16_ready,
+                            1.0,
                         )?
                     },
                     _ => {

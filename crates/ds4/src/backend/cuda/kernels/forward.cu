@@ -1126,7 +1126,9 @@ extern "C" __global__ void k_hc_post_moe(float* __restrict__ x, const float* __r
 // ---- prefill (n > 1 tokens) forms of hc_post: 4 consecutive elements a thread (16-byte
 // loads and stores; d % 4 == 0), each element with exactly k_hc_post's operations. NC > 0:
 // n = NC known at compile time (the loops unroll, the arrays stay in registers).
-// x16 (not null): f16 of the new state too, the input of the next site's HC `fn` GEMM.
+// x16 (not null): f16 of the new state times HC_X16_SCALE too, the input of the next site's
+// HC `fn` GEMM (which multiplies back by 1/HC_X16_SCALE in its alpha).
+#define HC_X16_SCALE 0.0625f
 template <int NC>
 __device__ __forceinline__ void hc_post4_t(float* xt, const float* fv, const float* q,
                                            const float* mm, int nr, int d, int e, u16* x16) {
@@ -1152,8 +1154,8 @@ __device__ __forceinline__ void hc_post4_t(float* xt, const float* fv, const flo
         *(float4*)(xt + (long long)k * d + e) = make_float4(o[0], o[1], o[2], o[3]);
         if (x16) {
             uint2 h;
-            h.x = (u32)f2h(o[0]) | ((u32)f2h(o[1]) << 16);
-            h.y = (u32)f2h(o[2]) | ((u32)f2h(o[3]) << 16);
+            h.x = (u32)f2h(o[0] * HC_X16_SCALE) | ((u32)f2h(o[1] * HC_X16_SCALE) << 16);
+            h.y = (u32)f2h(o[2] * HC_X16_SCALE) | ((u32)f2h(o[3] * HC_X16_SCALE) << 16);
             *(uint2*)(x16 + (long long)k * d + e) = h;
         }
     }

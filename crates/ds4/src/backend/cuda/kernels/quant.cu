@@ -553,10 +553,12 @@ extern "C" __global__ void __launch_bounds__(256)
     split_store(r, part_, warp, part, split, og < 2 * n_rows, (second ? yb : ya) + o);
 }
 
-// f32 -> f16 (round to nearest even), for the activations of the f16 GEMM path.
-extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, i64 n) {
+// f32 -> f16 (round to nearest even) of x·scale, for the activations of the f16 GEMM path
+// (scale a power of two: 1, or HC_X16_SCALE for the HC `fn` products' residual input).
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, i64 n,
+                                      float scale) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = f2h(x[i]);
+    if (i < n) y[i] = f2h(x[i] * scale);
 }
 
 // Dequantize to f32 (exact, used by the self-test to compare against the CPU bit for bit).
