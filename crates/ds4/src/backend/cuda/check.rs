@@ -3092,6 +3092,7 @@ fn check_hc_fn_range(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
                 x16.device_ptr(st).0,
                 false,
                 x_scale,
+                false,
             )?
         };
         be.download(&y)

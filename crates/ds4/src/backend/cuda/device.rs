@@ -872,7 +872,7 @@ impl CudaBackend {
         }
         unsafe {
             super::prefill::dense_gemm(
-                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16, false, 1.0,
+                self, w, expert, 1, px, w.n_cols, n_tok, py, w.n_rows, pw, px16, false, 1.0, false,
             )
         }
     }
@@ -1632,14 +1632,15 @@ impl CudaBackend {
         batch: usize,
         strides: [usize; 3],
     ) -> Result<()> {
-        self.gemm_f16_scaled_raw(m, n, k, a, lda, x, ldx, c, ldc, batch, strides, 1.0)
+        self.gemm_f16_scaled_raw(m, n, k, a, lda, x, ldx, c, ldc, batch, strides, 1.0, false)
     }
 
     /// [`CudaBackend::gemm_f16_raw`] with the f32 sums multiplied by `alpha` (cuBLAS's
-    /// alpha; a power of two undoes an input scaling exactly).
+    /// alpha; a power of two undoes an input scaling exactly), written as f16 (rounded by
+    /// cuBLAS) when `c16`, else f32.
     ///
     /// # Safety
-    /// As [`CudaBackend::gemm_f16_raw`].
+    /// As [`CudaBackend::gemm_f16_raw`] (`c` of halves when `c16`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_f16_scaled_raw(
         &self,
@@ -1655,6 +1656,7 @@ impl CudaBackend {
         batch: usize,
         strides: [usize; 3],
         alpha: f32,
+        c16: bool,
     ) -> Result<()> {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
@@ -1670,6 +1672,7 @@ impl CudaBackend {
         let (f16t, f32t) = (cb::cudaDataType::CUDA_R_16F, cb::cudaDataType::CUDA_R_32F);
         let ct = cb::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        let outt = if c16 { f16t } else { f32t };
         let al = &alpha as *const f32 as *const _;
         let be = &beta as *const f32 as *const _;
         if batch == 1 {
@@ -1689,7 +1692,7 @@ impl CudaBackend {
                 lx,
                 be,
                 c as *mut _,
-                f32t,
+                outt,
                 lc,
                 ct,
                 algo,
@@ -1713,7 +1716,7 @@ impl CudaBackend {
                 strides[1] as i64,
                 be,
                 c as *mut _,
-                f32t,
+                outt,
                 lc,
                 strides[2] as i64,
                 batch as i32,

@@ -403,7 +403,8 @@ pub unsafe fn moe_grouped(
 /// `1/x_scale` in cuBLAS's alpha, exactly): 1 for every product but the HC `fn` ones, whose
 /// input, the raw residual stream, is scaled by 1/16 so that f16 holds residual values up to
 /// ~1e6 instead of 65,504. `x16_ready`: `x16` already holds it (written by x's producer), so
-/// no conversion runs and `x` is not read.
+/// no conversion runs and `x` is not read. `y16`: `y` is written as f16 (halves, rounded by
+/// cuBLAS from the f32 sums) for a consumer that reads f16 only.
 ///
 /// # Safety
 /// All buffers live and large enough as stated.
@@ -422,6 +423,7 @@ pub unsafe fn dense_gemm(
     x16: u64,
     x16_ready: bool,
     x_scale: f32,
+    y16: bool,
 ) -> Result<()> {
     let mat = w.n_rows * w.n_cols;
     let w16 = match be.f16_ptr(w) {
@@ -447,6 +449,7 @@ pub unsafe fn dense_gemm(
         batch,
         [mat, w.n_cols, w.n_rows],
         1.0 / x_scale,
+        y16,
     )
 }
 
