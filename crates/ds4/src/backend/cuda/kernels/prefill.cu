@@ -749,7 +749,6 @@ __device__ __forceinline__ u64 px_sel(const PxTables& T, u32 a) {
     return T.sel[PX_REP * a + (threadIdx.x % PX_REP)];
 }
 
-
 __device__ __forceinline__ u32 px_hmul2(u32 a, u32 b) {
     u32 r;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));

@@ -15,7 +15,8 @@
 // * Q8_0 is stored repacked on the GPU (see `repack_q8_0` in device.rs): per matrix, a plane of
 //   int8 codes (n_rows x n_cols) followed by a plane of f16 scales (n_rows x n_cols/32). The
 //   GGML block of 34 bytes is only 2-byte aligned, which would force 2-byte loads; the planes
-//   allow 16-byte loads.
+//   allow 16-byte loads. IQ2_XXS rows are regrouped by 8 blocks (`repack_iq2_xxs`, `iq2_codes`
+//   below) for the same reason; the other types keep the file's blocks.
 // * Activations are f32 (the engine's exact mode); dequantized weights are formed exactly as the
 //   CPU reference does (`__fmul_rn` etc. stop FMA contraction) where bit-exactness matters (the
 //   dequantize kernels); the dot kernels factor the block scale out of the inner sums, which is
