@@ -1061,21 +1061,38 @@ extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __r
 
 // hc_post of element e of token t given the sublayer output fv there:
 // X_k ← Q_k·fv + Σ_j M[j][k]·X_j, in place (the per-element operations of every decode form).
-__device__ __forceinline__ void hc_post_elem(float* __restrict__ x, float fv,
-                                             const float* __restrict__ post,
-                                             const float* __restrict__ comb, int n, int d, int t,
-                                             int e) {
+// NC > 0: n = NC known at compile time, so the loops unroll and xs/out stay in registers
+// (with a run-time n they live in local memory: ~26 local loads/stores on the decode path's
+// dependent chain). Same operations in the same order either way.
+template <int NC>
+__device__ __forceinline__ void hc_post_elem_t(float* __restrict__ x, float fv,
+                                               const float* __restrict__ post,
+                                               const float* __restrict__ comb, int nr, int d,
+                                               int t, int e) {
+    const int n = NC > 0 ? NC : nr;
     float* xt = x + (long long)t * n * d;
     const float* q = post + t * n;
     const float* mm = comb + (long long)t * n * n;
     float xs[FWD_MAX_HC], out[FWD_MAX_HC];
+#pragma unroll
     for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
+#pragma unroll
     for (int k = 0; k < n; k++) {
         float o = q[k] * fv;
+#pragma unroll
         for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
         out[k] = o;
     }
+#pragma unroll
     for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
+}
+
+__device__ __forceinline__ void hc_post_elem(float* __restrict__ x, float fv,
+                                             const float* __restrict__ post,
+                                             const float* __restrict__ comb, int n, int d, int t,
+                                             int e) {
+    if (n == 4) hc_post_elem_t<4>(x, fv, post, comb, n, d, t, e);
+    else hc_post_elem_t<0>(x, fv, post, comb, n, d, t, e);
 }
 
 // hc_post in place: X_k ← Q_k·F + Σ_j M[j][k]·X_j (grid: x = element blocks, y = token).
