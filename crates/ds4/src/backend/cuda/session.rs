@@ -436,31 +436,42 @@ struct GpuLayer {
     clamp: f32,
 }
 
-impl GpuLayer {
-    /// The weights production prefill multiplies through the dense f16 GEMMs (prefill.rs
-    /// `dense_gemm`); the output head, router and HC `fn` stay on f32 kernels.
-    fn dense_gemm_weights(&mut self) -> Vec<&mut GpuWeight> {
+/// The weights production prefill multiplies through the dense f16 GEMMs (prefill.rs
+/// `dense_gemm`) of layer `$l`, as `&` or (with `mut`) `&mut` references; the output head,
+/// router and HC `fn` stay on f32 kernels.
+macro_rules! dense_gemm_weights {
+    ($l:expr $(, $m:tt)?) => {{
+        let l = $l;
         let mut ws = vec![
-            &mut self.q_a,
-            &mut self.q_b,
-            &mut self.kv,
-            &mut self.out_a,
-            &mut self.out_b,
-            &mut self.sh_gate,
-            &mut self.sh_up,
-            &mut self.sh_down,
+            &$($m)? l.q_a,
+            &$($m)? l.q_b,
+            &$($m)? l.kv,
+            &$($m)? l.out_a,
+            &$($m)? l.out_b,
+            &$($m)? l.sh_gate,
+            &$($m)? l.sh_up,
+            &$($m)? l.sh_down,
         ];
-        if let Some(c) = self.comp.as_mut() {
-            ws.push(&mut c.kv);
-            ws.push(&mut c.gate);
+        if let Some(c) = &$($m)? l.comp {
+            ws.push(&$($m)? c.kv);
+            ws.push(&$($m)? c.gate);
         }
-        if let Some(i) = self.indexer.as_mut() {
-            ws.push(&mut i.comp.kv);
-            ws.push(&mut i.comp.gate);
-            ws.push(&mut i.q_b);
-            ws.push(&mut i.proj);
+        if let Some(i) = &$($m)? l.indexer {
+            ws.push(&$($m)? i.comp.kv);
+            ws.push(&$($m)? i.comp.gate);
+            ws.push(&$($m)? i.q_b);
+            ws.push(&$($m)? i.proj);
         }
         ws
+    }};
+}
+
+impl GpuLayer {
+    fn dense_gemm_weights(&self) -> Vec<&GpuWeight> {
+        dense_gemm_weights!(self)
+    }
+    fn dense_gemm_weights_mut(&mut self) -> Vec<&mut GpuWeight> {
+        dense_gemm_weights!(self, mut)
     }
 }
 
@@ -479,7 +490,7 @@ fn attach_prefill_f16(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize
     }
     let wanted = |w: &GpuWeight| !matches!(w.ty, GgmlType::F16 | GgmlType::F32);
     let need: usize = layers
-        .iter_mut()
+        .iter()
         .flat_map(|l| l.dense_gemm_weights())
         .filter(|w| wanted(w))
         .map(|w| w.f16_bytes())
@@ -489,7 +500,7 @@ fn attach_prefill_f16(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize
         return Ok(0);
     }
     for l in layers.iter_mut() {
-        for w in l.dense_gemm_weights() {
+        for w in l.dense_gemm_weights_mut() {
             if wanted(w) {
                 be.attach_f16(w)?;
             }
@@ -1171,18 +1182,7 @@ impl GpuSession {
                 let mut wmax = 0usize;
                 let mut xmax = hd;
                 for l in &gm.layers {
-                    let mut ws = vec![
-                        &l.q_a, &l.q_b, &l.kv, &l.out_a, &l.out_b, &l.sh_gate, &l.sh_up, &l.sh_down,
-                    ];
-                    for cw in l.comp.iter().chain(l.indexer.as_ref().map(|i| &i.comp)) {
-                        ws.push(&cw.kv);
-                        ws.push(&cw.gate);
-                    }
-                    if let Some(i) = &l.indexer {
-                        ws.push(&i.q_b);
-                        ws.push(&i.proj);
-                    }
-                    for w in ws {
+                    for w in l.dense_gemm_weights() {
                         wmax = wmax.max(w.n_rows * w.n_cols * w.n_experts);
                         xmax = xmax.max(w.n_cols);
                     }
@@ -2430,10 +2430,11 @@ impl GpuSession {
                 // Production prefill: out_a writes `low` as f16 straight into q16 (free once
                 // the attention has read the queries), which out_b reads as its input: no f32
                 // `low` and no conversion of it (~45 µs a 2048-token chunk).
+                let out_b_ps = gemm_ok(&l.out_b, n);
                 let low16 = gemm_ok(&l.out_a, n * g)
                     .filter(|ps| {
                         n > 1
-                            && gemm_ok(&l.out_b, n).is_some()
+                            && out_b_ps.is_some()
                             && n * g * c.o_lora_rank <= ps.q16.len()
                             && l.out_b.n_cols == g * c.o_lora_rank
                     })
@@ -2469,7 +2470,7 @@ impl GpuSession {
                         mvq(&l.out_a, ids, n * g, p(&s.o), gw, p(&s.low))?
                     }
                 }
-                match (low16, gemm_ok(&l.out_b, n)) {
+                match (low16, out_b_ps) {
                     (Some(l16), Some(ps)) => {
                         wrote16(p(&s.f));
                         // SAFETY: low16 holds n rows of out_b's n_cols halves; f n rows of

@@ -1433,7 +1433,9 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
 // the bound, 11.4 with RO = 2), 2 outputs (4 rows) for the fused IQ2_XXS gate+up (22.8 us vs
 // 23.6 for one output; 2 or 4 steps in flight, the ALU sign path and a 64-register bound all
 // measured within ±1 us: ncu puts this kernel at 81% of L1/TEX throughput, DRAM 23%).
-// H200, ncu, flash-q2 decode shapes (bench/RESULTS-dx.md).
+// H200, ncu, flash-q2 decode shapes (bench/RESULTS-dx.md). Those figures are the general
+// LaneIQ2 path; on 2048-column multiples the gate+up now takes lane_rows_iq2a (19.5 us).
+// UNR is lane_rows' only: lane_rows_iq2a always holds one 8-block group (2 steps) a pass.
 DS4_MVL(mvl_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
 DS4_MVL(mvl_q2_k, LaneQ2K, 0, 4, 1, 4)
 DS4_MVLGLU(mvlglu_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
