@@ -773,11 +773,13 @@ struct PxIq2 {
     static constexpr int kRS = 80, kNCH = 5;
     static constexpr bool kGroups = true;
     static __device__ __forceinline__ int slot_off(int) { return 0; }
+    // The step's 8 code bytes in one 8-byte load (grid index t4 picked by prmt, then the
+    // sign/scale word), and the block's scale (entry (s/8) % 8 of its group's scale chunk).
     __device__ __forceinline__ void load_s(const u8* sb, int s, int t4) {
-        const u8* q = sb + 8 * (s & 7);
+        uint2 v = *(const uint2*)(sb + 8 * (s & 7));
         d = ld16(sb + 64 + ((s >> 2) & 14));
-        a = q[t4];
-        b = ld32(q + 4);
+        a = prmt(v.x, 0u, 0x4440u | (u32)t4);
+        b = v.y;
     }
     // Words p = 0..3: weights 2p (low half), 2p+1 of the thread's 8. deq_iq2_xxs gives
     // ±f32(db·grid) with db = d·(0.5+s)·0.25 = d·(2s+1)/8 exactly (d has 11 significant bits),
