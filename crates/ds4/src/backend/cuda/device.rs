@@ -1609,38 +1609,16 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Tensor-core GEMM over f16 operands with f32 accumulation and output, in the row-major
-    /// terms of the engine: for `b < batch`, `c_b[t][o] = Σ_i a_b[o][i] · x_b[t][i]`, `o <
-    /// m` (weight rows, `a` row-major with row stride `lda`), `t < n` (tokens, `x` rows of
-    /// stride `ldx`), `i < k`; `c` rows of stride `ldc`. Matrix `b` of each operand starts
-    /// `b·stride_*` elements after the first. (cuBLAS column-major: C = op_T(A) · X.)
+    /// Tensor-core GEMM over f16 operands with f32 accumulation, in the row-major terms of the
+    /// engine: for `b < batch`, `c_b[t][o] = alpha · Σ_i a_b[o][i] · x_b[t][i]`, `o < m` (weight
+    /// rows, `a` row-major with row stride `lda`), `t < n` (tokens, `x` rows of stride `ldx`),
+    /// `i < k`; `c` rows of stride `ldc`, f16 (rounded by cuBLAS) when `c16`, else f32. Matrix
+    /// `b` of each operand starts `b·stride_*` elements after the first. `alpha` is cuBLAS's
+    /// (a power of two undoes an input scaling exactly). (cuBLAS column-major: C = op_T(A) · X.)
     ///
     /// # Safety
-    /// Every operand must be a live device buffer covering the addressed elements.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm_f16_raw(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        x: u64,
-        ldx: usize,
-        c: u64,
-        ldc: usize,
-        batch: usize,
-        strides: [usize; 3],
-    ) -> Result<()> {
-        self.gemm_f16_scaled_raw(m, n, k, a, lda, x, ldx, c, ldc, batch, strides, 1.0, false)
-    }
-
-    /// [`CudaBackend::gemm_f16_raw`] with the f32 sums multiplied by `alpha` (cuBLAS's
-    /// alpha; a power of two undoes an input scaling exactly), written as f16 (rounded by
-    /// cuBLAS) when `c16`, else f32.
-    ///
-    /// # Safety
-    /// As [`CudaBackend::gemm_f16_raw`] (`c` of halves when `c16`).
+    /// Every operand must be a live device buffer covering the addressed elements (`c` of
+    /// halves when `c16`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_f16_scaled_raw(
         &self,

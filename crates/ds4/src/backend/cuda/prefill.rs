@@ -358,7 +358,7 @@ pub unsafe fn moe_grouped(
         be.dq_f16_raw(down, used_dev, j0, nb, d16, fd)?;
         for (b, &e) in batch.iter().enumerate() {
             let (c, o) = (counts[e] as usize, offs[e]);
-            be.gemm_f16_raw(
+            be.gemm_f16_scaled_raw(
                 2 * f,
                 c,
                 d,
@@ -370,13 +370,15 @@ pub unsafe fn moe_grouped(
                 2 * f,
                 1,
                 [0; 3],
+                1.0,
+                false,
             )?;
         }
         let (r0, r1) = (offs[batch[0]], offs[batch[nb - 1] + 1]);
         swiglu(r0, r1 - r0)?;
         for (b, &e) in batch.iter().enumerate() {
             let (c, o) = (counts[e] as usize, offs[e]);
-            be.gemm_f16_raw(
+            be.gemm_f16_scaled_raw(
                 d,
                 c,
                 f,
@@ -388,6 +390,8 @@ pub unsafe fn moe_grouped(
                 d,
                 1,
                 [0; 3],
+                1.0,
+                false,
             )?;
         }
     }
