@@ -51,7 +51,8 @@ pub struct AttnKernels {
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
-    fd: CudaFunction,
+    /// `k_att_fd` (8 heads a block), `k_att_fd4` (4).
+    fd: [CudaFunction; 2],
     fd_combine: CudaFunction,
 }
 
@@ -90,14 +91,7 @@ impl AttnKernels {
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
             tc: tc_fn(be, "k_att_tc")?,
-            fd: {
-                let f = be.function("k_att_fd")?;
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    fd_smem(FD_MAX_DH) as i32,
-                )?;
-                f
-            },
+            fd: [fd_fn(be, "k_att_fd", 8)?, fd_fn(be, "k_att_fd4", 4)?],
             fd_combine: f("k_att_fd_combine")?,
         })
     }
@@ -149,17 +143,37 @@ pub fn use_tc() -> bool {
 }
 
 /// Heads, rows of a tile, threads and most row blocks of the split-rows decode attention
-/// (attn.cu `FD_H`, `FD_R`, `FD_THREADS`, `FD_MAXB`).
-const FD_H: usize = 8;
+/// (attn.cu `FD_R`, `FD_THREADS`, `FD_MAXB`).
 const FD_R: usize = 16;
 const FD_MAXB: usize = 32;
 /// Widest head the split-rows decode kernel takes (128 threads of 4 output dims).
 const FD_MAX_DH: usize = 512;
 
-/// Dynamic shared memory of `k_att_fd`: `FD_H` queries and `FD_R` rows of `dh`, the tile's
-/// scores (`FD_H × (FD_R + 1)`), weights (`FD_R × FD_H`) and rescale factors (`FD_H`).
-pub fn fd_smem(dh: usize) -> usize {
-    ((FD_H + FD_R) * dh + FD_H * (FD_R + 1) + FD_R * FD_H + FD_H) * 4
+/// Dynamic shared memory of `k_att_fd` / `k_att_fd4` (`h` = 8 / 4 heads a block): `h`
+/// queries and `FD_R` rows of `dh`, the tile's scores (`h × (FD_R + 1)`), weights
+/// (`FD_R × h`) and rescale factors (`h`).
+pub fn fd_smem(dh: usize, h: usize) -> usize {
+    ((h + FD_R) * dh + h * (FD_R + 1) + FD_R * h + h) * 4
+}
+
+/// A flash-decoding kernel of `h` heads a block, allowed its shared memory at the widest head.
+fn fd_fn(be: &CudaBackend, name: &str, h: usize) -> Result<CudaFunction> {
+    let f = be.function(name)?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        fd_smem(FD_MAX_DH, h) as i32,
+    )?;
+    Ok(f)
+}
+
+/// Heads a `k_att_fd` block takes: 4 (`k_att_fd4`, twice the blocks, half the chain a
+/// block) unless `DS4_CUDA_FD4=0` (8, `k_att_fd`).
+fn fd_heads() -> usize {
+    if super::switch_on("DS4_CUDA_FD4") {
+        4
+    } else {
+        8
+    }
 }
 
 /// Whether the split-rows decode kernel takes this head width.
@@ -316,12 +330,13 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
     }
     if a.fd && fd_supported(a.dh) {
         let (tpb, nb) = fd_blocks(a.rows_cap);
+        let fh = fd_heads();
         launch!(
             st,
-            k.fd,
-            (nb as u32, a.n_head.div_ceil(FD_H) as u32, a.n as u32),
+            k.fd[usize::from(fh == 4)],
+            (nb as u32, a.n_head.div_ceil(fh) as u32, a.n as u32),
             (128, 1, 1),
-            fd_smem(a.dh) as u32,
+            fd_smem(a.dh, fh) as u32,
             [
                 a.q,
                 a.ckv,

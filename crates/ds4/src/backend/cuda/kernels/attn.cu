@@ -333,18 +333,20 @@ extern "C" __global__ void k_att_combine(const float* __restrict__ part,
 }
 
 // ---- Decode attention as split-rows flash decoding (production decode steps).
-// k_att_fd: a block per (row block b, group of FD_H heads, token). The block walks its rows
-// in tiles of FD_R, staged once in shared memory for both products (K = V): scores by
-// register tiles (warp w: the tile's rows 4w..4w+3 for all FD_H heads; lane: dims 4·lane +
-// 128k; its 32 partial dots are added over the lanes by a fixed butterfly that leaves lane
-// l with entry l), an online softmax started from the sink (m = sink, l = 0: the sink's own
-// e^{sink−m} is added once, by the combine), and the weighted sum (thread: dims 4·tid..+3 of
-// every head). It stores the unnormalized partial output and (m, l) per (block, token,
-// head); k_att_fd_combine rescales the blocks' partials to the common max in block order,
-// divides and applies the inverse RoPE. One pass over the rows instead of four launches
-// with the scores through global memory. Small blocks (8 heads × 16 rows, 4 warps) so that a
-// 128-row window already gives 64 blocks.
-#define FD_H 8         // heads a block
+// k_att_fd (H = 8) / k_att_fd4 (H = 4): a block per (row block b, group of H heads, token).
+// The block walks its rows in tiles of FD_R, staged once in shared memory for both products
+// (K = V): scores by register tiles (warp w: the tile's rows 4w..4w+3 for all H heads; lane:
+// dims 4·lane + 128k; its 4H partial dots are added over the lanes by a fixed butterfly that
+// leaves lane l with entry l), an online softmax started from the sink (m = sink, l = 0: the
+// sink's own e^{sink−m} is added once, by the combine), and the weighted sum (thread: dims
+// 4·tid..+3 of every head). It stores the unnormalized partial output and (m, l) per (block,
+// token, head); k_att_fd_combine rescales the blocks' partials to the common max in block
+// order, divides and applies the inverse RoPE. One pass over the rows instead of four
+// launches with the scores through global memory. Small blocks (H heads × 16 rows, 4 warps):
+// a block has one warp per scheduler and runs at the pace of its dependent FMA and shuffle
+// chains (H200 ncu, H = 8: 254 registers, ~3,000 instructions a warp at ~3.8 cycles each,
+// stalls mostly fixed-latency waits), so H = 4 halves a block's chain and doubles the
+// blocks (decode default; the same rows, a different order of the score butterfly).
 #define FD_R 16        // rows a tile
 #define FD_THREADS 128
 #define FD_MAXB 32     // most row blocks (attn.rs picks the tiles per block to stay below)
@@ -365,8 +367,8 @@ __device__ __forceinline__ const float* fd_row(const AttRows& a, int rr) {
     return a.comp + (long long)c * a.dh;
 }
 
-template <int O>
-__device__ __forceinline__ void fd_fold(float (&s)[32], int lane) {
+template <int O, int N>
+__device__ __forceinline__ void fd_fold(float (&s)[N], int lane) {
     const bool up = (lane & O) != 0;
 #pragma unroll
     for (int j = 0; j < O; j++) {
@@ -376,26 +378,26 @@ __device__ __forceinline__ void fd_fold(float (&s)[32], int lane) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FD_THREADS)
-    k_att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
+template <int H>
+__device__ __forceinline__ void att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
              const float* __restrict__ ring, const float* __restrict__ comp,
              const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
              const long long* __restrict__ p0p, int swa, int dh, int n_head,
              const float* __restrict__ sinks, float scale, int tpb,
              float* __restrict__ part, float* __restrict__ ml) {
     extern __shared__ __align__(16) float fd_sm[];
-    const int b = blockIdx.x, h0 = blockIdx.y * FD_H, t = blockIdx.z, n = gridDim.z;
+    const int b = blockIdx.x, h0 = blockIdx.y * H, t = blockIdx.z, n = gridDim.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int c4 = dh >> 2, rstep = FD_THREADS / c4, col = tid % c4, rl0 = tid / c4;
     const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
     // Every global load of a batch is issued before the batch's shared-memory stores (the
     // compiler does not move loads across those stores, so a load-store loop would pay one
     // memory latency per iteration). The queries come first: they depend on nothing else.
-    float4 qv4[FD_H];
+    float4 qv4[H];
 #pragma unroll
-    for (int i = 0; i < FD_H; i++) {
+    for (int i = 0; i < H; i++) {
         int hl = rl0 + i * rstep, hh = h0 + hl;
-        qv4[i] = hl < FD_H && hh < n_head
+        qv4[i] = hl < H && hh < n_head
                      ? ((const float4*)(q + ((long long)t * n_head + hh) * dh))[col]
                      : z4;
     }
@@ -403,22 +405,22 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
     const int r_lo = b * tpb * FD_R;
     if (r_lo >= a.n_rows) return;
     const int r_hi = min(a.n_rows, r_lo + tpb * FD_R);
-    float* qs = fd_sm;                   // FD_H × dh queries
-    float* ks = qs + FD_H * dh;          // FD_R × dh rows
-    float* ss = ks + FD_R * dh;          // FD_H × (FD_R + 1) scores
-    float* ws = ss + FD_H * (FD_R + 1);  // FD_R × FD_H weights (a row's heads contiguous)
-    float* fac = ws + FD_R * FD_H;       // FD_H rescale factors of the tile
+    float* qs = fd_sm;                   // H × dh queries
+    float* ks = qs + H * dh;          // FD_R × dh rows
+    float* ss = ks + FD_R * dh;          // H × (FD_R + 1) scores
+    float* ws = ss + H * (FD_R + 1);  // FD_R × H weights (a row's heads contiguous)
+    float* fac = ws + FD_R * H;       // H rescale factors of the tile
 #pragma unroll
-    for (int i = 0; i < FD_H; i++) {
+    for (int i = 0; i < H; i++) {
         int hl = rl0 + i * rstep;
-        if (hl < FD_H) ((float4*)qs)[hl * c4 + col] = qv4[i];
+        if (hl < H) ((float4*)qs)[hl * c4 + col] = qv4[i];
     }
     // Softmax: warp w, half-warp g holds head 2w + g, a lane per row of the tile.
     const int sh = 2 * warp + (lane >> 4), sr = lane & 15;
     float m_run = h0 + sh < n_head ? sinks[h0 + sh] : 0.0f, l_run = 0.0f;
-    float acc[FD_H][4];
+    float acc[H][4];
 #pragma unroll
-    for (int h = 0; h < FD_H; h++) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
+    for (int h = 0; h < H; h++) acc[h][0] = acc[h][1] = acc[h][2] = acc[h][3] = 0.0f;
     const int nk = dh >> 7;  // float4 columns a lane takes in the score products
     const bool out_lane = 4 * tid < dh;
     // The tile's rows go through registers: the next tile's loads are issued before this
@@ -444,16 +446,16 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
                 kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr))[col] : z4;
             }
         }
-        float s[32];  // [head h][row 4w + i] at 4h + i
+        float s[4 * H];  // [head h][row 4w + i] at 4h + i
 #pragma unroll
-        for (int x = 0; x < 32; x++) s[x] = 0.0f;
+        for (int x = 0; x < 4 * H; x++) s[x] = 0.0f;
         for (int k = 0; k < nk; k++) {
             const int c = lane + 32 * k;
             float4 kr[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) kr[i] = ((const float4*)ks)[(4 * warp + i) * c4 + c];
 #pragma unroll
-            for (int h = 0; h < FD_H; h++) {
+            for (int h = 0; h < H; h++) {
                 float4 qv = ((const float4*)qs)[h * c4 + c];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
@@ -466,17 +468,19 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
                 }
             }
         }
-        fd_fold<16>(s, lane);
+        if constexpr (H == 8) fd_fold<16>(s, lane);
         fd_fold<8>(s, lane);
         fd_fold<4>(s, lane);
         fd_fold<2>(s, lane);
         fd_fold<1>(s, lane);
-        // Lane l holds entry l: head l/4, row 4w + l%4.
-        ss[(lane >> 2) * (FD_R + 1) + 4 * warp + (lane & 3)] = s[0] * scale;
+        // H = 4: lanes l and l + 16 hold halves of entry l % 16.
+        if constexpr (H == 4) s[0] += __shfl_xor_sync(0xffffffffu, s[0], 16);
+        // Lane l < 4H holds entry l: head l/4, row 4w + l%4.
+        if (lane < 4 * H) ss[(lane >> 2) * (FD_R + 1) + 4 * warp + (lane & 3)] = s[0] * scale;
         __syncthreads();
         {
             const bool ok = r0 + sr < r_hi;
-            float x = ok ? ss[sh * (FD_R + 1) + sr] : NEG_INF;
+            float x = ok && sh < H ? ss[sh * (FD_R + 1) + sr] : NEG_INF;
             float mt = x;
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
@@ -488,13 +492,15 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
             for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
             l_run = l_run * f + sum;
             m_run = mn;
-            ws[sr * FD_H + sh] = w;
-            if (sr == 0) fac[sh] = f;
+            if (sh < H) {
+                ws[sr * H + sh] = w;
+                if (sr == 0) fac[sh] = f;
+            }
         }
         __syncthreads();
         if (out_lane) {
 #pragma unroll
-            for (int h = 0; h < FD_H; h++) {
+            for (int h = 0; h < H; h++) {
                 float f = fac[h];
                 acc[h][0] *= f;
                 acc[h][1] *= f;
@@ -504,10 +510,14 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
 #pragma unroll 4
             for (int r = 0; r < FD_R; r++) {
                 float4 kv = ((const float4*)ks)[r * c4 + tid];
-                float4 wa = ((const float4*)ws)[r * 2], wb = ((const float4*)ws)[r * 2 + 1];
-                float wr[FD_H] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+                float wr[H];
 #pragma unroll
-                for (int h = 0; h < FD_H; h++) {
+                for (int j = 0; j < H / 4; j++) {
+                    float4 w4 = ((const float4*)ws)[r * (H / 4) + j];
+                    wr[4 * j] = w4.x, wr[4 * j + 1] = w4.y, wr[4 * j + 2] = w4.z, wr[4 * j + 3] = w4.w;
+                }
+#pragma unroll
+                for (int h = 0; h < H; h++) {
                     acc[h][0] = fmaf(wr[h], kv.x, acc[h][0]);
                     acc[h][1] = fmaf(wr[h], kv.y, acc[h][1]);
                     acc[h][2] = fmaf(wr[h], kv.z, acc[h][2]);
@@ -519,16 +529,37 @@ extern "C" __global__ void __launch_bounds__(FD_THREADS)
     const long long base = ((long long)b * n + t) * n_head;
     if (out_lane) {
 #pragma unroll
-        for (int h = 0; h < FD_H; h++) {
+        for (int h = 0; h < H; h++) {
             if (h0 + h < n_head)
                 *(float4*)(part + (base + h0 + h) * dh + 4 * tid) =
                     make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
         }
     }
-    if (sr == 0 && h0 + sh < n_head) {
+    if (sr == 0 && sh < H && h0 + sh < n_head) {
         ml[(base + h0 + sh) * 2] = m_run;
         ml[(base + h0 + sh) * 2 + 1] = l_run;
     }
+}
+
+
+extern "C" __global__ void __launch_bounds__(FD_THREADS)
+    k_att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             const long long* __restrict__ p0p, int swa, int dh, int n_head,
+             const float* __restrict__ sinks, float scale, int tpb,
+             float* __restrict__ part, float* __restrict__ ml) {
+    att_fd<8>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml);
+}
+
+extern "C" __global__ void __launch_bounds__(FD_THREADS)
+    k_att_fd4(const float* __restrict__ q, const float* __restrict__ ckv,
+             const float* __restrict__ ring, const float* __restrict__ comp,
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
+             const long long* __restrict__ p0p, int swa, int dh, int n_head,
+             const float* __restrict__ sinks, float scale, int tpb,
+             float* __restrict__ part, float* __restrict__ ml) {
+    att_fd<4>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml);
 }
 
 // Finishes k_att_fd: M = max(sink, m_b), o = Σ_b e^{m_b−M}·part_b / (e^{sink−M} + Σ_b
