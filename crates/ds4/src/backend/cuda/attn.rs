@@ -56,12 +56,12 @@ pub struct AttnKernels {
     fd_combine: CudaFunction,
 }
 
-/// A tensor-core attention kernel, allowed the dynamic shared memory of the widest shapes.
-fn tc_fn(be: &CudaBackend, name: &str) -> Result<CudaFunction> {
+/// A kernel allowed `bytes` of dynamic shared memory (the widest shapes it takes).
+fn smem_fn(be: &CudaBackend, name: &str, bytes: usize) -> Result<CudaFunction> {
     let f = be.function(name)?;
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        tc_smem(TC_MAX_DH, TC_MAX_HALF) as i32,
+        bytes as i32,
     )?;
     Ok(f)
 }
@@ -90,8 +90,11 @@ impl AttnKernels {
             sms: be.info().sm_count as usize,
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
-            tc: tc_fn(be, "k_att_tc")?,
-            fd: [fd_fn(be, "k_att_fd", 8)?, fd_fn(be, "k_att_fd4", 4)?],
+            tc: smem_fn(be, "k_att_tc", tc_smem(TC_MAX_DH, TC_MAX_HALF))?,
+            fd: [
+                smem_fn(be, "k_att_fd", fd_smem(FD_MAX_DH, 8))?,
+                smem_fn(be, "k_att_fd4", fd_smem(FD_MAX_DH, 4))?,
+            ],
             fd_combine: f("k_att_fd_combine")?,
         })
     }
@@ -154,16 +157,6 @@ const FD_MAX_DH: usize = 512;
 /// (`FD_R × h`) and rescale factors (`h`).
 pub fn fd_smem(dh: usize, h: usize) -> usize {
     ((h + FD_R) * dh + h * (FD_R + 1) + FD_R * h + h) * 4
-}
-
-/// A flash-decoding kernel of `h` heads a block, allowed its shared memory at the widest head.
-fn fd_fn(be: &CudaBackend, name: &str, h: usize) -> Result<CudaFunction> {
-    let f = be.function(name)?;
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        fd_smem(FD_MAX_DH, h) as i32,
-    )?;
-    Ok(f)
 }
 
 /// Heads a `k_att_fd` block takes: 4 (`k_att_fd4`, twice the blocks, half the chain a

@@ -380,11 +380,12 @@ __device__ __forceinline__ void fd_fold(float (&s)[N], int lane) {
 
 template <int H>
 __device__ __forceinline__ void att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
-             const float* __restrict__ ring, const float* __restrict__ comp,
-             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
-             const long long* __restrict__ p0p, int swa, int dh, int n_head,
-             const float* __restrict__ sinks, float scale, int tpb,
-             float* __restrict__ part, float* __restrict__ ml) {
+                                       const float* __restrict__ ring,
+                                       const float* __restrict__ comp, const int* __restrict__ sel,
+                                       const int* __restrict__ cnt, int sel_ld, int ratio,
+                                       const long long* __restrict__ p0p, int swa, int dh,
+                                       int n_head, const float* __restrict__ sinks, float scale,
+                                       int tpb, float* __restrict__ part, float* __restrict__ ml) {
     extern __shared__ __align__(16) float fd_sm[];
     const int b = blockIdx.x, h0 = blockIdx.y * H, t = blockIdx.z, n = gridDim.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -541,26 +542,20 @@ __device__ __forceinline__ void att_fd(const float* __restrict__ q, const float*
     }
 }
 
-
-extern "C" __global__ void __launch_bounds__(FD_THREADS)
-    k_att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
-             const float* __restrict__ ring, const float* __restrict__ comp,
-             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
-             const long long* __restrict__ p0p, int swa, int dh, int n_head,
-             const float* __restrict__ sinks, float scale, int tpb,
-             float* __restrict__ part, float* __restrict__ ml) {
-    att_fd<8>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml);
-}
-
-extern "C" __global__ void __launch_bounds__(FD_THREADS)
-    k_att_fd4(const float* __restrict__ q, const float* __restrict__ ckv,
-             const float* __restrict__ ring, const float* __restrict__ comp,
-             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
-             const long long* __restrict__ p0p, int swa, int dh, int n_head,
-             const float* __restrict__ sinks, float scale, int tpb,
-             float* __restrict__ part, float* __restrict__ ml) {
-    att_fd<4>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml);
-}
+// The entry points: k_att_fd (8 heads a block), k_att_fd4 (4).
+#define DS4_ATT_FD(NAME, H)                                                                       \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS)                                      \
+        NAME(const float* __restrict__ q, const float* __restrict__ ckv,                          \
+             const float* __restrict__ ring, const float* __restrict__ comp,                      \
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,     \
+             const long long* __restrict__ p0p, int swa, int dh, int n_head,                      \
+             const float* __restrict__ sinks, float scale, int tpb, float* __restrict__ part,     \
+             float* __restrict__ ml) {                                                            \
+        att_fd<H>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks,       \
+                  scale, tpb, part, ml);                                                          \
+    }
+DS4_ATT_FD(k_att_fd, 8)
+DS4_ATT_FD(k_att_fd4, 4)
 
 // Finishes k_att_fd: M = max(sink, m_b), o = Σ_b e^{m_b−M}·part_b / (e^{sink−M} + Σ_b
 // e^{m_b−M}·l_b), the blocks' terms in block order (the denominator's by a fixed butterfly),
