@@ -921,6 +921,31 @@ impl CudaBackend {
         cfg: LaunchConfig,
         args: &mut [u64],
     ) -> Result<()> {
+        self.launch_ex(f, cfg, args, true)
+    }
+
+    /// [`CudaBackend::launch_pdl`] while a decode graph is being captured
+    /// ([`CudaBackend::pdl`]), else the same launch without the attribute: for the kernels
+    /// that start with `pdl_enter()` or its halves (a no-op in a plain launch).
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_pdl`].
+    pub(crate) unsafe fn launch_slots(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [u64],
+    ) -> Result<()> {
+        self.launch_ex(f, cfg, args, self.pdl())
+    }
+
+    unsafe fn launch_ex(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &mut [u64],
+        pdl: bool,
+    ) -> Result<()> {
         use cudarc::driver::sys;
         let mut ptrs: Vec<*mut std::ffi::c_void> = args
             .iter_mut()
@@ -939,7 +964,7 @@ impl CudaBackend {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.st().cu_stream(),
             attrs: &mut attr,
-            numAttrs: 1,
+            numAttrs: u32::from(pdl),
         };
         self.ctx.bind_to_thread()?;
         sys::cuLaunchKernelEx(
@@ -1010,8 +1035,10 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
-        if self.pdl() {
-            let mut a = [
+        self.launch_slots(
+            &k.mv,
+            cfg,
+            &mut [
                 wp,
                 expert_bytes.slot(),
                 ids,
@@ -1021,20 +1048,8 @@ impl CudaBackend {
                 xs.slot(),
                 y,
                 split_i.slot(),
-            ];
-            return self.launch_pdl(&k.mv, cfg, &mut a);
-        }
-        let mut b = self.st().launch_builder(&k.mv);
-        b.arg(&wp)
-            .arg(&expert_bytes)
-            .arg(&ids)
-            .arg(&n_rows)
-            .arg(&n_cols)
-            .arg(&x)
-            .arg(&xs)
-            .arg(&y)
-            .arg(&split_i);
-        b.launch(cfg)?;
+            ],
+        )?;
         Ok(())
     }
 
@@ -1059,28 +1074,15 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         match kind {
-            ActQuant::Q8_0 if self.pdl() => {
-                let mut a = [x, (n as i64).slot(), q, d];
-                self.launch_pdl(&self.qa_q8_0, cfg, &mut a)?;
-            }
-            ActQuant::Q8K if self.pdl() => {
-                let mut a = [x, ((n / 256) as i32).slot(), q, d];
-                self.launch_pdl(&self.qa_q8_k, cfg, &mut a)?;
-            }
             ActQuant::Q8_0 => {
-                let nn = n as i64;
-                let mut b = self.st().launch_builder(&self.qa_q8_0);
-                b.arg(&x).arg(&nn).arg(&q).arg(&d);
-                b.launch(cfg)?;
+                self.launch_slots(&self.qa_q8_0, cfg, &mut [x, (n as i64).slot(), q, d])
             }
-            ActQuant::Q8K => {
-                let nb = (n / 256) as i32;
-                let mut b = self.st().launch_builder(&self.qa_q8_k);
-                b.arg(&x).arg(&nb).arg(&q).arg(&d);
-                b.launch(cfg)?;
-            }
+            ActQuant::Q8K => self.launch_slots(
+                &self.qa_q8_k,
+                cfg,
+                &mut [x, ((n / 256) as i32).slot(), q, d],
+            ),
         }
-        Ok(())
     }
 
     /// `mv8_<t>`: [`CudaBackend::mv_raw`] with activations already quantized by
@@ -1119,8 +1121,10 @@ impl CudaBackend {
             let expert_bytes = w.expert_stride as i64;
             let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
             let xs = x_stride as i64;
-            if self.pdl() {
-                let mut a = [
+            self.launch_slots(
+                fl,
+                cfg,
+                &mut [
                     wp,
                     expert_bytes.slot(),
                     ids,
@@ -1130,20 +1134,8 @@ impl CudaBackend {
                     xd,
                     xs.slot(),
                     y,
-                ];
-                return self.launch_pdl(fl, cfg, &mut a);
-            }
-            let mut b = self.st().launch_builder(fl);
-            b.arg(&wp)
-                .arg(&expert_bytes)
-                .arg(&ids)
-                .arg(&n_rows)
-                .arg(&n_cols)
-                .arg(&xq)
-                .arg(&xd)
-                .arg(&xs)
-                .arg(&y);
-            b.launch(cfg)?;
+                ],
+            )?;
             return Ok(());
         }
         // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp (4 when a row has
@@ -1174,8 +1166,10 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
-        if self.pdl() {
-            let mut a = [
+        self.launch_slots(
+            f,
+            cfg,
+            &mut [
                 wp,
                 expert_bytes.slot(),
                 ids,
@@ -1186,21 +1180,8 @@ impl CudaBackend {
                 xs.slot(),
                 y,
                 split_i.slot(),
-            ];
-            return self.launch_pdl(f, cfg, &mut a);
-        }
-        let mut b = self.st().launch_builder(f);
-        b.arg(&wp)
-            .arg(&expert_bytes)
-            .arg(&ids)
-            .arg(&n_rows)
-            .arg(&n_cols)
-            .arg(&xq)
-            .arg(&xd)
-            .arg(&xs)
-            .arg(&y)
-            .arg(&split_i);
-        b.launch(cfg)?;
+            ],
+        )?;
         Ok(())
     }
 
@@ -1252,8 +1233,10 @@ impl CudaBackend {
             let expert_bytes = wg.expert_stride as i64;
             let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
             let xs = 0i64;
-            if self.pdl() {
-                let mut a = [
+            self.launch_slots(
+                fl,
+                cfg,
+                &mut [
                     pg,
                     pu,
                     expert_bytes.slot(),
@@ -1266,23 +1249,8 @@ impl CudaBackend {
                     wts,
                     clamp.slot(),
                     h,
-                ];
-                return self.launch_pdl(fl, cfg, &mut a);
-            }
-            let mut b = self.st().launch_builder(fl);
-            b.arg(&pg)
-                .arg(&pu)
-                .arg(&expert_bytes)
-                .arg(&ids)
-                .arg(&n_rows)
-                .arg(&n_cols)
-                .arg(&xq)
-                .arg(&xd)
-                .arg(&xs)
-                .arg(&wts)
-                .arg(&clamp)
-                .arg(&h);
-            b.launch(cfg)?;
+                ],
+            )?;
             return Ok(());
         }
         let split = mv_split(wg.n_rows, wg.n_cols, 2 * slots);
@@ -1300,8 +1268,10 @@ impl CudaBackend {
         let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
         let xs = 0i64;
         let split_i = split as i32;
-        if self.pdl() {
-            let mut a = [
+        self.launch_slots(
+            f,
+            cfg,
+            &mut [
                 pg,
                 pu,
                 expert_bytes.slot(),
@@ -1315,24 +1285,8 @@ impl CudaBackend {
                 clamp.slot(),
                 h,
                 split_i.slot(),
-            ];
-            return self.launch_pdl(f, cfg, &mut a);
-        }
-        let mut b = self.st().launch_builder(f);
-        b.arg(&pg)
-            .arg(&pu)
-            .arg(&expert_bytes)
-            .arg(&ids)
-            .arg(&n_rows)
-            .arg(&n_cols)
-            .arg(&xq)
-            .arg(&xd)
-            .arg(&xs)
-            .arg(&wts)
-            .arg(&clamp)
-            .arg(&h)
-            .arg(&split_i);
-        b.launch(cfg)?;
+            ],
+        )?;
         Ok(())
     }
 
