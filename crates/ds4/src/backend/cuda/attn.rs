@@ -53,7 +53,8 @@ pub struct AttnKernels {
     tc: CudaFunction,
     /// `k_att_fd` (8 heads a block), `k_att_fd4` (4).
     fd: [CudaFunction; 2],
-    fd_combine: CudaFunction,
+    /// `k_att_fd_combine` (8 partials loaded ahead), `k_att_fd_combine32` (all of them).
+    fd_combine: [CudaFunction; 2],
 }
 
 /// A kernel allowed `bytes` of dynamic shared memory (the widest shapes it takes).
@@ -95,7 +96,7 @@ impl AttnKernels {
                 smem_fn(be, "k_att_fd", fd_smem(FD_MAX_DH, 8))?,
                 smem_fn(be, "k_att_fd4", fd_smem(FD_MAX_DH, 4))?,
             ],
-            fd_combine: f("k_att_fd_combine")?,
+            fd_combine: [f("k_att_fd_combine")?, f("k_att_fd_combine32")?],
         })
     }
 }
@@ -352,7 +353,8 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
         );
         launch!(
             st,
-            k.fd_combine,
+            // More than 8 row blocks: the form that loads every partial at once.
+            k.fd_combine[usize::from(nb > 8)],
             ((a.n * a.n_head) as u32, 1, 1),
             (128, 1, 1),
             [
