@@ -563,11 +563,11 @@ DS4_ATT_FD(k_att_fd4, 4)
 // q0 not null (dh a multiple of 32): also o's Q8_0 codes and scales for the output product
 // (q8_0_lane4, equal to qa_q8_0 on the stored o).
 template <int PRE>
-__device__ __forceinline__ void att_fd_combine(const float* __restrict__ part, const float* __restrict__ ml,
-                     const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p,
-                     int swa, int n_head, int dh, int tpb, int nbmax,
-                     const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
-                     float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0) {
+__device__ __forceinline__ void att_fd_combine(
+    const float* __restrict__ part, const float* __restrict__ ml, const int* __restrict__ cnt,
+    int ratio, const long long* __restrict__ p0p, int swa, int n_head, int dh, int tpb, int nbmax,
+    const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
+    float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0) {
     __shared__ float fb[FD_MAXB];
     __shared__ float s_iv;
     const int th = blockIdx.x, t = th / n_head, h = th % n_head, n = gridDim.x / n_head;
@@ -656,28 +656,22 @@ __device__ __forceinline__ void att_fd_combine(const float* __restrict__ part, c
     }
 }
 
-
 // The entry points: PRE = 8 (k_att_fd_combine) keeps 48 registers for the short rows of
 // small contexts; PRE = FD_MAXB (k_att_fd_combine32, 156 registers) loads every block's
 // partial at once, so long contexts (up to FD_MAXB row blocks) pay one memory latency
 // instead of up to four (H100 ncu at 32k / 64k: 7.42 / 7.23 -> 5.66 / 5.50 us).
-extern "C" __global__ void __launch_bounds__(128)
-    k_att_fd_combine(const float* __restrict__ part, const float* __restrict__ ml,
-                     const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p,
-                     int swa, int n_head, int dh, int tpb, int nbmax,
-                     const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
-                     float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0) {
-    att_fd_combine<8>(part, ml, cnt, ratio, p0p, swa, n_head, dh, tpb, nbmax, sinks, half, freqs, o, q0, d0);
-}
-
-extern "C" __global__ void __launch_bounds__(128)
-    k_att_fd_combine32(const float* __restrict__ part, const float* __restrict__ ml,
-                     const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p,
-                     int swa, int n_head, int dh, int tpb, int nbmax,
-                     const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
-                     float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0) {
-    att_fd_combine<FD_MAXB>(part, ml, cnt, ratio, p0p, swa, n_head, dh, tpb, nbmax, sinks, half, freqs, o, q0, d0);
-}
+#define DS4_ATT_FD_COMBINE(NAME, PRE)                                                             \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        NAME(const float* __restrict__ part, const float* __restrict__ ml,                        \
+             const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p, int swa,  \
+             int n_head, int dh, int tpb, int nbmax, const float* __restrict__ sinks, int half,   \
+             const double* __restrict__ freqs, float* __restrict__ o,                             \
+             signed char* __restrict__ q0, float* __restrict__ d0) {                              \
+        att_fd_combine<PRE>(part, ml, cnt, ratio, p0p, swa, n_head, dh, tpb, nbmax, sinks, half,  \
+                            freqs, o, q0, d0);                                                    \
+    }
+DS4_ATT_FD_COMBINE(k_att_fd_combine, 8)
+DS4_ATT_FD_COMBINE(k_att_fd_combine32, FD_MAXB)
 
 // Lightning indexer: score[t][row] = Σ_h w_{t,h}·max(0, q_{t,h}·K_row) for the rows visible
 // to token t, the head sum in head order (as the CPU's iterator sum, from −0.0), with
