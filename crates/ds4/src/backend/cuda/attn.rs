@@ -146,8 +146,8 @@ pub fn use_tc() -> bool {
     *ON.get_or_init(|| super::switch_on("DS4_CUDA_ATT_TC"))
 }
 
-/// Heads, rows of a tile, threads and most row blocks of the split-rows decode attention
-/// (attn.cu `FD_R`, `FD_THREADS`, `FD_MAXB`).
+/// Rows of a tile and most row blocks of the split-rows decode attention (attn.cu `FD_R`,
+/// `FD_MAXB`; the heads a block take are `fd_heads`).
 const FD_R: usize = 16;
 const FD_MAXB: usize = 32;
 /// Widest head the split-rows decode kernel takes (128 threads of 4 output dims).
