@@ -147,7 +147,7 @@ pub fn use_tc() -> bool {
 }
 
 /// Rows of a tile and most row blocks of the split-rows decode attention (attn.cu `FD_R`,
-/// `FD_MAXB`; the heads a block take are `fd_heads`).
+/// `FD_MAXB`; the heads a block takes come from `fd_heads`).
 const FD_R: usize = 16;
 const FD_MAXB: usize = 32;
 /// Widest head the split-rows decode kernel takes (128 threads of 4 output dims).
