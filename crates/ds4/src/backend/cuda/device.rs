@@ -907,44 +907,20 @@ impl CudaBackend {
         self.pf_mx.swap(level, Ordering::Relaxed)
     }
 
-    /// Launches `f` on the stream through `cuLaunchKernelEx` with programmatic stream
-    /// serialization allowed: the kernel may start before its predecessor ends, so it must
-    /// begin with `pdl_enter()` (quant.cu). `args` holds the kernel's parameters in order,
-    /// each as a [`Slot`].
+    /// Launches `f` on the current stream through `cuLaunchKernelEx`, with programmatic
+    /// stream serialization allowed while a decode graph is being captured
+    /// ([`CudaBackend::pdl`]): the kernel may then start before its predecessor ends, so it
+    /// must begin with `pdl_enter()` or its halves (quant.cu; no-ops in a plain launch).
+    /// `args` holds the kernel's parameters in order, each as a [`Slot`].
     ///
     /// # Safety
     /// `args` must match the kernel's signature, and every pointer in it must be a live
     /// device buffer sized for this launch.
-    pub(crate) unsafe fn launch_pdl(
-        &self,
-        f: &CudaFunction,
-        cfg: LaunchConfig,
-        args: &mut [u64],
-    ) -> Result<()> {
-        self.launch_ex(f, cfg, args, true)
-    }
-
-    /// [`CudaBackend::launch_pdl`] while a decode graph is being captured
-    /// ([`CudaBackend::pdl`]), else the same launch without the attribute: for the kernels
-    /// that start with `pdl_enter()` or its halves (a no-op in a plain launch).
-    ///
-    /// # Safety
-    /// As [`CudaBackend::launch_pdl`].
     pub(crate) unsafe fn launch_slots(
         &self,
         f: &CudaFunction,
         cfg: LaunchConfig,
         args: &mut [u64],
-    ) -> Result<()> {
-        self.launch_ex(f, cfg, args, self.pdl())
-    }
-
-    unsafe fn launch_ex(
-        &self,
-        f: &CudaFunction,
-        cfg: LaunchConfig,
-        args: &mut [u64],
-        pdl: bool,
     ) -> Result<()> {
         use cudarc::driver::sys;
         let mut ptrs: Vec<*mut std::ffi::c_void> = args
@@ -964,7 +940,7 @@ impl CudaBackend {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.st().cu_stream(),
             attrs: &mut attr,
-            numAttrs: u32::from(pdl),
+            numAttrs: u32::from(self.pdl()),
         };
         self.ctx.bind_to_thread()?;
         sys::cuLaunchKernelEx(

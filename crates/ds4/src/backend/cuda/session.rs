@@ -273,24 +273,21 @@ macro_rules! launch {
     }};
 }
 
-/// [`launch!`] for a kernel that begins with `pdl_enter()` (quant.cu): while the backend's
-/// PDL switch is on (decode graph capture), launched with programmatic stream serialization.
-/// Either way on the backend's current stream (`CudaBackend::st`: the side stream inside a
-/// fork), as the backend's own launchers do.
+/// [`launch!`] for a kernel that begins with `pdl_enter()` (quant.cu), through
+/// [`CudaBackend::launch_slots`]: with programmatic stream serialization while the backend's
+/// PDL switch is on (decode graph capture), a plain launch otherwise. Either way on the
+/// backend's current stream (`CudaBackend::st`: the side stream inside a fork), as the
+/// backend's own launchers do.
 macro_rules! launchp {
     ($be:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, [$($a:expr),* $(,)?]) => {{
-        if $be.pdl() {
-            let cfg = LaunchConfig {
-                grid_dim: $grid,
-                block_dim: $block,
-                shared_mem_bytes: $smem as u32,
-            };
-            let mut a = [$(Slot::slot($a)),*];
-            // SAFETY: as launch!; the kernel starts with pdl_enter().
-            unsafe { $be.launch_pdl(&$f, cfg, &mut a) }?;
-        } else {
-            launch!($be.st(), $f, $grid, $block, $smem, [$($a),*]);
-        }
+        let cfg = LaunchConfig {
+            grid_dim: $grid,
+            block_dim: $block,
+            shared_mem_bytes: $smem as u32,
+        };
+        let mut a = [$(Slot::slot($a)),*];
+        // SAFETY: as launch!; the kernel starts with pdl_enter().
+        unsafe { $be.launch_slots(&$f, cfg, &mut a) }?;
     }};
 }
 
