@@ -273,6 +273,9 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     }
     check_hc_post_moe(be, &mut rng, &mut out)?;
     check_hc_post_ring(be, &mut rng, &mut out)?;
+    for kx in [0usize, 6] {
+        check_hc_post_mix(be, &mut rng, kx, &mut out)?;
+    }
     check_route(be, &mut rng, &mut out)?;
     check_hc_prefill(be, &mut rng, &mut out)?;
     check_pf_group(be, &mut rng, &mut out)?;
@@ -1721,6 +1724,152 @@ fn check_hc_post_moe(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
         mism,
     );
     row.note = format!("{mism} elements differ in bits from CPU moe sum + hc::post");
+    out.push(row);
+    Ok(())
+}
+
+/// `k_hc_post_mix` (decode: a site's hc_post fused into the next site's control product)
+/// against the two kernels it replaces, run on a copy of the state: `k_hc_post_ring` (kx = 0,
+/// with the ring push) or `k_hc_post_moe` (kx expert rows), then `k_hc_mix_part`. The new
+/// state (written to the other buffer, the old one untouched), the partial dots, the partial
+/// sums of squares and the ring, bit for bit.
+fn check_hc_post_mix(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    kx: usize,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use super::device::Slot;
+    use cudarc::driver::LaunchConfig;
+    let (n, d, swa, dh, pos) = (4usize, 4096usize, 128usize, 512usize, 777i64);
+    let (rows, width) = ((2 + n) * n, n * d);
+    let nb = width / 512;
+    let wb = random_weight(rng, GgmlType::F16, rows, width);
+    let w = be.upload_weight(GgmlType::F16, &wb, rows, width, 1, &mut |_, _| {})?;
+    let x = random_activations(rng, width);
+    let f = random_activations(rng, kx.max(1) * d);
+    let sh = random_activations(rng, d);
+    let kv = random_activations(rng, dh);
+    let ring0 = random_activations(rng, swa * dh);
+    let post: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 * 2.0).collect();
+    let comb: Vec<f32> = (0..n * n).map(|_| rng.uniform() as f32).collect();
+    let st = be.stream();
+    let up = |v: &[f32]| be.upload_f32(v);
+    let (xa, xb, xn) = (up(&x)?, up(&x)?, poisoned(be, width)?);
+    let (fd, shd, kvd, pd, cd) = (up(&f)?, up(&sh)?, up(&kv)?, up(&post)?, up(&comb)?);
+    let (ra, rb) = (up(&ring0)?, up(&ring0)?);
+    let (pa, pb) = (poisoned(be, nb * rows)?, poisoned(be, nb * rows)?);
+    let (sa, sb) = (st.alloc_zeros::<f64>(nb)?, st.alloc_zeros::<f64>(nb)?);
+    let posd = st.clone_htod(&[pos])?;
+    let pt = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+    let ptd = |b: &CudaSlice<f64>| b.device_ptr(st).0;
+    let (wp, pp) = (be.weight_ptr(&w), posd.device_ptr(st).0);
+    let (ni, di, ri, wi, ki) = (n as i32, d as i32, rows as i32, width as i32, kx as i32);
+    let cfg = |grid: (u32, u32, u32), threads: u32| LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let post_grid = ((d as u32).div_ceil(256), 1, 1);
+    let mix_grid = (nb as u32, rows.div_ceil(8) as u32, 1);
+    // SAFETY (every launch below): the argument lists match the kernels' signatures; the
+    // buffers are sized above (f holds kx·d floats, the ring swa·dh).
+    // The reference: the separate kernels on xa (in place), ring ra.
+    if kx == 0 {
+        let mut a = [
+            pt(&xa),
+            pt(&fd),
+            pt(&pd),
+            pt(&cd),
+            ni.slot(),
+            di.slot(),
+            pt(&kvd),
+            pt(&ra),
+        ]
+        .into_iter()
+        .chain([pp, (swa as i32).slot(), (dh as i32).slot()])
+        .collect::<Vec<u64>>();
+        unsafe { be.launch_slots(&be.function("k_hc_post_ring")?, cfg(post_grid, 256), &mut a) }?;
+    } else {
+        let mut a = [
+            pt(&xa),
+            pt(&fd),
+            pt(&shd),
+            ki.slot(),
+            pt(&pd),
+            pt(&cd),
+            ni.slot(),
+            di.slot(),
+        ];
+        unsafe { be.launch_slots(&be.function("k_hc_post_moe")?, cfg(post_grid, 256), &mut a) }?;
+    }
+    let mut a = [
+        pt(&xa),
+        wp,
+        1i32.slot(),
+        ri.slot(),
+        wi.slot(),
+        pt(&pa),
+        ptd(&sa),
+    ];
+    unsafe { be.launch_slots(&be.function("k_hc_mix_part")?, cfg(mix_grid, 64), &mut a) }?;
+    // The fused kernel: old state xb, new state xn, ring rb.
+    let (shp, kvp, rp) = if kx == 0 {
+        (0, pt(&kvd), pt(&rb))
+    } else {
+        (pt(&shd), 0, 0)
+    };
+    let mut a = vec![
+        pt(&xb),
+        wp,
+        1i32.slot(),
+        ri.slot(),
+        wi.slot(),
+        pt(&pb),
+        ptd(&sb),
+        pt(&xn),
+    ];
+    a.extend([
+        pt(&fd),
+        shp,
+        ki.slot(),
+        pt(&pd),
+        pt(&cd),
+        ni.slot(),
+        di.slot(),
+        kvp,
+        rp,
+        pp,
+    ]);
+    a.extend([(swa as i32).slot(), (dh as i32).slot()]);
+    unsafe { be.launch_slots(&be.function("k_hc_post_mix")?, cfg(mix_grid, 64), &mut a) }?;
+    let dl = |b: &CudaSlice<f32>| be.download(b);
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count()
+    };
+    let (ssa, ssb) = (st.clone_dtoh(&sa)?, st.clone_dtoh(&sb)?);
+    let mism = diff(&dl(&xn)?, &dl(&xa)?)
+        + diff(&dl(&pb)?, &dl(&pa)?)
+        + diff(&dl(&rb)?, &dl(&ra)?)
+        + diff(&dl(&xb)?, &x)
+        + ssa
+            .iter()
+            .zip(&ssb)
+            .filter(|(p, q)| p.to_bits() != q.to_bits())
+            .count();
+    let shape = format!("n{n}xd{d}xk{kx}");
+    let mut row = exact_row("hc_post_mix", GgmlType::F16, &shape, mism);
+    row.note = format!(
+        "{mism} elements differ in bits from {} + k_hc_mix_part (state, partials, ring)",
+        if kx == 0 {
+            "k_hc_post_ring"
+        } else {
+            "k_hc_post_moe"
+        }
+    );
     out.push(row);
     Ok(())
 }

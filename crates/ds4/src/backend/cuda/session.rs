@@ -115,6 +115,22 @@ fn use_hc1() -> bool {
     super::switch_on("DS4_CUDA_HC1")
 }
 
+/// Whether decode runs each site's hc_post fused into the next site's control product
+/// (`k_hc_post_mix`; `DS4_CUDA_POSTMIX=0` keeps the separate hc_post launches, for
+/// comparisons). Bit-identical either way.
+fn use_post_mix() -> bool {
+    super::switch_on("DS4_CUDA_POSTMIX")
+}
+
+/// A decode site's hc_post left to the next site's hc_pre (`k_hc_post_mix`), or run alone.
+#[derive(Clone, Copy)]
+enum Post {
+    /// The attention site's, with the ring push of its KV row (`k_hc_post_ring`).
+    Ring { ring: u64 },
+    /// The FFN site's, on the routed and shared experts' outputs (`k_hc_post_moe`).
+    Moe,
+}
+
 /// Whether production decode runs independent paths of a layer on a second stream — the
 /// shared expert beside the router and routed experts, the compressors beside the query
 /// path — so a decode graph has parallel branches (`DS4_CUDA_FORK=0` keeps one stream).
@@ -306,6 +322,7 @@ struct Kernels {
     hc_pre_pf: CudaFunction,
     hc_comb: CudaFunction,
     hc_mix_part: CudaFunction,
+    hc_post_mix: CudaFunction,
     hc_pre1: CudaFunction,
     sinkhorn1: CudaFunction,
     rms_norm_q8: CudaFunction,
@@ -352,6 +369,7 @@ impl Kernels {
             hc_pre_pf: f("k_hc_pre_pf")?,
             hc_comb: f("k_hc_comb")?,
             hc_mix_part: f("k_hc_mix_part")?,
+            hc_post_mix: f("k_hc_post_mix")?,
             hc_pre1: f("k_hc_pre1")?,
             sinkhorn1: f("k_sinkhorn1")?,
             rms_norm_q8: f("k_rms_norm_q8")?,
@@ -806,6 +824,8 @@ struct Scratch {
     /// Position of the chunk's first token (read by the kernels, so graphs can replay).
     pos: CudaSlice<i64>,
     x: CudaSlice<f32>,
+    /// Decode: the other state buffer `k_hc_post_mix` writes (one token's n_hc × D).
+    x2: CudaSlice<f32>,
     mix: CudaSlice<f32>,
     y: CudaSlice<f32>,
     f: CudaSlice<f32>,
@@ -1099,6 +1119,7 @@ impl GpuSession {
             tokens: be.upload_i32(&vec![0; m])?,
             pos: be.stream().clone_htod(&[0i64])?,
             x: a(m * c.hc * d)?,
+            x2: a(c.hc * d)?,
             mix: a(m * c.hc_mix().max(c.hc))?,
             y: a(m * d)?,
             f: a(m * d)?,
@@ -1695,6 +1716,56 @@ impl GpuSession {
             );
             Ok(())
         };
+        // Decode (the hc1 path): a site's hc_post is left in `pending` for the next site's
+        // hc_pre, which runs it fused with its control product (`k_hc_post_mix`: one round
+        // trip to memory instead of two), the new state going to the other of x / x2.
+        // `xcur` is where the state is now; a post with no hc_pre after it (the last
+        // layer's, before the head) runs alone, in place.
+        let xcur = std::cell::Cell::new(p(&s.x));
+        let pending = std::cell::Cell::new(None::<Post>);
+        let flush_post = || -> Result<()> {
+            match pending.take() {
+                None => {}
+                Some(Post::Ring { ring }) => launchp!(
+                    be,
+                    k.hc_post_ring,
+                    ((d as u32).div_ceil(256), 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        xcur.get(),
+                        p(&s.f),
+                        p(&s.post),
+                        p(&s.comb),
+                        nh as i32,
+                        di,
+                        p(&s.kv),
+                        ring,
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32
+                    ]
+                ),
+                Some(Post::Moe) => launchp!(
+                    be,
+                    k.hc_post_moe,
+                    ((d as u32).div_ceil(256), 1, 1),
+                    (256, 1, 1),
+                    0,
+                    [
+                        xcur.get(),
+                        p(&s.dn),
+                        p(&s.sh),
+                        c.n_expert_used as i32,
+                        p(&s.post),
+                        p(&s.comb),
+                        nh as i32,
+                        di
+                    ]
+                ),
+            }
+            Ok(())
+        };
         // hc_pre with the site's RMSNorm (`norm`) fused. Returns whether it left the
         // combination's Sinkhorn to `sinkhorn` (below): on a fork (production decode) that
         // runs on the side stream, off the path the site's products wait on.
@@ -1722,22 +1793,68 @@ impl GpuSession {
             }) {
                 let width = nh * d;
                 let nb = width / 512;
-                launchp!(
-                    be,
-                    k.hc_mix_part,
-                    (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1),
-                    (64, 1, 1),
-                    0,
-                    [
-                        p(&s.x),
-                        be.weight_ptr(fnw),
-                        wty,
-                        fnw.n_rows as i32,
-                        width as i32,
-                        p(&s.hcpart),
-                        ptr(&s.hcss, st)
-                    ]
-                );
+                let grid = (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1);
+                let xo = xcur.get();
+                match pending.get() {
+                    // Each block's 512 elements must lie in one stream.
+                    Some(post) if use_post_mix() && d.is_multiple_of(512) => {
+                        pending.set(None);
+                        let (f, sh, kx, kv, ring) = match post {
+                            Post::Ring { ring } => (p(&s.f), 0, 0, p(&s.kv), ring),
+                            Post::Moe => (p(&s.dn), p(&s.sh), c.n_expert_used as i32, 0, 0),
+                        };
+                        let xn = if xo == p(&s.x) { p(&s.x2) } else { p(&s.x) };
+                        launchp!(
+                            be,
+                            k.hc_post_mix,
+                            grid,
+                            (64, 1, 1),
+                            0,
+                            [
+                                xo,
+                                be.weight_ptr(fnw),
+                                wty,
+                                fnw.n_rows as i32,
+                                width as i32,
+                                p(&s.hcpart),
+                                ptr(&s.hcss, st),
+                                xn,
+                                f,
+                                sh,
+                                kx,
+                                p(&s.post),
+                                p(&s.comb),
+                                nh as i32,
+                                di,
+                                kv,
+                                ring,
+                                p0l,
+                                c.swa as i32,
+                                c.head_dim as i32
+                            ]
+                        );
+                        xcur.set(xn);
+                    }
+                    _ => {
+                        flush_post()?;
+                        launchp!(
+                            be,
+                            k.hc_mix_part,
+                            grid,
+                            (64, 1, 1),
+                            0,
+                            [
+                                xo,
+                                be.weight_ptr(fnw),
+                                wty,
+                                fnw.n_rows as i32,
+                                width as i32,
+                                p(&s.hcpart),
+                                ptr(&s.hcss, st)
+                            ]
+                        );
+                    }
+                }
                 let (q0, d0, qk, dk) = if int8 {
                     (p(&s.q0), p(&s.d0), p(&s.qk), p(&s.dk))
                 } else {
@@ -1750,7 +1867,7 @@ impl GpuSession {
                     (HC_PRE1_THREADS, 1, 1),
                     0,
                     [
-                        p(&s.x),
+                        xcur.get(),
                         p(&s.hcpart),
                         ptr(&s.hcss, st),
                         nb as i32,
@@ -1778,7 +1895,8 @@ impl GpuSession {
                 }
                 return Ok(fork);
             }
-            lin_s(fnw, p(&s.x), n, p(&s.mix), HC_X16_SCALE)?;
+            flush_post()?;
+            lin_s(fnw, xcur.get(), n, p(&s.mix), HC_X16_SCALE)?;
             if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
             {
                 // Production prefill: the state read once, y written as f32 and f16, and
@@ -1790,7 +1908,7 @@ impl GpuSession {
                     ((d / (4 * cols)) as u32, 1, 1),
                     0,
                     [
-                        p(&s.x),
+                        xcur.get(),
                         p(&s.mix),
                         di,
                         cols as i32,
@@ -1840,7 +1958,7 @@ impl GpuSession {
                 (threads, 1, 1),
                 0,
                 [
-                    p(&s.x),
+                    xcur.get(),
                     p(&s.mix),
                     nh as i32,
                     di,
@@ -1905,7 +2023,15 @@ impl GpuSession {
                     ((d as u32 / 4).div_ceil(256), n32, 1),
                     (256, 1, 1),
                     0,
-                    [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di, x16]
+                    [
+                        xcur.get(),
+                        p(&s.f),
+                        p(&s.post),
+                        p(&s.comb),
+                        nh as i32,
+                        di,
+                        x16
+                    ]
                 );
                 if x16 != 0 {
                     set16(2, p(&s.x));
@@ -1918,7 +2044,7 @@ impl GpuSession {
                 ((d as u32).div_ceil(256), n32, 1),
                 (256, 1, 1),
                 0,
-                [p(&s.x), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di]
+                [xcur.get(), p(&s.f), p(&s.post), p(&s.comb), nh as i32, di]
             );
             Ok(())
         };
@@ -2495,27 +2621,9 @@ impl GpuSession {
                 }
             }
             if n == 1 && use_hc1() {
-                // Ring push and hc_post in one launch (decode).
-                launchp!(
-                    be,
-                    k.hc_post_ring,
-                    ((d as u32).div_ceil(256), 1, 1),
-                    (256, 1, 1),
-                    0,
-                    [
-                        p(&s.x),
-                        p(&s.f),
-                        p(&s.post),
-                        p(&s.comb),
-                        nh as i32,
-                        di,
-                        p(&s.kv),
-                        p(&ls.ring),
-                        p0l,
-                        c.swa as i32,
-                        c.head_dim as i32
-                    ]
-                );
+                // Ring push and hc_post in one launch (decode), with the FFN site's control
+                // product when it can (`pending`).
+                pending.set(Some(Post::Ring { ring: p(&ls.ring) }));
             } else {
                 launch!(
                     st,
@@ -2652,24 +2760,9 @@ impl GpuSession {
                     None => shared()?,
                 }
                 if n == 1 && use_hc1() {
-                    // Expert sum and hc_post in one pass (decode).
-                    launchp!(
-                        be,
-                        k.hc_post_moe,
-                        ((d as u32).div_ceil(256), n32, 1),
-                        (256, 1, 1),
-                        0,
-                        [
-                            p(&s.x),
-                            p(&s.dn),
-                            p(&s.sh),
-                            ke as i32,
-                            p(&s.post),
-                            p(&s.comb),
-                            nh as i32,
-                            di
-                        ]
-                    );
+                    // Expert sum and hc_post in one pass (decode), with the next layer's
+                    // control product when it can (`pending`).
+                    pending.set(Some(Post::Moe));
                 } else if let Some(ps) = fused_sum {
                     let (dns, inv) = ps.moe.sorted_out(be);
                     launch!(
@@ -2705,6 +2798,7 @@ impl GpuSession {
                 }
             }
         }
+        flush_post()?;
         if !head {
             return Ok(());
         }
@@ -2712,7 +2806,7 @@ impl GpuSession {
         let first = if all { 0 } else { n - 1 };
         let m = n - first;
         let flat = nh * d;
-        let xh = p(&s.x) + (first * flat * 4) as u64;
+        let xh = xcur.get() + (first * flat * 4) as u64;
         lin(&gm.output_hc_fn, xh, m, p(&s.mix))?;
         launch!(
             st,

@@ -794,6 +794,21 @@ extern "C" __global__ void k_hc_comb(const float* __restrict__ mix, const float*
 // of the next products fused.
 
 #define FWD_MAX_MIX ((2 + FWD_MAX_HC) * FWD_MAX_HC)
+// Most streams the decode hc_pre kernels hold in registers (k_hc_pre1, k_hc_post_mix).
+#define HC_PRE1_MAX_HC 4
+
+// The new state of stream k at one element (hc_post): Q_k·fv + Σ_j M[j][k]·X_j, xs[j] = X_j
+// there, j in order; n ≤ M. Every decode and chunk form of hc_post computes each element with
+// these operations (the module is built without FMA contraction).
+template <int M>
+__device__ __forceinline__ float hc_post_val(const float* xs, float fv, const float* q,
+                                             const float* mm, int n, int k) {
+    float o = q[k] * fv;
+#pragma unroll
+    for (int j = 0; j < M; j++)
+        if (j < n) o += mm[j * n + k] * xs[j];
+    return o;
+}
 
 // hc_pre's control product for one token: block (b, g) takes elements 512b..512b+511 of
 // the flat state (`width` = n·d, a multiple of 512; thread t: 8t..8t+7, one 16-byte F16 or
@@ -801,13 +816,29 @@ extern "C" __global__ void k_hc_comb(const float* __restrict__ mix, const float*
 // part[b·rows + r] (each thread's 8 products in order, then lanes, then the 2 warps, in a
 // fixed order); blocks (b, 0) also write the state's partial sum of squares in f64 (ss[b]).
 // k_hc_pre1 adds the partials in b order. wty: 0 = F32, 1 = F16 fn (row-major). 64 threads.
-extern "C" __global__ void __launch_bounds__(64)
-    k_hc_mix_part(const float* __restrict__ x, const u8* __restrict__ w, int wty, int rows,
-                  int width, float* __restrict__ part, double* __restrict__ ss) {
+//
+// POST (k_hc_post_mix, decode): the previous site's hc_post fused in. The state the dots
+// read is formed here from the old state x (all n ≤ HC_PRE1_MAX_HC streams at the thread's
+// elements, d a multiple of 512 so they lie in one stream k) with hc_post_val, and blocks
+// (b, 0) store it into xn, not x: the other row groups' blocks still read x. So xn, part and
+// ss equal hc_post followed by k_hc_mix_part bit for bit. The sublayer output there: kx = 0,
+// f[e] (the attention site's out_b product); kx > 0, Σ_j f[j·d + e] + sh[e] in
+// k_hc_post_moe's order (the FFN site's routed and shared experts). ring not null: the
+// attention site's ring push (k_hc_post_ring's copy), spread over the grid.
+template <bool POST>
+__device__ __forceinline__ void hc_mix_body(const float* __restrict__ x, const u8* __restrict__ w,
+                                            int wty, int rows, int width,
+                                            float* __restrict__ part, double* __restrict__ ss,
+                                            float* __restrict__ xn, const float* __restrict__ f,
+                                            const float* __restrict__ sh, int kx,
+                                            const float* __restrict__ post,
+                                            const float* __restrict__ comb, int n, int d,
+                                            const float* __restrict__ kv, float* __restrict__ ring,
+                                            const long long* __restrict__ p0p, int swa, int dh) {
     // The fn rows are loaded before the wait (pdl_trigger), the state x after it.
     pdl_trigger();
     __shared__ float red[8][2];
-    __shared__ double sh[33];
+    __shared__ double shd[33];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int e0 = blockIdx.x * 512 + 8 * threadIdx.x, r0 = blockIdx.y * 8;
     float acc[8];
@@ -827,9 +858,66 @@ extern "C" __global__ void __launch_bounds__(64)
             }
     }
     pdl_wait();
-    const float4* px = (const float4*)(x + e0);
-    float4 xa = px[0], xb = px[1];
-    float xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    float xs[8];
+    if constexpr (POST) {
+        if (ring) {
+            const int nt = gridDim.x * gridDim.y * blockDim.x;
+            const long long slot = *p0p % swa;
+            for (int i = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x; i < dh;
+                 i += nt)
+                ring[slot * dh + i] = kv[i];
+        }
+        const int sk = e0 / d, e = e0 - sk * d;
+        float4 xa[HC_PRE1_MAX_HC], xb[HC_PRE1_MAX_HC];
+#pragma unroll
+        for (int j = 0; j < HC_PRE1_MAX_HC; j++)
+            if (j < n) {
+                const float4* px = (const float4*)(x + (i64)j * d + e);
+                xa[j] = px[0];
+                xb[j] = px[1];
+            }
+        float fv[8];
+        if (kx == 0) {
+            const float4* pf = (const float4*)(f + e);
+            float4 fa = pf[0], fb = pf[1];
+            fv[0] = fa.x, fv[1] = fa.y, fv[2] = fa.z, fv[3] = fa.w;
+            fv[4] = fb.x, fv[5] = fb.y, fv[6] = fb.z, fv[7] = fb.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) fv[i] = 0.0f;
+            for (int j = 0; j < kx; j++) {
+                const float4* pf = (const float4*)(f + (i64)j * d + e);
+                float4 fa = pf[0], fb = pf[1];
+                fv[0] += fa.x, fv[1] += fa.y, fv[2] += fa.z, fv[3] += fa.w;
+                fv[4] += fb.x, fv[5] += fb.y, fv[6] += fb.z, fv[7] += fb.w;
+            }
+            const float4* ps = (const float4*)(sh + e);
+            float4 sa = ps[0], sb = ps[1];
+            fv[0] += sa.x, fv[1] += sa.y, fv[2] += sa.z, fv[3] += sa.w;
+            fv[4] += sb.x, fv[5] += sb.y, fv[6] += sb.z, fv[7] += sb.w;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float xj[HC_PRE1_MAX_HC];
+#pragma unroll
+            for (int j = 0; j < HC_PRE1_MAX_HC; j++) {
+                const float4& v = i < 4 ? xa[j] : xb[j];
+                const int c = i & 3;
+                xj[j] = c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
+            }
+            xs[i] = hc_post_val<HC_PRE1_MAX_HC>(xj, fv[i], post, comb, n, sk);
+        }
+        if (blockIdx.y == 0) {
+            float4* po = (float4*)(xn + e0);
+            po[0] = make_float4(xs[0], xs[1], xs[2], xs[3]);
+            po[1] = make_float4(xs[4], xs[5], xs[6], xs[7]);
+        }
+    } else {
+        const float4* px = (const float4*)(x + e0);
+        float4 xa = px[0], xb = px[1];
+        xs[0] = xa.x, xs[1] = xa.y, xs[2] = xa.z, xs[3] = xa.w;
+        xs[4] = xb.x, xs[5] = xb.y, xs[6] = xb.z, xs[7] = xb.w;
+    }
     if (wty == 1) {
 #pragma unroll
         for (int k = 0; k < 8; k++) {
@@ -865,10 +953,28 @@ extern "C" __global__ void __launch_bounds__(64)
 #pragma unroll
     for (int i = 0; i < 8; i++) q2 += (double)xs[i] * (double)xs[i];
     // block_sum_d's barriers also publish `red`.
-    q2 = block_sum_d(q2, sh);
+    q2 = block_sum_d(q2, shd);
     if (blockIdx.y == 0 && threadIdx.x == 0) ss[blockIdx.x] = q2;
     if (threadIdx.x < 8 && r0 + threadIdx.x < rows)
         part[(i64)blockIdx.x * rows + r0 + threadIdx.x] = red[threadIdx.x][0] + red[threadIdx.x][1];
+}
+
+extern "C" __global__ void __launch_bounds__(64)
+    k_hc_mix_part(const float* __restrict__ x, const u8* __restrict__ w, int wty, int rows,
+                  int width, float* __restrict__ part, double* __restrict__ ss) {
+    hc_mix_body<false>(x, w, wty, rows, width, part, ss, nullptr, nullptr, nullptr, 0, nullptr,
+                       nullptr, 0, 0, nullptr, nullptr, nullptr, 0, 0);
+}
+
+extern "C" __global__ void __launch_bounds__(64)
+    k_hc_post_mix(const float* __restrict__ x, const u8* __restrict__ w, int wty, int rows,
+                  int width, float* __restrict__ part, double* __restrict__ ss,
+                  float* __restrict__ xn, const float* __restrict__ f,
+                  const float* __restrict__ sh, int kx, const float* __restrict__ post,
+                  const float* __restrict__ comb, int n, int d, const float* __restrict__ kv,
+                  float* __restrict__ ring, const long long* __restrict__ p0p, int swa, int dh) {
+    hc_mix_body<true>(x, w, wty, rows, width, part, ss, xn, f, sh, kx, post, comb, n, d, kv, ring,
+                      p0p, swa, dh);
 }
 
 // hc_pre for one token from k_hc_mix_part's nb partials: mix and the state's RMS scale
@@ -884,7 +990,6 @@ extern "C" __global__ void __launch_bounds__(64)
 // it only stores the logits, for k_sinkhorn1) and leaves:
 // the y warps meet at named barrier 1, without it. HC_PRE1_THREADS threads.
 #define HC_PRE1_THREADS 544
-#define HC_PRE1_MAX_HC 4
 __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const float* __restrict__ part,
                                              const double* __restrict__ ss, int nb, int n, int d,
                                              float rms_eps, float hc_eps, int iters,
@@ -1077,12 +1182,7 @@ __device__ __forceinline__ void hc_post_elem_t(float* __restrict__ x, float fv,
 #pragma unroll
     for (int j = 0; j < n; j++) xs[j] = xt[j * d + e];
 #pragma unroll
-    for (int k = 0; k < n; k++) {
-        float o = q[k] * fv;
-#pragma unroll
-        for (int j = 0; j < n; j++) o += mm[j * n + k] * xs[j];
-        out[k] = o;
-    }
+    for (int k = 0; k < n; k++) out[k] = hc_post_val<(NC > 0 ? NC : FWD_MAX_HC)>(xs, fv, q, mm, n, k);
 #pragma unroll
     for (int k = 0; k < n; k++) xt[k * d + e] = out[k];
 }
