@@ -1793,68 +1793,51 @@ impl GpuSession {
             }) {
                 let width = nh * d;
                 let nb = width / 512;
-                let grid = (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1);
-                let xo = xcur.get();
-                match pending.get() {
-                    // Each block's 512 elements must lie in one stream.
-                    Some(post) if use_post_mix() && d.is_multiple_of(512) => {
+                // k_hc_mix_part's arguments; k_hc_post_mix takes the pending post's after
+                // them. Each of its blocks' 512 elements must lie in one stream.
+                let mut args = vec![
+                    xcur.get(),
+                    be.weight_ptr(fnw),
+                    wty.slot(),
+                    (fnw.n_rows as i32).slot(),
+                    (width as i32).slot(),
+                    p(&s.hcpart),
+                    ptr(&s.hcss, st),
+                ];
+                let fused = pending
+                    .get()
+                    .filter(|_| use_post_mix() && d.is_multiple_of(512));
+                let f = match fused {
+                    Some(post) => {
                         pending.set(None);
                         let (f, sh, kx, kv, ring) = match post {
                             Post::Ring { ring } => (p(&s.f), 0, 0, p(&s.kv), ring),
                             Post::Moe => (p(&s.dn), p(&s.sh), c.n_expert_used as i32, 0, 0),
                         };
-                        let xn = if xo == p(&s.x) { p(&s.x2) } else { p(&s.x) };
-                        launchp!(
-                            be,
-                            k.hc_post_mix,
-                            grid,
-                            (64, 1, 1),
-                            0,
-                            [
-                                xo,
-                                be.weight_ptr(fnw),
-                                wty,
-                                fnw.n_rows as i32,
-                                width as i32,
-                                p(&s.hcpart),
-                                ptr(&s.hcss, st),
-                                xn,
-                                f,
-                                sh,
-                                kx,
-                                p(&s.post),
-                                p(&s.comb),
-                                nh as i32,
-                                di,
-                                kv,
-                                ring,
-                                p0l,
-                                c.swa as i32,
-                                c.head_dim as i32
-                            ]
-                        );
+                        let xn = if xcur.get() == p(&s.x) {
+                            p(&s.x2)
+                        } else {
+                            p(&s.x)
+                        };
+                        args.extend([xn, f, sh, kx.slot(), p(&s.post), p(&s.comb)]);
+                        args.extend([(nh as i32).slot(), di.slot(), kv, ring, p0l]);
+                        args.extend([(c.swa as i32).slot(), (c.head_dim as i32).slot()]);
                         xcur.set(xn);
+                        &k.hc_post_mix
                     }
-                    _ => {
+                    None => {
                         flush_post()?;
-                        launchp!(
-                            be,
-                            k.hc_mix_part,
-                            grid,
-                            (64, 1, 1),
-                            0,
-                            [
-                                xo,
-                                be.weight_ptr(fnw),
-                                wty,
-                                fnw.n_rows as i32,
-                                width as i32,
-                                p(&s.hcpart),
-                                ptr(&s.hcss, st)
-                            ]
-                        );
+                        &k.hc_mix_part
                     }
-                }
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (nb as u32, fnw.n_rows.div_ceil(8) as u32, 1),
+                    block_dim: (64, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the argument list matches the kernel's (forward.cu); hcpart / hcss
+                // hold nb partials, x and x2 one token's state, f / dn the site's output.
+                unsafe { be.launch_slots(f, cfg, &mut args) }?;
                 let (q0, d0, qk, dk) = if int8 {
                     (p(&s.q0), p(&s.d0), p(&s.qk), p(&s.dk))
                 } else {
