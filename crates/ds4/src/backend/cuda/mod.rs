@@ -42,7 +42,8 @@
 //! `DS4_CUDA_PDL` (programmatic dependent launch inside decode graphs), `DS4_CUDA_FORK` (a layer's
 //! independent decode paths — shared expert, compressors — on a second stream), `DS4_CUDA_INT8` (int8
 //! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
-//! quantization), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_LANE`
+//! quantization), `DS4_CUDA_POSTMIX` (each decode hc_post fused into the next site's control
+//! product, `k_hc_post_mix`; the same bits), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_LANE`
 //! (lane-owned IQ2_XXS / Q2_K int8 matvecs and fused gate+up, `mvl_<t>` / `mvlglu_<t>`;
 //! off = the cooperative shuffle kernels `mv8_<t>` / `mv8glu_<t>`), `DS4_CUDA_GEMM`
 //! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
