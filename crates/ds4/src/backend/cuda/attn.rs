@@ -677,43 +677,33 @@ pub const MAX_COMP_CAND: usize = 256;
 ///
 /// # Safety
 /// Every pointer of `c` must be a live device buffer of the size its field states.
-pub unsafe fn compress(st: &CudaStream, k: &AttnKernels, c: &Compress) -> Result<()> {
+pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Result<()> {
+    use super::device::Slot;
     let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
     let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
     let threads = c.d.next_multiple_of(32).min(1024) as u32;
-    launch!(
-        st,
-        k.comp_pool,
-        ((c.n / c.ratio + 1) as u32, 1, 1),
-        (threads, 1, 1),
-        [
-            c.kvp,
-            c.scp,
-            c.ape,
-            c.skv,
-            c.ssc,
-            c.rows,
-            c.norm,
-            c.freqs,
-            n,
-            c.p0,
-            r,
-            d,
-            coff,
-            c.half as i32,
-            c.eps,
-            c.kind,
-            c.qat as i32,
-            c.exact as i32,
-            inv_sqrt
-        ]
-    );
-    launch!(
-        st,
-        k.comp_state,
-        (c.ratio as u32, 1, 1),
-        (256, 1, 1),
-        [c.kvp, c.scp, c.ape, c.skv, c.ssc, n, c.p0, r, d, coff]
-    );
+    let cfg = |grid: u32, threads: u32| LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Both kernels start with pdl_enter: inside a decode graph (be.pdl()) their launches
+    // may begin while the previous kernel of the stream finishes.
+    let mut pool = vec![c.kvp, c.scp, c.ape, c.skv, c.ssc, c.rows, c.norm, c.freqs];
+    pool.extend([
+        n.slot(),
+        c.p0,
+        r.slot(),
+        d.slot(),
+        coff.slot(),
+        (c.half as i32).slot(),
+    ]);
+    pool.extend([c.eps.slot(), c.kind.slot(), (c.qat as i32).slot()]);
+    pool.extend([(c.exact as i32).slot(), inv_sqrt.slot()]);
+    let pool_grid = (c.n / c.ratio + 1) as u32;
+    be.launch_slots(&k.comp_pool, cfg(pool_grid, threads), &mut pool)?;
+    let mut args = vec![c.kvp, c.scp, c.ape, c.skv, c.ssc, n.slot(), c.p0, r.slot()];
+    args.extend([d.slot(), coff.slot()]);
+    be.launch_slots(&k.comp_state, cfg(c.ratio as u32, 256), &mut args)?;
     Ok(())
 }

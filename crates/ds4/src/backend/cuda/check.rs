@@ -1404,7 +1404,7 @@ fn check_compress(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> R
                 exact: true,
             };
             // SAFETY: buffers sized as `Compress` documents.
-            unsafe { compress(st, &k, &c)? };
+            unsafe { compress(be, &k, &c)? };
             be.synchronize()?;
             p0 += n;
         }

@@ -2094,7 +2094,7 @@ impl GpuSession {
                 };
                 // SAFETY: ckv/csc hold n rows of the widest compressor; the frontier is
                 // coff·r × W; rows were grown to (p0 + n) / r before queueing.
-                unsafe { attn::compress(be.st(), &k.at, &args) }
+                unsafe { attn::compress(be, &k.at, &args) }
             };
             // The compressors read only y and their own state: on a fork they run beside
             // the query path (queued above) and are joined before the indexer and the

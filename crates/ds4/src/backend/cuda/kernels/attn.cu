@@ -770,6 +770,7 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
                                        const long long* __restrict__ p0p, int r, int d, int coff,
                                        int half, float eps, int kind, int qat, int exact,
                                        float inv_sqrt_d) {
+    pdl_enter();
     const long long p0 = *p0p;
     __shared__ double sh[33];
     __shared__ float pooled[1024];
@@ -841,6 +842,7 @@ extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const flo
                                         float* __restrict__ ssc, int n,
                                         const long long* __restrict__ p0p, int r, int d,
                                         int coff) {
+    pdl_enter();
     const long long p0 = *p0p;
     const int s = blockIdx.x, wd = coff * d;
     const long long end = p0 + n;  // exclusive
