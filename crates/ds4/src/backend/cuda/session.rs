@@ -27,7 +27,9 @@
 //! (`k_hc_pre1`) that also writes y's int8 codes for the next products (with the quantizers'
 //! own device functions, so the codes equal `qa_*` on the stored y), the q_b input's RMSNorm
 //! with its codes (`k_rms_norm_q8`), query heads and KV row in one launch, ring push + hc_post
-//! and expert sum + hc_post fused. While a decode graph is captured, the kernels that begin
+//! and expert sum + hc_post fused, and each of those hc_posts run inside the next site's
+//! control product (`k_hc_post_mix`, the state alternating between two buffers;
+//! `DS4_CUDA_POSTMIX=0` launches them alone). While a decode graph is captured, the kernels that begin
 //! with `pdl_enter()` are launched with programmatic stream serialization, so each one's
 //! launch overlaps its predecessor's tail (`DS4_CUDA_PDL=0` turns it off).
 //!
