@@ -277,10 +277,11 @@ pub struct CudaBackend {
     /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
     /// session around the capture of a decode graph; see `pdl_enter` in quant.cu).
     pdl: AtomicBool,
-    /// A second stream for independent branches of a decode step ([`CudaBackend::fork`]).
-    side: Arc<CudaStream>,
-    /// Kernels are launched on `side` (inside a fork) instead of `stream`.
-    on_side: AtomicBool,
+    /// Two more streams for independent branches of a decode step ([`CudaBackend::fork`],
+    /// [`CudaBackend::fork_on`]).
+    sides: [Arc<CudaStream>; 2],
+    /// 0: kernels go to `stream`; 1 + i: to `sides[i]` (inside a fork).
+    lane: AtomicU8,
     /// Grouped expert product kernel level (see [`pf_mx_level`]; the self-test switches it
     /// to check every kernel).
     pf_mx: AtomicU8,
@@ -358,13 +359,13 @@ impl CudaBackend {
         // One stream carries all work, so stream order is the only synchronization needed;
         // cudarc's per-buffer event tracking (made for multi-stream use) would add event
         // records to every launch and is switched off before any buffer exists.
-        // SAFETY: no CudaSlice exists yet. The one place work runs on a second stream
-        // (`fork`) orders it by explicit events, which is what the tracking would add.
+        // SAFETY: no CudaSlice exists yet. The one place work runs on other streams
+        // (`fork_on`) orders it by explicit events, which is what the tracking would add.
         unsafe { ctx.disable_event_tracking() };
         // A created (non-default) stream: CUDA graph capture, which the decode loop uses,
         // is not allowed on the legacy default stream.
         let stream = ctx.new_stream()?;
-        let side = ctx.new_stream()?;
+        let sides = [ctx.new_stream()?, ctx.new_stream()?];
         let (image, origin, cache_key) =
             build_image(cache, &info.arch(), info.nvrtc_version).map_err(CudaError::Compile)?;
         let module = ctx.load_module(Ptx::from_binary(image))?;
@@ -455,8 +456,8 @@ impl CudaBackend {
             origin,
             cache_key,
             pdl: AtomicBool::new(false),
-            side,
-            on_side: AtomicBool::new(false),
+            sides,
+            lane: AtomicU8::new(0),
             pf_mx: AtomicU8::new(PF_MX_FROM_ENV),
         })
     }
@@ -476,34 +477,49 @@ impl CudaBackend {
         &self.stream
     }
 
-    /// The stream kernels are launched on now: the side stream inside [`CudaBackend::fork`],
+    /// The stream kernels are launched on now: a side stream inside [`CudaBackend::fork_on`],
     /// else [`CudaBackend::stream`]. Allocations and copies always use the main stream.
     pub fn st(&self) -> &Arc<CudaStream> {
-        if self.on_side.load(Ordering::Relaxed) {
-            &self.side
-        } else {
-            &self.stream
+        match self.lane.load(Ordering::Relaxed) {
+            0 => &self.stream,
+            i => &self.sides[usize::from(i) - 1],
         }
     }
 
-    /// Whether launches go to the side stream now (inside [`CudaBackend::fork`]).
-    pub fn on_side(&self) -> bool {
-        self.on_side.load(Ordering::Relaxed)
+    /// Which side stream launches go to now (inside [`CudaBackend::fork_on`]), if any.
+    pub fn side(&self) -> Option<usize> {
+        match self.lane.load(Ordering::Relaxed) {
+            0 => None,
+            i => Some(usize::from(i) - 1),
+        }
     }
 
-    /// Queues `branch` on the side stream, concurrent with what the main stream queues after
-    /// this call: the branch starts after everything queued so far, and [`Fork::join`] makes
-    /// the main stream wait for it. Works in a graph capture too (the side stream joins the
-    /// capture through the event, and the join returns to the origin stream), so a decode
-    /// graph gets two parallel paths. The branch must not write what the main path reads or
-    /// writes until the join, nor read what it writes (callers give it its own scratch).
+    /// Whether launches go to a side stream now (inside a fork).
+    pub fn on_side(&self) -> bool {
+        self.side().is_some()
+    }
+
+    /// [`CudaBackend::fork_on`] the first side stream.
     pub fn fork(&self, branch: impl FnOnce() -> Result<()>) -> Result<Fork<'_>> {
+        self.fork_on(0, branch)
+    }
+
+    /// Queues `branch` on side stream `side` (0 or 1), concurrent with what the main stream
+    /// queues after this call: the branch starts after everything queued on the main stream
+    /// so far (and after what that side stream already holds), and [`Fork::join`] makes the
+    /// main stream wait for it. Works in a graph capture too (the side stream joins the
+    /// capture through the event, and the join returns to the origin stream), so a decode
+    /// graph gets parallel paths. The branch must not write what the main path (or the other
+    /// side stream) reads or writes until the join, nor read what they write (callers give it
+    /// its own scratch). Forks do not nest.
+    pub fn fork_on(&self, side: usize, branch: impl FnOnce() -> Result<()>) -> Result<Fork<'_>> {
+        let s = &self.sides[side];
         let start = self.stream.record_event(None)?;
-        self.side.wait(&start)?;
-        self.on_side.store(true, Ordering::Relaxed);
+        s.wait(&start)?;
+        self.lane.store(side as u8 + 1, Ordering::Relaxed);
         let r = branch();
-        self.on_side.store(false, Ordering::Relaxed);
-        let done = self.side.record_event(None)?;
+        self.lane.store(0, Ordering::Relaxed);
+        let done = s.record_event(None)?;
         r.map(|_| Fork { be: self, done })
     }
 

@@ -140,6 +140,12 @@ fn use_fork() -> bool {
     super::switch_on("DS4_CUDA_FORK")
 }
 
+/// Whether production decode gives a ratio-4 layer's indexer its own side stream (see
+/// `fork3` in `queue`; `DS4_CUDA_FORK3=0` keeps it behind the compressors on one).
+fn use_fork3() -> bool {
+    super::switch_on("DS4_CUDA_FORK3")
+}
+
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
@@ -843,6 +849,10 @@ struct Scratch {
     kv: CudaSlice<f32>,
     ckv: CudaSlice<f32>,
     csc: CudaSlice<f32>,
+    /// A decode step's indexer-compressor products (one row each): that compressor may run
+    /// on another stream than the main one, at the same time (`fork3`).
+    ickv: CudaSlice<f32>,
+    icsc: CudaSlice<f32>,
     iq: CudaSlice<f32>,
     iw: CudaSlice<f32>,
     isc: CudaSlice<f32>,
@@ -1135,6 +1145,8 @@ impl GpuSession {
             kv: a(m * c.head_dim)?,
             ckv: a(m * cw)?,
             csc: a(m * cw)?,
+            ickv: a(cw)?,
+            icsc: a(cw)?,
             iq: a(m * c.idx_heads * c.idx_dim)?,
             iw: a(m * c.idx_heads)?,
             isc: a(if any4 { m * isc_ld } else { 1 })?,
@@ -1510,6 +1522,13 @@ impl GpuSession {
         // Quantized form of `elems` inputs at `x` for `kind`: (codes, scales), from the memo
         // when that scratch already holds `x`.
         let qx = |kind: ActQuant, x: u64, elems: usize| -> Result<(u64, u64)> {
+            // The second side stream (the indexer's branch) has no int8 scratch: it is
+            // used only where that branch's products are all F16 (`fork3` below).
+            if be.side() == Some(1) {
+                return Err(CudaError::Invalid(
+                    "int8 product queued on the second side stream".into(),
+                ));
+            }
             let (i, q, dd) = match (kind, be.on_side()) {
                 (ActQuant::Q8_0, false) => (0, p(&s.q0), p(&s.d0)),
                 (ActQuant::Q8K, false) => (1, p(&s.qk), p(&s.dk)),
@@ -2044,6 +2063,13 @@ impl GpuSession {
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
                 let (a, b) = (&w.kv, &w.gate);
+                // A decode step's indexer compressor has its own product rows (`fork3` runs
+                // it beside the main one).
+                let (ckv, csc) = if kind == 1 && n == 1 {
+                    (p(&s.ickv), p(&s.icsc))
+                } else {
+                    (p(&s.ckv), p(&s.csc))
+                };
                 if n == 1
                     && a.ty == GgmlType::F16
                     && b.ty == GgmlType::F16
@@ -2065,19 +2091,19 @@ impl GpuSession {
                             a.n_rows as i32,
                             a.n_cols as i32,
                             p(&s.y),
-                            p(&s.ckv),
-                            p(&s.csc),
+                            ckv,
+                            csc,
                             split as i32
                         ]
                     );
                 } else {
-                    lin(a, p(&s.y), n, p(&s.ckv))?;
-                    lin(b, p(&s.y), n, p(&s.csc))?;
+                    lin(a, p(&s.y), n, ckv)?;
+                    lin(b, p(&s.y), n, csc)?;
                 }
                 let args = attn::Compress {
                     n,
-                    kvp: p(&s.ckv),
-                    scp: p(&s.csc),
+                    kvp: ckv,
+                    scp: csc,
                     ape: p(&w.ape),
                     skv: p(&cs.kv),
                     ssc: p(&cs.sc),
@@ -2094,9 +2120,40 @@ impl GpuSession {
                     qat: self.qat,
                     exact: self.exact,
                 };
-                // SAFETY: ckv/csc hold n rows of the widest compressor; the frontier is
+                // SAFETY: ckv/csc hold n rows of the widest compressor (ickv/icsc: 1); the
+                // frontier is
                 // coff·r × W; rows were grown to (p0 + n) / r before queueing.
                 unsafe { attn::compress(be, &k.at, &args) }
+            };
+            // Production decode of a ratio-4 layer whose indexer products are all F16 (the
+            // published files' types; the second side stream has no int8 scratch): the
+            // indexer's compressor and its weights product run on the second side stream from
+            // here, and its query chain follows there after q_a's norm. The two compressors
+            // and the indexer are then parallel branches instead of one chain on one side
+            // stream, which was longer than the query path (bench/RESULTS.md, eleventh
+            // session).
+            let fork3 = fork
+                && use_fork3()
+                && l.indexer.as_ref().is_some_and(|iw| {
+                    [&iw.comp.kv, &iw.comp.gate, &iw.q_b, &iw.proj]
+                        .iter()
+                        .all(|w| w.ty == GgmlType::F16)
+                });
+            // The indexer scores (and needs its query and weights) once more rows are visible
+            // than it keeps.
+            let idx_scores = pb / 4 > c.idx_topk;
+            let comp_idx = || -> Result<()> {
+                if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
+                    compress(&iw.comp, cs, 1)?;
+                }
+                Ok(())
+            };
+            // The indexer's per-head weights: y's product, into its own scratch `iw`.
+            let idx_proj = || -> Result<()> {
+                match &l.indexer {
+                    Some(iw) if idx_scores => lin(&iw.proj, p(&s.y), n, p(&s.iw)),
+                    _ => Ok(()),
+                }
             };
             // The compressors read only y and their own state: on a fork they run beside
             // the query path (queued above) and are joined before the indexer and the
@@ -2106,13 +2163,21 @@ impl GpuSession {
                 if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
                     compress(w, cs, 0)?;
                 }
-                if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
-                    compress(&iw.comp, cs, 1)?;
+                if !fork3 {
+                    comp_idx()?;
                 }
                 Ok(())
             };
             let att_fork = if fork && (left || l.comp.is_some() || l.indexer.is_some()) {
                 Some(be.fork(comps)?)
+            } else {
+                None
+            };
+            let idx_pre_fork = if fork3 {
+                Some(be.fork_on(1, || {
+                    comp_idx()?;
+                    idx_proj()
+                })?)
             } else {
                 None
             };
@@ -2188,7 +2253,7 @@ impl GpuSession {
                 if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
                     let (ih, id) = (c.idx_heads, c.idx_dim);
                     let vis_max = pb / 4;
-                    if vis_max > c.idx_topk {
+                    if idx_scores {
                         // Production steps with QAT score on tensor cores (exact for the fp4sim
                         // queries and rows): q_finish also writes the bf16 queries for them.
                         let tc = !self.exact
@@ -2248,7 +2313,9 @@ impl GpuSession {
                                 ]
                             );
                         }
-                        lin(&iw.proj, p(&s.y), n, p(&s.iw))?;
+                        if !fork3 {
+                            idx_proj()?;
+                        }
                         // The weights' scale is applied where the score kernels read them.
                         let wscale = 1.0 / ((id * ih) as f32).sqrt();
                         if !self.tiled {
@@ -2334,7 +2401,7 @@ impl GpuSession {
                 Ok(())
             };
             let idx_fork = if fork && l.indexer.is_some() {
-                Some(be.fork(indexer)?)
+                Some(be.fork_on(usize::from(fork3), indexer)?)
             } else {
                 None
             };
@@ -2424,6 +2491,9 @@ impl GpuSession {
             match att_fork {
                 Some(f) => f.join()?,
                 None => comps()?,
+            }
+            if let Some(f) = idx_pre_fork {
+                f.join()?;
             }
             match idx_fork {
                 Some(f) => f.join()?,
