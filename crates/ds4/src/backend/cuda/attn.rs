@@ -45,6 +45,8 @@ pub struct AttnKernels {
     to_bf16: CudaFunction,
     topk: CudaFunction,
     topk_mb: CudaFunction,
+    /// `k_topk1_<KPT>` for KPT = 1, 2, 4, 8, 16 keys a thread.
+    topk1: [CudaFunction; 5],
     /// Multiprocessors of the device (the most blocks `k_topk_mb` may use: they must all be
     /// resident together).
     sms: usize,
@@ -88,6 +90,13 @@ impl AttnKernels {
             to_bf16: f("k_f32_to_bf16")?,
             topk: f("k_topk_rows")?,
             topk_mb: f("k_topk_mb")?,
+            topk1: [
+                f("k_topk1_1")?,
+                f("k_topk1_2")?,
+                f("k_topk1_4")?,
+                f("k_topk1_8")?,
+                f("k_topk1_16")?,
+            ],
             sms: be.info().sm_count as usize,
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
@@ -594,10 +603,22 @@ pub fn topk_mb_min_rows() -> usize {
         .map_or(6144, |n| if n == 0 { usize::MAX } else { n })
 }
 
+/// Most visible rows of a decode token whose top-k runs on `k_topk1` (1,024 threads of up to
+/// 16 keys).
+const TOPK1_MAX_ROWS: usize = 16 * 1024;
+
+/// Whether one decode token's top-k runs on `k_topk1` (keys in registers, per-warp
+/// histograms) when its rows fit (`DS4_CUDA_TOPK1=0`: `k_topk_rows` / `k_topk_mb` as before).
+fn use_topk1() -> bool {
+    super::switch_on("DS4_CUDA_TOPK1")
+}
+
 /// Per token, the `topk` best visible rows by score (all of them when at most `topk` are
 /// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. One token whose
-/// launch may see `vis_max >= topk_mb_min_rows()` rows runs on `k_topk_mb`, spread over up to
-/// one block per SM (`work`, [`TOPK_MB_WORDS`] words, then not 0); else one block a token.
+/// launch may see at most 16,384 rows runs on `k_topk1` (one block, its keys in registers);
+/// one that may see more, and `vis_max >= topk_mb_min_rows()`, on `k_topk_mb`, spread over up
+/// to one block per SM (`work`, [`TOPK_MB_WORDS`] words, then not 0); else one block a token
+/// (`k_topk_rows`).
 ///
 /// # Safety
 /// `scores`: `n × ld` (read only where more than `topk` rows are visible); `sel`:
@@ -618,6 +639,18 @@ pub unsafe fn topk(
     vis_max: usize,
     work: u64,
 ) -> Result<()> {
+    if n == 1 && vis_max <= TOPK1_MAX_ROWS && use_topk1() {
+        // Keys a thread: a power of two with 1,024 of them covering every visible row.
+        let kpt = vis_max.div_ceil(1024).max(1).next_power_of_two();
+        launch!(
+            st,
+            k.topk1[kpt.trailing_zeros() as usize],
+            (1, 1, 1),
+            (1024, 1, 1),
+            [scores, p0, ratio as i32, topk as i32, sel, cnt]
+        );
+        return Ok(());
+    }
     if n == 1 && work != 0 && vis_max >= topk_mb_min_rows() {
         let g = vis_max
             .div_ceil(TOPK_MB_ROWS_PER_BLOCK)

@@ -1214,6 +1214,45 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
             out,
         )?;
     }
+    // One decode token through k_topk1 (keys in registers; DS4_CUDA_TOPK1=0: k_topk_rows),
+    // from one key a thread to 16: normal scores, and a mix with 8 tied levels.
+    for vis in [700usize, 1024, 1500, 4096, 8191, 16_384] {
+        let (p0, ld) = (vis * r - 1, vis + 1);
+        let normal: Vec<f32> = (0..ld).map(|_| rng.normal() as f32).collect();
+        let mixed: Vec<f32> = (0..ld)
+            .map(|i| {
+                if i % 2 == 0 {
+                    (rng.next_u64() % 8) as f32 * 0.25
+                } else {
+                    rng.normal() as f32
+                }
+            })
+            .collect();
+        check_topk(
+            be,
+            &k,
+            &format!("topk1_{vis}"),
+            &normal,
+            p0,
+            1,
+            ld,
+            kk,
+            None,
+            out,
+        )?;
+        check_topk(
+            be,
+            &k,
+            &format!("topk1_ties_{vis}"),
+            &mixed,
+            p0,
+            1,
+            ld,
+            kk,
+            None,
+            out,
+        )?;
+    }
     for p0 in [60_000usize, 140_000] {
         let (n, ld) = (3usize, (p0 + 3) / r + 1);
         let sc: Vec<f32> = (0..n * ld)

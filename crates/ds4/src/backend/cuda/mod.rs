@@ -59,10 +59,12 @@
 //! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`
 //! (production prefill's queries normalized straight to f16 for the tensor-core attention),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
-//! the four tiled passes), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
+//! the four tiled passes), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
+//! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
-//! indexer top-k is spread over many blocks (`k_topk_mb`; default 6144, 0 = never);
+//! indexer top-k is spread over many blocks (`k_topk_mb`, past `k_topk1`'s rows; default
+//! 6144, 0 = never);
 //! `DS4_CUDA_IDXQ_W=0` finishes the indexer queries with the block-per-head `k_idx_q_finish`
 //! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_F16_COPY=0` keeps
 //! no f16 copy of the quantized dense weights (prefill then dequantizes them for every chunk;

@@ -1600,6 +1600,142 @@ extern "C" __global__ void __launch_bounds__(512)
     if (blockIdx.x == 0 && threadIdx.x == 0) cnt[0] = k;
 }
 
+// k_topk_rows for one decode token in one block, every key read once into registers: thread
+// t holds rows KPT·t .. KPT·t + KPT − 1 (contiguous, so the output's row order is one block
+// scan of per-thread counts). The 4 radix passes count into per-warp 256-bin histograms:
+// scores share few exponents, so in one block-wide histogram every warp's (already
+// warp-aggregated) atomic hits the same one or two bins and they serialize; per warp, a bin
+// takes one atomic per key slot. The 8 warps' sums of a bin (threads 0..255, warp order: the
+// same integers in any order) give the pass's histogram. A pass ends the search once the
+// boundary bin holds exactly the keys still wanted (all of them are taken). The selection is
+// k_topk_rows's: every key above the k-th largest, and the equal ones in row order until k
+// (ties to the lower row), written ascending. 1024 threads; n_t ≤ 1024·KPT (host).
+#define TOPK1_THREADS 1024
+template <int KPT>
+__device__ __forceinline__ void topk1(const float* __restrict__ s, const long long* __restrict__ p0p,
+                                      int r, int k, int* __restrict__ out, int* __restrict__ cnt) {
+    constexpr int NW = TOPK1_THREADS / 32;
+    __shared__ unsigned whist[NW][256];
+    __shared__ unsigned wsum[NW];
+    __shared__ unsigned sh_pr[3];
+    pdl_enter();
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n_t = (int)((*p0p + 1) / r);
+    if (n_t <= k) {
+        for (int i = tid; i < n_t; i += TOPK1_THREADS) out[i] = i;
+        if (tid == 0) *cnt = n_t;
+        return;
+    }
+    const int r0 = tid * KPT;
+    unsigned key[KPT];
+    if (KPT >= 4 && r0 + KPT <= n_t) {
+#pragma unroll
+        for (int j = 0; j < KPT; j += 4) {
+            float4 v = *(const float4*)(s + r0 + j);
+            key[j] = okey(v.x), key[j + 1] = okey(v.y), key[j + 2] = okey(v.z), key[j + 3] = okey(v.w);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < KPT; j++) key[j] = r0 + j < n_t ? okey(s[r0 + j]) : 0u;
+    }
+    const int nv = max(0, min(KPT, n_t - r0));  // valid keys of this thread
+    const unsigned lt = (1u << lane) - 1u;
+    unsigned prefix = 0, mask = 0, rem = (unsigned)k;
+    for (int pass = 0; pass < 4; pass++) {
+        const int shift = 24 - 8 * pass;
+        unsigned* h = whist[warp];
+        // This warp's histogram: every reader of the previous pass is past its barriers.
+        *(uint4*)(h + 8 * lane) = make_uint4(0u, 0u, 0u, 0u);
+        *(uint4*)(h + 8 * lane + 4) = make_uint4(0u, 0u, 0u, 0u);
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < KPT; j++) {
+            const bool hit = j < nv && (key[j] & mask) == prefix;
+            const unsigned act = __ballot_sync(0xffffffffu, hit);
+            if (hit) {
+                const unsigned bin = (key[j] >> shift) & 255u;
+                const unsigned m = __match_any_sync(act, bin);
+                if ((m & lt) == 0) h[bin] += __popc(m);  // one lane a bin: no atomic needed
+            }
+            __syncwarp();
+        }
+        __syncthreads();
+        // Bin `tid` (threads 0..255): the warps' counts, then the suffix count (this bin
+        // and all above) by a warp scan plus the warps above.
+        unsigned hv = 0, suf = 0;
+        if (tid < 256) {
+#pragma unroll 8
+            for (int w = 0; w < NW; w++) hv += whist[w][tid];
+            suf = hv;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const unsigned u = __shfl_down_sync(0xffffffffu, suf, o);
+                if (lane + o < 32) suf += u;
+            }
+            if (lane == 0) wsum[warp] = suf;
+        }
+        __syncthreads();
+        if (tid < 256) {
+            for (int w2 = warp + 1; w2 < 8; w2++) suf += wsum[w2];
+            if (suf >= rem && suf - hv < rem) {
+                sh_pr[0] = prefix | ((unsigned)tid << shift);
+                sh_pr[1] = rem - (suf - hv);
+                sh_pr[2] = hv;
+            }
+        }
+        __syncthreads();
+        prefix = sh_pr[0];
+        rem = sh_pr[1];
+        mask |= 255u << shift;
+        // The same value in every thread. (sh_pr, wsum and the histograms are rewritten
+        // only after the next pass's first barrier: every reader is past this pass's.)
+        if (sh_pr[2] == rem) break;
+    }
+    // Taken: key above the boundary, or in it and among its first `rem` in row order.
+    unsigned gt = 0, eq = 0;
+#pragma unroll
+    for (int j = 0; j < KPT; j++) {
+        const unsigned m = key[j] & mask;
+        gt += j < nv && m > prefix;
+        eq += j < nv && m == prefix;
+    }
+    // Exclusive block scan of (eq << 16 | gt): counts stay below 2^16 (n_t ≤ 16,384).
+    const unsigned v = (eq << 16) | gt;
+    unsigned inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned u = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += u;
+    }
+    if (lane == 31) wsum[warp] = inc;  // the last pass's readers are past its barriers
+    __syncthreads();
+    unsigned before = inc - v;
+    for (int w = 0; w < warp; w++) before += wsum[w];
+    unsigned eq_seen = before >> 16;
+    int at = (int)(before & 0xffffu) + (int)min(eq_seen, rem);
+#pragma unroll
+    for (int j = 0; j < KPT; j++) {
+        if (j < nv) {
+            const unsigned m = key[j] & mask;
+            const bool e = m == prefix;
+            if (m > prefix || (e && eq_seen < rem)) out[at++] = r0 + j;
+            eq_seen += e;
+        }
+    }
+    if (tid == 0) *cnt = k;
+}
+#define DS4_TOPK1(KPT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(TOPK1_THREADS)                                 \
+        k_topk1_##KPT(const float* __restrict__ s, const long long* __restrict__ p0p, int r,     \
+                      int k, int* __restrict__ out, int* __restrict__ cnt) {                     \
+        topk1<KPT>(s, p0p, r, k, out, cnt);                                                      \
+    }
+DS4_TOPK1(1)
+DS4_TOPK1(2)
+DS4_TOPK1(4)
+DS4_TOPK1(8)
+DS4_TOPK1(16)
+
 // ---------------------------------------------------------------- attention (§3.3 steps 5-6)
 
 // Exact mode (kept for its summation order: the QAT fixture's FP8 rounding amplifies any
