@@ -558,7 +558,7 @@ pub unsafe fn to_bf16(
 /// halves.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn idx_scores_tc(
-    st: &CudaStream,
+    be: &CudaBackend,
     k: &AttnKernels,
     n: usize,
     q16: u64,
@@ -569,19 +569,29 @@ pub unsafe fn idx_scores_tc(
     scores: u64,
     ld: usize,
 ) -> Result<()> {
-    launch!(
-        st,
-        k.idx_scores_tc,
-        (
+    use super::device::Slot;
+    let cfg = LaunchConfig {
+        grid_dim: (
             vis_max.div_ceil(IXC_ROWS).max(1) as u32,
             n.div_ceil(IXC_TOK) as u32,
-            1
+            1,
         ),
-        (256, 1, 1),
-        IXC_SMEM as u32,
-        [q16, w, wscale, krows, p0, n as i32, scores, ld as i32]
-    );
-    Ok(())
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: IXC_SMEM as u32,
+    };
+    // The kernel starts with pdl_enter: inside a decode graph it may launch while the kernel
+    // before it finishes.
+    let mut a = [
+        q16,
+        w,
+        wscale.slot(),
+        krows,
+        p0,
+        (n as i32).slot(),
+        scores,
+        (ld as i32).slot(),
+    ];
+    be.launch_slots(&k.idx_scores_tc, cfg, &mut a)
 }
 
 /// `u32` words of the multi-block top-k's work buffer (forward.cu `k_topk_mb`: four 256-bin
@@ -626,7 +636,7 @@ fn use_topk1() -> bool {
 /// [`TOPK_MB_WORDS`] u32 that only `k_topk_mb` launches on this stream touch.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn topk(
-    st: &CudaStream,
+    be: &CudaBackend,
     k: &AttnKernels,
     n: usize,
     scores: u64,
@@ -642,15 +652,24 @@ pub unsafe fn topk(
     if n == 1 && vis_max <= TOPK1_MAX_ROWS && use_topk1() {
         // Keys a thread: a power of two with 1,024 of them covering every visible row.
         let kpt = vis_max.div_ceil(1024).max(1).next_power_of_two();
-        launch!(
-            st,
-            k.topk1[kpt.trailing_zeros() as usize],
-            (1, 1, 1),
-            (1024, 1, 1),
-            [scores, p0, ratio as i32, topk as i32, sel, cnt]
-        );
-        return Ok(());
+        use super::device::Slot;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut a = [
+            scores,
+            p0,
+            (ratio as i32).slot(),
+            (topk as i32).slot(),
+            sel,
+            cnt,
+        ];
+        // k_topk1 starts with pdl_enter (PDL inside a decode graph).
+        return be.launch_slots(&k.topk1[kpt.trailing_zeros() as usize], cfg, &mut a);
     }
+    let st = be.st();
     if n == 1 && work != 0 && vis_max >= topk_mb_min_rows() {
         let g = vis_max
             .div_ceil(TOPK_MB_ROWS_PER_BLOCK)

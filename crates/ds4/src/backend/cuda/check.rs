@@ -1028,7 +1028,7 @@ fn run_idx_scores(
             let q16 = d_q16.device_ptr(st).0;
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             to_bf16(st, k, pq, q16, n * ih * id)?;
-            idx_scores_tc(st, k, n, q16, pw, pr, p0p, vis_max, ps, ld)?
+            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld)?
         } else {
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             idx_scores(st, k, n, pq, pw, pr, ih, id, p0p, r, vis_max, ps, ld)?
@@ -1327,7 +1327,7 @@ fn check_topk(
         // SAFETY: buffers sized as `topk` documents.
         unsafe {
             topk(
-                st,
+                be,
                 k,
                 n,
                 d_s.device_ptr(st).0,

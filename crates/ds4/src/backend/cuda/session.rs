@@ -2275,8 +2275,8 @@ impl GpuSession {
                         }
                         .filter(|_| half <= 128 && super::switch_on("DS4_CUDA_IDXQ_W"));
                         if let Some(wi) = wf {
-                            launch!(
-                                be.st(),
+                            launchp!(
+                                be,
                                 k.idx_q_finish_w[wi],
                                 (n32, (ih as u32).div_ceil(8), 1),
                                 (256, 1, 1),
@@ -2343,7 +2343,7 @@ impl GpuSession {
                             // by q_finish above.
                             unsafe {
                                 attn::idx_scores_tc(
-                                    be.st(),
+                                    be,
                                     &k.at,
                                     n,
                                     p16(&s.iq16),
@@ -2383,7 +2383,7 @@ impl GpuSession {
                     // never in two launches at once.
                     unsafe {
                         attn::topk(
-                            be.st(),
+                            be,
                             &k.at,
                             n,
                             p(&s.isc),

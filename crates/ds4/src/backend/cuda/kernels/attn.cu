@@ -1278,6 +1278,7 @@ extern "C" __global__ void __launch_bounds__(256)
     u16* qs = ks + IXC_ROWS * IXC_KS;               // [2][64 heads][IXC_KS]
     float* ws = (float*)(qs + 2 * 64 * IXC_KS);     // [2][64]
     float* vs = ws + 2 * 64;                        // [64 heads][IXC_VS]
+    pdl_enter();
     const long long p0 = *p0p;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;

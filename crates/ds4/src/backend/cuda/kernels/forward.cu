@@ -493,6 +493,7 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
                             const double* __restrict__ freqs, const long long* __restrict__ p0p, \
                             const float* __restrict__ cs_tab, int qat, float inv_sqrt_id,        \
                             u16* __restrict__ q16) {                                             \
+        pdl_enter();                                                                             \
         idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16);           \
     }
 DS4_IDX_Q_FINISH_W(2)
