@@ -287,6 +287,12 @@ pub struct CudaBackend {
     pf_mx: AtomicU8,
 }
 
+/// Whether the backend's streams get different priorities and decode graphs keep them per
+/// node (see `CudaBackend::init`; `DS4_CUDA_PRIO=0` turns it off, for comparisons).
+pub(crate) fn use_priorities() -> bool {
+    super::switch_on("DS4_CUDA_PRIO")
+}
+
 /// A side-stream branch queued by [`CudaBackend::fork`], joined back into the main stream.
 #[must_use = "the main stream must join the branch before using its results"]
 pub struct Fork<'a> {
@@ -364,8 +370,24 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         // A created (non-default) stream: CUDA graph capture, which the decode loop uses,
         // is not allowed on the legacy default stream.
-        let stream = ctx.new_stream()?;
-        let sides = [ctx.new_stream()?, ctx.new_stream()?];
+        // Stream priorities, which decode graphs keep per kernel node (session.rs
+        // end_capture): the block scheduler serves the highest-priority pending grid first.
+        // The second side stream (a ratio-4 layer's indexer, the longest branch of its step)
+        // gets the highest, the main stream the middle one, and the first side stream (the
+        // shared expert beside the routed ones, the compressors) the lowest, so the side
+        // branches' blocks fill what the main path leaves instead of delaying it
+        // (bench/RESULTS.md, eleventh session; `DS4_CUDA_PRIO=0`: all equal).
+        let (least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
+        let (pm, p1, p2) = if use_priorities() {
+            ((least + greatest) / 2, least, greatest)
+        } else {
+            (least, least, least)
+        };
+        let stream = ctx.new_stream_with_priority(pm)?;
+        let sides = [
+            ctx.new_stream_with_priority(p1)?,
+            ctx.new_stream_with_priority(p2)?,
+        ];
         let (image, origin, cache_key) =
             build_image(cache, &info.arch(), info.nvrtc_version).map_err(CudaError::Compile)?;
         let module = ctx.load_module(Ptx::from_binary(image))?;

@@ -41,7 +41,8 @@
 //! bisecting — none is needed in normal use): `DS4_CUDA_GRAPH` (decode graph replay),
 //! `DS4_CUDA_PDL` (programmatic dependent launch inside decode graphs), `DS4_CUDA_FORK` (a layer's
 //! independent decode paths — shared expert, compressors — on a second stream), `DS4_CUDA_FORK3`
-//! (a ratio-4 layer's indexer on a third stream, beside the compressors), `DS4_CUDA_INT8` (int8
+//! (a ratio-4 layer's indexer on a third stream, beside the compressors), `DS4_CUDA_PRIO` (stream
+//! priorities kept per decode-graph node: indexer > main path > shared expert / compressors), `DS4_CUDA_INT8` (int8
 //! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
 //! quantization), `DS4_CUDA_POSTMIX` (each decode hc_post fused into the next site's control
 //! product, `k_hc_post_mix`; the same bits), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_LANE`

@@ -251,8 +251,16 @@ impl DecodeGraph {
                 // Not updatable: drop the old executable and instantiate.
             }
             let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+            // Each kernel node keeps the priority of the stream it was captured on (device.rs
+            // CudaBackend::init: the indexer's side stream highest, the other side stream
+            // lowest) instead of taking the launch stream's.
+            let flags = if super::device::use_priorities() {
+                8 // CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
+            } else {
+                0
+            };
             // SAFETY: `graph` is a complete captured graph.
-            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0).result()? };
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, flags).result()? };
             Ok(DecodeGraph {
                 key,
                 exec,
