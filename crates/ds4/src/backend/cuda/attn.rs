@@ -9,7 +9,7 @@
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::device::{CudaBackend, Result};
+use super::device::{CudaBackend, Result, Slot};
 
 /// Tile edge of the attention kernels (heads × rows, heads × dims).
 const AT_T: usize = 32;
@@ -569,7 +569,6 @@ pub unsafe fn idx_scores_tc(
     scores: u64,
     ld: usize,
 ) -> Result<()> {
-    use super::device::Slot;
     let cfg = LaunchConfig {
         grid_dim: (
             vis_max.div_ceil(IXC_ROWS).max(1) as u32,
@@ -652,7 +651,6 @@ pub unsafe fn topk(
     if n == 1 && vis_max <= TOPK1_MAX_ROWS && use_topk1() {
         // Keys a thread: a power of two with 1,024 of them covering every visible row.
         let kpt = vis_max.div_ceil(1024).max(1).next_power_of_two();
-        use super::device::Slot;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1024, 1, 1),
@@ -730,7 +728,6 @@ pub const MAX_COMP_CAND: usize = 256;
 /// # Safety
 /// Every pointer of `c` must be a live device buffer of the size its field states.
 pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Result<()> {
-    use super::device::Slot;
     let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
     let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
     let threads = c.d.next_multiple_of(32).min(1024) as u32;

@@ -1175,8 +1175,8 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         &pairs,
         TOL_F32,
     ));
-    // Top-k: the GPU's scores, then scores with many ties (8 levels); then longer rows: 15k
-    // visible (several keys a thread in registers) and 35k (past the register path).
+    // Top-k: the GPU's scores, then scores with many ties (8 levels); then one decode token
+    // through k_topk1 and k_topk_mb, and longer rows: 15k and 35k visible.
     let tied: Vec<f32> = (0..n * ld)
         .map(|_| (rng.next_u64() % 8) as f32 * 0.5 - 1.0)
         .collect();
@@ -1219,51 +1219,15 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     for vis in [700usize, 1024, 1500, 4096, 8191, 16_384] {
         let (p0, ld) = (vis * r - 1, vis + 1);
         let normal: Vec<f32> = (0..ld).map(|_| rng.normal() as f32).collect();
-        let mixed: Vec<f32> = (0..ld)
-            .map(|i| {
-                if i % 2 == 0 {
-                    (rng.next_u64() % 8) as f32 * 0.25
-                } else {
-                    rng.normal() as f32
-                }
-            })
-            .collect();
-        check_topk(
-            be,
-            &k,
-            &format!("topk1_{vis}"),
-            &normal,
-            p0,
-            1,
-            ld,
-            kk,
-            None,
-            out,
-        )?;
-        check_topk(
-            be,
-            &k,
-            &format!("topk1_ties_{vis}"),
-            &mixed,
-            p0,
-            1,
-            ld,
-            kk,
-            None,
-            out,
-        )?;
+        let mixed = tie_mix(rng, ld, 2, 0.25);
+        for (name, sc) in [("topk1", &normal), ("topk1_ties", &mixed)] {
+            let name = format!("{name}_{vis}");
+            check_topk(be, &k, &name, sc, p0, 1, ld, kk, None, out)?;
+        }
     }
     for p0 in [60_000usize, 140_000] {
         let (n, ld) = (3usize, (p0 + 3) / r + 1);
-        let sc: Vec<f32> = (0..n * ld)
-            .map(|i| {
-                if i % 3 == 0 {
-                    (rng.next_u64() % 8) as f32 * 0.5
-                } else {
-                    rng.normal() as f32
-                }
-            })
-            .collect();
+        let sc = tie_mix(rng, n * ld, 3, 0.5);
         check_topk(be, &k, "topk_rows_long", &sc, p0, n, ld, kk, None, out)?;
         if min_mb < usize::MAX / 2 {
             let vis = (p0 + 1) / r;
@@ -1283,6 +1247,19 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         }
     }
     Ok(())
+}
+
+/// `len` top-k scores: every `every`-th one of 8 tied levels `step` apart, the others normal.
+fn tie_mix(rng: &mut Rng, len: usize, every: usize, step: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            if i % every == 0 {
+                (rng.next_u64() % 8) as f32 * step
+            } else {
+                rng.normal() as f32
+            }
+        })
+        .collect()
 }
 
 /// `k_topk_rows` on `scores` (`n × ld`, ratio 4 from position p0) against `ops::top_k`:

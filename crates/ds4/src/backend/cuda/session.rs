@@ -2129,8 +2129,7 @@ impl GpuSession {
                     exact: self.exact,
                 };
                 // SAFETY: ckv/csc hold n rows of the widest compressor (ickv/icsc: 1); the
-                // frontier is
-                // coff·r × W; rows were grown to (p0 + n) / r before queueing.
+                // frontier is coff·r × W; rows were grown to (p0 + n) / r before queueing.
                 unsafe { attn::compress(be, &k.at, &args) }
             };
             // Production decode of a ratio-4 layer whose indexer products are all F16 (the
