@@ -31,7 +31,10 @@
 //! control product (`k_hc_post_mix`, the state alternating between two buffers;
 //! `DS4_CUDA_POSTMIX=0` launches them alone). While a decode graph is captured, the kernels that begin
 //! with `pdl_enter()` are launched with programmatic stream serialization, so each one's
-//! launch overlaps its predecessor's tail (`DS4_CUDA_PDL=0` turns it off).
+//! launch overlaps its predecessor's tail (`DS4_CUDA_PDL=0` turns it off). Independent parts
+//! of a decode layer run on side streams (`CudaBackend::fork_on`): the compressors and the
+//! shared expert on one, a ratio-4 layer's indexer on another; the graph keeps each stream's
+//! priority per node (indexer above the main path above the shared expert).
 //!
 //! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
 //! kernel in kernels/forward.cu says which CPU function it stands for.
