@@ -1756,46 +1756,49 @@ impl GpuSession {
         let xcur = std::cell::Cell::new(p(&s.x));
         let pending = std::cell::Cell::new(None::<Post>);
         let flush_post = || -> Result<()> {
-            match pending.take() {
-                None => {}
-                Some(Post::Ring { ring }) => launchp!(
-                    be,
-                    k.hc_post_ring,
-                    ((d as u32).div_ceil(256), 1, 1),
-                    (256, 1, 1),
-                    0,
-                    [
+            let Some(post) = pending.take() else {
+                return Ok(());
+            };
+            let (nhi, dii) = ((nh as i32).slot(), di.slot());
+            let (f, mut args) = match post {
+                Post::Ring { ring } => (
+                    &k.hc_post_ring,
+                    vec![
                         xcur.get(),
                         p(&s.f),
                         p(&s.post),
                         p(&s.comb),
-                        nh as i32,
-                        di,
+                        nhi,
+                        dii,
                         p(&s.kv),
                         ring,
                         p0l,
-                        c.swa as i32,
-                        c.head_dim as i32
-                    ]
+                        (c.swa as i32).slot(),
+                        (c.head_dim as i32).slot(),
+                    ],
                 ),
-                Some(Post::Moe) => launchp!(
-                    be,
-                    k.hc_post_moe,
-                    ((d as u32).div_ceil(256), 1, 1),
-                    (256, 1, 1),
-                    0,
-                    [
+                Post::Moe => (
+                    &k.hc_post_moe,
+                    vec![
                         xcur.get(),
                         p(&s.dn),
                         p(&s.sh),
-                        c.n_expert_used as i32,
+                        (c.n_expert_used as i32).slot(),
                         p(&s.post),
                         p(&s.comb),
-                        nh as i32,
-                        di
-                    ]
+                        nhi,
+                        dii,
+                    ],
                 ),
-            }
+            };
+            let cfg = LaunchConfig {
+                grid_dim: ((d as u32).div_ceil(256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: each list matches its kernel's parameters (forward.cu k_hc_post_ring /
+            // k_hc_post_moe); x holds one token's state, f / dn and sh the site's output.
+            unsafe { be.launch_slots(f, cfg, &mut args) }?;
             Ok(())
         };
         // hc_pre with the site's RMSNorm (`norm`) fused. Returns whether it left the
