@@ -1605,9 +1605,9 @@ extern "C" __global__ void __launch_bounds__(512)
 // t holds rows KPT·t .. KPT·t + KPT − 1 (contiguous, so the output's row order is one block
 // scan of per-thread counts). The 4 radix passes count into per-warp 256-bin histograms:
 // scores share few exponents, so in one block-wide histogram every warp's (already
-// warp-aggregated) atomic hits the same one or two bins and they serialize; per warp, a bin
-// takes one atomic per key slot. The 8 warps' sums of a bin (threads 0..255, warp order: the
-// same integers in any order) give the pass's histogram. A pass ends the search once the
+// warp-aggregated) atomic hits the same one or two bins and they serialize; per warp, one
+// lane a bin adds its group's count with a plain store per key slot. The 32 warps' counts of
+// a bin, added by thread `bin` (threads 0..255), give the pass's histogram. A pass ends the search once the
 // boundary bin holds exactly the keys still wanted (all of them are taken). The selection is
 // k_topk_rows's: every key above the k-th largest, and the equal ones in row order until k
 // (ties to the lower row), written ascending. 1024 threads; n_t ≤ 1024·KPT (host).
