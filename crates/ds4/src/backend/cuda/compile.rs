@@ -314,6 +314,26 @@ mod tests {
         }
     }
 
+    /// The prefill decoder's sign masks (prefill.cu `PxIq2::decode`): for every 7-bit stored
+    /// pattern, word p's mask `(s7·K_p [+ parity<<31 for p = 3]) & 0x80008000` must hold
+    /// weight 2p's KSIGNS bit at bit 15 and weight 2p+1's at bit 31.
+    #[test]
+    fn iq2_sign_masks_by_multiplication_match_ksigns() {
+        const K: [u32; 4] = [0x4000_8000, 0x1000_2000, 0x0400_0800, 0x0100_0200];
+        let (_, signs) = iq2_tables();
+        for (s7, &sg) in signs.iter().enumerate() {
+            let s7 = s7 as u32;
+            let par = (s7.count_ones() & 1) << 31;
+            for (p, &k) in K.iter().enumerate() {
+                let add = if p == 3 { par } else { 0 };
+                let m = s7.wrapping_mul(k).wrapping_add(add) & 0x8000_8000;
+                let want = ((u32::from(sg) >> (2 * p)) & 1) << 15
+                    | ((u32::from(sg) >> (2 * p + 1)) & 1) << 31;
+                assert_eq!(m, want, "pattern {s7} word {p}");
+            }
+        }
+    }
+
     #[test]
     fn source_embeds_tables_and_every_kernel() {
         let s = kernel_source();
