@@ -53,6 +53,8 @@ pub struct AttnKernels {
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
+    /// `k_att_rows16`: the f16 copies of the rows `k_att_tc` reads.
+    rows16: CudaFunction,
     /// `k_att_fd` (8 heads a block), `k_att_fd4` (4).
     fd: [CudaFunction; 2],
     /// `k_att_fd_combine` (8 partials loaded ahead), `k_att_fd_combine32` (all of them).
@@ -101,6 +103,7 @@ impl AttnKernels {
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
             tc: smem_fn(be, "k_att_tc", tc_smem(TC_MAX_DH, TC_MAX_HALF))?,
+            rows16: f("k_att_rows16")?,
             fd: [
                 smem_fn(be, "k_att_fd", fd_smem(FD_MAX_DH, 8))?,
                 smem_fn(be, "k_att_fd4", fd_smem(FD_MAX_DH, 4))?,
@@ -125,15 +128,14 @@ const TC_MAX_HEADS: usize = 64;
 const TC_SEL: usize = 1024;
 
 /// Dynamic shared memory of `k_att_tc` (attn.cu's layout): f16 queries (64 heads, `dh + 8`
-/// wide); two tile buffers, each the larger of one tile of f16 rows (`dh + 8` wide) and the
-/// f32 score partials 4 × 64 × `TC_SP` (a tile's rows sit in one while its partials use the other);
-/// f16 weights 64 × 40; the f32 staging of the next tile; the selection; m, l and the rescale
-/// factors (64 each); cos and −sin of the tail pairs.
+/// wide); two tile buffers of f16 rows (`TC_BR` × (`dh + 8`)); the f32 score partials 4 × 64 ×
+/// `TC_SP`; f16 weights 64 × 40; the selection; m, l and the rescale factors (64 each); cos
+/// and −sin of the tail pairs.
 pub fn tc_smem(dh: usize, half: usize) -> usize {
     TC_MAX_HEADS * (dh + 8) * 2
-        + 2 * (TC_BR * (dh + 8) * 2).max(4 * TC_MAX_HEADS * TC_SP * 4)
+        + 2 * TC_BR * (dh + 8) * 2
+        + 4 * TC_MAX_HEADS * TC_SP * 4
         + TC_MAX_HEADS * 40 * 2
-        + TC_BR * dh * 4
         + TC_SEL * 4
         + 3 * TC_MAX_HEADS * 4
         + 2 * half * 4
@@ -230,6 +232,12 @@ pub struct Attend {
     pub freqs: u64,
     /// Output, `n × n_head × dh`.
     pub o: u64,
+    /// With [`Attend::uses_tc`]: scratch for the f16 copies of the rows the tensor-core
+    /// kernel reads, (`swa` + `n` + `comp_rows`) × `dh` halves.
+    pub rows16: u64,
+    /// Compressed rows copied there (at least every row a token of the launch can see; at
+    /// most what `comp` holds); 0 when `ratio == 0`.
+    pub comp_rows: usize,
     /// Not 0 (with [`Attend::uses_tc`]): the tensor-core kernel writes the output as f16
     /// here (`n × n_head × dh` halves, f32_to_f16's rounding) instead of f32 to `o`.
     pub o16: u64,
@@ -260,7 +268,7 @@ pub struct Attend {
 impl Attend {
     /// Whether [`attend`] runs the tensor-core kernel (so `o16`, when set, gets the output).
     pub fn uses_tc(&self) -> bool {
-        self.tc && tc_supported(self.n_head, self.dh, self.half)
+        self.tc && self.rows16 != 0 && tc_supported(self.n_head, self.dh, self.half)
     }
 
     /// Whether [`attend`] writes the output's Q8_0 codes into `q0`/`d0`.
@@ -301,6 +309,21 @@ pub const DECODE_SPLIT: usize = 4;
 /// Every pointer of `a` must be a live device buffer of the size its field states.
 pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()> {
     if a.uses_tc() {
+        // The rows as f16 (k_att_tc's own rounding of them, done once per launch instead of
+        // once per reading token): ring, then this chunk's rows, then the compressed rows.
+        let (n0, n1) = (a.swa as i64, a.n as i64);
+        let n2 = if a.ratio == 0 { 0 } else { a.comp_rows as i64 };
+        let elems = (n0 + n1 + n2) as usize * a.dh;
+        let blocks = elems.div_ceil(4 * 256).clamp(1, 4096) as u32;
+        launch!(
+            st,
+            k.rows16,
+            (blocks, 1, 1),
+            (256, 1, 1),
+            0,
+            [a.ring, a.ckv, a.comp, n0, n1, n2, a.dh as i32, a.rows16]
+        );
+        let h = |rows: i64| a.rows16 + 2 * (rows as u64) * a.dh as u64;
         launch!(
             st,
             k.tc,
@@ -309,9 +332,9 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             tc_smem(a.dh, a.half) as u32,
             [
                 a.q,
-                a.ckv,
-                a.ring,
-                a.comp,
+                h(n0),
+                a.rows16,
+                h(n0 + n1),
                 a.sel,
                 a.cnt,
                 a.sel_ld as i32,

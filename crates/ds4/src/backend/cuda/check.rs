@@ -761,6 +761,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         let fd_nb = super::attn::fd_blocks(rows_cap).1;
         let d_sc = be.alloc_f32((ns_max * n * h_n * rows_cap).max(fd_nb * n * h_n * 2))?;
         let d_part = be.alloc_f32(ns_max.max(fd_nb) * n * h_n * dh)?;
+        let d_rows16 = st.alloc_zeros::<u16>((swa + n + n_comp_rows) * dh)?;
         let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
         let pi = |b: &CudaSlice<i32>| b.device_ptr(st).0;
         let mut args = Attend {
@@ -782,6 +783,8 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             half,
             freqs: d_freqs.device_ptr(st).0,
             o: pp(&d_o),
+            rows16: d_rows16.device_ptr(st).0,
+            comp_rows: if ratio == 0 { 0 } else { n_comp_rows },
             o16: 0,
             q16: 0,
             sc: pp(&d_sc),

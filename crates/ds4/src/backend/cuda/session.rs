@@ -1018,6 +1018,11 @@ struct PfScratch {
     /// The rotated queries as f16 (`GPU_CHUNK × n_head × head_dim`), the only form the
     /// tensor-core attention reads.
     q16: CudaSlice<u16>,
+    /// The f16 copies of the rows the tensor-core attention reads (`k_att_rows16`): the raw
+    /// window, a chunk's rows and the most compressed rows a layer keeps at this context,
+    /// (`swa` + `GPU_CHUNK` + ctx / smallest ratio) × `head_dim` halves (1 when the tensor-core
+    /// attention is not used).
+    att16: CudaSlice<u16>,
     /// Per-token RMS scale of the state from `k_hc_pre_pf`, read by `k_hc_comb`.
     hsc: CudaSlice<f32>,
     /// The router's weight decoded to f32 (its product stays f32, see `queue`).
@@ -1236,6 +1241,20 @@ impl GpuSession {
                     y16: be.stream().alloc_zeros::<u16>(m * d)?,
                     qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                     q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
+                    att16: be.stream().alloc_zeros::<u16>(
+                        if attn::use_tc() && attn::tc_supported(c.n_head, c.head_dim, c.n_rot / 2) {
+                            let comp = (0..c.n_layer)
+                                .map(|il| match c.ratio(il) {
+                                    0 => 0,
+                                    r => ctx / r,
+                                })
+                                .max()
+                                .unwrap_or(0);
+                            (c.swa + m + comp) * c.head_dim
+                        } else {
+                            1
+                        },
+                    )?,
                     hsc: a(m)?,
                     w32: be.alloc_f32(
                         gm.layers
@@ -2581,6 +2600,13 @@ impl GpuSession {
                         half: half as usize,
                         freqs: ptr(&l.freqs, st),
                         o: p(&s.o),
+                        rows16: pf.map_or(0, |ps| p16(&ps.att16)),
+                        // Rows the chunk's last token can see (grown to that before the
+                        // chunk), within what the buffer holds.
+                        comp_rows: ls
+                            .comp
+                            .as_ref()
+                            .map_or(0, |cs| (pb / l.ratio.max(1)).min(cs.cap)),
                         o16: pf.map_or(0, |ps| p16(&ps.x16)),
                         sc: p(&s.att_sc),
                         part: p(&s.att_part),

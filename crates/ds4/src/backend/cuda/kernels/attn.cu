@@ -938,22 +938,24 @@ __device__ __forceinline__ void at_ldm_x4t(u32* r, u32 a) {
                  : "memory");
 }
 
-#define TC_PF 8  // 16-byte pieces of a tile a thread moves (TC_BR · 512 / 4 / 512)
+#define TC_PF 4  // 16-byte pieces of a tile a thread moves (TC_BR · 512 / 8 / 512)
 
-// ---- k_att_tc: rows staged with cp.async into an f32 area (each thread converts
-// the pieces it copied itself, so it only waits for its own copies; rows past the token's
-// last are zero-filled); the scores split the dims over the 4 warps of a head group (each
-// warp: 16 heads × all TC_BR rows × dh/4 dims, so every query and row value is read from
-// shared memory once per tile), and the softmax adds the 4 partials in order.
-// A thread's pieces of a tile are fixed: float4 column tid % (dh/4) of the tile rows
-// tid / (dh/4) + i·512/(dh/4) (dh/4 divides 512), so their addresses are set up once; the
-// window's ring slot is (lo mod swa + r) − swa·[≥ swa] in 32-bit arithmetic (r < swa).
-// The f16 tile alternates between two buffers and the f32 score partials of a tile live in
-// the other one (dead there from the softmax of the previous tile to the conversion of the
-// next), so a tile needs 3 barriers: converted, scored, weighted. The operands of both
-// products are read with ldmatrix.
+// ---- k_att_tc: the rows come as f16 copies (k_att_rows16, the same rounding the kernel
+// once applied to f32 rows itself) and are copied by cp.async straight into the tile buffer
+// the products read (rows past the token's last zero-filled); the scores split the dims over
+// the 4 warps of a head group (each warp: 16 heads × all TC_BR rows × dh/4 dims, so every
+// query and row value is read from shared memory once per tile), and the softmax adds the 4
+// partials in order. A thread's pieces of a tile are fixed: 8 halves at column 8·(tid %
+// (dh/8)) of the tile rows tid / (dh/8) + i·512/(dh/8), so their addresses are set up once;
+// the window's ring slot is (lo mod swa + r) − swa·[≥ swa] in 32-bit arithmetic (r < swa).
+// The tile buffers alternate: tile i+1 is copied into the buffer of tile i−1 once every warp
+// has passed tile i's first barrier (so is done with tile i−1's output products), and the
+// score partials have their own area, so a tile needs 3 barriers: copied, scored, weighted.
+// The operands of both products are read with ldmatrix. Copying f16 rows halves the L2
+// traffic of the gather (ratio-4 layers read 640 rows a token) and drops a conversion pass.
 #define TC_SEL 1024  // ratio-4 selections up to this many are read from shared memory
 
+// The queries' f16 form: float4 x of the [64][dh/4] grid into row x / nd4 of Qs.
 __device__ __forceinline__ void tc_put(float4 v, unsigned short* ks, int kst, int nd4, int x) {
     u32* d = (u32*)(ks + (x / nd4) * kst + 4 * (x % nd4));
     d[0] = at_h2(v.x, v.y);
@@ -961,31 +963,37 @@ __device__ __forceinline__ void tc_put(float4 v, unsigned short* ks, int kst, in
 }
 
 // Row rr of the token (att_row with the ring slot from rb = lo mod swa and the chunk offset
-// lp = lo − p0, both fit in 32 bits).
-__device__ __forceinline__ const float* tc_row(const AttRows& a, int rr, int rb, int lp) {
+// lp = lo − p0, both fit in 32 bits), in the f16 copies.
+__device__ __forceinline__ const unsigned short* tc_row(const AttRows& a, const unsigned short* ckv,
+                                                        const unsigned short* ring,
+                                                        const unsigned short* comp, int rr,
+                                                        int rb, int lp) {
     if (rr < a.n_raw) {
         int d = lp + rr;
-        if (d >= 0) return a.ckv + (long long)d * a.dh;
+        if (d >= 0) return ckv + (long long)d * a.dh;
         int s = rb + rr;
         if (s >= a.swa) s -= a.swa;
-        return a.ring + (long long)s * a.dh;
+        return ring + (long long)s * a.dh;
     }
     int c = a.ratio == 4 ? a.sel[rr - a.n_raw] : rr - a.n_raw;
-    return a.comp + (long long)c * a.dh;
+    return comp + (long long)c * a.dh;
 }
 
-// Copies of tile `tile`: this thread's rows pr + i·rstep (< TC_BR), float4 column pc.
-__device__ __forceinline__ void tc_issue(float* stg, const AttRows& a, int tile, int pr,
-                                         int rstep, int pc, int nd4, int rb, int lp) {
+// Copies of tile `tile` into `dst` (TC_BR rows, kst halves apart): this thread's rows
+// pr + i·rstep (< TC_BR), 8 halves at column 8·pc.
+__device__ __forceinline__ void tc_issue(unsigned short* dst, const AttRows& a,
+                                         const unsigned short* ckv, const unsigned short* ring,
+                                         const unsigned short* comp, int tile, int pr, int rstep,
+                                         int pc, int kst, int rb, int lp) {
 #pragma unroll
     for (int i = 0; i < TC_PF; i++) {
         int r = pr + i * rstep;
         if (r < TC_BR) {
             int rr = tile * TC_BR + r;
             bool ok = rr < a.n_rows;
-            const float* src = ok ? tc_row(a, rr, rb, lp) + 4 * pc : a.ckv;
+            const unsigned short* src = ok ? tc_row(a, ckv, ring, comp, rr, rb, lp) + 8 * pc : ckv;
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
-                             at_smem(stg + 4 * (r * nd4 + pc))),
+                             at_smem(dst + r * kst + 8 * pc)),
                          "l"(src), "r"(ok ? 16 : 0)
                          : "memory");
         }
@@ -993,13 +1001,29 @@ __device__ __forceinline__ void tc_issue(float* stg, const AttRows& a, int tile,
     asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
-// Dynamic shared memory: Qs [64][dh+8] f16 | two tile buffers of max(TC_BR·(dh+8) f16,
-// 4·64·TC_SP f32) (a tile's f16 rows in one, its f32 score partials [4][64][TC_SP] in the
-// other) | Ps [64][TC_PP] f16 | staging [TC_BR·dh] f32 | selection [TC_SEL] i32 | m, l, corr
-// [64] f32 | cos, −sin [half] f32 (attn.rs: tc_smem).
+// f16 copies (round to nearest even, as at_h2) of the rows k_att_tc reads: the ring (n0
+// rows), the chunk's raw rows (n1) and the compressed rows (n2), each dh wide (a multiple of
+// 4), packed in that order into out. 4 elements a thread, grid-stride.
+extern "C" __global__ void k_att_rows16(const float* __restrict__ ring,
+                                        const float* __restrict__ ckv,
+                                        const float* __restrict__ comp, long long n0,
+                                        long long n1, long long n2, int dh,
+                                        unsigned short* __restrict__ out) {
+    const long long m0 = n0 * dh, m1 = m0 + n1 * dh, m2 = m1 + n2 * dh;
+    for (long long e = 4 * ((long long)blockIdx.x * blockDim.x + threadIdx.x); e < m2;
+         e += 4LL * gridDim.x * blockDim.x) {
+        const float* src = e < m0 ? ring + e : (e < m1 ? ckv + (e - m0) : comp + (e - m1));
+        float4 v = *(const float4*)src;
+        *(uint2*)(out + e) = make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
+    }
+}
+
+// Dynamic shared memory: Qs [64][dh+8] f16 | two tile buffers [TC_BR][dh+8] f16 | score
+// partials [4][64][TC_SP] f32 | Ps [64][TC_PP] f16 | selection [TC_SEL] i32 | m, l, corr [64]
+// f32 | cos, −sin [half] f32 (attn.rs: tc_smem). ckv, ring, comp: k_att_rows16's copies.
 extern "C" __global__ void __launch_bounds__(512, 1)
-    k_att_tc(const float* __restrict__ q, const float* __restrict__ ckv,
-             const float* __restrict__ ring, const float* __restrict__ comp,
+    k_att_tc(const float* __restrict__ q, const unsigned short* __restrict__ ckv,
+             const unsigned short* __restrict__ ring, const unsigned short* __restrict__ comp,
              const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,
              const long long* __restrict__ p0p, int swa, int dh, int n_head,
              const float* __restrict__ sinks, float scale, int half,
@@ -1007,13 +1031,12 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              unsigned short* __restrict__ o16, const unsigned short* __restrict__ q16) {
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
-    // One tile buffer, in halves: the larger of the f16 rows and the f32 score partials.
-    const int kbw = TC_BR * kst > 2 * 4 * 64 * TC_SP ? TC_BR * kst : 2 * 4 * 64 * TC_SP;
+    const int kbw = TC_BR * kst;  // one tile buffer, in halves
     unsigned short* Qs = (unsigned short*)tc_sm;
     unsigned short* KB = Qs + 64 * kst;
-    unsigned short* Ps = KB + 2 * kbw;
-    float* stg = (float*)(Ps + 64 * TC_PP);
-    int* selS = (int*)(stg + TC_BR * dh);
+    float* Sp = (float*)(KB + 2 * kbw);
+    unsigned short* Ps = (unsigned short*)(Sp + 4 * 64 * TC_SP);
+    int* selS = (int*)(Ps + 64 * TC_PP);
     float* mrow = (float*)(selS + TC_SEL);
     float* lrow = mrow + 64;
     float* corr = lrow + 64;
@@ -1023,13 +1046,13 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     const int gid = lane >> 2, tig = lane & 3;
     const int hg = warp & 3, sub = warp >> 2;
     const long long p0 = *p0p;
-    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
-    const int nd4 = dh / 4;
-    const int pc = tid % nd4, pr = tid / nd4, rstep = 512 / nd4;
+    AttRows a = att_rows(nullptr, nullptr, nullptr, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
+    const int nd4 = dh / 4, nd8 = dh / 8;
+    const int pc = tid % nd8, pr = tid / nd8, rstep = 512 / nd8;
     const int rb = (int)(a.lo % (long long)swa), lp = (int)(a.lo - p0);
     const int ntile = (a.n_rows + TC_BR - 1) / TC_BR;
     // The first tile's copies are in flight while the queries are converted.
-    tc_issue(stg, a, 0, pr, rstep, pc, nd4, rb, lp);
+    tc_issue(KB, a, ckv, ring, comp, 0, pr, rstep, pc, kst, rb, lp);
     if (ratio == 4 && a.n_rows - a.n_raw <= TC_SEL) {
         for (int i = tid; i < a.n_rows - a.n_raw; i += 512) selS[i] = a.sel[i];
         a.sel = selS;
@@ -1079,25 +1102,13 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     const u32 pa = at_smem(Ps + (16 * hg + ar) * TC_PP + ac);
     const u32 kb0 = at_smem(KB + ((lane & 7) + (lane >> 4) * 8) * kst + dq0 + ((lane >> 3) & 1) * 8);
     const u32 vb0 = at_smem(KB + ar * kst + dq0 + ac);
-    // The thread's pieces of a tile in the f16 buffer (halves from the buffer's start).
-    const int kdst = pr * kst + 4 * pc;
     for (int it = 0; it < ntile; it++) {
         const int cur = it & 1;
-        unsigned short* Kc = KB + cur * kbw;
-        float* Sp = (float*)(KB + (cur ^ 1) * kbw);
         const u32 kbo = 2u * (u32)(cur * kbw);  // byte offset of the current buffer
         asm volatile("cp.async.wait_all;" ::: "memory");
-#pragma unroll
-        for (int i = 0; i < TC_PF; i++) {
-            int r = pr + i * rstep;
-            if (r < TC_BR) {
-                float4 v = *(const float4*)(stg + 4 * (r * nd4 + pc));
-                *(uint2*)(Kc + kdst + i * rstep * kst) =
-                    make_uint2(at_h2(v.x, v.y), at_h2(v.z, v.w));
-            }
-        }
-        __syncthreads();  // Kc (and, the first time, Qs, the selection, m, l, cos/sin)
-        if (it + 1 < ntile) tc_issue(stg, a, it + 1, pr, rstep, pc, nd4, rb, lp);
+        __syncthreads();  // tile it (and, the first time, Qs, the selection, m, l, cos/sin)
+        if (it + 1 < ntile)
+            tc_issue(KB + (cur ^ 1) * kbw, a, ckv, ring, comp, it + 1, pr, rstep, pc, kst, rb, lp);
         // Score partials: heads 16hg.., rows 0..TC_BR (4 n8 tiles), dims dq0..dq0+dh/4.
         {
             float s[4][4];
@@ -1164,9 +1175,8 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         }
         __syncthreads();
         // Output: heads 16hg.., dims dq0.. (nq n8 tiles, two per ldmatrix). No barrier
-        // after it: the next tile is converted into the other buffer (this tile's partials,
-        // read before the barrier above), and its scores are written here only after the
-        // next tile's first barrier.
+        // after it: the copies into this buffer (tile it + 2) start after the next tile's
+        // first barrier, and so do the next scores' writes into the partials.
         {
             float c0 = corr[16 * hg + gid], c1 = corr[16 * hg + gid + 8];
             // Skipped when no head of the warp has a new maximum (·1 changes no bits).
