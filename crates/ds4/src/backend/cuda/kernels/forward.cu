@@ -398,9 +398,11 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
 }
 
 // Warp form of k_idx_q_finish for id = 32·E (E = 2, 4, 8): warp w of block (t, y) takes head
-// 8y + w of token t, lane l its elements E·l..E·l+E−1 in registers. The token's RoPE angles
-// are computed once per block (threads < half; rope_tail's double sincos and float casts) into
-// shared memory instead of once per head, or read from k_rope_cs's table (cs_tab not null). Each element then sees exactly the operations of
+// 8y + w of token t, lane l its elements E·l..E·l+E−1 in registers (16-byte loads and
+// stores: a warp's accesses are whole sectors). The token's RoPE angles are computed once per
+// block (threads < half; rope_tail's double sincos and float casts) into shared memory
+// instead of once per head, or read by each lane from k_rope_cs's table (cs_tab not null; no
+// barrier then). Each element then sees exactly the operations of
 // rope_tail and indexer_qat_row: the rotation; each Hadamard butterfly u+v to the lower and
 // u−v to the upper element (stages h < E inside a lane, the others between lanes l and
 // l ^ (h/E) by shuffles); the 1/sqrt(id) scale; the FP4 rounding with its 32-element block's
@@ -415,33 +417,44 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
     constexpr int ID = 32 * E;
     __shared__ float cs[2 * 128];
     const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        if (cs_tab) {
-            *(float2*)(cs + 2 * i) = *(const float2*)(cs_tab + 2 * ((long long)t * half + i));
-        } else {
+    // With the chunk's table the lanes read their angles from it (L1 hits after the first
+    // warp), so no warp waits at a barrier for another's load; else one sincos per pair.
+    const float* cst = cs_tab ? cs_tab + 2 * (long long)t * half : cs;
+    if (!cs_tab) {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
             double sn, c;
             sincos((double)(p0 + t) * freqs[i], &sn, &c);
             cs[2 * i] = (float)c;
             cs[2 * i + 1] = (float)sn;
         }
+        __syncthreads();
     }
-    __syncthreads();
     const int h = blockIdx.y * 8 + warp;
     if (h >= n_head) return;
     const long long base = ((long long)t * n_head + h) * ID + E * lane;
+    // The lane's E elements in 16-byte pieces (8-byte for E = 2): whole sectors per warp.
     float x[E];
+    if constexpr (E % 4 == 0) {
 #pragma unroll
-    for (int k = 0; k < E; k += 2) {
-        float2 v = *(const float2*)(q + base + k);
-        x[k] = v.x;
-        x[k + 1] = v.y;
+        for (int k = 0; k < E; k += 4) {
+            float4 v = *(const float4*)(q + base + k);
+            x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < E; k += 2) {
+            float2 v = *(const float2*)(q + base + k);
+            x[k] = v.x;
+            x[k + 1] = v.y;
+        }
     }
     const int off = ID - 2 * half;
 #pragma unroll
     for (int k = 0; k < E; k += 2) {
         const int e = E * lane + k;
         if (e >= off) {
-            const float cf = cs[e - off], sf = cs[e - off + 1];
+            const float2 c2 = *(const float2*)(cst + e - off);
+            const float cf = c2.x, sf = c2.y;
             const float a = x[k], b = x[k + 1];
             x[k] = a * cf - b * sf;
             x[k + 1] = a * sf + b * cf;
@@ -480,10 +493,20 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
 #pragma unroll
         for (int k = 0; k < E; k++) x[k] = e2m1_round(fminf(fmaxf(x[k] / sc, -6.0f), 6.0f)) * sc;
     }
+    if constexpr (E % 4 == 0) {
 #pragma unroll
-    for (int k = 0; k < E; k += 2) {
-        *(float2*)(q + base + k) = make_float2(x[k], x[k + 1]);
-        if (q16) *(u32*)(q16 + base + k) = pack_bf2(x[k], x[k + 1]);
+        for (int k = 0; k < E; k += 4) {
+            *(float4*)(q + base + k) = make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]);
+            if (q16)
+                *(uint2*)(q16 + base + k) =
+                    make_uint2(pack_bf2(x[k], x[k + 1]), pack_bf2(x[k + 2], x[k + 3]));
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < E; k += 2) {
+            *(float2*)(q + base + k) = make_float2(x[k], x[k + 1]);
+            if (q16) *(u32*)(q16 + base + k) = pack_bf2(x[k], x[k + 1]);
+        }
     }
 }
 
