@@ -1131,6 +1131,10 @@ impl GpuSession {
         .max()
         .unwrap_or(256)
         .next_multiple_of(256);
+        // Production prefill chunks run the tensor-core attention (f16 row copies, no f32
+        // score buffer).
+        let tc_chunks =
+            !exact && attn::use_tc() && attn::tc_supported(c.n_head, c.head_dim, c.n_rot / 2);
         let att_rows = c.swa
             + (0..c.n_layer)
                 .map(|il| match c.ratio(il) {
@@ -1182,14 +1186,7 @@ impl GpuSession {
             } else {
                 // Production chunks of more than 8 tokens run on tensor cores (no scores
                 // buffer); the f32 passes then only serve decode steps (split partials).
-                let chunk_rows = if !exact
-                    && attn::use_tc()
-                    && attn::tc_supported(c.n_head, c.head_dim, c.n_rot / 2)
-                {
-                    0
-                } else {
-                    m
-                };
+                let chunk_rows = if tc_chunks { 0 } else { m };
                 chunk_rows.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
             })?,
             att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
@@ -1241,20 +1238,18 @@ impl GpuSession {
                     y16: be.stream().alloc_zeros::<u16>(m * d)?,
                     qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                     q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
-                    att16: be.stream().alloc_zeros::<u16>(
-                        if attn::use_tc() && attn::tc_supported(c.n_head, c.head_dim, c.n_rot / 2) {
-                            let comp = (0..c.n_layer)
-                                .map(|il| match c.ratio(il) {
-                                    0 => 0,
-                                    r => ctx / r,
-                                })
-                                .max()
-                                .unwrap_or(0);
-                            (c.swa + m + comp) * c.head_dim
-                        } else {
-                            1
-                        },
-                    )?,
+                    att16: be.stream().alloc_zeros::<u16>(if tc_chunks {
+                        let comp = (0..c.n_layer)
+                            .map(|il| match c.ratio(il) {
+                                0 => 0,
+                                r => ctx / r,
+                            })
+                            .max()
+                            .unwrap_or(0);
+                        (c.swa + m + comp) * c.head_dim
+                    } else {
+                        1
+                    })?,
                     hsc: a(m)?,
                     w32: be.alloc_f32(
                         gm.layers
