@@ -42,6 +42,8 @@ pub struct AttnKernels {
     combine: CudaFunction,
     idx_scores: CudaFunction,
     idx_scores_tc: CudaFunction,
+    /// `k_idx_scores_wg`: the same scores on wgmma (sm_90a images only).
+    idx_scores_wg: Option<CudaFunction>,
     to_bf16: CudaFunction,
     topk: CudaFunction,
     topk_mb: CudaFunction,
@@ -72,6 +74,11 @@ fn smem_fn(be: &CudaBackend, name: &str, bytes: usize) -> Result<CudaFunction> {
 }
 
 impl AttnKernels {
+    /// Whether the module has `k_idx_scores_wg` (sm_90a).
+    pub fn has_idx_wg(&self) -> bool {
+        self.idx_scores_wg.is_some()
+    }
+
     /// Looks the kernels up in the backend's module.
     pub fn load(be: &CudaBackend) -> Result<AttnKernels> {
         let f = |n: &str| be.function(n);
@@ -88,6 +95,11 @@ impl AttnKernels {
                     IXC_SMEM as i32,
                 )?;
                 f
+            },
+            idx_scores_wg: if be.info().arch() == "sm_90a" {
+                Some(smem_fn(be, "k_idx_scores_wg", IXW_SMEM)?)
+            } else {
+                None
             },
             to_bf16: f("k_f32_to_bf16")?,
             topk: f("k_topk_rows")?,
@@ -550,6 +562,21 @@ pub fn use_idx_tc() -> bool {
     super::switch_on("DS4_CUDA_IDX_TC")
 }
 
+/// Rows of a `k_idx_scores_wg` block (attn.cu `IXW_ROWS`: two warpgroups of 128).
+const IXW_ROWS: usize = 256;
+/// Its dynamic shared memory (attn.cu `IXW_SMEM`): three query tiles (64 × 128 bf16), three
+/// sets of 64 weights, the [256 rows][72] f32 term tile.
+const IXW_SMEM: usize = 3 * 16384 + 3 * 64 * 4 + IXW_ROWS * 72 * 4;
+/// Fewest tokens a step needs for `k_idx_scores_wg` to take it (decode steps keep
+/// `k_idx_scores_tc`).
+const IXW_MIN_TOKENS: usize = 16;
+
+/// Whether [`idx_scores_tc`] may take the wgmma form on Hopper (`DS4_CUDA_IDX_WG=0`: always
+/// `k_idx_scores_tc`, for comparisons; the scores are the same bits).
+pub fn use_idx_wg() -> bool {
+    super::switch_on("DS4_CUDA_IDX_WG")
+}
+
 /// `q16[i] = bf16(q[i])` for `len` elements (a multiple of 4).
 ///
 /// # Safety
@@ -574,7 +601,9 @@ pub unsafe fn to_bf16(
 
 /// [`idx_scores`] on tensor cores, for 64 heads of 128 dims whose queries and rows are
 /// fp4sim values (QAT on): `q16` holds the queries as bf16 (`k_idx_q_finish`'s copy, or
-/// [`to_bf16`]); `k_idx_scores_tc` (exact products, head-order sums; see attn.cu).
+/// [`to_bf16`]); `k_idx_scores_tc` (exact products, head-order sums; see attn.cu), or with
+/// `wg` on a Hopper build and at least `IXW_MIN_TOKENS` tokens `k_idx_scores_wg` (the same
+/// bits).
 ///
 /// # Safety
 /// As [`idx_scores`] with `n_head = 64`, `id = 128`, `ratio = 4`; `q16` holds `n × 8192`
@@ -591,7 +620,36 @@ pub unsafe fn idx_scores_tc(
     vis_max: usize,
     scores: u64,
     ld: usize,
+    wg: bool,
 ) -> Result<()> {
+    if let (true, Some(f)) = (wg && n >= IXW_MIN_TOKENS, &k.idx_scores_wg) {
+        // Tokens a block: as many as keep ~4 blocks an SM in the grid (one is resident at a
+        // time; each block converts its rows once, so more tokens a block read them fewer
+        // times).
+        let bx = vis_max.div_ceil(IXW_ROWS).max(1);
+        let want = 4 * k.sms;
+        let tpb = [32usize, 16, 8]
+            .into_iter()
+            .find(|&t| bx * n.div_ceil(t) >= want)
+            .unwrap_or(8);
+        let cfg = LaunchConfig {
+            grid_dim: (bx as u32, n.div_ceil(tpb) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: IXW_SMEM as u32,
+        };
+        let mut a = [
+            q16,
+            w,
+            wscale.slot(),
+            krows,
+            p0,
+            (n as i32).slot(),
+            (tpb as i32).slot(),
+            scores,
+            (ld as i32).slot(),
+        ];
+        return be.launch_slots(f, cfg, &mut a);
+    }
     let cfg = LaunchConfig {
         grid_dim: (
             vis_max.div_ceil(IXC_ROWS).max(1) as u32,

@@ -1000,15 +1000,16 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
 }
 
 /// The indexer scores of `n` tokens from position `p0` (64 heads of 128, ratio 4) for the
-/// queries, weights and rows given, by `k_idx_scores_tc` (`tc`) or `k_idx_scores`: `n × ld`
-/// floats, `ld = (p0 + n)/4 + 1`, poisoned where no row is visible.
+/// queries, weights and rows given, by `k_idx_scores_tc` (`tc`; `k_idx_scores_wg` where
+/// `wg` lets it) or `k_idx_scores`: `n × ld` floats, `ld = (p0 + n)/4 + 1`, poisoned where no
+/// row is visible.
 fn run_idx_scores(
     be: &CudaBackend,
     k: &super::attn::AttnKernels,
     (q, w, rows): (&[f32], &[f32], &[f32]),
     p0: usize,
     n: usize,
-    tc: bool,
+    (tc, wg): (bool, bool),
 ) -> Result<Vec<f32>> {
     use super::attn::{idx_scores, idx_scores_tc, to_bf16};
     let (ih, id, r) = (64usize, 128usize, 4usize);
@@ -1031,7 +1032,7 @@ fn run_idx_scores(
             let q16 = d_q16.device_ptr(st).0;
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             to_bf16(st, k, pq, q16, n * ih * id)?;
-            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld)?
+            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld, wg)?
         } else {
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             idx_scores(st, k, n, pq, pw, pr, ih, id, p0p, r, vis_max, ps, ld)?
@@ -1110,8 +1111,14 @@ fn check_indexer_tc_at(
     }
     let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
     let mut runs = Vec::new();
-    for tc in [true, true, false] {
-        runs.push(run_idx_scores(be, &k, (&q, &w, &rows), p0, n, tc)?);
+    for mode in [
+        (true, false),
+        (true, false),
+        (false, false),
+        (true, true),
+        (true, true),
+    ] {
+        runs.push(run_idx_scores(be, &k, (&q, &w, &rows), p0, n, mode)?);
     }
     let shape = format!("p0={p0} n={n} iH={ih} iD={id} fp4");
     let (tc, pairs) = idx_reference(&runs[0], &q, &w, &rows, (ih, id, r), p0, n, ld);
@@ -1153,6 +1160,27 @@ fn check_indexer_tc_at(
         &shape,
         same_bits(&runs[0], &runs[1]),
     ));
+    // The wgmma form (Hopper, prefill-sized steps): the same bits as k_idx_scores_tc.
+    if k.has_idx_wg() && n >= 16 {
+        let mism = runs[0]
+            .iter()
+            .zip(&runs[3])
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        out.push(CheckRow {
+            note: format!(
+                "{mism} of {} scores differ in bits from k_idx_scores_tc",
+                runs[0].len()
+            ),
+            ..exact_row("idx_scores_wg_vs_tc", GgmlType::F32, &shape, mism)
+        });
+        out.push(det_row(
+            "idx_scores_wg",
+            GgmlType::F32,
+            &shape,
+            same_bits(&runs[3], &runs[4]),
+        ));
+    }
     Ok(())
 }
 
@@ -1167,7 +1195,7 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     let q = random_activations(rng, n * ih * id);
     let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
     let rows = random_activations(rng, vis_max * id);
-    let sc = run_idx_scores(be, &k, (&q, &w, &rows), p0, n, false)?;
+    let sc = run_idx_scores(be, &k, (&q, &w, &rows), p0, n, (false, false))?;
     let shape = format!("p0={p0} n={n} iH={ih} iD={id}");
     let (gpu, pairs) = idx_reference(&sc, &q, &w, &rows, (ih, id, r), p0, n, ld);
     out.push(compare(

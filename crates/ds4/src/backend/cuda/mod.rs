@@ -55,7 +55,8 @@
 //! `pf_mxs_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
 //! lightning indexer's scores on tensor cores in production steps, prefill and decode; off = the
-//! f32 kernel),
+//! f32 kernel), `DS4_CUDA_IDX_WG` (those scores on wgmma in prefill chunks on Hopper,
+//! `k_idx_scores_wg`; off = `k_idx_scores_tc`; the same bits),
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
 //! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`
 //! (production prefill's queries normalized straight to f16 for the tensor-core attention),

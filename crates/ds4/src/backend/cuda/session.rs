@@ -2380,6 +2380,7 @@ impl GpuSession {
                                     vis_max,
                                     p(&s.isc),
                                     s.isc_ld,
+                                    attn::use_idx_wg(),
                                 )?
                             };
                         } else {

@@ -1376,3 +1376,165 @@ extern "C" __global__ void __launch_bounds__(256)
         __syncthreads();  // vs and this query slot are free again
     }
 }
+
+// ---- k_idx_scores_wg (sm_90a): k_idx_scores_tc's contract and results, the products on the
+// warpgroup MMA. k_idx_scores_tc runs mma.sync at about half of its rate and sums each token's
+// terms with two block barriers and one thread a row; ncu puts it at ~130 TFLOPS at 30k
+// context, where the indexer is ~15% of a prefill chunk. Here one warpgroup (128 threads)
+// takes 128 rows x `tpb` consecutive tokens; a block is two of them (256 rows), which share
+// the query tiles (each query is read once per 256 rows):
+// * The rows are the MMA's A operand, held in registers for all the tokens: converted to bf16
+//   once (as k_idx_scores_tc's K tile) straight into mma.m16n8k16's fragment layout, rows
+//   64j + 16·warp + g (+8) of the two m64 halves j.
+// * A token's query (64 heads x 128 dims, bf16 from q16) is B, read by the tensor cores from
+//   shared memory in K-major core matrices (8 heads x 8 dims, 16 bytes a head):
+//   head group h/8 at (h/8)·2048, dims 8c.. at c·128; descriptor LBO 128, SBO 2048.
+//   A ring of three, filled by cp.async two tokens ahead.
+// * Per token: 2 halves x 8 k16 steps of m64n64k16 (f32 accumulation; the same exact
+//   products and block sums as k_idx_scores_tc, see there), then the terms
+//   w_h·max(0, dot) go to shared memory as [row][head] (stride IXW_TS floats, 4-head chunks
+//   XOR-swizzled by bit 2 of the row so that both the 8-byte stores and the 16-byte row reads
+//   are conflict-free), and thread r sums row r's 64 terms in head order from −0.0: the same
+//   operations in the same order as k_idx_scores_tc, so the same bits.
+// Rows are written only where visible to the token (row < (p0 + t + 1) / 4).
+#define IXW_ROWS 256
+#define IXW_TS 72
+#define IXW_SMEM (3 * 16384 + 3 * 64 * 4 + IXW_ROWS * IXW_TS * 4)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One m64n64k16 wgmma, bf16, A (4 registers, mma.m16n8k16's per-warp layout) x B (descriptor).
+__device__ __forceinline__ void ixw_mma(float (&d)[8][4], const u32 (&a)[4], u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)
+                 : "memory");
+}
+
+
+// Descriptor of a token's query tile at shared address a (K-major, no swizzle).
+__device__ __forceinline__ u64 ixw_desc(u32 a) {
+    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(2048 >> 4) << 32);
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    k_idx_scores_wg(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
+                    const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
+                    int tpb, float* __restrict__ scores, int ld) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(128) unsigned char ixw_smem[];
+    u16* qs = (u16*)ixw_smem;                       // [3][64 heads x 128 dims], core matrices
+    float* ws = (float*)(ixw_smem + 3 * 16384);     // [3][64]
+    float* ts = ws + 3 * 64;                        // [256 rows][IXW_TS]
+    pdl_enter();
+    const long long p0 = *p0p;
+    const int tid = threadIdx.x, lane = tid & 31, wgi = tid >> 7, warp = (tid >> 5) & 3;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int r0 = blockIdx.x * IXW_ROWS, t0 = blockIdx.y * tpb;
+    const int t1 = min(t0 + tpb, n);
+    const int vis_last = (int)((p0 + t1) / 4);  // rows visible to the group's last token
+    if (r0 >= vis_last) return;
+    auto fetch = [&](int t, int slot) {
+        const u16* src = q16 + (long long)t * 64 * 128;
+        u16* dst = qs + slot * 64 * 128;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int f = tid + 256 * k, h = f >> 4, c = f & 15;
+            pf_cp16(dst + ((h >> 3) * 2048 + c * 128 + (h & 7) * 16) / 2, src + h * 128 + 8 * c, true);
+        }
+        if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid] * wscale;
+    };
+    fetch(t0, 0);
+    pf_cp_commit();
+    if (t0 + 1 < t1) fetch(t0 + 1, 1);
+    pf_cp_commit();
+    // A fragments (rows past the last visible one: zeros; they are never written out).
+    u32 af[2][8][4];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int ra = r0 + 128 * wgi + 64 * j + 16 * warp + g, rb = ra + 8;
+        const float* pa = krows + (long long)ra * 128 + 2 * t4;
+        const float* pb = krows + (long long)rb * 128 + 2 * t4;
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            float2 a0 = make_float2(0.f, 0.f), a1 = a0, b0 = a0, b1 = a0;
+            if (ra < vis_last) {
+                a0 = *(const float2*)(pa + 16 * kk);
+                a1 = *(const float2*)(pa + 16 * kk + 8);
+            }
+            if (rb < vis_last) {
+                b0 = *(const float2*)(pb + 16 * kk);
+                b1 = *(const float2*)(pb + 16 * kk + 8);
+            }
+            af[j][kk][0] = pack_bf2(a0.x, a0.y);
+            af[j][kk][1] = pack_bf2(b0.x, b0.y);
+            af[j][kk][2] = pack_bf2(a1.x, a1.y);
+            af[j][kk][3] = pack_bf2(b1.x, b1.y);
+        }
+    }
+    const u32 q0 = at_smem(qs);
+    // This thread's term rows 64j + 16·warp + g (+8): bit 2 of the row is bit 2 of g.
+    const int sw = (g >> 2) & 1;
+    for (int t = t0, slot = 0; t < t1; t++, slot = slot == 2 ? 0 : slot + 1) {
+        pf_cp_wait1();
+        __syncthreads();  // query t and its weights visible; token t - 1's products and sums
+                          // are done (its query slot and the term tile are free)
+        if (t + 2 < t1) fetch(t + 2, slot == 0 ? 2 : slot - 1);
+        pf_cp_commit();
+        const int vis = (int)((p0 + t + 1) / 4);
+        if (r0 >= vis) continue;  // block-uniform
+        float acc[2][8][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int b = 0; b < 8; b++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[j][b][c] = 0.0f;
+        const u32 qa = q0 + slot * 16384;
+        pxw_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            const u64 db = ixw_desc(qa + kk * 256);
+            ixw_mma(acc[0], af[0][kk], db);
+            ixw_mma(acc[1], af[1][kk], db);
+        }
+        pxw_commit();
+        pxw_wait0();
+        pxw_hold<8>(acc);
+        const float* wt = ws + slot * 64;
+        float* tt = ts + 128 * wgi * IXW_TS;  // this warpgroup's rows
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int ra = 64 * j + 16 * warp + g;
+#pragma unroll
+            for (int b = 0; b < 8; b++) {
+                const int h = 8 * b + 2 * t4;
+                const int col = 4 * ((2 * b + (t4 >> 1)) ^ sw) + 2 * (t4 & 1);
+                const float w0 = wt[h], w1 = wt[h + 1];
+                *(float2*)(tt + ra * IXW_TS + col) =
+                    make_float2(w0 * fmaxf(acc[j][b][0], 0.0f), w1 * fmaxf(acc[j][b][1], 0.0f));
+                *(float2*)(tt + (ra + 8) * IXW_TS + col) =
+                    make_float2(w0 * fmaxf(acc[j][b][2], 0.0f), w1 * fmaxf(acc[j][b][3], 0.0f));
+            }
+        }
+        asm volatile("bar.sync %0, 128;" ::"r"(1 + wgi) : "memory");  // the warpgroup's terms
+        const int rl = tid & 127;
+        if (r0 + 128 * wgi + rl < vis) {
+            const float* row = tt + rl * IXW_TS;
+            const int rs = (rl >> 2) & 1;
+            float4 v[16];
+#pragma unroll
+            for (int k = 0; k < 16; k++) v[k] = *(const float4*)(row + 4 * (k ^ rs));
+            float tot = -0.0f;
+#pragma unroll
+            for (int k = 0; k < 16; k++) {
+                tot += v[k].x;
+                tot += v[k].y;
+                tot += v[k].z;
+                tot += v[k].w;
+            }
+            scores[(long long)t * ld + r0 + 128 * wgi + rl] = tot;
+        }
+    }
+#endif
+}
