@@ -622,56 +622,41 @@ pub unsafe fn idx_scores_tc(
     ld: usize,
     wg: bool,
 ) -> Result<()> {
-    if let (true, Some(f)) = (wg && n >= IXW_MIN_TOKENS, &k.idx_scores_wg) {
-        // Tokens a block: as many as keep ~4 blocks an SM in the grid (one is resident at a
-        // time; each block converts its rows once, so more tokens a block read them fewer
-        // times).
-        let bx = vis_max.div_ceil(IXW_ROWS).max(1);
-        let want = 4 * k.sms;
-        let tpb = [32usize, 16, 8]
-            .into_iter()
-            .find(|&t| bx * n.div_ceil(t) >= want)
-            .unwrap_or(8);
-        let cfg = LaunchConfig {
-            grid_dim: (bx as u32, n.div_ceil(tpb) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: IXW_SMEM as u32,
-        };
-        let mut a = [
-            q16,
-            w,
-            wscale.slot(),
-            krows,
-            p0,
-            (n as i32).slot(),
-            (tpb as i32).slot(),
-            scores,
-            (ld as i32).slot(),
-        ];
-        return be.launch_slots(f, cfg, &mut a);
-    }
+    let wgf = k
+        .idx_scores_wg
+        .as_ref()
+        .filter(|_| wg && n >= IXW_MIN_TOKENS);
+    let (f, rows, tpb, smem) = match wgf {
+        Some(f) => {
+            // Tokens a block: as many as keep ~4 blocks an SM in the grid (one is resident at
+            // a time; each block converts its rows once, so more tokens a block read them
+            // fewer times).
+            let bx = vis_max.div_ceil(IXW_ROWS).max(1);
+            let tpb = [32usize, 16, 8]
+                .into_iter()
+                .find(|&t| bx * n.div_ceil(t) >= 4 * k.sms)
+                .unwrap_or(8);
+            (f, IXW_ROWS, tpb, IXW_SMEM)
+        }
+        None => (&k.idx_scores_tc, IXC_ROWS, IXC_TOK, IXC_SMEM),
+    };
     let cfg = LaunchConfig {
         grid_dim: (
-            vis_max.div_ceil(IXC_ROWS).max(1) as u32,
-            n.div_ceil(IXC_TOK) as u32,
+            vis_max.div_ceil(rows).max(1) as u32,
+            n.div_ceil(tpb) as u32,
             1,
         ),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: IXC_SMEM as u32,
+        shared_mem_bytes: smem as u32,
     };
-    // The kernel starts with pdl_enter: inside a decode graph it may launch while the kernel
-    // before it finishes.
-    let mut a = [
-        q16,
-        w,
-        wscale.slot(),
-        krows,
-        p0,
-        (n as i32).slot(),
-        scores,
-        (ld as i32).slot(),
-    ];
-    be.launch_slots(&k.idx_scores_tc, cfg, &mut a)
+    // Both kernels start with pdl_enter: inside a decode graph they may launch while the
+    // kernel before finishes. k_idx_scores_wg also takes its tokens a block.
+    let mut a = vec![q16, w, wscale.slot(), krows, p0, (n as i32).slot()];
+    if wgf.is_some() {
+        a.push((tpb as i32).slot());
+    }
+    a.extend([scores, (ld as i32).slot()]);
+    be.launch_slots(f, cfg, &mut a)
 }
 
 /// `u32` words of the multi-block top-k's work buffer (forward.cu `k_topk_mb`: four 256-bin
