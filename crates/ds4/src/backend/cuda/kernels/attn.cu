@@ -1484,12 +1484,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const int vis = (int)((p0 + t + 1) / 4);
         if (r0 >= vis) continue;  // block-uniform
         float acc[2][8][4];
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int b = 0; b < 8; b++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) acc[j][b][c] = 0.0f;
+        px_zero<8>(acc);
         const u32 qa = q0 + slot * 16384;
         pxw_fence();
 #pragma unroll
