@@ -1424,7 +1424,8 @@ impl GpuSession {
             if self.graph.as_ref().is_none_or(|g| g.key != key) {
                 let old = self.graph.take();
                 st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-                be.set_pdl(use_pdl());
+                // PDL exists from cc 9.0 (the kernels' griddepcontrol is compiled out below).
+                be.set_pdl(use_pdl() && be.info().compute_capability.0 >= 9);
                 let r = self.queue(gm, model, n, pb, true, all);
                 be.set_pdl(false);
                 let g = DecodeGraph::end_capture(st, key, old);

@@ -58,17 +58,26 @@ __device__ __forceinline__ u32 pack_bf2(float lo, float hi) {
 // are visible (`wait`; a no-op for an ordinary launch). Since each such kernel waits for its
 // predecessor before it can finish, completion stays ordered along the whole stream.
 __device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 // pdl_enter in two halves, for kernels that read what no kernel writes (the weights) in
 // between: blocks that start early, during the previous kernel's last wave or beside a
 // one-block kernel, have their weight loads in flight while they wait. Everything an earlier
 // kernel writes is read, and every output is written, after pdl_wait.
+// (PDL needs sm_90; older cards never launch with it, so there these are no-ops.)
 __device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ u16 ld16(const u8* p) { return *(const u16*)p; }
 __device__ __forceinline__ u32 ld32(const u8* p) { return *(const u32*)p; }
