@@ -162,6 +162,12 @@ pub fn tc_supported(n_head: usize, dh: usize, half: usize) -> bool {
         && 2 * half <= dh
 }
 
+/// Whether the tensor-core kernel can normalize and rotate the queries itself (`Attend::cs_tab`):
+/// head widths of 128-column multiples (attn.cu `tc_qnorm`).
+pub fn tc_qnorm_supported(dh: usize) -> bool {
+    dh.is_multiple_of(128) && dh <= TC_MAX_DH
+}
+
 /// Whether production prefill attention (chunks of more than 8 tokens) runs on tensor cores
 /// (`DS4_CUDA_ATT_TC=0` keeps the f32 tiled passes, for comparisons).
 pub fn use_tc() -> bool {
@@ -216,11 +222,15 @@ pub fn use_fd() -> bool {
 /// Attention of `n` tokens at positions `*p0..` (model.md §3.3 steps 5–6).
 pub struct Attend {
     pub n: usize,
-    /// Rotated queries, `n × n_head × dh`.
+    /// Rotated queries, `n × n_head × dh` (with `cs_tab`: the q_b product, not yet
+    /// normalized or rotated).
     pub q: u64,
-    /// Not 0 (with [`Attend::uses_tc`]): the rotated queries as f16 (`n × n_head × dh`
-    /// halves, f32_to_f16's rounding of `q`), read by the tensor-core kernel instead of `q`.
-    pub q16: u64,
+    /// Not 0 (with [`Attend::uses_tc`] and [`tc_qnorm_supported`]): the chunk's RoPE table
+    /// (`k_rope_cs`, `n × half` pairs); the tensor-core kernel then normalizes (eps `qeps`)
+    /// and rotates the heads of `q` itself, as `k_head_norm_rope` would, and leaves `q` as
+    /// it is.
+    pub cs_tab: u64,
+    pub qeps: f32,
     /// This chunk's KV rows, `n × dh`.
     pub ckv: u64,
     /// Raw window ring, `swa × dh` (position p in row p mod swa).
@@ -361,7 +371,8 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.freqs,
                 a.o,
                 a.o16,
-                a.q16
+                a.cs_tab,
+                a.qeps
             ]
         );
         return Ok(());

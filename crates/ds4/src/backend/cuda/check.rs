@@ -695,6 +695,12 @@ fn fwd_row(
 /// attention.rs `attend_head` + the inverse rotation.
 fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     use super::attn::{attend, Attend, AttnKernels};
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let cfg = |g: (u32, u32, u32), b: u32| LaunchConfig {
+        grid_dim: g,
+        block_dim: (b, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let k = AttnKernels::load(be)?;
     let st = be.stream();
     // (H, Dh, RoPE pairs, window, top-k): flash-sized, and small heads (tiny fixtures).
@@ -786,7 +792,8 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             rows16: d_rows16.device_ptr(st).0,
             comp_rows: if ratio == 0 { 0 } else { n_comp_rows },
             o16: 0,
-            q16: 0,
+            cs_tab: 0,
+            qeps: 0.0,
             sc: pp(&d_sc),
             part: pp(&d_part),
             inv: pp(&d_inv),
@@ -827,20 +834,49 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             .zip(&gpu4)
             .filter(|(h, v)| **h != f16::from_f32(**v).to_bits())
             .count();
-        // f16 queries from their producer (k_head_norm_rope16's form): the same output bits.
-        let d_q16 = st.clone_htod(
-            &q.iter()
-                .map(|v| f16::from_f32(*v).to_bits())
-                .collect::<Vec<u16>>(),
-        )?;
-        args.o16 = 0;
-        args.q16 = d_q16.device_ptr(st).0;
-        let d_oq = poisoned(be, n * h_n * dh)?;
-        args.o = pp(&d_oq);
-        // SAFETY: as above; q16 holds n × H × Dh halves.
-        unsafe { attend(st, &k, &args)? };
-        let gpu_q16 = be.download(&d_oq)?;
-        args.q16 = 0;
+        // Production prefill: the kernel normalizes and rotates the q_b product itself
+        // (cs_tab), against k_head_norm_rope in place and then the kernel: the same bits.
+        let qn_ok = super::attn::tc_qnorm_supported(dh) && half > 0;
+        let (mut gpu_qn, mut gpu_qr) = (Vec::new(), Vec::new());
+        if qn_ok {
+            let qeps = 1e-6f32;
+            let tab = be.alloc_f32(n * half * 2)?;
+            let (pfr, pp0, ptab) = (args.freqs, args.p0, pp(&tab));
+            let (hi, dhi, hai) = (h_n as i32, dh as i32, half as i32);
+            let rope_cs = be.function("k_rope_cs")?;
+            let mut b = st.launch_builder(&rope_cs);
+            b.arg(&pfr).arg(&pp0).arg(&hai).arg(&ptab);
+            // SAFETY: argument list matches k_rope_cs; tab holds n·half pairs.
+            unsafe { b.launch(cfg((half.div_ceil(64) as u32, n as u32, 1), 64)) }?;
+            let d_qref = be.upload_f32(&q)?;
+            let pqr = pp(&d_qref);
+            let hnr = be.function("k_head_norm_rope")?;
+            let mut b = st.launch_builder(&hnr);
+            b.arg(&pqr)
+                .arg(&hi)
+                .arg(&dhi)
+                .arg(&hai)
+                .arg(&qeps)
+                .arg(&pfr)
+                .arg(&pp0);
+            // SAFETY: argument list matches k_head_norm_rope; n·H rows of dh.
+            unsafe { b.launch(cfg(((n * h_n) as u32, 1, 1), 128)) }?;
+            let d_oq = poisoned(be, n * h_n * dh)?;
+            args.o = pp(&d_oq);
+            args.q = pqr;
+            // SAFETY: as above (q normalized in place).
+            unsafe { attend(st, &k, &args)? };
+            gpu_qr = be.download(&d_oq)?;
+            let d_on = poisoned(be, n * h_n * dh)?;
+            args.o = pp(&d_on);
+            args.q = pp(&d_q);
+            args.cs_tab = ptab;
+            args.qeps = qeps;
+            // SAFETY: as above; cs_tab holds n·half pairs, q is left as it is.
+            unsafe { attend(st, &k, &args)? };
+            gpu_qn = be.download(&d_on)?;
+            args.cs_tab = 0;
+        }
         // Decode steps: split-rows flash decoding (fresh poison in o first).
         args.tc = false;
         args.fd = true;
@@ -990,10 +1026,15 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             let mut row = exact_row("attend_tc_f16", GgmlType::F16, &shape, o16_mism);
             row.note = format!("{o16_mism} f16 outputs differ in bits from f16(f32 output)");
             out.push(row);
-            let same = same_bits(&gpu4, &gpu_q16);
-            let mut row = exact_row("attend_tc_q16", GgmlType::F16, &shape, usize::from(!same));
-            row.note = "f16 queries (q16) give the f32-query outputs bit for bit".into();
-            out.push(row);
+            if qn_ok {
+                let same = same_bits(&gpu_qr, &gpu_qn);
+                let mut row =
+                    exact_row("attend_tc_qnorm", GgmlType::F32, &shape, usize::from(!same));
+                row.note = "queries normalized and rotated in the kernel vs by k_head_norm_rope: \
+                            the same output bits"
+                    .into();
+                out.push(row);
+            }
         }
     }
     Ok(())
@@ -3060,65 +3101,6 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         let mut row = exact_row("rms_norm_h", GgmlType::F16, &format!("{t_n}x{wdt}"), mism);
         row.note = format!("{mism}: f32 rows vs k_rms_norm (0/1) + f16 copies vs f16(row)");
         out.push(row);
-    }
-    // head_norm_rope16 (f16 only) vs k_head_norm_rope (in place, f32), flash head shape.
-    for (hn, dh, half) in [(64usize, 512usize, 32usize), (6, 128, 16)] {
-        let v = random_activations(rng, t_n * hn * dh);
-        let freqs: Vec<f64> = (0..half)
-            .map(|i| 10000f64.powf(-(i as f64) / half as f64))
-            .collect();
-        let fd = st.clone_htod(&freqs)?;
-        let p0 = st.clone_htod(&[777i64])?;
-        let (a, h) = (be.upload_f32(&v)?, st.alloc_zeros::<u16>(t_n * hn * dh)?);
-        let (pa, ph, pfr, pp0) = (
-            p32(&a),
-            h.device_ptr(st).0,
-            fd.device_ptr(st).0,
-            p0.device_ptr(st).0,
-        );
-        let (hi, dhi, hai) = (hn as i32, dh as i32, half as i32);
-        // The chunk's angles from k_rope_cs, for the table form.
-        let tab = be.alloc_f32(t_n * half * 2)?;
-        let ptab = p32(&tab);
-        let fun = be.function("k_rope_cs")?;
-        let mut b = st.launch_builder(&fun);
-        b.arg(&pfr).arg(&pp0).arg(&hai).arg(&ptab);
-        // SAFETY: argument list matches k_rope_cs; tab holds t_n·half pairs.
-        unsafe { b.launch(cfg((half.div_ceil(64) as u32, t_n as u32, 1), 64)) }?;
-        let h_tab = st.alloc_zeros::<u16>(t_n * hn * dh)?;
-        let fun = be.function("k_head_norm_rope16")?;
-        for (pt, out16) in [(0u64, ph), (ptab, h_tab.device_ptr(st).0)] {
-            let mut b = st.launch_builder(&fun);
-            b.arg(&pa)
-                .arg(&hi)
-                .arg(&dhi)
-                .arg(&hai)
-                .arg(&eps)
-                .arg(&pfr)
-                .arg(&pp0);
-            b.arg(&pt).arg(&out16);
-            // SAFETY: argument list matches k_head_norm_rope16 (dh/4 threads); t_n·hn rows
-            // of dh, the outputs as many halves, the table t_n·half pairs.
-            unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), (dh / 4) as u32)) }?;
-        }
-        let fun = be.function("k_head_norm_rope")?;
-        let mut b = st.launch_builder(&fun);
-        b.arg(&pa)
-            .arg(&hi)
-            .arg(&dhi)
-            .arg(&hai)
-            .arg(&eps)
-            .arg(&pfr)
-            .arg(&pp0);
-        // SAFETY: argument list matches k_head_norm_rope; t_n·hn rows of dh.
-        unsafe { b.launch(cfg(((t_n * hn) as u32, 1, 1), 128)) }?;
-        let reference = be.download(&a)?;
-        for (name, hh) in [("head_norm_rope16", &h), ("head_norm_rope16_tab", &h_tab)] {
-            let mism = f16_mism(&be.download(hh)?, &reference);
-            let mut row = exact_row(name, GgmlType::F16, &format!("{t_n}tok,H{hn}xDh{dh}"), mism);
-            row.note = format!("{mism} f16 queries differ in bits from f16(k_head_norm_rope)");
-            out.push(row);
-        }
     }
     // hc_post4 and hc_post_moe_pf vs the CPU; their f16 copies are of x · HC_X16_SCALE.
     let scaled = |v: &[f32]| -> Vec<f32> {

@@ -58,8 +58,9 @@
 //! f32 kernel), `DS4_CUDA_IDX_WG` (those scores on wgmma in prefill chunks on Hopper,
 //! `k_idx_scores_wg`; off = `k_idx_scores_tc`; the same bits),
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
-//! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_Q16`
-//! (production prefill's queries normalized straight to f16 for the tensor-core attention),
+//! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_QNORM`
+//! (production prefill's query heads normalized and rotated inside the tensor-core attention;
+//! off = `k_head_norm_rope` in place before it),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
 //! the four tiled passes), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;

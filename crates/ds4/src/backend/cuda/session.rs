@@ -175,12 +175,12 @@ fn use_hc_pre_pf() -> bool {
     *ON.get_or_init(|| super::switch_on("DS4_CUDA_HC_PRE_PF"))
 }
 
-/// Whether production prefill's tensor-core attention reads f16 queries written by
-/// `k_head_norm_rope16` (default; `DS4_CUDA_Q16=0` keeps `k_head_norm_rope` in place and
-/// the attention's own conversion, for comparisons).
-fn use_q16() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::switch_on("DS4_CUDA_Q16"))
+/// Whether production prefill's tensor-core attention normalizes and rotates the query heads
+/// itself, from the q_b product (default; `DS4_CUDA_QNORM=0` keeps `k_head_norm_rope` in
+/// place before it, for comparisons; read at every chunk, so `ds4 cuda model --variants`
+/// can compare both in one process).
+fn use_qnorm() -> bool {
+    super::switch_on("DS4_CUDA_QNORM")
 }
 
 /// Columns (of 4 elements) a thread of `k_hc_pre_pf` owns for width `d`: the smallest of 1,
@@ -331,7 +331,6 @@ struct Kernels {
     rms_norm: CudaFunction,
     rms_norm_h: CudaFunction,
     head_norm_rope: CudaFunction,
-    head_norm_rope16: CudaFunction,
     rope_cs: CudaFunction,
     kv_finish: CudaFunction,
     idx_q_finish: CudaFunction,
@@ -375,7 +374,6 @@ impl Kernels {
             rms_norm: f("k_rms_norm")?,
             rms_norm_h: f("k_rms_norm_h")?,
             head_norm_rope: f("k_head_norm_rope")?,
-            head_norm_rope16: f("k_head_norm_rope16")?,
             rope_cs: f("k_rope_cs")?,
             kv_finish: f("k_kv_finish")?,
             idx_q_finish: f("k_idx_q_finish")?,
@@ -1015,9 +1013,8 @@ struct PfScratch {
     /// hc_pre's `y` (`GPU_CHUNK × D`) and the normalized `qr` (`GPU_CHUNK × q_lora_rank`).
     y16: CudaSlice<u16>,
     qr16: CudaSlice<u16>,
-    /// The rotated queries as f16 (`GPU_CHUNK × n_head × head_dim`), the only form the
-    /// tensor-core attention reads.
-    q16: CudaSlice<u16>,
+    /// out_a's output `low` as f16 (`GPU_CHUNK × o_groups × o_lora_rank`), out_b's input.
+    low16: CudaSlice<u16>,
     /// The f16 copies of the rows the tensor-core attention reads (`k_att_rows16`): the raw
     /// window, a chunk's rows and the most compressed rows a layer keeps at this context,
     /// (`swa` + `GPU_CHUNK` + ctx / smallest ratio) × `head_dim` halves (1 when the tensor-core
@@ -1237,7 +1234,9 @@ impl GpuSession {
                     x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
                     y16: be.stream().alloc_zeros::<u16>(m * d)?,
                     qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
-                    q16: be.stream().alloc_zeros::<u16>(m * c.n_head * c.head_dim)?,
+                    low16: be
+                        .stream()
+                        .alloc_zeros::<u16>(m * c.o_groups * c.o_lora_rank)?,
                     att16: be.stream().alloc_zeros::<u16>(if tc_chunks {
                         let comp = (0..c.n_layer)
                             .map(|il| match c.ratio(il) {
@@ -2033,18 +2032,16 @@ impl GpuSession {
             Ok(())
         };
         // Production prefill chunks whose attention runs on tensor cores (the condition of
-        // `Attend::tc` below): the queries go straight to f16 in q16.
-        let q16 = pf
-            .filter(|_| {
-                self.tiled
-                    && n > 8
-                    && attn::use_tc()
-                    && attn::tc_supported(c.n_head, c.head_dim, half as usize)
-                    && c.head_dim.is_multiple_of(128)
-                    && c.head_dim <= 4096
-                    && use_q16()
-            })
-            .map(|ps| p16(&ps.q16));
+        // `Attend::tc` below): the attention normalizes and rotates the queries itself.
+        let qnorm = pf.is_some()
+            && self.tiled
+            && !self.exact
+            && n > 8
+            && half > 0
+            && attn::use_tc()
+            && attn::tc_supported(c.n_head, c.head_dim, half as usize)
+            && attn::tc_qnorm_supported(c.head_dim)
+            && use_qnorm();
         let hc_post = || -> Result<()> {
             if n > 1 && d.is_multiple_of(4) {
                 // Chunks: 4 elements a thread (k_hc_post's operations per element), and in
@@ -2264,7 +2261,7 @@ impl GpuSession {
             // A chunk's RoPE angles, once for all of this layer's query heads and indexer
             // heads (the same f32 values their kernels would compute inline), where one of
             // them reads the table (the f16 query finish, or the indexer).
-            let cs_tab = if n > 1 && half > 0 && (q16.is_some() || l.indexer.is_some()) {
+            let cs_tab = if n > 1 && half > 0 && (qnorm || l.indexer.is_some()) {
                 launch!(
                     st,
                     k.rope_cs,
@@ -2458,28 +2455,7 @@ impl GpuSession {
                     ]
                 );
             } else {
-                if let Some(q16) = q16 {
-                    // The tensor-core attention reads only f16 queries: normalized, rotated
-                    // and written once as f16 (q keeps the q_b product).
-                    launch!(
-                        st,
-                        k.head_norm_rope16,
-                        (n32 * c.n_head as u32, 1, 1),
-                        (c.head_dim as u32 / 4, 1, 1),
-                        0,
-                        [
-                            p(&s.q),
-                            c.n_head as i32,
-                            c.head_dim as i32,
-                            half,
-                            eps,
-                            ptr(&l.freqs, st),
-                            p0l,
-                            cs_tab,
-                            q16
-                        ]
-                    );
-                } else {
+                if !qnorm {
                     launch!(
                         st,
                         k.head_norm_rope,
@@ -2580,7 +2556,8 @@ impl GpuSession {
                     let args = attn::Attend {
                         n,
                         q: p(&s.q),
-                        q16: q16.unwrap_or(0),
+                        cs_tab: if qnorm { cs_tab } else { 0 },
+                        qeps: eps,
                         ckv: p(&s.kv),
                         ring: p(&ls.ring),
                         comp: comp_rows,
@@ -2620,9 +2597,15 @@ impl GpuSession {
                         q0: if int8 { p(&s.q0) } else { 0 },
                         d0: p(&s.d0),
                     };
+                    if qnorm && !args.uses_tc() {
+                        // The queries were left for the tensor-core kernel to normalize.
+                        return Err(CudaError::Invalid(
+                            "prefill attention: un-normalized queries for the f32 passes".into(),
+                        ));
+                    }
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
                     // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap;
-                    // x16 (o16) holds GPU_CHUNK × H × Dh halves.
+                    // x16 (o16) holds GPU_CHUNK × H × Dh halves; cs_tab n × half pairs.
                     unsafe { attn::attend(st, &k.at, &args)? };
                     o16_ready = args.o16 != 0 && args.uses_tc();
                     if args.writes_q8() {
@@ -2641,23 +2624,23 @@ impl GpuSession {
                 let gw = hd / g;
                 // o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
                 // repeated for GPU_CHUNK tokens.
-                // Production prefill: out_a writes `low` as f16 straight into q16 (free once
-                // the attention has read the queries), which out_b reads as its input: no f32
-                // `low` and no conversion of it (~45 µs a 2048-token chunk).
+                // Production prefill: out_a writes `low` as f16 straight into low16, which
+                // out_b reads as its input: no f32 `low` and no conversion of it (~45 µs a
+                // 2048-token chunk).
                 let out_b_ps = gemm_ok(&l.out_b, n);
                 let low16 = gemm_ok(&l.out_a, n * g)
                     .filter(|ps| {
                         n > 1
                             && out_b_ps.is_some()
-                            && n * g * c.o_lora_rank <= ps.q16.len()
+                            && n * g * c.o_lora_rank <= ps.low16.len()
                             && l.out_b.n_cols == g * c.o_lora_rank
                     })
-                    .map(|ps| p16(&ps.q16));
+                    .map(|ps| p16(&ps.low16));
                 match gemm_ok(&l.out_a, n * g) {
                     // One strided-batched GEMM over the G groups: group g reads columns
                     // g·gw.. of each token's o row and writes columns g·Lo.. of its low row.
                     // SAFETY: w16 holds the G stacked matrices, x16 n·hd halves (gemm_ok);
-                    // q16 (low16) n·G·Lo halves (checked above).
+                    // low16 n·G·Lo halves (checked above).
                     Some(ps) if n > 1 => unsafe {
                         dense_gemm(
                             be,

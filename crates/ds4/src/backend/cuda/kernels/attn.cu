@@ -1018,6 +1018,84 @@ extern "C" __global__ void k_att_rows16(const float* __restrict__ ring,
     }
 }
 
+// Query heads w, w + 16, .., w + 16(NH − 1) of k_att_tc (warp w), from the q_b product to their
+// f16 rows in Qs: the unweighted RMSNorm and the RoPE of k_head_norm_rope with the same
+// operations in the same order, so the halves are those of rounding its output (dh a
+// multiple of 128, at most 512). That kernel's block has 128 threads, thread i summing the
+// squares of elements i + 128k (k < dh/128) in f64, then block_sum_d; here lane l plays
+// threads l + 32m of its 4 warps m, each warp's sum is the same butterfly (warp_sum_d's
+// steps, the 16 sums of the 4 heads side by side), and the last step puts warp m's sum on
+// lane m as block_sum_d's warp 0 does. The rotation pairs (e, e+1) are lanes (l, l^1)
+// (rope_tail's operations; the pair exchange only where a warp-wide group of 32 elements
+// reaches the tail); the angles come from the chunk's table (k_rope_cs: rope_tail's values).
+// Heads past n_head are zeros.
+template <int NH>
+__device__ __forceinline__ void tc_qnorm(const float* __restrict__ q, const float* __restrict__ cs_tab,
+                                         unsigned short* Qs, int kst, int t, int w, int n_head,
+                                         int dh, int half, float eps, int lane) {
+    const int nk = dh >> 7, off = dh - 2 * half;
+    float v[NH][4][4];  // [head i][m][k]: element lane + 32m + 128k of head w + 16i
+#pragma unroll
+    for (int i = 0; i < NH; i++) {
+        const int hh = w + 16 * i;
+        const float* src = q + ((long long)t * n_head + hh) * dh;
+#pragma unroll
+        for (int m = 0; m < 4; m++)
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                v[i][m][k] = k < nk && hh < n_head ? src[lane + 32 * m + 128 * k] : 0.0f;
+    }
+    double ss[NH][4];
+#pragma unroll
+    for (int i = 0; i < NH; i++)
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            ss[i][m] = 0.0;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                if (k < nk) ss[i][m] += (double)v[i][m][k] * (double)v[i][m][k];
+        }
+#pragma unroll
+    for (int x = 16; x > 0; x >>= 1)
+#pragma unroll
+        for (int i = 0; i < NH; i++)
+#pragma unroll
+            for (int m = 0; m < 4; m++) ss[i][m] += __shfl_xor_sync(0xffffffffu, ss[i][m], x);
+    double r[NH];
+#pragma unroll
+    for (int i = 0; i < NH; i++)
+        r[i] = lane == 0 ? ss[i][0] : lane == 1 ? ss[i][1] : lane == 2 ? ss[i][2]
+             : lane == 3 ? ss[i][3] : 0.0;
+#pragma unroll
+    for (int x = 16; x > 0; x >>= 1)
+#pragma unroll
+        for (int i = 0; i < NH; i++) r[i] += __shfl_xor_sync(0xffffffffu, r[i], x);
+    const float* cs = cs_tab + 2LL * t * half;
+#pragma unroll
+    for (int i = 0; i < NH; i++) {
+        u16* qrow = (u16*)Qs + (w + 16 * i) * kst;
+        // Rows past n_head stay zero (0 · s with s finite; the rotation of zeros).
+        const float s = (float)(1.0 / sqrt(r[i] / (double)dh + (double)eps));
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                if (k >= nk) continue;
+                const int e = lane + 32 * m + 128 * k;
+                float a = v[i][m][k] * s;
+                if (32 * m + 128 * k + 31 >= off) {
+                    float pa = __shfl_xor_sync(0xffffffffu, a, 1);
+                    if (e >= off) {
+                        float2 c2 = *(const float2*)(cs + 2 * ((e - off) >> 1));
+                        a = ((e - off) & 1) == 0 ? a * c2.x - pa * c2.y : pa * c2.y + a * c2.x;
+                    }
+                }
+                qrow[e] = f2h(a);
+            }
+        }
+    }
+}
+
 // Dynamic shared memory: Qs [64][dh+8] f16 | two tile buffers [TC_BR][dh+8] f16 | score
 // partials [4][64][TC_SP] f32 | Ps [64][TC_PP] f16 | selection [TC_SEL] i32 | m, l, corr [64]
 // f32 | cos, −sin [half] f32 (attn.rs: tc_smem). ckv, ring, comp: k_att_rows16's copies.
@@ -1028,7 +1106,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              const long long* __restrict__ p0p, int swa, int dh, int n_head,
              const float* __restrict__ sinks, float scale, int half,
              const double* __restrict__ freqs, float* __restrict__ o,
-             unsigned short* __restrict__ o16, const unsigned short* __restrict__ q16) {
+             unsigned short* __restrict__ o16, const float* __restrict__ cs_tab, float qeps) {
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
     const int kbw = TC_BR * kst;  // one tile buffer, in halves
@@ -1057,17 +1135,11 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         for (int i = tid; i < a.n_rows - a.n_raw; i += 512) selS[i] = a.sel[i];
         a.sel = selS;
     }
-    if (q16) {
-        // f16 queries written by their producer (k_head_norm_rope16): the same halves
-        // tc_put would make from q, copied 4 at a time.
-#pragma unroll 8
-        for (int x = tid; x < 64 * nd4; x += 512) {
-            int hh = x / nd4;
-            uint2 v = make_uint2(0u, 0u);
-            if (hh < n_head)
-                v = *(const uint2*)(q16 + ((long long)t * n_head + hh) * dh + 4 * (x % nd4));
-            *(uint2*)(Qs + hh * kst + 4 * (x % nd4)) = v;
-        }
+    if (cs_tab) {
+        // Production prefill: q holds the q_b product; each warp normalizes and rotates 4
+        // heads into Qs (k_head_norm_rope's values rounded to f16).
+        tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
+        tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp + 32, n_head, dh, half, qeps, lane);
     } else {
 #pragma unroll 8
         for (int x = tid; x < 64 * nd4; x += 512) {

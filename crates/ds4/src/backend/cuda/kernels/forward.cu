@@ -303,54 +303,6 @@ extern "C" __global__ void k_head_norm_rope(float* __restrict__ q, int n_head, i
                        p0 + blockIdx.x / n_head, sh);
 }
 
-// Production prefill form of k_head_norm_rope for the tensor-core attention, which reads only
-// f16 queries: the row is normalized and rotated in registers and written once, as f16, to
-// q16 (q itself is left as it was). blockDim.x = dh/4 (a multiple of 32): thread i holds
-// elements i + k·blockDim.x, k < 4, so the sum of squares adds in rms_scale_block's order;
-// the rotation pairs (e, e+1) sit in neighbouring lanes (exchanged with a shuffle) and get
-// rope_tail's operations: the f16 values are those of rounding k_head_norm_rope's output.
-// cs_tab (may be null): the chunk's angles from k_rope_cs instead of a sincos per element.
-extern "C" __global__ void __launch_bounds__(1024)
-    k_head_norm_rope16(const float* __restrict__ q, int n_head, int dh, int half, float eps,
-                       const double* __restrict__ freqs, const long long* __restrict__ p0p,
-                       const float* __restrict__ cs_tab, u16* __restrict__ q16) {
-    __shared__ double sh[33];
-    const long long p0 = *p0p;
-    const long long base = (long long)blockIdx.x * dh;
-    const long long pos = p0 + blockIdx.x / n_head;
-    const int T = blockDim.x, tid = threadIdx.x, off = dh - 2 * half;
-    float v[4];
-    double ss = 0.0;
-#pragma unroll
-    for (int k = 0; k < 4; k++) v[k] = q[base + tid + T * k];
-#pragma unroll
-    for (int k = 0; k < 4; k++) ss += (double)v[k] * (double)v[k];
-    ss = block_sum_d(ss, sh);
-    const float s = (float)(1.0 / sqrt(ss / (double)dh + (double)eps));
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const int e = tid + T * k;
-        float a = v[k] * s;
-        float pa = __shfl_xor_sync(0xffffffffu, a, 1);
-        if (e >= off) {
-            float cf, sf;
-            if (cs_tab) {
-                float2 v2 = *(const float2*)(cs_tab + 2 * ((long long)(blockIdx.x / n_head) * half +
-                                                           ((e - off) >> 1)));
-                cf = v2.x, sf = v2.y;
-            } else {
-                double sn, cs;
-                sincos((double)pos * freqs[(e - off) >> 1], &sn, &cs);
-                cf = (float)cs, sf = (float)sn;
-            }
-            a = ((e - off) & 1) == 0 ? a * cf - pa * sf : pa * sf + a * cf;
-        }
-        float pn = __shfl_xor_sync(0xffffffffu, a, 1);
-        if ((tid & 1) == 0)
-            *(u32*)(q16 + base + e) = (u32)f2h(a) | ((u32)f2h(pn) << 16);
-    }
-}
-
 // KV rows: RMSNorm(kv_a_norm), RoPE, QAT + storage rounding (blockIdx.x = t).
 extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __restrict__ w,
                                        int dh, int half, float eps,
