@@ -2260,7 +2260,7 @@ impl GpuSession {
             // beside q_b and the query heads, and is joined before the attention.
             // A chunk's RoPE angles, once for all of this layer's query heads and indexer
             // heads (the same f32 values their kernels would compute inline), where one of
-            // them reads the table (the f16 query finish, or the indexer).
+            // them reads the table (the tensor-core attention's query finish, or the indexer).
             let cs_tab = if n > 1 && half > 0 && (qnorm || l.indexer.is_some()) {
                 launch!(
                     st,

@@ -1024,7 +1024,7 @@ extern "C" __global__ void k_att_rows16(const float* __restrict__ ring,
 // multiple of 128, at most 512). That kernel's block has 128 threads, thread i summing the
 // squares of elements i + 128k (k < dh/128) in f64, then block_sum_d; here lane l plays
 // threads l + 32m of its 4 warps m, each warp's sum is the same butterfly (warp_sum_d's
-// steps, the 16 sums of the 4 heads side by side), and the last step puts warp m's sum on
+// steps, the 4·NH sums of the NH heads side by side), and the last step puts warp m's sum on
 // lane m as block_sum_d's warp 0 does. The rotation pairs (e, e+1) are lanes (l, l^1)
 // (rope_tail's operations; the pair exchange only where a warp-wide group of 32 elements
 // reaches the tail); the angles come from the chunk's table (k_rope_cs: rope_tail's values).
@@ -1073,7 +1073,7 @@ __device__ __forceinline__ void tc_qnorm(const float* __restrict__ q, const floa
     const float* cs = cs_tab + 2LL * t * half;
 #pragma unroll
     for (int i = 0; i < NH; i++) {
-        u16* qrow = (u16*)Qs + (w + 16 * i) * kst;
+        unsigned short* qrow = Qs + (w + 16 * i) * kst;
         // Rows past n_head stay zero (0 · s with s finite; the rotation of zeros).
         const float s = (float)(1.0 / sqrt(r[i] / (double)dh + (double)eps));
 #pragma unroll
@@ -1137,7 +1137,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     }
     if (cs_tab) {
         // Production prefill: q holds the q_b product; each warp normalizes and rotates 4
-        // heads into Qs (k_head_norm_rope's values rounded to f16).
+        // heads into Qs, 2 at a time (k_head_norm_rope's values rounded to f16).
         tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
         tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp + 32, n_head, dh, half, qeps, lane);
     } else {
