@@ -1001,6 +1001,39 @@ __device__ __forceinline__ void tc_issue(unsigned short* dst, const AttRows& a,
     asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
+// The row pointers of tile `tile` (lane = row; null past the token's last row), written by one
+// warp into a TC_BR-entry table that tc_issue_tab reads: each row's source (ring, chunk or
+// compressed, through the selection) is worked out once instead of by each of the 64 threads
+// that copy a piece of it (the branches and 64-bit arithmetic of tc_row were a fifth of a
+// ratio-4 layer's time).
+__device__ __forceinline__ void tc_tab(const unsigned short** tab, const AttRows& a,
+                                       const unsigned short* ckv, const unsigned short* ring,
+                                       const unsigned short* comp, int tile, int lane, int rb,
+                                       int lp) {
+    const int rr = tile * TC_BR + lane;
+    tab[lane] = rr < a.n_rows ? tc_row(a, ckv, ring, comp, rr, rb, lp) : nullptr;
+}
+
+// tc_issue with the rows from a tc_tab table (rows past the end zero-filled).
+__device__ __forceinline__ void tc_issue_tab(unsigned short* dst, const unsigned short* const* tab,
+                                             const unsigned short* ckv, int pr, int rstep, int pc,
+                                             int kst) {
+#pragma unroll
+    for (int i = 0; i < TC_PF; i++) {
+        int r = pr + i * rstep;
+        if (r < TC_BR) {
+            const unsigned short* row = tab[r];
+            bool ok = row != nullptr;
+            const unsigned short* src = ok ? row + 8 * pc : ckv;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
+                             at_smem(dst + r * kst + 8 * pc)),
+                         "l"(src), "r"(ok ? 16 : 0)
+                         : "memory");
+        }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
 // f16 copies (round to nearest even, as at_h2) of the rows k_att_tc reads: the ring (n0
 // rows), the chunk's raw rows (n1) and the compressed rows (n2), each dh wide (a multiple of
 // 4), packed in that order into out. 4 elements a thread, grid-stride.
@@ -1097,8 +1130,9 @@ __device__ __forceinline__ void tc_qnorm(const float* __restrict__ q, const floa
 }
 
 // Dynamic shared memory: Qs [64][dh+8] f16 | two tile buffers [TC_BR][dh+8] f16 | score
-// partials [4][64][TC_SP] f32 | Ps [64][TC_PP] f16 | selection [TC_SEL] i32 | m, l, corr [64]
-// f32 | cos, −sin [half] f32 (attn.rs: tc_smem). ckv, ring, comp: k_att_rows16's copies.
+// partials [4][64][TC_SP] f32 | Ps [64][TC_PP] f16 | two row tables [TC_BR] pointers |
+// selection [TC_SEL] i32 | m, l, corr [64] f32 | cos, −sin [half] f32 (attn.rs: tc_smem).
+// ckv, ring, comp: k_att_rows16's copies.
 extern "C" __global__ void __launch_bounds__(512, 1)
     k_att_tc(const float* __restrict__ q, const unsigned short* __restrict__ ckv,
              const unsigned short* __restrict__ ring, const unsigned short* __restrict__ comp,
@@ -1114,7 +1148,8 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     unsigned short* KB = Qs + 64 * kst;
     float* Sp = (float*)(KB + 2 * kbw);
     unsigned short* Ps = (unsigned short*)(Sp + 4 * 64 * TC_SP);
-    int* selS = (int*)(Ps + 64 * TC_PP);
+    const unsigned short** tabS = (const unsigned short**)(Ps + 64 * TC_PP);
+    int* selS = (int*)(tabS + 2 * TC_BR);
     float* mrow = (float*)(selS + TC_SEL);
     float* lrow = mrow + 64;
     float* corr = lrow + 64;
@@ -1131,6 +1166,9 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     const int ntile = (a.n_rows + TC_BR - 1) / TC_BR;
     // The first tile's copies are in flight while the queries are converted.
     tc_issue(KB, a, ckv, ring, comp, 0, pr, rstep, pc, kst, rb, lp);
+    // Tile 1's row table (tile t's is table t % 2), from the selection in global memory; tile
+    // t + 2's is written during tile t (below), after every thread has read table t % 2.
+    if (warp == 0) tc_tab(tabS + TC_BR, a, ckv, ring, comp, 1, lane, rb, lp);
     if (ratio == 4 && a.n_rows - a.n_raw <= TC_SEL) {
         for (int i = tid; i < a.n_rows - a.n_raw; i += 512) selS[i] = a.sel[i];
         a.sel = selS;
@@ -1138,6 +1176,13 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     if (cs_tab) {
         // Production prefill: q holds the q_b product; each warp normalizes and rotates 4
         // heads into Qs, 2 at a time (k_head_norm_rope's values rounded to f16).
+        // The second pass's heads are fetched into L2 first (a 128-byte line a lane), so its
+        // loads do not wait a whole HBM round trip after the first pass's.
+        {
+            const int hh = warp + 32 + 16 * (lane >> 4), ln = lane & 15;
+            if (hh < n_head && ln < dh / 32)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(q + ((long long)t * n_head + hh) * dh + 32 * ln));
+        }
         tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
         tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp + 32, n_head, dh, half, qeps, lane);
     } else {
@@ -1180,7 +1225,11 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();  // tile it (and, the first time, Qs, the selection, m, l, cos/sin)
         if (it + 1 < ntile)
-            tc_issue(KB + (cur ^ 1) * kbw, a, ckv, ring, comp, it + 1, pr, rstep, pc, kst, rb, lp);
+            tc_issue_tab(KB + (cur ^ 1) * kbw, tabS + (cur ^ 1) * TC_BR, ckv, pr, rstep, pc, kst);
+        // Tile it + 2's table (read after the next tile's first barrier), by a warp that
+        // changes from tile to tile.
+        if (warp == (it & 15) && it + 2 < ntile)
+            tc_tab(tabS + cur * TC_BR, a, ckv, ring, comp, it + 2, lane, rb, lp);
         // Score partials: heads 16hg.., rows 0..TC_BR (4 n8 tiles), dims dq0..dq0+dh/4.
         {
             float s[4][4];
@@ -1279,7 +1328,13 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         }
     }
     // o = acc / l, then the inverse RoPE of the tail (pairs (e, e+1) sit in one thread).
+    // o16 (production prefill): f16 only, the input of attn_output_a's GEMM (at_h2 rounds as
+    // f32_to_f16 does), so o is neither written nor converted; the rows are staged in the tile
+    // buffers (free once every warp is past its last products) and leave in 16-byte stores,
+    // consecutive threads on consecutive pieces (the 4-byte stores straight from the
+    // accumulators cost a fifth of a ratio-0 layer's time).
     const int off = dh - 2 * half;
+    if (o16) __syncthreads();
 #pragma unroll
     for (int hi = 0; hi < 2; hi++) {
         int h = 16 * hg + gid + 8 * hi;
@@ -1298,13 +1353,19 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                     va = na;
                     vb = nb;
                 }
-                // o16 (production prefill): f16 only, the input of attn_output_a's GEMM
-                // (at_h2 rounds as f32_to_f16 does), so o is neither written nor converted.
                 if (o16)
-                    *(u32*)(o16 + ob + e) = at_h2(va, vb);
+                    *(u32*)(KB + h * kst + e) = at_h2(va, vb);
                 else
                     *(float2*)(o + ob + e) = make_float2(va, vb);
             }
+        }
+    }
+    if (o16) {
+        __syncthreads();
+        for (int x = tid; x < n_head * nd8; x += 512) {
+            const int h = x / nd8, c = x - h * nd8;
+            *(uint4*)(o16 + ((long long)t * n_head + h) * dh + 8 * c) =
+                *(const uint4*)(KB + h * kst + 8 * c);
         }
     }
 }
