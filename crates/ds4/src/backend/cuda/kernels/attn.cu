@@ -1174,17 +1174,11 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         a.sel = selS;
     }
     if (cs_tab) {
-        // Production prefill: q holds the q_b product; each warp normalizes and rotates 4
-        // heads into Qs, 2 at a time (k_head_norm_rope's values rounded to f16).
-        // The second pass's heads are fetched into L2 first (a 128-byte line a lane), so its
-        // loads do not wait a whole HBM round trip after the first pass's.
-        {
-            const int hh = warp + 32 + 16 * (lane >> 4), ln = lane & 15;
-            if (hh < n_head && ln < dh / 32)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(q + ((long long)t * n_head + hh) * dh + 32 * ln));
-        }
-        tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
-        tc_qnorm<2>(q, cs_tab, Qs, kst, t, warp + 32, n_head, dh, half, qeps, lane);
+        // Production prefill: q holds the q_b product; each warp normalizes and rotates its 4
+        // heads into Qs in one pass, all 64 loads a lane in flight together (k_head_norm_rope's
+        // values rounded to f16). Two passes of 2 heads (the second's lines prefetched into
+        // L2) took 2% longer; this pass spills 20 bytes, outside the tile loop.
+        tc_qnorm<4>(q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
     } else {
 #pragma unroll 8
         for (int x = tid; x < 64 * nd4; x += 512) {
