@@ -885,7 +885,7 @@ extern "C" __global__ void k_comp_state(const float* __restrict__ kvp, const flo
 // queries and the weights e^{s−m} are rounded to f16 (the rows are F16-exact in production,
 // storage rounding); the weights' sum l adds the rounded values, so numerator and denominator
 // see the same weights. Needs n_head ≤ 64, dh % 64 == 0, dh ≤ 512, half ≤ 64 (host checks).
-// 16 warps: warp w handles heads 16(w%4).. and dims (w/4)·dh/4.. (the score partials over
+// 16 warps: warp w handles heads 16(w/4).. and dims (w%4)·dh/4.. (the score partials over
 // those dims for all the tile's rows, then the output over those dims: 64 f32 accumulators a
 // thread at dh = 512). The next tile's rows are copied (cp.async) while the current one is
 // used. (A first version staging through registers, every warp scoring 8 rows over all the
@@ -950,10 +950,18 @@ __device__ __forceinline__ void at_ldm_x4t(u32* r, u32 a) {
 // the window's ring slot is (lo mod swa + r) − swa·[≥ swa] in 32-bit arithmetic (r < swa).
 // The tile buffers alternate: tile i+1 is copied into the buffer of tile i−1 once every warp
 // has passed tile i's first barrier (so is done with tile i−1's output products), and the
-// score partials have their own area, so a tile needs 3 barriers: copied, scored, weighted.
+// score partials have their own area, so a tile needs one block barrier (copied) and two of
+// each head group's 4 warps (scored, weighted).
 // The operands of both products are read with ldmatrix. Copying f16 rows halves the L2
 // traffic of the gather (ratio-4 layers read 640 rows a token) and drops a conversion pass.
 #define TC_SEL 1024  // ratio-4 selections up to this many are read from shared memory
+
+// Barrier of head group hg's 4 warps (4hg..4hg+3: each SM sub-partition holds one warp of every
+// group, so a group in its softmax leaves the tensor pipes to the others). The score partials,
+// weights and m / l / corr of a group's heads are written and read by its warps only.
+__device__ __forceinline__ void tc_group_sync(int hg) {
+    asm volatile("bar.sync %0, 128;" ::"r"(hg + 1) : "memory");
+}
 
 // The queries' f16 form: float4 x of the [64][dh/4] grid into row x / nd4 of Qs.
 __device__ __forceinline__ void tc_put(float4 v, unsigned short* ks, int kst, int nd4, int x) {
@@ -1157,7 +1165,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     float* rs = rc + half;
     const int t = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3;
-    const int hg = warp & 3, sub = warp >> 2;
+    const int hg = warp >> 2, sub = warp & 3;
     const long long p0 = *p0p;
     AttRows a = att_rows(nullptr, nullptr, nullptr, sel, cnt, sel_ld, ratio, p0, t, swa, dh);
     const int nd4 = dh / 4, nd8 = dh / 8;
@@ -1250,7 +1258,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                 *(float2*)(sp + (h + 8) * TC_SP + r) = make_float2(s[n][2], s[n][3]);
             }
         }
-        __syncthreads();
+        tc_group_sync(hg);  // the head group's score partials
         // Online softmax: 8 threads per head, 4 rows each; the partials added in dim order.
         {
             int h = tid >> 3, j = tid & 7;
@@ -1288,7 +1296,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                 mrow[h] = mn;
             }
         }
-        __syncthreads();
+        tc_group_sync(hg);  // its weights, m, l and corr
         // Output: heads 16hg.., dims dq0.. (nq n8 tiles, two per ldmatrix). No barrier
         // after it: the copies into this buffer (tile it + 2) start after the next tile's
         // first barrier, and so do the next scores' writes into the partials.
