@@ -141,8 +141,8 @@ const TC_SEL: usize = 1024;
 
 /// Dynamic shared memory of `k_att_tc` (attn.cu's layout): f16 queries (64 heads, `dh + 8`
 /// wide); two tile buffers of f16 rows (`TC_BR` × (`dh + 8`)); the f32 score partials 4 × 64 ×
-/// `TC_SP`; f16 weights 64 × 40; two tables of `TC_BR` row pointers; the selection; m, l and the rescale factors (64 each); cos
-/// and −sin of the tail pairs.
+/// `TC_SP`; f16 weights 64 × 40; two tables of `TC_BR` row pointers; the selection; m, l and
+/// the rescale factors (64 each); cos and −sin of the tail pairs.
 pub fn tc_smem(dh: usize, half: usize) -> usize {
     TC_MAX_HEADS * (dh + 8) * 2
         + 2 * TC_BR * (dh + 8) * 2
