@@ -227,6 +227,12 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
+/// `same_bits`, and every value finite: two outputs that both stayed poisoned (a kernel that
+/// wrote nothing) do not count as equal.
+fn same_finite_bits(a: &[f32], b: &[f32]) -> bool {
+    same_bits(a, b) && a.iter().all(|v| v.is_finite())
+}
+
 /// Runs every kernel for every type on random data against the CPU reference.
 /// `quick` shrinks the shapes (for the integration tests).
 pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow>> {
@@ -1030,7 +1036,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             row.note = format!("{o16_mism} f16 outputs differ in bits from f16(f32 output)");
             out.push(row);
             if qn_ok {
-                let same = same_bits(&gpu_qr, &gpu_qn) && gpu_qn.iter().all(|v| v.is_finite());
+                let same = same_finite_bits(&gpu_qn, &gpu_qr);
                 let mut row =
                     exact_row("attend_tc_qnorm", GgmlType::F32, &shape, usize::from(!same));
                 row.note = "queries normalized and rotated in the kernel vs by k_head_norm_rope: \
@@ -1551,7 +1557,7 @@ fn check_pdl_chain(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> 
         be.download(&bufs[0])
     };
     let (a, b) = (run(false)?, run(true)?);
-    let same = same_bits(&a, &b) && a.iter().all(|v| v.is_finite());
+    let same = same_finite_bits(&a, &b);
     out.push(CheckRow {
         kernel: "pdl_chain".into(),
         ty,
