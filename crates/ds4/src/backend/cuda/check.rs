@@ -2634,6 +2634,65 @@ fn check_moe(be: &CudaBackend, rng: &mut Rng, ty: GgmlType, out: &mut Vec<CheckR
 /// over the L1 mass Σ|w·x| of the output.
 const TOL_MXW_VS_MXS: f64 = 1e-5;
 
+/// pf_mxq_q2_k against the CPU's Q2_K × Q8_K dot on the same gate/up outputs: max difference
+/// over the L1 mass Σ|w·x| (x the dequantized codes). The min term's operands are rounded to
+/// f16 (relative 2^-12 each; the term itself can be a large share of the mass).
+const TOL_MXQ_VS_Q8K: f64 = 5e-4;
+
+/// The CPU's routed-expert down product as its quantized path computes it, for the sorted rows
+/// of a grouped run (`perm`: sorted row → slot) from the GPU's gate|up outputs `gu` (sorted
+/// rows × 2F): SwiGLU × weight in pf_swiglu_q8's f32 expressions, Q8_K codes, `dot_q8_k`;
+/// with each output's L1 mass.
+fn mxq_reference(
+    db: &[u8],
+    ids: &[i32],
+    wts: &[f32],
+    perm: &[i32],
+    gu: &[f32],
+    (d, f): (usize, usize),
+    clamp: f32,
+) -> Vec<(f64, f64)> {
+    use crate::quant::{dot_q8_k, quantize_act_q8_k};
+    let rb = f / 256 * GgmlType::Q2_K.block_bytes();
+    let mut deq: std::collections::HashMap<usize, Vec<f32>> = Default::default();
+    let mut refs = Vec::with_capacity(perm.len() * d);
+    for (r, &s) in perm.iter().enumerate() {
+        let (e, w) = (ids[s as usize] as usize, wts[s as usize]);
+        let row = &gu[r * 2 * f..(r + 1) * 2 * f];
+        let h: Vec<f32> = (0..f)
+            .map(|i| {
+                let gv = row[i].min(clamp);
+                let sil = gv * (1.0 / (1.0 + (-gv).exp()));
+                sil * row[f + i].clamp(-clamp, clamp) * w
+            })
+            .collect();
+        let xq = quantize_act_q8_k(&h);
+        let xv: Vec<f64> = xq
+            .iter()
+            .flat_map(|b| b.qs.iter().map(move |&q| b.d as f64 * q as f64))
+            .collect();
+        let wf = deq.entry(e).or_insert_with(|| {
+            let mut v = vec![0f32; d * f];
+            for (m, o) in v.chunks_exact_mut(f).enumerate() {
+                let at = (e * d + m) * rb;
+                dequantize_row(GgmlType::Q2_K, &db[at..at + rb], o);
+            }
+            v
+        });
+        for m in 0..d {
+            let at = (e * d + m) * rb;
+            let dot = dot_q8_k(GgmlType::Q2_K, &db[at..at + rb], &xq) as f64;
+            let l1: f64 = wf[m * f..(m + 1) * f]
+                .iter()
+                .zip(&xv)
+                .map(|(&a, &b)| (a as f64 * b).abs())
+                .sum();
+            refs.push((dot, l1));
+        }
+    }
+    refs
+}
+
 /// The production prefill's grouped MoE (prefill.rs) against a CPU scalar reference: the
 /// expert grouping bit for bit (stable counting sort), the routed-expert outputs within
 /// [`TOL_MOE_GROUPED`], and two runs bit-identical.
@@ -2668,7 +2727,7 @@ fn check_moe_grouped(
         be.upload_f32(&wts)?,
         be.upload_f32(&y)?,
     );
-    let kf = PfKernels::load(be)?;
+    let mut kf = PfKernels::load(be)?;
     let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
     let st = be.stream();
     // f16(y) as its producer would write it (the pf_gather16 path).
@@ -2680,10 +2739,19 @@ fn check_moe_grouped(
     // Modes: fused at each kernel level (2: pf_mxs where the shapes allow it, else pf_mx; 1:
     // pf_mx; 0: pf_mm; levels without a kernel of their own for these types are skipped), and
     // the per-expert cuBLAS path (small shapes only).
+    // Level 4: level 3 with the Q2_K down product on int8 tensor cores (pf_mxq_q2_k, where
+    // it runs: Hopper, F a multiple of 1024); level 3 then runs with it off.
     let modes: &[(bool, u8)] = if d > 1024 {
-        &[(true, 3), (true, 2), (true, 1), (true, 0)]
+        &[(true, 4), (true, 3), (true, 2), (true, 1), (true, 0)]
     } else {
-        &[(true, 3), (true, 2), (true, 1), (true, 0), (false, 0)]
+        &[
+            (true, 4),
+            (true, 3),
+            (true, 2),
+            (true, 1),
+            (true, 0),
+            (false, 0),
+        ]
     };
     let mx_types = |t: GgmlType| matches!(t, GgmlType::IQ2_XXS | GgmlType::Q2_K);
     let has_mx = mx_types(tg) || mx_types(td);
@@ -2698,6 +2766,9 @@ fn check_moe_grouped(
     let mut mxw_out: Option<Vec<f32>> = None;
     for &(fused, level) in modes {
         let kname = match (fused, level) {
+            (true, 4) if has_mxs && kf.has_mxq() && td == GgmlType::Q2_K && f % 1024 == 0 => {
+                "moe_grouped_mxq"
+            }
             (true, 3) if has_mxs => "moe_grouped_mxw",
             (true, 2) if has_mxs => "moe_grouped_mxs",
             (true, 1) if has_mx => "moe_grouped_mx",
@@ -2705,8 +2776,12 @@ fn check_moe_grouped(
             (false, _) => "moe_grouped_cublas",
             _ => continue,
         };
-        let was = be.set_pf_mx(level);
-        if level == 3 && !be.pf_mm_permuted(&gw, Some(&uw)) && !be.pf_mm_permuted(&dw, None) {
+        let was = be.set_pf_mx(level.min(3));
+        kf.q8 = Some(level == 4);
+        let q8_taken = level == 4 && be.pf_mm_permuted(&dw, None);
+        if (level == 4 && !q8_taken)
+            || (level == 3 && !be.pf_mm_permuted(&gw, Some(&uw)) && !be.pf_mm_permuted(&dw, None))
+        {
             be.set_pf_mx(was);
             continue;
         }
@@ -2761,6 +2836,27 @@ fn check_moe_grouped(
             TOL_MOE_GROUPED,
         ));
         out.push(det_row(kname, td, &shape, same_bits(&runs[0], &runs[1])));
+        if level == 4 {
+            // Against the CPU's own quantized product on the GPU's gate/up outputs: the
+            // same codes, exact integer sums; what differs is the min term's two f16
+            // roundings and the order of f32 sums.
+            let (gu_h, dns_h) = sc.products(be)?;
+            let perm = cpu_group(&ids, n_exp).1;
+            let q8ref = mxq_reference(&db, &ids, &wts, &perm, &gu_h, (d, f), clamp);
+            out.push(compare(
+                "moe_grouped_mxq_vs_q8k",
+                td,
+                shape.clone(),
+                &dns_h[..slots * d],
+                &q8ref,
+                TOL_MXQ_VS_Q8K,
+            ));
+            let same16 = same_bits(&runs[0], &runs[2]);
+            let mut row = exact_row(&format!("{kname}_y16"), td, &shape, usize::from(!same16));
+            row.note = "inputs gathered from the f16 copy of y: bit-identical to rounding y".into();
+            out.push(row);
+            continue;
+        }
         if level == 3 {
             mxw_out = Some(runs[0].clone());
         } else if level == 2 && fused {

@@ -30,6 +30,7 @@
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::device::{CudaBackend, GpuWeight, Result};
+use crate::quant::GgmlType;
 
 /// Experts dequantized per batch (bounds the f16 expert scratch: `PF_EXPERT_BATCH · 3·F·D`
 /// halves, 384 MiB for the flash shapes).
@@ -43,10 +44,21 @@ pub struct PfKernels {
     gather16: CudaFunction,
     swiglu: CudaFunction,
     swiglu4: CudaFunction,
+    swiglu_q8: CudaFunction,
     scatter: CudaFunction,
+    /// `pf_mxq_q2_k` (sm_90a builds only): the Q2_K down product on int8 tensor cores.
+    mxq: Option<CudaFunction>,
+    /// Whether the Q2_K down product takes `pf_mxq_q2_k` where it can: `None` reads
+    /// `DS4_CUDA_PF_Q8` (on unless `0`) at each launch; the self-test sets it.
+    pub q8: Option<bool>,
 }
 
 impl PfKernels {
+    /// Whether this build has `pf_mxq_q2_k` (sm_90a).
+    pub fn has_mxq(&self) -> bool {
+        self.mxq.is_some()
+    }
+
     /// Loads the kernels from the backend's module.
     pub fn load(be: &CudaBackend) -> Result<PfKernels> {
         Ok(PfKernels {
@@ -56,7 +68,20 @@ impl PfKernels {
             gather16: be.function("pf_gather16")?,
             swiglu: be.function("pf_swiglu")?,
             swiglu4: be.function("pf_swiglu4")?,
+            swiglu_q8: be.function("pf_swiglu_q8")?,
             scatter: be.function("pf_scatter")?,
+            // wgmma exists only in the sm_90a image (elsewhere the kernel is empty).
+            mxq: if be.info().arch() == "sm_90a" {
+                let f = be.function("pf_mxq_q2_k")?;
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    PXQ_SMEM as i32,
+                )?;
+                Some(f)
+            } else {
+                None
+            },
+            q8: None,
         })
     }
 }
@@ -73,6 +98,10 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+/// Dynamic shared memory of `pf_mxq_q2_k` (PXQ_SMEM in prefill.cu): two stages of 128 Q2_K
+/// rows' blocks, the int8 token ring, two blocks' min-term operands and scales.
+const PXQ_SMEM: u32 = 2 * 128 * 112 + 2 * 8 * 2048 + 2 * 2048 + 2 * 64 * 4;
 
 /// Rows of one `pf_mm` tile (PF_BN in prefill.cu).
 const PF_BN: usize = 64;
@@ -156,6 +185,12 @@ impl MoeScratch {
     /// (`moe_grouped` with `dn = 0`; kernel `k_hc_post_moe_pf`).
     pub fn sorted_out(&self, be: &CudaBackend) -> (u64, u64) {
         (ptr(&self.dns, be), ptr(&self.inv, be))
+    }
+
+    /// The last run's gate|up outputs (`slots × 2F`) and down outputs (`slots × D`), sorted
+    /// rows, for the self-test.
+    pub fn products(&self, be: &CudaBackend) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((be.download(&self.gu)?, be.download(&self.dns)?))
     }
 
     /// The last grouping (meta, perm, inv, tiles), for the self-test.
@@ -328,8 +363,51 @@ pub unsafe fn moe_grouped(
         let mt = max_tiles(slots, n_exp);
         let nt = meta + (2 * n_exp * 4) as u64;
         be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, pm_gu, gu)?;
-        swiglu(0, slots)?;
-        be.pf_mm_raw(down, None, nt, tiles, mt, h, pm_dn, dns)?;
+        // Q2_K down on int8 tensor cores (Hopper; the staged pf_mxw's shapes): the SwiGLU
+        // rows quantized as the CPU quantizes them, over h's bytes (codes S·F, then the
+        // min-term operands S·F/8 and the scales S·F/64: fits the S·F·2 of h).
+        let q8 = kf.mxq.as_ref().filter(|_| {
+            pm_dn
+                && down.ty == GgmlType::Q2_K
+                && f.is_multiple_of(1024)
+                && kf.q8.unwrap_or_else(|| super::switch_on("DS4_CUDA_PF_Q8"))
+        });
+        if let Some(mxq) = q8 {
+            let (xq, xb) = (h, h + (slots * f) as u64);
+            let xd = xb + (slots * f / 8) as u64;
+            let fi = f as i32;
+            let mut b = st.launch_builder(&kf.swiglu_q8);
+            b.arg(&gu)
+                .arg(&perm)
+                .arg(&wts)
+                .arg(&fi)
+                .arg(&clamp)
+                .arg(&xq)
+                .arg(&xd)
+                .arg(&xb);
+            b.launch(cfg(((f as u32).div_ceil(2048), slots as u32, 1), 256))?;
+            let (wp, eb) = (be.weight_ptr(down), down.expert_stride as i64);
+            let (mti, kd) = (d as i32, f as i32);
+            let mut b = st.launch_builder(mxq);
+            b.arg(&wp)
+                .arg(&eb)
+                .arg(&mti)
+                .arg(&kd)
+                .arg(&nt)
+                .arg(&tiles)
+                .arg(&xq)
+                .arg(&xd)
+                .arg(&xb)
+                .arg(&dns);
+            b.launch(LaunchConfig {
+                grid_dim: ((d / 128) as u32, mt as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: PXQ_SMEM,
+            })?;
+        } else {
+            swiglu(0, slots)?;
+            be.pf_mm_raw(down, None, nt, tiles, mt, h, pm_dn, dns)?;
+        }
         return scatter();
     }
     if sc.e16.len() < PF_EXPERT_BATCH * 2 * f * d {

@@ -277,6 +277,50 @@ extern "C" __global__ void pf_swiglu4(const float* __restrict__ gu, const int* _
     }
 }
 
+// pf_swiglu_q8: pf_swiglu4's values (same expressions), quantized for pf_mxq_<t> as the CPU's
+// expert linears quantize theirs (Q8_K per 256 columns: q8k_lane, so the codes and scales are
+// those of `q8_k::quantize_block` on the same f32 values). Row r of f columns (f % 256 == 0):
+// * xq[r][·]: the codes, each 32-column group in pf_mxq's logical k order: column
+//   c = 8t + 4u + e of the group at byte 16u + 4t + e (lane quad t's 8 consecutive decoded
+//   weights 8t..8t+7 are the A fragment's k 4t..4t+3 and 16+4t..16+4t+3);
+// * xd[r][b]: block b's scale d (0 for an all-zero block);
+// * xb[r][16b + j]: f16(d · Σ codes of 16-column group j) (|Σ| ≤ 16·127, exact as an
+//   integer; the product is rounded once), the B operand of Q2_K's min term.
+// One warp a 256-column block; grid (f/2048 rounded up, rows), 256 threads.
+extern "C" __global__ void pf_swiglu_q8(const float* __restrict__ gu, const int* __restrict__ perm,
+                                        const float* __restrict__ wts, int f, float c,
+                                        signed char* __restrict__ xq, float* __restrict__ xd,
+                                        u16* __restrict__ xb) {
+    int r = blockIdx.y, lane = threadIdx.x & 31;
+    int bq = 8 * blockIdx.x + (threadIdx.x >> 5);
+    if (bq * 256 >= f) return;
+    int i = bq * 256 + 8 * lane;
+    const float* row = gu + (i64)r * 2 * f;
+    float4 g0 = *(const float4*)(row + i), g1 = *(const float4*)(row + i + 4);
+    float4 u0 = *(const float4*)(row + f + i), u1 = *(const float4*)(row + f + i + 4);
+    float gs[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+    float us[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+    float w = wts ? wts[perm[r]] : 0.0f;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float gv = fminf(gs[j], c);
+        float sil = gv * (1.0f / (1.0f + expf(-gv)));
+        float uv = fminf(fmaxf(us[j], -c), c);
+        v[j] = sil * uv;
+        if (wts) v[j] = v[j] * w;
+    }
+    u32 w0, w1;
+    float dd = q8k_lane(v, lane, &w0, &w1);
+    u32* dst = (u32*)(xq + (i64)r * f + bq * 256 + 32 * (lane >> 2) + 4 * (lane & 3));
+    dst[0] = w0;
+    dst[4] = w1;
+    int s = __dp4a((int)w0, 0x01010101, 0) + __dp4a((int)w1, 0x01010101, 0);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if ((lane & 1) == 0) xb[(i64)r * (f / 16) + bq * 16 + (lane >> 1)] = f2h(dd * (float)s);
+    if (lane == 0) xd[(i64)r * (f / 256) + bq] = dd;
+}
+
 // xs[r][i] = f16(y[perm[r] / k][i]): sorted row r's input (its token's row); pm = 1: at the
 // permuted column px_pos(i) (pf_mxw). grid (d/256, rows).
 extern "C" __global__ void pf_gather(const float* __restrict__ y, const int* __restrict__ perm,
@@ -993,9 +1037,9 @@ __device__ __forceinline__ void px_cp16(void* dst, const void* src, bool valid) 
 }
 
 // Copies block q of the block's 256 rows (row 0 at wrow, rowb bytes apart) into stage st.
-template <class L>
+template <class L, int ROWS = PX_BM>
 __device__ __forceinline__ void px_stage(u8* As, const u8* wrow, i64 rowb, int q, int st) {
-    u8* dst = As + st * (PX_BM * L::kRS);
+    u8* dst = As + st * (ROWS * L::kRS);
     if (L::kGroups) {
         // IQ2_XXS: the block's 4 code chunks (64q + 16u = 528u + 64(q % 8) in group u), then
         // its group's scale chunk; each thread's share fixed by i, so no per-thread select
@@ -1011,7 +1055,7 @@ __device__ __forceinline__ void px_stage(u8* As, const u8* wrow, i64 rowb, int q
     }
     i64 lo = ((i64)q * L::kBlockBytes) & ~(i64)15;
 #pragma unroll
-    for (int i = 0; i < L::kNCH; i++) {
+    for (int i = 0; i < L::kNCH * ROWS / 256; i++) {
         int c = (int)threadIdx.x + 256 * i;
         int row = c / L::kNCH, part = c - row * L::kNCH;
         i64 go = lo + 16 * part;
@@ -1178,6 +1222,9 @@ __device__ __forceinline__ void pxw_commit() {
 __device__ __forceinline__ void pxw_wait0() {
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
+__device__ __forceinline__ void pxw_wait1() {
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+}
 
 // Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
 template <int NG>
@@ -1247,17 +1294,20 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
         ld[ri].load_s(arow + roff[ri], 0, t4);
         ld[ri].decode(af0[ri], T, t4, 0);
     }
-    // One step: B(s) in ring slot bs; decodes step s + 1 into an.
-    auto step = [&](int s, int bs, const u32 (&ac)[4][4], u32 (&an)[4][4]) {
+    // One step: B(s) in ring slot s % 4; decodes step s + 1 into an. Step s's group stays in
+    // flight through step s + 1's barrier and issue: the wait for all but one group (step
+    // s - 1 done) comes before the decode overwrites the registers s - 1 read, and before
+    // the next barrier frees s - 1's B slot, which the copy for s + 3 then takes.
+    auto step = [&](int s, const u32 (&ac)[4][4], u32 (&an)[4][4]) {
         pf_cp_wait1();
-        __syncthreads();  // B(s) visible; every group of step s - 1 is done (waited below), so
-                          // slot (s + 2) % 3 and the A stage of block s/8 - 1 are free
-        int b2 = bs == 0 ? 2 : bs - 1;
-        if (s + 2 < nk) pf_cp16(bdst + b2 * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
+        __syncthreads();  // B(s) visible; step s - 2 is done in every warpgroup, so slot
+                          // (s + 2) % 4 and the A stage of block s/8 - 1 are free
+        if (s + 2 < nk) pf_cp16(bdst + ((s + 2) & 3) * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
         if ((s & 7) == 0 && (s >> 3) + 1 < nq)
             px_stage<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
         pf_cp_commit();
-        pxw_step<NG>(acc, ac, bs0 + bs * (PX_BN * PX_BK * 2));
+        pxw_step<NG>(acc, ac, bs0 + (s & 3) * (PX_BN * PX_BK * 2));
+        pxw_wait1();
         int t = s + 1;
         if (t < nk) {
             int q = t >> 3;
@@ -1268,18 +1318,248 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
                 ld[ri].decode(an[ri], T, t4, t);
             }
         }
-        pxw_wait0();
-        pxw_hold<NG>(acc);
     };
-    int bs = 0;
     for (int s = 0; s < nk; s += 2) {  // nk is a multiple of 8
-        step(s, bs, af0, af1);
-        bs = bs == 2 ? 0 : bs + 1;
-        step(s + 1, bs, af1, af0);
-        bs = bs == 2 ? 0 : bs + 1;
+        step(s, af0, af1);
+        step(s + 1, af1, af0);
     }
+    pxw_wait0();
+    pxw_hold<NG>(acc);
     // Outputs: half j's rows start at 128wg + 64j + 16w4.
     px_store<NG, 64>(acc, m0 + wg * 128 + w4 * 16, m_total, r0, cnt, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// pf_mxq_q2_k (sm_90a only): the grouped Q2_K product on int8 tensor cores, with the
+// activations quantized as the CPU quantizes an expert linear's input (Q8_K per 256 columns,
+// pf_swiglu_q8): out[r][m] = Σ_b dx_b·(d_b·C_b − dmin_b·M_b), where for 256-column block b of
+// row m, C_b = Σ sc·q·x (sc the 16-column group's 4-bit scale, q the 2-bit code, x the int8
+// code) and M_b = Σ_j m_j·bsum_j (m_j the group's 4-bit min) — the CPU's Q2_K × Q8_K dot.
+// * C_b on wgmma m64nNk32.s32.s8.s8: A = sc·q (≤ 45, an int8) decoded into registers, 4
+//   codes by one shift, mask and multiply; B the int8 token tile read by the tensor cores from
+//   shared memory. Integer sums: exact, as the CPU's.
+// * After each block's 8 steps: acc += (d·dx)·f32(C_b) (C_b < 2^24, exact in f32).
+// * The min term on wgmma m64nNk16.f32.f16.f16 into the same f32 accumulators: A = −f16(dmin·m_j)
+//   for the block's 16 groups (k16), B = pf_swiglu_q8's f16(dx·bsum_j). These two f16 roundings
+//   (relative 2^-12 each) are the only difference from the CPU's expression besides the
+//   order of f32 additions (bench/RESULTS.md, sixteenth session; self-test moe_grouped_mxq).
+// Block, staging and decoders' loads are pf_mxw's (256 weight rows, one tile of ≤ 64 tokens,
+// Q2_K blocks staged by cp.async); integer shapes exist for N = 8, 16, 24, 32, 48, 64 only, so
+// tiles of 5 or 7 token groups run as 6 or 8 (the copies zero-fill tokens past the count).
+// Shared: As (2 stages) | int8 B ring 4 × 64 tokens × 32 bytes | B' 2 × 64 × 16 halves | dx
+// 2 × 64; a token's 32 bytes of a step (or of a block's B') as two K-major core matrices:
+// (n/8)·256 + kc·128 + (n%8)·16 (LBO 128, SBO 256).
+// ---------------------------------------------------------------------------------------------
+template <int NG>
+__device__ __forceinline__ void pxq_mma(u32 (&d)[NG][4], const u32 (&a)[4], u64 desc, int acc);
+template <>
+__device__ __forceinline__ void pxq_mma<1>(u32 (&d)[1][4], const u32 (&a)[4], u64 desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\nwgmma.mma_async.sync.aligned.m64n8k32.s32.s8.s8 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p;\n}"
+                 : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxq_mma<2>(u32 (&d)[2][4], const u32 (&a)[4], u64 desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\nwgmma.mma_async.sync.aligned.m64n16k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p;\n}"
+                 : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxq_mma<3>(u32 (&d)[3][4], const u32 (&a)[4], u64 desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %17, 0;\nwgmma.mma_async.sync.aligned.m64n24k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, {%12, %13, %14, %15}, %16, p;\n}"
+                 : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxq_mma<4>(u32 (&d)[4][4], const u32 (&a)[4], u64 desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\nwgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p;\n}"
+                 : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxq_mma<6>(u32 (&d)[6][4], const u32 (&a)[4], u64 desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %29, 0;\nwgmma.mma_async.sync.aligned.m64n48k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}, {%24, %25, %26, %27}, %28, p;\n}"
+                 : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3]), "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]), "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxq_mma<8>(u32 (&d)[8][4], const u32 (&a)[4], u64 desc, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\nwgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p;\n}"
+                 : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3]), "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]), "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]), "+r"(d[6][0]), "+r"(d[6][1]), "+r"(d[6][2]), "+r"(d[6][3]), "+r"(d[7][0]), "+r"(d[7][1]), "+r"(d[7][2]), "+r"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
+                 : "memory");
+}
+
+// Descriptor of a K-major, unswizzled operand at shared address `a`: LBO 128, SBO `sbo`.
+__device__ __forceinline__ u64 pxq_desc(u32 a, u32 sbo) {
+    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+}
+
+template <int NG>
+__device__ __forceinline__ void pxq_hold(u32 (&c)[NG][4]) {
+#pragma unroll
+    for (int n = 0; n < NG; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(c[n][e])::"memory");
+}
+template <int NG>
+__device__ __forceinline__ void pxq_holdf(float (&c)[NG][4]) {
+#pragma unroll
+    for (int n = 0; n < NG; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(c[n][e])::"memory");
+}
+template <int NG>
+__device__ __forceinline__ void px_zero1(float (&c)[NG][4]) {
+#pragma unroll
+    for (int n = 0; n < NG; n++) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+}
+
+// Weight rows of one pf_mxq block: two warpgroups, one m64 each.
+#define PXQ_BM 128
+// Bytes of a block's token stage: 8 steps of 64 tokens x 32 int8 columns.
+#define PXQ_BSTAGE (8 * 2048)
+
+// The step's int8 A words of one row: codes 8t4..8t4+3 and 8t4+4..8t4+7 times the group scale
+// (PxQ2K::load_s's bytes; a byte-wise product ≤ 3·15, so no carries between bytes).
+__device__ __forceinline__ void pxq_decode(u32 (&w)[2], const PxQ2K& l, int s) {
+    int sh = 2 * (s & 3);
+    u32 m = l.sc & 15u;
+    w[0] = ((l.q0 >> sh) & 0x03030303u) * m;
+    w[1] = ((l.q1 >> sh) & 0x03030303u) * m;
+}
+
+template <int NG>
+__device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* Bq, int m0,
+                                         int m_total, int k_dim, int r0, int cnt,
+                                         const signed char* __restrict__ xq,
+                                         const float* __restrict__ xd, const u16* __restrict__ xb,
+                                         float* __restrict__ out) {
+    using L = PxQ2K;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+    int wg = warp >> 2, w4 = warp & 3;
+    u8* Bm = Bq + 2 * PXQ_BSTAGE;
+    float* Dx = (float*)(Bm + 2 * 2048);
+    int nq = k_dim >> 8;
+    // Copies of a block's tokens: piece p = tid + 256i (i < 4) is token n = (p/2) % 64, half
+    // kc = p % 2 of step u = p/128's 32 bytes; B' by threads 0..127 (token tid/2, half tid%2).
+    int bn = (tid >> 1) & 63, kc = tid & 1;
+    bool bval = bn < cnt;
+    int rr = r0 + (bval ? bn : 0);
+    const signed char* xrow = xq + (i64)rr * k_dim + 16 * kc + 32 * (tid >> 7);
+    const u16* brow = xb + (i64)rr * (nq * 16) + 8 * kc;
+    int coff = (bn >> 3) * 256 + kc * 128 + (bn & 7) * 16;
+    u8* bdst = Bq + (tid >> 7) * 2048 + coff;
+    u32 bq0 = (u32)__cvta_generic_to_shared(Bq), bm0 = (u32)__cvta_generic_to_shared(Bm);
+    // This thread's rows 64wg + 16w4 + g (ri = 0) and + 8 (ri = 1): the m64 of warpgroup wg.
+    const u8* arow = As + (wg * 64 + w4 * 16 + g) * L::kRS;
+    const int roff[2] = {0, 8 * L::kRS};
+    // Everything block q reads, into slot q % 2: its weight bytes, its 8 steps of tokens, its
+    // min-term operands and scales (dx by plain stores: seen after the next barrier).
+    auto stage = [&](int q) {
+        int sl = q & 1;
+        px_stage<L, PXQ_BM>(As, wrow, rowb, q, sl);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            px_cp16(bdst + sl * PXQ_BSTAGE + 2 * i * 2048, xrow + 256 * q + 64 * i, bval);
+        if (tid < 128) px_cp16(Bm + sl * 2048 + coff, brow + 16 * q, bval);
+        if (tid < 64) Dx[sl * 64 + tid] = tid < cnt ? xd[(i64)(r0 + tid) * nq + q] : 0.0f;
+        pf_cp_commit();
+    };
+    float acc[1][NG][4];
+    px_zero1<NG>(acc[0]);
+    u32 C[NG][4];
+    u32 af[2][2][2];
+    L ld[2];
+    auto decode = [&](int s, u32 (&an)[2][2]) {
+        int q = s >> 3;
+        const u8* sb = arow + (q & 1) * (PXQ_BM * L::kRS) + L::slot_off(q);
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            ld[ri].load_s(sb + roff[ri], s, t4);
+            pxq_decode(an[ri], ld[ri], s);
+        }
+    };
+    // Block q's end: its C into acc, then its min term (read from the block's stage).
+    auto fold = [&](int q) {
+        const u8* sb = arow + (q & 1) * (PXQ_BM * L::kRS) + L::slot_off(q);
+        const float* dx = Dx + (q & 1) * 64;
+        float dr[2];
+        u32 mn[2][2];
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            const u8* p = sb + roff[ri];
+            u32 dd = ld32(p + 80);
+            dr[ri] = h2f((u16)(dd & 0xffff));
+            float dm = -h2f((u16)(dd >> 16));
+            mn[ri][0] = pack_h2(__fmul_rn(dm, (float)(p[2 * t4] >> 4)),
+                                __fmul_rn(dm, (float)(p[2 * t4 + 1] >> 4)));
+            mn[ri][1] = pack_h2(__fmul_rn(dm, (float)(p[8 + 2 * t4] >> 4)),
+                                __fmul_rn(dm, (float)(p[9 + 2 * t4] >> 4)));
+        }
+#pragma unroll
+        for (int n = 0; n < NG; n++) {
+            float x0 = dx[8 * n + 2 * t4], x1 = dx[8 * n + 2 * t4 + 1];
+            acc[0][n][0] += __fmul_rn(dr[0], x0) * (float)(int)C[n][0];
+            acc[0][n][1] += __fmul_rn(dr[0], x1) * (float)(int)C[n][1];
+            acc[0][n][2] += __fmul_rn(dr[1], x0) * (float)(int)C[n][2];
+            acc[0][n][3] += __fmul_rn(dr[1], x1) * (float)(int)C[n][3];
+        }
+        pxw_fence();
+        const u32 a[4] = {mn[0][0], mn[1][0], mn[0][1], mn[1][1]};
+        pxw_mma<NG>(acc[0], a, pxq_desc(bm0 + (q & 1) * 2048, 256));
+        pxw_commit();
+        pxw_wait0();
+        pxq_holdf<NG>(acc[0]);
+    };
+    stage(0);
+    // Per block: one barrier (its stage landed, the previous block done by every warp), the
+    // next block's stage issued 8 steps ahead, then 8 steps with no barrier: step s's wgmma
+    // stays in flight while step s + 1 is decoded (the wait for all but one group frees the
+    // registers step s - 1 read); the block's last step waits for all (the fold reads C).
+    for (int q = 0; q < nq; q++) {
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();
+        if (q + 1 < nq) stage(q + 1);
+        decode(8 * q, af[0]);
+        u32 bs = bq0 + (q & 1) * PXQ_BSTAGE;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            pxw_fence();
+            const u32(&ac)[2][2] = af[u & 1];
+            const u32 a[4] = {ac[0][0], ac[1][0], ac[0][1], ac[1][1]};
+            pxq_mma<NG>(C, a, pxq_desc(bs + u * 2048, 256), u);
+            pxw_commit();
+            if (u == 7) {
+                pxw_wait0();
+                pxq_hold<NG>(C);
+                fold(q);
+            } else {
+                pxw_wait1();
+                decode(8 * q + u + 1, af[(u + 1) & 1]);
+            }
+        }
+    }
+    // Rows 64wg + 16w4 + g (+8): accumulator (n, c) is token 8n + 2t4 (+1 for odd c).
+    int row = m0 + wg * 64 + w4 * 16 + g;
+#pragma unroll
+    for (int n = 0; n < NG; n++) {
+        int tk = 8 * n + 2 * t4;
+        if (tk < cnt) {
+            out[(i64)(r0 + tk) * m_total + row] = acc[0][n][0];
+            out[(i64)(r0 + tk) * m_total + row + 8] = acc[0][n][2];
+        }
+        if (tk + 1 < cnt) {
+            out[(i64)(r0 + tk + 1) * m_total + row] = acc[0][n][1];
+            out[(i64)(r0 + tk + 1) * m_total + row + 8] = acc[0][n][3];
+        }
+    }
 }
 #endif  // DS4_PXW
 
@@ -1316,7 +1596,7 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
 #ifndef DS4_PXW
     if constexpr (MODE == PX_MXW) return;
 #endif
-    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
+    __shared__ __align__(16) u16 Bs[4 * PX_BN * PX_BK];  // pf_mxw: a ring of 4; the others 3
     __shared__ __align__(16) PxTables T;
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
@@ -1361,3 +1641,34 @@ DS4_PF_PX(pf_mxs, q2_k, PxQ2K, PX_MXS)
 DS4_PF_PX(pf_mxs, iq2_xxs, PxIq2, PX_MXS)
 DS4_PF_PX(pf_mxw, q2_k, PxQ2K, PX_MXW)
 DS4_PF_PX(pf_mxw, iq2_xxs, PxIq2, PX_MXW)
+
+// pf_mxq_q2_k's entry (pf_mxw's grid: 256-row blocks x tiles; one matrix, no second): the
+// expert's Q2_K rows, the tiles of pf_group, and pf_swiglu_q8's xq / xd / xb rows. Needs
+// k_dim a multiple of 1024 (16-byte rows for the staged copies) and dynamic shared memory
+// PXQ_SMEM bytes; built for every architecture, empty outside sm_90a (never launched there).
+#define PXQ_SMEM (2 * PXQ_BM * 112 + 2 * PXQ_BSTAGE + 2 * 2048 + 2 * 64 * 4)
+extern "C" __global__ void __launch_bounds__(256, 2)
+    pf_mxq_q2_k(const u8* __restrict__ w, i64 expert_bytes, int m_total, int k_dim,
+                const int* __restrict__ n_tiles, const int* __restrict__ tiles,
+                const signed char* __restrict__ xq, const float* __restrict__ xd,
+                const u16* __restrict__ xb, float* __restrict__ out) {
+#ifdef DS4_PXW
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PXQ_BM;
+    i64 rowb = (i64)(k_dim >> 8) * PxQ2K::kBlockBytes;
+    const u8* wrow = w + (i64)e * expert_bytes + (i64)m0 * rowb;
+    u8* As = px_smem;
+    u8* Bq = px_smem + 2 * PXQ_BM * PxQ2K::kRS;
+    switch ((cnt + 7) >> 3) {
+    case 1: pxq_body<1>(wrow, rowb, As, Bq, m0, m_total, k_dim, r0, cnt, xq, xd, xb, out); break;
+    case 2: pxq_body<2>(wrow, rowb, As, Bq, m0, m_total, k_dim, r0, cnt, xq, xd, xb, out); break;
+    case 3: pxq_body<3>(wrow, rowb, As, Bq, m0, m_total, k_dim, r0, cnt, xq, xd, xb, out); break;
+    case 4: pxq_body<4>(wrow, rowb, As, Bq, m0, m_total, k_dim, r0, cnt, xq, xd, xb, out); break;
+    case 5:
+    case 6: pxq_body<6>(wrow, rowb, As, Bq, m0, m_total, k_dim, r0, cnt, xq, xd, xb, out); break;
+    default: pxq_body<8>(wrow, rowb, As, Bq, m0, m_total, k_dim, r0, cnt, xq, xd, xb, out); break;
+    }
+#endif
+}
