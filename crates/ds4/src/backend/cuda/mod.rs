@@ -52,7 +52,8 @@
 //! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_PF_MX` (the fragment-decoding
 //! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
 //! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_PF_MXW` (its wgmma form on Hopper; off =
-//! `pf_mxs_<t>`), `DS4_CUDA_ROUTER_SGEMM` (router product as
+//! `pf_mxs_<t>`), `DS4_CUDA_PF_Q8` (the Q2_K down product of that form on int8 wgmma with Q8_K
+//! activations, `pf_mxq_q2_k`; off = f16 `pf_mxw_q2_k`), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
 //! lightning indexer's scores on tensor cores in production steps, prefill and decode; off = the
 //! f32 kernel), `DS4_CUDA_IDX_WG` (those scores on wgmma in prefill chunks on Hopper,

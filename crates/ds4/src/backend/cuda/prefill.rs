@@ -17,6 +17,10 @@
 //!   into the MMA's A fragments (k permuted inside each 32-column step so that a thread's
 //!   fragment elements are 8 consecutive weights), with the quantized bytes staged in shared
 //!   memory by cp.async (`pf_mxs`); same f16 values and f32 accumulation, ~2x faster.
+//!   On Hopper the products run on wgmma (`pf_mxw_<t>`), and the Q2_K down product on int8
+//!   wgmma (`pf_mxq_q2_k`, `DS4_CUDA_PF_Q8`): its input rows are quantized to Q8_K as the
+//!   CPU quantizes an expert linear's input (`pf_swiglu_q8`), the integer sums are exact
+//!   and only the min term's two operands are rounded to f16 (prefill.cu).
 //!   The clamped SwiGLU × routing weight uses k_swiglu's expressions (result rounded to
 //!   f16); the rows go back to slot order for the ordinary `k_moe_sum`. A second path
 //!   (`DS4_CUDA_PF_MM=0`, or shapes `pf_mm` does not take) dequantizes batches of experts
@@ -24,7 +28,8 @@
 //! * The router's product stays f32 ([`dense_sgemm`]: exact decode + cuBLAS SGEMM).
 //!
 //! Numerics: weights and activations are rounded to f16 (relative 2^-11 each) and products
-//! accumulate in f32; no atomics, so repeated runs are bit-identical. Exact mode never comes
+//! accumulate in f32, except `pf_mxq_q2_k`'s Q8_K activations (the CPU's own quantization of
+//! that product); no atomics, so repeated runs are bit-identical. Exact mode never comes
 //! here.
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};

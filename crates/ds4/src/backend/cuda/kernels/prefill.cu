@@ -1294,20 +1294,17 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
         ld[ri].load_s(arow + roff[ri], 0, t4);
         ld[ri].decode(af0[ri], T, t4, 0);
     }
-    // One step: B(s) in ring slot s % 4; decodes step s + 1 into an. Step s's group stays in
-    // flight through step s + 1's barrier and issue: the wait for all but one group (step
-    // s - 1 done) comes before the decode overwrites the registers s - 1 read, and before
-    // the next barrier frees s - 1's B slot, which the copy for s + 3 then takes.
-    auto step = [&](int s, const u32 (&ac)[4][4], u32 (&an)[4][4]) {
+    // One step: B(s) in ring slot bs; decodes step s + 1 into an.
+    auto step = [&](int s, int bs, const u32 (&ac)[4][4], u32 (&an)[4][4]) {
         pf_cp_wait1();
-        __syncthreads();  // B(s) visible; step s - 2 is done in every warpgroup, so slot
-                          // (s + 2) % 4 and the A stage of block s/8 - 1 are free
-        if (s + 2 < nk) pf_cp16(bdst + ((s + 2) & 3) * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
+        __syncthreads();  // B(s) visible; every group of step s - 1 is done (waited below), so
+                          // slot (s + 2) % 3 and the A stage of block s/8 - 1 are free
+        int b2 = bs == 0 ? 2 : bs - 1;
+        if (s + 2 < nk) pf_cp16(bdst + b2 * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
         if ((s & 7) == 0 && (s >> 3) + 1 < nq)
             px_stage<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
         pf_cp_commit();
-        pxw_step<NG>(acc, ac, bs0 + (s & 3) * (PX_BN * PX_BK * 2));
-        pxw_wait1();
+        pxw_step<NG>(acc, ac, bs0 + bs * (PX_BN * PX_BK * 2));
         int t = s + 1;
         if (t < nk) {
             int q = t >> 3;
@@ -1318,13 +1315,16 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
                 ld[ri].decode(an[ri], T, t4, t);
             }
         }
+        pxw_wait0();
+        pxw_hold<NG>(acc);
     };
+    int bs = 0;
     for (int s = 0; s < nk; s += 2) {  // nk is a multiple of 8
-        step(s, af0, af1);
-        step(s + 1, af1, af0);
+        step(s, bs, af0, af1);
+        bs = bs == 2 ? 0 : bs + 1;
+        step(s + 1, bs, af1, af0);
+        bs = bs == 2 ? 0 : bs + 1;
     }
-    pxw_wait0();
-    pxw_hold<NG>(acc);
     // Outputs: half j's rows start at 128wg + 64j + 16w4.
     px_store<NG, 64>(acc, m0 + wg * 128 + w4 * 16, m_total, r0, cnt, out);
 }
@@ -1596,7 +1596,7 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
 #ifndef DS4_PXW
     if constexpr (MODE == PX_MXW) return;
 #endif
-    __shared__ __align__(16) u16 Bs[4 * PX_BN * PX_BK];  // pf_mxw: a ring of 4; the others 3
+    __shared__ __align__(16) u16 Bs[3 * PX_BN * PX_BK];
     __shared__ __align__(16) PxTables T;
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
