@@ -1237,10 +1237,14 @@ __device__ __forceinline__ void pxw_hold(float (&acc)[2][NG][4]) {
             for (int c = 0; c < 4; c++) asm volatile("" : "+f"(acc[j][n][c])::"memory");
 }
 
-// Descriptor of a K-major, unswizzled B operand at shared address `a` (LBO 128, SBO 512).
-__device__ __forceinline__ u64 pxw_desc(u32 a) {
-    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(512 >> 4) << 32);
+// Descriptor of a K-major, unswizzled operand at shared address `a`: LBO 128 (the next core
+// matrix along k), SBO `sbo` (the next 8 rows).
+__device__ __forceinline__ u64 pxq_desc(u32 a, u32 sbo) {
+    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(sbo >> 4) << 32);
 }
+
+// pf_mxw's B operand (8 tokens = 4 core matrices of 128 bytes along k: SBO 512).
+__device__ __forceinline__ u64 pxw_desc(u32 a) { return pxq_desc(a, 512); }
 
 // The step's 4 wgmma: halves j x k16 steps kk. af[ri]: row 8ri + g of this warp's 32 rows in
 // pf_mx's numbering, here ri = 2j + h (h: row g or g + 8 of half j).
@@ -1393,11 +1397,6 @@ __device__ __forceinline__ void pxq_mma<8>(u32 (&d)[8][4], const u32 (&a)[4], u6
                  : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]), "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]), "+r"(d[3][2]), "+r"(d[3][3]), "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]), "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]), "+r"(d[6][0]), "+r"(d[6][1]), "+r"(d[6][2]), "+r"(d[6][3]), "+r"(d[7][0]), "+r"(d[7][1]), "+r"(d[7][2]), "+r"(d[7][3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc)
                  : "memory");
-}
-
-// Descriptor of a K-major, unswizzled operand at shared address `a`: LBO 128, SBO `sbo`.
-__device__ __forceinline__ u64 pxq_desc(u32 a, u32 sbo) {
-    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(sbo >> 4) << 32);
 }
 
 template <int NG>
