@@ -1347,12 +1347,17 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
 //   for the block's 16 groups (k16), B = pf_swiglu_q8's f16(dx·bsum_j). These two f16 roundings
 //   (relative 2^-12 each) are the only difference from the CPU's expression besides the
 //   order of f32 additions (bench/RESULTS.md, sixteenth session; self-test moe_grouped_mxq).
-// Block, staging and decoders' loads are pf_mxw's (256 weight rows, one tile of ≤ 64 tokens,
-// Q2_K blocks staged by cp.async); integer shapes exist for N = 8, 16, 24, 32, 48, 64 only, so
-// tiles of 5 or 7 token groups run as 6 or 8 (the copies zero-fill tokens past the count).
-// Shared: As (2 stages) | int8 B ring 4 × 64 tokens × 32 bytes | B' 2 × 64 × 16 halves | dx
-// 2 × 64; a token's 32 bytes of a step (or of a block's B') as two K-major core matrices:
-// (n/8)·256 + kc·128 + (n%8)·16 (LBO 128, SBO 256).
+// Block: 128 weight rows (warpgroup wg owns the m64 at 64wg, 2 rows a thread, pf_mxw's
+// decoder loads) x one tile of ≤ 64 tokens; 121 registers, 2 blocks an SM. Everything a
+// 256-column block reads (the rows' Q2_K blocks, its 8 steps of tokens, B' and dx) is staged
+// by cp.async one block ahead, so there is one barrier per 8 steps; each step's wgmma stays
+// in flight while the next step is decoded (1,000 µs a 4k chunk-layer against 1,080 with a
+// barrier and copies per step, and 1,116 for the f16 pf_mxw_q2_k: bench/RESULTS.md). Integer
+// shapes exist for N = 8, 16, 24, 32, 48, 64 only, so tiles of 5 or 7 token groups run as 6
+// or 8 (the copies zero-fill tokens past the count).
+// Shared: As (2 stages of 128 rows) | int8 B 2 stages × 8 steps × 64 tokens × 32 bytes | B'
+// 2 × 64 × 16 halves | dx 2 × 64; a token's 32 bytes of a step (or of a block's B') as two
+// K-major core matrices: (n/8)·256 + kc·128 + (n%8)·16 (LBO 128, SBO 256).
 // ---------------------------------------------------------------------------------------------
 template <int NG>
 __device__ __forceinline__ void pxq_mma(u32 (&d)[NG][4], const u32 (&a)[4], u64 desc, int acc);
