@@ -104,8 +104,9 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
-/// Dynamic shared memory of `pf_mxq_q2_k` (PXQ_SMEM in prefill.cu): two stages of 128 Q2_K
-/// rows' blocks, the int8 token ring, two blocks' min-term operands and scales.
+/// Dynamic shared memory of `pf_mxq_q2_k` (PXQ_SMEM in prefill.cu): two stages each of 128
+/// Q2_K rows' blocks, of a block's 8 steps of int8 tokens, and of its min-term operands and
+/// scales.
 const PXQ_SMEM: u32 = 2 * 128 * 112 + 2 * 8 * 2048 + 2 * 2048 + 2 * 64 * 4;
 
 /// Rows of one `pf_mm` tile (PF_BN in prefill.cu).
