@@ -2851,13 +2851,7 @@ fn check_moe_grouped(
                 &q8ref,
                 TOL_MXQ_VS_Q8K,
             ));
-            let same16 = same_bits(&runs[0], &runs[2]);
-            let mut row = exact_row(&format!("{kname}_y16"), td, &shape, usize::from(!same16));
-            row.note = "inputs gathered from the f16 copy of y: bit-identical to rounding y".into();
-            out.push(row);
-            continue;
-        }
-        if level == 3 {
+        } else if level == 3 {
             mxw_out = Some(runs[0].clone());
         } else if level == 2 && fused {
             if let Some(w) = &mxw_out {
