@@ -243,6 +243,16 @@ extern "C" __global__ void pf_gather16(const u16* __restrict__ y16, const int* _
     }
 }
 
+// One SwiGLU output of the prefill expert path: silu(min(g, c)) · clamp(u, ±c), times the
+// routing weight w when wts is set (k_swiglu's expressions and order).
+__device__ __forceinline__ float pf_swiglu_val(float g, float u, float c, bool wt, float w) {
+    float gv = fminf(g, c);
+    float sil = gv * (1.0f / (1.0f + expf(-gv)));
+    float uv = fminf(fmaxf(u, -c), c);
+    float v = sil * uv;
+    return wt ? v * w : v;
+}
+
 // pf_swiglu, 4 elements a thread (f % 4 == 0): the same expressions per element. pm = 1:
 // columns permuted for pf_mxw (px_pos; f % 32 == 0). grid (f/4/256, rows).
 extern "C" __global__ void pf_swiglu4(const float* __restrict__ gu, const int* __restrict__ perm,
@@ -257,14 +267,7 @@ extern "C" __global__ void pf_swiglu4(const float* __restrict__ gu, const int* _
     float w = wts ? wts[perm[r]] : 0.0f;
     u16 o[4];
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        float gv = fminf(gs[j], c);
-        float sil = gv * (1.0f / (1.0f + expf(-gv)));
-        float uv = fminf(fmaxf(us[j], -c), c);
-        float v = sil * uv;
-        if (wts) v = v * w;
-        o[j] = f2h(v);
-    }
+    for (int j = 0; j < 4; j++) o[j] = f2h(pf_swiglu_val(gs[j], us[j], c, wts != nullptr, w));
     uint2 q;
     q.x = (u32)o[0] | ((u32)o[1] << 16);
     q.y = (u32)o[2] | ((u32)o[3] << 16);
@@ -303,13 +306,7 @@ extern "C" __global__ void pf_swiglu_q8(const float* __restrict__ gu, const int*
     float w = wts ? wts[perm[r]] : 0.0f;
     float v[8];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        float gv = fminf(gs[j], c);
-        float sil = gv * (1.0f / (1.0f + expf(-gv)));
-        float uv = fminf(fmaxf(us[j], -c), c);
-        v[j] = sil * uv;
-        if (wts) v[j] = v[j] * w;
-    }
+    for (int j = 0; j < 8; j++) v[j] = pf_swiglu_val(gs[j], us[j], c, wts != nullptr, w);
     u32 w0, w1;
     float dd = q8k_lane(v, lane, &w0, &w1);
     u32* dst = (u32*)(xq + (i64)r * f + bq * 256 + 32 * (lane >> 2) + 4 * (lane & 3));
@@ -342,12 +339,8 @@ extern "C" __global__ void pf_swiglu(const float* __restrict__ gu, const int* __
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= f) return;
     const float* row = gu + (i64)r * 2 * f;
-    float gv = fminf(row[i], c);
-    float sil = gv * (1.0f / (1.0f + expf(-gv)));
-    float uv = fminf(fmaxf(row[f + i], -c), c);
-    float v = sil * uv;
-    if (wts) v = v * wts[perm[r]];
-    h[(i64)r * f + (pm ? px_pos(i) : i)] = f2h(v);
+    float w = wts ? wts[perm[r]] : 0.0f;
+    h[(i64)r * f + (pm ? px_pos(i) : i)] = f2h(pf_swiglu_val(row[i], row[f + i], c, wts != nullptr, w));
 }
 
 // dn[s][i] = dns[inv[s]][i]: rows back to slot order. grid (d/256, slots).
