@@ -800,6 +800,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             o16: 0,
             cs_tab: 0,
             qeps: 0.0,
+            q16: false,
             sc: pp(&d_sc),
             part: pp(&d_part),
             inv: pp(&d_inv),
@@ -846,7 +847,9 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         // compared two untouched poisoned buffers until the fifteenth session).
         args.o16 = 0;
         let qn_ok = super::attn::tc_qnorm_supported(dh) && half > 0;
-        let (mut gpu_qn, mut gpu_qr) = (Vec::new(), Vec::new());
+        // Then the same with the q_b product as f16 (production's f16 GEMM output): against
+        // k_head_norm_rope on f32 of those halves.
+        let mut qn_rows: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
         if qn_ok {
             let qeps = 1e-6f32;
             let tab = be.alloc_f32(n * half * 2)?;
@@ -857,34 +860,47 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             b.arg(&pfr).arg(&pp0).arg(&hai).arg(&ptab);
             // SAFETY: argument list matches k_rope_cs; tab holds n·half pairs.
             unsafe { b.launch(cfg((half.div_ceil(64) as u32, n as u32, 1), 64)) }?;
-            let d_qref = be.upload_f32(&q)?;
-            let pqr = pp(&d_qref);
             let hnr = be.function("k_head_norm_rope")?;
-            let mut b = st.launch_builder(&hnr);
-            b.arg(&pqr)
-                .arg(&hi)
-                .arg(&dhi)
-                .arg(&hai)
-                .arg(&qeps)
-                .arg(&pfr)
-                .arg(&pp0);
-            // SAFETY: argument list matches k_head_norm_rope; n·H rows of dh.
-            unsafe { b.launch(cfg(((n * h_n) as u32, 1, 1), 128)) }?;
-            let d_oq = poisoned(be, n * h_n * dh)?;
-            args.o = pp(&d_oq);
-            args.q = pqr;
-            // SAFETY: as above (q normalized in place).
-            unsafe { attend(st, &k, &args)? };
-            gpu_qr = be.download(&d_oq)?;
-            let d_on = poisoned(be, n * h_n * dh)?;
-            args.o = pp(&d_on);
+            let q_h: Vec<u16> = q.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+            let q_hf: Vec<f32> = q_h.iter().map(|&b| f16::from_bits(b).to_f32()).collect();
+            let d_qh = st.clone_htod(&q_h)?;
+            for half_q in [false, true] {
+                let d_qref = be.upload_f32(if half_q { &q_hf } else { &q })?;
+                let pqr = pp(&d_qref);
+                let mut b = st.launch_builder(&hnr);
+                b.arg(&pqr)
+                    .arg(&hi)
+                    .arg(&dhi)
+                    .arg(&hai)
+                    .arg(&qeps)
+                    .arg(&pfr)
+                    .arg(&pp0);
+                // SAFETY: argument list matches k_head_norm_rope; n·H rows of dh.
+                unsafe { b.launch(cfg(((n * h_n) as u32, 1, 1), 128)) }?;
+                let d_oq = poisoned(be, n * h_n * dh)?;
+                args.o = pp(&d_oq);
+                args.q = pqr;
+                // SAFETY: as above (q normalized in place).
+                unsafe { attend(st, &k, &args)? };
+                let gpu_qr = be.download(&d_oq)?;
+                let d_on = poisoned(be, n * h_n * dh)?;
+                args.o = pp(&d_on);
+                args.q = if half_q {
+                    d_qh.device_ptr(st).0
+                } else {
+                    pp(&d_q)
+                };
+                args.q16 = half_q;
+                args.cs_tab = ptab;
+                args.qeps = qeps;
+                // SAFETY: as above; cs_tab holds n·half pairs, q (n·H·dh f32 or f16 values)
+                // is left as it is.
+                unsafe { attend(st, &k, &args)? };
+                qn_rows.push((be.download(&d_on)?, gpu_qr));
+                args.cs_tab = 0;
+                args.q16 = false;
+            }
             args.q = pp(&d_q);
-            args.cs_tab = ptab;
-            args.qeps = qeps;
-            // SAFETY: as above; cs_tab holds n·half pairs, q is left as it is.
-            unsafe { attend(st, &k, &args)? };
-            gpu_qn = be.download(&d_on)?;
-            args.cs_tab = 0;
         }
         // Decode steps: split-rows flash decoding (fresh poison in o first).
         args.tc = false;
@@ -1035,10 +1051,12 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             let mut row = exact_row("attend_tc_f16", GgmlType::F16, &shape, o16_mism);
             row.note = format!("{o16_mism} f16 outputs differ in bits from f16(f32 output)");
             out.push(row);
-            if qn_ok {
-                let same = same_finite_bits(&gpu_qn, &gpu_qr);
-                let mut row =
-                    exact_row("attend_tc_qnorm", GgmlType::F32, &shape, usize::from(!same));
+            for ((gpu_qn, gpu_qr), (name, ty)) in qn_rows.iter().zip([
+                ("attend_tc_qnorm", GgmlType::F32),
+                ("attend_tc_qnorm_q16", GgmlType::F16),
+            ]) {
+                let same = same_finite_bits(gpu_qn, gpu_qr);
+                let mut row = exact_row(name, ty, &shape, usize::from(!same));
                 row.note = "queries normalized and rotated in the kernel vs by k_head_norm_rope: \
                             the same output bits"
                     .into();

@@ -194,6 +194,18 @@ fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
     })
 }
 
+/// Whether production prefill runs the shared expert on a side stream beside the router and
+/// the routed experts (default; `DS4_CUDA_PF_FORK=0` keeps one stream, for comparisons).
+fn use_pf_fork() -> bool {
+    super::switch_on("DS4_CUDA_PF_FORK")
+}
+
+/// Whether production prefill's q_b GEMM writes f16 queries for the tensor-core attention
+/// (default; `DS4_CUDA_Q16=0` keeps f32, for comparisons).
+fn use_q16() -> bool {
+    super::switch_on("DS4_CUDA_Q16")
+}
+
 /// Whether the production prefill's router product runs as a cuBLAS f32 GEMM (default;
 /// `DS4_CUDA_ROUTER_SGEMM=0` keeps the f32 CUDA-core `mm_<t>` kernel, for comparisons).
 fn use_router_sgemm() -> bool {
@@ -1648,45 +1660,50 @@ impl GpuSession {
         };
         // `x_scale`: the f16 input is f16(x · x_scale) (HC_X16_SCALE for the HC `fn` products,
         // whose input is the raw residual stream, else 1; prefill.rs dense_gemm).
-        let lin_s = |w: &GpuWeight, x: u64, nt: usize, y: u64, x_scale: f32| -> Result<()> {
-            wrote16(y);
-            if nt == 1 {
-                mvq(w, 0, 1, x, 0, y)
-            } else if let Some(ps) = gemm_ok(w, nt) {
-                // The producer's f16 copy when there is one (it holds the chunk's n rows) and
-                // has this product's scale (x16's copy of x is scaled, y16's and qr16's not);
-                // else the conversion below overwrites x16 (and x's copy there).
-                let ready =
-                    f16_of(x).filter(|&r| nt == n && (r == p16(&ps.x16)) == (x_scale != 1.0));
-                if ready.is_none() {
-                    set16(2, 0);
+        // `y16`: the GEMM may write y as f16 (n × n_rows halves at y); the result says whether
+        // it did (the other paths write f32).
+        let lin_s =
+            |w: &GpuWeight, x: u64, nt: usize, y: u64, x_scale: f32, y16: bool| -> Result<bool> {
+                wrote16(y);
+                if nt == 1 {
+                    mvq(w, 0, 1, x, 0, y).map(|_| false)
+                } else if let Some(ps) = gemm_ok(w, nt) {
+                    // The producer's f16 copy when there is one (it holds the chunk's n rows) and
+                    // has this product's scale (x16's copy of x is scaled, y16's and qr16's not);
+                    // else the conversion below overwrites x16 (and x's copy there).
+                    let ready =
+                        f16_of(x).filter(|&r| nt == n && (r == p16(&ps.x16)) == (x_scale != 1.0));
+                    if ready.is_none() {
+                        set16(2, 0);
+                    }
+                    // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows; y16 and
+                    // qr16 hold n rows of the widths their products read.
+                    unsafe {
+                        dense_gemm(
+                            be,
+                            w,
+                            0,
+                            1,
+                            x,
+                            w.n_cols,
+                            nt,
+                            y,
+                            w.n_rows,
+                            p16(&ps.w16),
+                            ready.unwrap_or(p16(&ps.x16)),
+                            ready.is_some(),
+                            x_scale,
+                            y16,
+                        )
+                    }
+                    .map(|_| y16)
+                } else {
+                    // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
+                    unsafe { be.mm_raw(w, x, nt, y) }.map(|_| false)
                 }
-                // SAFETY: w16/x16 sizes checked by gemm_ok; x and y hold nt rows; y16 and
-                // qr16 hold n rows of the widths their products read.
-                unsafe {
-                    dense_gemm(
-                        be,
-                        w,
-                        0,
-                        1,
-                        x,
-                        w.n_cols,
-                        nt,
-                        y,
-                        w.n_rows,
-                        p16(&ps.w16),
-                        ready.unwrap_or(p16(&ps.x16)),
-                        ready.is_some(),
-                        x_scale,
-                        false,
-                    )
-                }
-            } else {
-                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
-                unsafe { be.mm_raw(w, x, nt, y) }
-            }
-        };
-        let lin = |w: &GpuWeight, x: u64, nt: usize, y: u64| lin_s(w, x, nt, y, 1.0);
+            };
+        let lin =
+            |w: &GpuWeight, x: u64, nt: usize, y: u64| lin_s(w, x, nt, y, 1.0, false).map(|_| ());
         // Gate + up + SwiGLU into `g` (weights `wts`, 0: none): fused over int8 activations
         // where both matrices have an int8 kernel, else two products and k_swiglu.
         #[allow(clippy::too_many_arguments)]
@@ -1928,7 +1945,7 @@ impl GpuSession {
                 return Ok(fork);
             }
             flush_post()?;
-            lin_s(fnw, xcur.get(), n, p(&s.mix), HC_X16_SCALE)?;
+            lin_s(fnw, xcur.get(), n, p(&s.mix), HC_X16_SCALE, false)?;
             if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
             {
                 // Production prefill: the state read once, y written as f32 and f16, and
@@ -2431,7 +2448,10 @@ impl GpuSession {
             } else {
                 None
             };
-            lin(&l.q_b, p(&s.qr), n, p(&s.q))?;
+            // With the tensor-core attention normalizing the queries itself, q_b's GEMM writes
+            // them as f16 (half the bytes written here and read there; the attention rounds
+            // the normalized queries to f16 anyway).
+            let q16 = lin_s(&l.q_b, p(&s.qr), n, p(&s.q), 1.0, qnorm && use_q16())?;
             if n == 1 && use_hc1() {
                 // Query heads and the KV row in one launch (decode).
                 launchp!(
@@ -2558,6 +2578,7 @@ impl GpuSession {
                         q: p(&s.q),
                         cs_tab: if qnorm { cs_tab } else { 0 },
                         qeps: eps,
+                        q16,
                         ckv: p(&s.kv),
                         ring: p(&ls.ring),
                         comp: comp_rows,
@@ -2736,7 +2757,16 @@ impl GpuSession {
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))
             };
-            let ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
+            // Production prefill forks it too: its GEMMs (cuBLAS on the side stream's handle)
+            // fill the SMs the router's f32 GEMM (32 blocks) and the grouped experts' tails
+            // leave idle. Its scratch (shg, shu, sh, and x16 for sh_down's f16 input) is
+            // touched by nothing else until the join.
+            let pf_fork = pf.is_some() && n > 1 && use_pf_fork();
+            let ffn_fork = if fork || pf_fork {
+                Some(be.fork(shared)?)
+            } else {
+                None
+            };
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
             } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {

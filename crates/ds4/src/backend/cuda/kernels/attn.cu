@@ -940,6 +940,14 @@ __device__ __forceinline__ void at_ldm_x4t(u32* r, u32 a) {
 
 #define TC_PF 4  // 16-byte pieces of a tile a thread moves (TC_BR · 512 / 8 / 512)
 
+// Asks L2 for `bytes` (a multiple of 16, 16-aligned) at `p` in one bulk prefetch (sm_90; a
+// no-op elsewhere): nothing waits on it.
+__device__ __forceinline__ void at_l2_prefetch(const void* p, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // ---- k_att_tc: the rows come as f16 copies (k_att_rows16, the same rounding the kernel
 // once applied to f32 rows itself) and are copied by cp.async straight into the tile buffer
 // the products read (rows past the token's last zero-filled); the scores split the dims over
@@ -1069,9 +1077,13 @@ extern "C" __global__ void k_att_rows16(const float* __restrict__ ring,
 // lane m as block_sum_d's warp 0 does. The rotation pairs (e, e+1) are lanes (l, l^1)
 // (rope_tail's operations; the pair exchange only where a warp-wide group of 32 elements
 // reaches the tail); the angles come from the chunk's table (k_rope_cs: rope_tail's values).
-// Heads past n_head are zeros.
-template <int NH>
-__device__ __forceinline__ void tc_qnorm(const float* __restrict__ q, const float* __restrict__ cs_tab,
+// Heads past n_head are zeros. T: float, or unsigned short for f16 queries (the q_b product
+// written as f16 by its GEMM, read as f32 of those halves).
+__device__ __forceinline__ float tc_qval(const float* p) { return *p; }
+__device__ __forceinline__ float tc_qval(const unsigned short* p) { return h2f(*p); }
+
+template <int NH, class T>
+__device__ __forceinline__ void tc_qnorm(const T* __restrict__ q, const float* __restrict__ cs_tab,
                                          unsigned short* Qs, int kst, int t, int w, int n_head,
                                          int dh, int half, float eps, int lane) {
     const int nk = dh >> 7, off = dh - 2 * half;
@@ -1079,12 +1091,12 @@ __device__ __forceinline__ void tc_qnorm(const float* __restrict__ q, const floa
 #pragma unroll
     for (int i = 0; i < NH; i++) {
         const int hh = w + 16 * i;
-        const float* src = q + ((long long)t * n_head + hh) * dh;
+        const T* src = q + ((long long)t * n_head + hh) * dh;
 #pragma unroll
         for (int m = 0; m < 4; m++)
 #pragma unroll
             for (int k = 0; k < 4; k++)
-                v[i][m][k] = k < nk && hh < n_head ? src[lane + 32 * m + 128 * k] : 0.0f;
+                v[i][m][k] = k < nk && hh < n_head ? tc_qval(src + lane + 32 * m + 128 * k) : 0.0f;
     }
     double ss[NH][4];
 #pragma unroll
@@ -1148,7 +1160,8 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              const long long* __restrict__ p0p, int swa, int dh, int n_head,
              const float* __restrict__ sinks, float scale, int half,
              const double* __restrict__ freqs, float* __restrict__ o,
-             unsigned short* __restrict__ o16, const float* __restrict__ cs_tab, float qeps) {
+             unsigned short* __restrict__ o16, const float* __restrict__ cs_tab, float qeps,
+             int q16, int q_ahead) {
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
     const int kbw = TC_BR * kst;  // one tile buffer, in halves
@@ -1172,6 +1185,13 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     const int pc = tid % nd8, pr = tid / nd8, rstep = 512 / nd8;
     const int rb = (int)(a.lo % (long long)swa), lp = (int)(a.lo - p0);
     const int ntile = (a.n_rows + TC_BR - 1) / TC_BR;
+    // Production prefill: the queries of token t + q_ahead (the block that takes this SM's
+    // place about when this one ends, with one block an SM) are asked into L2 now, so that
+    // block's first loads, the longest wait of a block's fixed part, come from L2.
+    if (cs_tab && q_ahead > 0 && tid == 0 && t + q_ahead < (int)gridDim.x)
+        at_l2_prefetch(q16 ? (const void*)((const unsigned short*)q + (long long)(t + q_ahead) * n_head * dh)
+                           : (const void*)(q + (long long)(t + q_ahead) * n_head * dh),
+                       (u32)(n_head * dh) * (q16 ? 2u : 4u));
     // The first tile's copies are in flight while the queries are converted.
     tc_issue(KB, a, ckv, ring, comp, 0, pr, rstep, pc, kst, rb, lp);
     // Tile 1's row table (tile t's is table t % 2), from the selection in global memory; tile
@@ -1186,7 +1206,10 @@ extern "C" __global__ void __launch_bounds__(512, 1)
         // heads into Qs in one pass, all 64 loads a lane in flight together (k_head_norm_rope's
         // values rounded to f16). Two passes of 2 heads (the second's lines prefetched into
         // L2) took 2% longer; this pass spills 20 bytes, outside the tile loop.
-        tc_qnorm<4>(q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
+        if (q16)
+            tc_qnorm<4>((const unsigned short*)q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
+        else
+            tc_qnorm<4>(q, cs_tab, Qs, kst, t, warp, n_head, dh, half, qeps, lane);
     } else {
 #pragma unroll 8
         for (int x = tid; x < 64 * nd4; x += 512) {
