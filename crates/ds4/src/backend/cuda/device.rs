@@ -272,10 +272,6 @@ pub struct CudaBackend {
     qa_q8_0: CudaFunction,
     qa_q8_k: CudaFunction,
     blas: CudaBlas,
-    /// A cuBLAS handle on the first side stream (its own workspace), for the GEMMs a
-    /// production prefill chunk queues inside a fork (the shared expert beside the routed
-    /// ones).
-    blas_side: CudaBlas,
     origin: ImageOrigin,
     cache_key: String,
     /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
@@ -469,7 +465,6 @@ impl CudaBackend {
         let qa_q8_0 = module.load_function("qa_q8_0")?;
         let qa_q8_k = module.load_function("qa_q8_k")?;
         let blas = CudaBlas::new(stream.clone())?;
-        let blas_side = CudaBlas::new(sides[0].clone())?;
         Ok(CudaBackend {
             ctx,
             stream,
@@ -480,7 +475,6 @@ impl CudaBackend {
             qa_q8_0,
             qa_q8_k,
             blas,
-            blas_side,
             origin,
             cache_key,
             pdl: AtomicBool::new(false),
@@ -519,18 +513,6 @@ impl CudaBackend {
         match self.lane.load(Ordering::Relaxed) {
             0 => None,
             i => Some(usize::from(i) - 1),
-        }
-    }
-
-    /// The cuBLAS handle of the stream launches go to now: the main one, or the first side
-    /// stream's inside a fork on it (the second side stream has none).
-    fn blas_now(&self) -> Result<cb::cublasHandle_t> {
-        match self.side() {
-            None => Ok(*self.blas.handle()),
-            Some(0) => Ok(*self.blas_side.handle()),
-            Some(_) => Err(CudaError::Invalid(
-                "cuBLAS product queued on the second side stream".into(),
-            )),
         }
     }
 
@@ -1546,7 +1528,7 @@ impl CudaBackend {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let f32t = cb::cudaDataType::CUDA_R_32F;
         cudarc::cublas::result::gemm_ex(
-            self.blas_now()?,
+            *self.blas.handle(),
             cb::cublasOperation_t::CUBLAS_OP_T,
             cb::cublasOperation_t::CUBLAS_OP_N,
             m as i32,
@@ -1628,7 +1610,7 @@ impl CudaBackend {
         let beta = 0.0f32;
         let (mi, ni, ki) = (m as i32, n as i32, k as i32);
         let (la, lx, lc) = (lda as i32, ldx as i32, ldc as i32);
-        let h = self.blas_now()?;
+        let h = *self.blas.handle();
         let (t, nn) = (
             cb::cublasOperation_t::CUBLAS_OP_T,
             cb::cublasOperation_t::CUBLAS_OP_N,

@@ -194,12 +194,6 @@ fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
     })
 }
 
-/// Whether production prefill runs the shared expert on a side stream beside the router and
-/// the routed experts (default; `DS4_CUDA_PF_FORK=0` keeps one stream, for comparisons).
-fn use_pf_fork() -> bool {
-    super::switch_on("DS4_CUDA_PF_FORK")
-}
-
 /// Whether production prefill's q_b GEMM writes f16 queries for the tensor-core attention
 /// (default; `DS4_CUDA_Q16=0` keeps f32, for comparisons).
 fn use_q16() -> bool {
@@ -2757,16 +2751,7 @@ impl GpuSession {
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))
             };
-            // Production prefill forks it too: its GEMMs (cuBLAS on the side stream's handle)
-            // fill the SMs the router's f32 GEMM (32 blocks) and the grouped experts' tails
-            // leave idle. Its scratch (shg, shu, sh, and x16 for sh_down's f16 input) is
-            // touched by nothing else until the join.
-            let pf_fork = pf.is_some() && n > 1 && use_pf_fork();
-            let ffn_fork = if fork || pf_fork {
-                Some(be.fork(shared)?)
-            } else {
-                None
-            };
+            let ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
             } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
