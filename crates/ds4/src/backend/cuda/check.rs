@@ -328,9 +328,16 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
         unsafe { b.launch(cfg((half.div_ceil(64) as u32, n as u32, 1), 64)) }?;
         for qat in [0i32, 1] {
             let q = random_activations(rng, n * ih * id);
-            // Copy 0: the block form; 1: the warp form, angles inline; 2: from the table.
-            let qs = [be.upload_f32(&q)?, be.upload_f32(&q)?, be.upload_f32(&q)?];
+            // Copy 0: the block form; 1: the warp form, angles inline; 2: from the table; 3:
+            // from the table, bf16 rows only (keep32 = 0, the tensor-core scores' form).
+            let qs = [
+                be.upload_f32(&q)?,
+                be.upload_f32(&q)?,
+                be.upload_f32(&q)?,
+                be.upload_f32(&q)?,
+            ];
             let hs = [
+                st.alloc_zeros::<u16>(n * ih * id)?,
                 st.alloc_zeros::<u16>(n * ih * id)?,
                 st.alloc_zeros::<u16>(n * ih * id)?,
                 st.alloc_zeros::<u16>(n * ih * id)?,
@@ -342,10 +349,10 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
             b.arg(&qat).arg(&inv).arg(&ph[0]);
             // SAFETY: argument list matches k_idx_q_finish; buffers sized above.
             unsafe { b.launch(cfg(((n * ih) as u32, 1, 1), 64)) }?;
-            for (i, pt) in [(1usize, 0u64), (2, ptab)] {
+            for (i, pt, keep32) in [(1usize, 0u64, 1i32), (2, ptab, 1), (3, ptab, 0)] {
                 let mut b = st.launch_builder(&new);
                 b.arg(&pq[i]).arg(&ihi).arg(&hi).arg(&pf).arg(&pp).arg(&pt);
-                b.arg(&qat).arg(&inv).arg(&ph[i]);
+                b.arg(&qat).arg(&inv).arg(&ph[i]).arg(&keep32);
                 // SAFETY: argument list matches k_idx_q_finish_w<E>; buffers sized above.
                 unsafe { b.launch(cfg((n as u32, ih.div_ceil(8) as u32, 1), 256)) }?;
             }
@@ -366,6 +373,22 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
                 );
                 out.push(row);
             }
+            // bf16 only: the same bf16 rows, and q left as it was.
+            let (b3, h16c) = (be.download(&qs[3])?, st.clone_dtoh(&hs[3])?);
+            let bad = b3
+                .iter()
+                .zip(&q)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count()
+                + h16a.iter().zip(&h16c).filter(|(x, y)| x != y).count();
+            let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
+            let mut row = exact_row("idx_q_finish_w_bf16_only", GgmlType::F32, &shape, bad);
+            row.note = format!(
+                "{bad} of {} values differ (bf16 from k_idx_q_finish's, f32 from the input it \
+                 must leave alone)",
+                2 * q.len()
+            );
+            out.push(row);
         }
     }
     Ok(())

@@ -2326,7 +2326,9 @@ impl GpuSession {
                                     cs_tab,
                                     qat,
                                     inv_sqrt,
-                                    q16
+                                    q16,
+                                    // The f32 rows only where the f32 scores read them.
+                                    i32::from(!tc)
                                 ]
                             );
                         } else {

@@ -153,12 +153,20 @@ __device__ float fp8_e4m3_round(float x) {
     return copysignf(q, v);
 }
 
-__device__ float e2m1_round(float v) {
-    const float grid[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-    float a = fabsf(v);
-    int code = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
-               (a >= 3.5f) + (a > 5.0f);
-    return copysignf(grid[code], v);
+// The nearest E2M1 value {0, 0.5, 1, 1.5, 2, 3, 4, 6} (ties as qat.rs: up at 0.75, 1.75 and
+// 3.5, down at 0.25, 1.25, 2.5 and 5), by comparisons and selects: a table indexed by the
+// code sat in local memory (every thread stored it, 80-byte stack frames).
+__device__ __forceinline__ float e2m1_round(float v) {
+    const float a = fabsf(v);
+    const float g = a > 5.0f    ? 6.0f
+                    : a >= 3.5f ? 4.0f
+                    : a > 2.5f  ? 3.0f
+                    : a >= 1.75f ? 2.0f
+                    : a > 1.25f ? 1.5f
+                    : a >= 0.75f ? 1.0f
+                    : a > 0.25f ? 0.5f
+                                : 0.0f;
+    return copysignf(g, v);
 }
 
 // FP8 KV simulation on x[0..n) (n a multiple of 64, at most 2048), block-wide: a thread
@@ -360,12 +368,15 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
 // l ^ (h/E) by shuffles); the 1/sqrt(id) scale; the FP4 rounding with its 32-element block's
 // amax (a max, gathered from the block's 32/E lanes in any order). So the rows are bit for bit
 // k_idx_q_finish's (self-test `idx_q_finish_w`), without its per-stage barriers and global
-// round trips. grid (tokens, ceil(n_head / 8)), 256 threads; half ≤ 128.
+// round trips. grid (tokens, ceil(n_head / 8)), 256 threads; half ≤ 128. keep32 = 0 (q16 set):
+// only the bf16 rows are written (the tensor-core scores read nothing else), q is left as
+// the q_b product.
 template <int E>
 __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head, int half,
                                                const double* __restrict__ freqs, long long p0,
                                                const float* __restrict__ cs_tab, int qat,
-                                               float inv_sqrt_id, u16* __restrict__ q16) {
+                                               float inv_sqrt_id, u16* __restrict__ q16,
+                                               int keep32) {
     constexpr int ID = 32 * E;
     __shared__ float cs[2 * 128];
     const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -442,13 +453,16 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
 #pragma unroll
         for (int m = 1; m < 32 / E; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
         const float sc = pow2_ceil_f(fmaxf(amax, 6.0f * 1.17549435e-38f) / 6.0f);
+        // sc is a power of two in the normal range (or inf), so x · (1/sc) is x / sc exactly.
+        const float rs = 1.0f / sc;
 #pragma unroll
-        for (int k = 0; k < E; k++) x[k] = e2m1_round(fminf(fmaxf(x[k] / sc, -6.0f), 6.0f)) * sc;
+        for (int k = 0; k < E; k++) x[k] = e2m1_round(fminf(fmaxf(x[k] * rs, -6.0f), 6.0f)) * sc;
     }
     if constexpr (E % 4 == 0) {
 #pragma unroll
         for (int k = 0; k < E; k += 4) {
-            *(float4*)(q + base + k) = make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]);
+            if (keep32)
+                *(float4*)(q + base + k) = make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]);
             if (q16)
                 *(uint2*)(q16 + base + k) =
                     make_uint2(pack_bf2(x[k], x[k + 1]), pack_bf2(x[k + 2], x[k + 3]));
@@ -456,7 +470,7 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
     } else {
 #pragma unroll
         for (int k = 0; k < E; k += 2) {
-            *(float2*)(q + base + k) = make_float2(x[k], x[k + 1]);
+            if (keep32) *(float2*)(q + base + k) = make_float2(x[k], x[k + 1]);
             if (q16) *(u32*)(q16 + base + k) = pack_bf2(x[k], x[k + 1]);
         }
     }
@@ -467,9 +481,9 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
         k_idx_q_finish_w##E(float* __restrict__ q, int n_head, int half,                         \
                             const double* __restrict__ freqs, const long long* __restrict__ p0p, \
                             const float* __restrict__ cs_tab, int qat, float inv_sqrt_id,        \
-                            u16* __restrict__ q16) {                                             \
+                            u16* __restrict__ q16, int keep32) {                                 \
         pdl_enter();                                                                             \
-        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16);           \
+        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16, keep32);   \
     }
 DS4_IDX_Q_FINISH_W(2)
 DS4_IDX_Q_FINISH_W(4)
