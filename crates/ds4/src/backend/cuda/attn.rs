@@ -722,10 +722,16 @@ fn use_topk1() -> bool {
     super::switch_on("DS4_CUDA_TOPK1")
 }
 
+/// Whether prefill chunks' top-k runs on `k_topk1` too (`DS4_CUDA_TOPK1_CHUNK=0`: on
+/// `k_topk_rows`, for comparisons).
+fn use_topk1_chunk() -> bool {
+    super::switch_on("DS4_CUDA_TOPK1_CHUNK")
+}
+
 /// Per token, the `topk` best visible rows by score (all of them when at most `topk` are
-/// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. One token whose
-/// launch may see at most 16,384 rows runs on `k_topk1` (one block, its keys in registers);
-/// one that may see more, and `vis_max >= topk_mb_min_rows()`, on `k_topk_mb`, spread over up
+/// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. Tokens whose
+/// launch may see at most 16,384 rows run on `k_topk1` (a block each, its keys in registers;
+/// chunks when `ld` is a multiple of 4); one decode token that may see more, and `vis_max >= topk_mb_min_rows()`, on `k_topk_mb`, spread over up
 /// to one block per SM (`work`, [`TOPK_MB_WORDS`] words, then not 0); else one block a token
 /// (`k_topk_rows`).
 ///
@@ -748,16 +754,21 @@ pub unsafe fn topk(
     vis_max: usize,
     work: u64,
 ) -> Result<()> {
-    if n == 1 && vis_max <= TOPK1_MAX_ROWS && use_topk1() {
+    // Prefill chunks too (one block a token) when their rows are 16-byte aligned.
+    if (n == 1 || (ld.is_multiple_of(4) && use_topk1_chunk()))
+        && vis_max <= TOPK1_MAX_ROWS
+        && use_topk1()
+    {
         // Keys a thread: a power of two with 1,024 of them covering every visible row.
         let kpt = vis_max.div_ceil(1024).max(1).next_power_of_two();
         let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
+            grid_dim: (n as u32, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut a = [
             scores,
+            (ld as i32).slot(),
             p0,
             (ratio as i32).slot(),
             (topk as i32).slot(),
@@ -830,7 +841,8 @@ pub const MAX_COMP_CAND: usize = 256;
 pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Result<()> {
     let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
     let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
-    let threads = c.d.next_multiple_of(32).min(1024) as u32;
+    // k_comp_pool takes at most 512 threads (its batched loads' registers); wider rows stride.
+    let threads = c.d.next_multiple_of(32).min(512) as u32;
     let cfg = |grid: u32, threads: u32| LaunchConfig {
         grid_dim: (grid, 1, 1),
         block_dim: (threads, 1, 1),

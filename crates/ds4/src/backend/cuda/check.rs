@@ -1302,8 +1302,33 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     let tied: Vec<f32> = (0..n * ld)
         .map(|_| (rng.next_u64() % 8) as f32 * 0.5 - 1.0)
         .collect();
+    // ld = vis_max + 1 (odd): k_topk_rows; the same rows with ld a multiple of 4: a block of
+    // k_topk1 a token (prefill chunks).
     check_topk(be, &k, "topk_rows", &sc, p0, n, ld, kk, None, out)?;
     check_topk(be, &k, "topk_rows_ties", &tied, p0, n, ld, kk, None, out)?;
+    let ld4 = ld.next_multiple_of(4);
+    let pad = |v: &[f32]| -> Vec<f32> {
+        v.chunks(ld)
+            .flat_map(|r| {
+                r.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(f32::NAN, ld4 - ld))
+            })
+            .collect()
+    };
+    check_topk(be, &k, "topk1_chunk", &pad(&sc), p0, n, ld4, kk, None, out)?;
+    check_topk(
+        be,
+        &k,
+        "topk1_chunk_ties",
+        &pad(&tied),
+        p0,
+        n,
+        ld4,
+        kk,
+        None,
+        out,
+    )?;
     // One decode token through k_topk_mb: 64 blocks of ~16 rows (ties across many blocks),
     // and as a launch at the visible count would size it.
     let min_mb = super::attn::topk_mb_min_rows();
@@ -1347,8 +1372,10 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
             check_topk(be, &k, &name, sc, p0, 1, ld, kk, None, out)?;
         }
     }
+    // Chunks of long rows: 15k visible (k_topk1 when ld is a multiple of 4, as here), 35k
+    // (k_topk_rows).
     for p0 in [60_000usize, 140_000] {
-        let (n, ld) = (3usize, (p0 + 3) / r + 1);
+        let (n, ld) = (3usize, ((p0 + 3) / r + 1).next_multiple_of(4));
         let sc = tie_mix(rng, n * ld, 3, 0.5);
         check_topk(be, &k, "topk_rows_long", &sc, p0, n, ld, kk, None, out)?;
         if min_mb < usize::MAX / 2 {

@@ -1108,7 +1108,13 @@ impl GpuSession {
         }
         let m = GPU_CHUNK;
         let any4 = (0..c.n_layer).any(|il| c.ratio(il) == 4);
-        let isc_ld = if any4 { ctx / 4 + 1 } else { 1 };
+        // A multiple of 4 so that a chunk's top-k reads its score rows in 16-byte loads
+        // (k_topk1).
+        let isc_ld = if any4 {
+            (ctx / 4 + 1).next_multiple_of(4)
+        } else {
+            1
+        };
         let hd = c.n_head * c.head_dim;
         let cw = (0..c.n_layer)
             .map(|il| match c.ratio(il) {

@@ -1590,7 +1590,8 @@ extern "C" __global__ void __launch_bounds__(512)
     if (blockIdx.x == 0 && threadIdx.x == 0) cnt[0] = k;
 }
 
-// k_topk_rows for one decode token in one block, every key read once into registers: thread
+// k_topk_rows for one token a block (blockIdx.x = t: scores row t·ld, output t·k, count t;
+// a decode step's one token or a prefill chunk's), every key read once into registers: thread
 // t holds rows KPT·t .. KPT·t + KPT − 1 (contiguous, so the output's row order is one block
 // scan of per-thread counts). The 4 radix passes count into per-warp 256-bin histograms:
 // scores share few exponents, so in one block-wide histogram every warp's (already
@@ -1599,18 +1600,23 @@ extern "C" __global__ void __launch_bounds__(512)
 // a bin, added by thread `bin` (threads 0..255), give the pass's histogram. A pass ends the search once the
 // boundary bin holds exactly the keys still wanted (all of them are taken). The selection is
 // k_topk_rows's: every key above the k-th largest, and the equal ones in row order until k
-// (ties to the lower row), written ascending. 1024 threads; n_t ≤ 1024·KPT (host).
+// (ties to the lower row), written ascending. 1024 threads; n_t ≤ 1024·KPT and ld a multiple
+// of 4 (host).
 #define TOPK1_THREADS 1024
 template <int KPT>
-__device__ __forceinline__ void topk1(const float* __restrict__ s, const long long* __restrict__ p0p,
-                                      int r, int k, int* __restrict__ out, int* __restrict__ cnt) {
+__device__ __forceinline__ void topk1(const float* __restrict__ s, int ld,
+                                      const long long* __restrict__ p0p, int r, int k,
+                                      int* __restrict__ out, int* __restrict__ cnt) {
     constexpr int NW = TOPK1_THREADS / 32;
     __shared__ unsigned whist[NW][256];
     __shared__ unsigned wsum[NW];
     __shared__ unsigned sh_pr[3];
     pdl_enter();
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n_t = (int)((*p0p + 1) / r);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = blockIdx.x;
+    const int n_t = (int)((*p0p + t + 1) / r);
+    s += (long long)t * ld;
+    out += (long long)t * k;
+    cnt += t;
     if (n_t <= k) {
         for (int i = tid; i < n_t; i += TOPK1_THREADS) out[i] = i;
         if (tid == 0) *cnt = n_t;
@@ -1716,9 +1722,9 @@ __device__ __forceinline__ void topk1(const float* __restrict__ s, const long lo
 }
 #define DS4_TOPK1(KPT)                                                                           \
     extern "C" __global__ void __launch_bounds__(TOPK1_THREADS)                                 \
-        k_topk1_##KPT(const float* __restrict__ s, const long long* __restrict__ p0p, int r,     \
-                      int k, int* __restrict__ out, int* __restrict__ cnt) {                     \
-        topk1<KPT>(s, p0p, r, k, out, cnt);                                                      \
+        k_topk1_##KPT(const float* __restrict__ s, int ld, const long long* __restrict__ p0p,    \
+                      int r, int k, int* __restrict__ out, int* __restrict__ cnt) {              \
+        topk1<KPT>(s, ld, p0p, r, k, out, cnt);                                                  \
     }
 DS4_TOPK1(1)
 DS4_TOPK1(2)
