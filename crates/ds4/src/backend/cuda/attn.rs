@@ -841,8 +841,7 @@ pub const MAX_COMP_CAND: usize = 256;
 pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Result<()> {
     let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
     let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
-    // k_comp_pool takes at most 512 threads (its batched loads' registers); wider rows stride.
-    let threads = c.d.next_multiple_of(32).min(512) as u32;
+    let threads = c.d.next_multiple_of(32).min(1024) as u32;
     let cfg = |grid: u32, threads: u32| LaunchConfig {
         grid_dim: (grid, 1, 1),
         block_dim: (threads, 1, 1),

@@ -762,8 +762,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // the current lane rows, the one before it in rows 0..r). A table in shared memory holds
 // each candidate's source; a thread per output dim (blockDim ≥ d or striding).
 #define COMP_MAX_CAND 256
-#define COMP_UNR 16
-extern "C" __global__ void __launch_bounds__(512) k_comp_pool(const float* __restrict__ kvp, const float* __restrict__ scp,
+extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const float* __restrict__ scp,
                                        const float* __restrict__ ape, const float* __restrict__ skv,
                                        const float* __restrict__ ssc, float* __restrict__ rows,
                                        const float* __restrict__ norm,
@@ -795,53 +794,32 @@ extern "C" __global__ void __launch_bounds__(512) k_comp_pool(const float* __res
         }
     }
     __syncthreads();
-    // The candidates go in batches of COMP_UNR: a batch's loads are all issued before the
-    // in-order max / sums consume them (a ratio-128 chunk has 17 windows, one block each, so
-    // the loads' latency is the kernel's time; the same operations in the same order).
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float m = NEG_INF;
-        for (int c0 = 0; c0 < n_cand; c0 += COMP_UNR) {
-            float sv[COMP_UNR];
-#pragma unroll
-            for (int j = 0; j < COMP_UNR; j++) {
-                const int c = c0 + j;
-                if (c < n_cand) {
-                    const int col = (coff == 2 && c >= r) ? d + i : i;
-                    const int sr = src[c];
-                    sv[j] = sr >= 0 ? scp[(long long)sr * wd + col] + ape[aro[c] * wd + col]
-                                    : ssc[(long long)(-1 - sr) * wd + col];
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < COMP_UNR; j++)
-                if (c0 + j < n_cand) m = fmaxf(m, sv[j]);
+#pragma unroll 8
+        for (int c = 0; c < n_cand; c++) {
+            int col = (coff == 2 && c >= r) ? d + i : i;
+            int sr = src[c];
+            float s = sr >= 0 ? scp[(long long)sr * wd + col] + ape[aro[c] * wd + col]
+                              : ssc[(long long)(-1 - sr) * wd + col];
+            m = fmaxf(m, s);
         }
         float num = 0.0f, den = 0.0f;
-        for (int c0 = 0; c0 < n_cand; c0 += COMP_UNR) {
-            float sv[COMP_UNR], vv[COMP_UNR];
-#pragma unroll
-            for (int j = 0; j < COMP_UNR; j++) {
-                const int c = c0 + j;
-                if (c < n_cand) {
-                    const int col = (coff == 2 && c >= r) ? d + i : i;
-                    const int sr = src[c];
-                    if (sr >= 0) {
-                        sv[j] = scp[(long long)sr * wd + col] + ape[aro[c] * wd + col];
-                        vv[j] = kvp[(long long)sr * wd + col];
-                    } else {
-                        sv[j] = ssc[(long long)(-1 - sr) * wd + col];
-                        vv[j] = skv[(long long)(-1 - sr) * wd + col];
-                    }
-                }
+#pragma unroll 8
+        for (int c = 0; c < n_cand; c++) {
+            int col = (coff == 2 && c >= r) ? d + i : i;
+            int sr = src[c];
+            float s, v;
+            if (sr >= 0) {
+                s = scp[(long long)sr * wd + col] + ape[aro[c] * wd + col];
+                v = kvp[(long long)sr * wd + col];
+            } else {
+                s = ssc[(long long)(-1 - sr) * wd + col];
+                v = skv[(long long)(-1 - sr) * wd + col];
             }
-#pragma unroll
-            for (int j = 0; j < COMP_UNR; j++) {
-                if (c0 + j < n_cand) {
-                    float e = expf(sv[j] - m);
-                    den += e;
-                    num += e * vv[j];
-                }
-            }
+            float e = expf(s - m);
+            den += e;
+            num += e * v;
         }
         pooled[i] = num / den;
     }
