@@ -61,7 +61,11 @@
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
 //! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_QNORM`
 //! (production prefill's query heads normalized and rotated inside the tensor-core attention;
-//! off = `k_head_norm_rope` in place before it),
+//! off = `k_head_norm_rope` in place before it), `DS4_CUDA_Q16` (with that, the q_b GEMM writes
+//! the queries as f16; off = f32), `DS4_CUDA_ATT_QPF=N` (the tensor-core attention asks L2 for
+//! the queries of the block N ahead; default half the SM count, 0 = off),
+//! `DS4_CUDA_TOPK1_CHUNK` (prefill chunks' indexer top-k on `k_topk1`, a block a token; off =
+//! `k_topk_rows`; the same selection),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
 //! the four tiled passes), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
