@@ -9,7 +9,7 @@
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::device::{CudaBackend, Result, Slot};
+use super::device::{CudaBackend, CudaError, Result, Slot};
 
 /// Tile edge of the attention kernels (heads × rows, heads × dims).
 const AT_T: usize = 32;
@@ -832,13 +832,22 @@ pub struct Compress {
 
 /// Most candidates a pooled window has (`coff · ratio`, the kernel's table).
 pub const MAX_COMP_CAND: usize = 256;
+/// Candidates `k_comp_pool` loads at once (attn.cu `COMP_B`): `coff · ratio` must be a multiple.
+const COMP_BATCH: usize = 8;
 
 /// Queues the windows' pooling (one block per window closing in the chunk) and the frontier
-/// update. `coff · ratio` must not exceed [`MAX_COMP_CAND`], nor `d` 1024.
+/// update. `coff · ratio` must be a multiple of 8 up to [`MAX_COMP_CAND`] (else an error), and
+/// `d` at most 1024.
 ///
 /// # Safety
 /// Every pointer of `c` must be a live device buffer of the size its field states.
 pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Result<()> {
+    if !(c.coff * c.ratio).is_multiple_of(COMP_BATCH) || c.coff * c.ratio > MAX_COMP_CAND {
+        return Err(CudaError::Invalid(format!(
+            "compressor of ratio {} × {}: candidates not a multiple of {COMP_BATCH} up to {MAX_COMP_CAND}",
+            c.ratio, c.coff
+        )));
+    }
     let inv_sqrt = (1.0 / (c.d as f64).sqrt()) as f32;
     let (n, r, d, coff) = (c.n as i32, c.ratio as i32, c.d as i32, c.coff as i32);
     let threads = c.d.next_multiple_of(32).min(1024) as u32;

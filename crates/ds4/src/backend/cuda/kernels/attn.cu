@@ -762,6 +762,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // the current lane rows, the one before it in rows 0..r). A table in shared memory holds
 // each candidate's source; a thread per output dim (blockDim ≥ d or striding).
 #define COMP_MAX_CAND 256
+#define COMP_B 8
 extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const float* __restrict__ scp,
                                        const float* __restrict__ ape, const float* __restrict__ skv,
                                        const float* __restrict__ ssc, float* __restrict__ rows,
@@ -794,32 +795,47 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
         }
     }
     __syncthreads();
+    // A candidate's score and value rows are picked by selects, not branches, and both loops
+    // load a batch of COMP_B candidates into registers before the in-order max / sums consume
+    // them (a ratio-128 chunk has 17 windows, one block each: the loads' latency is the
+    // kernel's time). n_cand is a multiple of COMP_B (host: coff·r, r a power of two ≥ 4).
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float m = NEG_INF;
-#pragma unroll 8
-        for (int c = 0; c < n_cand; c++) {
-            int col = (coff == 2 && c >= r) ? d + i : i;
-            int sr = src[c];
-            float s = sr >= 0 ? scp[(long long)sr * wd + col] + ape[aro[c] * wd + col]
-                              : ssc[(long long)(-1 - sr) * wd + col];
-            m = fmaxf(m, s);
+        for (int c0 = 0; c0 < n_cand; c0 += COMP_B) {
+            float sv[COMP_B];
+#pragma unroll
+            for (int j = 0; j < COMP_B; j++) {
+                const int c = c0 + j;
+                const int col = (coff == 2 && c >= r) ? d + i : i;
+                const int sr = src[c];
+                const bool ch = sr >= 0;
+                const long long ro = (long long)(ch ? sr : -1 - sr) * wd + col;
+                sv[j] = (ch ? scp : ssc)[ro];
+                if (ch) sv[j] += ape[aro[c] * wd + col];
+            }
+#pragma unroll
+            for (int j = 0; j < COMP_B; j++) m = fmaxf(m, sv[j]);
         }
         float num = 0.0f, den = 0.0f;
-#pragma unroll 8
-        for (int c = 0; c < n_cand; c++) {
-            int col = (coff == 2 && c >= r) ? d + i : i;
-            int sr = src[c];
-            float s, v;
-            if (sr >= 0) {
-                s = scp[(long long)sr * wd + col] + ape[aro[c] * wd + col];
-                v = kvp[(long long)sr * wd + col];
-            } else {
-                s = ssc[(long long)(-1 - sr) * wd + col];
-                v = skv[(long long)(-1 - sr) * wd + col];
+        for (int c0 = 0; c0 < n_cand; c0 += COMP_B) {
+            float sv[COMP_B], vv[COMP_B];
+#pragma unroll
+            for (int j = 0; j < COMP_B; j++) {
+                const int c = c0 + j;
+                const int col = (coff == 2 && c >= r) ? d + i : i;
+                const int sr = src[c];
+                const bool ch = sr >= 0;
+                const long long ro = (long long)(ch ? sr : -1 - sr) * wd + col;
+                sv[j] = (ch ? scp : ssc)[ro];
+                if (ch) sv[j] += ape[aro[c] * wd + col];
+                vv[j] = (ch ? kvp : skv)[ro];
             }
-            float e = expf(s - m);
-            den += e;
-            num += e * v;
+#pragma unroll
+            for (int j = 0; j < COMP_B; j++) {
+                float e = expf(sv[j] - m);
+                den += e;
+                num += e * vv[j];
+            }
         }
         pooled[i] = num / den;
     }
