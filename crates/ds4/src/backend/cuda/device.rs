@@ -113,8 +113,9 @@ struct TypeKernels {
     /// IQ2_XXS / Q2_K only: lane-owned int8 matvec `mvl_<t>` and its rows per warp RO
     /// (replaces `mv8` unless `DS4_CUDA_LANE=0`).
     mvl: Option<(CudaFunction, usize)>,
-    /// Same for the fused gate+up+SwiGLU, `mvlglu_<t>` (outputs per warp).
-    mvlglu: Option<(CudaFunction, usize)>,
+    /// Same for the fused gate+up+SwiGLU, `mvlglu_<t>` (outputs per warp, and the blocks
+    /// the device holds at once: its persistent grid).
+    mvlglu: Option<(CudaFunction, usize, usize)>,
 }
 
 /// The grouped expert kernel [`CudaBackend::pf_mm_raw`] takes (see
@@ -455,7 +456,16 @@ impl CudaBackend {
                         None => None,
                     },
                     mvlglu: match lane_kernels(ty) {
-                        Some((_, (name, ro))) => Some((module.load_function(name)?, ro)),
+                        Some((_, (name, ro))) => {
+                            let f = module.load_function(name)?;
+                            // Resident blocks an SM: the persistent grid's size.
+                            let occ = f.occupancy_max_active_blocks_per_multiprocessor(
+                                32 * WARPS_PER_BLOCK,
+                                0,
+                                None,
+                            )?;
+                            Some((f, ro, (occ.max(1) * info.sm_count) as usize))
+                        }
                         None => None,
                     },
                 },
@@ -1233,16 +1243,21 @@ impl CudaBackend {
             .mv8glu
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", wg.ty)))?;
-        if let Some((fl, ro)) = k.mvlglu.as_ref().filter(|_| use_lane()) {
+        if let Some((fl, ro, resident)) = k.mvlglu.as_ref().filter(|_| use_lane()) {
+            // (slot, row block) units; a persistent grid of at most the resident blocks
+            // (`DS4_CUDA_LANE_PERSIST=0`: a block a unit).
+            let units = wg.n_rows.div_ceil(*ro).div_ceil(WARPS_PER_BLOCK as usize) * slots;
+            let grid = if super::switch_on("DS4_CUDA_LANE_PERSIST") {
+                units.min(*resident)
+            } else {
+                units
+            };
             let cfg = LaunchConfig {
-                grid_dim: (
-                    (wg.n_rows.div_ceil(*ro) as u32).div_ceil(WARPS_PER_BLOCK),
-                    slots as u32,
-                    1,
-                ),
+                grid_dim: (grid as u32, 1, 1),
                 block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let n_slots = slots as i32;
             let (pg, pu) = (self.weight_ptr(wg), self.weight_ptr(wu));
             let expert_bytes = wg.expert_stride as i64;
             let (n_rows, n_cols) = (wg.n_rows as i32, wg.n_cols as i32);
@@ -1263,6 +1278,7 @@ impl CudaBackend {
                     wts,
                     clamp.slot(),
                     h,
+                    n_slots.slot(),
                 ],
             )?;
             return Ok(());

@@ -1175,20 +1175,22 @@ struct LaneIQ2 {
 
 // The integer dot of one lane's 8 code bytes (ga: 4 grid indices; gb: 4 x 7 sign bits, scale
 // in bits 28-31) with its 32 activation codes, times 2s+1: LaneIQ2::dot's integer part with
-// the table read at byte offsets (selectors at 0, sign nibbles at 1024: a shift and a mask
-// per lookup, no other index arithmetic) and PTX prmt (no selector masking); pos = IQ2_POS in
-// a register (the table's word 384), so no PRMT needs the constant moved into one. SASS: 262
-// instructions per 1024 columns and 4 rows against 381 for lane_rows<LaneIQ2> on the same
-// layout.
+// the tables read from their IQ2_TCOPY-fold copies (selectors at byte 64·e, sign nibbles at
+// IQ2_TSIGN + 64·s, `tabb` already at the lane's copy: a shift and a mask per lookup, no
+// other index arithmetic) and PTX prmt (no selector masking); pos = IQ2_POS in a register,
+// so no PRMT needs the constant moved into one. Lane l reads copy l % 16, so a warp's 32
+// lookups of one table hit each bank at most twice (one copy: ~3.5 wavefronts a lookup).
+#define IQ2_TCOPY 16
+#define IQ2_TSIGN (256 * 4 * IQ2_TCOPY)
 __device__ __forceinline__ int iq2_idot(u32 ga, u32 gb, const uint4& xa, const uint4& xb,
                                         const u8* tabb, u32 pos) {
     const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
     int s = 0;
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        const u32 og = k == 0 ? (ga << 2) & 0x3fcu : (ga >> (8 * k - 2)) & 0x3fcu;
-        const u32 os = k == 0 ? (gb << 2) & 0x1fcu : (gb >> (7 * k - 2)) & 0x1fcu;
-        const u32 sel = *(const u32*)(tabb + og) | *(const u32*)(tabb + 1024 + os);
+        const u32 og = k == 0 ? (ga << 6) & 0x3fc0u : (ga >> (8 * k - 6)) & 0x3fc0u;
+        const u32 os = k == 0 ? (gb << 6) & 0x1fc0u : (gb >> (7 * k - 6)) & 0x1fc0u;
+        const u32 sel = *(const u32*)(tabb + og) | *(const u32*)(tabb + IQ2_TSIGN + os);
         s = __dp4a((int)prmt(pos, IQ2_NEG, sel), (int)xs[2 * k], s);
         s = __dp4a((int)prmt(pos, IQ2_NEG, sel >> 16), (int)xs[2 * k + 1], s);
     }
@@ -1204,9 +1206,10 @@ __device__ __forceinline__ int iq2_idot(u32 ga, u32 gb, const uint4& xa, const u
 // so the sums equal LaneIQ2's bit for bit.
 template <int NR>
 __device__ __forceinline__ void lane_rows_iq2a(const u8* const* rows, int nb, const signed char* xq,
-                                               const float* xd, const u32* tab, float* acc) {
+                                               const float* xd, const u32* tab, const u32* tabr,
+                                               float* acc) {
     const int lane = threadIdx.x & 31, sub = lane & 7, b0 = lane >> 3;
-    const u8* tabb = (const u8*)tab;
+    const u8* tabb = (const u8*)tabr + 4 * (lane % IQ2_TCOPY);
     const u32 pos = tab[384];
     const u8* wc[NR];  // this lane's code bytes of block b0 in group 0
     const u8* ws[NR];  // the scale of block b0 in group 0
@@ -1347,12 +1350,20 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
 // writes) and before any early return, so every thread reaches the barrier. (32 copies side by
 // side, lane l reading copy l in bank l, took the lookups' wavefronts from ~3.5 to 1 but made
 // the gate/up 19.5 -> 22.3 us: 48 KB to fill per block, half the blocks per SM.)
+// tabr_: the same 384 words in IQ2_TCOPY copies side by side (word 16e + c), for
+// lane_rows_iq2a (iq2_idot); 24 KB, filled once per block of the persistent launches.
 #define DS4_LANE_TABLE(TABLES)                                                                      \
     __shared__ u32 tab_[TABLES ? 388 : 1];                                                          \
+    __shared__ __align__(16) u32 tabr_[TABLES ? 384 * IQ2_TCOPY : 1];                               \
     if (TABLES) {                                                                                   \
         for (int i = threadIdx.x; i < 256; i += blockDim.x) tab_[i] = ds4_iq2_sel[i];               \
         if (threadIdx.x < 128) tab_[256 + threadIdx.x] = iq2_sign_nibbles(threadIdx.x);             \
         if (threadIdx.x == 0) tab_[384] = IQ2_POS;                                                  \
+        for (int i = threadIdx.x; i < 384 * IQ2_TCOPY / 4; i += blockDim.x) {                       \
+            const int e = i / (IQ2_TCOPY / 4);                                                      \
+            const u32 v = e < 256 ? ds4_iq2_sel[e] : iq2_sign_nibbles(e - 256);                     \
+            *(uint4*)(tabr_ + 4 * i) = make_uint4(v, v, v, v);                                      \
+        }                                                                                           \
         __syncthreads();                                                                            \
     }
 
@@ -1380,7 +1391,7 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
         }                                                                                           \
         const i64 xo = (i64)slot * x_stride;                                                        \
         if (U::kGroups && (nb & 7) == 0 && ((size_t)base & 15) == 0)                                \
-            lane_rows_iq2a<RO>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                       \
+            lane_rows_iq2a<RO>(rows, nb, xq + xo, xd + (xo >> 8), tab_, tabr_, acc);                \
         else                                                                                        \
             lane_rows<U, RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                    \
         _Pragma("unroll") for (int r = 0; r < RO; r++) acc[r] = warp_sum(acc[r]);                   \
@@ -1392,46 +1403,53 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
     }
 
 // mvlglu_<t>: as mv8glu_<t>; a warp takes the gate and up rows of RO consecutive outputs
-// (2·RO rows, one activation load per step), same SwiGLU epilogue.
+// (2·RO rows, one activation load per step), same SwiGLU epilogue. The grid is persistent:
+// block b takes units b, b + gridDim.x, .. of the n_slots · ceil(n_rows / (8·RO)) (slot, row
+// block) units, so its tables are filled once (before the PDL wait, while the kernel before
+// runs) however many units it takes; a grid of one block a unit is the plain launch.
 #define DS4_MVLGLU(NAME, U, TABLES, RO, UNR, MINB)                                                  \
     extern "C" __global__ void __launch_bounds__(256, MINB)                                         \
         NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,                \
              const int* __restrict__ ids, int n_rows, int n_cols,                                   \
              const signed char* __restrict__ xq, const float* __restrict__ xd, i64 x_stride,        \
-             const float* __restrict__ wts, float clampc, float* __restrict__ h) {                  \
+             const float* __restrict__ wts, float clampc, float* __restrict__ h, int n_slots) {     \
         pdl_trigger();                                                                              \
         DS4_LANE_TABLE(TABLES)                                                                      \
         pdl_wait();                                                                                 \
-        const int slot = blockIdx.y, lane = threadIdx.x & 31;                                       \
-        const int o = (blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;                     \
-        if (o >= n_rows) return;                                                                    \
+        const int lane = threadIdx.x & 31;                                                          \
+        const int nbx = (n_rows + WARPS_PER_BLOCK * RO - 1) / (WARPS_PER_BLOCK * RO);               \
         const int nb = n_cols >> 8;                                                                 \
         const i64 rb = (i64)nb * U::BLOCK_BYTES;                                                    \
-        const i64 eo = (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                           \
-        const u8* rows[2 * RO];                                                                     \
-        float acc[2 * RO];                                                                          \
-        _Pragma("unroll") for (int r = 0; r < RO; r++) {                                            \
-            const i64 ro = eo + (i64)min(o + r, n_rows - 1) * rb;                                   \
-            rows[r] = wg + ro;                                                                      \
-            rows[RO + r] = wu + ro;                                                                 \
-            acc[r] = 0.0f;                                                                          \
-            acc[RO + r] = 0.0f;                                                                     \
-        }                                                                                           \
-        const i64 xo = (i64)slot * x_stride;                                                        \
-        if (U::kGroups && (nb & 7) == 0 && (((size_t)wg | (size_t)wu | (size_t)eo) & 15) == 0)      \
-            lane_rows_iq2a<2 * RO>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                   \
-        else                                                                                        \
-            lane_rows<U, 2 * RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);                \
-        _Pragma("unroll") for (int r = 0; r < 2 * RO; r++) acc[r] = warp_sum(acc[r]);               \
-        if (lane == 0) {                                                                            \
+        for (int u = blockIdx.x; u < nbx * n_slots; u += gridDim.x) {                               \
+            const int slot = u / nbx;                                                               \
+            const int o = ((u - slot * nbx) * WARPS_PER_BLOCK + (threadIdx.x >> 5)) * RO;           \
+            if (o >= n_rows) continue;                                                              \
+            const i64 eo = (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                       \
+            const u8* rows[2 * RO];                                                                 \
+            float acc[2 * RO];                                                                      \
             _Pragma("unroll") for (int r = 0; r < RO; r++) {                                        \
-                if (o + r < n_rows) {                                                               \
-                    float gv = fminf(acc[r], clampc);                                               \
-                    float sil = gv * (1.0f / (1.0f + expf(-gv)));                                   \
-                    float uv = fminf(fmaxf(acc[RO + r], -clampc), clampc);                          \
-                    float v = sil * uv;                                                             \
-                    if (wts) v = v * wts[slot];                                                     \
-                    h[(i64)slot * n_rows + o + r] = v;                                              \
+                const i64 ro = eo + (i64)min(o + r, n_rows - 1) * rb;                               \
+                rows[r] = wg + ro;                                                                  \
+                rows[RO + r] = wu + ro;                                                             \
+                acc[r] = 0.0f;                                                                      \
+                acc[RO + r] = 0.0f;                                                                 \
+            }                                                                                       \
+            const i64 xo = (i64)slot * x_stride;                                                    \
+            if (U::kGroups && (nb & 7) == 0 && (((size_t)wg | (size_t)wu | (size_t)eo) & 15) == 0)  \
+                lane_rows_iq2a<2 * RO>(rows, nb, xq + xo, xd + (xo >> 8), tab_, tabr_, acc);        \
+            else                                                                                    \
+                lane_rows<U, 2 * RO, UNR>(rows, nb, xq + xo, xd + (xo >> 8), tab_, acc);            \
+            _Pragma("unroll") for (int r = 0; r < 2 * RO; r++) acc[r] = warp_sum(acc[r]);           \
+            if (lane == 0) {                                                                        \
+                _Pragma("unroll") for (int r = 0; r < RO; r++) {                                    \
+                    if (o + r < n_rows) {                                                           \
+                        float gv = fminf(acc[r], clampc);                                           \
+                        float sil = gv * (1.0f / (1.0f + expf(-gv)));                               \
+                        float uv = fminf(fmaxf(acc[RO + r], -clampc), clampc);                      \
+                        float v = sil * uv;                                                         \
+                        if (wts) v = v * wts[slot];                                                 \
+                        h[(i64)slot * n_rows + o + r] = v;                                          \
+                    }                                                                               \
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
@@ -1447,5 +1465,5 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
 // UNR is lane_rows' only: lane_rows_iq2a always holds one 8-block group (2 steps) a pass.
 DS4_MVL(mvl_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
 DS4_MVL(mvl_q2_k, LaneQ2K, 0, 4, 1, 4)
-DS4_MVLGLU(mvlglu_iq2_xxs, LaneIQ2, 1, 2, 1, 1)
+DS4_MVLGLU(mvlglu_iq2_xxs, LaneIQ2, 1, 2, 1, 2)
 DS4_MVLGLU(mvlglu_q2_k, LaneQ2K, 0, 1, 1, 1)
