@@ -47,7 +47,9 @@
 //! quantization), `DS4_CUDA_POSTMIX` (each decode hc_post fused into the next site's control
 //! product, `k_hc_post_mix`; the same bits), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs), `DS4_CUDA_LANE`
 //! (lane-owned IQ2_XXS / Q2_K int8 matvecs and fused gate+up, `mvl_<t>` / `mvlglu_<t>`;
-//! off = the cooperative shuffle kernels `mv8_<t>` / `mv8glu_<t>`), `DS4_CUDA_GEMM`
+//! off = the cooperative shuffle kernels `mv8_<t>` / `mv8glu_<t>`), `DS4_CUDA_LANE_PERSIST`
+//! (`mvlglu_<t>` on a persistent grid of the blocks the device holds; off = a block a unit),
+//! `DS4_CUDA_GEMM`
 //! (tensor-core products in production prefill), `DS4_CUDA_PF_MM` (the fused grouped expert
 //! kernel; off = per-expert dequantize + cuBLAS), `DS4_CUDA_PF_MX` (the fragment-decoding
 //! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
