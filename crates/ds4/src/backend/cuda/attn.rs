@@ -52,9 +52,6 @@ pub struct AttnKernels {
     /// Multiprocessors of the device (the most blocks `k_topk_mb` may use: they must all be
     /// resident together).
     sms: usize,
-    /// Whether the device has the tensor memory accelerator (compute capability 9.0+), which
-    /// `k_att_tc` can copy its tiles with.
-    tma: bool,
     comp_pool: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
@@ -115,7 +112,6 @@ impl AttnKernels {
                 f("k_topk1_16")?,
             ],
             sms: be.info().sm_count as usize,
-            tma: be.info().compute_capability.0 >= 9,
             comp_pool: f("k_comp_pool")?,
             comp_state: f("k_comp_state")?,
             tc: smem_fn(be, "k_att_tc", tc_smem(TC_MAX_DH, TC_MAX_HALF))?,
@@ -178,13 +174,6 @@ pub fn tc_qnorm_supported(dh: usize) -> bool {
 pub fn use_tc() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| super::switch_on("DS4_CUDA_ATT_TC"))
-}
-
-/// Whether production prefill's tensor-core attention copies its row tiles by bulk copies
-/// (the tensor memory accelerator, one warp a tile) where the device has it (default;
-/// `DS4_CUDA_ATT_TMA=0`: cp.async by every thread, for comparisons).
-pub fn use_tma() -> bool {
-    super::switch_on("DS4_CUDA_ATT_TMA")
 }
 
 /// How many blocks ahead the tensor-core attention asks L2 for a later block's queries
@@ -259,9 +248,6 @@ pub struct Attend {
     pub qeps: f32,
     /// With `cs_tab`: `q` holds f16 values (the q_b GEMM's f16 output), not f32.
     pub q16: bool,
-    /// The tensor-core kernel copies its tiles with the tensor memory accelerator where the
-    /// device has one ([`use_tma`]); else with cp.async.
-    pub tma: bool,
     /// This chunk's KV rows, `n × dh`.
     pub ckv: u64,
     /// Raw window ring, `swa × dh` (position p in row p mod swa).
@@ -409,8 +395,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                     q_prefetch_ahead(k.sms)
                 } else {
                     0
-                },
-                i32::from(k.tma && a.tma)
+                }
             ]
         );
         return Ok(());

@@ -2581,7 +2581,6 @@ impl GpuSession {
                         cs_tab: if qnorm { cs_tab } else { 0 },
                         qeps: eps,
                         q16,
-                        tma: attn::use_tma(),
                         ckv: p(&s.kv),
                         ring: p(&ls.ring),
                         comp: comp_rows,

@@ -964,53 +964,6 @@ __device__ __forceinline__ void at_l2_prefetch(const void* p, u32 bytes) {
 #endif
 }
 
-// Tile copies by the tensor memory accelerator (sm_90; k_att_tc with `tma`): an mbarrier per
-// tile buffer, armed with the tile's byte count by the issuing warp's lane 0, each of its
-// lanes then copying one row (cp.async.bulk, completing bytes on the barrier); every thread
-// waits on the barrier's phase parity.
-__device__ __forceinline__ void at_mbar_init(unsigned long long* m) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(at_smem(m)) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void at_mbar_wait(unsigned long long* m, u32 parity) {
-#if __CUDA_ARCH__ >= 900
-    u32 done;
-    do {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, "
-            "p; }"
-            : "=r"(done)
-            : "r"(at_smem(m)), "r"(parity)
-            : "memory");
-    } while (!done);
-#endif
-}
-
-// One warp: lane r copies row r of a tile (`row`, null past the token's last row: not copied,
-// the buffer keeps older finite rows there, which the softmax weighs 0) into dst + r·kst,
-// `bytes` a row. The buffer's earlier reads (ldmatrix, generic proxy) are ordered before these
-// writes by the block barrier before the call and the proxy fence here.
-__device__ __forceinline__ void at_tma_tile(unsigned short* dst, const unsigned short* row, int kst,
-                                            u32 bytes, unsigned long long* m, int lane) {
-#if __CUDA_ARCH__ >= 900
-    const unsigned act = __ballot_sync(0xffffffffu, row != nullptr);
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    if (lane == 0)
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(at_smem(m)),
-                     "r"(bytes * (u32)__popc(act))
-                     : "memory");
-    __syncwarp();
-    if (row)
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                at_smem(dst + lane * kst)),
-            "l"(row), "r"(bytes), "r"(at_smem(m))
-            : "memory");
-#endif
-}
-
 // ---- k_att_tc: the rows come as f16 copies (k_att_rows16, the same rounding the kernel
 // once applied to f32 rows itself) and are copied by cp.async straight into the tile buffer
 // the products read (rows past the token's last zero-filled); the scores split the dims over
@@ -1224,7 +1177,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
              const float* __restrict__ sinks, float scale, int half,
              const double* __restrict__ freqs, float* __restrict__ o,
              unsigned short* __restrict__ o16, const float* __restrict__ cs_tab, float qeps,
-             int q16, int q_ahead, int tma) {
+             int q16, int q_ahead) {
     extern __shared__ __align__(16) unsigned char tc_sm[];
     const int kst = dh + 8;
     const int kbw = TC_BR * kst;  // one tile buffer, in halves
@@ -1256,27 +1209,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                            : (const void*)(q + (long long)(t + q_ahead) * n_head * dh),
                        (u32)(n_head * dh) * (q16 ? 2u : 4u));
     // The first tile's copies are in flight while the queries are converted.
-#if __CUDA_ARCH__ < 900
-    tma = 0;
-#endif
-    __shared__ __align__(8) unsigned long long mbar[2];
-    if (tma) {
-        // Rows past a token's last are not copied but still go through both products with
-        // weight 0: the buffers start as zeros so that they always hold finite values.
-        for (int i = tid; i < kbw / 4; i += 512) ((uint4*)KB)[i] = make_uint4(0u, 0u, 0u, 0u);
-        if (tid == 0) {
-            at_mbar_init(&mbar[0]);
-            at_mbar_init(&mbar[1]);
-            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        __syncthreads();
-        if (warp == 0)
-            at_tma_tile(KB, lane < a.n_rows ? tc_row(a, ckv, ring, comp, lane, rb, lp) : nullptr,
-                        kst, 2u * (u32)dh, &mbar[0], lane);
-    } else {
-        tc_issue(KB, a, ckv, ring, comp, 0, pr, rstep, pc, kst, rb, lp);
-    }
+    tc_issue(KB, a, ckv, ring, comp, 0, pr, rstep, pc, kst, rb, lp);
     // Tile 1's row table (tile t's is table t % 2), from the selection in global memory; tile
     // t + 2's is written during tile t (below), after every thread has read table t % 2.
     if (warp == 0) tc_tab(tabS + TC_BR, a, ckv, ring, comp, 1, lane, rb, lp);
@@ -1330,18 +1263,10 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     for (int it = 0; it < ntile; it++) {
         const int cur = it & 1;
         const u32 kbo = 2u * (u32)(cur * kbw);  // byte offset of the current buffer
-        if (tma)
-            at_mbar_wait(&mbar[cur], (u32)(it >> 1) & 1u);  // the buffer's (it/2)-th fill
-        else
-            asm volatile("cp.async.wait_all;" ::: "memory");
+        asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();  // tile it (and, the first time, Qs, the selection, m, l, cos/sin)
-        if (it + 1 < ntile) {
-            if (!tma)
-                tc_issue_tab(KB + (cur ^ 1) * kbw, tabS + (cur ^ 1) * TC_BR, ckv, pr, rstep, pc, kst);
-            else if (warp == ((it + 8) & 15))
-                at_tma_tile(KB + (cur ^ 1) * kbw, tabS[(cur ^ 1) * TC_BR + lane], kst,
-                            2u * (u32)dh, &mbar[cur ^ 1], lane);
-        }
+        if (it + 1 < ntile)
+            tc_issue_tab(KB + (cur ^ 1) * kbw, tabS + (cur ^ 1) * TC_BR, ckv, pr, rstep, pc, kst);
         // Tile it + 2's table (read after the next tile's first barrier), by a warp that
         // changes from tile to tile.
         if (warp == (it & 15) && it + 2 < ntile)
