@@ -763,6 +763,30 @@ extern "C" __global__ void __launch_bounds__(256)
 // each candidate's source; a thread per output dim (blockDim ≥ d or striding).
 #define COMP_MAX_CAND 256
 #define COMP_B 8
+// Candidates c0 .. c0 + COMP_B − 1 of k_comp_pool's output dim i: their scores (a chunk row's
+// projection + the position bias, or the frontier's stored score) into sv and, with V, their
+// values into vv. The rows are picked by selects, not branches, so the loads of the whole
+// batch are issued before anything uses them.
+template <bool V>
+__device__ __forceinline__ void comp_batch(int c0, int i, const int* src, const int* aro, int r,
+                                           int d, int coff, int wd, const float* __restrict__ scp,
+                                           const float* __restrict__ ape,
+                                           const float* __restrict__ ssc,
+                                           const float* __restrict__ kvp,
+                                           const float* __restrict__ skv, float* sv, float* vv) {
+#pragma unroll
+    for (int j = 0; j < COMP_B; j++) {
+        const int c = c0 + j;
+        const int col = (coff == 2 && c >= r) ? d + i : i;
+        const int sr = src[c];
+        const bool ch = sr >= 0;
+        const long long ro = (long long)(ch ? sr : -1 - sr) * wd + col;
+        sv[j] = (ch ? scp : ssc)[ro];
+        if (ch) sv[j] += ape[aro[c] * wd + col];
+        if (V) vv[j] = (ch ? kvp : skv)[ro];
+    }
+}
+
 extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const float* __restrict__ scp,
                                        const float* __restrict__ ape, const float* __restrict__ skv,
                                        const float* __restrict__ ssc, float* __restrict__ rows,
@@ -795,41 +819,22 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
         }
     }
     __syncthreads();
-    // A candidate's score and value rows are picked by selects, not branches, and both loops
-    // load a batch of COMP_B candidates into registers before the in-order max / sums consume
-    // them (a ratio-128 chunk has 17 windows, one block each: the loads' latency is the
-    // kernel's time). n_cand is a multiple of COMP_B (host: coff·r, r a power of two ≥ 4).
+    // Both loops load a batch of COMP_B candidates into registers (comp_batch) before the
+    // in-order max / sums consume them (a ratio-128 chunk has 17 windows, one block each: the
+    // loads' latency is the kernel's time). n_cand is a multiple of COMP_B (host).
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float m = NEG_INF;
         for (int c0 = 0; c0 < n_cand; c0 += COMP_B) {
             float sv[COMP_B];
-#pragma unroll
-            for (int j = 0; j < COMP_B; j++) {
-                const int c = c0 + j;
-                const int col = (coff == 2 && c >= r) ? d + i : i;
-                const int sr = src[c];
-                const bool ch = sr >= 0;
-                const long long ro = (long long)(ch ? sr : -1 - sr) * wd + col;
-                sv[j] = (ch ? scp : ssc)[ro];
-                if (ch) sv[j] += ape[aro[c] * wd + col];
-            }
+            comp_batch<false>(c0, i, src, aro, r, d, coff, wd, scp, ape, ssc, nullptr, nullptr,
+                              sv, nullptr);
 #pragma unroll
             for (int j = 0; j < COMP_B; j++) m = fmaxf(m, sv[j]);
         }
         float num = 0.0f, den = 0.0f;
         for (int c0 = 0; c0 < n_cand; c0 += COMP_B) {
             float sv[COMP_B], vv[COMP_B];
-#pragma unroll
-            for (int j = 0; j < COMP_B; j++) {
-                const int c = c0 + j;
-                const int col = (coff == 2 && c >= r) ? d + i : i;
-                const int sr = src[c];
-                const bool ch = sr >= 0;
-                const long long ro = (long long)(ch ? sr : -1 - sr) * wd + col;
-                sv[j] = (ch ? scp : ssc)[ro];
-                if (ch) sv[j] += ape[aro[c] * wd + col];
-                vv[j] = (ch ? kvp : skv)[ro];
-            }
+            comp_batch<true>(c0, i, src, aro, r, d, coff, wd, scp, ape, ssc, kvp, skv, sv, vv);
 #pragma unroll
             for (int j = 0; j < COMP_B; j++) {
                 float e = expf(sv[j] - m);
