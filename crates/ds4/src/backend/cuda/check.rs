@@ -3003,13 +3003,14 @@ fn group_mismatches(
 }
 
 /// `pf_group_par` (the parallel grouping) at the flash shapes (256 experts, 2048 tokens × 6
-/// slots, and an uneven 1001 × 6), ids skewed towards low experts with a never-used tail,
+/// slots, an uneven 1001 × 6 and 2800 × 6), ids skewed towards low experts with a never-used tail,
 /// against the CPU stable counting sort: every count, used entry, tile, perm and inv equal.
 fn check_pf_group(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     use super::prefill::{group, MoeScratch, PfKernels};
     let kf = PfKernels::load(be)?;
     let n_exp = 256usize;
-    for n_tok in [2048usize, 1001] {
+    // 2048 tokens: every warp's ids in registers; 2800: chunks past that (read as they come).
+    for n_tok in [2048usize, 1001, 2800] {
         let slots = n_tok * 6;
         let ids: Vec<i32> = (0..slots)
             .map(|_| {
