@@ -104,7 +104,6 @@ extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
 //   3. every warp walks its chunk again and writes perm / inv from its running hist row.
 #define PFG_CH 32
 #define PFG_MAXE 256
-#define PFG_V 12  // ids a lane keeps in registers: chunks of up to 384 slots (2048 tokens × 6)
 
 // Exclusive scan of one int per thread over a block of 1024 threads (32 warps), in thread
 // order; *total receives the sum. wsum: 33 shared ints. Ends with a barrier (wsum reusable).
@@ -145,35 +144,13 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int cs = (slots + PFG_CH - 1) / PFG_CH;
     const int c0 = min(warp * cs, slots), c1 = min(c0 + cs, slots);
     const unsigned lt = (1u << lane) - 1u;
-    // The warp's expert ids, PFG_V a lane, loaded together before anything uses them (both
-    // walks below read them from registers; walking the ids from global memory made each of
-    // the two walks a chain of dependent loads). Chunks longer than 32·PFG_V slots read them
-    // from global memory, as they come.
-    const bool in_regs = c1 - c0 <= 32 * PFG_V;
-    int idv[PFG_V];
-#pragma unroll
-    for (int j = 0; j < PFG_V; j++) {
-        const int s = c0 + 32 * j + lane;
-        idv[j] = in_regs && s < c1 ? ids[s] : -1;
-    }
-    // Expert of slot s0 + lane (the j-th step of 32 of the walk).
-    auto id_at = [&](int j, int s0) -> int {
-        const int s = s0 + lane;
-        if (in_regs) {
-            int e = -1;
-#pragma unroll
-            for (int k = 0; k < PFG_V; k++)
-                if (k == j) e = idv[k];
-            return e;
-        }
-        return s < c1 ? ids[s] : -1;
-    };
     for (int i = tid; i < PFG_CH * PFG_MAXE; i += 1024) hist[i] = 0;
     __syncthreads();
     // 1. Counts per (chunk, expert): only warp w writes row w.
     int* hrow = hist + warp * PFG_MAXE;
-    for (int s0 = c0, j = 0; s0 < c1; s0 += 32, j++) {
-        int e = id_at(j, s0);
+    for (int s0 = c0; s0 < c1; s0 += 32) {
+        int s = s0 + lane;
+        int e = s < c1 ? ids[s] : -1;
         unsigned m = __match_any_sync(0xffffffffu, e);
         if (e >= 0 && (m & lt) == 0) hrow[e] += __popc(m);
         __syncwarp();
@@ -219,9 +196,9 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     if (tid == 0) meta[2 * n_exp] = n_tiles;
     // 3. Placement: lanes sharing an expert take consecutive rows in lane (= slot) order.
-    for (int s0 = c0, j = 0; s0 < c1; s0 += 32, j++) {
+    for (int s0 = c0; s0 < c1; s0 += 32) {
         int s = s0 + lane;
-        int e = id_at(j, s0);
+        int e = s < c1 ? ids[s] : -1;
         unsigned m = __match_any_sync(0xffffffffu, e);
         int base = e >= 0 ? hrow[e] : 0;
         __syncwarp();
