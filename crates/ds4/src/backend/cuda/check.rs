@@ -3009,7 +3009,7 @@ fn check_pf_group(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> R
     use super::prefill::{group, MoeScratch, PfKernels};
     let kf = PfKernels::load(be)?;
     let n_exp = 256usize;
-    // 2048 tokens: every warp's ids in registers; 2800: chunks past that (read as they come).
+    // 2048 × 6 slots: 384 a warp; 1001 and 2800 tokens: uneven and longer chunks.
     for n_tok in [2048usize, 1001, 2800] {
         let slots = n_tok * 6;
         let ids: Vec<i32> = (0..slots)
