@@ -731,9 +731,9 @@ fn use_topk1_chunk() -> bool {
 /// Per token, the `topk` best visible rows by score (all of them when at most `topk` are
 /// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. Tokens whose
 /// launch may see at most 16,384 rows run on `k_topk1` (a block each, its keys in registers;
-/// chunks when `ld` is a multiple of 4); one decode token that may see more, and `vis_max >= topk_mb_min_rows()`, on `k_topk_mb`, spread over up
-/// to one block per SM (`work`, [`TOPK_MB_WORDS`] words, then not 0); else one block a token
-/// (`k_topk_rows`).
+/// chunks when `ld` is a multiple of 4); one decode token that may see more, and
+/// `vis_max >= topk_mb_min_rows()`, on `k_topk_mb`, spread over up to one block per SM
+/// (`work`, [`TOPK_MB_WORDS`] words, then not 0); else one block a token (`k_topk_rows`).
 ///
 /// # Safety
 /// `scores`: `n × ld` (read only where more than `topk` rows are visible); `sel`:

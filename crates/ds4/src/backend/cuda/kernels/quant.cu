@@ -1182,6 +1182,8 @@ struct LaneIQ2 {
 // lookups of one table hit each bank at most twice (one copy: ~3.5 wavefronts a lookup).
 #define IQ2_TCOPY 16
 #define IQ2_TSIGN (256 * 4 * IQ2_TCOPY)
+// The lookups' shifts (64-byte entries) and the table fill's 16-byte stores are written for it.
+static_assert(IQ2_TCOPY == 16, "iq2_idot's offsets assume 16 table copies");
 __device__ __forceinline__ int iq2_idot(u32 ga, u32 gb, const uint4& xa, const uint4& xb,
                                         const u8* tabb, u32 pos) {
     const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
@@ -1351,7 +1353,9 @@ __device__ __forceinline__ void lane_rows(const u8* const* rows, int nb, const s
 // side, lane l reading copy l in bank l, took the lookups' wavefronts from ~3.5 to 1 but made
 // the gate/up 19.5 -> 22.3 us: 48 KB to fill per block, half the blocks per SM.)
 // tabr_: the same 384 words in IQ2_TCOPY copies side by side (word 16e + c), for
-// lane_rows_iq2a (iq2_idot); 24 KB, filled once per block of the persistent launches.
+// lane_rows_iq2a (iq2_idot); 24 KB, filled once per block: once for a whole launch of the
+// persistent mvlglu_<t>, for every block of mvl_iq2_xxs (which no Flash product takes: its
+// IQ2_XXS matrices are the fused gate and up).
 #define DS4_LANE_TABLE(TABLES)                                                                      \
     __shared__ u32 tab_[TABLES ? 388 : 1];                                                          \
     __shared__ __align__(16) u32 tabr_[TABLES ? 384 * IQ2_TCOPY : 1];                               \
