@@ -119,7 +119,7 @@ impl Session {
             return Ok(None);
         }
         let t0 = std::time::Instant::now();
-        let n = crate::backend::cuda::session::GPU_CHUNK.min(model.cfg.context_length.max(3) - 2);
+        let n = crate::backend::cuda::session::gpu_chunk().min(model.cfg.context_length.max(3) - 2);
         let mut s = Session::new(model, opts.clone().with_ctx(n + 2))?;
         if s.gpu.is_none() {
             return Ok(None);

@@ -9,6 +9,7 @@
 use super::device::{
     ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
 };
+use super::prefill::Grouping;
 use crate::quant::{
     dequantize_row, matvec as cpu_matvec, quantize_act_q8_0, quantize_act_q8_k, quantize_row,
     GgmlType,
@@ -264,6 +265,8 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
         check_moe_grouped(be, &mut rng, tg, td, (4, 4096, 2048, 90, 2), &mut out)?;
         // Many small tiles: every token-group count NG = 1..8 of pf_mx(s|w)'s dispatch.
         check_moe_grouped(be, &mut rng, tg, td, (12, 4096, 2048, 40, 6), &mut out)?;
+        // One expert with 300 rows: pf_mxw4's full 128-token tiles and a remainder.
+        check_moe_grouped(be, &mut rng, tg, td, (2, 4096, 2048, 150, 2), &mut out)?;
     }
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
@@ -2811,11 +2814,20 @@ fn check_moe_grouped(
     // the per-expert cuBLAS path (small shapes only).
     // Level 4: level 3 with the Q2_K down product on int8 tensor cores (pf_mxq_q2_k, where
     // it runs: Hopper, F a multiple of 1024); level 3 then runs with it off.
+    // Level 5: level 4 with the IQ2_XXS gate|up over 128-token tiles (pf_mxw4_iq2_xxs).
     let modes: &[(bool, u8)] = if d > 1024 {
-        &[(true, 4), (true, 3), (true, 2), (true, 1), (true, 0)]
+        &[
+            (true, 4),
+            (true, 5),
+            (true, 3),
+            (true, 2),
+            (true, 1),
+            (true, 0),
+        ]
     } else {
         &[
             (true, 4),
+            (true, 5),
             (true, 3),
             (true, 2),
             (true, 1),
@@ -2834,8 +2846,12 @@ fn check_moe_grouped(
     // pf_mxw (wgmma, Hopper only) takes the same f16 products, summed in the tensor core's
     // order: equal to pf_mxs to f32 rounding.
     let mut mxw_out: Option<Vec<f32>> = None;
+    // pf_mxw4 takes pf_mxw's f16 products over longer tiles: its gate|up rows against
+    // level 4's (pf_mxw's).
+    let mut mxw_gu: Option<Vec<f32>> = None;
     for &(fused, level) in modes {
         let kname = match (fused, level) {
+            (true, 5) if has_mxs && kf.has_mxw4() && tg == GgmlType::IQ2_XXS => "moe_grouped_mxw4",
             (true, 4) if has_mxs && kf.has_mxq() && td == GgmlType::Q2_K && f % 1024 == 0 => {
                 "moe_grouped_mxq"
             }
@@ -2847,9 +2863,12 @@ fn check_moe_grouped(
             _ => continue,
         };
         let was = be.set_pf_mx(level.min(3));
-        kf.q8 = Some(level == 4);
-        let q8_taken = level == 4 && be.pf_mm_permuted(&dw, None);
+        kf.q8 = Some(level >= 4);
+        kf.w4 = Some(level == 5);
+        let q8_taken = level >= 4 && be.pf_mm_permuted(&dw, None);
+        let w4_taken = level == 5 && be.pf_mm_permuted(&gw, Some(&uw));
         if (level == 4 && !q8_taken)
+            || (level == 5 && !w4_taken)
             || (level == 3 && !be.pf_mm_permuted(&gw, Some(&uw)) && !be.pf_mm_permuted(&dw, None))
         {
             be.set_pf_mx(was);
@@ -2911,7 +2930,7 @@ fn check_moe_grouped(
             // same codes, exact integer sums; what differs is the min term's two f16
             // roundings and the order of f32 sums.
             let (gu_h, dns_h) = sc.products(be)?;
-            let perm = cpu_group(&ids, n_exp).1;
+            let perm = cpu_group(&ids, n_exp).perm;
             let q8ref = mxq_reference(&db, &ids, &wts, &perm, &gu_h, (d, f), clamp);
             out.push(compare(
                 "moe_grouped_mxq_vs_q8k",
@@ -2921,6 +2940,43 @@ fn check_moe_grouped(
                 &q8ref,
                 TOL_MXQ_VS_Q8K,
             ));
+            mxw_gu = Some(gu_h);
+        } else if level == 5 {
+            if let Some(w) = &mxw_gu {
+                let (gu_h, _) = sc.products(be)?;
+                let n = slots * 2 * f;
+                let (a, b) = (&gu_h[..n], &w[..n]);
+                let differ = a
+                    .iter()
+                    .zip(b)
+                    .filter(|(x, y)| x.to_bits() != y.to_bits())
+                    .count();
+                // Scale: the larger of |v| and the RMS of its token's 2F outputs (an output
+                // near zero by cancellation has no relative precision of its own).
+                let as_ref: Vec<(f64, f64)> = b
+                    .chunks_exact(2 * f)
+                    .flat_map(|r| {
+                        let rms = (r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>()
+                            / r.len() as f64)
+                            .sqrt();
+                        r.iter()
+                            .map(move |&v| (v as f64, (v as f64).abs().max(rms)))
+                    })
+                    .collect();
+                let mut row = compare(
+                    "moe_grouped_mxw4_vs_mxw",
+                    tg,
+                    shape.clone(),
+                    a,
+                    &as_ref,
+                    TOL_MXW_VS_MXS,
+                );
+                row.note = format!(
+                    "{differ} of {n} gate|up outputs differ in bits; {}",
+                    row.note
+                );
+                out.push(row);
+            }
         } else if level == 3 {
             mxw_out = Some(runs[0].clone());
         } else if level == 2 && fused {
@@ -2958,21 +3014,24 @@ fn check_moe_grouped(
     }
     Ok(())
 }
-/// The CPU's stable counting sort of `ids` by expert in pf_group's output form: (meta =
-/// counts, used experts then -1, tile count; perm; inv; tiles of ≤ 64 rows).
-fn cpu_group(ids: &[i32], n_exp: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>) {
+/// The CPU's stable counting sort of `ids` by expert in pf_group's output form (meta =
+/// counts, used experts then -1, the two tile counts; perm; inv; tiles of ≤ 64 and of ≤ 128
+/// rows), each tile list exactly as long as its count.
+fn cpu_group(ids: &[i32], n_exp: usize) -> Grouping {
     let slots = ids.len();
     let mut perm = Vec::with_capacity(slots);
-    let mut meta = vec![0i32; 2 * n_exp + 1];
-    let mut tiles = Vec::new();
+    let mut meta = vec![0i32; 2 * n_exp + 2];
+    let (mut tiles, mut tiles2) = (Vec::new(), Vec::new());
     let mut nu = 0;
     for e in 0..n_exp as i32 {
         let before = perm.len();
         perm.extend((0..slots as i32).filter(|&s| ids[s as usize] == e));
         let c = (perm.len() - before) as i32;
         meta[e as usize] = c;
-        for r in (0..c).step_by(64) {
-            tiles.extend([e, before as i32 + r, (c - r).min(64)]);
+        for (list, bn) in [(&mut tiles, 64), (&mut tiles2, 128)] {
+            for r in (0..c).step_by(bn as usize) {
+                list.extend([e, before as i32 + r, (c - r).min(bn)]);
+            }
         }
         if c > 0 {
             meta[n_exp + nu] = e;
@@ -2981,25 +3040,31 @@ fn cpu_group(ids: &[i32], n_exp: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>, Vec<i3
     }
     meta[n_exp + nu..2 * n_exp].fill(-1);
     meta[2 * n_exp] = (tiles.len() / 3) as i32;
+    meta[2 * n_exp + 1] = (tiles2.len() / 3) as i32;
     let mut inv = vec![0i32; slots];
     for (r, &s) in perm.iter().enumerate() {
         inv[s as usize] = r as i32;
     }
-    (meta, perm, inv, tiles)
+    Grouping {
+        meta,
+        perm,
+        inv,
+        tiles,
+        tiles2,
+    }
 }
 
-/// Entries of the GPU grouping that differ from [`cpu_group`]'s.
-fn group_mismatches(
-    got: &(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>),
-    want: &(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>),
-) -> usize {
+/// Entries of the GPU grouping that differ from [`cpu_group`]'s (the GPU's buffers may be
+/// longer: only the entries the CPU's hold are compared).
+fn group_mismatches(got: &Grouping, want: &Grouping) -> usize {
     let diff = |a: &[i32], b: &[i32]| {
         a.iter().zip(b).filter(|(x, y)| x != y).count() + b.len().saturating_sub(a.len())
     };
-    diff(&got.0, &want.0)
-        + diff(&got.1[..want.1.len().min(got.1.len())], &want.1)
-        + diff(&got.2[..want.2.len().min(got.2.len())], &want.2)
-        + diff(&got.3[..want.3.len().min(got.3.len())], &want.3)
+    diff(&got.meta, &want.meta)
+        + diff(&got.perm, &want.perm)
+        + diff(&got.inv, &want.inv)
+        + diff(&got.tiles, &want.tiles)
+        + diff(&got.tiles2, &want.tiles2)
 }
 
 /// `pf_group_par` (the parallel grouping) at the flash shapes (256 experts, 2048 tokens × 6

@@ -56,12 +56,23 @@ pub struct PfKernels {
     /// Whether the Q2_K down product takes `pf_mxq_q2_k` where it can: `None` reads
     /// `DS4_CUDA_PF_Q8` (on unless `0`) at each launch; the self-test sets it.
     pub q8: Option<bool>,
+    /// `pf_mxw4_iq2_xxs` (sm_90a builds only): the IQ2_XXS gate|up product over tiles of up
+    /// to 128 tokens.
+    mxw4: Option<CudaFunction>,
+    /// Whether the IQ2_XXS gate|up product takes `pf_mxw4_iq2_xxs` where `pf_mxw` would run:
+    /// `None` reads `DS4_CUDA_PF_W4` (on unless `0`) at each launch; the self-test sets it.
+    pub w4: Option<bool>,
 }
 
 impl PfKernels {
     /// Whether this build has `pf_mxq_q2_k` (sm_90a).
     pub fn has_mxq(&self) -> bool {
         self.mxq.is_some()
+    }
+
+    /// Whether this build has `pf_mxw4_iq2_xxs` (sm_90a).
+    pub fn has_mxw4(&self) -> bool {
+        self.mxw4.is_some()
     }
 
     /// Loads the kernels from the backend's module.
@@ -75,20 +86,27 @@ impl PfKernels {
             swiglu4: be.function("pf_swiglu4")?,
             swiglu_q8: be.function("pf_swiglu_q8")?,
             scatter: be.function("pf_scatter")?,
-            // wgmma exists only in the sm_90a image (elsewhere the kernel is empty).
-            mxq: if be.info().arch() == "sm_90a" {
-                let f = be.function("pf_mxq_q2_k")?;
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    PXQ_SMEM as i32,
-                )?;
-                Some(f)
-            } else {
-                None
-            },
+            // wgmma exists only in the sm_90a image (elsewhere the kernels are empty).
+            mxq: wgmma_kernel(be, "pf_mxq_q2_k", PXQ_SMEM)?,
             q8: None,
+            mxw4: wgmma_kernel(be, "pf_mxw4_iq2_xxs", PXW4_SMEM)?,
+            w4: None,
         })
     }
+}
+
+/// A wgmma kernel of prefill.cu with `smem` bytes of dynamic shared memory, on sm_90a (`None`
+/// elsewhere, where its body is empty).
+fn wgmma_kernel(be: &CudaBackend, name: &str, smem: u32) -> Result<Option<CudaFunction>> {
+    if be.info().arch() != "sm_90a" {
+        return Ok(None);
+    }
+    let f = be.function(name)?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )?;
+    Ok(Some(f))
 }
 
 fn ptr<T>(s: &CudaSlice<T>, be: &CudaBackend) -> u64 {
@@ -109,16 +127,35 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
 /// scales.
 const PXQ_SMEM: u32 = 2 * 128 * 112 + 2 * 8 * 2048 + 2 * 2048 + 2 * 64 * 4;
 
+/// Dynamic shared memory of `pf_mxw4_iq2_xxs`: two stages of 256 IQ2_XXS rows' 80-byte slots.
+const PXW4_SMEM: u32 = 2 * 256 * 80;
+
 /// Rows of one `pf_mm` tile (PF_BN in prefill.cu).
 const PF_BN: usize = 64;
+
+/// Rows of a tile of the second list (`pf_mxw4`'s; PF_BN2 in prefill.cu).
+const PF_BN2: usize = 128;
 
 /// Most experts the parallel grouping `pf_group_par` takes (PFG_MAXE in prefill.cu); more
 /// go through the one-block serial `pf_group` (same results).
 const PFG_MAXE: usize = 256;
 
-/// Most row tiles `slots` pairs over `n_exp` experts can need (`Σ_e ⌈c_e/PF_BN⌉`).
-fn max_tiles(slots: usize, n_exp: usize) -> usize {
-    slots / PF_BN + n_exp.min(slots)
+/// Most row tiles of `bn` rows `slots` pairs over `n_exp` experts can need
+/// (`Σ_e ⌈c_e/bn⌉`).
+fn max_tiles(slots: usize, n_exp: usize, bn: usize) -> usize {
+    slots / bn + n_exp.min(slots)
+}
+
+/// What `pf_group` writes: `meta` (counts per expert, the used experts in increasing id then
+/// -1, the number of `tiles`, the number of `tiles2`), `perm` (sorted row → slot), `inv` (slot
+/// → sorted row), and the row tiles (expert, first sorted row, rows) of ≤ 64 and ≤ 128 rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grouping {
+    pub meta: Vec<i32>,
+    pub perm: Vec<i32>,
+    pub inv: Vec<i32>,
+    pub tiles: Vec<i32>,
+    pub tiles2: Vec<i32>,
 }
 
 /// Scratch of the grouped MoE for up to `slots` (token, expert) pairs.
@@ -143,6 +180,8 @@ pub struct MoeScratch {
     meta: CudaSlice<i32>,
     /// Row tiles of `pf_mm` (expert, first sorted row, rows).
     tiles: CudaSlice<i32>,
+    /// The same cut at `PF_BN2` rows (`pf_mxw4`).
+    tiles2: CudaSlice<i32>,
     perm: CudaSlice<i32>,
     inv: CudaSlice<i32>,
 }
@@ -172,8 +211,9 @@ impl MoeScratch {
             gu: st.alloc_zeros::<f32>(slots * 2 * f)?,
             h: st.alloc_zeros::<u16>(slots * f)?,
             dns: st.alloc_zeros::<f32>(slots * d)?,
-            meta: st.alloc_zeros::<i32>(2 * n_exp + 1)?,
-            tiles: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp))?,
+            meta: st.alloc_zeros::<i32>(2 * n_exp + 2)?,
+            tiles: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp, PF_BN))?,
+            tiles2: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp, PF_BN2))?,
             perm: st.alloc_zeros::<i32>(slots)?,
             inv: st.alloc_zeros::<i32>(slots)?,
         })
@@ -183,7 +223,8 @@ impl MoeScratch {
     pub fn bytes(&self) -> usize {
         (self.e16.len() + self.d16.len() + self.xs.len() + self.h.len()) * 2
             + (self.gu.len() + self.dns.len()) * 4
-            + (self.meta.len() + self.tiles.len() + self.perm.len() + self.inv.len()) * 4
+            + (self.meta.len() + self.tiles.len() + self.tiles2.len()) * 4
+            + (self.perm.len() + self.inv.len()) * 4
     }
 
     /// The grouped product's down outputs in sorted row order (`slots × D` f32) and `inv`
@@ -199,15 +240,15 @@ impl MoeScratch {
         Ok((be.download(&self.gu)?, be.download(&self.dns)?))
     }
 
-    /// The last grouping (meta, perm, inv, tiles), for the self-test.
-    #[allow(clippy::type_complexity)]
-    pub fn grouping(&self, be: &CudaBackend) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>, Vec<i32>)> {
-        Ok((
-            be.download(&self.meta)?,
-            be.download(&self.perm)?,
-            be.download(&self.inv)?,
-            be.download(&self.tiles)?,
-        ))
+    /// The last grouping, for the self-test (the tile lists whole, past their counts too).
+    pub fn grouping(&self, be: &CudaBackend) -> Result<Grouping> {
+        Ok(Grouping {
+            meta: be.download(&self.meta)?,
+            perm: be.download(&self.perm)?,
+            inv: be.download(&self.inv)?,
+            tiles: be.download(&self.tiles)?,
+            tiles2: be.download(&self.tiles2)?,
+        })
     }
 }
 
@@ -239,7 +280,7 @@ pub unsafe fn group(
         ));
     }
     let (meta, perm, inv) = (ptr(&sc.meta, be), ptr(&sc.perm, be), ptr(&sc.inv, be));
-    let tiles = ptr(&sc.tiles, be);
+    let (tiles, tiles2) = (ptr(&sc.tiles, be), ptr(&sc.tiles2, be));
     let (si, ne) = (slots as i32, n_exp as i32);
     let f = if n_exp <= PFG_MAXE {
         &kf.group_par
@@ -253,7 +294,8 @@ pub unsafe fn group(
         .arg(&meta)
         .arg(&perm)
         .arg(&inv)
-        .arg(&tiles);
+        .arg(&tiles)
+        .arg(&tiles2);
     b.launch(cfg((1, 1, 1), 1024))?;
     Ok(())
 }
@@ -366,9 +408,42 @@ pub unsafe fn moe_grouped(
     if fused {
         // All on the device, no host read: grids cover the most tiles `slots` can need, and
         // blocks past the tile count pf_group wrote return at once.
-        let mt = max_tiles(slots, n_exp);
+        let mt = max_tiles(slots, n_exp, PF_BN);
         let nt = meta + (2 * n_exp * 4) as u64;
-        be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, pm_gu, gu)?;
+        // IQ2_XXS gate|up over tiles of up to 128 tokens (pf_mxw4; where pf_mxw would run).
+        let w4 = kf.mxw4.as_ref().filter(|_| {
+            pm_gu
+                && gate.ty == GgmlType::IQ2_XXS
+                && kf.w4.unwrap_or_else(|| super::switch_on("DS4_CUDA_PF_W4"))
+        });
+        if let Some(f4) = w4 {
+            let (pa, pb) = (be.weight_ptr(gate), be.weight_ptr(up));
+            let eb = gate.expert_stride as i64;
+            let (ra, mtot, kd) = (f as i32, (2 * f) as i32, d as i32);
+            let (nt2, tiles2) = (nt + 4, ptr(&sc.tiles2, be));
+            let mut b = st.launch_builder(f4);
+            b.arg(&pa)
+                .arg(&pb)
+                .arg(&eb)
+                .arg(&ra)
+                .arg(&mtot)
+                .arg(&kd)
+                .arg(&nt2)
+                .arg(&tiles2)
+                .arg(&xs)
+                .arg(&gu);
+            b.launch(LaunchConfig {
+                grid_dim: (
+                    (2 * f / 256) as u32,
+                    max_tiles(slots, n_exp, PF_BN2) as u32,
+                    1,
+                ),
+                block_dim: (512, 1, 1),
+                shared_mem_bytes: PXW4_SMEM,
+            })?;
+        } else {
+            be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, pm_gu, gu)?;
+        }
         // Q2_K down on int8 tensor cores (Hopper; the staged pf_mxw's shapes): the SwiGLU
         // rows quantized as the CPU quantizes them, over h's bytes (codes S·F, then the
         // min-term operands S·F/8 and the scales S·F/64: fits the S·F·2 of h).

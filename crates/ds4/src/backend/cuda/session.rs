@@ -63,6 +63,25 @@ use crate::quant::{self, GgmlType};
 /// cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
 /// shape), never from run to run.
 pub const GPU_CHUNK: usize = 2048;
+
+/// The chunk length a new session takes: `DS4_CUDA_CHUNK` when it is a multiple of 256 in
+/// 256..=8192 (longer chunks give each routed expert more tokens per decoded weight and cost
+/// scratch in proportion), else [`GPU_CHUNK`].
+pub fn gpu_chunk() -> usize {
+    match std::env::var("DS4_CUDA_CHUNK") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (256..=8192).contains(&n) && n.is_multiple_of(256) => n,
+            _ => {
+                eprintln!(
+                    "ds4: DS4_CUDA_CHUNK={v:?} ignored (a multiple of 256 in 256..=8192); \
+                     chunks of {GPU_CHUNK}"
+                );
+                GPU_CHUNK
+            }
+        },
+        Err(_) => GPU_CHUNK,
+    }
+}
 /// Chunk length when the logits of every position are requested (bounds the logits
 /// scratch: `LOGITS_CHUNK × n_vocab` floats).
 pub const LOGITS_CHUNK: usize = 256;
@@ -1046,6 +1065,8 @@ pub struct GpuSession {
     s: Scratch,
     graph: Option<DecodeGraph>,
     vocab: usize,
+    /// Tokens a prefill chunk holds at most (what the scratch is sized for; [`gpu_chunk`]).
+    chunk_len: usize,
 }
 
 impl GpuSession {
@@ -1106,7 +1127,7 @@ impl GpuSession {
                 },
             });
         }
-        let m = GPU_CHUNK;
+        let m = gpu_chunk();
         let any4 = (0..c.n_layer).any(|il| c.ratio(il) == 4);
         // A multiple of 4 so that a chunk's top-k reads its score rows in 16-byte loads
         // (k_topk1).
@@ -1294,6 +1315,7 @@ impl GpuSession {
             s,
             graph: None,
             vocab: c.n_vocab,
+            chunk_len: m,
         })
     }
 
@@ -1382,7 +1404,7 @@ impl GpuSession {
     ) -> Result<()> {
         let gm = Arc::clone(&self.gm);
         let _guard = gm.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let step = if all { LOGITS_CHUNK } else { GPU_CHUNK };
+        let step = if all { LOGITS_CHUNK } else { self.chunk_len };
         let n_chunks = tokens.len().div_ceil(step);
         for (i, chunk) in tokens.chunks(step).enumerate() {
             let head = all || i + 1 == n_chunks;

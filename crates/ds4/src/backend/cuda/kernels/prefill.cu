@@ -30,14 +30,19 @@
 #define PF_BK 32
 #define PF_SA 40
 
+// Rows of a tile in pf_group's second list (pf_mxw4's tiles).
+#define PF_BN2 128
+
 // One block of PF_GROUP_TILE threads; thread e < n_exp owns expert e. `meta` receives the
 // per-expert counts (n_exp ints), the used experts in increasing id (n_exp ints, -1 after
-// the last), then the number of row tiles; `tiles` the tiles of pf_mm (expert, first sorted
-// row, rows ≤ PF_BN) in expert order. perm[r] = slot at sorted row r; inv[slot] = its sorted
-// row. Rows of one expert keep slot order (stable): the result is a pure function of `ids`.
+// the last), then the number of row tiles and the number of second-list tiles; `tiles` the
+// tiles of pf_mm (expert, first sorted row, rows ≤ PF_BN) in expert order, `tiles2` the same
+// cut at PF_BN2 rows. perm[r] = slot at sorted row r; inv[slot] = its sorted row. Rows of
+// one expert keep slot order (stable): the result is a pure function of `ids`.
 extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
     pf_group(const int* __restrict__ ids, int slots, int n_exp, int* __restrict__ meta,
-             int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles) {
+             int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles,
+             int* __restrict__ tiles2) {
     __shared__ int tile[PF_GROUP_TILE];
     __shared__ int off[PF_GROUP_TILE + 1];
     __shared__ int used_at[PF_GROUP_TILE];
@@ -70,6 +75,15 @@ extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
                 nt++;
             }
         meta[2 * n_exp] = nt;
+        nt = 0;
+        for (int i = 0; i < n_exp; i++)
+            for (int r = off[i]; r < off[i + 1]; r += PF_BN2) {
+                tiles2[3 * nt] = i;
+                tiles2[3 * nt + 1] = r;
+                tiles2[3 * nt + 2] = min(PF_BN2, off[i + 1] - r);
+                nt++;
+            }
+        meta[2 * n_exp + 1] = nt;
     }
     __syncthreads();
     if (e < n_exp) {
@@ -136,7 +150,8 @@ __device__ __forceinline__ int pfg_scan(int v, int* wsum, int* total) {
 
 extern "C" __global__ void __launch_bounds__(1024)
     pf_group_par(const int* __restrict__ ids, int slots, int n_exp, int* __restrict__ meta,
-                 int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles) {
+                 int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles,
+                 int* __restrict__ tiles2) {
     __shared__ int hist[PFG_CH * PFG_MAXE];
     __shared__ int estart[PFG_MAXE + 1];
     __shared__ int wsum[33];
@@ -177,12 +192,15 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     if (tid == 0) estart[n_exp] = tot;
     __syncthreads();
-    // Counts, used list (increasing expert id, -1 after the last), tiles of <= PF_BN rows.
+    // Counts, used list (increasing expert id, -1 after the last), tiles of <= PF_BN rows
+    // and of <= PF_BN2 rows.
     const int cnt = tid < n_exp ? estart[tid + 1] - estart[tid] : 0;
-    int n_used, n_tiles;
+    int n_used, n_tiles, n_tiles2;
     const int ui = pfg_scan(cnt > 0 ? 1 : 0, wsum, &n_used);
     const int nt_e = (cnt + PF_BN - 1) / PF_BN;
     const int ti = pfg_scan(nt_e, wsum, &n_tiles);
+    const int nt_e2 = (cnt + PF_BN2 - 1) / PF_BN2;
+    const int ti2 = pfg_scan(nt_e2, wsum, &n_tiles2);
     if (tid < n_exp) {
         meta[tid] = cnt;
         if (cnt > 0) meta[n_exp + ui] = tid;
@@ -193,8 +211,17 @@ extern "C" __global__ void __launch_bounds__(1024)
             tiles[3 * (ti + j) + 1] = estart[tid] + r;
             tiles[3 * (ti + j) + 2] = min(PF_BN, cnt - r);
         }
+        for (int j = 0; j < nt_e2; j++) {
+            int r = j * PF_BN2;
+            tiles2[3 * (ti2 + j)] = tid;
+            tiles2[3 * (ti2 + j) + 1] = estart[tid] + r;
+            tiles2[3 * (ti2 + j) + 2] = min(PF_BN2, cnt - r);
+        }
     }
-    if (tid == 0) meta[2 * n_exp] = n_tiles;
+    if (tid == 0) {
+        meta[2 * n_exp] = n_tiles;
+        meta[2 * n_exp + 1] = n_tiles2;
+    }
     // 3. Placement: lanes sharing an expert take consecutive rows in lane (= slot) order.
     for (int s0 = c0; s0 < c1; s0 += 32) {
         int s = s0 + lane;
@@ -1208,6 +1235,35 @@ __device__ __forceinline__ void pxw_mma<8>(float (&d)[8][4], const u32 (&a)[4], 
                  : "memory");
 }
 
+template <>
+__device__ __forceinline__ void pxw_mma<10>(float (&d)[10][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}, {%40, %41, %42, %43}, %44, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<12>(float (&d)[12][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, {%48, %49, %50, %51}, %52, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<14>(float (&d)[14][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n112k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55}, {%56, %57, %58, %59}, %60, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+template <>
+__device__ __forceinline__ void pxw_mma<16>(float (&d)[16][4], const u32 (&a)[4], u64 desc) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)
+                 : "memory");
+}
+
 __device__ __forceinline__ void pxw_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void pxw_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -1324,6 +1380,132 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
     }
     // Outputs: half j's rows start at 128wg + 64j + 16w4.
     px_store<NG, 64>(acc, m0 + wg * 128 + w4 * 16, m_total, r0, cnt, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// pf_mxw4_<t> (sm_90a only): pf_mxw over the tiles of up to 128 tokens (pf_group's second
+// list), so that an expert's weights are decoded once for up to 128 of its tokens instead of
+// 64. 512 threads: warpgroup wg = warp/4 owns the m64 of rows 64wg..64wg+63 (warp w4 = warp%4
+// holds rows 64wg + 16w4 + {g, g+8}, pf_mxw's half j = 0), so a thread decodes 2 rows a step
+// and holds N/2 ≤ 64 accumulators: the N = 128 tile fits in the 128 registers that one
+// 512-thread block an SM allows. The block still covers 256 rows, so the per-step copies and
+// barrier are shared by as many rows as pf_mxw's. Same decoders, fragments, B layout and
+// wgmma numerics as pf_mxw (the k16 products of one token do not depend on the tile's N).
+// ---------------------------------------------------------------------------------------------
+#define PX4_BN 128
+#define PX4_THREADS 512
+
+// px_stage for 512 threads (IQ2_XXS's grouped slots only): 256 rows x 4 code chunks, 2 a
+// thread, then the rows' scale chunks (threads < 256).
+template <class L>
+__device__ __forceinline__ void px_stage4(u8* As, const u8* wrow, i64 rowb, int q, int st) {
+    static_assert(L::kGroups, "px_stage4 takes the grouped IQ2_XXS slots");
+    u8* dst = As + st * (PX_BM * L::kRS);
+    const int u = q >> 3, co = 64 * q + 16 * u;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int c = (int)threadIdx.x + PX4_THREADS * i, row = c >> 2, part = c & 3;
+        px_cp16(dst + row * L::kRS + 16 * part, wrow + (i64)row * rowb + co + 16 * part, true);
+    }
+    if (threadIdx.x < PX_BM)
+        px_cp16(dst + threadIdx.x * L::kRS + 64, wrow + (i64)threadIdx.x * rowb + 528 * u + 512, true);
+}
+
+template <int NG>
+__device__ __forceinline__ void pxw4_hold(float (&acc)[NG][4]) {
+#pragma unroll
+    for (int n = 0; n < NG; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) asm volatile("" : "+f"(acc[n][c])::"memory");
+}
+
+template <class L, int NG>
+__device__ __forceinline__ void pxw4_body(const u8* wrow, i64 rowb, const PxTables& T, u16* Bs,
+                                          u8* As, int m0, int m_total, int k_dim, int r0, int cnt,
+                                          const u16* __restrict__ xs, float* __restrict__ out) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int g = lane >> 2, t4 = lane & 3;
+    int wg = warp >> 2, w4 = warp & 3;
+    // Copy: token bn = tid/4 (0..127), permuted columns 8kc.. of the step, to its core
+    // matrix; warps whose 8 tokens lie past the tile's 8·NG copy nothing.
+    int bn = tid >> 2, kc = tid & 3;
+    bool bcopy = bn < 8 * NG, bval = bn < cnt;
+    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + kc * 8;
+    u16* bdst = Bs + ((bn >> 3) * 512 + kc * 128 + (bn & 7) * 16) / 2;
+    u32 bs0 = (u32)__cvta_generic_to_shared(Bs);
+    const int slot = PX4_BN * PX_BK;  // halves a ring slot
+    const u8* arow = As + (wg * 64 + w4 * 16 + g) * L::kRS;
+    const int roff[2] = {0, 8 * L::kRS};
+    int nk = k_dim / PX_BK, nq = k_dim >> 8;
+    float acc[NG][4];
+#pragma unroll
+    for (int n = 0; n < NG; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[n][c] = 0.0f;
+    u32 af0[2][4], af1[2][4];
+    px_stage4<L>(As, wrow, rowb, 0, 0);
+    if (bcopy) pf_cp16(bdst, xrow, bval);
+    pf_cp_commit();
+    if (bcopy) pf_cp16(bdst + slot, xrow + PX_BK, bval);
+    pf_cp_commit();
+    pf_cp_wait1();
+    __syncthreads();  // tables, block 0 of A, B(0)
+    L ld[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        ld[h].load_s(arow + roff[h], 0, t4);
+        ld[h].decode(af0[h], T, t4, 0);
+    }
+    auto step = [&](int s, int bs, const u32 (&ac)[2][4], u32 (&an)[2][4]) {
+        pf_cp_wait1();
+        __syncthreads();  // as pxw_body
+        int b2 = bs == 0 ? 2 : bs - 1;
+        if (bcopy && s + 2 < nk) pf_cp16(bdst + b2 * slot, xrow + (s + 2) * PX_BK, bval);
+        if ((s & 7) == 0 && (s >> 3) + 1 < nq)
+            px_stage4<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
+        pf_cp_commit();
+        pxw_fence();
+        u32 bslot = bs0 + bs * (slot * 2);
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            const u32 a[4] = {ac[0][2 * kk], ac[1][2 * kk], ac[0][2 * kk + 1], ac[1][2 * kk + 1]};
+            pxw_mma<NG>(acc, a, pxw_desc(bslot + kk * 256));
+        }
+        pxw_commit();
+        int t = s + 1;
+        if (t < nk) {
+            int q = t >> 3;
+            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + L::slot_off(q);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                ld[h].load_s(sb + roff[h], t, t4);
+                ld[h].decode(an[h], T, t4, t);
+            }
+        }
+        pxw_wait0();
+        pxw4_hold<NG>(acc);
+    };
+    int bs = 0;
+    for (int s = 0; s < nk; s += 2) {  // nk is a multiple of 8
+        step(s, bs, af0, af1);
+        bs = bs == 2 ? 0 : bs + 1;
+        step(s + 1, bs, af1, af0);
+        bs = bs == 2 ? 0 : bs + 1;
+    }
+    // Accumulator (n, c): row 64wg + 16w4 + g (+8 for c >= 2), token 8n + 2t4 (+1, odd c).
+    int row = m0 + wg * 64 + w4 * 16 + g;
+#pragma unroll
+    for (int n = 0; n < NG; n++) {
+        int tk = n * 8 + t4 * 2;
+        if (tk < cnt) {
+            out[(i64)(r0 + tk) * m_total + row] = acc[n][0];
+            out[(i64)(r0 + tk) * m_total + row + 8] = acc[n][2];
+        }
+        if (tk + 1 < cnt) {
+            out[(i64)(r0 + tk + 1) * m_total + row] = acc[n][1];
+            out[(i64)(r0 + tk + 1) * m_total + row + 8] = acc[n][3];
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1638,6 +1820,50 @@ DS4_PF_PX(pf_mxs, q2_k, PxQ2K, PX_MXS)
 DS4_PF_PX(pf_mxs, iq2_xxs, PxIq2, PX_MXS)
 DS4_PF_PX(pf_mxw, q2_k, PxQ2K, PX_MXW)
 DS4_PF_PX(pf_mxw, iq2_xxs, PxIq2, PX_MXW)
+
+// pf_mxw4_iq2_xxs's entry: px_kernel's setup for 512 threads over pf_group's tiles of up to
+// 128 tokens (`tiles2`); token groups past 8 run as the next even count (zero tokens, whose
+// outputs are not stored). Needs what pf_mxw needs, plus dynamic shared memory 2·PX_BM·80
+// bytes. Built for every architecture, empty outside sm_90a (never launched there).
+extern "C" __global__ void __launch_bounds__(512, 1)
+    pf_mxw4_iq2_xxs(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,
+                    int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,
+                    const int* __restrict__ tiles, const u16* __restrict__ xs,
+                    float* __restrict__ out) {
+#ifdef DS4_PXW
+    using L = PxIq2;
+    __shared__ __align__(16) u16 Bs[3 * PX4_BN * PX_BK];
+    __shared__ __align__(16) PxTables T;
+    int tile = blockIdx.y;
+    if (tile >= *n_tiles) return;
+    if (threadIdx.x < 256) px_tables(T, threadIdx.x);
+    int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int m0 = blockIdx.x * PX_BM;
+    const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
+    int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
+    i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
+    const u8* wrow = w + (i64)wrow0 * rowb;
+#define PX4_ARGS (wrow, rowb, T, Bs, px_smem, m0, m_total, k_dim, r0, cnt, xs, out)
+    switch ((cnt + 7) >> 3) {
+    case 1: pxw4_body<L, 1> PX4_ARGS; break;
+    case 2: pxw4_body<L, 2> PX4_ARGS; break;
+    case 3: pxw4_body<L, 3> PX4_ARGS; break;
+    case 4: pxw4_body<L, 4> PX4_ARGS; break;
+    case 5: pxw4_body<L, 5> PX4_ARGS; break;
+    case 6: pxw4_body<L, 6> PX4_ARGS; break;
+    case 7: pxw4_body<L, 7> PX4_ARGS; break;
+    case 8: pxw4_body<L, 8> PX4_ARGS; break;
+    case 9:
+    case 10: pxw4_body<L, 10> PX4_ARGS; break;
+    case 11:
+    case 12: pxw4_body<L, 12> PX4_ARGS; break;
+    case 13:
+    case 14: pxw4_body<L, 14> PX4_ARGS; break;
+    default: pxw4_body<L, 16> PX4_ARGS; break;
+    }
+#undef PX4_ARGS
+#endif
+}
 
 // pf_mxq_q2_k's entry (pf_mxw's grid: 256-row blocks x tiles; one matrix, no second): the
 // expert's Q2_K rows, the tiles of pf_group, and pf_swiglu_q8's xq / xd / xb rows. Needs
