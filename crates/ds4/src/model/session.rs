@@ -119,7 +119,8 @@ impl Session {
             return Ok(None);
         }
         let t0 = std::time::Instant::now();
-        let n = crate::backend::cuda::session::gpu_chunk().min(model.cfg.context_length.max(3) - 2);
+        let n = crate::backend::cuda::session::gpu_chunk(model.cfg.context_length)
+            .min(model.cfg.context_length.max(3) - 2);
         let mut s = Session::new(model, opts.clone().with_ctx(n + 2))?;
         if s.gpu.is_none() {
             return Ok(None);
@@ -301,7 +302,13 @@ impl Session {
         let total = tokens.len();
         let mut done = 0;
         let mut rows = Vec::new();
-        for chunk in tokens.chunks(self.opts.prefill_chunk.max(1)) {
+        // On the GPU a step is at least the chunk its scratch is sized for (the GPU splits
+        // longer steps itself): the routed experts get more tokens per decoded weight.
+        let step = match self.gpu.as_ref() {
+            Some(g) => self.opts.prefill_chunk.max(g.chunk_len()),
+            None => self.opts.prefill_chunk,
+        };
+        for chunk in tokens.chunks(step.max(1)) {
             let pos = self.pos();
             let want = if all.is_some() { Want::All } else { Want::Last };
             match self.gpu.as_mut() {

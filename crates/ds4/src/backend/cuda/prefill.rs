@@ -60,7 +60,8 @@ pub struct PfKernels {
     /// to 128 tokens.
     mxw4: Option<CudaFunction>,
     /// Whether the IQ2_XXS gate|up product takes `pf_mxw4_iq2_xxs` where `pf_mxw` would run:
-    /// `None` reads `DS4_CUDA_PF_W4` (on unless `0`) at each launch; the self-test sets it.
+    /// `None`: when the experts average more than 64 rows, unless `DS4_CUDA_PF_W4=0` (read at
+    /// each launch); `Some(b)` (the self-test): always `b`.
     pub w4: Option<bool>,
 }
 
@@ -410,10 +411,15 @@ pub unsafe fn moe_grouped(
         // blocks past the tile count pf_group wrote return at once.
         let mt = max_tiles(slots, n_exp, PF_BN);
         let nt = meta + (2 * n_exp * 4) as u64;
-        // IQ2_XXS gate|up over tiles of up to 128 tokens (pf_mxw4; where pf_mxw would run).
+        // IQ2_XXS gate|up over tiles of up to 128 tokens (pf_mxw4; where pf_mxw would run)
+        // when the experts average more than one 64-token tile. Its 512-thread block spends
+        // ~37% more instructions a row-step than pf_mxw's, which 128-token tiles repay and
+        // tiles of ~48 do not: at 2048 tokens (48 an expert) it took 2.41 ms a hash-routed
+        // layer against pf_mxw's 2.01; at 4096 (96) 3.05 against 4.01 (H200).
         let w4 = kf.mxw4.as_ref().filter(|_| {
             pm_gu
                 && gate.ty == GgmlType::IQ2_XXS
+                && (slots > PF_BN * n_exp || kf.w4.is_some())
                 && kf.w4.unwrap_or_else(|| super::switch_on("DS4_CUDA_PF_W4"))
         });
         if let Some(f4) = w4 {

@@ -54,34 +54,47 @@ use crate::model::cache::LayerCache;
 use crate::model::Model;
 use crate::quant::{self, GgmlType};
 
-/// Largest chunk the GPU processes at once (longer prefills are split). Bounds the scratch
-/// memory: for the flash shapes 0.74 MB of f32 activations per token (1.5 GB at 2048) plus
-/// `4·(ctx/4 + 1)` bytes of indexer scores per token (128 MB at 2048 tokens and a 64k
-/// context), the head's `LOGITS_CHUNK` rows (130 MB) and, in production mode, 0.72 GB of
-/// f16/GEMM scratch (prefill.rs): about 2.4 GB per session at a 64k context (0.33 GB when
-/// this was 256). Exact-mode results do not depend on the split; production prefill's dense
-/// cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
+/// Largest chunk the GPU processes at once by default (longer prefills are split). A longer
+/// chunk gives each routed expert more tokens per decoded weight (`pf_mxw4` takes up to 128 a
+/// tile: an expert averages 96 of a 4096-token chunk's 24,576 slots, 48 of a 2048-token
+/// chunk's), and fewer chunk-layers pay their fixed costs; prefill at a 4k context went from
+/// 2.76 to 2.21 µs a token a layer (bench/RESULTS.md, eighteenth session). It bounds the
+/// scratch memory: for the flash shapes 0.74 MB of f32 activations per token (3 GB at 4096)
+/// plus `4·(ctx/4 + 1)` bytes of indexer scores per token (256 MB at 4096 tokens and a 64k
+/// context), the head's `LOGITS_CHUNK` rows (130 MB) and, in production mode, f16/GEMM
+/// scratch (prefill.rs). Exact-mode results do not depend on the split; production prefill's
+/// dense cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
 /// shape), never from run to run.
-pub const GPU_CHUNK: usize = 2048;
+pub const GPU_CHUNK: usize = 4096;
+/// The default chunk past [`LONG_CTX`] positions, where the indexer's scores (`4·ctx/4` bytes
+/// a token of the chunk) would pass 2 GiB at [`GPU_CHUNK`].
+const GPU_CHUNK_LONG: usize = 2048;
+/// See [`GPU_CHUNK_LONG`].
+const LONG_CTX: usize = 1 << 19;
 
-/// The chunk length a new session takes: `DS4_CUDA_CHUNK` when it is a multiple of 256 in
-/// 256..=8192 (longer chunks give each routed expert more tokens per decoded weight and cost
-/// scratch in proportion), else [`GPU_CHUNK`].
-pub fn gpu_chunk() -> usize {
+/// The chunk length of a session of `ctx` positions: `DS4_CUDA_CHUNK` when it is a multiple of
+/// 256 in 256..=8192, else [`GPU_CHUNK`] ([`GPU_CHUNK_LONG`] past [`LONG_CTX`]).
+pub fn gpu_chunk(ctx: usize) -> usize {
+    let default = if ctx > LONG_CTX {
+        GPU_CHUNK_LONG
+    } else {
+        GPU_CHUNK
+    };
     match std::env::var("DS4_CUDA_CHUNK") {
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) if (256..=8192).contains(&n) && n.is_multiple_of(256) => n,
             _ => {
                 eprintln!(
                     "ds4: DS4_CUDA_CHUNK={v:?} ignored (a multiple of 256 in 256..=8192); \
-                     chunks of {GPU_CHUNK}"
+                     chunks of {default}"
                 );
-                GPU_CHUNK
+                default
             }
         },
-        Err(_) => GPU_CHUNK,
+        Err(_) => default,
     }
 }
+
 /// Chunk length when the logits of every position are requested (bounds the logits
 /// scratch: `LOGITS_CHUNK × n_vocab` floats).
 pub const LOGITS_CHUNK: usize = 256;
@@ -1127,7 +1140,7 @@ impl GpuSession {
                 },
             });
         }
-        let m = gpu_chunk();
+        let m = gpu_chunk(ctx);
         let any4 = (0..c.n_layer).any(|il| c.ratio(il) == 4);
         // A multiple of 4 so that a chunk's top-k reads its score rows in 16-byte loads
         // (k_topk1).
@@ -1317,6 +1330,11 @@ impl GpuSession {
             vocab: c.n_vocab,
             chunk_len: m,
         })
+    }
+
+    /// Tokens a prefill chunk holds at most (longer `forward` calls are split).
+    pub fn chunk_len(&self) -> usize {
+        self.chunk_len
     }
 
     /// A session holding the state of CPU-format layer caches (snapshot restore).
