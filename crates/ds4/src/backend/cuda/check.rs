@@ -3015,23 +3015,30 @@ fn check_moe_grouped(
     Ok(())
 }
 /// The CPU's stable counting sort of `ids` by expert in pf_group's output form (meta =
-/// counts, used experts then -1, the two tile counts; perm; inv; tiles of ≤ 64 and of ≤ 128
-/// rows), each tile list exactly as long as its count.
+/// counts, used experts then -1, the three tile counts; perm; inv; every expert's tiles of ≤ 64
+/// rows, the tiles of ≤ 128 rows of the experts of more than 64, the others' single tiles),
+/// each tile list exactly as long as its count.
 fn cpu_group(ids: &[i32], n_exp: usize) -> Grouping {
     let slots = ids.len();
     let mut perm = Vec::with_capacity(slots);
-    let mut meta = vec![0i32; 2 * n_exp + 2];
-    let (mut tiles, mut tiles2) = (Vec::new(), Vec::new());
+    let mut meta = vec![0i32; 2 * n_exp + 3];
+    let (mut tiles, mut tiles2, mut tiles1) = (Vec::new(), Vec::new(), Vec::new());
     let mut nu = 0;
     for e in 0..n_exp as i32 {
         let before = perm.len();
         perm.extend((0..slots as i32).filter(|&s| ids[s as usize] == e));
         let c = (perm.len() - before) as i32;
         meta[e as usize] = c;
-        for (list, bn) in [(&mut tiles, 64), (&mut tiles2, 128)] {
+        let cut = |list: &mut Vec<i32>, bn: i32| {
             for r in (0..c).step_by(bn as usize) {
                 list.extend([e, before as i32 + r, (c - r).min(bn)]);
             }
+        };
+        cut(&mut tiles, 64);
+        if c > 64 {
+            cut(&mut tiles2, 128);
+        } else {
+            cut(&mut tiles1, 64);
         }
         if c > 0 {
             meta[n_exp + nu] = e;
@@ -3041,6 +3048,7 @@ fn cpu_group(ids: &[i32], n_exp: usize) -> Grouping {
     meta[n_exp + nu..2 * n_exp].fill(-1);
     meta[2 * n_exp] = (tiles.len() / 3) as i32;
     meta[2 * n_exp + 1] = (tiles2.len() / 3) as i32;
+    meta[2 * n_exp + 2] = (tiles1.len() / 3) as i32;
     let mut inv = vec![0i32; slots];
     for (r, &s) in perm.iter().enumerate() {
         inv[s as usize] = r as i32;
@@ -3051,6 +3059,7 @@ fn cpu_group(ids: &[i32], n_exp: usize) -> Grouping {
         inv,
         tiles,
         tiles2,
+        tiles1,
     }
 }
 
@@ -3065,6 +3074,7 @@ fn group_mismatches(got: &Grouping, want: &Grouping) -> usize {
         + diff(&got.inv, &want.inv)
         + diff(&got.tiles, &want.tiles)
         + diff(&got.tiles2, &want.tiles2)
+        + diff(&got.tiles1, &want.tiles1)
 }
 
 /// `pf_group_par` (the parallel grouping) at the flash shapes (256 experts, 2048 tokens × 6

@@ -59,9 +59,9 @@ pub struct PfKernels {
     /// `pf_mxw4_iq2_xxs` (sm_90a builds only): the IQ2_XXS gate|up product over tiles of up
     /// to 128 tokens.
     mxw4: Option<CudaFunction>,
-    /// Whether the IQ2_XXS gate|up product takes `pf_mxw4_iq2_xxs` where `pf_mxw` would run:
-    /// `None`: when the experts average more than 64 rows, unless `DS4_CUDA_PF_W4=0` (read at
-    /// each launch); `Some(b)` (the self-test): always `b`.
+    /// Whether the IQ2_XXS gate|up product takes `pf_mxw4_iq2_xxs` for the experts of more
+    /// than 64 rows where `pf_mxw` would run: `None` reads `DS4_CUDA_PF_W4` (on unless `0`) at
+    /// each launch; the self-test sets it.
     pub w4: Option<bool>,
 }
 
@@ -137,19 +137,25 @@ const PF_BN: usize = 64;
 /// Rows of a tile of the second list (`pf_mxw4`'s; PF_BN2 in prefill.cu).
 const PF_BN2: usize = 128;
 
+/// Most tiles of the second list: the experts of more than `PF_BN` rows (at most
+/// `slots / (PF_BN + 1)`) cut at `PF_BN2`.
+fn max_tiles2(slots: usize) -> usize {
+    slots / PF_BN2 + slots / (PF_BN + 1)
+}
+
 /// Most experts the parallel grouping `pf_group_par` takes (PFG_MAXE in prefill.cu); more
 /// go through the one-block serial `pf_group` (same results).
 const PFG_MAXE: usize = 256;
 
-/// Most row tiles of `bn` rows `slots` pairs over `n_exp` experts can need
-/// (`Σ_e ⌈c_e/bn⌉`).
-fn max_tiles(slots: usize, n_exp: usize, bn: usize) -> usize {
-    slots / bn + n_exp.min(slots)
+/// Most row tiles `slots` pairs over `n_exp` experts can need (`Σ_e ⌈c_e/PF_BN⌉`).
+fn max_tiles(slots: usize, n_exp: usize) -> usize {
+    slots / PF_BN + n_exp.min(slots)
 }
 
 /// What `pf_group` writes: `meta` (counts per expert, the used experts in increasing id then
-/// -1, the number of `tiles`, the number of `tiles2`), `perm` (sorted row → slot), `inv` (slot
-/// → sorted row), and the row tiles (expert, first sorted row, rows) of ≤ 64 and ≤ 128 rows.
+/// -1, the numbers of `tiles`, `tiles2` and `tiles1`), `perm` (sorted row → slot), `inv` (slot
+/// → sorted row), and the row tiles (expert, first sorted row, rows): every expert cut at 64
+/// rows, the experts of more than 64 rows cut at 128, and the others' single tiles.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grouping {
     pub meta: Vec<i32>,
@@ -157,6 +163,7 @@ pub struct Grouping {
     pub inv: Vec<i32>,
     pub tiles: Vec<i32>,
     pub tiles2: Vec<i32>,
+    pub tiles1: Vec<i32>,
 }
 
 /// Scratch of the grouped MoE for up to `slots` (token, expert) pairs.
@@ -181,8 +188,10 @@ pub struct MoeScratch {
     meta: CudaSlice<i32>,
     /// Row tiles of `pf_mm` (expert, first sorted row, rows).
     tiles: CudaSlice<i32>,
-    /// The same cut at `PF_BN2` rows (`pf_mxw4`).
+    /// The experts of more than `PF_BN` rows cut at `PF_BN2` (`pf_mxw4`).
     tiles2: CudaSlice<i32>,
+    /// The one tile of each expert of 1..=`PF_BN` rows (`pf_mxw` beside `pf_mxw4`).
+    tiles1: CudaSlice<i32>,
     perm: CudaSlice<i32>,
     inv: CudaSlice<i32>,
 }
@@ -212,9 +221,10 @@ impl MoeScratch {
             gu: st.alloc_zeros::<f32>(slots * 2 * f)?,
             h: st.alloc_zeros::<u16>(slots * f)?,
             dns: st.alloc_zeros::<f32>(slots * d)?,
-            meta: st.alloc_zeros::<i32>(2 * n_exp + 2)?,
-            tiles: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp, PF_BN))?,
-            tiles2: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp, PF_BN2))?,
+            meta: st.alloc_zeros::<i32>(2 * n_exp + 3)?,
+            tiles: st.alloc_zeros::<i32>(3 * max_tiles(slots, n_exp))?,
+            tiles2: st.alloc_zeros::<i32>(3 * max_tiles2(slots).max(1))?,
+            tiles1: st.alloc_zeros::<i32>(3 * n_exp.min(slots).max(1))?,
             perm: st.alloc_zeros::<i32>(slots)?,
             inv: st.alloc_zeros::<i32>(slots)?,
         })
@@ -224,7 +234,7 @@ impl MoeScratch {
     pub fn bytes(&self) -> usize {
         (self.e16.len() + self.d16.len() + self.xs.len() + self.h.len()) * 2
             + (self.gu.len() + self.dns.len()) * 4
-            + (self.meta.len() + self.tiles.len() + self.tiles2.len()) * 4
+            + (self.meta.len() + self.tiles.len() + self.tiles2.len() + self.tiles1.len()) * 4
             + (self.perm.len() + self.inv.len()) * 4
     }
 
@@ -249,6 +259,7 @@ impl MoeScratch {
             inv: be.download(&self.inv)?,
             tiles: be.download(&self.tiles)?,
             tiles2: be.download(&self.tiles2)?,
+            tiles1: be.download(&self.tiles1)?,
         })
     }
 }
@@ -281,7 +292,7 @@ pub unsafe fn group(
         ));
     }
     let (meta, perm, inv) = (ptr(&sc.meta, be), ptr(&sc.perm, be), ptr(&sc.inv, be));
-    let (tiles, tiles2) = (ptr(&sc.tiles, be), ptr(&sc.tiles2, be));
+    let (tiles, tiles2, tiles1) = (ptr(&sc.tiles, be), ptr(&sc.tiles2, be), ptr(&sc.tiles1, be));
     let (si, ne) = (slots as i32, n_exp as i32);
     let f = if n_exp <= PFG_MAXE {
         &kf.group_par
@@ -296,7 +307,8 @@ pub unsafe fn group(
         .arg(&perm)
         .arg(&inv)
         .arg(&tiles)
-        .arg(&tiles2);
+        .arg(&tiles2)
+        .arg(&tiles1);
     b.launch(cfg((1, 1, 1), 1024))?;
     Ok(())
 }
@@ -409,20 +421,18 @@ pub unsafe fn moe_grouped(
     if fused {
         // All on the device, no host read: grids cover the most tiles `slots` can need, and
         // blocks past the tile count pf_group wrote return at once.
-        let mt = max_tiles(slots, n_exp, PF_BN);
+        let mt = max_tiles(slots, n_exp);
         let nt = meta + (2 * n_exp * 4) as u64;
-        // IQ2_XXS gate|up over tiles of up to 128 tokens (pf_mxw4; where pf_mxw would run)
-        // when the experts average more than one 64-token tile. Its 512-thread block spends
-        // ~37% more instructions a row-step than pf_mxw's, which 128-token tiles repay and
-        // tiles of ~48 do not: at 2048 tokens (48 an expert) it took 2.41 ms a hash-routed
-        // layer against pf_mxw's 2.01; at 4096 (96) 3.05 against 4.01 (H200).
+        // IQ2_XXS gate|up: the experts of more than 64 rows on pf_mxw4 (tiles of up to 128
+        // tokens: its 512-thread block spends ~37% more instructions a row-step than pf_mxw's,
+        // which a 128-token tile repays and a 48-token one does not), the others on pf_mxw
+        // over their single tiles (bench/RESULTS.md, eighteenth session).
         let w4 = kf.mxw4.as_ref().filter(|_| {
             pm_gu
                 && gate.ty == GgmlType::IQ2_XXS
-                && (slots > PF_BN * n_exp || kf.w4.is_some())
                 && kf.w4.unwrap_or_else(|| super::switch_on("DS4_CUDA_PF_W4"))
         });
-        if let Some(f4) = w4 {
+        if let Some(f4) = w4.filter(|_| max_tiles2(slots) > 0) {
             let (pa, pb) = (be.weight_ptr(gate), be.weight_ptr(up));
             let eb = gate.expert_stride as i64;
             let (ra, mtot, kd) = (f as i32, (2 * f) as i32, d as i32);
@@ -439,14 +449,13 @@ pub unsafe fn moe_grouped(
                 .arg(&xs)
                 .arg(&gu);
             b.launch(LaunchConfig {
-                grid_dim: (
-                    (2 * f / 256) as u32,
-                    max_tiles(slots, n_exp, PF_BN2) as u32,
-                    1,
-                ),
+                grid_dim: ((2 * f / 256) as u32, max_tiles2(slots) as u32, 1),
                 block_dim: (512, 1, 1),
                 shared_mem_bytes: PXW4_SMEM,
             })?;
+            let (nt1, tiles1) = (nt + 8, ptr(&sc.tiles1, be));
+            let mt1 = n_exp.min(slots);
+            be.pf_mm_raw(gate, Some(up), nt1, tiles1, mt1, xs, pm_gu, gu)?;
         } else {
             be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, pm_gu, gu)?;
         }

@@ -30,19 +30,21 @@
 #define PF_BK 32
 #define PF_SA 40
 
-// Rows of a tile in pf_group's second list (pf_mxw4's tiles).
+// Rows of a tile of pf_mxw4 (pf_group's second list).
 #define PF_BN2 128
 
 // One block of PF_GROUP_TILE threads; thread e < n_exp owns expert e. `meta` receives the
 // per-expert counts (n_exp ints), the used experts in increasing id (n_exp ints, -1 after
-// the last), then the number of row tiles and the number of second-list tiles; `tiles` the
-// tiles of pf_mm (expert, first sorted row, rows ≤ PF_BN) in expert order, `tiles2` the same
-// cut at PF_BN2 rows. perm[r] = slot at sorted row r; inv[slot] = its sorted row. Rows of
-// one expert keep slot order (stable): the result is a pure function of `ids`.
+// the last), then the numbers of tiles in the three lists. Tiles are (expert, first sorted
+// row, rows) in expert order: `tiles` cuts every expert at PF_BN rows (pf_mm, the down
+// product); the gate|up split between pf_mxw4 and pf_mxw takes `tiles2`, the experts of more
+// than PF_BN rows cut at PF_BN2, and `tiles1`, the one tile of each expert of 1..PF_BN rows.
+// perm[r] = slot at sorted row r; inv[slot] = its sorted row. Rows of one expert keep slot
+// order (stable): the result is a pure function of `ids`.
 extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
     pf_group(const int* __restrict__ ids, int slots, int n_exp, int* __restrict__ meta,
              int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles,
-             int* __restrict__ tiles2) {
+             int* __restrict__ tiles2, int* __restrict__ tiles1) {
     __shared__ int tile[PF_GROUP_TILE];
     __shared__ int off[PF_GROUP_TILE + 1];
     __shared__ int used_at[PF_GROUP_TILE];
@@ -75,15 +77,25 @@ extern "C" __global__ void __launch_bounds__(PF_GROUP_TILE)
                 nt++;
             }
         meta[2 * n_exp] = nt;
-        nt = 0;
-        for (int i = 0; i < n_exp; i++)
-            for (int r = off[i]; r < off[i + 1]; r += PF_BN2) {
-                tiles2[3 * nt] = i;
-                tiles2[3 * nt + 1] = r;
-                tiles2[3 * nt + 2] = min(PF_BN2, off[i + 1] - r);
-                nt++;
+        int n2 = 0, n1 = 0;
+        for (int i = 0; i < n_exp; i++) {
+            int c = off[i + 1] - off[i];
+            if (c > PF_BN) {
+                for (int r = off[i]; r < off[i + 1]; r += PF_BN2) {
+                    tiles2[3 * n2] = i;
+                    tiles2[3 * n2 + 1] = r;
+                    tiles2[3 * n2 + 2] = min(PF_BN2, off[i + 1] - r);
+                    n2++;
+                }
+            } else if (c > 0) {
+                tiles1[3 * n1] = i;
+                tiles1[3 * n1 + 1] = off[i];
+                tiles1[3 * n1 + 2] = c;
+                n1++;
             }
-        meta[2 * n_exp + 1] = nt;
+        }
+        meta[2 * n_exp + 1] = n2;
+        meta[2 * n_exp + 2] = n1;
     }
     __syncthreads();
     if (e < n_exp) {
@@ -151,7 +163,7 @@ __device__ __forceinline__ int pfg_scan(int v, int* wsum, int* total) {
 extern "C" __global__ void __launch_bounds__(1024)
     pf_group_par(const int* __restrict__ ids, int slots, int n_exp, int* __restrict__ meta,
                  int* __restrict__ perm, int* __restrict__ inv, int* __restrict__ tiles,
-                 int* __restrict__ tiles2) {
+                 int* __restrict__ tiles2, int* __restrict__ tiles1) {
     __shared__ int hist[PFG_CH * PFG_MAXE];
     __shared__ int estart[PFG_MAXE + 1];
     __shared__ int wsum[33];
@@ -192,15 +204,16 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     if (tid == 0) estart[n_exp] = tot;
     __syncthreads();
-    // Counts, used list (increasing expert id, -1 after the last), tiles of <= PF_BN rows
-    // and of <= PF_BN2 rows.
+    // Counts, used list (increasing expert id, -1 after the last), the three tile lists.
     const int cnt = tid < n_exp ? estart[tid + 1] - estart[tid] : 0;
-    int n_used, n_tiles, n_tiles2;
+    int n_used, n_tiles, n_tiles2, n_tiles1;
     const int ui = pfg_scan(cnt > 0 ? 1 : 0, wsum, &n_used);
     const int nt_e = (cnt + PF_BN - 1) / PF_BN;
     const int ti = pfg_scan(nt_e, wsum, &n_tiles);
-    const int nt_e2 = (cnt + PF_BN2 - 1) / PF_BN2;
+    const int nt_e2 = cnt > PF_BN ? (cnt + PF_BN2 - 1) / PF_BN2 : 0;
     const int ti2 = pfg_scan(nt_e2, wsum, &n_tiles2);
+    const int nt_e1 = cnt > 0 && cnt <= PF_BN ? 1 : 0;
+    const int ti1 = pfg_scan(nt_e1, wsum, &n_tiles1);
     if (tid < n_exp) {
         meta[tid] = cnt;
         if (cnt > 0) meta[n_exp + ui] = tid;
@@ -217,10 +230,16 @@ extern "C" __global__ void __launch_bounds__(1024)
             tiles2[3 * (ti2 + j) + 1] = estart[tid] + r;
             tiles2[3 * (ti2 + j) + 2] = min(PF_BN2, cnt - r);
         }
+        if (nt_e1) {
+            tiles1[3 * ti1] = tid;
+            tiles1[3 * ti1 + 1] = estart[tid];
+            tiles1[3 * ti1 + 2] = cnt;
+        }
     }
     if (tid == 0) {
         meta[2 * n_exp] = n_tiles;
         meta[2 * n_exp + 1] = n_tiles2;
+        meta[2 * n_exp + 2] = n_tiles1;
     }
     // 3. Placement: lanes sharing an expert take consecutive rows in lane (= slot) order.
     for (int s0 = c0; s0 < c1; s0 += 32) {
@@ -1822,7 +1841,8 @@ DS4_PF_PX(pf_mxw, q2_k, PxQ2K, PX_MXW)
 DS4_PF_PX(pf_mxw, iq2_xxs, PxIq2, PX_MXW)
 
 // pf_mxw4_iq2_xxs's entry: px_kernel's setup for 512 threads over pf_group's tiles of up to
-// 128 tokens (`tiles2`); token groups past 8 run as the next even count (zero tokens, whose
+// 128 tokens (`tiles2`: the experts of more than 64 rows; pf_mxw takes the others' `tiles1`
+// in a second launch); token groups past 8 run as the next even count (zero tokens, whose
 // outputs are not stored). Needs what pf_mxw needs, plus dynamic shared memory 2·PX_BM·80
 // bytes. Built for every architecture, empty outside sm_90a (never launched there).
 extern "C" __global__ void __launch_bounds__(512, 1)
