@@ -54,31 +54,32 @@ use crate::model::cache::LayerCache;
 use crate::model::Model;
 use crate::quant::{self, GgmlType};
 
-/// Largest chunk the GPU processes at once by default (longer prefills are split). A longer
-/// chunk gives each routed expert more tokens per decoded weight (`pf_mxw4` takes up to 128 a
-/// tile: an expert averages 96 of a 4096-token chunk's 24,576 slots, 48 of a 2048-token
-/// chunk's), and fewer chunk-layers pay their fixed costs; prefill at a 4k context went from
-/// 2.76 to 2.21 µs a token a layer (bench/RESULTS.md, eighteenth session). It bounds the
-/// scratch memory: for the flash shapes 0.74 MB of f32 activations per token (3 GB at 4096)
-/// plus `4·(ctx/4 + 1)` bytes of indexer scores per token (256 MB at 4096 tokens and a 64k
-/// context), the head's `LOGITS_CHUNK` rows (130 MB) and, in production mode, f16/GEMM
-/// scratch (prefill.rs). Exact-mode results do not depend on the split; production prefill's
-/// dense cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
+/// Chunk lengths of the GPU's prefill (longer prefills are split): [`gpu_chunk`] picks
+/// `GPU_CHUNKS[0]` up to a context of `LONG_CTX[0]` positions, `[1]` up to `LONG_CTX[1]`,
+/// else `[2]`; a session whose scratch does not fit in GPU memory takes the next shorter one.
+/// A longer chunk gives each routed expert more tokens per decoded weight (`pf_mxw4` takes up
+/// to 128 a tile: an expert averages 96 of a 4096-token chunk's 24,576 slots, 48 of a
+/// 2048-token chunk's) and fewer chunk-layers pay their fixed costs (bench/RESULTS.md,
+/// eighteenth session: 8 layers, prefill +11.5% at 4096 tokens against 2048 with the same
+/// kernels, +5% at 8192 against 4096). The chunk bounds the scratch memory: for the flash
+/// shapes ~0.74 MB of f32 activations and ~0.4 MB of f16 copies per token (~9 GB at 8192),
+/// plus `4·(ctx/4 + 1)` bytes of indexer scores per token, which the context steps keep
+/// under ~2 GiB. Exact-mode results do not depend on the split; production prefill's dense
+/// cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
 /// shape), never from run to run.
-pub const GPU_CHUNK: usize = 4096;
-/// The default chunk past [`LONG_CTX`] positions, where the indexer's scores (`4·ctx/4` bytes
-/// a token of the chunk) would pass 2 GiB at [`GPU_CHUNK`].
-const GPU_CHUNK_LONG: usize = 2048;
-/// See [`GPU_CHUNK_LONG`].
-const LONG_CTX: usize = 1 << 19;
+const GPU_CHUNKS: [usize; 3] = [8192, 4096, 2048];
+/// See [`GPU_CHUNKS`].
+const LONG_CTX: [usize; 2] = [1 << 17, 1 << 19];
 
-/// The chunk length of a session of `ctx` positions: `DS4_CUDA_CHUNK` when it is a multiple of
-/// 256 in 256..=8192, else [`GPU_CHUNK`] ([`GPU_CHUNK_LONG`] past [`LONG_CTX`]).
+/// The chunk length a session of `ctx` positions asks for: `DS4_CUDA_CHUNK` when it is a
+/// multiple of 256 in 256..=8192, else from [`GPU_CHUNKS`] by the context.
 pub fn gpu_chunk(ctx: usize) -> usize {
-    let default = if ctx > LONG_CTX {
-        GPU_CHUNK_LONG
+    let default = if ctx <= LONG_CTX[0] {
+        GPU_CHUNKS[0]
+    } else if ctx <= LONG_CTX[1] {
+        GPU_CHUNKS[1]
     } else {
-        GPU_CHUNK
+        GPU_CHUNKS[2]
     };
     match std::env::var("DS4_CUDA_CHUNK") {
         Ok(v) => match v.trim().parse::<usize>() {
@@ -93,6 +94,11 @@ pub fn gpu_chunk(ctx: usize) -> usize {
         },
         Err(_) => default,
     }
+}
+
+/// Whether `e` is the driver running out of device memory.
+fn out_of_memory(e: &CudaError) -> bool {
+    matches!(e, CudaError::Driver(d) if d.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
 }
 
 /// Chunk length when the logits of every position are requested (bounds the logits
@@ -873,7 +879,7 @@ struct LayerState {
     index: Option<CompState>,
 }
 
-/// Scratch of one session, sized for [`GPU_CHUNK`] tokens.
+/// Scratch of one session, sized for a chunk of `chunk_len` tokens.
 struct Scratch {
     tokens: CudaSlice<i32>,
     /// Position of the chunk's first token (read by the kernels, so graphs can replay).
@@ -903,7 +909,7 @@ struct Scratch {
     iq: CudaSlice<f32>,
     iw: CudaSlice<f32>,
     isc: CudaSlice<f32>,
-    /// The indexer queries as bf16 (`GPU_CHUNK × idx_heads × idx_dim`; 1 without an
+    /// The indexer queries as bf16 (`chunk × idx_heads × idx_dim`; 1 without an
     /// indexer), written by `k_idx_q_finish` for `k_idx_scores_tc`.
     iq16: CudaSlice<u16>,
     isc_ld: usize,
@@ -911,15 +917,15 @@ struct Scratch {
     cnt: CudaSlice<i32>,
     /// `k_topk_mb`'s work buffer (histograms, counts, grid barrier), zero-initialized.
     topk_work: CudaSlice<i32>,
-    /// A prefill chunk's RoPE angles for the layer at hand (`k_rope_cs`: `GPU_CHUNK ×
+    /// A prefill chunk's RoPE angles for the layer at hand (`k_rope_cs`: `chunk ×
     /// n_rot/2` (cos, sin) pairs), read by the query and indexer-query finishes.
     rope_cs: CudaSlice<f32>,
     o: CudaSlice<f32>,
     /// Production-mode attention: scores `DECODE_SPLIT × 8 × n_head × att_rows` (decode
-    /// steps' split partials; `GPU_CHUNK × …` when chunks take the f32 passes too, i.e.
+    /// steps' split partials; `chunk × …` when chunks take the f32 passes too, i.e.
     /// `DS4_CUDA_ATT_TC=0` or the tiled passes forced in exact mode — tensor-core chunks keep
     /// their scores in shared memory), partial outputs of a split pass `DECODE_SPLIT × 8 ×
-    /// n_head × Dh`, inverse denominators `GPU_CHUNK × n_head`.
+    /// n_head × Dh`, inverse denominators `chunk × n_head`.
     att_sc: CudaSlice<f32>,
     att_part: CudaSlice<f32>,
     att_inv: CudaSlice<f32>,
@@ -1048,14 +1054,14 @@ struct PfScratch {
     /// tensor-core attention for attn_output_a).
     x16: CudaSlice<u16>,
     /// f16 copies written by their producers (so the GEMMs reading them convert nothing):
-    /// hc_pre's `y` (`GPU_CHUNK × D`) and the normalized `qr` (`GPU_CHUNK × q_lora_rank`).
+    /// hc_pre's `y` (`chunk × D`) and the normalized `qr` (`chunk × q_lora_rank`).
     y16: CudaSlice<u16>,
     qr16: CudaSlice<u16>,
-    /// out_a's output `low` as f16 (`GPU_CHUNK × o_groups × o_lora_rank`), out_b's input.
+    /// out_a's output `low` as f16 (`chunk × o_groups × o_lora_rank`), out_b's input.
     low16: CudaSlice<u16>,
     /// The f16 copies of the rows the tensor-core attention reads (`k_att_rows16`): the raw
     /// window, a chunk's rows and the most compressed rows a layer keeps at this context,
-    /// (`swa` + `GPU_CHUNK` + ctx / smallest ratio) × `head_dim` halves (1 when the tensor-core
+    /// (`swa` + chunk + ctx / smallest ratio) × `head_dim` halves (1 when the tensor-core
     /// attention is not used).
     att16: CudaSlice<u16>,
     /// Per-token RMS scale of the state from `k_hc_pre_pf`, read by `k_hc_comb`.
@@ -1140,7 +1146,6 @@ impl GpuSession {
                 },
             });
         }
-        let m = gpu_chunk(ctx);
         let any4 = (0..c.n_layer).any(|il| c.ratio(il) == 4);
         // A multiple of 4 so that a chunk's top-k reads its score rows in 16-byte loads
         // (k_topk1).
@@ -1187,136 +1192,155 @@ impl GpuSession {
                 })
                 .max()
                 .unwrap_or(0);
-        let gids: Vec<i32> = (0..m * c.o_groups)
-            .map(|i| (i % c.o_groups) as i32)
-            .collect();
-        let s = Scratch {
-            tokens: be.upload_i32(&vec![0; m])?,
-            pos: be.stream().clone_htod(&[0i64])?,
-            x: a(m * c.hc * d)?,
-            x2: a(c.hc * d)?,
-            mix: a(m * c.hc_mix().max(c.hc))?,
-            y: a(m * d)?,
-            f: a(m * d)?,
-            post: a(m * c.hc)?,
-            comb: a(m * c.hc * c.hc)?,
-            hcpart: a((c.hc * d).div_ceil(256) * c.hc_mix())?,
-            hcss: be.stream().alloc_zeros::<f64>((c.hc * d).div_ceil(256))?,
-            clog: a(c.hc * c.hc)?,
-            qr: a(m * c.q_lora_rank)?,
-            q: a(m * hd)?,
-            kv: a(m * c.head_dim)?,
-            ckv: a(m * cw)?,
-            csc: a(m * cw)?,
-            ickv: a(cw)?,
-            icsc: a(cw)?,
-            iq: a(m * c.idx_heads * c.idx_dim)?,
-            iw: a(m * c.idx_heads)?,
-            isc: a(if any4 { m * isc_ld } else { 1 })?,
-            iq16: be.stream().alloc_zeros::<u16>(if any4 {
-                m * c.idx_heads * c.idx_dim
-            } else {
-                1
-            })?,
-            isc_ld,
-            sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
-            cnt: be.upload_i32(&vec![0; m])?,
-            topk_work: be.upload_i32(&vec![0; attn::TOPK_MB_WORDS])?,
-            rope_cs: a(m * c.n_rot.max(2))?,
-            o: a(m * hd)?,
-            att_sc: a(if !tiled {
-                1
-            } else {
-                // Production chunks of more than 8 tokens run on tensor cores (no scores
-                // buffer); the f32 passes then only serve decode steps (split partials).
-                let chunk_rows = if tc_chunks { 0 } else { m };
-                chunk_rows.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
-            })?,
-            att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
-            att_inv: a(m * c.n_head)?,
-            att_rows,
-            low: a(m * c.o_groups * c.o_lora_rank)?,
-            gids: be.upload_i32(&gids)?,
-            rl: a(m * c.n_expert)?,
-            ids: be.upload_i32(&vec![0; m * k])?,
-            wts: a(m * k)?,
-            zk: a(m * k * d)?,
-            g: a(m * k * f)?,
-            u: a(m * k * f)?,
-            shg: a(m * f)?,
-            shu: a(m * f)?,
-            dn: a(m * k * d)?,
-            sh: a(m * d)?,
-            h: a(LOGITS_CHUNK * d)?,
-            logits: a(LOGITS_CHUNK * c.n_vocab)?,
-            q0: a(qn.div_ceil(4))?,
-            d0: a(qn / 32)?,
-            qk: a(qn.div_ceil(4))?,
-            dk: a(qn / 256)?,
-            q0s: a(qn.div_ceil(4))?,
-            d0s: a(qn / 32)?,
-            qks: a(qn.div_ceil(4))?,
-            dks: a(qn / 256)?,
-            nhead: be.upload_i32(&[0; 3])?,
-            nids: be.upload_i32(&vec![0; NARROW_CAP])?,
-            nvals: a(NARROW_CAP)?,
-            nwk: be.upload_i32(&vec![0; narrow_scratch(c.n_vocab).0])?,
-            nwv: a(narrow_scratch(c.n_vocab).1)?,
-            pf: if exact {
-                None
-            } else {
-                // Widest dense weight of a layer (stacked out_a counts whole) and widest
-                // dense input; the output head (vocab rows) stays on the f32 kernel.
-                let mut wmax = 0usize;
-                let mut xmax = hd;
-                for l in &gm.layers {
-                    for w in l.dense_gemm_weights() {
-                        wmax = wmax.max(w.n_rows * w.n_cols * w.n_experts);
-                        xmax = xmax.max(w.n_cols);
+        // The scratch of one chunk of m tokens.
+        let scratch = |m: usize| -> Result<Scratch> {
+            let gids: Vec<i32> = (0..m * c.o_groups)
+                .map(|i| (i % c.o_groups) as i32)
+                .collect();
+            Ok(Scratch {
+                tokens: be.upload_i32(&vec![0; m])?,
+                pos: be.stream().clone_htod(&[0i64])?,
+                x: a(m * c.hc * d)?,
+                x2: a(c.hc * d)?,
+                mix: a(m * c.hc_mix().max(c.hc))?,
+                y: a(m * d)?,
+                f: a(m * d)?,
+                post: a(m * c.hc)?,
+                comb: a(m * c.hc * c.hc)?,
+                hcpart: a((c.hc * d).div_ceil(256) * c.hc_mix())?,
+                hcss: be.stream().alloc_zeros::<f64>((c.hc * d).div_ceil(256))?,
+                clog: a(c.hc * c.hc)?,
+                qr: a(m * c.q_lora_rank)?,
+                q: a(m * hd)?,
+                kv: a(m * c.head_dim)?,
+                ckv: a(m * cw)?,
+                csc: a(m * cw)?,
+                ickv: a(cw)?,
+                icsc: a(cw)?,
+                iq: a(m * c.idx_heads * c.idx_dim)?,
+                iw: a(m * c.idx_heads)?,
+                isc: a(if any4 { m * isc_ld } else { 1 })?,
+                iq16: be.stream().alloc_zeros::<u16>(if any4 {
+                    m * c.idx_heads * c.idx_dim
+                } else {
+                    1
+                })?,
+                isc_ld,
+                sel: be.upload_i32(&vec![0; m * c.idx_topk.max(1)])?,
+                cnt: be.upload_i32(&vec![0; m])?,
+                topk_work: be.upload_i32(&vec![0; attn::TOPK_MB_WORDS])?,
+                rope_cs: a(m * c.n_rot.max(2))?,
+                o: a(m * hd)?,
+                att_sc: a(if !tiled {
+                    1
+                } else {
+                    // Production chunks of more than 8 tokens run on tensor cores (no scores
+                    // buffer); the f32 passes then only serve decode steps (split partials).
+                    let chunk_rows = if tc_chunks { 0 } else { m };
+                    chunk_rows.max(attn::DECODE_SPLIT * 8) * c.n_head * att_rows
+                })?,
+                att_part: a(attn::DECODE_SPLIT * 8 * hd)?,
+                att_inv: a(m * c.n_head)?,
+                att_rows,
+                low: a(m * c.o_groups * c.o_lora_rank)?,
+                gids: be.upload_i32(&gids)?,
+                rl: a(m * c.n_expert)?,
+                ids: be.upload_i32(&vec![0; m * k])?,
+                wts: a(m * k)?,
+                zk: a(m * k * d)?,
+                g: a(m * k * f)?,
+                u: a(m * k * f)?,
+                shg: a(m * f)?,
+                shu: a(m * f)?,
+                dn: a(m * k * d)?,
+                sh: a(m * d)?,
+                h: a(LOGITS_CHUNK * d)?,
+                logits: a(LOGITS_CHUNK * c.n_vocab)?,
+                q0: a(qn.div_ceil(4))?,
+                d0: a(qn / 32)?,
+                qk: a(qn.div_ceil(4))?,
+                dk: a(qn / 256)?,
+                q0s: a(qn.div_ceil(4))?,
+                d0s: a(qn / 32)?,
+                qks: a(qn.div_ceil(4))?,
+                dks: a(qn / 256)?,
+                nhead: be.upload_i32(&[0; 3])?,
+                nids: be.upload_i32(&vec![0; NARROW_CAP])?,
+                nvals: a(NARROW_CAP)?,
+                nwk: be.upload_i32(&vec![0; narrow_scratch(c.n_vocab).0])?,
+                nwv: a(narrow_scratch(c.n_vocab).1)?,
+                pf: if exact {
+                    None
+                } else {
+                    // Widest dense weight of a layer (stacked out_a counts whole) and widest
+                    // dense input; the output head (vocab rows) stays on the f32 kernel.
+                    let mut wmax = 0usize;
+                    let mut xmax = hd;
+                    for l in &gm.layers {
+                        for w in l.dense_gemm_weights() {
+                            wmax = wmax.max(w.n_rows * w.n_cols * w.n_experts);
+                            xmax = xmax.max(w.n_cols);
+                        }
                     }
-                }
-                Some(PfScratch {
-                    w16: be.stream().alloc_zeros::<u16>(wmax.max(1))?,
-                    x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
-                    y16: be.stream().alloc_zeros::<u16>(m * d)?,
-                    qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
-                    low16: be
-                        .stream()
-                        .alloc_zeros::<u16>(m * c.o_groups * c.o_lora_rank)?,
-                    att16: be.stream().alloc_zeros::<u16>(if tc_chunks {
-                        let comp = (0..c.n_layer)
-                            .map(|il| match c.ratio(il) {
-                                0 => 0,
-                                r => ctx / r,
-                            })
-                            .max()
-                            .unwrap_or(0);
-                        (c.swa + m + comp) * c.head_dim
-                    } else {
-                        1
-                    })?,
-                    hsc: a(m)?,
-                    w32: be.alloc_f32(
-                        gm.layers
-                            .iter()
-                            .map(|l| l.gate_inp.n_rows * l.gate_inp.n_cols)
-                            .max()
-                            .unwrap_or(1),
-                    )?,
-                    moe: MoeScratch::new(
-                        be,
-                        m * k,
-                        c.n_expert,
-                        d,
-                        f,
-                        !use_pf_mm()
-                            || gm
-                                .layers
+                    Some(PfScratch {
+                        w16: be.stream().alloc_zeros::<u16>(wmax.max(1))?,
+                        x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
+                        y16: be.stream().alloc_zeros::<u16>(m * d)?,
+                        qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
+                        low16: be
+                            .stream()
+                            .alloc_zeros::<u16>(m * c.o_groups * c.o_lora_rank)?,
+                        att16: be.stream().alloc_zeros::<u16>(if tc_chunks {
+                            let comp = (0..c.n_layer)
+                                .map(|il| match c.ratio(il) {
+                                    0 => 0,
+                                    r => ctx / r,
+                                })
+                                .max()
+                                .unwrap_or(0);
+                            (c.swa + m + comp) * c.head_dim
+                        } else {
+                            1
+                        })?,
+                        hsc: a(m)?,
+                        w32: be.alloc_f32(
+                            gm.layers
                                 .iter()
-                                .any(|l| !fused_fits(&l.gate_exps, &l.up_exps, &l.down_exps)),
-                    )?,
-                })
-            },
+                                .map(|l| l.gate_inp.n_rows * l.gate_inp.n_cols)
+                                .max()
+                                .unwrap_or(1),
+                        )?,
+                        moe: MoeScratch::new(
+                            be,
+                            m * k,
+                            c.n_expert,
+                            d,
+                            f,
+                            !use_pf_mm()
+                                || gm
+                                    .layers
+                                    .iter()
+                                    .any(|l| !fused_fits(&l.gate_exps, &l.up_exps, &l.down_exps)),
+                        )?,
+                    })
+                },
+            })
+        };
+        // The chunk for this context (no longer than the context can use), shorter (down to
+        // the last of GPU_CHUNKS) while its scratch does not fit.
+        let mut m = gpu_chunk(ctx).min(ctx.next_multiple_of(256).max(256));
+        let s = loop {
+            match scratch(m) {
+                Ok(s) => break s,
+                Err(e) if m > GPU_CHUNKS[2] && out_of_memory(&e) => {
+                    let shorter = (m / 2).max(GPU_CHUNKS[2]);
+                    eprintln!(
+                        "ds4: prefill chunks of {m} tokens do not fit in GPU memory; using {shorter}"
+                    );
+                    m = shorter;
+                }
+                Err(e) => return Err(e),
+            }
         };
         Ok(GpuSession {
             gm,
@@ -1633,7 +1657,7 @@ impl GpuSession {
         };
         let mvq =
             |w: &GpuWeight, ids: u64, slots: usize, x: u64, xs: usize, y: u64| -> Result<()> {
-                // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
+                // SAFETY: scratch buffers are sized for `chunk_len` tokens of every product.
                 unsafe {
                     match ActQuant::of(w.ty).filter(|_| int8) {
                         Some(kind) => {
@@ -1738,7 +1762,7 @@ impl GpuSession {
                     }
                     .map(|_| y16)
                 } else {
-                    // SAFETY: scratch buffers are sized for GPU_CHUNK tokens of every product.
+                    // SAFETY: scratch buffers are sized for `chunk_len` tokens of every product.
                     unsafe { be.mm_raw(w, x, nt, y) }.map(|_| false)
                 }
             };
@@ -2423,7 +2447,7 @@ impl GpuSession {
                                 ]
                             );
                         } else if tc {
-                            // SAFETY: as below; iq16 holds GPU_CHUNK × 64 × 128 halves, written
+                            // SAFETY: as below; iq16 holds chunk × 64 × 128 halves, written
                             // by q_finish above.
                             unsafe {
                                 attn::idx_scores_tc(
@@ -2442,7 +2466,7 @@ impl GpuSession {
                             };
                         } else {
                             // SAFETY: iq/iw hold n tokens of ih heads; the indexer rows hold
-                            // (p0 + n) / 4 ≤ vis_max rows; isc is GPU_CHUNK × isc_ld, isc_ld > ctx / 4.
+                            // (p0 + n) / 4 ≤ vis_max rows; isc is chunk × isc_ld, isc_ld > ctx / 4.
                             unsafe {
                                 attn::idx_scores(
                                     be.st(),
@@ -2462,7 +2486,7 @@ impl GpuSession {
                             };
                         }
                     }
-                    // SAFETY: sel is GPU_CHUNK × idx_topk, cnt GPU_CHUNK; scores are read only
+                    // SAFETY: sel is chunk × idx_topk, cnt chunk; scores are read only
                     // for tokens with more than idx_topk visible rows (written above); the
                     // indexer chains of all layers run in order on one stream, so topk_work is
                     // never in two launches at once.
@@ -2667,8 +2691,8 @@ impl GpuSession {
                         ));
                     }
                     // SAFETY: q/o hold n × H × Dh, kv n × Dh, the ring swa × Dh, the compressed
-                    // rows every visible row; att_sc is GPU_CHUNK × H × att_rows ≥ rows_cap;
-                    // x16 (o16) holds GPU_CHUNK × H × Dh halves; cs_tab n × half pairs.
+                    // rows every visible row; att_sc is chunk × H × att_rows ≥ rows_cap;
+                    // x16 (o16) holds chunk × H × Dh halves; cs_tab n × half pairs.
                     unsafe { attn::attend(st, &k.at, &args)? };
                     o16_ready = args.o16 != 0 && args.uses_tc();
                     if args.writes_q8() {
@@ -2686,7 +2710,7 @@ impl GpuSession {
                 let hd = c.n_head * c.head_dim;
                 let gw = hd / g;
                 // o holds n·G inputs of gw, low n·G outputs of Lo; gids is 0..G
-                // repeated for GPU_CHUNK tokens.
+                // repeated for chunk tokens.
                 // Production prefill: out_a writes `low` as f16 straight into low16, which
                 // out_b reads as its input: no f32 `low` and no conversion of it (~45 µs a
                 // 2048-token chunk).
@@ -2842,7 +2866,7 @@ impl GpuSession {
                 let fused_sum = pf.filter(|_| d.is_multiple_of(4));
                 if let Some(ps) = pf {
                     // SAFETY: ids/wts hold `slots` entries from the router (ids < n_expert),
-                    // y n rows of D, dn `slots` rows of D; the scratch holds GPU_CHUNK·k slots.
+                    // y n rows of D, dn `slots` rows of D; the scratch holds chunk·k slots.
                     unsafe {
                         moe_grouped(
                             be,
