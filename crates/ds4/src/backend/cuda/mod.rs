@@ -55,7 +55,9 @@
 //! `pf_mx(s)_<t>` for IQ2_XXS / Q2_K experts; off = `pf_mm_<t>`), `DS4_CUDA_PF_MXS` (its
 //! shared-memory staging; off = `pf_mx_<t>`), `DS4_CUDA_PF_MXW` (its wgmma form on Hopper; off =
 //! `pf_mxs_<t>`), `DS4_CUDA_PF_Q8` (the Q2_K down product of that form on int8 wgmma with Q8_K
-//! activations, `pf_mxq_q2_k`; off = f16 `pf_mxw_q2_k`), `DS4_CUDA_ROUTER_SGEMM` (router product as
+//! activations, `pf_mxq_q2_k`; off = f16 `pf_mxw_q2_k`), `DS4_CUDA_PF_W4` (the IQ2_XXS gate|up of
+//! the experts of more than 64 rows on `pf_mxw4_iq2_xxs`, tiles of up to 128 tokens; off = all
+//! on `pf_mxw`; the same bits), `DS4_CUDA_ROUTER_SGEMM` (router product as
 //! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
 //! lightning indexer's scores on tensor cores in production steps, prefill and decode; off = the
 //! f32 kernel), `DS4_CUDA_IDX_WG` (those scores on wgmma in prefill chunks on Hopper,
@@ -79,7 +81,8 @@
 //! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_F16_COPY=0` keeps
 //! no f16 copy of the quantized dense weights (prefill then dequantizes them for every chunk;
 //! by default the copy is made at load when 24 GiB of GPU memory stay free, `=1` always).
-//! `DS4_CUDA_CACHE=DIR` moves
+//! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 4096,
+//! 2048 past a 512k context). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!
 //! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;
