@@ -294,6 +294,33 @@ pub(crate) fn use_priorities() -> bool {
     super::switch_on("DS4_CUDA_PRIO")
 }
 
+/// Keeps the memory the stream-ordered allocator frees in the device's default pool instead of
+/// returning it to the driver at each synchronization (the pool's release threshold, 0 by
+/// default, set to the maximum): a session's buffers that grow with the context (`grow_rows`,
+/// during prefill) and the scratch of the next session then reuse mapped memory instead of
+/// mapping it anew. The memory stays this process's (an inference server's own). A failure
+/// here only costs that speed, so it is ignored. `DS4_CUDA_POOL_KEEP=0` leaves the default.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    if !super::switch_on("DS4_CUDA_POOL_KEEP") {
+        return;
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the context is current on this thread (CudaContext::new binds it); both calls
+    // only read and write the locals passed.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().is_ok() {
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result();
+        }
+    }
+}
+
 /// A side-stream branch queued by [`CudaBackend::fork`], joined back into the main stream.
 #[must_use = "the main stream must join the branch before using its results"]
 pub struct Fork<'a> {
@@ -369,6 +396,7 @@ impl CudaBackend {
         // SAFETY: no CudaSlice exists yet. The one place work runs on other streams
         // (`fork_on`) orders it by explicit events, which is what the tracking would add.
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         // A created (non-default) stream: CUDA graph capture, which the decode loop uses,
         // is not allowed on the legacy default stream.
         // Stream priorities, which decode graphs keep per kernel node (session.rs
