@@ -81,6 +81,8 @@
 //! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_F16_COPY=0` keeps
 //! no f16 copy of the quantized dense weights (prefill then dequantizes them for every chunk;
 //! by default the copy is made at load when 24 GiB of GPU memory stay free, `=1` always).
+//! `DS4_CUDA_POOL_KEEP=0` lets the stream-ordered allocator return freed memory to the
+//! driver at each synchronization (by default the device's pool keeps it for reuse).
 //! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 4096,
 //! 2048 past a 512k context). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
