@@ -310,7 +310,10 @@ fn keep_pool_memory(ctx: &CudaContext) {
     // SAFETY: the context is current on this thread (CudaContext::new binds it); both calls
     // only read and write the locals passed.
     unsafe {
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().is_ok() {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .is_ok()
+        {
             let _ = sys::cuMemPoolSetAttribute(
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,

@@ -83,8 +83,8 @@
 //! by default the copy is made at load when 24 GiB of GPU memory stay free, `=1` always).
 //! `DS4_CUDA_POOL_KEEP=0` lets the stream-ordered allocator return freed memory to the
 //! driver at each synchronization (by default the device's pool keeps it for reuse).
-//! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 4096,
-//! 2048 past a 512k context). `DS4_CUDA_CACHE=DIR` moves
+//! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 8192 up
+//! to a 128k context, 4096 up to 512k, else 2048). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //!
 //! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;

@@ -55,30 +55,30 @@ use crate::model::Model;
 use crate::quant::{self, GgmlType};
 
 /// Chunk lengths of the GPU's prefill (longer prefills are split): [`gpu_chunk`] picks
-/// `GPU_CHUNKS[0]` up to a context of `LONG_CTX` positions, else `[1]`; a session whose
-/// scratch does not fit in GPU memory takes the shorter one. A longer chunk gives each routed
-/// expert more tokens per decoded weight (`pf_mxw4` takes up to 128 a tile: an expert
-/// averages 96 of a 4096-token chunk's 24,576 slots, 48 of a 2048-token chunk's) and fewer
-/// chunk-layers pay their fixed costs: prefill +13–16% at the 8k–64k frontiers against 2048
-/// (bench/RESULTS.md, eighteenth session). 8192 was measured too: +5% at 16k–64k, but −2 to
-/// −4% for the pieces of 2k–8k (which a session with a larger scratch runs slower, cause not
-/// found), so it is left to `DS4_CUDA_CHUNK`. The chunk bounds the scratch memory: for the
-/// flash shapes ~0.74 MB of f32 activations and ~0.4 MB of f16 copies per token (~4.5 GB at
-/// 4096), plus `4·(ctx/4 + 1)` bytes of indexer scores per token, which `LONG_CTX` keeps
-/// under ~2 GiB. Exact-mode results do not depend on the split; production prefill's dense
-/// cuBLAS GEMMs may round differently for another chunk length (cuBLAS picks kernels by
-/// shape), never from run to run.
-const GPU_CHUNKS: [usize; 2] = [4096, 2048];
+/// `GPU_CHUNKS[0]` up to a context of `LONG_CTX[0]` positions, `[1]` up to `LONG_CTX[1]`,
+/// else `[2]`; a session whose scratch does not fit in GPU memory takes a shorter one. A
+/// longer chunk gives each routed expert more tokens per decoded weight (`pf_mxw4` takes up to
+/// 128 a tile: an expert averages 96 of a 4096-token chunk's 24,576 slots, 48 of a 2048-token
+/// chunk's) and fewer chunk-layers pay their launches' ramps and tails: whole-model prefill
+/// +15–17% at the 8k–32k frontiers with 4096 against 2048, and +5–6% more at 16k–64k with
+/// 8192 (bench/RESULTS.md, eighteenth session). The chunk bounds the scratch memory: for the
+/// flash shapes ~1.15 MB a token (~9.4 GB at 8192), plus `4·(ctx/4 + 1)` bytes of indexer
+/// scores per token, which the context steps keep under ~2 GiB. Exact-mode results do not
+/// depend on the split; production prefill's dense cuBLAS GEMMs may round differently for
+/// another chunk length (cuBLAS picks kernels by shape), never from run to run.
+const GPU_CHUNKS: [usize; 3] = [8192, 4096, 2048];
 /// See [`GPU_CHUNKS`].
-const LONG_CTX: usize = 1 << 19;
+const LONG_CTX: [usize; 2] = [1 << 17, 1 << 19];
 
 /// The chunk length a session of `ctx` positions asks for: `DS4_CUDA_CHUNK` when it is a
 /// multiple of 256 in 256..=8192, else from [`GPU_CHUNKS`] by the context.
 pub fn gpu_chunk(ctx: usize) -> usize {
-    let default = if ctx <= LONG_CTX {
+    let default = if ctx <= LONG_CTX[0] {
         GPU_CHUNKS[0]
-    } else {
+    } else if ctx <= LONG_CTX[1] {
         GPU_CHUNKS[1]
+    } else {
+        GPU_CHUNKS[2]
     };
     match std::env::var("DS4_CUDA_CHUNK") {
         Ok(v) => match v.trim().parse::<usize>() {
@@ -1331,8 +1331,8 @@ impl GpuSession {
         let s = loop {
             match scratch(m) {
                 Ok(s) => break s,
-                Err(e) if m > GPU_CHUNKS[1] && out_of_memory(&e) => {
-                    let shorter = (m / 2).max(GPU_CHUNKS[1]);
+                Err(e) if m > GPU_CHUNKS[2] && out_of_memory(&e) => {
+                    let shorter = (m / 2).max(GPU_CHUNKS[2]);
                     eprintln!(
                         "ds4: prefill chunks of {m} tokens do not fit in GPU memory; using {shorter}"
                     );
@@ -1341,6 +1341,9 @@ impl GpuSession {
                 Err(e) => return Err(e),
             }
         };
+        // The scratch's zeroing is queued on the stream: a new session is ready when it is
+        // done, not inside its first prefill.
+        be.synchronize()?;
         Ok(GpuSession {
             gm,
             ctx,
