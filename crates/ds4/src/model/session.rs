@@ -119,8 +119,9 @@ impl Session {
             return Ok(None);
         }
         let t0 = std::time::Instant::now();
-        let n = crate::backend::cuda::session::gpu_chunk(model.cfg.context_length)
-            .min(model.cfg.context_length.max(3) - 2);
+        // The chunk the sessions of `opts`' context will take (the GEMM shapes to warm).
+        let ctx = opts.ctx.unwrap_or(model.cfg.context_length);
+        let n = crate::backend::cuda::session::gpu_chunk(ctx).min(ctx.max(3) - 2);
         let mut s = Session::new(model, opts.clone().with_ctx(n + 2))?;
         if s.gpu.is_none() {
             return Ok(None);

@@ -20,7 +20,11 @@
 //!   On Hopper the products run on wgmma (`pf_mxw_<t>`), and the Q2_K down product on int8
 //!   wgmma (`pf_mxq_q2_k`, `DS4_CUDA_PF_Q8`): its input rows are quantized to Q8_K as the
 //!   CPU quantizes an expert linear's input (`pf_swiglu_q8`), the integer sums are exact
-//!   and only the min term's two operands are rounded to f16 (prefill.cu).
+//!   and only the min term's two operands are rounded to f16 (prefill.cu). The IQ2_XXS
+//!   gate|up of the experts with more than 64 rows runs on `pf_mxw4_iq2_xxs` (512 threads,
+//!   tiles of up to 128 rows, so their weights are decoded once per 128 tokens; the same
+//!   bits as `pf_mxw`), the other experts' on `pf_mxw` (`pf_group`'s second and third tile
+//!   lists; `DS4_CUDA_PF_W4`).
 //!   The clamped SwiGLU × routing weight uses k_swiglu's expressions (result rounded to
 //!   f16); the rows go back to slot order for the ordinary `k_moe_sum`. A second path
 //!   (`DS4_CUDA_PF_MM=0`, or shapes `pf_mm` does not take) dequantizes batches of experts

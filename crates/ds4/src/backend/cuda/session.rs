@@ -3033,7 +3033,24 @@ fn grow_rows(be: &CudaBackend, cs: &mut CompState, needed: usize) -> Result<()> 
 
 #[cfg(test)]
 mod tests {
-    use super::wont_fit;
+    use super::{gpu_chunk, wont_fit};
+
+    #[test]
+    fn the_prefill_chunk_shortens_as_the_context_grows() {
+        // A DS4_CUDA_CHUNK in the test's environment overrides the policy under test.
+        if std::env::var_os("DS4_CUDA_CHUNK").is_some() {
+            return;
+        }
+        assert_eq!(gpu_chunk(4096), 8192);
+        assert_eq!(gpu_chunk(1 << 17), 8192);
+        assert_eq!(gpu_chunk((1 << 17) + 1), 4096);
+        assert_eq!(gpu_chunk(1 << 19), 4096);
+        assert_eq!(gpu_chunk(1 << 20), 2048);
+        // The indexer's scores, 4·(ctx/4 + 1) bytes a chunk token, stay near 2 GiB at most.
+        for ctx in [1 << 17, 1 << 19, 1 << 20] {
+            assert!(gpu_chunk(ctx) * (ctx / 4 + 1) * 4 <= (2 << 30) + (1 << 16));
+        }
+    }
 
     #[test]
     fn a_model_larger_than_free_memory_is_refused_with_the_sizes() {
