@@ -2815,26 +2815,17 @@ fn check_moe_grouped(
     // Level 4: level 3 with the Q2_K down product on int8 tensor cores (pf_mxq_q2_k, where
     // it runs: Hopper, F a multiple of 1024); level 3 then runs with it off.
     // Level 5: level 4 with the IQ2_XXS gate|up over 128-token tiles (pf_mxw4_iq2_xxs).
-    let modes: &[(bool, u8)] = if d > 1024 {
-        &[
-            (true, 4),
-            (true, 5),
-            (true, 3),
-            (true, 2),
-            (true, 1),
-            (true, 0),
-        ]
-    } else {
-        &[
-            (true, 4),
-            (true, 5),
-            (true, 3),
-            (true, 2),
-            (true, 1),
-            (true, 0),
-            (false, 0),
-        ]
-    };
+    let mut modes: Vec<(bool, u8)> = vec![
+        (true, 4),
+        (true, 5),
+        (true, 3),
+        (true, 2),
+        (true, 1),
+        (true, 0),
+    ];
+    if d <= 1024 {
+        modes.push((false, 0));
+    }
     let mx_types = |t: GgmlType| matches!(t, GgmlType::IQ2_XXS | GgmlType::Q2_K);
     let has_mx = mx_types(tg) || mx_types(td);
     // pf_mxs needs rows of a multiple of 16 bytes (IQ2_XXS: 2048 columns, Q2_K: 1024).
@@ -2849,7 +2840,7 @@ fn check_moe_grouped(
     // pf_mxw4 takes pf_mxw's f16 products over longer tiles: its gate|up rows against
     // level 4's (pf_mxw's).
     let mut mxw_gu: Option<Vec<f32>> = None;
-    for &(fused, level) in modes {
+    for &(fused, level) in &modes {
         let kname = match (fused, level) {
             (true, 5) if has_mxs && kf.has_mxw4() && tg == GgmlType::IQ2_XXS => "moe_grouped_mxw4",
             (true, 4) if has_mxs && kf.has_mxq() && td == GgmlType::Q2_K && f % 1024 == 0 => {

@@ -951,10 +951,10 @@ __device__ __forceinline__ void px_tables(PxTables& T, int tid) {
     }
 }
 
-template <int NG>
-__device__ __forceinline__ void px_zero(float (&acc)[2][NG][4]) {
+template <int NG, int J = 2>
+__device__ __forceinline__ void px_zero(float (&acc)[J][NG][4]) {
 #pragma unroll
-    for (int a = 0; a < 2; a++)
+    for (int a = 0; a < J; a++)
 #pragma unroll
         for (int b = 0; b < NG; b++)
 #pragma unroll
@@ -981,13 +981,13 @@ __device__ __forceinline__ void px_mma(float (&acc)[2][NG][4], const u32 (&af)[4
 
 // Writes the block's outputs: accumulator (mi, ni, c) is sorted row r0 + 8ni + 2t4 (+1 for
 // odd c), output column rbase + MSTEP·mi + g (+8 for c >= 2).
-template <int NG, int MSTEP>
-__device__ __forceinline__ void px_store(const float (&acc)[2][NG][4], int rbase, int m_total,
+template <int NG, int MSTEP, int J = 2>
+__device__ __forceinline__ void px_store(const float (&acc)[J][NG][4], int rbase, int m_total,
                                          int r0, int cnt, float* __restrict__ out) {
     int lane = threadIdx.x & 31;
     int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++)
+    for (int mi = 0; mi < J; mi++)
 #pragma unroll
         for (int ni = 0; ni < NG; ni++) {
             int row = rbase + mi * MSTEP + g;
@@ -1076,8 +1076,10 @@ __device__ __forceinline__ void px_cp16(void* dst, const void* src, bool valid) 
 }
 
 // Copies block q of the block's 256 rows (row 0 at wrow, rowb bytes apart) into stage st.
-template <class L, int ROWS = PX_BM>
+// THREADS: the block's threads (512 only for the grouped IQ2_XXS slots, pf_mxw4).
+template <class L, int ROWS = PX_BM, int THREADS = 256>
 __device__ __forceinline__ void px_stage(u8* As, const u8* wrow, i64 rowb, int q, int st) {
+    static_assert(THREADS == 256 || (L::kGroups && ROWS == 256), "px_stage's thread shares");
     u8* dst = As + st * (ROWS * L::kRS);
     if (L::kGroups) {
         // IQ2_XXS: the block's 4 code chunks (64q + 16u = 528u + 64(q % 8) in group u), then
@@ -1085,11 +1087,13 @@ __device__ __forceinline__ void px_stage(u8* As, const u8* wrow, i64 rowb, int q
         // (which cost the loop its uniform-register addressing).
         const int u = q >> 3, co = 64 * q + 16 * u;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int c = (int)threadIdx.x + 256 * i, row = c >> 2, part = c & 3;
+        for (int i = 0; i < 1024 / THREADS; i++) {
+            int c = (int)threadIdx.x + THREADS * i, row = c >> 2, part = c & 3;
             px_cp16(dst + row * L::kRS + 16 * part, wrow + (i64)row * rowb + co + 16 * part, true);
         }
-        px_cp16(dst + threadIdx.x * L::kRS + 64, wrow + (i64)threadIdx.x * rowb + 528 * u + 512, true);
+        if (THREADS == 256 || threadIdx.x < 256)
+            px_cp16(dst + threadIdx.x * L::kRS + 64, wrow + (i64)threadIdx.x * rowb + 528 * u + 512,
+                    true);
         return;
     }
     i64 lo = ((i64)q * L::kBlockBytes) & ~(i64)15;
@@ -1295,10 +1299,10 @@ __device__ __forceinline__ void pxw_wait1() {
 }
 
 // Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
-template <int NG>
-__device__ __forceinline__ void pxw_hold(float (&acc)[2][NG][4]) {
+template <int NG, int J>
+__device__ __forceinline__ void pxw_hold(float (&acc)[J][NG][4]) {
 #pragma unroll
-    for (int j = 0; j < 2; j++)
+    for (int j = 0; j < J; j++)
 #pragma unroll
         for (int n = 0; n < NG; n++)
 #pragma unroll
@@ -1314,16 +1318,16 @@ __device__ __forceinline__ u64 pxq_desc(u32 a, u32 sbo) {
 // pf_mxw's B operand (8 tokens = 4 core matrices of 128 bytes along k: SBO 512).
 __device__ __forceinline__ u64 pxw_desc(u32 a) { return pxq_desc(a, 512); }
 
-// The step's 4 wgmma: halves j x k16 steps kk. af[ri]: row 8ri + g of this warp's 32 rows in
-// pf_mx's numbering, here ri = 2j + h (h: row g or g + 8 of half j).
-template <int NG>
-__device__ __forceinline__ void pxw_step(float (&acc)[2][NG][4], const u32 (&af)[4][4], u32 bslot) {
+// The step's 2J wgmma: halves j x k16 steps kk. af[ri]: row 8ri + g of this warp's 32 rows in
+// pf_mx's numbering (J = 2), here ri = 2j + h (h: row g or g + 8 of half j).
+template <int NG, int J>
+__device__ __forceinline__ void pxw_step(float (&acc)[J][NG][4], const u32 (&af)[2 * J][4], u32 bslot) {
     pxw_fence();
 #pragma unroll
     for (int kk = 0; kk < 2; kk++) {
         u64 desc = pxw_desc(bslot + kk * 256);
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
+        for (int j = 0; j < J; j++) {
             const u32 a[4] = {af[2 * j][2 * kk], af[2 * j + 1][2 * kk], af[2 * j][2 * kk + 1],
                               af[2 * j + 1][2 * kk + 1]};
             pxw_mma<NG>(acc[j], a, desc);
@@ -1332,63 +1336,70 @@ __device__ __forceinline__ void pxw_step(float (&acc)[2][NG][4], const u32 (&af)
     pxw_commit();
 }
 
-template <class L, int NG>
+// One block of pf_mxw (J = 2: 256 threads, warpgroup wg owns rows 128wg..+127 as two m64
+// halves j, tiles of up to 64 tokens) or of pf_mxw4 (J = 1: 512 threads, one m64 a warpgroup,
+// tiles of up to 128 tokens); see above for the rest.
+template <class L, int NG, int J = 2>
 __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTables& T, u16* Bs,
                                          u8* As, int m0, int m_total, int k_dim, int r0, int cnt,
                                          const u16* __restrict__ xs, float* __restrict__ out) {
+    constexpr int THREADS = 512 / J, BN = 128 / J;  // threads; tokens a ring slot holds
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int g = lane >> 2, t4 = lane & 3;
     int wg = warp >> 2, w4 = warp & 3;
     // Copy: token bn = tid/4, 16 bytes = permuted columns 8kc..8kc+7 (kc = tid%4) of the step,
-    // to its core matrix.
+    // to its core matrix (zeros past the count). pf_mxw4's warps whose 8 tokens lie past the
+    // tile's 8·NG copy nothing.
     int bn = tid >> 2, kc = tid & 3;
-    bool bval = bn < cnt;
+    bool bcopy = J == 2 || bn < 8 * NG, bval = bn < cnt;
     const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + kc * 8;
     u16* bdst = Bs + ((bn >> 3) * 512 + kc * 128 + (bn & 7) * 16) / 2;
     u32 bs0 = (u32)__cvta_generic_to_shared(Bs);
-    // This thread's row of (j, h) = (ri / 2, ri % 2): 128wg + 64j + 16w4 + 8h + g.
-    const u8* arow = As + (wg * 128 + w4 * 16 + g) * L::kRS;
-    const int roff[4] = {0, 8 * L::kRS, 64 * L::kRS, 72 * L::kRS};
+    // This thread's row of (j, h) = (ri / 2, ri % 2): 64J·wg + 64j + 16w4 + 8h + g.
+    const u8* arow = As + (wg * 64 * J + w4 * 16 + g) * L::kRS;
+    int roff[2 * J];
+#pragma unroll
+    for (int ri = 0; ri < 2 * J; ri++) roff[ri] = (64 * (ri >> 1) + 8 * (ri & 1)) * L::kRS;
     int nk = k_dim / PX_BK, nq = k_dim >> 8;
-    float acc[2][NG][4];
-    px_zero<NG>(acc);
-    u32 af0[4][4], af1[4][4];
-    px_stage<L>(As, wrow, rowb, 0, 0);
-    pf_cp16(bdst, xrow, bval);
+    float acc[J][NG][4];
+    px_zero<NG, J>(acc);
+    u32 af0[2 * J][4], af1[2 * J][4];
+    px_stage<L, PX_BM, THREADS>(As, wrow, rowb, 0, 0);
+    if (bcopy) pf_cp16(bdst, xrow, bval);
     pf_cp_commit();
-    pf_cp16(bdst + PX_BN * PX_BK, xrow + PX_BK, bval);
+    if (bcopy) pf_cp16(bdst + BN * PX_BK, xrow + PX_BK, bval);
     pf_cp_commit();
     pf_cp_wait1();
     __syncthreads();  // tables, block 0 of A, B(0)
-    L ld[4];
+    L ld[2 * J];
 #pragma unroll
-    for (int ri = 0; ri < 4; ri++) {
+    for (int ri = 0; ri < 2 * J; ri++) {
         ld[ri].load_s(arow + roff[ri], 0, t4);
         ld[ri].decode(af0[ri], T, t4, 0);
     }
     // One step: B(s) in ring slot bs; decodes step s + 1 into an.
-    auto step = [&](int s, int bs, const u32 (&ac)[4][4], u32 (&an)[4][4]) {
+    auto step = [&](int s, int bs, const u32 (&ac)[2 * J][4], u32 (&an)[2 * J][4]) {
         pf_cp_wait1();
         __syncthreads();  // B(s) visible; every group of step s - 1 is done (waited below), so
                           // slot (s + 2) % 3 and the A stage of block s/8 - 1 are free
         int b2 = bs == 0 ? 2 : bs - 1;
-        if (s + 2 < nk) pf_cp16(bdst + b2 * (PX_BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
+        if (bcopy && s + 2 < nk) pf_cp16(bdst + b2 * (BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
         if ((s & 7) == 0 && (s >> 3) + 1 < nq)
-            px_stage<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
+            px_stage<L, PX_BM, THREADS>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
         pf_cp_commit();
-        pxw_step<NG>(acc, ac, bs0 + bs * (PX_BN * PX_BK * 2));
+        pxw_step<NG, J>(acc, ac, bs0 + bs * (BN * PX_BK * 2));
         int t = s + 1;
         if (t < nk) {
             int q = t >> 3;
             const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + L::slot_off(q);
 #pragma unroll
-            for (int ri = 0; ri < 4; ri++) {
+            for (int ri = 0; ri < 2 * J; ri++) {
                 ld[ri].load_s(sb + roff[ri], t, t4);
                 ld[ri].decode(an[ri], T, t4, t);
             }
         }
         pxw_wait0();
-        pxw_hold<NG>(acc);
+        pxw_hold<NG, J>(acc);
     };
     int bs = 0;
     for (int s = 0; s < nk; s += 2) {  // nk is a multiple of 8
@@ -1397,14 +1408,14 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
         step(s + 1, bs, af1, af0);
         bs = bs == 2 ? 0 : bs + 1;
     }
-    // Outputs: half j's rows start at 128wg + 64j + 16w4.
-    px_store<NG, 64>(acc, m0 + wg * 128 + w4 * 16, m_total, r0, cnt, out);
+    // Outputs: half j's rows start at 64J·wg + 64j + 16w4.
+    px_store<NG, 64, J>(acc, m0 + wg * 64 * J + w4 * 16, m_total, r0, cnt, out);
 }
 
 // ---------------------------------------------------------------------------------------------
-// pf_mxw4_<t> (sm_90a only): pf_mxw over the tiles of up to 128 tokens (pf_group's second
-// list), so that an expert's weights are decoded once for up to 128 of its tokens instead of
-// 64. 512 threads: warpgroup wg = warp/4 owns the m64 of rows 64wg..64wg+63 (warp w4 = warp%4
+// pf_mxw4_<t> (sm_90a only; pxw_body with J = 1): pf_mxw over the tiles of up to 128 tokens
+// (pf_group's second list), so that an expert's weights are decoded once for up to 128 of its
+// tokens instead of 64. 512 threads: warpgroup wg = warp/4 owns the m64 of rows 64wg..64wg+63 (warp w4 = warp%4
 // holds rows 64wg + 16w4 + {g, g+8}, pf_mxw's half j = 0), so a thread decodes 2 rows a step
 // and holds N/2 ≤ 64 accumulators: the N = 128 tile fits in the 128 registers that one
 // 512-thread block an SM allows. The block still covers 256 rows, so the per-step copies and
@@ -1412,120 +1423,6 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
 // wgmma numerics as pf_mxw (the k16 products of one token do not depend on the tile's N).
 // ---------------------------------------------------------------------------------------------
 #define PX4_BN 128
-#define PX4_THREADS 512
-
-// px_stage for 512 threads (IQ2_XXS's grouped slots only): 256 rows x 4 code chunks, 2 a
-// thread, then the rows' scale chunks (threads < 256).
-template <class L>
-__device__ __forceinline__ void px_stage4(u8* As, const u8* wrow, i64 rowb, int q, int st) {
-    static_assert(L::kGroups, "px_stage4 takes the grouped IQ2_XXS slots");
-    u8* dst = As + st * (PX_BM * L::kRS);
-    const int u = q >> 3, co = 64 * q + 16 * u;
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int c = (int)threadIdx.x + PX4_THREADS * i, row = c >> 2, part = c & 3;
-        px_cp16(dst + row * L::kRS + 16 * part, wrow + (i64)row * rowb + co + 16 * part, true);
-    }
-    if (threadIdx.x < PX_BM)
-        px_cp16(dst + threadIdx.x * L::kRS + 64, wrow + (i64)threadIdx.x * rowb + 528 * u + 512, true);
-}
-
-template <int NG>
-__device__ __forceinline__ void pxw4_hold(float (&acc)[NG][4]) {
-#pragma unroll
-    for (int n = 0; n < NG; n++)
-#pragma unroll
-        for (int c = 0; c < 4; c++) asm volatile("" : "+f"(acc[n][c])::"memory");
-}
-
-template <class L, int NG>
-__device__ __forceinline__ void pxw4_body(const u8* wrow, i64 rowb, const PxTables& T, u16* Bs,
-                                          u8* As, int m0, int m_total, int k_dim, int r0, int cnt,
-                                          const u16* __restrict__ xs, float* __restrict__ out) {
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int g = lane >> 2, t4 = lane & 3;
-    int wg = warp >> 2, w4 = warp & 3;
-    // Copy: token bn = tid/4 (0..127), permuted columns 8kc.. of the step, to its core
-    // matrix; warps whose 8 tokens lie past the tile's 8·NG copy nothing.
-    int bn = tid >> 2, kc = tid & 3;
-    bool bcopy = bn < 8 * NG, bval = bn < cnt;
-    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + kc * 8;
-    u16* bdst = Bs + ((bn >> 3) * 512 + kc * 128 + (bn & 7) * 16) / 2;
-    u32 bs0 = (u32)__cvta_generic_to_shared(Bs);
-    const int slot = PX4_BN * PX_BK;  // halves a ring slot
-    const u8* arow = As + (wg * 64 + w4 * 16 + g) * L::kRS;
-    const int roff[2] = {0, 8 * L::kRS};
-    int nk = k_dim / PX_BK, nq = k_dim >> 8;
-    float acc[NG][4];
-#pragma unroll
-    for (int n = 0; n < NG; n++)
-#pragma unroll
-        for (int c = 0; c < 4; c++) acc[n][c] = 0.0f;
-    u32 af0[2][4], af1[2][4];
-    px_stage4<L>(As, wrow, rowb, 0, 0);
-    if (bcopy) pf_cp16(bdst, xrow, bval);
-    pf_cp_commit();
-    if (bcopy) pf_cp16(bdst + slot, xrow + PX_BK, bval);
-    pf_cp_commit();
-    pf_cp_wait1();
-    __syncthreads();  // tables, block 0 of A, B(0)
-    L ld[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        ld[h].load_s(arow + roff[h], 0, t4);
-        ld[h].decode(af0[h], T, t4, 0);
-    }
-    auto step = [&](int s, int bs, const u32 (&ac)[2][4], u32 (&an)[2][4]) {
-        pf_cp_wait1();
-        __syncthreads();  // as pxw_body
-        int b2 = bs == 0 ? 2 : bs - 1;
-        if (bcopy && s + 2 < nk) pf_cp16(bdst + b2 * slot, xrow + (s + 2) * PX_BK, bval);
-        if ((s & 7) == 0 && (s >> 3) + 1 < nq)
-            px_stage4<L>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
-        pf_cp_commit();
-        pxw_fence();
-        u32 bslot = bs0 + bs * (slot * 2);
-#pragma unroll
-        for (int kk = 0; kk < 2; kk++) {
-            const u32 a[4] = {ac[0][2 * kk], ac[1][2 * kk], ac[0][2 * kk + 1], ac[1][2 * kk + 1]};
-            pxw_mma<NG>(acc, a, pxw_desc(bslot + kk * 256));
-        }
-        pxw_commit();
-        int t = s + 1;
-        if (t < nk) {
-            int q = t >> 3;
-            const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + L::slot_off(q);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                ld[h].load_s(sb + roff[h], t, t4);
-                ld[h].decode(an[h], T, t4, t);
-            }
-        }
-        pxw_wait0();
-        pxw4_hold<NG>(acc);
-    };
-    int bs = 0;
-    for (int s = 0; s < nk; s += 2) {  // nk is a multiple of 8
-        step(s, bs, af0, af1);
-        bs = bs == 2 ? 0 : bs + 1;
-        step(s + 1, bs, af1, af0);
-        bs = bs == 2 ? 0 : bs + 1;
-    }
-    // Accumulator (n, c): row 64wg + 16w4 + g (+8 for c >= 2), token 8n + 2t4 (+1, odd c).
-    int row = m0 + wg * 64 + w4 * 16 + g;
-#pragma unroll
-    for (int n = 0; n < NG; n++) {
-        int tk = n * 8 + t4 * 2;
-        if (tk < cnt) {
-            out[(i64)(r0 + tk) * m_total + row] = acc[n][0];
-            out[(i64)(r0 + tk) * m_total + row + 8] = acc[n][2];
-        }
-        if (tk + 1 < cnt) {
-            out[(i64)(r0 + tk + 1) * m_total + row] = acc[n][1];
-            out[(i64)(r0 + tk + 1) * m_total + row + 8] = acc[n][3];
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // pf_mxq_q2_k (sm_90a only): the grouped Q2_K product on int8 tensor cores, with the
@@ -1865,21 +1762,21 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     const u8* wrow = w + (i64)wrow0 * rowb;
 #define PX4_ARGS (wrow, rowb, T, Bs, px_smem, m0, m_total, k_dim, r0, cnt, xs, out)
     switch ((cnt + 7) >> 3) {
-    case 1: pxw4_body<L, 1> PX4_ARGS; break;
-    case 2: pxw4_body<L, 2> PX4_ARGS; break;
-    case 3: pxw4_body<L, 3> PX4_ARGS; break;
-    case 4: pxw4_body<L, 4> PX4_ARGS; break;
-    case 5: pxw4_body<L, 5> PX4_ARGS; break;
-    case 6: pxw4_body<L, 6> PX4_ARGS; break;
-    case 7: pxw4_body<L, 7> PX4_ARGS; break;
-    case 8: pxw4_body<L, 8> PX4_ARGS; break;
+    case 1: pxw_body<L, 1, 1> PX4_ARGS; break;
+    case 2: pxw_body<L, 2, 1> PX4_ARGS; break;
+    case 3: pxw_body<L, 3, 1> PX4_ARGS; break;
+    case 4: pxw_body<L, 4, 1> PX4_ARGS; break;
+    case 5: pxw_body<L, 5, 1> PX4_ARGS; break;
+    case 6: pxw_body<L, 6, 1> PX4_ARGS; break;
+    case 7: pxw_body<L, 7, 1> PX4_ARGS; break;
+    case 8: pxw_body<L, 8, 1> PX4_ARGS; break;
     case 9:
-    case 10: pxw4_body<L, 10> PX4_ARGS; break;
+    case 10: pxw_body<L, 10, 1> PX4_ARGS; break;
     case 11:
-    case 12: pxw4_body<L, 12> PX4_ARGS; break;
+    case 12: pxw_body<L, 12, 1> PX4_ARGS; break;
     case 13:
-    case 14: pxw4_body<L, 14> PX4_ARGS; break;
-    default: pxw4_body<L, 16> PX4_ARGS; break;
+    case 14: pxw_body<L, 14, 1> PX4_ARGS; break;
+    default: pxw_body<L, 16, 1> PX4_ARGS; break;
     }
 #undef PX4_ARGS
 #endif
