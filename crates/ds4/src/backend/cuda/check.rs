@@ -224,6 +224,14 @@ fn poisoned(be: &CudaBackend, n: usize) -> Result<CudaSlice<f32>> {
     be.upload_f32(&vec![f32::NAN; n])
 }
 
+/// How many of the paired values of `a` and `b` differ in bits.
+fn bits_differ(a: &[f32], b: &[f32]) -> usize {
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
+}
+
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
@@ -362,12 +370,8 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
             let (a, h16a) = (be.download(&qs[0])?, st.clone_dtoh(&hs[0])?);
             for (i, name) in [(1usize, "idx_q_finish_w"), (2, "idx_q_finish_w_tab")] {
                 let (b2, h16b) = (be.download(&qs[i])?, st.clone_dtoh(&hs[i])?);
-                let bad = a
-                    .iter()
-                    .zip(&b2)
-                    .filter(|(x, y)| x.to_bits() != y.to_bits())
-                    .count()
-                    + h16a.iter().zip(&h16b).filter(|(x, y)| x != y).count();
+                let bad =
+                    bits_differ(&a, &b2) + h16a.iter().zip(&h16b).filter(|(x, y)| x != y).count();
                 let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
                 let mut row = exact_row(name, GgmlType::F32, &shape, bad);
                 row.note = format!(
@@ -378,12 +382,7 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
             }
             // bf16 only: the same bf16 rows, and q left as it was.
             let (b3, h16c) = (be.download(&qs[3])?, st.clone_dtoh(&hs[3])?);
-            let bad = b3
-                .iter()
-                .zip(&q)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count()
-                + h16a.iter().zip(&h16c).filter(|(x, y)| x != y).count();
+            let bad = bits_differ(&b3, &q) + h16a.iter().zip(&h16c).filter(|(x, y)| x != y).count();
             let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
             let mut row = exact_row("idx_q_finish_w_bf16_only", GgmlType::F32, &shape, bad);
             row.note = format!(
@@ -1225,11 +1224,7 @@ fn check_indexer_tc_at(
         TOL_F32,
     ));
     let (f32s, _) = idx_reference(&runs[2], &q, &w, &rows, (ih, id, r), p0, n, ld);
-    let mism = tc
-        .iter()
-        .zip(&f32s)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let mism = bits_differ(&tc, &f32s);
     let as_ref: Vec<(f64, f64)> = f32s
         .iter()
         .zip(&pairs)
@@ -1256,11 +1251,7 @@ fn check_indexer_tc_at(
     ));
     // The wgmma form (Hopper, prefill-sized steps): the same bits as k_idx_scores_tc.
     if wg {
-        let mism = runs[0]
-            .iter()
-            .zip(&runs[3])
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
+        let mism = bits_differ(&runs[0], &runs[3]);
         out.push(CheckRow {
             note: format!(
                 "{mism} of {} scores differ in bits from k_idx_scores_tc",
@@ -1882,11 +1873,7 @@ fn check_hc_post_moe(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
     // SAFETY: argument list matches k_hc_post_moe; buffers sized above.
     unsafe { b.launch(cfg) }?;
     let g = be.download(&xd)?;
-    let mism = g
-        .iter()
-        .zip(&cpu)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let mism = bits_differ(&g, &cpu);
     let mut row = exact_row(
         "hc_post_moe",
         GgmlType::F32,
@@ -2014,21 +2001,15 @@ fn check_hc_post_mix(
     a.extend([(swa as i32).slot(), (dh as i32).slot()]);
     unsafe { be.launch_slots(&be.function("k_hc_post_mix")?, cfg(mix_grid, 64), &mut a) }?;
     let dl = |b: &CudaSlice<f32>| be.download(b);
-    let diff = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .filter(|(x, y)| x.to_bits() != y.to_bits())
-            .count()
-    };
     let (ssa, ssb) = (st.clone_dtoh(&sa)?, st.clone_dtoh(&sb)?);
-    let mism = diff(&dl(&xn)?, &dl(&xa)?)
-        + diff(&dl(&pb)?, &dl(&pa)?)
-        + diff(&dl(&rb)?, &dl(&ra)?)
-        + diff(&dl(&xb)?, &x)
+    let mism = bits_differ(&dl(&xn)?, &dl(&xa)?)
+        + bits_differ(&dl(&pb)?, &dl(&pa)?)
+        + bits_differ(&dl(&rb)?, &dl(&ra)?)
+        + bits_differ(&dl(&xb)?, &x)
         + ssa
             .iter()
             .zip(&ssb)
-            .filter(|(p, q)| p.to_bits() != q.to_bits())
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count();
     let shape = format!("n{n}xd{d}xk{kx}");
     let mut row = exact_row("hc_post_mix", GgmlType::F16, &shape, mism);
@@ -2073,10 +2054,7 @@ fn code_mismatches(kind: ActQuant, x: &[f32], gq: &[u8], gd: &[f32]) -> usize {
         }
     };
     cq.iter().zip(gq).filter(|(a, b)| a != b).count()
-        + cd.iter()
-            .zip(gd)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count()
+        + bits_differ(&cd, gd)
         + cq.len().abs_diff(gq.len())
         + cd.len().abs_diff(gd.len())
 }
@@ -2438,11 +2416,7 @@ fn check_type(
     let mut d32 = poisoned(be, n_rows * n_cols)?;
     be.dequantize_f32(&w, 0, &mut d32.slice_mut(..))?;
     let g32 = be.download(&d32)?;
-    let mism32 = cpu
-        .iter()
-        .zip(&g32)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let mism32 = bits_differ(&cpu, &g32);
     out.push(exact_row("dequant_f32", ty, &shape, mism32));
     let mut d16 = be.stream().alloc_zeros::<u16>(n_rows * n_cols)?;
     be.dequantize_f16(&w, 0, &mut d16.slice_mut(..))?;
@@ -2511,11 +2485,7 @@ fn check_type(
                 )
             }
         };
-        let mism = cq.iter().zip(&gq).filter(|(a, b)| a != b).count()
-            + cd.iter()
-                .zip(&gd)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+        let mism = cq.iter().zip(&gq).filter(|(a, b)| a != b).count() + bits_differ(&cd, &gd);
         out.push(exact_row("quant_act", ty, &shape, mism));
         let y = poisoned(be, n_rows)?;
         let (yp, _g3) = y.device_ptr(st);
@@ -2937,11 +2907,7 @@ fn check_moe_grouped(
                 let (gu_h, _) = sc.products(be)?;
                 let n = slots * 2 * f;
                 let (a, b) = (&gu_h[..n], &w[..n]);
-                let differ = a
-                    .iter()
-                    .zip(b)
-                    .filter(|(x, y)| x.to_bits() != y.to_bits())
-                    .count();
+                let differ = bits_differ(a, b);
                 // Scale: the larger of |v| and the RMS of its token's 2F outputs (an output
                 // near zero by cancellation has no relative precision of its own).
                 let as_ref: Vec<(f64, f64)> = b
@@ -2988,11 +2954,7 @@ fn check_moe_grouped(
             }
             mxs_out = Some(runs[0].clone());
         } else if let (1, true, Some(m)) = (level, fused, &mxs_out) {
-            let mism = m
-                .iter()
-                .zip(&runs[0])
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+            let mism = bits_differ(m, &runs[0]);
             out.push(CheckRow {
                 note: format!("{mism} outputs of pf_mxs differ in bits from pf_mx"),
                 ..exact_row("moe_grouped_mxs_vs_mx", td, &shape, mism)
@@ -3395,12 +3357,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         // SAFETY: argument list matches k_hc_post4; t_n tokens of n·d, xh as many halves.
         unsafe { b.launch(cfg(grid, 256)) }?;
         let g = be.download(&xa)?;
-        let mism = g
-            .iter()
-            .zip(&cpu_a)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count()
-            + f16_mism(&be.download(&xh)?, &scaled(&g));
+        let mism = bits_differ(&g, &cpu_a) + f16_mism(&be.download(&xh)?, &scaled(&g));
         let mut row = exact_row("hc_post4", GgmlType::F32, &shape, mism);
         row.note = format!("{mism} elements (or f16 copies) differ in bits from CPU hc::post");
         out.push(row);
@@ -3432,12 +3389,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         // `slots` ints < slots, xh t_n·n·d halves.
         unsafe { b.launch(cfg(grid, 256)) }?;
         let g = be.download(&xb)?;
-        let mism = g
-            .iter()
-            .zip(&cpu_b)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count()
-            + f16_mism(&be.download(&xh)?, &scaled(&g));
+        let mism = bits_differ(&g, &cpu_b) + f16_mism(&be.download(&xh)?, &scaled(&g));
         let mut row = exact_row(
             "hc_post_moe_pf",
             GgmlType::F32,
