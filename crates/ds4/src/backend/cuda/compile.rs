@@ -141,8 +141,16 @@ pub fn nvrtc_options(arch: &str) -> Vec<String> {
     if std::env::var_os(PTXAS_VERBOSE_ENV).is_some() {
         v.push("--ptxas-options=-v".into());
     }
+    // Compile-time switches of the kernel sources for comparisons (e.g. `DS4_PX_PRE=0`):
+    // each space-separated NAME=VALUE becomes -DNAME=VALUE (and part of the cache key).
+    if let Ok(defs) = std::env::var(NVRTC_DEFS_ENV) {
+        v.extend(defs.split_whitespace().map(|d| format!("-D{d}")));
+    }
     v
 }
+
+/// Environment variable with extra preprocessor definitions for the kernel sources.
+pub const NVRTC_DEFS_ENV: &str = "DS4_CUDA_NVRTC_DEFS";
 
 /// Environment variable asking for the ptxas resource report.
 pub const PTXAS_VERBOSE_ENV: &str = "DS4_CUDA_PTXAS_VERBOSE";

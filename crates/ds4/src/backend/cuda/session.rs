@@ -1800,14 +1800,23 @@ impl GpuSession {
                 mvq(wu, ids, slots, x, xs, u)?;
             }
             let rows = if ids == 0 { n } else { slots };
+            // A prefill chunk's shared expert: the down product reads the f16 copy, written
+            // here into y16 (hc_pre's copy of y, which the gate and up products have read and
+            // the routed experts before them).
+            let g16 = pf
+                .filter(|ps| ids == 0 && n > 1 && rows * wg.n_rows <= ps.y16.len())
+                .map_or(0, |ps| p16(&ps.y16));
             launch!(
                 be.st(),
                 k.swiglu,
                 ((wg.n_rows as u32).div_ceil(256), rows as u32, 1),
                 (256, 1, 1),
                 0,
-                [g, u, wts, wg.n_rows as i32, clamp]
+                [g, u, wts, wg.n_rows as i32, clamp, g16]
             );
+            if g16 != 0 {
+                set16(0, g);
+            }
             Ok(())
         };
         // §3.1 embedding.

@@ -1907,8 +1907,11 @@ extern "C" __global__ void k_expand(const float* __restrict__ z, int k, int d,
 }
 
 // act[s][i] = silu(min(g, c))·clamp(u, ±c)·w_s (w null: 1), in place over g.
+// g16 not null: also f16(result) there (round to nearest even, as f32_to_f16), the f16
+// input of a product that follows on tensor cores.
 extern "C" __global__ void k_swiglu(float* __restrict__ g, const float* __restrict__ u,
-                                    const float* __restrict__ w, int f, float c) {
+                                    const float* __restrict__ w, int f, float c,
+                                    u16* __restrict__ g16) {
     int s = blockIdx.y;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= f) return;
@@ -1919,6 +1922,7 @@ extern "C" __global__ void k_swiglu(float* __restrict__ g, const float* __restri
     float r = sil * uv;
     if (w) r = r * w[s];
     g[at] = r;
+    if (g16) g16[at] = f2h(r);
 }
 
 // out[t] = Σ_j dn[t·k + j] (slots in expert order) + shared[t].

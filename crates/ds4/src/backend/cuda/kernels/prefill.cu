@@ -1196,6 +1196,11 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define DS4_PXW 1
+// Whether pxq_body reads a step's weight words one step ahead; 0 (set through
+// DS4_CUDA_NVRTC_DEFS) keeps the load-then-decode order.
+#ifndef DS4_PXQ_PRE
+#define DS4_PXQ_PRE 1
+#endif
 #endif
 
 #ifdef DS4_PXW
@@ -1572,14 +1577,16 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
     u32 C[NG][4];
     u32 af[2][2][2];
     L ld[2];
-    auto decode = [&](int s, u32 (&an)[2][2]) {
+    auto load = [&](int s, L (&l)[2]) {
         int q = s >> 3;
         const u8* sb = arow + (q & 1) * (PXQ_BM * L::kRS) + L::slot_off(q);
 #pragma unroll
-        for (int ri = 0; ri < 2; ri++) {
-            ld[ri].load_s(sb + roff[ri], s, t4);
-            pxq_decode(an[ri], ld[ri], s);
-        }
+        for (int ri = 0; ri < 2; ri++) l[ri].load_s(sb + roff[ri], s, t4);
+    };
+    auto decode = [&](int s, u32 (&an)[2][2]) {
+        load(s, ld);
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) pxq_decode(an[ri], ld[ri], s);
     };
     // Block q's end: its C into acc, then its min term (read from the block's stage).
     auto fold = [&](int q) {
@@ -1622,7 +1629,16 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
         if (q + 1 < nq) stage(q + 1);
-        decode(8 * q, af[0]);
+        // DS4_PXQ_PRE: step u + 1's words are read before step u's decode (ld holds them).
+        if (DS4_PXQ_PRE) {
+            L l0[2];
+            load(8 * q, l0);
+            load(8 * q + 1, ld);
+#pragma unroll
+            for (int ri = 0; ri < 2; ri++) pxq_decode(af[0][ri], l0[ri], 8 * q);
+        } else {
+            decode(8 * q, af[0]);
+        }
         u32 bs = bq0 + (q & 1) * PXQ_BSTAGE;
 #pragma unroll
         for (int u = 0; u < 8; u++) {
@@ -1635,6 +1651,15 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
                 pxw_wait0();
                 pxq_hold<NG>(C);
                 fold(q);
+            } else if (DS4_PXQ_PRE) {
+                pxw_wait1();
+                L nx[2];
+                if (u + 2 < 8) load(8 * q + u + 2, nx);
+#pragma unroll
+                for (int ri = 0; ri < 2; ri++) {
+                    pxq_decode(af[(u + 1) & 1][ri], ld[ri], 8 * q + u + 1);
+                    if (u + 2 < 8) ld[ri] = nx[ri];
+                }
             } else {
                 pxw_wait1();
                 decode(8 * q + u + 1, af[(u + 1) & 1]);
