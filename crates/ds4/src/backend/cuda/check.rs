@@ -2773,12 +2773,17 @@ fn check_moe_grouped(
     let mut kf = PfKernels::load(be)?;
     let sc = MoeScratch::new(be, slots, n_exp, d, f, true)?;
     let st = be.stream();
-    // f16(y) as its producer would write it (the pf_gather16 path).
-    let y16d = st.clone_htod(
-        &y.iter()
-            .map(|v| f16::from_f32(*v).to_bits())
-            .collect::<Vec<u16>>(),
-    )?;
+    // f16(y) as its producer would write it (the pf_gather16 path), and in pf_mxw's column
+    // order (k_hc_pre_pf's y16p: the gate|up kernels read the tokens' rows there).
+    let y16h: Vec<u16> = y.iter().map(|v| f16::from_f32(*v).to_bits()).collect();
+    let y16d = st.clone_htod(&y16h)?;
+    let mut y16ph = vec![0u16; y16h.len()];
+    for (row, prow) in y16h.chunks_exact(d).zip(y16ph.chunks_exact_mut(d)) {
+        for (c, &v) in row.iter().enumerate() {
+            prow[px_pos(c)] = v;
+        }
+    }
+    let y16pd = st.clone_htod(&y16ph)?;
     // Modes: fused at each kernel level (2: pf_mxs where the shapes allow it, else pf_mx; 1:
     // pf_mx; 0: pf_mm; levels without a kernel of their own for these types are skipped), and
     // the per-expert cuBLAS path (small shapes only).
@@ -2836,18 +2841,20 @@ fn check_moe_grouped(
             continue;
         }
         let mut runs = Vec::new();
-        for run in 0..3 {
+        for run in 0..4 {
             let dn = poisoned(be, slots * d)?;
             {
                 let (pi, _a) = idsd.device_ptr(st);
                 let (pw, _b) = wtsd.device_ptr(st);
                 let (py, _c) = yd.device_ptr(st);
                 let (pd, _d) = dn.device_ptr(st);
-                let py16 = if run == 2 { y16d.device_ptr(st).0 } else { 0 };
+                let py16 = if run >= 2 { y16d.device_ptr(st).0 } else { 0 };
+                let py16p = if run == 3 { y16pd.device_ptr(st).0 } else { 0 };
                 // SAFETY: buffers sized for `slots` pairs of n_tok tokens; ids < n_exp.
                 unsafe {
                     moe_grouped(
-                        be, &kf, &sc, &gw, &uw, &dw, pi, pw, py, py16, n_tok, k, clamp, pd, fused,
+                        be, &kf, &sc, &gw, &uw, &dw, pi, pw, py, py16, py16p, n_tok, k, clamp, pd,
+                        fused,
                     )?
                 };
             }
@@ -2964,8 +2971,21 @@ fn check_moe_grouped(
         let mut row = exact_row(&format!("{kname}_y16"), td, &shape, usize::from(!same16));
         row.note = "inputs gathered from the f16 copy of y: bit-identical to rounding y".into();
         out.push(row);
+        if fused && be.pf_mm_permuted(&gw, Some(&uw)) {
+            let same = same_bits(&runs[0], &runs[3]);
+            let mut row = exact_row(&format!("{kname}_y16p"), td, &shape, usize::from(!same));
+            row.note = "gate|up reading the tokens' rows of the permuted f16 copy (no gather): \
+                        bit-identical to rounding y"
+                .into();
+            out.push(row);
+        }
     }
     Ok(())
+}
+
+/// Where pf_mxw wants column `c` of an activation row (prefill.cu `px_pos`).
+fn px_pos(c: usize) -> usize {
+    (c & !31) | (((c >> 2) & 1) << 4) | (((c >> 1) & 1) << 3) | (((c >> 3) & 3) << 1) | (c & 1)
 }
 /// The CPU's stable counting sort of `ids` by expert in pf_group's output form (meta =
 /// counts, used experts then -1, the three tile counts; perm; inv; every expert's tiles of ≤ 64
@@ -3210,6 +3230,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             poisoned(be, t_n * n * n)?,
         );
         let y16 = st.alloc_zeros::<u16>(t_n * d)?;
+        let y16p = st.alloc_zeros::<u16>(t_n * d)?;
         let hs = poisoned(be, t_n)?;
         let (di, cols, ni, it, ti) = (d as i32, 4i32, n as i32, iters as i32, t_n as i32);
         let pp = [
@@ -3224,6 +3245,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             p32(&hs),
             p32(&comb),
         ];
+        let y16p_at = y16p.device_ptr(st).0;
         let f1 = be.function("k_hc_pre_pf")?;
         let mut b = st.launch_builder(&f1);
         b.arg(&pp[0])
@@ -3236,6 +3258,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .arg(&pp[3])
             .arg(&pp[4])
             .arg(&pp[5])
+            .arg(&y16p_at)
             .arg(&pp[6])
             .arg(&pp[7])
             .arg(&pp[8]);
@@ -3267,6 +3290,16 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             + usize::from(gh != runs[0].3);
         let mut row = exact_row("hc_pre_pf_vs_hc_pre", GgmlType::F32, &shape, mism);
         row.note = format!("{mism} of y, post, comb, y16 differ in bits from k_hc_pre's");
+        out.push(row);
+        // y16p: y16's rows with their columns where pf_mxw reads them.
+        let gp16 = be.download(&y16p)?;
+        let moved = gh
+            .chunks_exact(d)
+            .zip(gp16.chunks_exact(d))
+            .map(|(a, b)| (0..d).filter(|&c| a[c] != b[px_pos(c)]).count())
+            .sum::<usize>();
+        let mut row = exact_row("hc_pre_pf_y16p", GgmlType::F16, &shape, moved);
+        row.note = format!("{moved} of the permuted f16 copy differ from y16's (px_pos)");
         out.push(row);
     }
     let m16 = f16_mism(&runs[0].3, &runs[0].0);

@@ -1444,7 +1444,8 @@ impl CudaBackend {
 
     /// `pf_mm_<t>`: the grouped expert product over the row tiles written by `pf_group`
     /// (`n_tiles` device int, `tiles` device triples, at most `max_tiles`): for each tile's
-    /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]`, with rows `m < wa.n_rows`
+    /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]` (`x = (xs, 0, _)`), or
+    /// `W_e[m] · xs[rows[r] / k]` (`x = (xs, rows, k)`: `pf_mxw_<t>` only), with rows `m < wa.n_rows`
     /// from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16 rows of
     /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone). The kernel
     /// is [`CudaBackend::pf_mx_choice`]'s; `permuted` says `xs` holds its rows permuted by
@@ -1461,7 +1462,7 @@ impl CudaBackend {
         n_tiles: u64,
         tiles: u64,
         max_tiles: usize,
-        xs: u64,
+        (xs, xrows, xk): (u64, u64, i32),
         permuted: bool,
         out: u64,
     ) -> Result<()> {
@@ -1477,6 +1478,11 @@ impl CudaBackend {
             return Err(CudaError::Invalid("pf_mm: shape not supported".into()));
         }
         let choice = self.pf_mx_choice(wa, wb)?;
+        if xrows != 0 && (choice != PfChoice::Mxw || xk < 1) {
+            return Err(CudaError::Invalid(
+                "pf_mm: rows read by index only on pf_mxw".into(),
+            ));
+        }
         if permuted != (choice == PfChoice::Mxw) {
             return Err(CudaError::Invalid(
                 "pf_mm: activation column order does not match the kernel".into(),
@@ -1517,6 +1523,8 @@ impl CudaBackend {
             .arg(&n_tiles)
             .arg(&tiles)
             .arg(&xs)
+            .arg(&xrows)
+            .arg(&xk)
             .arg(&out);
         b.launch(cfg)?;
         Ok(())

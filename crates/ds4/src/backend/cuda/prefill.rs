@@ -321,12 +321,14 @@ pub unsafe fn group(
 /// `h_s = silu(min(g, c))·clamp(u, ±c)·wts[s]`, `g|u = W_gate|up[ids[s]] · y[s / k]`, for
 /// every slot `s < n_tok·k`, f16 operands and f32 accumulation (see the module doc).
 /// `y16` (not 0): `f16(y)`, already written by y's producer; the sorted rows are copied from
-/// it (same values as rounding `y`). `dn = 0`: the outputs stay in sorted row order
+/// it (same values as rounding `y`). `y16p` (not 0): the same values in `px_pos` column order
+/// (`k_hc_pre_pf`), which the wgmma gate|up kernels read per token instead of a gathered copy
+/// (the same products, bit for bit). `dn = 0`: the outputs stay in sorted row order
 /// ([`MoeScratch::sorted_out`]) for a consumer that reads them through `inv`.
 ///
 /// # Safety
 /// `ids` (`n_tok·k` ints `< n_experts`), `wts` (`n_tok·k` floats), `y` (`n_tok × D`), `y16`
-/// (0 or `n_tok × D` halves) and `dn` (0 or `n_tok·k × D`) must be live device buffers;
+/// and `y16p` (0 or `n_tok × D` halves each) and `dn` (0 or `n_tok·k × D`) must be live device buffers;
 /// `n_tok·k ≤` the scratch's slots.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn moe_grouped(
@@ -340,6 +342,7 @@ pub unsafe fn moe_grouped(
     wts: u64,
     y: u64,
     y16: u64,
+    y16p: u64,
     n_tok: usize,
     k: usize,
     clamp: f32,
@@ -380,7 +383,14 @@ pub unsafe fn moe_grouped(
     // them so for the product that takes it.
     let pm_gu = fused && be.pf_mm_permuted(gate, Some(up));
     let pm_dn = fused && be.pf_mm_permuted(down, None);
-    {
+    // The gate|up input: with y's permuted copy (y16p) that kernel reads each sorted row's
+    // token there (rows perm[r] / k), else the rows gathered into xs.
+    let (gx, grows, gk) = if pm_gu && y16p != 0 && d.is_multiple_of(32) {
+        (y16p, perm, k as i32)
+    } else {
+        (xs, 0u64, 1i32)
+    };
+    if grows == 0 {
         let (ki, di, pm) = (k as i32, d as i32, i32::from(pm_gu));
         if y16 != 0 && d.is_multiple_of(8) {
             let mut b = st.launch_builder(&kf.gather16);
@@ -450,7 +460,9 @@ pub unsafe fn moe_grouped(
                 .arg(&kd)
                 .arg(&nt2)
                 .arg(&tiles2)
-                .arg(&xs)
+                .arg(&gx)
+                .arg(&grows)
+                .arg(&gk)
                 .arg(&gu);
             b.launch(LaunchConfig {
                 grid_dim: ((2 * f / 256) as u32, max_tiles2(slots) as u32, 1),
@@ -459,9 +471,9 @@ pub unsafe fn moe_grouped(
             })?;
             let (nt1, tiles1) = (nt + 8, ptr(&sc.tiles1, be));
             let mt1 = n_exp.min(slots);
-            be.pf_mm_raw(gate, Some(up), nt1, tiles1, mt1, xs, pm_gu, gu)?;
+            be.pf_mm_raw(gate, Some(up), nt1, tiles1, mt1, (gx, grows, gk), pm_gu, gu)?;
         } else {
-            be.pf_mm_raw(gate, Some(up), nt, tiles, mt, xs, pm_gu, gu)?;
+            be.pf_mm_raw(gate, Some(up), nt, tiles, mt, (gx, grows, gk), pm_gu, gu)?;
         }
         // Q2_K down on int8 tensor cores (Hopper; the staged pf_mxw's shapes): the SwiGLU
         // rows quantized as the CPU quantizes them, over h's bytes (codes S·F, then the
@@ -506,7 +518,7 @@ pub unsafe fn moe_grouped(
             })?;
         } else {
             swiglu(0, slots)?;
-            be.pf_mm_raw(down, None, nt, tiles, mt, h, pm_dn, dns)?;
+            be.pf_mm_raw(down, None, nt, tiles, mt, (h, 0, 1), pm_dn, dns)?;
         }
         return scatter();
     }

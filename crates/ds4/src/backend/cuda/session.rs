@@ -205,6 +205,13 @@ fn use_pf_mm() -> bool {
     super::switch_on("DS4_CUDA_PF_MM")
 }
 
+/// Whether a prefill chunk's routed gate|up reads each sorted row's token from hc_pre's
+/// permuted f16 copy of y (`PfScratch::y16p`) instead of a gathered copy (`pf_gather16`);
+/// `DS4_CUDA_PF_DIRECT=0` gathers.
+fn use_pf_direct() -> bool {
+    super::switch_on("DS4_CUDA_PF_DIRECT")
+}
+
 /// Whether production prefill's hc_pre runs as `k_hc_pre_pf` + `k_hc_comb` (default;
 /// `DS4_CUDA_HC_PRE_PF=0` keeps one `k_hc_pre` block per token, for comparisons).
 fn use_hc_pre_pf() -> bool {
@@ -1056,6 +1063,9 @@ struct PfScratch {
     /// hc_pre's `y` (`chunk × D`) and the normalized `qr` (`chunk × q_lora_rank`).
     y16: CudaSlice<u16>,
     qr16: CudaSlice<u16>,
+    /// The FFN site's `y` as f16 in the column order of the routed experts' gate|up kernel
+    /// (`px_pos`), which reads each sorted row's token from it (no gathered copy).
+    y16p: CudaSlice<u16>,
     /// out_a's output `low` as f16 (`chunk × o_groups × o_lora_rank`), out_b's input.
     low16: CudaSlice<u16>,
     /// The f16 copies of the rows the tensor-core attention reads (`k_att_rows16`): the raw
@@ -1285,6 +1295,7 @@ impl GpuSession {
                         w16: be.stream().alloc_zeros::<u16>(wmax.max(1))?,
                         x16: be.stream().alloc_zeros::<u16>(m * xmax)?,
                         y16: be.stream().alloc_zeros::<u16>(m * d)?,
+                        y16p: be.stream().alloc_zeros::<u16>(m * d)?,
                         qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                         low16: be
                             .stream()
@@ -1910,12 +1921,17 @@ impl GpuSession {
         // hc_pre with the site's RMSNorm (`norm`) fused. Returns whether it left the
         // combination's Sinkhorn to `sinkhorn` (below): on a fork (production decode) that
         // runs on the side stream, off the path the site's products wait on.
+        // Where the last hc_pre wrote y's permuted f16 copy (`PfScratch::y16p`), or 0.
+        let y16p_at = std::cell::Cell::new(0u64);
+        // `perm16`: also write y16p (the FFN site, when the routed experts read it).
         let hc_pre = |fnw: &GpuWeight,
                       sc: &CudaSlice<f32>,
                       base: &CudaSlice<f32>,
-                      norm: &CudaSlice<f32>|
+                      norm: &CudaSlice<f32>,
+                      perm16: bool|
          -> Result<bool> {
             memo.set([0; 4]);
+            y16p_at.set(0);
             // Decode: the control product and the state's sum of squares over many blocks,
             // then one block for the rest, which also writes y's int8 forms (production).
             let wty = match fnw.ty {
@@ -2025,6 +2041,11 @@ impl GpuSession {
             {
                 // Production prefill: the state read once, y written as f32 and f16, and
                 // the Sinkhorn of every token in parallel in k_hc_comb (forward.cu).
+                let y16p = if perm16 && d.is_multiple_of(32) {
+                    p16(&ps.y16p)
+                } else {
+                    0
+                };
                 launch!(
                     st,
                     k.hc_pre_pf,
@@ -2042,11 +2063,13 @@ impl GpuSession {
                         p(base),
                         p(&s.y),
                         p16(&ps.y16),
+                        y16p,
                         p(&s.post),
                         p(norm),
                         p(&ps.hsc)
                     ]
                 );
+                y16p_at.set(y16p);
                 launch!(
                     st,
                     k.hc_comb,
@@ -2177,6 +2200,7 @@ impl GpuSession {
                 &l.hc_attn_scale,
                 &l.hc_attn_base,
                 &l.attn_norm,
+                false,
             )?;
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
@@ -2815,7 +2839,17 @@ impl GpuSession {
                 hc_post()?;
             }
             // §3.2 + §3.4: FFN site.
-            let left = hc_pre(&l.hc_ffn_fn, &l.hc_ffn_scale, &l.hc_ffn_base, &l.ffn_norm)?;
+            let perm16 = pf.is_some()
+                && use_pf_mm()
+                && use_pf_direct()
+                && be.pf_mm_permuted(&l.gate_exps, Some(&l.up_exps));
+            let left = hc_pre(
+                &l.hc_ffn_fn,
+                &l.hc_ffn_scale,
+                &l.hc_ffn_base,
+                &l.ffn_norm,
+                perm16,
+            )?;
             // The shared expert reads only y: on a fork it runs beside the router and the
             // routed experts, joined before the expert sum.
             let shared = || -> Result<()> {
@@ -2890,6 +2924,7 @@ impl GpuSession {
                             p(&s.wts),
                             p(&s.y),
                             f16_of(p(&s.y)).unwrap_or(0),
+                            y16p_at.get(),
                             n,
                             ke,
                             l.clamp,

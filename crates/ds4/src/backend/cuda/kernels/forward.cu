@@ -668,6 +668,7 @@ __device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
                                                const float* __restrict__ scale3,
                                                const float* __restrict__ base,
                                                float* __restrict__ y, u16* __restrict__ y16,
+                                               u16* __restrict__ y16p,
                                                float* __restrict__ post,
                                                const float* __restrict__ norm,
                                                float* __restrict__ sc) {
@@ -743,23 +744,32 @@ __device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
         h.x = (u32)f2h(v.x) | ((u32)f2h(v.y) << 16);
         h.y = (u32)f2h(v.z) | ((u32)f2h(v.w) << 16);
         *(uint2*)(yh + e) = h;
+        if (y16p) {
+            // The column order pf_mxw reads (px_pos; pairs stay together), so the routed
+            // experts' gate|up reads the token's row here instead of a gathered copy.
+            u16* yp = y16p + (long long)t * d;
+            *(u32*)(yp + px_pos(e)) = h.x;
+            *(u32*)(yp + px_pos(e + 2)) = h.y;
+        }
     }
 }
 
 // grid: tokens; block T = d/(4C) threads (a multiple of 32, at most 256), C in {1, 2, 4};
-// n = 4.
+// n = 4. y16p (null or, d % 32 == 0, the f16 rows in px_pos order) as hc_pre_pf_body.
 extern "C" __global__ void __launch_bounds__(256)
     k_hc_pre_pf(const float* __restrict__ x, const float* __restrict__ mix, int d, int cols,
                 float rms_eps, float hc_eps, const float* __restrict__ scale3,
                 const float* __restrict__ base, float* __restrict__ y, u16* __restrict__ y16,
-                float* __restrict__ post, const float* __restrict__ norm,
+                u16* __restrict__ y16p, float* __restrict__ post, const float* __restrict__ norm,
                 float* __restrict__ sc) {
+#define HC_PRE_PF_ARGS (x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, y16p, post, norm, sc)
     if (cols == 4)
-        hc_pre_pf_body<4, 4>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+        hc_pre_pf_body<4, 4> HC_PRE_PF_ARGS;
     else if (cols == 2)
-        hc_pre_pf_body<4, 2>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+        hc_pre_pf_body<4, 2> HC_PRE_PF_ARGS;
     else
-        hc_pre_pf_body<4, 1>(x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, post, norm, sc);
+        hc_pre_pf_body<4, 1> HC_PRE_PF_ARGS;
+#undef HC_PRE_PF_ARGS
 }
 
 // The Sinkhorn-normalised combination matrix of k_hc_pre_pf's tokens: a warp per token

@@ -770,12 +770,14 @@ __device__ __forceinline__ void pf_mm_body(const u8* __restrict__ wa, const u8* 
         }
 }
 
+// The entry points take pf_mxw's row-index arguments too (unused: one argument list for
+// CudaBackend::pf_mm_raw, which passes no index to these).
 #define DS4_PF_MM(T, L)                                                                          \
     extern "C" __global__ void __launch_bounds__(256, 2)                                         \
         pf_mm_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,        \
                   int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,           \
                   const int* __restrict__ tiles, const u16* __restrict__ xs,                     \
-                  float* __restrict__ out) {                                                     \
+                  const int* __restrict__, int, float* __restrict__ out) {                       \
         pf_mm_body<L>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out);    \
     }
 
@@ -1341,13 +1343,24 @@ __device__ __forceinline__ void pxw_step(float (&acc)[J][NG][4], const u32 (&af)
     pxw_commit();
 }
 
+// The row of xs that a pxw_body thread's copies read, for its token bn = tid/4 of the tile
+// (r0, cnt; past cnt, the tile's first): the sorted row r = r0 + bn itself (gathered rows), or
+// with xrows the token's row xrows[r] / xk of the producer's permuted copy (no gather). The
+// entries call it before filling their tables, so its loads overlap that.
+__device__ __forceinline__ int pxw_xrow(const int* __restrict__ xrows, int xk, int r0, int cnt) {
+    int bn = threadIdx.x >> 2;
+    int r = r0 + (bn < cnt ? bn : 0);
+    return xrows ? xrows[r] / xk : r;
+}
+
 // One block of pf_mxw (J = 2: 256 threads, warpgroup wg owns rows 128wg..+127 as two m64
 // halves j, tiles of up to 64 tokens) or of pf_mxw4 (J = 1: 512 threads, one m64 a warpgroup,
 // tiles of up to 128 tokens); see above for the rest.
 template <class L, int NG, int J = 2>
 __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTables& T, u16* Bs,
                                          u8* As, int m0, int m_total, int k_dim, int r0, int cnt,
-                                         const u16* __restrict__ xs, float* __restrict__ out) {
+                                         const u16* __restrict__ xs, int xr,
+                                         float* __restrict__ out) {
     constexpr int THREADS = 512 / J, BN = 128 / J;  // threads; tokens a ring slot holds
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int g = lane >> 2, t4 = lane & 3;
@@ -1357,7 +1370,8 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
     // tile's 8·NG copy nothing.
     int bn = tid >> 2, kc = tid & 3;
     bool bcopy = J == 2 || bn < 8 * NG, bval = bn < cnt;
-    const u16* xrow = xs + (i64)(r0 + (bval ? bn : 0)) * k_dim + kc * 8;
+    // xr: the row of xs holding token bn's input (pxw_xrow).
+    const u16* xrow = xs + (i64)xr * k_dim + kc * 8;
     u16* bdst = Bs + ((bn >> 3) * 512 + kc * 128 + (bn & 7) * 16) / 2;
     u32 bs0 = (u32)__cvta_generic_to_shared(Bs);
     // This thread's row of (j, h) = (ri / 2, ri % 2): 64J·wg + 64j + 16w4 + 8h + g.
@@ -1705,14 +1719,17 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
 // One block of pf_mx_<t>, pf_mxs_<t> or pf_mxw_<t> (MODE). Needs rows_a, m_total multiples of
 // PX_BM and k_dim of 256; staged, also a row stride that is a multiple of 16 bytes, 16-byte
 // aligned matrices and dynamic shared memory 2·PX_BM·kRS bytes (the host checks); pf_mxw, its
-// activation rows permuted by px_pos. pf_mxw is built for every architecture, but outside
-// sm_90a its body is empty and the host never launches it.
+// activation rows permuted by px_pos, and with xrows (pf_mxw only; null for the others) its
+// sorted row r read from xs row xrows[r] / xk. pf_mxw is built for every architecture, but
+// outside sm_90a its body is empty and the host never launches it.
 template <class L, int MODE>
 __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* __restrict__ wb,
                                           i64 expert_bytes, int rows_a, int m_total, int k_dim,
                                           const int* __restrict__ n_tiles,
                                           const int* __restrict__ tiles,
-                                          const u16* __restrict__ xs, float* __restrict__ out) {
+                                          const u16* __restrict__ xs,
+                                          const int* __restrict__ xrows, int xk,
+                                          float* __restrict__ out) {
 #ifndef DS4_PXW
     if constexpr (MODE == PX_MXW) return;
 #endif
@@ -1721,8 +1738,9 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
     int tid = threadIdx.x;
-    if (L::kTables) px_tables(T, tid);
     int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int xr = MODE == PX_MXW ? pxw_xrow(xrows, xk, r0, cnt) : 0;
+    if (L::kTables) px_tables(T, tid);
     int m0 = blockIdx.x * PX_BM;
     const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
     int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
@@ -1739,7 +1757,7 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
             PX_NG_SWITCH(pxs_body, (wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out))
         } else {
 #ifdef DS4_PXW
-            PX_NG_SWITCH(pxw_body, (wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, out))
+            PX_NG_SWITCH(pxw_body, (wrow, rowb, T, Bs, As, m0, m_total, k_dim, r0, cnt, xs, xr, out))
 #endif
         }
     }
@@ -1751,8 +1769,9 @@ __device__ __forceinline__ void px_kernel(const u8* __restrict__ wa, const u8* _
         K##_##T(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,          \
                 int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,             \
                 const int* __restrict__ tiles, const u16* __restrict__ xs,                       \
-                float* __restrict__ out) {                                                       \
-        px_kernel<L, MODE>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs, out); \
+                const int* __restrict__ xrows, int xk, float* __restrict__ out) {                \
+        px_kernel<L, MODE>(wa, wb, expert_bytes, rows_a, m_total, k_dim, n_tiles, tiles, xs,     \
+                           xrows, xk, out);                                                      \
     }
 
 DS4_PF_PX(pf_mx, q2_k, PxQ2K, PX_MX)
@@ -1771,21 +1790,22 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     pf_mxw4_iq2_xxs(const u8* __restrict__ wa, const u8* __restrict__ wb, i64 expert_bytes,
                     int rows_a, int m_total, int k_dim, const int* __restrict__ n_tiles,
                     const int* __restrict__ tiles, const u16* __restrict__ xs,
-                    float* __restrict__ out) {
+                    const int* __restrict__ xrows, int xk, float* __restrict__ out) {
 #ifdef DS4_PXW
     using L = PxIq2;
     __shared__ __align__(16) u16 Bs[3 * PX4_BN * PX_BK];
     __shared__ __align__(16) PxTables T;
     int tile = blockIdx.y;
     if (tile >= *n_tiles) return;
-    if (threadIdx.x < 256) px_tables(T, threadIdx.x);
     int e = tiles[3 * tile], r0 = tiles[3 * tile + 1], cnt = tiles[3 * tile + 2];
+    int xr = pxw_xrow(xrows, xk, r0, cnt);
+    if (threadIdx.x < 256) px_tables(T, threadIdx.x);
     int m0 = blockIdx.x * PX_BM;
     const u8* w = (m0 < rows_a ? wa : wb) + (i64)e * expert_bytes;
     int wrow0 = m0 < rows_a ? m0 : m0 - rows_a;
     i64 rowb = (i64)(k_dim >> 8) * L::kBlockBytes;
     const u8* wrow = w + (i64)wrow0 * rowb;
-#define PX4_ARGS (wrow, rowb, T, Bs, px_smem, m0, m_total, k_dim, r0, cnt, xs, out)
+#define PX4_ARGS (wrow, rowb, T, Bs, px_smem, m0, m_total, k_dim, r0, cnt, xs, xr, out)
     switch ((cnt + 7) >> 3) {
     case 1: pxw_body<L, 1, 1> PX4_ARGS; break;
     case 2: pxw_body<L, 2, 1> PX4_ARGS; break;
