@@ -53,6 +53,8 @@ pub struct AttnKernels {
     /// resident together).
     sms: usize,
     comp_pool: CudaFunction,
+    /// `k_comp_pool` loading 32 candidates at once (windows of a multiple of 32: ratio 128).
+    comp_pool32: CudaFunction,
     comp_state: CudaFunction,
     tc: CudaFunction,
     /// `k_att_rows16`: the f16 copies of the rows `k_att_tc` reads.
@@ -113,6 +115,7 @@ impl AttnKernels {
             ],
             sms: be.info().sm_count as usize,
             comp_pool: f("k_comp_pool")?,
+            comp_pool32: f("k_comp_pool32")?,
             comp_state: f("k_comp_state")?,
             tc: smem_fn(be, "k_att_tc", tc_smem(TC_MAX_DH, TC_MAX_HALF))?,
             rows16: f("k_att_rows16")?,
@@ -870,7 +873,13 @@ pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Resul
     pool.extend([c.eps.slot(), c.kind.slot(), (c.qat as i32).slot()]);
     pool.extend([(c.exact as i32).slot(), inv_sqrt.slot()]);
     let pool_grid = (c.n / c.ratio + 1) as u32;
-    be.launch_slots(&k.comp_pool, cfg(pool_grid, threads), &mut pool)?;
+    // Long windows load 32 candidates at a time (a thread's chain of loads is their time).
+    let pool_fn = if (c.coff * c.ratio).is_multiple_of(32) {
+        &k.comp_pool32
+    } else {
+        &k.comp_pool
+    };
+    be.launch_slots(pool_fn, cfg(pool_grid, threads), &mut pool)?;
     let mut args = vec![c.kvp, c.scp, c.ape, c.skv, c.ssc, n.slot(), c.p0, r.slot()];
     args.extend([d.slot(), coff.slot()]);
     be.launch_slots(&k.comp_state, cfg(c.ratio as u32, 256), &mut args)?;

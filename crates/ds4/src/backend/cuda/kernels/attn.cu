@@ -762,12 +762,11 @@ extern "C" __global__ void __launch_bounds__(256)
 // the current lane rows, the one before it in rows 0..r). A table in shared memory holds
 // each candidate's source; a thread per output dim (blockDim ≥ d or striding).
 #define COMP_MAX_CAND 256
-#define COMP_B 8
-// Candidates c0 .. c0 + COMP_B − 1 of k_comp_pool's output dim i: their scores (a chunk row's
+// Candidates c0 .. c0 + B − 1 of k_comp_pool's output dim i: their scores (a chunk row's
 // projection + the position bias, or the frontier's stored score) into sv and, with V, their
 // values into vv. The rows are picked by selects, not branches, so the loads of the whole
 // batch are issued before anything uses them.
-template <bool V>
+template <int B, bool V>
 __device__ __forceinline__ void comp_batch(int c0, int i, const int* src, const int* aro, int r,
                                            int d, int coff, int wd, const float* __restrict__ scp,
                                            const float* __restrict__ ape,
@@ -775,7 +774,7 @@ __device__ __forceinline__ void comp_batch(int c0, int i, const int* src, const 
                                            const float* __restrict__ kvp,
                                            const float* __restrict__ skv, float* sv, float* vv) {
 #pragma unroll
-    for (int j = 0; j < COMP_B; j++) {
+    for (int j = 0; j < B; j++) {
         const int c = c0 + j;
         const int col = (coff == 2 && c >= r) ? d + i : i;
         const int sr = src[c];
@@ -787,14 +786,21 @@ __device__ __forceinline__ void comp_batch(int c0, int i, const int* src, const 
     }
 }
 
-extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const float* __restrict__ scp,
-                                       const float* __restrict__ ape, const float* __restrict__ skv,
-                                       const float* __restrict__ ssc, float* __restrict__ rows,
-                                       const float* __restrict__ norm,
-                                       const double* __restrict__ freqs, int n,
-                                       const long long* __restrict__ p0p, int r, int d, int coff,
-                                       int half, float eps, int kind, int qat, int exact,
-                                       float inv_sqrt_d) {
+// B: candidates loaded at once (n_cand a multiple of it): 8 for the ratio-4 windows (8
+// candidates, 513 blocks a 2048-token chunk), 32 for the ratio-128 ones (128 candidates, 17
+// blocks: each thread's chain of dependent loads is the kernel's time, 61 µs with 8).
+template <int B>
+__device__ __forceinline__ void comp_pool_body(const float* __restrict__ kvp,
+                                               const float* __restrict__ scp,
+                                               const float* __restrict__ ape,
+                                               const float* __restrict__ skv,
+                                               const float* __restrict__ ssc,
+                                               float* __restrict__ rows,
+                                               const float* __restrict__ norm,
+                                               const double* __restrict__ freqs, int n,
+                                               const long long* __restrict__ p0p, int r, int d,
+                                               int coff, int half, float eps, int kind, int qat,
+                                               int exact, float inv_sqrt_d) {
     pdl_enter();
     const long long p0 = *p0p;
     __shared__ double sh[33];
@@ -819,24 +825,24 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
         }
     }
     __syncthreads();
-    // Both loops load a batch of COMP_B candidates into registers (comp_batch) before the
+    // Both loops load a batch of B candidates into registers (comp_batch) before the
     // in-order max / sums consume them (a ratio-128 chunk has 17 windows, one block each: the
-    // loads' latency is the kernel's time). n_cand is a multiple of COMP_B (host).
+    // loads' latency is the kernel's time). n_cand is a multiple of B (host).
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float m = NEG_INF;
-        for (int c0 = 0; c0 < n_cand; c0 += COMP_B) {
-            float sv[COMP_B];
-            comp_batch<false>(c0, i, src, aro, r, d, coff, wd, scp, ape, ssc, nullptr, nullptr,
-                              sv, nullptr);
+        for (int c0 = 0; c0 < n_cand; c0 += B) {
+            float sv[B];
+            comp_batch<B, false>(c0, i, src, aro, r, d, coff, wd, scp, ape, ssc, nullptr, nullptr,
+                                 sv, nullptr);
 #pragma unroll
-            for (int j = 0; j < COMP_B; j++) m = fmaxf(m, sv[j]);
+            for (int j = 0; j < B; j++) m = fmaxf(m, sv[j]);
         }
         float num = 0.0f, den = 0.0f;
-        for (int c0 = 0; c0 < n_cand; c0 += COMP_B) {
-            float sv[COMP_B], vv[COMP_B];
-            comp_batch<true>(c0, i, src, aro, r, d, coff, wd, scp, ape, ssc, kvp, skv, sv, vv);
+        for (int c0 = 0; c0 < n_cand; c0 += B) {
+            float sv[B], vv[B];
+            comp_batch<B, true>(c0, i, src, aro, r, d, coff, wd, scp, ape, ssc, kvp, skv, sv, vv);
 #pragma unroll
-            for (int j = 0; j < COMP_B; j++) {
+            for (int j = 0; j < B; j++) {
                 float e = expf(sv[j] - m);
                 den += e;
                 num += e * vv[j];
@@ -853,6 +859,19 @@ extern "C" __global__ void k_comp_pool(const float* __restrict__ kvp, const floa
     long long row = (P + 1) / r - 1;
     for (int i = threadIdx.x; i < d; i += blockDim.x) rows[row * d + i] = pooled[i];
 }
+
+#define DS4_COMP_POOL(NAME, B)                                                                      \
+    extern "C" __global__ void NAME(                                                                \
+        const float* __restrict__ kvp, const float* __restrict__ scp,                               \
+        const float* __restrict__ ape, const float* __restrict__ skv,                               \
+        const float* __restrict__ ssc, float* __restrict__ rows, const float* __restrict__ norm,    \
+        const double* __restrict__ freqs, int n, const long long* __restrict__ p0p, int r, int d,   \
+        int coff, int half, float eps, int kind, int qat, int exact, float inv_sqrt_d) {            \
+        comp_pool_body<B>(kvp, scp, ape, skv, ssc, rows, norm, freqs, n, p0p, r, d, coff, half,     \
+                          eps, kind, qat, exact, inv_sqrt_d);                                       \
+    }
+DS4_COMP_POOL(k_comp_pool, 8)
+DS4_COMP_POOL(k_comp_pool32, 32)
 
 // The frontier after this chunk's tokens (after k_comp_pool read it): slot s of the current
 // lane rows holds the chunk's last position ≡ s (mod r), if any; for ratio 4 (coff 2) rows

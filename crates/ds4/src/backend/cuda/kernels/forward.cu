@@ -1869,12 +1869,22 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
     __syncthreads();
     if (tid2eid) {
         if (threadIdx.x < k) ch[threadIdx.x] = tid2eid[(long long)tokens[t] * k + threadIdx.x];
-    } else {
-        for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
-            const unsigned long long ke = keys[e];
-            int r = 0;
-            for (int i = 0; i < n_exp; i++) r += keys[i] > ke;
-            if (r < k) ch[r] = e;
+    } else if (threadIdx.x < 32) {
+        // The k largest keys, largest first (rank order): k rounds of a warp maximum, each
+        // taking its winner out (0 is below every key: the low word holds ~e). Keys are
+        // distinct, so this is the order of ranks; one warp and ~k·n_exp/32 shared loads a
+        // lane, where counting every key's rank took n_exp loads a thread (49 -> ~12 us for a
+        // 2048-token chunk's learned routing, bound by those loads).
+        const int lane = threadIdx.x;
+        for (int j = 0; j < k; j++) {
+            unsigned long long best = 0;
+            for (int e = lane; e < n_exp; e += 32) best = max(best, keys[e]);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+            const int e = (int)(0xffffffffu - (unsigned)(best & 0xffffffffu));
+            if (lane == (e & 31)) keys[e] = 0;
+            if (lane == 0) ch[j] = e;
+            __syncwarp();
         }
     }
     __syncthreads();
