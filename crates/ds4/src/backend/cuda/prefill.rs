@@ -7,10 +7,11 @@
 //! * Routed experts ([`moe_grouped`]): the chunk's (token, slot) pairs are sorted by expert
 //!   on the GPU (`pf_group`, a stable counting sort: a pure function of the router's ids,
 //!   which also lists row tiles of up to 64 rows per expert), the sorted rows' inputs are
-//!   gathered as f16, and one launch of `pf_mm_<t>` per product multiplies every used
-//!   expert's gate|up (one 2F-row product) and then down with all of its rows: each block
-//!   decodes a 128-row × 32-column slice of the quantized weight into shared memory as f16
-//!   and runs `mma.sync` m16n8k16 (f32 accumulation), so the quantized bytes are read once
+//!   gathered as f16 (the wgmma gate|up instead reads each row's token from hc_pre's f16
+//!   copy of y in its column order: no gather), and one launch of `pf_mm_<t>` per product
+//!   multiplies every used expert's gate|up (one 2F-row product) and then down with all of
+//!   its rows: each block decodes a 128-row × 32-column slice of the quantized weight into
+//!   shared memory as f16 and runs `mma.sync` m16n8k16 (f32 accumulation), so the quantized bytes are read once
 //!   per 64-row tile and no f16 weight copy exists; no host read, no per-expert launches.
 //!   For IQ2_XXS and Q2_K (the Flash experts) `pf_mxs_<t>` / `pf_mx_<t>` take over (chosen
 //!   in `CudaBackend::pf_mm_raw`): 256-row blocks whose warps decode their 32 rows straight
@@ -328,8 +329,8 @@ pub unsafe fn group(
 ///
 /// # Safety
 /// `ids` (`n_tok·k` ints `< n_experts`), `wts` (`n_tok·k` floats), `y` (`n_tok × D`), `y16`
-/// and `y16p` (0 or `n_tok × D` halves each) and `dn` (0 or `n_tok·k × D`) must be live device buffers;
-/// `n_tok·k ≤` the scratch's slots.
+/// and `y16p` (0 or `n_tok × D` halves each) and `dn` (0 or `n_tok·k × D`) must be live
+/// device buffers; `n_tok·k ≤` the scratch's slots.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn moe_grouped(
     be: &CudaBackend,
