@@ -11,8 +11,9 @@
 //!   copy of y in its column order: no gather), and one launch of `pf_mm_<t>` per product
 //!   multiplies every used expert's gate|up (one 2F-row product) and then down with all of
 //!   its rows: each block decodes a 128-row × 32-column slice of the quantized weight into
-//!   shared memory as f16 and runs `mma.sync` m16n8k16 (f32 accumulation), so the quantized bytes are read once
-//!   per 64-row tile and no f16 weight copy exists; no host read, no per-expert launches.
+//!   shared memory as f16 and runs `mma.sync` m16n8k16 (f32 accumulation), so the quantized
+//!   bytes are read once per 64-row tile and no f16 weight copy exists; no host read, no
+//!   per-expert launches.
 //!   For IQ2_XXS and Q2_K (the Flash experts) `pf_mxs_<t>` / `pf_mx_<t>` take over (chosen
 //!   in `CudaBackend::pf_mm_raw`): 256-row blocks whose warps decode their 32 rows straight
 //!   into the MMA's A fragments (k permuted inside each 32-column step so that a thread's
