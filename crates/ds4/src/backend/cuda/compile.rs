@@ -141,7 +141,7 @@ pub fn nvrtc_options(arch: &str) -> Vec<String> {
     if std::env::var_os(PTXAS_VERBOSE_ENV).is_some() {
         v.push("--ptxas-options=-v".into());
     }
-    // Compile-time switches of the kernel sources for comparisons (e.g. `DS4_PX_PRE=0`):
+    // Compile-time switches of the kernel sources for comparisons (e.g. `DS4_PXQ_PRE=0`):
     // each space-separated NAME=VALUE becomes -DNAME=VALUE (and part of the cache key).
     if let Ok(defs) = std::env::var(NVRTC_DEFS_ENV) {
         v.extend(defs.split_whitespace().map(|d| format!("-D{d}")));

@@ -1445,9 +1445,9 @@ impl CudaBackend {
     /// `pf_mm_<t>`: the grouped expert product over the row tiles written by `pf_group`
     /// (`n_tiles` device int, `tiles` device triples, at most `max_tiles`): for each tile's
     /// expert `e` and sorted rows `r`, `out[r][m] = W_e[m] · xs[r]` (`x = (xs, 0, _)`), or
-    /// `W_e[m] · xs[rows[r] / k]` (`x = (xs, rows, k)`: `pf_mxw_<t>` only), with rows `m < wa.n_rows`
-    /// from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16 rows of
-    /// `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone). The kernel
+    /// `W_e[m] · xs[rows[r] / k]` (`x = (xs, rows, k)`: `pf_mxw_<t>` only), with rows
+    /// `m < wa.n_rows` from `wa` and the rest from `wb` (`wb = wa` for one matrix). `xs` f16
+    /// rows of `n_cols`, `out` f32 rows of `wa.n_rows + wb.n_rows` (or `wa.n_rows` alone). The kernel
     /// is [`CudaBackend::pf_mx_choice`]'s; `permuted` says `xs` holds its rows permuted by
     /// `px_pos`, which must be exactly when that is `pf_mxw_<t>`
     /// ([`CudaBackend::pf_mm_permuted`]).

@@ -1873,8 +1873,8 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
         // The k largest keys, largest first (rank order): k rounds of a warp maximum, each
         // taking its winner out (0 is below every key: the low word holds ~e). Keys are
         // distinct, so this is the order of ranks; one warp and ~k·n_exp/32 shared loads a
-        // lane, where counting every key's rank took n_exp loads a thread (49 -> ~12 us for a
-        // 2048-token chunk's learned routing, bound by those loads).
+        // lane, where counting every key's rank took n_exp loads a thread (H200 ncu, a
+        // 2048-token chunk's learned routing: 48 -> 20 us).
         const int lane = threadIdx.x;
         for (int j = 0; j < k; j++) {
             unsigned long long best = 0;
