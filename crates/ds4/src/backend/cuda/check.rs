@@ -297,6 +297,9 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_hc_prefill(be, &mut rng, &mut out)?;
     check_pf_group(be, &mut rng, &mut out)?;
     check_hc_fn_range(be, &mut rng, &mut out)?;
+    for t_n in [5usize, 37] {
+        check_hc_post_fn(be, &mut rng, t_n, &mut out)?;
+    }
     for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::IQ2_XXS] {
         check_glu_int8(be, &mut rng, ty, &mut out)?;
     }
@@ -3433,6 +3436,156 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             "{mism} elements (or f16 copies) differ in bits from CPU moe sum (via inv) + hc::post"
         );
         out.push(row);
+    }
+    Ok(())
+}
+
+/// Production prefill's hc_post forms with the next site's HC `fn` product fused
+/// (`k_hc_post4_fn`, `k_hc_post_moe_fn`; t_n tokens, n = 4, d = 4096, 24 outputs, some
+/// residual values beyond f16's range): the new state bit for bit against the CPU's (moe sum
+/// +) hc::post, and the product against its f64 reference over the same f16 operands
+/// (f16(X·HC_X16_SCALE) × the F16 weight, scaled back), relative to each output's L1 mass;
+/// then the whole launch again: the same bits.
+fn check_hc_post_fn(
+    be: &CudaBackend,
+    rng: &mut Rng,
+    t_n: usize,
+    out: &mut Vec<CheckRow>,
+) -> Result<()> {
+    use crate::model::hc;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (n, d, kx) = (4usize, 4096usize, 6usize);
+    let (nmix, width) = ((2 + n) * n, n * d);
+    let st = be.stream();
+    let mut x = random_activations(rng, t_n * width);
+    for t in 0..t_n {
+        let i = (rng.next_u64() % width as u64) as usize;
+        x[t * width + i] = 2.0e5;
+    }
+    let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();
+    let comb: Vec<f32> = (0..t_n * n * n).map(|_| rng.uniform() as f32).collect();
+    let fsub = random_activations(rng, t_n * d);
+    let slots = t_n * kx;
+    let dns = random_activations(rng, slots * d);
+    let sh = random_activations(rng, t_n * d);
+    let mut inv: Vec<i32> = (0..slots as i32).collect();
+    for i in (1..slots).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        inv.swap(i, j);
+    }
+    let mut fmoe = vec![0f32; t_n * d];
+    for t in 0..t_n {
+        for e in 0..d {
+            let mut a = 0f32;
+            for j in 0..kx {
+                a += dns[inv[t * kx + j] as usize * d + e];
+            }
+            fmoe[t * d + e] = a + sh[t * d + e];
+        }
+    }
+    let wb = random_weight(rng, GgmlType::F16, nmix, width);
+    let w: Vec<f64> = wb
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+        .collect();
+    let fw = be.upload_weight(GgmlType::F16, &wb, nmix, width, 1, &mut |_, _| {})?;
+    let dims = hc::HcDims {
+        n,
+        d,
+        rms_eps: 1e-6,
+        hc_eps: 1e-6,
+        sinkhorn_iters: 20,
+    };
+    let split = hc::HcSplit {
+        post: post.clone(),
+        comb: comb.clone(),
+    };
+    let scale = super::session::HC_X16_SCALE;
+    let (pd, cd) = (be.upload_f32(&post)?, be.upload_f32(&comb)?);
+    let (invd, shd) = (be.upload_i32(&inv)?, be.upload_f32(&sh)?);
+    let (fd, dd) = (be.upload_f32(&fsub)?, be.upload_f32(&dns)?);
+    let shape = format!("{t_n}tok,n{n}xd{d},{nmix}out");
+    for moe in [false, true] {
+        let mut cpu = x.clone();
+        hc::post(
+            &dims,
+            &mut cpu,
+            if moe { &fmoe } else { &fsub },
+            &split,
+            &mut Vec::new(),
+        );
+        let refs: Vec<(f64, f64)> = (0..t_n * nmix)
+            .map(|i| {
+                let (t, o) = (i / nmix, i % nmix);
+                let (mut s, mut l1) = (0f64, 0f64);
+                for k in 0..width {
+                    let h = f16::from_f32(cpu[t * width + k] * scale).to_f64();
+                    let p = w[o * width + k] * h / scale as f64;
+                    s += p;
+                    l1 += p.abs();
+                }
+                (s, l1)
+            })
+            .collect();
+        let run = || -> Result<(Vec<f32>, Vec<f32>)> {
+            let xd = be.upload_f32(&x)?;
+            let mix = poisoned(be, t_n * nmix)?;
+            let (px, pm) = (xd.device_ptr(st).0, mix.device_ptr(st).0);
+            let (pp, pc, pw) = (pd.device_ptr(st).0, cd.device_ptr(st).0, be.weight_ptr(&fw));
+            let (ti, di, mi, ki) = (t_n as i32, d as i32, nmix as i32, kx as i32);
+            let name = if moe {
+                "k_hc_post_moe_fn"
+            } else {
+                "k_hc_post4_fn"
+            };
+            let fun = be.function(name)?;
+            let mut b = st.launch_builder(&fun);
+            let (pf, pdn, pinv, psh) = (
+                fd.device_ptr(st).0,
+                dd.device_ptr(st).0,
+                invd.device_ptr(st).0,
+                shd.device_ptr(st).0,
+            );
+            b.arg(&px);
+            if moe {
+                b.arg(&pdn).arg(&pinv).arg(&psh).arg(&ki);
+            } else {
+                b.arg(&pf);
+            }
+            b.arg(&pp)
+                .arg(&pc)
+                .arg(&ti)
+                .arg(&di)
+                .arg(&pw)
+                .arg(&mi)
+                .arg(&pm);
+            let cfg = LaunchConfig {
+                grid_dim: (t_n.div_ceil(16) as u32, 1, 1),
+                block_dim: (512, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the argument list matches the kernel (forward.cu); x holds t_n states
+            // of n·d, mix t_n × nmix, dns `slots` rows, inv `slots` ints < slots, the weight
+            // nmix × n·d halves.
+            unsafe { b.launch(cfg) }?;
+            Ok((be.download(&xd)?, be.download(&mix)?))
+        };
+        let (gx, gm) = run()?;
+        let name = if moe { "hc_post_moe_fn" } else { "hc_post4_fn" };
+        let mism = bits_differ(&gx, &cpu);
+        let mut row = exact_row(&format!("{name}_state"), GgmlType::F32, &shape, mism);
+        row.note = format!("{mism} state elements differ in bits from CPU hc::post");
+        out.push(row);
+        let mut row = compare(name, GgmlType::F16, shape.clone(), &gm, &refs, 1e-5);
+        row.note = format!("fn product vs f64 over the same f16 operands: {}", row.note);
+        out.push(row);
+        let (gx2, gm2) = run()?;
+        out.push(det_row(
+            &format!("{name}_det"),
+            GgmlType::F16,
+            &shape,
+            bits_differ(&gx, &gx2) + bits_differ(&gm, &gm2) == 0,
+        ));
     }
     Ok(())
 }

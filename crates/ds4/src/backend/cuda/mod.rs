@@ -79,8 +79,11 @@
 //! 6144, 0 = never);
 //! `DS4_CUDA_IDXQ_W=0` finishes the indexer queries with the block-per-head `k_idx_q_finish`
 //! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_F16_COPY=0` keeps
-//! no f16 copy of the quantized dense weights (prefill then dequantizes them for every chunk;
-//! by default the copy is made at load when 24 GiB of GPU memory stay free, `=1` always).
+//! no f16 copy of the quantized dense weights and no f32 copy of the router's (prefill then
+//! decodes them for every chunk; by default the copies are made at load when 24 GiB of GPU
+//! memory stay free, `=1` always). `DS4_CUDA_HC_FN=0` has production prefill's hc_post write
+//! the state's f16 copy for a cuBLAS HC `fn` GEMM instead of forming that product itself
+//! (`k_hc_post4_fn` / `k_hc_post_moe_fn`).
 //! `DS4_CUDA_POOL_KEEP=0` lets the stream-ordered allocator return freed memory to the
 //! driver at each synchronization (by default the device's pool keeps it for reuse).
 //! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 8192 up

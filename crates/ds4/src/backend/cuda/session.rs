@@ -227,6 +227,17 @@ fn use_qnorm() -> bool {
     super::switch_on("DS4_CUDA_QNORM")
 }
 
+/// Whether production prefill's hc_post kernels also form the next site's HC `fn` product
+/// (`k_hc_post4_fn` / `k_hc_post_moe_fn`, forward.cu) instead of writing the state's f16 copy
+/// for a cuBLAS GEMM; `DS4_CUDA_HC_FN=0` keeps the GEMM. Read at every chunk (so `ds4 cuda
+/// model --variants` can compare the two).
+fn use_hc_fn() -> bool {
+    super::switch_on("DS4_CUDA_HC_FN")
+}
+
+/// Tokens a block of the fused hc_post + `fn` kernels takes (HPF_TT in forward.cu).
+const HPF_TT: usize = 16;
+
 /// Columns (of 4 elements) a thread of `k_hc_pre_pf` owns for width `d`: the smallest of 1,
 /// 2, 4 that leaves at most 256 threads, a multiple of 32 (None: the shape is not taken).
 fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
@@ -400,6 +411,8 @@ struct Kernels {
     hc_post: CudaFunction,
     hc_post4: CudaFunction,
     hc_post_moe_pf: CudaFunction,
+    hc_post4_fn: CudaFunction,
+    hc_post_moe_fn: CudaFunction,
     hc_head: CudaFunction,
     at: AttnKernels,
     attend_ref: CudaFunction,
@@ -446,6 +459,8 @@ impl Kernels {
             hc_post: f("k_hc_post")?,
             hc_post4: f("k_hc_post4")?,
             hc_post_moe_pf: f("k_hc_post_moe_pf")?,
+            hc_post4_fn: f("k_hc_post4_fn")?,
+            hc_post_moe_fn: f("k_hc_post_moe_fn")?,
             hc_head: f("k_hc_head")?,
             at: AttnKernels::load(be)?,
             attend_ref: f("k_attend")?,
@@ -507,6 +522,9 @@ struct GpuLayer {
     hc_ffn_base: CudaSlice<f32>,
     ffn_norm: CudaSlice<f32>,
     gate_inp: GpuWeight,
+    /// The router's weight decoded to f32 once (`attach_prefill_f16`), for production
+    /// prefill's f32 router GEMM; without it each chunk decodes it again.
+    gate_inp32: Option<CudaSlice<f32>>,
     exp_bias: Option<CudaSlice<f32>>,
     tid2eid: Option<CudaSlice<i32>>,
     gate_exps: GpuWeight,
@@ -562,9 +580,10 @@ const F16_COPY_RESERVE: usize = 24 << 30;
 
 /// Gives the quantized dense weights (not F16, which the GEMMs read as they are) an f16
 /// copy, so production prefill does not dequantize them again for every chunk (for the q2
-/// Flash model ~9% more weight memory for ~2.5% of a chunk's time, bench/RESULTS.md), when
-/// the GPU keeps at least `F16_COPY_RESERVE` free afterwards. `DS4_CUDA_F16_COPY=0` never
-/// makes them, `=1` always does. Returns the bytes taken.
+/// Flash model ~9% more weight memory for ~2.5% of a chunk's time, bench/RESULTS.md), and
+/// the router's weight an f32 copy (its f32 GEMM's operand: 4 MB and ~10 µs a layer at the
+/// Flash shapes), when the GPU keeps at least `F16_COPY_RESERVE` free afterwards.
+/// `DS4_CUDA_F16_COPY=0` never makes them, `=1` always does. Returns the bytes taken.
 fn attach_prefill_f16(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize> {
     let mode = std::env::var("DS4_CUDA_F16_COPY").ok();
     if mode.as_deref() == Some("0") {
@@ -576,7 +595,11 @@ fn attach_prefill_f16(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize
         .flat_map(|l| l.dense_gemm_weights())
         .filter(|w| wanted(w))
         .map(|w| w.f16_bytes())
-        .sum();
+        .sum::<usize>()
+        + layers
+            .iter()
+            .map(|l| 4 * l.gate_inp.n_rows * l.gate_inp.n_cols)
+            .sum::<usize>();
     let (free, _) = be.mem_info()?;
     if mode.as_deref() != Some("1") && free < need + F16_COPY_RESERVE {
         return Ok(0);
@@ -587,6 +610,10 @@ fn attach_prefill_f16(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize
                 be.attach_f16(w)?;
             }
         }
+        let w32 = be.alloc_f32(l.gate_inp.n_rows * l.gate_inp.n_cols)?;
+        // SAFETY: w32 holds the weight's n_rows × n_cols floats.
+        unsafe { be.dq_f32_raw(&l.gate_inp, w32.device_ptr(be.stream()).0)? };
+        l.gate_inp32 = Some(w32);
     }
     Ok(need)
 }
@@ -806,6 +833,7 @@ impl GpuModel {
                 hc_ffn_base: up.vec(&lp.hc_ffn.base)?,
                 ffn_norm: up.vec(&lp.ffn_norm)?,
                 gate_inp: up.weight(&lw.ffn_gate_inp, 1)?,
+                gate_inp32: None,
                 exp_bias: lp.expert_bias.as_ref().map(|b| up.vec(b)).transpose()?,
                 tid2eid,
                 gate_exps: up.weight(&lw.ffn_gate_exps, c.n_expert)?,
@@ -1698,6 +1726,22 @@ impl GpuSession {
         // chunk forms of hc_post for the next site's HC `fn` product); 0 = none. A product
         // writing such a buffer clears its entry, and anything else writing x16 clears [2].
         let h16 = std::cell::Cell::new([0u64; 3]);
+        // The HC `fn` weight whose product with the current state a fused hc_post left in
+        // `mix` (production prefill), or 0: the next hc_pre then skips that product.
+        let mix_for = std::cell::Cell::new(0u64);
+        // Whether hc_post can form the product of `fnw` (the next site's) with the new state.
+        let fn_fused = |fnw: &GpuWeight| -> bool {
+            pf.is_some()
+                && n > 1
+                && nh == 4
+                && d.is_multiple_of(128)
+                && fnw.ty == GgmlType::F16
+                && fnw.n_experts == 1
+                && fnw.n_rows == c.hc_mix()
+                && fnw.n_rows <= 24
+                && fnw.n_cols == nh * d
+                && use_hc_fn()
+        };
         let f16_of = |x: u64| -> Option<u64> {
             let ps = pf?;
             let m = h16.get();
@@ -2036,7 +2080,10 @@ impl GpuSession {
                 return Ok(fork);
             }
             flush_post()?;
-            lin_s(fnw, xcur.get(), n, p(&s.mix), HC_X16_SCALE, false)?;
+            if n == 1 || mix_for.get() != be.weight_ptr(fnw) {
+                lin_s(fnw, xcur.get(), n, p(&s.mix), HC_X16_SCALE, false)?;
+            }
+            mix_for.set(0);
             if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
             {
                 // Production prefill: the state read once, y written as f32 and f16, and
@@ -2157,7 +2204,33 @@ impl GpuSession {
             && attn::tc_supported(c.n_head, c.head_dim, half as usize)
             && attn::tc_qnorm_supported(c.head_dim)
             && use_qnorm();
-        let hc_post = || -> Result<()> {
+        // `next`: the HC `fn` weight of the site after this one, formed with the new state when
+        // fn_fused allows (no f16 copy of the state then).
+        let hc_post = |next: Option<&GpuWeight>| -> Result<()> {
+            mix_for.set(0);
+            if let Some(fnw) = next.filter(|w| fn_fused(w)) {
+                launch!(
+                    st,
+                    k.hc_post4_fn,
+                    (n.div_ceil(HPF_TT) as u32, 1, 1),
+                    (512, 1, 1),
+                    0,
+                    [
+                        xcur.get(),
+                        p(&s.f),
+                        p(&s.post),
+                        p(&s.comb),
+                        ni,
+                        di,
+                        be.weight_ptr(fnw),
+                        fnw.n_rows as i32,
+                        p(&s.mix)
+                    ]
+                );
+                set16(2, 0);
+                mix_for.set(be.weight_ptr(fnw));
+                return Ok(());
+            }
             if n > 1 && d.is_multiple_of(4) {
                 // Chunks: 4 elements a thread (k_hc_post's operations per element), and in
                 // production prefill x's f16 copy for the next HC `fn` product.
@@ -2193,7 +2266,9 @@ impl GpuSession {
             );
             Ok(())
         };
-        for (l, ls) in gm.layers.iter().zip(self.layers.iter()) {
+        for (il, (l, ls)) in gm.layers.iter().zip(self.layers.iter()).enumerate() {
+            // The next layer's attention-site `fn` (none after the last layer: the head's).
+            let next_attn_fn = gm.layers.get(il + 1).map(|nl| &nl.hc_attn_fn);
             // §3.2 + §3.3: attention site.
             let left = hc_pre(
                 &l.hc_attn_fn,
@@ -2836,7 +2911,7 @@ impl GpuSession {
                         c.head_dim as i32
                     ]
                 );
-                hc_post()?;
+                hc_post(Some(&l.hc_ffn_fn))?;
             }
             // §3.2 + §3.4: FFN site.
             let perm16 = pf.is_some()
@@ -2874,8 +2949,25 @@ impl GpuSession {
             } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
                 // Expert choice: f32 inputs and products (cuBLAS SGEMM on the exactly decoded
                 // weight), not f16 operands.
-                // SAFETY: y holds n rows of D, rl n rows of n_expert, w32 the weight.
-                unsafe { dense_sgemm(be, &l.gate_inp, p(&s.y), n, p(&s.rl), p(&ps.w32))? };
+                let w = &l.gate_inp;
+                // SAFETY: y holds n rows of D, rl n rows of n_expert, w32 the weight (or room
+                // for it) as f32.
+                unsafe {
+                    match &l.gate_inp32 {
+                        Some(w32) => be.gemm_f32_raw(
+                            w.n_rows,
+                            n,
+                            w.n_cols,
+                            p(w32),
+                            w.n_cols,
+                            p(&s.y),
+                            w.n_cols,
+                            p(&s.rl),
+                            w.n_rows,
+                        )?,
+                        None => dense_sgemm(be, w, p(&s.y), n, p(&s.rl), p(&ps.w32))?,
+                    }
+                };
             } else {
                 // SAFETY: y holds n rows of D, rl n rows of n_expert.
                 unsafe { be.mm_raw(&l.gate_inp, p(&s.y), n, p(&s.rl))? };
@@ -2970,8 +3062,37 @@ impl GpuSession {
                     // Expert sum and hc_post in one pass (decode), with the next layer's
                     // control product when it can (`pending`).
                     pending.set(Some(Post::Moe));
+                } else if let Some((ps, fnw)) =
+                    fused_sum.zip(next_attn_fn.filter(|w| fn_fused(w) && ke <= 6))
+                {
+                    let (dns, inv) = ps.moe.sorted_out(be);
+                    mix_for.set(0);
+                    launch!(
+                        st,
+                        k.hc_post_moe_fn,
+                        (n.div_ceil(HPF_TT) as u32, 1, 1),
+                        (512, 1, 1),
+                        0,
+                        [
+                            p(&s.x),
+                            dns,
+                            inv,
+                            p(&s.sh),
+                            ke as i32,
+                            p(&s.post),
+                            p(&s.comb),
+                            ni,
+                            di,
+                            be.weight_ptr(fnw),
+                            fnw.n_rows as i32,
+                            p(&s.mix)
+                        ]
+                    );
+                    set16(2, 0);
+                    mix_for.set(be.weight_ptr(fnw));
                 } else if let Some(ps) = fused_sum {
                     let (dns, inv) = ps.moe.sorted_out(be);
+                    mix_for.set(0);
                     launch!(
                         st,
                         k.hc_post_moe_pf,
@@ -3001,7 +3122,7 @@ impl GpuSession {
                         0,
                         [p(&s.dn), p(&s.sh), ke as i32, di, p(&s.f)]
                     );
-                    hc_post()?;
+                    hc_post(next_attn_fn)?;
                 }
             }
         }

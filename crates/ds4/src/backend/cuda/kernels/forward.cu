@@ -1326,6 +1326,197 @@ extern "C" __global__ void k_hc_post_moe_pf(float* __restrict__ x, const float* 
              x16 ? x16 + (long long)t * n * d : nullptr);
 }
 
+// ---------------------------------------------------------------------------------------------
+// k_hc_post4_fn / k_hc_post_moe_fn (production prefill, n = 4 streams): k_hc_post4 /
+// k_hc_post_moe_pf with the next site's HC `fn` product fused in place of the f16 copy of the
+// new state. That product (mix[t] = fn · X_t over the N·D = 16384 values of a token's state,
+// 24 outputs) used to be a cuBLAS GEMM reading x16, the f16 copy of X·HC_X16_SCALE that the
+// post kernel wrote: 67 MB written and read back a site, plus the GEMM's split-K reduction.
+// Here a block owns HPF_TT tokens and all of their state, walked in chunks of HPF_DC dims of
+// every stream: each thread forms 4 dims of one token's 4 new streams (k_hc_post4's
+// operations, so X is bit-identical to it), stores them, and puts f16(X·HC_X16_SCALE) (x16's
+// values) into a shared tile [token][stream·DC + dim]; then the 16 warps multiply the chunk's
+// 512 columns with the fn rows on mma.sync m16n8k16 (prefill.cu's mma16816: tokens = M,
+// outputs = N in 3 n8 tiles, f32 accumulation; the fn fragments are loaded from global memory
+// before the chunk's state), and at the end the warps' partial sums are added in warp order
+// and scaled back by 1/HC_X16_SCALE (exact). The same f16 operands as the GEMM; only the
+// order of the f32 additions differs (deterministic). Needs d % HPF_DC == 0, fn: F16
+// [nmix ≤ 24][4·d]. 128 blocks for a 2048-token chunk, one an SM (126 / 128 registers):
+// k_hc_post4_fn 90 µs against k_hc_post4's 88 plus the GEMM's 25, k_hc_post_moe_fn 126
+// against 145 + 25 (H200 ncu; bench/RESULTS.md, twentieth session). Loading the next chunk's
+// inputs a chunk ahead (k_hc_post4_fn) changed nothing.
+// grid: ceil(n_tok / HPF_TT), 512 threads; thread tid: token tid / 32 of the block, dims
+// 4·(tid % 32) of each chunk.
+// ---------------------------------------------------------------------------------------------
+#define HPF_TT 16
+#define HPF_DC 128
+#define HPF_KS (4 * HPF_DC + 8)  // tile row stride in halves (+8: ldmatrix rows on other banks)
+#define HPF_MAXK 6               // routed rows a token (k_hc_post_moe_fn)
+
+template <bool MOE>
+__device__ __forceinline__ void hpf_body(float* __restrict__ x, const float* __restrict__ f,
+                                         const float* __restrict__ dns,
+                                         const int* __restrict__ inv,
+                                         const float* __restrict__ sh, int kx,
+                                         const float* __restrict__ post,
+                                         const float* __restrict__ comb, int n_tok, int d,
+                                         const u16* __restrict__ fnw, int nmix,
+                                         float* __restrict__ mix) {
+    __shared__ __align__(16) u16 xs[2][HPF_TT * HPF_KS];
+    static_assert(16 * HPF_TT * 25 * 4 <= sizeof(xs), "the partial sums reuse the tiles");
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int t = blockIdx.x * HPF_TT + warp;  // this thread's token (warp = its row)
+    const bool tv = t < n_tok;
+    const int eo = 4 * lane, ncol = 4 * d;
+    float q[4], mm[16];
+    int rows[HPF_MAXK];
+    if (tv) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) q[k] = post[t * 4 + k];
+#pragma unroll
+        for (int i = 0; i < 16; i++) mm[i] = comb[(long long)t * 16 + i];
+        if (MOE) {
+#pragma unroll
+            for (int j = 0; j < HPF_MAXK; j++) rows[j] = j < kx ? inv[t * kx + j] : 0;
+        }
+    }
+    // fn rows of this thread's B fragments: outputs 8·nt + g (rows past nmix read row 0; their
+    // sums are not stored).
+    const u16* wr[3];
+#pragma unroll
+    for (int nt = 0; nt < 3; nt++) {
+        int o = 8 * nt + g;
+        wr[nt] = fnw + (long long)(o < nmix ? o : 0) * ncol + 2 * t4;
+    }
+    float acc[3][4];
+#pragma unroll
+    for (int nt = 0; nt < 3; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    // ldmatrix: lane l gives row l % 16, columns 8·(l / 16) of the k16 step.
+    const int lr = lane & 15, lc = 8 * (lane >> 4);
+    float* xt = x + (long long)t * 4 * d;
+    const int nch = d / HPF_DC;
+    for (int c = 0; c < nch; c++) {
+        u16* xb = xs[c & 1];
+        // This warp's 2 k16 steps of the chunk's 512 columns (stream kk / 128): their fn
+        // fragments, in flight while the state is formed.
+        u32 bf[2][3][2];
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            int kk = 32 * warp + 16 * s;
+            long long col = (long long)(kk / HPF_DC) * d + c * HPF_DC + kk % HPF_DC;
+#pragma unroll
+            for (int nt = 0; nt < 3; nt++) {
+                bf[s][nt][0] = *(const u32*)(wr[nt] + col);
+                bf[s][nt][1] = *(const u32*)(wr[nt] + col + 8);
+            }
+        }
+        const int e = c * HPF_DC + eo;
+        uint2 h[4] = {make_uint2(0u, 0u), make_uint2(0u, 0u), make_uint2(0u, 0u),
+                      make_uint2(0u, 0u)};
+        if (tv) {
+            float xv[4][4], fv[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float4 v = *(const float4*)(xt + (long long)j * d + e);
+                xv[j][0] = v.x;
+                xv[j][1] = v.y;
+                xv[j][2] = v.z;
+                xv[j][3] = v.w;
+            }
+            if (MOE) {
+                float4 r[HPF_MAXK];
+#pragma unroll
+                for (int j = 0; j < HPF_MAXK; j++)
+                    if (j < kx) r[j] = *(const float4*)(dns + (long long)rows[j] * d + e);
+                float4 s4 = *(const float4*)(sh + (long long)t * d + e);
+                fv[0] = fv[1] = fv[2] = fv[3] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < HPF_MAXK; j++)
+                    if (j < kx) {
+                        fv[0] += r[j].x;
+                        fv[1] += r[j].y;
+                        fv[2] += r[j].z;
+                        fv[3] += r[j].w;
+                    }
+                fv[0] += s4.x;
+                fv[1] += s4.y;
+                fv[2] += s4.z;
+                fv[3] += s4.w;
+            } else {
+                float4 f4 = *(const float4*)(f + (long long)t * d + e);
+                fv[0] = f4.x;
+                fv[1] = f4.y;
+                fv[2] = f4.z;
+                fv[3] = f4.w;
+            }
+            // hc_post4_t<4>'s operations, in its order.
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float o[4];
+#pragma unroll
+                for (int cc = 0; cc < 4; cc++) {
+                    o[cc] = q[k] * fv[cc];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) o[cc] += mm[j * 4 + k] * xv[j][cc];
+                }
+                *(float4*)(xt + (long long)k * d + e) = make_float4(o[0], o[1], o[2], o[3]);
+                h[k].x = (u32)f2h(o[0] * HC_X16_SCALE) | ((u32)f2h(o[1] * HC_X16_SCALE) << 16);
+                h[k].y = (u32)f2h(o[2] * HC_X16_SCALE) | ((u32)f2h(o[3] * HC_X16_SCALE) << 16);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) *(uint2*)(xb + warp * HPF_KS + k * HPF_DC + eo) = h[k];
+        // The chunk's tile is complete; the buffer written next (chunk c + 1's) was last read
+        // by chunk c − 1's products, which every warp finished before this barrier.
+        __syncthreads();
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            u32 a[4];
+            pf_ldsm4(a, xb + lr * HPF_KS + 32 * warp + 16 * s + lc);
+#pragma unroll
+            for (int nt = 0; nt < 3; nt++) mma16816(acc[nt], a, bf[s][nt]);
+        }
+    }
+    // The warps' partial sums [warp][token][25] over the tiles (every warp is past its last
+    // products after this barrier). acc[nt][0..1]: token g, outputs 8nt + 2t4 (+1); [2..3]:
+    // token g + 8.
+    __syncthreads();
+    float* red = (float*)xs[0];
+#pragma unroll
+    for (int nt = 0; nt < 3; nt++) {
+        int o = 8 * nt + 2 * t4;
+        red[(warp * HPF_TT + g) * 25 + o] = acc[nt][0];
+        red[(warp * HPF_TT + g) * 25 + o + 1] = acc[nt][1];
+        red[(warp * HPF_TT + g + 8) * 25 + o] = acc[nt][2];
+        red[(warp * HPF_TT + g + 8) * 25 + o + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    if (tid < HPF_TT * 24) {
+        int tt = tid / 24, o = tid % 24, tk = blockIdx.x * HPF_TT + tt;
+        if (o < nmix && tk < n_tok) {
+            float s = 0.0f;
+            for (int w = 0; w < 16; w++) s += red[(w * HPF_TT + tt) * 25 + o];
+            mix[(long long)tk * nmix + o] = s * (1.0f / HC_X16_SCALE);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(512, 1)
+    k_hc_post4_fn(float* __restrict__ x, const float* __restrict__ f,
+                  const float* __restrict__ post, const float* __restrict__ comb, int n_tok,
+                  int d, const u16* __restrict__ fnw, int nmix, float* __restrict__ mix) {
+    hpf_body<false>(x, f, nullptr, nullptr, nullptr, 0, post, comb, n_tok, d, fnw, nmix, mix);
+}
+
+extern "C" __global__ void __launch_bounds__(512, 1)
+    k_hc_post_moe_fn(float* __restrict__ x, const float* __restrict__ dns,
+                     const int* __restrict__ inv, const float* __restrict__ sh, int kx,
+                     const float* __restrict__ post, const float* __restrict__ comb, int n_tok,
+                     int d, const u16* __restrict__ fnw, int nmix, float* __restrict__ mix) {
+    hpf_body<true>(x, nullptr, dns, inv, sh, kx, post, comb, n_tok, d, fnw, nmix, mix);
+}
+
 // Output head (§3.5): h = Σ_j w_j·X_j with w_j = sigmoid(m_j·s·scale + base_j) + eps, then
 // RMSNorm(h; output_norm). blockIdx.x = token.
 extern "C" __global__ void k_hc_head(const float* __restrict__ x, const float* __restrict__ mix,
