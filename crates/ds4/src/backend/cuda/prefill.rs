@@ -453,27 +453,43 @@ pub unsafe fn moe_grouped(
             let eb = gate.expert_stride as i64;
             let (ra, mtot, kd) = (f as i32, (2 * f) as i32, d as i32);
             let (nt2, tiles2) = (nt + 4, ptr(&sc.tiles2, be));
-            let mut b = st.launch_builder(f4);
-            b.arg(&pa)
-                .arg(&pb)
-                .arg(&eb)
-                .arg(&ra)
-                .arg(&mtot)
-                .arg(&kd)
-                .arg(&nt2)
-                .arg(&tiles2)
-                .arg(&gx)
-                .arg(&grows)
-                .arg(&gk)
-                .arg(&gu);
-            b.launch(LaunchConfig {
-                grid_dim: ((2 * f / 256) as u32, max_tiles2(slots) as u32, 1),
-                block_dim: (512, 1, 1),
-                shared_mem_bytes: PXW4_SMEM,
-            })?;
+            let w4 = || -> Result<()> {
+                let mut b = be.st().launch_builder(f4);
+                b.arg(&pa)
+                    .arg(&pb)
+                    .arg(&eb)
+                    .arg(&ra)
+                    .arg(&mtot)
+                    .arg(&kd)
+                    .arg(&nt2)
+                    .arg(&tiles2)
+                    .arg(&gx)
+                    .arg(&grows)
+                    .arg(&gk)
+                    .arg(&gu);
+                b.launch(LaunchConfig {
+                    grid_dim: ((2 * f / 256) as u32, max_tiles2(slots) as u32, 1),
+                    block_dim: (512, 1, 1),
+                    shared_mem_bytes: PXW4_SMEM,
+                })?;
+                Ok(())
+            };
+            // The two gate|up launches write disjoint rows of gu (their own tiles): on a side
+            // stream, pf_mxw4's last partial wave of one-block-an-SM blocks shares the GPU
+            // with pf_mxw's blocks instead of leaving SMs idle (DS4_CUDA_PF_W4_FORK=0: one
+            // after the other).
+            let fork = if be.side().is_none() && super::switch_on("DS4_CUDA_PF_W4_FORK") {
+                Some(be.fork(w4)?)
+            } else {
+                w4()?;
+                None
+            };
             let (nt1, tiles1) = (nt + 8, ptr(&sc.tiles1, be));
             let mt1 = n_exp.min(slots);
             be.pf_mm_raw(gate, Some(up), nt1, tiles1, mt1, (gx, grows, gk), pm_gu, gu)?;
+            if let Some(fk) = fork {
+                fk.join()?;
+            }
         } else {
             be.pf_mm_raw(gate, Some(up), nt, tiles, mt, (gx, grows, gk), pm_gu, gu)?;
         }
