@@ -1743,13 +1743,7 @@ fn check_hc_post_ring(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) 
     let ring0 = random_activations(rng, swa * dh);
     let post: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 * 2.0).collect();
     let comb: Vec<f32> = (0..n * n).map(|_| rng.uniform() as f32).collect();
-    let dims = hc::HcDims {
-        n,
-        d,
-        rms_eps: 1e-6,
-        hc_eps: 1e-6,
-        sinkhorn_iters: 20,
-    };
+    let dims = test_hc_dims(n, d);
     let split = hc::HcSplit {
         post: post.clone(),
         comb: comb.clone(),
@@ -1834,13 +1828,7 @@ fn check_hc_post_moe(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
         }
         *fe = a + sh[e];
     }
-    let dims = hc::HcDims {
-        n,
-        d,
-        rms_eps: 1e-6,
-        hc_eps: 1e-6,
-        sinkhorn_iters: 20,
-    };
+    let dims = test_hc_dims(n, d);
     let split = hc::HcSplit {
         post: post.clone(),
         comb: comb.clone(),
@@ -3088,6 +3076,66 @@ fn check_pf_group(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> R
     Ok(())
 }
 
+/// HC dimensions of the self-test's hc rows: n streams of d, eps 1e-6, 20 Sinkhorn rounds.
+fn test_hc_dims(n: usize, d: usize) -> crate::model::hc::HcDims {
+    crate::model::hc::HcDims {
+        n,
+        d,
+        rms_eps: 1e-6,
+        hc_eps: 1e-6,
+        sinkhorn_iters: 20,
+    }
+}
+
+/// Random inputs of the prefill hc_post kernels for t_n tokens (n streams of d, kx routed rows
+/// a token): post / comb weights, the attention site's output `fsub`, the routed rows `dns`
+/// (sorted order), the shared expert's rows `sh`, `inv` (a random permutation: the sorted row
+/// of each slot) and the FFN site's output `fmoe` as k_moe_sum forms it (slot order, then sh).
+struct PostInputs {
+    post: Vec<f32>,
+    comb: Vec<f32>,
+    fsub: Vec<f32>,
+    dns: Vec<f32>,
+    sh: Vec<f32>,
+    inv: Vec<i32>,
+    fmoe: Vec<f32>,
+}
+
+impl PostInputs {
+    fn random(rng: &mut Rng, t_n: usize, n: usize, d: usize, kx: usize) -> PostInputs {
+        let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();
+        let comb: Vec<f32> = (0..t_n * n * n).map(|_| rng.uniform() as f32).collect();
+        let fsub = random_activations(rng, t_n * d);
+        let slots = t_n * kx;
+        let dns = random_activations(rng, slots * d);
+        let sh = random_activations(rng, t_n * d);
+        let mut inv: Vec<i32> = (0..slots as i32).collect();
+        for i in (1..slots).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            inv.swap(i, j);
+        }
+        let mut fmoe = vec![0f32; t_n * d];
+        for t in 0..t_n {
+            for e in 0..d {
+                let mut a = 0f32;
+                for j in 0..kx {
+                    a += dns[inv[t * kx + j] as usize * d + e];
+                }
+                fmoe[t * d + e] = a + sh[t * d + e];
+            }
+        }
+        PostInputs {
+            post,
+            comb,
+            fsub,
+            dns,
+            sh,
+            inv,
+            fmoe,
+        }
+    }
+}
+
 /// Production prefill's fused forms around hc (forward.cu) on several tokens at the flash
 /// width: `k_hc_pre` at 256 threads (prefill) vs the CPU's hc::pre + rms_norm and bit for bit
 /// vs its 1024-thread launch, its f16 copy y16 = f16(y); `k_rms_norm_h` = k_rms_norm + f16
@@ -3342,28 +3390,15 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .map(|&a| a * super::session::HC_X16_SCALE)
             .collect()
     };
-    let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();
-    let comb: Vec<f32> = (0..t_n * n * n).map(|_| rng.uniform() as f32).collect();
-    let fsub = random_activations(rng, t_n * d);
-    let slots = t_n * kx;
-    let dns = random_activations(rng, slots * d);
-    let sh = random_activations(rng, t_n * d);
-    // inv: a random permutation of the slots (sorted row of each slot).
-    let mut inv: Vec<i32> = (0..slots as i32).collect();
-    for i in (1..slots).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        inv.swap(i, j);
-    }
-    let mut fmoe = vec![0f32; t_n * d];
-    for t in 0..t_n {
-        for e in 0..d {
-            let mut a = 0f32;
-            for j in 0..kx {
-                a += dns[inv[t * kx + j] as usize * d + e];
-            }
-            fmoe[t * d + e] = a + sh[t * d + e];
-        }
-    }
+    let PostInputs {
+        post,
+        comb,
+        fsub,
+        dns,
+        sh,
+        inv,
+        fmoe,
+    } = PostInputs::random(rng, t_n, n, d, kx);
     let split = hc::HcSplit {
         post: post.clone(),
         comb: comb.clone(),
@@ -3462,55 +3497,29 @@ fn check_hc_post_fn(
         let i = (rng.next_u64() % width as u64) as usize;
         x[t * width + i] = 2.0e5;
     }
-    let post: Vec<f32> = (0..t_n * n).map(|_| rng.uniform() as f32 * 2.0).collect();
-    let comb: Vec<f32> = (0..t_n * n * n).map(|_| rng.uniform() as f32).collect();
-    let fsub = random_activations(rng, t_n * d);
-    let slots = t_n * kx;
-    let dns = random_activations(rng, slots * d);
-    let sh = random_activations(rng, t_n * d);
-    let mut inv: Vec<i32> = (0..slots as i32).collect();
-    for i in (1..slots).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        inv.swap(i, j);
-    }
-    let mut fmoe = vec![0f32; t_n * d];
-    for t in 0..t_n {
-        for e in 0..d {
-            let mut a = 0f32;
-            for j in 0..kx {
-                a += dns[inv[t * kx + j] as usize * d + e];
-            }
-            fmoe[t * d + e] = a + sh[t * d + e];
-        }
-    }
+    let inp = PostInputs::random(rng, t_n, n, d, kx);
     let wb = random_weight(rng, GgmlType::F16, nmix, width);
     let w: Vec<f64> = wb
         .chunks_exact(2)
         .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
         .collect();
     let fw = be.upload_weight(GgmlType::F16, &wb, nmix, width, 1, &mut |_, _| {})?;
-    let dims = hc::HcDims {
-        n,
-        d,
-        rms_eps: 1e-6,
-        hc_eps: 1e-6,
-        sinkhorn_iters: 20,
-    };
+    let dims = test_hc_dims(n, d);
     let split = hc::HcSplit {
-        post: post.clone(),
-        comb: comb.clone(),
+        post: inp.post.clone(),
+        comb: inp.comb.clone(),
     };
     let scale = super::session::HC_X16_SCALE;
-    let (pd, cd) = (be.upload_f32(&post)?, be.upload_f32(&comb)?);
-    let (invd, shd) = (be.upload_i32(&inv)?, be.upload_f32(&sh)?);
-    let (fd, dd) = (be.upload_f32(&fsub)?, be.upload_f32(&dns)?);
+    let (pd, cd) = (be.upload_f32(&inp.post)?, be.upload_f32(&inp.comb)?);
+    let (invd, shd) = (be.upload_i32(&inp.inv)?, be.upload_f32(&inp.sh)?);
+    let (fd, dd) = (be.upload_f32(&inp.fsub)?, be.upload_f32(&inp.dns)?);
     let shape = format!("{t_n}tok,n{n}xd{d},{nmix}out");
     for moe in [false, true] {
         let mut cpu = x.clone();
         hc::post(
             &dims,
             &mut cpu,
-            if moe { &fmoe } else { &fsub },
+            if moe { &inp.fmoe } else { &inp.fsub },
             &split,
             &mut Vec::new(),
         );

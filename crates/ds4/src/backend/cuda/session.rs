@@ -2204,32 +2204,49 @@ impl GpuSession {
             && attn::tc_supported(c.n_head, c.head_dim, half as usize)
             && attn::tc_qnorm_supported(c.head_dim)
             && use_qnorm();
+        // A fused hc_post (`k_hc_post4_fn` / `k_hc_post_moe_fn`, forward.cu) forming `fnw`'s
+        // product with the new state: its own leading arguments (`head`, then `kx` for the MoE
+        // form), the common rest, and the bookkeeping after it (no f16 copy of the state).
+        let post_fn = |f: &CudaFunction, head: &[u64], kx: Option<i32>, fnw: &GpuWeight| {
+            let (wp, nmix, pc) = (
+                be.weight_ptr(fnw),
+                fnw.n_rows as i32,
+                [p(&s.post), p(&s.comb)],
+            );
+            let mut b = st.launch_builder(f);
+            for a in head {
+                b.arg(a);
+            }
+            if let Some(kx) = kx.as_ref() {
+                b.arg(kx);
+            }
+            b.arg(&pc[0])
+                .arg(&pc[1])
+                .arg(&ni)
+                .arg(&di)
+                .arg(&wp)
+                .arg(&nmix);
+            let mix = p(&s.mix);
+            b.arg(&mix);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(HPF_TT) as u32, 1, 1),
+                block_dim: (512, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the argument list matches the kernel (forward.cu): the state of n tokens,
+            // the site's output rows, post / comb, the F16 fn weight (fn_fused checked its
+            // shape) and mix (n rows of hc_mix).
+            unsafe { b.launch(cfg) }?;
+            set16(2, 0);
+            mix_for.set(wp);
+            Ok::<(), CudaError>(())
+        };
         // `next`: the HC `fn` weight of the site after this one, formed with the new state when
-        // fn_fused allows (no f16 copy of the state then).
+        // fn_fused allows.
         let hc_post = |next: Option<&GpuWeight>| -> Result<()> {
             mix_for.set(0);
             if let Some(fnw) = next.filter(|w| fn_fused(w)) {
-                launch!(
-                    st,
-                    k.hc_post4_fn,
-                    (n.div_ceil(HPF_TT) as u32, 1, 1),
-                    (512, 1, 1),
-                    0,
-                    [
-                        xcur.get(),
-                        p(&s.f),
-                        p(&s.post),
-                        p(&s.comb),
-                        ni,
-                        di,
-                        be.weight_ptr(fnw),
-                        fnw.n_rows as i32,
-                        p(&s.mix)
-                    ]
-                );
-                set16(2, 0);
-                mix_for.set(be.weight_ptr(fnw));
-                return Ok(());
+                return post_fn(&k.hc_post4_fn, &[xcur.get(), p(&s.f)], None, fnw);
             }
             if n > 1 && d.is_multiple_of(4) {
                 // Chunks: 4 elements a thread (k_hc_post's operations per element), and in
@@ -3066,30 +3083,8 @@ impl GpuSession {
                     fused_sum.zip(next_attn_fn.filter(|w| fn_fused(w) && ke <= 6))
                 {
                     let (dns, inv) = ps.moe.sorted_out(be);
-                    mix_for.set(0);
-                    launch!(
-                        st,
-                        k.hc_post_moe_fn,
-                        (n.div_ceil(HPF_TT) as u32, 1, 1),
-                        (512, 1, 1),
-                        0,
-                        [
-                            p(&s.x),
-                            dns,
-                            inv,
-                            p(&s.sh),
-                            ke as i32,
-                            p(&s.post),
-                            p(&s.comb),
-                            ni,
-                            di,
-                            be.weight_ptr(fnw),
-                            fnw.n_rows as i32,
-                            p(&s.mix)
-                        ]
-                    );
-                    set16(2, 0);
-                    mix_for.set(be.weight_ptr(fnw));
+                    let head = [p(&s.x), dns, inv, p(&s.sh)];
+                    post_fn(&k.hc_post_moe_fn, &head, Some(ke as i32), fnw)?;
                 } else if let Some(ps) = fused_sum {
                     let (dns, inv) = ps.moe.sorted_out(be);
                     mix_for.set(0);
