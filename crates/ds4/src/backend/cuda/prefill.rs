@@ -26,7 +26,7 @@
 //!   gate|up of the experts with more than 64 rows runs on `pf_mxw4_iq2_xxs` (512 threads,
 //!   tiles of up to 128 rows, so their weights are decoded once per 128 tokens; the same
 //!   bits as `pf_mxw`), the other experts' on `pf_mxw` (`pf_group`'s second and third tile
-//!   lists; `DS4_CUDA_PF_W4`).
+//!   lists; `DS4_CUDA_PF_W4`), the two launches side by side on two streams.
 //!   The clamped SwiGLU × routing weight uses k_swiglu's expressions (result rounded to
 //!   f16); the rows go back to slot order for the ordinary `k_moe_sum`. A second path
 //!   (`DS4_CUDA_PF_MM=0`, or shapes `pf_mm` does not take) dequantizes batches of experts

@@ -522,7 +522,7 @@ struct GpuLayer {
     hc_ffn_base: CudaSlice<f32>,
     ffn_norm: CudaSlice<f32>,
     gate_inp: GpuWeight,
-    /// The router's weight decoded to f32 once (`attach_prefill_f16`), for production
+    /// The router's weight decoded to f32 once (`attach_prefill_copies`), for production
     /// prefill's f32 router GEMM; without it each chunk decodes it again.
     gate_inp32: Option<CudaSlice<f32>>,
     exp_bias: Option<CudaSlice<f32>>,
@@ -575,7 +575,7 @@ impl GpuLayer {
     }
 }
 
-/// GPU memory `attach_prefill_f16` leaves free for sessions (KV caches, scratch) at least.
+/// GPU memory `attach_prefill_copies` leaves free for sessions (KV caches, scratch) at least.
 const F16_COPY_RESERVE: usize = 24 << 30;
 
 /// Gives the quantized dense weights (not F16, which the GEMMs read as they are) an f16
@@ -584,7 +584,7 @@ const F16_COPY_RESERVE: usize = 24 << 30;
 /// the router's weight an f32 copy (its f32 GEMM's operand: 4 MB and ~10 µs a layer at the
 /// Flash shapes), when the GPU keeps at least `F16_COPY_RESERVE` free afterwards.
 /// `DS4_CUDA_F16_COPY=0` never makes them, `=1` always does. Returns the bytes taken.
-fn attach_prefill_f16(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize> {
+fn attach_prefill_copies(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize> {
     let mode = std::env::var("DS4_CUDA_F16_COPY").ok();
     if mode.as_deref() == Some("0") {
         return Ok(0);
@@ -869,8 +869,8 @@ impl GpuModel {
             bytes_per_token += b;
             layers.push(layer);
         }
-        let f16_bytes = attach_prefill_f16(&be, &mut layers)?;
-        let device_bytes = up.device_bytes + f16_bytes;
+        let copy_bytes = attach_prefill_copies(&be, &mut layers)?;
+        let device_bytes = up.device_bytes + copy_bytes;
         be.synchronize()?;
         Ok(GpuModel {
             be,
@@ -1103,7 +1103,8 @@ struct PfScratch {
     att16: CudaSlice<u16>,
     /// Per-token RMS scale of the state from `k_hc_pre_pf`, read by `k_hc_comb`.
     hsc: CudaSlice<f32>,
-    /// The router's weight decoded to f32 (its product stays f32, see `queue`).
+    /// Room for the router's weight decoded to f32 each chunk (its product stays f32, see
+    /// `queue`); one float when the layers hold their f32 copies (`attach_prefill_copies`).
     w32: CudaSlice<f32>,
     moe: MoeScratch,
 }
@@ -1344,6 +1345,7 @@ impl GpuSession {
                         w32: be.alloc_f32(
                             gm.layers
                                 .iter()
+                                .filter(|l| l.gate_inp32.is_none())
                                 .map(|l| l.gate_inp.n_rows * l.gate_inp.n_cols)
                                 .max()
                                 .unwrap_or(1),
