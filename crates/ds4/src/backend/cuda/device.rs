@@ -273,6 +273,9 @@ pub struct CudaBackend {
     qa_q8_0: CudaFunction,
     qa_q8_k: CudaFunction,
     blas: CudaBlas,
+    /// A cuBLAS handle (with its own workspace) on each side stream, for the GEMMs a
+    /// production prefill chunk queues inside a fork ([`CudaBackend::blas_now`]).
+    blas_sides: [CudaBlas; 2],
     origin: ImageOrigin,
     cache_key: String,
     /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
@@ -506,6 +509,10 @@ impl CudaBackend {
         let qa_q8_0 = module.load_function("qa_q8_0")?;
         let qa_q8_k = module.load_function("qa_q8_k")?;
         let blas = CudaBlas::new(stream.clone())?;
+        let blas_sides = [
+            CudaBlas::new(sides[0].clone())?,
+            CudaBlas::new(sides[1].clone())?,
+        ];
         Ok(CudaBackend {
             ctx,
             stream,
@@ -516,6 +523,7 @@ impl CudaBackend {
             qa_q8_0,
             qa_q8_k,
             blas,
+            blas_sides,
             origin,
             cache_key,
             pdl: AtomicBool::new(false),
@@ -554,6 +562,14 @@ impl CudaBackend {
         match self.lane.load(Ordering::Relaxed) {
             0 => None,
             i => Some(usize::from(i) - 1),
+        }
+    }
+
+    /// The cuBLAS handle of the stream launches go to now ([`CudaBackend::st`]).
+    fn blas_now(&self) -> cb::cublasHandle_t {
+        match self.side() {
+            None => *self.blas.handle(),
+            Some(i) => *self.blas_sides[i].handle(),
         }
     }
 
@@ -1583,7 +1599,7 @@ impl CudaBackend {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let f32t = cb::cudaDataType::CUDA_R_32F;
         cudarc::cublas::result::gemm_ex(
-            *self.blas.handle(),
+            self.blas_now(),
             cb::cublasOperation_t::CUBLAS_OP_T,
             cb::cublasOperation_t::CUBLAS_OP_N,
             m as i32,
@@ -1665,7 +1681,7 @@ impl CudaBackend {
         let beta = 0.0f32;
         let (mi, ni, ki) = (m as i32, n as i32, k as i32);
         let (la, lx, lc) = (lda as i32, ldx as i32, ldc as i32);
-        let h = *self.blas.handle();
+        let h = self.blas_now();
         let (t, nn) = (
             cb::cublasOperation_t::CUBLAS_OP_T,
             cb::cublasOperation_t::CUBLAS_OP_N,

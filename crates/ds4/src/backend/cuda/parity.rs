@@ -371,11 +371,13 @@ pub fn synthetic(
             pass: bits_equal(&g0b, &g0) && bits_equal(&glb, &gl) && gtb == gt,
         });
         // Production decode runs a layer's independent paths on two streams (forked decode
-        // graphs), and each hc_post fused into the next site's control product: the same
-        // operations in another schedule or launch, so the logits must not change by a bit.
+        // graphs), and each hc_post fused into the next site's control product; production
+        // prefill runs the compressors and the indexer on a side stream: the same operations
+        // in another schedule or launch, so the logits must not change by a bit.
         let same_work = [
-            ("DS4_CUDA_FORK", "forked vs one stream"),
-            ("DS4_CUDA_POSTMIX", "hc_post fused vs alone"),
+            ("DS4_CUDA_FORK", "decode forked vs one stream"),
+            ("DS4_CUDA_POSTMIX", "decode hc_post fused vs alone"),
+            ("DS4_CUDA_PF_ATT_FORK", "prefill side branch vs one stream"),
         ];
         for (switch, what) in same_work.iter().filter(|_| !exact) {
             std::env::set_var(switch, "0");
@@ -383,7 +385,7 @@ pub fn synthetic(
             std::env::remove_var(switch);
             let (_, gl1, gt1, _) = one?;
             rows.push(ParityRow {
-                check: format!("{name}/{mode} decode {what} ({steps} steps)"),
+                check: format!("{name}/{mode} {what} ({steps} steps)"),
                 max_abs: diff(&gl1, &gl).0,
                 max_rel: 0.0,
                 criterion: "bit-identical logits and tokens".into(),

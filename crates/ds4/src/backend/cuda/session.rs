@@ -186,6 +186,14 @@ fn use_fork3() -> bool {
     super::switch_on("DS4_CUDA_FORK3")
 }
 
+/// Whether a production prefill chunk runs a layer's compressors and indexer on the second side
+/// stream (the highest priority) beside the query path (q_a, kv, q_b and the KV row), joined
+/// before the attention; `DS4_CUDA_PF_ATT_FORK=0` keeps one stream. Read at every chunk (so
+/// `ds4 cuda model --variants` can compare the two).
+fn use_pf_att_fork() -> bool {
+    super::switch_on("DS4_CUDA_PF_ATT_FORK")
+}
+
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
@@ -1796,6 +1804,13 @@ impl GpuSession {
                     // else the conversion below overwrites x16 (and x's copy there).
                     let ready =
                         f16_of(x).filter(|&r| nt == n && (r == p16(&ps.x16)) == (x_scale != 1.0));
+                    // A side stream's GEMM must touch neither conversion scratch (the main
+                    // path's products use them meanwhile): its weight and input f16 as they are.
+                    if be.on_side() && (ready.is_none() || be.f16_ptr(w).is_none()) {
+                        return Err(CudaError::Invalid(
+                            "prefill GEMM on a side stream without f16 operands".into(),
+                        ));
+                    }
                     if ready.is_none() {
                         set16(2, 0);
                     }
@@ -2403,8 +2418,27 @@ impl GpuSession {
                 }
                 Ok(())
             };
+            // Production prefill: the compressors and the indexer (several small, partly
+            // latency-bound launches, longer together than q_b's GEMM) run as one branch on the
+            // highest-priority stream beside the query path. Their GEMMs read the F16 weights
+            // and hc_pre's / rms_norm_h's f16 copies of y and qr in place (`lin_s` refuses
+            // anything else on a side stream), so they share no scratch with the main path.
+            let pf_side = pf.is_some()
+                && n > 1
+                && !fork
+                && use_pf_att_fork()
+                && (l.comp.is_some() || l.indexer.is_some())
+                && l.comp
+                    .iter()
+                    .chain(l.indexer.iter().map(|iw| &iw.comp))
+                    .all(|w| be.f16_ptr(&w.kv).is_some() && be.f16_ptr(&w.gate).is_some())
+                && l.indexer.as_ref().is_none_or(|iw| {
+                    be.f16_ptr(&iw.q_b).is_some() && be.f16_ptr(&iw.proj).is_some()
+                });
             let att_fork = if fork && (left || l.comp.is_some() || l.indexer.is_some()) {
                 Some(be.fork(comps)?)
+            } else if pf_side {
+                Some(be.fork_on(1, comps)?)
             } else {
                 None
             };
@@ -2640,6 +2674,9 @@ impl GpuSession {
             };
             let idx_fork = if fork && l.indexer.is_some() {
                 Some(be.fork_on(usize::from(fork3), indexer)?)
+            } else if pf_side && l.indexer.is_some() {
+                // After rms_norm_h (qr16) and the angle table, behind the compressors.
+                Some(be.fork_on(1, indexer)?)
             } else {
                 None
             };
