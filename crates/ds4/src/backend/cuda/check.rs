@@ -407,17 +407,29 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     let st = be.stream();
     let f = be.function("k_route")?;
-    for (n_exp, k, n_tok) in [(256usize, 6usize, 3usize), (16, 4, 5), (64, 8, 1)] {
-        let mut logits = random_activations(rng, n_tok * n_exp);
-        // Ties: equal logits (and so equal biased scores where the bias is equal).
-        for t in 0..n_tok {
-            logits[t * n_exp + 3] = logits[t * n_exp + 1];
-            logits[t * n_exp + n_exp - 1] = logits[t * n_exp + 1];
+    // nsplit > 1: the logits as partial sums (the split router product), added in part order.
+    for (n_exp, k, n_tok, nsplit) in [
+        (256usize, 6usize, 3usize, 1usize),
+        (16, 4, 5, 1),
+        (64, 8, 1, 1),
+        (256, 6, 7, 4),
+    ] {
+        // Ties: equal logits (and so equal biased scores where the bias is equal); in every
+        // part, so that the sums tie too.
+        let mut parts = random_activations(rng, nsplit * n_tok * n_exp);
+        for j in 0..nsplit * n_tok {
+            parts[j * n_exp + 3] = parts[j * n_exp + 1];
+            parts[j * n_exp + n_exp - 1] = parts[j * n_exp + 1];
         }
+        let plane = n_tok * n_exp;
+        let logits: Vec<f32> = (0..plane)
+            .map(|i| (1..nsplit).fold(parts[i], |a, j| a + parts[j * plane + i]))
+            .collect();
         let mut bias: Vec<f32> = (0..n_exp).map(|_| (rng.normal() * 0.1) as f32).collect();
         bias[3] = bias[1];
         bias[n_exp - 1] = bias[1];
-        let (dl, db) = (be.upload_f32(&logits)?, be.upload_f32(&bias)?);
+        let (dl, db) = (be.upload_f32(&parts)?, be.upload_f32(&bias)?);
+        let (ns, sstride) = (nsplit as i32, plane as i64);
         let toks = be.upload_i32(&vec![0; n_tok])?;
         let (ids, wts) = (
             be.upload_i32(&vec![-1; n_tok * k])?,
@@ -435,7 +447,9 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
             .arg(&norm_on)
             .arg(&scale)
             .arg(&ids)
-            .arg(&wts);
+            .arg(&wts)
+            .arg(&ns)
+            .arg(&sstride);
         let cfg = LaunchConfig {
             grid_dim: (n_tok as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -464,7 +478,7 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
                 max_rel = max_rel.max((g - *w as f64).abs() / (*w as f64).abs().max(1e-30));
             }
         }
-        let shape = format!("E{n_exp} k{k} n{n_tok}");
+        let shape = format!("E{n_exp} k{k} n{n_tok} parts{nsplit}");
         let mut row = exact_row("route_ids", GgmlType::F32, &shape, bad_ids);
         row.note = format!("{bad_ids} chosen ids differ from the CPU's top_k (ties planted)");
         out.push(row);
@@ -2614,6 +2628,48 @@ fn check_type(
         ));
         out.push(det_row(
             "sgemm_f32",
+            ty,
+            &tshape,
+            same_bits(&results[0], &results[1]),
+        ));
+    }
+    // The router product on tensor cores (dense_split3: three f16 planes of x against the
+    // exact f16 weight), its three parts added in order as k_route adds them: the f32
+    // product's accuracy against the f64 reference.
+    let x_bound = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if super::prefill::split3_fits(be, &w, x_bound) {
+        let st = be.stream();
+        let kf = super::prefill::PfKernels::load(be)?;
+        let x3 = st.alloc_zeros::<u16>(3 * n_tok * n_cols)?;
+        results.clear();
+        for _ in 0..2 {
+            let ys = poisoned(be, 3 * n_tok * n_rows)?;
+            {
+                let (px, _a) = xsd.device_ptr(st);
+                let (py, _b) = ys.device_ptr(st);
+                let (p3, _c) = x3.device_ptr(st);
+                // SAFETY: xs n_tok × n_cols, x3 3·n_tok × n_cols halves, ys 3 · n_tok ×
+                // n_rows floats; split3_fits.
+                unsafe { super::prefill::dense_split3(be, &kf, &w, px, x_bound, n_tok, p3, py)? };
+            }
+            let parts = be.download(&ys)?;
+            let plane = n_tok * n_rows;
+            results.push(
+                (0..plane)
+                    .map(|i| (parts[i] + parts[plane + i]) + parts[2 * plane + i])
+                    .collect(),
+            );
+        }
+        out.push(compare(
+            "split3_f16_f32",
+            ty,
+            tshape.clone(),
+            &results[0],
+            &refs_t,
+            TOL_F32,
+        ));
+        out.push(det_row(
+            "split3_f16_f32",
             ty,
             &tshape,
             same_bits(&results[0], &results[1]),

@@ -58,7 +58,8 @@
 //! activations, `pf_mxq_q2_k`; off = f16 `pf_mxw_q2_k`), `DS4_CUDA_PF_W4` (the IQ2_XXS gate|up of
 //! the experts of more than 64 rows on `pf_mxw4_iq2_xxs`, tiles of up to 128 tokens; off = all
 //! on `pf_mxw`; the same bits), `DS4_CUDA_ROUTER_SGEMM` (router product as
-//! an f32 cuBLAS GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
+//! an f32 cuBLAS GEMM), `DS4_CUDA_ROUTER_SPLIT3` (that product on tensor cores as three f16
+//! planes of its input against the exact f16 weight; off = the f32 GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
 //! lightning indexer's scores on tensor cores in production steps, prefill and decode; off = the
 //! f32 kernel), `DS4_CUDA_IDX_WG` (those scores on wgmma in prefill chunks on Hopper,
 //! `k_idx_scores_wg`; off = `k_idx_scores_tc`; the same bits),

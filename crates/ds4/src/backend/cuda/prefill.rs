@@ -69,6 +69,7 @@ pub struct PfKernels {
     /// than 64 rows where `pf_mxw` would run: `None` reads `DS4_CUDA_PF_W4` (on unless `0`) at
     /// each launch; the self-test sets it.
     pub w4: Option<bool>,
+    split3: CudaFunction,
 }
 
 impl PfKernels {
@@ -98,6 +99,7 @@ impl PfKernels {
             q8: None,
             mxw4: wgmma_kernel(be, "pf_mxw4_iq2_xxs", PXW4_SMEM)?,
             w4: None,
+            split3: be.function("f32_split3_f16")?,
         })
     }
 }
@@ -662,6 +664,81 @@ pub unsafe fn dense_gemm(
         [mat, w.n_cols, w.n_rows],
         1.0 / x_scale,
         y16,
+    )
+}
+
+/// Whether [`dense_split3`] gives `w`'s product its f32 accuracy for inputs bounded by
+/// `x_bound` in magnitude: `w` held as f16 (so each weight is exact in an f16 operand) and
+/// every input inside the f16 range.
+pub fn split3_fits(be: &CudaBackend, w: &GpuWeight, x_bound: f32) -> bool {
+    w.ty == GgmlType::F16 && be.f16_ptr(w).is_some() && x_bound.is_finite() && x_bound < 32768.0
+}
+
+/// The power of two [`dense_split3`] scales its input by before splitting it: the largest
+/// up to 2^24 that keeps `x_bound` times it below 32768, so that the lo plane's step (2^−24
+/// in f16 subnormals) is at most 2^−24 / scale of the input, below an f32 ulp of all but
+/// the smallest inputs.
+pub fn split3_scale(x_bound: f32) -> f32 {
+    let mut s = 1.0f32;
+    while s < 16_777_216.0 && x_bound * s * 2.0 < 32768.0 {
+        s *= 2.0;
+    }
+    s
+}
+
+/// The router's product on tensor cores at f32 accuracy: `x` (`nt × n_cols` f32, each
+/// |value| at most `x_bound`, see [`split3_fits`]) times [`split3_scale`]`(x_bound)` (a power
+/// of two) as three f16 planes whose sum is that (quant.cu `f32_split3_f16`, into `x3`:
+/// `3 · nt × n_cols` halves), then one f16 GEMM over the `3 · nt` rows with f32 sums scaled
+/// back (exactly): `y` gets three partial products (`nt × n_rows` floats apart) of the exact
+/// f16 weights with the hi, mid and lo planes, which `k_route` adds in that order. Against
+/// the f32 GEMM: ~3× the flops at the tensor cores' rate instead of the f32 pipe's, the same
+/// operands (up to input bits below the scaled lo plane's step), and another order of the
+/// f32 additions.
+///
+/// # Safety
+/// `x`, `x3` and `y` (`3 · nt × n_rows` floats) live and large enough; `split3_fits`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dense_split3(
+    be: &CudaBackend,
+    kf: &PfKernels,
+    w: &GpuWeight,
+    x: u64,
+    x_bound: f32,
+    nt: usize,
+    x3: u64,
+    y: u64,
+) -> Result<()> {
+    let Some(w16) = be.f16_ptr(w).filter(|_| w.ty == GgmlType::F16) else {
+        return Err(super::device::CudaError::Invalid(
+            "split f16 product: the weight is not f16".into(),
+        ));
+    };
+    let n = nt * w.n_cols;
+    if n == 0 {
+        return Ok(());
+    }
+    let (ni, scale) = (n as i64, split3_scale(x_bound));
+    let mut b = be.stream().launch_builder(&kf.split3);
+    b.arg(&x).arg(&x3).arg(&ni).arg(&scale);
+    // Four elements a thread where n allows (the kernel's vector form).
+    let threads = if n.is_multiple_of(4) { n / 4 } else { n };
+    b.launch(cfg(((threads as u32).div_ceil(256), 1, 1), 256))?;
+    dense_gemm(
+        be,
+        w,
+        0,
+        1,
+        0,
+        w.n_cols,
+        3 * nt,
+        y,
+        w.n_rows,
+        w16,
+        x3,
+        true,
+        scale,
+        false,
     )
 }
 

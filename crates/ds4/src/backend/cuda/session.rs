@@ -48,7 +48,10 @@ use super::attn::{self, AttnKernels};
 use super::device::{
     mv_split, ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES,
 };
-use super::prefill::{dense_gemm, dense_sgemm, fused_fits, moe_grouped, MoeScratch, PfKernels};
+use super::prefill::{
+    dense_gemm, dense_sgemm, dense_split3, fused_fits, moe_grouped, split3_fits, MoeScratch,
+    PfKernels,
+};
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
 use crate::model::Model;
@@ -267,6 +270,13 @@ fn use_q16() -> bool {
 /// `DS4_CUDA_ROUTER_SGEMM=0` keeps the f32 CUDA-core `mm_<t>` kernel, for comparisons).
 fn use_router_sgemm() -> bool {
     super::switch_on("DS4_CUDA_ROUTER_SGEMM")
+}
+
+/// Whether that GEMM runs on tensor cores as three f16 planes of its input where the weight
+/// is f16 (`dense_split3`; default, `DS4_CUDA_ROUTER_SPLIT3=0` keeps the f32 GEMM; read at
+/// every chunk, for `--variants`).
+fn use_router_split3() -> bool {
+    super::switch_on("DS4_CUDA_ROUTER_SPLIT3")
 }
 
 /// A captured decode step's executable graph and the key it was captured for. A new key
@@ -529,6 +539,9 @@ struct GpuLayer {
     hc_ffn_scale: CudaSlice<f32>,
     hc_ffn_base: CudaSlice<f32>,
     ffn_norm: CudaSlice<f32>,
+    /// Bound on |router input|: √D · max |ffn_norm| (an RMS-normalized row has no element
+    /// above √D times its weight), for `dense_split3`'s f16 range.
+    router_x_bound: f32,
     gate_inp: GpuWeight,
     /// The router's weight decoded to f32 once (`attach_prefill_copies`), for production
     /// prefill's f32 router GEMM; without it each chunk decodes it again.
@@ -840,6 +853,8 @@ impl GpuModel {
                 hc_ffn_scale: up.vec(&lp.hc_ffn.scale)?,
                 hc_ffn_base: up.vec(&lp.hc_ffn.base)?,
                 ffn_norm: up.vec(&lp.ffn_norm)?,
+                router_x_bound: (lp.ffn_norm.len() as f32).sqrt()
+                    * lp.ffn_norm.iter().fold(0f32, |a, v| a.max(v.abs())),
                 gate_inp: up.weight(&lw.ffn_gate_inp, 1)?,
                 gate_inp32: None,
                 exp_bias: lp.expert_bias.as_ref().map(|b| up.vec(b)).transpose()?,
@@ -1114,6 +1129,11 @@ struct PfScratch {
     /// Room for the router's weight decoded to f32 each chunk (its product stays f32, see
     /// `queue`); one float when the layers hold their f32 copies (`attach_prefill_copies`).
     w32: CudaSlice<f32>,
+    /// The router product on tensor cores (`dense_split3`): its input as three f16 planes
+    /// (3 × `GPU_CHUNK × D` halves) and its three partial logits (3 × `GPU_CHUNK × n_expert`),
+    /// which `k_route` adds.
+    rx3: CudaSlice<u16>,
+    rparts: CudaSlice<f32>,
     moe: MoeScratch,
 }
 
@@ -1350,6 +1370,8 @@ impl GpuSession {
                             1
                         })?,
                         hsc: a(m)?,
+                        rparts: be.alloc_f32(3 * m * c.n_expert)?,
+                        rx3: be.stream().alloc_zeros::<u16>(3 * m * d)?,
                         w32: be.alloc_f32(
                             gm.layers
                                 .iter()
@@ -3000,8 +3022,34 @@ impl GpuSession {
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))
             };
             let ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
+            // Parts of the router logits k_route adds (in ps.rparts when more than 1).
+            let mut rsplit = 1usize;
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
+            } else if let Some(ps) = pf.filter(|ps| {
+                use_router_sgemm()
+                    && use_router_split3()
+                    && split3_fits(be, &l.gate_inp, l.router_x_bound)
+                    && ps.rparts.len() >= 3 * n * c.n_expert
+                    && ps.rx3.len() >= 3 * n * d
+            }) {
+                // Expert choice at f32 accuracy on tensor cores: y as three f16 planes against
+                // the exact f16 weight, the three partial logits added by k_route.
+                // SAFETY: y holds n rows of D; rx3 3·n·D halves, rparts 3·n·n_expert floats
+                // (checked above); the weight is f16 (split3_fits).
+                unsafe {
+                    dense_split3(
+                        be,
+                        &k.pf,
+                        &l.gate_inp,
+                        p(&s.y),
+                        l.router_x_bound,
+                        n,
+                        p16(&ps.rx3),
+                        p(&ps.rparts),
+                    )?
+                };
+                rsplit = 3;
             } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
                 // Expert choice: f32 inputs and products (cuBLAS SGEMM on the exactly decoded
                 // weight), not f16 operands.
@@ -3032,6 +3080,10 @@ impl GpuSession {
                 let ke = c.n_expert_used;
                 let t2e = l.tid2eid.as_ref().map_or(0, pi);
                 let bias = l.exp_bias.as_ref().map_or(0, p);
+                let logits = match pf {
+                    Some(ps) if rsplit > 1 => p(&ps.rparts),
+                    _ => p(&s.rl),
+                };
                 launch!(
                     st,
                     k.route,
@@ -3039,7 +3091,7 @@ impl GpuSession {
                     (256, 1, 1),
                     c.n_expert.next_multiple_of(2) * 4 + c.n_expert * 8,
                     [
-                        p(&s.rl),
+                        logits,
                         c.n_expert as i32,
                         ke as i32,
                         pi(&s.tokens),
@@ -3048,7 +3100,9 @@ impl GpuSession {
                         c.expert_weights_norm as i32,
                         c.expert_weights_scale,
                         pi(&s.ids),
-                        p(&s.wts)
+                        p(&s.wts),
+                        rsplit as i32,
+                        (n * c.n_expert) as i64
                     ]
                 );
                 let f = c.n_ff_exp;

@@ -2041,18 +2041,24 @@ __device__ __forceinline__ float softplusf_(float x) {
 // The k slots are then ordered by expert id (stable), the order the CPU sums them in.
 // Top-k in one pass: expert e's key (score, then the lower id first) is unique, so its rank
 // (how many keys are larger) is its place in the selection order; ranks < k are chosen.
-// Shared memory: n_exp scores (rounded up to even), then n_exp u64 keys.
+// Shared memory: n_exp scores (rounded up to even), then n_exp u64 keys. nsplit > 1: the
+// logits come as nsplit partial sums sstride floats apart (dense_sgemm's split product),
+// added here in part order.
 extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, int k,
                                    const int* __restrict__ tokens,
                                    const int* __restrict__ tid2eid,
                                    const float* __restrict__ bias, int norm_on, float wscale,
-                                   int* __restrict__ ids, float* __restrict__ wts) {
+                                   int* __restrict__ ids, float* __restrict__ wts, int nsplit,
+                                   long long sstride) {
     extern __shared__ float s_e[];
     __shared__ int ch[64];
     unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
     int t = blockIdx.x;
     for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
-        float s = sqrtf(softplusf_(logits[(long long)t * n_exp + e]));
+        const float* lp = logits + (long long)t * n_exp + e;
+        float lg = lp[0];
+        for (int j = 1; j < nsplit; j++) lg += lp[j * sstride];
+        float s = sqrtf(softplusf_(lg));
         s_e[e] = s;
         float v = bias ? s + bias[e] : s;
         keys[e] = ((unsigned long long)okey(v) << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);

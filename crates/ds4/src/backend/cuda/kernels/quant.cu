@@ -571,6 +571,49 @@ extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restri
     if (i < n) y[i] = f2h(x[i] * scale);
 }
 
+// v = x·scale (a power of two: exact) as three f16 planes (n apart) whose sum is v: hi =
+// f16(v), mid = f16(v − hi), lo = f16(v − hi − mid); both differences are exact in f32
+// (each drops the leading 11 bits), so hi + mid + lo holds v's 24 bits wherever the f16
+// range reaches them (|v| ≥ 2^−1 keeps every bit; smaller values lose what falls under the
+// f16 subnormal step 2^−24 in lo, which the scale makes small against x). With f16
+// weights, a product with each plane is exact in an f32-accumulating tensor core: the
+// router's f32 product on tensor cores (dense_split3). |v| < 32768 (the host's bound).
+__device__ __forceinline__ void split3_one(float x, float scale, u16& h, u16& m, u16& l) {
+    float v = x * scale;
+    h = f2h(v);
+    float r = v - h2f(h);
+    m = f2h(r);
+    l = f2h(r - h2f(m));
+}
+
+// Four consecutive elements a thread (n a multiple of 4, x 16-byte aligned: one float4 load and
+// three 8-byte stores; else one element a thread).
+extern "C" __global__ void f32_split3_f16(const float* __restrict__ x, u16* __restrict__ y,
+                                          i64 n, float scale) {
+    i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if ((n & 3) == 0) {
+        if (4 * i >= n) return;
+        float4 v = ((const float4*)x)[i];
+        u16 h[4], m[4], l[4];
+        split3_one(v.x, scale, h[0], m[0], l[0]);
+        split3_one(v.y, scale, h[1], m[1], l[1]);
+        split3_one(v.z, scale, h[2], m[2], l[2]);
+        split3_one(v.w, scale, h[3], m[3], l[3]);
+        const u16* pl[3] = {h, m, l};
+#pragma unroll
+        for (int k = 0; k < 3; k++)
+            *(uint2*)(y + k * n + 4 * i) =
+                make_uint2((u32)pl[k][0] | ((u32)pl[k][1] << 16), (u32)pl[k][2] | ((u32)pl[k][3] << 16));
+        return;
+    }
+    if (i >= n) return;
+    u16 h, m, l;
+    split3_one(x[i], scale, h, m, l);
+    y[i] = h;
+    y[n + i] = m;
+    y[2 * n + i] = l;
+}
+
 // Dequantize to f32 (exact, used by the self-test to compare against the CPU bit for bit).
 #define DS4_DQ32(T, DQ_ELEMS) DS4_DQ(dq32_##T, T, DQ_ELEMS, float, )
 
