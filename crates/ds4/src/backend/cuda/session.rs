@@ -602,8 +602,8 @@ const F16_COPY_RESERVE: usize = 24 << 30;
 /// Gives the quantized dense weights (not F16, which the GEMMs read as they are) an f16
 /// copy, so production prefill does not dequantize them again for every chunk (for the q2
 /// Flash model ~9% more weight memory for ~2.5% of a chunk's time, bench/RESULTS.md), and
-/// the router's weight an f32 copy (its f32 GEMM's operand: 4 MB and ~10 µs a layer at the
-/// Flash shapes), when the GPU keeps at least `F16_COPY_RESERVE` free afterwards.
+/// the router's weight an f32 copy where its product is the f32 GEMM (`wants_router32`: 4 MB
+/// and ~10 µs a layer at the Flash shapes), when the GPU keeps at least `F16_COPY_RESERVE` free afterwards.
 /// `DS4_CUDA_F16_COPY=0` never makes them, `=1` always does. Returns the bytes taken.
 fn attach_prefill_copies(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize> {
     let mode = std::env::var("DS4_CUDA_F16_COPY").ok();
@@ -619,6 +619,7 @@ fn attach_prefill_copies(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<us
         .sum::<usize>()
         + layers
             .iter()
+            .filter(|l| wants_router32(be, l))
             .map(|l| 4 * l.gate_inp.n_rows * l.gate_inp.n_cols)
             .sum::<usize>();
     let (free, _) = be.mem_info()?;
@@ -631,12 +632,22 @@ fn attach_prefill_copies(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<us
                 be.attach_f16(w)?;
             }
         }
+        if !wants_router32(be, l) {
+            continue;
+        }
         let w32 = be.alloc_f32(l.gate_inp.n_rows * l.gate_inp.n_cols)?;
         // SAFETY: w32 holds the weight's n_rows × n_cols floats.
         unsafe { be.dq_f32_raw(&l.gate_inp, w32.device_ptr(be.stream()).0)? };
         l.gate_inp32 = Some(w32);
     }
     Ok(need)
+}
+
+/// Whether a layer's router takes the f32 GEMM in production prefill (and so gets the f32 copy
+/// of its weight): not where its product runs on tensor cores (`dense_split3`; with
+/// `DS4_CUDA_ROUTER_SPLIT3=0` set later the f32 GEMM decodes the weight each chunk).
+fn wants_router32(be: &CudaBackend, l: &GpuLayer) -> bool {
+    !(use_router_split3() && split3_fits(be, &l.gate_inp, l.router_x_bound))
 }
 
 /// Every weight of a model, resident on one GPU.
