@@ -197,6 +197,13 @@ fn use_pf_att_fork() -> bool {
     super::switch_on("DS4_CUDA_PF_ATT_FORK")
 }
 
+/// Whether a production prefill chunk runs the shared expert on the highest-priority side stream
+/// beside the routed experts, from their grouping on (`DS4_CUDA_PF_SH_FORK=0` keeps one
+/// stream). Read at every chunk (for `--variants`).
+fn use_pf_sh_fork() -> bool {
+    super::switch_on("DS4_CUDA_PF_SH_FORK")
+}
+
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
@@ -1125,6 +1132,9 @@ struct PfScratch {
     /// hc_pre's `y` (`chunk × D`) and the normalized `qr` (`chunk × q_lora_rank`).
     y16: CudaSlice<u16>,
     qr16: CudaSlice<u16>,
+    /// The shared expert's SwiGLU output as f16 (`chunk × widest shared gate`), its down
+    /// product's input.
+    sh16: CudaSlice<u16>,
     /// The FFN site's `y` as f16 in the column order of the routed experts' gate|up kernel
     /// (`px_pos`), which reads each sorted row's token from it (no gathered copy).
     y16p: CudaSlice<u16>,
@@ -1365,6 +1375,9 @@ impl GpuSession {
                         y16: be.stream().alloc_zeros::<u16>(m * d)?,
                         y16p: be.stream().alloc_zeros::<u16>(m * d)?,
                         qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
+                        sh16: be.stream().alloc_zeros::<u16>(
+                            m * gm.layers.iter().map(|l| l.sh_gate.n_rows).max().unwrap_or(1),
+                        )?,
                         low16: be
                             .stream()
                             .alloc_zeros::<u16>(m * c.o_groups * c.o_lora_rank)?,
@@ -1766,9 +1779,10 @@ impl GpuSession {
         // f16 copies that producers wrote next to their f32 outputs (production prefill):
         // h16[0] = the f32 buffer whose copy `y16` holds (hc_pre's y), h16[1] = `qr16`'s
         // (the normalized qr), h16[2] = `x16`'s (the residual state x, written by the
-        // chunk forms of hc_post for the next site's HC `fn` product); 0 = none. A product
-        // writing such a buffer clears its entry, and anything else writing x16 clears [2].
-        let h16 = std::cell::Cell::new([0u64; 3]);
+        // chunk forms of hc_post for the next site's HC `fn` product), h16[3] = `sh16`'s (the
+        // shared expert's SwiGLU output); 0 = none. A product writing such a buffer clears its
+        // entry, and anything else writing x16 clears [2].
+        let h16 = std::cell::Cell::new([0u64; 4]);
         // The HC `fn` weight whose product with the current state a fused hc_post left in
         // `mix` (production prefill), or 0: the next hc_pre then skips that product.
         let mix_for = std::cell::Cell::new(0u64);
@@ -1796,6 +1810,8 @@ impl GpuSession {
                 Some(p16(&ps.qr16))
             } else if x == m[2] {
                 Some(p16(&ps.x16))
+            } else if x == m[3] {
+                Some(p16(&ps.sh16))
             } else {
                 None
             }
@@ -1906,11 +1922,10 @@ impl GpuSession {
             }
             let rows = if ids == 0 { n } else { slots };
             // A prefill chunk's shared expert: the down product reads the f16 copy, written
-            // here into y16 (hc_pre's copy of y, which the gate and up products have read and
-            // the routed experts before them).
+            // here into sh16 (the routed experts may still read y16 beside it on a fork).
             let g16 = pf
-                .filter(|ps| ids == 0 && n > 1 && rows * wg.n_rows <= ps.y16.len())
-                .map_or(0, |ps| p16(&ps.y16));
+                .filter(|ps| ids == 0 && n > 1 && rows * wg.n_rows <= ps.sh16.len())
+                .map_or(0, |ps| p16(&ps.sh16));
             launch!(
                 be.st(),
                 k.swiglu,
@@ -1920,7 +1935,7 @@ impl GpuSession {
                 [g, u, wts, wg.n_rows as i32, clamp, g16]
             );
             if g16 != 0 {
-                set16(0, g);
+                set16(3, g);
             }
             Ok(())
         };
@@ -3032,7 +3047,18 @@ impl GpuSession {
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))
             };
-            let ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
+            let mut ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
+            // Production prefill: the shared expert on the highest-priority side stream from the
+            // expert grouping on (one block: the GEMMs take the other SMs), beside the routed
+            // experts; its GEMMs read F16 weights and f16 inputs in place (`lin_s`).
+            let pf_sh_fork = pf.is_some()
+                && n > 1
+                && !fork
+                && use_pf_sh_fork()
+                && f16_of(p(&s.y)).is_some()
+                && [&l.sh_gate, &l.sh_up, &l.sh_down]
+                    .iter()
+                    .all(|w| be.f16_ptr(w).is_some());
             // Parts of the router logits k_route adds (in ps.rparts when more than 1).
             let mut rsplit = 1usize;
             if n == 1 {
@@ -3122,6 +3148,9 @@ impl GpuSession {
                 // order and k_hc_post_moe_pf reads them through inv (no slot-order copy, no
                 // separate sum).
                 let fused_sum = pf.filter(|_| d.is_multiple_of(4));
+                if pf_sh_fork {
+                    ffn_fork = Some(be.fork_on(1, shared)?);
+                }
                 if let Some(ps) = pf {
                     // SAFETY: ids/wts hold `slots` entries from the router (ids < n_expert),
                     // y n rows of D, dn `slots` rows of D; the scratch holds chunk·k slots.
