@@ -2650,7 +2650,9 @@ fn check_type(
                 let (p3, _c) = x3.device_ptr(st);
                 // SAFETY: xs n_tok × n_cols, x3 3·n_tok × n_cols halves, ys 3 · n_tok ×
                 // n_rows floats; split3_fits.
-                unsafe { super::prefill::dense_split3(be, &kf, &w, px, x_bound, n_tok, p3, py)? };
+                unsafe {
+                    super::prefill::dense_split3(be, &kf, &w, px, x_bound, n_tok, p3, false, py)?
+                };
             }
             let parts = be.download(&ys)?;
             let plane = n_tok * n_rows;
@@ -3368,9 +3370,57 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             .arg(&y16p_at)
             .arg(&pp[6])
             .arg(&pp[7])
-            .arg(&pp[8]);
+            .arg(&pp[8])
+            .arg(&0u64)
+            .arg(&0f32)
+            .arg(&0i64)
+            .arg(&1i32);
         // SAFETY: argument list matches k_hc_pre_pf; d / 16 = 256 threads own 4 columns.
         unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+        // The same with the router's three f16 planes of y·s instead of y's f32 form: the
+        // planes f32_split3_f16 makes of the f32 y just written, bit for bit, and no y.
+        let (s3, plane) = (64f32, (t_n * d) as i64);
+        let (x3, x3r) = (
+            st.alloc_zeros::<u16>(3 * t_n * d)?,
+            st.alloc_zeros::<u16>(3 * t_n * d)?,
+        );
+        let y_lean = poisoned(be, t_n * d)?;
+        let (px3, px3r, pyl) = (x3.device_ptr(st).0, x3r.device_ptr(st).0, p32(&y_lean));
+        let mut b = st.launch_builder(&f1);
+        b.arg(&pp[0])
+            .arg(&pp[1])
+            .arg(&di)
+            .arg(&cols)
+            .arg(&eps)
+            .arg(&hc_eps)
+            .arg(&pp[2])
+            .arg(&pp[3])
+            .arg(&pyl)
+            .arg(&pp[5])
+            .arg(&y16p_at)
+            .arg(&pp[6])
+            .arg(&pp[7])
+            .arg(&pp[8])
+            .arg(&px3)
+            .arg(&s3)
+            .arg(&plane)
+            .arg(&0i32);
+        // SAFETY: as above; x3 holds 3 · t_n · d halves.
+        unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+        let split = be.function("f32_split3_f16")?;
+        let mut b = st.launch_builder(&split);
+        b.arg(&pp[4]).arg(&px3r).arg(&plane).arg(&s3);
+        // SAFETY: argument list matches f32_split3_f16; t_n · d (a multiple of 4) floats, 4 a
+        // thread.
+        unsafe { b.launch(cfg(((t_n * d / 4).div_ceil(256) as u32, 1, 1), 256)) }?;
+        let (gx3, gx3r) = (be.download(&x3)?, be.download(&x3r)?);
+        let planes_mism = gx3.iter().zip(&gx3r).filter(|(a, b)| a != b).count()
+            + be.download(&y_lean)?.iter().filter(|v| !v.is_nan()).count();
+        let mut row = exact_row("hc_pre_pf_planes", GgmlType::F16, &shape, planes_mism);
+        row.note = format!(
+            "{planes_mism} of the router's planes differ from f32_split3_f16's of y, or y written"
+        );
+        out.push(row);
         let f2 = be.function("k_hc_comb")?;
         let mut b = st.launch_builder(&f2);
         b.arg(&pp[1])

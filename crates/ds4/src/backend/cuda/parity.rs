@@ -378,7 +378,10 @@ pub fn synthetic(
             ("DS4_CUDA_FORK", "decode forked vs one stream"),
             ("DS4_CUDA_POSTMIX", "decode hc_post fused vs alone"),
             ("DS4_CUDA_PF_ATT_FORK", "prefill side branch vs one stream"),
-            ("DS4_CUDA_PF_SH_FORK", "prefill shared expert forked vs one stream"),
+            (
+                "DS4_CUDA_PF_SH_FORK",
+                "prefill shared expert forked vs one stream",
+            ),
         ];
         for (switch, what) in same_work.iter().filter(|_| !exact) {
             std::env::set_var(switch, "0");

@@ -707,6 +707,7 @@ pub unsafe fn dense_split3(
     x_bound: f32,
     nt: usize,
     x3: u64,
+    x3_ready: bool,
     y: u64,
 ) -> Result<()> {
     let Some(w16) = be.f16_ptr(w).filter(|_| w.ty == GgmlType::F16) else {
@@ -719,11 +720,13 @@ pub unsafe fn dense_split3(
         return Ok(());
     }
     let (ni, scale) = (n as i64, split3_scale(x_bound));
-    let mut b = be.stream().launch_builder(&kf.split3);
-    b.arg(&x).arg(&x3).arg(&ni).arg(&scale);
-    // Four elements a thread where n allows (the kernel's vector form).
-    let threads = if n.is_multiple_of(4) { n / 4 } else { n };
-    b.launch(cfg(((threads as u32).div_ceil(256), 1, 1), 256))?;
+    if !x3_ready {
+        let mut b = be.stream().launch_builder(&kf.split3);
+        b.arg(&x).arg(&x3).arg(&ni).arg(&scale);
+        // Four elements a thread where n allows (the kernel's vector form).
+        let threads = if n.is_multiple_of(4) { n / 4 } else { n };
+        b.launch(cfg(((threads as u32).div_ceil(256), 1, 1), 256))?;
+    }
     dense_gemm(
         be,
         w,

@@ -49,8 +49,8 @@ use super::device::{
     mv_split, ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES,
 };
 use super::prefill::{
-    dense_gemm, dense_sgemm, dense_split3, fused_fits, moe_grouped, split3_fits, MoeScratch,
-    PfKernels,
+    dense_gemm, dense_sgemm, dense_split3, fused_fits, moe_grouped, split3_fits, split3_scale,
+    MoeScratch, PfKernels,
 };
 use crate::gguf::TensorInfo;
 use crate::model::cache::LayerCache;
@@ -202,6 +202,14 @@ fn use_pf_att_fork() -> bool {
 /// stream). Read at every chunk (for `--variants`).
 fn use_pf_sh_fork() -> bool {
     super::switch_on("DS4_CUDA_PF_SH_FORK")
+}
+
+/// Whether production prefill's hc_pre writes only the forms of y its site reads: no f32 y at
+/// the attention site, and at the FFN site the router's three f16 planes instead of it
+/// (`DS4_CUDA_PF_Y_LEAN=0`: f32 y everywhere and the router's split kernel). Read at every
+/// chunk (for `--variants`).
+fn use_pf_y_lean() -> bool {
+    super::switch_on("DS4_CUDA_PF_Y_LEAN")
 }
 
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
@@ -1302,8 +1310,10 @@ impl GpuSession {
                 kv: a(m * c.head_dim)?,
                 ckv: a(m * cw)?,
                 csc: a(m * cw)?,
-                ickv: a(cw)?,
-                icsc: a(cw)?,
+                // A decode step's, or a prefill chunk's (the indexer's compressor runs beside
+                // the main one on a fork, so it has product rows of its own).
+                ickv: a(cw.max(m * 2 * c.idx_dim))?,
+                icsc: a(cw.max(m * 2 * c.idx_dim))?,
                 iq: a(m * c.idx_heads * c.idx_dim)?,
                 iw: a(m * c.idx_heads)?,
                 isc: a(if any4 { m * isc_ld } else { 1 })?,
@@ -1376,7 +1386,12 @@ impl GpuSession {
                         y16p: be.stream().alloc_zeros::<u16>(m * d)?,
                         qr16: be.stream().alloc_zeros::<u16>(m * c.q_lora_rank)?,
                         sh16: be.stream().alloc_zeros::<u16>(
-                            m * gm.layers.iter().map(|l| l.sh_gate.n_rows).max().unwrap_or(1),
+                            m * gm
+                                .layers
+                                .iter()
+                                .map(|l| l.sh_gate.n_rows)
+                                .max()
+                                .unwrap_or(1),
                         )?,
                         low16: be
                             .stream()
@@ -1783,6 +1798,11 @@ impl GpuSession {
         // shared expert's SwiGLU output); 0 = none. A product writing such a buffer clears its
         // entry, and anything else writing x16 clears [2].
         let h16 = std::cell::Cell::new([0u64; 4]);
+        // Whether the last hc_pre wrote y's f32 form (production prefill skips it where the
+        // site's products all read y16; `lin_s` refuses to read the stale f32 form), and
+        // whether it wrote the router's three f16 planes of y (`dense_split3`'s input).
+        let y32_ok = std::cell::Cell::new(true);
+        let planes_ready = std::cell::Cell::new(false);
         // The HC `fn` weight whose product with the current state a fused hc_post left in
         // `mix` (production prefill), or 0: the next hc_pre then skips that product.
         let mix_for = std::cell::Cell::new(0u64);
@@ -1855,6 +1875,11 @@ impl GpuSession {
                         f16_of(x).filter(|&r| nt == n && (r == p16(&ps.x16)) == (x_scale != 1.0));
                     // A side stream's GEMM must touch neither conversion scratch (the main
                     // path's products use them meanwhile): its weight and input f16 as they are.
+                    if ready.is_none() && x == p(&s.y) && !y32_ok.get() {
+                        return Err(CudaError::Invalid(
+                            "prefill GEMM over y's f32 form, which hc_pre did not write".into(),
+                        ));
+                    }
                     if be.on_side() && (ready.is_none() || be.f16_ptr(w).is_none()) {
                         return Err(CudaError::Invalid(
                             "prefill GEMM on a side stream without f16 operands".into(),
@@ -1884,6 +1909,10 @@ impl GpuSession {
                         )
                     }
                     .map(|_| y16)
+                } else if x == p(&s.y) && !y32_ok.get() {
+                    Err(CudaError::Invalid(
+                        "product over y's f32 form, which hc_pre did not write".into(),
+                    ))
                 } else {
                     // SAFETY: scratch buffers are sized for `chunk_len` tokens of every product.
                     unsafe { be.mm_raw(w, x, nt, y) }.map(|_| false)
@@ -2033,14 +2062,18 @@ impl GpuSession {
         // Where the last hc_pre wrote y's permuted f16 copy (`PfScratch::y16p`), or 0.
         let y16p_at = std::cell::Cell::new(0u64);
         // `perm16`: also write y16p (the FFN site, when the routed experts read it).
+        // `planes`: the router's split input to write (rx3, scale) in production prefill.
         let hc_pre = |fnw: &GpuWeight,
                       sc: &CudaSlice<f32>,
                       base: &CudaSlice<f32>,
                       norm: &CudaSlice<f32>,
-                      perm16: bool|
+                      perm16: bool,
+                      planes: Option<(u64, f32)>|
          -> Result<bool> {
             memo.set([0; 4]);
             y16p_at.set(0);
+            y32_ok.set(true);
+            planes_ready.set(false);
             // Decode: the control product and the state's sum of squares over many blocks,
             // then one block for the rest, which also writes y's int8 forms (production).
             let wty = match fnw.ty {
@@ -2158,6 +2191,12 @@ impl GpuSession {
                 } else {
                     0
                 };
+                // The site's f32 y is read by nothing but the router's split (the GEMMs take
+                // y16, the routed experts y16p), so with the planes written here or at the
+                // attention site it is skipped.
+                let lean = use_pf_y_lean();
+                let (x3, x3s) = planes.filter(|_| lean).unwrap_or((0, 0.0));
+                let y32 = !lean || (perm16 && x3 == 0);
                 launch!(
                     st,
                     k.hc_pre_pf,
@@ -2178,10 +2217,16 @@ impl GpuSession {
                         y16p,
                         p(&s.post),
                         p(norm),
-                        p(&ps.hsc)
+                        p(&ps.hsc),
+                        x3,
+                        x3s,
+                        (n * d) as i64,
+                        i32::from(y32)
                     ]
                 );
                 y16p_at.set(y16p);
+                y32_ok.set(y32);
+                planes_ready.set(x3 != 0);
                 launch!(
                     st,
                     k.hc_comb,
@@ -2358,13 +2403,14 @@ impl GpuSession {
                 &l.hc_attn_base,
                 &l.attn_norm,
                 false,
+                None,
             )?;
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
                 let (a, b) = (&w.kv, &w.gate);
-                // A decode step's indexer compressor has its own product rows (`fork3` runs
-                // it beside the main one).
-                let (ckv, csc) = if kind == 1 && n == 1 {
+                // The indexer's compressor has its own product rows (on a fork it runs beside
+                // the main one: `fork3` in decode, the prefill side branch).
+                let (ckv, csc) = if kind == 1 {
                     (p(&s.ickv), p(&s.icsc))
                 } else {
                     (p(&s.ckv), p(&s.csc))
@@ -2419,8 +2465,9 @@ impl GpuSession {
                     qat: self.qat,
                     exact: self.exact,
                 };
-                // SAFETY: ckv/csc hold n rows of the widest compressor (ickv/icsc: 1); the
-                // frontier is coff·r × W; rows were grown to (p0 + n) / r before queueing.
+                // SAFETY: ckv/csc hold n rows of the widest compressor (ickv/icsc: of the
+                // indexer's); the frontier is coff·r × W; rows were grown to (p0 + n) / r
+                // before queueing.
                 unsafe { attn::compress(be, &k.at, &args) }
             };
             // Production decode of a ratio-4 layer whose indexer products are all F16 (the
@@ -2483,8 +2530,13 @@ impl GpuSession {
                 && l.indexer.as_ref().is_none_or(|iw| {
                     be.f16_ptr(&iw.q_b).is_some() && be.f16_ptr(&iw.proj).is_some()
                 });
+            // A ratio-4 layer's side branch (the indexer's compressor and the indexer) is the
+            // longer one: its main compressor runs on the main stream after the query path.
+            let main_comp = pf_side && l.indexer.is_some();
             let att_fork = if fork && (left || l.comp.is_some() || l.indexer.is_some()) {
                 Some(be.fork(comps)?)
+            } else if main_comp {
+                Some(be.fork_on(1, comp_idx)?)
             } else if pf_side {
                 Some(be.fork_on(1, comps)?)
             } else {
@@ -2793,6 +2845,11 @@ impl GpuSession {
                     ]
                 );
             }
+            if main_comp {
+                if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
+                    compress(w, cs, 0)?;
+                }
+            }
             match att_fork {
                 Some(f) => f.join()?,
                 None => comps()?,
@@ -3022,12 +3079,23 @@ impl GpuSession {
                 && use_pf_mm()
                 && use_pf_direct()
                 && be.pf_mm_permuted(&l.gate_exps, Some(&l.up_exps));
+            // Expert choice at f32 accuracy on tensor cores (`dense_split3`), its input's three
+            // planes written by hc_pre.
+            let split3 = pf.filter(|ps| {
+                n > 1
+                    && use_router_sgemm()
+                    && use_router_split3()
+                    && split3_fits(be, &l.gate_inp, l.router_x_bound)
+                    && ps.rparts.len() >= 3 * n * c.n_expert
+                    && ps.rx3.len() >= 3 * n * d
+            });
             let left = hc_pre(
                 &l.hc_ffn_fn,
                 &l.hc_ffn_scale,
                 &l.hc_ffn_base,
                 &l.ffn_norm,
                 perm16,
+                split3.map(|ps| (p16(&ps.rx3), split3_scale(l.router_x_bound))),
             )?;
             // The shared expert reads only y: on a fork it runs beside the router and the
             // routed experts, joined before the expert sum.
@@ -3063,13 +3131,7 @@ impl GpuSession {
             let mut rsplit = 1usize;
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
-            } else if let Some(ps) = pf.filter(|ps| {
-                use_router_sgemm()
-                    && use_router_split3()
-                    && split3_fits(be, &l.gate_inp, l.router_x_bound)
-                    && ps.rparts.len() >= 3 * n * c.n_expert
-                    && ps.rx3.len() >= 3 * n * d
-            }) {
+            } else if let Some(ps) = split3 {
                 // Expert choice at f32 accuracy on tensor cores: y as three f16 planes against
                 // the exact f16 weight, the three partial logits added by k_route.
                 // SAFETY: y holds n rows of D; rx3 3·n·D halves, rparts 3·n·n_expert floats
@@ -3083,6 +3145,7 @@ impl GpuSession {
                         l.router_x_bound,
                         n,
                         p16(&ps.rx3),
+                        planes_ready.get(),
                         p(&ps.rparts),
                     )?
                 };

@@ -671,7 +671,8 @@ __device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
                                                u16* __restrict__ y16p,
                                                float* __restrict__ post,
                                                const float* __restrict__ norm,
-                                               float* __restrict__ sc) {
+                                               float* __restrict__ sc, u16* __restrict__ x3,
+                                               float x3s, long long plane, int y32) {
     __shared__ double sh[33];
     __shared__ float pj[N];
     const int t = blockIdx.x, T = blockDim.x, w = (2 + N) * N;
@@ -739,7 +740,21 @@ __device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
             float4 g = *(const float4*)(norm + e);
             v = make_float4(v.x * s2 * g.x, v.y * s2 * g.y, v.z * s2 * g.z, v.w * s2 * g.w);
         }
-        *(float4*)(yt + e) = v;
+        if (y32) *(float4*)(yt + e) = v;
+        if (x3) {
+            // f32_split3_f16 of the f32 values (the router's product on tensor cores).
+            u16 hi[4], mi[4], lo[4];
+            split3_one(v.x, x3s, hi[0], mi[0], lo[0]);
+            split3_one(v.y, x3s, hi[1], mi[1], lo[1]);
+            split3_one(v.z, x3s, hi[2], mi[2], lo[2]);
+            split3_one(v.w, x3s, hi[3], mi[3], lo[3]);
+            u16* xp = x3 + (long long)t * d + e;
+            *(uint2*)xp = make_uint2((u32)hi[0] | ((u32)hi[1] << 16), (u32)hi[2] | ((u32)hi[3] << 16));
+            *(uint2*)(xp + plane) =
+                make_uint2((u32)mi[0] | ((u32)mi[1] << 16), (u32)mi[2] | ((u32)mi[3] << 16));
+            *(uint2*)(xp + 2 * plane) =
+                make_uint2((u32)lo[0] | ((u32)lo[1] << 16), (u32)lo[2] | ((u32)lo[3] << 16));
+        }
         uint2 h;
         h.x = (u32)f2h(v.x) | ((u32)f2h(v.y) << 16);
         h.y = (u32)f2h(v.z) | ((u32)f2h(v.w) << 16);
@@ -756,13 +771,17 @@ __device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
 
 // grid: tokens; block T = d/(4C) threads (a multiple of 32, at most 256), C in {1, 2, 4};
 // n = 4. y16p (null or, d % 32 == 0, the f16 rows in px_pos order) as hc_pre_pf_body.
+// x3 (null or n_tok·d·3 halves): y·x3s as f32_split3_f16's three planes, `plane` (= n_tok·d)
+// apart; y32 = 0: y's f32 form is not written (no reader of this site needs it).
 extern "C" __global__ void __launch_bounds__(256)
     k_hc_pre_pf(const float* __restrict__ x, const float* __restrict__ mix, int d, int cols,
                 float rms_eps, float hc_eps, const float* __restrict__ scale3,
                 const float* __restrict__ base, float* __restrict__ y, u16* __restrict__ y16,
                 u16* __restrict__ y16p, float* __restrict__ post, const float* __restrict__ norm,
-                float* __restrict__ sc) {
-#define HC_PRE_PF_ARGS (x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, y16p, post, norm, sc)
+                float* __restrict__ sc, u16* __restrict__ x3, float x3s, long long plane,
+                int y32) {
+#define HC_PRE_PF_ARGS \
+    (x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, y16p, post, norm, sc, x3, x3s, plane, y32)
     if (cols == 4)
         hc_pre_pf_body<4, 4> HC_PRE_PF_ARGS;
     else if (cols == 2)
