@@ -57,9 +57,10 @@
 //! `pf_mxs_<t>`), `DS4_CUDA_PF_Q8` (the Q2_K down product of that form on int8 wgmma with Q8_K
 //! activations, `pf_mxq_q2_k`; off = f16 `pf_mxw_q2_k`), `DS4_CUDA_PF_W4` (the IQ2_XXS gate|up of
 //! the experts of more than 64 rows on `pf_mxw4_iq2_xxs`, tiles of up to 128 tokens; off = all
-//! on `pf_mxw`; the same bits), `DS4_CUDA_ROUTER_SGEMM` (router product as
-//! an f32 cuBLAS GEMM), `DS4_CUDA_ROUTER_SPLIT3` (that product on tensor cores as three f16
-//! planes of its input against the exact f16 weight; off = the f32 GEMM), `DS4_CUDA_ATT_TC` (tensor-core attention in production prefill), `DS4_CUDA_IDX_TC` (the
+//! on `pf_mxw`; the same bits), `DS4_CUDA_ROUTER_SGEMM` (router product as an f32 cuBLAS
+//! GEMM), `DS4_CUDA_ROUTER_SPLIT3` (that product on tensor cores as three f16 planes of its
+//! input against the exact f16 weight; off = the f32 GEMM), `DS4_CUDA_ATT_TC` (tensor-core
+//! attention in production prefill), `DS4_CUDA_IDX_TC` (the
 //! lightning indexer's scores on tensor cores in production steps, prefill and decode; off = the
 //! f32 kernel), `DS4_CUDA_IDX_WG` (those scores on wgmma in prefill chunks on Hopper,
 //! `k_idx_scores_wg`; off = `k_idx_scores_tc`; the same bits),
@@ -84,7 +85,13 @@
 //! decodes them for every chunk; by default the copies are made at load when 24 GiB of GPU
 //! memory stay free, `=1` always). `DS4_CUDA_HC_FN=0` has production prefill's hc_post write
 //! the state's f16 copy for a cuBLAS HC `fn` GEMM instead of forming that product itself
-//! (`k_hc_post4_fn` / `k_hc_post_moe_fn`).
+//! (`k_hc_post4_fn` / `k_hc_post_moe_fn`). `DS4_CUDA_PF_W4_FORK=0` runs a prefill chunk's
+//! `pf_mxw4` after `pf_mxw` instead of beside it; `DS4_CUDA_PF_ATT_FORK=0` keeps a layer's
+//! compressors and indexer on the main stream in prefill (by default on the highest-priority
+//! side stream beside the query path), `DS4_CUDA_PF_SH_FORK=0` the shared expert (by default
+//! there beside the routed experts); the same bits either way. `DS4_CUDA_PF_Y_LEAN=0` has
+//! production prefill's hc_pre write y's f32 form at every site (by default only the f16
+//! forms the site's products read, and the router's three f16 planes).
 //! `DS4_CUDA_POOL_KEEP=0` lets the stream-ordered allocator return freed memory to the
 //! driver at each synchronization (by default the device's pool keeps it for reuse).
 //! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 8192 up

@@ -18,7 +18,8 @@
 //! f32 activations). Production prefill (chunks of n > 1 tokens) runs its weight products on
 //! tensor cores with f16 operands and f32 accumulation (prefill.rs: routed experts grouped
 //! by expert, dense products through cuBLAS), except the HC `fn` products (f32 kernel), the
-//! router (f32 cuBLAS GEMM) and the output head (f32 kernel). Stored rows get the QAT
+//! router (at f32 accuracy: three f16 planes of its input against the exact F16 weight, or an
+//! f32 cuBLAS GEMM) and the output head (f32 kernel). Stored rows get the QAT
 //! simulations when `qat_sim` is on and the F16 storage rounding when `exact` is off, like
 //! the CPU, so a snapshot means the same thing on both backends.
 //!
@@ -34,7 +35,12 @@
 //! launch overlaps its predecessor's tail (`DS4_CUDA_PDL=0` turns it off). Independent parts
 //! of a decode layer run on side streams (`CudaBackend::fork_on`): the compressors and the
 //! shared expert on one, a ratio-4 layer's indexer on another; the graph keeps each stream's
-//! priority per node (indexer above the main path above the shared expert).
+//! priority per node (indexer above the main path above the shared expert). A production
+//! prefill chunk forks too, onto the highest-priority side stream with its own cuBLAS handle:
+//! a layer's compressors and indexer beside the query path, and the shared expert beside the
+//! routed experts from their grouping on (its GEMMs fill the SMs the one-block grouping and
+//! the expert kernels' last waves leave); branches read F16 weights and f16 inputs in place,
+//! so they share no conversion scratch with the main path.
 //!
 //! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
 //! kernel in kernels/forward.cu says which CPU function it stands for.
