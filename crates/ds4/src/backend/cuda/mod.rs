@@ -89,7 +89,10 @@
 //! `pf_mxw4` after `pf_mxw` instead of beside it; `DS4_CUDA_PF_ATT_FORK=0` keeps a layer's
 //! compressors and indexer on the main stream in prefill (by default on the highest-priority
 //! side stream beside the query path), `DS4_CUDA_PF_SH_FORK=0` the shared expert (by default
-//! there beside the routed experts); the same bits either way. `DS4_CUDA_PF_Y_LEAN=0` has
+//! there beside the routed experts); the same bits either way. `DS4_CUDA_PF_ATT_SIDE`,
+//! `DS4_CUDA_PF_SH_SIDE` and `DS4_CUDA_PF_W4_SIDE` (`0` / `1`) put those branches and
+//! `pf_mxw4` on the lowest / highest-priority side stream (defaults 1, 1, 0: the fastest of
+//! the combinations measured, bench/RESULTS.md). `DS4_CUDA_PF_Y_LEAN=0` has
 //! production prefill's hc_pre write y's f32 form at every site (by default only the f16
 //! forms the site's products read, and the router's three f16 planes).
 //! `DS4_CUDA_POOL_KEEP=0` lets the stream-ordered allocator return freed memory to the
@@ -126,4 +129,13 @@ pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 /// its path on: anything but `0`, or unset.
 pub(crate) fn switch_on(name: &str) -> bool {
     std::env::var(name).map_or(true, |v| v != "0")
+}
+
+/// The side stream (0: lowest priority, 1: highest) `name` picks, else `default`.
+pub(crate) fn side_of(name: &str, default: usize) -> usize {
+    match std::env::var(name).as_deref() {
+        Ok("0") => 0,
+        Ok("1") => 1,
+        _ => default,
+    }
 }

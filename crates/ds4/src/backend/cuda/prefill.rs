@@ -481,7 +481,7 @@ pub unsafe fn moe_grouped(
             // with pf_mxw's blocks instead of leaving SMs idle (DS4_CUDA_PF_W4_FORK=0: one
             // after the other).
             let fork = if be.side().is_none() && super::switch_on("DS4_CUDA_PF_W4_FORK") {
-                Some(be.fork(w4)?)
+                Some(be.fork_on(super::side_of("DS4_CUDA_PF_W4_SIDE", 0), w4)?)
             } else {
                 w4()?;
                 None

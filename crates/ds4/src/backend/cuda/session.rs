@@ -2539,12 +2539,13 @@ impl GpuSession {
             // A ratio-4 layer's side branch (the indexer's compressor and the indexer) is the
             // longer one: its main compressor runs on the main stream after the query path.
             let main_comp = pf_side && l.indexer.is_some();
+            let att_side = super::side_of("DS4_CUDA_PF_ATT_SIDE", 1);
             let att_fork = if fork && (left || l.comp.is_some() || l.indexer.is_some()) {
                 Some(be.fork(comps)?)
             } else if main_comp {
-                Some(be.fork_on(1, comp_idx)?)
+                Some(be.fork_on(att_side, comp_idx)?)
             } else if pf_side {
-                Some(be.fork_on(1, comps)?)
+                Some(be.fork_on(att_side, comps)?)
             } else {
                 None
             };
@@ -2782,7 +2783,7 @@ impl GpuSession {
                 Some(be.fork_on(usize::from(fork3), indexer)?)
             } else if pf_side && l.indexer.is_some() {
                 // After rms_norm_h (qr16) and the angle table, behind the compressors.
-                Some(be.fork_on(1, indexer)?)
+                Some(be.fork_on(att_side, indexer)?)
             } else {
                 None
             };
@@ -3218,7 +3219,7 @@ impl GpuSession {
                 // separate sum).
                 let fused_sum = pf.filter(|_| d.is_multiple_of(4));
                 if pf_sh_fork {
-                    ffn_fork = Some(be.fork_on(1, shared)?);
+                    ffn_fork = Some(be.fork_on(super::side_of("DS4_CUDA_PF_SH_SIDE", 1), shared)?);
                 }
                 if let Some(ps) = pf {
                     // SAFETY: ids/wts hold `slots` entries from the router (ids < n_expert),
