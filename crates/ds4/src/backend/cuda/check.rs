@@ -3356,27 +3356,34 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         ];
         let y16p_at = y16p.device_ptr(st).0;
         let f1 = be.function("k_hc_pre_pf")?;
-        let mut b = st.launch_builder(&f1);
-        b.arg(&pp[0])
-            .arg(&pp[1])
-            .arg(&di)
-            .arg(&cols)
-            .arg(&eps)
-            .arg(&hc_eps)
-            .arg(&pp[2])
-            .arg(&pp[3])
-            .arg(&pp[4])
-            .arg(&pp[5])
-            .arg(&y16p_at)
-            .arg(&pp[6])
-            .arg(&pp[7])
-            .arg(&pp[8])
-            .arg(&0u64)
-            .arg(&0f32)
-            .arg(&0i64)
-            .arg(&1i32);
-        // SAFETY: argument list matches k_hc_pre_pf; d / 16 = 256 threads own 4 columns.
-        unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+        // k_hc_pre_pf into y_at, with the router's planes (x3, scale, plane stride) or none,
+        // and y's f32 form written when y32 is 1.
+        let pre_pf = |y_at: u64, x3: u64, s3: f32, plane: i64, y32: i32| -> Result<()> {
+            let mut b = st.launch_builder(&f1);
+            b.arg(&pp[0])
+                .arg(&pp[1])
+                .arg(&di)
+                .arg(&cols)
+                .arg(&eps)
+                .arg(&hc_eps)
+                .arg(&pp[2])
+                .arg(&pp[3])
+                .arg(&y_at)
+                .arg(&pp[5])
+                .arg(&y16p_at)
+                .arg(&pp[6])
+                .arg(&pp[7])
+                .arg(&pp[8])
+                .arg(&x3)
+                .arg(&s3)
+                .arg(&plane)
+                .arg(&y32);
+            // SAFETY: argument list matches k_hc_pre_pf; d / 16 = 256 threads own 4 columns;
+            // x3 (when not 0) holds 3 · plane halves.
+            unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+            Ok(())
+        };
+        pre_pf(pp[4], 0, 0.0, 0, 1)?;
         // The same with the router's three f16 planes of y·s instead of y's f32 form: the
         // planes f32_split3_f16 makes of the f32 y just written, bit for bit, and no y.
         let (s3, plane) = (64f32, (t_n * d) as i64);
@@ -3385,28 +3392,8 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             st.alloc_zeros::<u16>(3 * t_n * d)?,
         );
         let y_lean = poisoned(be, t_n * d)?;
-        let (px3, px3r, pyl) = (x3.device_ptr(st).0, x3r.device_ptr(st).0, p32(&y_lean));
-        let mut b = st.launch_builder(&f1);
-        b.arg(&pp[0])
-            .arg(&pp[1])
-            .arg(&di)
-            .arg(&cols)
-            .arg(&eps)
-            .arg(&hc_eps)
-            .arg(&pp[2])
-            .arg(&pp[3])
-            .arg(&pyl)
-            .arg(&pp[5])
-            .arg(&y16p_at)
-            .arg(&pp[6])
-            .arg(&pp[7])
-            .arg(&pp[8])
-            .arg(&px3)
-            .arg(&s3)
-            .arg(&plane)
-            .arg(&0i32);
-        // SAFETY: as above; x3 holds 3 · t_n · d halves.
-        unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+        let (px3, px3r) = (x3.device_ptr(st).0, x3r.device_ptr(st).0);
+        pre_pf(p32(&y_lean), px3, s3, plane, 0)?;
         let split = be.function("f32_split3_f16")?;
         let mut b = st.launch_builder(&split);
         b.arg(&pp[4]).arg(&px3r).arg(&plane).arg(&s3);
