@@ -2068,12 +2068,14 @@ impl GpuSession {
         // Where the last hc_pre wrote y's permuted f16 copy (`PfScratch::y16p`), or 0.
         let y16p_at = std::cell::Cell::new(0u64);
         // `perm16`: also write y16p (the FFN site, when the routed experts read it).
-        // `planes`: the router's split input to write (rx3, scale) in production prefill.
+        // `ffn`: the FFN site's (else the attention site's); `planes`: the router's split
+        // input to write there (rx3, scale) in production prefill.
         let hc_pre = |fnw: &GpuWeight,
                       sc: &CudaSlice<f32>,
                       base: &CudaSlice<f32>,
                       norm: &CudaSlice<f32>,
                       perm16: bool,
+                      ffn: bool,
                       planes: Option<(u64, f32)>|
          -> Result<bool> {
             memo.set([0; 4]);
@@ -2197,12 +2199,12 @@ impl GpuSession {
                 } else {
                     0
                 };
-                // The site's f32 y is read by nothing but the router's split (the GEMMs take
-                // y16, the routed experts y16p), so with the planes written here or at the
-                // attention site it is skipped.
+                // Production prefill reads y's f32 form only in the FFN site's router (the
+                // GEMMs take y16, the routed experts y16p or y16), so it is skipped at the
+                // attention site and, with the router's planes written here, at the FFN site.
                 let lean = use_pf_y_lean();
-                let (x3, x3s) = planes.filter(|_| lean).unwrap_or((0, 0.0));
-                let y32 = !lean || (perm16 && x3 == 0);
+                let (x3, x3s) = planes.filter(|_| lean && ffn).unwrap_or((0, 0.0));
+                let y32 = !lean || (ffn && x3 == 0);
                 launch!(
                     st,
                     k.hc_pre_pf,
@@ -2408,6 +2410,7 @@ impl GpuSession {
                 &l.hc_attn_scale,
                 &l.hc_attn_base,
                 &l.attn_norm,
+                false,
                 false,
                 None,
             )?;
@@ -3102,6 +3105,7 @@ impl GpuSession {
                 &l.hc_ffn_base,
                 &l.ffn_norm,
                 perm16,
+                true,
                 split3.map(|ps| (p16(&ps.rx3), split3_scale(l.router_x_bound))),
             )?;
             // The shared expert reads only y: on a fork it runs beside the router and the
