@@ -1154,24 +1154,21 @@ __device__ __forceinline__ void tc_qnorm(const T* __restrict__ q, const float* _
         for (int i = 0; i < NH; i++)
 #pragma unroll
             for (int m = 0; m < 4; m++) ss[i][m] += __shfl_xor_sync(0xffffffffu, ss[i][m], x);
-    // block_sum_d's last step: warp 0's butterfly over the 4 warp sums (lanes 0..3, zeros
-    // elsewhere) adds zeros in its first three levels (exact: the sums are >= +0) and gives
-    // every lane (s0 + s2) + (s1 + s3), which every lane here holds already. Lane i (< NH)
-    // then works out head i's scale and the others take it by shuffle (the same operations
-    // on the same sum; the f64 divisions and square roots once a warp instead of NH times).
-    double rl = 0.0;
+    double r[NH];
 #pragma unroll
-    for (int i = 0; i < NH; i++) {
-        const double r = (ss[i][0] + ss[i][2]) + (ss[i][1] + ss[i][3]);
-        if (lane == i || (i == 0 && lane >= NH)) rl = r;
-    }
-    const float sl = (float)(1.0 / sqrt(rl / (double)dh + (double)eps));
+    for (int i = 0; i < NH; i++)
+        r[i] = lane == 0 ? ss[i][0] : lane == 1 ? ss[i][1] : lane == 2 ? ss[i][2]
+             : lane == 3 ? ss[i][3] : 0.0;
+#pragma unroll
+    for (int x = 16; x > 0; x >>= 1)
+#pragma unroll
+        for (int i = 0; i < NH; i++) r[i] += __shfl_xor_sync(0xffffffffu, r[i], x);
     const float* cs = cs_tab + 2LL * t * half;
 #pragma unroll
     for (int i = 0; i < NH; i++) {
         unsigned short* qrow = Qs + (w + 16 * i) * kst;
         // Rows past n_head stay zero (0 · s with s finite; the rotation of zeros).
-        const float s = __shfl_sync(0xffffffffu, sl, i);
+        const float s = (float)(1.0 / sqrt(r[i] / (double)dh + (double)eps));
 #pragma unroll
         for (int m = 0; m < 4; m++) {
 #pragma unroll
