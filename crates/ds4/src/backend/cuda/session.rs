@@ -624,8 +624,9 @@ const F16_COPY_RESERVE: usize = 24 << 30;
 /// copy, so production prefill does not dequantize them again for every chunk (for the q2
 /// Flash model ~9% more weight memory for ~2.5% of a chunk's time, bench/RESULTS.md), and
 /// the router's weight an f32 copy where its product is the f32 GEMM (`wants_router32`: 4 MB
-/// and ~10 µs a layer at the Flash shapes), when the GPU keeps at least `F16_COPY_RESERVE` free afterwards.
-/// `DS4_CUDA_F16_COPY=0` never makes them, `=1` always does. Returns the bytes taken.
+/// and ~10 µs a layer at the Flash shapes), when the GPU keeps at least `F16_COPY_RESERVE`
+/// free afterwards. `DS4_CUDA_F16_COPY=0` never makes them, `=1` always does. Returns the
+/// bytes taken.
 fn attach_prefill_copies(be: &CudaBackend, layers: &mut [GpuLayer]) -> Result<usize> {
     let mode = std::env::var("DS4_CUDA_F16_COPY").ok();
     if mode.as_deref() == Some("0") {
@@ -1879,13 +1880,13 @@ impl GpuSession {
                     // else the conversion below overwrites x16 (and x's copy there).
                     let ready =
                         f16_of(x).filter(|&r| nt == n && (r == p16(&ps.x16)) == (x_scale != 1.0));
-                    // A side stream's GEMM must touch neither conversion scratch (the main
-                    // path's products use them meanwhile): its weight and input f16 as they are.
                     if ready.is_none() && x == p(&s.y) && !y32_ok.get() {
                         return Err(CudaError::Invalid(
                             "prefill GEMM over y's f32 form, which hc_pre did not write".into(),
                         ));
                     }
+                    // A side stream's GEMM must touch neither conversion scratch (the main
+                    // path's products use them meanwhile): its weight and input f16 as they are.
                     if be.on_side() && (ready.is_none() || be.f16_ptr(w).is_none()) {
                         return Err(CudaError::Invalid(
                             "prefill GEMM on a side stream without f16 operands".into(),
@@ -3138,8 +3139,6 @@ impl GpuSession {
                 && [&l.sh_gate, &l.sh_up, &l.sh_down]
                     .iter()
                     .all(|w| be.f16_ptr(w).is_some());
-            // Parts of the router logits k_route adds (in ps.rparts when more than 1).
-            let mut rsplit = 1usize;
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
             } else if let Some(ps) = split3 {
@@ -3160,7 +3159,6 @@ impl GpuSession {
                         p(&ps.rparts),
                     )?
                 };
-                rsplit = 3;
             } else if let Some(ps) = pf.filter(|_| use_router_sgemm()) {
                 // Expert choice: f32 inputs and products (cuBLAS SGEMM on the exactly decoded
                 // weight), not f16 operands.
@@ -3191,10 +3189,8 @@ impl GpuSession {
                 let ke = c.n_expert_used;
                 let t2e = l.tid2eid.as_ref().map_or(0, pi);
                 let bias = l.exp_bias.as_ref().map_or(0, p);
-                let logits = match pf {
-                    Some(ps) if rsplit > 1 => p(&ps.rparts),
-                    _ => p(&s.rl),
-                };
+                // The split product's three partial logits (k_route adds them), else rl.
+                let (logits, rsplit) = split3.map_or((p(&s.rl), 1i32), |ps| (p(&ps.rparts), 3));
                 launch!(
                     st,
                     k.route,
@@ -3212,7 +3208,7 @@ impl GpuSession {
                         c.expert_weights_scale,
                         pi(&s.ids),
                         p(&s.wts),
-                        rsplit as i32,
+                        rsplit,
                         (n * c.n_expert) as i64
                     ]
                 );
