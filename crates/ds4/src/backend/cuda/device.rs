@@ -289,6 +289,9 @@ pub struct CudaBackend {
     /// Grouped expert product kernel level (see [`pf_mx_level`]; the self-test switches it
     /// to check every kernel).
     pf_mx: AtomicU8,
+    /// Timing events on the main stream at named points of a prefill chunk
+    /// (`DS4_CUDA_PHASES=1`, a development aid: [`CudaBackend::mark`]); `None` when off.
+    marks: Option<std::sync::Mutex<Vec<(usize, &'static str, CudaEvent)>>>,
 }
 
 /// Whether the backend's streams get different priorities and decode graphs keep them per
@@ -530,6 +533,9 @@ impl CudaBackend {
             sides,
             lane: AtomicU8::new(0),
             pf_mx: AtomicU8::new(PF_MX_FROM_ENV),
+            marks: std::env::var_os("DS4_CUDA_PHASES")
+                .filter(|v| v == "1")
+                .map(|_| std::sync::Mutex::new(Vec::new())),
         })
     }
 
@@ -1782,6 +1788,37 @@ impl CudaBackend {
     }
 
     // ---------------------------------------------------------------- timing
+
+    /// Whether phase marks are being recorded (`DS4_CUDA_PHASES=1`).
+    pub fn marking(&self) -> bool {
+        self.marks.is_some()
+    }
+
+    /// Records a timing event on the main stream at point `tag` of layer `il` (when
+    /// [`CudaBackend::marking`]; never inside a graph capture).
+    pub fn mark(&self, il: usize, tag: &'static str) -> Result<()> {
+        if let Some(m) = &self.marks {
+            let e = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            e.record(&self.stream)?;
+            m.lock().unwrap_or_else(|e| e.into_inner()).push((il, tag, e));
+        }
+        Ok(())
+    }
+
+    /// The marks recorded since the last call, as (layer, tag, µs since the previous mark);
+    /// the stream must be synchronized.
+    pub fn take_marks(&self) -> Result<Vec<(usize, &'static str, f64)>> {
+        let Some(m) = &self.marks else {
+            return Ok(Vec::new());
+        };
+        let marks = std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = Vec::with_capacity(marks.len());
+        for w in marks.windows(2) {
+            let us = 1000.0 * w[0].2.elapsed_ms(&w[1].2)? as f64;
+            out.push((w[1].0, w[1].1, us));
+        }
+        Ok(out)
+    }
 
     /// Milliseconds of GPU time taken by the work `f` queues (events around it; waits).
     pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {

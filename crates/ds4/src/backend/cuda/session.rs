@@ -104,6 +104,48 @@ pub fn gpu_chunk(ctx: usize) -> usize {
     }
 }
 
+/// Prints a prefill chunk's phase marks (`DS4_CUDA_PHASES=1`) to stderr: the mean µs of the
+/// main stream between consecutive marks, by layer kind (ratio, hash or learned routing).
+fn phase_report(gm: &GpuModel, model: &Model, n: usize, p0: usize, marks: &[(usize, &str, f64)]) {
+    let kind = |il: usize| {
+        let hash = gm.layers[il].tid2eid.is_some();
+        format!("r{}{}", model.cfg.ratio(il), if hash { "h" } else { "" })
+    };
+    let mut kinds: Vec<String> = Vec::new();
+    let mut tags: Vec<&str> = Vec::new();
+    // (kind, tag) -> (sum µs, count)
+    let mut acc: std::collections::HashMap<(String, &str), (f64, usize)> = Default::default();
+    for &(il, tag, us) in marks {
+        let k = kind(il);
+        if !kinds.contains(&k) {
+            kinds.push(k.clone());
+        }
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+        let e = acc.entry((k, tag)).or_insert((0.0, 0));
+        e.0 += us;
+        e.1 += 1;
+    }
+    let total: f64 = marks.iter().map(|m| m.2).sum();
+    eprintln!("# phases: chunk of {n} at p0 {p0}: {:.0} µs between the first and last mark", total);
+    eprint!("# phase      ");
+    for k in &kinds {
+        eprint!("{k:>9}");
+    }
+    eprintln!();
+    for tag in &tags {
+        eprint!("# {tag:<11}");
+        for k in &kinds {
+            match acc.get(&(k.clone(), *tag)) {
+                Some(&(s, c)) => eprint!("{:>9.1}", s / c as f64),
+                None => eprint!("{:>9}", "-"),
+            }
+        }
+        eprintln!();
+    }
+}
+
 /// Whether `e` is the driver running out of device memory.
 fn out_of_memory(e: &CudaError) -> bool {
     matches!(e, CudaError::Driver(d) if d.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
@@ -1639,6 +1681,9 @@ impl GpuSession {
         // Otherwise the last position's logits stay on the device for `narrow` and
         // `last_logits`. Synchronizing here surfaces errors and keeps prefill timings honest.
         st.synchronize()?;
+        if be.marking() {
+            phase_report(gm, model, n, p0, &be.take_marks()?);
+        }
         Ok(())
     }
 
@@ -2402,6 +2447,14 @@ impl GpuSession {
             );
             Ok(())
         };
+        // Phase marks of a prefill chunk (`DS4_CUDA_PHASES=1`; CudaBackend::mark).
+        let mk = |il: usize, tag: &'static str| -> Result<()> {
+            if n > 1 && be.marking() {
+                be.mark(il, tag)?;
+            }
+            Ok(())
+        };
+        mk(0, "begin")?;
         for (il, (l, ls)) in gm.layers.iter().zip(self.layers.iter()).enumerate() {
             // The next layer's attention-site `fn` (none after the last layer: the head's).
             let next_attn_fn = gm.layers.get(il + 1).map(|nl| &nl.hc_attn_fn);
@@ -2415,6 +2468,7 @@ impl GpuSession {
                 false,
                 None,
             )?;
+            mk(il, "hc_pre_a")?;
             // Compressors.
             let compress = |w: &GpuComp, cs: &CompState, kind: i32| -> Result<()> {
                 let (a, b) = (&w.kv, &w.gate);
@@ -2856,6 +2910,7 @@ impl GpuSession {
                     ]
                 );
             }
+            mk(il, "q_path")?;
             if main_comp {
                 if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
                     compress(w, cs, 0)?;
@@ -2872,6 +2927,7 @@ impl GpuSession {
                 Some(f) => f.join()?,
                 None => indexer()?,
             }
+            mk(il, "comp_join")?;
             // Attention over the raw window and the compressed rows; in production prefill the
             // tensor-core kernel writes its output as f16 into x16 for attn_output_a.
             let mut o16_ready = false;
@@ -2986,6 +3042,7 @@ impl GpuSession {
                     set16(2, 0);
                 }
             }
+            mk(il, "attn")?;
             // Grouped output: group g of token t is slot t·G + g of the stacked out_a.
             {
                 let g = c.o_groups;
@@ -3063,6 +3120,7 @@ impl GpuSession {
                     _ => lin(&l.out_b, p(&s.low), n, p(&s.f))?,
                 }
             }
+            mk(il, "out_ab")?;
             if n == 1 && use_hc1() {
                 // Ring push and hc_post in one launch (decode), with the FFN site's control
                 // product when it can (`pending`).
@@ -3085,6 +3143,7 @@ impl GpuSession {
                 );
                 hc_post(Some(&l.hc_ffn_fn))?;
             }
+            mk(il, "post_a")?;
             // §3.2 + §3.4: FFN site.
             let perm16 = pf.is_some()
                 && use_pf_mm()
@@ -3109,6 +3168,7 @@ impl GpuSession {
                 true,
                 split3.map(|ps| (p16(&ps.rx3), split3_scale(l.router_x_bound))),
             )?;
+            mk(il, "hc_pre_f")?;
             // The shared expert reads only y: on a fork it runs beside the router and the
             // routed experts, joined before the expert sum.
             let shared = || -> Result<()> {
@@ -3212,6 +3272,7 @@ impl GpuSession {
                         (n * c.n_expert) as i64
                     ]
                 );
+                mk(il, "router")?;
                 let f = c.n_ff_exp;
                 let slots = n * ke;
                 // Production prefill: the routed rows stay in the grouped product's sorted
@@ -3274,10 +3335,12 @@ impl GpuSession {
                     // As above; g holds `slots` activations of F.
                     mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
                 }
+                mk(il, "moe")?;
                 match ffn_fork {
                     Some(f) => f.join()?,
                     None => shared()?,
                 }
+                mk(il, "sh_join")?;
                 if n == 1 && use_hc1() {
                     // Expert sum and hc_post in one pass (decode), with the next layer's
                     // control product when it can (`pending`).
@@ -3323,6 +3386,7 @@ impl GpuSession {
                     hc_post(next_attn_fn)?;
                 }
             }
+            mk(il, "post_moe")?;
         }
         flush_post()?;
         if !head {
