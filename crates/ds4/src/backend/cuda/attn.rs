@@ -49,6 +49,8 @@ pub struct AttnKernels {
     topk_mb: CudaFunction,
     /// `k_topk1_<KPT>` for KPT = 1, 2, 4, 8, 16 keys a thread.
     topk1: [CudaFunction; 5],
+    /// `k_topk_w_<KPL>` for KPL = 32, 64 keys a lane (a warp a token).
+    topk_w: [CudaFunction; 2],
     /// Multiprocessors of the device (the most blocks `k_topk_mb` may use: they must all be
     /// resident together).
     sms: usize,
@@ -113,6 +115,7 @@ impl AttnKernels {
                 f("k_topk1_8")?,
                 f("k_topk1_16")?,
             ],
+            topk_w: [f("k_topk_w_32")?, f("k_topk_w_64")?],
             sms: be.info().sm_count as usize,
             comp_pool: f("k_comp_pool")?,
             comp_pool32: f("k_comp_pool32")?,
@@ -725,6 +728,16 @@ fn use_topk1() -> bool {
     super::switch_on("DS4_CUDA_TOPK1")
 }
 
+/// Most visible rows of a prefill chunk's token whose top-k runs on `k_topk_w` (a warp of
+/// up to 64 keys a lane).
+const TOPK_W_MAX_ROWS: usize = 64 * 32;
+
+/// Whether prefill chunks whose tokens see at most [`TOPK_W_MAX_ROWS`] rows take their top-k
+/// on `k_topk_w` (a warp a token; `DS4_CUDA_TOPK_W=0`: a block a token, `k_topk1`).
+fn use_topk_w() -> bool {
+    super::switch_on("DS4_CUDA_TOPK_W")
+}
+
 /// Whether prefill chunks' top-k runs on `k_topk1` too (`DS4_CUDA_TOPK1_CHUNK=0`: on
 /// `k_topk_rows`, for comparisons).
 fn use_topk1_chunk() -> bool {
@@ -732,8 +745,9 @@ fn use_topk1_chunk() -> bool {
 }
 
 /// Per token, the `topk` best visible rows by score (all of them when at most `topk` are
-/// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. Tokens whose
-/// launch may see at most 16,384 rows run on `k_topk1` (a block each, its keys in registers;
+/// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. Prefill chunks
+/// whose tokens see at most [`TOPK_W_MAX_ROWS`] rows run on `k_topk_w` (a warp a token); else
+/// tokens whose launch may see at most 16,384 rows run on `k_topk1` (a block each, its keys in registers;
 /// chunks when `ld` is a multiple of 4); one decode token that may see more, and
 /// `vis_max >= topk_mb_min_rows()`, on `k_topk_mb`, spread over up to one block per SM
 /// (`work`, [`TOPK_MB_WORDS`] words, then not 0); else one block a token (`k_topk_rows`).
@@ -757,6 +771,26 @@ pub unsafe fn topk(
     vis_max: usize,
     work: u64,
 ) -> Result<()> {
+    // Prefill chunks of short rows: a warp a token.
+    if n > 1 && vis_max <= TOPK_W_MAX_ROWS && use_topk_w() {
+        let kpl = if vis_max <= 1024 { 0 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut a = [
+            scores,
+            (ld as i32).slot(),
+            p0,
+            (ratio as i32).slot(),
+            (topk as i32).slot(),
+            (n as i32).slot(),
+            sel,
+            cnt,
+        ];
+        return be.launch_slots(&k.topk_w[kpl], cfg, &mut a);
+    }
     // Prefill chunks too (one block a token) when their rows are 16-byte aligned.
     if (n == 1 || (ld.is_multiple_of(4) && use_topk1_chunk()))
         && vis_max <= TOPK1_MAX_ROWS

@@ -1313,8 +1313,9 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     let tied: Vec<f32> = (0..n * ld)
         .map(|_| (rng.next_u64() % 8) as f32 * 0.5 - 1.0)
         .collect();
-    // ld = vis_max + 1 (odd): k_topk_rows; the same rows with ld a multiple of 4: a block of
-    // k_topk1 a token (prefill chunks).
+    // ld = vis_max + 1 (odd): k_topk_rows (k_topk_w: a warp a token, when its switch is on);
+    // the same rows with ld a multiple of 4: a block of k_topk1 a token (prefill chunks;
+    // k_topk_w when its switch is on).
     check_topk(be, &k, "topk_rows", &sc, p0, n, ld, kk, None, out)?;
     check_topk(be, &k, "topk_rows_ties", &tied, p0, n, ld, kk, None, out)?;
     let ld4 = ld.next_multiple_of(4);
@@ -1340,6 +1341,16 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         None,
         out,
     )?;
+    // Prefill chunks of up to 2,048 visible rows take a warp a token (k_topk_w; the rows above
+    // run its 32-key form): 64 keys a lane (1,500 rows), normal and with 8 tied levels, and a
+    // chunk whose first tokens see at most topk rows (all taken).
+    for (name, p0, n) in [("topk_w64", 6000usize, 6usize), ("topk_w_short", 2040, 16)] {
+        let ld = ((p0 + n) / r + 1).next_multiple_of(4);
+        let normal: Vec<f32> = (0..n * ld).map(|_| rng.normal() as f32).collect();
+        let mixed = tie_mix(rng, n * ld, 2, 0.25);
+        check_topk(be, &k, name, &normal, p0, n, ld, kk, None, out)?;
+        check_topk(be, &k, &format!("{name}_ties"), &mixed, p0, n, ld, kk, None, out)?;
+    }
     // One decode token through k_topk_mb: 64 blocks of ~16 rows (ties across many blocks),
     // and as a launch at the visible count would size it.
     let min_mb = super::attn::topk_mb_min_rows();

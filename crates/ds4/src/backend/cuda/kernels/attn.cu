@@ -1122,6 +1122,19 @@ extern "C" __global__ void k_att_rows16(const float* __restrict__ ring,
 __device__ __forceinline__ float tc_qval(const float* p) { return *p; }
 __device__ __forceinline__ float tc_qval(const unsigned short* p) { return h2f(*p); }
 
+// One step of tc_qnorm's reduce-scatter: lanes x apart exchange halves of their first 2H sums
+// (a lane with bit x keeps the upper half), each kept sum adding the partner's.
+template <int H>
+__device__ __forceinline__ void tc_rs_step(double (&sq)[16], int lane, int x) {
+    const bool up = (lane & x) != 0;
+#pragma unroll
+    for (int j = 0; j < H; j++) {
+        const double keep = up ? sq[j + H] : sq[j];
+        const double give = up ? sq[j] : sq[j + H];
+        sq[j] = keep + __shfl_xor_sync(0xffffffffu, give, x);
+    }
+}
+
 template <int NH, class T>
 __device__ __forceinline__ void tc_qnorm(const T* __restrict__ q, const float* __restrict__ cs_tab,
                                          unsigned short* Qs, int kst, int t, int w, int n_head,
@@ -1138,37 +1151,42 @@ __device__ __forceinline__ void tc_qnorm(const T* __restrict__ q, const float* _
             for (int k = 0; k < 4; k++)
                 v[i][m][k] = k < nk && hh < n_head ? tc_qval(src + lane + 32 * m + 128 * k) : 0.0f;
     }
-    double ss[NH][4];
+    // sq[4i + m]: this lane's f64 sum of squares of head w + 16i's elements lane + 32m + 128k.
+    static_assert(NH == 4, "the reduce-scatter below takes 16 sums a lane");
+    double sq[16];
 #pragma unroll
     for (int i = 0; i < NH; i++)
 #pragma unroll
         for (int m = 0; m < 4; m++) {
-            ss[i][m] = 0.0;
+            sq[4 * i + m] = 0.0;
 #pragma unroll
             for (int k = 0; k < 4; k++)
-                if (k < nk) ss[i][m] += (double)v[i][m][k] * (double)v[i][m][k];
+                if (k < nk) sq[4 * i + m] += (double)v[i][m][k] * (double)v[i][m][k];
         }
+    // warp_sum_d's butterfly (x = 16, 8, 4, 2, 1: each lane adds its partner's value) as a
+    // reduce-scatter: at step x a lane keeps the half of its sums whose index bit is its lane
+    // bit x and sends the other half, so every surviving sum is added in the butterfly's pairs
+    // (its bits) for 16 f64 exchanges a lane instead of 80. Then lane l holds sum sq[(l/2)%16]
+    // (head i = l/8, m = (l/2)%4); block_sum_d's last step over the 4 sums of a head (m, m^2,
+    // then pairs: (s0 + s2) + (s1 + s3)) is two more exchanges, and each lane works out its own
+    // head's scale (one f64 division chain a warp instead of four), read by the others below.
+    tc_rs_step<8>(sq, lane, 16);
+    tc_rs_step<4>(sq, lane, 8);
+    tc_rs_step<2>(sq, lane, 4);
+    tc_rs_step<1>(sq, lane, 2);
+    double r = sq[0] + __shfl_xor_sync(0xffffffffu, sq[0], 1);
+    r += __shfl_xor_sync(0xffffffffu, r, 4);
+    r += __shfl_xor_sync(0xffffffffu, r, 2);
+    // Rows past n_head stay zero (0 · s with s finite; the rotation of zeros).
+    const float sl = (float)(1.0 / sqrt(r / (double)dh + (double)eps));
+    float sh[NH];
 #pragma unroll
-    for (int x = 16; x > 0; x >>= 1)
-#pragma unroll
-        for (int i = 0; i < NH; i++)
-#pragma unroll
-            for (int m = 0; m < 4; m++) ss[i][m] += __shfl_xor_sync(0xffffffffu, ss[i][m], x);
-    double r[NH];
-#pragma unroll
-    for (int i = 0; i < NH; i++)
-        r[i] = lane == 0 ? ss[i][0] : lane == 1 ? ss[i][1] : lane == 2 ? ss[i][2]
-             : lane == 3 ? ss[i][3] : 0.0;
-#pragma unroll
-    for (int x = 16; x > 0; x >>= 1)
-#pragma unroll
-        for (int i = 0; i < NH; i++) r[i] += __shfl_xor_sync(0xffffffffu, r[i], x);
+    for (int i = 0; i < NH; i++) sh[i] = __shfl_sync(0xffffffffu, sl, 8 * i);
     const float* cs = cs_tab + 2LL * t * half;
 #pragma unroll
     for (int i = 0; i < NH; i++) {
         unsigned short* qrow = Qs + (w + 16 * i) * kst;
-        // Rows past n_head stay zero (0 · s with s finite; the rotation of zeros).
-        const float s = (float)(1.0 / sqrt(r[i] / (double)dh + (double)eps));
+        const float s = sh[i];
 #pragma unroll
         for (int m = 0; m < 4; m++) {
 #pragma unroll
