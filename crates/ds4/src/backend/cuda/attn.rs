@@ -604,9 +604,9 @@ pub fn use_idx_tc() -> bool {
 
 /// Rows of a `k_idx_scores_wg` block (attn.cu `IXW_ROWS`: two warpgroups of 128).
 const IXW_ROWS: usize = 256;
-/// Its dynamic shared memory (attn.cu `IXW_SMEM`): three query tiles (64 × 128 bf16), three
-/// sets of 64 weights, the [256 rows][72] f32 term tile.
-const IXW_SMEM: usize = 3 * 16384 + 3 * 64 * 4 + IXW_ROWS * 72 * 4;
+/// Its dynamic shared memory (attn.cu `IXW_SMEM`): four query tiles (64 × 128 bf16: two tokens
+/// and the next two), four sets of 64 weights, the [256 rows][72] f32 term tile.
+const IXW_SMEM: usize = 4 * 16384 + 4 * 64 * 4 + IXW_ROWS * 72 * 4;
 /// Fewest tokens a step needs for `k_idx_scores_wg` to take it (decode steps keep
 /// `k_idx_scores_tc`).
 const IXW_MIN_TOKENS: usize = 16;

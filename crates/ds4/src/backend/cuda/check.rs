@@ -1191,10 +1191,12 @@ fn idx_reference(
 /// fp4sim'd queries and F16-stored fp4sim'd rows: against the f64 reference, against the f32
 /// `k_idx_scores` (exact products and block sums: equal but for rare rounding), and run to
 /// run. 20 tokens: token groups of 8 with a partial one, and a row tile (from 256) that the
-/// group's first tokens do not see yet; one token at position 8190 (a decode step).
+/// group's first tokens do not see yet (its first group then has one token); 23 tokens (a
+/// last group of 7: `k_idx_scores_wg`'s token pairs and a single one); one token at position
+/// 8190 (a decode step).
 fn check_indexer_tc(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    // A prefill chunk, and a decode step (one token) at a longer context.
-    for (p0, n) in [(1020usize, 20usize), (8190, 1)] {
+    // Prefill chunks, and a decode step (one token) at a longer context.
+    for (p0, n) in [(1020usize, 20usize), (1020, 23), (8190, 1)] {
         check_indexer_tc_at(be, rng, p0, n, out)?;
     }
     Ok(())

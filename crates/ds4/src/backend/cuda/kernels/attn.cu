@@ -1615,7 +1615,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // Rows are written only where visible to the token (row < (p0 + t + 1) / 4).
 #define IXW_ROWS 256
 #define IXW_TS 72
-#define IXW_SMEM (3 * 16384 + 3 * 64 * 4 + IXW_ROWS * IXW_TS * 4)
+#define IXW_SMEM (4 * 16384 + 4 * 64 * 4 + IXW_ROWS * IXW_TS * 4)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // One m64n64k16 wgmma, bf16, A (4 registers, mma.m16n8k16's per-warp layout) x B (descriptor).
@@ -1639,9 +1639,9 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                     int tpb, float* __restrict__ scores, int ld) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(128) unsigned char ixw_smem[];
-    u16* qs = (u16*)ixw_smem;                       // [3][64 heads x 128 dims], core matrices
-    float* ws = (float*)(ixw_smem + 3 * 16384);     // [3][64]
-    float* ts = ws + 3 * 64;                        // [256 rows][IXW_TS]
+    u16* qs = (u16*)ixw_smem;                       // [4][64 heads x 128 dims], core matrices
+    float* ws = (float*)(ixw_smem + 4 * 16384);     // [4][64]
+    float* ts = ws + 4 * 64;                        // [256 rows][IXW_TS]
     pdl_enter();
     const long long p0 = *p0p;
     const int tid = threadIdx.x, lane = tid & 31, wgi = tid >> 7, warp = (tid >> 5) & 3;
@@ -1660,9 +1660,11 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         }
         if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid] * wscale;
     };
-    fetch(t0, 0);
-    pf_cp_commit();
-    if (t0 + 1 < t1) fetch(t0 + 1, 1);
+    // The first token that sees any of this block's rows (visibility only grows with t).
+    const int tv = max(t0, (int)(4LL * r0 + 3 - p0));
+    if (tv >= t1) return;  // block-uniform (no barrier passed yet)
+    fetch(tv, 0);
+    if (tv + 1 < t1) fetch(tv + 1, 1);
     pf_cp_commit();
     // A fragments (rows past the last visible one: zeros; they are never written out).
     u32 af[2][8][4];
@@ -1691,15 +1693,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     const u32 q0 = at_smem(qs);
     // This thread's term rows 64j + 16·warp + g (+8): bit 2 of the row is bit 2 of g.
     const int sw = (g >> 2) & 1;
-    for (int t = t0, slot = 0; t < t1; t++, slot = slot == 2 ? 0 : slot + 1) {
-        pf_cp_wait1();
-        __syncthreads();  // query t and its weights visible; token t - 1's products and sums
-                          // are done (its query slot and the term tile are free)
-        if (t + 2 < t1) fetch(t + 2, slot == 0 ? 2 : slot - 1);
-        pf_cp_commit();
-        const int vis = (int)((p0 + t + 1) / 4);
-        if (r0 >= vis) continue;  // block-uniform
-        float acc[2][8][4];
+    // Token t's products into acc (query slot t − tv mod 3), left in flight.
+    auto issue = [&](float (&acc)[2][8][4], int slot) {
         px_zero<8>(acc);
         const u32 qa = q0 + slot * 16384;
         pxw_fence();
@@ -1710,8 +1705,9 @@ extern "C" __global__ void __launch_bounds__(256, 1)
             ixw_mma(acc[1], af[1][kk], db);
         }
         pxw_commit();
-        pxw_wait0();
-        pxw_hold<8>(acc);
+    };
+    // Token t's terms w_h·max(0, dot) as [row][head], then each row's sum in head order.
+    auto finish = [&](float (&acc)[2][8][4], int t, int slot) {
         const float* wt = ws + slot * 64;
         float* tt = ts + 128 * wgi * IXW_TS;  // this warpgroup's rows
 #pragma unroll
@@ -1730,7 +1726,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         }
         asm volatile("bar.sync %0, 128;" ::"r"(1 + wgi) : "memory");  // the warpgroup's terms
         const int rl = tid & 127;
-        if (r0 + 128 * wgi + rl < vis) {
+        if (r0 + 128 * wgi + rl < (int)((p0 + t + 1) / 4)) {
             const float* row = tt + rl * IXW_TS;
             const int rs = (rl >> 2) & 1;
             float4 v[16];
@@ -1745,6 +1741,37 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                 tot += v[k].w;
             }
             scores[(long long)t * ld + r0 + 128 * wgi + rl] = tot;
+        }
+    };
+    // Tokens in pairs: token t + 1's products run on the tensor cores while token t's terms
+    // are summed (two accumulator sets; the pair's own code, so that no accumulator in flight
+    // crosses a branch or the loop's back edge, where the compiler would copy it and the
+    // assembler serialize the MMAs). Per pair: its queries (fetched a pair ahead) visible and
+    // the previous pair's sums done (barrier), the next pair's queries fetched into the other
+    // two slots, both tokens' products issued, token t's waited for and summed, then t + 1's.
+    float acc0[2][8][4], acc1[2][8][4];
+    for (int t = tv, pair = 0; t < t1; t += 2, pair ^= 1) {
+        const int sa = 2 * pair, sb = sa + 1, na = 2 - sa;
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        if (t + 2 < t1) fetch(t + 2, na);
+        if (t + 3 < t1) fetch(t + 3, na + 1);
+        pf_cp_commit();
+        if (t + 1 < t1) {  // block-uniform
+            issue(acc0, sa);
+            issue(acc1, sb);
+            pxw_wait1();
+            pxw_hold<8>(acc0);
+            finish(acc0, t, sa);
+            pxw_wait0();
+            pxw_hold<8>(acc1);
+            asm volatile("bar.sync %0, 128;" ::"r"(1 + wgi) : "memory");  // the term tile
+            finish(acc1, t + 1, sb);
+        } else {
+            issue(acc0, sa);
+            pxw_wait0();
+            pxw_hold<8>(acc0);
+            finish(acc0, t, sa);
         }
     }
 #endif

@@ -1953,22 +1953,20 @@ DS4_TOPK1(8)
 DS4_TOPK1(16)
 
 // k_topk1's selection for prefill chunks whose tokens see at most 32·KPL rows: one warp a
-// token (8 a block), lane l holding rows l + 32j (j < KPL) in registers. k_topk1 spends a
-// block of 1,024 threads and ~4 block barriers a radix pass on a token's ~1,000 keys (about
-// one a thread), so a chunk's 2,048 blocks wait on barriers; here the passes synchronize a
-// warp only, and a chunk's tokens are all resident at once. Each pass counts the keys still
-// matching the prefix into the warp's 256-bin histogram (one lane a bin adds its group's
-// count, as k_topk1), lane l then owns bins 8l..8l+7 for the suffix count; the boundary bin
-// is the one where the count of keys at or above it first reaches the keys still wanted, and
-// a pass ends the search when that bin holds exactly those. The emit walks the rows in order
-// (j, then lane): every key above the boundary, and equal ones in row order until the
-// wanted count: k_topk1's rows, in its ascending order.
+// token (8 a block), lane l holding rows l + 32j (j < KPL) as order keys in registers.
+// k_topk1 spends a block of 1,024 threads and ~4 block barriers a radix pass on a token's
+// ~1,000 keys (about one a thread), and a first version of this kernel (k_topk1's per-warp
+// histograms) waited on its shared-memory counts; here the k-th largest key T is found bit by
+// bit from the top, every step one count of the keys at or above a candidate (each lane its
+// KPL compares, then one warp sum): T is the largest value that at least k keys reach. The
+// emit walks the rows in order (j, then lane): every key above T, and keys equal to T in row
+// order until k: k_topk1's rows, in its ascending order. Rows past n_t hold key 0, which no
+// candidate (bit b set) reaches and the emit skips.
 template <int KPL>
 __device__ __forceinline__ void topk_w(const float* __restrict__ s, int ld,
                                        const long long* __restrict__ p0p, int r, int k,
                                        int n_tok, int* __restrict__ out,
                                        int* __restrict__ cnt) {
-    __shared__ __align__(16) unsigned hist[8][256];
     pdl_enter();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.x * 8 + warp;
@@ -1984,66 +1982,25 @@ __device__ __forceinline__ void topk_w(const float* __restrict__ s, int ld,
     unsigned key[KPL];
 #pragma unroll
     for (int j = 0; j < KPL; j++) key[j] = lane + 32 * j < n_t ? okey(s[lane + 32 * j]) : 0u;
-    unsigned* h = hist[warp];
-    const unsigned lt = (1u << lane) - 1u;
-    unsigned prefix = 0, mask = 0, rem = (unsigned)k;
-    for (int pass = 0; pass < 4; pass++) {
-        const int shift = 24 - 8 * pass;
-        *(uint4*)(h + 8 * lane) = make_uint4(0u, 0u, 0u, 0u);
-        *(uint4*)(h + 8 * lane + 4) = make_uint4(0u, 0u, 0u, 0u);
-        __syncwarp();
+    unsigned T = 0;
+    for (int b = 31; b >= 0; b--) {
+        const unsigned c = T | (1u << b);
+        unsigned n = 0;
 #pragma unroll
-        for (int j = 0; j < KPL; j++) {
-            const bool hit = lane + 32 * j < n_t && (key[j] & mask) == prefix;
-            const unsigned act = __ballot_sync(0xffffffffu, hit);
-            if (act == 0u) continue;  // warp-uniform
-            if (hit) {
-                const unsigned bin = (key[j] >> shift) & 255u;
-                const unsigned m = __match_any_sync(act, bin);
-                if ((m & lt) == 0) h[bin] += __popc(m);  // one lane a bin
-            }
-            __syncwarp();
-        }
-        const uint4 ha = *(const uint4*)(h + 8 * lane), hb = *(const uint4*)(h + 8 * lane + 4);
-        const unsigned hv[8] = {ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w};
-        unsigned tot = 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++) tot += hv[i];
-        // Keys in this lane's bins and every bin above them (lanes above).
-        unsigned incl = tot;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const unsigned u = __shfl_down_sync(0xffffffffu, incl, o);
-            if (lane + o < 32) incl += u;
-        }
-        unsigned suf = incl - tot, fbin = 0, frem = 0, fcount = 0;
-        bool found = false;
-#pragma unroll
-        for (int i = 7; i >= 0; i--) {
-            suf += hv[i];
-            if (!found && suf >= rem && suf - hv[i] < rem) {
-                found = true;
-                fbin = 8 * lane + i;
-                frem = rem - (suf - hv[i]);
-                fcount = hv[i];
-            }
-        }
-        const int src = __ffs(__ballot_sync(0xffffffffu, found)) - 1;
-        prefix |= __shfl_sync(0xffffffffu, fbin, src) << shift;
-        rem = __shfl_sync(0xffffffffu, frem, src);
-        fcount = __shfl_sync(0xffffffffu, fcount, src);
-        mask |= 255u << shift;
-        __syncwarp();  // every lane has read the histogram before the next pass clears it
-        if (fcount == rem) break;
+        for (int j = 0; j < KPL; j++) n += key[j] >= c ? 1u : 0u;
+        if (__reduce_add_sync(0xffffffffu, n) >= (unsigned)k) T = c;
     }
+    unsigned above = 0;
+#pragma unroll
+    for (int j = 0; j < KPL; j++) above += key[j] > T ? 1u : 0u;
+    const unsigned rem = (unsigned)k - __reduce_add_sync(0xffffffffu, above);
+    const unsigned lt = (1u << lane) - 1u;
     unsigned eq_seen = 0, taken = 0;
 #pragma unroll
     for (int j = 0; j < KPL; j++) {
-        const bool valid = lane + 32 * j < n_t;
-        const unsigned m = key[j] & mask;
-        const bool e = valid && m == prefix;
+        const bool e = lane + 32 * j < n_t && key[j] == T;
         const unsigned eb = __ballot_sync(0xffffffffu, e);
-        const bool take = (valid && m > prefix) || (e && eq_seen + __popc(eb & lt) < rem);
+        const bool take = key[j] > T || (e && eq_seen + __popc(eb & lt) < rem);
         const unsigned tb = __ballot_sync(0xffffffffu, take);
         if (take) out[taken + __popc(tb & lt)] = lane + 32 * j;
         taken += __popc(tb);
