@@ -101,14 +101,7 @@ impl AttnKernels {
                 f
             },
             idx_scores_wg: if be.info().arch() == "sm_90a" {
-                let f = smem_fn(be, "k_idx_scores_wg", IXW_SMEM)?;
-                // Two blocks an SM need the largest shared-memory carveout (a hint the driver
-                // may otherwise size for one).
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                    100,
-                )?;
-                Some(f)
+                Some(smem_fn(be, "k_idx_scores_wg", IXW_SMEM)?)
             } else {
                 None
             },
@@ -609,11 +602,10 @@ pub fn use_idx_tc() -> bool {
     super::switch_on("DS4_CUDA_IDX_TC")
 }
 
-/// Rows of a `k_idx_scores_wg` block (attn.cu `IXW_ROWS`: `IXW_WG` warpgroups of 128 rows and
-/// 128 threads).
-const IXW_ROWS: usize = 128;
+/// Rows of a `k_idx_scores_wg` block (attn.cu `IXW_ROWS`: two warpgroups of 128).
+const IXW_ROWS: usize = 256;
 /// Its dynamic shared memory (attn.cu `IXW_SMEM`): four query tiles (64 × 128 bf16: two tokens
-/// and the next two), four sets of 64 weights, the [rows][72] f32 term tile.
+/// and the next two), four sets of 64 weights, the [256 rows][72] f32 term tile.
 const IXW_SMEM: usize = 4 * 16384 + 4 * 64 * 4 + IXW_ROWS * 72 * 4;
 /// Fewest tokens a step needs for `k_idx_scores_wg` to take it (decode steps keep
 /// `k_idx_scores_tc`).
@@ -674,24 +666,19 @@ pub unsafe fn idx_scores_tc(
         .idx_scores_wg
         .as_ref()
         .filter(|_| wg && n >= IXW_MIN_TOKENS);
-    let (f, rows, tpb, smem, threads) = match wgf {
+    let (f, rows, tpb, smem) = match wgf {
         Some(f) => {
-            // Tokens a block: as many as keep ~4 blocks an SM in the grid (each block converts
-            // its rows once, so more tokens a block read them fewer times);
-            // `DS4_CUDA_IXW_TPB` (8, 16 or 32) sets it, for comparisons.
+            // Tokens a block: as many as keep ~4 blocks an SM in the grid (one is resident at
+            // a time; each block converts its rows once, so more tokens a block read them
+            // fewer times).
             let bx = vis_max.div_ceil(IXW_ROWS).max(1);
-            let tpb = match std::env::var("DS4_CUDA_IXW_TPB").as_deref() {
-                Ok("8") => 8,
-                Ok("16") => 16,
-                Ok("32") => 32,
-                _ => [32usize, 16, 8]
-                    .into_iter()
-                    .find(|&t| bx * n.div_ceil(t) >= 4 * k.sms)
-                    .unwrap_or(8),
-            };
-            (f, IXW_ROWS, tpb, IXW_SMEM, IXW_ROWS)
+            let tpb = [32usize, 16, 8]
+                .into_iter()
+                .find(|&t| bx * n.div_ceil(t) >= 4 * k.sms)
+                .unwrap_or(8);
+            (f, IXW_ROWS, tpb, IXW_SMEM)
         }
-        None => (&k.idx_scores_tc, IXC_ROWS, IXC_TOK, IXC_SMEM, 256),
+        None => (&k.idx_scores_tc, IXC_ROWS, IXC_TOK, IXC_SMEM),
     };
     let cfg = LaunchConfig {
         grid_dim: (
@@ -699,7 +686,7 @@ pub unsafe fn idx_scores_tc(
             n.div_ceil(tpb) as u32,
             1,
         ),
-        block_dim: (threads as u32, 1, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // Both kernels start with pdl_enter: inside a decode graph they may launch while the

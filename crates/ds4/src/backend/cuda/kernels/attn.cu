@@ -1597,15 +1597,15 @@ extern "C" __global__ void __launch_bounds__(256)
 // warpgroup MMA. k_idx_scores_tc runs mma.sync at about half of its rate and sums each token's
 // terms with two block barriers and one thread a row; ncu puts it at ~130 TFLOPS at 30k
 // context, where the indexer is ~15% of a prefill chunk. Here one warpgroup (128 threads)
-// takes 128 rows x `tpb` consecutive tokens; a block is IXW_WG of them, which share the query
-// tiles:
+// takes 128 rows x `tpb` consecutive tokens; a block is two of them (256 rows), which share
+// the query tiles (each query is read once per 256 rows):
 // * The rows are the MMA's A operand, held in registers for all the tokens: converted to bf16
 //   once (as k_idx_scores_tc's K tile) straight into mma.m16n8k16's fragment layout, rows
 //   64j + 16·warp + g (+8) of the two m64 halves j.
 // * A token's query (64 heads x 128 dims, bf16 from q16) is B, read by the tensor cores from
 //   shared memory in K-major core matrices (8 heads x 8 dims, 16 bytes a head):
 //   head group h/8 at (h/8)·2048, dims 8c.. at c·128; descriptor LBO 128, SBO 2048.
-//   Four slots: a pair of tokens and the next pair, filled by cp.async a pair ahead.
+//   A ring of three, filled by cp.async two tokens ahead.
 // * Per token: 2 halves x 8 k16 steps of m64n64k16 (f32 accumulation; the same exact
 //   products and block sums as k_idx_scores_tc, see there), then the terms
 //   w_h·max(0, dot) go to shared memory as [row][head] (stride IXW_TS floats, 4-head chunks
@@ -1613,11 +1613,7 @@ extern "C" __global__ void __launch_bounds__(256)
 //   are conflict-free), and thread r sums row r's 64 terms in head order from −0.0: the same
 //   operations in the same order as k_idx_scores_tc, so the same bits.
 // Rows are written only where visible to the token (row < (p0 + t + 1) / 4).
-// Warpgroups a block (128 rows each). One: a block's ~100 KB of shared memory and 128 threads
-// of ~230 registers let two blocks share an SM, so that one block's row loads and term sums
-// overlap the other's products (two a block: 140 KB, one block an SM).
-#define IXW_WG 1
-#define IXW_ROWS (128 * IXW_WG)
+#define IXW_ROWS 256
 #define IXW_TS 72
 #define IXW_SMEM (4 * 16384 + 4 * 64 * 4 + IXW_ROWS * IXW_TS * 4)
 
@@ -1637,7 +1633,7 @@ __device__ __forceinline__ u64 ixw_desc(u32 a) {
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(128 * IXW_WG, 2 / IXW_WG)
+extern "C" __global__ void __launch_bounds__(256, 1)
     k_idx_scores_wg(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
                     const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
                     int tpb, float* __restrict__ scores, int ld) {
@@ -1658,8 +1654,8 @@ extern "C" __global__ void __launch_bounds__(128 * IXW_WG, 2 / IXW_WG)
         const u16* src = q16 + (long long)t * 64 * 128;
         u16* dst = qs + slot * 64 * 128;
 #pragma unroll
-        for (int k = 0; k < 8 / IXW_WG; k++) {
-            int f = tid + 128 * IXW_WG * k, h = f >> 4, c = f & 15;
+        for (int k = 0; k < 4; k++) {
+            int f = tid + 256 * k, h = f >> 4, c = f & 15;
             pf_cp16(dst + ((h >> 3) * 2048 + c * 128 + (h & 7) * 16) / 2, src + h * 128 + 8 * c, true);
         }
         if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid] * wscale;
