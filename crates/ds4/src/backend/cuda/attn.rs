@@ -602,6 +602,10 @@ pub fn use_idx_tc() -> bool {
     super::switch_on("DS4_CUDA_IDX_TC")
 }
 
+/// Most query heads a warp of `k_idx_q_finish_w<E>` finishes (forward.cu `IQF_HPW`; its `hpw`
+/// argument, up to this): its grid is (tokens, ⌈heads / (8 · hpw)⌉) blocks of 256 threads.
+pub const IQF_HPW: usize = 4;
+
 /// Rows of a `k_idx_scores_wg` block (attn.cu `IXW_ROWS`: two warpgroups of 128).
 const IXW_ROWS: usize = 256;
 /// Its dynamic shared memory (attn.cu `IXW_SMEM`): four query tiles (64 × 128 bf16: two tokens

@@ -363,12 +363,19 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
             b.arg(&qat).arg(&inv).arg(&ph[0]);
             // SAFETY: argument list matches k_idx_q_finish; buffers sized above.
             unsafe { b.launch(cfg(((n * ih) as u32, 1, 1), 64)) }?;
-            for (i, pt, keep32) in [(1usize, 0u64, 1i32), (2, ptab, 1), (3, ptab, 0)] {
+            // Copies 1 and 2 with several heads a warp (prefill chunks), 3 with one (decode).
+            let many = super::attn::IQF_HPW as i32;
+            for (i, pt, keep32, hpw) in [
+                (1usize, 0u64, 1i32, many),
+                (2, ptab, 1, many),
+                (3, ptab, 0, 1),
+            ] {
                 let mut b = st.launch_builder(&new);
                 b.arg(&pq[i]).arg(&ihi).arg(&hi).arg(&pf).arg(&pp).arg(&pt);
-                b.arg(&qat).arg(&inv).arg(&ph[i]).arg(&keep32);
+                b.arg(&qat).arg(&inv).arg(&ph[i]).arg(&keep32).arg(&hpw);
                 // SAFETY: argument list matches k_idx_q_finish_w<E>; buffers sized above.
-                unsafe { b.launch(cfg((n as u32, ih.div_ceil(8) as u32, 1), 256)) }?;
+                let gy = ih.div_ceil(8 * hpw as usize) as u32;
+                unsafe { b.launch(cfg((n as u32, gy, 1), 256)) }?;
             }
             let (a, h16a) = (be.download(&qs[0])?, st.clone_dtoh(&hs[0])?);
             for (i, name) in [(1usize, "idx_q_finish_w"), (2, "idx_q_finish_w_tab")] {

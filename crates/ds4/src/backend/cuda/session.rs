@@ -2709,10 +2709,13 @@ impl GpuSession {
                         }
                         .filter(|_| half <= 128 && super::switch_on("DS4_CUDA_IDXQ_W"));
                         if let Some(wi) = wf {
+                            // Several heads a warp in chunks (more loads in flight); one for
+                            // a decode token (more warps).
+                            let hpw = if n > 1 { attn::IQF_HPW } else { 1 };
                             launchp!(
                                 be,
                                 k.idx_q_finish_w[wi],
-                                (n32, (ih as u32).div_ceil(8), 1),
+                                (n32, ih.div_ceil(8 * hpw) as u32, 1),
                                 (256, 1, 1),
                                 0,
                                 [
@@ -2726,7 +2729,8 @@ impl GpuSession {
                                     inv_sqrt,
                                     q16,
                                     // The f32 rows only where the f32 scores read them.
-                                    i32::from(!tc)
+                                    i32::from(!tc),
+                                    hpw as i32
                                 ]
                             );
                         } else {

@@ -357,8 +357,8 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
     }
 }
 
-// Warp form of k_idx_q_finish for id = 32·E (E = 2, 4, 8): warp w of block (t, y) takes head
-// 8y + w of token t, lane l its elements E·l..E·l+E−1 in registers (16-byte loads and
+// Warp form of k_idx_q_finish for id = 32·E (E = 2, 4, 8): warp w of block (t, y) takes heads
+// 8·hpw·y + w + 8i (i < hpw ≤ IQF_HPW) of token t, lane l its elements E·l..E·l+E−1 in registers (16-byte loads and
 // stores: a warp's accesses are whole sectors). The token's RoPE angles are computed once per
 // block (threads < half; rope_tail's double sincos and float casts) into shared memory
 // instead of once per head, or read by each lane from k_rope_cs's table (cs_tab not null; no
@@ -368,49 +368,19 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
 // l ^ (h/E) by shuffles); the 1/sqrt(id) scale; the FP4 rounding with its 32-element block's
 // amax (a max, gathered from the block's 32/E lanes in any order). So the rows are bit for bit
 // k_idx_q_finish's (self-test `idx_q_finish_w`), without its per-stage barriers and global
-// round trips. grid (tokens, ceil(n_head / 8)), 256 threads; half ≤ 128. keep32 = 0 (q16 set):
+// round trips. grid (tokens, ceil(n_head / (8·hpw))), 256 threads; half ≤ 128. keep32 = 0 (q16 set):
 // only the bf16 rows are written (the tensor-core scores read nothing else), q is left as
 // the q_b product.
+#define IQF_HPW 4
+
+// One head's finish in k_idx_q_finish_w: the lane's E elements x of a row, written to qo (keep32)
+// and ho (bf16, not null).
 template <int E>
-__device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head, int half,
-                                               const double* __restrict__ freqs, long long p0,
-                                               const float* __restrict__ cs_tab, int qat,
-                                               float inv_sqrt_id, u16* __restrict__ q16,
-                                               int keep32) {
+__device__ __forceinline__ void idx_q_finish_head(float (&x)[E], float* __restrict__ qo,
+                                                  u16* __restrict__ ho, int lane, int half,
+                                                  const float* __restrict__ cst, int qat,
+                                                  float inv_sqrt_id, int keep32) {
     constexpr int ID = 32 * E;
-    __shared__ float cs[2 * 128];
-    const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // With the chunk's table the lanes read their angles from it (L1 hits after the first
-    // warp), so no warp waits at a barrier for another's load; else one sincos per pair.
-    const float* cst = cs_tab ? cs_tab + 2 * (long long)t * half : cs;
-    if (!cs_tab) {
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            double sn, c;
-            sincos((double)(p0 + t) * freqs[i], &sn, &c);
-            cs[2 * i] = (float)c;
-            cs[2 * i + 1] = (float)sn;
-        }
-        __syncthreads();
-    }
-    const int h = blockIdx.y * 8 + warp;
-    if (h >= n_head) return;
-    const long long base = ((long long)t * n_head + h) * ID + E * lane;
-    // The lane's E elements in 16-byte pieces (8-byte for E = 2): whole sectors per warp.
-    float x[E];
-    if constexpr (E % 4 == 0) {
-#pragma unroll
-        for (int k = 0; k < E; k += 4) {
-            float4 v = *(const float4*)(q + base + k);
-            x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < E; k += 2) {
-            float2 v = *(const float2*)(q + base + k);
-            x[k] = v.x;
-            x[k + 1] = v.y;
-        }
-    }
     const int off = ID - 2 * half;
 #pragma unroll
     for (int k = 0; k < E; k += 2) {
@@ -462,17 +432,74 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
 #pragma unroll
         for (int k = 0; k < E; k += 4) {
             if (keep32)
-                *(float4*)(q + base + k) = make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]);
-            if (q16)
-                *(uint2*)(q16 + base + k) =
+                *(float4*)(qo + k) = make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]);
+            if (ho)
+                *(uint2*)(ho + k) =
                     make_uint2(pack_bf2(x[k], x[k + 1]), pack_bf2(x[k + 2], x[k + 3]));
         }
     } else {
 #pragma unroll
         for (int k = 0; k < E; k += 2) {
-            if (keep32) *(float2*)(q + base + k) = make_float2(x[k], x[k + 1]);
-            if (q16) *(u32*)(q16 + base + k) = pack_bf2(x[k], x[k + 1]);
+            if (keep32) *(float2*)(qo + k) = make_float2(x[k], x[k + 1]);
+            if (ho) *(u32*)(ho + k) = pack_bf2(x[k], x[k + 1]);
         }
+    }
+}
+
+template <int E>
+__device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head, int half,
+                                               const double* __restrict__ freqs, long long p0,
+                                               const float* __restrict__ cs_tab, int qat,
+                                               float inv_sqrt_id, u16* __restrict__ q16,
+                                               int keep32, int hpw) {
+    constexpr int ID = 32 * E;
+    __shared__ float cs[2 * 128];
+    const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // With the chunk's table the lanes read their angles from it (L1 hits after the first
+    // warp), so no warp waits at a barrier for another's load; else one sincos per pair.
+    const float* cst = cs_tab ? cs_tab + 2 * (long long)t * half : cs;
+    if (!cs_tab) {
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            double sn, c;
+            sincos((double)(p0 + t) * freqs[i], &sn, &c);
+            cs[2 * i] = (float)c;
+            cs[2 * i + 1] = (float)sn;
+        }
+        __syncthreads();
+    }
+    // This warp's heads h0 + 8i (i < hpw): all their loads are in flight before the first
+    // head's work (in prefill chunks, one 512-byte row a warp left each warp waiting on its
+    // load alone; decode keeps one head a warp, for more warps on its one token).
+    const int h0 = blockIdx.y * 8 * hpw + warp;
+    float x[IQF_HPW][E];
+#pragma unroll
+    for (int i = 0; i < IQF_HPW; i++) {
+        const int h = h0 + 8 * i;
+        if (i >= hpw || h >= n_head) break;
+        const long long base = ((long long)t * n_head + h) * ID + E * lane;
+        // The lane's E elements in 16-byte pieces (8-byte for E = 2): whole sectors per warp.
+        if constexpr (E % 4 == 0) {
+#pragma unroll
+            for (int k = 0; k < E; k += 4) {
+                float4 v = *(const float4*)(q + base + k);
+                x[i][k] = v.x, x[i][k + 1] = v.y, x[i][k + 2] = v.z, x[i][k + 3] = v.w;
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < E; k += 2) {
+                float2 v = *(const float2*)(q + base + k);
+                x[i][k] = v.x;
+                x[i][k + 1] = v.y;
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < IQF_HPW; i++) {
+        const int h = h0 + 8 * i;
+        if (i >= hpw || h >= n_head) break;
+        const long long base = ((long long)t * n_head + h) * ID + E * lane;
+        idx_q_finish_head<E>(x[i], q + base, q16 ? q16 + base : nullptr, lane, half, cst, qat,
+                             inv_sqrt_id, keep32);
     }
 }
 
@@ -481,9 +508,10 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
         k_idx_q_finish_w##E(float* __restrict__ q, int n_head, int half,                         \
                             const double* __restrict__ freqs, const long long* __restrict__ p0p, \
                             const float* __restrict__ cs_tab, int qat, float inv_sqrt_id,        \
-                            u16* __restrict__ q16, int keep32) {                                 \
+                            u16* __restrict__ q16, int keep32, int hpw) {                        \
         pdl_enter();                                                                             \
-        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16, keep32);   \
+        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16, keep32,    \
+                          hpw);                                                                  \
     }
 DS4_IDX_Q_FINISH_W(2)
 DS4_IDX_Q_FINISH_W(4)
