@@ -475,7 +475,7 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
 #pragma unroll
     for (int i = 0; i < IQF_HPW; i++) {
         const int h = h0 + 8 * i;
-        if (i >= hpw || h >= n_head) break;
+        if (i >= hpw || h >= n_head) continue;  // warp-uniform
         const long long base = ((long long)t * n_head + h) * ID + E * lane;
         // The lane's E elements in 16-byte pieces (8-byte for E = 2): whole sectors per warp.
         if constexpr (E % 4 == 0) {
@@ -496,7 +496,7 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
 #pragma unroll
     for (int i = 0; i < IQF_HPW; i++) {
         const int h = h0 + 8 * i;
-        if (i >= hpw || h >= n_head) break;
+        if (i >= hpw || h >= n_head) continue;  // warp-uniform
         const long long base = ((long long)t * n_head + h) * ID + E * lane;
         idx_q_finish_head<E>(x[i], q + base, q16 ? q16 + base : nullptr, lane, half, cst, qat,
                              inv_sqrt_id, keep32);
