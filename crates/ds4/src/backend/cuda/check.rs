@@ -1358,7 +1358,18 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
         let normal: Vec<f32> = (0..n * ld).map(|_| rng.normal() as f32).collect();
         let mixed = tie_mix(rng, n * ld, 2, 0.25);
         check_topk(be, &k, name, &normal, p0, n, ld, kk, None, out)?;
-        check_topk(be, &k, &format!("{name}_ties"), &mixed, p0, n, ld, kk, None, out)?;
+        check_topk(
+            be,
+            &k,
+            &format!("{name}_ties"),
+            &mixed,
+            p0,
+            n,
+            ld,
+            kk,
+            None,
+            out,
+        )?;
     }
     // One decode token through k_topk_mb: 64 blocks of ~16 rows (ties across many blocks),
     // and as a launch at the visible count would size it.

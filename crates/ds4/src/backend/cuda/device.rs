@@ -291,8 +291,11 @@ pub struct CudaBackend {
     pf_mx: AtomicU8,
     /// Timing events on the main stream at named points of a prefill chunk
     /// (`DS4_CUDA_PHASES=1`, a development aid: [`CudaBackend::mark`]); `None` when off.
-    marks: Option<std::sync::Mutex<Vec<(usize, &'static str, CudaEvent)>>>,
+    marks: Option<std::sync::Mutex<Vec<Mark>>>,
 }
+
+/// A phase mark: layer, point, the event recorded there ([`CudaBackend::mark`]).
+type Mark = (usize, &'static str, CudaEvent);
 
 /// Whether the backend's streams get different priorities and decode graphs keep them per
 /// node (see `CudaBackend::init`; `DS4_CUDA_PRIO=0` turns it off, for comparisons).
@@ -1800,7 +1803,9 @@ impl CudaBackend {
         if let Some(m) = &self.marks {
             let e = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             e.record(&self.stream)?;
-            m.lock().unwrap_or_else(|e| e.into_inner()).push((il, tag, e));
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((il, tag, e));
         }
         Ok(())
     }

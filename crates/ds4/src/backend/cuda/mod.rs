@@ -70,6 +70,8 @@
 //! off = `k_head_norm_rope` in place before it), `DS4_CUDA_Q16` (with that, the q_b GEMM writes
 //! the queries as f16; off = f32), `DS4_CUDA_ATT_QPF=N` (the tensor-core attention asks L2 for
 //! the queries of the block N ahead; default half the SM count, 0 = off),
+//! `DS4_CUDA_TOPK_W` (prefill chunks' indexer top-k over up to 2,048 visible rows on
+//! `k_topk_w`, a warp a token; off = the block kernels below; the same selection),
 //! `DS4_CUDA_TOPK1_CHUNK` (prefill chunks' indexer top-k on `k_topk1`, a block a token; off =
 //! `k_topk_rows`; the same selection),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
@@ -100,6 +102,9 @@
 //! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 8192 up
 //! to a 128k context, 4096 up to 512k, else 2048). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
+//! `DS4_CUDA_PHASES=1` (a development aid) times each prefill chunk's phases on the main
+//! stream (events between hc_pre, the query path, the joins, attention, the output products,
+//! the FFN site's steps) and prints the mean µs by layer kind to stderr.
 //!
 //! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;
 //! the top-k kernels add integer counts atomically, which no order changes), so the same

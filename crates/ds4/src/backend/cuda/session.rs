@@ -128,7 +128,10 @@ fn phase_report(gm: &GpuModel, model: &Model, n: usize, p0: usize, marks: &[(usi
         e.1 += 1;
     }
     let total: f64 = marks.iter().map(|m| m.2).sum();
-    eprintln!("# phases: chunk of {n} at p0 {p0}: {:.0} µs between the first and last mark", total);
+    eprintln!(
+        "# phases: chunk of {n} at p0 {p0}: {:.0} µs between the first and last mark",
+        total
+    );
     eprint!("# phase      ");
     for k in &kinds {
         eprint!("{k:>9}");
