@@ -775,25 +775,30 @@ pub unsafe fn topk(
     vis_max: usize,
     work: u64,
 ) -> Result<()> {
-    // Prefill chunks of short rows: a warp a token.
-    if n > 1 && vis_max <= TOPK_W_MAX_ROWS && use_topk_w() {
-        let kpl = if vis_max <= 1024 { 0 } else { 1 };
+    // k_topk_w and k_topk1 take (scores, ld, p0, ratio, topk[, n_tok], sel, cnt).
+    let rows = |f: &CudaFunction, blocks: usize, threads: u32, n_tok: Option<usize>| {
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut a = [
+        let mut a = vec![
             scores,
             (ld as i32).slot(),
             p0,
             (ratio as i32).slot(),
             (topk as i32).slot(),
-            (n as i32).slot(),
-            sel,
-            cnt,
         ];
-        return be.launch_slots(&k.topk_w[kpl], cfg, &mut a);
+        a.extend(n_tok.map(|n| (n as i32).slot()));
+        a.extend([sel, cnt]);
+        // SAFETY: the caller's buffers, as this function documents; both kernels start with
+        // pdl_enter (PDL inside a decode graph).
+        unsafe { be.launch_slots(f, cfg, &mut a) }
+    };
+    // Prefill chunks of short rows: a warp a token (8 a block).
+    if n > 1 && vis_max <= TOPK_W_MAX_ROWS && use_topk_w() {
+        let kpl = if vis_max <= 1024 { 0 } else { 1 };
+        return rows(&k.topk_w[kpl], n.div_ceil(8), 256, Some(n));
     }
     // Prefill chunks too (one block a token) when their rows are 16-byte aligned.
     if (n == 1 || (ld.is_multiple_of(4) && use_topk1_chunk()))
@@ -802,22 +807,7 @@ pub unsafe fn topk(
     {
         // Keys a thread: a power of two with 1,024 of them covering every visible row.
         let kpt = vis_max.div_ceil(1024).max(1).next_power_of_two();
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut a = [
-            scores,
-            (ld as i32).slot(),
-            p0,
-            (ratio as i32).slot(),
-            (topk as i32).slot(),
-            sel,
-            cnt,
-        ];
-        // k_topk1 starts with pdl_enter (PDL inside a decode graph).
-        return be.launch_slots(&k.topk1[kpt.trailing_zeros() as usize], cfg, &mut a);
+        return rows(&k.topk1[kpt.trailing_zeros() as usize], n, 1024, None);
     }
     let st = be.st();
     if n == 1 && work != 0 && vis_max >= topk_mb_min_rows() {
