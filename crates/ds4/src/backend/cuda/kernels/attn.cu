@@ -1605,7 +1605,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // * A token's query (64 heads x 128 dims, bf16 from q16) is B, read by the tensor cores from
 //   shared memory in K-major core matrices (8 heads x 8 dims, 16 bytes a head):
 //   head group h/8 at (h/8)·2048, dims 8c.. at c·128; descriptor LBO 128, SBO 2048.
-//   A ring of three, filled by cp.async two tokens ahead.
+//   Four slots: a pair of tokens and the next pair, filled by cp.async a pair ahead.
 // * Per token: 2 halves x 8 k16 steps of m64n64k16 (f32 accumulation; the same exact
 //   products and block sums as k_idx_scores_tc, see there), then the terms
 //   w_h·max(0, dot) go to shared memory as [row][head] (stride IXW_TS floats, 4-head chunks

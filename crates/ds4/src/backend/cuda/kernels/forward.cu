@@ -358,19 +358,18 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
 }
 
 // Warp form of k_idx_q_finish for id = 32·E (E = 2, 4, 8): warp w of block (t, y) takes heads
-// 8·hpw·y + w + 8i (i < hpw ≤ IQF_HPW) of token t, lane l its elements E·l..E·l+E−1 in registers (16-byte loads and
-// stores: a warp's accesses are whole sectors). The token's RoPE angles are computed once per
-// block (threads < half; rope_tail's double sincos and float casts) into shared memory
-// instead of once per head, or read by each lane from k_rope_cs's table (cs_tab not null; no
-// barrier then). Each element then sees exactly the operations of
-// rope_tail and indexer_qat_row: the rotation; each Hadamard butterfly u+v to the lower and
-// u−v to the upper element (stages h < E inside a lane, the others between lanes l and
-// l ^ (h/E) by shuffles); the 1/sqrt(id) scale; the FP4 rounding with its 32-element block's
-// amax (a max, gathered from the block's 32/E lanes in any order). So the rows are bit for bit
-// k_idx_q_finish's (self-test `idx_q_finish_w`), without its per-stage barriers and global
-// round trips. grid (tokens, ceil(n_head / (8·hpw))), 256 threads; half ≤ 128. keep32 = 0 (q16 set):
-// only the bf16 rows are written (the tensor-core scores read nothing else), q is left as
-// the q_b product.
+// 8·hpw·y + w + 8i (i < hpw ≤ IQF_HPW) of token t, lane l its elements E·l..E·l+E−1 in
+// registers (16-byte loads and stores: a warp's accesses are whole sectors). The token's RoPE
+// angles are computed once per block (threads < half; rope_tail's double sincos and float casts)
+// into shared memory instead of once per head, or read by each lane from k_rope_cs's table (cs_tab
+// not null; no barrier then). Each element then sees exactly the operations of rope_tail and
+// indexer_qat_row: the rotation; each Hadamard butterfly u+v to the lower and u−v to the upper
+// element (stages h < E inside a lane, the others between lanes l and l ^ (h/E) by shuffles); the
+// 1/sqrt(id) scale; the FP4 rounding with its 32-element block's amax (a max, gathered from the
+// block's 32/E lanes in any order). So the rows are bit for bit k_idx_q_finish's (self-test
+// `idx_q_finish_w`), without its per-stage barriers and global round trips. grid (tokens,
+// ceil(n_head / (8·hpw))), 256 threads; half ≤ 128. keep32 = 0 (q16 set): only the bf16 rows
+// are written (the tensor-core scores read nothing else), q is left as the q_b product.
 #define IQF_HPW 4
 
 // One head's finish in k_idx_q_finish_w: the lane's E elements x of a row, written to qo (keep32)
