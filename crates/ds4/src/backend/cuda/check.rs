@@ -3364,14 +3364,14 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
     out.push(row);
     // k_hc_pre_pf + k_hc_comb (production prefill) against k_hc_pre's outputs, bit for bit.
     {
-        let (mut y, mut post, comb) = (
+        let (y, post, comb) = (
             poisoned(be, t_n * d)?,
             poisoned(be, t_n * n)?,
             poisoned(be, t_n * n * n)?,
         );
-        let mut y16 = st.alloc_zeros::<u16>(t_n * d)?;
-        let mut y16p = st.alloc_zeros::<u16>(t_n * d)?;
-        let mut hs = poisoned(be, t_n)?;
+        let y16 = st.alloc_zeros::<u16>(t_n * d)?;
+        let y16p = st.alloc_zeros::<u16>(t_n * d)?;
+        let hs = poisoned(be, t_n)?;
         let (di, cols, ni, it, ti) = (d as i32, 4i32, n as i32, iters as i32, t_n as i32);
         let pp = [
             p32(&xd),
@@ -3387,56 +3387,34 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         ];
         let y16p_at = y16p.device_ptr(st).0;
         let f1 = be.function("k_hc_pre_pf")?;
-        // k_hc_pre_pp with its ring of 3 token states (None: the device refuses the shared
-        // memory, as the session then does).
-        let ring = 3 * 4 * d * 4;
-        let fpp = be.function("k_hc_pre_pp")?;
-        let fpp = fpp
-            .set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                ring as i32,
-            )
-            .ok()
-            .map(|_| fpp);
         // k_hc_pre_pf into y_at, with the router's planes (x3, scale, plane stride) or none,
-        // and y's f32 form written when y32 is 1; with `grid`, k_hc_pre_pp on that many
-        // blocks instead (each takes every grid-th token).
-        let pre_pf =
-            |y_at: u64, x3: u64, s3: f32, plane: i64, y32: i32, grid: Option<u32>| -> Result<()> {
-                let (fun, smem) = match (grid, &fpp) {
-                    (Some(_), Some(f)) => (f, ring as u32),
-                    (Some(_), None) => return Ok(()),
-                    (None, _) => (&f1, 0),
-                };
-                let mut b = st.launch_builder(fun);
-                b.arg(&pp[0]).arg(&cols);
-                if grid.is_some() {
-                    b.arg(&ti);
-                }
-                b.arg(&pp[1])
-                    .arg(&di)
-                    .arg(&eps)
-                    .arg(&hc_eps)
-                    .arg(&pp[2])
-                    .arg(&pp[3])
-                    .arg(&y_at)
-                    .arg(&pp[5])
-                    .arg(&y16p_at)
-                    .arg(&pp[6])
-                    .arg(&pp[7])
-                    .arg(&pp[8])
-                    .arg(&x3)
-                    .arg(&s3)
-                    .arg(&plane)
-                    .arg(&y32);
-                let mut c = cfg((grid.unwrap_or(t_n as u32), 1, 1), (d / 16) as u32);
-                c.shared_mem_bytes = smem;
-                // SAFETY: argument list matches k_hc_pre_pf / k_hc_pre_pp; d / 16 = 256 threads
-                // own 4 columns; x3 (when not 0) holds 3 · plane halves; the ring `smem` bytes.
-                unsafe { b.launch(c) }?;
-                Ok(())
-            };
-        pre_pf(pp[4], 0, 0.0, 0, 1, None)?;
+        // and y's f32 form written when y32 is 1.
+        let pre_pf = |y_at: u64, x3: u64, s3: f32, plane: i64, y32: i32| -> Result<()> {
+            let mut b = st.launch_builder(&f1);
+            b.arg(&pp[0])
+                .arg(&pp[1])
+                .arg(&di)
+                .arg(&cols)
+                .arg(&eps)
+                .arg(&hc_eps)
+                .arg(&pp[2])
+                .arg(&pp[3])
+                .arg(&y_at)
+                .arg(&pp[5])
+                .arg(&y16p_at)
+                .arg(&pp[6])
+                .arg(&pp[7])
+                .arg(&pp[8])
+                .arg(&x3)
+                .arg(&s3)
+                .arg(&plane)
+                .arg(&y32);
+            // SAFETY: argument list matches k_hc_pre_pf; d / 16 = 256 threads own 4 columns;
+            // x3 (when not 0) holds 3 · plane halves.
+            unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
+            Ok(())
+        };
+        pre_pf(pp[4], 0, 0.0, 0, 1)?;
         // The same with the router's three f16 planes of y·s instead of y's f32 form: the
         // planes f32_split3_f16 makes of the f32 y just written, bit for bit, and no y.
         let (s3, plane) = (64f32, (t_n * d) as i64);
@@ -3446,7 +3424,7 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         );
         let y_lean = poisoned(be, t_n * d)?;
         let (px3, px3r) = (x3.device_ptr(st).0, x3r.device_ptr(st).0);
-        pre_pf(p32(&y_lean), px3, s3, plane, 0, None)?;
+        pre_pf(p32(&y_lean), px3, s3, plane, 0)?;
         let split = be.function("f32_split3_f16")?;
         let mut b = st.launch_builder(&split);
         b.arg(&pp[4]).arg(&px3r).arg(&plane).arg(&s3);
@@ -3498,31 +3476,6 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         let mut row = exact_row("hc_pre_pf_y16p", GgmlType::F16, &shape, moved);
         row.note = format!("{moved} of the permuted f16 copy differ from y16's (px_pos)");
         out.push(row);
-        // k_hc_pre_pp (5 blocks: several tokens each, through the whole ring) against
-        // k_hc_pre_pf's outputs just checked, bit for bit, with and without the planes.
-        if fpp.is_some() {
-            let hs_pf = be.download(&hs)?;
-            for buf in [&mut y, &mut post, &mut hs] {
-                let nan = vec![f32::NAN; buf.len()];
-                be.write_f32(buf, &nan)?;
-            }
-            st.memset_zeros(&mut y16)?;
-            st.memset_zeros(&mut y16p)?;
-            pre_pf(pp[4], 0, 0.0, 0, 1, Some(5))?;
-            let mut mism = usize::from(!same_bits(&be.download(&y)?, &gy))
-                + usize::from(!same_bits(&be.download(&post)?, &gp))
-                + usize::from(!same_bits(&be.download(&hs)?, &hs_pf))
-                + usize::from(be.download(&y16)? != gh)
-                + usize::from(be.download(&y16p)? != gp16);
-            let x3p = st.alloc_zeros::<u16>(3 * t_n * d)?;
-            pre_pf(p32(&y_lean), x3p.device_ptr(st).0, s3, plane, 0, Some(5))?;
-            mism += usize::from(be.download(&x3p)? != gx3);
-            let mut row = exact_row("hc_pre_pp_vs_pf", GgmlType::F32, &shape, mism);
-            row.note = format!(
-                "{mism} of y, post, scale, y16, y16p, planes differ in bits from k_hc_pre_pf's"
-            );
-            out.push(row);
-        }
     }
     let m16 = f16_mism(&runs[0].3, &runs[0].0);
     let mut row = exact_row("hc_pre_y16", GgmlType::F16, &shape, m16);

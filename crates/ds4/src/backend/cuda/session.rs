@@ -326,20 +326,6 @@ fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
     })
 }
 
-/// Shared memory `k_hc_pre_pp` may take: its ring of 3 token states of 4·d floats for d up
-/// to 4096 (the flash width).
-const HC_PRE_PP_SMEM: usize = HC_PRE_PP_STAGES * 4 * 4096 * 4;
-/// Token states in `k_hc_pre_pp`'s ring (HC_PRE_PP_STAGES in forward.cu).
-const HC_PRE_PP_STAGES: usize = 3;
-
-/// Whether production prefill's hc_pre runs persistent (`k_hc_pre_pp`: a block an SM, the
-/// next tokens' state copied ahead; default, where its ring fits) rather than a block a
-/// token (`DS4_CUDA_HC_PRE_PP=0`).
-fn use_hc_pre_pp() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| super::switch_on("DS4_CUDA_HC_PRE_PP"))
-}
-
 /// Whether production prefill's q_b GEMM writes f16 queries for the tensor-core attention
 /// (default; `DS4_CUDA_Q16=0` keeps f32, for comparisons).
 fn use_q16() -> bool {
@@ -497,9 +483,6 @@ struct Kernels {
     idx_q_finish_w: [CudaFunction; 3],
     hc_pre: CudaFunction,
     hc_pre_pf: CudaFunction,
-    /// `k_hc_pre_pp` with its shared-memory ring allowed ([`HC_PRE_PP_SMEM`] bytes); None
-    /// where the device refuses that much.
-    hc_pre_pp: Option<CudaFunction>,
     hc_comb: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_post_mix: CudaFunction,
@@ -548,15 +531,6 @@ impl Kernels {
             ],
             hc_pre: f("k_hc_pre")?,
             hc_pre_pf: f("k_hc_pre_pf")?,
-            hc_pre_pp: {
-                let k = f("k_hc_pre_pp")?;
-                k.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    HC_PRE_PP_SMEM as i32,
-                )
-                .ok()
-                .map(|_| k)
-            },
             hc_comb: f("k_hc_comb")?,
             hc_mix_part: f("k_hc_mix_part")?,
             hc_post_mix: f("k_hc_post_mix")?,
@@ -2280,50 +2254,33 @@ impl GpuSession {
                 let lean = use_pf_y_lean();
                 let (x3, x3s) = planes.filter(|_| lean && ffn).unwrap_or((0, 0.0));
                 let y32 = !lean || (ffn && x3 == 0);
-                let ring = HC_PRE_PP_STAGES * nh * d * 4;
-                let pp = k
-                    .hc_pre_pp
-                    .as_ref()
-                    .filter(|_| ring <= HC_PRE_PP_SMEM && use_hc_pre_pp());
-                let (fun, grid, smem) = match pp {
-                    Some(f) => (f, n32.min(be.info().sm_count), ring),
-                    None => (&k.hc_pre_pf, n32, 0),
-                };
-                // k_hc_pre_pf's arguments (k_hc_pre_pp: the token count after `cols`).
-                let (x0, cols_i) = (xcur.get(), cols as i32);
-                let (mix, sc3, bs, yp, y16, post) =
-                    (p(&s.mix), p(sc), p(base), p(&s.y), p16(&ps.y16), p(&s.post));
-                let (nrm, hsc, plane, y32i) = (p(norm), p(&ps.hsc), (n * d) as i64, i32::from(y32));
-                let mut b = st.launch_builder(fun);
-                b.arg(&x0).arg(&cols_i);
-                if pp.is_some() {
-                    b.arg(&ni);
-                }
-                b.arg(&mix)
-                    .arg(&di)
-                    .arg(&eps)
-                    .arg(&c.hc_eps)
-                    .arg(&sc3)
-                    .arg(&bs)
-                    .arg(&yp)
-                    .arg(&y16)
-                    .arg(&y16p)
-                    .arg(&post)
-                    .arg(&nrm)
-                    .arg(&hsc)
-                    .arg(&x3)
-                    .arg(&x3s)
-                    .arg(&plane)
-                    .arg(&y32i);
-                let cfg = LaunchConfig {
-                    grid_dim: (grid, 1, 1),
-                    block_dim: ((d / (4 * cols)) as u32, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                };
-                // SAFETY: the argument list matches k_hc_pre_pf / k_hc_pre_pp (forward.cu);
-                // x holds n tokens' 4·d floats, y, y16, y16p, post, hsc n tokens' outputs,
-                // x3 (when not 0) 3·n·d halves; the ring is `smem` bytes.
-                unsafe { b.launch(cfg) }?;
+                launch!(
+                    st,
+                    k.hc_pre_pf,
+                    (n32, 1, 1),
+                    ((d / (4 * cols)) as u32, 1, 1),
+                    0,
+                    [
+                        xcur.get(),
+                        p(&s.mix),
+                        di,
+                        cols as i32,
+                        eps,
+                        c.hc_eps,
+                        p(sc),
+                        p(base),
+                        p(&s.y),
+                        p16(&ps.y16),
+                        y16p,
+                        p(&s.post),
+                        p(norm),
+                        p(&ps.hsc),
+                        x3,
+                        x3s,
+                        (n * d) as i64,
+                        i32::from(y32)
+                    ]
+                );
                 y16p_at.set(y16p);
                 y32_ok.set(y32);
                 planes_ready.set(x3 != 0);

@@ -688,21 +688,29 @@ extern "C" __global__ void k_hc_pre(const float* __restrict__ x, const float* __
 // waiting at a barrier, moves to k_hc_comb (a warp per token), which reads the token's RMS
 // scale from sc. Same operations per element as k_hc_pre; the f64 sums of squares add in
 // another order (their f32 results do not change in practice; the self-test compares).
-// The arguments every form of hc_pre_pf passes through to its body.
-#define HC_PRE_PF_PARAMS                                                                        \
-    const float* __restrict__ mix, int d, float rms_eps, float hc_eps,                          \
-        const float* __restrict__ scale3, const float* __restrict__ base, float* __restrict__ y, \
-        u16* __restrict__ y16, u16* __restrict__ y16p, float* __restrict__ post,               \
-        const float* __restrict__ norm, float* __restrict__ sc, u16* __restrict__ x3, float x3s, \
-        long long plane, int y32
-#define HC_PRE_PF_PASS \
-    mix, d, rms_eps, hc_eps, scale3, base, y, y16, y16p, post, norm, sc, x3, x3s, plane, y32
 template <int N, int C>
-__device__ __forceinline__ void hc_pre_pf_body(int t, const float4 (&xv)[N][C], HC_PRE_PF_PARAMS) {
+__device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
+                                               const float* __restrict__ mix, int d,
+                                               float rms_eps, float hc_eps,
+                                               const float* __restrict__ scale3,
+                                               const float* __restrict__ base,
+                                               float* __restrict__ y, u16* __restrict__ y16,
+                                               u16* __restrict__ y16p,
+                                               float* __restrict__ post,
+                                               const float* __restrict__ norm,
+                                               float* __restrict__ sc, u16* __restrict__ x3,
+                                               float x3s, long long plane, int y32) {
     __shared__ double sh[33];
     __shared__ float pj[N];
-    const int T = blockDim.x, w = (2 + N) * N;
+    const int t = blockIdx.x, T = blockDim.x, w = (2 + N) * N;
+    const float* xt = x + (long long)t * N * d;
+    float4 xv[N][C];
     double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int c = 0; c < C; c++)
+            xv[j][c] = *(const float4*)(xt + (long long)j * d + 4 * (threadIdx.x + T * c));
 #pragma unroll
     for (int j = 0; j < N; j++)
 #pragma unroll
@@ -788,102 +796,27 @@ __device__ __forceinline__ void hc_pre_pf_body(int t, const float4 (&xv)[N][C], 
     }
 }
 
-// Thread i's share of token t's state: columns 4(i + T·c).. of every stream j.
-template <int N, int C>
-__device__ __forceinline__ const float* hc_pre_pf_src(const float* x, int t, int d, int j, int c) {
-    return x + ((long long)t * N + j) * d + 4 * (threadIdx.x + blockDim.x * c);
-}
-
-template <int N, int C>
-__device__ __forceinline__ void hc_pre_pf_one(const float* __restrict__ x, HC_PRE_PF_PARAMS) {
-    const int t = blockIdx.x;
-    float4 xv[N][C];
-#pragma unroll
-    for (int j = 0; j < N; j++)
-#pragma unroll
-        for (int c = 0; c < C; c++) xv[j][c] = *(const float4*)hc_pre_pf_src<N, C>(x, t, d, j, c);
-    hc_pre_pf_body<N, C>(t, xv, HC_PRE_PF_PASS);
-}
-
-// The persistent form: block b takes tokens b, b + G, b + 2G, ... (G = gridDim.x, one block an
-// SM) and copies each token's state into shared memory by cp.async two tokens ahead (a ring
-// of HC_PRE_PP_STAGES slots of N·d floats), so the next tokens' loads are in flight while
-// this one's sums, barriers and stores run. With a block a token, the two blocks an SM that
-// its registers allow loaded, then computed, at the same time, leaving the memory idle
-// meanwhile (54 µs for a 2048-token chunk's 128 MB, 2.7 TB/s on an H200). Each thread copies
-// exactly the 16-byte pieces it later reads (the same ownership as k_hc_pre_pf), so the ring
-// needs no barrier: a thread's cp.async.wait_group makes its own copies visible to it, and
-// slot (i + 2) % 3, refilled at the top of iteration i, was last read in iteration i − 1.
-// The same per-element operations and reduction order as k_hc_pre_pf: the same bits.
-#define HC_PRE_PP_STAGES 3
-template <int N, int C>
-__device__ __forceinline__ void hc_pre_pp_issue(float4* ring, const float* __restrict__ x, int t,
-                                                int n_tok, int d, int slot) {
-    if (t < n_tok) {
-        const int T = blockDim.x;
-#pragma unroll
-        for (int j = 0; j < N; j++)
-#pragma unroll
-            for (int c = 0; c < C; c++) {
-                float4* dst = ring + ((slot * N + j) * C + c) * T + threadIdx.x;
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                                 (unsigned)__cvta_generic_to_shared(dst)),
-                             "l"(hc_pre_pf_src<N, C>(x, t, d, j, c))
-                             : "memory");
-            }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-template <int N, int C>
-__device__ __forceinline__ void hc_pre_pp(const float* __restrict__ x, int n_tok,
-                                          HC_PRE_PF_PARAMS) {
-    extern __shared__ float4 hpp_ring[];
-    const int T = blockDim.x, G = gridDim.x;
-    hc_pre_pp_issue<N, C>(hpp_ring, x, blockIdx.x, n_tok, d, 0);
-    hc_pre_pp_issue<N, C>(hpp_ring, x, blockIdx.x + G, n_tok, d, 1);
-    int slot = 0;
-    for (int t = blockIdx.x; t < n_tok; t += G) {
-        hc_pre_pp_issue<N, C>(hpp_ring, x, t + 2 * G, n_tok, d, slot == 0 ? 2 : slot - 1);
-        asm volatile("cp.async.wait_group 2;" ::: "memory");
-        float4 xv[N][C];
-#pragma unroll
-        for (int j = 0; j < N; j++)
-#pragma unroll
-            for (int c = 0; c < C; c++) xv[j][c] = hpp_ring[((slot * N + j) * C + c) * T + threadIdx.x];
-        hc_pre_pf_body<N, C>(t, xv, HC_PRE_PF_PASS);
-        slot = slot == 2 ? 0 : slot + 1;
-    }
-    asm volatile("cp.async.wait_all;" ::: "memory");
-}
-
-// k_hc_pre_pf: grid = tokens (one a block); k_hc_pre_pp: grid = at most one block an SM
-// (tokens strided by the grid), dynamic shared memory HC_PRE_PP_STAGES · 4·d floats. Block T
-// = d/(4C) threads (a multiple of 32, at most 256), C in {1, 2, 4}; n = 4. y16p (null or,
-// d % 32 == 0, the f16 rows in px_pos order) as hc_pre_pf_body. x3 (null or n_tok·d·3
-// halves): y·x3s as f32_split3_f16's three planes, `plane` (= n_tok·d) apart; y32 = 0: y's
-// f32 form is not written (no reader of this site needs it).
+// grid: tokens; block T = d/(4C) threads (a multiple of 32, at most 256), C in {1, 2, 4};
+// n = 4. y16p (null or, d % 32 == 0, the f16 rows in px_pos order) as hc_pre_pf_body.
+// x3 (null or n_tok·d·3 halves): y·x3s as f32_split3_f16's three planes, `plane` (= n_tok·d)
+// apart; y32 = 0: y's f32 form is not written (no reader of this site needs it).
 extern "C" __global__ void __launch_bounds__(256)
-    k_hc_pre_pf(const float* __restrict__ x, int cols, HC_PRE_PF_PARAMS) {
+    k_hc_pre_pf(const float* __restrict__ x, const float* __restrict__ mix, int d, int cols,
+                float rms_eps, float hc_eps, const float* __restrict__ scale3,
+                const float* __restrict__ base, float* __restrict__ y, u16* __restrict__ y16,
+                u16* __restrict__ y16p, float* __restrict__ post, const float* __restrict__ norm,
+                float* __restrict__ sc, u16* __restrict__ x3, float x3s, long long plane,
+                int y32) {
+#define HC_PRE_PF_ARGS \
+    (x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, y16p, post, norm, sc, x3, x3s, plane, y32)
     if (cols == 4)
-        hc_pre_pf_one<4, 4>(x, HC_PRE_PF_PASS);
+        hc_pre_pf_body<4, 4> HC_PRE_PF_ARGS;
     else if (cols == 2)
-        hc_pre_pf_one<4, 2>(x, HC_PRE_PF_PASS);
+        hc_pre_pf_body<4, 2> HC_PRE_PF_ARGS;
     else
-        hc_pre_pf_one<4, 1>(x, HC_PRE_PF_PASS);
+        hc_pre_pf_body<4, 1> HC_PRE_PF_ARGS;
+#undef HC_PRE_PF_ARGS
 }
-
-extern "C" __global__ void __launch_bounds__(256)
-    k_hc_pre_pp(const float* __restrict__ x, int cols, int n_tok, HC_PRE_PF_PARAMS) {
-    if (cols == 4)
-        hc_pre_pp<4, 4>(x, n_tok, HC_PRE_PF_PASS);
-    else if (cols == 2)
-        hc_pre_pp<4, 2>(x, n_tok, HC_PRE_PF_PASS);
-    else
-        hc_pre_pp<4, 1>(x, n_tok, HC_PRE_PF_PASS);
-}
-#undef HC_PRE_PF_PARAMS
-#undef HC_PRE_PF_PASS
 
 // The Sinkhorn-normalised combination matrix of k_hc_pre_pf's tokens: a warp per token
 // (8 a block), from the mix and the token's RMS scale sc[t], with k_hc_pre's operations
