@@ -224,6 +224,14 @@ fn poisoned(be: &CudaBackend, n: usize) -> Result<CudaSlice<f32>> {
     be.upload_f32(&vec![f32::NAN; n])
 }
 
+/// How many of the paired halves of `a` and `b` differ (lengths must match, else all).
+fn f16_differ(a: &[u16], b: &[u16]) -> usize {
+    if a.len() != b.len() {
+        return a.len().max(b.len());
+    }
+    a.iter().zip(b).filter(|(x, y)| x != y).count()
+}
+
 /// How many of the paired values of `a` and `b` differ in bits.
 fn bits_differ(a: &[f32], b: &[f32]) -> usize {
     a.iter()
@@ -3364,15 +3372,15 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
     out.push(row);
     // k_hc_pre_pf + k_hc_comb (production prefill) against k_hc_pre's outputs, bit for bit.
     {
-        let (y, post, comb) = (
+        let (mut y, mut post, comb) = (
             poisoned(be, t_n * d)?,
             poisoned(be, t_n * n)?,
             poisoned(be, t_n * n * n)?,
         );
-        let y16 = st.alloc_zeros::<u16>(t_n * d)?;
-        let y16p = st.alloc_zeros::<u16>(t_n * d)?;
-        let hs = poisoned(be, t_n)?;
-        let (di, cols, ni, it, ti) = (d as i32, 4i32, n as i32, iters as i32, t_n as i32);
+        let mut y16 = st.alloc_zeros::<u16>(t_n * d)?;
+        let mut y16p = st.alloc_zeros::<u16>(t_n * d)?;
+        let mut hs = poisoned(be, t_n)?;
+        let (di, ni, it, ti) = (d as i32, n as i32, iters as i32, t_n as i32);
         let pp = [
             p32(&xd),
             p32(&md),
@@ -3386,33 +3394,42 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
             p32(&comb),
         ];
         let y16p_at = y16p.device_ptr(st).0;
-        let f1 = be.function("k_hc_pre_pf")?;
+        // k_hc_pre_pf (256 threads of 4 columns), or k_hc_pre_pf512 (512 threads of 2).
+        let entries = [
+            (be.function("k_hc_pre_pf")?, 4i32),
+            (be.function("k_hc_pre_pf512")?, 2),
+        ];
         // k_hc_pre_pf into y_at, with the router's planes (x3, scale, plane stride) or none,
-        // and y's f32 form written when y32 is 1.
+        // and y's f32 form written when y32 is 1; `e` picks the entry.
+        let pre_pf_e =
+            |e: usize, y_at: u64, x3: u64, s3: f32, plane: i64, y32: i32| -> Result<()> {
+                let (f1, cols) = (&entries[e].0, entries[e].1);
+                let mut b = st.launch_builder(f1);
+                b.arg(&pp[0])
+                    .arg(&pp[1])
+                    .arg(&di)
+                    .arg(&cols)
+                    .arg(&eps)
+                    .arg(&hc_eps)
+                    .arg(&pp[2])
+                    .arg(&pp[3])
+                    .arg(&y_at)
+                    .arg(&pp[5])
+                    .arg(&y16p_at)
+                    .arg(&pp[6])
+                    .arg(&pp[7])
+                    .arg(&pp[8])
+                    .arg(&x3)
+                    .arg(&s3)
+                    .arg(&plane)
+                    .arg(&y32);
+                // SAFETY: argument list matches k_hc_pre_pf; d / (4 · cols) threads (256, 512 or
+                // 1024) own `cols` columns; x3 (when not 0) holds 3 · plane halves.
+                unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / (4 * cols as usize)) as u32)) }?;
+                Ok(())
+            };
         let pre_pf = |y_at: u64, x3: u64, s3: f32, plane: i64, y32: i32| -> Result<()> {
-            let mut b = st.launch_builder(&f1);
-            b.arg(&pp[0])
-                .arg(&pp[1])
-                .arg(&di)
-                .arg(&cols)
-                .arg(&eps)
-                .arg(&hc_eps)
-                .arg(&pp[2])
-                .arg(&pp[3])
-                .arg(&y_at)
-                .arg(&pp[5])
-                .arg(&y16p_at)
-                .arg(&pp[6])
-                .arg(&pp[7])
-                .arg(&pp[8])
-                .arg(&x3)
-                .arg(&s3)
-                .arg(&plane)
-                .arg(&y32);
-            // SAFETY: argument list matches k_hc_pre_pf; d / 16 = 256 threads own 4 columns;
-            // x3 (when not 0) holds 3 · plane halves.
-            unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / 16) as u32)) }?;
-            Ok(())
+            pre_pf_e(0, y_at, x3, s3, plane, y32)
         };
         pre_pf(pp[4], 0, 0.0, 0, 1)?;
         // The same with the router's three f16 planes of y·s instead of y's f32 form: the
@@ -3476,6 +3493,32 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
         let mut row = exact_row("hc_pre_pf_y16p", GgmlType::F16, &shape, moved);
         row.note = format!("{moved} of the permuted f16 copy differ from y16's (px_pos)");
         out.push(row);
+        // The 512-thread entry (production's) against the 256-thread one: the f64 sums of
+        // squares add in another order, which must not change their f32 results.
+        let (hs0, x3_0) = (be.download(&hs)?, gx3.clone());
+        for (e, name) in [(1, "hc_pre_pf512_vs_pf")] {
+            for buf in [&mut y, &mut post, &mut hs] {
+                let nan = vec![f32::NAN; buf.len()];
+                be.write_f32(buf, &nan)?;
+            }
+            st.memset_zeros(&mut y16)?;
+            st.memset_zeros(&mut y16p)?;
+            pre_pf_e(e, pp[4], 0, 0.0, 0, 1)?;
+            let x3e = st.alloc_zeros::<u16>(3 * t_n * d)?;
+            pre_pf_e(e, p32(&y_lean), x3e.device_ptr(st).0, s3, plane, 0)?;
+            let mism = bits_differ(&be.download(&y)?, &gy)
+                + bits_differ(&be.download(&post)?, &gp)
+                + bits_differ(&be.download(&hs)?, &hs0)
+                + f16_differ(&be.download(&y16)?, &gh)
+                + f16_differ(&be.download(&y16p)?, &gp16)
+                + f16_differ(&be.download(&x3e)?, &x3_0);
+            let mut row = exact_row(name, GgmlType::F32, &shape, mism);
+            row.note = format!(
+                "{mism} of y, post, scale, y16, y16p and the planes differ in bits from the \
+                 256-thread blocks'"
+            );
+            out.push(row);
+        }
     }
     let m16 = f16_mism(&runs[0].3, &runs[0].0);
     let mut row = exact_row("hc_pre_y16", GgmlType::F16, &shape, m16);

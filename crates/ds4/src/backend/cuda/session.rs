@@ -316,14 +316,25 @@ fn use_hc_fn() -> bool {
 const HPF_TT: usize = 16;
 
 /// Columns (of 4 elements) a thread of `k_hc_pre_pf` owns for width `d`: the smallest of 1,
-/// 2, 4 that leaves at most 256 threads, a multiple of 32 (None: the shape is not taken).
-fn hc_pre_pf_cols(n_hc: usize, d: usize) -> Option<usize> {
+/// 2, 4 that leaves at most `max_threads` threads, a multiple of 32 (None: the shape is not
+/// taken).
+fn hc_pre_pf_cols(n_hc: usize, d: usize, max_threads: usize) -> Option<usize> {
     if n_hc != 4 {
         return None;
     }
     [1usize, 2, 4].into_iter().find(|&c| {
-        d.is_multiple_of(4 * c) && d / (4 * c) <= 256 && (d / (4 * c)).is_multiple_of(32)
+        d.is_multiple_of(4 * c) && d / (4 * c) <= max_threads && (d / (4 * c)).is_multiple_of(32)
     })
+}
+
+/// The most threads a production prefill hc_pre block takes: 512 (`k_hc_pre_pf512`: at d =
+/// 4096, two blocks an SM of 2 columns a thread) unless `DS4_CUDA_HC_PRE_T=256`
+/// (`k_hc_pre_pf`, 4 columns a thread; read at every chunk, for `--variants`).
+fn hc_pre_threads() -> usize {
+    match std::env::var("DS4_CUDA_HC_PRE_T").ok().as_deref() {
+        Some("256") => 256,
+        _ => 512,
+    }
 }
 
 /// Whether production prefill's q_b GEMM writes f16 queries for the tensor-core attention
@@ -483,6 +494,7 @@ struct Kernels {
     idx_q_finish_w: [CudaFunction; 3],
     hc_pre: CudaFunction,
     hc_pre_pf: CudaFunction,
+    hc_pre_pf512: CudaFunction,
     hc_comb: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_post_mix: CudaFunction,
@@ -531,6 +543,7 @@ impl Kernels {
             ],
             hc_pre: f("k_hc_pre")?,
             hc_pre_pf: f("k_hc_pre_pf")?,
+            hc_pre_pf512: f("k_hc_pre_pf512")?,
             hc_comb: f("k_hc_comb")?,
             hc_mix_part: f("k_hc_mix_part")?,
             hc_post_mix: f("k_hc_post_mix")?,
@@ -2239,7 +2252,9 @@ impl GpuSession {
                 lin_s(fnw, xcur.get(), n, p(&s.mix), HC_X16_SCALE, false)?;
             }
             mix_for.set(0);
-            if let (Some(ps), Some(cols)) = (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d))
+            let tmax = hc_pre_threads();
+            if let (Some(ps), Some(cols)) =
+                (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d, tmax))
             {
                 // Production prefill: the state read once, y written as f32 and f16, and
                 // the Sinkhorn of every token in parallel in k_hc_comb (forward.cu).
@@ -2254,9 +2269,14 @@ impl GpuSession {
                 let lean = use_pf_y_lean();
                 let (x3, x3s) = planes.filter(|_| lean && ffn).unwrap_or((0, 0.0));
                 let y32 = !lean || (ffn && x3 == 0);
+                let fun = if tmax == 512 {
+                    &k.hc_pre_pf512
+                } else {
+                    &k.hc_pre_pf
+                };
                 launch!(
                     st,
-                    k.hc_pre_pf,
+                    fun,
                     (n32, 1, 1),
                     ((d / (4 * cols)) as u32, 1, 1),
                     0,

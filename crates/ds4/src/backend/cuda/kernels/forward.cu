@@ -796,27 +796,45 @@ __device__ __forceinline__ void hc_pre_pf_body(const float* __restrict__ x,
     }
 }
 
-// grid: tokens; block T = d/(4C) threads (a multiple of 32, at most 256), C in {1, 2, 4};
-// n = 4. y16p (null or, d % 32 == 0, the f16 rows in px_pos order) as hc_pre_pf_body.
+// grid: tokens; block T = d/(4C) threads (a multiple of 32, at most 256 or 512, below), C in
+// {1, 2, 4}; n = 4. y16p (null or, d % 32 == 0, the f16 rows in px_pos order) as hc_pre_pf_body.
 // x3 (null or n_tok·d·3 halves): y·x3s as f32_split3_f16's three planes, `plane` (= n_tok·d)
 // apart; y32 = 0: y's f32 form is not written (no reader of this site needs it).
-extern "C" __global__ void __launch_bounds__(256)
-    k_hc_pre_pf(const float* __restrict__ x, const float* __restrict__ mix, int d, int cols,
-                float rms_eps, float hc_eps, const float* __restrict__ scale3,
-                const float* __restrict__ base, float* __restrict__ y, u16* __restrict__ y16,
-                u16* __restrict__ y16p, float* __restrict__ post, const float* __restrict__ norm,
-                float* __restrict__ sc, u16* __restrict__ x3, float x3s, long long plane,
-                int y32) {
+// Entries by block size: k_hc_pre_pf (up to 256 threads, C = 4, 2 or 1) and k_hc_pre_pf512 (up
+// to 512, C = 2 or 1), each compiled for only the C its blocks take, so that its register
+// count is that C's. A block is one token whose two f64 block sums and scale chains run one
+// after the other, so the kernel is bound by how many blocks an SM holds, not by memory:
+// at d = 4096, 256 threads of 4 columns hold 96 registers (two blocks an SM, 16 warps) and
+// took 53 / 68 µs a 2048-token chunk (attention / FFN site, H200 ncu), 512 threads of 2
+// columns 64 registers (two blocks, 32 warps) 47 / 58 µs; 1024 threads of 1 column (one
+// block, 32 warps) 71 / 90 µs; a persistent block an SM with the next tokens' state copied
+// ahead into shared memory 69 / 85 µs (bench/RESULTS.md, twenty-third session). The f64
+// sums add in another order for each block size; their f32 results are the same (the
+// self-test compares every output bit).
 #define HC_PRE_PF_ARGS \
     (x, mix, d, rms_eps, hc_eps, scale3, base, y, y16, y16p, post, norm, sc, x3, x3s, plane, y32)
+#define HC_PRE_PF_PARAMS                                                                         \
+    const float* __restrict__ x, const float* __restrict__ mix, int d, int cols, float rms_eps, \
+        float hc_eps, const float* __restrict__ scale3, const float* __restrict__ base,          \
+        float* __restrict__ y, u16* __restrict__ y16, u16* __restrict__ y16p,                   \
+        float* __restrict__ post, const float* __restrict__ norm, float* __restrict__ sc,       \
+        u16* __restrict__ x3, float x3s, long long plane, int y32
+extern "C" __global__ void __launch_bounds__(256) k_hc_pre_pf(HC_PRE_PF_PARAMS) {
     if (cols == 4)
         hc_pre_pf_body<4, 4> HC_PRE_PF_ARGS;
     else if (cols == 2)
         hc_pre_pf_body<4, 2> HC_PRE_PF_ARGS;
     else
         hc_pre_pf_body<4, 1> HC_PRE_PF_ARGS;
-#undef HC_PRE_PF_ARGS
 }
+extern "C" __global__ void __launch_bounds__(512, 2) k_hc_pre_pf512(HC_PRE_PF_PARAMS) {
+    if (cols == 2)
+        hc_pre_pf_body<4, 2> HC_PRE_PF_ARGS;
+    else
+        hc_pre_pf_body<4, 1> HC_PRE_PF_ARGS;
+}
+#undef HC_PRE_PF_ARGS
+#undef HC_PRE_PF_PARAMS
 
 // The Sinkhorn-normalised combination matrix of k_hc_pre_pf's tokens: a warp per token
 // (8 a block), from the mix and the token's RMS scale sc[t], with k_hc_pre's operations
