@@ -96,7 +96,9 @@
 //! `pf_mxw4` on the lowest / highest-priority side stream (defaults 1, 1, 0: the fastest of
 //! the combinations measured, bench/RESULTS.md). `DS4_CUDA_PF_Y_LEAN=0` has
 //! production prefill's hc_pre write y's f32 form at every site (by default only the f16
-//! forms the site's products read, and the router's three f16 planes).
+//! forms the site's products read, and the router's three f16 planes). `DS4_CUDA_HC_PRE_T=256`
+//! runs that hc_pre in 256-thread blocks of 4 columns a thread (`k_hc_pre_pf`; by default
+//! 512-thread blocks of 2, `k_hc_pre_pf512`; the same bits).
 //! `DS4_CUDA_POOL_KEEP=0` lets the stream-ordered allocator return freed memory to the
 //! driver at each synchronization (by default the device's pool keeps it for reuse).
 //! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 8192 up
@@ -104,7 +106,8 @@
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
 //! `DS4_CUDA_PHASES=1` (a development aid) times each prefill chunk's phases on the main
 //! stream (events between hc_pre, the query path, the joins, attention, the output products,
-//! the FFN site's steps) and prints the mean µs by layer kind to stderr.
+//! the FFN site's steps) and prints the mean µs by layer kind to stderr, and how many
+//! compressed-row buffers the chunk grew (host time).
 //!
 //! Determinism: every kernel reduces floats in a fixed order (warp shuffles, no float atomics;
 //! the top-k kernels add integer counts atomically, which no order changes), so the same
