@@ -315,26 +315,34 @@ fn use_hc_fn() -> bool {
 /// Tokens a block of the fused hc_post + `fn` kernels takes (HPF_TT in forward.cu).
 const HPF_TT: usize = 16;
 
-/// Columns (of 4 elements) a thread of `k_hc_pre_pf` owns for width `d`: the smallest of 1,
-/// 2, 4 that leaves at most `max_threads` threads, a multiple of 32 (None: the shape is not
-/// taken).
-fn hc_pre_pf_cols(n_hc: usize, d: usize, max_threads: usize) -> Option<usize> {
+/// The production prefill hc_pre kernel for width `d` and the columns (of 4 elements) a
+/// thread owns: with `wide`, `k_hc_pre_pf512` (`true`) with the smallest of 1, 2 columns that
+/// leaves at most 512 threads, a multiple of 32 (the only column counts that entry takes);
+/// otherwise, or where that fails, `k_hc_pre_pf` (`false`) with the smallest of 1, 2, 4 that
+/// leaves at most 256. None: the shape is not taken (n_hc ≠ 4, or d too wide or odd).
+fn hc_pre_pf_pick(n_hc: usize, d: usize, wide: bool) -> Option<(bool, usize)> {
     if n_hc != 4 {
         return None;
     }
-    [1usize, 2, 4].into_iter().find(|&c| {
-        d.is_multiple_of(4 * c) && d / (4 * c) <= max_threads && (d / (4 * c)).is_multiple_of(32)
-    })
+    let find = |cols: &[usize], max_threads: usize| {
+        cols.iter().copied().find(|&c| {
+            d.is_multiple_of(4 * c)
+                && d / (4 * c) <= max_threads
+                && (d / (4 * c)).is_multiple_of(32)
+        })
+    };
+    wide.then(|| find(&[1, 2], 512))
+        .flatten()
+        .map(|c| (true, c))
+        .or_else(|| find(&[1, 2, 4], 256).map(|c| (false, c)))
 }
 
-/// The most threads a production prefill hc_pre block takes: 512 (`k_hc_pre_pf512`: at d =
-/// 4096, two blocks an SM of 2 columns a thread) unless `DS4_CUDA_HC_PRE_T=256`
-/// (`k_hc_pre_pf`, 4 columns a thread; read at every chunk, for `--variants`).
-fn hc_pre_threads() -> usize {
-    match std::env::var("DS4_CUDA_HC_PRE_T").ok().as_deref() {
-        Some("256") => 256,
-        _ => 512,
-    }
+/// Whether production prefill's hc_pre takes 512-thread blocks where the width allows
+/// (`k_hc_pre_pf512`: at d = 4096, two blocks an SM of 2 columns a thread) rather than 256
+/// (`DS4_CUDA_HC_PRE_T=256`: `k_hc_pre_pf`, 4 columns a thread; read at every chunk, for
+/// `--variants`).
+fn hc_pre_wide() -> bool {
+    std::env::var("DS4_CUDA_HC_PRE_T").ok().as_deref() != Some("256")
 }
 
 /// Whether production prefill's q_b GEMM writes f16 queries for the tensor-core attention
@@ -2273,10 +2281,10 @@ impl GpuSession {
                 lin_s(fnw, xcur.get(), n, p(&s.mix), HC_X16_SCALE, false)?;
             }
             mix_for.set(0);
-            let tmax = hc_pre_threads();
-            if let (Some(ps), Some(cols)) =
-                (pf.filter(|_| use_hc_pre_pf()), hc_pre_pf_cols(nh, d, tmax))
-            {
+            if let (Some(ps), Some((wide, cols))) = (
+                pf.filter(|_| use_hc_pre_pf()),
+                hc_pre_pf_pick(nh, d, hc_pre_wide()),
+            ) {
                 // Production prefill: the state read once, y written as f32 and f16, and
                 // the Sinkhorn of every token in parallel in k_hc_comb (forward.cu).
                 let y16p = if perm16 && d.is_multiple_of(32) {
@@ -2290,11 +2298,7 @@ impl GpuSession {
                 let lean = use_pf_y_lean();
                 let (x3, x3s) = planes.filter(|_| lean && ffn).unwrap_or((0, 0.0));
                 let y32 = !lean || (ffn && x3 == 0);
-                let fun = if tmax == 512 {
-                    &k.hc_pre_pf512
-                } else {
-                    &k.hc_pre_pf
-                };
+                let fun = if wide { &k.hc_pre_pf512 } else { &k.hc_pre_pf };
                 launch!(
                     st,
                     fun,
@@ -3508,7 +3512,23 @@ fn grow_rows(be: &CudaBackend, cs: &mut CompState, needed: usize) -> Result<()> 
 
 #[cfg(test)]
 mod tests {
-    use super::{gpu_chunk, wont_fit};
+    use super::{gpu_chunk, hc_pre_pf_pick, wont_fit};
+
+    #[test]
+    fn hc_pre_takes_an_entry_only_with_column_counts_it_has() {
+        // The flash width: 512 threads of 2 columns, or 256 of 4.
+        assert_eq!(hc_pre_pf_pick(4, 4096, true), Some((true, 2)));
+        assert_eq!(hc_pre_pf_pick(4, 4096, false), Some((false, 4)));
+        // Narrow test models: one column a thread, in either entry.
+        assert_eq!(hc_pre_pf_pick(4, 256, true), Some((true, 1)));
+        assert_eq!(hc_pre_pf_pick(4, 1024, false), Some((false, 1)));
+        // Wider than 4 columns of 256 threads can hold (k_hc_pre_pf512 has no 4-column
+        // form): neither entry.
+        assert_eq!(hc_pre_pf_pick(4, 8192, true), None);
+        // Only four HC streams, and widths of whole warps.
+        assert_eq!(hc_pre_pf_pick(2, 4096, true), None);
+        assert_eq!(hc_pre_pf_pick(4, 4100, true), None);
+    }
 
     #[test]
     fn the_prefill_chunk_shortens_as_the_context_grows() {
