@@ -3423,8 +3423,8 @@ fn check_hc_prefill(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
                     .arg(&s3)
                     .arg(&plane)
                     .arg(&y32);
-                // SAFETY: argument list matches k_hc_pre_pf; d / (4 · cols) threads (256, 512 or
-                // 1024) own `cols` columns; x3 (when not 0) holds 3 · plane halves.
+                // SAFETY: argument list matches k_hc_pre_pf / k_hc_pre_pf512; d / (4 · cols)
+                // threads (256 or 512) own `cols` columns; x3 (when not 0) holds 3 · plane halves.
                 unsafe { b.launch(cfg((t_n as u32, 1, 1), (d / (4 * cols as usize)) as u32)) }?;
                 Ok(())
             };

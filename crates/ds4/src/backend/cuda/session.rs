@@ -1526,7 +1526,7 @@ impl GpuSession {
         };
         // Room for a chunk's compressed rows now, so that the first prefill chunk does not
         // allocate (a grown buffer costs ~17 µs of host calls, and the GPU waits for them at a
-        // chunk's start: ~0.7 ms for the flash model's 40 ratio-4 buffers).
+        // chunk's start: ~0.7 ms for the flash model's 42 ratio-4 buffers).
         for ls in layers.iter_mut() {
             for cs in [&mut ls.comp, &mut ls.index].into_iter().flatten() {
                 grow_rows(be, cs, (m / cs.ratio).min(cs.max_rows))?;
