@@ -1035,6 +1035,13 @@ struct LayerState {
     index: Option<CompState>,
 }
 
+impl LayerState {
+    /// The layer's compressor states (main, then the indexer's), where it has them.
+    fn comps_mut(&mut self) -> impl Iterator<Item = &mut CompState> {
+        [&mut self.comp, &mut self.index].into_iter().flatten()
+    }
+}
+
 /// Scratch of one session, sized for a chunk of `chunk_len` tokens.
 struct Scratch {
     tokens: CudaSlice<i32>,
@@ -1528,7 +1535,7 @@ impl GpuSession {
         // allocate (a grown buffer costs ~17 µs of host calls, and the GPU waits for them at a
         // chunk's start: ~0.7 ms for the flash model's 42 ratio-4 buffers).
         for ls in layers.iter_mut() {
-            for cs in [&mut ls.comp, &mut ls.index].into_iter().flatten() {
+            for cs in ls.comps_mut() {
                 grow_rows(be, cs, (m / cs.ratio).min(cs.max_rows))?;
             }
         }
@@ -1675,7 +1682,7 @@ impl GpuSession {
         let t_grow = std::time::Instant::now();
         let mut grown = 0;
         for ls in self.layers.iter_mut() {
-            for cs in [&mut ls.comp, &mut ls.index].into_iter().flatten() {
+            for cs in ls.comps_mut() {
                 let cap = cs.cap;
                 grow_rows(be, cs, (p0 + n) / cs.ratio)?;
                 grown += usize::from(cs.cap != cap);
