@@ -42,7 +42,8 @@ pub struct AttnKernels {
     combine: CudaFunction,
     idx_scores: CudaFunction,
     idx_scores_tc: CudaFunction,
-    /// `k_idx_scores_wg`: the same scores on wgmma (sm_90a images only).
+    /// `k_idx_scores_wg`: the same scores on wgmma, each row's terms summed in another order
+    /// (sm_90a images only).
     idx_scores_wg: Option<CudaFunction>,
     to_bf16: CudaFunction,
     topk: CudaFunction,
@@ -609,14 +610,14 @@ pub const IQF_HPW: usize = 4;
 /// Rows of a `k_idx_scores_wg` block (attn.cu `IXW_ROWS`: two warpgroups of 128).
 const IXW_ROWS: usize = 256;
 /// Its dynamic shared memory (attn.cu `IXW_SMEM`): four query tiles (64 × 128 bf16: two tokens
-/// and the next two), four sets of 64 weights, the [256 rows][72] f32 term tile.
-const IXW_SMEM: usize = 4 * 16384 + 4 * 64 * 4 + IXW_ROWS * 72 * 4;
+/// and the next two) and their head weights.
+const IXW_SMEM: usize = 4 * 16384 + 4 * 64 * 4;
 /// Fewest tokens a step needs for `k_idx_scores_wg` to take it (decode steps keep
 /// `k_idx_scores_tc`).
 const IXW_MIN_TOKENS: usize = 16;
 
 /// Whether [`idx_scores_tc`] may take the wgmma form on Hopper (`DS4_CUDA_IDX_WG=0`: always
-/// `k_idx_scores_tc`, for comparisons; the scores are the same bits).
+/// `k_idx_scores_tc`, for comparisons; the same terms summed in another order).
 pub fn use_idx_wg() -> bool {
     super::switch_on("DS4_CUDA_IDX_WG")
 }

@@ -63,7 +63,7 @@
 //! attention in production prefill), `DS4_CUDA_IDX_TC` (the
 //! lightning indexer's scores on tensor cores in production steps, prefill and decode; off = the
 //! f32 kernel), `DS4_CUDA_IDX_WG` (those scores on wgmma in prefill chunks on Hopper,
-//! `k_idx_scores_wg`; off = `k_idx_scores_tc`; the same bits),
+//! `k_idx_scores_wg`; off = `k_idx_scores_tc`; the same terms summed in another order),
 //! `DS4_CUDA_HC_PRE_PF` (production prefill's hc_pre from registers with the Sinkhorn in a
 //! separate warp-per-token kernel; off = the one-block-per-token `k_hc_pre`), `DS4_CUDA_QNORM`
 //! (production prefill's query heads normalized and rotated inside the tensor-core attention;

@@ -1593,12 +1593,12 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// ---- k_idx_scores_wg (sm_90a): k_idx_scores_tc's contract and results, the products on the
-// warpgroup MMA. k_idx_scores_tc runs mma.sync at about half of its rate and sums each token's
-// terms with two block barriers and one thread a row; ncu puts it at ~130 TFLOPS at 30k
-// context, where the indexer is ~15% of a prefill chunk. Here one warpgroup (128 threads)
-// takes 128 rows x `tpb` consecutive tokens; a block is two of them (256 rows), which share
-// the query tiles (each query is read once per 256 rows):
+// ---- k_idx_scores_wg (sm_90a): k_idx_scores_tc's contract, the products on the warpgroup
+// MMA. k_idx_scores_tc runs mma.sync at about half of its rate and sums each token's terms
+// with two block barriers and one thread a row; ncu puts it at ~130 TFLOPS at 30k context,
+// where the indexer is ~15% of a prefill chunk. Here one warpgroup (128 threads) takes 128
+// rows x `tpb` consecutive tokens; a block is two of them (256 rows), which share the query
+// tiles (each query is read once per 256 rows):
 // * The rows are the MMA's A operand, held in registers for all the tokens: converted to bf16
 //   once (as k_idx_scores_tc's K tile) straight into mma.m16n8k16's fragment layout, rows
 //   64j + 16·warp + g (+8) of the two m64 halves j.
@@ -1607,15 +1607,14 @@ extern "C" __global__ void __launch_bounds__(256)
 //   head group h/8 at (h/8)·2048, dims 8c.. at c·128; descriptor LBO 128, SBO 2048.
 //   Four slots: a pair of tokens and the next pair, filled by cp.async a pair ahead.
 // * Per token: 2 halves x 8 k16 steps of m64n64k16 (f32 accumulation; the same exact
-//   products and block sums as k_idx_scores_tc, see there), then the terms
-//   w_h·max(0, dot) go to shared memory as [row][head] (stride IXW_TS floats, 4-head chunks
-//   XOR-swizzled by bit 2 of the row so that both the 8-byte stores and the 16-byte row reads
-//   are conflict-free), and thread r sums row r's 64 terms in head order from −0.0: the same
-//   operations in the same order as k_idx_scores_tc, so the same bits.
+//   products and block sums as k_idx_scores_tc, see there), then each row's terms
+//   w_h·max(0, dot) are summed in registers and across its lane quad (`finish`): the same
+//   terms as k_idx_scores_tc, added in another order (it sums them in head order through a
+//   shared [row][head] tile: 130 µs a 2048-token chunk of a ratio-4 layer to 4k context,
+//   109 µs here, H200 ncu; bench/RESULTS.md, twenty-fourth session).
 // Rows are written only where visible to the token (row < (p0 + t + 1) / 4).
 #define IXW_ROWS 256
-#define IXW_TS 72
-#define IXW_SMEM (4 * 16384 + 4 * 64 * 4 + IXW_ROWS * IXW_TS * 4)
+#define IXW_SMEM (4 * 16384 + 4 * 64 * 4)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // One m64n64k16 wgmma, bf16, A (4 registers, mma.m16n8k16's per-warp layout) x B (descriptor).
@@ -1641,7 +1640,6 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     extern __shared__ __align__(128) unsigned char ixw_smem[];
     u16* qs = (u16*)ixw_smem;                       // [4][64 heads x 128 dims], core matrices
     float* ws = (float*)(ixw_smem + 4 * 16384);     // [4][64]
-    float* ts = ws + 4 * 64;                        // [256 rows][IXW_TS]
     pdl_enter();
     const long long p0 = *p0p;
     const int tid = threadIdx.x, lane = tid & 31, wgi = tid >> 7, warp = (tid >> 5) & 3;
@@ -1691,8 +1689,6 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         }
     }
     const u32 q0 = at_smem(qs);
-    // This thread's term rows 64j + 16·warp + g (+8): bit 2 of the row is bit 2 of g.
-    const int sw = (g >> 2) & 1;
     // Token t's products into acc (query slot t − tv mod 3), left in flight.
     auto issue = [&](float (&acc)[2][8][4], int slot) {
         px_zero<8>(acc);
@@ -1706,41 +1702,37 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         }
         pxw_commit();
     };
-    // Token t's terms w_h·max(0, dot) as [row][head], then each row's sum in head order.
+    // Token t's scores: row r's terms w_h·max(0, dot) summed where they are. Lane quad t4
+    // holds heads 8b + 2t4, 8b + 2t4 + 1 (b = 0..7) of rows g and g + 8: each lane adds its 16
+    // in head order, then the quad adds its 4 sums ((s0 + s1) + (s2 + s3), every lane the
+    // same value). Not k_idx_scores_tc's head-order sum through a shared [row][head] tile,
+    // whose 64 KB of stores and loads a token-block were most of this kernel's epilogue: the
+    // same terms added in another order (differences of ~1e-7 of a score's mass; run to run
+    // the same bits).
     auto finish = [&](float (&acc)[2][8][4], int t, int slot) {
         const float* wt = ws + slot * 64;
-        float* tt = ts + 128 * wgi * IXW_TS;  // this warpgroup's rows
+        const int vis = (int)((p0 + t + 1) / 4);
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            const int ra = 64 * j + 16 * warp + g;
+            float sa = -0.0f, sb = -0.0f;
 #pragma unroll
             for (int b = 0; b < 8; b++) {
                 const int h = 8 * b + 2 * t4;
-                const int col = 4 * ((2 * b + (t4 >> 1)) ^ sw) + 2 * (t4 & 1);
                 const float w0 = wt[h], w1 = wt[h + 1];
-                *(float2*)(tt + ra * IXW_TS + col) =
-                    make_float2(w0 * fmaxf(acc[j][b][0], 0.0f), w1 * fmaxf(acc[j][b][1], 0.0f));
-                *(float2*)(tt + (ra + 8) * IXW_TS + col) =
-                    make_float2(w0 * fmaxf(acc[j][b][2], 0.0f), w1 * fmaxf(acc[j][b][3], 0.0f));
+                sa += w0 * fmaxf(acc[j][b][0], 0.0f);
+                sa += w1 * fmaxf(acc[j][b][1], 0.0f);
+                sb += w0 * fmaxf(acc[j][b][2], 0.0f);
+                sb += w1 * fmaxf(acc[j][b][3], 0.0f);
             }
-        }
-        asm volatile("bar.sync %0, 128;" ::"r"(1 + wgi) : "memory");  // the warpgroup's terms
-        const int rl = tid & 127;
-        if (r0 + 128 * wgi + rl < (int)((p0 + t + 1) / 4)) {
-            const float* row = tt + rl * IXW_TS;
-            const int rs = (rl >> 2) & 1;
-            float4 v[16];
-#pragma unroll
-            for (int k = 0; k < 16; k++) v[k] = *(const float4*)(row + 4 * (k ^ rs));
-            float tot = -0.0f;
-#pragma unroll
-            for (int k = 0; k < 16; k++) {
-                tot += v[k].x;
-                tot += v[k].y;
-                tot += v[k].z;
-                tot += v[k].w;
+            sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+            sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+            sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+            sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+            const int ra = r0 + 128 * wgi + 64 * j + 16 * warp + g;
+            if (t4 == 0) {
+                if (ra < vis) scores[(long long)t * ld + ra] = sa;
+                if (ra + 8 < vis) scores[(long long)t * ld + ra + 8] = sb;
             }
-            scores[(long long)t * ld + r0 + 128 * wgi + rl] = tot;
         }
     };
     // Tokens in pairs: token t + 1's products run on the tensor cores while token t's terms
@@ -1765,7 +1757,6 @@ extern "C" __global__ void __launch_bounds__(256, 1)
             finish(acc0, t, sa);
             pxw_wait0();
             pxw_hold<8>(acc1);
-            asm volatile("bar.sync %0, 128;" ::"r"(1 + wgi) : "memory");  // the term tile
             finish(acc1, t + 1, sb);
         } else {
             issue(acc0, sa);
