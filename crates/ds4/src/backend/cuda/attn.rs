@@ -603,8 +603,9 @@ pub fn use_idx_tc() -> bool {
     super::switch_on("DS4_CUDA_IDX_TC")
 }
 
-/// Most query heads a warp of `k_idx_q_finish_w<E>` finishes (forward.cu `IQF_HPW`; its `hpw`
-/// argument, up to this): its grid is (tokens, ⌈heads / (8 · hpw)⌉) blocks of 256 threads.
+/// Query heads a warp of `k_idx_q_finish_w<E>` finishes in prefill chunks (forward.cu
+/// `IQF_HPW`; its `hpw` argument is this or 1, each a compiled form): its grid is (tokens,
+/// ⌈heads / (8 · hpw)⌉) blocks of 256 threads.
 pub const IQF_HPW: usize = 4;
 
 /// Rows of a `k_idx_scores_wg` block (attn.cu `IXW_ROWS`: two warpgroups of 128).
@@ -612,6 +613,39 @@ const IXW_ROWS: usize = 256;
 /// Its dynamic shared memory (attn.cu `IXW_SMEM`): four query tiles (64 × 128 bf16: two tokens
 /// and the next two) and their head weights.
 const IXW_SMEM: usize = 4 * 16384 + 4 * 64 * 4;
+/// A `k_idx_scores_wg` block's cost of converting its rows, in tokens' time (an estimate).
+const IXW_LOAD_TOKENS: usize = 2;
+
+/// Tokens a `k_idx_scores_wg` block takes. A block converts its 256 rows to MMA fragments
+/// once and then runs its tokens one after another, one block an SM; blocks none of whose
+/// tokens sees any of their rows return at once (row r is visible from position 4r + 3). So
+/// a launch takes about (waves of active blocks) × (tokens a block + the row conversion):
+/// few tokens a block convert the rows many times and leave each block's first query load
+/// exposed, many leave SMs idle in the last wave. `p0` is the chunk's first position (an
+/// estimate is enough).
+fn ixw_tokens_per_block(n: usize, p0: usize, vis_max: usize, sms: usize) -> usize {
+    let bx = vis_max.div_ceil(IXW_ROWS).max(1);
+    let mut best = (usize::MAX, 8);
+    for tpb in (8..=256).step_by(8) {
+        let groups = n.div_ceil(tpb);
+        let active: usize = (0..bx)
+            .map(|rb| {
+                let first = (4 * rb * IXW_ROWS + 3).saturating_sub(p0);
+                if first >= n {
+                    0
+                } else {
+                    groups - first / tpb
+                }
+            })
+            .sum();
+        let cost = active.div_ceil(sms.max(1)).max(1) * (tpb.min(n) + IXW_LOAD_TOKENS);
+        if cost < best.0 {
+            best = (cost, tpb);
+        }
+    }
+    best.1
+}
+
 /// Fewest tokens a step needs for `k_idx_scores_wg` to take it (decode steps keep
 /// `k_idx_scores_tc`).
 const IXW_MIN_TOKENS: usize = 16;
@@ -648,7 +682,8 @@ pub unsafe fn to_bf16(
 /// fp4sim values (QAT on): `q16` holds the queries as bf16 (`k_idx_q_finish`'s copy, or
 /// [`to_bf16`]); `k_idx_scores_tc` (exact products, head-order sums; see attn.cu), or with
 /// `wg` on a Hopper build and at least `IXW_MIN_TOKENS` tokens `k_idx_scores_wg` (the same
-/// bits).
+/// terms summed in another order), with `tpb` tokens a block (None: [`ixw_tokens_per_block`];
+/// the scores do not depend on it).
 ///
 /// # Safety
 /// As [`idx_scores`] with `n_head = 64`, `id = 128`, `ratio = 4`; `q16` holds `n × 8192`
@@ -666,6 +701,7 @@ pub unsafe fn idx_scores_tc(
     scores: u64,
     ld: usize,
     wg: bool,
+    tpb: Option<usize>,
 ) -> Result<()> {
     let wgf = k
         .idx_scores_wg
@@ -673,14 +709,8 @@ pub unsafe fn idx_scores_tc(
         .filter(|_| wg && n >= IXW_MIN_TOKENS);
     let (f, rows, tpb, smem) = match wgf {
         Some(f) => {
-            // Tokens a block: as many as keep ~4 blocks an SM in the grid (one is resident at
-            // a time; each block converts its rows once, so more tokens a block read them
-            // fewer times).
-            let bx = vis_max.div_ceil(IXW_ROWS).max(1);
-            let tpb = [32usize, 16, 8]
-                .into_iter()
-                .find(|&t| bx * n.div_ceil(t) >= 4 * k.sms)
-                .unwrap_or(8);
+            let p0_host = (4 * vis_max).saturating_sub(n);
+            let tpb = tpb.unwrap_or_else(|| ixw_tokens_per_block(n, p0_host, vis_max, k.sms));
             (f, IXW_ROWS, tpb, IXW_SMEM)
         }
         None => (&k.idx_scores_tc, IXC_ROWS, IXC_TOK, IXC_SMEM),
@@ -913,4 +943,46 @@ pub unsafe fn compress(be: &CudaBackend, k: &AttnKernels, c: &Compress) -> Resul
     args.extend([d.slot(), coff.slot()]);
     be.launch_slots(&k.comp_state, cfg(c.ratio as u32, 256), &mut args)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks of `k_idx_scores_wg` that some token sees (the cost model's count, recomputed
+    /// block by block).
+    fn active_blocks(n: usize, p0: usize, vis_max: usize, tpb: usize) -> usize {
+        let bx = vis_max.div_ceil(IXW_ROWS).max(1);
+        (0..n.div_ceil(tpb))
+            .flat_map(|g| (0..bx).map(move |rb| (g, rb)))
+            .filter(|&(g, rb)| {
+                let last = (g * tpb + tpb).min(n) - 1;
+                // Row rb·256 is visible to position p0 + last from 4·row + 3.
+                p0 + last >= 4 * rb * IXW_ROWS + 3
+            })
+            .count()
+    }
+
+    #[test]
+    fn idx_scores_wg_blocks_fill_the_machine_without_a_partial_wave() {
+        let sms = 132;
+        // A 2048-token chunk to 4k context: four row tiles, the last seen by half the tokens.
+        let tpb = ixw_tokens_per_block(2048, 2048, 1024, sms);
+        assert!(tpb > 8 && tpb.is_multiple_of(8), "{tpb}");
+        let act = active_blocks(2048, 2048, 1024, tpb);
+        assert!(
+            act <= sms && act > sms * 3 / 4,
+            "{tpb} tokens a block: {act} blocks"
+        );
+        // Long contexts: more row tiles than SMs, so the most tokens a block (each block
+        // converts its rows once).
+        assert_eq!(ixw_tokens_per_block(2048, 63488, 16384, sms), 256);
+        // Small steps keep 8 tokens a block (more blocks than tokens' worth of waves).
+        assert_eq!(ixw_tokens_per_block(20, 1020, 260, sms), 8);
+        // Every choice is a multiple of 8 in [8, 256].
+        for (n, p0) in [(16usize, 0usize), (300, 5000), (2048, 0), (4096, 30000)] {
+            let t = ixw_tokens_per_block(n, p0, (p0 + n) / 4, sms);
+            assert!((8..=256).contains(&t) && t.is_multiple_of(8), "{n} {p0}: {t}");
+        }
+    }
 }

@@ -288,6 +288,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_indexer(be, &mut rng, &mut out)?;
     check_indexer_tc(be, &mut rng, &mut out)?;
     check_idx_q_finish_w(be, &mut rng, &mut out)?;
+    check_e2m1_fast(be, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
@@ -315,6 +316,38 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_sample(be, &mut rng, &mut out)?;
     check_mv2_f16(be, &mut rng, &mut out)?;
     Ok(out)
+}
+
+/// The FP4 rounding of the indexer queries' warp form (`e2m1_round_fast`) against the
+/// reference rounding (`e2m1_round`, the CPU's rule) on every float, clamped to [−6, 6] as
+/// their callers do: the same bits or the pattern where they first differ.
+fn check_e2m1_fast(be: &CudaBackend, out: &mut Vec<CheckRow>) -> Result<()> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let st = be.stream();
+    let f = be.function("k_e2m1_check")?;
+    let bad = st.clone_htod(&[0u64, u64::MAX])?;
+    let pb = bad.device_ptr(st).0;
+    let mut b = st.launch_builder(&f);
+    b.arg(&pb);
+    let cfg = LaunchConfig {
+        grid_dim: (4096, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument list matches k_e2m1_check; bad holds two u64.
+    unsafe { b.launch(cfg) }?;
+    let r = st.clone_dtoh(&bad)?;
+    let mut row = exact_row("e2m1_fast", GgmlType::F32, "all 2^32 floats", r[0] as usize);
+    row.note = if r[0] == 0 {
+        "0 of 2^32 roundings differ from e2m1_round".into()
+    } else {
+        format!(
+            "{} of 2^32 roundings differ from e2m1_round, the first at bits {:#010x}",
+            r[0], r[1]
+        )
+    };
+    out.push(row);
+    Ok(())
 }
 
 /// The warp form of the indexer's query finish (`k_idx_q_finish_w<E>`: RoPE, then with QAT the
@@ -1126,15 +1159,15 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
 
 /// The indexer scores of `n` tokens from position `p0` (64 heads of 128, ratio 4) for the
 /// queries, weights and rows given, by `k_idx_scores_tc` (`tc`; `k_idx_scores_wg` where
-/// `wg` lets it) or `k_idx_scores`: `n × ld` floats, `ld = (p0 + n)/4 + 1`, poisoned where no
-/// row is visible.
+/// `wg` lets it, with `tpb` tokens a block where given) or `k_idx_scores`: `n × ld` floats,
+/// `ld = (p0 + n)/4 + 1`, poisoned where no row is visible.
 fn run_idx_scores(
     be: &CudaBackend,
     k: &super::attn::AttnKernels,
     (q, w, rows): (&[f32], &[f32], &[f32]),
     p0: usize,
     n: usize,
-    (tc, wg): (bool, bool),
+    (tc, wg, tpb): (bool, bool, Option<usize>),
 ) -> Result<Vec<f32>> {
     use super::attn::{idx_scores, idx_scores_tc, to_bf16};
     let (ih, id, r) = (64usize, 128usize, 4usize);
@@ -1157,7 +1190,7 @@ fn run_idx_scores(
             let q16 = d_q16.device_ptr(st).0;
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             to_bf16(st, k, pq, q16, n * ih * id)?;
-            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld, wg)?
+            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld, wg, tpb)?
         } else {
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             idx_scores(st, k, n, pq, pw, pr, ih, id, p0p, r, vis_max, ps, ld)?
@@ -1237,11 +1270,20 @@ fn check_indexer_tc_at(
         row.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
     }
     let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
-    // tc twice, f32, then (where the wgmma form takes the step) wg twice.
+    // tc twice, f32, then (where the wgmma form takes the step) wg twice and once with all
+    // the tokens in one block a row tile.
     let wg = k.has_idx_wg() && n >= 16;
-    let mut modes = vec![(true, false), (true, false), (false, false)];
+    let mut modes = vec![
+        (true, false, None),
+        (true, false, None),
+        (false, false, None),
+    ];
     if wg {
-        modes.extend([(true, true), (true, true)]);
+        modes.extend([
+            (true, true, None),
+            (true, true, None),
+            (true, true, Some(n)),
+        ]);
     }
     let mut runs = Vec::new();
     for mode in modes {
@@ -1322,6 +1364,16 @@ fn check_indexer_tc_at(
             &shape,
             same_bits(&runs[3], &runs[4]),
         ));
+        // A block's tokens are its loop's, so how many it takes changes no score.
+        let (one, _) = idx_reference(&runs[5], &q, &w, &rows, (ih, id, r), p0, n, ld);
+        let mism = bits_differ(&wgs, &one);
+        out.push(CheckRow {
+            note: format!(
+                "{mism} of {} scores differ in bits with all {n} tokens in one block",
+                wgs.len()
+            ),
+            ..exact_row("idx_scores_wg_tpb", GgmlType::F32, &shape, mism)
+        });
     }
     Ok(())
 }
@@ -1337,7 +1389,7 @@ fn check_indexer(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
     let q = random_activations(rng, n * ih * id);
     let w: Vec<f32> = (0..n * ih).map(|_| (rng.normal() * 0.1) as f32).collect();
     let rows = random_activations(rng, vis_max * id);
-    let sc = run_idx_scores(be, &k, (&q, &w, &rows), p0, n, (false, false))?;
+    let sc = run_idx_scores(be, &k, (&q, &w, &rows), p0, n, (false, false, None))?;
     let shape = format!("p0={p0} n={n} iH={ih} iD={id}");
     let (gpu, pairs) = idx_reference(&sc, &q, &w, &rows, (ih, id, r), p0, n, ld);
     out.push(compare(

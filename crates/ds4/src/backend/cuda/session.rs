@@ -2849,6 +2849,7 @@ impl GpuSession {
                                     p(&s.isc),
                                     s.isc_ld,
                                     attn::use_idx_wg(),
+                                    None,
                                 )?
                             };
                         } else {

@@ -1648,7 +1648,10 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     const int t1 = min(t0 + tpb, n);
     const int vis_last = (int)((p0 + t1) / 4);  // rows visible to the group's last token
     if (r0 >= vis_last) return;
-    auto fetch = [&](int t, int slot) {
+    // A token's query by cp.async into its slot; its 64 head weights (threads < 64) into a
+    // register, stored to the slot's weights at the top of the next pair's iteration, so that
+    // no warp waits on that load inside the loop (warps 0-1 did, holding warpgroup 0's MMAs).
+    auto fetch = [&](int t, int slot, float& wr) {
         const u16* src = q16 + (long long)t * 64 * 128;
         u16* dst = qs + slot * 64 * 128;
 #pragma unroll
@@ -1656,13 +1659,14 @@ extern "C" __global__ void __launch_bounds__(256, 1)
             int f = tid + 256 * k, h = f >> 4, c = f & 15;
             pf_cp16(dst + ((h >> 3) * 2048 + c * 128 + (h & 7) * 16) / 2, src + h * 128 + 8 * c, true);
         }
-        if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid] * wscale;
+        if (tid < 64) wr = w[(long long)t * 64 + tid];
     };
     // The first token that sees any of this block's rows (visibility only grows with t).
     const int tv = max(t0, (int)(4LL * r0 + 3 - p0));
     if (tv >= t1) return;  // block-uniform (no barrier passed yet)
-    fetch(tv, 0);
-    if (tv + 1 < t1) fetch(tv + 1, 1);
+    float wr0 = 0.0f, wr1 = 0.0f;  // the next pair's weights
+    fetch(tv, 0, wr0);
+    if (tv + 1 < t1) fetch(tv + 1, 1, wr1);
     pf_cp_commit();
     // A fragments (rows past the last visible one: zeros; they are never written out).
     u32 af[2][8][4];
@@ -1744,10 +1748,16 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     float acc0[2][8][4], acc1[2][8][4];
     for (int t = tv, pair = 0; t < t1; t += 2, pair ^= 1) {
         const int sa = 2 * pair, sb = sa + 1, na = 2 - sa;
+        // This pair's weights (its slots were last read two pairs ago, before the last
+        // barrier), scaled as the score kernels take them.
+        if (tid < 64) {
+            ws[sa * 64 + tid] = wr0 * wscale;
+            ws[sb * 64 + tid] = wr1 * wscale;
+        }
         asm volatile("cp.async.wait_group 0;" ::: "memory");
         __syncthreads();
-        if (t + 2 < t1) fetch(t + 2, na);
-        if (t + 3 < t1) fetch(t + 3, na + 1);
+        if (t + 2 < t1) fetch(t + 2, na, wr0);
+        if (t + 3 < t1) fetch(t + 3, na + 1, wr1);
         pf_cp_commit();
         if (t + 1 < t1) {  // block-uniform
             issue(acc0, sa);

@@ -169,6 +169,33 @@ __device__ __forceinline__ float e2m1_round(float v) {
     return copysignf(g, v);
 }
 
+// e2m1_round's results for v in [−6, 6] (every caller clamps first; NaN cannot reach it) in
+// fewer instructions: below 1 the grid is steps of 0.5 (rintf rounds half to even: 0.25 → 0,
+// 0.75 → 1); from 1 it is one mantissa bit, rounded half to even by adding 2^21 − 1 plus the
+// kept bit and clearing the 22 bits below it (1.25 → 1, 1.75 → 2, 2.5 → 2, 3.5 → 4, 5 → 4).
+// The self-test row `e2m1_fast` compares the two on every float.
+__device__ __forceinline__ float e2m1_round_fast(float v) {
+    const float a = fabsf(v);
+    const u32 b = __float_as_uint(a);
+    const float hi = __uint_as_float((b + 0x1fffffu + ((b >> 22) & 1u)) & 0xffc00000u);
+    return copysignf(a < 1.0f ? rintf(a * 2.0f) * 0.5f : hi, v);
+}
+
+// Self-test: e2m1_round_fast against e2m1_round on every float (clamped as the callers do),
+// grid-stride over the 2^32 patterns; bad[0] counts the differences, bad[1] the lowest
+// pattern that differs (integer atomics: the same result whatever the order).
+extern "C" __global__ void k_e2m1_check(unsigned long long* bad) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         i < (1ull << 32); i += stride) {
+        const float v = fminf(fmaxf(__uint_as_float((u32)i), -6.0f), 6.0f);
+        if (__float_as_uint(e2m1_round(v)) != __float_as_uint(e2m1_round_fast(v))) {
+            atomicAdd(bad, 1ull);
+            atomicMin(bad + 1, i);
+        }
+    }
+}
+
 // FP8 KV simulation on x[0..n) (n a multiple of 64, at most 2048), block-wide: a thread
 // per 64-block finds its scale, then a thread per element rounds (the same operations per
 // element as qat.rs). Every thread of the block must call it.
@@ -358,7 +385,7 @@ extern "C" __global__ void k_idx_q_finish(float* __restrict__ q, int n_head, int
 }
 
 // Warp form of k_idx_q_finish for id = 32·E (E = 2, 4, 8): warp w of block (t, y) takes heads
-// 8·hpw·y + w + 8i (i < hpw ≤ IQF_HPW) of token t, lane l its elements E·l..E·l+E−1 in
+// 8·hpw·y + w + 8i (i < hpw, which is 1 or IQF_HPW) of token t, lane l its elements E·l..E·l+E−1 in
 // registers (16-byte loads and stores: a warp's accesses are whole sectors). The token's RoPE
 // angles are computed once per block (threads < half; rope_tail's double sincos and float casts)
 // into shared memory instead of once per head, or read by each lane from k_rope_cs's table (cs_tab
@@ -378,7 +405,7 @@ template <int E>
 __device__ __forceinline__ void idx_q_finish_head(float (&x)[E], float* __restrict__ qo,
                                                   u16* __restrict__ ho, int lane, int half,
                                                   const float* __restrict__ cst, int qat,
-                                                  float inv_sqrt_id, int keep32) {
+                                                  float inv_sqrt_id, int keep32, bool store) {
     constexpr int ID = 32 * E;
     const int off = ID - 2 * half;
 #pragma unroll
@@ -404,12 +431,14 @@ __device__ __forceinline__ void idx_q_finish_head(float (&x)[E], float* __restri
                         x[k + hs] = u - v;
                     }
             } else {
+                // The upper lane takes o − x, the lower x + o: one fma by ±1 (exact
+                // products, one rounding: the same bits as the subtraction or addition).
                 const int m = hs / E;
-                const bool up = (lane & m) != 0;
+                const float sg = (lane & m) != 0 ? -1.0f : 1.0f;
 #pragma unroll
                 for (int k = 0; k < E; k++) {
                     const float o = __shfl_xor_sync(0xffffffffu, x[k], m);
-                    x[k] = up ? o - x[k] : x[k] + o;
+                    x[k] = fmaf(sg, x[k], o);
                 }
             }
         }
@@ -425,14 +454,14 @@ __device__ __forceinline__ void idx_q_finish_head(float (&x)[E], float* __restri
         // sc is a power of two in the normal range (or inf), so x · (1/sc) is x / sc exactly.
         const float rs = 1.0f / sc;
 #pragma unroll
-        for (int k = 0; k < E; k++) x[k] = e2m1_round(fminf(fmaxf(x[k] * rs, -6.0f), 6.0f)) * sc;
+        for (int k = 0; k < E; k++) x[k] = e2m1_round_fast(fminf(fmaxf(x[k] * rs, -6.0f), 6.0f)) * sc;
     }
     if constexpr (E % 4 == 0) {
 #pragma unroll
         for (int k = 0; k < E; k += 4) {
             if (keep32)
                 *(float4*)(qo + k) = make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]);
-            if (ho)
+            if (ho && store)
                 *(uint2*)(ho + k) =
                     make_uint2(pack_bf2(x[k], x[k + 1]), pack_bf2(x[k + 2], x[k + 3]));
         }
@@ -440,17 +469,17 @@ __device__ __forceinline__ void idx_q_finish_head(float (&x)[E], float* __restri
 #pragma unroll
         for (int k = 0; k < E; k += 2) {
             if (keep32) *(float2*)(qo + k) = make_float2(x[k], x[k + 1]);
-            if (ho) *(u32*)(ho + k) = pack_bf2(x[k], x[k + 1]);
+            if (ho && store) *(u32*)(ho + k) = pack_bf2(x[k], x[k + 1]);
         }
     }
 }
 
-template <int E>
+template <int E, int HPW>
 __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head, int half,
                                                const double* __restrict__ freqs, long long p0,
                                                const float* __restrict__ cs_tab, int qat,
                                                float inv_sqrt_id, u16* __restrict__ q16,
-                                               int keep32, int hpw) {
+                                               int keep32) {
     constexpr int ID = 32 * E;
     __shared__ float cs[2 * 128];
     const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -466,15 +495,16 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
         }
         __syncthreads();
     }
-    // This warp's heads h0 + 8i (i < hpw): all their loads are in flight before the first
+    // This warp's heads h0 + 8i (i < HPW): all their loads are in flight before the first
     // head's work (in prefill chunks, one 512-byte row a warp left each warp waiting on its
-    // load alone; decode keeps one head a warp, for more warps on its one token).
-    const int h0 = blockIdx.y * 8 * hpw + warp;
-    float x[IQF_HPW][E];
+    // load alone; decode keeps one head a warp, for more warps on its one token). A head past
+    // the last is worked as the last one and not stored: no branch around the shuffles, whose
+    // warp-uniform guards the compiler could not prove and wrapped in convergence code.
+    const int h0 = blockIdx.y * 8 * HPW + warp;
+    float x[HPW][E];
 #pragma unroll
-    for (int i = 0; i < IQF_HPW; i++) {
-        const int h = h0 + 8 * i;
-        if (i >= hpw || h >= n_head) continue;  // warp-uniform
+    for (int i = 0; i < HPW; i++) {
+        const int h = min(h0 + 8 * i, n_head - 1);
         const long long base = ((long long)t * n_head + h) * ID + E * lane;
         // The lane's E elements in 16-byte pieces (8-byte for E = 2): whole sectors per warp.
         if constexpr (E % 4 == 0) {
@@ -493,12 +523,12 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
         }
     }
 #pragma unroll
-    for (int i = 0; i < IQF_HPW; i++) {
+    for (int i = 0; i < HPW; i++) {
         const int h = h0 + 8 * i;
-        if (i >= hpw || h >= n_head) continue;  // warp-uniform
-        const long long base = ((long long)t * n_head + h) * ID + E * lane;
+        const bool store = h < n_head;
+        const long long base = ((long long)t * n_head + min(h, n_head - 1)) * ID + E * lane;
         idx_q_finish_head<E>(x[i], q + base, q16 ? q16 + base : nullptr, lane, half, cst, qat,
-                             inv_sqrt_id, keep32);
+                             inv_sqrt_id, keep32 && store, store);
     }
 }
 
@@ -509,8 +539,12 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
                             const float* __restrict__ cs_tab, int qat, float inv_sqrt_id,        \
                             u16* __restrict__ q16, int keep32, int hpw) {                        \
         pdl_enter();                                                                             \
-        idx_q_finish_w<E>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16, keep32,    \
-                          hpw);                                                                  \
+        if (hpw == IQF_HPW)                                                                      \
+            idx_q_finish_w<E, IQF_HPW>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16, \
+                                       keep32);                                                  \
+        else                                                                                     \
+            idx_q_finish_w<E, 1>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16,     \
+                                 keep32);                                                        \
     }
 DS4_IDX_Q_FINISH_W(2)
 DS4_IDX_Q_FINISH_W(4)
