@@ -982,7 +982,10 @@ mod tests {
         // Every choice is a multiple of 8 in [8, 256].
         for (n, p0) in [(16usize, 0usize), (300, 5000), (2048, 0), (4096, 30000)] {
             let t = ixw_tokens_per_block(n, p0, (p0 + n) / 4, sms);
-            assert!((8..=256).contains(&t) && t.is_multiple_of(8), "{n} {p0}: {t}");
+            assert!(
+                (8..=256).contains(&t) && t.is_multiple_of(8),
+                "{n} {p0}: {t}"
+            );
         }
     }
 }

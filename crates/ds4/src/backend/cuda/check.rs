@@ -1250,6 +1250,30 @@ fn check_indexer_tc(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) ->
     Ok(())
 }
 
+/// Indexer scores `got` against another kernel's `base` (the same visible scores, `pairs`
+/// their f64 references and L1 masses): within 1e-6 of each score's mass, with how many
+/// differ in bits from `base_name`'s.
+fn scores_vs(
+    name: &str,
+    shape: &str,
+    got: &[f32],
+    (base, pairs): (&[f32], &[(f64, f64)]),
+    base_name: &str,
+) -> CheckRow {
+    let as_ref: Vec<(f64, f64)> = base
+        .iter()
+        .zip(pairs)
+        .map(|(&v, &(_, l1))| (v as f64, l1))
+        .collect();
+    let mut row = compare(name, GgmlType::F32, shape.into(), got, &as_ref, 1e-6);
+    row.note = format!(
+        "{} of {} scores differ in bits from {base_name}",
+        bits_differ(base, got),
+        got.len()
+    );
+    row
+}
+
 fn check_indexer_tc_at(
     be: &CudaBackend,
     rng: &mut Rng,
@@ -1300,25 +1324,13 @@ fn check_indexer_tc_at(
         TOL_F32,
     ));
     let (f32s, _) = idx_reference(&runs[2], &q, &w, &rows, (ih, id, r), p0, n, ld);
-    let mism = bits_differ(&tc, &f32s);
-    let as_ref: Vec<(f64, f64)> = f32s
-        .iter()
-        .zip(&pairs)
-        .map(|(&v, &(_, l1))| (v as f64, l1))
-        .collect();
-    let mut row = compare(
+    out.push(scores_vs(
         "idx_scores_tc_vs_f32",
-        GgmlType::F32,
-        shape.clone(),
+        &shape,
         &tc,
-        &as_ref,
-        1e-6,
-    );
-    row.note = format!(
-        "{mism} of {} scores differ in bits from k_idx_scores",
-        tc.len()
-    );
-    out.push(row);
+        (&f32s, &pairs),
+        "k_idx_scores",
+    ));
     out.push(det_row(
         "idx_scores_tc",
         GgmlType::F32,
@@ -1338,26 +1350,13 @@ fn check_indexer_tc_at(
             &pairs,
             TOL_F32,
         ));
-        let mism = bits_differ(&tc, &wgs);
-        let tc_ref: Vec<(f64, f64)> = tc
-            .iter()
-            .zip(&pairs)
-            .map(|(&v, &(_, l1))| (v as f64, l1))
-            .collect();
-        let mut row = compare(
+        out.push(scores_vs(
             "idx_scores_wg_vs_tc",
-            GgmlType::F32,
-            shape.clone(),
+            &shape,
             &wgs,
-            &tc_ref,
-            1e-6,
-        );
-        row.note = format!(
-            "{mism} of {} scores differ in bits from k_idx_scores_tc (another order of the \
-             same terms)",
-            tc.len()
-        );
-        out.push(row);
+            (&tc, &pairs),
+            "k_idx_scores_tc (another order of the same terms)",
+        ));
         out.push(det_row(
             "idx_scores_wg",
             GgmlType::F32,
