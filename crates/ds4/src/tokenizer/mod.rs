@@ -1,8 +1,8 @@
 //! Byte-level BPE tokenizer for DeepSeek V4 (protocol.md §1).
 //!
 //! Reproduces the official HF tokenizer (`tokenizer.json` of the V4 release) exactly: the
-//! three-split pre-tokenizer ([`pretok`]), the GPT-2 byte alphabet ([`bytes`]) and rank-ordered
-//! merges ([`bpe`]). The vocabulary and merges come from GGUF metadata
+//! three-split pre-tokenizer (`pretok`), the GPT-2 byte alphabet (`bytes`) and rank-ordered
+//! merges (`bpe`). The vocabulary and merges come from GGUF metadata
 //! (`tokenizer.ggml.tokens`, `tokenizer.ggml.merges`), never from `tokenizer.json`.
 //!
 //! Three encoding modes decide which literal strings in the text become single special ids

@@ -682,7 +682,7 @@ pub unsafe fn to_bf16(
 /// fp4sim values (QAT on): `q16` holds the queries as bf16 (`k_idx_q_finish`'s copy, or
 /// [`to_bf16`]); `k_idx_scores_tc` (exact products, head-order sums; see attn.cu), or with
 /// `wg` on a Hopper build and at least `IXW_MIN_TOKENS` tokens `k_idx_scores_wg` (the same
-/// terms summed in another order), with `tpb` tokens a block (None: [`ixw_tokens_per_block`];
+/// terms summed in another order), with `tpb` tokens a block (None: `ixw_tokens_per_block`;
 /// the scores do not depend on it).
 ///
 /// # Safety
@@ -781,7 +781,7 @@ fn use_topk1_chunk() -> bool {
 
 /// Per token, the `topk` best visible rows by score (all of them when at most `topk` are
 /// visible), ascending, into `sel[t·topk..]`, and their count into `cnt[t]`. Prefill chunks
-/// whose tokens see at most [`TOPK_W_MAX_ROWS`] rows run on `k_topk_w` (a warp a token); else
+/// whose tokens see at most `TOPK_W_MAX_ROWS` rows run on `k_topk_w` (a warp a token); else
 /// tokens whose launch may see at most 16,384 rows run on `k_topk1` (a block each, its keys in registers;
 /// chunks when `ld` is a multiple of 4); one decode token that may see more, and
 /// `vis_max >= topk_mb_min_rows()`, on `k_topk_mb`, spread over up to one block per SM

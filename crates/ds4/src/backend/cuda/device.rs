@@ -217,7 +217,7 @@ impl ActQuant {
 /// A weight tensor resident on the GPU: one matrix (`n_experts == 1`) or a stack of expert
 /// matrices, each `n_rows × n_cols`, in the device layout of its type (GGML blocks as in the
 /// file, except Q8_0, which is split into a code plane and a scale plane, and IQ2_XXS, whose
-/// rows are regrouped by [`repack_iq2_xxs`]; see quant.cu).
+/// rows are regrouped by `repack_iq2_xxs`; see quant.cu).
 pub struct GpuWeight {
     buf: CudaSlice<u8>,
     /// Production prefill's f16 form of every matrix (row-major, `n_rows·n_cols` halves a
@@ -594,7 +594,7 @@ impl CudaBackend {
 
     /// Queues `branch` on side stream `side` (0 or 1), concurrent with what the main stream
     /// queues after this call: the branch starts after everything queued on the main stream
-    /// so far (and after what that side stream already holds), and [`Fork::join`] makes the
+    /// so far (and after what that side stream already holds), and `Fork::join` makes the
     /// main stream wait for it. Works in a graph capture too (the side stream joins the
     /// capture through the event, and the join returns to the origin stream), so a decode
     /// graph gets parallel paths. The branch must not write what the main path (or the other

@@ -80,7 +80,7 @@ const GPU_CHUNKS: [usize; 3] = [8192, 4096, 2048];
 const LONG_CTX: [usize; 2] = [1 << 17, 1 << 19];
 
 /// The chunk length a session of `ctx` positions asks for: `DS4_CUDA_CHUNK` when it is a
-/// multiple of 256 in 256..=8192, else from [`GPU_CHUNKS`] by the context.
+/// multiple of 256 in 256..=8192, else from `GPU_CHUNKS` by the context.
 pub fn gpu_chunk(ctx: usize) -> usize {
     let default = if ctx <= LONG_CTX[0] {
         GPU_CHUNKS[0]
@@ -187,7 +187,7 @@ const DECODE_BUCKET: usize = 1024;
 static FORCE_TILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Makes GPU sessions created from now on use the tiled attention and indexer kernels
-/// whatever the numerics mode (see [`FORCE_TILED`]).
+/// whatever the numerics mode (see `FORCE_TILED`).
 pub fn force_tiled_attention(on: bool) {
     FORCE_TILED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
