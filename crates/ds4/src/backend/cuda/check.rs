@@ -421,8 +421,7 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
             let (a, h16a) = (be.download(&qs[0])?, st.clone_dtoh(&hs[0])?);
             for (i, name) in [(1usize, "idx_q_finish_w"), (2, "idx_q_finish_w_tab")] {
                 let (b2, h16b) = (be.download(&qs[i])?, st.clone_dtoh(&hs[i])?);
-                let bad =
-                    bits_differ(&a, &b2) + h16a.iter().zip(&h16b).filter(|(x, y)| x != y).count();
+                let bad = bits_differ(&a, &b2) + f16_differ(&h16a, &h16b);
                 let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
                 let mut row = exact_row(name, GgmlType::F32, &shape, bad);
                 row.note = format!(
@@ -433,7 +432,7 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
             }
             // bf16 only: the same bf16 rows, and q left as it was.
             let (b3, h16c) = (be.download(&qs[3])?, st.clone_dtoh(&hs[3])?);
-            let bad = bits_differ(&b3, &q) + h16a.iter().zip(&h16c).filter(|(x, y)| x != y).count();
+            let bad = bits_differ(&b3, &q) + f16_differ(&h16a, &h16c);
             let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
             let mut row = exact_row("idx_q_finish_w_bf16_only", GgmlType::F32, &shape, bad);
             row.note = format!(

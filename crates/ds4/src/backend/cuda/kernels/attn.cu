@@ -1693,7 +1693,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         }
     }
     const u32 q0 = at_smem(qs);
-    // Token t's products into acc (query slot t − tv mod 3), left in flight.
+    // A token's products (its query in slot `slot`) into acc, left in flight.
     auto issue = [&](float (&acc)[2][8][4], int slot) {
         px_zero<8>(acc);
         const u32 qa = q0 + slot * 16384;
