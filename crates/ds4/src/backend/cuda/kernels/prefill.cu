@@ -1203,6 +1203,13 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
 #ifndef DS4_PXQ_PRE
 #define DS4_PXQ_PRE 1
 #endif
+// Whether pxq_body reads a 256-column block's code words and scale bytes into registers once,
+// after the block's barrier, instead of every step (a step's two code words are the same for
+// 4 steps, and the wgmma's memory clobbers keep the compiler from reusing them); 0 (through
+// DS4_CUDA_NVRTC_DEFS) keeps the per-step reads (DS4_PXQ_PRE).
+#ifndef DS4_PXQ_BLK
+#define DS4_PXQ_BLK 1
+#endif
 #endif
 
 #ifdef DS4_PXW
@@ -1634,6 +1641,38 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
         pxw_wait0();
         pxq_holdf<NG>(acc[0]);
     };
+    // DS4_PXQ_BLK: row ri's scale word j (bytes 4j..4j+3 of its 16 scale bytes) shifted right
+    // by 8·(t4/2), so that step u's byte 2u + t4/2 (PxQ2K::load_s's sc) is the low byte of
+    // S[ri][u/2] >> 16(u%2), and its code words of half h (load_s's q0, q1 of steps 4h..4h+3).
+    // Each word is read once a block, two steps before its first use (the unrolled steps index
+    // them by constants, so only the live ones take registers): 4 + 4 shared loads a row a
+    // block instead of 3 a row a step (ncu, H200, 4k: 742 → 701 µs a hash layer, 855 → 805 a
+    // learned one; bench/RESULTS.md, twenty-fifth session).
+    u32 S[2][4], Q[2][2][2];
+    const int tsh = 8 * (t4 >> 1);
+    const u8* sbq = arow;
+    // The words step u first uses: scale word u/2 (even u), code half u/4 (u % 4 == 0).
+    auto load_for = [&](int u) {
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            const u8* p = sbq + roff[ri];
+            if ((u & 1) == 0) S[ri][u >> 1] = ld32(p + 2 * u) >> tsh;
+            if ((u & 3) == 0) {
+                Q[ri][u >> 2][0] = ld32(p + 16 + 8 * u + 8 * t4);
+                Q[ri][u >> 2][1] = ld32(p + 20 + 8 * u + 8 * t4);
+            }
+        }
+    };
+    // pxq_decode of step u of the block from those registers.
+    auto decode_blk = [&](int u, u32 (&an)[2][2]) {
+        const int sh = 2 * (u & 3);
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            u32 m = (S[ri][u >> 1] >> (16 * (u & 1))) & 15u;
+            an[ri][0] = ((Q[ri][u >> 2][0] >> sh) & 0x03030303u) * m;
+            an[ri][1] = ((Q[ri][u >> 2][1] >> sh) & 0x03030303u) * m;
+        }
+    };
     stage(0);
     // Per block: one barrier (its stage landed, the previous block done by every warp), the
     // next block's stage issued 8 steps ahead, then 8 steps with no barrier: step s's wgmma
@@ -1643,8 +1682,14 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
         if (q + 1 < nq) stage(q + 1);
+        // DS4_PXQ_BLK: the words of steps 0..3 now, the rest two steps ahead (load_for).
         // DS4_PXQ_PRE: step u + 1's words are read before step u's decode (ld holds them).
-        if (DS4_PXQ_PRE) {
+        if (DS4_PXQ_BLK) {
+            sbq = arow + (q & 1) * (PXQ_BM * L::kRS) + L::slot_off(q);
+            load_for(0);
+            load_for(2);
+            decode_blk(0, af[0]);
+        } else if (DS4_PXQ_PRE) {
             L l0[2];
             load(8 * q, l0);
             load(8 * q + 1, ld);
@@ -1665,6 +1710,10 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
                 pxw_wait0();
                 pxq_hold<NG>(C);
                 fold(q);
+            } else if (DS4_PXQ_BLK) {
+                pxw_wait1();
+                if (u + 3 < 8) load_for(u + 3);
+                decode_blk(u + 1, af[(u + 1) & 1]);
             } else if (DS4_PXQ_PRE) {
                 pxw_wait1();
                 L nx[2];
