@@ -1548,11 +1548,13 @@ __device__ __forceinline__ void px_zero1(float (&c)[NG][4]) {
 
 // The step's int8 A words of one row: codes 8t4..8t4+3 and 8t4+4..8t4+7 times the group scale
 // (PxQ2K::load_s's bytes; a byte-wise product ≤ 3·15, so no carries between bytes).
+// From a row's two code words q0, q1, the step's bit pair sh = 2(s % 4) and group scale m.
+__device__ __forceinline__ void pxq_words(u32 (&w)[2], u32 q0, u32 q1, u32 m, int sh) {
+    w[0] = ((q0 >> sh) & 0x03030303u) * m;
+    w[1] = ((q1 >> sh) & 0x03030303u) * m;
+}
 __device__ __forceinline__ void pxq_decode(u32 (&w)[2], const PxQ2K& l, int s) {
-    int sh = 2 * (s & 3);
-    u32 m = l.sc & 15u;
-    w[0] = ((l.q0 >> sh) & 0x03030303u) * m;
-    w[1] = ((l.q1 >> sh) & 0x03030303u) * m;
+    pxq_words(w, l.q0, l.q1, l.sc & 15u, 2 * (s & 3));
 }
 
 template <int NG>
@@ -1665,13 +1667,10 @@ __device__ __forceinline__ void pxq_body(const u8* wrow, i64 rowb, u8* As, u8* B
     };
     // pxq_decode of step u of the block from those registers.
     auto decode_blk = [&](int u, u32 (&an)[2][2]) {
-        const int sh = 2 * (u & 3);
 #pragma unroll
-        for (int ri = 0; ri < 2; ri++) {
-            u32 m = (S[ri][u >> 1] >> (16 * (u & 1))) & 15u;
-            an[ri][0] = ((Q[ri][u >> 2][0] >> sh) & 0x03030303u) * m;
-            an[ri][1] = ((Q[ri][u >> 2][1] >> sh) & 0x03030303u) * m;
-        }
+        for (int ri = 0; ri < 2; ri++)
+            pxq_words(an[ri], Q[ri][u >> 2][0], Q[ri][u >> 2][1],
+                      (S[ri][u >> 1] >> (16 * (u & 1))) & 15u, 2 * (u & 3));
     };
     stage(0);
     // Per block: one barrier (its stage landed, the previous block done by every warp), the
