@@ -2203,12 +2203,14 @@ fn rel_row(kernel: &str, shape: &str, gpu: &[f32], cpu: &[f32], tol: f64, note: 
 
 /// Grouped int8 matvec (the out_a / expert-down form: slot s multiplies matrix ids[s] by its
 /// own input) against the CPU's quantized matvec: Q8_0 for both 16-byte-load kernels (512
-/// and 2048 columns), Q2_K and IQ2_XXS for the lane-owned kernels (1280 columns = 5 blocks:
-/// odd IQ2_XXS rows start 2 bytes off a word), row counts that leave partial row groups.
+/// and 2048 columns, and 4 rows a warp split over the columns where the slots hold 4,096
+/// rows or more: 1030 x 4096), Q2_K and IQ2_XXS for the lane-owned kernels (1280 columns = 5
+/// blocks: odd IQ2_XXS rows start 2 bytes off a word), row counts that leave partial row groups.
 fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     for (ty, n_rows, n_cols) in [
         (GgmlType::Q8_0, 98usize, 512usize),
         (GgmlType::Q8_0, 66, 2048),
+        (GgmlType::Q8_0, 1030, 4096),
         (GgmlType::Q2_K, 98, 2048),
         (GgmlType::Q2_K, 67, 1280),
         (GgmlType::IQ2_XXS, 98, 4096),

@@ -1218,11 +1218,16 @@ impl CudaBackend {
             )?;
             return Ok(());
         }
-        // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp (4 when a row has
-        // fewer than 4 steps of 512, so 8 loads per lane stay in flight; else 2).
+        // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp: 4 when a row has
+        // fewer than 4 steps of 512 (so 8 loads per lane stay in flight), or when the slots
+        // hold 4,096 rows or more (out_a, out_b, the shared expert's down, the output head:
+        // the column split then leaves each warp 2-4 steps, as q_b's; full model +1-2%
+        // decode, bench/RESULTS.md, twenty-sixth session; `DS4_CUDA_MV8W4=0` keeps 2 there);
+        // else 2 (q_a and kv: 1,024 / 512 rows, where 4 measured slower).
         let (f, rw) = match &k.mv8w {
             Some((w2, w4)) if w.n_cols.is_multiple_of(512) && use_mv8w() => {
-                if w.n_cols < 4 * 512 {
+                let many_rows = w.n_rows * slots >= 4096 && super::switch_on("DS4_CUDA_MV8W4");
+                if w.n_cols < 4 * 512 || many_rows {
                     (w4, 4)
                 } else {
                     (w2, 2)

@@ -867,6 +867,14 @@ struct PxIq2 {
         a = prmt(v.x, 0u, 0x4440u | (u32)t4);
         b = v.y;
     }
+    // load_s for step s whose position su = s % 8 in its block is a compile-time constant
+    // (pxw_body's 8-step loop): the block's scale only at its first step (it stays in d).
+    __device__ __forceinline__ void load_s8(const u8* sb, int s, int su, int t4) {
+        uint2 v = *(const uint2*)(sb + 8 * su);
+        if (su == 0) d = ld16(sb + 64 + ((s >> 2) & 14));
+        a = prmt(v.x, 0u, 0x4440u | (u32)t4);
+        b = v.y;
+    }
     // Words p = 0..3: weights 2p (low half), 2p+1 of the thread's 8. deq_iq2_xxs gives
     // ±f32(db·grid) with db = d·(0.5+s)·0.25 = d·(2s+1)/8 exactly (d has 11 significant bits),
     // so f2h of it is the f16 product d·cX rounded once: mul.rn.f16x2 computes exactly that.
@@ -921,6 +929,9 @@ struct PxQ2K {
         q1 = ld32(qs + 4);
         sc = sb[2 * (s & 7) + (t4 >> 1)];
     }
+    // Every word every step, as load_s (holding the block's words across steps, as PxIq2
+    // does, spills pf_mxw_q2_k: 72 -> 356 bytes).
+    __device__ __forceinline__ void load_s8(const u8* sb, int s, int, int t4) { load_s(sb, s, t4); }
     // Same f32 expressions as deq_q2_k / PfQ2K, the four values as f16 picked by byte_perm.
     __device__ __forceinline__ void decode(u32* w, const PxTables&, int, int s) const {
         float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
@@ -1207,6 +1218,11 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
 // after the block's barrier, instead of every step (a step's two code words are the same for
 // 4 steps, and the wgmma's memory clobbers keep the compiler from reusing them); 0 (through
 // DS4_CUDA_NVRTC_DEFS) keeps the per-step reads (DS4_PXQ_PRE).
+// pxw_body's steps as an 8-step loop whose decoders read a block's words once
+// (DS4_PXW_U8=0: the same loop, every word read every step, as before).
+#ifndef DS4_PXW_U8
+#define DS4_PXW_U8 1
+#endif
 #ifndef DS4_PXQ_BLK
 #define DS4_PXQ_BLK 1
 #endif
@@ -1403,36 +1419,46 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
         ld[ri].load_s(arow + roff[ri], 0, t4);
         ld[ri].decode(af0[ri], T, t4, 0);
     }
-    // One step: B(s) in ring slot bs; decodes step s + 1 into an.
-    auto step = [&](int s, int bs, const u32 (&ac)[2 * J][4], u32 (&an)[2 * J][4]) {
+    // One step: B(s) in ring slot bs, s = s8 + u (s8 a multiple of 8; u a constant once the
+    // loops below unroll, so the block's first-step work is no runtime test and the decoders
+    // keep a block's words in registers: load_s8); decodes step s + 1 into an.
+    auto step = [&](int s8, int u, int bs, const u32 (&ac)[2 * J][4], u32 (&an)[2 * J][4]) {
+        const int s = s8 + u;
         pf_cp_wait1();
         __syncthreads();  // B(s) visible; every group of step s - 1 is done (waited below), so
                           // slot (s + 2) % 3 and the A stage of block s/8 - 1 are free
         int b2 = bs == 0 ? 2 : bs - 1;
         if (bcopy && s + 2 < nk) pf_cp16(bdst + b2 * (BN * PX_BK), xrow + (s + 2) * PX_BK, bval);
-        if ((s & 7) == 0 && (s >> 3) + 1 < nq)
-            px_stage<L, PX_BM, THREADS>(As, wrow, rowb, (s >> 3) + 1, ((s >> 3) + 1) & 1);
+        if (u == 0 && (s8 >> 3) + 1 < nq)
+            px_stage<L, PX_BM, THREADS>(As, wrow, rowb, (s8 >> 3) + 1, ((s8 >> 3) + 1) & 1);
         pf_cp_commit();
         pxw_step<NG, J>(acc, ac, bs0 + bs * (BN * PX_BK * 2));
-        int t = s + 1;
-        if (t < nk) {
-            int q = t >> 3;
+        const int t = s + 1, tu = (u + 1) & 7;
+        if (u < 7 || t < nk) {
+            int q = (s8 >> 3) + (u == 7 ? 1 : 0);
             const u8* sb = arow + (q & 1) * (PX_BM * L::kRS) + L::slot_off(q);
 #pragma unroll
             for (int ri = 0; ri < 2 * J; ri++) {
+#if DS4_PXW_U8
+                ld[ri].load_s8(sb + roff[ri], t, tu, t4);
+#else
                 ld[ri].load_s(sb + roff[ri], t, t4);
-                ld[ri].decode(an[ri], T, t4, t);
+#endif
+                ld[ri].decode(an[ri], T, t4, tu);
             }
         }
         pxw_wait0();
         pxw_hold<NG, J>(acc);
     };
     int bs = 0;
-    for (int s = 0; s < nk; s += 2) {  // nk is a multiple of 8
-        step(s, bs, af0, af1);
-        bs = bs == 2 ? 0 : bs + 1;
-        step(s + 1, bs, af1, af0);
-        bs = bs == 2 ? 0 : bs + 1;
+    for (int s8 = 0; s8 < nk; s8 += 8) {  // nk is a multiple of 8
+#pragma unroll
+        for (int u = 0; u < 8; u += 2) {
+            step(s8, u, bs, af0, af1);
+            bs = bs == 2 ? 0 : bs + 1;
+            step(s8, u + 1, bs, af1, af0);
+            bs = bs == 2 ? 0 : bs + 1;
+        }
     }
     // Outputs: half j's rows start at 64J·wg + 64j + 16w4.
     px_store<NG, 64, J>(acc, m0 + wg * 64 * J + w4 * 16, m_total, r0, cnt, out);
