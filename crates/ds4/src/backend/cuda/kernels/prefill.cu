@@ -1218,13 +1218,13 @@ __device__ __forceinline__ void pxs_body(const u8* wrow, i64 rowb, const PxTable
 // after the block's barrier, instead of every step (a step's two code words are the same for
 // 4 steps, and the wgmma's memory clobbers keep the compiler from reusing them); 0 (through
 // DS4_CUDA_NVRTC_DEFS) keeps the per-step reads (DS4_PXQ_PRE).
-// pxw_body's steps as an 8-step loop whose decoders read a block's words once
-// (DS4_PXW_U8=0: the same loop, every word read every step, as before).
-#ifndef DS4_PXW_U8
-#define DS4_PXW_U8 1
-#endif
 #ifndef DS4_PXQ_BLK
 #define DS4_PXQ_BLK 1
+#endif
+// Whether pxw_body's decoders read a block's words once in its 8-step loop (load_s8: the
+// IQ2_XXS block scale at the block's first step); 0 keeps every word read every step.
+#ifndef DS4_PXW_U8
+#define DS4_PXW_U8 1
 #endif
 #endif
 
@@ -1420,8 +1420,8 @@ __device__ __forceinline__ void pxw_body(const u8* wrow, i64 rowb, const PxTable
         ld[ri].decode(af0[ri], T, t4, 0);
     }
     // One step: B(s) in ring slot bs, s = s8 + u (s8 a multiple of 8; u a constant once the
-    // loops below unroll, so the block's first-step work is no runtime test and the decoders
-    // keep a block's words in registers: load_s8); decodes step s + 1 into an.
+    // loops below unroll, so the block's first-step work is no runtime test and the IQ2_XXS
+    // decoder keeps its block scale in a register: load_s8); decodes step s + 1 into an.
     auto step = [&](int s8, int u, int bs, const u32 (&ac)[2 * J][4], u32 (&an)[2 * J][4]) {
         const int s = s8 + u;
         pf_cp_wait1();

@@ -1245,7 +1245,7 @@ __device__ __forceinline__ int iq2_idot(u32 ga, u32 gb, const uint4& xa, const u
     return (2 * (int)(gb >> 28) + 1) * s;
 }
 
-// One 8-block group (2 steps) of lane_rows_iq2a / lane_rows_iq2s: lane l takes code group
+// One 8-block group (2 steps) of lane_rows_iq2a: lane l takes code group
 // l%8 of blocks l/8 and 4 + l/8 of each row; wc[r] / ws[r] are its code bytes and the block
 // scale of block l/8 (the second block is 256 / 8 bytes on), xp / xdp its activation codes
 // and scale. Each lane adds its blocks in block order, with the same f32 operations as
