@@ -165,6 +165,12 @@ fn use_mv8w() -> bool {
     super::switch_on("DS4_CUDA_MV8W")
 }
 
+/// Whether those kernels take 4 rows a warp wherever the slots hold 4,096 rows or more
+/// (`DS4_CUDA_MV8W4=0`: 2 rows a warp for rows of 2,048 columns or more, for comparisons).
+fn use_mv8w4() -> bool {
+    super::switch_on("DS4_CUDA_MV8W4")
+}
+
 /// [`CudaBackend::set_pf_mx`] level meaning "read the switches at each launch" (the default,
 /// so `ds4 cuda model --variants` can change them between sessions).
 const PF_MX_FROM_ENV: u8 = u8::MAX;
@@ -1222,11 +1228,11 @@ impl CudaBackend {
         // fewer than 4 steps of 512 (so 8 loads per lane stay in flight), or when the slots
         // hold 4,096 rows or more (out_a, out_b, the shared expert's down, the output head:
         // the column split then leaves each warp 2-4 steps, as q_b's; full model +1-2%
-        // decode, bench/RESULTS.md, twenty-sixth session; `DS4_CUDA_MV8W4=0` keeps 2 there);
-        // else 2 (q_a and kv: 1,024 / 512 rows, where 4 measured slower).
+        // decode, bench/RESULTS.md, twenty-sixth session; `use_mv8w4`); else 2 (q_a and kv:
+        // 1,024 / 512 rows, where 4 measured no faster).
         let (f, rw) = match &k.mv8w {
             Some((w2, w4)) if w.n_cols.is_multiple_of(512) && use_mv8w() => {
-                let many_rows = w.n_rows * slots >= 4096 && super::switch_on("DS4_CUDA_MV8W4");
+                let many_rows = w.n_rows * slots >= 4096 && use_mv8w4();
                 if w.n_cols < 4 * 512 || many_rows {
                     (w4, 4)
                 } else {
