@@ -2324,13 +2324,13 @@ fn check_hc_pre1(
         be.upload_f32(&base)?,
         be.upload_f32(&norm)?,
     );
-    let y = poisoned(be, d)?;
-    let post = poisoned(be, n)?;
-    let comb = poisoned(be, n * n)?;
-    let q0 = be.alloc_f32(d / 4)?;
-    let d0 = be.alloc_f32(d / 32)?;
-    let qk = be.alloc_f32(d / 4)?;
-    let dk = be.alloc_f32(d / 256)?;
+    let mut y = poisoned(be, d)?;
+    let mut post = poisoned(be, n)?;
+    let mut comb = poisoned(be, n * n)?;
+    let mut q0 = be.alloc_f32(d / 4)?;
+    let mut d0 = be.alloc_f32(d / 32)?;
+    let mut qk = be.alloc_f32(d / 4)?;
+    let mut dk = be.alloc_f32(d / 256)?;
     let st = be.stream();
     let wp = be.weight_ptr(&w);
     let (fm, fp) = (be.function("k_hc_mix_part")?, be.function("k_hc_pre1")?);
@@ -2372,7 +2372,7 @@ fn check_hc_pre1(
         })
     }?;
     // k_hc_pre1 over the partials; `clog` 0: with its own Sinkhorn.
-    let pre1 = |clog: u64| -> Result<()> {
+    let pre1h = |clog: u64, hoist: i32| -> Result<()> {
         let mut b = st.launch_builder(&fp);
         b.arg(&ptrs[0])
             .arg(&ptrs[1])
@@ -2384,14 +2384,46 @@ fn check_hc_pre1(
         for p in &ptrs[2..12] {
             b.arg(p);
         }
-        b.arg(&clog);
+        b.arg(&clog).arg(&hoist);
         // SAFETY: argument list matches k_hc_pre1; buffers sized above, clog n·n floats.
         unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
         Ok(())
     };
+    let pre1 = |clog: u64| pre1h(clog, 1);
+    // The partials' reduction as a loop (hoist 0) and with both rows a warp loaded at once:
+    // every output the same bits.
+    pre1h(0, 0)?;
+    let loop_out = [be.download(&y)?, be.download(&post)?, be.download(&comb)?];
+    let loop_codes = [
+        be.download(&q0)?,
+        be.download(&d0)?,
+        be.download(&qk)?,
+        be.download(&dk)?,
+    ];
+    // Every output poisoned again, so one the second form does not write cannot match.
+    for b in [
+        &mut y, &mut post, &mut comb, &mut q0, &mut d0, &mut qk, &mut dk,
+    ] {
+        let nan = vec![f32::NAN; b.len()];
+        st.memcpy_htod(&nan, b)?;
+    }
     pre1(0)?;
     let gy = be.download(&y)?;
     let gcomb = be.download(&comb)?;
+    let mut hoist_same = same_finite_bits(&loop_out[0], &gy)
+        && same_finite_bits(&loop_out[1], &be.download(&post)?)
+        && same_finite_bits(&loop_out[2], &gcomb);
+    for (b, c) in [&q0, &d0, &qk, &dk].into_iter().zip(&loop_codes) {
+        hoist_same &= same_bits(c, &be.download(b)?);
+    }
+    let mut row = exact_row(
+        "hc_pre1_hoist",
+        GgmlType::F32,
+        &shape,
+        usize::from(!hoist_same),
+    );
+    row.note = "partials of both rows a warp loaded at once vs the loop: y, post, comb and codes the same bits".into();
+    out.push(row);
     // The same with the Sinkhorn left to k_sinkhorn1 (production decode's fork): y and the
     // combination bit for bit.
     let clog = be.alloc_f32(n * n)?;

@@ -2274,7 +2274,9 @@ impl GpuSession {
                         d0,
                         qk,
                         dk,
-                        if fork { p(&s.clog) } else { 0 }
+                        if fork { p(&s.clog) } else { 0 },
+                        // Both rows' partials loaded at once (DS4_CUDA_HCP1_HOIST=0: the loop).
+                        i32::from(super::switch_on("DS4_CUDA_HCP1_HOIST"))
                     ]
                 );
                 if int8 {

@@ -1096,7 +1096,8 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
                                              float* __restrict__ post, float* __restrict__ comb,
                                              const float* __restrict__ norm, signed char* __restrict__ q0,
                                              float* __restrict__ d0, signed char* __restrict__ qk,
-                                             float* __restrict__ dk, float* __restrict__ clog) {
+                                             float* __restrict__ dk, float* __restrict__ clog,
+                                             int hoist) {
     __shared__ double sh[33];
     __shared__ double ssum;
     __shared__ float mx[FWD_MAX_MIX];
@@ -1123,17 +1124,49 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
                 xb[j] = px[1];
             }
     }
-    for (int r = warp; r <= w; r += nw) {
-        if (r < w) {
-            float a = 0.0f;
-            for (int b = lane; b < nb; b += 32) a += part[(i64)b * w + r];
-            a = warp_sum(a);
-            if (lane == 0) mx[r] = a;
-        } else {
-            double a = 0.0;
-            for (int b = lane; b < nb; b += 32) a += ss[b];
-            a = warp_sum_d(a);
-            if (lane == 0) ssum = a;
+    if (hoist && nb <= 32 && w < 2 * nw) {
+        // One partial a lane (decode: n·d / 512 = 32 blocks) and at most two rows a warp
+        // (warp, warp + nw; row w is the sum of squares): both rows' partials are loaded
+        // before either sum, so the block waits for one round trip to L2 instead of two.
+        // Each sum is the loop's below (+0.0, then the lane's partial; the same butterfly):
+        // the same bits.
+        const int r1 = warp, r2 = warp + nw;
+        const bool on_b = lane < nb;
+        float p1 = 0.0f, p2 = 0.0f;
+        double q = 0.0;
+        if (on_b) {
+            if (r1 < w) p1 = part[(i64)lane * w + r1];
+            if (r2 < w) p2 = part[(i64)lane * w + r2];
+            if (r1 == w || r2 == w) q = ss[lane];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int r = i == 0 ? r1 : r2;
+            if (r < w) {
+                float a = 0.0f;
+                if (on_b) a += i == 0 ? p1 : p2;
+                a = warp_sum(a);
+                if (lane == 0) mx[r] = a;
+            } else if (r == w) {
+                double a = 0.0;
+                if (on_b) a += q;
+                a = warp_sum_d(a);
+                if (lane == 0) ssum = a;
+            }
+        }
+    } else {
+        for (int r = warp; r <= w; r += nw) {
+            if (r < w) {
+                float a = 0.0f;
+                for (int b = lane; b < nb; b += 32) a += part[(i64)b * w + r];
+                a = warp_sum(a);
+                if (lane == 0) mx[r] = a;
+            } else {
+                double a = 0.0;
+                for (int b = lane; b < nb; b += 32) a += ss[b];
+                a = warp_sum_d(a);
+                if (lane == 0) ssum = a;
+            }
         }
     }
     __syncthreads();
@@ -1214,10 +1247,10 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS, 1)
               float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
               const float* __restrict__ norm, signed char* __restrict__ q0,
               float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk,
-              float* __restrict__ clog) {
+              float* __restrict__ clog, int hoist) {
     pdl_trigger();
     hc_pre1_body(x, part, ss, nb, n, d, rms_eps, hc_eps, iters, scale3, base, y, post, comb, norm,
-                 q0, d0, qk, dk, clog);
+                 q0, d0, qk, dk, clog, hoist);
 }
 
 // The Sinkhorn k_hc_pre1 left (clog: the n·n scaled logits): comb = sinkhorn_reg(clog), the
