@@ -294,12 +294,13 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
         check_hc_pre1(be, &mut rng, n, d, &mut out)?;
     }
-    for width in [1024usize, 4096] {
+    // 8192 (a 512-thread block): the loop form in both runs.
+    for width in [1024usize, 4096, 8192] {
         check_rms_norm_q8(be, &mut rng, width, &mut out)?;
     }
     check_hc_post_moe(be, &mut rng, &mut out)?;
     check_hc_post_ring(be, &mut rng, &mut out)?;
-    for kx in [0usize, 6] {
+    for kx in [0usize, 6, 9] {
         check_hc_post_mix(be, &mut rng, kx, &mut out)?;
     }
     check_route(be, &mut rng, &mut out)?;
@@ -478,33 +479,48 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
         let (dl, db) = (be.upload_f32(&parts)?, be.upload_f32(&bias)?);
         let (ns, sstride) = (nsplit as i32, plane as i64);
         let toks = be.upload_i32(&vec![0; n_tok])?;
-        let (ids, wts) = (
-            be.upload_i32(&vec![-1; n_tok * k])?,
-            poisoned(be, n_tok * k)?,
-        );
         let (n_e, k_i, norm_on, scale) = (n_exp as i32, k as i32, 1i32, 2.5f32);
         let null = 0u64;
-        let mut b = st.launch_builder(&f);
-        b.arg(&dl)
-            .arg(&n_e)
-            .arg(&k_i)
-            .arg(&toks)
-            .arg(&null)
-            .arg(&db)
-            .arg(&norm_on)
-            .arg(&scale)
-            .arg(&ids)
-            .arg(&wts)
-            .arg(&ns)
-            .arg(&sstride);
         let cfg = LaunchConfig {
             grid_dim: (n_tok as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: (n_exp.next_multiple_of(2) * 4 + n_exp * 8) as u32,
         };
-        // SAFETY: argument list matches k_route; logits n_tok × n_exp, ids/wts n_tok × k.
-        unsafe { b.launch(cfg) }?;
-        let (gi, gw) = (be.download(&ids)?, be.download(&wts)?);
+        // warp_fin 0: thread 0 finishes the slots; 1: warp 0 (production). Fresh poisoned
+        // outputs each time.
+        let run = |warp_fin: i32| -> Result<(Vec<i32>, Vec<f32>)> {
+            let (ids, wts) = (
+                be.upload_i32(&vec![-1; n_tok * k])?,
+                poisoned(be, n_tok * k)?,
+            );
+            let mut b = st.launch_builder(&f);
+            b.arg(&dl)
+                .arg(&n_e)
+                .arg(&k_i)
+                .arg(&toks)
+                .arg(&null)
+                .arg(&db)
+                .arg(&norm_on)
+                .arg(&scale)
+                .arg(&ids)
+                .arg(&wts)
+                .arg(&ns)
+                .arg(&sstride)
+                .arg(&warp_fin);
+            // SAFETY: argument list matches k_route; logits n_tok × n_exp, ids/wts n_tok × k.
+            unsafe { b.launch(cfg) }?;
+            Ok((be.download(&ids)?, be.download(&wts)?))
+        };
+        let (ti, tw) = run(0)?;
+        let (gi, gw) = run(1)?;
+        let mut row = exact_row(
+            "route_warp_finish",
+            GgmlType::F32,
+            &format!("E{n_exp} k{k} n{n_tok} parts{nsplit}"),
+            usize::from(ti != gi || !same_finite_bits(&tw, &gw)),
+        );
+        row.note = "warp 0 vs thread 0 finishing the slots: ids and weights the same bits".into();
+        out.push(row);
         let (mut bad_ids, mut max_rel) = (0usize, 0f64);
         let mut top = Vec::new();
         for t in 0..n_tok {
@@ -2503,30 +2519,49 @@ fn check_rms_norm_q8(
         .collect();
     let mut cpu = x.clone();
     ops::rms_norm(&mut cpu, Some(&w), eps);
-    let xd = be.upload_f32(&x)?;
     let wd = be.upload_f32(&w)?;
-    let q0 = be.alloc_f32(width / 4)?;
-    let d0 = be.alloc_f32(width / 32)?;
     let st = be.stream();
     let f = be.function("k_rms_norm_q8")?;
-    let (xp, wp, qp, dp) = (
-        xd.device_ptr(st).0,
-        wd.device_ptr(st).0,
-        q0.device_ptr(st).0,
-        d0.device_ptr(st).0,
-    );
     let wi = width as i32;
-    let mut b = st.launch_builder(&f);
-    b.arg(&xp).arg(&wp).arg(&wi).arg(&eps).arg(&qp).arg(&dp);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: ((width / 8).min(512) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: argument list matches k_rms_norm_q8; buffers sized above.
-    unsafe { b.launch(cfg) }?;
-    let g = be.download(&xd)?;
+    // The kernel in its loop form (one = 0) or with the row in registers (one = 1, the
+    // decode path's when the row fits the block): the normalized row and its codes.
+    let run = |one: i32| -> Result<[Vec<f32>; 3]> {
+        let xd = be.upload_f32(&x)?;
+        let (q0, d0) = (poisoned(be, width / 4)?, poisoned(be, width / 32)?);
+        let (xp, wp, qp, dp) = (
+            xd.device_ptr(st).0,
+            wd.device_ptr(st).0,
+            q0.device_ptr(st).0,
+            d0.device_ptr(st).0,
+        );
+        let mut b = st.launch_builder(&f);
+        b.arg(&xp)
+            .arg(&wp)
+            .arg(&wi)
+            .arg(&eps)
+            .arg(&qp)
+            .arg(&dp)
+            .arg(&one);
+        // SAFETY: argument list matches k_rms_norm_q8; buffers sized above.
+        unsafe { b.launch(cfg) }?;
+        Ok([be.download(&xd)?, be.download(&q0)?, be.download(&d0)?])
+    };
+    let looped = run(0)?;
+    let [g, q0, d0] = run(1)?;
     let shape = format!("{width}");
+    let same = same_finite_bits(&looped[0], &g)
+        && same_bits(&looped[1], &q0)
+        && same_finite_bits(&looped[2], &d0);
+    let mut row = exact_row("rms_norm_q8_one", GgmlType::F32, &shape, usize::from(!same));
+    row.note =
+        "row in registers, weights before the wait vs the loop form: row and codes the same bits"
+            .into();
+    out.push(row);
     out.push(rel_row(
         "rms_norm_q8",
         &shape,
@@ -2535,12 +2570,12 @@ fn check_rms_norm_q8(
         1e-6,
         "vs CPU ops::rms_norm; max_err = max|d| / max|cpu|",
     ));
-    let m = code_mismatches(
-        ActQuant::Q8_0,
-        &g,
-        &download_codes(be, &q0, width)?,
-        &be.download(&d0)?,
-    );
+    let codes: Vec<u8> = q0
+        .iter()
+        .flat_map(|v| v.to_bits().to_le_bytes())
+        .take(width)
+        .collect();
+    let m = code_mismatches(ActQuant::Q8_0, &g, &codes, &d0);
     out.push(exact_row("rms_norm_q8_codes", GgmlType::Q8_0, &shape, m));
     Ok(())
 }

@@ -2694,7 +2694,10 @@ impl GpuSession {
                         c.q_lora_rank as i32,
                         eps,
                         p(&s.q0),
-                        p(&s.d0)
+                        p(&s.d0),
+                        // The row in registers, its weights before the wait
+                        // (DS4_CUDA_RMSQ8_ONE=0: the loop form).
+                        i32::from(super::switch_on("DS4_CUDA_RMSQ8_ONE"))
                     ]
                 );
                 let mut m = memo.get();
@@ -3331,7 +3334,9 @@ impl GpuSession {
                         pi(&s.ids),
                         p(&s.wts),
                         rsplit,
-                        (n * c.n_expert) as i64
+                        (n * c.n_expert) as i64,
+                        // Warp 0 finishes the slots (DS4_CUDA_ROUTE_WARP=0: thread 0's loops).
+                        i32::from(super::switch_on("DS4_CUDA_ROUTE_WARP"))
                     ]
                 );
                 mk(il, "router")?;

@@ -894,6 +894,9 @@ extern "C" __global__ void k_hc_comb(const float* __restrict__ mix, const float*
 #define FWD_MAX_MIX ((2 + FWD_MAX_HC) * FWD_MAX_HC)
 // Most streams the decode hc_pre kernels hold in registers (k_hc_pre1, k_hc_post_mix).
 #define HC_PRE1_MAX_HC 4
+// Most sublayer outputs k_hc_post_mix loads at once (the FFN site's routed experts; more take
+// the loop).
+#define HC_POST_MAX_KX 8
 
 // The new state of stream k at one element (hc_post): Q_k·fv + Σ_j M[j][k]·X_j, xs[j] = X_j
 // there, j in order; n ≤ M. Every decode and chunk form of hc_post computes each element with
@@ -958,12 +961,17 @@ __device__ __forceinline__ void hc_mix_body(const float* __restrict__ x, const u
     pdl_wait();
     float xs[8];
     if constexpr (POST) {
-        if (ring) {
-            const int nt = gridDim.x * gridDim.y * blockDim.x;
-            const long long slot = *p0p % swa;
-            for (int i = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x; i < dh;
-                 i += nt)
-                ring[slot * dh + i] = kv[i];
+        // The ring push's first element a thread: its position and value are loaded here but
+        // stored at the end, so no thread waits for them before its state loads (the
+        // position's use, a 64-bit modulo, would stall every thread of the grid on it).
+        const int nt = gridDim.x * gridDim.y * blockDim.x;
+        const int gi = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+        const bool push = ring && gi < dh;
+        long long ppos = 0;
+        float kv0 = 0.0f;
+        if (push) {
+            ppos = *p0p;
+            kv0 = kv[gi];
         }
         const int sk = e0 / d, e = e0 - sk * d;
         float4 xa[HC_PRE1_MAX_HC], xb[HC_PRE1_MAX_HC];
@@ -983,16 +991,39 @@ __device__ __forceinline__ void hc_mix_body(const float* __restrict__ x, const u
         } else {
 #pragma unroll
             for (int i = 0; i < 8; i++) fv[i] = 0.0f;
-            for (int j = 0; j < kx; j++) {
-                const float4* pf = (const float4*)(f + (i64)j * d + e);
-                float4 fa = pf[0], fb = pf[1];
-                fv[0] += fa.x, fv[1] += fa.y, fv[2] += fa.z, fv[3] += fa.w;
-                fv[4] += fb.x, fv[5] += fb.y, fv[6] += fb.z, fv[7] += fb.w;
-            }
             const float4* ps = (const float4*)(sh + e);
-            float4 sa = ps[0], sb = ps[1];
-            fv[0] += sa.x, fv[1] += sa.y, fv[2] += sa.z, fv[3] += sa.w;
-            fv[4] += sb.x, fv[5] += sb.y, fv[6] += sb.z, fv[7] += sb.w;
+            if (kx <= HC_POST_MAX_KX) {
+                // Every expert's output (and the shared expert's) loaded before the first sum:
+                // one round trip to L2 instead of one per unrolled pair. The same adds in the
+                // same order as the loop below.
+                float4 fa[HC_POST_MAX_KX], fb[HC_POST_MAX_KX];
+#pragma unroll
+                for (int j = 0; j < HC_POST_MAX_KX; j++)
+                    if (j < kx) {
+                        const float4* pf = (const float4*)(f + (i64)j * d + e);
+                        fa[j] = pf[0];
+                        fb[j] = pf[1];
+                    }
+                const float4 sa = ps[0], sb = ps[1];
+#pragma unroll
+                for (int j = 0; j < HC_POST_MAX_KX; j++)
+                    if (j < kx) {
+                        fv[0] += fa[j].x, fv[1] += fa[j].y, fv[2] += fa[j].z, fv[3] += fa[j].w;
+                        fv[4] += fb[j].x, fv[5] += fb[j].y, fv[6] += fb[j].z, fv[7] += fb[j].w;
+                    }
+                fv[0] += sa.x, fv[1] += sa.y, fv[2] += sa.z, fv[3] += sa.w;
+                fv[4] += sb.x, fv[5] += sb.y, fv[6] += sb.z, fv[7] += sb.w;
+            } else {
+                for (int j = 0; j < kx; j++) {
+                    const float4* pf = (const float4*)(f + (i64)j * d + e);
+                    float4 fa = pf[0], fb = pf[1];
+                    fv[0] += fa.x, fv[1] += fa.y, fv[2] += fa.z, fv[3] += fa.w;
+                    fv[4] += fb.x, fv[5] += fb.y, fv[6] += fb.z, fv[7] += fb.w;
+                }
+                float4 sa = ps[0], sb = ps[1];
+                fv[0] += sa.x, fv[1] += sa.y, fv[2] += sa.z, fv[3] += sa.w;
+                fv[4] += sb.x, fv[5] += sb.y, fv[6] += sb.z, fv[7] += sb.w;
+            }
         }
 #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -1009,6 +1040,11 @@ __device__ __forceinline__ void hc_mix_body(const float* __restrict__ x, const u
             float4* po = (float4*)(xn + e0);
             po[0] = make_float4(xs[0], xs[1], xs[2], xs[3]);
             po[1] = make_float4(xs[4], xs[5], xs[6], xs[7]);
+        }
+        if (push) {
+            const long long slot = ppos % swa;
+            ring[slot * dh + gi] = kv0;
+            for (int i = gi + nt; i < dh; i += nt) ring[slot * dh + i] = kv[i];
         }
     } else {
         const float4* px = (const float4*)(x + e0);
@@ -1265,12 +1301,52 @@ extern "C" __global__ void k_sinkhorn1(const float* __restrict__ clog, int n, in
 
 // k_rms_norm of one row (decode) plus its Q8_0 codes/scales for the next product (q8_0_lane,
 // as qa_q8_0 on the stored values). width a multiple of 256; lane layout as k_hc_pre1.
+// one (width ≤ 8·blockDim): the row stays in registers from its one load to its store and
+// the norm weights are loaded with it (written before the PDL wait, as no kernel writes them;
+// ptxas may issue them after it, beside the row's loads), so nothing is loaded after the
+// reduction (the loop form loads both the row again and the weights there: one more round trip
+// to memory on the decode path). The same operations on the same values.
 extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __restrict__ w,
                                          int width, float eps, signed char* __restrict__ q0,
-                                         float* __restrict__ d0) {
-    pdl_enter();
+                                         float* __restrict__ d0, int one) {
+    pdl_trigger();
     __shared__ double sh[33];
     int lane = threadIdx.x & 31;
+    if (one && width <= 8 * (int)blockDim.x) {
+        const int e0 = 8 * threadIdx.x;
+        const bool on = e0 < width;
+        float wv[8];
+        if (on && w) {
+            const float4* pw = (const float4*)(w + e0);
+            float4 a = pw[0], b = pw[1];
+            wv[0] = a.x, wv[1] = a.y, wv[2] = a.z, wv[3] = a.w;
+            wv[4] = b.x, wv[5] = b.y, wv[6] = b.z, wv[7] = b.w;
+        }
+        pdl_wait();
+        float v[8];
+        double a2 = 0.0;
+        if (on) {
+            const float4* px = (const float4*)(x + e0);
+            float4 a = px[0], b = px[1];
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+            v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+#pragma unroll
+            for (int k = 0; k < 8; k++) a2 += (double)v[k] * (double)v[k];
+        }
+        float s = (float)(1.0 / sqrt(block_sum_d(a2, sh) / (double)width + (double)eps));
+        if (!on) return;
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = w ? v[k] * s * wv[k] : v[k] * s;
+        float4* px = (float4*)(x + e0);
+        px[0] = make_float4(v[0], v[1], v[2], v[3]);
+        px[1] = make_float4(v[4], v[5], v[6], v[7]);
+        u32 w0, w1;
+        float dd = q8_0_lane(v, &w0, &w1);
+        *(uint2*)(q0 + e0) = make_uint2(w0, w1);
+        if ((lane & 3) == 0) d0[e0 >> 5] = dd;
+        return;
+    }
+    pdl_wait();
     double a2 = 0.0;
     for (int e0 = 8 * threadIdx.x; e0 < width; e0 += 8 * blockDim.x) {
         const float4* px = (const float4*)(x + e0);
@@ -2245,7 +2321,7 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
                                    const int* __restrict__ tid2eid,
                                    const float* __restrict__ bias, int norm_on, float wscale,
                                    int* __restrict__ ids, float* __restrict__ wts, int nsplit,
-                                   long long sstride) {
+                                   long long sstride, int warp_fin) {
     extern __shared__ float s_e[];
     __shared__ int ch[64];
     unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
@@ -2281,6 +2357,30 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
         }
     }
     __syncthreads();
+    if (warp_fin && k <= 32) {
+        // Warp 0, lane j < k: slot j of the selection order. The sum, the scale and each
+        // weight are thread 0's below (the scores added in selection order from +0.0, one
+        // rounding a product), and lane j's place in the id order is the number of slots
+        // before it there (a lower id, or the same id earlier: the stable insertion sort's
+        // place), so the same outputs without thread 0's serial loops over local memory.
+        if (threadIdx.x >= 32) return;
+        const int lane = threadIdx.x;
+        const int e = lane < k ? ch[lane] : 0;
+        const float se = lane < k ? s_e[e] : 0.0f;
+        float sum = 0.0f;
+        int pos = 0;
+        for (int j = 0; j < k; j++) {
+            sum += __shfl_sync(0xffffffffu, se, j);
+            const int ej = __shfl_sync(0xffffffffu, e, j);
+            pos += ej < e || (ej == e && j < lane);
+        }
+        float nrm = norm_on ? 1.0f / fmaxf(sum, 1.0f / 16384.0f) : 1.0f;
+        if (lane < k) {
+            ids[t * k + pos] = e;
+            wts[t * k + pos] = se * nrm * wscale;
+        }
+        return;
+    }
     if (threadIdx.x == 0) {
         float sum = 0.0f;
         for (int j = 0; j < k; j++) sum += s_e[ch[j]];
