@@ -2021,27 +2021,34 @@ __device__ __forceinline__ void topk1(const float* __restrict__ s, int ld,
     __shared__ unsigned sh_pr[3];
     pdl_enter();
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = blockIdx.x;
-    const int n_t = (int)((*p0p + t + 1) / r);
+    const long long p0 = *p0p;
     s += (long long)t * ld;
     out += (long long)t * k;
     cnt += t;
+    // The thread's scores are loaded beside the position, before the visible count is known
+    // (one round trip to memory instead of two): the row has ld ≥ n_t entries, and those past
+    // n_t are never used.
+    const int r0 = tid * KPT;
+    float sv[KPT];
+    if (KPT >= 4 && r0 + KPT <= ld) {
+#pragma unroll
+        for (int j = 0; j < KPT; j += 4) {
+            float4 v = *(const float4*)(s + r0 + j);
+            sv[j] = v.x, sv[j + 1] = v.y, sv[j + 2] = v.z, sv[j + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < KPT; j++) sv[j] = r0 + j < ld ? s[r0 + j] : 0.0f;
+    }
+    const int n_t = (int)((p0 + t + 1) / r);
     if (n_t <= k) {
         for (int i = tid; i < n_t; i += TOPK1_THREADS) out[i] = i;
         if (tid == 0) *cnt = n_t;
         return;
     }
-    const int r0 = tid * KPT;
     unsigned key[KPT];
-    if (KPT >= 4 && r0 + KPT <= n_t) {
 #pragma unroll
-        for (int j = 0; j < KPT; j += 4) {
-            float4 v = *(const float4*)(s + r0 + j);
-            key[j] = okey(v.x), key[j + 1] = okey(v.y), key[j + 2] = okey(v.z), key[j + 3] = okey(v.w);
-        }
-    } else {
-#pragma unroll
-        for (int j = 0; j < KPT; j++) key[j] = r0 + j < n_t ? okey(s[r0 + j]) : 0u;
-    }
+    for (int j = 0; j < KPT; j++) key[j] = r0 + j < n_t ? okey(sv[j]) : 0u;
     const int nv = max(0, min(KPT, n_t - r0));  // valid keys of this thread
     const unsigned lt = (1u << lane) - 1u;
     unsigned prefix = 0, mask = 0, rem = (unsigned)k;
