@@ -24,12 +24,10 @@ struct AttRows {
     int n_raw, n_rows, ratio, swa, dh;
 };
 
-// cnt_t: the token's selected-row count (ratio 4; read by the caller, so that its load can be
-// issued beside the position's).
-__device__ __forceinline__ AttRows att_rows_c(const float* ckv, const float* ring,
-                                              const float* comp, const int* sel, int cnt_t,
-                                              int sel_ld, int ratio, long long p0, int t, int swa,
-                                              int dh) {
+__device__ __forceinline__ AttRows att_rows(const float* ckv, const float* ring,
+                                            const float* comp, const int* sel,
+                                            const int* cnt, int sel_ld, int ratio,
+                                            long long p0, int t, int swa, int dh) {
     AttRows a;
     long long p = p0 + t;
     a.ckv = ckv;
@@ -39,20 +37,12 @@ __device__ __forceinline__ AttRows att_rows_c(const float* ckv, const float* rin
     a.p0 = p0;
     a.lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
     a.n_raw = (int)(p - a.lo + 1);
-    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt_t : (int)((p + 1) / ratio));
+    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
     a.n_rows = a.n_raw + n_comp;
     a.ratio = ratio;
     a.swa = swa;
     a.dh = dh;
     return a;
-}
-
-__device__ __forceinline__ AttRows att_rows(const float* ckv, const float* ring,
-                                            const float* comp, const int* sel,
-                                            const int* cnt, int sel_ld, int ratio,
-                                            long long p0, int t, int swa, int dh) {
-    return att_rows_c(ckv, ring, comp, sel, ratio == 4 ? cnt[t] : 0, sel_ld, ratio, p0, t, swa,
-                      dh);
 }
 
 __device__ __forceinline__ const float* att_row(const AttRows& a, int rr) {
@@ -367,37 +357,14 @@ extern "C" __global__ void k_att_combine(const float* __restrict__ part,
 // att_row with 32-bit index arithmetic (positions and row numbers fit in 31 bits; att_row's
 // 64-bit modulo is a long instruction sequence, and this kernel forms 16 row addresses a
 // thread a tile).
-// sc: the row's selected index (ratio 4), loaded beforehand by fd_load_tile.
-__device__ __forceinline__ const float* fd_row(const AttRows& a, int rr, unsigned sc) {
+__device__ __forceinline__ const float* fd_row(const AttRows& a, int rr) {
     if (rr < a.n_raw) {
         unsigned q = (unsigned)(a.lo + rr), p0 = (unsigned)a.p0;
         return q >= p0 ? a.ckv + (long long)(q - p0) * a.dh
                        : a.ring + (long long)(q % (unsigned)a.swa) * a.dh;
     }
-    unsigned c = a.ratio == 4 ? sc : (unsigned)(rr - a.n_raw);
+    unsigned c = a.ratio == 4 ? (unsigned)a.sel[rr - a.n_raw] : (unsigned)(rr - a.n_raw);
     return a.comp + (long long)c * a.dh;
-}
-
-// A thread's rows of the tile at `base` (rows base + rl0 + i·rstep, column col) into kv4: every
-// selected row's index first, then the rows. With the index read inside fd_row, each row's
-// address waited for its own index before the next index load could issue (in-order issue):
-// 16 round trips to memory a tile in the ratio-4 layers instead of 2. The same rows.
-__device__ __forceinline__ void fd_load_tile(const AttRows& a, int base, int rl0, int rstep,
-                                             int r_hi, int col, float4 (&kv4)[FD_R]) {
-    unsigned sc[FD_R];
-#pragma unroll
-    for (int i = 0; i < FD_R; i++) {
-        const int rl = rl0 + i * rstep, rr = base + rl;
-        sc[i] = a.ratio == 4 && rl < FD_R && rr < r_hi && rr >= a.n_raw
-                    ? (unsigned)a.sel[rr - a.n_raw]
-                    : 0u;
-    }
-#pragma unroll
-    for (int i = 0; i < FD_R; i++) {
-        const int rl = rl0 + i * rstep, rr = base + rl;
-        kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr, sc[i]))[col]
-                                        : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
 }
 
 template <int O, int N>
@@ -435,10 +402,7 @@ __device__ __forceinline__ void att_fd(const float* __restrict__ q, const float*
                      ? ((const float4*)(q + ((long long)t * n_head + hh) * dh))[col]
                      : z4;
     }
-    // The position and the selected-row count, both loads in flight before either is used.
-    const long long p0v = *p0p;
-    const int cnt_t = ratio == 4 ? cnt[t] : 0;
-    AttRows a = att_rows_c(ckv, ring, comp, sel, cnt_t, sel_ld, ratio, p0v, t, swa, dh);
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, *p0p, t, swa, dh);
     const int r_lo = b * tpb * FD_R;
     if (r_lo >= a.n_rows) return;
     const int r_hi = min(a.n_rows, r_lo + tpb * FD_R);
@@ -463,7 +427,11 @@ __device__ __forceinline__ void att_fd(const float* __restrict__ q, const float*
     // The tile's rows go through registers: the next tile's loads are issued before this
     // tile's products, so their latency overlaps them.
     float4 kv4[FD_R];
-    fd_load_tile(a, r_lo, rl0, rstep, r_hi, col, kv4);
+#pragma unroll
+    for (int i = 0; i < FD_R; i++) {
+        int rl = rl0 + i * rstep, rr = r_lo + rl;
+        kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr))[col] : z4;
+    }
     for (int r0 = r_lo; r0 < r_hi; r0 += FD_R) {
         __syncthreads();  // the previous tile's rows and weights are consumed
 #pragma unroll
@@ -472,7 +440,13 @@ __device__ __forceinline__ void att_fd(const float* __restrict__ q, const float*
             if (rl < FD_R) ((float4*)ks)[rl * c4 + col] = kv4[i];
         }
         __syncthreads();
-        if (r0 + FD_R < r_hi) fd_load_tile(a, r0 + FD_R, rl0, rstep, r_hi, col, kv4);
+        if (r0 + FD_R < r_hi) {
+#pragma unroll
+            for (int i = 0; i < FD_R; i++) {
+                int rl = rl0 + i * rstep, rr = r0 + FD_R + rl;
+                kv4[i] = rl < FD_R && rr < r_hi ? ((const float4*)fd_row(a, rr))[col] : z4;
+            }
+        }
         float s[4 * H];  // [head h][row 4w + i] at 4h + i
 #pragma unroll
         for (int x = 0; x < 4 * H; x++) s[x] = 0.0f;
@@ -615,9 +589,8 @@ __device__ __forceinline__ void att_fd_combine(
     }
     const float sink = sinks[h];
     const long long p0 = *p0p, p = p0 + t;
-    const int cnt_t = ratio == 4 ? cnt[t] : 0;  // issued beside the position's load
     const long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
-    const int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt_t : (int)((p + 1) / ratio));
+    const int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
     const int n_rows = (int)(p - lo + 1) + n_comp;
     const int nb = (n_rows + tpb * FD_R - 1) / (tpb * FD_R);
     if (tid < 32) {
