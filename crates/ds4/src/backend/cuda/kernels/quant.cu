@@ -68,6 +68,11 @@ __device__ __forceinline__ void pdl_enter() {
 // one-block kernel, have their weight loads in flight while they wait. Everything an earlier
 // kernel writes is read, and every output is written, after pdl_wait.
 // (PDL needs sm_90; older cards never launch with it, so there these are no-ops.)
+// Caution: ptxas may issue a load through a `const __restrict__` pointer (ld.global.nc) ahead
+// of griddepcontrol.wait (seen in k_topk1_1: the position's load). Today every such early load
+// reads the position (a host copy before the graph), a weight or a table; an output of an
+// earlier kernel read that way could be read stale, so check the SASS (loads before ACQBULK)
+// when a PDL kernel's reads change (bench/RESULTS.md, twenty-seventh session).
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
