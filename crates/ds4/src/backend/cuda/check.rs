@@ -513,14 +513,13 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
         };
         let (ti, tw) = run(0)?;
         let (gi, gw) = run(1)?;
-        let mut row = exact_row(
+        out.push(same_row(
             "route_warp_finish",
             GgmlType::F32,
             &format!("E{n_exp} k{k} n{n_tok} parts{nsplit}"),
-            usize::from(ti != gi || !same_finite_bits(&tw, &gw)),
-        );
-        row.note = "warp 0 vs thread 0 finishing the slots: ids and weights the same bits".into();
-        out.push(row);
+            ti == gi && same_finite_bits(&tw, &gw),
+            "warp 0 vs thread 0 finishing the slots: ids and weights the same bits",
+        ));
         let (mut bad_ids, mut max_rel) = (0usize, 0f64);
         let mut top = Vec::new();
         for t in 0..n_tok {
@@ -2432,14 +2431,13 @@ fn check_hc_pre1(
     for (b, c) in [&q0, &d0, &qk, &dk].into_iter().zip(&loop_codes) {
         hoist_same &= same_bits(c, &be.download(b)?);
     }
-    let mut row = exact_row(
+    out.push(same_row(
         "hc_pre1_hoist",
         GgmlType::F32,
         &shape,
-        usize::from(!hoist_same),
-    );
-    row.note = "partials of both rows a warp loaded at once vs the loop: y, post, comb and codes the same bits".into();
-    out.push(row);
+        hoist_same,
+        "partials of both rows a warp loaded at once vs the loop: y, post, comb and codes the same bits",
+    ));
     // The same with the Sinkhorn left to k_sinkhorn1 (production decode's fork): y and the
     // combination bit for bit.
     let clog = be.alloc_f32(n * n)?;
@@ -2451,14 +2449,13 @@ fn check_hc_pre1(
     // SAFETY: argument list matches k_sinkhorn1; clog and comb2 hold n·n floats.
     unsafe { b.launch(cfg(1, 32)) }?;
     let split_same = same_bits(&gy, &be.download(&y)?) && same_bits(&gcomb, &be.download(&comb2)?);
-    let mut row = exact_row(
+    out.push(same_row(
         "hc_pre1_sinkhorn1",
         GgmlType::F32,
         &shape,
-        usize::from(!split_same),
-    );
-    row.note = "y and the combination with the Sinkhorn in k_sinkhorn1: the same bits".into();
-    out.push(row);
+        split_same,
+        "y and the combination with the Sinkhorn in k_sinkhorn1: the same bits",
+    ));
     // The control product is a 16384-term f32 sum on the GPU (f64 here): ~1e-7 of its L1
     // mass, ~1e-5 of the (cancelling) sum itself, which exp/sigmoid pass on.
     let note = "vs CPU hc::pre + rms_norm (mix in f64); max_err = max|d| / max|cpu|";
@@ -2557,11 +2554,13 @@ fn check_rms_norm_q8(
     let same = same_finite_bits(&looped[0], &g)
         && same_bits(&looped[1], &q0)
         && same_finite_bits(&looped[2], &d0);
-    let mut row = exact_row("rms_norm_q8_one", GgmlType::F32, &shape, usize::from(!same));
-    row.note =
-        "row in registers, weights before the wait vs the loop form: row and codes the same bits"
-            .into();
-    out.push(row);
+    out.push(same_row(
+        "rms_norm_q8_one",
+        GgmlType::F32,
+        &shape,
+        same,
+        "row in registers, weights with it vs the loop form: row and codes the same bits",
+    ));
     out.push(rel_row(
         "rms_norm_q8",
         &shape,
@@ -4064,6 +4063,13 @@ fn exact_row(kernel: &str, ty: GgmlType, shape: &str, mismatches: usize) -> Chec
         pass: mismatches == 0,
         note: format!("{mismatches} elements differ in bits from quant::dequantize_row"),
     }
+}
+
+/// A row for two forms of a kernel that must give the same bits (`same`), with what was compared.
+fn same_row(kernel: &str, ty: GgmlType, shape: &str, same: bool, note: &str) -> CheckRow {
+    let mut row = exact_row(kernel, ty, shape, usize::from(!same));
+    row.note = note.into();
+    row
 }
 
 fn det_row(kernel: &str, ty: GgmlType, shape: &str, same: bool) -> CheckRow {

@@ -892,6 +892,12 @@ extern "C" __global__ void k_hc_comb(const float* __restrict__ mix, const float*
 // of the next products fused.
 
 #define FWD_MAX_MIX ((2 + FWD_MAX_HC) * FWD_MAX_HC)
+// Eight consecutive floats (16-byte aligned) into v: two 16-byte loads.
+__device__ __forceinline__ void ld8f(const float* p, float (&v)[8]) {
+    const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
 // Most streams the decode hc_pre kernels hold in registers (k_hc_pre1, k_hc_post_mix).
 #define HC_PRE1_MAX_HC 4
 // Most sublayer outputs k_hc_post_mix loads at once (the FFN site's routed experts; more take
@@ -1143,12 +1149,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
     const int e0 = 8 * threadIdx.x;
     const bool on = warp < nw - 1 && e0 < d;
     float nv[8];
-    if (on && norm) {
-        const float4* pn = (const float4*)(norm + e0);
-        float4 na = pn[0], nb4 = pn[1];
-        nv[0] = na.x, nv[1] = na.y, nv[2] = na.z, nv[3] = na.w;
-        nv[4] = nb4.x, nv[5] = nb4.y, nv[6] = nb4.z, nv[7] = nb4.w;
-    }
+    if (on && norm) ld8f(norm + e0, nv);
     pdl_wait();
     float4 xa[HC_PRE1_MAX_HC], xb[HC_PRE1_MAX_HC];
     if (on) {
@@ -1316,20 +1317,12 @@ extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __r
         const int e0 = 8 * threadIdx.x;
         const bool on = e0 < width;
         float wv[8];
-        if (on && w) {
-            const float4* pw = (const float4*)(w + e0);
-            float4 a = pw[0], b = pw[1];
-            wv[0] = a.x, wv[1] = a.y, wv[2] = a.z, wv[3] = a.w;
-            wv[4] = b.x, wv[5] = b.y, wv[6] = b.z, wv[7] = b.w;
-        }
+        if (on && w) ld8f(w + e0, wv);
         pdl_wait();
         float v[8];
         double a2 = 0.0;
         if (on) {
-            const float4* px = (const float4*)(x + e0);
-            float4 a = px[0], b = px[1];
-            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-            v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+            ld8f(x + e0, v);
 #pragma unroll
             for (int k = 0; k < 8; k++) a2 += (double)v[k] * (double)v[k];
         }
