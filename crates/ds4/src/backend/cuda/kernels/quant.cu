@@ -71,8 +71,8 @@ __device__ __forceinline__ void pdl_enter() {
 // Caution: ptxas may issue a load through a `const __restrict__` pointer (ld.global.nc) ahead
 // of griddepcontrol.wait (seen in k_topk1_1: the position's load). Today every such early load
 // reads the position (a host copy before the graph), a weight or a table; an output of an
-// earlier kernel read that way could be read stale, so check the SASS (loads before ACQBULK)
-// when a PDL kernel's reads change (bench/RESULTS.md, twenty-seventh session).
+// earlier kernel read that way could be read stale, so check the SASS (bench/pdl_audit.py lists
+// the loads before each wait) when a PDL kernel's reads change.
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
