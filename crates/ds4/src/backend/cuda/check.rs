@@ -2159,12 +2159,16 @@ fn check_hc_post_mix(
 
 /// Bytes `q` (codes) and f32 `d` (scales) downloaded from f32-typed scratch.
 fn download_codes(be: &CudaBackend, q: &CudaSlice<f32>, n: usize) -> Result<Vec<u8>> {
-    Ok(be
-        .download(q)?
+    Ok(code_bytes(&be.download(q)?, n))
+}
+
+/// The first `n` int8 codes of a buffer downloaded as f32 words.
+fn code_bytes(words: &[f32], n: usize) -> Vec<u8> {
+    words
         .iter()
         .flat_map(|v| v.to_bits().to_le_bytes())
         .take(n)
-        .collect())
+        .collect()
 }
 
 /// Mismatching codes + scales of GPU int8 activations against the CPU quantizer of `x`.
@@ -2569,12 +2573,7 @@ fn check_rms_norm_q8(
         1e-6,
         "vs CPU ops::rms_norm; max_err = max|d| / max|cpu|",
     ));
-    let codes: Vec<u8> = q0
-        .iter()
-        .flat_map(|v| v.to_bits().to_le_bytes())
-        .take(width)
-        .collect();
-    let m = code_mismatches(ActQuant::Q8_0, &g, &codes, &d0);
+    let m = code_mismatches(ActQuant::Q8_0, &g, &code_bytes(&q0, width), &d0);
     out.push(exact_row("rms_norm_q8_codes", GgmlType::Q8_0, &shape, m));
     Ok(())
 }

@@ -45,7 +45,10 @@
 //! priorities kept per decode-graph node: indexer > main path > shared expert / compressors), `DS4_CUDA_INT8` (int8
 //! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
 //! quantization), `DS4_CUDA_POSTMIX` (each decode hc_post fused into the next site's control
-//! product, `k_hc_post_mix`; the same bits), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs),
+//! product, `k_hc_post_mix`; the same bits), `DS4_CUDA_HCP1_HOIST` (`k_hc_pre1` loads both of a
+//! warp's partial rows before summing; off = the loop), `DS4_CUDA_RMSQ8_ONE` (`k_rms_norm_q8`'s
+//! row in registers; off = the loop form), `DS4_CUDA_ROUTE_WARP` (`k_route`'s slots finished by a
+//! warp; off = thread 0) (those three: the same bits), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs),
 //! `DS4_CUDA_MV8W4` (those matvecs 4 rows a warp wherever their slots hold 4,096 rows or more;
 //! off = 2 rows a warp for rows of 2,048 columns or more), `DS4_CUDA_LANE`
 //! (lane-owned IQ2_XXS / Q2_K int8 matvecs and fused gate+up, `mvl_<t>` / `mvlglu_<t>`;

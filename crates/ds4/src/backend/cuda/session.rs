@@ -2695,7 +2695,7 @@ impl GpuSession {
                         eps,
                         p(&s.q0),
                         p(&s.d0),
-                        // The row in registers, its weights before the wait
+                        // The row in registers, its weights loaded with it
                         // (DS4_CUDA_RMSQ8_ONE=0: the loop form).
                         i32::from(super::switch_on("DS4_CUDA_RMSQ8_ONE"))
                     ]
