@@ -66,6 +66,9 @@ pub struct AttnKernels {
     fd: [CudaFunction; 2],
     /// `k_att_fd_combine` (8 partials loaded ahead), `k_att_fd_combine32` (all of them).
     fd_combine: [CudaFunction; 2],
+    /// `k_att_fdtc16`, `k_att_fdtc32`: the split-rows kernel on tensor cores (tiles of 16 /
+    /// 32 rows).
+    fdtc: [CudaFunction; 2],
 }
 
 /// A kernel allowed `bytes` of dynamic shared memory (the widest shapes it takes).
@@ -128,6 +131,10 @@ impl AttnKernels {
                 smem_fn(be, "k_att_fd4", fd_smem(FD_MAX_DH, 4))?,
             ],
             fd_combine: [f("k_att_fd_combine")?, f("k_att_fd_combine32")?],
+            fdtc: [
+                smem_fn(be, "k_att_fdtc16", fdtc_smem(FD_MAX_DH, 16))?,
+                smem_fn(be, "k_att_fdtc32", fdtc_smem(FD_MAX_DH, 32))?,
+            ],
         })
     }
 }
@@ -209,6 +216,20 @@ const FD_MAX_DH: usize = 512;
 /// (`FD_R × h`) and rescale factors (`h`).
 pub fn fd_smem(dh: usize, h: usize) -> usize {
     ((h + FD_R) * dh + h * (FD_R + 1) + FD_R * h + h) * 4
+}
+
+/// Dynamic shared memory of `k_att_fdtc<rt>` (attn.cu's layout): `rt` f16 rows (`dh + 8`
+/// wide), the 8 warps' f32 score partials (16 heads × (`rt` + 4)), the f16 weights (16 ×
+/// (`rt` + 8)), 16 rescale factors and `rt` row addresses.
+pub fn fdtc_smem(dh: usize, rt: usize) -> usize {
+    rt * (dh + 8) * 2 + 8 * 16 * (rt + 4) * 4 + 16 * (rt + 8) * 2 + 16 * 4 + rt * 8
+}
+
+/// Whether production decode steps run the split-rows attention on tensor cores
+/// (`k_att_fdtc*`, f16 queries and weights as production prefill's `k_att_tc`;
+/// `DS4_CUDA_FD_TC=0` keeps the f32 `k_att_fd` kernels). Read at each capture.
+pub fn use_fd_tc() -> bool {
+    super::switch_on("DS4_CUDA_FD_TC")
 }
 
 /// Heads a `k_att_fd` block takes: 4 (`k_att_fd4`, twice the blocks, half the chain a
@@ -305,6 +326,9 @@ pub struct Attend {
     /// `nb × n × n_head × 2` (m, l), `nb` = [`fd_blocks`]`(rows_cap).1` ≤ 32; `inv` and
     /// `nsplit` unused.
     pub fd: bool,
+    /// With `fd`: the row blocks on tensor cores (`k_att_fdtc*`: 16 heads a block, f16
+    /// queries, rows and weights) instead of `k_att_fd`'s f32 products.
+    pub fd_tc: bool,
     /// With `fd` (and `dh` a multiple of 32): the output's Q8_0 codes (`n × n_head × dh`
     /// bytes) and scales (one a 32) for the output product, 0 = none.
     pub q0: u64,
@@ -409,13 +433,20 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
     }
     if a.fd && fd_supported(a.dh) {
         let (tpb, nb) = fd_blocks(a.rows_cap);
-        let fh = fd_heads();
+        let fh = if a.fd_tc { 16 } else { fd_heads() };
+        // Tensor cores: one 16-row tile a block where blocks take one, else tiles of 32.
+        let rt = if tpb == 1 { 16 } else { 32 };
+        let (f, threads, smem) = if a.fd_tc {
+            (&k.fdtc[usize::from(rt == 32)], 256, fdtc_smem(a.dh, rt))
+        } else {
+            (&k.fd[usize::from(fh == 4)], 128, fd_smem(a.dh, fh))
+        };
         launch!(
             st,
-            k.fd[usize::from(fh == 4)],
+            f,
             (nb as u32, a.n_head.div_ceil(fh) as u32, a.n as u32),
-            (128, 1, 1),
-            fd_smem(a.dh, fh) as u32,
+            (threads, 1, 1),
+            smem as u32,
             [
                 a.q,
                 a.ckv,

@@ -912,6 +912,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             rows_cap,
             tc: false,
             fd: false,
+            fd_tc: false,
             q0: 0,
             d0: 0,
         };
@@ -1034,6 +1035,17 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             &download_codes(be, &d_q0, n * h_n * dh)?,
             &be.download(&d_d0)?,
         ) + usize::from(!same_bits(&gpu6, &gpu8));
+        // The split-rows kernel on tensor cores (f16 queries, rows and weights), fresh poison;
+        // the combine's codes are checked above for the f32 form only.
+        args.q0 = 0;
+        args.fd_tc = true;
+        let d_o3 = poisoned(be, n * h_n * dh)?;
+        args.o = pp(&d_o3);
+        // SAFETY: as above (sc and part hold fd_nb row blocks).
+        unsafe { attend(st, &k, &args)? };
+        let gpu9 = be.download(&d_o3)?;
+        unsafe { attend(st, &k, &args)? };
+        let gpu10 = be.download(&d_o3)?;
         // Reference in f64.
         let scale = 1.0 / (dh as f64).sqrt();
         let mut refs = vec![0f64; n * h_n * dh];
@@ -1126,6 +1138,23 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
                 GgmlType::F32,
                 &shape,
                 same_bits(&gpu6, &gpu7),
+            ));
+        }
+        if fd_ok {
+            out.push(fwd_row(
+                "attend_fdtc",
+                shape.clone(),
+                &gpu9,
+                &refs,
+                1e-2,
+                "split-rows flash decoding on tensor cores vs f64 reference (f16 q and weights; \
+                 these random K rows are rounded too, production's are F16-exact)",
+            ));
+            out.push(det_row(
+                "attend_fdtc",
+                GgmlType::F32,
+                &shape,
+                same_bits(&gpu9, &gpu10),
             ));
         }
         if fd_q8 {

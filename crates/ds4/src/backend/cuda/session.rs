@@ -3082,6 +3082,7 @@ impl GpuSession {
                         // DECODE_SPLIT × 8 × n_head × Dh ≥ 32 row blocks of one token, att_sc
                         // holds their (m, l).
                         fd: !self.exact && n == 1 && attn::use_fd(),
+                        fd_tc: attn::use_fd_tc(),
                         // Production decode: o's Q8_0 codes for out_a from the combine (the
                         // main stream's scratch; q_b, its last reader, is done).
                         q0: if int8 { p(&s.q0) } else { 0 },

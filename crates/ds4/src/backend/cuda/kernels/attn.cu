@@ -1453,6 +1453,221 @@ extern "C" __global__ void __launch_bounds__(512, 1)
     }
 }
 
+// ---- k_att_fdtc16 / k_att_fdtc32: split-rows decode attention (k_att_fd's contract: the same
+// row blocks of tpb·FD_R rows, the same unnormalized partials and (m, l) from the sink, so
+// k_att_fd_combine finishes it) on tensor cores, with k_att_tc's rounding: the queries and the
+// weights e^{s−m} rounded to f16, the rows too (F16-exact in production), f32 accumulation,
+// l the sum of the rounded weights. A block: 16 heads (the M of m16n8k16) × its row block in
+// tiles of RT rows (16: one tile a block where tpb = 1; 32 otherwise), 8 warps splitting the
+// dims (scores: dh/8 of the k dimension each, partials added in warp order; output: dh/8
+// columns each). k_att_fd ran ~3,000 dependent FMA / shuffle instructions a warp at one warp
+// per scheduler; here a warp issues 4 k-steps × RT/8 n8 tiles of scores and RT/16 × 8 of
+// output. The queries go straight from global memory into A fragments; the rows are loaded
+// as f32 (their addresses from a per-tile table, one lookup a row), converted and stored in
+// shared memory, since the two products read them in transposed layouts (ldmatrix / .trans).
+#define FDTC_THREADS 256
+#define FDTC_W 8
+
+template <int RT>
+__device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const float* __restrict__ ckv,
+                                         const float* __restrict__ ring,
+                                         const float* __restrict__ comp, const int* __restrict__ sel,
+                                         const int* __restrict__ cnt, int sel_ld, int ratio,
+                                         const long long* __restrict__ p0p, int swa, int dh,
+                                         int n_head, const float* __restrict__ sinks, float scale,
+                                         int tpb, float* __restrict__ part, float* __restrict__ ml) {
+    extern __shared__ __align__(16) unsigned char fdtc_sm[];
+    const int b = blockIdx.x, h0 = blockIdx.y * 16, t = blockIdx.z, n = gridDim.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int kst = dh + 8;        // f16 row stride of the tile (ldmatrix rows on other banks)
+    const int dw = dh / FDTC_W;    // this warp's dims: dw·warp ..
+    const int ksteps = dw / 16;    // ≤ 4 (dh ≤ 512)
+    unsigned short* Ks = (unsigned short*)fdtc_sm;                   // RT × kst
+    float* Sp = (float*)(Ks + RT * kst);                             // W × 16 × (RT + 4)
+    unsigned short* Ps = (unsigned short*)(Sp + FDTC_W * 16 * (RT + 4));  // 16 × (RT + 8)
+    float* corr = (float*)(Ps + 16 * (RT + 8));                      // 16
+    const float** tab = (const float**)(corr + 16);                  // RT row addresses
+    // The queries of heads h0 + gid, + 8 (A fragments: k 2·tig.., + 8), before the position
+    // (they depend on nothing else); heads past n_head are zeros.
+    u32 qa[4][4];
+    {
+        const int ha = h0 + gid, hb = ha + 8;
+        const float* pa = q + ((long long)t * n_head + ha) * dh + dw * warp + 2 * tig;
+        const float* pb = q + ((long long)t * n_head + hb) * dh + dw * warp + 2 * tig;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            if (k < ksteps) {
+                float2 x0 = ha < n_head ? *(const float2*)(pa + 16 * k) : make_float2(0.f, 0.f);
+                float2 x1 = hb < n_head ? *(const float2*)(pb + 16 * k) : make_float2(0.f, 0.f);
+                float2 x2 = ha < n_head ? *(const float2*)(pa + 16 * k + 8) : make_float2(0.f, 0.f);
+                float2 x3 = hb < n_head ? *(const float2*)(pb + 16 * k + 8) : make_float2(0.f, 0.f);
+                qa[k][0] = at_h2(x0.x, x0.y);
+                qa[k][1] = at_h2(x1.x, x1.y);
+                qa[k][2] = at_h2(x2.x, x2.y);
+                qa[k][3] = at_h2(x3.x, x3.y);
+            }
+        }
+    }
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, *p0p, t, swa, dh);
+    const int r_lo = b * tpb * FD_R;
+    if (r_lo >= a.n_rows) return;
+    const int r_hi = min(a.n_rows, r_lo + tpb * FD_R);
+    // Softmax threads: head sh = tid / 16, rows E·sj .. + E − 1 of a tile (E = RT / 16); m and
+    // l of the head are kept (the same values) by its 16 threads.
+    constexpr int E = RT / 16;
+    const int sh = tid >> 4, sj = tid & 15;
+    float m_run = h0 + sh < n_head ? sinks[h0 + sh] : 0.0f, l_run = 0.0f;
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    const int nq = dw / 8;  // n8 output tiles of this warp (≤ 8)
+    const int d0w = dw * warp;
+    const int ar = (lane & 7) + ((lane >> 3) & 1) * 8, ac = (lane >> 4) * 8;
+    const u32 kb0 = at_smem(Ks + ((lane & 7) + (lane >> 4) * 8) * kst + d0w + ((lane >> 3) & 1) * 8);
+    const u32 vb0 = at_smem(Ks + ar * kst + d0w + ac);
+    const u32 pa0 = at_smem(Ps + ar * (RT + 8) + ac);
+    const int c4 = dh >> 2;  // float4 pieces of a row
+    for (int r0 = r_lo; r0 < r_hi; r0 += RT) {
+        if (r0 != r_lo) __syncthreads();  // the previous tile's rows and weights are consumed
+        if (tid < RT) tab[tid] = r0 + tid < r_hi ? fd_row(a, r0 + tid) : nullptr;
+        __syncthreads();
+        // The tile's rows: every load first, then the conversions and stores (rows past the
+        // block's end are zeros: their weights are 0, and 0·NaN would not be).
+        {
+            constexpr int NP = RT * 128 / FDTC_THREADS;  // pieces a thread at dh = 512
+            float4 v[NP];
+#pragma unroll
+            for (int i = 0; i < NP; i++) {
+                const int x = tid + FDTC_THREADS * i, r = x / c4, c = x - r * c4;
+                const float* src = r < RT ? tab[r] : nullptr;
+                v[i] = src ? ((const float4*)src)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int i = 0; i < NP; i++) {
+                const int x = tid + FDTC_THREADS * i, r = x / c4, c = x - r * c4;
+                if (r < RT) *(uint2*)(Ks + r * kst + 4 * c) = make_uint2(at_h2(v[i].x, v[i].y), at_h2(v[i].z, v[i].w));
+            }
+        }
+        __syncthreads();
+        // Score partials: heads h0.., the tile's RT rows (RT/8 n8 tiles), this warp's dims.
+        {
+            float s[RT / 8][4];
+#pragma unroll
+            for (int j = 0; j < RT / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                if (k < ksteps) {
+#pragma unroll
+                    for (int j = 0; j < RT / 16; j++) {
+                        u32 bf[4];
+                        at_ldm_x4(bf, kb0 + 2 * (16 * k + 16 * j * kst));
+                        at_mma(s[2 * j], qa[k], bf);
+                        at_mma(s[2 * j + 1], qa[k], bf + 2);
+                    }
+                }
+            }
+            float* sp = Sp + warp * 16 * (RT + 4);
+#pragma unroll
+            for (int j = 0; j < RT / 8; j++) {
+                const int r = 8 * j + 2 * tig;
+                *(float2*)(sp + gid * (RT + 4) + r) = make_float2(s[j][0], s[j][1]);
+                *(float2*)(sp + (gid + 8) * (RT + 4) + r) = make_float2(s[j][2], s[j][3]);
+            }
+        }
+        __syncthreads();
+        // Online softmax of head sh over the tile (partials added in warp order).
+        {
+            float v[E], mt = NEG_INF;
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                const int r = E * sj + e;
+                float x = Sp[sh * (RT + 4) + r];
+#pragma unroll
+                for (int w = 1; w < FDTC_W; w++) x += Sp[(w * 16 + sh) * (RT + 4) + r];
+                v[e] = r0 + r < r_hi ? x * scale : NEG_INF;
+                mt = fmaxf(mt, v[e]);
+            }
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+            const float mn = fmaxf(m_run, mt);
+            float sum = 0.0f;
+            if constexpr (E == 1) {
+                unsigned short hw = (unsigned short)(at_h2(expf(v[0] - mn), 0.0f) & 0xffffu);
+                Ps[sh * (RT + 8) + sj] = hw;
+                sum = at_f(hw, 0);
+            } else {
+#pragma unroll
+                for (int e = 0; e < E; e += 2) {
+                    const u32 w2 = at_h2(expf(v[e] - mn), expf(v[e + 1] - mn));
+                    *(u32*)(Ps + sh * (RT + 8) + E * sj + e) = w2;
+                    sum += at_f(w2, 0) + at_f(w2, 1);
+                }
+            }
+#pragma unroll
+            for (int o = 1; o < 16; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            const float c = expf(m_run - mn);
+            l_run = l_run * c + sum;
+            m_run = mn;
+            if (sj == 0) corr[sh] = c;
+        }
+        __syncthreads();
+        // Output: heads h0.., this warp's dims (nq n8 tiles, two per ldmatrix).
+        {
+            const float c0 = corr[gid], c1 = corr[gid + 8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                acc[j][0] *= c0;
+                acc[j][1] *= c0;
+                acc[j][2] *= c1;
+                acc[j][3] *= c1;
+            }
+#pragma unroll
+            for (int k0 = 0; k0 < RT; k0 += 16) {
+                u32 af[4];
+                at_ldm_x4(af, pa0 + 2 * k0);
+#pragma unroll
+                for (int j = 0; j < 8; j += 2) {
+                    if (j < nq) {
+                        u32 bv[4];
+                        at_ldm_x4t(bv, vb0 + 2 * (k0 * kst + 8 * j));
+                        at_mma(acc[j], af, bv);
+                        at_mma(acc[j + 1], af, bv + 2);
+                    }
+                }
+            }
+        }
+    }
+    const long long base = ((long long)b * n + t) * n_head;
+#pragma unroll
+    for (int hi = 0; hi < 2; hi++) {
+        const int h = h0 + gid + 8 * hi;
+        if (h >= n_head) continue;
+        float* dst = part + (base + h) * dh + d0w + 2 * tig;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (j < nq) *(float2*)(dst + 8 * j) = make_float2(acc[j][2 * hi], acc[j][2 * hi + 1]);
+    }
+    if (sj == 0 && h0 + sh < n_head) {
+        ml[(base + h0 + sh) * 2] = m_run;
+        ml[(base + h0 + sh) * 2 + 1] = l_run;
+    }
+}
+
+#define DS4_ATT_FDTC(NAME, RT)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FDTC_THREADS)                                    \
+        NAME(const float* __restrict__ q, const float* __restrict__ ckv,                          \
+             const float* __restrict__ ring, const float* __restrict__ comp,                      \
+             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,     \
+             const long long* __restrict__ p0p, int swa, int dh, int n_head,                      \
+             const float* __restrict__ sinks, float scale, int tpb, float* __restrict__ part,     \
+             float* __restrict__ ml) {                                                            \
+        att_fdtc<RT>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks,    \
+                     scale, tpb, part, ml);                                                       \
+    }
+DS4_ATT_FDTC(k_att_fdtc16, 16)
+DS4_ATT_FDTC(k_att_fdtc32, 32)
+
 // ---- k_idx_scores_tc: the lightning indexer's scores (k_idx_scores' contract) on tensor cores,
 // for production steps with QAT on (64 heads of 128 dims). The queries and the stored
 // indexer rows are fp4sim values (E2M1 code × a power of two per 32 dims; the rows' F16
