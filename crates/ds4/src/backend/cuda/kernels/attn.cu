@@ -1489,28 +1489,48 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
     float* corr = (float*)(Ps + 16 * (RT + 8));                      // 16
     const float** tab = (const float**)(corr + 16);                  // RT row addresses
     // The queries of heads h0 + gid, + 8 (A fragments: k 2·tig.., + 8), before the position
-    // (they depend on nothing else); heads past n_head are zeros.
+    // (they depend on nothing else); heads past n_head are zeros. Every load is issued before
+    // any conversion (the addresses are clamped to a real head, so the loads need no
+    // predicate: with one, ptxas issued them in four rounds, each waiting for the last).
     u32 qa[4][4];
     {
         const int ha = h0 + gid, hb = ha + 8;
-        const float* pa = q + ((long long)t * n_head + ha) * dh + dw * warp + 2 * tig;
-        const float* pb = q + ((long long)t * n_head + hb) * dh + dw * warp + 2 * tig;
+        const float* pa = q + ((long long)t * n_head + min(ha, n_head - 1)) * dh + dw * warp + 2 * tig;
+        const float* pb = q + ((long long)t * n_head + min(hb, n_head - 1)) * dh + dw * warp + 2 * tig;
+        float2 x[4][4];
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             if (k < ksteps) {
-                float2 x0 = ha < n_head ? *(const float2*)(pa + 16 * k) : make_float2(0.f, 0.f);
-                float2 x1 = hb < n_head ? *(const float2*)(pb + 16 * k) : make_float2(0.f, 0.f);
-                float2 x2 = ha < n_head ? *(const float2*)(pa + 16 * k + 8) : make_float2(0.f, 0.f);
-                float2 x3 = hb < n_head ? *(const float2*)(pb + 16 * k + 8) : make_float2(0.f, 0.f);
-                qa[k][0] = at_h2(x0.x, x0.y);
-                qa[k][1] = at_h2(x1.x, x1.y);
-                qa[k][2] = at_h2(x2.x, x2.y);
-                qa[k][3] = at_h2(x3.x, x3.y);
+                x[k][0] = *(const float2*)(pa + 16 * k);
+                x[k][1] = *(const float2*)(pb + 16 * k);
+                x[k][2] = *(const float2*)(pa + 16 * k + 8);
+                x[k][3] = *(const float2*)(pb + 16 * k + 8);
+            }
+        }
+        const bool za = ha >= n_head, zb = hb >= n_head;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            if (k < ksteps) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const bool z = (i & 1) ? zb : za;
+                    qa[k][i] = z ? 0u : at_h2(x[k][i].x, x[k][i].y);
+                }
             }
         }
     }
-    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, *p0p, t, swa, dh);
+    // The position, then (ratio 4) the count and the first tile's selected-row indices side
+    // by side: the indices' addresses need only the position (an index past the count is
+    // read within the selection's row and never used).
+    const long long p0v = *p0p;
     const int r_lo = b * tpb * FD_R;
+    int c_first = 0;
+    if (ratio == 4 && tid < RT) {
+        const long long pp = p0v + t, lo = pp + 1 - swa > 0 ? pp + 1 - swa : 0;
+        const int i = r_lo + tid - (int)(pp - lo + 1);
+        if (i >= 0) c_first = sel[(long long)t * sel_ld + min(i, sel_ld - 1)];
+    }
+    AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0v, t, swa, dh);
     if (r_lo >= a.n_rows) return;
     const int r_hi = min(a.n_rows, r_lo + tpb * FD_R);
     // Softmax threads: head sh = tid / 16, rows E·sj .. + E − 1 of a tile (E = RT / 16); m and
@@ -1530,7 +1550,14 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
     const int c4 = dh >> 2;  // float4 pieces of a row
     for (int r0 = r_lo; r0 < r_hi; r0 += RT) {
         if (r0 != r_lo) __syncthreads();  // the previous tile's rows and weights are consumed
-        if (tid < RT) tab[tid] = r0 + tid < r_hi ? fd_row(a, r0 + tid) : nullptr;
+        if (tid < RT) {
+            const int rr = r0 + tid;
+            const float* src = nullptr;
+            if (rr < r_hi)
+                src = r0 == r_lo && rr >= a.n_raw && ratio == 4 ? a.comp + (long long)(unsigned)c_first * dh
+                                                                 : fd_row(a, rr);
+            tab[tid] = src;
+        }
         __syncthreads();
         // The tile's rows: every load first, then the conversions and stores (rows past the
         // block's end are zeros: their weights are 0, and 0·NaN would not be).
@@ -1541,7 +1568,7 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
             for (int i = 0; i < NP; i++) {
                 const int x = tid + FDTC_THREADS * i, r = x / c4, c = x - r * c4;
                 const float* src = r < RT ? tab[r] : nullptr;
-                v[i] = src ? ((const float4*)src)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+                v[i] = src ? __ldcg((const float4*)src + c) : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
             for (int i = 0; i < NP; i++) {
