@@ -80,7 +80,8 @@
 //! `DS4_CUDA_TOPK1_CHUNK` (prefill chunks' indexer top-k on `k_topk1`, a block a token; off =
 //! `k_topk_rows`; the same selection),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
-//! the four tiled passes), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
+//! the four tiled passes), `DS4_CUDA_FD_TC` (its row blocks on tensor cores, `k_att_fdtc*`, with
+//! the prefill kernel's f16 rounding of queries and weights; off = the f32 `k_att_fd*`), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
