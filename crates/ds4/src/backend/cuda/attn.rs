@@ -225,6 +225,46 @@ pub fn fdtc_smem(dh: usize, rt: usize) -> usize {
     rt * (dh + 8) * 2 + 8 * 16 * (rt + 4) * 4 + 16 * (rt + 8) * 2 + 16 * 4 + rt * 8
 }
 
+/// Launches `f` on `st` through `cuLaunchKernelEx`, with programmatic stream serialization
+/// when `pdl` (the kernel then waits with `griddepcontrol.wait` before it reads its
+/// predecessor's output); `args` holds the kernel's parameters in order, each as a [`Slot`].
+///
+/// # Safety
+/// `args` must match the kernel's signature, and every pointer in it must be a live device
+/// buffer sized for this launch.
+unsafe fn launch_ex(
+    st: &CudaStream,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    pdl: bool,
+    args: &mut [u64],
+) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut ptrs: Vec<*mut std::ffi::c_void> = args
+        .iter_mut()
+        .map(|a| a as *mut u64 as *mut std::ffi::c_void)
+        .collect();
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let conf = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: st.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
+    };
+    st.context().bind_to_thread()?;
+    sys::cuLaunchKernelEx(&conf, f.cu_function(), ptrs.as_mut_ptr(), std::ptr::null_mut())
+        .result()?;
+    Ok(())
+}
+
 /// Whether production decode steps run the split-rows attention on tensor cores
 /// (`k_att_fdtc*`, f16 queries and weights as production prefill's `k_att_tc`;
 /// `DS4_CUDA_FD_TC=0` keeps the f32 `k_att_fd` kernels). Read at each capture.
@@ -326,6 +366,10 @@ pub struct Attend {
     /// `nb × n × n_head × 2` (m, l), `nb` = [`fd_blocks`]`(rows_cap).1` ≤ 32; `inv` and
     /// `nsplit` unused.
     pub fd: bool,
+    /// With `fd_tc`: the combine launched with programmatic stream serialization (decode
+    /// graph capture only): it reads the position, the count and the angles while the row
+    /// blocks run, and waits for them before their partials.
+    pub fd_pdl: bool,
     /// With `fd`: the row blocks on tensor cores (`k_att_fdtc*`: 16 heads a block, f16
     /// queries, rows and weights) instead of `k_att_fd`'s f32 products.
     pub fd_tc: bool,
@@ -467,31 +511,34 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
                 a.sc
             ]
         );
-        launch!(
-            st,
-            // More than 8 row blocks: the form that loads every partial at once.
-            k.fd_combine[usize::from(nb > 8)],
-            ((a.n * a.n_head) as u32, 1, 1),
-            (128, 1, 1),
-            [
-                a.part,
-                a.sc,
-                a.cnt,
-                a.ratio as i32,
-                a.p0,
-                a.swa as i32,
-                a.n_head as i32,
-                a.dh as i32,
-                tpb as i32,
-                nb as i32,
-                a.sinks,
-                a.half as i32,
-                a.freqs,
-                a.o,
-                if a.writes_q8() { a.q0 } else { 0 },
-                a.d0
-            ]
-        );
+        // More than 8 row blocks: the form that loads every partial at once.
+        let comb = &k.fd_combine[usize::from(nb > 8)];
+        let cfg = LaunchConfig {
+            grid_dim: ((a.n * a.n_head) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = [
+            a.part,
+            a.sc,
+            a.cnt,
+            (a.ratio as i32).slot(),
+            a.p0,
+            (a.swa as i32).slot(),
+            (a.n_head as i32).slot(),
+            (a.dh as i32).slot(),
+            (tpb as i32).slot(),
+            (nb as i32).slot(),
+            a.sinks,
+            (a.half as i32).slot(),
+            a.freqs,
+            a.o,
+            if a.writes_q8() { a.q0 } else { 0 },
+            a.d0,
+        ];
+        // (k_att_fdtc triggers its dependents at its start; k_att_fd never does, so after it
+        // the attribute would change nothing.)
+        launch_ex(st, comb, cfg, a.fd_tc && a.fd_pdl, &mut args)?;
         return Ok(());
     }
     let ht = a.n_head.div_ceil(AT_T) as u32;

@@ -913,6 +913,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             tc: false,
             fd: false,
             fd_tc: false,
+            fd_pdl: false,
             q0: 0,
             d0: 0,
         };

@@ -3083,6 +3083,8 @@ impl GpuSession {
                         // holds their (m, l).
                         fd: !self.exact && n == 1 && attn::use_fd(),
                         fd_tc: attn::use_fd_tc(),
+                        // Only while a decode graph is captured (PDL on).
+                        fd_pdl: be.pdl() && super::switch_on("DS4_CUDA_FD_PDL"),
                         // Production decode: o's Q8_0 codes for out_a from the combine (the
                         // main stream's scratch; q_b, its last reader, is done).
                         q0: if int8 { p(&s.q0) } else { 0 },

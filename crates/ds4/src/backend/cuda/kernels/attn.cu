@@ -574,35 +574,53 @@ __device__ __forceinline__ void att_fd_combine(
     const int tid = threadIdx.x;
     const long long stride = (long long)n * n_head;  // (token, head) entries a row block
     const bool on = 4 * tid < dh;
-    // The first PRE blocks' partials and the (m, l) of all are loaded before the row count
-    // (which needs the position) is known: one memory latency instead of a chain. Blocks
-    // past the count (≤ nbmax, the launch's grid) hold stale values that are never used.
-    float4 pv[PRE];
-#pragma unroll
-    for (int i = 0; i < PRE; i++)
-        pv[i] = on && i < nbmax ? *(const float4*)(part + (i * stride + th) * dh + 4 * tid)
-                                : make_float4(0.f, 0.f, 0.f, 0.f);
-    float mb = NEG_INF, lb = 0.0f;
-    if (tid < nbmax) {
-        mb = ml[(tid * stride + th) * 2];
-        lb = ml[(tid * stride + th) * 2 + 1];
-    }
+    // Before the PDL wait (launched programmatically after the row blocks, which trigger at
+    // their start), only what no kernel of this step writes or what was complete before the
+    // row blocks began: the position (a host copy), the selection's count (the indexer's,
+    // joined before the row blocks), the sinks and the RoPE angles of this thread's tail
+    // pairs (f64 sincos of the position, the same values as computed after it).
     const float sink = sinks[h];
     const long long p0 = *p0p, p = p0 + t;
     const long long lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
     const int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
     const int n_rows = (int)(p - lo + 1) + n_comp;
     const int nb = (n_rows + tpb * FD_R - 1) / (tpb * FD_R);
+    const int off = dh - 2 * half;
+    float cf[2] = {1.0f, 1.0f}, sf[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        int e = 4 * tid + 2 * j;
+        if (on && e >= off) {
+            double sn, cs;
+            sincos((double)p * freqs[(e - off) / 2], &sn, &cs);
+            cf[j] = (float)cs;
+            sf[j] = -(float)sn;
+        }
+    }
+    pdl_wait();
+    // The first PRE blocks' partials and the (m, l) of all, by ld.global.cg (a non-coherent
+    // load may be issued ahead of the wait). Blocks past the count (≤ nbmax, the launch's
+    // grid) hold stale values that are never used.
+    float4 pv[PRE];
+#pragma unroll
+    for (int i = 0; i < PRE; i++)
+        pv[i] = on && i < nbmax ? __ldcg((const float4*)(part + (i * stride + th) * dh + 4 * tid))
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+    float mb = NEG_INF, lb = 0.0f;
+    if (tid < nbmax) {
+        mb = __ldcg(ml + (tid * stride + th) * 2);
+        lb = __ldcg(ml + (tid * stride + th) * 2 + 1);
+    }
     if (tid < 32) {
         if (tid >= nb) mb = NEG_INF, lb = 0.0f;
         float mx = fmaxf(mb, sink);
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1)
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        for (int off2 = 16; off2 > 0; off2 >>= 1)
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off2));
         float f = tid < nb ? expf(mb - mx) : 0.0f;
         float d = f * lb;
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        for (int off2 = 16; off2 > 0; off2 >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off2);
         fb[tid] = f;
         if (tid == 0) s_iv = 1.0f / (expf(sink - mx) + d);
     }
@@ -623,7 +641,7 @@ __device__ __forceinline__ void att_fd_combine(
     }
 #pragma unroll 8
     for (int bb = PRE; bb < nb && on; bb++) {
-        float4 x = *(const float4*)(part + (bb * stride + th) * dh + 4 * tid);
+        float4 x = __ldcg((const float4*)(part + (bb * stride + th) * dh + 4 * tid));
         float f = fb[bb];
         v.x = fmaf(f, x.x, v.x);
         v.y = fmaf(f, x.y, v.y);
@@ -631,17 +649,13 @@ __device__ __forceinline__ void att_fd_combine(
         v.w = fmaf(f, x.w, v.w);
     }
     float r[4] = {v.x * iv, v.y * iv, v.z * iv, v.w * iv};
-    const int off = dh - 2 * half;
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         int e = 4 * tid + 2 * j;
         if (on && e >= off) {
-            double sn, cs;
-            sincos((double)p * freqs[(e - off) / 2], &sn, &cs);
-            float cf = (float)cs, sf = -(float)sn;
             float va = r[2 * j], vb = r[2 * j + 1];
-            r[2 * j] = va * cf - vb * sf;
-            r[2 * j + 1] = va * sf + vb * cf;
+            r[2 * j] = va * cf[j] - vb * sf[j];
+            r[2 * j + 1] = va * sf[j] + vb * cf[j];
         }
     }
     const long long e0 = (long long)th * dh + 4 * tid;
@@ -1480,6 +1494,9 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
     const int b = blockIdx.x, h0 = blockIdx.y * 16, t = blockIdx.z, n = gridDim.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
+    // The combine may start now (PDL in decode graphs): it waits for this grid before it
+    // reads a partial.
+    pdl_trigger();
     const int kst = dh + 8;        // f16 row stride of the tile (ldmatrix rows on other banks)
     const int dw = dh / FDTC_W;    // this warp's dims: dw·warp ..
     const int ksteps = dw / 16;    // ≤ 4 (dh ≤ 512)
