@@ -370,6 +370,9 @@ pub struct Attend {
     /// graph capture only): it reads the position, the count and the angles while the row
     /// blocks run, and waits for them before their partials.
     pub fd_pdl: bool,
+    /// With `fd_tc`: the row blocks launched so too: they gather the rows older than the
+    /// step while the query finish runs, and wait for it before the queries and its rows.
+    pub fd_pdl_rows: bool,
     /// With `fd`: the row blocks on tensor cores (`k_att_fdtc*`: 16 heads a block, f16
     /// queries, rows and weights) instead of `k_att_fd`'s f32 products.
     pub fd_tc: bool,
@@ -485,32 +488,33 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
         } else {
             (&k.fd[usize::from(fh == 4)], 128, fd_smem(a.dh, fh))
         };
-        launch!(
-            st,
-            f,
-            (nb as u32, a.n_head.div_ceil(fh) as u32, a.n as u32),
-            (threads, 1, 1),
-            smem as u32,
-            [
-                a.q,
-                a.ckv,
-                a.ring,
-                a.comp,
-                a.sel,
-                a.cnt,
-                a.sel_ld as i32,
-                a.ratio as i32,
-                a.p0,
-                a.swa as i32,
-                a.dh as i32,
-                a.n_head as i32,
-                a.sinks,
-                a.scale,
-                tpb as i32,
-                a.part,
-                a.sc
-            ]
-        );
+        let cfg = LaunchConfig {
+            grid_dim: (nb as u32, a.n_head.div_ceil(fh) as u32, a.n as u32),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut args = [
+            a.q,
+            a.ckv,
+            a.ring,
+            a.comp,
+            a.sel,
+            a.cnt,
+            (a.sel_ld as i32).slot(),
+            (a.ratio as i32).slot(),
+            a.p0,
+            (a.swa as i32).slot(),
+            (a.dh as i32).slot(),
+            (a.n_head as i32).slot(),
+            a.sinks,
+            a.scale.slot(),
+            (tpb as i32).slot(),
+            a.part,
+            a.sc,
+        ];
+        // The tensor-core row blocks with PDL in decode graphs: they gather the rows no
+        // kernel of this stretch writes while the query finish runs.
+        launch_ex(st, f, cfg, a.fd_tc && a.fd_pdl_rows, &mut args)?;
         // More than 8 row blocks: the form that loads every partial at once.
         let comb = &k.fd_combine[usize::from(nb > 8)];
         let cfg = LaunchConfig {

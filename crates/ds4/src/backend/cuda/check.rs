@@ -914,6 +914,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             fd: false,
             fd_tc: false,
             fd_pdl: false,
+            fd_pdl_rows: false,
             q0: 0,
             d0: 0,
         };

@@ -1505,37 +1505,13 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
     unsigned short* Ps = (unsigned short*)(Sp + FDTC_W * 16 * (RT + 4));  // 16 × (RT + 8)
     float* corr = (float*)(Ps + 16 * (RT + 8));                      // 16
     const float** tab = (const float**)(corr + 16);                  // RT row addresses
-    // The queries of heads h0 + gid, + 8 (A fragments: k 2·tig.., + 8), before the position
-    // (they depend on nothing else); heads past n_head are zeros. Every load is issued before
-    // any conversion (the addresses are clamped to a real head, so the loads need no
-    // predicate: with one, ptxas issued them in four rounds, each waiting for the last).
+    // Launched with PDL in decode graphs: everything before the first tile's pdl_wait reads
+    // only what was complete before this grid could start (the position, the indexer's
+    // selection and count, the ring's older rows, the compressed rows: the joins before the
+    // attention are full dependencies); the queries and this chunk's rows (`ckv`), written
+    // by the kernel just before, are read after it, by ld.global.cg (a non-coherent load may
+    // be issued ahead of the wait).
     u32 qa[4][4];
-    {
-        const int ha = h0 + gid, hb = ha + 8;
-        const float* pa = q + ((long long)t * n_head + min(ha, n_head - 1)) * dh + dw * warp + 2 * tig;
-        const float* pb = q + ((long long)t * n_head + min(hb, n_head - 1)) * dh + dw * warp + 2 * tig;
-        float2 x[4][4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            if (k < ksteps) {
-                x[k][0] = *(const float2*)(pa + 16 * k);
-                x[k][1] = *(const float2*)(pb + 16 * k);
-                x[k][2] = *(const float2*)(pa + 16 * k + 8);
-                x[k][3] = *(const float2*)(pb + 16 * k + 8);
-            }
-        }
-        const bool za = ha >= n_head, zb = hb >= n_head;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            if (k < ksteps) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const bool z = (i & 1) ? zb : za;
-                    qa[k][i] = z ? 0u : at_h2(x[k][i].x, x[k][i].y);
-                }
-            }
-        }
-    }
     // The position, then (ratio 4) the count and the first tile's selected-row indices side
     // by side: the indices' addresses need only the position (an index past the count is
     // read within the selection's row and never used).
@@ -1573,7 +1549,9 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
             if (rr < r_hi)
                 src = r0 == r_lo && rr >= a.n_raw && ratio == 4 ? a.comp + (long long)(unsigned)c_first * dh
                                                                  : fd_row(a, rr);
-            tab[tid] = src;
+            // Bit 0 (the rows are 16-byte aligned) marks this chunk's rows: read after the wait.
+            const bool late = rr < a.n_raw && a.lo + rr >= a.p0;
+            tab[tid] = (const float*)((unsigned long long)src | (late ? 1ull : 0ull));
         }
         __syncthreads();
         // The tile's rows: every load first, then the conversions and stores (rows past the
@@ -1581,11 +1559,55 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
         {
             constexpr int NP = RT * 128 / FDTC_THREADS;  // pieces a thread at dh = 512
             float4 v[NP];
+            unsigned late = 0;  // bit i: piece i is of a row read after the wait
 #pragma unroll
             for (int i = 0; i < NP; i++) {
                 const int x = tid + FDTC_THREADS * i, r = x / c4, c = x - r * c4;
-                const float* src = r < RT ? tab[r] : nullptr;
-                v[i] = src ? __ldcg((const float4*)src + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+                const unsigned long long u = r < RT ? (unsigned long long)tab[r] : 0ull;
+                const float* src = (const float*)(u & ~1ull);
+                late |= (unsigned)(u & 1ull) << i;
+                v[i] = src && !(u & 1ull) ? __ldcg((const float4*)src + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+            if (r0 == r_lo) {
+                // The queries of heads h0 + gid, + 8 (A fragments: k 2·tig.., + 8); heads past
+                // n_head are zeros. Every load is issued before any conversion (the addresses
+                // are clamped to a real head, so the loads need no predicate: with one, ptxas
+                // issued them in four rounds, each waiting for the last).
+                pdl_wait();
+                const int ha = h0 + gid, hb = ha + 8;
+                const float* pa = q + ((long long)t * n_head + min(ha, n_head - 1)) * dh + dw * warp + 2 * tig;
+                const float* pb = q + ((long long)t * n_head + min(hb, n_head - 1)) * dh + dw * warp + 2 * tig;
+                float2 x[4][4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    if (k < ksteps) {
+                        x[k][0] = __ldcg((const float2*)(pa + 16 * k));
+                        x[k][1] = __ldcg((const float2*)(pb + 16 * k));
+                        x[k][2] = __ldcg((const float2*)(pa + 16 * k + 8));
+                        x[k][3] = __ldcg((const float2*)(pb + 16 * k + 8));
+                    }
+                }
+                const bool za = ha >= n_head, zb = hb >= n_head;
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    if (k < ksteps) {
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            const bool z = (i & 1) ? zb : za;
+                            qa[k][i] = z ? 0u : at_h2(x[k][i].x, x[k][i].y);
+                        }
+                    }
+                }
+            }
+            if (late) {
+                pdl_wait();
+#pragma unroll
+                for (int i = 0; i < NP; i++) {
+                    if (late >> i & 1) {
+                        const int x = tid + FDTC_THREADS * i, r = x / c4, c = x - r * c4;
+                        v[i] = __ldcg((const float4*)((unsigned long long)tab[r] & ~1ull) + c);
+                    }
+                }
             }
 #pragma unroll
             for (int i = 0; i < NP; i++) {
