@@ -3085,7 +3085,12 @@ impl GpuSession {
                         fd_tc: attn::use_fd_tc(),
                         // Only while a decode graph is captured (PDL on).
                         fd_pdl: be.pdl() && super::switch_on("DS4_CUDA_FD_PDL"),
-                        fd_pdl_rows: be.pdl() && super::switch_on("DS4_CUDA_FD_PDL_ROWS"),
+                        // Only where the compressors and the indexer ran on joined side
+                        // streams (full dependencies): on one stream they run just before the
+                        // attention, whose rows, selection and count its pre-wait reads take.
+                        fd_pdl_rows: be.pdl()
+                            && fork
+                            && super::switch_on("DS4_CUDA_FD_PDL_ROWS"),
                         // Production decode: o's Q8_0 codes for out_a from the combine (the
                         // main stream's scratch; q_b, its last reader, is done).
                         q0: if int8 { p(&s.q0) } else { 0 },
