@@ -260,8 +260,13 @@ unsafe fn launch_ex(
         numAttrs: u32::from(pdl),
     };
     st.context().bind_to_thread()?;
-    sys::cuLaunchKernelEx(&conf, f.cu_function(), ptrs.as_mut_ptr(), std::ptr::null_mut())
-        .result()?;
+    sys::cuLaunchKernelEx(
+        &conf,
+        f.cu_function(),
+        ptrs.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()?;
     Ok(())
 }
 
@@ -372,6 +377,9 @@ pub struct Attend {
     pub fd_pdl: bool,
     /// With `fd_tc`: the row blocks launched so too: they gather the rows older than the
     /// step while the query finish runs, and wait for it before the queries and its rows.
+    /// Safe only where everything else they read (the compressed rows, the selection and its
+    /// count) was written by kernels joined as full dependencies (side streams), not by the
+    /// kernel just before them.
     pub fd_pdl_rows: bool,
     /// With `fd`: the row blocks on tensor cores (`k_att_fdtc*`: 16 heads a block, f16
     /// queries, rows and weights) instead of `k_att_fd`'s f32 products.

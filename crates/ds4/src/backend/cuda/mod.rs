@@ -81,7 +81,10 @@
 //! `k_topk_rows`; the same selection),
 //! `DS4_CUDA_ATT_FD` (split-rows flash-decoding attention in production decode steps; off =
 //! the four tiled passes), `DS4_CUDA_FD_TC` (its row blocks on tensor cores, `k_att_fdtc*`, with
-//! the prefill kernel's f16 rounding of queries and weights; off = the f32 `k_att_fd*`), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
+//! the prefill kernel's f16 rounding of queries and weights; off = the f32 `k_att_fd*`),
+//! `DS4_CUDA_FD_PDL` (their combine launched with PDL; off = a plain launch),
+//! `DS4_CUDA_FD_PDL_ROWS=1` (off by default: the row blocks launched with PDL too, on forked
+//! decode only; see bench/RESULTS.md, twenty-eighth session), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's

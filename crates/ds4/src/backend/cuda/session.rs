@@ -3085,12 +3085,14 @@ impl GpuSession {
                         fd_tc: attn::use_fd_tc(),
                         // Only while a decode graph is captured (PDL on).
                         fd_pdl: be.pdl() && super::switch_on("DS4_CUDA_FD_PDL"),
-                        // Only where the compressors and the indexer ran on joined side
-                        // streams (full dependencies): on one stream they run just before the
+                        // Off unless DS4_CUDA_FD_PDL_ROWS=1 (bench/RESULTS.md, twenty-eighth
+                        // session: measured faster, its parity not yet run in this form); only
+                        // where the compressors and the indexer ran on joined side streams
+                        // (full dependencies): on one stream they run just before the
                         // attention, whose rows, selection and count its pre-wait reads take.
                         fd_pdl_rows: be.pdl()
                             && fork
-                            && super::switch_on("DS4_CUDA_FD_PDL_ROWS"),
+                            && std::env::var("DS4_CUDA_FD_PDL_ROWS").is_ok_and(|v| v == "1"),
                         // Production decode: o's Q8_0 codes for out_a from the combine (the
                         // main stream's scratch; q_b, its last reader, is done).
                         q0: if int8 { p(&s.q0) } else { 0 },

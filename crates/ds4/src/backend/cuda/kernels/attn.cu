@@ -1505,12 +1505,13 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
     unsigned short* Ps = (unsigned short*)(Sp + FDTC_W * 16 * (RT + 4));  // 16 × (RT + 8)
     float* corr = (float*)(Ps + 16 * (RT + 8));                      // 16
     const float** tab = (const float**)(corr + 16);                  // RT row addresses
-    // Launched with PDL in decode graphs: everything before the first tile's pdl_wait reads
-    // only what was complete before this grid could start (the position, the indexer's
-    // selection and count, the ring's older rows, the compressed rows: the joins before the
-    // attention are full dependencies); the queries and this chunk's rows (`ckv`), written
-    // by the kernel just before, are read after it, by ld.global.cg (a non-coherent load may
-    // be issued ahead of the wait).
+    // Launched with PDL (attn.rs `fd_pdl_rows`, forked decode only): everything before the
+    // first tile's pdl_wait reads only what was complete before this grid could start (the
+    // position, the indexer's selection and count, the ring's older rows, the compressed
+    // rows: the side streams' joins before the attention are full dependencies); the queries
+    // and this chunk's rows (`ckv`), written by the kernel just before, are read after it, by
+    // ld.global.cg (a non-coherent load may be issued ahead of the wait). In a plain launch
+    // the wait returns at once.
     u32 qa[4][4];
     // The position, then (ratio 4) the count and the first tile's selected-row indices side
     // by side: the indices' addresses need only the position (an index past the count is
