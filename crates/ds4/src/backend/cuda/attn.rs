@@ -9,7 +9,7 @@
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::device::{CudaBackend, CudaError, Result, Slot};
+use super::device::{launch_ex, CudaBackend, CudaError, Result, Slot};
 
 /// Tile edge of the attention kernels (heads × rows, heads × dims).
 const AT_T: usize = 32;
@@ -223,51 +223,6 @@ pub fn fd_smem(dh: usize, h: usize) -> usize {
 /// (`rt` + 8)), 16 rescale factors and `rt` row addresses.
 pub fn fdtc_smem(dh: usize, rt: usize) -> usize {
     rt * (dh + 8) * 2 + 8 * 16 * (rt + 4) * 4 + 16 * (rt + 8) * 2 + 16 * 4 + rt * 8
-}
-
-/// Launches `f` on `st` through `cuLaunchKernelEx`, with programmatic stream serialization
-/// when `pdl` (the kernel then waits with `griddepcontrol.wait` before it reads its
-/// predecessor's output); `args` holds the kernel's parameters in order, each as a [`Slot`].
-///
-/// # Safety
-/// `args` must match the kernel's signature, and every pointer in it must be a live device
-/// buffer sized for this launch.
-unsafe fn launch_ex(
-    st: &CudaStream,
-    f: &CudaFunction,
-    cfg: LaunchConfig,
-    pdl: bool,
-    args: &mut [u64],
-) -> Result<()> {
-    use cudarc::driver::sys;
-    let mut ptrs: Vec<*mut std::ffi::c_void> = args
-        .iter_mut()
-        .map(|a| a as *mut u64 as *mut std::ffi::c_void)
-        .collect();
-    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
-    let conf = sys::CUlaunchConfig {
-        gridDimX: cfg.grid_dim.0,
-        gridDimY: cfg.grid_dim.1,
-        gridDimZ: cfg.grid_dim.2,
-        blockDimX: cfg.block_dim.0,
-        blockDimY: cfg.block_dim.1,
-        blockDimZ: cfg.block_dim.2,
-        sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: st.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: u32::from(pdl),
-    };
-    st.context().bind_to_thread()?;
-    sys::cuLaunchKernelEx(
-        &conf,
-        f.cu_function(),
-        ptrs.as_mut_ptr(),
-        std::ptr::null_mut(),
-    )
-    .result()?;
-    Ok(())
 }
 
 /// Whether production decode steps run the split-rows attention on tensor cores

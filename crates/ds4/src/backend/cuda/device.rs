@@ -385,6 +385,52 @@ impl Slot for f32 {
     }
 }
 
+/// Launches `f` on `st` through `cuLaunchKernelEx`, with programmatic stream serialization
+/// when `pdl` (the kernel may then start before its predecessor ends, so it must wait with
+/// `griddepcontrol.wait`, quant.cu's `pdl_wait`, before it reads that kernel's output).
+/// `args` holds the kernel's parameters in order, each as a [`Slot`].
+///
+/// # Safety
+/// `args` must match the kernel's signature, and every pointer in it must be a live device
+/// buffer sized for this launch.
+pub(crate) unsafe fn launch_ex(
+    st: &CudaStream,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    pdl: bool,
+    args: &mut [u64],
+) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut ptrs: Vec<*mut std::ffi::c_void> = args
+        .iter_mut()
+        .map(|a| a as *mut u64 as *mut std::ffi::c_void)
+        .collect();
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let conf = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: st.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
+    };
+    st.context().bind_to_thread()?;
+    sys::cuLaunchKernelEx(
+        &conf,
+        f.cu_function(),
+        ptrs.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()?;
+    Ok(())
+}
+
 impl CudaBackend {
     /// Probes device `ordinal`, builds (or loads from the disk cache) the kernels, creates the
     /// stream and cuBLAS handle. Never panics: every failure is a [`CudaError`].
@@ -1032,35 +1078,7 @@ impl CudaBackend {
         cfg: LaunchConfig,
         args: &mut [u64],
     ) -> Result<()> {
-        use cudarc::driver::sys;
-        let mut ptrs: Vec<*mut std::ffi::c_void> = args
-            .iter_mut()
-            .map(|a| a as *mut u64 as *mut std::ffi::c_void)
-            .collect();
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let conf = sys::CUlaunchConfig {
-            gridDimX: cfg.grid_dim.0,
-            gridDimY: cfg.grid_dim.1,
-            gridDimZ: cfg.grid_dim.2,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.st().cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(self.pdl()),
-        };
-        self.ctx.bind_to_thread()?;
-        sys::cuLaunchKernelEx(
-            &conf,
-            f.cu_function(),
-            ptrs.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-        .result()?;
-        Ok(())
+        launch_ex(self.st(), f, cfg, self.pdl(), args)
     }
 
     /// Device address of a weight's first matrix.

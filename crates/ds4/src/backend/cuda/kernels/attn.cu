@@ -542,17 +542,20 @@ __device__ __forceinline__ void att_fd(const float* __restrict__ q, const float*
     }
 }
 
+// The parameters of every split-rows row-block kernel (k_att_fd*, k_att_fdtc*), and their
+// names in that order.
+#define ATT_FD_PARAMS                                                                             \
+    const float *__restrict__ q, const float *__restrict__ ckv, const float *__restrict__ ring,   \
+        const float *__restrict__ comp, const int *__restrict__ sel, const int *__restrict__ cnt, \
+        int sel_ld, int ratio, const long long *__restrict__ p0p, int swa, int dh, int n_head,    \
+        const float *__restrict__ sinks, float scale, int tpb, float *__restrict__ part,          \
+        float *__restrict__ ml
+#define ATT_FD_ARGS q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml
+
 // The entry points: k_att_fd (8 heads a block), k_att_fd4 (4).
 #define DS4_ATT_FD(NAME, H)                                                                       \
-    extern "C" __global__ void __launch_bounds__(FD_THREADS)                                      \
-        NAME(const float* __restrict__ q, const float* __restrict__ ckv,                          \
-             const float* __restrict__ ring, const float* __restrict__ comp,                      \
-             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,     \
-             const long long* __restrict__ p0p, int swa, int dh, int n_head,                      \
-             const float* __restrict__ sinks, float scale, int tpb, float* __restrict__ part,     \
-             float* __restrict__ ml) {                                                            \
-        att_fd<H>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks,       \
-                  scale, tpb, part, ml);                                                          \
+    extern "C" __global__ void __launch_bounds__(FD_THREADS) NAME(ATT_FD_PARAMS) {                \
+        att_fd<H>(ATT_FD_ARGS);                                                                   \
     }
 DS4_ATT_FD(k_att_fd, 8)
 DS4_ATT_FD(k_att_fd4, 4)
@@ -1722,15 +1725,8 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
 }
 
 #define DS4_ATT_FDTC(NAME, RT)                                                                    \
-    extern "C" __global__ void __launch_bounds__(FDTC_THREADS)                                    \
-        NAME(const float* __restrict__ q, const float* __restrict__ ckv,                          \
-             const float* __restrict__ ring, const float* __restrict__ comp,                      \
-             const int* __restrict__ sel, const int* __restrict__ cnt, int sel_ld, int ratio,     \
-             const long long* __restrict__ p0p, int swa, int dh, int n_head,                      \
-             const float* __restrict__ sinks, float scale, int tpb, float* __restrict__ part,     \
-             float* __restrict__ ml) {                                                            \
-        att_fdtc<RT>(q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks,    \
-                     scale, tpb, part, ml);                                                       \
+    extern "C" __global__ void __launch_bounds__(FDTC_THREADS) NAME(ATT_FD_PARAMS) {              \
+        att_fdtc<RT>(ATT_FD_ARGS);                                                                \
     }
 DS4_ATT_FDTC(k_att_fdtc16, 16)
 DS4_ATT_FDTC(k_att_fdtc32, 32)
