@@ -995,6 +995,27 @@ __device__ __forceinline__ void at_ldm_x4t(u32* r, u32 a) {
                  : "memory");
 }
 
+// acc[j] += P·V over KR rows for the first nq n8 tiles (of NJ) of a warp's output dims: the
+// weights by ldmatrix at pa (A, k along the rows), the rows by ldmatrix.trans at vb (B, two
+// n8 tiles a load), kst halves apart.
+template <int KR, int NJ>
+__device__ __forceinline__ void at_pv(float (&acc)[NJ][4], u32 pa, u32 vb, int kst, int nq) {
+#pragma unroll
+    for (int k0 = 0; k0 < KR; k0 += 16) {
+        u32 af[4];
+        at_ldm_x4(af, pa + 2 * k0);
+#pragma unroll
+        for (int j = 0; j < NJ; j += 2) {
+            if (j < nq) {
+                u32 b[4];
+                at_ldm_x4t(b, vb + 2 * (k0 * kst + 8 * j));
+                at_mma(acc[j], af, b);
+                at_mma(acc[j + 1], af, b + 2);
+            }
+        }
+    }
+}
+
 #define TC_PF 4  // 16-byte pieces of a tile a thread moves (TC_BR · 512 / 8 / 512)
 
 // Asks L2 for `bytes` (a multiple of 16, 16-aligned) at `p` in one bulk prefetch (sm_90; a
@@ -1410,21 +1431,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                     acc[j][3] *= c1;
                 }
             }
-            const u32 vb = vb0 + kbo;
-#pragma unroll
-            for (int k0 = 0; k0 < TC_BR; k0 += 16) {
-                u32 af[4];
-                at_ldm_x4(af, pa + 2 * k0);
-#pragma unroll
-                for (int j = 0; j < 16; j += 2) {
-                    if (j < nq) {
-                        u32 b[4];
-                        at_ldm_x4t(b, vb + 2 * (k0 * kst + 8 * j));
-                        at_mma(acc[j], af, b);
-                        at_mma(acc[j + 1], af, b + 2);
-                    }
-                }
-            }
+            at_pv<TC_BR>(acc, pa, vb0 + kbo, kst, nq);
         }
     }
     // o = acc / l, then the inverse RoPE of the tail (pairs (e, e+1) sit in one thread).
@@ -1692,20 +1699,7 @@ __device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const floa
                 acc[j][2] *= c1;
                 acc[j][3] *= c1;
             }
-#pragma unroll
-            for (int k0 = 0; k0 < RT; k0 += 16) {
-                u32 af[4];
-                at_ldm_x4(af, pa0 + 2 * k0);
-#pragma unroll
-                for (int j = 0; j < 8; j += 2) {
-                    if (j < nq) {
-                        u32 bv[4];
-                        at_ldm_x4t(bv, vb0 + 2 * (k0 * kst + 8 * j));
-                        at_mma(acc[j], af, bv);
-                        at_mma(acc[j + 1], af, bv + 2);
-                    }
-                }
-            }
+            at_pv<RT>(acc, pa0, vb0, kst, nq);
         }
     }
     const long long base = ((long long)b * n + t) * n_head;
