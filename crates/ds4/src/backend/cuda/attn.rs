@@ -225,6 +225,14 @@ pub fn fdtc_smem(dh: usize, rt: usize) -> usize {
     rt * (dh + 8) * 2 + 8 * 16 * (rt + 4) * 4 + 16 * (rt + 8) * 2 + 16 * 4 + rt * 8
 }
 
+/// Whether the tensor-core row blocks take a launch of `rows_cap` rows: blocks of one tile
+/// (at most 2·16 rows: 1,024 rows in 32 blocks, the ratio-4 layers always and the ratio-128
+/// ones below ~114k positions). Their walk over several tiles is not yet in the self-test,
+/// so longer row blocks keep the f32 `k_att_fd` kernels.
+pub fn fdtc_takes(rows_cap: usize) -> bool {
+    fd_blocks(rows_cap).0 <= 2
+}
+
 /// Whether production decode steps run the split-rows attention on tensor cores
 /// (`k_att_fdtc*`, f16 queries and weights as production prefill's `k_att_tc`;
 /// `DS4_CUDA_FD_TC=0` keeps the f32 `k_att_fd` kernels). Read at each capture.
@@ -337,7 +345,8 @@ pub struct Attend {
     /// kernel just before them.
     pub fd_pdl_rows: bool,
     /// With `fd`: the row blocks on tensor cores (`k_att_fdtc*`: 16 heads a block, f16
-    /// queries, rows and weights) instead of `k_att_fd`'s f32 products.
+    /// queries, rows and weights) instead of `k_att_fd`'s f32 products, where
+    /// [`fdtc_takes`] the launch's rows.
     pub fd_tc: bool,
     /// With `fd` (and `dh` a multiple of 32): the output's Q8_0 codes (`n × n_head × dh`
     /// bytes) and scales (one a 32) for the output product, 0 = none.
@@ -443,10 +452,11 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
     }
     if a.fd && fd_supported(a.dh) {
         let (tpb, nb) = fd_blocks(a.rows_cap);
-        let fh = if a.fd_tc { 16 } else { fd_heads() };
+        let tc = a.fd_tc && fdtc_takes(a.rows_cap);
+        let fh = if tc { 16 } else { fd_heads() };
         // Tensor cores: one 16-row tile a block where blocks take one, else tiles of 32.
         let rt = if tpb == 1 { 16 } else { 32 };
-        let (f, threads, smem) = if a.fd_tc {
+        let (f, threads, smem) = if tc {
             (&k.fdtc[usize::from(rt == 32)], 256, fdtc_smem(a.dh, rt))
         } else {
             (&k.fd[usize::from(fh == 4)], 128, fd_smem(a.dh, fh))
@@ -477,7 +487,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
         ];
         // The tensor-core row blocks with PDL in decode graphs: they gather the rows no
         // kernel of this stretch writes while the query finish runs.
-        launch_ex(st, f, cfg, a.fd_tc && a.fd_pdl_rows, &mut args)?;
+        launch_ex(st, f, cfg, tc && a.fd_pdl_rows, &mut args)?;
         // More than 8 row blocks: the form that loads every partial at once.
         let comb = &k.fd_combine[usize::from(nb > 8)];
         let cfg = LaunchConfig {
@@ -505,7 +515,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
         ];
         // (k_att_fdtc triggers its dependents at its start; k_att_fd never does, so after it
         // the attribute would change nothing.)
-        launch_ex(st, comb, cfg, a.fd_tc && a.fd_pdl, &mut args)?;
+        launch_ex(st, comb, cfg, tc && a.fd_pdl, &mut args)?;
         return Ok(());
     }
     let ht = a.n_head.div_ceil(AT_T) as u32;

@@ -832,6 +832,9 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         (64, 512, 32, 128, 512, 0, 4095, 1),
         (64, 512, 32, 128, 512, 128, 16383, 1),
         (64, 512, 32, 128, 512, 4, 70, 1),
+        // A ratio-128 decode step at 150k: 1,299 rows, row blocks of 3 tiles (the f32 kernel;
+        // the tensor-core one takes blocks of one tile).
+        (64, 512, 32, 128, 512, 128, 150_000, 1),
     ];
     for (h_n, dh, half, swa, topk, ratio, p0, n) in cases {
         let n_comp_rows = (p0 + n) / ratio.max(1);
@@ -1142,7 +1145,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
                 same_bits(&gpu6, &gpu7),
             ));
         }
-        if fd_ok {
+        if fd_ok && super::attn::fdtc_takes(rows_cap) {
             out.push(fwd_row(
                 "attend_fdtc",
                 shape.clone(),
