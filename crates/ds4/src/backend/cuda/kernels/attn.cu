@@ -378,14 +378,18 @@ __device__ __forceinline__ void fd_fold(float (&s)[N], int lane) {
     }
 }
 
+// The parameters of every split-rows row-block kernel (k_att_fd*, k_att_fdtc*), their device
+// functions (att_fd, att_fdtc), and their names in that order.
+#define ATT_FD_PARAMS                                                                             \
+    const float *__restrict__ q, const float *__restrict__ ckv, const float *__restrict__ ring,   \
+        const float *__restrict__ comp, const int *__restrict__ sel, const int *__restrict__ cnt, \
+        int sel_ld, int ratio, const long long *__restrict__ p0p, int swa, int dh, int n_head,    \
+        const float *__restrict__ sinks, float scale, int tpb, float *__restrict__ part,          \
+        float *__restrict__ ml
+#define ATT_FD_ARGS q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml
+
 template <int H>
-__device__ __forceinline__ void att_fd(const float* __restrict__ q, const float* __restrict__ ckv,
-                                       const float* __restrict__ ring,
-                                       const float* __restrict__ comp, const int* __restrict__ sel,
-                                       const int* __restrict__ cnt, int sel_ld, int ratio,
-                                       const long long* __restrict__ p0p, int swa, int dh,
-                                       int n_head, const float* __restrict__ sinks, float scale,
-                                       int tpb, float* __restrict__ part, float* __restrict__ ml) {
+__device__ __forceinline__ void att_fd(ATT_FD_PARAMS) {
     extern __shared__ __align__(16) float fd_sm[];
     const int b = blockIdx.x, h0 = blockIdx.y * H, t = blockIdx.z, n = gridDim.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -541,16 +545,6 @@ __device__ __forceinline__ void att_fd(const float* __restrict__ q, const float*
         ml[(base + h0 + sh) * 2 + 1] = l_run;
     }
 }
-
-// The parameters of every split-rows row-block kernel (k_att_fd*, k_att_fdtc*), and their
-// names in that order.
-#define ATT_FD_PARAMS                                                                             \
-    const float *__restrict__ q, const float *__restrict__ ckv, const float *__restrict__ ring,   \
-        const float *__restrict__ comp, const int *__restrict__ sel, const int *__restrict__ cnt, \
-        int sel_ld, int ratio, const long long *__restrict__ p0p, int swa, int dh, int n_head,    \
-        const float *__restrict__ sinks, float scale, int tpb, float *__restrict__ part,          \
-        float *__restrict__ ml
-#define ATT_FD_ARGS q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml
 
 // The entry points: k_att_fd (8 heads a block), k_att_fd4 (4).
 #define DS4_ATT_FD(NAME, H)                                                                       \
@@ -1493,13 +1487,7 @@ extern "C" __global__ void __launch_bounds__(512, 1)
 #define FDTC_W 8
 
 template <int RT>
-__device__ __forceinline__ void att_fdtc(const float* __restrict__ q, const float* __restrict__ ckv,
-                                         const float* __restrict__ ring,
-                                         const float* __restrict__ comp, const int* __restrict__ sel,
-                                         const int* __restrict__ cnt, int sel_ld, int ratio,
-                                         const long long* __restrict__ p0p, int swa, int dh,
-                                         int n_head, const float* __restrict__ sinks, float scale,
-                                         int tpb, float* __restrict__ part, float* __restrict__ ml) {
+__device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
     extern __shared__ __align__(16) unsigned char fdtc_sm[];
     const int b = blockIdx.x, h0 = blockIdx.y * 16, t = blockIdx.z, n = gridDim.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
