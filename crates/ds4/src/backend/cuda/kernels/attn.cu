@@ -1511,9 +1511,10 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
     // ld.global.cg (a non-coherent load may be issued ahead of the wait). In a plain launch
     // the wait returns at once.
     u32 qa[4][4];
-    // The position, then (ratio 4) the count and the first tile's selected-row indices side
+    // The position, then (ratio 4) the first tile's selected-row indices and the count side
     // by side: the indices' addresses need only the position (an index past the count is
-    // read within the selection's row and never used).
+    // read within the selection's row and never used). Computed here, not from att_rows'
+    // n_raw: ptxas then issued the index load only after n_rows had used the count.
     const long long p0v = *p0p;
     const int r_lo = b * tpb * FD_R;
     int c_first = 0;
