@@ -225,14 +225,6 @@ pub fn fdtc_smem(dh: usize, rt: usize) -> usize {
     rt * (dh + 8) * 2 + 8 * 16 * (rt + 4) * 4 + 16 * (rt + 8) * 2 + 16 * 4 + rt * 8
 }
 
-/// Whether the tensor-core row blocks take a launch of `rows_cap` rows: blocks of one tile
-/// (at most 2·16 rows: 1,024 rows in 32 blocks, the ratio-4 layers always and the ratio-128
-/// ones below ~114k positions). Their walk over several tiles is not yet in the self-test,
-/// so longer row blocks keep the f32 `k_att_fd` kernels.
-pub fn fdtc_takes(rows_cap: usize) -> bool {
-    fd_blocks(rows_cap).0 <= 2
-}
-
 /// Whether production decode steps run the split-rows attention on tensor cores
 /// (`k_att_fdtc*`, f16 queries and weights as production prefill's `k_att_tc`;
 /// `DS4_CUDA_FD_TC=0` keeps the f32 `k_att_fd` kernels). Read at each capture.
@@ -338,15 +330,8 @@ pub struct Attend {
     /// graph capture only): it reads the position, the count and the angles while the row
     /// blocks run, and waits for them before their partials.
     pub fd_pdl: bool,
-    /// With `fd_tc`: the row blocks launched so too: they gather the rows older than the
-    /// step while the query finish runs, and wait for it before the queries and its rows.
-    /// Safe only where everything else they read (the compressed rows, the selection and its
-    /// count) was written by kernels joined as full dependencies (side streams), not by the
-    /// kernel just before them.
-    pub fd_pdl_rows: bool,
     /// With `fd`: the row blocks on tensor cores (`k_att_fdtc*`: 16 heads a block, f16
-    /// queries, rows and weights) instead of `k_att_fd`'s f32 products, where
-    /// [`fdtc_takes`] the launch's rows.
+    /// queries, rows and weights) instead of `k_att_fd`'s f32 products.
     pub fd_tc: bool,
     /// With `fd` (and `dh` a multiple of 32): the output's Q8_0 codes (`n × n_head × dh`
     /// bytes) and scales (one a 32) for the output product, 0 = none.
@@ -452,7 +437,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
     }
     if a.fd && fd_supported(a.dh) {
         let (tpb, nb) = fd_blocks(a.rows_cap);
-        let tc = a.fd_tc && fdtc_takes(a.rows_cap);
+        let tc = a.fd_tc;
         let fh = if tc { 16 } else { fd_heads() };
         // Tensor cores: one 16-row tile a block where blocks take one, else tiles of 32.
         let rt = if tpb == 1 { 16 } else { 32 };
@@ -485,9 +470,11 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             a.part,
             a.sc,
         ];
-        // The tensor-core row blocks with PDL in decode graphs: they gather the rows no
-        // kernel of this stretch writes while the query finish runs.
-        launch_ex(st, f, cfg, tc && a.fd_pdl_rows, &mut args)?;
+        // A plain launch: the row blocks read the selection, its count and the compressed rows
+        // before their first wait (which then returns at once), so they must not start before
+        // the side branches that write those end (bench/RESULTS.md, twenty-eighth and
+        // twenty-ninth sessions: a PDL launch of them measured no faster once it was safe).
+        launch_ex(st, f, cfg, false, &mut args)?;
         // More than 8 row blocks: the form that loads every partial at once.
         let comb = &k.fd_combine[usize::from(nb > 8)];
         let cfg = LaunchConfig {

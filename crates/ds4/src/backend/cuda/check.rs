@@ -291,6 +291,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_e2m1_fast(be, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
+    check_mv8_codes(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
         check_hc_pre1(be, &mut rng, n, d, &mut out)?;
     }
@@ -832,8 +833,8 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
         (64, 512, 32, 128, 512, 0, 4095, 1),
         (64, 512, 32, 128, 512, 128, 16383, 1),
         (64, 512, 32, 128, 512, 4, 70, 1),
-        // A ratio-128 decode step at 150k: 1,299 rows, row blocks of 3 tiles (the f32 kernel;
-        // the tensor-core one takes blocks of one tile).
+        // A ratio-128 decode step at 150k: 1,299 rows, row blocks of 3 tiles of 16 (the
+        // tensor-core kernel walks them as two tiles of 32: row `attend_fdtc_multitile`).
         (64, 512, 32, 128, 512, 128, 150_000, 1),
     ];
     for (h_n, dh, half, swa, topk, ratio, p0, n) in cases {
@@ -917,7 +918,6 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             fd: false,
             fd_tc: false,
             fd_pdl: false,
-            fd_pdl_rows: false,
             q0: 0,
             d0: 0,
         };
@@ -1145,9 +1145,14 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
                 same_bits(&gpu6, &gpu7),
             ));
         }
-        if fd_ok && super::attn::fdtc_takes(rows_cap) {
+        if fd_ok {
+            let tiles = super::attn::fd_blocks(rows_cap).0;
             out.push(fwd_row(
-                "attend_fdtc",
+                if tiles <= 2 {
+                    "attend_fdtc"
+                } else {
+                    "attend_fdtc_multitile"
+                },
                 shape.clone(),
                 &gpu9,
                 &refs,
@@ -1156,7 +1161,11 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
                  these random K rows are rounded too, production's are F16-exact)",
             ));
             out.push(det_row(
-                "attend_fdtc",
+                if tiles <= 2 {
+                    "attend_fdtc"
+                } else {
+                    "attend_fdtc_multitile"
+                },
                 GgmlType::F32,
                 &shape,
                 same_bits(&gpu9, &gpu10),
@@ -2317,6 +2326,67 @@ fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
         );
         row.ty = ty;
         out.push(row);
+    }
+    Ok(())
+}
+
+/// Q8_0 products that also write their output's Q8_0 codes (`mv8_codes_raw`, decode's
+/// out_a for out_b): the output bit for bit `mv8_raw`'s, the codes and scales the CPU
+/// quantizer's of that output, twice in a row (the per-32-row counters reset themselves).
+/// Shapes: out_a's (8 matrices of 1024 × 4096, 8 rows a block), out_b's (4096 × 8192, 4 rows
+/// a block), a small one (2 × 64 × 512: 8 rows a block, split 1).
+fn check_mv8_codes(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    let ty = GgmlType::Q8_0;
+    for (slots, n_rows, n_cols) in [(8usize, 1024usize, 4096usize), (1, 4096, 8192), (2, 64, 512)] {
+        let wb = random_weight(rng, ty, slots * n_rows, n_cols);
+        let w = be.upload_weight(ty, &wb, n_rows, n_cols, slots, &mut |_, _| {})?;
+        let x = random_activations(rng, slots * n_cols);
+        let xd = be.upload_f32(&x)?;
+        let qb = be.alloc_f32((slots * n_cols).div_ceil(4))?;
+        let db = be.alloc_f32(slots * n_cols / 32)?;
+        let y0 = poisoned(be, slots * n_rows)?;
+        let y = poisoned(be, slots * n_rows)?;
+        let oq = be.alloc_f32((slots * n_rows).div_ceil(4))?;
+        let od = be.alloc_f32(slots * n_rows / 32)?;
+        let cnt = be.upload_i32(&vec![0; slots * n_rows / 32])?;
+        let st = be.stream();
+        let (xp, _g0) = xd.device_ptr(st);
+        let (qp, _g1) = qb.device_ptr(st);
+        let (dp, _g2) = db.device_ptr(st);
+        let (y0p, _g3) = y0.device_ptr(st);
+        let (yp, _g4) = y.device_ptr(st);
+        let (oqp, _g5) = oq.device_ptr(st);
+        let (odp, _g6) = od.device_ptr(st);
+        let (cp, _g7) = cnt.device_ptr(st);
+        let shape = format!("{slots}x{n_rows}x{n_cols}");
+        // SAFETY: buffers sized above (slots inputs of n_cols, slots outputs of n_rows, their
+        // codes, scales and counters).
+        unsafe {
+            be.quant_act_raw(ActQuant::Q8_0, xp, slots * n_cols, qp, dp)?;
+            be.mv8_raw(&w, 0, slots, qp, dp, n_cols, y0p)?;
+        }
+        let plain = be.download(&y0)?;
+        for run in 0..2 {
+            // SAFETY: as above.
+            let coded = unsafe {
+                be.mv8_codes_raw(&w, 0, slots, qp, dp, n_cols, yp, Some((oqp, odp, cp)))?
+            };
+            let g = be.download(&y)?;
+            let codes = download_codes(be, &oq, slots * n_rows)?;
+            let mism = if coded {
+                code_mismatches(ActQuant::Q8_0, &g, &codes, &be.download(&od)?)
+                    + usize::from(!same_bits(&g, &plain))
+                    + be.download(&cnt)?.iter().filter(|&&c| c != 0).count()
+            } else {
+                usize::MAX
+            };
+            let mut row = exact_row("matvec_int8_q8_out", ty, &format!("{shape} run {run}"), mism);
+            row.note = format!(
+                "{mism} output bits / codes / scales / counters differ (output vs mv8_raw, codes vs \
+                 the CPU quantizer of it, counters left zeroed)"
+            );
+            out.push(row);
+        }
     }
     Ok(())
 }

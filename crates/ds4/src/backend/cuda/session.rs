@@ -263,6 +263,12 @@ fn use_pf_y_lean() -> bool {
     super::switch_on("DS4_CUDA_PF_Y_LEAN")
 }
 
+/// Whether decode's out_a writes its output's Q8_0 codes for out_b itself
+/// (`DS4_CUDA_Q8_OUT=0`: a qa_q8_0 launch between them). Read at each capture.
+fn use_q8_out() -> bool {
+    super::switch_on("DS4_CUDA_Q8_OUT")
+}
+
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
@@ -1120,6 +1126,11 @@ struct Scratch {
     d0s: CudaSlice<f32>,
     qks: CudaSlice<f32>,
     dks: CudaSlice<f32>,
+    /// The Q8_0 codes and scales a decode product writes of its own output (out_a's, for
+    /// out_b: `CudaBackend::mv8_codes_raw`), and its per-32-row counters (left zeroed).
+    q0o: CudaSlice<f32>,
+    d0o: CudaSlice<f32>,
+    qcnt: CudaSlice<i32>,
     /// Sampling: argmax, max bits, candidate count; then the candidates (`narrow`).
     nhead: CudaSlice<i32>,
     nids: CudaSlice<i32>,
@@ -1441,6 +1452,9 @@ impl GpuSession {
                 d0s: a(qn / 32)?,
                 qks: a(qn.div_ceil(4))?,
                 dks: a(qn / 256)?,
+                q0o: a(qn.div_ceil(4))?,
+                d0o: a(qn / 32)?,
+                qcnt: be.upload_i32(&vec![0; qn / 32])?,
                 nhead: be.upload_i32(&[0; 3])?,
                 nids: be.upload_i32(&vec![0; NARROW_CAP])?,
                 nvals: a(NARROW_CAP)?,
@@ -1835,7 +1849,8 @@ impl GpuSession {
         // exact mode and prefill keep one stream, and cuBLAS runs on the main one).
         let fork = int8 && use_fork();
         // Entries 0, 1: the main stream's Q8_0 / Q8_K scratch; 2, 3: the side stream's.
-        let memo = std::cell::Cell::new([0u64; 4]);
+        // Entry 4: the buffer whose Q8_0 codes a product wrote into q0o / d0o with its output.
+        let memo = std::cell::Cell::new([0u64; 5]);
         // Quantized form of `elems` inputs at `x` for `kind`: (codes, scales), from the memo
         // when that scratch already holds `x`.
         let qx = |kind: ActQuant, x: u64, elems: usize| -> Result<(u64, u64)> {
@@ -1853,6 +1868,9 @@ impl GpuSession {
                 (ActQuant::Q8K, true) => (3, p(&s.qks), p(&s.dks)),
             };
             let mut m = memo.get();
+            if kind == ActQuant::Q8_0 && !be.on_side() && m[4] == x {
+                return Ok((p(&s.q0o), p(&s.d0o)));
+            }
             if m[i] != x {
                 // SAFETY: the activation scratch holds the widest decode input (`qn`).
                 unsafe { be.quant_act_raw(kind, x, elems, q, dd)? };
@@ -2176,7 +2194,7 @@ impl GpuSession {
                       ffn: bool,
                       planes: Option<(u64, f32)>|
          -> Result<bool> {
-            memo.set([0; 4]);
+            memo.set([0; 5]);
             y16p_at.set(0);
             y32_ok.set(true);
             planes_ready.set(false);
@@ -2281,7 +2299,7 @@ impl GpuSession {
                 );
                 if int8 {
                     // Both scratches now hold y's codes (Q8_0 and Q8_K).
-                    memo.set([p(&s.y), p(&s.y), 0, 0]);
+                    memo.set([p(&s.y), p(&s.y), 0, 0, 0]);
                 }
                 return Ok(fork);
             }
@@ -2624,13 +2642,22 @@ impl GpuSession {
             // The compressors read only y and their own state: on a fork they run beside
             // the query path (queued above) and are joined before the indexer and the
             // attention read their rows.
+            // The Sinkhorn (read only by the hc_post after the join) after the compressors, so
+            // that they start first (`DS4_CUDA_SH_FIRST=0`: before; bench/RESULTS.md,
+            // twenty-ninth session).
+            let sh_first = super::switch_on("DS4_CUDA_SH_FIRST");
             let comps = || -> Result<()> {
-                sinkhorn(left)?;
+                if !sh_first {
+                    sinkhorn(left)?;
+                }
                 if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
                     compress(w, cs, 0)?;
                 }
                 if !fork3 {
                     comp_idx()?;
+                }
+                if sh_first {
+                    sinkhorn(left)?;
                 }
                 Ok(())
             };
@@ -3085,14 +3112,6 @@ impl GpuSession {
                         fd_tc: attn::use_fd_tc(),
                         // Only while a decode graph is captured (PDL on).
                         fd_pdl: be.pdl() && super::switch_on("DS4_CUDA_FD_PDL"),
-                        // Off unless DS4_CUDA_FD_PDL_ROWS=1 (bench/RESULTS.md, twenty-eighth
-                        // session: measured faster, its parity not yet run in this form); only
-                        // where the compressors and the indexer ran on joined side streams
-                        // (full dependencies): on one stream they run just before the
-                        // attention, whose rows, selection and count its pre-wait reads take.
-                        fd_pdl_rows: be.pdl()
-                            && fork
-                            && std::env::var("DS4_CUDA_FD_PDL_ROWS").is_ok_and(|v| v == "1"),
                         // Production decode: o's Q8_0 codes for out_a from the combine (the
                         // main stream's scratch; q_b, its last reader, is done).
                         q0: if int8 { p(&s.q0) } else { 0 },
@@ -3166,7 +3185,34 @@ impl GpuSession {
                         // the product reads nothing an earlier kernel wrote before its
                         // weights (quant.cu pdl_trigger).
                         let ids = if n == 1 { 0 } else { pi(&s.gids) };
-                        mvq(&l.out_a, ids, n * g, p(&s.o), gw, p(&s.low))?
+                        match ActQuant::of(l.out_a.ty).filter(|_| int8 && n == 1 && use_q8_out()) {
+                            // Decode: out_a also writes its output's Q8_0 codes for out_b
+                            // (no qa_q8_0 launch between them).
+                            Some(kind) => {
+                                let (q, dd) = qx(kind, p(&s.o), n * g * gw)?;
+                                // SAFETY: q0o / d0o / qcnt hold the codes, scales and
+                                // counters of the widest decode input (qn ≥ G·Lo).
+                                let coded = unsafe {
+                                    be.mv8_codes_raw(
+                                        &l.out_a,
+                                        0,
+                                        g,
+                                        q,
+                                        dd,
+                                        gw,
+                                        p(&s.low),
+                                        Some((p(&s.q0o), p(&s.d0o), pi(&s.qcnt))),
+                                    )?
+                                };
+                                wrote(p(&s.low));
+                                if coded {
+                                    let mut m = memo.get();
+                                    m[4] = p(&s.low);
+                                    memo.set(m);
+                                }
+                            }
+                            None => mvq(&l.out_a, ids, n * g, p(&s.o), gw, p(&s.low))?,
+                        }
                     }
                 }
                 match (low16, out_b_ps) {
@@ -3247,8 +3293,13 @@ impl GpuSession {
             mk(il, "hc_pre_f")?;
             // The shared expert reads only y: on a fork it runs beside the router and the
             // routed experts, joined before the expert sum.
+            // The Sinkhorn after the shared expert's products, which then start in the router's
+            // stretch, before the routed gate|up fills the SMs (`DS4_CUDA_SH_FIRST=0`: before).
+            let sh_first = super::switch_on("DS4_CUDA_SH_FIRST");
             let shared = || -> Result<()> {
-                sinkhorn(left)?;
+                if !sh_first {
+                    sinkhorn(left)?;
+                }
                 glu(
                     &l.sh_gate,
                     &l.sh_up,
@@ -3261,7 +3312,11 @@ impl GpuSession {
                     0,
                     l.clamp,
                 )?;
-                lin(&l.sh_down, p(&s.shg), n, p(&s.sh))
+                lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
+                if sh_first {
+                    sinkhorn(left)?;
+                }
+                Ok(())
             };
             let mut ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
             // Production prefill: the shared expert on the highest-priority side stream from the
