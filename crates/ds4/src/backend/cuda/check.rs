@@ -7,14 +7,14 @@
 //! meaningless for outputs that cancel to near zero).
 
 use super::device::{
-    ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
+    ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, Slot, SUPPORTED_TYPES,
 };
 use super::prefill::Grouping;
 use crate::quant::{
     dequantize_row, matvec as cpu_matvec, quantize_act_q8_0, quantize_act_q8_k, quantize_row,
     GgmlType,
 };
-use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use half::f16;
 
 /// Tolerance (max error / L1 mass) of the f32-activation kernels. f32 sums of a few thousand
@@ -287,11 +287,11 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
     check_indexer_tc(be, &mut rng, &mut out)?;
+    check_indexer_qfuse(be, &mut rng, &mut out)?;
     check_idx_q_finish_w(be, &mut rng, &mut out)?;
     check_e2m1_fast(be, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
-    check_mv8_codes(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
         check_hc_pre1(be, &mut rng, n, d, &mut out)?;
     }
@@ -1247,7 +1247,7 @@ fn run_idx_scores(
             let q16 = d_q16.device_ptr(st).0;
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             to_bf16(st, k, pq, q16, n * ih * id)?;
-            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld, wg, tpb)?
+            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld, wg, tpb, None)?
         } else {
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             idx_scores(st, k, n, pq, pw, pr, ih, id, p0p, r, vis_max, ps, ld)?
@@ -1329,6 +1329,94 @@ fn scores_vs(
         got.len()
     );
     row
+}
+
+/// A decode step's tensor-core indexer scores with the query finished in the kernel
+/// (`IdxQRaw`: RoPE, Hadamard, scale and QAT of the q_b product's rows) against
+/// `k_idx_q_finish_w4` + the scores from its bf16 rows: the same bits (random rows before
+/// the finish, fp4sim'd F16 indexer rows, 32 RoPE pairs), at 1,024 and 2,048 visible rows.
+fn check_indexer_qfuse(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use super::attn::{idx_scores_tc, IdxQRaw};
+    let k = super::attn::AttnKernels::load(be)?;
+    let fin = be.function("k_idx_q_finish_w4")?;
+    let (ih, id, half) = (64usize, 128usize, 32usize);
+    let st = be.stream();
+    for p0 in [4099usize, 8190] {
+        let vis_max = (p0 + 1) / 4;
+        let ld = vis_max + 1;
+        let q = random_activations(rng, ih * id);
+        let mut rows = random_activations(rng, vis_max * id);
+        for row in rows.chunks_exact_mut(id) {
+            crate::quant::indexer_qat_inplace(row);
+            row.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
+        }
+        let w: Vec<f32> = (0..ih).map(|_| (rng.normal() * 0.1) as f32).collect();
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| 10000f64.powf(-2.0 * i as f64 / (2 * half) as f64))
+            .collect();
+        let (d_q, d_w, d_rows) = (be.upload_f32(&q)?, be.upload_f32(&w)?, be.upload_f32(&rows)?);
+        let d_f = st.clone_htod(&freqs)?;
+        let d_q16 = st.alloc_zeros::<u16>(ih * id)?;
+        let d_p0 = st.clone_htod(&[p0 as i64])?;
+        let (d_a, d_b) = (poisoned(be, ld)?, poisoned(be, ld)?);
+        let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
+        let (q16, p0p, fp) = (
+            d_q16.device_ptr(st).0,
+            d_p0.device_ptr(st).0,
+            d_f.device_ptr(st).0,
+        );
+        let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
+        let cfg = LaunchConfig {
+            grid_dim: (1, (ih / 8) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let raw = IdxQRaw {
+            q: pp(&d_q),
+            half,
+            freqs: fp,
+            qat: true,
+            inv_sqrt_id: inv_sqrt,
+        };
+        let pw = (pp(&d_w), 0.5f32);
+        // SAFETY: q holds 64 × 128 floats, q16 as many halves, freqs `half` doubles, the rows
+        // vis_max × 128, the scores ld floats; the finish kernel's arguments in order.
+        unsafe {
+            be.launch_slots(
+                &fin,
+                cfg,
+                &mut [
+                    pp(&d_q),
+                    (ih as i32).slot(),
+                    (half as i32).slot(),
+                    fp,
+                    p0p,
+                    0,
+                    1i32.slot(),
+                    inv_sqrt.slot(),
+                    q16,
+                    0i32.slot(),
+                    1i32.slot(),
+                ],
+            )?;
+            let pr = pp(&d_rows);
+            idx_scores_tc(be, &k, 1, q16, pw, pr, p0p, vis_max, pp(&d_a), ld, false, None, None)?;
+            idx_scores_tc(be, &k, 1, q16, pw, pr, p0p, vis_max, pp(&d_b), ld, false, None, Some(&raw))?;
+        }
+        let (a, b) = (be.download(&d_a)?, be.download(&d_b)?);
+        let mism = bits_differ(&a[..vis_max], &b[..vis_max]);
+        let mut row = exact_row(
+            "idx_scores_tc_qfuse",
+            GgmlType::F32,
+            &format!("p0={p0} n=1 iH={ih} iD={id} half={half}"),
+            mism,
+        );
+        row.note = format!(
+            "{mism} of {vis_max} scores differ in bits from k_idx_q_finish_w4 + k_idx_scores_tc"
+        );
+        out.push(row);
+    }
+    Ok(())
 }
 
 fn check_indexer_tc_at(
@@ -2326,67 +2414,6 @@ fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
         );
         row.ty = ty;
         out.push(row);
-    }
-    Ok(())
-}
-
-/// Q8_0 products that also write their output's Q8_0 codes (`mv8_codes_raw`, decode's
-/// out_a for out_b): the output bit for bit `mv8_raw`'s, the codes and scales the CPU
-/// quantizer's of that output, twice in a row (the per-32-row counters reset themselves).
-/// Shapes: out_a's (8 matrices of 1024 × 4096, 8 rows a block), out_b's (4096 × 8192, 4 rows
-/// a block), a small one (2 × 64 × 512: 8 rows a block, split 1).
-fn check_mv8_codes(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    let ty = GgmlType::Q8_0;
-    for (slots, n_rows, n_cols) in [(8usize, 1024usize, 4096usize), (1, 4096, 8192), (2, 64, 512)] {
-        let wb = random_weight(rng, ty, slots * n_rows, n_cols);
-        let w = be.upload_weight(ty, &wb, n_rows, n_cols, slots, &mut |_, _| {})?;
-        let x = random_activations(rng, slots * n_cols);
-        let xd = be.upload_f32(&x)?;
-        let qb = be.alloc_f32((slots * n_cols).div_ceil(4))?;
-        let db = be.alloc_f32(slots * n_cols / 32)?;
-        let y0 = poisoned(be, slots * n_rows)?;
-        let y = poisoned(be, slots * n_rows)?;
-        let oq = be.alloc_f32((slots * n_rows).div_ceil(4))?;
-        let od = be.alloc_f32(slots * n_rows / 32)?;
-        let cnt = be.upload_i32(&vec![0; slots * n_rows / 32])?;
-        let st = be.stream();
-        let (xp, _g0) = xd.device_ptr(st);
-        let (qp, _g1) = qb.device_ptr(st);
-        let (dp, _g2) = db.device_ptr(st);
-        let (y0p, _g3) = y0.device_ptr(st);
-        let (yp, _g4) = y.device_ptr(st);
-        let (oqp, _g5) = oq.device_ptr(st);
-        let (odp, _g6) = od.device_ptr(st);
-        let (cp, _g7) = cnt.device_ptr(st);
-        let shape = format!("{slots}x{n_rows}x{n_cols}");
-        // SAFETY: buffers sized above (slots inputs of n_cols, slots outputs of n_rows, their
-        // codes, scales and counters).
-        unsafe {
-            be.quant_act_raw(ActQuant::Q8_0, xp, slots * n_cols, qp, dp)?;
-            be.mv8_raw(&w, 0, slots, qp, dp, n_cols, y0p)?;
-        }
-        let plain = be.download(&y0)?;
-        for run in 0..2 {
-            // SAFETY: as above.
-            let coded = unsafe {
-                be.mv8_codes_raw(&w, 0, slots, qp, dp, n_cols, yp, Some((oqp, odp, cp)))?
-            };
-            let g = be.download(&y)?;
-            let codes = download_codes(be, &oq, slots * n_rows)?;
-            let mism = if coded {
-                code_mismatches(ActQuant::Q8_0, &g, &codes, &be.download(&od)?)
-                    + usize::from(!same_bits(&g, &plain))
-                    + be.download(&cnt)?.iter().filter(|&&c| c != 0).count()
-            } else {
-                usize::MAX
-            };
-            let mut row = exact_row("matvec_int8_q8_out", ty, &format!("{shape} run {run}"), mism);
-            row.note = format!(
-                "{mism} output bits / codes / scales / counters differ (output vs mv8_raw, codes vs \
-                 the CPU quantizer of it, counters left zeroed)"
-            );
-            out.push(row);
-        }
     }
     Ok(())
 }

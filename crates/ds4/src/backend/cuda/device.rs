@@ -1206,30 +1206,6 @@ impl CudaBackend {
         x_stride: usize,
         y: u64,
     ) -> Result<()> {
-        self.mv8_codes_raw(w, ids, slots, xq, xd, x_stride, y, None)
-            .map(|_| ())
-    }
-
-    /// [`CudaBackend::mv8_raw`] that, with `q8o` = (codes, scales, counters), also writes the
-    /// output's Q8_0 codes (`slots · n_rows` bytes) and scales (one f32 a 32 rows) where the
-    /// Q8_0 16-byte-load kernels take the product and its blocks cover whole 32-row blocks
-    /// (quant.cu `q8_out_epilogue`; `counters` holds `slots · n_rows / 32` zeroed u32, left
-    /// zeroed). Returns whether it wrote them.
-    ///
-    /// # Safety
-    /// As [`CudaBackend::mv8_raw`]; the codes, scales and counters sized as above.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn mv8_codes_raw(
-        &self,
-        w: &GpuWeight,
-        ids: u64,
-        slots: usize,
-        xq: u64,
-        xd: u64,
-        x_stride: usize,
-        y: u64,
-        q8o: Option<(u64, u64, u64)>,
-    ) -> Result<bool> {
         let k = self.kernels(w.ty)?;
         let f = k
             .mv8
@@ -1264,7 +1240,7 @@ impl CudaBackend {
                     y,
                 ],
             )?;
-            return Ok(false);
+            return Ok(());
         }
         // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp: 4 when a row has
         // fewer than 4 steps of 512 (so 8 loads per lane stay in flight), or when the slots
@@ -1299,30 +1275,23 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
-        let mut args = vec![
-            wp,
-            expert_bytes.slot(),
-            ids,
-            n_rows.slot(),
-            n_cols.slot(),
-            xq,
-            xd,
-            xs.slot(),
-            y,
-            split_i.slot(),
-        ];
-        // The 16-byte-load kernels take three more arguments: the output's codes, scales and
-        // counters (0: none), where a block's rows divide a 32-row block.
-        let rows_blk = (WARPS_PER_BLOCK as usize / split as usize) * rw;
-        let codes = q8o.filter(|_| {
-            rw > 1 && 32 % rows_blk == 0 && w.n_rows.is_multiple_of(32) && ids == 0
-        });
-        if rw > 1 {
-            let (q, d, c) = codes.unwrap_or((0, 0, 0));
-            args.extend([q, d, c]);
-        }
-        self.launch_slots(f, cfg, &mut args)?;
-        Ok(codes.is_some())
+        self.launch_slots(
+            f,
+            cfg,
+            &mut [
+                wp,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                xq,
+                xd,
+                xs.slot(),
+                y,
+                split_i.slot(),
+            ],
+        )?;
+        Ok(())
     }
 
     /// `mv8glu_<t>`: `h[s] = silu(min(Wg·x, c))·clamp(Wu·x, ±c)·wts[s]` for every slot `s`

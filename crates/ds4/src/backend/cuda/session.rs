@@ -263,12 +263,6 @@ fn use_pf_y_lean() -> bool {
     super::switch_on("DS4_CUDA_PF_Y_LEAN")
 }
 
-/// Whether decode's out_a writes its output's Q8_0 codes for out_b itself
-/// (`DS4_CUDA_Q8_OUT=0`: a qa_q8_0 launch between them). Read at each capture.
-fn use_q8_out() -> bool {
-    super::switch_on("DS4_CUDA_Q8_OUT")
-}
-
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
@@ -1126,11 +1120,6 @@ struct Scratch {
     d0s: CudaSlice<f32>,
     qks: CudaSlice<f32>,
     dks: CudaSlice<f32>,
-    /// The Q8_0 codes and scales a decode product writes of its own output (out_a's, for
-    /// out_b: `CudaBackend::mv8_codes_raw`), and its per-32-row counters (left zeroed).
-    q0o: CudaSlice<f32>,
-    d0o: CudaSlice<f32>,
-    qcnt: CudaSlice<i32>,
     /// Sampling: argmax, max bits, candidate count; then the candidates (`narrow`).
     nhead: CudaSlice<i32>,
     nids: CudaSlice<i32>,
@@ -1452,9 +1441,6 @@ impl GpuSession {
                 d0s: a(qn / 32)?,
                 qks: a(qn.div_ceil(4))?,
                 dks: a(qn / 256)?,
-                q0o: a(qn.div_ceil(4))?,
-                d0o: a(qn / 32)?,
-                qcnt: be.upload_i32(&vec![0; qn / 32])?,
                 nhead: be.upload_i32(&[0; 3])?,
                 nids: be.upload_i32(&vec![0; NARROW_CAP])?,
                 nvals: a(NARROW_CAP)?,
@@ -1849,8 +1835,7 @@ impl GpuSession {
         // exact mode and prefill keep one stream, and cuBLAS runs on the main one).
         let fork = int8 && use_fork();
         // Entries 0, 1: the main stream's Q8_0 / Q8_K scratch; 2, 3: the side stream's.
-        // Entry 4: the buffer whose Q8_0 codes a product wrote into q0o / d0o with its output.
-        let memo = std::cell::Cell::new([0u64; 5]);
+        let memo = std::cell::Cell::new([0u64; 4]);
         // Quantized form of `elems` inputs at `x` for `kind`: (codes, scales), from the memo
         // when that scratch already holds `x`.
         let qx = |kind: ActQuant, x: u64, elems: usize| -> Result<(u64, u64)> {
@@ -1868,9 +1853,6 @@ impl GpuSession {
                 (ActQuant::Q8K, true) => (3, p(&s.qks), p(&s.dks)),
             };
             let mut m = memo.get();
-            if kind == ActQuant::Q8_0 && !be.on_side() && m[4] == x {
-                return Ok((p(&s.q0o), p(&s.d0o)));
-            }
             if m[i] != x {
                 // SAFETY: the activation scratch holds the widest decode input (`qn`).
                 unsafe { be.quant_act_raw(kind, x, elems, q, dd)? };
@@ -2194,7 +2176,7 @@ impl GpuSession {
                       ffn: bool,
                       planes: Option<(u64, f32)>|
          -> Result<bool> {
-            memo.set([0; 5]);
+            memo.set([0; 4]);
             y16p_at.set(0);
             y32_ok.set(true);
             planes_ready.set(false);
@@ -2299,7 +2281,7 @@ impl GpuSession {
                 );
                 if int8 {
                     // Both scratches now hold y's codes (Q8_0 and Q8_K).
-                    memo.set([p(&s.y), p(&s.y), 0, 0, 0]);
+                    memo.set([p(&s.y), p(&s.y), 0, 0]);
                 }
                 return Ok(fork);
             }
@@ -2786,6 +2768,17 @@ impl GpuSession {
                         lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
                         let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
                         let q16 = if tc { p16(&s.iq16) } else { 0 };
+                        // A decode step's tensor-core scores finish the query themselves
+                        // (one launch fewer on the indexer's chain, the same bits).
+                        let qraw = (tc && n == 1 && half <= 128 && attn::use_idx_qfuse()).then(
+                            || attn::IdxQRaw {
+                                q: p(&s.iq),
+                                half: half as usize,
+                                freqs: ptr(&l.freqs, st),
+                                qat: self.qat,
+                                inv_sqrt_id: inv_sqrt,
+                            },
+                        );
                         // The warp form (same bits, one sincos set per token) where the key
                         // length allows; `DS4_CUDA_IDXQ_W=0`: the block form.
                         let wf = match id {
@@ -2795,7 +2788,9 @@ impl GpuSession {
                             _ => None,
                         }
                         .filter(|_| half <= 128 && super::switch_on("DS4_CUDA_IDXQ_W"));
-                        if let Some(wi) = wf {
+                        if qraw.is_some() {
+                            // Finished in the scores kernel below.
+                        } else if let Some(wi) = wf {
                             // Several heads a warp in chunks (more loads in flight); one for
                             // a decode token (more warps).
                             let hpw = if n > 1 { attn::IQF_HPW } else { 1 };
@@ -2882,6 +2877,7 @@ impl GpuSession {
                                     s.isc_ld,
                                     attn::use_idx_wg(),
                                     None,
+                                    qraw.as_ref(),
                                 )?
                             };
                         } else {
@@ -3185,34 +3181,7 @@ impl GpuSession {
                         // the product reads nothing an earlier kernel wrote before its
                         // weights (quant.cu pdl_trigger).
                         let ids = if n == 1 { 0 } else { pi(&s.gids) };
-                        match ActQuant::of(l.out_a.ty).filter(|_| int8 && n == 1 && use_q8_out()) {
-                            // Decode: out_a also writes its output's Q8_0 codes for out_b
-                            // (no qa_q8_0 launch between them).
-                            Some(kind) => {
-                                let (q, dd) = qx(kind, p(&s.o), n * g * gw)?;
-                                // SAFETY: q0o / d0o / qcnt hold the codes, scales and
-                                // counters of the widest decode input (qn ≥ G·Lo).
-                                let coded = unsafe {
-                                    be.mv8_codes_raw(
-                                        &l.out_a,
-                                        0,
-                                        g,
-                                        q,
-                                        dd,
-                                        gw,
-                                        p(&s.low),
-                                        Some((p(&s.q0o), p(&s.d0o), pi(&s.qcnt))),
-                                    )?
-                                };
-                                wrote(p(&s.low));
-                                if coded {
-                                    let mut m = memo.get();
-                                    m[4] = p(&s.low);
-                                    memo.set(m);
-                                }
-                            }
-                            None => mvq(&l.out_a, ids, n * g, p(&s.o), gw, p(&s.low))?,
-                        }
+                        mvq(&l.out_a, ids, n * g, p(&s.o), gw, p(&s.low))?
                     }
                 }
                 match (low16, out_b_ps) {

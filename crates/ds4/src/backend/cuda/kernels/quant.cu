@@ -1084,49 +1084,12 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
     }
 }
 
-// The Q8_0 codes of a product's output (production decode: out_a's output is out_b's input),
-// in the product instead of a qa_q8_0 launch after it. The blocks that write one 32-row block
-// of the output (`per` = 32 / rows a block) count themselves in qcnt[that block]; the last to
-// arrive (every block's rows written and fenced before its count) reads the 32 values back
-// through L2 and writes their codes and scale with q8_0_lane's expressions (the block's max,
-// then the same scale, reciprocal and rounding: qa_q8_0's codes), and resets the counter for
-// the next launch. Called by every thread of the block after its rows are written.
-__device__ __forceinline__ void q8_out_epilogue(const float* y, i64 row0, int rows_blk,
-                                                signed char* __restrict__ q0,
-                                                float* __restrict__ d0, unsigned* qcnt) {
-    __shared__ int last_;
-    __threadfence();
-    __syncthreads();
-    const i64 g = row0 >> 5;
-    if (threadIdx.x == 0) {
-        const unsigned prev = atomicAdd(qcnt + g, 1u);
-        last_ = prev == (unsigned)(32 / rows_blk - 1);
-        if (last_) qcnt[g] = 0u;
-    }
-    __syncthreads();
-    if (!last_ || threadIdx.x >= 32) return;
-    __threadfence();
-    const int lane = threadIdx.x;
-    const float v = __ldcg(y + (g << 5) + lane);
-    float am = fabsf(v);
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
-    const float dd = __fdiv_rn(am, 127.0f);
-    const float id = dd == 0.0f ? 0.0f : __fdiv_rn(1.0f, dd);
-    const float r = fminf(fmaxf(rintf(__fmul_rn(v, id)), -128.0f), 127.0f);
-    q0[(g << 5) + lane] = (signed char)(int)r;
-    if (lane == 0) d0[g] = dd;
-}
-
 // Grid: x = groups of (8/split)·RW rows, y = slot (matrix ids[slot], input slot·x_stride).
-// q0 not null: also the output's Q8_0 codes (q8_out_epilogue; qcnt one zeroed counter per 32
-// output rows, the rows a block takes dividing 32).
 #define DS4_MV8W(NAME, RW, UNR)                                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                               \
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,               \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                            \
-             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split,          \
-             signed char* __restrict__ q0, float* __restrict__ d0, unsigned* qcnt) {                \
+             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {        \
         pdl_trigger();                                                                              \
         __shared__ float part_[WARPS_PER_BLOCK][RW];                                                \
         int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;                    \
@@ -1150,22 +1113,18 @@ __device__ __forceinline__ void q8_out_epilogue(const float* y, i64 row0, int ro
                     if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = acc[r];                     \
                 }                                                                                   \
             }                                                                                       \
-        } else {                                                                                    \
-            if (lane == 0) {                                                                        \
-                _Pragma("unroll") for (int r = 0; r < RW; r++) part_[warp][r] = acc[r];             \
-            }                                                                                       \
-            __syncthreads();                                                                        \
-            if (lane == 0 && part == 0) {                                                           \
-                _Pragma("unroll") for (int r = 0; r < RW; r++) {                                    \
-                    float v = acc[r];                                                               \
-                    for (int i = 1; i < split; i++) v += part_[warp + i][r];                        \
-                    if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = v;                          \
-                }                                                                                   \
-            }                                                                                       \
+            return;                                                                                 \
         }                                                                                           \
-        if (q0) {                                                                                   \
-            const int rb = (WARPS_PER_BLOCK / split) * RW;                                          \
-            q8_out_epilogue(y, (i64)slot * n_rows + (i64)blockIdx.x * rb, rb, q0, d0, qcnt);        \
+        if (lane == 0) {                                                                            \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) part_[warp][r] = acc[r];                 \
+        }                                                                                           \
+        __syncthreads();                                                                            \
+        if (lane == 0 && part == 0) {                                                               \
+            _Pragma("unroll") for (int r = 0; r < RW; r++) {                                        \
+                float v = acc[r];                                                                   \
+                for (int i = 1; i < split; i++) v += part_[warp + i][r];                            \
+                if (o + r < n_rows) y[(i64)slot * n_rows + o + r] = v;                              \
+            }                                                                                       \
         }                                                                                           \
     }
 
