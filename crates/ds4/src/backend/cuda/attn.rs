@@ -744,13 +744,11 @@ pub unsafe fn idx_scores_tc(
     ld: usize,
     wg: bool,
     tpb: Option<usize>,
-    qraw: Option<&IdxQRaw>,
 ) -> Result<()> {
-    let qraw = qraw.filter(|r| n == 1 && r.half <= 128);
     let wgf = k
         .idx_scores_wg
         .as_ref()
-        .filter(|_| wg && n >= IXW_MIN_TOKENS && qraw.is_none());
+        .filter(|_| wg && n >= IXW_MIN_TOKENS);
     let (f, rows, tpb, smem) = match wgf {
         Some(f) => {
             let p0_host = (4 * vis_max).saturating_sub(n);
@@ -775,37 +773,7 @@ pub unsafe fn idx_scores_tc(
         a.push((tpb as i32).slot());
     }
     a.extend([scores, (ld as i32).slot()]);
-    if wgf.is_none() {
-        // k_idx_scores_tc: the decode query's f32 rows to finish itself, or none (q16).
-        match qraw {
-            Some(r) => a.extend([
-                r.q,
-                (r.half as i32).slot(),
-                r.freqs,
-                i32::from(r.qat).slot(),
-                r.inv_sqrt_id.slot(),
-            ]),
-            None => a.extend([0, 0, 0, 0, 0]),
-        }
-    }
     be.launch_slots(f, cfg, &mut a)
-}
-
-/// A decode token's indexer query as the q_b product left it (64 heads × 128 f32), for
-/// [`idx_scores_tc`] to finish in the kernel (RoPE with `freqs` at the position, Hadamard,
-/// `inv_sqrt_id`, QAT: `k_idx_q_finish_w4`'s code and bits) instead of reading `q16`.
-pub struct IdxQRaw {
-    pub q: u64,
-    pub half: usize,
-    pub freqs: u64,
-    pub qat: bool,
-    pub inv_sqrt_id: f32,
-}
-
-/// Whether a decode step's indexer scores finish the query themselves ([`IdxQRaw`];
-/// `DS4_CUDA_IDX_QFUSE=0`: `k_idx_q_finish_w4` first). Read at each capture.
-pub fn use_idx_qfuse() -> bool {
-    super::switch_on("DS4_CUDA_IDX_QFUSE")
 }
 
 /// `u32` words of the multi-block top-k's work buffer (forward.cu `k_topk_mb`: four 256-bin

@@ -7,14 +7,14 @@
 //! meaningless for outputs that cancel to near zero).
 
 use super::device::{
-    ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, Slot, SUPPORTED_TYPES,
+    ActQuant, CudaBackend, CudaError, GemmScratch, GpuWeight, Result, SUPPORTED_TYPES,
 };
 use super::prefill::Grouping;
 use crate::quant::{
     dequantize_row, matvec as cpu_matvec, quantize_act_q8_0, quantize_act_q8_k, quantize_row,
     GgmlType,
 };
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::f16;
 
 /// Tolerance (max error / L1 mass) of the f32-activation kernels. f32 sums of a few thousand
@@ -287,7 +287,6 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_attn(be, &mut rng, &mut out)?;
     check_indexer(be, &mut rng, &mut out)?;
     check_indexer_tc(be, &mut rng, &mut out)?;
-    check_indexer_qfuse(be, &mut rng, &mut out)?;
     check_idx_q_finish_w(be, &mut rng, &mut out)?;
     check_e2m1_fast(be, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
@@ -1247,7 +1246,7 @@ fn run_idx_scores(
             let q16 = d_q16.device_ptr(st).0;
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             to_bf16(st, k, pq, q16, n * ih * id)?;
-            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld, wg, tpb, None)?
+            idx_scores_tc(be, k, n, q16, pw, pr, p0p, vis_max, ps, ld, wg, tpb)?
         } else {
             let (pq, pr, ps) = (pp(&d_q), pp(&d_rows), pp(&d_sc));
             idx_scores(st, k, n, pq, pw, pr, ih, id, p0p, r, vis_max, ps, ld)?
@@ -1329,94 +1328,6 @@ fn scores_vs(
         got.len()
     );
     row
-}
-
-/// A decode step's tensor-core indexer scores with the query finished in the kernel
-/// (`IdxQRaw`: RoPE, Hadamard, scale and QAT of the q_b product's rows) against
-/// `k_idx_q_finish_w4` + the scores from its bf16 rows: the same bits (random rows before
-/// the finish, fp4sim'd F16 indexer rows, 32 RoPE pairs), at 1,024 and 2,048 visible rows.
-fn check_indexer_qfuse(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    use super::attn::{idx_scores_tc, IdxQRaw};
-    let k = super::attn::AttnKernels::load(be)?;
-    let fin = be.function("k_idx_q_finish_w4")?;
-    let (ih, id, half) = (64usize, 128usize, 32usize);
-    let st = be.stream();
-    for p0 in [4099usize, 8190] {
-        let vis_max = (p0 + 1) / 4;
-        let ld = vis_max + 1;
-        let q = random_activations(rng, ih * id);
-        let mut rows = random_activations(rng, vis_max * id);
-        for row in rows.chunks_exact_mut(id) {
-            crate::quant::indexer_qat_inplace(row);
-            row.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
-        }
-        let w: Vec<f32> = (0..ih).map(|_| (rng.normal() * 0.1) as f32).collect();
-        let freqs: Vec<f64> = (0..half)
-            .map(|i| 10000f64.powf(-2.0 * i as f64 / (2 * half) as f64))
-            .collect();
-        let (d_q, d_w, d_rows) = (be.upload_f32(&q)?, be.upload_f32(&w)?, be.upload_f32(&rows)?);
-        let d_f = st.clone_htod(&freqs)?;
-        let d_q16 = st.alloc_zeros::<u16>(ih * id)?;
-        let d_p0 = st.clone_htod(&[p0 as i64])?;
-        let (d_a, d_b) = (poisoned(be, ld)?, poisoned(be, ld)?);
-        let pp = |b: &CudaSlice<f32>| b.device_ptr(st).0;
-        let (q16, p0p, fp) = (
-            d_q16.device_ptr(st).0,
-            d_p0.device_ptr(st).0,
-            d_f.device_ptr(st).0,
-        );
-        let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
-        let cfg = LaunchConfig {
-            grid_dim: (1, (ih / 8) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let raw = IdxQRaw {
-            q: pp(&d_q),
-            half,
-            freqs: fp,
-            qat: true,
-            inv_sqrt_id: inv_sqrt,
-        };
-        let pw = (pp(&d_w), 0.5f32);
-        // SAFETY: q holds 64 × 128 floats, q16 as many halves, freqs `half` doubles, the rows
-        // vis_max × 128, the scores ld floats; the finish kernel's arguments in order.
-        unsafe {
-            be.launch_slots(
-                &fin,
-                cfg,
-                &mut [
-                    pp(&d_q),
-                    (ih as i32).slot(),
-                    (half as i32).slot(),
-                    fp,
-                    p0p,
-                    0,
-                    1i32.slot(),
-                    inv_sqrt.slot(),
-                    q16,
-                    0i32.slot(),
-                    1i32.slot(),
-                ],
-            )?;
-            let pr = pp(&d_rows);
-            idx_scores_tc(be, &k, 1, q16, pw, pr, p0p, vis_max, pp(&d_a), ld, false, None, None)?;
-            idx_scores_tc(be, &k, 1, q16, pw, pr, p0p, vis_max, pp(&d_b), ld, false, None, Some(&raw))?;
-        }
-        let (a, b) = (be.download(&d_a)?, be.download(&d_b)?);
-        let mism = bits_differ(&a[..vis_max], &b[..vis_max]);
-        let mut row = exact_row(
-            "idx_scores_tc_qfuse",
-            GgmlType::F32,
-            &format!("p0={p0} n=1 iH={ih} iD={id} half={half}"),
-            mism,
-        );
-        row.note = format!(
-            "{mism} of {vis_max} scores differ in bits from k_idx_q_finish_w4 + k_idx_scores_tc"
-        );
-        out.push(row);
-    }
-    Ok(())
 }
 
 fn check_indexer_tc_at(

@@ -2673,14 +2673,26 @@ impl GpuSession {
             } else {
                 None
             };
+            // The indexer's weights product on the main stream before q_a instead of behind
+            // the indexer compressor on its side stream, where the query chain that follows
+            // the norm waited for it (`DS4_CUDA_IDXPROJ_MAIN`).
+            let proj_main =
+                fork3 && std::env::var("DS4_CUDA_IDXPROJ_MAIN").is_ok_and(|v| v == "1");
             let idx_pre_fork = if fork3 {
                 Some(be.fork_on(1, || {
                     comp_idx()?;
-                    idx_proj()
+                    if proj_main {
+                        Ok(())
+                    } else {
+                        idx_proj()
+                    }
                 })?)
             } else {
                 None
             };
+            if proj_main {
+                idx_proj()?;
+            }
             // Query.
             lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
             lin(&l.kv, p(&s.y), n, p(&s.kv))?;
@@ -2768,17 +2780,6 @@ impl GpuSession {
                         lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
                         let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
                         let q16 = if tc { p16(&s.iq16) } else { 0 };
-                        // A decode step's tensor-core scores finish the query themselves
-                        // (one launch fewer on the indexer's chain, the same bits).
-                        let qraw = (tc && n == 1 && half <= 128 && attn::use_idx_qfuse()).then(
-                            || attn::IdxQRaw {
-                                q: p(&s.iq),
-                                half: half as usize,
-                                freqs: ptr(&l.freqs, st),
-                                qat: self.qat,
-                                inv_sqrt_id: inv_sqrt,
-                            },
-                        );
                         // The warp form (same bits, one sincos set per token) where the key
                         // length allows; `DS4_CUDA_IDXQ_W=0`: the block form.
                         let wf = match id {
@@ -2788,9 +2789,7 @@ impl GpuSession {
                             _ => None,
                         }
                         .filter(|_| half <= 128 && super::switch_on("DS4_CUDA_IDXQ_W"));
-                        if qraw.is_some() {
-                            // Finished in the scores kernel below.
-                        } else if let Some(wi) = wf {
+                        if let Some(wi) = wf {
                             // Several heads a warp in chunks (more loads in flight); one for
                             // a decode token (more warps).
                             let hpw = if n > 1 { attn::IQF_HPW } else { 1 };
@@ -2877,7 +2876,6 @@ impl GpuSession {
                                     s.isc_ld,
                                     attn::use_idx_wg(),
                                     None,
-                                    qraw.as_ref(),
                                 )?
                             };
                         } else {

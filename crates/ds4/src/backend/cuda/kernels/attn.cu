@@ -1755,15 +1755,10 @@ extern "C" __global__ void k_f32_to_bf16(const float* __restrict__ x, u16* __res
 #define IXC_SMEM                                                                               \
     ((IXC_ROWS + 2 * 64) * IXC_KS * 2 + 2 * 64 * 4 + 64 * IXC_VS * 4)
 
-// qraw not null (decode: n = 1): the query is the q_b product's f32 rows, finished here (RoPE
-// at the token's position with angles from freqs, Hadamard, 1/sqrt(id), QAT) by
-// idx_q_finish_head<4>, k_idx_q_finish_w4's code, into the shared query tile as bf16: the
-// same bits that kernel writes to q16, without its launch on the indexer's chain.
 extern "C" __global__ void __launch_bounds__(256)
     k_idx_scores_tc(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
                     const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
-                    float* __restrict__ scores, int ld, const float* __restrict__ qraw,
-                    int half, const double* __restrict__ freqs, int qat, float inv_sqrt_id) {
+                    float* __restrict__ scores, int ld) {
     extern __shared__ __align__(16) unsigned char ixc_smem[];
     u16* ks = (u16*)ixc_smem;                       // [128 rows][IXC_KS]
     u16* qs = ks + IXC_ROWS * IXC_KS;               // [2][64 heads][IXC_KS]
@@ -1777,29 +1772,6 @@ extern "C" __global__ void __launch_bounds__(256)
     const int t1 = min(t0 + IXC_TOK, n);
     const int vis_last = (int)((p0 + t1) / 4);  // rows visible to the group's last token
     if (r0 >= vis_last) return;
-    if (qraw) {
-        // Decode: warp w finishes heads w + 8i (all 8 rows' loads in flight first) into
-        // query slot 0, lane l its elements 4l..4l+3 (idx_q_finish_head<4>'s layout).
-        __shared__ float cs[2 * 128];  // half ≤ 128 (attn.rs)
-        for (int i = tid; i < half; i += 256) {
-            double sn, c;
-            sincos((double)p0 * freqs[i], &sn, &c);
-            cs[2 * i] = (float)c;
-            cs[2 * i + 1] = (float)sn;
-        }
-        float x[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const float4 v = *(const float4*)(qraw + (warp + 8 * i) * 128 + 4 * lane);
-            x[i][0] = v.x, x[i][1] = v.y, x[i][2] = v.z, x[i][3] = v.w;
-        }
-        if (tid < 64) ws[tid] = w[tid] * wscale;
-        __syncthreads();  // the angles
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            idx_q_finish_head<4>(x[i], nullptr, qs + (warp + 8 * i) * IXC_KS + 4 * lane, lane,
-                                 half, cs, qat, inv_sqrt_id, 0, true);
-    }
     // The query of token t (64 × 128 bf16 = 1024 pieces of 16 bytes) and its 64 weights.
     auto fetch = [&](int t, int slot) {
         const u16* src = q16 + (long long)t * 64 * 128;
@@ -1811,7 +1783,7 @@ extern "C" __global__ void __launch_bounds__(256)
         }
         if (tid < 64) ws[slot * 64 + tid] = w[(long long)t * 64 + tid] * wscale;
     };
-    if (!qraw) fetch(t0, 0);
+    fetch(t0, 0);
     pf_cp_commit();
     // K tile to bf16 (rows past the last visible one: zeros; they are never written out).
     for (int f = tid; f < IXC_ROWS * 32; f += 256) {
