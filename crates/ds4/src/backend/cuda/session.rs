@@ -2675,9 +2675,10 @@ impl GpuSession {
             };
             // The indexer's weights product on the main stream before q_a instead of behind
             // the indexer compressor on its side stream, where the query chain that follows
-            // the norm waited for it (`DS4_CUDA_IDXPROJ_MAIN`).
-            let proj_main =
-                fork3 && std::env::var("DS4_CUDA_IDXPROJ_MAIN").is_ok_and(|v| v == "1");
+            // the norm waited for it: in a ratio-4 decode step that chain (not the query path)
+            // is the one the attention waits for (`DS4_CUDA_IDXPROJ_MAIN=0`: on the side
+            // stream; bench/RESULTS.md, twenty-ninth session).
+            let proj_main = fork3 && super::switch_on("DS4_CUDA_IDXPROJ_MAIN");
             let idx_pre_fork = if fork3 {
                 Some(be.fork_on(1, || {
                     comp_idx()?;
