@@ -291,7 +291,6 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_e2m1_fast(be, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
-    check_mv8f(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
         check_hc_pre1(be, &mut rng, n, d, &mut out)?;
     }
@@ -2325,61 +2324,6 @@ fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
             "vs CPU quantized matvec; max_err = max|d| / max|cpu|",
         );
         row.ty = ty;
-        out.push(row);
-    }
-    Ok(())
-}
-
-/// Q8_0 products on f32 inputs quantized inside the kernel (`mv8f_raw`) against
-/// `quant_act_raw` + `mv8_raw`: the same output bits. Shapes: out_b's (4096 × 8192), the
-/// shared expert's down (4096 × 2048), out_a's grouped form (8 matrices of 1024 × 4096, slot s
-/// reading its own 4096 inputs), 2 rows a warp (1024 × 4096), a partial row group (66 × 512,
-/// 3 slots); 40 × 800 (800 columns: not the 16-byte-load kernels) must be declined.
-fn check_mv8f(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    let ty = GgmlType::Q8_0;
-    for (slots, n_rows, n_cols) in [
-        (1usize, 4096usize, 8192usize),
-        (1, 4096, 2048),
-        (8, 1024, 4096),
-        (1, 1024, 4096),
-        (3, 66, 512),
-        (1, 40, 800),
-    ] {
-        let wb = random_weight(rng, ty, slots * n_rows, n_cols);
-        let w = be.upload_weight(ty, &wb, n_rows, n_cols, slots, &mut |_, _| {})?;
-        let x = random_activations(rng, slots * n_cols);
-        let xd = be.upload_f32(&x)?;
-        let qb = be.alloc_f32((slots * n_cols).div_ceil(4))?;
-        let db = be.alloc_f32(slots * n_cols / 32)?;
-        let (y0, y) = (poisoned(be, slots * n_rows)?, poisoned(be, slots * n_rows)?);
-        let st = be.stream();
-        let (xp, _g0) = xd.device_ptr(st);
-        let (qp, _g1) = qb.device_ptr(st);
-        let (dp, _g2) = db.device_ptr(st);
-        let (y0p, _g3) = y0.device_ptr(st);
-        let (yp, _g4) = y.device_ptr(st);
-        // SAFETY: slots inputs of n_cols (f32 and quantized), slots outputs of n_rows.
-        let taken = unsafe {
-            be.quant_act_raw(ActQuant::Q8_0, xp, slots * n_cols, qp, dp)?;
-            be.mv8_raw(&w, 0, slots, qp, dp, n_cols, y0p)?;
-            be.mv8f_raw(&w, 0, slots, xp, n_cols, yp)?
-        };
-        let shape = format!("{slots}x{n_rows}x{n_cols}");
-        let mism = if n_cols.is_multiple_of(512) {
-            if taken {
-                bits_differ(&be.download(&y0)?, &be.download(&y)?)
-            } else {
-                usize::MAX
-            }
-        } else {
-            usize::from(taken)
-        };
-        let mut row = exact_row("matvec_int8_f32_in", ty, &shape, mism);
-        row.note = if n_cols.is_multiple_of(512) {
-            format!("{mism} outputs differ in bits from quant_act_raw + mv8_raw")
-        } else {
-            format!("declined (800 columns): {}", !taken)
-        };
         out.push(row);
     }
     Ok(())

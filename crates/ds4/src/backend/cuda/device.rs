@@ -1206,53 +1206,12 @@ impl CudaBackend {
         x_stride: usize,
         y: u64,
     ) -> Result<()> {
-        self.mv8_any(w, ids, slots, (xq, xd, 0), x_stride, y)
-            .map(|_| ())
-    }
-
-    /// [`CudaBackend::mv8_raw`] on f32 activations `x`, quantized inside the Q8_0 16-byte-load
-    /// kernels (quant.cu `q8w_rows`: the codes `quant_act_raw` would write, so the same
-    /// output bits) without a separate quantization launch. Returns false, having launched
-    /// nothing, where those kernels do not take the product (the caller quantizes then).
-    ///
-    /// # Safety
-    /// As [`CudaBackend::mv8_raw`]; `x` holds every slot's f32 inputs.
-    pub(crate) unsafe fn mv8f_raw(
-        &self,
-        w: &GpuWeight,
-        ids: u64,
-        slots: usize,
-        x: u64,
-        x_stride: usize,
-        y: u64,
-    ) -> Result<bool> {
-        self.mv8_any(w, ids, slots, (0, 0, x), x_stride, y)
-    }
-
-    /// The int8 products of [`CudaBackend::mv8_raw`] / [`CudaBackend::mv8f_raw`]: `xq`, `xd`
-    /// the quantized inputs, or `xf` (not 0) the f32 ones for the 16-byte-load kernels only.
-    unsafe fn mv8_any(
-        &self,
-        w: &GpuWeight,
-        ids: u64,
-        slots: usize,
-        (xq, xd, xf): (u64, u64, u64),
-        x_stride: usize,
-        y: u64,
-    ) -> Result<bool> {
         let k = self.kernels(w.ty)?;
         let f = k
             .mv8
             .as_ref()
             .ok_or_else(|| CudaError::Invalid(format!("no int8 kernel for {}", w.ty)))?;
-        let w8 = k
-            .mv8w
-            .as_ref()
-            .filter(|_| w.n_cols.is_multiple_of(512) && use_mv8w());
-        if xf != 0 && w8.is_none() {
-            return Ok(false);
-        }
-        if let Some((fl, ro)) = k.mvl.as_ref().filter(|_| use_lane() && xf == 0) {
+        if let Some((fl, ro)) = k.mvl.as_ref().filter(|_| use_lane()) {
             let cfg = LaunchConfig {
                 grid_dim: (
                     (w.n_rows.div_ceil(*ro) as u32).div_ceil(WARPS_PER_BLOCK),
@@ -1281,7 +1240,7 @@ impl CudaBackend {
                     y,
                 ],
             )?;
-            return Ok(true);
+            return Ok(());
         }
         // Q8_0 with 512-multiple rows: 16-byte loads, RW rows per warp: 4 when a row has
         // fewer than 4 steps of 512 (so 8 loads per lane stay in flight), or when the slots
@@ -1289,8 +1248,8 @@ impl CudaBackend {
         // the column split then leaves each warp 2-4 steps, as q_b's; full model +1-2%
         // decode, bench/RESULTS.md, twenty-sixth session; `use_mv8w4`); else 2 (q_a and kv:
         // 1,024 / 512 rows, where 4 measured no faster).
-        let (f, rw) = match w8 {
-            Some((w2, w4)) => {
+        let (f, rw) = match &k.mv8w {
+            Some((w2, w4)) if w.n_cols.is_multiple_of(512) && use_mv8w() => {
                 let many_rows = w.n_rows * slots >= 4096 && use_mv8w4();
                 if w.n_cols < 4 * 512 || many_rows {
                     (w4, 4)
@@ -1316,24 +1275,23 @@ impl CudaBackend {
         let (n_rows, n_cols) = (w.n_rows as i32, w.n_cols as i32);
         let xs = x_stride as i64;
         let split_i = split as i32;
-        let mut args = vec![
-            wp,
-            expert_bytes.slot(),
-            ids,
-            n_rows.slot(),
-            n_cols.slot(),
-            xq,
-            xd,
-            xs.slot(),
-            y,
-            split_i.slot(),
-        ];
-        // The 16-byte-load kernels take the f32 inputs (0: none) last.
-        if rw > 1 {
-            args.push(xf);
-        }
-        self.launch_slots(f, cfg, &mut args)?;
-        Ok(true)
+        self.launch_slots(
+            f,
+            cfg,
+            &mut [
+                wp,
+                expert_bytes.slot(),
+                ids,
+                n_rows.slot(),
+                n_cols.slot(),
+                xq,
+                xd,
+                xs.slot(),
+                y,
+                split_i.slot(),
+            ],
+        )?;
+        Ok(())
     }
 
     /// `mv8glu_<t>`: `h[s] = silu(min(Wg·x, c))·clamp(Wu·x, ±c)·wts[s]` for every slot `s`

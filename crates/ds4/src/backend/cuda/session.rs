@@ -263,13 +263,6 @@ fn use_pf_y_lean() -> bool {
     super::switch_on("DS4_CUDA_PF_Y_LEAN")
 }
 
-/// Whether production decode's Q8_0 products quantize f32 inputs that no scratch holds inside
-/// the product kernel (`CudaBackend::mv8f_raw`; `DS4_CUDA_MV8F=0`: a `qa_q8_0` launch first).
-/// Read at each capture.
-fn use_mv8f() -> bool {
-    super::switch_on("DS4_CUDA_MV8F")
-}
-
 /// Whether decode graphs use programmatic dependent launch (`DS4_CUDA_PDL=0` turns it off,
 /// for comparisons).
 fn use_pdl() -> bool {
@@ -1884,17 +1877,6 @@ impl GpuSession {
                 unsafe {
                     match ActQuant::of(w.ty).filter(|_| int8) {
                         Some(kind) => {
-                            // Q8_0 inputs no scratch holds yet: quantized inside the product
-                            // where its kernel can (the same codes, one launch fewer).
-                            let held = memo.get()[if be.on_side() { 2 } else { 0 }];
-                            if kind == ActQuant::Q8_0
-                                && held != x
-                                && use_mv8f()
-                                && be.mv8f_raw(w, ids, slots, x, xs, y)?
-                            {
-                                wrote(y);
-                                return Ok(());
-                            }
                             let elems = if xs == 0 {
                                 w.n_cols
                             } else {

@@ -1027,14 +1027,10 @@ DS4_MV8_GLU(mv8glu_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
 // (mv8_q8_0 has 4 of 8 bytes). Rows split between `split` warps as in mv8_<t>, partials
 // added in warp order; per lane, per row the dots are added in step order: deterministic.
 // Same per-block expression as I8Q8_0 (fmaf(d_w·d_x, Σq·q, acc)).
-// xf not null: the activations are f32 (xq, xd unused) and each lane forms the Q8_0 codes of
-// its 16 elements itself, with qa_q8_0's expressions (the block's max over the lane pair, the
-// same scale, reciprocal and rounding), so the dots are those of the codes qa_q8_0 writes.
 template <int RW, int UNR>
 __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_cols,
                                          const signed char* xq, const float* xd, int first,
-                                         int stride, bool waited, float* acc,
-                                         const float* __restrict__ xf) {
+                                         int stride, bool waited, float* acc) {
     const int lane = threadIdx.x & 31;
     const int steps = n_cols >> 9, nb = n_cols >> 5;
     const u16* scp = (const u16*)(w + (i64)n_rows * n_cols);
@@ -1068,28 +1064,7 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
 #pragma unroll
         for (int k = 0; k < UNR; k++) {
             const int e0 = ((s0 + k * stride) << 9) + 16 * lane;
-            if (on[k] && xf) {
-                float v[16];
-#pragma unroll
-                for (int j = 0; j < 16; j += 4) {
-                    const float4 f = *(const float4*)(xf + e0 + j);
-                    v[j] = f.x, v[j + 1] = f.y, v[j + 2] = f.z, v[j + 3] = f.w;
-                }
-                float am = 0.0f;
-#pragma unroll
-                for (int j = 0; j < 16; j++) am = fmaxf(am, fabsf(v[j]));
-                am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));  // on[k]: warp-uniform
-                const float dd = __fdiv_rn(am, 127.0f);
-                const float id = dd == 0.0f ? 0.0f : __fdiv_rn(1.0f, dd);
-                u32 c[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-                for (int j = 0; j < 16; j++) {
-                    const float r = fminf(fmaxf(rintf(__fmul_rn(v[j], id)), -128.0f), 127.0f);
-                    c[j >> 2] |= ((u32)(int)r & 255u) << (8 * (j & 3));
-                }
-                xv[k] = make_uint4(c[0], c[1], c[2], c[3]);
-                xs[k] = dd;
-            } else if (on[k]) {
+            if (on[k]) {
                 xv[k] = *(const uint4*)(xq + e0);
                 xs[k] = xd[e0 >> 5];
             }
@@ -1110,13 +1085,11 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
 }
 
 // Grid: x = groups of (8/split)·RW rows, y = slot (matrix ids[slot], input slot·x_stride).
-// xf not null: f32 activations quantized in the kernel (q8w_rows), xq / xd unused.
 #define DS4_MV8W(NAME, RW, UNR)                                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                               \
         NAME(const u8* __restrict__ w, i64 expert_bytes, const int* __restrict__ ids,               \
              int n_rows, int n_cols, const signed char* __restrict__ xq,                            \
-             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split,          \
-             const float* __restrict__ xf) {                                                        \
+             const float* __restrict__ xd, i64 x_stride, float* __restrict__ y, int split) {        \
         pdl_trigger();                                                                              \
         __shared__ float part_[WARPS_PER_BLOCK][RW];                                                \
         int slot = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;                    \
@@ -1131,7 +1104,7 @@ __device__ __forceinline__ void q8w_rows(const u8* w, int o, int n_rows, int n_c
             const u8* wb = w + (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                   \
             i64 xo = (i64)slot * x_stride;                                                          \
             q8w_rows<RW, UNR>(wb, o, n_rows, n_cols, xq + xo, xd + (xo >> 5), part, split,          \
-                              ids != nullptr, acc, xf ? xf + xo : nullptr);                         \
+                              ids != nullptr, acc);                                                 \
             _Pragma("unroll") for (int r = 0; r < RW; r++) acc[r] = warp_sum(acc[r]);               \
         }                                                                                           \
         if (split == 1) {                                                                           \
