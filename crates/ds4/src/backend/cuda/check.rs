@@ -1145,13 +1145,14 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
             ));
         }
         if fd_ok {
-            let tiles = super::attn::fd_blocks(rows_cap).0;
+            // Row blocks of more than 2 tiles of 16: the kernel walks several of its tiles.
+            let name = if super::attn::fd_blocks(rows_cap).0 <= 2 {
+                "attend_fdtc"
+            } else {
+                "attend_fdtc_multitile"
+            };
             out.push(fwd_row(
-                if tiles <= 2 {
-                    "attend_fdtc"
-                } else {
-                    "attend_fdtc_multitile"
-                },
+                name,
                 shape.clone(),
                 &gpu9,
                 &refs,
@@ -1160,11 +1161,7 @@ fn check_attn(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resul
                  these random K rows are rounded too, production's are F16-exact)",
             ));
             out.push(det_row(
-                if tiles <= 2 {
-                    "attend_fdtc"
-                } else {
-                    "attend_fdtc_multitile"
-                },
+                name,
                 GgmlType::F32,
                 &shape,
                 same_bits(&gpu9, &gpu10),

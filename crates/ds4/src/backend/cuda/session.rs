@@ -2625,11 +2625,11 @@ impl GpuSession {
             // the query path (queued above) and are joined before the indexer and the
             // attention read their rows.
             // The Sinkhorn (read only by the hc_post after the join) after the compressors, so
-            // that they start first (`DS4_CUDA_SH_FIRST=0`: before; bench/RESULTS.md,
+            // that they start first (`DS4_CUDA_SINKHORN_LAST=0`: before; bench/RESULTS.md,
             // twenty-ninth session).
-            let sh_first = super::switch_on("DS4_CUDA_SH_FIRST");
+            let sinkhorn_last = super::switch_on("DS4_CUDA_SINKHORN_LAST");
             let comps = || -> Result<()> {
-                if !sh_first {
+                if !sinkhorn_last {
                     sinkhorn(left)?;
                 }
                 if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
@@ -2638,7 +2638,7 @@ impl GpuSession {
                 if !fork3 {
                     comp_idx()?;
                 }
-                if sh_first {
+                if sinkhorn_last {
                     sinkhorn(left)?;
                 }
                 Ok(())
@@ -3262,10 +3262,10 @@ impl GpuSession {
             // The shared expert reads only y: on a fork it runs beside the router and the
             // routed experts, joined before the expert sum.
             // The Sinkhorn after the shared expert's products, which then start in the router's
-            // stretch, before the routed gate|up fills the SMs (`DS4_CUDA_SH_FIRST=0`: before).
-            let sh_first = super::switch_on("DS4_CUDA_SH_FIRST");
+            // stretch, before the routed gate|up fills the SMs (`DS4_CUDA_SINKHORN_LAST=0`: before).
+            let sinkhorn_last = super::switch_on("DS4_CUDA_SINKHORN_LAST");
             let shared = || -> Result<()> {
-                if !sh_first {
+                if !sinkhorn_last {
                     sinkhorn(left)?;
                 }
                 glu(
@@ -3281,7 +3281,7 @@ impl GpuSession {
                     l.clamp,
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
-                if sh_first {
+                if sinkhorn_last {
                     sinkhorn(left)?;
                 }
                 Ok(())
