@@ -3262,7 +3262,8 @@ impl GpuSession {
             // The shared expert reads only y: on a fork it runs beside the router and the
             // routed experts, joined before the expert sum.
             // The Sinkhorn after the shared expert's products, which then start in the router's
-            // stretch, before the routed gate|up fills the SMs (`DS4_CUDA_SINKHORN_LAST=0`: before).
+            // stretch, before the routed gate|up fills the SMs (`DS4_CUDA_SINKHORN_LAST=0`:
+            // before).
             let sinkhorn_last = super::switch_on("DS4_CUDA_SINKHORN_LAST");
             let shared = || -> Result<()> {
                 if !sinkhorn_last {
