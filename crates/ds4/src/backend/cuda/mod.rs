@@ -83,8 +83,10 @@
 //! the four tiled passes), `DS4_CUDA_FD_TC` (its row blocks on tensor cores, `k_att_fdtc*`, with
 //! the prefill kernel's f16 rounding of queries and weights; off = the f32 `k_att_fd*`),
 //! `DS4_CUDA_FD_PDL` (their combine launched with PDL; off = a plain launch),
-//! `DS4_CUDA_FD_PDL_ROWS=1` (off by default: the row blocks launched with PDL too, on forked
-//! decode only; see bench/RESULTS.md, twenty-eighth session), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
+//! `DS4_CUDA_SINKHORN_LAST` (a decode layer's Sinkhorns after the side branches' products,
+//! the compressors' and the shared expert's; off = before them), `DS4_CUDA_IDXPROJ_MAIN` (a
+//! ratio-4 decode step's indexer weights product on the main stream before q_a; off = on the
+//! indexer's side stream behind its compressor), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
 //! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
