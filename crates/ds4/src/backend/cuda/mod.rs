@@ -84,7 +84,11 @@
 //! the prefill kernel's f16 rounding of queries and weights; off = the f32 `k_att_fd*`),
 //! `DS4_CUDA_FD_PDL` (their combine launched with PDL; off = a plain launch),
 //! `DS4_CUDA_SINKHORN_LAST` (a decode layer's Sinkhorns after the side branches' products,
-//! the compressors' and the shared expert's; off = before them), `DS4_CUDA_IDXPROJ_MAIN` (a
+//! the compressors' and the shared expert's; off = before them), `DS4_CUDA_SINKHORN_SIDE1` (the
+//! attention site's Sinkhorn on the second side stream, beside the compressors; off = after
+//! them), `DS4_CUDA_COMB_EARLY` (the decode attention's combine lets the output product launch
+//! at its start; off = at its end), `DS4_CUDA_SH_JOIN_EARLY` (the shared expert joined before
+//! the routed down product; off = before the expert sum), `DS4_CUDA_IDXPROJ_MAIN` (a
 //! ratio-4 decode step's indexer weights product on the main stream before q_a; off = on the
 //! indexer's side stream behind its compressor), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;

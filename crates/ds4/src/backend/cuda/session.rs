@@ -2628,6 +2628,16 @@ impl GpuSession {
             // that they start first (`DS4_CUDA_SINKHORN_LAST=0`: before; bench/RESULTS.md,
             // twenty-ninth session).
             let sinkhorn_last = super::switch_on("DS4_CUDA_SINKHORN_LAST");
+            // On a fork in a layer without an indexer the Sinkhorn runs on the second side
+            // stream (idle then), beside the compressors instead of after them, where the
+            // attention waited for it; joined with them (`DS4_CUDA_SINKHORN_SIDE1=0`: after the
+            // compressors). Not in an indexer's layer: there it delayed the indexer's query
+            // chain behind it (bench/RESULTS.md, thirtieth session).
+            let sk_side1 = fork
+                && sinkhorn_last
+                && left
+                && l.indexer.is_none()
+                && super::switch_on("DS4_CUDA_SINKHORN_SIDE1");
             let comps = || -> Result<()> {
                 if !sinkhorn_last {
                     sinkhorn(left)?;
@@ -2638,7 +2648,7 @@ impl GpuSession {
                 if !fork3 {
                     comp_idx()?;
                 }
-                if sinkhorn_last {
+                if sinkhorn_last && !sk_side1 {
                     sinkhorn(left)?;
                 }
                 Ok(())
@@ -2664,12 +2674,19 @@ impl GpuSession {
             // longer one: its main compressor runs on the main stream after the query path.
             let main_comp = pf_side && l.indexer.is_some();
             let att_side = super::side_of("DS4_CUDA_PF_ATT_SIDE", 1);
-            let att_fork = if fork && (left || l.comp.is_some() || l.indexer.is_some()) {
+            let att_fork = if fork
+                && ((left && !sk_side1) || l.comp.is_some() || l.indexer.is_some())
+            {
                 Some(be.fork(comps)?)
             } else if main_comp {
                 Some(be.fork_on(att_side, comp_idx)?)
             } else if pf_side {
                 Some(be.fork_on(att_side, comps)?)
+            } else {
+                None
+            };
+            let sk_fork = if sk_side1 {
+                Some(be.fork_on(1, || sinkhorn(left))?)
             } else {
                 None
             };
@@ -3007,6 +3024,9 @@ impl GpuSession {
                 Some(f) => f.join()?,
                 None => comps()?,
             }
+            if let Some(f) = sk_fork {
+                f.join()?;
+            }
             if let Some(f) = idx_pre_fork {
                 f.join()?;
             }
@@ -3287,7 +3307,15 @@ impl GpuSession {
                 }
                 Ok(())
             };
-            let mut ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
+            // `DS4_CUDA_SH_AFTER_ROUTER=1`: forked after the router's product instead, so that
+            // its blocks start beside k_route's one block, not before it.
+            let sh_late = fork && std::env::var("DS4_CUDA_SH_AFTER_ROUTER").is_ok_and(|v| v == "1");
+            let mut ffn_fork = if fork && !sh_late {
+                Some(be.fork(shared)?)
+            } else {
+                None
+            };
+            let mut sh_joined = false;
             // Production prefill: the shared expert on the highest-priority side stream from the
             // expert grouping on (one block: the GEMMs take the other SMs), beside the routed
             // experts; its GEMMs read F16 weights and f16 inputs in place (`lin_s`).
@@ -3301,6 +3329,9 @@ impl GpuSession {
                     .all(|w| be.f16_ptr(w).is_some());
             if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
+                if sh_late {
+                    ffn_fork = Some(be.fork(shared)?);
+                }
             } else if let Some(ps) = split3 {
                 // Expert choice at f32 accuracy on tensor cores: y as three f16 planes against
                 // the exact f16 weight, the three partial logits added by k_route.
@@ -3434,13 +3465,24 @@ impl GpuSession {
                         p(&s.wts),
                         l.clamp,
                     )?;
+                    // The shared expert joined here, not before the expert sum: that sum's
+                    // kernel (k_hc_post_mix) then waits on one kernel and can launch early
+                    // (`DS4_CUDA_SH_JOIN_EARLY=0`: joined there; bench/RESULTS.md, thirtieth
+                    // session).
+                    if n == 1 && super::switch_on("DS4_CUDA_SH_JOIN_EARLY") {
+                        if let Some(f) = ffn_fork.take() {
+                            f.join()?;
+                            sh_joined = true;
+                        }
+                    }
                     // As above; g holds `slots` activations of F.
                     mvq(&l.down_exps, pi(&s.ids), slots, p(&s.g), f, p(&s.dn))?;
                 }
                 mk(il, "moe")?;
                 match ffn_fork {
                     Some(f) => f.join()?,
-                    None => shared()?,
+                    None if !sh_joined => shared()?,
+                    None => {}
                 }
                 mk(il, "sh_join")?;
                 if n == 1 && use_hc1() {

@@ -564,7 +564,10 @@ __device__ __forceinline__ void att_fd_combine(
     const float* __restrict__ part, const float* __restrict__ ml, const int* __restrict__ cnt,
     int ratio, const long long* __restrict__ p0p, int swa, int n_head, int dh, int tpb, int nbmax,
     const float* __restrict__ sinks, int half, const double* __restrict__ freqs,
-    float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0) {
+    float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0, int early) {
+    // early: the output product (launched with PDL after this) may start now, so that its
+    // first wave's blocks load their weights while the attention finishes.
+    if (early) pdl_trigger();
     __shared__ float fb[FD_MAXB];
     __shared__ float s_iv;
     const int th = blockIdx.x, t = th / n_head, h = th % n_head, n = gridDim.x / n_head;
@@ -677,9 +680,9 @@ __device__ __forceinline__ void att_fd_combine(
              const int* __restrict__ cnt, int ratio, const long long* __restrict__ p0p, int swa,  \
              int n_head, int dh, int tpb, int nbmax, const float* __restrict__ sinks, int half,   \
              const double* __restrict__ freqs, float* __restrict__ o,                             \
-             signed char* __restrict__ q0, float* __restrict__ d0) {                              \
+             signed char* __restrict__ q0, float* __restrict__ d0, int early) {                   \
         att_fd_combine<PRE>(part, ml, cnt, ratio, p0p, swa, n_head, dh, tpb, nbmax, sinks, half,  \
-                            freqs, o, q0, d0);                                                    \
+                            freqs, o, q0, d0, early);                                             \
     }
 DS4_ATT_FD_COMBINE(k_att_fd_combine, 8)
 DS4_ATT_FD_COMBINE(k_att_fd_combine32, FD_MAXB)
