@@ -2638,14 +2638,6 @@ impl GpuSession {
                 && left
                 && l.indexer.is_none()
                 && super::switch_on("DS4_CUDA_SINKHORN_SIDE1");
-            // In an indexer's layer the main stream idles after the query heads (the indexer's
-            // chain is the longer one): the Sinkhorn runs there (`DS4_CUDA_SINKHORN_MAIN=0`:
-            // after the compressors, which then ended after the indexer's top-k).
-            let sk_main = fork
-                && sinkhorn_last
-                && left
-                && l.indexer.is_some()
-                && super::switch_on("DS4_CUDA_SINKHORN_MAIN");
             let comps = || -> Result<()> {
                 if !sinkhorn_last {
                     sinkhorn(left)?;
@@ -2656,7 +2648,7 @@ impl GpuSession {
                 if !fork3 {
                     comp_idx()?;
                 }
-                if sinkhorn_last && !sk_side1 && !sk_main {
+                if sinkhorn_last && !sk_side1 {
                     sinkhorn(left)?;
                 }
                 Ok(())
@@ -2683,7 +2675,7 @@ impl GpuSession {
             let main_comp = pf_side && l.indexer.is_some();
             let att_side = super::side_of("DS4_CUDA_PF_ATT_SIDE", 1);
             let att_fork = if fork
-                && ((left && !sk_side1 && !sk_main) || l.comp.is_some() || l.indexer.is_some())
+                && ((left && !sk_side1) || l.comp.is_some() || l.indexer.is_some())
             {
                 Some(be.fork(comps)?)
             } else if main_comp {
@@ -2790,12 +2782,6 @@ impl GpuSession {
             } else {
                 0
             };
-            // Decode with the indexer on its own stream (`fork3`): q_b (the main path, which
-            // has slack there) starts after the indexer's query product, which the attention
-            // waits for through the indexer's whole chain, so that it does not share the HBM
-            // with q_b (`DS4_CUDA_QB_AFTER_IDX=0`: at once; bench/RESULTS.md, thirtieth session).
-            let qb_after_idx = fork3 && idx_scores && super::switch_on("DS4_CUDA_QB_AFTER_IDX");
-            let idx_qb_done = std::cell::Cell::new(None);
             let indexer = || -> Result<()> {
                 if let (Some(iw), Some(cs)) = (&l.indexer, &ls.index) {
                     let (ih, id) = (c.idx_heads, c.idx_dim);
@@ -2810,9 +2796,6 @@ impl GpuSession {
                             && id == 128
                             && attn::use_idx_tc();
                         lin(&iw.q_b, p(&s.qr), n, p(&s.iq))?;
-                        if qb_after_idx {
-                            idx_qb_done.set(Some(be.st().record_event(None)?));
-                        }
                         let inv_sqrt = (1.0 / (id as f64).sqrt()) as f32;
                         let q16 = if tc { p16(&s.iq16) } else { 0 };
                         // The warp form (same bits, one sincos set per token) where the key
@@ -2969,9 +2952,6 @@ impl GpuSession {
             // With the tensor-core attention normalizing the queries itself, q_b's GEMM writes
             // them as f16 (half the bytes written here and read there; the attention rounds
             // the normalized queries to f16 anyway).
-            if let Some(ev) = idx_qb_done.take() {
-                st.wait(&ev)?;
-            }
             let q16 = lin_s(&l.q_b, p(&s.qr), n, p(&s.q), 1.0, qnorm && use_q16())?;
             if n == 1 && use_hc1() {
                 // Query heads and the KV row in one launch (decode).
@@ -3033,9 +3013,6 @@ impl GpuSession {
                         exact
                     ]
                 );
-            }
-            if sk_main {
-                sinkhorn(left)?;
             }
             mk(il, "q_path")?;
             if main_comp {
