@@ -52,7 +52,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfi
 
 use super::attn::{self, AttnKernels};
 use super::device::{
-    mv_split, ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES,
+    launch_ex, mv_split, ActQuant, CudaBackend, CudaError, GpuWeight, Result, Slot, SUPPORTED_TYPES,
 };
 use super::prefill::{
     dense_gemm, dense_sgemm, dense_split3, fused_fits, moe_grouped, split3_fits, split3_scale,
@@ -2674,17 +2674,16 @@ impl GpuSession {
             // longer one: its main compressor runs on the main stream after the query path.
             let main_comp = pf_side && l.indexer.is_some();
             let att_side = super::side_of("DS4_CUDA_PF_ATT_SIDE", 1);
-            let att_fork = if fork
-                && ((left && !sk_side1) || l.comp.is_some() || l.indexer.is_some())
-            {
-                Some(be.fork(comps)?)
-            } else if main_comp {
-                Some(be.fork_on(att_side, comp_idx)?)
-            } else if pf_side {
-                Some(be.fork_on(att_side, comps)?)
-            } else {
-                None
-            };
+            let att_fork =
+                if fork && ((left && !sk_side1) || l.comp.is_some() || l.indexer.is_some()) {
+                    Some(be.fork(comps)?)
+                } else if main_comp {
+                    Some(be.fork_on(att_side, comp_idx)?)
+                } else if pf_side {
+                    Some(be.fork_on(att_side, comps)?)
+                } else {
+                    None
+                };
             let sk_fork = if sk_side1 {
                 Some(be.fork_on(1, || sinkhorn(left))?)
             } else {
@@ -3372,29 +3371,41 @@ impl GpuSession {
                 let bias = l.exp_bias.as_ref().map_or(0, p);
                 // The split product's three partial logits (k_route adds them), else rl.
                 let (logits, rsplit) = split3.map_or((p(&s.rl), 1i32), |ps| (p(&ps.rparts), 3));
-                launch!(
-                    st,
-                    k.route,
-                    (n32, 1, 1),
-                    (256, 1, 1),
-                    c.n_expert.next_multiple_of(2) * 4 + c.n_expert * 8,
-                    [
-                        logits,
-                        c.n_expert as i32,
-                        ke as i32,
-                        pi(&s.tokens),
-                        t2e,
-                        bias,
-                        c.expert_weights_norm as i32,
-                        c.expert_weights_scale,
-                        pi(&s.ids),
-                        p(&s.wts),
-                        rsplit,
-                        (n * c.n_expert) as i64,
-                        // Warp 0 finishes the slots (DS4_CUDA_ROUTE_WARP=0: thread 0's loops).
-                        i32::from(super::switch_on("DS4_CUDA_ROUTE_WARP"))
-                    ]
-                );
+                // Decode: with PDL (resident before the router's product ends; the kernel waits
+                // first and never triggers early), `DS4_CUDA_ROUTE_PDL=0`: a plain launch.
+                let route_pdl = n == 1 && super::switch_on("DS4_CUDA_ROUTE_PDL");
+                let mut route_args = [
+                    logits,
+                    (c.n_expert as i32).slot(),
+                    (ke as i32).slot(),
+                    pi(&s.tokens),
+                    t2e,
+                    bias,
+                    (c.expert_weights_norm as i32).slot(),
+                    c.expert_weights_scale.slot(),
+                    pi(&s.ids),
+                    p(&s.wts),
+                    rsplit.slot(),
+                    ((n * c.n_expert) as i64).slot(),
+                    // Warp 0 finishes the slots (DS4_CUDA_ROUTE_WARP=0: thread 0's loops).
+                    i32::from(super::switch_on("DS4_CUDA_ROUTE_WARP")).slot(),
+                ];
+                let route_cfg = LaunchConfig {
+                    grid_dim: (n32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: (c.n_expert.next_multiple_of(2) * 4 + c.n_expert * 8) as u32,
+                };
+                // SAFETY: the list matches k_route's parameters (forward.cu); logits hold
+                // n·n_expert floats (rsplit parts), ids / wts n·k entries.
+                unsafe {
+                    launch_ex(
+                        st,
+                        &k.route,
+                        route_cfg,
+                        route_pdl && be.pdl(),
+                        &mut route_args,
+                    )
+                }?;
                 mk(il, "router")?;
                 let f = c.n_ff_exp;
                 let slots = n * ke;

@@ -2322,6 +2322,11 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
                                    const float* __restrict__ bias, int norm_on, float wscale,
                                    int* __restrict__ ids, float* __restrict__ wts, int nsplit,
                                    long long sstride, int warp_fin) {
+    // Launched with PDL (decode, DS4_CUDA_ROUTE_PDL): resident while the router's product
+    // runs, waiting here. It never triggers its dependents: the routed experts launch when it
+    // ends (an early trigger left their blocks idle on the SMs the shared expert needed;
+    // bench/RESULTS.md, ninth session). A plain launch returns from the wait at once.
+    pdl_wait();
     extern __shared__ float s_e[];
     __shared__ int ch[64];
     unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
