@@ -2325,7 +2325,9 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
     // Launched with PDL (decode, DS4_CUDA_ROUTE_PDL): resident while the router's product
     // runs, waiting here. It never triggers its dependents: the routed experts launch when it
     // ends (an early trigger left their blocks idle on the SMs the shared expert needed;
-    // bench/RESULTS.md, ninth session). A plain launch returns from the wait at once.
+    // bench/RESULTS.md, ninth session). A plain launch returns from the wait at once. The
+    // logits (the router product's output) are read by ld.global.cg, never non-coherent:
+    // ptxas may issue a non-coherent load ahead of the wait (bench/pdl_audit.py).
     pdl_wait();
     extern __shared__ float s_e[];
     __shared__ int ch[64];
@@ -2333,8 +2335,8 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
     int t = blockIdx.x;
     for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
         const float* lp = logits + (long long)t * n_exp + e;
-        float lg = lp[0];
-        for (int j = 1; j < nsplit; j++) lg += lp[j * sstride];
+        float lg = __ldcg(lp);
+        for (int j = 1; j < nsplit; j++) lg += __ldcg(lp + j * sstride);
         float s = sqrtf(softplusf_(lg));
         s_e[e] = s;
         float v = bias ? s + bias[e] : s;
