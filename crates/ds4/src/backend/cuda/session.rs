@@ -222,7 +222,7 @@ fn use_post_mix() -> bool {
 #[derive(Clone, Copy)]
 enum Post {
     /// The attention site's, with the ring push of its KV row (`k_hc_post_ring`).
-    Ring { ring: u64, kv: u64 },
+    Ring { ring: u64 },
     /// The FFN site's, on the routed and shared experts' outputs (`k_hc_post_moe`).
     Moe,
 }
@@ -615,10 +615,6 @@ struct GpuLayer {
     q_a_norm: CudaSlice<f32>,
     q_b: GpuWeight,
     kv: GpuWeight,
-    /// `attn_q_a`'s rows followed by `attn_kv`'s (both read y; same type and columns): one
-    /// product for both in production decode, whose chain then holds one launch less
-    /// (`DS4_CUDA_QAKV=0`: the two products). Built where ActQuant covers the type.
-    q_a_kv: Option<GpuWeight>,
     kv_a_norm: CudaSlice<f32>,
     sinks: CudaSlice<f32>,
     /// `attn_output_a` as a stack of `G` matrices (`Lo × H·Dh/G`), one per group.
@@ -859,32 +855,6 @@ impl Uploader<'_> {
         Ok(w)
     }
 
-    /// One matrix of the rows of `a` followed by those of `b` (the same type and columns;
-    /// a row of a GGUF matrix is whole blocks, so the two byte ranges concatenate), or None
-    /// where they differ or the type has no int8 decode kernels. A device copy beside
-    /// theirs: not counted in the bytes read per token.
-    fn stacked(&mut self, a: &TensorInfo, b: &TensorInfo) -> Result<Option<GpuWeight>> {
-        let cols = a.dims[0] as usize;
-        if a.ty != b.ty
-            || b.dims[0] as usize != cols
-            || a.dims.len() != 2
-            || b.dims.len() != 2
-            || ActQuant::of(a.ty).is_none()
-            || !SUPPORTED_TYPES.contains(&a.ty)
-        {
-            return Ok(None);
-        }
-        let rows = (a.dims[1] + b.dims[1]) as usize;
-        let mut bytes = Vec::with_capacity((a.n_bytes + b.n_bytes) as usize);
-        bytes.extend_from_slice(self.model.data(a));
-        bytes.extend_from_slice(self.model.data(b));
-        let w = self
-            .be
-            .upload_weight(a.ty, &bytes, rows, cols, 1, &mut |_, _| {})?;
-        self.device_bytes += w.device_bytes();
-        Ok(Some(w))
-    }
-
     fn vec(&mut self, v: &[f32]) -> Result<CudaSlice<f32>> {
         self.device_bytes += v.len() * 4;
         self.be.upload_f32(v)
@@ -972,7 +942,6 @@ impl GpuModel {
                 q_a_norm: up.vec(&lp.q_a_norm)?,
                 q_b: up.weight(&lw.attn_q_b, 1)?,
                 kv: up.weight(&lw.attn_kv, 1)?,
-                q_a_kv: up.stacked(&lw.attn_q_a, &lw.attn_kv)?,
                 kv_a_norm: up.vec(&lp.kv_a_norm)?,
                 sinks: up.vec(&lp.sinks)?,
                 out_a: up.weight(&lw.attn_output_a, c.o_groups)?,
@@ -2151,7 +2120,7 @@ impl GpuSession {
             };
             let (nhi, dii) = ((nh as i32).slot(), di.slot());
             let (f, mut args) = match post {
-                Post::Ring { ring, kv } => (
+                Post::Ring { ring } => (
                     &k.hc_post_ring,
                     vec![
                         xcur.get(),
@@ -2160,7 +2129,7 @@ impl GpuSession {
                         p(&s.comb),
                         nhi,
                         dii,
-                        kv,
+                        p(&s.kv),
                         ring,
                         p0l,
                         (c.swa as i32).slot(),
@@ -2247,7 +2216,7 @@ impl GpuSession {
                     Some(post) => {
                         pending.set(None);
                         let (f, sh, kx, kv, ring) = match post {
-                            Post::Ring { ring, kv } => (p(&s.f), 0, 0, kv, ring),
+                            Post::Ring { ring } => (p(&s.f), 0, 0, p(&s.kv), ring),
                             Post::Moe => (p(&s.dn), p(&s.sh), c.n_expert_used as i32, 0, 0),
                         };
                         let xn = if xcur.get() == p(&s.x) {
@@ -2547,17 +2516,6 @@ impl GpuSession {
             // The next layer's attention-site `fn` (none after the last layer: the head's).
             let next_attn_fn = gm.layers.get(il + 1).map(|nl| &nl.hc_attn_fn);
             // §3.2 + §3.3: attention site.
-            // Production decode: q_a and kv as one product (`GpuLayer::q_a_kv`) into qr, the
-            // KV row after the query's rows; kv_at is where the KV row is read from. Nothing
-            // writes qr again before the next layer's product, after this layer's ring push.
-            let qakv = l.q_a_kv.as_ref().filter(|w| {
-                int8 && n == 1 && w.n_rows <= s.qr.len() && super::switch_on("DS4_CUDA_QAKV")
-            });
-            let kv_at = if qakv.is_some() {
-                p(&s.qr) + (4 * l.q_a.n_rows) as u64
-            } else {
-                p(&s.kv)
-            };
             let left = hc_pre(
                 &l.hc_attn_fn,
                 &l.hc_attn_scale,
@@ -2753,14 +2711,8 @@ impl GpuSession {
                 idx_proj()?;
             }
             // Query.
-            match qakv {
-                // qr then holds the KV row after the query's rows (kv_at).
-                Some(w) => lin(w, p(&s.y), n, p(&s.qr))?,
-                None => {
-                    lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
-                    lin(&l.kv, p(&s.y), n, p(&s.kv))?;
-                }
-            }
+            lin(&l.q_a, p(&s.y), n, p(&s.qr))?;
+            lin(&l.kv, p(&s.y), n, p(&s.kv))?;
             if int8
                 && n == 1
                 && use_hc1()
@@ -3010,7 +2962,7 @@ impl GpuSession {
                     0,
                     [
                         p(&s.q),
-                        kv_at,
+                        p(&s.kv),
                         p(&l.kv_a_norm),
                         c.n_head as i32,
                         c.head_dim as i32,
@@ -3049,7 +3001,7 @@ impl GpuSession {
                     (256, 1, 1),
                     0,
                     [
-                        kv_at,
+                        p(&s.kv),
                         p(&l.kv_a_norm),
                         c.head_dim as i32,
                         half,
@@ -3105,7 +3057,7 @@ impl GpuSession {
                         smem,
                         [
                             p(&s.q),
-                            kv_at,
+                            p(&s.kv),
                             p(&ls.ring),
                             comp_rows,
                             pi(&s.sel),
@@ -3137,7 +3089,7 @@ impl GpuSession {
                         cs_tab: if qnorm { cs_tab } else { 0 },
                         qeps: eps,
                         q16,
-                        ckv: kv_at,
+                        ckv: p(&s.kv),
                         ring: p(&ls.ring),
                         comp: comp_rows,
                         sel: pi(&s.sel),
@@ -3281,10 +3233,7 @@ impl GpuSession {
             if n == 1 && use_hc1() {
                 // Ring push and hc_post in one launch (decode), with the FFN site's control
                 // product when it can (`pending`).
-                pending.set(Some(Post::Ring {
-                    ring: p(&ls.ring),
-                    kv: kv_at,
-                }));
+                pending.set(Some(Post::Ring { ring: p(&ls.ring) }));
             } else {
                 launch!(
                     st,
@@ -3292,7 +3241,14 @@ impl GpuSession {
                     (n.min(c.swa) as u32, 1, 1),
                     (256, 1, 1),
                     0,
-                    [kv_at, p(&ls.ring), ni, p0l, c.swa as i32, c.head_dim as i32]
+                    [
+                        p(&s.kv),
+                        p(&ls.ring),
+                        ni,
+                        p0l,
+                        c.swa as i32,
+                        c.head_dim as i32
+                    ]
                 );
                 hc_post(Some(&l.hc_ffn_fn))?;
             }
