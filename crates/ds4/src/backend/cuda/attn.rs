@@ -446,6 +446,7 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
         } else {
             (&k.fd[usize::from(fh == 4)], 128, fd_smem(a.dh, fh))
         };
+        let rows_pdl = tc && a.fd_pdl && super::switch_on("DS4_CUDA_ROWS_PDL");
         let cfg = LaunchConfig {
             grid_dim: (nb as u32, a.n_head.div_ceil(fh) as u32, a.n as u32),
             block_dim: (threads, 1, 1),
@@ -469,12 +470,13 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             (tpb as i32).slot(),
             a.part,
             a.sc,
+            i32::from(rows_pdl).slot(),
         ];
-        // A plain launch: the row blocks read the selection, its count and the compressed rows
-        // before their first wait (which then returns at once), so they must not start before
-        // the side branches that write those end (bench/RESULTS.md, twenty-eighth and
-        // twenty-ninth sessions: a PDL launch of them measured no faster once it was safe).
-        launch_ex(st, f, cfg, false, &mut args)?;
+        // A plain launch reads the selection, its count and the compressed rows before the
+        // kernel's first wait (which then returns at once). With PDL (`DS4_CUDA_ROWS_PDL`,
+        // tensor cores in decode graphs) the kernel waits first and reads everything after
+        // (bench/RESULTS.md, twenty-eighth to thirtieth sessions).
+        launch_ex(st, f, cfg, rows_pdl, &mut args)?;
         // More than 8 row blocks: the form that loads every partial at once.
         let comb = &k.fd_combine[usize::from(nb > 8)];
         let cfg = LaunchConfig {

@@ -37,7 +37,9 @@ __device__ __forceinline__ AttRows att_rows(const float* ckv, const float* ring,
     a.p0 = p0;
     a.lo = p + 1 - swa > 0 ? p + 1 - swa : 0;
     a.n_raw = (int)(p - a.lo + 1);
-    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? cnt[t] : (int)((p + 1) / ratio));
+    // The count and the selection by ld.global.cg: a non-coherent load may be issued ahead
+    // of a PDL wait (k_att_fdtc's wait_first).
+    int n_comp = ratio == 0 ? 0 : (ratio == 4 ? __ldcg(cnt + t) : (int)((p + 1) / ratio));
     a.n_rows = a.n_raw + n_comp;
     a.ratio = ratio;
     a.swa = swa;
@@ -363,7 +365,7 @@ __device__ __forceinline__ const float* fd_row(const AttRows& a, int rr) {
         return q >= p0 ? a.ckv + (long long)(q - p0) * a.dh
                        : a.ring + (long long)(q % (unsigned)a.swa) * a.dh;
     }
-    unsigned c = a.ratio == 4 ? (unsigned)a.sel[rr - a.n_raw] : (unsigned)(rr - a.n_raw);
+    unsigned c = a.ratio == 4 ? (unsigned)__ldcg(a.sel + rr - a.n_raw) : (unsigned)(rr - a.n_raw);
     return a.comp + (long long)c * a.dh;
 }
 
@@ -385,8 +387,8 @@ __device__ __forceinline__ void fd_fold(float (&s)[N], int lane) {
         const float *__restrict__ comp, const int *__restrict__ sel, const int *__restrict__ cnt, \
         int sel_ld, int ratio, const long long *__restrict__ p0p, int swa, int dh, int n_head,    \
         const float *__restrict__ sinks, float scale, int tpb, float *__restrict__ part,          \
-        float *__restrict__ ml
-#define ATT_FD_ARGS q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml
+        float *__restrict__ ml, int wait_first
+#define ATT_FD_ARGS q, ckv, ring, comp, sel, cnt, sel_ld, ratio, p0p, swa, dh, n_head, sinks, scale, tpb, part, ml, wait_first
 
 template <int H>
 __device__ __forceinline__ void att_fd(ATT_FD_PARAMS) {
@@ -1498,6 +1500,11 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
     // The combine may start now (PDL in decode graphs): it waits for this grid before it
     // reads a partial.
     pdl_trigger();
+    // wait_first (a PDL launch, DS4_CUDA_ROWS_PDL): nothing is read before the wait. A PDL
+    // graph node's dependencies are all programmatic, the side branches' joins included, and
+    // griddepcontrol.wait waits for every prerequisite grid, so each read below then sees
+    // the compressors' and the indexer's writes (the waits further down return at once).
+    if (wait_first) pdl_wait();
     const int kst = dh + 8;        // f16 row stride of the tile (ldmatrix rows on other banks)
     const int dw = dh / FDTC_W;    // this warp's dims: dw·warp ..
     const int ksteps = dw / 16;    // ≤ 4 (dh ≤ 512)
@@ -1523,7 +1530,7 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
     if (ratio == 4 && tid < RT) {
         const long long pp = p0v + t, lo = pp + 1 - swa > 0 ? pp + 1 - swa : 0;
         const int i = r_lo + tid - (int)(pp - lo + 1);
-        if (i >= 0) c_first = sel[(long long)t * sel_ld + min(i, sel_ld - 1)];
+        if (i >= 0) c_first = __ldcg(sel + (long long)t * sel_ld + min(i, sel_ld - 1));
     }
     AttRows a = att_rows(ckv, ring, comp, sel, cnt, sel_ld, ratio, p0v, t, swa, dh);
     if (r_lo >= a.n_rows) return;
