@@ -1497,14 +1497,14 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
     const int b = blockIdx.x, h0 = blockIdx.y * 16, t = blockIdx.z, n = gridDim.z;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
-    // The combine may start now (PDL in decode graphs): it waits for this grid before it
-    // reads a partial.
-    pdl_trigger();
-    // wait_first (a PDL launch, DS4_CUDA_ROWS_PDL): nothing is read before the wait. A PDL
-    // graph node's dependencies are all programmatic, the side branches' joins included, and
-    // griddepcontrol.wait waits for every prerequisite grid, so each read below then sees
-    // the compressors' and the indexer's writes (the waits further down return at once).
+    // wait_first (a PDL launch, DS4_CUDA_ROWS_PDL): nothing but the position is read before
+    // the wait. A PDL graph node's dependencies are all programmatic, the side branches'
+    // joins included, and griddepcontrol.wait waits for every prerequisite grid, so each read
+    // below sees the compressors' and the indexer's writes (the waits further down return at
+    // once). The combine may start after that (it reads the indexer's count before its own
+    // wait): the trigger follows the wait. A plain launch triggers at once.
     if (wait_first) pdl_wait();
+    pdl_trigger();
     const int kst = dh + 8;        // f16 row stride of the tile (ldmatrix rows on other banks)
     const int dw = dh / FDTC_W;    // this warp's dims: dw·warp ..
     const int ksteps = dw / 16;    // ≤ 4 (dh ≤ 512)
