@@ -89,7 +89,10 @@
 //! them), `DS4_CUDA_COMB_EARLY` (the decode attention's combine lets the output product launch
 //! at its start; off = at its end), `DS4_CUDA_SH_JOIN_EARLY` (the shared expert joined before
 //! the routed down product; off = before the expert sum), `DS4_CUDA_ROUTE_PDL` (a decode step's
-//! `k_route` launched with PDL, never triggering early; off = a plain launch), `DS4_CUDA_IDXPROJ_MAIN` (a
+//! `k_route` launched with PDL, never triggering early; off = a plain launch),
+//! `DS4_CUDA_ROWS_PDL` (the decode attention's tensor-core row blocks launched with PDL, reading
+//! nothing but the position before their wait and triggering the combine after it; off = a
+//! plain launch), `DS4_CUDA_IDXPROJ_MAIN` (a
 //! ratio-4 decode step's indexer weights product on the main stream before q_a; off = on the
 //! indexer's side stream behind its compressor), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;

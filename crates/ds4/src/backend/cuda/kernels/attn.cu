@@ -1513,12 +1513,11 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
     unsigned short* Ps = (unsigned short*)(Sp + FDTC_W * 16 * (RT + 4));  // 16 × (RT + 8)
     float* corr = (float*)(Ps + 16 * (RT + 8));                      // 16
     const float** tab = (const float**)(corr + 16);                  // RT row addresses
-    // Launched plainly (attn.rs): the wait at the first tile returns at once. The loads before
-    // it (the position, the selection and its count, the ring's older rows, the compressed
-    // rows) read only what was complete before a PDL launch could start, and the queries and
-    // this chunk's rows (`ckv`) come after it by ld.global.cg; that PDL form measured +1.4%
-    // but was safe only with the side branches joined before the query finish, which cost
-    // the same (bench/RESULTS.md, twenty-eighth and twenty-ninth sessions).
+    // In a plain launch (wait_first 0) the wait at the first tile returns at once: the loads
+    // before it (the position, the selection and its count, the ring's older rows, the
+    // compressed rows) read what was complete before the kernel started, the queries and this
+    // chunk's rows (`ckv`) come after it by ld.global.cg. With PDL every read follows the wait
+    // at the top (bench/RESULTS.md, twenty-eighth to thirtieth sessions).
     u32 qa[4][4];
     // The position, then (ratio 4) the first tile's selected-row indices and the count side
     // by side: the indices' addresses need only the position (an index past the count is
