@@ -504,8 +504,8 @@ pub unsafe fn attend(st: &CudaStream, k: &AttnKernels, a: &Attend) -> Result<()>
             // Trigger the output product at the start (`DS4_CUDA_COMB_EARLY=0`: at the end).
             i32::from(tc && a.fd_pdl && super::switch_on("DS4_CUDA_COMB_EARLY")).slot(),
         ];
-        // (k_att_fdtc triggers its dependents at its start; k_att_fd never does, so after it
-        // the attribute would change nothing.)
+        // (k_att_fdtc triggers its dependents at its start, or after its wait when launched
+        // with PDL; k_att_fd never does, so after it the attribute would change nothing.)
         launch_ex(st, comb, cfg, tc && a.fd_pdl, &mut args)?;
         return Ok(());
     }
