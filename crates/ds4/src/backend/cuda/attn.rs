@@ -696,6 +696,13 @@ fn ixw_tokens_per_block(n: usize, p0: usize, vis_max: usize, sms: usize) -> usiz
 /// `k_idx_scores_tc`).
 const IXW_MIN_TOKENS: usize = 16;
 
+/// Whether `k_idx_scores_tc` converts the indexer rows complete before the step's first
+/// position (written by earlier launches) before its PDL wait, while the indexer's query chain
+/// still runs (`DS4_CUDA_IXC_PRE=0`: every row after it; the same values).
+pub fn use_ixc_pre() -> bool {
+    super::switch_on("DS4_CUDA_IXC_PRE")
+}
+
 /// Whether [`idx_scores_tc`] may take the wgmma form on Hopper (`DS4_CUDA_IDX_WG=0`: always
 /// `k_idx_scores_tc`, for comparisons; the same terms summed in another order).
 pub fn use_idx_wg() -> bool {
@@ -777,6 +784,9 @@ pub unsafe fn idx_scores_tc(
         a.push((tpb as i32).slot());
     }
     a.extend([scores, (ld as i32).slot()]);
+    if wgf.is_none() {
+        a.push(i32::from(use_ixc_pre()).slot());
+    }
     be.launch_slots(f, cfg, &mut a)
 }
 

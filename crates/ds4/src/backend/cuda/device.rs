@@ -281,15 +281,16 @@ pub struct CudaBackend {
     blas: CudaBlas,
     /// A cuBLAS handle (with its own workspace) on each side stream, for the GEMMs a
     /// production prefill chunk queues inside a fork ([`CudaBackend::blas_now`]).
-    blas_sides: [CudaBlas; 2],
+    blas_sides: [CudaBlas; 3],
     origin: ImageOrigin,
     cache_key: String,
     /// Launch the PDL-ready kernels with programmatic stream serialization (set by the
     /// session around the capture of a decode graph; see `pdl_enter` in quant.cu).
     pdl: AtomicBool,
-    /// Two more streams for independent branches of a decode step ([`CudaBackend::fork`],
-    /// [`CudaBackend::fork_on`]).
-    sides: [Arc<CudaStream>; 2],
+    /// Three more streams for independent branches of a decode step ([`CudaBackend::fork`],
+    /// [`CudaBackend::fork_on`]); the third (highest priority, as the second) holds only a
+    /// ratio-4 layer's attention Sinkhorn.
+    sides: [Arc<CudaStream>; 3],
     /// 0: kernels go to `stream`; 1 + i: to `sides[i]` (inside a fork).
     lane: AtomicU8,
     /// Grouped expert product kernel level (see [`pf_mx_level`]; the self-test switches it
@@ -461,6 +462,7 @@ impl CudaBackend {
         // (`fork_on`) orders it by explicit events, which is what the tracking would add.
         unsafe { ctx.disable_event_tracking() };
         keep_pool_memory(&ctx);
+        prefer_shared(&ctx)?;
         // A created (non-default) stream: CUDA graph capture, which the decode loop uses,
         // is not allowed on the legacy default stream.
         // Stream priorities, which decode graphs keep per kernel node (session.rs
@@ -479,6 +481,7 @@ impl CudaBackend {
         let stream = ctx.new_stream_with_priority(pm)?;
         let sides = [
             ctx.new_stream_with_priority(p1)?,
+            ctx.new_stream_with_priority(p2)?,
             ctx.new_stream_with_priority(p2)?,
         ];
         let (image, origin, cache_key) =
@@ -570,6 +573,7 @@ impl CudaBackend {
         let blas_sides = [
             CudaBlas::new(sides[0].clone())?,
             CudaBlas::new(sides[1].clone())?,
+            CudaBlas::new(sides[2].clone())?,
         ];
         Ok(CudaBackend {
             ctx,
@@ -644,7 +648,7 @@ impl CudaBackend {
         self.fork_on(0, branch)
     }
 
-    /// Queues `branch` on side stream `side` (0 or 1), concurrent with what the main stream
+    /// Queues `branch` on side stream `side` (0, 1 or 2), concurrent with what the main stream
     /// queues after this call: the branch starts after everything queued on the main stream
     /// so far (and after what that side stream already holds), and `Fork::join` makes the
     /// main stream wait for it. Works in a graph capture too (the side stream joins the
@@ -1955,4 +1959,22 @@ mod tests {
             assert_eq!(q, i as u8);
         }
     }
+}
+
+/// `DS4_CUDA_PREFER_SHARED=1`: the context's cache preference set to the largest shared-memory
+/// carveout, so kernels of different shared-memory sizes need no L1/shared reconfiguration of
+/// an SM to run side by side (an experiment; default off).
+fn prefer_shared(ctx: &std::sync::Arc<CudaContext>) -> Result<()> {
+    if std::env::var("DS4_CUDA_PREFER_SHARED").as_deref() != Ok("1") {
+        return Ok(());
+    }
+    ctx.bind_to_thread()?;
+    // SAFETY: the context is current on this thread; the call takes a plain enum value.
+    unsafe {
+        cudarc::driver::sys::cuCtxSetCacheConfig(
+            cudarc::driver::sys::CUfunc_cache::CU_FUNC_CACHE_PREFER_SHARED,
+        )
+        .result()?
+    };
+    Ok(())
 }

@@ -2633,11 +2633,14 @@ impl GpuSession {
             // attention waited for it; joined with them (`DS4_CUDA_SINKHORN_SIDE1=0`: after the
             // compressors). Not in an indexer's layer: there it delayed the indexer's query
             // chain behind it (bench/RESULTS.md, thirtieth session).
-            let sk_side1 = fork
-                && sinkhorn_last
-                && left
-                && l.indexer.is_none()
-                && super::switch_on("DS4_CUDA_SINKHORN_SIDE1");
+            // In an indexer's layer it runs on the third side stream, alone
+            // (`DS4_CUDA_SINKHORN_SIDE2=0`: after the compressors; thirty-first session).
+            let sk_side = match l.indexer {
+                None if super::switch_on("DS4_CUDA_SINKHORN_SIDE1") => Some(1),
+                Some(_) if super::switch_on("DS4_CUDA_SINKHORN_SIDE2") => Some(2),
+                _ => None,
+            }
+            .filter(|_| fork && sinkhorn_last && left);
             let comps = || -> Result<()> {
                 if !sinkhorn_last {
                     sinkhorn(left)?;
@@ -2648,7 +2651,7 @@ impl GpuSession {
                 if !fork3 {
                     comp_idx()?;
                 }
-                if sinkhorn_last && !sk_side1 {
+                if sinkhorn_last && sk_side.is_none() {
                     sinkhorn(left)?;
                 }
                 Ok(())
@@ -2675,7 +2678,7 @@ impl GpuSession {
             let main_comp = pf_side && l.indexer.is_some();
             let att_side = super::side_of("DS4_CUDA_PF_ATT_SIDE", 1);
             let att_fork =
-                if fork && ((left && !sk_side1) || l.comp.is_some() || l.indexer.is_some()) {
+                if fork && ((left && sk_side.is_none()) || l.comp.is_some() || l.indexer.is_some()) {
                     Some(be.fork(comps)?)
                 } else if main_comp {
                     Some(be.fork_on(att_side, comp_idx)?)
@@ -2684,10 +2687,9 @@ impl GpuSession {
                 } else {
                     None
                 };
-            let sk_fork = if sk_side1 {
-                Some(be.fork_on(1, || sinkhorn(left))?)
-            } else {
-                None
+            let sk_fork = match sk_side {
+                Some(side) => Some(be.fork_on(side, || sinkhorn(left))?),
+                None => None,
             };
             // The indexer's weights product on the main stream before q_a instead of behind
             // the indexer compressor on its side stream, where the query chain that follows
