@@ -486,9 +486,10 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
             block_dim: (256, 1, 1),
             shared_mem_bytes: (n_exp.next_multiple_of(2) * 4 + n_exp * 8) as u32,
         };
-        // warp_fin 0: thread 0 finishes the slots; 1: warp 0 (production). Fresh poisoned
-        // outputs each time.
-        let run = |warp_fin: i32| -> Result<(Vec<i32>, Vec<f32>)> {
+        // warp_fin 0: thread 0 finishes the slots; 1: warp 0 (production). reg 0: the top-k
+        // rounds over shared memory; 1: over registers (production). Fresh poisoned outputs
+        // each time.
+        let run = |warp_fin: i32, reg: i32| -> Result<(Vec<i32>, Vec<f32>)> {
             let (ids, wts) = (
                 be.upload_i32(&vec![-1; n_tok * k])?,
                 poisoned(be, n_tok * k)?,
@@ -506,19 +507,28 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
                 .arg(&wts)
                 .arg(&ns)
                 .arg(&sstride)
-                .arg(&warp_fin);
+                .arg(&warp_fin)
+                .arg(&reg);
             // SAFETY: argument list matches k_route; logits n_tok × n_exp, ids/wts n_tok × k.
             unsafe { b.launch(cfg) }?;
             Ok((be.download(&ids)?, be.download(&wts)?))
         };
-        let (ti, tw) = run(0)?;
-        let (gi, gw) = run(1)?;
+        let (ti, tw) = run(0, 0)?;
+        let (si, sw) = run(1, 0)?;
+        let (gi, gw) = run(1, 1)?;
         out.push(same_row(
             "route_warp_finish",
             GgmlType::F32,
             &format!("E{n_exp} k{k} n{n_tok} parts{nsplit}"),
-            ti == gi && same_finite_bits(&tw, &gw),
+            ti == si && same_finite_bits(&tw, &sw),
             "warp 0 vs thread 0 finishing the slots: ids and weights the same bits",
+        ));
+        out.push(same_row(
+            "route_reg_topk",
+            GgmlType::F32,
+            &format!("E{n_exp} k{k} n{n_tok} parts{nsplit}"),
+            si == gi && same_finite_bits(&sw, &gw),
+            "top-k rounds over registers vs shared memory: ids and weights the same bits",
         ));
         let (mut bad_ids, mut max_rel) = (0usize, 0f64);
         let mut top = Vec::new();

@@ -3286,6 +3286,17 @@ impl GpuSession {
             // stretch, before the routed gate|up fills the SMs (`DS4_CUDA_SINKHORN_LAST=0`:
             // before).
             let sinkhorn_last = super::switch_on("DS4_CUDA_SINKHORN_LAST");
+            // In decode the Sinkhorn runs alone on the third side stream from here, joined
+            // before the routed gate|up (which starts when k_route ends, well after it): at
+            // the shared expert's end it waited for a slot behind the gate|up's blocks, which
+            // fill every SM's registers, and the routed down waited for it
+            // (`DS4_CUDA_FFN_SK_SIDE2=0`: after the shared expert; thirty-first session).
+            let sk_own = fork && sinkhorn_last && left && super::switch_on("DS4_CUDA_FFN_SK_SIDE2");
+            let mut sk_fork = if sk_own {
+                Some(be.fork_on(2, || sinkhorn(left))?)
+            } else {
+                None
+            };
             let shared = || -> Result<()> {
                 if !sinkhorn_last {
                     sinkhorn(left)?;
@@ -3303,7 +3314,7 @@ impl GpuSession {
                     l.clamp,
                 )?;
                 lin(&l.sh_down, p(&s.shg), n, p(&s.sh))?;
-                if sinkhorn_last {
+                if sinkhorn_last && !sk_own {
                     sinkhorn(left)?;
                 }
                 Ok(())
@@ -3391,6 +3402,9 @@ impl GpuSession {
                     ((n * c.n_expert) as i64).slot(),
                     // Warp 0 finishes the slots (DS4_CUDA_ROUTE_WARP=0: thread 0's loops).
                     i32::from(super::switch_on("DS4_CUDA_ROUTE_WARP")).slot(),
+                    // The top-k rounds over keys in registers (DS4_CUDA_ROUTE_REG=0: in
+                    // shared memory; the same selection).
+                    i32::from(super::switch_on("DS4_CUDA_ROUTE_REG")).slot(),
                 ];
                 let route_cfg = LaunchConfig {
                     grid_dim: (n32, 1, 1),
@@ -3409,6 +3423,9 @@ impl GpuSession {
                     )
                 }?;
                 mk(il, "router")?;
+                if let Some(f) = sk_fork.take() {
+                    f.join()?;
+                }
                 let f = c.n_ff_exp;
                 let slots = n * ke;
                 // Production prefill: the routed rows stay in the grouped product's sorted
@@ -3486,6 +3503,9 @@ impl GpuSession {
                     Some(f) => f.join()?,
                     None if !sh_joined => shared()?,
                     None => {}
+                }
+                if let Some(f) = sk_fork.take() {
+                    f.join()?;
                 }
                 mk(il, "sh_join")?;
                 if n == 1 && use_hc1() {

@@ -2308,6 +2308,10 @@ __device__ __forceinline__ float softplusf_(float x) {
     return x > 20.0f ? x : (x < -20.0f ? expf(x) : log1pf(expf(x)));
 }
 
+// Keys a lane of k_route's register top-k holds (n_exp ≤ 32·ROUTE_KPL; more take the
+// shared-memory rounds).
+#define ROUTE_KPL 8
+
 // Router for token blockIdx.x: s_e = sqrt(softplus(logit_e)); selection by the hash table
 // row of the token or top-k of s + bias (ties to the lower id); weights s / Σs · scale.
 // The k slots are then ordered by expert id (stable), the order the CPU sums them in.
@@ -2321,7 +2325,7 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
                                    const int* __restrict__ tid2eid,
                                    const float* __restrict__ bias, int norm_on, float wscale,
                                    int* __restrict__ ids, float* __restrict__ wts, int nsplit,
-                                   long long sstride, int warp_fin) {
+                                   long long sstride, int warp_fin, int reg_topk) {
     // Launched with PDL (decode, DS4_CUDA_ROUTE_PDL): resident while the router's product
     // runs, waiting here. It never triggers its dependents: the routed experts launch when it
     // ends (an early trigger left their blocks idle on the SMs the shared expert needed;
@@ -2345,6 +2349,34 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
     __syncthreads();
     if (tid2eid) {
         if (threadIdx.x < k) ch[threadIdx.x] = tid2eid[(long long)tokens[t] * k + threadIdx.x];
+    } else if (threadIdx.x < 32 && reg_topk && n_exp <= 32 * ROUTE_KPL) {
+        // The same k rounds with each lane's keys (e = lane + 32i) in registers: a round is
+        // the lane's maximum, then two warp reductions (redux.sync): the largest high word
+        // (the score's order key), then among the lanes holding it the largest low word
+        // (~e: the lower id). That pair is the largest 64-bit key, the one the shared-memory
+        // form below takes; its lane (e & 31) zeroes it. No shared loads or shuffles a round.
+        const int lane = threadIdx.x;
+        unsigned long long kr[ROUTE_KPL];
+#pragma unroll
+        for (int i = 0; i < ROUTE_KPL; i++) {
+            const int e = lane + 32 * i;
+            kr[i] = e < n_exp ? keys[e] : 0ull;
+        }
+        for (int j = 0; j < k; j++) {
+            unsigned long long m = kr[0];
+#pragma unroll
+            for (int i = 1; i < ROUTE_KPL; i++) m = max(m, kr[i]);
+            const unsigned hmax = __reduce_max_sync(0xffffffffu, (unsigned)(m >> 32));
+            const unsigned lmax =
+                __reduce_max_sync(0xffffffffu, (unsigned)(m >> 32) == hmax ? (unsigned)m : 0u);
+            const int e = (int)(0xffffffffu - lmax);
+            if (lane == (e & 31)) {
+#pragma unroll
+                for (int i = 0; i < ROUTE_KPL; i++)
+                    if (kr[i] == m) kr[i] = 0ull;
+            }
+            if (lane == 0) ch[j] = e;
+        }
     } else if (threadIdx.x < 32) {
         // The k largest keys, largest first (rank order): k rounds of a warp maximum, each
         // taking its winner out (0 is below every key: the low word holds ~e). Keys are
