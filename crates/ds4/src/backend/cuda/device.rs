@@ -1961,20 +1961,19 @@ mod tests {
     }
 }
 
-/// `DS4_CUDA_PREFER_SHARED=1`: the context's cache preference set to the largest shared-memory
-/// carveout, so kernels of different shared-memory sizes need no L1/shared reconfiguration of
-/// an SM to run side by side (an experiment; default off).
+/// `DS4_CUDA_CACHE_CFG=shared|equal|l1`: the context's L1 / shared-memory preference (an
+/// experiment; unset: the driver's choice per kernel). Kernels whose shared-memory needs differ
+/// share an SM only when its carveout holds both.
 fn prefer_shared(ctx: &std::sync::Arc<CudaContext>) -> Result<()> {
-    if std::env::var("DS4_CUDA_PREFER_SHARED").as_deref() != Ok("1") {
-        return Ok(());
-    }
+    use cudarc::driver::sys::CUfunc_cache as C;
+    let cfg = match std::env::var("DS4_CUDA_CACHE_CFG").as_deref() {
+        Ok("shared") => C::CU_FUNC_CACHE_PREFER_SHARED,
+        Ok("equal") => C::CU_FUNC_CACHE_PREFER_EQUAL,
+        Ok("l1") => C::CU_FUNC_CACHE_PREFER_L1,
+        _ => return Ok(()),
+    };
     ctx.bind_to_thread()?;
     // SAFETY: the context is current on this thread; the call takes a plain enum value.
-    unsafe {
-        cudarc::driver::sys::cuCtxSetCacheConfig(
-            cudarc::driver::sys::CUfunc_cache::CU_FUNC_CACHE_PREFER_SHARED,
-        )
-        .result()?
-    };
+    unsafe { cudarc::driver::sys::cuCtxSetCacheConfig(cfg).result()? };
     Ok(())
 }
