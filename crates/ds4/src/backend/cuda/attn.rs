@@ -639,14 +639,9 @@ pub unsafe fn idx_scores(
 /// Rows and tokens of a `k_idx_scores_tc` block (attn.cu `IXC_ROWS`, `IXC_TOK`).
 const IXC_ROWS: usize = 128;
 const IXC_TOK: usize = 8;
-/// Its dynamic shared memory (attn.cu `IXC_SMEM_SLOTS`) with `slots` query tiles: the bf16 K
-/// tile (128 rows, 136 wide; later the f32 terms, 64 heads × 132); two sets of 64 weights;
-/// the query tiles (64 heads × 136). Two slots for several tokens (double-buffered), one for
-/// a decode step.
-const fn ixc_smem(slots: usize) -> usize {
-    IXC_ROWS * 136 * 2 + 2 * 64 * 4 + slots * 64 * 136 * 2
-}
-const IXC_SMEM: usize = ixc_smem(2);
+/// Its dynamic shared memory (attn.cu `IXC_SMEM`): bf16 K tile (128 rows) and two query
+/// tiles (64 heads), 136 wide; two sets of 64 weights; the f32 terms, 64 heads × 132.
+const IXC_SMEM: usize = (IXC_ROWS + 2 * 64) * 136 * 2 + 2 * 64 * 4 + 64 * 132 * 4;
 
 /// Whether production steps (prefill chunks and decode) score the indexer on tensor cores
 /// (`DS4_CUDA_IDX_TC=0`: the f32 `k_idx_scores`, for comparisons).
@@ -771,12 +766,7 @@ pub unsafe fn idx_scores_tc(
             let tpb = tpb.unwrap_or_else(|| ixw_tokens_per_block(n, p0_host, vis_max, k.sms));
             (f, IXW_ROWS, tpb, IXW_SMEM)
         }
-        None => (
-            &k.idx_scores_tc,
-            IXC_ROWS,
-            IXC_TOK,
-            ixc_smem(if n > 1 { 2 } else { 1 }),
-        ),
+        None => (&k.idx_scores_tc, IXC_ROWS, IXC_TOK, IXC_SMEM),
     };
     let cfg = LaunchConfig {
         grid_dim: (

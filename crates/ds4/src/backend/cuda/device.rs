@@ -462,7 +462,6 @@ impl CudaBackend {
         // (`fork_on`) orders it by explicit events, which is what the tracking would add.
         unsafe { ctx.disable_event_tracking() };
         keep_pool_memory(&ctx);
-        prefer_shared(&ctx)?;
         // A created (non-default) stream: CUDA graph capture, which the decode loop uses,
         // is not allowed on the legacy default stream.
         // Stream priorities, which decode graphs keep per kernel node (session.rs
@@ -1961,19 +1960,3 @@ mod tests {
     }
 }
 
-/// `DS4_CUDA_CACHE_CFG=shared|equal|l1`: the context's L1 / shared-memory preference (an
-/// experiment; unset: the driver's choice per kernel). Kernels whose shared-memory needs differ
-/// share an SM only when its carveout holds both.
-fn prefer_shared(ctx: &std::sync::Arc<CudaContext>) -> Result<()> {
-    use cudarc::driver::sys::CUfunc_cache as C;
-    let cfg = match std::env::var("DS4_CUDA_CACHE_CFG").as_deref() {
-        Ok("shared") => C::CU_FUNC_CACHE_PREFER_SHARED,
-        Ok("equal") => C::CU_FUNC_CACHE_PREFER_EQUAL,
-        Ok("l1") => C::CU_FUNC_CACHE_PREFER_L1,
-        _ => return Ok(()),
-    };
-    ctx.bind_to_thread()?;
-    // SAFETY: the context is current on this thread; the call takes a plain enum value.
-    unsafe { cudarc::driver::sys::cuCtxSetCacheConfig(cfg).result()? };
-    Ok(())
-}

@@ -1760,12 +1760,9 @@ extern "C" __global__ void k_f32_to_bf16(const float* __restrict__ x, u16* __res
     *(uint2*)(y + i) = make_uint2(pack_bf2(v.x, v.y), pack_bf2(v.z, v.w));
 }
 
-// Dynamic shared memory of k_idx_scores_tc in bytes: the K tile (its bytes reused for the
-// [head][row] terms once every warp holds its B fragments: 64 × IXC_VS f32 fit in it), two
-// sets of 64 weights, then one query tile a slot (2; 1 when n = 1: a decode step's block
-// then takes 52 KB instead of 101, and finds room on an SM sooner).
-#define IXC_SMEM_SLOTS(S) (IXC_ROWS * IXC_KS * 2 + 2 * 64 * 4 + (S) * 64 * IXC_KS * 2)
-static_assert(64 * IXC_VS * 4 <= IXC_ROWS * IXC_KS * 2, "the terms fit in the K tile");
+// Dynamic shared memory of k_idx_scores_tc in bytes.
+#define IXC_SMEM                                                                               \
+    ((IXC_ROWS + 2 * 64) * IXC_KS * 2 + 2 * 64 * 4 + 64 * IXC_VS * 4)
 
 extern "C" __global__ void __launch_bounds__(256)
     k_idx_scores_tc(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
@@ -1773,9 +1770,9 @@ extern "C" __global__ void __launch_bounds__(256)
                     float* __restrict__ scores, int ld, int pre) {
     extern __shared__ __align__(16) unsigned char ixc_smem[];
     u16* ks = (u16*)ixc_smem;                       // [128 rows][IXC_KS]
-    float* vs = (float*)ixc_smem;                   // [64 heads][IXC_VS], over ks (see IXC_SMEM_SLOTS)
-    float* ws = (float*)(ks + IXC_ROWS * IXC_KS);   // [2][64]
-    u16* qs = (u16*)(ws + 2 * 64);                  // [n > 1 ? 2 : 1][64 heads][IXC_KS]
+    u16* qs = ks + IXC_ROWS * IXC_KS;               // [2][64 heads][IXC_KS]
+    float* ws = (float*)(qs + 2 * 64 * IXC_KS);     // [2][64]
+    float* vs = ws + 2 * 64;                        // [64 heads][IXC_VS]
     // p0 is a host copy, written before the launch: read before the wait.
     pdl_trigger();
     const long long p0 = *p0p;
