@@ -288,8 +288,8 @@ pub struct CudaBackend {
     /// session around the capture of a decode graph; see `pdl_enter` in quant.cu).
     pdl: AtomicBool,
     /// Three more streams for independent branches of a decode step ([`CudaBackend::fork`],
-    /// [`CudaBackend::fork_on`]); the third (highest priority, as the second) holds only a
-    /// ratio-4 layer's attention Sinkhorn.
+    /// [`CudaBackend::fork_on`]); the third (highest priority, as the second) holds only the
+    /// decode Sinkhorns that would otherwise queue behind a longer branch (session.rs).
     sides: [Arc<CudaStream>; 3],
     /// 0: kernels go to `stream`; 1 + i: to `sides[i]` (inside a fork).
     lane: AtomicU8,
@@ -1959,4 +1959,3 @@ mod tests {
         }
     }
 }
-
