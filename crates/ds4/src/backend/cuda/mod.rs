@@ -86,7 +86,13 @@
 //! `DS4_CUDA_SINKHORN_LAST` (a decode layer's Sinkhorns after the side branches' products,
 //! the compressors' and the shared expert's; off = before them), `DS4_CUDA_SINKHORN_SIDE1` (the
 //! attention site's Sinkhorn on the second side stream, beside the compressors; off = after
-//! them), `DS4_CUDA_COMB_EARLY` (the decode attention's combine lets the output product launch
+//! them), `DS4_CUDA_SINKHORN_SIDE2` (in a ratio-4 layer that Sinkhorn alone on the third side
+//! stream; off = after the compressors), `DS4_CUDA_FFN_SK_SIDE2` (the FFN site's Sinkhorn on the
+//! third side stream from hc_pre on, joined before the routed gate|up; off = after the shared
+//! expert), `DS4_CUDA_IXC_PRE` (the decode indexer scores convert the rows complete before the
+//! step to bf16 before their PDL wait; off = after it), `DS4_CUDA_ROUTE_REG` (`k_route`'s top-k
+//! rounds over keys in registers with warp reductions; off = over shared memory; the same
+//! selection), `DS4_CUDA_COMB_EARLY` (the decode attention's combine lets the output product launch
 //! at its start; off = at its end), `DS4_CUDA_SH_JOIN_EARLY` (the shared expert joined before
 //! the routed down product; off = before the expert sum), `DS4_CUDA_ROUTE_PDL` (a decode step's
 //! `k_route` launched with PDL, never triggering early; off = a plain launch),

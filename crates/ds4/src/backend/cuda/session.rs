@@ -2677,16 +2677,17 @@ impl GpuSession {
             // longer one: its main compressor runs on the main stream after the query path.
             let main_comp = pf_side && l.indexer.is_some();
             let att_side = super::side_of("DS4_CUDA_PF_ATT_SIDE", 1);
-            let att_fork =
-                if fork && ((left && sk_side.is_none()) || l.comp.is_some() || l.indexer.is_some()) {
-                    Some(be.fork(comps)?)
-                } else if main_comp {
-                    Some(be.fork_on(att_side, comp_idx)?)
-                } else if pf_side {
-                    Some(be.fork_on(att_side, comps)?)
-                } else {
-                    None
-                };
+            let att_fork = if fork
+                && ((left && sk_side.is_none()) || l.comp.is_some() || l.indexer.is_some())
+            {
+                Some(be.fork(comps)?)
+            } else if main_comp {
+                Some(be.fork_on(att_side, comp_idx)?)
+            } else if pf_side {
+                Some(be.fork_on(att_side, comps)?)
+            } else {
+                None
+            };
             let sk_fork = match sk_side {
                 Some(side) => Some(be.fork_on(side, || sinkhorn(left))?),
                 None => None,
