@@ -3293,7 +3293,7 @@ impl GpuSession {
             // fill every SM's registers, and the routed down waited for it
             // (`DS4_CUDA_FFN_SK_SIDE2=0`: after the shared expert; thirty-first session).
             let sk_own = fork && sinkhorn_last && left && super::switch_on("DS4_CUDA_FFN_SK_SIDE2");
-            let mut sk_fork = if sk_own {
+            let sk_fork = if sk_own {
                 Some(be.fork_on(2, || sinkhorn(left))?)
             } else {
                 None
@@ -3424,7 +3424,7 @@ impl GpuSession {
                     )
                 }?;
                 mk(il, "router")?;
-                if let Some(f) = sk_fork.take() {
+                if let Some(f) = sk_fork {
                     f.join()?;
                 }
                 let f = c.n_ff_exp;
@@ -3504,9 +3504,6 @@ impl GpuSession {
                     Some(f) => f.join()?,
                     None if !sh_joined => shared()?,
                     None => {}
-                }
-                if let Some(f) = sk_fork.take() {
-                    f.join()?;
                 }
                 mk(il, "sh_join")?;
                 if n == 1 && use_hc1() {
