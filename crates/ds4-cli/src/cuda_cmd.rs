@@ -371,6 +371,19 @@ fn model_bench(
                 sums[vi].1 += dt;
             }
         }
+        if let (Some(path), true) = (
+            std::env::var_os("DS4_CUDA_PROBE_OUT"),
+            backend == BackendChoice::Cuda,
+        ) {
+            let gm = model.upload_cuda(&mut |_, _| {}).map_err(anyhow::Error::msg)?;
+            if let Some(v) = gm.backend().probe_dump() {
+                let mut out = String::from("k,block,point,t_ns\n");
+                for (i, t) in v.iter().enumerate().filter(|(_, &t)| t != 0) {
+                    out += &format!("{},{},{},{t}\n", i / 1024, (i % 1024) / 8, i % 8);
+                }
+                std::fs::write(&path, out)?;
+            }
+        }
         // The marginal table compares the first variant's means.
         let r = rounds as f64;
         run.points.push((c, sums[0].0 / r, sums[0].1 / r));

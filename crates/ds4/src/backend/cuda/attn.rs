@@ -42,6 +42,7 @@ pub struct AttnKernels {
     combine: CudaFunction,
     idx_scores: CudaFunction,
     idx_scores_tc: CudaFunction,
+    l2_rows: CudaFunction,
     /// `k_idx_scores_wg`: the same scores on wgmma, each row's terms summed in another order
     /// (sm_90a images only).
     idx_scores_wg: Option<CudaFunction>,
@@ -96,6 +97,7 @@ impl AttnKernels {
             out: f("k_att_out")?,
             combine: f("k_att_combine")?,
             idx_scores: f("k_idx_scores")?,
+            l2_rows: be.function("k_l2_rows")?,
             idx_scores_tc: {
                 let f = be.function("k_idx_scores_tc")?;
                 f.set_attribute(
@@ -703,6 +705,51 @@ pub fn use_ixc_pre() -> bool {
     super::switch_on("DS4_CUDA_IXC_PRE")
 }
 
+/// Whether `k_idx_scores_tc` issues all of a thread's K-tile loads before converting any
+/// (`DS4_CUDA_IXC_UNR=0`: the loop, four loads in flight; the same values).
+pub fn use_ixc_unr() -> bool {
+    super::switch_on("DS4_CUDA_IXC_UNR")
+}
+
+/// Whether a decode step asks L2 for the indexer rows at the start of a ratio-4 layer's
+/// attention site ([`l2_rows`]; `DS4_CUDA_IDX_L2PF=0`: no prefetch).
+pub fn use_idx_l2pf() -> bool {
+    super::switch_on("DS4_CUDA_IDX_L2PF")
+}
+
+/// Asks L2 (evict-last) for the rows complete before the step, `rows[0 .. p0 / ratio)` of
+/// `row_bytes` each, on a grid sized for `max_rows` (a plain launch: a hint, no value changes).
+///
+/// # Safety
+/// `rows` holds at least `p0 / ratio` rows; `p0` a device i64.
+pub unsafe fn l2_rows(
+    st: &CudaStream,
+    k: &AttnKernels,
+    rows: u64,
+    p0: u64,
+    ratio: usize,
+    row_bytes: usize,
+    max_rows: usize,
+) -> Result<()> {
+    let lines = (max_rows * row_bytes).div_ceil(128);
+    let blocks = lines.div_ceil(256).clamp(1, 2 * k.sms.max(1));
+    launch!(
+        st,
+        k.l2_rows,
+        (blocks as u32, 1, 1),
+        (256, 1, 1),
+        [
+            rows,
+            p0,
+            ratio as i32,
+            row_bytes as i32,
+            // `DS4_CUDA_IDX_L2PF=2`: the normal priority (a comparison).
+            i32::from(std::env::var("DS4_CUDA_IDX_L2PF").as_deref() != Ok("2"))
+        ]
+    );
+    Ok(())
+}
+
 /// Whether [`idx_scores_tc`] may take the wgmma form on Hopper (`DS4_CUDA_IDX_WG=0`: always
 /// `k_idx_scores_tc`, for comparisons; the same terms summed in another order).
 pub fn use_idx_wg() -> bool {
@@ -785,7 +832,7 @@ pub unsafe fn idx_scores_tc(
     }
     a.extend([scores, (ld as i32).slot()]);
     if wgf.is_none() {
-        a.push(i32::from(use_ixc_pre()).slot());
+        a.push((i32::from(use_ixc_pre()) | i32::from(use_ixc_unr()) << 1).slot());
     }
     be.launch_slots(f, cfg, &mut a)
 }

@@ -288,6 +288,7 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_indexer(be, &mut rng, &mut out)?;
     check_indexer_tc(be, &mut rng, &mut out)?;
     check_idx_q_finish_w(be, &mut rng, &mut out)?;
+    check_qkv_finish1(be, &mut rng, &mut out)?;
     check_e2m1_fast(be, &mut out)?;
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
@@ -351,6 +352,63 @@ fn check_e2m1_fast(be: &CudaBackend, out: &mut Vec<CheckRow>) -> Result<()> {
     Ok(())
 }
 
+/// The decode query heads and KV row finish (`k_qkv_finish1`) with its angles before the PDL
+/// wait and the KV row's FP8 scales by warps (`exact` bit 1) against the row functions (bit 1
+/// clear), bit for bit, with and without QAT and the F16 storage rounding.
+fn check_qkv_finish1(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let st = be.stream();
+    let f = be.function("k_qkv_finish1")?;
+    for (nh, dh, half, p0) in [(64usize, 512usize, 32usize, 4_097i64), (8, 256, 64, 77)] {
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| 10000f64.powf(-(i as f64) / half as f64))
+            .collect();
+        let d_freqs = st.clone_htod(&freqs)?;
+        let d_p0 = st.clone_htod(&[p0])?;
+        let (pf, pp) = (d_freqs.device_ptr(st).0, d_p0.device_ptr(st).0);
+        let w: Vec<f32> = random_activations(rng, dh).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let dw = be.upload_f32(&w)?;
+        let pw = dw.device_ptr(st).0;
+        for (qat, exact) in [(1i32, 0i32), (0, 0), (1, 1)] {
+            let q = random_activations(rng, nh * dh);
+            let mut kv = random_activations(rng, dh);
+            // A 64-block of zeros: the scale's floor case.
+            kv[64..128].iter_mut().for_each(|v| *v = 0.0);
+            let bufs = [
+                (be.upload_f32(&q)?, be.upload_f32(&kv)?),
+                (be.upload_f32(&q)?, be.upload_f32(&kv)?),
+            ];
+            for (i, (dq, dkv)) in bufs.iter().enumerate() {
+                let (pq, pk) = (dq.device_ptr(st).0, dkv.device_ptr(st).0);
+                let (nhi, dhi, hi, eps) = (nh as i32, dh as i32, half as i32, 1e-6f32);
+                let ex = exact | (i as i32) << 1;
+                let mut b = st.launch_builder(&f);
+                b.arg(&pq).arg(&pk).arg(&pw).arg(&nhi).arg(&dhi).arg(&hi).arg(&eps);
+                b.arg(&pf).arg(&pp).arg(&qat).arg(&ex);
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32 + 1, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: argument list matches k_qkv_finish1; q nh·dh, kv and w dh floats.
+                unsafe { b.launch(cfg) }?;
+            }
+            let (q0, k0) = (be.download(&bufs[0].0)?, be.download(&bufs[0].1)?);
+            let (q1, k1) = (be.download(&bufs[1].0)?, be.download(&bufs[1].1)?);
+            let bad = bits_differ(&q0, &q1) + bits_differ(&k0, &k1);
+            let shape = format!("H={nh} dh={dh} half={half} qat={qat} exact={exact}");
+            let mut row = exact_row("qkv_finish1_pre", GgmlType::F32, &shape, bad);
+            row.note = format!(
+                "{bad} of {} values differ from the row functions' (angles before the wait, \
+                 FP8 scales by warps)",
+                q0.len() + k0.len()
+            );
+            out.push(row);
+        }
+    }
+    Ok(())
+}
+
 /// The warp form of the indexer's query finish (`k_idx_q_finish_w<E>`: RoPE, then with QAT the
 /// Hadamard rotation and FP4 rounding), with its angles inline and from `k_rope_cs`'s table,
 /// against the block form `k_idx_q_finish`: the f32 rows and their bf16 copies bit for bit,
@@ -385,14 +443,17 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
         for qat in [0i32, 1] {
             let q = random_activations(rng, n * ih * id);
             // Copy 0: the block form; 1: the warp form, angles inline; 2: from the table; 3:
-            // from the table, bf16 rows only (keep32 = 0, the tensor-core scores' form).
+            // from the table, bf16 rows only (keep32 = 0, the tensor-core scores' form); 4:
+            // as a decode token's (angles inline before the PDL wait, hpw bit 4), bf16 only.
             let qs = [
+                be.upload_f32(&q)?,
                 be.upload_f32(&q)?,
                 be.upload_f32(&q)?,
                 be.upload_f32(&q)?,
                 be.upload_f32(&q)?,
             ];
             let hs = [
+                st.alloc_zeros::<u16>(n * ih * id)?,
                 st.alloc_zeros::<u16>(n * ih * id)?,
                 st.alloc_zeros::<u16>(n * ih * id)?,
                 st.alloc_zeros::<u16>(n * ih * id)?,
@@ -411,12 +472,13 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
                 (1usize, 0u64, 1i32, many),
                 (2, ptab, 1, many),
                 (3, ptab, 0, 1),
+                (4, 0, 0, 1 | 16),
             ] {
                 let mut b = st.launch_builder(&new);
                 b.arg(&pq[i]).arg(&ihi).arg(&hi).arg(&pf).arg(&pp).arg(&pt);
                 b.arg(&qat).arg(&inv).arg(&ph[i]).arg(&keep32).arg(&hpw);
                 // SAFETY: argument list matches k_idx_q_finish_w<E>; buffers sized above.
-                let gy = ih.div_ceil(8 * hpw as usize) as u32;
+                let gy = ih.div_ceil(8 * (hpw & 15) as usize) as u32;
                 unsafe { b.launch(cfg((n as u32, gy, 1), 256)) }?;
             }
             let (a, h16a) = (be.download(&qs[0])?, st.clone_dtoh(&hs[0])?);
@@ -432,16 +494,18 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
                 out.push(row);
             }
             // bf16 only: the same bf16 rows, and q left as it was.
-            let (b3, h16c) = (be.download(&qs[3])?, st.clone_dtoh(&hs[3])?);
-            let bad = bits_differ(&b3, &q) + f16_differ(&h16a, &h16c);
-            let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
-            let mut row = exact_row("idx_q_finish_w_bf16_only", GgmlType::F32, &shape, bad);
-            row.note = format!(
-                "{bad} of {} values differ (bf16 from k_idx_q_finish's, f32 from the input it \
-                 must leave alone)",
-                2 * q.len()
-            );
-            out.push(row);
+            for (i, name) in [(3usize, "idx_q_finish_w_bf16_only"), (4, "idx_q_finish_w_pre")] {
+                let (b3, h16c) = (be.download(&qs[i])?, st.clone_dtoh(&hs[i])?);
+                let bad = bits_differ(&b3, &q) + f16_differ(&h16a, &h16c);
+                let shape = format!("n={n} iH={ih} iD={id} qat={qat}");
+                let mut row = exact_row(name, GgmlType::F32, &shape, bad);
+                row.note = format!(
+                    "{bad} of {} values differ (bf16 from k_idx_q_finish's, f32 from the input \
+                     it must leave alone)",
+                    2 * q.len()
+                );
+                out.push(row);
+            }
         }
     }
     Ok(())

@@ -351,3 +351,13 @@ mod tests {
         }
     }
 }
+#[cfg(test)]
+mod dump_tmp {
+    #[test]
+    #[ignore]
+    fn dump_cubin() {
+        let src = super::kernel_source();
+        let (img, _) = super::compile_cubin(&src, &super::nvrtc_options("sm_90a")).unwrap();
+        std::fs::write("/tmp/k.cubin", img).unwrap();
+    }
+}

@@ -607,6 +607,20 @@ impl CudaBackend {
         (self.origin, &self.cache_key)
     }
 
+    /// Development aid: the `ds4_probe` timestamps (quant.cu `PROBE`) of a module compiled
+    /// with `DS4_PROBE`; None when the module has none.
+    pub fn probe_dump(&self) -> Option<Vec<u64>> {
+        let g = self.module.get_global("ds4_probe", &self.stream).ok()?;
+        let mut b = vec![0u8; g.len()];
+        self.stream.memcpy_dtoh(&g, &mut b).ok()?;
+        self.stream.synchronize().ok()?;
+        Some(
+            b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        )
+    }
+
     /// The stream all work is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

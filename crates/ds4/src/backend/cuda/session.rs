@@ -2688,8 +2688,25 @@ impl GpuSession {
             } else {
                 None
             };
+            // A decode step of an indexer's layer asks L2 for the indexer rows its scores read
+            // (~15 µs later, under q_b's traffic) on that stream, before the Sinkhorn.
+            let idx_l2pf = match (&l.indexer, &ls.index) {
+                (Some(_), Some(cs)) if n == 1 && idx_scores && attn::use_idx_l2pf() => {
+                    Some(p(&cs.rows))
+                }
+                _ => None,
+            };
             let sk_fork = match sk_side {
-                Some(side) => Some(be.fork_on(side, || sinkhorn(left))?),
+                Some(side) => Some(be.fork_on(side, || {
+                    if let Some(rows) = idx_l2pf {
+                        // SAFETY: the indexer rows hold (p0 + 1) / 4 ≥ p0 / 4 rows of idx_dim
+                        // f32 (grown before queueing); p0l is the step's device position.
+                        unsafe {
+                            attn::l2_rows(be.st(), &k.at, rows, p0l, 4, 4 * c.idx_dim, pb / 4)?
+                        };
+                    }
+                    sinkhorn(left)
+                })?),
                 None => None,
             };
             // The indexer's weights product on the main stream before q_a instead of behind
@@ -2831,7 +2848,14 @@ impl GpuSession {
                                     q16,
                                     // The f32 rows only where the f32 scores read them.
                                     i32::from(!tc),
+                                    // bit 4: a decode token's RoPE angles before the PDL
+                                    // wait (`DS4_CUDA_IQF_PRE=0`: after it; the same values).
                                     hpw as i32
+                                        | if n == 1 && super::switch_on("DS4_CUDA_IQF_PRE") {
+                                            16
+                                        } else {
+                                            0
+                                        }
                                 ]
                             );
                         } else {
@@ -2974,7 +2998,10 @@ impl GpuSession {
                         ptr(&l.freqs, st),
                         p0l,
                         qat,
-                        exact
+                        // bit 1: the RoPE angles before the PDL wait and the KV row's FP8
+                        // scales by warps (`DS4_CUDA_QKV_PRE=0`: the row functions; the
+                        // same values).
+                        exact | (i32::from(super::switch_on("DS4_CUDA_QKV_PRE")) << 1)
                     ]
                 );
             } else {

@@ -1760,6 +1760,22 @@ extern "C" __global__ void k_f32_to_bf16(const float* __restrict__ x, u16* __res
     *(uint2*)(y + i) = make_uint2(pack_bf2(v.x, v.y), pack_bf2(v.z, v.w));
 }
 
+// Asks L2 for the rows complete before the step (rows [0, p0 / ratio) of row_bytes each), with
+// the evict-last priority, a 128-byte line a thread per grid stride. Launched at the start of a
+// ratio-4 decode step's attention site for the indexer rows that k_idx_scores_tc reads ~15 µs
+// later: cold in HBM, they were read there under q_b's traffic, 4–6 µs a block before its
+// wait (bench/RESULTS.md, thirty-second session). A hint: changes no value.
+extern "C" __global__ void k_l2_rows(const unsigned char* __restrict__ rows,
+                                     const long long* __restrict__ p0p, int ratio, int row_bytes,
+                                     int last) {
+    const long long n = (*p0p / ratio) * (long long)row_bytes;
+    const long long stride = (long long)gridDim.x * blockDim.x * 128;
+    for (long long o = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 128; o < n; o += stride) {
+        if (last) asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(rows + o));
+        else asm volatile("prefetch.global.L2 [%0];" ::"l"(rows + o));
+    }
+}
+
 // Dynamic shared memory of k_idx_scores_tc in bytes.
 #define IXC_SMEM                                                                               \
     ((IXC_ROWS + 2 * 64) * IXC_KS * 2 + 2 * 64 * 4 + 64 * IXC_VS * 4)
@@ -1774,6 +1790,7 @@ extern "C" __global__ void __launch_bounds__(256)
     float* ws = (float*)(qs + 2 * 64 * IXC_KS);     // [2][64]
     float* vs = ws + 2 * 64;                        // [64 heads][IXC_VS]
     // p0 is a host copy, written before the launch: read before the wait.
+    PROBE(0, 0);
     pdl_trigger();
     const long long p0 = *p0p;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1788,8 +1805,34 @@ extern "C" __global__ void __launch_bounds__(256)
     // indexer's compressor, its query product and finish) still run; the rows this launch's
     // compressor may write, and the zeros, after it, by ld.global.cg (bench/RESULTS.md,
     // thirty-first session).
-    const int vis_pre = pre ? min((int)(p0 / 4), vis_last) : 0;
+    // pre bit 1: a thread's 16 loads are all issued before its first conversion (one round
+    // trip to memory instead of the loop's four batches of 4; the same values).
+    const int vis_pre = (pre & 1) ? min((int)(p0 / 4), vis_last) : 0;
     auto convert = [&](bool early) {
+        if (pre & 2) {
+            constexpr int NI = IXC_ROWS * 32 / 256;  // thread t: rows t/32 + 8i, columns 4(t%32)..
+            const int rw = tid >> 5, c4 = tid & 31;
+            float4 v[NI];
+#pragma unroll
+            for (int i = 0; i < NI; i++) {
+                const int r = r0 + rw + 8 * i;
+                const float4* src = (const float4*)(krows + (long long)r * 128 + 4 * c4);
+                v[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (early) {
+                    if (r < vis_pre) v[i] = *src;
+                } else if (r >= vis_pre && r < vis_last) {
+                    v[i] = __ldcg(src);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < NI; i++) {
+                const int row = rw + 8 * i;
+                if ((r0 + row < vis_pre) != early) continue;
+                *(uint2*)(ks + row * IXC_KS + 4 * c4) =
+                    make_uint2(pack_bf2(v[i].x, v[i].y), pack_bf2(v[i].z, v[i].w));
+            }
+            return;
+        }
         for (int f = tid; f < IXC_ROWS * 32; f += 256) {
             int row = f >> 5, c4 = f & 31;
             if ((r0 + row < vis_pre) != early) continue;
@@ -1801,7 +1844,9 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     };
     if (vis_pre > r0) convert(true);
+    PROBE(0, 1);
     pdl_wait();
+    PROBE(0, 2);
     // The query of token t (64 × 128 bf16 = 1024 pieces of 16 bytes) and its 64 weights.
     auto fetch = [&](int t, int slot) {
         const u16* src = q16 + (long long)t * 64 * 128;
@@ -1817,6 +1862,7 @@ extern "C" __global__ void __launch_bounds__(256)
     pf_cp_commit();
     convert(false);
     __syncthreads();
+    PROBE(0, 3);
     // B fragments of the warp's rows 16w + 8j + g: k = 16kk + 2t4 (+1) and + 8.
     u32 bf[2][8][2];
 #pragma unroll
@@ -1835,6 +1881,7 @@ extern "C" __global__ void __launch_bounds__(256)
         pf_cp_commit();
         pf_cp_wait1();
         __syncthreads();  // query t and its weights visible
+        PROBE(0, 4);
         const int vis = (int)((p0 + t + 1) / 4);
         if (r0 < vis) {  // block-uniform
             float acc[4][2][4];
@@ -1865,6 +1912,7 @@ extern "C" __global__ void __launch_bounds__(256)
                         int row = warp * 16 + j * 8 + 2 * t4 + (c & 1);
                         vs[h * IXC_VS + row] = wt[h] * fmaxf(acc[i][j][c], 0.0f);
                     }
+            PROBE(0, 5);
             __syncthreads();
             if (tid < IXC_ROWS) {
                 float tot = -0.0f;
@@ -1875,6 +1923,7 @@ extern "C" __global__ void __launch_bounds__(256)
         }
         __syncthreads();  // vs and this query slot are free again
     }
+    PROBE(0, 7);
 }
 
 // ---- k_idx_scores_wg (sm_90a): k_idx_scores_tc's contract, the products on the warpgroup

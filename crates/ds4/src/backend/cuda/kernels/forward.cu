@@ -215,6 +215,27 @@ __device__ void fp8sim_row(float* x, int n) {
     __syncthreads();
 }
 
+// fp8sim_row with each 64-block's amax found by a warp (two elements a lane, then a
+// butterfly of fmaxf: the same maximum, NaNs skipped as the serial loop skips them) instead of
+// one thread's 64 dependent loads; the same rounding. blockDim a multiple of 32.
+__device__ void fp8sim_row_w(float* x, int n) {
+    __shared__ float fs[32];
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int b = threadIdx.x >> 5; b < n / 64; b += nw) {
+        const float* blk = x + 64 * b;
+        float amax = fmaxf(0.0f, fmaxf(fabsf(blk[lane]), fabsf(blk[lane + 32])));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if (lane == 0) fs[b] = pow2_ceil_f(fmaxf(amax, 1e-4f) / 448.0f);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float sc = fs[i / 64];
+        x[i] = fp8_e4m3_round(x[i] / sc) * sc;
+    }
+    __syncthreads();
+}
+
 // Indexer QAT on a power-of-two row of at most 1024 (Hadamard in natural order, then FP4 in
 // blocks of 32), block-wide: the butterflies of one stage are independent, so threads share
 // each stage and the stages run in the serial order (qat.rs); each element sees exactly the
@@ -317,6 +338,18 @@ __device__ void head_norm_rope_row(float* r, int dh, int half, float eps, const 
     rope_tail(r, dh, half, freqs, pos, false);
 }
 
+// rope_tail with the angles given: cs[2i], cs[2i+1] = (float)cos, (float)sin of pos·freqs[i]
+// (rope_tail's values), the same rotation.
+__device__ void rope_tail_cs(float* x, int len, int half, const float* cs) {
+    int off = len - 2 * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float cf = cs[2 * i], sf = cs[2 * i + 1];
+        float a = x[off + 2 * i], b = x[off + 2 * i + 1];
+        x[off + 2 * i] = a * cf - b * sf;
+        x[off + 2 * i + 1] = a * sf + b * cf;
+    }
+}
+
 // KV row r: RMSNorm(kv_a_norm), RoPE at `pos`, QAT + storage rounding. Block-wide.
 __device__ void kv_finish_row(float* r, const float* w, int dh, int half, float eps,
                               const double* freqs, long long pos, int qat, int exact,
@@ -351,17 +384,52 @@ extern "C" __global__ void k_kv_finish(float* __restrict__ kv, const float* __re
 
 // Decode (one token): k_head_norm_rope's n_head blocks and k_kv_finish's block in one launch
 // (blockIdx.x < n_head: query head; = n_head: the KV row). Same row functions.
+// exact bit 1 (a comparison switch): the RoPE angles computed before the PDL wait into shared
+// memory (the position is a host copy, the frequencies weights); the same values.
 extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restrict__ kv,
                                          const float* __restrict__ w, int n_head, int dh, int half,
                                          float eps, const double* __restrict__ freqs,
                                          const long long* __restrict__ p0p, int qat, int exact) {
-    pdl_enter();
-    const long long p0 = *p0p;
+    PROBE(2, 0);
     __shared__ double sh[33];
+    if (exact & 2) {
+        __shared__ float cs[2 * 256];
+        pdl_trigger();
+        const long long p0 = *p0p;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            double sn, c;
+            sincos((double)p0 * freqs[i], &sn, &c);
+            cs[2 * i] = (float)c;
+            cs[2 * i + 1] = (float)sn;
+        }
+        pdl_wait();
+        PROBE(2, 1);
+        float* r = (int)blockIdx.x < n_head ? q + (long long)blockIdx.x * dh : kv;
+        const bool isq = (int)blockIdx.x < n_head;
+        // rms_scale_block's barriers also publish cs.
+        float s = rms_scale_block(r, dh, eps, sh);
+        for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = isq ? r[i] * s : r[i] * s * w[i];
+        __syncthreads();
+        rope_tail_cs(r, dh, half, cs);
+        if (!isq) {
+            // finish_row (kind 0) with the warp amax.
+            __syncthreads();
+            if (qat) fp8sim_row_w(r, dh - 2 * half);
+            __syncthreads();
+            if (!(exact & 1))
+                for (int i = threadIdx.x; i < dh; i += blockDim.x) r[i] = round_f16(r[i]);
+        }
+        PROBE(2, 7);
+        return;
+    }
+    pdl_enter();
+    PROBE(2, 1);
+    const long long p0 = *p0p;
     if ((int)blockIdx.x < n_head)
         head_norm_rope_row(q + (long long)blockIdx.x * dh, dh, half, eps, freqs, p0, sh);
     else
         kv_finish_row(kv, w, dh, half, eps, freqs, p0, qat, exact, sh);
+    PROBE(2, 7);
 }
 
 // Indexer query heads: RoPE at the token's position, then the indexer QAT (blockIdx.x =
@@ -479,7 +547,7 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
                                                const double* __restrict__ freqs, long long p0,
                                                const float* __restrict__ cs_tab, int qat,
                                                float inv_sqrt_id, u16* __restrict__ q16,
-                                               int keep32) {
+                                               int keep32, bool waited) {
     constexpr int ID = 32 * E;
     __shared__ float cs[2 * 128];
     const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -493,8 +561,12 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
             cs[2 * i] = (float)c;
             cs[2 * i + 1] = (float)sn;
         }
-        __syncthreads();
     }
+    // The angles need only the position (a host copy) and the frequencies: computed before
+    // the wait when the caller has not waited yet.
+    if (!waited) pdl_wait();
+    PROBE(1, 1);
+    if (!cs_tab) __syncthreads();
     // This warp's heads h0 + 8i (i < HPW): all their loads are in flight before the first
     // head's work (in prefill chunks, one 512-byte row a warp left each warp waiting on its
     // load alone; decode keeps one head a warp, for more warps on its one token). A head past
@@ -538,13 +610,17 @@ __device__ __forceinline__ void idx_q_finish_w(float* __restrict__ q, int n_head
                             const double* __restrict__ freqs, const long long* __restrict__ p0p, \
                             const float* __restrict__ cs_tab, int qat, float inv_sqrt_id,        \
                             u16* __restrict__ q16, int keep32, int hpw) {                        \
-        pdl_enter();                                                                             \
-        if (hpw == IQF_HPW)                                                                      \
+        PROBE(1, 0);                                                                             \
+        pdl_trigger();                                                                           \
+        const bool waited = !(hpw & 16);                                                         \
+        if (waited) pdl_wait();                                                                  \
+        if ((hpw & 15) == IQF_HPW)                                                               \
             idx_q_finish_w<E, IQF_HPW>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16, \
-                                       keep32);                                                  \
+                                       keep32, waited);                                          \
         else                                                                                     \
             idx_q_finish_w<E, 1>(q, n_head, half, freqs, *p0p, cs_tab, qat, inv_sqrt_id, q16,     \
-                                 keep32);                                                        \
+                                 keep32, waited);                                                \
+        PROBE(1, 7);                                                                             \
     }
 DS4_IDX_Q_FINISH_W(2)
 DS4_IDX_Q_FINISH_W(4)
@@ -1150,7 +1226,9 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
     const bool on = warp < nw - 1 && e0 < d;
     float nv[8];
     if (on && norm) ld8f(norm + e0, nv);
+    PROBE(5, 0);
     pdl_wait();
+    PROBE(5, 1);
     float4 xa[HC_PRE1_MAX_HC], xb[HC_PRE1_MAX_HC];
     if (on) {
 #pragma unroll
@@ -1207,6 +1285,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
         }
     }
     __syncthreads();
+    PROBE(5, 2);
     float s = (float)(1.0 / sqrt(ssum / (double)(n * d) + (double)rms_eps));
     if (threadIdx.x < 32) {
         int l = threadIdx.x;
@@ -1256,6 +1335,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
         asm volatile("bar.sync 1, %0;" ::"r"(ny) : "memory");
         s2 = (float)(1.0 / sqrt(sh[32] / (double)d + (double)rms_eps));
     }
+    PROBE(5, 3);
     if (!on) return;
     if (norm) {
 #pragma unroll
@@ -1275,6 +1355,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
         *(uint2*)(qk + e0) = make_uint2(w0, w1);
         if (lane == 0) dk[e0 >> 8] = dd;
     }
+    PROBE(5, 7);
 }
 
 extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS, 1)
@@ -1310,6 +1391,7 @@ extern "C" __global__ void k_sinkhorn1(const float* __restrict__ clog, int n, in
 extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __restrict__ w,
                                          int width, float eps, signed char* __restrict__ q0,
                                          float* __restrict__ d0, int one) {
+    PROBE(3, 0);
     pdl_trigger();
     __shared__ double sh[33];
     int lane = threadIdx.x & 31;
@@ -1319,6 +1401,7 @@ extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __r
         float wv[8];
         if (on && w) ld8f(w + e0, wv);
         pdl_wait();
+        PROBE(3, 1);
         float v[8];
         double a2 = 0.0;
         if (on) {
@@ -1327,6 +1410,7 @@ extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __r
             for (int k = 0; k < 8; k++) a2 += (double)v[k] * (double)v[k];
         }
         float s = (float)(1.0 / sqrt(block_sum_d(a2, sh) / (double)width + (double)eps));
+        PROBE(3, 2);
         if (!on) return;
 #pragma unroll
         for (int k = 0; k < 8; k++) v[k] = w ? v[k] * s * wv[k] : v[k] * s;
@@ -1337,6 +1421,7 @@ extern "C" __global__ void k_rms_norm_q8(float* __restrict__ x, const float* __r
         float dd = q8_0_lane(v, &w0, &w1);
         *(uint2*)(q0 + e0) = make_uint2(w0, w1);
         if ((lane & 3) == 0) d0[e0 >> 5] = dd;
+        PROBE(3, 7);
         return;
     }
     pdl_wait();
@@ -2012,7 +2097,9 @@ __device__ __forceinline__ void topk1(const float* __restrict__ s, int ld,
     __shared__ unsigned whist[NW][256];
     __shared__ unsigned wsum[NW];
     __shared__ unsigned sh_pr[3];
+    PROBE(4, 0);
     pdl_enter();
+    PROBE(4, 1);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = blockIdx.x;
     const long long p0 = *p0p;
     s += (long long)t * ld;
@@ -2042,6 +2129,7 @@ __device__ __forceinline__ void topk1(const float* __restrict__ s, int ld,
     unsigned key[KPT];
 #pragma unroll
     for (int j = 0; j < KPT; j++) key[j] = r0 + j < n_t ? okey(sv[j]) : 0u;
+    PROBE(4, 2);
     const int nv = max(0, min(KPT, n_t - r0));  // valid keys of this thread
     const unsigned lt = (1u << lane) - 1u;
     unsigned prefix = 0, mask = 0, rem = (unsigned)k;
@@ -2095,6 +2183,7 @@ __device__ __forceinline__ void topk1(const float* __restrict__ s, int ld,
         // only after the next pass's first barrier: every reader is past this pass's.)
         if (sh_pr[2] == rem) break;
     }
+    PROBE(4, 3);
     // Taken: key above the boundary, or in it and among its first `rem` in row order.
     unsigned gt = 0, eq = 0;
 #pragma unroll
@@ -2127,6 +2216,7 @@ __device__ __forceinline__ void topk1(const float* __restrict__ s, int ld,
         }
     }
     if (tid == 0) *cnt = k;
+    PROBE(4, 7);
 }
 #define DS4_TOPK1(KPT)                                                                           \
     extern "C" __global__ void __launch_bounds__(TOPK1_THREADS)                                 \

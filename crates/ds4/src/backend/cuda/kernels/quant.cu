@@ -29,6 +29,25 @@ typedef unsigned long long u64;
 typedef long long i64;
 
 #define WARPS_PER_BLOCK 8
+
+// Development aid (DS4_CUDA_NVRTC_DEFS="DS4_PROBE=1"): PROBE(k, i) stores the global timer (ns)
+// from thread 0 of block b at ds4_probe[1024k + 8(b % 128) + i]; `ds4 cuda model` writes the
+// array out under DS4_CUDA_PROBE_OUT. Compiled out otherwise.
+#ifdef DS4_PROBE
+__device__ unsigned long long ds4_probe[8192];
+__device__ __forceinline__ void probe_at(int k, int i) {
+    if (threadIdx.x == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        ds4_probe[k * 1024 + (blockIdx.x & 127) * 8 + i] = t;
+    }
+}
+#define PROBE(k, i) probe_at(k, i)
+#else
+#define PROBE(k, i) \
+    do {             \
+    } while (0)
+#endif
 #define MM_TOKENS 8
 
 __device__ __forceinline__ float h2f(u16 h) {
