@@ -42,6 +42,7 @@ pub struct AttnKernels {
     combine: CudaFunction,
     idx_scores: CudaFunction,
     idx_scores_tc: CudaFunction,
+    idx_scores_tc32: CudaFunction,
     l2_rows: CudaFunction,
     /// `k_idx_scores_wg`: the same scores on wgmma, each row's terms summed in another order
     /// (sm_90a images only).
@@ -102,7 +103,15 @@ impl AttnKernels {
                 let f = be.function("k_idx_scores_tc")?;
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    IXC_SMEM as i32,
+                    ixc_smem(IXC_ROWS) as i32,
+                )?;
+                f
+            },
+            idx_scores_tc32: {
+                let f = be.function("k_idx_scores_tc32")?;
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    ixc_smem(IXC_ROWS32) as i32,
                 )?;
                 f
             },
@@ -638,12 +647,16 @@ pub unsafe fn idx_scores(
     Ok(())
 }
 
-/// Rows and tokens of a `k_idx_scores_tc` block (attn.cu `IXC_ROWS`, `IXC_TOK`).
+/// Rows of a `k_idx_scores_tc` block, and of a `k_idx_scores_tc32` one (attn.cu), and the
+/// tokens of either (`IXC_TOK`).
 const IXC_ROWS: usize = 128;
+const IXC_ROWS32: usize = 32;
 const IXC_TOK: usize = 8;
-/// Its dynamic shared memory (attn.cu `IXC_SMEM`): bf16 K tile (128 rows) and two query
-/// tiles (64 heads), 136 wide; two sets of 64 weights; the f32 terms, 64 heads × 132.
-const IXC_SMEM: usize = (IXC_ROWS + 2 * 64) * 136 * 2 + 2 * 64 * 4 + 64 * 132 * 4;
+/// Their dynamic shared memory (attn.cu `IXC_SMEM`) for `rows` a block: bf16 K tile and two
+/// query tiles (64 heads), 136 wide; two sets of 64 weights; the f32 terms, 64 heads × rows + 4.
+const fn ixc_smem(rows: usize) -> usize {
+    (rows + 2 * 64) * 136 * 2 + 2 * 64 * 4 + 64 * (rows + 4) * 4
+}
 
 /// Whether production steps (prefill chunks and decode) score the indexer on tensor cores
 /// (`DS4_CUDA_IDX_TC=0`: the f32 `k_idx_scores`, for comparisons).
@@ -750,6 +763,12 @@ pub unsafe fn l2_rows(
     Ok(())
 }
 
+/// Whether a decode step's tensor-core indexer scores take 32 rows a block
+/// (`k_idx_scores_tc32`; `DS4_CUDA_IXC32=0`: 128, `k_idx_scores_tc`; the same scores).
+pub fn use_ixc32() -> bool {
+    super::switch_on("DS4_CUDA_IXC32")
+}
+
 /// Whether [`idx_scores_tc`] may take the wgmma form on Hopper (`DS4_CUDA_IDX_WG=0`: always
 /// `k_idx_scores_tc`, for comparisons; the same terms summed in another order).
 pub fn use_idx_wg() -> bool {
@@ -783,7 +802,8 @@ pub unsafe fn to_bf16(
 /// [`to_bf16`]); `k_idx_scores_tc` (exact products, head-order sums; see attn.cu), or with
 /// `wg` on a Hopper build and at least `IXW_MIN_TOKENS` tokens `k_idx_scores_wg` (the same
 /// terms summed in another order), with `tpb` tokens a block (None: `ixw_tokens_per_block`;
-/// the scores do not depend on it).
+/// the scores do not depend on it). Otherwise `k_idx_scores_tc32` (32 rows a block, the same
+/// scores) where `rows32` says so, or where it is None for a decode step ([`use_ixc32`]).
 ///
 /// # Safety
 /// As [`idx_scores`] with `n_head = 64`, `id = 128`, `ratio = 4`; `q16` holds `n × 8192`
@@ -802,6 +822,7 @@ pub unsafe fn idx_scores_tc(
     ld: usize,
     wg: bool,
     tpb: Option<usize>,
+    rows32: Option<bool>,
 ) -> Result<()> {
     let wgf = k
         .idx_scores_wg
@@ -813,7 +834,14 @@ pub unsafe fn idx_scores_tc(
             let tpb = tpb.unwrap_or_else(|| ixw_tokens_per_block(n, p0_host, vis_max, k.sms));
             (f, IXW_ROWS, tpb, IXW_SMEM)
         }
-        None => (&k.idx_scores_tc, IXC_ROWS, IXC_TOK, IXC_SMEM),
+        // A decode step (one token): 32 rows a block (`rows32` overrides the choice).
+        None if rows32.unwrap_or(n == 1 && use_ixc32()) => (
+            &k.idx_scores_tc32,
+            IXC_ROWS32,
+            IXC_TOK,
+            ixc_smem(IXC_ROWS32),
+        ),
+        None => (&k.idx_scores_tc, IXC_ROWS, IXC_TOK, ixc_smem(IXC_ROWS)),
     };
     let cfg = LaunchConfig {
         grid_dim: (

@@ -2920,6 +2920,7 @@ impl GpuSession {
                                     s.isc_ld,
                                     attn::use_idx_wg(),
                                     None,
+                                    None,
                                 )?
                             };
                         } else {

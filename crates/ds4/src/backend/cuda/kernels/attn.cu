@@ -1731,17 +1731,15 @@ DS4_ATT_FDTC(k_att_fdtc32, 32)
 // the sequential f32 sum only when the four blocks' scales are more than ~2^10 apart. The
 // weighted ReLU terms are summed over heads in head order from −0.0, as k_idx_scores does.
 //
-// Block (256 threads, 8 warps): 128 rows (the K tile, converted to bf16 once per block) × up
-// to IXC_TOK consecutive tokens; warp w owns rows 16w..16w+15 (its B fragments stay in
-// registers for all the tokens). Per token: the query (64 × 128 bf16, from q16, written by
+// Block (256 threads, 8 warps): RB rows (the K tile, converted to bf16 once per block; RB = 128,
+// or 32 for decode steps, below) × up to IXC_TOK consecutive tokens; with 128 rows warp w owns
+// rows 16w..16w+15 and all 64 heads (its B fragments stay in registers for all the tokens). Per token: the query (64 × 128 bf16, from q16, written by
 // k_idx_q_finish or k_f32_to_bf16) arrives by cp.async, double-buffered; the 64×16-row products per warp are
 // 4 head tiles × 8 k16 steps × 2 n8 tiles of m16n8k16; the terms w_h·max(0, dot) go to shared
 // memory [head][row] and one thread per row sums them in head order. Rows are written only
 // where visible to the token (row < (p0 + t + 1) / 4).
-#define IXC_ROWS 128
 #define IXC_TOK 8
 #define IXC_KS 136  // bf16 row stride of the K and Q tiles (272 bytes: ldmatrix without conflicts)
-#define IXC_VS 132  // f32 row stride of the [head][row] terms
 
 __device__ __forceinline__ void ix_mma_bf16(float* c, const u32* a, const u32* b) {
     asm volatile(
@@ -1777,25 +1775,37 @@ extern "C" __global__ void k_l2_rows(const unsigned char* __restrict__ rows,
 }
 
 // Dynamic shared memory of k_idx_scores_tc in bytes.
-#define IXC_SMEM                                                                               \
-    ((IXC_ROWS + 2 * 64) * IXC_KS * 2 + 2 * 64 * 4 + 64 * IXC_VS * 4)
+// (RB rows a block; attn.rs IXC_SMEM mirrors it.)
+#define IXC_SMEM(RB) (((RB) + 2 * 64) * IXC_KS * 2 + 2 * 64 * 4 + 64 * ((RB) + 4) * 4)
 
-extern "C" __global__ void __launch_bounds__(256)
-    k_idx_scores_tc(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
-                    const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
-                    float* __restrict__ scores, int ld, int pre) {
+// RB rows a block: 128 (k_idx_scores_tc) or 32 (k_idx_scores_tc32, decode steps: four times
+// the blocks, so each SM's share of the products and of the cold row loads is a quarter). The
+// warps split the rows into RB/16 groups of 16 and the 64 heads into 128/RB groups; every
+// (head, row) term is the same MMA sum as with 128 rows, and a row's terms are added in head
+// order as there: the same scores bit for bit.
+template <int RB>
+__device__ __forceinline__ void idx_scores_tc_body(const u16* __restrict__ q16,
+                                                   const float* __restrict__ w, float wscale,
+                                                   const float* __restrict__ krows,
+                                                   const long long* __restrict__ p0p, int n,
+                                                   float* __restrict__ scores, int ld, int pre) {
+    constexpr int VS = RB + 4;        // f32 row stride of the [head][row] terms
+    constexpr int WR = RB / 16;       // row groups (of 16) a block
+    constexpr int NIT = 4 * WR / 8;   // m16 head tiles a warp
+    static_assert(RB == 32 || RB == 64 || RB == 128, "rows a block");
     extern __shared__ __align__(16) unsigned char ixc_smem[];
-    u16* ks = (u16*)ixc_smem;                       // [128 rows][IXC_KS]
-    u16* qs = ks + IXC_ROWS * IXC_KS;               // [2][64 heads][IXC_KS]
+    u16* ks = (u16*)ixc_smem;                       // [RB rows][IXC_KS]
+    u16* qs = ks + RB * IXC_KS;                     // [2][64 heads][IXC_KS]
     float* ws = (float*)(qs + 2 * 64 * IXC_KS);     // [2][64]
-    float* vs = ws + 2 * 64;                        // [64 heads][IXC_VS]
+    float* vs = ws + 2 * 64;                        // [64 heads][VS]
     // p0 is a host copy, written before the launch: read before the wait.
     PROBE(0, 0);
     pdl_trigger();
     const long long p0 = *p0p;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
-    const int r0 = blockIdx.x * IXC_ROWS, t0 = blockIdx.y * IXC_TOK;
+    const int rg = warp % WR, hg = warp / WR;  // this warp's rows 16rg.., head tiles NIT·hg..
+    const int r0 = blockIdx.x * RB, t0 = blockIdx.y * IXC_TOK;
     const int t1 = min(t0 + IXC_TOK, n);
     const int vis_last = (int)((p0 + t1) / 4);  // rows visible to the group's last token
     if (r0 >= vis_last) return;
@@ -1810,7 +1820,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const int vis_pre = (pre & 1) ? min((int)(p0 / 4), vis_last) : 0;
     auto convert = [&](bool early) {
         if (pre & 2) {
-            constexpr int NI = IXC_ROWS * 32 / 256;  // thread t: rows t/32 + 8i, columns 4(t%32)..
+            constexpr int NI = RB * 32 / 256;  // thread t: rows t/32 + 8i, columns 4(t%32)..
             const int rw = tid >> 5, c4 = tid & 31;
             float4 v[NI];
 #pragma unroll
@@ -1833,7 +1843,7 @@ extern "C" __global__ void __launch_bounds__(256)
             }
             return;
         }
-        for (int f = tid; f < IXC_ROWS * 32; f += 256) {
+        for (int f = tid; f < RB * 32; f += 256) {
             int row = f >> 5, c4 = f & 31;
             if ((r0 + row < vis_pre) != early) continue;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1863,13 +1873,13 @@ extern "C" __global__ void __launch_bounds__(256)
     convert(false);
     __syncthreads();
     PROBE(0, 3);
-    // B fragments of the warp's rows 16w + 8j + g: k = 16kk + 2t4 (+1) and + 8.
+    // B fragments of the warp's rows 16rg + 8j + g: k = 16kk + 2t4 (+1) and + 8.
     u32 bf[2][8][2];
 #pragma unroll
     for (int j = 0; j < 2; j++)
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {
-            const u16* kr = ks + (warp * 16 + j * 8 + g) * IXC_KS + 16 * kk + 2 * t4;
+            const u16* kr = ks + (rg * 16 + j * 8 + g) * IXC_KS + 16 * kk + 2 * t4;
             bf[j][kk][0] = *(const u32*)kr;
             bf[j][kk][1] = *(const u32*)(kr + 8);
         }
@@ -1884,46 +1894,60 @@ extern "C" __global__ void __launch_bounds__(256)
         PROBE(0, 4);
         const int vis = (int)((p0 + t + 1) / 4);
         if (r0 < vis) {  // block-uniform
-            float acc[4][2][4];
+            float acc[NIT][2][4];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < NIT; i++)
 #pragma unroll
                 for (int j = 0; j < 2; j++)
 #pragma unroll
                     for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
             const u32 qa = qa0 + slot * 64 * IXC_KS * 2;
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < NIT; i++)
 #pragma unroll
                 for (int kk = 0; kk < 8; kk++) {
                     u32 a[4];
-                    at_ldm_x4(a, qa + (16 * i * IXC_KS + 16 * kk) * 2);
+                    at_ldm_x4(a, qa + (16 * (NIT * hg + i) * IXC_KS + 16 * kk) * 2);
                     ix_mma_bf16(acc[i][0], a, bf[0][kk]);
                     ix_mma_bf16(acc[i][1], a, bf[1][kk]);
                 }
             const float* wt = ws + slot * 64;
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < NIT; i++)
 #pragma unroll
                 for (int j = 0; j < 2; j++)
 #pragma unroll
                     for (int c = 0; c < 4; c++) {
-                        int h = 16 * i + g + 8 * (c >> 1);
-                        int row = warp * 16 + j * 8 + 2 * t4 + (c & 1);
-                        vs[h * IXC_VS + row] = wt[h] * fmaxf(acc[i][j][c], 0.0f);
+                        int h = 16 * (NIT * hg + i) + g + 8 * (c >> 1);
+                        int row = rg * 16 + j * 8 + 2 * t4 + (c & 1);
+                        vs[h * VS + row] = wt[h] * fmaxf(acc[i][j][c], 0.0f);
                     }
             PROBE(0, 5);
             __syncthreads();
-            if (tid < IXC_ROWS) {
+            if (tid < RB) {
                 float tot = -0.0f;
 #pragma unroll 8
-                for (int h = 0; h < 64; h++) tot += vs[h * IXC_VS + tid];
+                for (int h = 0; h < 64; h++) tot += vs[h * VS + tid];
                 if (r0 + tid < vis) scores[(long long)t * ld + r0 + tid] = tot;
             }
         }
         __syncthreads();  // vs and this query slot are free again
     }
     PROBE(0, 7);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    k_idx_scores_tc(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
+                    const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
+                    float* __restrict__ scores, int ld, int pre) {
+    idx_scores_tc_body<128>(q16, w, wscale, krows, p0p, n, scores, ld, pre);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    k_idx_scores_tc32(const u16* __restrict__ q16, const float* __restrict__ w, float wscale,
+                      const float* __restrict__ krows, const long long* __restrict__ p0p, int n,
+                      float* __restrict__ scores, int ld, int pre) {
+    idx_scores_tc_body<32>(q16, w, wscale, krows, p0p, n, scores, ld, pre);
 }
 
 // ---- k_idx_scores_wg (sm_90a): k_idx_scores_tc's contract, the products on the warpgroup
