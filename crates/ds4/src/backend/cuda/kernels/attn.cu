@@ -569,6 +569,7 @@ __device__ __forceinline__ void att_fd_combine(
     float* __restrict__ o, signed char* __restrict__ q0, float* __restrict__ d0, int early) {
     // early: the output product (launched with PDL after this) may start now, so that its
     // first wave's blocks load their weights while the attention finishes.
+    PROBE(7, 0);
     if (early) pdl_trigger();
     __shared__ float fb[FD_MAXB];
     __shared__ float s_iv;
@@ -600,6 +601,7 @@ __device__ __forceinline__ void att_fd_combine(
         }
     }
     pdl_wait();
+    PROBE(7, 1);
     // The first PRE blocks' partials and the (m, l) of all, by ld.global.cg (a non-coherent
     // load may be issued ahead of the wait). Blocks past the count (≤ nbmax, the launch's
     // grid) hold stale values that are never used.
@@ -670,6 +672,7 @@ __device__ __forceinline__ void att_fd_combine(
             if ((tid & 7) == 0) d0[e0 >> 5] = dd;
         }
     }
+    PROBE(7, 7);
 }
 
 // The entry points: PRE = 8 (k_att_fd_combine) keeps 48 registers for the short rows of
@@ -1503,8 +1506,10 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
     // below sees the compressors' and the indexer's writes (the waits further down return at
     // once). The combine may start after that (it reads the indexer's count before its own
     // wait): the trigger follows the wait. A plain launch triggers at once.
+    PROBE(6, 0);
     if (wait_first) pdl_wait();
     pdl_trigger();
+    PROBE(6, 1);
     const int kst = dh + 8;        // f16 row stride of the tile (ldmatrix rows on other banks)
     const int dw = dh / FDTC_W;    // this warp's dims: dw·warp ..
     const int ksteps = dw / 16;    // ≤ 4 (dh ≤ 512)
@@ -1562,6 +1567,7 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
             tab[tid] = (const float*)((unsigned long long)src | (late ? 1ull : 0ull));
         }
         __syncthreads();
+        if (r0 == r_lo) PROBE(6, 2);
         // The tile's rows: every load first, then the conversions and stores (rows past the
         // block's end are zeros: their weights are 0, and 0·NaN would not be).
         {
@@ -1624,6 +1630,7 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
             }
         }
         __syncthreads();
+        if (r0 == r_lo) PROBE(6, 3);
         // Score partials: heads h0.., the tile's RT rows (RT/8 n8 tiles), this warp's dims.
         {
             float s[RT / 8][4];
@@ -1713,6 +1720,7 @@ __device__ __forceinline__ void att_fdtc(ATT_FD_PARAMS) {
         ml[(base + h0 + sh) * 2] = m_run;
         ml[(base + h0 + sh) * 2 + 1] = l_run;
     }
+    PROBE(6, 7);
 }
 
 #define DS4_ATT_FDTC(NAME, RT)                                                                    \
