@@ -375,7 +375,9 @@ fn model_bench(
             std::env::var_os("DS4_CUDA_PROBE_OUT"),
             backend == BackendChoice::Cuda,
         ) {
-            let gm = model.upload_cuda(&mut |_, _| {}).map_err(anyhow::Error::msg)?;
+            let gm = model
+                .upload_cuda(&mut |_, _| {})
+                .map_err(anyhow::Error::msg)?;
             if let Some(v) = gm.backend().probe_dump() {
                 let mut out = String::from("k,block,point,t_ns\n");
                 for (i, t) in v.iter().enumerate().filter(|(_, &t)| t != 0) {

@@ -366,7 +366,10 @@ fn check_qkv_finish1(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
         let d_freqs = st.clone_htod(&freqs)?;
         let d_p0 = st.clone_htod(&[p0])?;
         let (pf, pp) = (d_freqs.device_ptr(st).0, d_p0.device_ptr(st).0);
-        let w: Vec<f32> = random_activations(rng, dh).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let w: Vec<f32> = random_activations(rng, dh)
+            .iter()
+            .map(|v| 1.0 + 0.1 * v)
+            .collect();
         let dw = be.upload_f32(&w)?;
         let pw = dw.device_ptr(st).0;
         for (qat, exact) in [(1i32, 0i32), (0, 0), (1, 1)] {
@@ -383,7 +386,13 @@ fn check_qkv_finish1(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
                 let (nhi, dhi, hi, eps) = (nh as i32, dh as i32, half as i32, 1e-6f32);
                 let ex = exact | (i as i32) << 1;
                 let mut b = st.launch_builder(&f);
-                b.arg(&pq).arg(&pk).arg(&pw).arg(&nhi).arg(&dhi).arg(&hi).arg(&eps);
+                b.arg(&pq)
+                    .arg(&pk)
+                    .arg(&pw)
+                    .arg(&nhi)
+                    .arg(&dhi)
+                    .arg(&hi)
+                    .arg(&eps);
                 b.arg(&pf).arg(&pp).arg(&qat).arg(&ex);
                 let cfg = LaunchConfig {
                     grid_dim: (nh as u32 + 1, 1, 1),
@@ -494,7 +503,10 @@ fn check_idx_q_finish_w(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>
                 out.push(row);
             }
             // bf16 only: the same bf16 rows, and q left as it was.
-            for (i, name) in [(3usize, "idx_q_finish_w_bf16_only"), (4, "idx_q_finish_w_pre")] {
+            for (i, name) in [
+                (3usize, "idx_q_finish_w_bf16_only"),
+                (4, "idx_q_finish_w_pre"),
+            ] {
                 let (b3, h16c) = (be.download(&qs[i])?, st.clone_dtoh(&hs[i])?);
                 let bad = bits_differ(&b3, &q) + f16_differ(&h16a, &h16c);
                 let shape = format!("n={n} iH={ih} iD={id} qat={qat}");

@@ -351,13 +351,18 @@ mod tests {
         }
     }
 }
+/// A development aid, not a check: with a local NVRTC (`LD_LIBRARY_PATH` to its libnvrtc),
+/// `cargo test --release -p ds4 --lib dump_cubin -- --ignored` compiles the kernel module for
+/// sm_90a (with `DS4_CUDA_NVRTC_DEFS` as the engine would) into `$DS4_CUBIN_OUT` (default
+/// /tmp/k.cubin), for `nvdisasm -c` and bench/pdl_audit.py without a GPU.
 #[cfg(test)]
-mod dump_tmp {
+mod dump {
     #[test]
     #[ignore]
     fn dump_cubin() {
         let src = super::kernel_source();
         let (img, _) = super::compile_cubin(&src, &super::nvrtc_options("sm_90a")).unwrap();
-        std::fs::write("/tmp/k.cubin", img).unwrap();
+        let out = std::env::var("DS4_CUBIN_OUT").unwrap_or_else(|_| "/tmp/k.cubin".into());
+        std::fs::write(out, img).unwrap();
     }
 }

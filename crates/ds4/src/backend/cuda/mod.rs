@@ -90,7 +90,15 @@
 //! stream; off = after the compressors), `DS4_CUDA_FFN_SK_SIDE2` (the FFN site's Sinkhorn on the
 //! third side stream from hc_pre on, joined before the routed gate|up; off = after the shared
 //! expert), `DS4_CUDA_IXC_PRE` (the decode indexer scores convert the rows complete before the
-//! step to bf16 before their PDL wait; off = after it), `DS4_CUDA_ROUTE_REG` (`k_route`'s top-k
+//! step to bf16 before their PDL wait; off = after it), `DS4_CUDA_IXC_UNR` (that conversion's
+//! loads all issued before the first store; off = the loop's batches of 4), `DS4_CUDA_IXC32` (a
+//! decode step's tensor-core indexer scores on 32-row blocks, `k_idx_scores_tc32`; off = 128,
+//! `k_idx_scores_tc`; the same scores), `DS4_CUDA_IDX_L2PF` (a ratio-4 decode step asks L2,
+//! evict-last, for the indexer rows at its attention site's start, `k_l2_rows`; off = no
+//! prefetch, `=2` the normal priority), `DS4_CUDA_IQF_PRE` / `DS4_CUDA_QKV_PRE` (a decode
+//! step's indexer query finish / query-and-KV finish compute their RoPE angles before the PDL
+//! wait, the latter also the KV row's FP8 scales by warps; off = the row functions; the same
+//! bits), `DS4_CUDA_ROUTE_REG` (`k_route`'s top-k
 //! rounds over keys in registers with warp reductions; off = over shared memory; the same
 //! selection), `DS4_CUDA_COMB_EARLY` (the decode attention's combine lets the output product launch
 //! at its start; off = at its end), `DS4_CUDA_SH_JOIN_EARLY` (the shared expert joined before
@@ -129,6 +137,10 @@
 //! `DS4_CUDA_CHUNK=N` sets the prefill chunk (a multiple of 256 up to 8192; default 8192 up
 //! to a 128k context, 4096 up to 512k, else 2048). `DS4_CUDA_CACHE=DIR` moves
 //! the kernel cache (empty: no cache) and `DS4_CUDA_PTXAS_VERBOSE` prints register use.
+//! `DS4_CUDA_NVRTC_DEFS="DS4_PROBE=1"` (a development aid) compiles `PROBE(k, i)` points into
+//! some decode kernels (quant.cu): thread 0 of each block stores the global timer there, and
+//! `ds4 cuda model` with `DS4_CUDA_PROBE_OUT=FILE` writes them out as CSV (the last launch of
+//! each kernel: in-kernel phases of the decode graph, bench/RESULTS.md thirty-second session).
 //! `DS4_CUDA_PHASES=1` (a development aid) times each prefill chunk's phases on the main
 //! stream (events between hc_pre, the query path, the joins, attention, the output products,
 //! the FFN site's steps) and prints the mean µs by layer kind to stderr, and how many

@@ -2677,14 +2677,7 @@ impl GpuSession {
             // longer one: its main compressor runs on the main stream after the query path.
             let main_comp = pf_side && l.indexer.is_some();
             let att_side = super::side_of("DS4_CUDA_PF_ATT_SIDE", 1);
-            // Comparison switch `DS4_CUDA_COMP_SIDE2=1`: a ratio-4 decode step's main compressor
-            // on the third side stream (highest priority), before the Sinkhorn there.
-            let comp_side2 = fork3
-                && sk_side == Some(2)
-                && std::env::var("DS4_CUDA_COMP_SIDE2").as_deref() == Ok("1");
-            let att_fork = if comp_side2 {
-                None
-            } else if fork
+            let att_fork = if fork
                 && ((left && sk_side.is_none()) || l.comp.is_some() || l.indexer.is_some())
             {
                 Some(be.fork(comps)?)
@@ -2703,15 +2696,6 @@ impl GpuSession {
                 }
                 _ => None,
             };
-            // Comparison switch `DS4_CUDA_ATT_L2PF=1`: the main compressor's rows too.
-            let att_l2pf = match (&ls.comp, idx_l2pf) {
-                (Some(cs), Some(_))
-                    if cs.ratio == 4 && std::env::var("DS4_CUDA_ATT_L2PF").as_deref() == Ok("1") =>
-                {
-                    Some((p(&cs.rows), cs.d))
-                }
-                _ => None,
-            };
             let sk_fork = match sk_side {
                 Some(side) => Some(be.fork_on(side, || {
                     if let Some(rows) = idx_l2pf {
@@ -2720,15 +2704,6 @@ impl GpuSession {
                         unsafe {
                             attn::l2_rows(be.st(), &k.at, rows, p0l, 4, 4 * c.idx_dim, pb / 4)?
                         };
-                    }
-                    if let Some((rows, d)) = att_l2pf {
-                        // SAFETY: as above, the main compressor's rows of d f32.
-                        unsafe { attn::l2_rows(be.st(), &k.at, rows, p0l, 4, 4 * d, pb / 4)? };
-                    }
-                    if comp_side2 {
-                        if let (Some(w), Some(cs)) = (&l.comp, &ls.comp) {
-                            compress(w, cs, 0)?;
-                        }
                     }
                     sinkhorn(left)
                 })?),
@@ -3077,7 +3052,6 @@ impl GpuSession {
             }
             match att_fork {
                 Some(f) => f.join()?,
-                None if comp_side2 => {}
                 None => comps()?,
             }
             if let Some(f) = sk_fork {
