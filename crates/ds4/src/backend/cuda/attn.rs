@@ -724,10 +724,11 @@ pub fn use_ixc_unr() -> bool {
     super::switch_on("DS4_CUDA_IXC_UNR")
 }
 
-/// Whether a decode step asks L2 for the indexer rows at the start of a ratio-4 layer's
-/// attention site ([`l2_rows`]; `DS4_CUDA_IDX_L2PF=0`: no prefetch).
-pub fn use_idx_l2pf() -> bool {
-    super::switch_on("DS4_CUDA_IDX_L2PF")
+/// Whether a decode step whose launch may see `vis_max` indexer rows asks L2 for them at the
+/// start of a ratio-4 layer's attention site ([`l2_rows`]): up to `DS4_CUDA_IDX_L2PF_MAX` rows
+/// (default 4,096: 2 MB; `DS4_CUDA_IDX_L2PF=0`: never).
+pub fn use_idx_l2pf(vis_max: usize) -> bool {
+    super::switch_on("DS4_CUDA_IDX_L2PF") && vis_max <= rows_max("DS4_CUDA_IDX_L2PF_MAX")
 }
 
 /// Asks L2 (evict-last) for the rows complete before the step, `rows[0 .. p0 / ratio)` of
@@ -763,10 +764,20 @@ pub unsafe fn l2_rows(
     Ok(())
 }
 
-/// Whether a decode step's tensor-core indexer scores take 32 rows a block
-/// (`k_idx_scores_tc32`; `DS4_CUDA_IXC32=0`: 128, `k_idx_scores_tc`; the same scores).
-pub fn use_ixc32() -> bool {
-    super::switch_on("DS4_CUDA_IXC32")
+/// Whether a decode step whose launch may see `vis_max` indexer rows takes its tensor-core
+/// scores on 32 rows a block (`k_idx_scores_tc32`; the same scores): up to
+/// `DS4_CUDA_IXC32_MAX` rows (default 4,096, a 16k context: measured faster up to there,
+/// bench/RESULTS.md, thirty-second session; `DS4_CUDA_IXC32=0`: never).
+pub fn use_ixc32(vis_max: usize) -> bool {
+    super::switch_on("DS4_CUDA_IXC32") && vis_max <= rows_max("DS4_CUDA_IXC32_MAX")
+}
+
+/// The row limit `name` sets (default 4,096).
+fn rows_max(name: &str) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096)
 }
 
 /// Whether [`idx_scores_tc`] may take the wgmma form on Hopper (`DS4_CUDA_IDX_WG=0`: always
@@ -835,7 +846,7 @@ pub unsafe fn idx_scores_tc(
             (f, IXW_ROWS, tpb, IXW_SMEM)
         }
         // A decode step (one token): 32 rows a block (`rows32` overrides the choice).
-        None if rows32.unwrap_or(n == 1 && use_ixc32()) => (
+        None if rows32.unwrap_or(n == 1 && use_ixc32(vis_max)) => (
             &k.idx_scores_tc32,
             IXC_ROWS32,
             IXC_TOK,

@@ -2691,7 +2691,7 @@ impl GpuSession {
             // A decode step of an indexer's layer asks L2 for the indexer rows its scores read
             // (~15 µs later, under q_b's traffic) on that stream, before the Sinkhorn.
             let idx_l2pf = match (&l.indexer, &ls.index) {
-                (Some(_), Some(cs)) if n == 1 && idx_scores && attn::use_idx_l2pf() => {
+                (Some(_), Some(cs)) if n == 1 && idx_scores && attn::use_idx_l2pf(pb / 4) => {
                     Some(p(&cs.rows))
                 }
                 _ => None,
