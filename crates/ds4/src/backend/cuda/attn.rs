@@ -726,7 +726,7 @@ pub fn use_ixc_unr() -> bool {
 
 /// Whether a decode step whose launch may see `vis_max` indexer rows asks L2 for them at the
 /// start of a ratio-4 layer's attention site ([`l2_rows`]): up to `DS4_CUDA_IDX_L2PF_MAX` rows
-/// (default 4,096: 2 MB; `DS4_CUDA_IDX_L2PF=0`: never).
+/// (default 6,144: 3 MB; `DS4_CUDA_IDX_L2PF=0`: never).
 pub fn use_idx_l2pf(vis_max: usize) -> bool {
     super::switch_on("DS4_CUDA_IDX_L2PF") && vis_max <= rows_max("DS4_CUDA_IDX_L2PF_MAX")
 }
@@ -766,18 +766,19 @@ pub unsafe fn l2_rows(
 
 /// Whether a decode step whose launch may see `vis_max` indexer rows takes its tensor-core
 /// scores on 32 rows a block (`k_idx_scores_tc32`; the same scores): up to
-/// `DS4_CUDA_IXC32_MAX` rows (default 4,096, a 16k context: measured faster up to there,
-/// bench/RESULTS.md, thirty-second session; `DS4_CUDA_IXC32=0`: never).
+/// `DS4_CUDA_IXC32_MAX` rows (default 6,144: up to a ~24k context, the graphs' position
+/// buckets included; measured faster to 16k and neutral at 32k / 64k, bench/RESULTS.md,
+/// thirty-second session; `DS4_CUDA_IXC32=0`: never).
 pub fn use_ixc32(vis_max: usize) -> bool {
     super::switch_on("DS4_CUDA_IXC32") && vis_max <= rows_max("DS4_CUDA_IXC32_MAX")
 }
 
-/// The row limit `name` sets (default 4,096).
+/// The row limit `name` sets (default 6,144).
 fn rows_max(name: &str) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4096)
+        .unwrap_or(6144)
 }
 
 /// Whether [`idx_scores_tc`] may take the wgmma form on Hopper (`DS4_CUDA_IDX_WG=0`: always

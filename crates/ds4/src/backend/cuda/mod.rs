@@ -93,9 +93,9 @@
 //! step to bf16 before their PDL wait; off = after it), `DS4_CUDA_IXC_UNR` (that conversion's
 //! loads all issued before the first store; off = the loop's batches of 4), `DS4_CUDA_IXC32` (a
 //! decode step's tensor-core indexer scores on 32-row blocks, `k_idx_scores_tc32`, up to
-//! `DS4_CUDA_IXC32_MAX` visible rows, default 4096; off = 128, `k_idx_scores_tc`; the same
+//! `DS4_CUDA_IXC32_MAX` visible rows, default 6144; off = 128, `k_idx_scores_tc`; the same
 //! scores), `DS4_CUDA_IDX_L2PF` (a ratio-4 decode step asks L2, evict-last, for the indexer rows
-//! at its attention site's start, `k_l2_rows`, up to `DS4_CUDA_IDX_L2PF_MAX` rows, default 4096;
+//! at its attention site's start, `k_l2_rows`, up to `DS4_CUDA_IDX_L2PF_MAX` rows, default 6144;
 //! off = no prefetch, `=2` the normal priority), `DS4_CUDA_IQF_PRE` / `DS4_CUDA_QKV_PRE` (a decode
 //! step's indexer query finish / query-and-KV finish compute their RoPE angles before the PDL
 //! wait, the latter also the KV row's FP8 scales by warps; off = the row functions; the same
