@@ -392,7 +392,7 @@ extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restric
                                          const long long* __restrict__ p0p, int qat, int exact) {
     PROBE(2, 0);
     __shared__ double sh[33];
-    if (exact & 2) {
+    if ((exact & 2) && half <= 256) {  // cs holds 256 angle pairs
         __shared__ float cs[2 * 256];
         pdl_trigger();
         const long long p0 = *p0p;
@@ -428,7 +428,7 @@ extern "C" __global__ void k_qkv_finish1(float* __restrict__ q, float* __restric
     if ((int)blockIdx.x < n_head)
         head_norm_rope_row(q + (long long)blockIdx.x * dh, dh, half, eps, freqs, p0, sh);
     else
-        kv_finish_row(kv, w, dh, half, eps, freqs, p0, qat, exact, sh);
+        kv_finish_row(kv, w, dh, half, eps, freqs, p0, qat, exact & 1, sh);
     PROBE(2, 7);
 }
 
