@@ -104,6 +104,13 @@ __device__ float rms_scale_block(const float* x, int n, float eps, double* sh) {
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// One RoPE pair (p[0], p[1]) rotated by the angle of cosine cf and sine sf.
+__device__ __forceinline__ void rope_pair(float* p, float cf, float sf) {
+    float a = p[0], b = p[1];
+    p[0] = a * cf - b * sf;
+    p[1] = a * sf + b * cf;
+}
+
 // RoPE on the last 2·half dims of `x` (len elements) at position pos with the layer's f64
 // frequencies; angles in f64 like rope.rs, the rotation in f32. Block-wide; caller syncs.
 __device__ void rope_tail(float* x, int len, int half, const double* freqs, long long pos,
@@ -114,9 +121,7 @@ __device__ void rope_tail(float* x, int len, int half, const double* freqs, long
         sincos((double)pos * freqs[i], &s, &c);
         float cf = (float)c, sf = (float)s;
         if (inverse) sf = -sf;
-        float a = x[off + 2 * i], b = x[off + 2 * i + 1];
-        x[off + 2 * i] = a * cf - b * sf;
-        x[off + 2 * i + 1] = a * sf + b * cf;
+        rope_pair(x + off + 2 * i, cf, sf);
     }
 }
 
@@ -199,6 +204,15 @@ extern "C" __global__ void k_e2m1_check(unsigned long long* bad) {
 // FP8 KV simulation on x[0..n) (n a multiple of 64, at most 2048), block-wide: a thread
 // per 64-block finds its scale, then a thread per element rounds (the same operations per
 // element as qat.rs). Every thread of the block must call it.
+// x[i] = its FP8 rounding at the scale fs[i / 64] (block-wide; ends with a barrier).
+__device__ __forceinline__ void fp8sim_apply(float* x, int n, const float* fs) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float sc = fs[i / 64];
+        x[i] = fp8_e4m3_round(x[i] / sc) * sc;
+    }
+    __syncthreads();
+}
+
 __device__ void fp8sim_row(float* x, int n) {
     __shared__ float fs[32];
     for (int b = threadIdx.x; b < n / 64; b += blockDim.x) {
@@ -208,11 +222,7 @@ __device__ void fp8sim_row(float* x, int n) {
         fs[b] = pow2_ceil_f(fmaxf(amax, 1e-4f) / 448.0f);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float sc = fs[i / 64];
-        x[i] = fp8_e4m3_round(x[i] / sc) * sc;
-    }
-    __syncthreads();
+    fp8sim_apply(x, n, fs);
 }
 
 // fp8sim_row with each 64-block's amax found by a warp (two elements a lane, then a
@@ -229,11 +239,7 @@ __device__ void fp8sim_row_w(float* x, int n) {
         if (lane == 0) fs[b] = pow2_ceil_f(fmaxf(amax, 1e-4f) / 448.0f);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float sc = fs[i / 64];
-        x[i] = fp8_e4m3_round(x[i] / sc) * sc;
-    }
-    __syncthreads();
+    fp8sim_apply(x, n, fs);
 }
 
 // Indexer QAT on a power-of-two row of at most 1024 (Hadamard in natural order, then FP4 in
@@ -342,12 +348,7 @@ __device__ void head_norm_rope_row(float* r, int dh, int half, float eps, const 
 // (rope_tail's values), the same rotation.
 __device__ void rope_tail_cs(float* x, int len, int half, const float* cs) {
     int off = len - 2 * half;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float cf = cs[2 * i], sf = cs[2 * i + 1];
-        float a = x[off + 2 * i], b = x[off + 2 * i + 1];
-        x[off + 2 * i] = a * cf - b * sf;
-        x[off + 2 * i + 1] = a * sf + b * cf;
-    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x) rope_pair(x + off + 2 * i, cs[2 * i], cs[2 * i + 1]);
 }
 
 // KV row r: RMSNorm(kv_a_norm), RoPE at `pos`, QAT + storage rounding. Block-wide.
