@@ -1216,7 +1216,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
                                              const float* __restrict__ norm, signed char* __restrict__ q0,
                                              float* __restrict__ d0, signed char* __restrict__ qk,
                                              float* __restrict__ dk, float* __restrict__ clog,
-                                             int hoist) {
+                                             int hoist, int lean) {
     __shared__ double sh[33];
     __shared__ double ssum;
     __shared__ float mx[FWD_MAX_MIX];
@@ -1288,13 +1288,22 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
     __syncthreads();
     PROBE(5, 2);
     float s = (float)(1.0 / sqrt(ssum / (double)(n * d) + (double)rms_eps));
-    if (threadIdx.x < 32) {
-        int l = threadIdx.x;
-        if (l < n) pj[l] = sigmoidf_(mx[l] * s * scale3[0] + base[l]) + hc_eps;
-        else if (l >= 16 && l - 16 < n)
-            post[l - 16] = 2.0f * sigmoidf_(mx[n + l - 16] * s * scale3[1] + base[n + l - 16]);
+    // lean: every y warp forms the n weights P_j itself (the same expression in lanes j < n,
+    // read by shuffles), so no block barrier publishes them; warp 0 still stores post.
+    float pl = 0.0f;
+    if (lean) {
+        if (lane < n) pl = sigmoidf_(mx[lane] * s * scale3[0] + base[lane]) + hc_eps;
+        if (warp == 0 && lane >= 16 && lane - 16 < n)
+            post[lane - 16] = 2.0f * sigmoidf_(mx[n + lane - 16] * s * scale3[1] + base[n + lane - 16]);
+    } else {
+        if (threadIdx.x < 32) {
+            int l = threadIdx.x;
+            if (l < n) pj[l] = sigmoidf_(mx[l] * s * scale3[0] + base[l]) + hc_eps;
+            else if (l >= 16 && l - 16 < n)
+                post[l - 16] = 2.0f * sigmoidf_(mx[n + l - 16] * s * scale3[1] + base[n + l - 16]);
+        }
+        __syncthreads();
     }
-    __syncthreads();
     if (warp == nw - 1) {
         // n·n ≤ 16: the matrix fits one warp's registers. clog not null: its logits go to
         // k_sinkhorn1 (launched beside the site's first products), so this kernel, which
@@ -1315,7 +1324,7 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
         for (int j = 0; j < HC_PRE1_MAX_HC; j++)
             if (j < n) {
                 float xs[8] = {xa[j].x, xa[j].y, xa[j].z, xa[j].w, xb[j].x, xb[j].y, xb[j].z, xb[j].w};
-                float p = pj[j];
+                float p = lean ? __shfl_sync(0xffffffffu, pl, j) : pj[j];
 #pragma unroll
                 for (int k = 0; k < 8; k++) v[k] += p * xs[k];
             }
@@ -1328,13 +1337,21 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
         acc2 = warp_sum_d(acc2);
         if (lane == 0) sh[warp] = acc2;
         asm volatile("bar.sync 1, %0;" ::"r"(ny) : "memory");
-        if (warp == 0) {
-            double r = lane < (ny >> 5) ? sh[lane] : 0.0;
-            r = warp_sum_d(r);
-            if (lane == 0) sh[32] = r;
+        double tot;
+        if (lean) {
+            // Every y warp adds the warp sums itself, as warp 0 does below (the same
+            // butterfly, the same bits): no second barrier to publish the total.
+            tot = warp_sum_d(lane < (ny >> 5) ? sh[lane] : 0.0);
+        } else {
+            if (warp == 0) {
+                double r = lane < (ny >> 5) ? sh[lane] : 0.0;
+                r = warp_sum_d(r);
+                if (lane == 0) sh[32] = r;
+            }
+            asm volatile("bar.sync 1, %0;" ::"r"(ny) : "memory");
+            tot = sh[32];
         }
-        asm volatile("bar.sync 1, %0;" ::"r"(ny) : "memory");
-        s2 = (float)(1.0 / sqrt(sh[32] / (double)d + (double)rms_eps));
+        s2 = (float)(1.0 / sqrt(tot / (double)d + (double)rms_eps));
     }
     PROBE(5, 3);
     if (!on) return;
@@ -1366,10 +1383,10 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS, 1)
               float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
               const float* __restrict__ norm, signed char* __restrict__ q0,
               float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk,
-              float* __restrict__ clog, int hoist) {
+              float* __restrict__ clog, int hoist, int lean) {
     pdl_trigger();
     hc_pre1_body(x, part, ss, nb, n, d, rms_eps, hc_eps, iters, scale3, base, y, post, comb, norm,
-                 q0, d0, qk, dk, clog, hoist);
+                 q0, d0, qk, dk, clog, hoist, lean);
 }
 
 // The Sinkhorn k_hc_pre1 left (clog: the n·n scaled logits): comb = sinkhorn_reg(clog), the
@@ -2403,35 +2420,32 @@ __device__ __forceinline__ float softplusf_(float x) {
 // shared-memory rounds).
 #define ROUTE_KPL 8
 
-// Router for token blockIdx.x: s_e = sqrt(softplus(logit_e)); selection by the hash table
+// Expert choice for token t: s_e = sqrt(softplus(logit_e)); selection by the hash table
 // row of the token or top-k of s + bias (ties to the lower id); weights s / Σs · scale.
 // The k slots are then ordered by expert id (stable), the order the CPU sums them in.
-// Top-k in one pass: expert e's key (score, then the lower id first) is unique, so its rank
-// (how many keys are larger) is its place in the selection order; ranks < k are chosen.
-// Shared memory: n_exp scores (rounded up to even), then n_exp u64 keys. nsplit > 1: the
-// logits come as nsplit partial sums sstride floats apart (dense_sgemm's split product),
-// added here in part order.
-extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, int k,
-                                   const int* __restrict__ tokens,
-                                   const int* __restrict__ tid2eid,
-                                   const float* __restrict__ bias, int norm_on, float wscale,
-                                   int* __restrict__ ids, float* __restrict__ wts, int nsplit,
-                                   long long sstride, int warp_fin, int reg_topk) {
-    // Launched with PDL (decode, DS4_CUDA_ROUTE_PDL): resident while the router's product
-    // runs, waiting here. It never triggers its dependents: the routed experts launch when it
-    // ends (an early trigger left their blocks idle on the SMs the shared expert needed;
-    // bench/RESULTS.md, ninth session). A plain launch returns from the wait at once. The
-    // logits (the router product's output) are read by ld.global.cg, never non-coherent:
-    // ptxas may issue a non-coherent load ahead of the wait (bench/pdl_audit.py).
-    pdl_wait();
-    extern __shared__ float s_e[];
-    __shared__ int ch[64];
-    unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
-    int t = blockIdx.x;
+// Expert e's key (score, then the lower id first) is unique, so the k largest keys in order
+// are the selection order. The logits are in shared memory (lgs: k_router_route's own
+// product) or, lgs null, at `logits`: nsplit > 1, as nsplit partial sums sstride floats
+// apart (dense_sgemm's split product), added here in part order. s_e (n_exp floats), keys
+// (n_exp u64) and ch (64 ints) are the block's shared scratch. Every thread of the block
+// calls it.
+__device__ __forceinline__ void route_body(const float* lgs, const float* __restrict__ logits,
+                                           int n_exp, int k, const int* __restrict__ tokens,
+                                           const int* __restrict__ tid2eid,
+                                           const float* __restrict__ bias, int norm_on,
+                                           float wscale, int* __restrict__ ids,
+                                           float* __restrict__ wts, int nsplit,
+                                           long long sstride, int warp_fin, int reg_topk, int t,
+                                           float* s_e, unsigned long long* keys, int* ch) {
     for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
-        const float* lp = logits + (long long)t * n_exp + e;
-        float lg = __ldcg(lp);
-        for (int j = 1; j < nsplit; j++) lg += __ldcg(lp + j * sstride);
+        float lg;
+        if (lgs) {
+            lg = lgs[e];
+        } else {
+            const float* lp = logits + (long long)t * n_exp + e;
+            lg = __ldcg(lp);
+            for (int j = 1; j < nsplit; j++) lg += __ldcg(lp + j * sstride);
+        }
         float s = sqrtf(softplusf_(lg));
         s_e[e] = s;
         float v = bias ? s + bias[e] : s;
@@ -2539,6 +2553,138 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
             wts[t * k + j] = w[j];
         }
     }
+}
+
+extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, int k,
+                                   const int* __restrict__ tokens,
+                                   const int* __restrict__ tid2eid,
+                                   const float* __restrict__ bias, int norm_on, float wscale,
+                                   int* __restrict__ ids, float* __restrict__ wts, int nsplit,
+                                   long long sstride, int warp_fin, int reg_topk) {
+    // Launched with PDL (decode, DS4_CUDA_ROUTE_PDL): resident while the router's product
+    // runs, waiting here. It never triggers its dependents: the routed experts launch when it
+    // ends (an early trigger left their blocks idle on the SMs the shared expert needed;
+    // bench/RESULTS.md, ninth session). A plain launch returns from the wait at once. The
+    // logits (the router product's output) are read by ld.global.cg, never non-coherent:
+    // ptxas may issue a non-coherent load ahead of the wait (bench/pdl_audit.py).
+    // Token blockIdx.x; shared memory: n_exp scores (rounded up to even), then n_exp keys.
+    pdl_wait();
+    extern __shared__ float s_e[];
+    __shared__ int ch[64];
+    unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
+    route_body(nullptr, logits, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts, nsplit,
+               sstride, warp_fin, reg_topk, blockIdx.x, s_e, keys, ch);
+}
+
+// Blocks of k_router_route's cluster (the whole grid; 16 is past the portable cluster size,
+// allowed per kernel): block b forms logits R·b .. R·b + R − 1, R = n_exp / RR_BLOCKS.
+#define RR_BLOCKS 16
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 cl_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// A block's shared memory takes the cluster's stores only once that block runs: every thread
+// arrives at a first barrier phase on entry (cl_arrive) and waits for it (cl_wait) before its
+// first remote store.
+__device__ __forceinline__ void cl_arrive() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cl_wait() {
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+}
+// Every thread of the cluster: the stores before it are visible to the loads after it.
+__device__ __forceinline__ void cl_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
+                     : "memory");
+}
+// Stores v at the shared address of `p` in block `rank` of the cluster.
+__device__ __forceinline__ void cl_st_f(const void* p, u32 rank, float v) {
+    u32 a = (u32)__cvta_generic_to_shared(p), r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(r), "f"(v) : "memory");
+}
+#endif
+
+// Decode's router product and expert choice in one launch (one token): a cluster of
+// RR_BLOCKS blocks. The product is lin(gate_inp, y) as mv_f16 forms it with `split` warps a
+// row (mv_split): part p of a row takes steps p, p + split, .. with dot_row's per-lane
+// operations (UF16::dot), then warp_sum, and the parts are added in order (split_store) —
+// the same bits. Block b copies its R rows of the F16 weight (R·n_cols halves) into shared
+// memory by cp.async before the PDL wait (no kernel writes them: they arrive while hc_pre1
+// runs, where mv_f16 loaded them after its wait), then y after it; its logits go to block 0's
+// shared memory (st.shared::cluster), and after one cluster barrier to `logits` while block
+// 0 makes k_route's choice from them (route_body). It triggers its dependents only with trig
+// (k_route never does). n_cols a multiple of 256, n_exp of RR_BLOCKS, k ≤ 64. Shared memory (dynamic):
+// the weight rows, x (n_cols floats), keys (n_exp u64), logits and scores (n_exp floats
+// each), the parts (R·split floats); see session.rs `router_cl_smem`.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    k_router_route(const u8* __restrict__ w, int n_cols, int split, const float* __restrict__ x,
+                   float* __restrict__ logits, int n_exp, int k, const int* __restrict__ tokens,
+                   const int* __restrict__ tid2eid, const float* __restrict__ bias, int norm_on,
+                   float wscale, int* __restrict__ ids, float* __restrict__ wts, int warp_fin,
+                   int reg_topk, int trig) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ float4 rr_sm[];
+    __shared__ int ch[64];
+    const int R = n_exp / RR_BLOCKS;
+    const u32 rank = cl_rank();
+    u8* ws = (u8*)rr_sm;
+    float* xs = (float*)(ws + (size_t)R * n_cols * 2);
+    unsigned long long* keys = (unsigned long long*)(xs + n_cols);
+    float* lg = (float*)(keys + n_exp);
+    float* s_e = lg + n_exp;
+    float* parts = s_e + n_exp;
+    cl_arrive();
+    {
+        const u8* src = w + (size_t)rank * R * n_cols * 2;
+        const int n16 = R * n_cols / 8;
+        for (int i = threadIdx.x; i < n16; i += blockDim.x) {
+            const u32 d = (u32)__cvta_generic_to_shared(ws + 16 * i);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + 16 * i)
+                         : "memory");
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    pdl_wait();
+    for (int i = threadIdx.x; i < n_cols / 4; i += blockDim.x)
+        ((float4*)xs)[i] = __ldcg((const float4*)x + i);
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int steps = n_cols >> 8;
+    for (int q = warp; q < R * split; q += nw) {
+        const int r = q / split, part = q - r * split;
+        float acc = 0.0f;
+        for (int st = part; st < steps; st += split) {
+            const int e0 = (st << 8) + 8 * lane;
+            UF16 u;
+            u.q = *(const uint4*)(ws + ((size_t)r * n_cols + e0) * 2);
+            acc = u.dot(load_x8(xs, e0), lane, acc, nullptr);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) parts[q] = acc;
+    }
+    __syncthreads();
+    cl_wait();
+    float v = 0.0f;
+    if ((int)threadIdx.x < R) {
+        v = parts[threadIdx.x * split];
+        for (int i = 1; i < split; i++) v += parts[threadIdx.x * split + i];
+        cl_st_f(lg + R * rank + threadIdx.x, 0, v);
+    }
+    cl_sync();
+    // After the barrier, whose release would otherwise wait for this store too.
+    if ((int)threadIdx.x < R) logits[R * rank + threadIdx.x] = v;
+    // trig: the routed experts' launch may begin during the choice (their blocks fill their
+    // tables, then wait for this grid to complete).
+    if (trig) pdl_trigger();
+    if (rank != 0) return;
+    route_body(lg, nullptr, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts, 1, 0,
+               warp_fin, reg_topk, 0, s_e, keys, ch);
+#endif
 }
 
 // zk[s] = z[s / k] (each token's input repeated for its k expert slots).
