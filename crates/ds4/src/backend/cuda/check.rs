@@ -651,7 +651,7 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
 /// logits, ids and weights the same bits, with a learned bias and with hash routing.
 fn check_router_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     use super::device::{launch_cl, mv_split, Slot};
-    use super::session::{router_cl_smem, router_route_fn, RR_BLOCKS};
+    use super::session::{router_cl_smem, router_route_fn, RR_BLOCKS, RR_THREADS};
     use cudarc::driver::{LaunchConfig, PushKernelArg};
     let Some(fr) = router_route_fn(be)? else {
         return Ok(());
@@ -706,50 +706,66 @@ fn check_router_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) 
         unsafe { b.launch(cfg) }?;
         // The cluster.
         let split = mv_split(n_exp, n_cols, 1);
-        let shape = format!("E{n_exp}x{n_cols} k{k}{}", if hash { " hash" } else { " bias" });
-        let Some(smem) = router_cl_smem(n_exp, n_cols, k, split) else {
-            out.push(same_row("router_route_cluster", GgmlType::F16, &shape, false, "shape refused"));
-            continue;
-        };
-        let rl2 = poisoned(be, n_exp)?;
-        let (ids2, wts2) = (be.upload_i32(&vec![-1; k])?, poisoned(be, k)?);
-        let mut args = [
-            be.weight_ptr(&gw),
-            (n_cols as i32).slot(),
-            (split as i32).slot(),
-            x.device_ptr(st).0,
-            rl2.device_ptr(st).0,
-            n_e.slot(),
-            k_i.slot(),
-            toks.device_ptr(st).0,
-            t2e_p,
-            bias_p,
-            norm_on.slot(),
-            scale.slot(),
-            ids2.device_ptr(st).0,
-            wts2.device_ptr(st).0,
-            one.slot(),
-            one.slot(),
-            0i32.slot(),
-        ];
-        let cfg2 = LaunchConfig {
-            grid_dim: (RR_BLOCKS, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        // SAFETY: the list matches k_router_route; the weight n_exp × n_cols F16, x n_cols,
-        // rl2 n_exp, ids2/wts2 k entries; the shape fits its shared memory (router_cl_smem).
-        unsafe { launch_cl(st, &fr, cfg2, false, RR_BLOCKS, &mut args) }?;
-        let same = same_finite_bits(&be.download(&rl)?, &be.download(&rl2)?)
-            && be.download(&ids)? == be.download(&ids2)?
-            && same_finite_bits(&be.download(&wts)?, &be.download(&wts2)?);
-        out.push(same_row(
-            "router_route_cluster",
-            GgmlType::F16,
-            &shape,
-            same,
-            "one cluster vs mv_f16 + k_route: logits, ids and weights the same bits",
-        ));
+        let shape = format!(
+            "E{n_exp}x{n_cols} k{k}{}",
+            if hash { " hash" } else { " bias" }
+        );
+        for wsm in [true, false] {
+            let Some(smem) = router_cl_smem(n_exp, n_cols, k, split, wsm) else {
+                out.push(same_row(
+                    "router_route_cluster",
+                    GgmlType::F16,
+                    &shape,
+                    false,
+                    "shape refused",
+                ));
+                continue;
+            };
+            let rl2 = poisoned(be, n_exp)?;
+            let (ids2, wts2) = (be.upload_i32(&vec![-1; k])?, poisoned(be, k)?);
+            let mut args = [
+                be.weight_ptr(&gw),
+                (n_cols as i32).slot(),
+                (split as i32).slot(),
+                x.device_ptr(st).0,
+                rl2.device_ptr(st).0,
+                n_e.slot(),
+                k_i.slot(),
+                toks.device_ptr(st).0,
+                t2e_p,
+                bias_p,
+                norm_on.slot(),
+                scale.slot(),
+                ids2.device_ptr(st).0,
+                wts2.device_ptr(st).0,
+                one.slot(),
+                one.slot(),
+                0i32.slot(),
+                i32::from(wsm).slot(),
+            ];
+            let cfg2 = LaunchConfig {
+                grid_dim: (RR_BLOCKS, 1, 1),
+                block_dim: (RR_THREADS, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            // SAFETY: the list matches k_router_route; the weight n_exp × n_cols F16, x n_cols,
+            // rl2 n_exp, ids2/wts2 k entries; the shape fits its shared memory (router_cl_smem).
+            unsafe { launch_cl(st, &fr, cfg2, false, RR_BLOCKS, &mut args) }?;
+            let same = same_finite_bits(&be.download(&rl)?, &be.download(&rl2)?)
+                && be.download(&ids)? == be.download(&ids2)?
+                && same_finite_bits(&be.download(&wts)?, &be.download(&wts2)?);
+            out.push(same_row(
+                if wsm {
+                    "router_route_cluster"
+                } else {
+                    "router_route_cluster_l2"
+                },
+                GgmlType::F16,
+                &shape,
+                same,
+                "one cluster vs mv_f16 + k_route: logits, ids and weights the same bits",
+            ));
+        }
     }
     Ok(())
 }

@@ -180,16 +180,27 @@ pub(crate) const HC_X16_SCALE: f32 = 0.0625;
 pub(crate) const HC_PRE1_MAX_HC: usize = 4;
 /// Blocks of `k_router_route`'s cluster (RR_BLOCKS in forward.cu), one grid.
 pub(crate) const RR_BLOCKS: u32 = 16;
+/// Threads of a `k_router_route` block (RR_THREADS in forward.cu).
+pub(crate) const RR_THREADS: u32 = 1024;
 /// Dynamic shared memory `k_router_route` is allowed (Flash: 148 KiB; H100/H200 allow 227).
 const RR_SMEM_MAX: usize = 160 * 1024;
 /// Dynamic shared memory of `k_router_route` for a router of `n_exp` F16 rows of `n_cols`,
 /// each row split between `split` warps (forward.cu's layout: the block's rows, x, keys,
 /// logits, scores, parts), or `None` where the kernel does not take the shape: `n_cols` a
 /// multiple of 256, `n_exp` of [`RR_BLOCKS`], `k` ≤ 64, within [`RR_SMEM_MAX`].
-pub(crate) fn router_cl_smem(n_exp: usize, n_cols: usize, k: usize, split: u32) -> Option<u32> {
+/// `wsm`: the weight rows in shared memory too (else read through L2).
+pub(crate) fn router_cl_smem(
+    n_exp: usize,
+    n_cols: usize,
+    k: usize,
+    split: u32,
+    wsm: bool,
+) -> Option<u32> {
     let r = n_exp / RR_BLOCKS as usize;
-    let ok = r > 0 && n_exp.is_multiple_of(RR_BLOCKS as usize) && n_cols.is_multiple_of(256) && k <= 64;
-    let bytes = r * n_cols * 2 + n_cols * 4 + n_exp * 16 + r * split as usize * 4;
+    let ok =
+        r > 0 && n_exp.is_multiple_of(RR_BLOCKS as usize) && n_cols.is_multiple_of(256) && k <= 64;
+    let rows = if wsm { r * n_cols * 2 } else { 0 };
+    let bytes = rows + n_cols * 4 + n_exp * 16 + r * split as usize * 4;
     (ok && bytes <= RR_SMEM_MAX).then_some(bytes as u32)
 }
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
@@ -626,7 +637,7 @@ pub(crate) fn router_route_fn(be: &CudaBackend) -> Result<Option<CudaFunction>> 
     )?;
     let cfg = LaunchConfig {
         grid_dim: (RR_BLOCKS, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (RR_THREADS, 1, 1),
         shared_mem_bytes: RR_SMEM_MAX as u32,
     };
     // A driver that cannot answer gets the two-kernel form.
@@ -3422,10 +3433,11 @@ impl GpuSession {
                 })
                 .and_then(|f| {
                     let split = mv_split(c.n_expert, l.gate_inp.n_cols, 1);
-                    router_cl_smem(c.n_expert, l.gate_inp.n_cols, ke, split)
-                        .map(|b| (f, split, b))
+                    let wsm = super::switch_on("DS4_CUDA_RR_SMEM");
+                    router_cl_smem(c.n_expert, l.gate_inp.n_cols, ke, split, wsm)
+                        .map(|b| (f, split, b, wsm))
                 });
-            if let Some((f, split, smem)) = rr {
+            if let Some((f, split, smem, wsm)) = rr {
                 let mut args = [
                     be.weight_ptr(&l.gate_inp),
                     (l.gate_inp.n_cols as i32).slot(),
@@ -3445,12 +3457,13 @@ impl GpuSession {
                     i32::from(super::switch_on("DS4_CUDA_ROUTE_REG")).slot(),
                     // The routed experts' launch begins during the choice
                     // (DS4_CUDA_RR_TRIGGER=1; off: when the kernel ends).
-                    i32::from(std::env::var("DS4_CUDA_RR_TRIGGER").is_ok_and(|v| v == "1"))
-                        .slot(),
+                    i32::from(std::env::var("DS4_CUDA_RR_TRIGGER").is_ok_and(|v| v == "1")).slot(),
+                    // The weight rows in shared memory (DS4_CUDA_RR_SMEM=0: through L2).
+                    i32::from(wsm).slot(),
                 ];
                 let cfg = LaunchConfig {
                     grid_dim: (RR_BLOCKS, 1, 1),
-                    block_dim: (256, 1, 1),
+                    block_dim: (RR_THREADS, 1, 1),
                     shared_mem_bytes: smem,
                 };
                 // SAFETY: the list matches k_router_route's parameters (forward.cu); the

@@ -2579,6 +2579,9 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
 // Blocks of k_router_route's cluster (the whole grid; 16 is past the portable cluster size,
 // allowed per kernel): block b forms logits R·b .. R·b + R − 1, R = n_exp / RR_BLOCKS.
 #define RR_BLOCKS 16
+// Threads of a k_router_route block (32 warps: the Flash router's 64 (row, part) products of
+// a block two a warp).
+#define RR_THREADS 1024
 
 #if __CUDA_ARCH__ >= 900
 __device__ __forceinline__ u32 cl_rank() {
@@ -2610,36 +2613,37 @@ __device__ __forceinline__ void cl_st_f(const void* p, u32 rank, float v) {
 
 // Decode's router product and expert choice in one launch (one token): a cluster of
 // RR_BLOCKS blocks. The product is lin(gate_inp, y) as mv_f16 forms it with `split` warps a
-// row (mv_split): part p of a row takes steps p, p + split, .. with dot_row's per-lane
-// operations (UF16::dot), then warp_sum, and the parts are added in order (split_store) —
-// the same bits. Block b copies its R rows of the F16 weight (R·n_cols halves) into shared
-// memory by cp.async before the PDL wait (no kernel writes them: they arrive while hc_pre1
-// runs, where mv_f16 loaded them after its wait), then y after it; its logits go to block 0's
+// row (mv_split): dot_row over part p's steps p, p + split, .., then warp_sum, the parts added
+// in order (split_store) — the same bits. Block b's R rows of the F16 weight are loaded before
+// the PDL wait (no kernel writes them), while hc_pre1 runs, where mv_f16 loaded them after
+// its wait: wsm 1, copied into shared memory by cp.async; wsm 0, asked of L2 (one prefetch a
+// line) and read from there. y is read after the wait. The block's logits go to block 0's
 // shared memory (st.shared::cluster), and after one cluster barrier to `logits` while block
 // 0 makes k_route's choice from them (route_body). It triggers its dependents only with trig
-// (k_route never does). n_cols a multiple of 256, n_exp of RR_BLOCKS, k ≤ 64. Shared memory (dynamic):
-// the weight rows, x (n_cols floats), keys (n_exp u64), logits and scores (n_exp floats
-// each), the parts (R·split floats); see session.rs `router_cl_smem`.
-extern "C" __global__ void __launch_bounds__(256, 1)
+// (k_route never does). n_cols a multiple of 256, n_exp of RR_BLOCKS, k ≤ 64. Shared memory
+// (dynamic): the weight rows (wsm 1), x (n_cols floats), keys (n_exp u64), logits and scores
+// (n_exp floats each), the parts (R·split floats); see session.rs `router_cl_smem`.
+extern "C" __global__ void __launch_bounds__(RR_THREADS, 1)
     k_router_route(const u8* __restrict__ w, int n_cols, int split, const float* __restrict__ x,
                    float* __restrict__ logits, int n_exp, int k, const int* __restrict__ tokens,
                    const int* __restrict__ tid2eid, const float* __restrict__ bias, int norm_on,
                    float wscale, int* __restrict__ ids, float* __restrict__ wts, int warp_fin,
-                   int reg_topk, int trig) {
+                   int reg_topk, int trig, int wsm) {
 #if __CUDA_ARCH__ >= 900
+    PROBE(4, 0);
     extern __shared__ float4 rr_sm[];
     __shared__ int ch[64];
     const int R = n_exp / RR_BLOCKS;
     const u32 rank = cl_rank();
+    const u8* src = w + (size_t)rank * R * n_cols * 2;
     u8* ws = (u8*)rr_sm;
-    float* xs = (float*)(ws + (size_t)R * n_cols * 2);
+    float* xs = (float*)(ws + (wsm ? (size_t)R * n_cols * 2 : 0));
     unsigned long long* keys = (unsigned long long*)(xs + n_cols);
     float* lg = (float*)(keys + n_exp);
     float* s_e = lg + n_exp;
     float* parts = s_e + n_exp;
     cl_arrive();
-    {
-        const u8* src = w + (size_t)rank * R * n_cols * 2;
+    if (wsm) {
         const int n16 = R * n_cols / 8;
         for (int i = threadIdx.x; i < n16; i += blockDim.x) {
             const u32 d = (u32)__cvta_generic_to_shared(ws + 16 * i);
@@ -2647,27 +2651,31 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                          : "memory");
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
+    } else {
+        // wsm 0: the rows asked of L2 (one prefetch a line) and read from there after the wait.
+        for (int i = threadIdx.x; i < R * n_cols / 64; i += blockDim.x)
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(src + 128 * i) : "memory");
+        ws = (u8*)src;
     }
+    PROBE(4, 1);
     pdl_wait();
+    PROBE(4, 2);
     for (int i = threadIdx.x; i < n_cols / 4; i += blockDim.x)
         ((float4*)xs)[i] = __ldcg((const float4*)x + i);
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();
+    PROBE(4, 3);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int steps = n_cols >> 8;
     for (int q = warp; q < R * split; q += nw) {
         const int r = q / split, part = q - r * split;
-        float acc = 0.0f;
-        for (int st = part; st < steps; st += split) {
-            const int e0 = (st << 8) + 8 * lane;
-            UF16 u;
-            u.q = *(const uint4*)(ws + ((size_t)r * n_cols + e0) * 2);
-            acc = u.dot(load_x8(xs, e0), lane, acc, nullptr);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) parts[q] = acc;
+        float acc[1] = {0.0f};
+        const RowCtx c = {ws, r, R, n_cols};
+        dot_row<UF16, 1, 4>(c, xs, 0, 1, acc, nullptr, part, split);
+        acc[0] = warp_sum(acc[0]);
+        if (lane == 0) parts[q] = acc[0];
     }
     __syncthreads();
+    PROBE(4, 4);
     cl_wait();
     float v = 0.0f;
     if ((int)threadIdx.x < R) {
@@ -2676,6 +2684,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         cl_st_f(lg + R * rank + threadIdx.x, 0, v);
     }
     cl_sync();
+    PROBE(4, 5);
     // After the barrier, whose release would otherwise wait for this store too.
     if ((int)threadIdx.x < R) logits[R * rank + threadIdx.x] = v;
     // trig: the routed experts' launch may begin during the choice (their blocks fill their
@@ -2684,6 +2693,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     if (rank != 0) return;
     route_body(lg, nullptr, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts, 1, 0,
                warp_fin, reg_topk, 0, s_e, keys, ch);
+    PROBE(4, 7);
 #endif
 }
 
