@@ -3405,7 +3405,14 @@ impl GpuSession {
                 }
                 Ok(())
             };
-            let mut ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
+            // DS4_CUDA_SH_LATE=1 (decode): the shared expert forked after the expert choice, so
+            // that its products do not share the SMs of the router's kernels.
+            let sh_late = fork && n == 1 && std::env::var("DS4_CUDA_SH_LATE").is_ok_and(|v| v == "1");
+            let mut ffn_fork = if fork && !sh_late {
+                Some(be.fork(shared)?)
+            } else {
+                None
+            };
             let mut sh_joined = false;
             // Production prefill: the shared expert on the highest-priority side stream from the
             // expert grouping on (one block: the GEMMs take the other SMs), beside the routed
@@ -3562,6 +3569,9 @@ impl GpuSession {
                     )
                 }?;
                 mk(il, "router")?;
+            }
+            if sh_late {
+                ffn_fork = Some(be.fork(shared)?);
             }
             {
                 if let Some(f) = sk_fork {
