@@ -566,12 +566,15 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
         // warp_fin 0: thread 0 finishes the slots; 1: warp 0 (production). reg 0: the top-k
         // rounds over shared memory; 1: over registers (production). Fresh poisoned outputs
         // each time.
+        let ff = be.function("k_route_fast")?;
         let run = |warp_fin: i32, reg: i32| -> Result<(Vec<i32>, Vec<f32>)> {
+            // warp_fin 2: k_route_fast (which finishes by warp 0 over registers).
+            let f = if warp_fin == 2 { &ff } else { &f };
             let (ids, wts) = (
                 be.upload_i32(&vec![-1; n_tok * k])?,
                 poisoned(be, n_tok * k)?,
             );
-            let mut b = st.launch_builder(&f);
+            let mut b = st.launch_builder(f);
             b.arg(&dl)
                 .arg(&n_e)
                 .arg(&k_i)
@@ -593,6 +596,14 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
         let (ti, tw) = run(0, 0)?;
         let (si, sw) = run(1, 0)?;
         let (gi, gw) = run(1, 1)?;
+        let (fi, fw) = run(2, 1)?;
+        out.push(same_row(
+            "route_fast",
+            GgmlType::F32,
+            &format!("E{n_exp} k{k} n{n_tok} parts{nsplit}"),
+            fi == gi && same_finite_bits(&fw, &gw),
+            "k_route_fast vs k_route (warp 0, registers): ids and weights the same bits",
+        ));
         out.push(same_row(
             "route_warp_finish",
             GgmlType::F32,

@@ -178,6 +178,8 @@ pub(crate) const HC_PRE1_THREADS: u32 = 544;
 pub(crate) const HC_X16_SCALE: f32 = 0.0625;
 /// Most streams `k_hc_pre1` holds in registers (HC_PRE1_MAX_HC in forward.cu).
 pub(crate) const HC_PRE1_MAX_HC: usize = 4;
+/// Most experts `k_route_fast` takes (32·ROUTE_KPL in forward.cu: the keys in registers).
+pub(crate) const ROUTE_FAST_MAX_EXP: usize = 256;
 /// Blocks of `k_router_route`'s cluster (RR_BLOCKS in forward.cu), one grid.
 pub(crate) const RR_BLOCKS: u32 = 16;
 /// Threads of a `k_router_route` block (RR_THREADS in forward.cu).
@@ -187,7 +189,8 @@ const RR_SMEM_MAX: usize = 160 * 1024;
 /// Dynamic shared memory of `k_router_route` for a router of `n_exp` F16 rows of `n_cols`,
 /// each row split between `split` warps (forward.cu's layout: the block's rows, x, keys,
 /// logits, scores, parts), or `None` where the kernel does not take the shape: `n_cols` a
-/// multiple of 256, `n_exp` of [`RR_BLOCKS`], `k` ≤ 64, within [`RR_SMEM_MAX`].
+/// multiple of 256, `n_exp` of [`RR_BLOCKS`] and at most [`ROUTE_FAST_MAX_EXP`], `k` ≤ 32 (its
+/// choice is `k_route_fast`'s), within [`RR_SMEM_MAX`].
 /// `wsm`: the weight rows in shared memory too (else read through L2).
 pub(crate) fn router_cl_smem(
     n_exp: usize,
@@ -197,8 +200,11 @@ pub(crate) fn router_cl_smem(
     wsm: bool,
 ) -> Option<u32> {
     let r = n_exp / RR_BLOCKS as usize;
-    let ok =
-        r > 0 && n_exp.is_multiple_of(RR_BLOCKS as usize) && n_cols.is_multiple_of(256) && k <= 64;
+    let ok = r > 0
+        && n_exp.is_multiple_of(RR_BLOCKS as usize)
+        && n_exp <= ROUTE_FAST_MAX_EXP
+        && n_cols.is_multiple_of(256)
+        && k <= 32;
     let rows = if wsm { r * n_cols * 2 } else { 0 };
     let bytes = rows + n_cols * 4 + n_exp * 16 + r * split as usize * 4;
     (ok && bytes <= RR_SMEM_MAX).then_some(bytes as u32)
@@ -548,6 +554,8 @@ struct Kernels {
     idx_scores_ref: CudaFunction,
     ring_push: CudaFunction,
     route: CudaFunction,
+    /// `k_route_fast`: `k_route` compiled with only the path decode takes.
+    route_fast: CudaFunction,
     /// `k_router_route`: decode's router product and `k_route` as one cluster (cc 9.0 where a
     /// cluster of [`RR_BLOCKS`] with its shared memory can run; `None` elsewhere).
     router_route: Option<CudaFunction>,
@@ -600,6 +608,7 @@ impl Kernels {
             idx_scores_ref: f("k_idx_scores_ref")?,
             ring_push: f("k_ring_push")?,
             route: f("k_route")?,
+            route_fast: f("k_route_fast")?,
             router_route: router_route_fn(be)?,
             expand: f("k_expand")?,
             swiglu: f("k_swiglu")?,
@@ -3407,7 +3416,8 @@ impl GpuSession {
             };
             // DS4_CUDA_SH_LATE=1 (decode): the shared expert forked after the expert choice, so
             // that its products do not share the SMs of the router's kernels.
-            let sh_late = fork && n == 1 && std::env::var("DS4_CUDA_SH_LATE").is_ok_and(|v| v == "1");
+            let sh_late =
+                fork && n == 1 && std::env::var("DS4_CUDA_SH_LATE").is_ok_and(|v| v == "1");
             let mut ffn_fork = if fork && !sh_late {
                 Some(be.fork(shared)?)
             } else {
@@ -3557,12 +3567,20 @@ impl GpuSession {
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: (c.n_expert.next_multiple_of(2) * 4 + c.n_expert * 8) as u32,
                 };
-                // SAFETY: the list matches k_route's parameters (forward.cu); logits hold
-                // n·n_expert floats (rsplit parts), ids / wts n·k entries.
+                // Only the path it runs compiled (the same operations; DS4_CUDA_ROUTE_FAST=0:
+                // k_route), where that path is the one taken.
+                let fast = super::switch_on("DS4_CUDA_ROUTE_FAST")
+                    && super::switch_on("DS4_CUDA_ROUTE_WARP")
+                    && super::switch_on("DS4_CUDA_ROUTE_REG")
+                    && c.n_expert <= ROUTE_FAST_MAX_EXP
+                    && ke <= 32;
+                // SAFETY: the list matches k_route's parameters (forward.cu; k_route_fast's are
+                // the same); logits hold n·n_expert floats (rsplit parts), ids / wts n·k
+                // entries.
                 unsafe {
                     launch_ex(
                         st,
-                        &k.route,
+                        if fast { &k.route_fast } else { &k.route },
                         route_cfg,
                         route_pdl && be.pdl(),
                         &mut route_args,

@@ -2428,7 +2428,10 @@ __device__ __forceinline__ float softplusf_(float x) {
 // product) or, lgs null, at `logits`: nsplit > 1, as nsplit partial sums sstride floats
 // apart (dense_sgemm's split product), added here in part order. s_e (n_exp floats), keys
 // (n_exp u64) and ch (64 ints) are the block's shared scratch. Every thread of the block
-// calls it.
+// calls it. FAST (n_exp ≤ 32·ROUTE_KPL, k ≤ 32; the host checks): only the register top-k
+// and warp 0's finish are compiled (the same operations as with reg_topk and warp_fin set),
+// so the kernel's code is the path it runs.
+template <bool FAST>
 __device__ __forceinline__ void route_body(const float* lgs, const float* __restrict__ logits,
                                            int n_exp, int k, const int* __restrict__ tokens,
                                            const int* __restrict__ tid2eid,
@@ -2452,9 +2455,10 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
         keys[e] = ((unsigned long long)okey(v) << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);
     }
     __syncthreads();
+    PROBE(4, 2);
     if (tid2eid) {
         if (threadIdx.x < k) ch[threadIdx.x] = tid2eid[(long long)tokens[t] * k + threadIdx.x];
-    } else if (threadIdx.x < 32 && reg_topk && n_exp <= 32 * ROUTE_KPL) {
+    } else if (threadIdx.x < 32 && (FAST || (reg_topk && n_exp <= 32 * ROUTE_KPL))) {
         // The same k rounds with each lane's keys (e = lane + 32i) in registers: a round is
         // the lane's maximum, then two warp reductions (redux.sync): the largest high word
         // (the score's order key), then among the lanes holding it the largest low word
@@ -2482,7 +2486,7 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
             }
             if (lane == 0) ch[j] = e;
         }
-    } else if (threadIdx.x < 32) {
+    } else if (!FAST && threadIdx.x < 32) {
         // The k largest keys, largest first (rank order): k rounds of a warp maximum, each
         // taking its winner out (0 is below every key: the low word holds ~e). Keys are
         // distinct, so this is the order of ranks; one warp and ~k·n_exp/32 shared loads a
@@ -2501,7 +2505,8 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
         }
     }
     __syncthreads();
-    if (warp_fin && k <= 32) {
+    PROBE(4, 3);
+    if (FAST || (warp_fin && k <= 32)) {
         // Warp 0, lane j < k: slot j of the selection order. The sum, the scale and each
         // weight are thread 0's below (the scores added in selection order from +0.0, one
         // rounding a product), and lane j's place in the id order is the number of slots
@@ -2523,8 +2528,10 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
             ids[t * k + pos] = e;
             wts[t * k + pos] = se * nrm * wscale;
         }
+        PROBE(4, 7);
         return;
     }
+    if (FAST) return;
     if (threadIdx.x == 0) {
         float sum = 0.0f;
         for (int j = 0; j < k; j++) sum += s_e[ch[j]];
@@ -2568,12 +2575,32 @@ extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, 
     // logits (the router product's output) are read by ld.global.cg, never non-coherent:
     // ptxas may issue a non-coherent load ahead of the wait (bench/pdl_audit.py).
     // Token blockIdx.x; shared memory: n_exp scores (rounded up to even), then n_exp keys.
+    PROBE(4, 0);
     pdl_wait();
+    PROBE(4, 1);
     extern __shared__ float s_e[];
     __shared__ int ch[64];
     unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
-    route_body(nullptr, logits, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts, nsplit,
-               sstride, warp_fin, reg_topk, blockIdx.x, s_e, keys, ch);
+    route_body<false>(nullptr, logits, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts,
+                      nsplit, sstride, warp_fin, reg_topk, blockIdx.x, s_e, keys, ch);
+}
+
+// k_route with route_body's FAST path only (n_exp ≤ 32·ROUTE_KPL, k ≤ 32, warp_fin and
+// reg_topk set: the host checks); the same arguments.
+extern "C" __global__ void k_route_fast(const float* __restrict__ logits, int n_exp, int k,
+                                        const int* __restrict__ tokens,
+                                        const int* __restrict__ tid2eid,
+                                        const float* __restrict__ bias, int norm_on, float wscale,
+                                        int* __restrict__ ids, float* __restrict__ wts, int nsplit,
+                                        long long sstride, int warp_fin, int reg_topk) {
+    PROBE(4, 0);
+    pdl_wait();
+    PROBE(4, 1);
+    extern __shared__ float s_e[];
+    __shared__ int ch[64];
+    unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
+    route_body<true>(nullptr, logits, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts,
+                     nsplit, sstride, 1, 1, blockIdx.x, s_e, keys, ch);
 }
 
 // Blocks of k_router_route's cluster (the whole grid; 16 is past the portable cluster size,
@@ -2630,7 +2657,7 @@ extern "C" __global__ void __launch_bounds__(RR_THREADS, 1)
                    float wscale, int* __restrict__ ids, float* __restrict__ wts, int warp_fin,
                    int reg_topk, int trig, int wsm) {
 #if __CUDA_ARCH__ >= 900
-    PROBE(4, 0);
+    PROBE(6, 0);
     extern __shared__ float4 rr_sm[];
     __shared__ int ch[64];
     const int R = n_exp / RR_BLOCKS;
@@ -2657,14 +2684,14 @@ extern "C" __global__ void __launch_bounds__(RR_THREADS, 1)
             asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(src + 128 * i) : "memory");
         ws = (u8*)src;
     }
-    PROBE(4, 1);
+    PROBE(6, 1);
     pdl_wait();
-    PROBE(4, 2);
+    PROBE(6, 2);
     for (int i = threadIdx.x; i < n_cols / 4; i += blockDim.x)
         ((float4*)xs)[i] = __ldcg((const float4*)x + i);
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();
-    PROBE(4, 3);
+    PROBE(6, 3);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     for (int q = warp; q < R * split; q += nw) {
         const int r = q / split, part = q - r * split;
@@ -2675,7 +2702,7 @@ extern "C" __global__ void __launch_bounds__(RR_THREADS, 1)
         if (lane == 0) parts[q] = acc[0];
     }
     __syncthreads();
-    PROBE(4, 4);
+    PROBE(6, 4);
     cl_wait();
     float v = 0.0f;
     if ((int)threadIdx.x < R) {
@@ -2684,16 +2711,15 @@ extern "C" __global__ void __launch_bounds__(RR_THREADS, 1)
         cl_st_f(lg + R * rank + threadIdx.x, 0, v);
     }
     cl_sync();
-    PROBE(4, 5);
+    PROBE(6, 5);
     // After the barrier, whose release would otherwise wait for this store too.
     if ((int)threadIdx.x < R) logits[R * rank + threadIdx.x] = v;
     // trig: the routed experts' launch may begin during the choice (their blocks fill their
     // tables, then wait for this grid to complete).
     if (trig) pdl_trigger();
     if (rank != 0) return;
-    route_body(lg, nullptr, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts, 1, 0,
-               warp_fin, reg_topk, 0, s_e, keys, ch);
-    PROBE(4, 7);
+    route_body<true>(lg, nullptr, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts, 1, 0,
+                     1, 1, 0, s_e, keys, ch);
 #endif
 }
 
