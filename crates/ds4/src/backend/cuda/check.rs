@@ -305,7 +305,6 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
         check_hc_post_mix(be, &mut rng, kx, &mut out)?;
     }
     check_route(be, &mut rng, &mut out)?;
-    check_router_route(be, &mut rng, &mut out)?;
     check_hc_prefill(be, &mut rng, &mut out)?;
     check_pf_group(be, &mut rng, &mut out)?;
     check_hc_fn_range(be, &mut rng, &mut out)?;
@@ -564,17 +563,14 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
             shared_mem_bytes: (n_exp.next_multiple_of(2) * 4 + n_exp * 8) as u32,
         };
         // warp_fin 0: thread 0 finishes the slots; 1: warp 0 (production). reg 0: the top-k
-        // rounds over shared memory; 1: over registers (production). Fresh poisoned outputs
-        // each time.
-        let ff = be.function("k_route_fast")?;
+        // rounds over shared memory and the bias read after the score; 1: over registers and
+        // the first bias before the wait (production). Fresh poisoned outputs each time.
         let run = |warp_fin: i32, reg: i32| -> Result<(Vec<i32>, Vec<f32>)> {
-            // warp_fin 2: k_route_fast (which finishes by warp 0 over registers).
-            let f = if warp_fin == 2 { &ff } else { &f };
             let (ids, wts) = (
                 be.upload_i32(&vec![-1; n_tok * k])?,
                 poisoned(be, n_tok * k)?,
             );
-            let mut b = st.launch_builder(f);
+            let mut b = st.launch_builder(&f);
             b.arg(&dl)
                 .arg(&n_e)
                 .arg(&k_i)
@@ -588,6 +584,7 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
                 .arg(&ns)
                 .arg(&sstride)
                 .arg(&warp_fin)
+                .arg(&reg)
                 .arg(&reg);
             // SAFETY: argument list matches k_route; logits n_tok × n_exp, ids/wts n_tok × k.
             unsafe { b.launch(cfg) }?;
@@ -596,14 +593,6 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
         let (ti, tw) = run(0, 0)?;
         let (si, sw) = run(1, 0)?;
         let (gi, gw) = run(1, 1)?;
-        let (fi, fw) = run(2, 1)?;
-        out.push(same_row(
-            "route_fast",
-            GgmlType::F32,
-            &format!("E{n_exp} k{k} n{n_tok} parts{nsplit}"),
-            fi == gi && same_finite_bits(&fw, &gw),
-            "k_route_fast vs k_route (warp 0, registers): ids and weights the same bits",
-        ));
         out.push(same_row(
             "route_warp_finish",
             GgmlType::F32,
@@ -616,7 +605,8 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
             GgmlType::F32,
             &format!("E{n_exp} k{k} n{n_tok} parts{nsplit}"),
             si == gi && same_finite_bits(&sw, &gw),
-            "top-k rounds over registers vs shared memory: ids and weights the same bits",
+            "top-k rounds over registers vs shared memory (bias loaded early vs late): ids and \
+             weights the same bits",
         ));
         let (mut bad_ids, mut max_rel) = (0usize, 0f64);
         let mut top = Vec::new();
@@ -653,130 +643,6 @@ fn check_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Resu
             pass: max_rel <= 1e-5 && bad_ids == 0,
             note: "max relative difference of the slot weights from the CPU's".into(),
         });
-    }
-    Ok(())
-}
-
-/// Decode's router product and choice as one cluster (`k_router_route`, cc 9.0) against the
-/// two kernels it replaces (`mv_f16` through [`CudaBackend::matvec`], then `k_route`): the
-/// logits, ids and weights the same bits, with a learned bias and with hash routing.
-fn check_router_route(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
-    use super::device::{launch_cl, mv_split, Slot};
-    use super::session::{router_cl_smem, router_route_fn, RR_BLOCKS, RR_THREADS};
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
-    let Some(fr) = router_route_fn(be)? else {
-        return Ok(());
-    };
-    let st = be.stream();
-    let f = be.function("k_route")?;
-    for (n_exp, n_cols, k, hash) in [
-        (256usize, 4096usize, 6usize, false),
-        (256, 4096, 6, true),
-        (64, 512, 8, false),
-    ] {
-        let w = random_weight(rng, GgmlType::F16, n_exp, n_cols);
-        let gw = be.upload_weight(GgmlType::F16, &w, n_exp, n_cols, 1, &mut |_, _| {})?;
-        let x = be.upload_f32(&random_activations(rng, n_cols))?;
-        let bias: Vec<f32> = (0..n_exp).map(|_| (rng.normal() * 0.1) as f32).collect();
-        let db = be.upload_f32(&bias)?;
-        let n_vocab = 8usize;
-        let table: Vec<i32> = (0..n_vocab * k)
-            .map(|i| ((i * 37 + 11) % n_exp) as i32)
-            .collect();
-        let (toks, t2e) = (be.upload_i32(&[5])?, be.upload_i32(&table)?);
-        let t2e_p = if hash { t2e.device_ptr(st).0 } else { 0 };
-        let bias_p = if hash { 0 } else { db.device_ptr(st).0 };
-        let (n_e, k_i, norm_on, scale, one) = (n_exp as i32, k as i32, 1i32, 2.5f32, 1i32);
-        // The two kernels.
-        let mut rl = poisoned(be, n_exp)?;
-        be.matvec(&gw, 0, &x.slice(..), &mut rl.slice_mut(..))?;
-        let (ids, wts) = (be.upload_i32(&vec![-1; k])?, poisoned(be, k)?);
-        let (ns, sstride) = (1i32, n_exp as i64);
-        let mut b = st.launch_builder(&f);
-        b.arg(&rl)
-            .arg(&n_e)
-            .arg(&k_i)
-            .arg(&toks)
-            .arg(&t2e_p)
-            .arg(&bias_p)
-            .arg(&norm_on)
-            .arg(&scale)
-            .arg(&ids)
-            .arg(&wts)
-            .arg(&ns)
-            .arg(&sstride)
-            .arg(&one)
-            .arg(&one);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (n_exp.next_multiple_of(2) * 4 + n_exp * 8) as u32,
-        };
-        // SAFETY: argument list matches k_route; logits n_exp floats, ids/wts k entries,
-        // tokens 1, the hash table n_vocab × k ids < n_exp.
-        unsafe { b.launch(cfg) }?;
-        // The cluster.
-        let split = mv_split(n_exp, n_cols, 1);
-        let shape = format!(
-            "E{n_exp}x{n_cols} k{k}{}",
-            if hash { " hash" } else { " bias" }
-        );
-        for wsm in [true, false] {
-            let Some(smem) = router_cl_smem(n_exp, n_cols, k, split, wsm) else {
-                out.push(same_row(
-                    "router_route_cluster",
-                    GgmlType::F16,
-                    &shape,
-                    false,
-                    "shape refused",
-                ));
-                continue;
-            };
-            let rl2 = poisoned(be, n_exp)?;
-            let (ids2, wts2) = (be.upload_i32(&vec![-1; k])?, poisoned(be, k)?);
-            let mut args = [
-                be.weight_ptr(&gw),
-                (n_cols as i32).slot(),
-                (split as i32).slot(),
-                x.device_ptr(st).0,
-                rl2.device_ptr(st).0,
-                n_e.slot(),
-                k_i.slot(),
-                toks.device_ptr(st).0,
-                t2e_p,
-                bias_p,
-                norm_on.slot(),
-                scale.slot(),
-                ids2.device_ptr(st).0,
-                wts2.device_ptr(st).0,
-                one.slot(),
-                one.slot(),
-                0i32.slot(),
-                i32::from(wsm).slot(),
-            ];
-            let cfg2 = LaunchConfig {
-                grid_dim: (RR_BLOCKS, 1, 1),
-                block_dim: (RR_THREADS, 1, 1),
-                shared_mem_bytes: smem,
-            };
-            // SAFETY: the list matches k_router_route; the weight n_exp × n_cols F16, x n_cols,
-            // rl2 n_exp, ids2/wts2 k entries; the shape fits its shared memory (router_cl_smem).
-            unsafe { launch_cl(st, &fr, cfg2, false, RR_BLOCKS, &mut args) }?;
-            let same = same_finite_bits(&be.download(&rl)?, &be.download(&rl2)?)
-                && be.download(&ids)? == be.download(&ids2)?
-                && same_finite_bits(&be.download(&wts)?, &be.download(&wts2)?);
-            out.push(same_row(
-                if wsm {
-                    "router_route_cluster"
-                } else {
-                    "router_route_cluster_l2"
-                },
-                GgmlType::F16,
-                &shape,
-                same,
-                "one cluster vs mv_f16 + k_route: logits, ids and weights the same bits",
-            ));
-        }
     }
     Ok(())
 }

@@ -401,16 +401,15 @@ pub(crate) unsafe fn launch_ex(
     pdl: bool,
     args: &mut [u64],
 ) -> Result<()> {
-    launch_cl(st, f, cfg, pdl, 0, args)
-}
-
-/// The launch config `cuLaunchKernelEx` takes for `cfg` on `st`, with `attrs`.
-fn launch_config(
-    st: &CudaStream,
-    cfg: &LaunchConfig,
-    attrs: &mut [cudarc::driver::sys::CUlaunchAttribute],
-) -> cudarc::driver::sys::CUlaunchConfig {
-    cudarc::driver::sys::CUlaunchConfig {
+    use cudarc::driver::sys;
+    let mut ptrs: Vec<*mut std::ffi::c_void> = args
+        .iter_mut()
+        .map(|a| a as *mut u64 as *mut std::ffi::c_void)
+        .collect();
+    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let conf = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
         gridDimZ: cfg.grid_dim.2,
@@ -419,70 +418,9 @@ fn launch_config(
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: st.cu_stream(),
-        attrs: attrs.as_mut_ptr(),
-        numAttrs: attrs.len() as u32,
-    }
-}
-
-/// The cluster-dimension launch attribute: clusters of `cx` blocks along x.
-fn cluster_attr(cx: u32) -> cudarc::driver::sys::CUlaunchAttribute {
-    use cudarc::driver::sys;
-    // SAFETY: a plain C struct (id + union of plain values); zero is a valid value.
-    let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    a.value.clusterDim.x = cx;
-    a.value.clusterDim.y = 1;
-    a.value.clusterDim.z = 1;
-    a
-}
-
-/// How many clusters of `cx` blocks of `f` in `cfg` the device can hold at once (0: such a
-/// cluster can never be scheduled, e.g. its shared memory on `cx` SMs of one GPC).
-pub(crate) fn max_active_clusters(
-    st: &CudaStream,
-    f: &CudaFunction,
-    cfg: LaunchConfig,
-    cx: u32,
-) -> Result<i32> {
-    let mut attrs = [cluster_attr(cx)];
-    let conf = launch_config(st, &cfg, &mut attrs);
-    let mut n = 0i32;
-    st.context().bind_to_thread()?;
-    // SAFETY: conf points at `attrs`, alive for the call; n is written by the driver.
-    unsafe { cudarc::driver::sys::cuOccupancyMaxActiveClusters(&mut n, f.cu_function(), &conf) }
-        .result()?;
-    Ok(n)
-}
-
-/// [`launch_ex`] with the grid's blocks in clusters of `cluster` along x (0: no cluster
-/// attribute; cc 9.0).
-///
-/// # Safety
-/// As [`launch_ex`].
-pub(crate) unsafe fn launch_cl(
-    st: &CudaStream,
-    f: &CudaFunction,
-    cfg: LaunchConfig,
-    pdl: bool,
-    cluster: u32,
-    args: &mut [u64],
-) -> Result<()> {
-    use cudarc::driver::sys;
-    let mut ptrs: Vec<*mut std::ffi::c_void> = args
-        .iter_mut()
-        .map(|a| a as *mut u64 as *mut std::ffi::c_void)
-        .collect();
-    let mut attrs: Vec<sys::CUlaunchAttribute> = Vec::with_capacity(2);
-    if pdl {
-        let mut a: sys::CUlaunchAttribute = std::mem::zeroed();
-        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        a.value.programmaticStreamSerializationAllowed = 1;
-        attrs.push(a);
-    }
-    if cluster > 0 {
-        attrs.push(cluster_attr(cluster));
-    }
-    let conf = launch_config(st, &cfg, &mut attrs);
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
+    };
     st.context().bind_to_thread()?;
     sys::cuLaunchKernelEx(
         &conf,

@@ -46,7 +46,9 @@
 //! activations in production decode), `DS4_CUDA_HC1` (multi-block HC pre with fused
 //! quantization), `DS4_CUDA_POSTMIX` (each decode hc_post fused into the next site's control
 //! product, `k_hc_post_mix`; the same bits), `DS4_CUDA_HCP1_HOIST` (`k_hc_pre1` loads both of a
-//! warp's partial rows before summing; off = the loop), `DS4_CUDA_RMSQ8_ONE` (`k_rms_norm_q8`'s
+//! warp's partial rows before summing; off = the loop), `DS4_CUDA_HCP1_LEAN` (`k_hc_pre1`'s
+//! weights P_j and norm total formed in every warp; off = published through shared memory,
+//! two block barriers more; the same bits), `DS4_CUDA_RMSQ8_ONE` (`k_rms_norm_q8`'s
 //! row in registers; off = the loop form), `DS4_CUDA_ROUTE_WARP` (`k_route`'s slots finished by a
 //! warp; off = thread 0) (those three: the same bits), `DS4_CUDA_MV8W` (16-byte-load Q8_0 int8 matvecs),
 //! `DS4_CUDA_MV8W4` (those matvecs 4 rows a warp wherever their slots hold 4,096 rows or more;
@@ -101,7 +103,8 @@
 //! wait, the latter also the KV row's FP8 scales by warps; off = the row functions; the same
 //! bits), `DS4_CUDA_ROUTE_REG` (`k_route`'s top-k
 //! rounds over keys in registers with warp reductions; off = over shared memory; the same
-//! selection), `DS4_CUDA_COMB_EARLY` (the decode attention's combine lets the output product launch
+//! selection), `DS4_CUDA_ROUTE_BPRE` (`k_route` loads its first bias before the PDL wait; off =
+//! after the score; the same value), `DS4_CUDA_COMB_EARLY` (the decode attention's combine lets the output product launch
 //! at its start; off = at its end), `DS4_CUDA_SH_JOIN_EARLY` (the shared expert joined before
 //! the routed down product; off = before the expert sum), `DS4_CUDA_ROUTE_PDL` (a decode step's
 //! `k_route` launched with PDL, never triggering early; off = a plain launch),

@@ -178,37 +178,6 @@ pub(crate) const HC_PRE1_THREADS: u32 = 544;
 pub(crate) const HC_X16_SCALE: f32 = 0.0625;
 /// Most streams `k_hc_pre1` holds in registers (HC_PRE1_MAX_HC in forward.cu).
 pub(crate) const HC_PRE1_MAX_HC: usize = 4;
-/// Most experts `k_route_fast` takes (32·ROUTE_KPL in forward.cu: the keys in registers).
-pub(crate) const ROUTE_FAST_MAX_EXP: usize = 256;
-/// Blocks of `k_router_route`'s cluster (RR_BLOCKS in forward.cu), one grid.
-pub(crate) const RR_BLOCKS: u32 = 16;
-/// Threads of a `k_router_route` block (RR_THREADS in forward.cu).
-pub(crate) const RR_THREADS: u32 = 1024;
-/// Dynamic shared memory `k_router_route` is allowed (Flash: 148 KiB; H100/H200 allow 227).
-const RR_SMEM_MAX: usize = 160 * 1024;
-/// Dynamic shared memory of `k_router_route` for a router of `n_exp` F16 rows of `n_cols`,
-/// each row split between `split` warps (forward.cu's layout: the block's rows, x, keys,
-/// logits, scores, parts), or `None` where the kernel does not take the shape: `n_cols` a
-/// multiple of 256, `n_exp` of [`RR_BLOCKS`] and at most [`ROUTE_FAST_MAX_EXP`], `k` ≤ 32 (its
-/// choice is `k_route_fast`'s), within [`RR_SMEM_MAX`].
-/// `wsm`: the weight rows in shared memory too (else read through L2).
-pub(crate) fn router_cl_smem(
-    n_exp: usize,
-    n_cols: usize,
-    k: usize,
-    split: u32,
-    wsm: bool,
-) -> Option<u32> {
-    let r = n_exp / RR_BLOCKS as usize;
-    let ok = r > 0
-        && n_exp.is_multiple_of(RR_BLOCKS as usize)
-        && n_exp <= ROUTE_FAST_MAX_EXP
-        && n_cols.is_multiple_of(256)
-        && k <= 32;
-    let rows = if wsm { r * n_cols * 2 } else { 0 };
-    let bytes = rows + n_cols * 4 + n_exp * 16 + r * split as usize * 4;
-    (ok && bytes <= RR_SMEM_MAX).then_some(bytes as u32)
-}
 /// Decode graphs are captured for positions up to a multiple of this (grid sizes of the
 /// position-dependent kernels), so one graph serves this many steps.
 const DECODE_BUCKET: usize = 1024;
@@ -554,11 +523,6 @@ struct Kernels {
     idx_scores_ref: CudaFunction,
     ring_push: CudaFunction,
     route: CudaFunction,
-    /// `k_route_fast`: `k_route` compiled with only the path decode takes.
-    route_fast: CudaFunction,
-    /// `k_router_route`: decode's router product and `k_route` as one cluster (cc 9.0 where a
-    /// cluster of [`RR_BLOCKS`] with its shared memory can run; `None` elsewhere).
-    router_route: Option<CudaFunction>,
     expand: CudaFunction,
     swiglu: CudaFunction,
     moe_sum: CudaFunction,
@@ -608,8 +572,6 @@ impl Kernels {
             idx_scores_ref: f("k_idx_scores_ref")?,
             ring_push: f("k_ring_push")?,
             route: f("k_route")?,
-            route_fast: f("k_route_fast")?,
-            router_route: router_route_fn(be)?,
             expand: f("k_expand")?,
             swiglu: f("k_swiglu")?,
             moe_sum: f("k_moe_sum")?,
@@ -627,31 +589,6 @@ impl Kernels {
         )?;
         Ok(k)
     }
-}
-
-/// `k_router_route` allowed [`RR_SMEM_MAX`] of shared memory and 16-block clusters, where
-/// the device runs clusters (cc 9.0) and can hold one such cluster.
-pub(crate) fn router_route_fn(be: &CudaBackend) -> Result<Option<CudaFunction>> {
-    if be.info().compute_capability.0 < 9 {
-        return Ok(None);
-    }
-    let f = be.function("k_router_route")?;
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        RR_SMEM_MAX as i32,
-    )?;
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-        1,
-    )?;
-    let cfg = LaunchConfig {
-        grid_dim: (RR_BLOCKS, 1, 1),
-        block_dim: (RR_THREADS, 1, 1),
-        shared_mem_bytes: RR_SMEM_MAX as u32,
-    };
-    // A driver that cannot answer gets the two-kernel form.
-    let n = super::device::max_active_clusters(be.stream(), &f, cfg, RR_BLOCKS).unwrap_or(0);
-    Ok((n > 0).then_some(f))
 }
 
 struct GpuComp {
@@ -3414,15 +3351,7 @@ impl GpuSession {
                 }
                 Ok(())
             };
-            // DS4_CUDA_SH_LATE=1 (decode): the shared expert forked after the expert choice, so
-            // that its products do not share the SMs of the router's kernels.
-            let sh_late =
-                fork && n == 1 && std::env::var("DS4_CUDA_SH_LATE").is_ok_and(|v| v == "1");
-            let mut ffn_fork = if fork && !sh_late {
-                Some(be.fork(shared)?)
-            } else {
-                None
-            };
+            let mut ffn_fork = if fork { Some(be.fork(shared)?) } else { None };
             let mut sh_joined = false;
             // Production prefill: the shared expert on the highest-priority side stream from the
             // expert grouping on (one block: the GEMMs take the other SMs), beside the routed
@@ -3435,61 +3364,7 @@ impl GpuSession {
                 && [&l.sh_gate, &l.sh_up, &l.sh_down]
                     .iter()
                     .all(|w| be.f16_ptr(w).is_some());
-            // Decode: the router product and the choice as one cluster that loads the F16
-            // weight while hc_pre1 runs (the same bits; `DS4_CUDA_ROUTER_CL=0`: mv_f16 and
-            // k_route).
-            let ke = c.n_expert_used;
-            let rr = k
-                .router_route
-                .as_ref()
-                .filter(|_| {
-                    n == 1
-                        && l.gate_inp.ty == GgmlType::F16
-                        && l.gate_inp.n_rows == c.n_expert
-                        && super::switch_on("DS4_CUDA_ROUTER_CL")
-                })
-                .and_then(|f| {
-                    let split = mv_split(c.n_expert, l.gate_inp.n_cols, 1);
-                    let wsm = super::switch_on("DS4_CUDA_RR_SMEM");
-                    router_cl_smem(c.n_expert, l.gate_inp.n_cols, ke, split, wsm)
-                        .map(|b| (f, split, b, wsm))
-                });
-            if let Some((f, split, smem, wsm)) = rr {
-                let mut args = [
-                    be.weight_ptr(&l.gate_inp),
-                    (l.gate_inp.n_cols as i32).slot(),
-                    (split as i32).slot(),
-                    p(&s.y),
-                    p(&s.rl),
-                    (c.n_expert as i32).slot(),
-                    (ke as i32).slot(),
-                    pi(&s.tokens),
-                    l.tid2eid.as_ref().map_or(0, pi),
-                    l.exp_bias.as_ref().map_or(0, p),
-                    (c.expert_weights_norm as i32).slot(),
-                    c.expert_weights_scale.slot(),
-                    pi(&s.ids),
-                    p(&s.wts),
-                    i32::from(super::switch_on("DS4_CUDA_ROUTE_WARP")).slot(),
-                    i32::from(super::switch_on("DS4_CUDA_ROUTE_REG")).slot(),
-                    // The routed experts' launch begins during the choice
-                    // (DS4_CUDA_RR_TRIGGER=1; off: when the kernel ends).
-                    i32::from(std::env::var("DS4_CUDA_RR_TRIGGER").is_ok_and(|v| v == "1")).slot(),
-                    // The weight rows in shared memory (DS4_CUDA_RR_SMEM=0: through L2).
-                    i32::from(wsm).slot(),
-                ];
-                let cfg = LaunchConfig {
-                    grid_dim: (RR_BLOCKS, 1, 1),
-                    block_dim: (RR_THREADS, 1, 1),
-                    shared_mem_bytes: smem,
-                };
-                // SAFETY: the list matches k_router_route's parameters (forward.cu); the
-                // weight is n_expert F16 rows of n_cols (checked above), y n_cols floats, rl
-                // n_expert, ids / wts k entries; the shape fits its shared memory
-                // (router_cl_smem).
-                unsafe { super::device::launch_cl(st, f, cfg, be.pdl(), RR_BLOCKS, &mut args) }?;
-                mk(il, "router")?;
-            } else if n == 1 {
+            if n == 1 {
                 lin(&l.gate_inp, p(&s.y), n, p(&s.rl))?;
             } else if let Some(ps) = split3 {
                 // Expert choice at f32 accuracy on tensor cores: y as three f16 planes against
@@ -3535,7 +3410,8 @@ impl GpuSession {
                 // SAFETY: y holds n rows of D, rl n rows of n_expert.
                 unsafe { be.mm_raw(&l.gate_inp, p(&s.y), n, p(&s.rl))? };
             }
-            if rr.is_none() {
+            {
+                let ke = c.n_expert_used;
                 let t2e = l.tid2eid.as_ref().map_or(0, pi);
                 let bias = l.exp_bias.as_ref().map_or(0, p);
                 // The split product's three partial logits (k_route adds them), else rl.
@@ -3561,37 +3437,27 @@ impl GpuSession {
                     // The top-k rounds over keys in registers (DS4_CUDA_ROUTE_REG=0: in
                     // shared memory; the same selection).
                     i32::from(super::switch_on("DS4_CUDA_ROUTE_REG")).slot(),
+                    // The first bias before the PDL wait (DS4_CUDA_ROUTE_BPRE=0: after the
+                    // score; the same value).
+                    i32::from(super::switch_on("DS4_CUDA_ROUTE_BPRE")).slot(),
                 ];
                 let route_cfg = LaunchConfig {
                     grid_dim: (n32, 1, 1),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: (c.n_expert.next_multiple_of(2) * 4 + c.n_expert * 8) as u32,
                 };
-                // Only the path it runs compiled (the same operations; DS4_CUDA_ROUTE_FAST=0:
-                // k_route), where that path is the one taken.
-                let fast = super::switch_on("DS4_CUDA_ROUTE_FAST")
-                    && super::switch_on("DS4_CUDA_ROUTE_WARP")
-                    && super::switch_on("DS4_CUDA_ROUTE_REG")
-                    && c.n_expert <= ROUTE_FAST_MAX_EXP
-                    && ke <= 32;
-                // SAFETY: the list matches k_route's parameters (forward.cu; k_route_fast's are
-                // the same); logits hold n·n_expert floats (rsplit parts), ids / wts n·k
-                // entries.
+                // SAFETY: the list matches k_route's parameters (forward.cu); logits hold
+                // n·n_expert floats (rsplit parts), ids / wts n·k entries.
                 unsafe {
                     launch_ex(
                         st,
-                        if fast { &k.route_fast } else { &k.route },
+                        &k.route,
                         route_cfg,
                         route_pdl && be.pdl(),
                         &mut route_args,
                     )
                 }?;
                 mk(il, "router")?;
-            }
-            if sh_late {
-                ffn_fork = Some(be.fork(shared)?);
-            }
-            {
                 if let Some(f) = sk_fork {
                     f.join()?;
                 }

@@ -1205,7 +1205,9 @@ extern "C" __global__ void __launch_bounds__(64)
 // loaded before the PDL wait and the state together with the partials, so the kernel makes
 // one round trip to memory. The last warp runs Sinkhorn (only hc_post needs it; with clog
 // it only stores the logits, for k_sinkhorn1) and leaves:
-// the y warps meet at named barrier 1, without it. HC_PRE1_THREADS threads.
+// the y warps meet at named barrier 1, without it. HC_PRE1_THREADS threads. lean
+// (DS4_CUDA_HCP1_LEAN): the weights P_j and the norm's total formed in every warp instead of
+// published through shared memory, two block barriers fewer on the kernel's path.
 #define HC_PRE1_THREADS 544
 __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const float* __restrict__ part,
                                              const double* __restrict__ ss, int nb, int n, int d,
@@ -1288,8 +1290,8 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
     __syncthreads();
     PROBE(5, 2);
     float s = (float)(1.0 / sqrt(ssum / (double)(n * d) + (double)rms_eps));
-    // lean: every y warp forms the n weights P_j itself (the same expression in lanes j < n,
-    // read by shuffles), so no block barrier publishes them; warp 0 still stores post.
+    // lean: every warp forms the n weights P_j itself (the same expression in lanes j < n, read
+    // by shuffles), so no block barrier publishes them; warp 0 still stores post.
     float pl = 0.0f;
     if (lean) {
         if (lane < n) pl = sigmoidf_(mx[lane] * s * scale3[0] + base[lane]) + hc_eps;
@@ -2420,45 +2422,47 @@ __device__ __forceinline__ float softplusf_(float x) {
 // shared-memory rounds).
 #define ROUTE_KPL 8
 
-// Expert choice for token t: s_e = sqrt(softplus(logit_e)); selection by the hash table
+// Router for token blockIdx.x: s_e = sqrt(softplus(logit_e)); selection by the hash table
 // row of the token or top-k of s + bias (ties to the lower id); weights s / Σs · scale.
 // The k slots are then ordered by expert id (stable), the order the CPU sums them in.
-// Expert e's key (score, then the lower id first) is unique, so the k largest keys in order
-// are the selection order. The logits are in shared memory (lgs: k_router_route's own
-// product) or, lgs null, at `logits`: nsplit > 1, as nsplit partial sums sstride floats
-// apart (dense_sgemm's split product), added here in part order. s_e (n_exp floats), keys
-// (n_exp u64) and ch (64 ints) are the block's shared scratch. Every thread of the block
-// calls it. FAST (n_exp ≤ 32·ROUTE_KPL, k ≤ 32; the host checks): only the register top-k
-// and warp 0's finish are compiled (the same operations as with reg_topk and warp_fin set),
-// so the kernel's code is the path it runs.
-template <bool FAST>
-__device__ __forceinline__ void route_body(const float* lgs, const float* __restrict__ logits,
-                                           int n_exp, int k, const int* __restrict__ tokens,
-                                           const int* __restrict__ tid2eid,
-                                           const float* __restrict__ bias, int norm_on,
-                                           float wscale, int* __restrict__ ids,
-                                           float* __restrict__ wts, int nsplit,
-                                           long long sstride, int warp_fin, int reg_topk, int t,
-                                           float* s_e, unsigned long long* keys, int* ch) {
+// Top-k in one pass: expert e's key (score, then the lower id first) is unique, so its rank
+// (how many keys are larger) is its place in the selection order; ranks < k are chosen.
+// Shared memory: n_exp scores (rounded up to even), then n_exp u64 keys. nsplit > 1: the
+// logits come as nsplit partial sums sstride floats apart (dense_sgemm's split product),
+// added here in part order.
+extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, int k,
+                                   const int* __restrict__ tokens,
+                                   const int* __restrict__ tid2eid,
+                                   const float* __restrict__ bias, int norm_on, float wscale,
+                                   int* __restrict__ ids, float* __restrict__ wts, int nsplit,
+                                   long long sstride, int warp_fin, int reg_topk, int bpre) {
+    // Launched with PDL (decode, DS4_CUDA_ROUTE_PDL): resident while the router's product
+    // runs, waiting here. It never triggers its dependents: the routed experts launch when it
+    // ends (an early trigger left their blocks idle on the SMs the shared expert needed;
+    // bench/RESULTS.md, ninth session). A plain launch returns from the wait at once. The
+    // logits (the router product's output) are read by ld.global.cg, never non-coherent:
+    // ptxas may issue a non-coherent load ahead of the wait (bench/pdl_audit.py).
+    // bpre: the thread's first bias (a weight) loaded before the wait, so that its round trip
+    // to memory is not taken after the logits' (ptxas issued it after the score's sqrt).
+    const float b0 = bpre && bias && (int)threadIdx.x < n_exp ? bias[threadIdx.x] : 0.0f;
+    pdl_wait();
+    extern __shared__ float s_e[];
+    __shared__ int ch[64];
+    unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
+    int t = blockIdx.x;
     for (int e = threadIdx.x; e < n_exp; e += blockDim.x) {
-        float lg;
-        if (lgs) {
-            lg = lgs[e];
-        } else {
-            const float* lp = logits + (long long)t * n_exp + e;
-            lg = __ldcg(lp);
-            for (int j = 1; j < nsplit; j++) lg += __ldcg(lp + j * sstride);
-        }
+        const float* lp = logits + (long long)t * n_exp + e;
+        float lg = __ldcg(lp);
+        for (int j = 1; j < nsplit; j++) lg += __ldcg(lp + j * sstride);
         float s = sqrtf(softplusf_(lg));
         s_e[e] = s;
-        float v = bias ? s + bias[e] : s;
+        float v = bias ? s + (bpre && e == (int)threadIdx.x ? b0 : bias[e]) : s;
         keys[e] = ((unsigned long long)okey(v) << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);
     }
     __syncthreads();
-    PROBE(4, 2);
     if (tid2eid) {
         if (threadIdx.x < k) ch[threadIdx.x] = tid2eid[(long long)tokens[t] * k + threadIdx.x];
-    } else if (threadIdx.x < 32 && (FAST || (reg_topk && n_exp <= 32 * ROUTE_KPL))) {
+    } else if (threadIdx.x < 32 && reg_topk && n_exp <= 32 * ROUTE_KPL) {
         // The same k rounds with each lane's keys (e = lane + 32i) in registers: a round is
         // the lane's maximum, then two warp reductions (redux.sync): the largest high word
         // (the score's order key), then among the lanes holding it the largest low word
@@ -2486,7 +2490,7 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
             }
             if (lane == 0) ch[j] = e;
         }
-    } else if (!FAST && threadIdx.x < 32) {
+    } else if (threadIdx.x < 32) {
         // The k largest keys, largest first (rank order): k rounds of a warp maximum, each
         // taking its winner out (0 is below every key: the low word holds ~e). Keys are
         // distinct, so this is the order of ranks; one warp and ~k·n_exp/32 shared loads a
@@ -2505,8 +2509,7 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
         }
     }
     __syncthreads();
-    PROBE(4, 3);
-    if (FAST || (warp_fin && k <= 32)) {
+    if (warp_fin && k <= 32) {
         // Warp 0, lane j < k: slot j of the selection order. The sum, the scale and each
         // weight are thread 0's below (the scores added in selection order from +0.0, one
         // rounding a product), and lane j's place in the id order is the number of slots
@@ -2528,10 +2531,8 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
             ids[t * k + pos] = e;
             wts[t * k + pos] = se * nrm * wscale;
         }
-        PROBE(4, 7);
         return;
     }
-    if (FAST) return;
     if (threadIdx.x == 0) {
         float sum = 0.0f;
         for (int j = 0; j < k; j++) sum += s_e[ch[j]];
@@ -2560,167 +2561,6 @@ __device__ __forceinline__ void route_body(const float* lgs, const float* __rest
             wts[t * k + j] = w[j];
         }
     }
-}
-
-extern "C" __global__ void k_route(const float* __restrict__ logits, int n_exp, int k,
-                                   const int* __restrict__ tokens,
-                                   const int* __restrict__ tid2eid,
-                                   const float* __restrict__ bias, int norm_on, float wscale,
-                                   int* __restrict__ ids, float* __restrict__ wts, int nsplit,
-                                   long long sstride, int warp_fin, int reg_topk) {
-    // Launched with PDL (decode, DS4_CUDA_ROUTE_PDL): resident while the router's product
-    // runs, waiting here. It never triggers its dependents: the routed experts launch when it
-    // ends (an early trigger left their blocks idle on the SMs the shared expert needed;
-    // bench/RESULTS.md, ninth session). A plain launch returns from the wait at once. The
-    // logits (the router product's output) are read by ld.global.cg, never non-coherent:
-    // ptxas may issue a non-coherent load ahead of the wait (bench/pdl_audit.py).
-    // Token blockIdx.x; shared memory: n_exp scores (rounded up to even), then n_exp keys.
-    PROBE(4, 0);
-    pdl_wait();
-    PROBE(4, 1);
-    extern __shared__ float s_e[];
-    __shared__ int ch[64];
-    unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
-    route_body<false>(nullptr, logits, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts,
-                      nsplit, sstride, warp_fin, reg_topk, blockIdx.x, s_e, keys, ch);
-}
-
-// k_route with route_body's FAST path only (n_exp ≤ 32·ROUTE_KPL, k ≤ 32, warp_fin and
-// reg_topk set: the host checks); the same arguments.
-extern "C" __global__ void k_route_fast(const float* __restrict__ logits, int n_exp, int k,
-                                        const int* __restrict__ tokens,
-                                        const int* __restrict__ tid2eid,
-                                        const float* __restrict__ bias, int norm_on, float wscale,
-                                        int* __restrict__ ids, float* __restrict__ wts, int nsplit,
-                                        long long sstride, int warp_fin, int reg_topk) {
-    PROBE(4, 0);
-    pdl_wait();
-    PROBE(4, 1);
-    extern __shared__ float s_e[];
-    __shared__ int ch[64];
-    unsigned long long* keys = (unsigned long long*)(s_e + ((n_exp + 1) & ~1));
-    route_body<true>(nullptr, logits, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts,
-                     nsplit, sstride, 1, 1, blockIdx.x, s_e, keys, ch);
-}
-
-// Blocks of k_router_route's cluster (the whole grid; 16 is past the portable cluster size,
-// allowed per kernel): block b forms logits R·b .. R·b + R − 1, R = n_exp / RR_BLOCKS.
-#define RR_BLOCKS 16
-// Threads of a k_router_route block (32 warps: the Flash router's 64 (row, part) products of
-// a block two a warp).
-#define RR_THREADS 1024
-
-#if __CUDA_ARCH__ >= 900
-__device__ __forceinline__ u32 cl_rank() {
-    u32 r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-// A block's shared memory takes the cluster's stores only once that block runs: every thread
-// arrives at a first barrier phase on entry (cl_arrive) and waits for it (cl_wait) before its
-// first remote store.
-__device__ __forceinline__ void cl_arrive() {
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void cl_wait() {
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-}
-// Every thread of the cluster: the stores before it are visible to the loads after it.
-__device__ __forceinline__ void cl_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
-                     : "memory");
-}
-// Stores v at the shared address of `p` in block `rank` of the cluster.
-__device__ __forceinline__ void cl_st_f(const void* p, u32 rank, float v) {
-    u32 a = (u32)__cvta_generic_to_shared(p), r;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(r), "f"(v) : "memory");
-}
-#endif
-
-// Decode's router product and expert choice in one launch (one token): a cluster of
-// RR_BLOCKS blocks. The product is lin(gate_inp, y) as mv_f16 forms it with `split` warps a
-// row (mv_split): dot_row over part p's steps p, p + split, .., then warp_sum, the parts added
-// in order (split_store) — the same bits. Block b's R rows of the F16 weight are loaded before
-// the PDL wait (no kernel writes them), while hc_pre1 runs, where mv_f16 loaded them after
-// its wait: wsm 1, copied into shared memory by cp.async; wsm 0, asked of L2 (one prefetch a
-// line) and read from there. y is read after the wait. The block's logits go to block 0's
-// shared memory (st.shared::cluster), and after one cluster barrier to `logits` while block
-// 0 makes k_route's choice from them (route_body). It triggers its dependents only with trig
-// (k_route never does). n_cols a multiple of 256, n_exp of RR_BLOCKS, k ≤ 64. Shared memory
-// (dynamic): the weight rows (wsm 1), x (n_cols floats), keys (n_exp u64), logits and scores
-// (n_exp floats each), the parts (R·split floats); see session.rs `router_cl_smem`.
-extern "C" __global__ void __launch_bounds__(RR_THREADS, 1)
-    k_router_route(const u8* __restrict__ w, int n_cols, int split, const float* __restrict__ x,
-                   float* __restrict__ logits, int n_exp, int k, const int* __restrict__ tokens,
-                   const int* __restrict__ tid2eid, const float* __restrict__ bias, int norm_on,
-                   float wscale, int* __restrict__ ids, float* __restrict__ wts, int warp_fin,
-                   int reg_topk, int trig, int wsm) {
-#if __CUDA_ARCH__ >= 900
-    PROBE(6, 0);
-    extern __shared__ float4 rr_sm[];
-    __shared__ int ch[64];
-    const int R = n_exp / RR_BLOCKS;
-    const u32 rank = cl_rank();
-    const u8* src = w + (size_t)rank * R * n_cols * 2;
-    u8* ws = (u8*)rr_sm;
-    float* xs = (float*)(ws + (wsm ? (size_t)R * n_cols * 2 : 0));
-    unsigned long long* keys = (unsigned long long*)(xs + n_cols);
-    float* lg = (float*)(keys + n_exp);
-    float* s_e = lg + n_exp;
-    float* parts = s_e + n_exp;
-    cl_arrive();
-    if (wsm) {
-        const int n16 = R * n_cols / 8;
-        for (int i = threadIdx.x; i < n16; i += blockDim.x) {
-            const u32 d = (u32)__cvta_generic_to_shared(ws + 16 * i);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + 16 * i)
-                         : "memory");
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    } else {
-        // wsm 0: the rows asked of L2 (one prefetch a line) and read from there after the wait.
-        for (int i = threadIdx.x; i < R * n_cols / 64; i += blockDim.x)
-            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(src + 128 * i) : "memory");
-        ws = (u8*)src;
-    }
-    PROBE(6, 1);
-    pdl_wait();
-    PROBE(6, 2);
-    for (int i = threadIdx.x; i < n_cols / 4; i += blockDim.x)
-        ((float4*)xs)[i] = __ldcg((const float4*)x + i);
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    __syncthreads();
-    PROBE(6, 3);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int q = warp; q < R * split; q += nw) {
-        const int r = q / split, part = q - r * split;
-        float acc[1] = {0.0f};
-        const RowCtx c = {ws, r, R, n_cols};
-        dot_row<UF16, 1, 4>(c, xs, 0, 1, acc, nullptr, part, split);
-        acc[0] = warp_sum(acc[0]);
-        if (lane == 0) parts[q] = acc[0];
-    }
-    __syncthreads();
-    PROBE(6, 4);
-    cl_wait();
-    float v = 0.0f;
-    if ((int)threadIdx.x < R) {
-        v = parts[threadIdx.x * split];
-        for (int i = 1; i < split; i++) v += parts[threadIdx.x * split + i];
-        cl_st_f(lg + R * rank + threadIdx.x, 0, v);
-    }
-    cl_sync();
-    PROBE(6, 5);
-    // After the barrier, whose release would otherwise wait for this store too.
-    if ((int)threadIdx.x < R) logits[R * rank + threadIdx.x] = v;
-    // trig: the routed experts' launch may begin during the choice (their blocks fill their
-    // tables, then wait for this grid to complete).
-    if (trig) pdl_trigger();
-    if (rank != 0) return;
-    route_body<true>(lg, nullptr, n_exp, k, tokens, tid2eid, bias, norm_on, wscale, ids, wts, 1, 0,
-                     1, 1, 0, s_e, keys, ch);
-#endif
 }
 
 // zk[s] = z[s / k] (each token's input repeated for its k expert slots).
