@@ -1386,16 +1386,12 @@ impl CudaBackend {
             return Ok(());
         }
         let split = mv_split(wg.n_rows, wg.n_cols, 2 * slots);
-        // DS4_CUDA_SHGLU_GRID=N: at most N blocks, each looping over row blocks (a
-        // measurement knob: the shared expert's gate|up on fewer SMs; unset: a block each).
-        let nbx = (wg.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split);
-        let cap = std::env::var("DS4_CUDA_SHGLU_GRID")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|&c| c > 0)
-            .unwrap_or(nbx);
         let cfg = LaunchConfig {
-            grid_dim: (nbx.min(cap), slots as u32, 1),
+            grid_dim: (
+                (wg.n_rows as u32).div_ceil(WARPS_PER_BLOCK / split),
+                slots as u32,
+                1,
+            ),
             block_dim: (32 * WARPS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };

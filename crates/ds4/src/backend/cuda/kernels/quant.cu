@@ -986,8 +986,6 @@ DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
 // take both dots of slot s (matrices wg/wu of expert ids[s], same input), then
 // h[s][o] = silu(min(g, c))·clamp(u, ±c)·wts[s] (wts null: 1), the same expressions as
 // k_swiglu in forward.cu. Saves the up launch, the SwiGLU launch and the g/u round trip.
-// A block takes row blocks blockIdx.x, + gridDim.x, ..: a grid of one block a row block is
-// the plain launch, a smaller one persistent (the same rows, the same operations).
 #define DS4_MV8_GLU(NAME, U, USES_TABLES, DSH, UNR)                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                               \
         NAME(const u8* __restrict__ wg, const u8* __restrict__ wu, i64 expert_bytes,                \
@@ -1004,43 +1002,36 @@ DS4_MV8(mv8_iq2_xxs, I8IQ2_XXS, 1, 8, 4)
             __syncthreads();                                                                        \
         }                                                                                           \
         __shared__ float partg_[WARPS_PER_BLOCK], partu_[WARPS_PER_BLOCK];                          \
-        const int slot = blockIdx.y, warp = threadIdx.x >> 5, rpb = WARPS_PER_BLOCK / split;        \
-        const int nbx = (n_rows + rpb - 1) / rpb;                                                   \
-        for (int bx = blockIdx.x; bx < nbx; bx += gridDim.x) {                                      \
-            const int o = bx * rpb + warp / split, part = warp % split;                             \
-            float rg = 0.0f, ru = 0.0f;                                                             \
-            if (o < n_rows) {                                                                       \
-                i64 eo = (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                         \
-                RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};        \
-                i64 xo = (i64)slot * x_stride;                                                      \
-                dot_row8x2<U, UNR, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg,   \
-                                        &ru);                                                       \
-                rg = warp_sum(rg);                                                                  \
-                ru = warp_sum(ru);                                                                  \
+        int slot = blockIdx.y, warp = threadIdx.x >> 5;                                             \
+        int o = blockIdx.x * (WARPS_PER_BLOCK / split) + warp / split, part = warp % split;         \
+        float rg = 0.0f, ru = 0.0f;                                                                 \
+        if (o < n_rows) {                                                                           \
+            i64 eo = (ids ? (i64)ids[slot] : (i64)slot) * expert_bytes;                             \
+            RowCtx cg = {wg + eo, o, n_rows, n_cols}, cu = {wu + eo, o, n_rows, n_cols};            \
+            i64 xo = (i64)slot * x_stride;                                                          \
+            dot_row8x2<U, UNR, DSH>(cg, cu, xq + xo, xd + (xo >> DSH), tb_, part, split, &rg, &ru); \
+            rg = warp_sum(rg);                                                                      \
+            ru = warp_sum(ru);                                                                      \
+        }                                                                                           \
+        if (split > 1) {                                                                            \
+            if ((threadIdx.x & 31) == 0) {                                                          \
+                partg_[warp] = rg;                                                                  \
+                partu_[warp] = ru;                                                                  \
             }                                                                                       \
-            if (split > 1) {                                                                        \
-                if ((threadIdx.x & 31) == 0) {                                                      \
-                    partg_[warp] = rg;                                                              \
-                    partu_[warp] = ru;                                                              \
-                }                                                                                   \
-                __syncthreads();                                                                    \
-                if (part == 0) {                                                                    \
-                    for (int i = 1; i < split; i++) {                                               \
-                        rg += partg_[warp + i];                                                     \
-                        ru += partu_[warp + i];                                                     \
-                    }                                                                               \
-                }                                                                                   \
-                /* the parts are read before the next row block writes them */                      \
-                if (bx + (int)gridDim.x < nbx) __syncthreads();                                     \
+            __syncthreads();                                                                        \
+            if (part != 0) return;                                                                  \
+            for (int i = 1; i < split; i++) {                                                       \
+                rg += partg_[warp + i];                                                             \
+                ru += partu_[warp + i];                                                             \
             }                                                                                       \
-            if ((threadIdx.x & 31) == 0 && part == 0 && o < n_rows) {                               \
-                float gv = fminf(rg, clampc);                                                       \
-                float sil = gv * (1.0f / (1.0f + expf(-gv)));                                       \
-                float uv = fminf(fmaxf(ru, -clampc), clampc);                                       \
-                float r = sil * uv;                                                                 \
-                if (wts) r = r * wts[slot];                                                         \
-                h[(i64)slot * n_rows + o] = r;                                                      \
-            }                                                                                       \
+        }                                                                                           \
+        if ((threadIdx.x & 31) == 0 && o < n_rows) {                                                \
+            float gv = fminf(rg, clampc);                                                           \
+            float sil = gv * (1.0f / (1.0f + expf(-gv)));                                           \
+            float uv = fminf(fmaxf(ru, -clampc), clampc);                                           \
+            float r = sil * uv;                                                                     \
+            if (wts) r = r * wts[slot];                                                             \
+            h[(i64)slot * n_rows + o] = r;                                                          \
         }                                                                                           \
     }
 
