@@ -730,6 +730,8 @@ fn check_mv2_f16(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Re
 /// twice (the ticket must be back at 0).
 fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Result<()> {
     use super::session::{narrow_launch, narrow_scratch};
+    // A position past 2^32, so that both halves of the fed i64 are checked.
+    const FED_POS: i64 = (5 << 32) | 12345;
     let st = be.stream();
     let kf = [be.function("k_sample_prep")?, be.function("k_sample_mb")?];
     let cap = 16384usize;
@@ -780,11 +782,16 @@ fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Res
         let d_wk = be.upload_i32(&vec![0; nk])?;
         let d_wv = be.alloc_f32(nv)?;
         let mut runs = Vec::new();
+        let mut fed_bad = 0usize;
         for multi in [true, true, false] {
             let d_head = be.upload_i32(&[-7; 3])?;
             let d_ids = be.upload_i32(&vec![-7; cap])?;
             let d_vals = poisoned(be, cap)?;
-            // SAFETY: the row holds n floats, head 3, ids/vals cap, wk/wv narrow_scratch(n).
+            // The argmax fed to a decode step's token and position buffers.
+            let d_ftok = be.upload_i32(&[-7])?;
+            let d_fpos = be.upload_i32(&[-7, -7])?;
+            // SAFETY: the row holds n floats, head 3, ids/vals cap, wk/wv narrow_scratch(n),
+            // the fed token one i32 and the position two (one i64).
             unsafe {
                 narrow_launch(
                     st,
@@ -801,9 +808,13 @@ fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Res
                         d_ids.device_ptr(st).0,
                     ],
                     [d_wv.device_ptr(st).0, d_vals.device_ptr(st).0],
+                    Some((d_ftok.device_ptr(st).0, d_fpos.device_ptr(st).0, FED_POS)),
                 )?
             };
             let head = be.download(&d_head)?;
+            let fpos = be.download(&d_fpos)?;
+            let fed_pos = i64::from(fpos[0] as u32) | (i64::from(fpos[1]) << 32);
+            fed_bad += usize::from(be.download(&d_ftok)?[0] != head[0] || fed_pos != FED_POS);
             let ids = be.download(&d_ids)?;
             let vals = be.download(&d_vals)?;
             let c = (head[2].max(0) as usize).min(cap);
@@ -814,7 +825,7 @@ fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Res
                 .collect();
             runs.push((head, cands));
         }
-        let mut bad = 0usize;
+        let mut bad = fed_bad;
         let (head, cands) = &runs[0];
         bad += (head[0] != best as i32) as usize;
         bad += (head[1] as u32 != mx.to_bits()) as usize;
@@ -838,7 +849,8 @@ fn check_sample(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -> Res
             tol: 0.0,
             pass: bad == 0,
             note: format!(
-                "{bad} mismatches (argmax, max bits, count, candidate ids/bits) vs the CPU rule"
+                "{bad} mismatches (argmax, max bits, count, candidate ids/bits, the fed token \
+                 and position) vs the CPU rule"
             ),
         });
         let same_one_block = runs[0] == runs[2] || want.len() > cap && runs[0].0 == runs[2].0;

@@ -45,6 +45,7 @@
 //! Order of work inside a layer mirrors model/forward.rs, attention.rs and moe.rs; each
 //! kernel in kernels/forward.cu says which CPU function it stands for.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUfunction_attribute, CUstreamCaptureMode};
@@ -1165,11 +1166,14 @@ pub(crate) fn multi_block_narrow() -> bool {
 }
 
 /// Queues the narrowing of a logits row of `n` (kernels/sample.cu): `k = [k_sample_prep,
-/// k_sample_mb]`, `ints = [head, wk, ids]`, `floats = [wk values, vals]`.
+/// k_sample_mb]`, `ints = [head, wk, ids]`, `floats = [wk values, vals]`. `feed` = `(token,
+/// position, next)`: the argmax is also stored at `token` (one i32) and `next` at `position`
+/// (one i64), the next decode step's input; `None`: nothing more.
 ///
 /// # Safety
 /// `logits` holds `n` floats, `head` 3 ints, `ids`/`vals` at least `cap` entries, `wk`/`wv`
-/// [`narrow_scratch`]`(n)` (`wk` zero before the first call; the kernel leaves it so).
+/// [`narrow_scratch`]`(n)` (`wk` zero before the first call; the kernel leaves it so); `feed`'s
+/// pointers one i32 and one i64.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn narrow_launch(
     st: &CudaStream,
@@ -1182,10 +1186,12 @@ pub(crate) unsafe fn narrow_launch(
     cap: usize,
     ints: [u64; 3],
     floats: [u64; 2],
+    feed: Option<(u64, u64, i64)>,
 ) -> Result<()> {
     let [head, wk, ids] = ints;
     let [wv, vals] = floats;
     let (nn, cap) = (n as i32, cap as i32);
+    let (ft, fp, next) = feed.unwrap_or((0, 0, 0));
     if !multi {
         launch!(
             st,
@@ -1193,7 +1199,7 @@ pub(crate) unsafe fn narrow_launch(
             (1, 1, 1),
             (1024, 1, 1),
             0,
-            [logits, nn, inv_t, cut, cap, head, ids, vals]
+            [logits, nn, inv_t, cut, cap, head, ids, vals, ft, fp, next]
         );
         return Ok(());
     }
@@ -1204,7 +1210,7 @@ pub(crate) unsafe fn narrow_launch(
         (g, 1, 1),
         (256, 1, 1),
         0,
-        [logits, nn, inv_t, cut, cap, wk, wv, head, ids, vals]
+        [logits, nn, inv_t, cut, cap, wk, wv, head, ids, vals, ft, fp, next]
     );
     Ok(())
 }
@@ -1261,6 +1267,20 @@ pub struct GpuSession {
     vocab: usize,
     /// Tokens a prefill chunk holds at most (what the scratch is sized for; [`gpu_chunk`]).
     chunk_len: usize,
+    /// The position after the last chunk (the next token's).
+    next: usize,
+    /// What `narrow` left in the token and position buffers for the next decode step,
+    /// `position << 32 | token` ([`NOT_FED`]: nothing known): a step with that token at that
+    /// position copies nothing to the device.
+    fed: AtomicU64,
+}
+
+/// [`GpuSession::fed`] when the buffers hold nothing a step can take as is.
+const NOT_FED: u64 = u64::MAX;
+
+/// [`GpuSession::fed`]'s value for `token` at position `pos`.
+fn feed_key(pos: usize, token: u32) -> u64 {
+    ((pos as u64) << 32) | u64::from(token)
 }
 
 impl GpuSession {
@@ -1553,6 +1573,8 @@ impl GpuSession {
             graph: None,
             vocab: c.n_vocab,
             chunk_len: m,
+            next: 0,
+            fed: AtomicU64::new(NOT_FED),
         })
     }
 
@@ -1592,6 +1614,7 @@ impl GpuSession {
             }
         }
         be.synchronize()?;
+        g.next = pos;
         Ok(g)
     }
 
@@ -1673,12 +1696,18 @@ impl GpuSession {
         let be = &gm.be;
         let st = be.stream();
         let n = tokens.len();
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        {
+        // A decode step taking the token `narrow` fed at this position finds it and the
+        // position on the device already (DS4_CUDA_FEED=0: copied every step).
+        let fed = self.fed.swap(NOT_FED, Ordering::Relaxed);
+        let on_device =
+            n == 1 && fed == feed_key(p0, tokens[0]) && super::switch_on("DS4_CUDA_FEED");
+        if !on_device {
+            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
             let mut v = self.s.tokens.slice_mut(0..n);
             st.memcpy_htod(&ids, &mut v)?;
             st.memcpy_htod(&[p0 as i64], &mut self.s.pos)?;
         }
+        self.next = p0 + n;
         let t_grow = std::time::Instant::now();
         let mut grown = 0;
         for ls in self.layers.iter_mut() {
@@ -1699,7 +1728,8 @@ impl GpuSession {
         // buffers) is a function of the key: positions rounded up to DECODE_BUCKET and the
         // rows buffers' addresses. A new key (every DECODE_BUCKET tokens, or after a rows
         // buffer grew) captures again.
-        if n == 1 && head && use_graphs() {
+        let graphed = n == 1 && head && use_graphs();
+        if graphed {
             let pb = (p0 + 1)
                 .next_multiple_of(DECODE_BUCKET)
                 .min(self.ctx.max(p0 + 1));
@@ -1732,7 +1762,13 @@ impl GpuSession {
         }
         // Otherwise the last position's logits stay on the device for `narrow` and
         // `last_logits`. Synchronizing here surfaces errors and keeps prefill timings honest.
-        st.synchronize()?;
+        // A decode step's graph is not waited for: whatever reads its results next (`narrow`,
+        // `last_logits`, a snapshot, the next step's copies) is queued behind it on this
+        // stream and synchronizes, so the narrowing starts as the graph ends instead of a
+        // host wake-up later (11 µs a token; `DS4_CUDA_DECODE_NOWAIT=0`: waited for here).
+        if !(graphed && !all && super::switch_on("DS4_CUDA_DECODE_NOWAIT")) {
+            st.synchronize()?;
+        }
         if be.marking() {
             phase_report(gm, model, n, p0, &be.take_marks()?);
         }
@@ -1775,11 +1811,14 @@ impl GpuSession {
                 cap,
                 [pi(&s.nhead), pi(&s.nwk), pi(&s.nids)],
                 [p(&s.nwv), p(&s.nvals)],
+                Some((pi(&s.tokens), ptr(&s.pos, st), self.next as i64)),
             )?
         };
         let mut head = vec![0i32; 3];
         st.memcpy_dtoh(&s.nhead, &mut head)?;
         st.synchronize()?;
+        self.fed
+            .store(feed_key(self.next, head[0] as u32), Ordering::Relaxed);
         let count = head[2].max(0) as usize;
         let candidates = if count <= cap && cap > 0 {
             let (mut ids, mut vals) = (vec![0i32; count], vec![0f32; count]);

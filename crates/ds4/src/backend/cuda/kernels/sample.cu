@@ -26,6 +26,16 @@ __device__ __forceinline__ void sample_warp_best(float& bv, int& bi) {
     }
 }
 
+// feed_tok not null: the argmax also becomes the next decode step's input on the device
+// (the session's token and position buffers), so a step that takes it copies nothing.
+__device__ __forceinline__ void sample_feed(int best, int* feed_tok, long long* feed_pos,
+                                            long long next_pos) {
+    if (feed_tok) {
+        feed_tok[0] = best;
+        feed_pos[0] = next_pos;
+    }
+}
+
 // One block over one logits row of `n`:
 //   head[0] = argmax id, head[1] = max value (float bits), head[2] = candidate count;
 //   ids/vals[0..count) = every (i, l_i) with (l_i − max)·inv_t ≥ cut, in index order, when
@@ -34,7 +44,8 @@ __device__ __forceinline__ void sample_warp_best(float& bv, int& bi) {
 //   applies that test to them again.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 k_sample_prep(const float* __restrict__ logits, int n, float inv_t, float cut, int cap,
-              int* __restrict__ head, int* __restrict__ ids, float* __restrict__ vals) {
+              int* __restrict__ head, int* __restrict__ ids, float* __restrict__ vals,
+              int* __restrict__ feed_tok, long long* __restrict__ feed_pos, long long next_pos) {
     __shared__ float sv[SAMPLE_THREADS / 32];
     __shared__ int si[SAMPLE_THREADS / 32];
     __shared__ int scount[SAMPLE_THREADS];
@@ -86,6 +97,7 @@ k_sample_prep(const float* __restrict__ logits, int n, float inv_t, float cut, i
         head[0] = sbest;
         head[1] = __float_as_int(mx);
         head[2] = total;
+        sample_feed(sbest, feed_tok, feed_pos, next_pos);
     }
     if (total > cap) return;
     int at = scount[t] - c;
@@ -162,7 +174,8 @@ __device__ __forceinline__ int sample_block_scan(int c, int* wc, int& total) {
 extern "C" __global__ void __launch_bounds__(SP_THREADS)
 k_sample_mb(const float* __restrict__ logits, int n, float inv_t, float cut, int cap,
             int* __restrict__ wk, float* __restrict__ wv, int* __restrict__ head,
-            int* __restrict__ ids, float* __restrict__ vals) {
+            int* __restrict__ ids, float* __restrict__ vals, int* __restrict__ feed_tok,
+            long long* __restrict__ feed_pos, long long next_pos) {
     __shared__ float sv[SP_THREADS / 32];
     __shared__ int si[SP_THREADS / 32];
     __shared__ int wc[SP_THREADS / 32];
@@ -286,5 +299,6 @@ k_sample_mb(const float* __restrict__ logits, int n, float inv_t, float cut, int
         head[1] = __float_as_int(mx);
         head[2] = carry;
         wk[3 * G] = 0;  // the ticket, ready for the next call
+        sample_feed(best, feed_tok, feed_pos, next_pos);
     }
 }
