@@ -114,7 +114,10 @@
 //! ratio-4 decode step's indexer weights product on the main stream before q_a; off = on the
 //! indexer's side stream behind its compressor), `DS4_CUDA_TOPK1` (a decode step's indexer top-k over up to 16,384
 //! rows in one block with its keys in registers, `k_topk1_<KPT>`), `DS4_CUDA_NARROW_MB` (multi-block logits narrowing for sampling;
-//! off = the one-block kernel); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
+//! off = the one-block kernel), `DS4_CUDA_DECODE_NOWAIT` (a decode step returns once its graph
+//! is queued; off = it waits for the graph), `DS4_CUDA_FEED` (the narrowing leaves its argmax
+//! and the next position in the step's input buffers, and a step taking that token copies
+//! nothing; off = copied every step); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
 //! indexer top-k is spread over many blocks (`k_topk_mb`, past `k_topk1`'s rows; default
 //! 6144, 0 = never);
