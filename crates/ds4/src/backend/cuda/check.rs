@@ -293,7 +293,8 @@ pub fn selftest(be: &CudaBackend, seed: u64, quick: bool) -> Result<Vec<CheckRow
     check_compress(be, &mut rng, &mut out)?;
     check_mv8_grouped(be, &mut rng, &mut out)?;
     for (n, d) in [(4usize, 4096usize), (2, 256)] {
-        check_hc_pre1(be, &mut rng, n, d, &mut out)?;
+        check_hc_pre1(be, &mut rng, n, d, false, &mut out)?;
+        check_hc_pre1(be, &mut rng, n, d, true, &mut out)?;
     }
     // 8192 (a 512-thread block): the loop form in both runs.
     for width in [1024usize, 4096, 8192] {
@@ -2440,18 +2441,20 @@ fn check_mv8_grouped(be: &CudaBackend, rng: &mut Rng, out: &mut Vec<CheckRow>) -
 
 /// Decode hc_pre (`k_hc_mix_part` + `k_hc_pre1`, F16 fn) against the CPU's `hc::control`
 /// maths (fn·flat in f64, times `rms_scale`), `hc::pre` and `ops::rms_norm`; the fused int8
-/// forms of y bit for bit against the CPU quantizers applied to the GPU's y.
+/// forms of y bit for bit against the CPU quantizers applied to the GPU's y. `head`: the
+/// output head's form (n mixing rows; `hc::head_mix`, then the norm; the Q8_0 codes only).
 fn check_hc_pre1(
     be: &CudaBackend,
     rng: &mut Rng,
     n: usize,
     d: usize,
+    head: bool,
     out: &mut Vec<CheckRow>,
 ) -> Result<()> {
     use crate::model::{hc, ops, params::HcParams};
     use cudarc::driver::{LaunchConfig, PushKernelArg};
-    let (rows, width) = ((2 + n) * n, n * d);
-    let shape = format!("n{n}xd{d}");
+    let (rows, width) = (if head { n } else { (2 + n) * n }, n * d);
+    let shape = format!("n{n}xd{d}{}", if head { " head" } else { "" });
     let (eps, hc_eps, iters) = (1e-6f32, 1e-6f32, 20usize);
     let wb = random_weight(rng, GgmlType::F16, rows, width);
     let w = be.upload_weight(GgmlType::F16, &wb, rows, width, 1, &mut |_, _| {})?;
@@ -2482,7 +2485,11 @@ fn check_hc_pre1(
         base: base.clone(),
     };
     let (mut ycpu, mut split) = (Vec::new(), hc::HcSplit::new());
-    hc::pre(&dims, &params, &x, &mix, &mut ycpu, &mut split);
+    if head {
+        hc::head_mix(&dims, &base, scale3[0], &x, &mix, &mut ycpu);
+    } else {
+        hc::pre(&dims, &params, &x, &mix, &mut ycpu, &mut split);
+    }
     ops::rms_norm(&mut ycpu, Some(&norm), eps);
     // GPU.
     let nb = width / 512;
@@ -2504,12 +2511,18 @@ fn check_hc_pre1(
     let st = be.stream();
     let wp = be.weight_ptr(&w);
     let (fm, fp) = (be.function("k_hc_mix_part")?, be.function("k_hc_pre1")?);
-    let ptrs: Vec<u64> = [
+    let mut ptrs: Vec<u64> = [
         &xd, &part, &sc, &bs, &y, &post, &comb, &nm, &q0, &d0, &qk, &dk,
     ]
     .iter()
     .map(|b| b.device_ptr(st).0)
     .collect();
+    if head {
+        // No Q8_K codes in the head's form.
+        ptrs[10] = 0;
+        ptrs[11] = 0;
+    }
+    let hd = i32::from(head);
     let ssp = ss.device_ptr(st).0;
     let (wty, ri, wi, nbi, ni, di, it) = (
         1i32,
@@ -2554,7 +2567,7 @@ fn check_hc_pre1(
         for p in &ptrs[2..12] {
             b.arg(p);
         }
-        b.arg(&clog).arg(&hoist).arg(&lean);
+        b.arg(&clog).arg(&hoist).arg(&lean).arg(&hd);
         // SAFETY: argument list matches k_hc_pre1; buffers sized above, clog n·n floats.
         unsafe { b.launch(cfg(1, super::session::HC_PRE1_THREADS)) }?;
         Ok(())
@@ -2581,10 +2594,17 @@ fn check_hc_pre1(
     pre1(0)?;
     let gy = be.download(&y)?;
     let gcomb = be.download(&comb)?;
+    // The head's form writes no post, combination or Q8_K codes.
     let mut hoist_same = same_finite_bits(&loop_out[0], &gy)
-        && same_finite_bits(&loop_out[1], &be.download(&post)?)
-        && same_finite_bits(&loop_out[2], &gcomb);
-    for (b, c) in [&q0, &d0, &qk, &dk].into_iter().zip(&loop_codes) {
+        && (head
+            || same_finite_bits(&loop_out[1], &be.download(&post)?)
+                && same_finite_bits(&loop_out[2], &gcomb));
+    let written = if head { 2 } else { 4 };
+    for (b, c) in [&q0, &d0, &qk, &dk]
+        .into_iter()
+        .zip(&loop_codes)
+        .take(written)
+    {
         hoist_same &= same_bits(c, &be.download(b)?);
     }
     out.push(same_row(
@@ -2595,6 +2615,25 @@ fn check_hc_pre1(
         "partials of both rows a warp loaded at once, P_j and the norm's total formed in each \
          warp vs the loop and shared memory: y, post, comb and codes the same bits",
     ));
+    // The control product is a 16384-term f32 sum on the GPU (f64 here): ~1e-7 of its L1
+    // mass, ~1e-5 of the (cancelling) sum itself, which exp/sigmoid pass on.
+    let note = if head {
+        "vs CPU hc::head_mix + rms_norm (mix in f64); max_err = max|d| / max|cpu|"
+    } else {
+        "vs CPU hc::pre + rms_norm (mix in f64); max_err = max|d| / max|cpu|"
+    };
+    let tol = 1e-4;
+    out.push(rel_row("hc_pre1_y", &shape, &gy, &ycpu, tol, note));
+    let m0 = code_mismatches(
+        ActQuant::Q8_0,
+        &gy,
+        &download_codes(be, &q0, d)?,
+        &be.download(&d0)?,
+    );
+    out.push(exact_row("hc_pre1_q8_0_codes", GgmlType::Q8_0, &shape, m0));
+    if head {
+        return Ok(());
+    }
     // The same with the Sinkhorn left to k_sinkhorn1 (production decode's fork): y and the
     // combination bit for bit.
     let clog = be.alloc_f32(n * n)?;
@@ -2613,11 +2652,6 @@ fn check_hc_pre1(
         split_same,
         "y and the combination with the Sinkhorn in k_sinkhorn1: the same bits",
     ));
-    // The control product is a 16384-term f32 sum on the GPU (f64 here): ~1e-7 of its L1
-    // mass, ~1e-5 of the (cancelling) sum itself, which exp/sigmoid pass on.
-    let note = "vs CPU hc::pre + rms_norm (mix in f64); max_err = max|d| / max|cpu|";
-    let tol = 1e-4;
-    out.push(rel_row("hc_pre1_y", &shape, &gy, &ycpu, tol, note));
     out.push(rel_row(
         "hc_pre1_post",
         &shape,
@@ -2634,13 +2668,6 @@ fn check_hc_pre1(
         tol,
         note,
     ));
-    let m0 = code_mismatches(
-        ActQuant::Q8_0,
-        &gy,
-        &download_codes(be, &q0, d)?,
-        &be.download(&d0)?,
-    );
-    out.push(exact_row("hc_pre1_q8_0_codes", GgmlType::Q8_0, &shape, m0));
     let mk = code_mismatches(
         ActQuant::Q8K,
         &gy,

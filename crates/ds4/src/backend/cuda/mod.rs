@@ -117,7 +117,9 @@
 //! off = the one-block kernel), `DS4_CUDA_DECODE_NOWAIT` (a decode step returns once its graph
 //! is queued; off = it waits for the graph), `DS4_CUDA_FEED` (the narrowing leaves its argmax
 //! and the next position in the step's input buffers, and a step taking that token copies
-//! nothing; off = copied every step); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
+//! nothing; off = copied every step), `DS4_CUDA_HEAD_HC1` (a production decode step's output
+//! head mixing by `k_hc_pre1`'s head form after the last hc_post fused with its product,
+//! writing the head product's codes; off = the product, `k_hc_head` and a quantization); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
 //! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
 //! indexer top-k is spread over many blocks (`k_topk_mb`, past `k_topk1`'s rows; default
 //! 6144, 0 = never);

@@ -748,6 +748,8 @@ pub struct GpuModel {
     output_hc_fn: GpuWeight,
     output_hc_base: CudaSlice<f32>,
     output_hc_scale: f32,
+    /// The scale again, three times: `k_hc_pre1`'s `scale3` in its head form.
+    output_hc_scale3: CudaSlice<f32>,
     output_norm: CudaSlice<f32>,
     layers: Vec<GpuLayer>,
     /// Serializes sessions' forward calls: they share the backend's one stream.
@@ -897,6 +899,7 @@ impl GpuModel {
         let output_hc_fn = up.weight(&w.output_hc_fn, 1)?;
         let output_hc_base = up.vec(&p.output_hc_base)?;
         let output_norm = up.vec(&p.output_norm)?;
+        let output_hc_scale3 = up.vec(&[p.output_hc_scale; 3])?;
         let mut layers = Vec::with_capacity(c.n_layer);
         let mut bytes_per_token =
             embd.n_cols * 4 + output.matrix_bytes() + output_hc_fn.matrix_bytes();
@@ -1003,6 +1006,7 @@ impl GpuModel {
             output_hc_fn,
             output_hc_base,
             output_hc_scale: p.output_hc_scale,
+            output_hc_scale3,
             output_norm,
             layers,
             lock: Mutex::new(()),
@@ -2207,13 +2211,38 @@ impl GpuSession {
         // `perm16`: also write y16p (the FFN site, when the routed experts read it).
         // `ffn`: the FFN site's (else the attention site's); `planes`: the router's split
         // input to write there (rx3, scale) in production prefill.
+        // `head`: the output head's mixing instead (§3.5; `fnw` has N rows, y goes to `h` with
+        // its Q8_0 codes), only where `head_hc1` holds; it returns false.
+        let hc1_wty = |fnw: &GpuWeight, rows: usize| -> Option<i32> {
+            let wty = match fnw.ty {
+                GgmlType::F32 => 0i32,
+                GgmlType::F16 => 1,
+                _ => return None,
+            };
+            (n == 1
+                && use_hc1()
+                && nh <= HC_PRE1_MAX_HC
+                && d <= 8 * (HC_PRE1_THREADS as usize - 32)
+                && d.is_multiple_of(256)
+                && (nh * d).is_multiple_of(512)
+                && fnw.n_rows == rows)
+                .then_some(wty)
+        };
+        // A production decode step's head mixing as one more hc_pre (`k_hc_pre1`'s head form,
+        // the last layer's hc_post fused before it), which also writes the codes the head's
+        // product reads (DS4_CUDA_HEAD_HC1=0: the product, `k_hc_head` and a quantization).
+        let head_hc1 = int8
+            && gm.output.ty == GgmlType::Q8_0
+            && hc1_wty(&gm.output_hc_fn, nh).is_some()
+            && super::switch_on("DS4_CUDA_HEAD_HC1");
         let hc_pre = |fnw: &GpuWeight,
                       sc: &CudaSlice<f32>,
                       base: &CudaSlice<f32>,
                       norm: &CudaSlice<f32>,
                       perm16: bool,
                       ffn: bool,
-                      planes: Option<(u64, f32)>|
+                      planes: Option<(u64, f32)>,
+                      head: bool|
          -> Result<bool> {
             memo.set([0; 4]);
             y16p_at.set(0);
@@ -2221,20 +2250,7 @@ impl GpuSession {
             planes_ready.set(false);
             // Decode: the control product and the state's sum of squares over many blocks,
             // then one block for the rest, which also writes y's int8 forms (production).
-            let wty = match fnw.ty {
-                GgmlType::F32 => Some(0i32),
-                GgmlType::F16 => Some(1),
-                _ => None,
-            };
-            if let Some(wty) = wty.filter(|_| {
-                n == 1
-                    && use_hc1()
-                    && nh <= HC_PRE1_MAX_HC
-                    && d <= 8 * (HC_PRE1_THREADS as usize - 32)
-                    && d.is_multiple_of(256)
-                    && (nh * d).is_multiple_of(512)
-                    && fnw.n_rows == c.hc_mix()
-            }) {
+            if let Some(wty) = hc1_wty(fnw, if head { nh } else { c.hc_mix() }) {
                 let width = nh * d;
                 let nb = width / 512;
                 // k_hc_mix_part's arguments; k_hc_post_mix takes the pending post's after
@@ -2282,11 +2298,12 @@ impl GpuSession {
                 // SAFETY: the argument list matches the kernel's (forward.cu); hcpart / hcss
                 // hold nb partials, x and x2 one token's state, f / dn the site's output.
                 unsafe { be.launch_slots(f, cfg, &mut args) }?;
-                let (q0, d0, qk, dk) = if int8 {
-                    (p(&s.q0), p(&s.d0), p(&s.qk), p(&s.dk))
-                } else {
-                    (0, 0, 0, 0)
+                let (q0, d0, qk, dk) = match (int8, head) {
+                    (true, false) => (p(&s.q0), p(&s.d0), p(&s.qk), p(&s.dk)),
+                    (true, true) => (p(&s.q0), p(&s.d0), 0, 0),
+                    _ => (0, 0, 0, 0),
                 };
+                let y = if head { p(&s.h) } else { p(&s.y) };
                 launchp!(
                     be,
                     k.hc_pre1,
@@ -2305,7 +2322,7 @@ impl GpuSession {
                         c.sinkhorn_iters as i32,
                         p(sc),
                         p(base),
-                        p(&s.y),
+                        y,
                         p(&s.post),
                         p(&s.comb),
                         p(norm),
@@ -2313,14 +2330,20 @@ impl GpuSession {
                         d0,
                         qk,
                         dk,
-                        if fork { p(&s.clog) } else { 0 },
+                        if fork && !head { p(&s.clog) } else { 0 },
                         // Both rows' partials loaded at once (DS4_CUDA_HCP1_HOIST=0: the loop).
                         i32::from(super::switch_on("DS4_CUDA_HCP1_HOIST")),
                         // Each warp forms P_j and the norm's total itself, two block barriers
                         // fewer (DS4_CUDA_HCP1_LEAN=0: published through shared memory).
-                        i32::from(super::switch_on("DS4_CUDA_HCP1_LEAN"))
+                        i32::from(super::switch_on("DS4_CUDA_HCP1_LEAN")),
+                        i32::from(head)
                     ]
                 );
+                if head {
+                    // The Q8_0 scratch holds h's codes.
+                    memo.set([p(&s.h), 0, 0, 0]);
+                    return Ok(false);
+                }
                 if int8 {
                     // Both scratches now hold y's codes (Q8_0 and Q8_K).
                     memo.set([p(&s.y), p(&s.y), 0, 0]);
@@ -2566,6 +2589,7 @@ impl GpuSession {
                 false,
                 false,
                 None,
+                false,
             )?;
             mk(il, "hc_pre_a")?;
             // Compressors.
@@ -3349,6 +3373,7 @@ impl GpuSession {
                 perm16,
                 true,
                 split3.map(|ps| (p16(&ps.rx3), split3_scale(l.router_x_bound))),
+                false,
             )?;
             mk(il, "hc_pre_f")?;
             // The shared expert reads only y: on a fork it runs beside the router and the
@@ -3626,11 +3651,28 @@ impl GpuSession {
             }
             mk(il, "post_moe")?;
         }
-        flush_post()?;
         if !head {
+            flush_post()?;
             return Ok(());
         }
         // §3.5 output head.
+        if head_hc1 {
+            // The mixing weights' product, h and its norm and codes as a site's hc_pre forms
+            // y (the last layer's hc_post fused before it); the head's product reads the codes.
+            hc_pre(
+                &gm.output_hc_fn,
+                &gm.output_hc_scale3,
+                &gm.output_hc_base,
+                &gm.output_norm,
+                false,
+                false,
+                None,
+                true,
+            )?;
+            lin(&gm.output, p(&s.h), 1, p(&s.logits))?;
+            return Ok(());
+        }
+        flush_post()?;
         let first = if all { 0 } else { n - 1 };
         let m = n - first;
         let flat = nh * d;

@@ -1207,7 +1207,9 @@ extern "C" __global__ void __launch_bounds__(64)
 // it only stores the logits, for k_sinkhorn1) and leaves:
 // the y warps meet at named barrier 1, without it. HC_PRE1_THREADS threads. lean
 // (DS4_CUDA_HCP1_LEAN): the weights P_j and the norm's total formed in every warp instead of
-// published through shared memory, two block barriers fewer on the kernel's path.
+// published through shared memory, two block barriers fewer on the kernel's path. head: the
+// output head's mixing (§3.5) instead of a site's: the partials hold n rows (the weights w_j,
+// formed as P_j is), and there is no post or combination to form; y is then h.
 #define HC_PRE1_THREADS 544
 __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const float* __restrict__ part,
                                              const double* __restrict__ ss, int nb, int n, int d,
@@ -1218,12 +1220,12 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
                                              const float* __restrict__ norm, signed char* __restrict__ q0,
                                              float* __restrict__ d0, signed char* __restrict__ qk,
                                              float* __restrict__ dk, float* __restrict__ clog,
-                                             int hoist, int lean) {
+                                             int hoist, int lean, int head) {
     __shared__ double sh[33];
     __shared__ double ssum;
     __shared__ float mx[FWD_MAX_MIX];
     __shared__ float pj[FWD_MAX_HC];
-    const int w = (2 + n) * n, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int w = head ? n : (2 + n) * n, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nw = blockDim.x >> 5, ny = blockDim.x - 32;
     const int e0 = 8 * threadIdx.x;
     const bool on = warp < nw - 1 && e0 < d;
@@ -1295,18 +1297,19 @@ __device__ __forceinline__ void hc_pre1_body(const float* __restrict__ x, const 
     float pl = 0.0f;
     if (lean) {
         if (lane < n) pl = sigmoidf_(mx[lane] * s * scale3[0] + base[lane]) + hc_eps;
-        if (warp == 0 && lane >= 16 && lane - 16 < n)
+        if (!head && warp == 0 && lane >= 16 && lane - 16 < n)
             post[lane - 16] = 2.0f * sigmoidf_(mx[n + lane - 16] * s * scale3[1] + base[n + lane - 16]);
     } else {
         if (threadIdx.x < 32) {
             int l = threadIdx.x;
             if (l < n) pj[l] = sigmoidf_(mx[l] * s * scale3[0] + base[l]) + hc_eps;
-            else if (l >= 16 && l - 16 < n)
+            else if (!head && l >= 16 && l - 16 < n)
                 post[l - 16] = 2.0f * sigmoidf_(mx[n + l - 16] * s * scale3[1] + base[n + l - 16]);
         }
         __syncthreads();
     }
     if (warp == nw - 1) {
+        if (head) return;
         // n·n ≤ 16: the matrix fits one warp's registers. clog not null: its logits go to
         // k_sinkhorn1 (launched beside the site's first products), so this kernel, which
         // the next products wait for, does not wait for Sinkhorn's 2·iters steps.
@@ -1385,10 +1388,10 @@ extern "C" __global__ void __launch_bounds__(HC_PRE1_THREADS, 1)
               float* __restrict__ y, float* __restrict__ post, float* __restrict__ comb,
               const float* __restrict__ norm, signed char* __restrict__ q0,
               float* __restrict__ d0, signed char* __restrict__ qk, float* __restrict__ dk,
-              float* __restrict__ clog, int hoist, int lean) {
+              float* __restrict__ clog, int hoist, int lean, int head) {
     pdl_trigger();
     hc_pre1_body(x, part, ss, nb, n, d, rms_eps, hc_eps, iters, scale3, base, y, post, comb, norm,
-                 q0, d0, qk, dk, clog, hoist, lean);
+                 q0, d0, qk, dk, clog, hoist, lean, head);
 }
 
 // The Sinkhorn k_hc_pre1 left (clog: the n·n scaled logits): comb = sinkhorn_reg(clog), the
