@@ -1769,7 +1769,9 @@ impl GpuSession {
         // A decode step's graph is not waited for: whatever reads its results next (`narrow`,
         // `last_logits`, a snapshot, the next step's copies) is queued behind it on this
         // stream and synchronizes, so the narrowing starts as the graph ends instead of a
-        // host wake-up later (11 µs a token; `DS4_CUDA_DECODE_NOWAIT=0`: waited for here).
+        // host wake-up later (~55 µs a token on the whole model, where the wake-up after the
+        // step's ~5 ms is slow; bench/RESULTS.md, thirty-fourth session;
+        // `DS4_CUDA_DECODE_NOWAIT=0`: waited for here).
         if !(graphed && !all && super::switch_on("DS4_CUDA_DECODE_NOWAIT")) {
             st.synchronize()?;
         }
