@@ -119,8 +119,8 @@
 //! and the next position in the step's input buffers, and a step taking that token copies
 //! nothing; off = copied every step), `DS4_CUDA_HEAD_HC1` (a production decode step's output
 //! head mixing by `k_hc_pre1`'s head form after the last hc_post fused with its product,
-//! writing the head product's codes; off = the product, `k_hc_head` and a quantization); `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention
-//! split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
+//! writing the head product's codes; off = the product, `k_hc_head` and a quantization);
+//! `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
 //! indexer top-k is spread over many blocks (`k_topk_mb`, past `k_topk1`'s rows; default
 //! 6144, 0 = never);
 //! `DS4_CUDA_IDXQ_W=0` finishes the indexer queries with the block-per-head `k_idx_q_finish`
