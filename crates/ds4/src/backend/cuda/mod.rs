@@ -120,8 +120,8 @@
 //! nothing; off = copied every step), `DS4_CUDA_HEAD_HC1` (a production decode step's output
 //! head mixing by `k_hc_pre1`'s head form after the last hc_post fused with its product,
 //! writing the head product's codes; off = the product, `k_hc_head` and a quantization);
-//! `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention split; `DS4_CUDA_TOPK_MB=N` sets the visible compressed rows from which a decode step's
-//! indexer top-k is spread over many blocks (`k_topk_mb`, past `k_topk1`'s rows; default
+//! `DS4_CUDA_ATT_SPLIT=N` overrides the tiled decode attention split; `DS4_CUDA_TOPK_MB=N`
+//! sets the visible compressed rows from which a decode step's indexer top-k is spread over many blocks (`k_topk_mb`, past `k_topk1`'s rows; default
 //! 6144, 0 = never);
 //! `DS4_CUDA_IDXQ_W=0` finishes the indexer queries with the block-per-head `k_idx_q_finish`
 //! instead of the warp form `k_idx_q_finish_w<E>` (the same bits). `DS4_CUDA_F16_COPY=0` keeps
